@@ -1,0 +1,871 @@
+"""EmbeddingStore: one lookup API over interchangeable storage backends.
+
+Backends (``backend=`` in :meth:`EmbeddingStore.from_arrays`):
+
+``dram``
+    every row in host memory: the ideal every other backend is measured against.
+``file``
+    the table in a file on the local disk (format below), read through the OS with ``os.pread``.
+    ``file_mode="page"`` reads the whole page(s) that hold a row for every looked-up row: the
+    block-interface SSD baseline. ``file_mode="row"`` reads only the row's bytes (fine-grained).
+``evssd``
+    the EV-SSD through :class:`evssd.host.device.Device` (any transport); tables placed by
+    :mod:`evssd.host.layout`. Without a cache, pooled lookups are pooled on the device
+    (``GATHER_POOLED``); with a cache the misses are gathered and the host pools.
+``rocksdb``
+    rows in RocksDB (rocksdict), key = row index as 8 big-endian bytes: the SSD tier of FBGEMM
+    SSD-TBE and HugeCTR HPS.
+
+Each backend can be fronted per table by the EV-Cache (:class:`evssd.host.cache.EVCache`, budget
+a fraction of the table, 1% by default) or by a plain LRU (:class:`PlainLRU`, the cachetools peer).
+
+A lookup deduplicates its indices, serves what the cache holds, reads the misses from the
+backend (once per distinct row per lookup), admits them to the cache and then gathers or pools.
+Pooling follows FBGEMM and the device: ``indices`` + ``offsets[B+1]``; fp32/fp16 rows are summed
+in float32 in bag order (IEEE round-to-nearest-even, no reassociation), int8/int32 rows in int32
+(wrapping, like the device); ``mean`` divides the sum by the bag length in float32 and an empty
+bag gives zeros. Every input is validated before any I/O; errors name the table and the position.
+
+Table file format (little-endian), written by :func:`write_table_file`::
+
+    offset size  field
+    0      8     magic b"EVSSDTBL"
+    8      4     version (u32) = 1
+    12     4     dtype code (u32): 0 fp32, 1 fp16, 2 int8, 3 int32
+    16     8     rows (u64)
+    24     4     dim (u32)
+    28     4     page_size (u32): rows are packed so that none straddles a page
+    32     8     data_offset (u64): first data byte, a multiple of page_size
+    40     20    reserved, zero
+    60     4     crc32 of bytes 0..59
+    data_offset: pages; row r lives in page r // rows_per_page at byte
+                 (r % rows_per_page) * row_bytes, row_bytes = dim * itemsize,
+                 rows_per_page = page_size // row_bytes (a row larger than a page takes
+                 ceil(row_bytes / page_size) whole pages); padding is zero.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+try:  # numba is a hard dependency, but keep the pure-numpy path importable for odd installs
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
+
+__all__ = [
+    "EmbeddingStore", "TableInfo", "StoreError", "StoreInputError", "TableFileError",
+    "PlainLRU", "TableFile", "write_table_file", "open_table_file", "DTYPES", "pool_rows",
+]
+
+#: element types a table may hold: name -> numpy dtype (the device's elem names)
+DTYPES: dict[str, np.dtype] = {
+    "fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1"), "int32": np.dtype("<i4"),
+}
+_DTYPE_CODE = {"fp32": 0, "fp16": 1, "int8": 2, "int32": 3}
+_CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
+
+FILE_MAGIC = b"EVSSDTBL"
+FILE_VERSION = 1
+_HEADER = struct.Struct("<8sIIQIIQ20s")  # 60 bytes, then crc32 (u32)
+HEADER_BYTES = 64
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class StoreInputError(StoreError, ValueError):
+    """A lookup's input is invalid (unknown table, index out of range, bad offsets, bad dtype)."""
+
+
+class TableFileError(StoreError, ValueError):
+    """A table file is corrupt, truncated or not a table file."""
+
+
+def dtype_name(dtype) -> str:
+    """The element-type name ('fp32', 'fp16', 'int8', 'int32') of a numpy dtype; error otherwise."""
+    dt = np.dtype(dtype)
+    for name, d in DTYPES.items():
+        if dt == d or (dt.kind == d.kind and dt.itemsize == d.itemsize):
+            return name
+    raise StoreInputError(f"unsupported element type {dt} (supported: {', '.join(DTYPES)})")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    rows: int
+    dim: int
+    dtype: np.dtype
+
+    @property
+    def elem(self) -> str:
+        return dtype_name(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    @property
+    def acc_dtype(self) -> np.dtype:
+        """dtype of pooled sums: float32 for float rows, int32 for integer rows."""
+        return np.dtype(np.float32) if self.dtype.kind == "f" else np.dtype(np.int32)
+
+
+def _check_table_array(name: str, arr) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.ndim != 2:
+        raise StoreInputError(f"table {name!r}: expected a 2-D array [rows, dim], got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise StoreInputError(f"table {name!r}: empty table of shape {arr.shape}")
+    try:
+        elem = dtype_name(arr.dtype)
+    except StoreInputError as exc:
+        raise StoreInputError(f"table {name!r}: {exc}") from None
+    return np.ascontiguousarray(arr, dtype=DTYPES[elem])
+
+
+# ----------------------------------------------------------------------------------------------
+# pooling kernels
+
+
+def _pool_numpy(rows, inv, offsets, out):
+    # Fallback, sequential in bag order like the jitted kernel.
+    for b in range(offsets.shape[0] - 1):
+        acc = np.zeros(rows.shape[1], dtype=out.dtype)
+        for k in range(offsets[b], offsets[b + 1]):
+            acc += rows[inv[k]]
+        out[b] = acc
+
+
+if numba is not None:
+    @numba.njit(cache=True, nogil=True)
+    def _pool_kernel(rows, inv, offsets, out):  # pragma: no cover - compiled
+        dim = rows.shape[1]
+        for b in range(offsets.shape[0] - 1):
+            for j in range(dim):
+                out[b, j] = 0
+            for k in range(offsets[b], offsets[b + 1]):
+                r = inv[k]
+                for j in range(dim):
+                    out[b, j] += rows[r, j]
+else:  # pragma: no cover
+    _pool_kernel = _pool_numpy
+
+
+def pool_rows(rows: np.ndarray, inv: np.ndarray, offsets: np.ndarray, mode: str = "sum") -> np.ndarray:
+    """Pool bags: bag b sums ``rows[inv[offsets[b]:offsets[b+1]]]`` in order.
+
+    ``rows`` [u, dim] of a table dtype; float rows accumulate in float32, integer rows in int32.
+    ``mode="mean"`` divides by the bag length (float32); an empty bag gives zeros.
+    """
+    acc = np.float32 if rows.dtype.kind == "f" else np.int32
+    r = np.ascontiguousarray(rows, dtype=acc)
+    offs = np.ascontiguousarray(offsets, dtype=np.int64)
+    out = np.empty((offs.shape[0] - 1, rows.shape[1]), dtype=acc)
+    _pool_kernel(r, np.ascontiguousarray(inv, dtype=np.int64), offs, out)
+    if mode == "mean":
+        lengths = np.diff(offs).astype(np.float32)
+        mean = out.astype(np.float32)
+        nz = lengths > 0
+        mean[nz] /= lengths[nz, None]
+        mean[~nz] = 0
+        return mean
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the table file
+
+
+def _file_geometry(row_bytes: int, page_size: int) -> tuple[int, int]:
+    """(rows_per_page, pages_per_row): one of them is 1."""
+    if row_bytes <= page_size:
+        return page_size // row_bytes, 1
+    return 1, -(-row_bytes // page_size)
+
+
+def write_table_file(path, table, *, page_size: int = 4096) -> Path:
+    """Write ``table`` [rows, dim] (fp32/fp16/int8/int32) as a table file; returns the path."""
+    path = Path(path)
+    arr = _check_table_array(path.name, table)
+    if page_size < 64 or page_size & (page_size - 1):
+        raise StoreInputError(f"page_size must be a power of two >= 64, got {page_size}")
+    elem = dtype_name(arr.dtype)
+    rows, dim = arr.shape
+    row_bytes = dim * arr.dtype.itemsize
+    rpp, ppr = _file_geometry(row_bytes, page_size)
+    data_offset = page_size * -(-HEADER_BYTES // page_size)
+    head = _HEADER.pack(FILE_MAGIC, FILE_VERSION, _DTYPE_CODE[elem], rows, dim, page_size,
+                        data_offset, b"\0" * 20)
+    head += struct.pack("<I", zlib.crc32(head))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(head.ljust(data_offset, b"\0"))
+        raw = arr.view(np.uint8).reshape(rows, row_bytes)
+        if ppr > 1:
+            stride = ppr * page_size
+        else:
+            stride = page_size
+        chunk_pages = max(1, (16 << 20) // stride)
+        if ppr > 1:
+            for start in range(0, rows, chunk_pages):
+                block = raw[start:start + chunk_pages]
+                buf = np.zeros((block.shape[0], stride), np.uint8)
+                buf[:, :row_bytes] = block
+                f.write(buf.tobytes())
+        else:
+            n_pages = -(-rows // rpp)
+            for p0 in range(0, n_pages, chunk_pages):
+                p1 = min(n_pages, p0 + chunk_pages)
+                block = raw[p0 * rpp:p1 * rpp]
+                buf = np.zeros((p1 - p0, page_size), np.uint8)
+                full = np.zeros(((p1 - p0) * rpp, row_bytes), np.uint8)
+                full[:block.shape[0]] = block
+                buf[:, :rpp * row_bytes] = full.reshape(p1 - p0, rpp * row_bytes)
+                f.write(buf.tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass(frozen=True)
+class TableFile:
+    """A parsed, validated table-file header plus the geometry derived from it."""
+    path: Path
+    elem: str
+    rows: int
+    dim: int
+    page_size: int
+    data_offset: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return DTYPES[self.elem]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.dtype.itemsize
+
+    @property
+    def rows_per_page(self) -> int:
+        return _file_geometry(self.row_bytes, self.page_size)[0]
+
+    @property
+    def pages_per_row(self) -> int:
+        return _file_geometry(self.row_bytes, self.page_size)[1]
+
+    @property
+    def n_pages(self) -> int:
+        rpp, ppr = _file_geometry(self.row_bytes, self.page_size)
+        return self.rows * ppr if ppr > 1 else -(-self.rows // rpp)
+
+    @property
+    def file_bytes(self) -> int:
+        return self.data_offset + self.n_pages * self.page_size
+
+    def row_offset(self, index: int) -> int:
+        rpp, ppr = _file_geometry(self.row_bytes, self.page_size)
+        if ppr > 1:
+            return self.data_offset + index * ppr * self.page_size
+        return self.data_offset + (index // rpp) * self.page_size + (index % rpp) * self.row_bytes
+
+    def read_all(self) -> np.ndarray:
+        """The whole table as an array [rows, dim] (for tests and tools)."""
+        raw = np.fromfile(self.path, dtype=np.uint8, offset=self.data_offset,
+                          count=self.n_pages * self.page_size)
+        rpp, ppr = _file_geometry(self.row_bytes, self.page_size)
+        if ppr > 1:
+            rows = raw.reshape(self.rows, ppr * self.page_size)[:, :self.row_bytes]
+        else:
+            pages = raw.reshape(self.n_pages, self.page_size)[:, :rpp * self.row_bytes]
+            rows = pages.reshape(self.n_pages * rpp, self.row_bytes)[:self.rows]
+        return np.ascontiguousarray(rows).view(self.dtype).reshape(self.rows, self.dim)
+
+
+def open_table_file(path) -> TableFile:
+    """Parse and validate a table file's header and size; :class:`TableFileError` names the problem."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError as exc:
+        raise TableFileError(f"{path}: cannot read table file ({exc.strerror or exc})") from exc
+    if len(head) < HEADER_BYTES:
+        raise TableFileError(f"{path}: truncated header ({len(head)} of {HEADER_BYTES} bytes)")
+    magic, version, code, rows, dim, page_size, data_offset, _ = _HEADER.unpack(head[:60])
+    if magic != FILE_MAGIC:
+        raise TableFileError(f"{path}: not an evssd table file (magic {magic!r}, expected {FILE_MAGIC!r})")
+    (crc,) = struct.unpack("<I", head[60:64])
+    if crc != zlib.crc32(head[:60]):
+        raise TableFileError(f"{path}: header checksum mismatch (stored {crc:#010x}, "
+                             f"computed {zlib.crc32(head[:60]):#010x}): the header is corrupt")
+    if version != FILE_VERSION:
+        raise TableFileError(f"{path}: unsupported version {version} (this reader knows {FILE_VERSION})")
+    if code not in _CODE_DTYPE:
+        raise TableFileError(f"{path}: unknown dtype code {code}")
+    if rows < 1 or dim < 1 or page_size < 64 or page_size & (page_size - 1) or data_offset % page_size:
+        raise TableFileError(f"{path}: inconsistent header (rows={rows}, dim={dim}, "
+                             f"page_size={page_size}, data_offset={data_offset})")
+    tf = TableFile(path, _CODE_DTYPE[code], rows, dim, page_size, data_offset)
+    if size < tf.file_bytes:
+        raise TableFileError(f"{path}: truncated: {size} bytes, the header describes {tf.file_bytes} "
+                             f"({rows} rows x {dim} {tf.elem} in {tf.n_pages} pages of {page_size} B)")
+    if size > tf.file_bytes:
+        raise TableFileError(f"{path}: {size - tf.file_bytes} trailing bytes after the last page")
+    return tf
+
+
+# ----------------------------------------------------------------------------------------------
+# caches
+
+
+class PlainLRU:
+    """A plain LRU (cachetools) with the EV-Cache's batched API: the peer without admission filter.
+
+    Admits every miss; capacity = budget_bytes // row_bytes rows.
+    """
+
+    def __init__(self, n_rows: int, dim: int, dtype, budget_fraction: float = 0.01,
+                 budget_bytes: int | None = None, name: str = ""):
+        import cachetools
+        self.dim, self.dtype, self.name = dim, np.dtype(dtype), name
+        row_bytes = dim * self.dtype.itemsize
+        budget = budget_bytes if budget_bytes is not None else int(n_rows * row_bytes * budget_fraction)
+        self.capacity = max(1, budget // row_bytes)
+        self._lru = cachetools.LRUCache(maxsize=self.capacity)
+        self._c = {"lookups": 0, "hits": 0, "misses": 0, "admissions": 0, "evictions": 0}
+
+    def lookup(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+        hit = np.zeros(len(indices), dtype=bool)
+        get = self._lru.get
+        for k, i in enumerate(indices.tolist()):
+            row = get(i)
+            if row is not None:
+                out[k] = row
+                hit[k] = True
+        n_hit = int(hit.sum())
+        self._c["lookups"] += len(indices)
+        self._c["hits"] += n_hit
+        self._c["misses"] += len(indices) - n_hit
+        return hit
+
+    def admit(self, indices: np.ndarray, rows: np.ndarray) -> None:
+        lru = self._lru
+        for k, i in enumerate(indices.tolist()):
+            if i not in lru and len(lru) >= self.capacity:
+                self._c["evictions"] += 1
+            lru[i] = rows[k].copy()
+            self._c["admissions"] += 1
+
+    @property
+    def stats(self) -> dict:
+        return dict(self._c, capacity_rows=self.capacity, resident_rows=len(self._lru))
+
+
+def _make_cache(kind, info: TableInfo, fraction: float):
+    if callable(kind) and not isinstance(kind, str):
+        return kind(info, fraction)
+    if kind in (None, "evcache"):
+        from evssd.host.cache import EVCache
+        return EVCache(info.rows, info.dim, info.dtype, budget_fraction=fraction, name=info.name)
+    if kind == "lru":
+        return PlainLRU(info.rows, info.dim, info.dtype, budget_fraction=fraction, name=info.name)
+    raise StoreInputError(f"unknown cache kind {kind!r} (expected 'evcache', 'lru' or a callable)")
+
+
+# ----------------------------------------------------------------------------------------------
+# backends
+
+
+class Backend:
+    """Reads rows by index. ``read_rows`` gets sorted, distinct, validated int64 indices."""
+    name = "?"
+
+    def __init__(self):
+        self.bytes_read = 0
+        self.rows_read = 0
+        self.requests = 0
+
+    def read_rows(self, info: TableInfo, indices: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_pooled(self, info: TableInfo, indices: np.ndarray, offsets: np.ndarray):
+        """Pooled sums computed by the backend itself, or None (the store pools on the host)."""
+        return None
+
+    def stats(self) -> dict:
+        return {"bytes_read": self.bytes_read, "rows_read": self.rows_read, "requests": self.requests}
+
+    def close(self) -> None:
+        pass
+
+
+class DramBackend(Backend):
+    """All rows in memory. ``bytes_read`` counts the row bytes copied out."""
+    name = "dram"
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        super().__init__()
+        self.arrays = dict(arrays)
+
+    def read_rows(self, info, indices):
+        self.requests += 1
+        self.rows_read += len(indices)
+        self.bytes_read += len(indices) * info.row_bytes
+        return self.arrays[info.name][indices]
+
+
+class FileBackend(Backend):
+    """Table files read with ``os.pread``; page-granular (block-SSD baseline) or row-granular.
+
+    Reads may be served by the OS page cache (dropping it needs root); ``bytes_read`` counts the
+    bytes requested from the OS, i.e. what a block device would have to move.
+    """
+    name = "file"
+
+    def __init__(self, files: Mapping[str, TableFile], mode: str = "row"):
+        super().__init__()
+        if mode not in ("page", "row"):
+            raise StoreInputError(f"file mode must be 'page' or 'row', got {mode!r}")
+        self.mode = mode
+        self.files = dict(files)
+        self._fds = {name: os.open(tf.path, os.O_RDONLY) for name, tf in self.files.items()}
+
+    def read_rows(self, info, indices):
+        tf = self.files[info.name]
+        fd = self._fds[info.name]
+        rb = tf.row_bytes
+        out = np.empty((len(indices), rb), dtype=np.uint8)
+        pread = os.pread
+        if self.mode == "row":
+            nbytes = rb
+            for k, i in enumerate(indices.tolist()):
+                buf = pread(fd, rb, tf.row_offset(i))
+                if len(buf) != rb:
+                    raise TableFileError(f"{tf.path}: short read of row {i} ({len(buf)} of {rb} bytes)")
+                out[k] = np.frombuffer(buf, np.uint8)
+        else:
+            ps, rpp, ppr = tf.page_size, tf.rows_per_page, tf.pages_per_row
+            nbytes = ps * ppr
+            base = tf.data_offset
+            for k, i in enumerate(indices.tolist()):
+                page = i // rpp if ppr == 1 else i * ppr
+                buf = pread(fd, nbytes, base + page * ps)
+                if len(buf) != nbytes:
+                    raise TableFileError(f"{tf.path}: short read of page {page} ({len(buf)} of {nbytes} bytes)")
+                start = (i % rpp) * rb if ppr == 1 else 0
+                out[k] = np.frombuffer(buf, np.uint8, count=rb, offset=start)
+        self.requests += len(indices)
+        self.rows_read += len(indices)
+        self.bytes_read += len(indices) * nbytes
+        return out.view(tf.dtype).reshape(len(indices), tf.dim)
+
+    def stats(self):
+        return dict(super().stats(), mode=self.mode)
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class RocksDBBackend(Backend):
+    """Rows in RocksDB (rocksdict), one column family per table, key = index as 8 big-endian bytes."""
+    name = "rocksdb"
+
+    def __init__(self, path, tables: Mapping[str, TableInfo]):
+        super().__init__()
+        from rocksdict import Options, Rdict
+        self.path = str(path)
+        self._opts = Options(raw_mode=True)
+        self._opts.create_if_missing(True)
+        self._opts.create_missing_column_families(True)
+        self.db = Rdict(self.path, self._opts)
+        self._cf = {}
+        self.infos = dict(tables)
+
+    def _family(self, name):
+        cf = self._cf.get(name)
+        if cf is None:
+            try:
+                cf = self.db.get_column_family(name)
+            except Exception:
+                cf = self.db.create_column_family(name, self._opts)
+            self._cf[name] = cf
+        return cf
+
+    def load(self, name: str, arr: np.ndarray, chunk: int = 65536) -> None:
+        from rocksdict import WriteBatch
+        cf = self._family(name)
+        handle = self.db.get_column_family_handle(name)
+        rb = arr.shape[1] * arr.dtype.itemsize
+        raw = np.ascontiguousarray(arr).view(np.uint8).reshape(arr.shape[0], rb)
+        for start in range(0, arr.shape[0], chunk):
+            wb = WriteBatch(raw_mode=True)
+            wb.set_default_column_family(handle)
+            block = raw[start:start + chunk].tobytes()
+            for k in range(min(chunk, arr.shape[0] - start)):
+                wb.put((start + k).to_bytes(8, "big"), block[k * rb:(k + 1) * rb])
+            self.db.write(wb)
+        del cf
+        self.db.flush()
+
+    def read_rows(self, info, indices):
+        cf = self._family(info.name)
+        keys = [i.to_bytes(8, "big") for i in indices.tolist()]
+        vals = cf[keys]
+        rb = info.row_bytes
+        for k, v in enumerate(vals):
+            if v is None or len(v) != rb:
+                raise StoreError(f"rocksdb {self.path}: table {info.name!r} row {int(indices[k])} "
+                                 f"missing or wrong size")
+        self.requests += 1
+        self.rows_read += len(indices)
+        self.bytes_read += len(indices) * rb
+        return np.frombuffer(b"".join(vals), dtype=info.dtype).reshape(len(indices), info.dim)
+
+    def close(self):
+        self._cf.clear()
+        try:
+            self.db.close()
+        except Exception:
+            pass
+
+
+class EvssdBackend(Backend):
+    """The EV-SSD through the driver. ``bytes_read`` counts result bytes returned by DMA."""
+    name = "evssd"
+
+    def __init__(self, device, layout):
+        super().__init__()
+        self.device = device
+        self.layout = layout
+        self._ids = {t.name: t for t in layout.tables}
+
+    def read_rows(self, info, indices):
+        t = self._ids[info.name]
+        raw = self.device.gather(t.table_id, indices.astype(np.uint32))
+        raw = np.asarray(raw, dtype=np.uint8).reshape(len(indices), -1)
+        self.requests += 1
+        self.rows_read += len(indices)
+        self.bytes_read += raw.nbytes
+        return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(len(indices), info.dim)
+
+    def read_pooled(self, info, indices, offsets):
+        t = self._ids[info.name]
+        raw = self.device.gather_pooled(t.table_id, indices.astype(np.uint32), offsets.astype(np.uint32))
+        raw = np.asarray(raw, dtype=np.uint8).reshape(len(offsets) - 1, -1)
+        self.requests += 1
+        self.rows_read += len(indices)
+        self.bytes_read += raw.nbytes
+        acc = info.acc_dtype
+        return np.ascontiguousarray(raw[:, :info.dim * 4]).view(acc).reshape(len(offsets) - 1, info.dim)
+
+    def stats(self):
+        s = super().stats()
+        dev_stats = getattr(self.device, "stats", None)
+        if callable(dev_stats):
+            try:
+                s["device"] = dev_stats()
+            except Exception:
+                pass
+        return s
+
+
+# ----------------------------------------------------------------------------------------------
+# the store
+
+
+@dataclass
+class _Plan:
+    """One table lookup between its phases (prepare -> fetch -> finish); see :mod:`.pipeline`."""
+    info: TableInfo
+    indices: np.ndarray        # validated int64, request order
+    offsets: np.ndarray | None  # validated int64 [B+1] or None for gather
+    mode: str
+    uniq: np.ndarray           # distinct indices (sorted)
+    inv: np.ndarray            # indices == uniq[inv]
+    rows: np.ndarray | None    # [len(uniq), dim] being filled
+    miss: np.ndarray | None    # positions in uniq not served by the cache
+    fetched: np.ndarray | None = None
+    pooled: np.ndarray | None = None  # result pooled by the backend (device pooling)
+
+
+_AUTO = object()
+
+
+class EmbeddingStore:
+    """Gather and pooled lookups over one backend, each table optionally fronted by a cache."""
+
+    def __init__(self, tables: Mapping[str, TableInfo], backend: Backend, *,
+                 cache_fraction: float | None = 0.01, cache="evcache", device_pooling: bool = True):
+        self.tables: dict[str, TableInfo] = dict(tables)
+        self.backend = backend
+        self.cache_fraction = cache_fraction
+        self.caches = {}
+        if cache_fraction is not None:
+            if not 0 < cache_fraction <= 1:
+                raise StoreInputError(f"cache_fraction must be in (0, 1] or None, got {cache_fraction}")
+            for name, info in self.tables.items():
+                self.caches[name] = _make_cache(cache, info, cache_fraction)
+        self.device_pooling = device_pooling
+        self._lookups = 0
+        self._batches = 0
+        self._lock = threading.Lock()
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(cls, tables: Mapping[str, np.ndarray], backend: str = "dram", *,
+                    cache_fraction=_AUTO, cache="evcache", path=None, device=None,
+                    file_mode: str = "row", page_size: int = 4096, layout_options: dict | None = None,
+                    device_pooling: bool = True) -> "EmbeddingStore":
+        """Build a store holding ``tables`` (name -> [rows, dim] fp32/fp16/int8/int32 array).
+
+        ``cache_fraction``: per-table cache budget as a fraction of the table (None: no cache);
+        the default is 0.01 for every backend but ``dram``, which has nothing to cache.
+        ``cache``: "evcache" (EV-Cache), "lru" (:class:`PlainLRU`) or ``f(TableInfo, fraction)``.
+        ``path``: directory for the ``file`` / ``rocksdb`` backends (created).
+        ``device``: an open :class:`evssd.host.device.Device` for ``evssd`` (default: the model).
+        ``layout_options``: passed to :meth:`evssd.host.layout.Layout.plan` (e.g.
+        ``max_rows_per_extent``).
+        """
+        if not tables:
+            raise StoreInputError("no tables given")
+        arrays = {str(n): _check_table_array(str(n), a) for n, a in tables.items()}
+        infos = {n: TableInfo(n, a.shape[0], a.shape[1], a.dtype) for n, a in arrays.items()}
+        if cache_fraction is _AUTO:
+            cache_fraction = None if backend == "dram" else 0.01
+        if backend == "dram":
+            be: Backend = DramBackend(arrays)
+        elif backend == "file":
+            if path is None:
+                raise StoreInputError("backend 'file' needs path= (a directory for the table files)")
+            d = Path(path)
+            d.mkdir(parents=True, exist_ok=True)
+            files = {n: open_table_file(write_table_file(d / f"{n}.evt", a, page_size=page_size))
+                     for n, a in arrays.items()}
+            be = FileBackend(files, mode=file_mode)
+        elif backend == "rocksdb":
+            if path is None:
+                raise StoreInputError("backend 'rocksdb' needs path= (a directory for the database)")
+            be = RocksDBBackend(path, infos)
+            for n, a in arrays.items():
+                be.load(n, a)
+        elif backend == "evssd":
+            from evssd.host.layout import Layout
+            if device is None:
+                from evssd.host.device import Device
+                device = Device.open("model")
+            layout = Layout.plan(arrays, device=device, **(layout_options or {}))
+            layout.write(device)
+            be = EvssdBackend(device, layout)
+        else:
+            raise StoreInputError(f"unknown backend {backend!r} (expected dram, file, evssd, rocksdb)")
+        return cls(infos, be, cache_fraction=cache_fraction, cache=cache, device_pooling=device_pooling)
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, str | os.PathLike], *, file_mode: str = "row",
+                   cache_fraction: float | None = 0.01, cache="evcache") -> "EmbeddingStore":
+        """Open existing table files (name -> path) with the ``file`` backend."""
+        tfs = {str(n): open_table_file(p) for n, p in files.items()}
+        infos = {n: TableInfo(n, tf.rows, tf.dim, tf.dtype) for n, tf in tfs.items()}
+        return cls(infos, FileBackend(tfs, mode=file_mode), cache_fraction=cache_fraction, cache=cache)
+
+    @classmethod
+    def from_device(cls, device, layout, *, cache_fraction: float | None = 0.01,
+                    cache="evcache") -> "EmbeddingStore":
+        """Serve a device that already holds ``layout`` (a Layout or its JSON path/text)."""
+        from evssd.host.layout import Layout
+        if not isinstance(layout, Layout):
+            layout = Layout.load(layout)
+        layout.configure(device)
+        infos = {t.name: TableInfo(t.name, t.rows, t.dim, DTYPES[t.elem]) for t in layout.tables}
+        return cls(infos, EvssdBackend(device, layout), cache_fraction=cache_fraction, cache=cache)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _info(self, table) -> TableInfo:
+        info = self.tables.get(table)
+        if info is None:
+            raise StoreInputError(f"unknown table {table!r} (tables: {', '.join(map(repr, self.tables))})")
+        return info
+
+    def _check_indices(self, info: TableInfo, indices) -> np.ndarray:
+        if not isinstance(indices, np.ndarray):
+            indices = np.asarray(indices)
+            if indices.size == 0:
+                indices = indices.astype(np.int64)
+        if indices.ndim != 1:
+            raise StoreInputError(f"table {info.name!r}: indices must be 1-D, got shape {indices.shape}")
+        if indices.dtype.kind not in "iu":
+            raise StoreInputError(f"table {info.name!r}: indices must be integers, got dtype {indices.dtype}")
+        idx = indices.astype(np.int64, copy=False)
+        if idx.size:
+            bad = (idx < 0) | (idx >= info.rows)
+            if bad.any():
+                pos = int(np.flatnonzero(bad)[0])
+                raise StoreInputError(f"table {info.name!r}: index {int(indices[pos])} at position {pos} "
+                                      f"out of range [0, {info.rows}) ({int(bad.sum())} bad)")
+        return idx
+
+    def _check_offsets(self, info: TableInfo, offsets, n: int) -> np.ndarray:
+        offsets = np.asarray(offsets)
+        if offsets.ndim != 1 or offsets.size < 1:
+            raise StoreInputError(f"table {info.name!r}: offsets must be 1-D with B+1 >= 1 entries, "
+                                  f"got shape {offsets.shape}")
+        if offsets.dtype.kind not in "iu":
+            raise StoreInputError(f"table {info.name!r}: offsets must be integers, got dtype {offsets.dtype}")
+        offs = offsets.astype(np.int64, copy=False)
+        if offs[0] != 0:
+            raise StoreInputError(f"table {info.name!r}: offsets[0] must be 0, got {int(offs[0])}")
+        if offs[-1] != n:
+            raise StoreInputError(f"table {info.name!r}: offsets[-1] = {int(offs[-1])} must equal "
+                                  f"len(indices) = {n}")
+        dec = np.diff(offs) < 0
+        if dec.any():
+            pos = int(np.flatnonzero(dec)[0]) + 1
+            raise StoreInputError(f"table {info.name!r}: offsets not monotonic at position {pos} "
+                                  f"({int(offs[pos - 1])} -> {int(offs[pos])})")
+        return offs
+
+    # -- the three phases of a lookup (the pipeline runs them on different threads) -------------
+
+    def _prepare(self, table, indices, offsets=None, mode: str | None = None) -> _Plan:
+        """Validate and serve what the cache holds (CPU work)."""
+        info = self._info(table)
+        if mode not in (None, "sum", "mean"):
+            raise StoreInputError(f"table {info.name!r}: pooling mode must be 'sum' or 'mean', got {mode!r}")
+        idx = self._check_indices(info, indices)
+        offs = self._check_offsets(info, offsets, idx.size) if mode is not None else None
+        return self._prepare_checked(info, idx, offs, mode)
+
+    def _prepare_checked(self, info, idx, offs, mode) -> _Plan:
+        if mode is not None and not self.caches and self.device_pooling and \
+                type(self.backend).read_pooled is not Backend.read_pooled:
+            return _Plan(info, idx, offs, mode, idx, None, None, None)
+        uniq, inv = np.unique(idx, return_inverse=True)
+        rows = np.empty((uniq.size, info.dim), dtype=info.dtype)
+        cache = self.caches.get(info.name)
+        if cache is not None and uniq.size:
+            hit = np.asarray(cache.lookup(uniq, rows), dtype=bool)
+            miss = np.flatnonzero(~hit)
+        else:
+            miss = np.arange(uniq.size)
+        return _Plan(info, idx, offs, mode, uniq, inv.reshape(-1), rows, miss)
+
+    def _fetch(self, plan: _Plan) -> _Plan:
+        """Backend I/O for the misses (releases the GIL in pread / the driver)."""
+        if plan.rows is None:  # pooled on the backend
+            plan.pooled = self.backend.read_pooled(plan.info, plan.indices, plan.offsets)
+        elif plan.miss.size:
+            plan.fetched = self.backend.read_rows(plan.info, plan.uniq[plan.miss])
+        return plan
+
+    def _finish(self, plan: _Plan) -> np.ndarray:
+        """Merge misses, fill the cache, gather or pool (CPU work)."""
+        info = plan.info
+        with self._lock:
+            self._lookups += plan.indices.size
+        if plan.rows is None:
+            out = plan.pooled
+            if plan.mode == "mean":
+                lengths = np.diff(plan.offsets).astype(np.float32)
+                out = out.astype(np.float32)
+                nz = lengths > 0
+                out[nz] /= lengths[nz, None]
+                out[~nz] = 0
+            return out
+        if plan.fetched is not None:
+            plan.rows[plan.miss] = plan.fetched
+            cache = self.caches.get(info.name)
+            if cache is not None:
+                cache.admit(plan.uniq[plan.miss], plan.fetched)
+        if plan.mode is None:
+            return plan.rows[plan.inv]
+        return pool_rows(plan.rows, plan.inv, plan.offsets, plan.mode)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def gather(self, table: str, indices) -> np.ndarray:
+        """Rows ``[len(indices), dim]`` of ``table`` in request order, in the table's dtype."""
+        with self._lock:
+            self._batches += 1
+        return self._finish(self._fetch(self._prepare(table, indices)))
+
+    def pooled(self, table: str, indices, offsets, mode: str = "sum") -> np.ndarray:
+        """Pooled bags ``[B, dim]``: FBGEMM ``indices`` + ``offsets[B+1]``.
+
+        sum: float32 for fp32/fp16 tables, int32 for int8/int32; mean: float32.
+        """
+        with self._lock:
+            self._batches += 1
+        return self._finish(self._fetch(self._prepare(table, indices, offsets, mode)))
+
+    def lookup_many(self, requests: Mapping[str, tuple], mode: str | None = "sum") -> dict[str, np.ndarray]:
+        """``{table: (indices, offsets)}`` -> ``{table: pooled}``; ``mode=None`` gathers (offsets ignored).
+
+        Every request is validated before the first I/O.
+        """
+        plans = self._prepare_many(requests, mode)
+        with self._lock:
+            self._batches += 1
+        return {name: self._finish(self._fetch(p)) for name, p in plans.items()}
+
+    def _prepare_many(self, requests, mode):
+        checked = []
+        for name, req in requests.items():
+            info = self._info(name)
+            if mode is None:
+                indices = req[0] if isinstance(req, tuple) else req
+                checked.append((info, self._check_indices(info, indices), None))
+            else:
+                if not isinstance(req, tuple) or len(req) != 2:
+                    raise StoreInputError(f"table {name!r}: expected (indices, offsets), got {type(req).__name__}")
+                if mode not in ("sum", "mean"):
+                    raise StoreInputError(f"pooling mode must be 'sum', 'mean' or None, got {mode!r}")
+                idx = self._check_indices(info, req[0])
+                checked.append((info, idx, self._check_offsets(info, req[1], idx.size)))
+        return {info.name: self._prepare_checked(info, idx, offs, mode) for info, idx, offs in checked}
+
+    def stats(self) -> dict:
+        """Lookups, batches, backend bytes/rows read and per-table cache stats (with hit rate)."""
+        caches = {}
+        hits = lookups = 0
+        for name, c in self.caches.items():
+            s = dict(c.stats)
+            caches[name] = s
+            hits += int(s.get("hits", 0))
+            lookups += int(s.get("hits", 0)) + int(s.get("misses", 0))
+        return {
+            "backend": self.backend.name,
+            "lookups": self._lookups,
+            "batches": self._batches,
+            **self.backend.stats(),
+            "cache_hit_rate": (hits / lookups) if lookups else None,
+            "caches": caches,
+        }

@@ -1,0 +1,273 @@
+"""EmbeddingStore backends against numpy: gather, pooled sum/mean, every dtype, bad input, bad files."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from evssd.host.store import (
+    EmbeddingStore, PlainLRU, StoreInputError, TableFileError, open_table_file, write_table_file,
+)
+
+DTYPES = ["fp32", "fp16", "int8", "int32"]
+NP = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8, "int32": np.int32}
+HAVE_CACHE = importlib.util.find_spec("evssd.host.cache") is not None
+HAVE_DEVICE = importlib.util.find_spec("evssd.host.device") is not None
+
+
+def make_table(rows, dim, elem, seed=0):
+    rng = np.random.default_rng(seed)
+    if elem in ("fp32", "fp16"):
+        return rng.standard_normal((rows, dim)).astype(NP[elem])
+    if elem == "int8":
+        return rng.integers(-128, 128, (rows, dim)).astype(np.int8)
+    return rng.integers(-(1 << 20), 1 << 20, (rows, dim)).astype(np.int32)
+
+
+def golden_pooled(table, indices, offsets, mode):
+    """Sequential bag-order reference: float rows accumulate in float32, ints in int32."""
+    acc = np.float32 if table.dtype.kind == "f" else np.int32
+    out = np.zeros((len(offsets) - 1, table.shape[1]), acc)
+    for b in range(len(offsets) - 1):
+        s = np.zeros(table.shape[1], acc)
+        for k in range(offsets[b], offsets[b + 1]):
+            s = (s + table[indices[k]].astype(acc)).astype(acc)
+        out[b] = s
+    if mode == "mean":
+        n = np.diff(offsets).astype(np.float32)
+        m = out.astype(np.float32)
+        for b in range(len(n)):
+            m[b] = m[b] / n[b] if n[b] else 0
+        return m
+    return out
+
+
+def random_bags(rng, rows, n_bags, max_len=6):
+    lengths = rng.integers(0, max_len + 1, n_bags)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # skewed so that rows repeat within a batch (dedupe path) and caches get hits
+    idx = (rng.zipf(1.3, offsets[-1]) - 1) % rows
+    return idx.astype(np.int64), offsets
+
+
+class DictCache:
+    """Minimal stand-in with the EV-Cache API (admits everything, unbounded)."""
+
+    def __init__(self, info, fraction):
+        self.rows = {}
+        self.stats = {"hits": 0, "misses": 0}
+
+    def lookup(self, indices, out):
+        hit = np.array([int(i) in self.rows for i in indices], dtype=bool)
+        for k in np.flatnonzero(hit):
+            out[k] = self.rows[int(indices[k])]
+        self.stats["hits"] += int(hit.sum())
+        self.stats["misses"] += int((~hit).sum())
+        return hit
+
+    def admit(self, indices, rows):
+        for i, r in zip(indices.tolist(), rows):
+            self.rows[i] = r.copy()
+
+
+def backends(tmp_path):
+    """(backend, kwargs) pairs that can run here."""
+    out = [("dram", {}),
+           ("file", {"path": tmp_path / "page", "file_mode": "page"}),
+           ("file", {"path": tmp_path / "row", "file_mode": "row"}),
+           ("rocksdb", {"path": tmp_path / "rdb"})]
+    if HAVE_DEVICE:
+        out.append(("evssd", {}))
+    return out
+
+
+def _store(tables, backend, kw, cache):
+    return EmbeddingStore.from_arrays(tables, backend, cache_fraction=0.05 if cache else None,
+                                      cache=cache or "evcache", **kw)
+
+
+CACHES = [None, DictCache, "lru"] + (["evcache"] if HAVE_CACHE else [])
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_backends_match_numpy(tmp_path, cache):
+    rng = np.random.default_rng(1)
+    tables = {elem: make_table(300 + 7 * k, 3 + 5 * k, elem, seed=k) for k, elem in enumerate(DTYPES)}
+    for backend, kw in backends(tmp_path / str(cache)):
+        if backend == "evssd" and cache is not None:
+            continue  # exercised below without the cost of a second device per cache kind
+        with _store(tables, backend, kw, cache) as store:
+            assert set(store.tables) == set(tables)
+            for _ in range(3):  # several batches so caches see repeats
+                for name, t in tables.items():
+                    idx, offs = random_bags(rng, t.shape[0], 9)
+                    np.testing.assert_array_equal(store.gather(name, idx), t[idx], err_msg=f"{backend} {name}")
+                    for mode in ("sum", "mean"):
+                        got = store.pooled(name, idx, offs, mode)
+                        want = golden_pooled(t, idx, offs, mode)
+                        assert got.dtype == want.dtype, (backend, name, mode)
+                        np.testing.assert_array_equal(got, want, err_msg=f"{backend} {name} {mode}")
+            s = store.stats()
+            assert s["lookups"] > 0 and s["bytes_read"] > 0
+            if cache is not None:
+                assert s["cache_hit_rate"] is not None and s["cache_hit_rate"] > 0
+
+
+def test_file_page_vs_row_bytes(tmp_path):
+    t = make_table(1000, 16, "fp32")  # 64-byte rows, 64 rows per page
+    idx = np.array([0, 1, 64, 999, 1], dtype=np.int64)
+    for mode, per_row in (("page", 4096), ("row", 64)):
+        with EmbeddingStore.from_arrays({"t": t}, "file", path=tmp_path / mode, file_mode=mode,
+                                        cache_fraction=None) as s:
+            np.testing.assert_array_equal(s.gather("t", idx), t[idx])
+            st_ = s.stats()
+            assert st_["rows_read"] == 4  # distinct rows in the lookup
+            assert st_["bytes_read"] == 4 * per_row
+
+
+def test_lookup_many_and_empty(tmp_path):
+    rng = np.random.default_rng(3)
+    tables = {"a": make_table(50, 4, "fp32", 1), "b": make_table(70, 8, "int8", 2)}
+    store = EmbeddingStore.from_arrays(tables)
+    reqs = {n: random_bags(rng, t.shape[0], 5) for n, t in tables.items()}
+    res = store.lookup_many(reqs, "mean")
+    for n, (i, o) in reqs.items():
+        np.testing.assert_array_equal(res[n], golden_pooled(tables[n], i, o, "mean"))
+    g = store.lookup_many({"a": np.array([3, 3, 1])}, mode=None)
+    np.testing.assert_array_equal(g["a"], tables["a"][[3, 3, 1]])
+    # empty lookups and all-empty bags
+    assert store.gather("a", np.array([], np.int64)).shape == (0, 4)
+    z = store.pooled("a", np.array([], np.int64), np.array([0, 0, 0]), "mean")
+    np.testing.assert_array_equal(z, np.zeros((2, 4), np.float32))
+    assert store.pooled("b", np.array([], np.int64), np.array([0]), "sum").shape == (0, 8)
+
+
+def test_fp32_sum_is_sequential_in_bag_order():
+    # 1e8 + 1 - 1e8 in float32: sequential order gives 0, pairwise or float64 would give 1
+    t = np.array([[1e8], [1.0], [-1e8]], np.float32)
+    store = EmbeddingStore.from_arrays({"t": t})
+    got = store.pooled("t", np.array([0, 1, 2]), np.array([0, 3]))
+    assert got[0, 0] == np.float32(np.float32(1e8 + 1.0) - np.float32(1e8))
+
+
+def test_int_sums_wrap_like_the_device():
+    t = np.full((2, 1), 2**30, np.int32)
+    store = EmbeddingStore.from_arrays({"t": t})
+    got = store.pooled("t", np.array([0, 1, 0, 1]), np.array([0, 4]))
+    assert got.dtype == np.int32 and got[0, 0] == np.int32(0)  # 4 * 2**30 wraps to 0
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s: s.gather("nope", [1]), r"unknown table 'nope'"),
+    (lambda s: s.gather("t", np.array([1, 2, 10])), r"table 't': index 10 at position 2 out of range \[0, 10\)"),
+    (lambda s: s.gather("t", np.array([1, -1])), r"table 't': index -1 at position 1"),
+    (lambda s: s.gather("t", np.array([1.0, 2.0])), r"table 't': indices must be integers"),
+    (lambda s: s.gather("t", np.array([[1, 2]])), r"table 't': indices must be 1-D"),
+    (lambda s: s.pooled("t", np.array([1, 2, 3]), np.array([0, 2, 1, 3])),
+     r"table 't': offsets not monotonic at position 2"),
+    (lambda s: s.pooled("t", np.array([1, 2, 3]), np.array([1, 3])), r"offsets\[0\] must be 0"),
+    (lambda s: s.pooled("t", np.array([1, 2, 3]), np.array([0, 2])), r"offsets\[-1\] = 2 must equal"),
+    (lambda s: s.pooled("t", np.array([1]), np.array([0.0, 1.0])), r"offsets must be integers"),
+    (lambda s: s.pooled("t", np.array([1]), np.array([0, 1]), "max"), r"pooling mode"),
+    (lambda s: s.lookup_many({"t": (np.array([1]), np.array([0, 1])), "u": (np.array([5]), np.array([0, 1]))}),
+     r"table 'u': index 5 at position 0"),
+])
+def test_bad_input_raises_before_io(tmp_path, call, match):
+    tables = {"t": make_table(10, 4, "fp32"), "u": make_table(5, 4, "fp32")}
+    store = EmbeddingStore.from_arrays(tables, "file", path=tmp_path, cache_fraction=None)
+    with pytest.raises(StoreInputError, match=match):
+        call(store)
+    assert store.stats()["bytes_read"] == 0  # validated before any read
+    store.close()
+
+
+def test_bad_tables_and_backends(tmp_path):
+    with pytest.raises(StoreInputError, match="unsupported element type float64"):
+        EmbeddingStore.from_arrays({"t": np.zeros((4, 4))})
+    with pytest.raises(StoreInputError, match="expected a 2-D array"):
+        EmbeddingStore.from_arrays({"t": np.zeros(4, np.float32)})
+    with pytest.raises(StoreInputError, match="unknown backend 'tape'"):
+        EmbeddingStore.from_arrays({"t": np.zeros((4, 4), np.float32)}, "tape")
+    with pytest.raises(StoreInputError, match="needs path="):
+        EmbeddingStore.from_arrays({"t": np.zeros((4, 4), np.float32)}, "file")
+
+
+# -- the table file ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("elem", DTYPES)
+@pytest.mark.parametrize("rows, dim", [(1, 1), (130, 5), (3, 1500)])  # 1500 fp32 > one page
+def test_table_file_roundtrip(tmp_path, elem, rows, dim):
+    t = make_table(rows, dim, elem)
+    tf = open_table_file(write_table_file(tmp_path / "t.evt", t))
+    assert (tf.rows, tf.dim, tf.elem) == (rows, dim, elem)
+    assert os.path.getsize(tf.path) == tf.file_bytes and tf.file_bytes % 4096 == 0
+    np.testing.assert_array_equal(tf.read_all(), t)
+    for mode in ("page", "row"):
+        s = EmbeddingStore.from_files({"t": tf.path}, file_mode=mode, cache_fraction=None)
+        idx = np.arange(rows)[::-1]
+        np.testing.assert_array_equal(s.gather("t", idx), t[idx])
+        s.close()
+
+
+def _corrupt(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_table_file_errors(tmp_path):
+    t = make_table(100, 8, "fp32")
+    p = write_table_file(tmp_path / "t.evt", t)
+    good = p.read_bytes()
+
+    p.write_bytes(good[:-1])
+    with pytest.raises(TableFileError, match=r"t\.evt: truncated: 8191 bytes"):
+        open_table_file(p)
+    p.write_bytes(good[:40])
+    with pytest.raises(TableFileError, match=r"t\.evt: truncated header \(40 of 64"):
+        open_table_file(p)
+    p.write_bytes(good + b"x")
+    with pytest.raises(TableFileError, match="trailing bytes"):
+        open_table_file(p)
+    p.write_bytes(b"NOTATABL" + good[8:])
+    with pytest.raises(TableFileError, match="not an evssd table file"):
+        open_table_file(p)
+    p.write_bytes(good)
+    _corrupt(p, 16, struct.pack("<Q", 101))  # rows changed, checksum not
+    with pytest.raises(TableFileError, match=r"t\.evt: header checksum mismatch"):
+        open_table_file(p)
+    with pytest.raises(TableFileError, match="cannot read table file"):
+        open_table_file(tmp_path / "missing.evt")
+    with pytest.raises(TableFileError, match="t.evt"):
+        EmbeddingStore.from_files({"t": p})
+
+
+def test_plain_lru_evicts():
+    lru = PlainLRU(100, 2, np.float32, budget_bytes=3 * 8)
+    assert lru.capacity == 3
+    rows = np.arange(10, dtype=np.float32).reshape(5, 2)
+    lru.admit(np.arange(5), rows)
+    out = np.zeros((5, 2), np.float32)
+    hit = lru.lookup(np.arange(5), out)
+    assert hit.tolist() == [False, False, True, True, True]
+    np.testing.assert_array_equal(out[2:], rows[2:])
+    assert lru.stats["evictions"] == 2
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), elem=st.sampled_from(DTYPES), rows=st.integers(1, 40), dim=st.integers(1, 9))
+def test_pooled_property_file_row_with_lru(tmp_path_factory, data, elem, rows, dim):
+    t = make_table(rows, dim, elem, seed=rows * 31 + dim)
+    lengths = data.draw(st.lists(st.integers(0, 5), min_size=0, max_size=6))
+    offs = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    idx = np.array(data.draw(st.lists(st.integers(0, rows - 1), min_size=int(offs[-1]),
+                                      max_size=int(offs[-1]))), dtype=np.int64)
+    d = tmp_path_factory.mktemp("prop")
+    with EmbeddingStore.from_arrays({"t": t}, "file", path=d, cache="lru", cache_fraction=0.2) as s:
+        for _ in range(2):
+            for mode in ("sum", "mean"):
+                np.testing.assert_array_equal(s.pooled("t", idx, offs, mode), golden_pooled(t, idx, offs, mode))
