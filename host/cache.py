@@ -1,0 +1,651 @@
+"""EV-Cache: FlashEmbedding's host-side embedding-vector cache, one instance per table.
+
+Two parts, both over flat numpy arrays and driven by ``numba`` kernels so that a batch of keys
+costs one call and no Python-level per-key work:
+
+* **Admission filter.** A 2-bit saturating counter per table row, packed four to a byte
+  (``n_rows / 4`` bytes). Every looked-up index bumps its counter (hit or miss). A missed row
+  offered to :meth:`EVCache.admit` is inserted only when its counter is ``>= admit_threshold``
+  (default 2: admit on the second access), so rows touched once in a long while -- about half of
+  the distinct rows of a production batch -- never displace anything. What the filter turns
+  away is counted as ``rejected_by_filter``. Optionally the counters age (every lane halved)
+  each time ``decay_interval`` lookups have accumulated, checked at the end of a lookup batch,
+  so that "seen twice" means "seen twice recently" on long runs.
+* **LRU.** Row index -> cache slot through Robin Hood open addressing (linear probing, the probe
+  distance stored per hash slot, lookups stop early once they are further from home than the
+  resident, deletion by backward shift, so there are no tombstones and the table never degrades).
+  Recency is a circular doubly linked list in two ``int32`` arrays (``prev``/``next``) whose head
+  is the MRU and whose ``prev[head]`` is the LRU. When the cache is full, eviction-and-insert is
+  a rotation of the head onto the tail slot: no relinking. Rows live in a preallocated
+  ``values[capacity, dim]`` array; the kernels move them as 8/4/2/1-byte words, so any table
+  dtype works (fp32, fp16, int8, int32, ...).
+
+Memory per entry (counted against the budget)::
+
+    row_bytes                      the cached row (dim * itemsize)
+    + 16                           prev int32, next int32, slot->row key int64
+    + 14 / load_factor             hash slots per entry * (key int64 + slot int32 + dist int16)
+
+plus ``ceil(n_rows / 4)`` bytes of admission counters and a small fixed part, both also charged
+to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 33.5`` bytes per entry:
+for a 64-dim fp32 table (256-byte rows) the cache holds 88% as many rows as a budget of raw rows.
+
+Semantics, exactly (the test suite checks them against a pure-Python reference):
+
+* ``lookup(indices, out)`` walks the batch in order; for each index: bump its counter; if cached,
+  copy the row into ``out[j]``, make it MRU and count a hit; else count a miss. A row missing
+  twice in one batch is two misses (nothing is inserted by a lookup).
+* ``admit(indices, rows)`` walks the batch in order; a row already cached is skipped (a duplicate
+  in the batch, or admitted earlier); a row whose counter is below the threshold is rejected;
+  otherwise it is inserted as MRU, evicting the LRU row when the cache is full.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES"]
+
+DTYPE_ALIASES = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64, "bf16": None}
+
+# state vector layout (int64): mutable scalars shared with the kernels
+_HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS = range(9)
+_N_STATE = 9
+
+_EMPTY = np.int64(-1)
+_HASH_SLOT_BYTES = 8 + 4 + 2      # key int64, cache slot int32, probe distance int16
+_ENTRY_META_BYTES = 4 + 4 + 8     # prev, next, slot -> key
+_MAX_DIST = 32767                 # int16 probe distance
+
+
+def bytes_per_entry(row_bytes: int, load_factor: float = 0.8) -> float:
+    """Bytes one cached row costs: the row, its list links and key, its share of the hash table."""
+    return row_bytes + _ENTRY_META_BYTES + _HASH_SLOT_BYTES / load_factor
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+@numba.njit(cache=True, inline="always")
+def _home(k, m):
+    # Fibonacci hashing spreads consecutive row ids; the multiply-shift range reduction maps the
+    # top 32 bits onto [0, m) without a division, so m need not be a power of two.
+    h = np.uint64(k) * np.uint64(0x9E3779B97F4A7C15)
+    return np.int64(((h >> np.uint64(32)) * np.uint64(m)) >> np.uint64(32))
+
+
+@numba.njit(cache=True, inline="always")
+def _find(k, hkeys, hdist):
+    m = hkeys.shape[0]
+    pos = _home(k, m)
+    d = 0
+    while True:
+        kk = hkeys[pos]
+        if kk == -1:
+            return -1
+        if hdist[pos] < d:
+            return -1          # a resident closer to home than we are: k would have displaced it
+        if kk == k:
+            return pos
+        pos += 1
+        if pos == m:
+            pos = 0
+        d += 1
+
+
+@numba.njit(cache=True)
+def _insert(k, v, hkeys, hvals, hdist):
+    m = hkeys.shape[0]
+    pos = _home(k, m)
+    ck = k
+    cv = np.int32(v)
+    cd = 0
+    while True:
+        if hkeys[pos] == -1:
+            hkeys[pos] = ck
+            hvals[pos] = cv
+            hdist[pos] = cd
+            return
+        if hdist[pos] < cd:        # rob the rich: the resident is closer to home, take its place
+            tk = hkeys[pos]
+            tv = hvals[pos]
+            td = np.int64(hdist[pos])
+            hkeys[pos] = ck
+            hvals[pos] = cv
+            hdist[pos] = cd
+            ck = tk
+            cv = tv
+            cd = td
+        pos += 1
+        if pos == m:
+            pos = 0
+        cd += 1
+        if cd > 32767:
+            raise RuntimeError("EVCache: Robin Hood probe distance overflow")
+
+
+@numba.njit(cache=True)
+def _delete_at(pos, hkeys, hvals, hdist):
+    m = hkeys.shape[0]
+    nxt = pos + 1
+    if nxt == m:
+        nxt = 0
+    while hkeys[nxt] != -1 and hdist[nxt] > 0:
+        hkeys[pos] = hkeys[nxt]
+        hvals[pos] = hvals[nxt]
+        hdist[pos] = hdist[nxt] - 1
+        pos = nxt
+        nxt += 1
+        if nxt == m:
+            nxt = 0
+    hkeys[pos] = -1
+    hdist[pos] = 0
+
+
+@numba.njit(cache=True, inline="always")
+def _touch(s, prev, nxt, head):
+    """Make slot ``s`` the MRU; returns the new head."""
+    if s == head:
+        return head
+    tail = prev[head]
+    if s == tail:
+        return s                   # circular list: the tail becomes the head by rotation
+    p = prev[s]
+    n = nxt[s]
+    nxt[p] = n
+    prev[n] = p
+    prev[s] = tail
+    nxt[s] = head
+    nxt[tail] = s
+    prev[head] = s
+    return s
+
+
+@numba.njit(cache=True)
+def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, hdist, values, prev, nxt, counters, st):
+    n = keys.shape[0]
+    for j in range(n):             # validate the whole batch before touching any state
+        k = keys[j]
+        if k < 0 or k >= n_rows:
+            return j
+    w = values.shape[1]
+    head = st[_HEAD]
+    hits = 0
+    for j in range(n):
+        k = keys[j]
+        b = k >> 2
+        sh = (k & 3) * 2
+        c = (counters[b] >> sh) & 3
+        if c < 3:
+            counters[b] += np.uint8(1 << sh)
+        pos = _find(k, hkeys, hdist)
+        if pos >= 0:
+            s = hvals[pos]
+            for t in range(w):
+                out[j, t] = values[s, t]
+            head = _touch(s, prev, nxt, head)
+            hit[j] = True
+            hits += 1
+        else:
+            hit[j] = False
+    st[_HEAD] = head
+    st[_HITS] += hits
+    st[_MISSES] += n - hits
+    st[_LOOKUPS] += n
+    st[_SINCE_DECAY] += n
+    return -1
+
+
+@numba.njit(cache=True)
+def _decay_kernel(counters):
+    # halve every 2-bit lane: each lane's high bit moves to its low bit, the rest is masked off
+    for i in range(counters.shape[0]):
+        counters[i] = (counters[i] >> 1) & np.uint8(0x55)
+
+
+@numba.njit(cache=True)
+def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, hdist, values, prev, nxt,
+                  slot_key, counters, st):
+    n = keys.shape[0]
+    for j in range(n):
+        k = keys[j]
+        if k < 0 or k >= n_rows:
+            return j
+    cap = values.shape[0]
+    w = values.shape[1]
+    head = st[_HEAD]
+    size = st[_SIZE]
+    for j in range(n):
+        k = keys[j]
+        if _find(k, hkeys, hdist) >= 0:
+            continue
+        c = (counters[k >> 2] >> ((k & 3) * 2)) & 3
+        if c < threshold:
+            st[_REJECTED] += 1
+            continue
+        if size < cap:
+            s = size
+            size += 1
+            if head < 0:
+                prev[s] = s
+                nxt[s] = s
+            else:
+                tail = prev[head]
+                prev[s] = tail
+                nxt[s] = head
+                nxt[tail] = s
+                prev[head] = s
+            head = s
+        else:
+            s = prev[head]         # the LRU slot becomes the MRU slot by rotation
+            _delete_at(_find(slot_key[s], hkeys, hdist), hkeys, hvals, hdist)
+            st[_EVICTIONS] += 1
+            head = s
+        slot_key[s] = k
+        for t in range(w):
+            values[s, t] = rows[j, t]
+        _insert(k, s, hkeys, hvals, hdist)
+        st[_ADMISSIONS] += 1
+    st[_HEAD] = head
+    st[_SIZE] = size
+    return -1
+
+
+@numba.njit(cache=True)
+def _invalidate_kernel(keys, n_rows, hkeys, hvals, hdist, values, prev, nxt, slot_key, st):
+    n = keys.shape[0]
+    for j in range(n):
+        k = keys[j]
+        if k < 0 or k >= n_rows:
+            return -(j + 1)
+    w = values.shape[1]
+    head = st[_HEAD]
+    size = st[_SIZE]
+    removed = 0
+    for j in range(n):
+        pos = _find(keys[j], hkeys, hdist)
+        if pos < 0:
+            continue
+        s = hvals[pos]
+        _delete_at(pos, hkeys, hvals, hdist)
+        removed += 1
+        if size == 1:
+            head = -1
+            size = 0
+            continue
+        p = prev[s]
+        q = nxt[s]
+        nxt[p] = q
+        prev[q] = p
+        if head == s:
+            head = q
+        last = size - 1
+        size -= 1
+        if s != last:              # keep slots dense: move the last slot into the hole
+            p = prev[last]
+            q = nxt[last]
+            if p == last:
+                prev[s] = s
+                nxt[s] = s
+            else:
+                prev[s] = p
+                nxt[s] = q
+                nxt[p] = s
+                prev[q] = s
+            if head == last:
+                head = s
+            slot_key[s] = slot_key[last]
+            for t in range(w):
+                values[s, t] = values[last, t]
+            hvals[_find(slot_key[s], hkeys, hdist)] = s
+    st[_HEAD] = head
+    st[_SIZE] = size
+    return removed
+
+
+@numba.njit(cache=True)
+def _contains_kernel(keys, hkeys, hdist, res):
+    for j in range(keys.shape[0]):
+        res[j] = _find(keys[j], hkeys, hdist) >= 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_dtype(dtype) -> np.dtype:
+    if isinstance(dtype, str) and dtype.lower() in DTYPE_ALIASES:
+        resolved = DTYPE_ALIASES[dtype.lower()]
+        if resolved is None:
+            raise ValueError(f"EVCache: dtype {dtype!r} is not supported (numpy has no bfloat16)")
+        return np.dtype(resolved)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise ValueError(f"EVCache: dtype {dtype!r} is not a numpy dtype") from exc
+    if dt.kind not in "fiu" or dt.itemsize == 0:
+        raise ValueError(f"EVCache: dtype {dtype!r} is not a numeric dtype (fp32, fp16, int8, int32, ...)")
+    return dt
+
+
+def _word_dtype(row_bytes: int) -> np.dtype:
+    for size, dt in ((8, np.uint64), (4, np.uint32), (2, np.uint16)):
+        if row_bytes % size == 0:
+            return np.dtype(dt)
+    return np.dtype(np.uint8)
+
+
+class EVCache:
+    """EV-Cache for one table of ``n_rows`` rows of ``dim`` elements of ``dtype``.
+
+    Exactly one of ``capacity`` (rows), ``budget_bytes`` or ``budget_fraction`` (of the table's
+    bytes, ``n_rows * dim * itemsize``; default 0.01) sets the size. A budget pays for everything
+    the cache allocates: rows, links, hash table and the admission counters (see the module
+    docstring for the per-entry cost); ``memory_bytes`` in :attr:`stats` is the actual total.
+
+    ``admit_threshold``: 0..3; a missed row is admitted when its 2-bit counter is at least this
+    (0 admits everything offered; 1 admits anything looked up once, i.e. no filter; 2, the
+    default, admits on the second access; 3 on the third).
+    ``decay_interval``: age the counters after this many looked-up keys (None: never).
+    ``load_factor``: maximum fill of the Robin Hood table, in (0, 0.95].
+    """
+
+    def __init__(self, n_rows: int, dim: int, dtype=np.float32, *, capacity: int | None = None,
+                 budget_bytes: int | None = None, budget_fraction: float | None = None,
+                 admit_threshold: int = 2, decay_interval: int | None = None,
+                 load_factor: float = 0.8, name: str = ""):
+        self.name = str(name)
+        if isinstance(n_rows, bool) or not isinstance(n_rows, (int, np.integer)) or n_rows < 1:
+            raise ValueError(f"EVCache {self.name!r}: n_rows must be a positive integer, got {n_rows!r}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"EVCache {self.name!r}: dim must be a positive integer, got {dim!r}")
+        if isinstance(admit_threshold, bool) or not isinstance(admit_threshold, (int, np.integer)) \
+                or not 0 <= admit_threshold <= 3:
+            raise ValueError(f"EVCache {self.name!r}: admit_threshold must be an integer in 0..3 "
+                             f"(2-bit counters), got {admit_threshold!r}")
+        if decay_interval is not None and (not isinstance(decay_interval, (int, np.integer))
+                                           or decay_interval < 1):
+            raise ValueError(f"EVCache {self.name!r}: decay_interval must be a positive integer "
+                             f"or None, got {decay_interval!r}")
+        if not isinstance(load_factor, (int, float)) or not 0 < load_factor <= 0.95:
+            raise ValueError(f"EVCache {self.name!r}: load_factor must be in (0, 0.95], got {load_factor!r}")
+        self.n_rows = int(n_rows)
+        self.dim = int(dim)
+        self.dtype = _resolve_dtype(dtype)
+        self.admit_threshold = int(admit_threshold)
+        self.decay_interval = None if decay_interval is None else int(decay_interval)
+        self.load_factor = float(load_factor)
+        self.row_bytes = self.dim * self.dtype.itemsize
+        self._word = _word_dtype(self.row_bytes)
+        self._words = self.row_bytes // self._word.itemsize
+        counter_bytes = (self.n_rows + 3) // 4
+        fixed_bytes = _N_STATE * 8 + counter_bytes
+
+        given = [p for p, v in (("capacity", capacity), ("budget_bytes", budget_bytes),
+                                ("budget_fraction", budget_fraction)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"EVCache {self.name!r}: give one of capacity, budget_bytes, "
+                             f"budget_fraction, not {' and '.join(given)}")
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+                raise ValueError(f"EVCache {self.name!r}: capacity must be a positive integer, got {capacity!r}")
+            cap = int(capacity)
+            self.budget_bytes = None
+        else:
+            if budget_bytes is None:
+                fraction = 0.01 if budget_fraction is None else budget_fraction
+                if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) \
+                        or not 0 < fraction <= 1:
+                    raise ValueError(f"EVCache {self.name!r}: budget_fraction must be in (0, 1], "
+                                     f"got {budget_fraction!r}")
+                budget = int(fraction * self.n_rows * self.row_bytes)
+            else:
+                if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)) \
+                        or budget_bytes < 1:
+                    raise ValueError(f"EVCache {self.name!r}: budget_bytes must be a positive "
+                                     f"integer, got {budget_bytes!r}")
+                budget = int(budget_bytes)
+            self.budget_bytes = budget
+            cap = int((budget - fixed_bytes) // bytes_per_entry(self.row_bytes, self.load_factor))
+            while cap > 0 and self._layout_bytes(cap) + fixed_bytes > budget:
+                cap -= 1
+            if cap < 1:
+                raise ValueError(
+                    f"EVCache {self.name!r}: budget of {budget} bytes holds no row: one entry costs "
+                    f"{bytes_per_entry(self.row_bytes, self.load_factor):.1f} bytes plus "
+                    f"{fixed_bytes} bytes of counters and state")
+        cap = min(cap, self.n_rows)
+        if cap >= 2**31 - 1:
+            raise ValueError(f"EVCache {self.name!r}: capacity {cap} exceeds the int32 slot range")
+        self.capacity = cap
+        m = self._hash_slots(cap)
+
+        self._values = np.zeros((cap, self._words), dtype=self._word)
+        self._prev = np.zeros(cap, dtype=np.int32)
+        self._next = np.zeros(cap, dtype=np.int32)
+        self._slot_key = np.full(cap, -1, dtype=np.int64)
+        self._hkeys = np.full(m, -1, dtype=np.int64)
+        self._hvals = np.zeros(m, dtype=np.int32)
+        self._hdist = np.zeros(m, dtype=np.int16)
+        self._counters = np.zeros(counter_bytes, dtype=np.uint8)
+        self._st = np.zeros(_N_STATE, dtype=np.int64)
+        self._st[_HEAD] = -1
+
+    # -- sizing
+
+    def _hash_slots(self, cap: int) -> int:
+        return max(cap + 1, math.ceil(cap / self.load_factor))
+
+    def _layout_bytes(self, cap: int) -> int:
+        return cap * (self.row_bytes + _ENTRY_META_BYTES) + self._hash_slots(cap) * _HASH_SLOT_BYTES
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by every array of the cache (rows, links, hash table, counters, state)."""
+        return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key,
+                                      self._hkeys, self._hvals, self._hdist, self._counters, self._st))
+
+    # -- input checks (all before any state changes)
+
+    def _keys(self, indices, what: str) -> np.ndarray:
+        arr = np.asarray(indices)
+        if arr.ndim != 1:
+            raise ValueError(f"EVCache {self.name!r}: {what} indices must be 1-D, got shape {arr.shape}")
+        if arr.dtype != np.int64:
+            if arr.size and arr.dtype.kind not in "iu":
+                raise TypeError(f"EVCache {self.name!r}: {what} indices must be integers, got {arr.dtype}")
+            if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+                bad = int(np.flatnonzero(arr > np.iinfo(np.int64).max)[0])
+                self._bad_index(arr, bad)
+            arr = arr.astype(np.int64)
+        return np.ascontiguousarray(arr)
+
+    def _bad_index(self, arr, pos: int):
+        raise IndexError(f"EVCache {self.name!r}: index {int(arr[pos])} at position {pos} is out "
+                         f"of range for a table of {self.n_rows} rows")
+
+    def _row_view(self, arr: np.ndarray) -> np.ndarray:
+        return arr.view(self._word).reshape(arr.shape[0], self._words)
+
+    # -- the batched API
+
+    def lookup(self, indices, out: np.ndarray) -> np.ndarray:
+        """Serve ``indices`` from the cache: returns the hit mask and fills ``out[hit]``.
+
+        ``out`` is ``(len(indices), dim)`` of the table dtype; rows of misses are left untouched.
+        Updates recency, admission counters and the hit/miss counts. An index outside
+        ``[0, n_rows)`` raises ``IndexError`` (naming the table and the first bad position)
+        before anything changes.
+        """
+        keys = self._keys(indices, "lookup")
+        n = keys.shape[0]
+        if not isinstance(out, np.ndarray) or out.shape != (n, self.dim):
+            shape = getattr(out, "shape", type(out).__name__)
+            raise ValueError(f"EVCache {self.name!r}: out must be an array of shape ({n}, {self.dim}), got {shape}")
+        if out.dtype != self.dtype:
+            raise TypeError(f"EVCache {self.name!r}: out dtype {out.dtype} != table dtype {self.dtype}")
+        if not out.flags.writeable:
+            raise ValueError(f"EVCache {self.name!r}: out is read-only")
+        hit = np.empty(n, dtype=np.bool_)
+        direct = out.flags.c_contiguous
+        target = out if direct else np.empty_like(out, order="C")
+        bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._hkeys,
+                             self._hvals, self._hdist, self._values, self._prev, self._next,
+                             self._counters, self._st)
+        if bad >= 0:
+            self._bad_index(keys, bad)
+        if not direct:
+            out[hit] = target[hit]
+        if self.decay_interval is not None and self._st[_SINCE_DECAY] >= self.decay_interval:
+            _decay_kernel(self._counters)
+            self._st[_SINCE_DECAY] = 0
+        return hit
+
+    def admit(self, indices, rows: np.ndarray) -> int:
+        """Offer rows fetched for misses; inserts those that pass the filter. Returns how many.
+
+        ``rows[j]`` is the row of ``indices[j]``, shape ``(len(indices), dim)``, table dtype.
+        Rows already cached (duplicates in the batch included) are skipped; rows whose counter
+        is below ``admit_threshold`` are rejected and counted; the rest go in as MRU, evicting
+        the LRU row when full.
+        """
+        keys = self._keys(indices, "admit")
+        n = keys.shape[0]
+        rows = np.asarray(rows)
+        if rows.shape != (n, self.dim):
+            raise ValueError(f"EVCache {self.name!r}: rows must have shape ({n}, {self.dim}), got {rows.shape}")
+        if rows.dtype != self.dtype:
+            raise TypeError(f"EVCache {self.name!r}: rows dtype {rows.dtype} != table dtype {self.dtype}")
+        rows = np.ascontiguousarray(rows)
+        before = int(self._st[_ADMISSIONS])
+        bad = _admit_kernel(keys, self._row_view(rows), self.admit_threshold, self.n_rows,
+                            self._hkeys, self._hvals, self._hdist, self._values, self._prev,
+                            self._next, self._slot_key, self._counters, self._st)
+        if bad >= 0:
+            self._bad_index(keys, bad)
+        return int(self._st[_ADMISSIONS]) - before
+
+    def invalidate(self, indices) -> int:
+        """Drop ``indices`` from the cache (e.g. after the table was rewritten). Returns how many
+        were cached. Counters are left alone."""
+        keys = self._keys(indices, "invalidate")
+        r = _invalidate_kernel(keys, self.n_rows, self._hkeys, self._hvals, self._hdist,
+                               self._values, self._prev, self._next, self._slot_key, self._st)
+        if r < 0:
+            self._bad_index(keys, -r - 1)
+        return int(r)
+
+    def contains(self, indices) -> np.ndarray:
+        """Which of ``indices`` are cached, without touching recency, counters or stats."""
+        keys = self._keys(indices, "contains")
+        res = np.empty(keys.shape[0], dtype=np.bool_)
+        _contains_kernel(keys, self._hkeys, self._hdist, res)
+        res &= (keys >= 0) & (keys < self.n_rows)
+        return res
+
+    def counters(self, indices) -> np.ndarray:
+        """The admission counters (0..3) of ``indices``, read-only introspection."""
+        keys = self._keys(indices, "counters")
+        if keys.size and (keys.min() < 0 or keys.max() >= self.n_rows):
+            self._bad_index(keys, int(np.flatnonzero((keys < 0) | (keys >= self.n_rows))[0]))
+        return (self._counters[keys >> 2] >> ((keys & 3) * 2).astype(np.uint8)) & 3
+
+    def clear(self) -> None:
+        """Empty the cache and the counters; statistics are kept (see :meth:`reset_stats`)."""
+        self._hkeys.fill(-1)
+        self._hdist.fill(0)
+        self._slot_key.fill(-1)
+        self._counters.fill(0)
+        self._st[_HEAD] = -1
+        self._st[_SIZE] = 0
+        self._st[_SINCE_DECAY] = 0
+
+    def keys_mru(self) -> np.ndarray:
+        """Cached row indices from most to least recently used (walks the list: debug/tests)."""
+        size = len(self)
+        out = np.empty(size, dtype=np.int64)
+        s = int(self._st[_HEAD])
+        for i in range(size):
+            out[i] = self._slot_key[s]
+            s = int(self._next[s])
+        return out
+
+    @property
+    def values(self) -> np.ndarray:
+        """The preallocated row store, ``(capacity, dim)`` of the table dtype (a view)."""
+        return self._values.view(self.dtype).reshape(self.capacity, self.dim)
+
+    def __len__(self) -> int:
+        return int(self._st[_SIZE])
+
+    @property
+    def stats(self) -> dict:
+        st = self._st
+        lookups = int(st[_LOOKUPS])
+        return {
+            "lookups": lookups,
+            "hits": int(st[_HITS]),
+            "misses": int(st[_MISSES]),
+            "hit_rate": (int(st[_HITS]) / lookups) if lookups else 0.0,
+            "admissions": int(st[_ADMISSIONS]),
+            "evictions": int(st[_EVICTIONS]),
+            "rejected_by_filter": int(st[_REJECTED]),
+            "size": int(st[_SIZE]),
+            "capacity": self.capacity,
+            "memory_bytes": self.memory_bytes,
+        }
+
+    def reset_stats(self) -> None:
+        for i in (_HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _LOOKUPS):
+            self._st[i] = 0
+
+    def __repr__(self) -> str:
+        return (f"EVCache(name={self.name!r}, n_rows={self.n_rows}, dim={self.dim}, "
+                f"dtype={self.dtype}, capacity={self.capacity}, size={len(self)}, "
+                f"admit_threshold={self.admit_threshold})")
+
+    # -- debug
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` unless the hash table, the list and the slots agree.
+
+        Robin Hood: every resident's stored distance is its distance from home; along the probe
+        sequence a slot after an empty one has distance 0 and distances grow by at most one per
+        step; every resident is found by a lookup. List: ``size`` nodes, a single cycle through
+        the head, ``prev``/``next`` mutually inverse. Slots: ``0..size-1`` are used, each once.
+        """
+        m = self._hkeys.shape[0]
+        size = len(self)
+        occ = np.flatnonzero(self._hkeys != -1)
+        assert occ.size == size, f"hash holds {occ.size} keys, size is {size}"
+        for pos in occ:
+            k = int(self._hkeys[pos])
+            home = int(_home(k, m))
+            assert int(self._hdist[pos]) == (pos - home) % m, f"key {k} at {pos}: bad distance"
+            assert _find(k, self._hkeys, self._hdist) == pos, f"key {k} at {pos} not found"
+        for pos in range(m):
+            nxt = (pos + 1) % m
+            if self._hkeys[nxt] == -1:
+                continue
+            prev_d = -1 if self._hkeys[pos] == -1 else int(self._hdist[pos])
+            assert int(self._hdist[nxt]) <= prev_d + 1, f"Robin Hood order broken at slot {nxt}"
+        slots = np.sort(self._hvals[occ].astype(np.int64))
+        assert np.array_equal(slots, np.arange(size)), "cache slots are not 0..size-1 once each"
+        for pos in occ:
+            assert self._slot_key[self._hvals[pos]] == self._hkeys[pos], "slot->key mismatch"
+        if size == 0:
+            assert self._st[_HEAD] == -1
+            return
+        head = int(self._st[_HEAD])
+        assert 0 <= head < size
+        s, seen = head, 0
+        while True:
+            assert 0 <= s < size
+            assert self._prev[self._next[s]] == s, f"prev/next disagree at slot {s}"
+            s = int(self._next[s])
+            seen += 1
+            if s == head or seen > size:
+                break
+        assert seen == size and s == head, f"list cycle has {seen} nodes, size is {size}"
