@@ -1,0 +1,277 @@
+"""EV-Cache against a pure-Python reference (OrderedDict LRU + the same 2-bit counter rule)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evssd.host.cache import EVCache, bytes_per_entry
+
+
+class ReferenceLRU:
+    """The EV-Cache semantics, one key at a time, with no cleverness (see host/cache.py)."""
+
+    def __init__(self, n_rows, capacity, threshold, decay_interval=None):
+        self.n_rows, self.capacity, self.threshold = n_rows, capacity, threshold
+        self.decay_interval = decay_interval
+        self.since_decay = 0
+        self.counters = np.zeros(n_rows, dtype=np.uint8)
+        self.od: OrderedDict[int, np.ndarray] = OrderedDict()   # last = MRU
+        self.hits = self.misses = self.admissions = self.evictions = self.rejected = 0
+
+    def lookup(self, keys):
+        hit, rows = [], []
+        for k in map(int, keys):
+            self.counters[k] = min(3, self.counters[k] + 1)
+            if k in self.od:
+                self.od.move_to_end(k)
+                hit.append(True)
+                rows.append(self.od[k])
+                self.hits += 1
+            else:
+                hit.append(False)
+                rows.append(None)
+                self.misses += 1
+        self.since_decay += len(keys)
+        if self.decay_interval is not None and self.since_decay >= self.decay_interval:
+            self.counters >>= 1
+            self.since_decay = 0
+        return np.array(hit, dtype=bool), rows
+
+    def admit(self, keys, rows):
+        for k, row in zip(map(int, keys), rows):
+            if k in self.od:
+                continue
+            if self.counters[k] < self.threshold:
+                self.rejected += 1
+                continue
+            if len(self.od) == self.capacity:
+                self.od.popitem(last=False)
+                self.evictions += 1
+            self.od[k] = row.copy()
+            self.admissions += 1
+
+    def invalidate(self, keys):
+        n = 0
+        for k in map(int, keys):
+            if self.od.pop(k, None) is not None:
+                n += 1
+        return n
+
+    def stats(self):
+        return {"hits": self.hits, "misses": self.misses, "admissions": self.admissions,
+                "evictions": self.evictions, "rejected_by_filter": self.rejected,
+                "size": len(self.od)}
+
+    def keys_mru(self):
+        return list(reversed(self.od))
+
+
+DTYPES = [np.float32, np.float16, np.int8, np.int32]
+
+
+def _table(n_rows, dim, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return rng.standard_normal((n_rows, dim)).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, (n_rows, dim), endpoint=True).astype(dtype)
+
+
+def _compare(cache: EVCache, ref: ReferenceLRU):
+    s = cache.stats
+    assert {k: s[k] for k in ref.stats()} == ref.stats()
+    assert cache.keys_mru().tolist() == ref.keys_mru()
+    cache.check_invariants()
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["serve", "serve", "serve", "admit", "invalidate"]),
+              st.lists(st.integers(0, 39), min_size=0, max_size=24)),
+    min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(capacity=st.integers(1, 12), threshold=st.integers(0, 3), dtype=st.sampled_from(DTYPES),
+       dim=st.sampled_from([1, 3, 4, 8]), decay=st.sampled_from([None, 7, 50]), ops=ops)
+def test_matches_reference(capacity, threshold, dtype, dim, decay, ops):
+    n_rows = 40
+    table = _table(n_rows, dim, dtype)
+    cache = EVCache(n_rows, dim, dtype, capacity=capacity, admit_threshold=threshold,
+                    decay_interval=decay, name="emb")
+    ref = ReferenceLRU(n_rows, capacity, threshold, decay)
+    for op, keys in ops:
+        keys = np.array(keys, dtype=np.int64)
+        if op == "serve":               # the store's loop: lookup, fetch the misses, admit them
+            out = np.zeros((len(keys), dim), dtype=dtype)
+            hit = cache.lookup(keys, out)
+            rhit, rrows = ref.lookup(keys)
+            assert hit.tolist() == rhit.tolist()
+            for j in np.flatnonzero(hit):
+                assert np.array_equal(out[j], rrows[j])
+                assert np.array_equal(out[j], table[keys[j]])
+            assert not out[~hit].any()  # misses untouched
+            miss = keys[~hit]
+            cache.admit(miss, table[miss])
+            ref.admit(miss, table[miss])
+        elif op == "admit":             # rows offered without a lookup (counters unchanged)
+            cache.admit(keys, table[keys])
+            ref.admit(keys, table[keys])
+        else:
+            assert cache.invalidate(keys) == ref.invalidate(keys)
+        _compare(cache, ref)
+    assert np.array_equal(cache.counters(np.arange(n_rows)), ref.counters)
+
+
+@settings(max_examples=25, deadline=None)
+@given(load=st.sampled_from([0.5, 0.8, 0.95]), seed=st.integers(0, 2**32 - 1),
+       key_range=st.sampled_from([300, 10**6, 10**7]))
+def test_robin_hood_invariants_random_insert_delete(load, seed, key_range):
+    rng = np.random.default_rng(seed)
+    n_rows = key_range
+    cap = 64
+    cache = EVCache(n_rows, 2, np.int32, capacity=cap, admit_threshold=0, load_factor=load)
+    live: set[int] = set()
+    for _ in range(40):
+        keys = rng.integers(0, n_rows, rng.integers(1, 40))
+        rows = np.repeat(keys[:, None], 2, axis=1).astype(np.int32)
+        cache.admit(keys, rows)
+        if rng.random() < 0.5 and len(cache):
+            drop = rng.choice(cache.keys_mru(), size=rng.integers(1, len(cache) + 1), replace=False)
+            assert cache.invalidate(drop) == len(drop)
+        cache.check_invariants()
+        live = set(cache.keys_mru().tolist())
+        assert len(live) == len(cache) <= cap
+        # every live row is findable and holds its own data
+        k = np.array(sorted(live), dtype=np.int64)
+        assert cache.contains(k).all()
+        s = cache.values[: len(cache)]
+        assert sorted(s[:, 0].tolist()) == sorted((k.astype(np.int32)).tolist())
+
+
+def test_filter_admits_on_second_access_and_counts_rejections():
+    cache = EVCache(100, 4, np.float32, capacity=4, name="t")
+    rows = np.ones((3, 4), np.float32)
+    out = np.zeros((3, 4), np.float32)
+    keys = np.array([5, 6, 7])
+    assert not cache.lookup(keys, out).any()
+    assert cache.admit(keys, rows) == 0
+    assert cache.stats["rejected_by_filter"] == 3
+    assert not cache.lookup(keys, out).any()
+    assert cache.admit(keys, rows * 2) == 3
+    assert cache.lookup(keys, out).all()
+    assert np.array_equal(out, rows * 2)
+    assert cache.counters(np.array([5, 6, 7, 8])).tolist() == [3, 3, 3, 0]
+    # a row seen twice within one batch is admitted at once; duplicates inserted once
+    k2 = np.array([9, 9])
+    cache.lookup(k2, np.zeros((2, 4), np.float32))
+    assert cache.admit(k2, np.full((2, 4), 9, np.float32)) == 1
+    assert cache.stats["evictions"] == 0 and len(cache) == 4
+    # full: the LRU (5) goes
+    cache.lookup(np.array([1, 1]), np.zeros((2, 4), np.float32))
+    cache.admit(np.array([1]), np.zeros((1, 4), np.float32))
+    assert cache.stats["evictions"] == 1
+    assert cache.keys_mru().tolist() == [1, 9, 7, 6]
+    cache.reset_stats()
+    assert all(cache.stats[k] == 0 for k in ("hits", "misses", "admissions", "evictions",
+                                               "rejected_by_filter"))
+    assert cache.stats["size"] == 4
+
+
+def test_budget_accounting():
+    n_rows, dim = 100_000, 64
+    cache = EVCache(n_rows, dim, np.float32)          # default: 1% of the table's bytes
+    budget = int(0.01 * n_rows * dim * 4)
+    assert cache.budget_bytes == budget
+    assert cache.memory_bytes <= budget
+    per_entry = bytes_per_entry(dim * 4)
+    assert per_entry == 256 + 16 + 14 / 0.8
+    counters = (n_rows + 3) // 4
+    # capacity is what fits after the counters, within one entry of the bound
+    bound = (budget - counters) / per_entry
+    assert bound - 2 <= cache.capacity <= bound
+    assert cache.stats["capacity"] == cache.capacity
+    assert cache.stats["memory_bytes"] == cache.memory_bytes
+    small = EVCache(n_rows, dim, np.float32, budget_bytes=200_000)
+    assert small.memory_bytes <= 200_000 and small.capacity < cache.capacity
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_rows": 0}, "n_rows .* 0"),
+    ({"dim": -1}, "dim .* -1"),
+    ({"dtype": "complex64"}, "complex64"),
+    ({"dtype": "bf16"}, "bf16"),
+    ({"admit_threshold": 4}, "admit_threshold .* 4"),
+    ({"capacity": 0}, "capacity .* 0"),
+    ({"budget_fraction": 1.5}, "budget_fraction .* 1.5"),
+    ({"budget_bytes": 100}, "budget of 100 bytes"),
+    ({"capacity": 4, "budget_bytes": 10**6}, "capacity and budget_bytes"),
+    ({"load_factor": 1.0}, "load_factor .* 1.0"),
+    ({"decay_interval": 0}, "decay_interval .* 0"),
+])
+def test_constructor_errors_name_the_value(kwargs, match):
+    args = {"n_rows": 1000, "dim": 8, "dtype": np.float32, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        EVCache(args.pop("n_rows"), args.pop("dim"), args.pop("dtype"), **args)
+
+
+def test_bad_indices_raise_before_touching_state():
+    cache = EVCache(50, 4, np.float32, capacity=8, name="user_table")
+    keys = np.array([1, 2, 3])
+    cache.lookup(keys, np.zeros((3, 4), np.float32))
+    cache.lookup(keys, np.zeros((3, 4), np.float32))
+    cache.admit(keys, np.ones((3, 4), np.float32))
+    snap = (cache.stats, cache.counters(np.arange(50)).copy(), cache.keys_mru().copy())
+    for bad, pos in ((np.array([1, 2, 50, 3]), 2), (np.array([-1, 2]), 0)):
+        with pytest.raises(IndexError, match=r"'user_table'.*position %d" % pos):
+            cache.lookup(bad, np.zeros((len(bad), 4), np.float32))
+        with pytest.raises(IndexError, match=r"'user_table'.*position %d" % pos):
+            cache.admit(bad, np.ones((len(bad), 4), np.float32))
+        with pytest.raises(IndexError, match="user_table"):
+            cache.invalidate(bad)
+    after = (cache.stats, cache.counters(np.arange(50)), cache.keys_mru())
+    assert after[0] == snap[0]
+    assert np.array_equal(after[1], snap[1]) and np.array_equal(after[2], snap[2])
+    cache.check_invariants()
+    with pytest.raises(ValueError, match="shape"):
+        cache.lookup(keys, np.zeros((2, 4), np.float32))
+    with pytest.raises(TypeError, match="float64"):
+        cache.lookup(keys, np.zeros((3, 4), np.float64))
+    with pytest.raises(TypeError, match="integers"):
+        cache.lookup(np.array([1.5]), np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError, match="1-D"):
+        cache.lookup(np.zeros((2, 2), np.int64), np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="rows must have shape"):
+        cache.admit(keys, np.ones((2, 4), np.float32))
+    with pytest.raises(TypeError, match="int32"):
+        cache.admit(keys, np.ones((3, 4), np.int32))
+
+
+def test_non_contiguous_out_and_empty_batch():
+    cache = EVCache(10, 3, np.float16, capacity=4, admit_threshold=0)
+    rows = np.arange(12, dtype=np.float16).reshape(4, 3)
+    cache.admit(np.arange(4), rows)
+    big = np.zeros((4, 6), np.float16)
+    out = big[:, ::2]                                 # strided view
+    hit = cache.lookup(np.array([3, 9, 0, 1]), out)
+    assert hit.tolist() == [True, False, True, True]
+    assert np.array_equal(big[[0, 2, 3], ::2], rows[[3, 0, 1]])
+    assert not big[1].any() and not big[:, 1::2].any()
+    assert cache.lookup(np.array([], np.int64), np.zeros((0, 3), np.float16)).shape == (0,)
+    assert cache.admit(np.array([], np.int64), np.zeros((0, 3), np.float16)) == 0
+
+
+def test_clear_and_capacity_capped_by_rows():
+    cache = EVCache(10, 2, np.float32, capacity=100, admit_threshold=0)
+    assert cache.capacity == 10
+    cache.admit(np.arange(10), np.ones((10, 2), np.float32))
+    assert len(cache) == 10 and cache.contains(np.arange(10)).all()
+    cache.clear()
+    assert len(cache) == 0 and not cache.contains(np.arange(10)).any()
+    cache.check_invariants()
+    cache.admit(np.arange(3), np.ones((3, 2), np.float32))
+    cache.check_invariants()
+    assert cache.keys_mru().tolist() == [2, 1, 0]
