@@ -381,7 +381,13 @@ def _make_cache(kind, info: TableInfo, fraction: float):
         return kind(info, fraction)
     if kind in (None, "evcache"):
         from evssd.host.cache import EVCache
-        return EVCache(info.rows, info.dim, info.dtype, budget_fraction=fraction, name=info.name)
+        try:
+            return EVCache(info.rows, info.dim, info.dtype, budget_fraction=fraction, name=info.name)
+        except ValueError as exc:
+            if "holds no row" not in str(exc):
+                raise
+            # a tiny table whose budget cannot pay for one entry: keep one row rather than fail
+            return EVCache(info.rows, info.dim, info.dtype, capacity=1, name=info.name)
     if kind == "lru":
         return PlainLRU(info.rows, info.dim, info.dtype, budget_fraction=fraction, name=info.name)
     raise StoreInputError(f"unknown cache kind {kind!r} (expected 'evcache', 'lru' or a callable)")
