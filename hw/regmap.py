@@ -19,7 +19,7 @@ from typing import Iterator
 
 __all__ = [
     "MAGIC", "REGMAP_VERSION", "REGMAP_HASH", "Access", "Field", "Register", "REGISTERS",
-    "register", "Params", "Opcode", "Status", "ElemType", "Command", "Completion",
+    "register", "port_name", "channel_addr", "all_addresses", "Params", "Opcode", "Status", "ElemType", "Command", "Completion",
     "COMMAND_BYTES", "COMPLETION_BYTES", "CHANNEL_BLOCK", "CHANNEL_STRIDE", "DivMagic",
     "div_magic", "pooled_row_bytes", "NO_BAD_POSITION",
 ]
@@ -196,7 +196,7 @@ REGISTERS: tuple[Register, ...] = (
     _ro("CNT_LOOKUPS", 0x184, "Indices translated."),
     _ro("CNT_ERRORS", 0x188, "Commands completed with a non-zero status."),
     _ro("CNT_CYCLES_LO", 0x18C, "Free-running cycle counter, bits 31:0."),
-    _ro("CNT_CYCLES_HI", 0x190, "Free-running cycle counter, bits 63:32 (latched when LO is read)."),
+    _ro("CNT_CYCLES_HI", 0x190, "Free-running cycle counter, bits 63:32 (read HI, LO, HI and retry if HI changed)."),
     _ro("CNT_BUSY_CYCLES", 0x194, "Cycles with at least one command in flight."),
 
     # ---- 0x200 per-channel counters: CHANNEL_BLOCK + channel * CHANNEL_STRIDE + offset ----
@@ -220,6 +220,14 @@ def register(name: str) -> Register:
         return _BY_NAME[name]
     except KeyError:
         raise KeyError(f"no register named {name!r}") from None
+
+
+def port_name(reg: Register, fld: Field) -> str:
+    """Name of a field on the gateware's register port and in models: ``<reg>_<field>`` in lower
+    case, or just ``<reg>`` when the register's only field is ``value``."""
+    if fld.name == "value" and len(reg.fields) == 1:
+        return reg.name.lower()
+    return f"{reg.name.lower()}_{fld.name}"
 
 
 def channel_addr(name: str, channel: int) -> int:

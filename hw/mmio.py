@@ -1,0 +1,178 @@
+"""MMIO manager: the AXI4-Lite slave that owns every register of :mod:`evssd.hw.regmap`.
+
+The decoder is generated from the register map, so adding a register there adds it here, in the
+driver and in the docs at once. The rest of the device sees registers as plain signals on the
+``regs`` port (see :class:`RegisterSignature` for the naming rule), never as addresses.
+
+Bus behaviour:
+- AW and W are accepted independently; a write happens when both have arrived, then B is held
+  until the master takes it. AR is accepted when no read response is pending; R follows one
+  cycle later and is held until taken. Reads and writes proceed in parallel.
+- Byte strobes apply per byte lane: a RW field keeps the bytes whose strobe is low; a W1T bit
+  fires only if its byte was strobed; a WO doorbell pulses ``<name>_written`` when any of its
+  bytes was strobed.
+- Unmapped address (including per-channel registers of channels the build lacks): DECERR, write
+  ignored, read data 0. A write to a register with no writable field (ID block, counters):
+  SLVERR, nothing changes.
+"""
+from __future__ import annotations
+
+from amaranth import Module, Signal, Cat, Const
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from . import regmap
+from .axi import AXI4LiteSignature, Resp
+from .regmap import Access, Params, port_name
+
+__all__ = ["MMIOManager", "RegisterSignature", "port_name", "ADDR_WIDTH"]
+
+ADDR_WIDTH = 12  # 4 KiB register window
+
+
+def _device_registers():
+    """Registers that reach the rest of the device (the ID block is constant inside the manager)."""
+    return [r for r in regmap.REGISTERS if r.addr >= 0x040]
+
+
+class RegisterSignature(wiring.Signature):
+    """The register port, from the MMIO manager's point of view (Out = driven by the manager).
+
+    - RW field: ``Out(width)``, holds the value (reset from the map).
+    - W1T field: ``Out(1)``, a one-cycle pulse per written 1.
+    - WO field: ``Out(width)`` (last written value) and ``Out(1)`` ``<name>_written`` pulse.
+    - RO field: ``In(width)``; per-channel RO registers are ``In(width).array(n_channels)``.
+    """
+
+    def __init__(self, params: Params):
+        self.params = params
+        members = {}
+        for reg in _device_registers():
+            for fld in reg.fields:
+                name = port_name(reg, fld)
+                if fld.access is Access.RO:
+                    if reg.per_channel:
+                        members[name] = In(fld.width).array(params.n_channels)
+                    else:
+                        members[name] = In(fld.width)
+                elif fld.access is Access.RW:
+                    members[name] = Out(fld.width, init=fld.reset)
+                elif fld.access is Access.W1T:
+                    members[name] = Out(1)
+                elif fld.access is Access.WO:
+                    members[name] = Out(fld.width, init=fld.reset)
+                    members[name + "_written"] = Out(1)
+        super().__init__(members)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.params == self.params
+
+    def __repr__(self):
+        return f"RegisterSignature({self.params!r})"
+
+
+class MMIOManager(wiring.Component):
+    """AXI4-Lite register file generated from :mod:`evssd.hw.regmap`."""
+
+    def __init__(self, params: Params):
+        if not isinstance(params, Params):
+            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        self.params = params
+        super().__init__({
+            "s_axil": In(AXI4LiteSignature(addr_width=ADDR_WIDTH, data_width=32)),
+            "regs": Out(RegisterSignature(params)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        bus, regs, p = self.s_axil, self.regs, self.params
+
+        # ---------------- write channel ----------------
+        aw_full = Signal()
+        aw_addr = Signal(ADDR_WIDTH)
+        w_full = Signal()
+        w_data = Signal(32)
+        w_strb = Signal(4)
+        b_valid = Signal()
+        b_resp = Signal(2)
+
+        m.d.comb += [
+            bus.awready.eq(~aw_full & ~b_valid),
+            bus.wready.eq(~w_full & ~b_valid),
+            bus.bvalid.eq(b_valid),
+            bus.bresp.eq(b_resp),
+        ]
+        with m.If(bus.awvalid & bus.awready):
+            m.d.sync += [aw_full.eq(1), aw_addr.eq(bus.awaddr)]
+        with m.If(bus.wvalid & bus.wready):
+            m.d.sync += [w_full.eq(1), w_data.eq(bus.wdata), w_strb.eq(bus.wstrb)]
+        with m.If(b_valid & bus.bready):
+            m.d.sync += b_valid.eq(0)
+
+        do_write = Signal()
+        m.d.comb += do_write.eq(aw_full & w_full & ~b_valid)
+
+        # Pulses default low every cycle.
+        for reg in _device_registers():
+            for fld in reg.fields:
+                if fld.access is Access.W1T:
+                    m.d.sync += getattr(regs, port_name(reg, fld)).eq(0)
+                elif fld.access is Access.WO:
+                    m.d.sync += getattr(regs, port_name(reg, fld) + "_written").eq(0)
+
+        with m.If(do_write):
+            m.d.sync += [aw_full.eq(0), w_full.eq(0), b_valid.eq(1), b_resp.eq(Resp.DECERR)]
+            with m.Switch(aw_addr[2:]):
+                for addr, reg, ch in regmap.all_addresses(p.n_channels):
+                    with m.Case(addr >> 2):
+                        writable = [f for f in reg.fields if f.access is not Access.RO]
+                        m.d.sync += b_resp.eq(Resp.OKAY if writable else Resp.SLVERR)
+                        for fld in writable:
+                            self._write_field(m, reg, fld, w_data, w_strb)
+
+        # ---------------- read channel ----------------
+        r_valid = Signal()
+        r_data = Signal(32)
+        r_resp = Signal(2)
+        m.d.comb += [
+            bus.arready.eq(~r_valid),
+            bus.rvalid.eq(r_valid),
+            bus.rdata.eq(r_data),
+            bus.rresp.eq(r_resp),
+        ]
+        with m.If(r_valid & bus.rready):
+            m.d.sync += r_valid.eq(0)
+        with m.If(bus.arvalid & bus.arready):
+            m.d.sync += [r_valid.eq(1), r_data.eq(0), r_resp.eq(Resp.DECERR)]
+            with m.Switch(bus.araddr[2:ADDR_WIDTH]):
+                for addr, reg, ch in regmap.all_addresses(p.n_channels):
+                    with m.Case(addr >> 2):
+                        m.d.sync += [r_resp.eq(Resp.OKAY), r_data.eq(self._read_value(reg, ch))]
+        return m
+
+    def _write_field(self, m, reg, fld, data, strb):
+        target = getattr(self.regs, port_name(reg, fld))
+        byte_mask = Cat(*(strb[lane].replicate(8) for lane in range(4)))
+        new = data[fld.lsb:fld.lsb + fld.width]
+        keep = byte_mask[fld.lsb:fld.lsb + fld.width]
+        if fld.access is Access.W1T:
+            m.d.sync += target.eq(new & keep)
+        else:
+            m.d.sync += target.eq((new & keep) | (target & ~keep))
+        if fld.access is Access.WO:
+            written = getattr(self.regs, port_name(reg, fld) + "_written")
+            m.d.sync += written.eq(keep.any())
+
+    def _read_value(self, reg, ch):
+        regs, p = self.regs, self.params
+        if reg.addr < 0x040:  # ID block: constants of this build
+            return Const(p.id_value(reg), 32)
+        word = Const(0, 32)
+        for fld in reg.fields:
+            if fld.access is Access.W1T:
+                continue
+            sig = getattr(regs, port_name(reg, fld))
+            if reg.per_channel:
+                sig = sig[ch]
+            word = word | (sig.as_unsigned() << fld.lsb)
+        return word[:32]
