@@ -263,7 +263,20 @@ class Opcode(enum.IntEnum):
 
 
 class Status(enum.IntEnum):
-    """Completion status (8 bits)."""
+    """Completion status (8 bits).
+
+    Checks happen in this order; the first that fails decides the status and nothing is read or
+    written past it: opcode (BAD_OPCODE), 64-byte alignment of every address the opcode uses
+    (BAD_ADDRESS), table slot < max_tables and enabled (TABLE_DISABLED; GATHER*), result size
+    <= dst_bytes (RESULT_OVERFLOW; GATHER: count*row_bytes, GATHER_POOLED: n_bags*pooled row,
+    READ_PAGES: count*page_size), offsets (BAD_OFFSETS; GATHER_POOLED: non-decreasing and
+    offsets[n_bags] <= count), page range (BAD_LBA; PROGRAM/READ_PAGES: lba + count <= total
+    pages, else nothing moves). Then the command runs: per index, no extent -> BAD_INDEX and an
+    extent whose page lies outside the flash -> BAD_LBA (the row is zero in GATHER and left out
+    of the sum in GATHER_POOLED; n_bad counts both, first_bad is the first such position;
+    BAD_INDEX wins over BAD_LBA). An AXI error response during the command -> BUS_ERROR (wins
+    over everything after the checks). A bag with no (good) rows sums to zeros (+0.0).
+    """
     OK = 0x00
     BAD_INDEX = 0x01        # some indices fell in no extent: their rows are zero / left out of the sum
     TABLE_DISABLED = 0x02   # the table slot is disabled or out of range: nothing written
