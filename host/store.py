@@ -819,18 +819,18 @@ class EmbeddingStore:
 
     def gather(self, table: str, indices) -> np.ndarray:
         """Rows ``[len(indices), dim]`` of ``table`` in request order, in the table's dtype."""
-        with self._lock:
-            self._batches += 1
-        return self._finish(self._fetch(self._prepare(table, indices)))
+        plan = self._prepare(table, indices)
+        self._count_batch()
+        return self._finish(self._fetch(plan))
 
     def pooled(self, table: str, indices, offsets, mode: str = "sum") -> np.ndarray:
         """Pooled bags ``[B, dim]``: FBGEMM ``indices`` + ``offsets[B+1]``.
 
         sum: float32 for fp32/fp16 tables, int32 for int8/int32; mean: float32.
         """
-        with self._lock:
-            self._batches += 1
-        return self._finish(self._fetch(self._prepare(table, indices, offsets, mode)))
+        plan = self._prepare(table, indices, offsets, mode)
+        self._count_batch()
+        return self._finish(self._fetch(plan))
 
     def lookup_many(self, requests: Mapping[str, tuple], mode: str | None = "sum") -> dict[str, np.ndarray]:
         """``{table: (indices, offsets)}`` -> ``{table: pooled}``; ``mode=None`` gathers (offsets ignored).
@@ -838,8 +838,7 @@ class EmbeddingStore:
         Every request is validated before the first I/O.
         """
         plans = self._prepare_many(requests, mode)
-        with self._lock:
-            self._batches += 1
+        self._count_batch()
         return {name: self._finish(self._fetch(p)) for name, p in plans.items()}
 
     def _prepare_many(self, requests, mode):
@@ -857,6 +856,10 @@ class EmbeddingStore:
                 idx = self._check_indices(info, req[0])
                 checked.append((info, idx, self._check_offsets(info, req[1], idx.size)))
         return {info.name: self._prepare_checked(info, idx, offs, mode) for info, idx, offs in checked}
+
+    def _count_batch(self) -> None:
+        with self._lock:
+            self._batches += 1
 
     def stats(self) -> dict:
         """Lookups, batches, backend bytes/rows read and per-table cache stats (with hit rate)."""
