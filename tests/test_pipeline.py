@@ -8,7 +8,7 @@ import pytest
 
 from evssd.host.pipeline import Pipeline, latency_summary, run_unpipelined
 from evssd.host.store import EmbeddingStore, StoreInputError
-from test_store import golden_pooled
+from .test_store import golden_pooled
 
 HAVE_DEVICE = importlib.util.find_spec("evssd.host.device") is not None
 
