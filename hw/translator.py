@@ -1,0 +1,304 @@
+"""EV Translator: embedding index -> (LBA, byte offset in the page) through per-table extents.
+
+Interface (for the integrator)
+------------------------------
+``ExtentTranslator(params: Params, tag_width: int)``, a ``wiring.Component``:
+
+- ``cfg: In(TableConfigSignature())`` -- the MMIO manager's staged table registers (the manager
+  drives every member; ``Out`` in :class:`TableConfigSignature` = driven by the manager):
+
+  ===================  =====  ==============================================================
+  member               width  meaning
+  ===================  =====  ==============================================================
+  ``table``              8    TBL_SEL.table: slot the commits write
+  ``extent``             8    TBL_SEL.extent: extent slot ``commit_extent`` writes
+  ``row_bytes``         16    TBL_CFG.row_bytes
+  ``elem``               2    TBL_CFG.elem (ElemType)
+  ``enable``             1    TBL_CFG.enable
+  ``rows_per_page``     16    TBL_ROWS_PER_PAGE.rows
+  ``magic``             33    Cat(TBL_DIV_MAGIC.magic, TBL_DIV_SHIFT.magic_hi)
+  ``shift``              6    TBL_DIV_SHIFT.shift
+  ``ext_first``         32    EXT_FIRST
+  ``ext_rows``          32    EXT_ROWS (0 = unused extent)
+  ``ext_lba``           32    EXT_LBA
+  ``commit_table``       1    TBL_COMMIT.table pulse: write the table word of slot ``table``
+  ``commit_extent``      1    TBL_COMMIT.extent pulse: write extent ``extent`` of slot ``table``
+  ===================  =====  ==============================================================
+
+  A commit to ``table >= max_tables`` or ``extent >= max_extents`` is ignored. Commits take
+  effect for lookups accepted two or more cycles later; reconfigure a table only while no
+  lookup for it is in flight. After reset every table is disabled and every extent unused.
+
+- ``i_req: In(stream.Signature(request_layout(tag_width)))``:
+  ``{table: 8, index: 32, tag: tag_width}``.
+- ``o_resp: Out(stream.Signature(response_layout(tag_width)))``:
+  ``{lba: 32, offset: 16, row_bytes: 16, elem: 2, status: 2, tag: tag_width}``.
+  Responses come out in request order, one per request, ``tag`` echoed.
+
+``status`` (:class:`TranslateStatus`): 0 OK; 1 NO_EXTENT (index in no extent: ``lba = offset =
+0``, ``row_bytes``/``elem`` of the table); 2 DISABLED (slot >= max_tables: everything 0; slot
+disabled: ``lba = offset = 0``, ``row_bytes``/``elem`` of the table); 3 BAD_LBA (the page is
+outside the flash, ``lba >= n_channels * pages_per_channel``; ``lba`` and ``offset`` as
+computed, ``lba`` truncated to 32 bits).
+
+Semantics (:func:`translate_model` is the executable definition): the first (lowest-numbered)
+extent ``e`` with ``first_e <= index < first_e + rows_e`` (computed without 32-bit overflow) wins;
+``d = index - first_e``, ``q = (d * magic) >> shift``, ``lba = start_lba_e + q``,
+``offset = ((d - q * rows_per_page) * row_bytes) mod 2**16``. With the host's constants
+(``regmap.div_magic(rows_per_page)``) ``q = d // rows_per_page`` exactly.
+
+Timing: fully pipelined, one lookup per cycle when ``o_resp`` is always ready;
+:data:`LATENCY` = 6 cycles from the accepting edge of ``i_req`` to ``o_resp.valid``. The whole
+pipeline stalls while ``o_resp`` is valid and not ready (``i_req.ready`` = ``o_resp.ready`` or
+``o_resp`` empty), so it is correct under any back-pressure.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from amaranth import Module, Signal, Cat, Const, Mux, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .regmap import Params
+
+__all__ = [
+    "TableConfigSignature", "ExtentTranslator", "TranslateStatus", "request_layout",
+    "response_layout", "TableEntry", "translate_model", "LATENCY",
+]
+
+LATENCY = 6
+
+
+class TranslateStatus(enum.IntEnum):
+    """Per-lookup status on ``o_resp.status`` (2 bits)."""
+    OK = 0
+    NO_EXTENT = 1
+    DISABLED = 2
+    BAD_LBA = 3
+
+
+class TableConfigSignature(wiring.Signature):
+    """Staged table registers and commit pulses, from the MMIO manager's side (all ``Out``)."""
+
+    def __init__(self):
+        super().__init__({
+            "table": Out(8), "extent": Out(8),
+            "row_bytes": Out(16), "elem": Out(2), "enable": Out(1), "rows_per_page": Out(16),
+            "magic": Out(33), "shift": Out(6),
+            "ext_first": Out(32), "ext_rows": Out(32), "ext_lba": Out(32),
+            "commit_table": Out(1), "commit_extent": Out(1),
+        })
+
+
+def request_layout(tag_width: int) -> data.StructLayout:
+    return data.StructLayout({"table": 8, "index": 32, "tag": tag_width})
+
+
+def response_layout(tag_width: int) -> data.StructLayout:
+    return data.StructLayout({"lba": 32, "offset": 16, "row_bytes": 16, "elem": 2, "status": 2,
+                              "tag": tag_width})
+
+
+# One table-memory word holds the table's configuration and all its extents, each in a 96-bit
+# slot, so a single read feeds the parallel range compare and a commit writes one slot through
+# the write port's 96-bit granularity.
+_SLOT = 96
+_CFG_LAYOUT = data.StructLayout({
+    "row_bytes": 16, "elem": 2, "enable": 1, "rows_per_page": 16, "magic": 33, "shift": 6,
+})
+_EXT_LAYOUT = data.StructLayout({"first": 32, "rows": 32, "lba": 32})
+assert _CFG_LAYOUT.size <= _SLOT and _EXT_LAYOUT.size == _SLOT
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden model (plain Python; the host's functional model implements the same rules)
+
+@dataclass
+class TableEntry:
+    enable: bool = False
+    row_bytes: int = 0
+    elem: int = 0
+    rows_per_page: int = 0
+    magic: int = 0
+    shift: int = 0
+    # (first_index, n_rows, start_lba) per extent slot; n_rows == 0 is an unused slot
+    extents: list = field(default_factory=list)
+
+
+def translate_model(params: Params, tables, table: int, index: int):
+    """(lba, offset, row_bytes, elem, status) exactly as the hardware computes them.
+
+    ``tables``: sequence (or dict) of :class:`TableEntry` indexed by slot; missing = reset state.
+    """
+    if not 0 <= table < params.max_tables:
+        return 0, 0, 0, 0, TranslateStatus.DISABLED
+    t = tables.get(table) if isinstance(tables, dict) else (tables[table] if table < len(tables) else None)
+    if t is None:
+        t = TableEntry()
+    if not t.enable:
+        return 0, 0, t.row_bytes, t.elem, TranslateStatus.DISABLED
+    for first, rows, start in list(t.extents)[:params.max_extents]:
+        if first <= index and index - first < rows:
+            break
+    else:
+        return 0, 0, t.row_bytes, t.elem, TranslateStatus.NO_EXTENT
+    d = index - first
+    q = (d * t.magic) >> t.shift
+    lba = start + q
+    rem = (d - q * t.rows_per_page) & 0xFFFF
+    offset = (rem * t.row_bytes) & 0xFFFF
+    status = TranslateStatus.BAD_LBA if lba >= params.total_pages else TranslateStatus.OK
+    return lba & 0xFFFF_FFFF, offset, t.row_bytes, t.elem, status
+
+
+# ----------------------------------------------------------------------------------------------
+
+class ExtentTranslator(wiring.Component):
+    """Index -> (LBA, offset) translation with an on-chip table memory. See the module docstring."""
+
+    def __init__(self, params: Params, tag_width: int):
+        if not isinstance(params, Params):
+            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        if not 1 <= tag_width <= 32:
+            raise ValueError(f"tag_width {tag_width} must be 1..32")
+        self.params = params
+        self.tag_width = tag_width
+        super().__init__({
+            "cfg": In(TableConfigSignature()),
+            "i_req": In(stream.Signature(request_layout(tag_width))),
+            "o_resp": Out(stream.Signature(response_layout(tag_width))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self.params
+        n_ext = p.max_extents
+        total_pages = p.total_pages
+
+        m.submodules.mem = mem = Memory(shape=unsigned(_SLOT * (1 + n_ext)), depth=p.max_tables,
+                                        init=[])
+        wp = mem.write_port(granularity=_SLOT)
+        rp = mem.read_port()
+
+        # ---- configuration writes
+        cfg = self.cfg
+        cfg_word = Signal(_CFG_LAYOUT)
+        m.d.comb += [
+            cfg_word.row_bytes.eq(cfg.row_bytes), cfg_word.elem.eq(cfg.elem),
+            cfg_word.enable.eq(cfg.enable), cfg_word.rows_per_page.eq(cfg.rows_per_page),
+            cfg_word.magic.eq(cfg.magic), cfg_word.shift.eq(cfg.shift),
+        ]
+        ext_word = Cat(cfg.ext_first, cfg.ext_rows, cfg.ext_lba)
+        table_in_range = cfg.table < p.max_tables
+        m.d.comb += [
+            wp.addr.eq(cfg.table),
+            wp.data.eq(Cat(cfg_word.as_value(), Const(0, _SLOT - _CFG_LAYOUT.size),
+                           *[ext_word for _ in range(n_ext)])),
+        ]
+        with m.If(table_in_range):
+            with m.If(cfg.commit_table):
+                m.d.comb += wp.en[0].eq(1)
+            with m.If(cfg.commit_extent & (cfg.extent < n_ext)):
+                for e in range(n_ext):
+                    m.d.comb += wp.en[1 + e].eq(cfg.extent == e)
+
+        # ---- pipeline: every stage moves when the output register can take a new value
+        adv = Signal()
+        m.d.comb += [
+            adv.eq(~self.o_resp.valid | self.o_resp.ready),
+            self.i_req.ready.eq(adv),
+            rp.en.eq(adv),
+            rp.addr.eq(self.i_req.payload.table),
+        ]
+        tw = self.tag_width
+
+        # S1: table word being read; index/tag registered alongside
+        v1, idx1, tag1, ok1 = Signal(), Signal(32), Signal(tw), Signal()
+        with m.If(adv):
+            m.d.sync += [
+                v1.eq(self.i_req.valid),
+                idx1.eq(self.i_req.payload.index),
+                tag1.eq(self.i_req.payload.tag),
+                ok1.eq(self.i_req.payload.table < p.max_tables),
+            ]
+
+        # S1 -> S2: parallel range compare over every extent, first hit wins
+        word = rp.data
+        tcfg = data.View(_CFG_LAYOUT, word[:_CFG_LAYOUT.size])
+        exts = [data.View(_EXT_LAYOUT, word[_SLOT * (1 + e):_SLOT * (2 + e)]) for e in range(n_ext)]
+        hit_any = Signal()
+        sel_d = Signal(32)
+        sel_lba = Signal(32)
+        for e in reversed(range(n_ext)):
+            diff = Signal(33, name=f"diff{e}")
+            m.d.comb += diff.eq(idx1 - exts[e].first)
+            # diff[32] is the borrow: index < first
+            with m.If(~diff[32] & (diff[:32] < exts[e].rows)):
+                m.d.comb += [hit_any.eq(1), sel_d.eq(diff[:32]), sel_lba.eq(exts[e].lba)]
+
+        v2, tag2, st2 = Signal(), Signal(tw), Signal(2)
+        d2, lba2 = Signal(32), Signal(32)
+        rb2, el2, rpp2, mg2, sh2 = Signal(16), Signal(2), Signal(16), Signal(33), Signal(6)
+        with m.If(adv):
+            m.d.sync += [
+                v2.eq(v1), tag2.eq(tag1), d2.eq(sel_d), lba2.eq(sel_lba),
+                rb2.eq(Mux(ok1, tcfg.row_bytes, 0)), el2.eq(Mux(ok1, tcfg.elem, 0)),
+                rpp2.eq(tcfg.rows_per_page), mg2.eq(tcfg.magic), sh2.eq(tcfg.shift),
+            ]
+            with m.If(~ok1 | ~tcfg.enable):
+                m.d.sync += st2.eq(TranslateStatus.DISABLED)
+            with m.Elif(~hit_any):
+                m.d.sync += st2.eq(TranslateStatus.NO_EXTENT)
+            with m.Else():
+                m.d.sync += st2.eq(TranslateStatus.OK)
+
+        # S2 -> S3: the reciprocal multiply
+        v3, tag3, st3, d3, lba3 = Signal(), Signal(tw), Signal(2), Signal(32), Signal(32)
+        rb3, el3, rpp3, sh3 = Signal(16), Signal(2), Signal(16), Signal(6)
+        prod3 = Signal(65)
+        with m.If(adv):
+            m.d.sync += [
+                v3.eq(v2), tag3.eq(tag2), st3.eq(st2), d3.eq(d2), lba3.eq(lba2),
+                rb3.eq(rb2), el3.eq(el2), rpp3.eq(rpp2), sh3.eq(sh2),
+                prod3.eq(d2 * mg2),
+            ]
+
+        # S3 -> S4: quotient and LBA (kept wide so an extent past 2**32 still reads as BAD_LBA)
+        v4, tag4, st4, d4 = Signal(), Signal(tw), Signal(2), Signal(16)
+        rb4, el4, rpp4 = Signal(16), Signal(2), Signal(16)
+        q4, lba4 = Signal(16), Signal(66)
+        q3 = Signal(65)
+        m.d.comb += q3.eq(prod3 >> sh3)
+        with m.If(adv):
+            m.d.sync += [
+                v4.eq(v3), tag4.eq(tag3), st4.eq(st3), d4.eq(d3[:16]),
+                rb4.eq(rb3), el4.eq(el3), rpp4.eq(rpp3),
+                q4.eq(q3[:16]), lba4.eq(lba3 + q3),
+            ]
+
+        # S4 -> S5: remainder (only its low 16 bits matter: the offset is 16 bits)
+        v5, tag5, st5, rb5, el5, rem5, lba5 = (Signal(), Signal(tw), Signal(2), Signal(16),
+                                              Signal(2), Signal(16), Signal(32))
+        with m.If(adv):
+            m.d.sync += [
+                v5.eq(v4), tag5.eq(tag4), rb5.eq(rb4), el5.eq(el4),
+                rem5.eq(d4 - (q4 * rpp4)[:16]),
+                lba5.eq(lba4[:32]),
+                st5.eq(st4),
+            ]
+            with m.If((st4 == TranslateStatus.OK) & (lba4 >= total_pages)):
+                m.d.sync += st5.eq(TranslateStatus.BAD_LBA)
+
+        # S5 -> output register
+        o = self.o_resp.payload
+        good = (st5 == TranslateStatus.OK) | (st5 == TranslateStatus.BAD_LBA)
+        with m.If(adv):
+            m.d.sync += [
+                self.o_resp.valid.eq(v5),
+                o.tag.eq(tag5), o.status.eq(st5), o.row_bytes.eq(rb5), o.elem.eq(el5),
+                o.lba.eq(Mux(good, lba5, 0)), o.offset.eq(Mux(good, (rem5 * rb5)[:16], 0)),
+            ]
+        return m
