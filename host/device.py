@@ -1,0 +1,566 @@
+"""The EV-SSD driver.
+
+:class:`AsyncDevice` is the driver core: it awaits only its :class:`~evssd.host.transport.Transport`,
+so one piece of code drives the functional model, the RTL in cocotb and a board. :class:`Device`
+is a synchronous facade for scripts::
+
+    dev = Device.open("model")
+    dev.configure_table(0, row_bytes=256, elem="fp32", extents=[(0, 1000, 0)])
+    rows = dev.gather(0, np.array([3, 1, 4], dtype=np.uint32))
+
+Commands go through an NVMe-style submission ring and come back on a completion ring (phase
+bit), so the hot path needs no MMIO reads: one doorbell write per batch of commands and one per
+batch of reaped completions.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from evssd.hw import regmap
+from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, Command, Completion, ElemType, Opcode,
+                             Params, Status)
+from evssd.host.transport import Transport, open_transport
+
+__all__ = ["AsyncDevice", "Device", "DeviceError", "DeviceMismatchError", "DeviceTimeoutError",
+           "CommandHandle", "elem_type"]
+
+
+class DeviceMismatchError(RuntimeError):
+    """The device is not an EV-SSD, or speaks a different register map than this driver."""
+
+
+class DeviceTimeoutError(TimeoutError):
+    """The device did not complete a command in time."""
+
+
+class DeviceError(RuntimeError):
+    """A command completed with a non-OK status.
+
+    ``result`` holds what the device wrote (for BAD_INDEX: the good rows, zeros for the bad ones)
+    so a caller can inspect it, but the driver never returns it as if it were good.
+    """
+
+    def __init__(self, status: int, completion: Completion, command: Command, result=None):
+        self.status = Status(status) if status in Status._value2member_map_ else status
+        self.completion, self.command, self.result = completion, command, result
+        name = self.status.name if isinstance(self.status, Status) else f"0x{status:02x}"
+        op = Opcode(command.opcode).name if command.opcode in Opcode._value2member_map_ else f"0x{command.opcode:02x}"
+        where = ""
+        if completion.n_bad:
+            where = f": {completion.n_bad} bad entries, first at position {completion.first_bad}"
+        table = f" table {command.table}" if command.opcode in (Opcode.GATHER, Opcode.GATHER_POOLED) else ""
+        super().__init__(f"{op}{table} (cid {command.cid}) failed with {name}{where}")
+
+
+def elem_type(elem) -> ElemType:
+    if isinstance(elem, ElemType):
+        return elem
+    if isinstance(elem, str):
+        try:
+            return ElemType[elem.upper()]
+        except KeyError:
+            raise ValueError(f"unknown element type {elem!r}; use fp32, fp16, int8 or int32") from None
+    dt = np.dtype(elem)
+    for e in ElemType:
+        if np.dtype(e.numpy_dtype) == dt:
+            return e
+    raise ValueError(f"no device element type for numpy dtype {dt}")
+
+
+@dataclass
+class TableConfig:
+    table: int
+    row_bytes: int
+    elem: ElemType
+    extents: list[tuple[int, int, int]]
+    enable: bool = True
+
+    @property
+    def pooled_row_bytes(self) -> int:
+        return regmap.pooled_row_bytes(self.row_bytes, self.elem)
+
+
+@dataclass
+class CommandHandle:
+    cid: int
+    command: Command
+    buffers: list[int] = field(default_factory=list)
+    completion: Completion | None = None
+
+
+def _reg(name: str) -> int:
+    return regmap.register(name).addr
+
+
+class AsyncDevice:
+    """The driver core. Create with :meth:`open`."""
+
+    def __init__(self, transport: Transport, params: Params, *, sq_entries: int, cq_entries: int,
+                 timeout: float):
+        self.transport = transport
+        self.params = params
+        self.timeout = timeout
+        self.sq_entries, self.cq_entries = sq_entries, cq_entries
+        self.tables: dict[int, TableConfig] = {}
+        self._sq_tail = 0
+        self._cq_head = 0
+        self._phase = 1
+        self._next_cid = 0
+        self._inflight: dict[int, CommandHandle] = {}
+        self._done: dict[int, CommandHandle] = {}
+        self._reaping = False
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    async def open(cls, transport: Transport, *, sq_entries: int = 64, cq_entries: int = 64,
+                   timeout: float = 60.0, expect: Params | None = None) -> "AsyncDevice":
+        """Identify the device behind ``transport``, set up the rings and enable it.
+
+        Raises :class:`DeviceMismatchError` when the magic, the register-map major version or
+        its content hash differ from this driver's, or when ``expect`` is given and the build
+        parameters differ.
+        """
+        for n, what in ((sq_entries, "sq_entries"), (cq_entries, "cq_entries")):
+            if n < 2 or n > 32768 or n & (n - 1):
+                raise ValueError(f"{what}={n}: must be a power of two 2..32768")
+        magic = await transport.read32(_reg("ID_MAGIC"))
+        if magic != regmap.MAGIC:
+            raise DeviceMismatchError(f"{transport.name}: no EV-SSD here (ID magic 0x{magic:08x}, "
+                                      f"expected 0x{regmap.MAGIC:08x})")
+        version = await transport.read32(_reg("ID_VERSION"))
+        major, minor = version >> 16, version & 0xFFFF
+        if major != regmap.REGMAP_VERSION[0]:
+            raise DeviceMismatchError(f"{transport.name}: register map version {major}.{minor}, driver speaks "
+                                      f"{regmap.REGMAP_VERSION[0]}.x")
+        dev_hash = await transport.read32(_reg("ID_REGMAP_HASH"))
+        if dev_hash != regmap.REGMAP_HASH:
+            raise DeviceMismatchError(
+                f"{transport.name}: register map hash 0x{dev_hash:08x} differs from the driver's "
+                f"0x{regmap.REGMAP_HASH:08x}: the gateware and the host library come from different "
+                f"sources; rebuild the bitstream or install the matching evssd")
+        values = {}
+        for reg in regmap.REGISTERS:
+            if reg.param and reg.param not in ("regmap_hash", "build_id"):
+                values[reg.param] = await transport.read32(reg.addr)
+        params = Params(**values)
+        if expect is not None and expect != params:
+            raise DeviceMismatchError(f"{transport.name}: device built with {params}, expected {expect}")
+        build = await transport.read32(_reg("ID_BUILD"))
+        if build != params.build_id:
+            raise DeviceMismatchError(f"{transport.name}: build id 0x{build:08x} does not match its "
+                                      f"parameters (0x{params.build_id:08x})")
+        dev = cls(transport, params, sq_entries=sq_entries, cq_entries=cq_entries, timeout=timeout)
+        await dev._setup_queues()
+        return dev
+
+    async def _setup_queues(self):
+        t = self.transport
+        status = await t.read32(_reg("STATUS"))
+        if status & 1:
+            raise RuntimeError(f"{t.name}: device busy at open (STATUS=0x{status:08x}); reset it first")
+        await t.write32(_reg("CTRL"), 0)
+        self._sq_addr = t.alloc(self.sq_entries * COMMAND_BYTES)
+        self._cq_addr = t.alloc(self.cq_entries * COMPLETION_BYTES)
+        await t.mem_write(self._cq_addr, bytes(self.cq_entries * COMPLETION_BYTES))
+        await t.write32(_reg("SQ_BASE_LO"), self._sq_addr & 0xFFFF_FFFF)
+        await t.write32(_reg("SQ_BASE_HI"), self._sq_addr >> 32)
+        await t.write32(_reg("SQ_SIZE"), self.sq_entries)
+        await t.write32(_reg("CQ_BASE_LO"), self._cq_addr & 0xFFFF_FFFF)
+        await t.write32(_reg("CQ_BASE_HI"), self._cq_addr >> 32)
+        await t.write32(_reg("CQ_SIZE"), self.cq_entries)
+        await t.write32(_reg("CTRL_TRIGGER"), 1 << regmap.register("CTRL_TRIGGER").field("reset_queues").lsb)
+        self._ctrl = (1 << regmap.register("CTRL").field("enable").lsb) | \
+                     (1 << regmap.register("CTRL").field("irq_enable").lsb)
+        await t.write32(_reg("CTRL"), self._ctrl)
+
+    async def close(self):
+        await self.transport.write32(_reg("CTRL"), 0)
+        await self.transport.close()
+
+    # ------------------------------------------------------------------ configuration
+    async def set_timing(self, t_r: int | None = None, t_prog: int | None = None):
+        if t_r is not None:
+            if not 0 <= t_r < (1 << 24):
+                raise ValueError(f"t_r={t_r} cycles out of range 0..2**24-1")
+            await self.transport.write32(_reg("T_R"), t_r)
+        if t_prog is not None:
+            if not 0 <= t_prog < (1 << 24):
+                raise ValueError(f"t_prog={t_prog} cycles out of range 0..2**24-1")
+            await self.transport.write32(_reg("T_PROG"), t_prog)
+
+    async def set_block_mode(self, on: bool):
+        bit = 1 << regmap.register("CTRL").field("block_mode").lsb
+        self._ctrl = (self._ctrl | bit) if on else (self._ctrl & ~bit)
+        await self.transport.write32(_reg("CTRL"), self._ctrl)
+
+    async def configure_table(self, table: int, row_bytes: int, elem, extents, enable: bool = True):
+        """Write a table slot: row size, element type and up to ``max_extents`` extents
+        ``(first_index, n_rows, start_lba)``; unused extents are cleared."""
+        p = self.params
+        elem = elem_type(elem)
+        if not 0 <= table < p.max_tables:
+            raise ValueError(f"table {table} out of range 0..{p.max_tables - 1}")
+        if row_bytes % 4 or not 4 <= row_bytes <= min(p.page_size, p.max_row_bytes):
+            raise ValueError(f"table {table}: row_bytes={row_bytes} must be a multiple of 4 in "
+                             f"4..{min(p.page_size, p.max_row_bytes)}")
+        if row_bytes % elem.itemsize:
+            raise ValueError(f"table {table}: row_bytes={row_bytes} is not a whole number of {elem.name} elements")
+        extents = [tuple(int(v) for v in e) for e in extents]
+        if len(extents) > p.max_extents:
+            raise ValueError(f"table {table}: {len(extents)} extents, the device holds {p.max_extents}")
+        rows_per_page = p.page_size // row_bytes
+        spans = []
+        for k, (first, n_rows, lba) in enumerate(extents):
+            if first < 0 or n_rows < 0 or lba < 0 or first + n_rows > 1 << 32:
+                raise ValueError(f"table {table} extent {k}: ({first}, {n_rows}, {lba}) out of range")
+            pages = -(-n_rows // rows_per_page)
+            if lba + pages > p.total_pages:
+                raise ValueError(f"table {table} extent {k}: pages {lba}..{lba + pages - 1} beyond the "
+                                 f"flash ({p.total_pages} pages)")
+            spans.append((first, first + n_rows))
+        spans.sort()
+        for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+            if b0 < a1 and a1 > a0 and b1 > b0:
+                raise ValueError(f"table {table}: extents [{a0}, {a1}) and [{b0}, {b1}) overlap")
+        t = self.transport
+        magic = regmap.div_magic(rows_per_page)
+        sel = regmap.register("TBL_SEL")
+        cfg = regmap.register("TBL_CFG")
+        word = cfg.field("row_bytes").insert(0, row_bytes)
+        word = cfg.field("elem").insert(word, int(elem))
+        word = cfg.field("enable").insert(word, int(bool(enable)))
+        shift_reg = regmap.register("TBL_DIV_SHIFT")
+        shift_word = shift_reg.field("shift").insert(0, magic.shift)
+        shift_word = shift_reg.field("magic_hi").insert(shift_word, magic.magic >> 32)
+        commit = regmap.register("TBL_COMMIT")
+        # Disable first so no lookup sees half-written extents.
+        await t.write32(sel.addr, sel.field("table").insert(0, table))
+        await t.write32(cfg.addr, 0)
+        await t.write32(commit.addr, 1 << commit.field("table").lsb)
+        for k in range(p.max_extents):
+            first, n_rows, lba = extents[k] if k < len(extents) else (0, 0, 0)
+            await t.write32(sel.addr, sel.field("extent").insert(sel.field("table").insert(0, table), k))
+            await t.write32(_reg("EXT_FIRST"), first)
+            await t.write32(_reg("EXT_ROWS"), n_rows)
+            await t.write32(_reg("EXT_LBA"), lba)
+            await t.write32(commit.addr, 1 << commit.field("extent").lsb)
+        await t.write32(_reg("TBL_ROWS_PER_PAGE"), rows_per_page)
+        await t.write32(_reg("TBL_DIV_MAGIC"), magic.magic & 0xFFFF_FFFF)
+        await t.write32(shift_reg.addr, shift_word)
+        await t.write32(cfg.addr, word)
+        await t.write32(commit.addr, 1 << commit.field("table").lsb)
+        self.tables[table] = TableConfig(table, row_bytes, elem, extents, enable)
+
+    def _table(self, table: int) -> TableConfig:
+        try:
+            return self.tables[table]
+        except KeyError:
+            raise KeyError(f"table {table} is not configured on this device "
+                           f"(configured: {sorted(self.tables)})") from None
+
+    # ------------------------------------------------------------------ commands
+    async def submit(self, command: Command, buffers=()) -> CommandHandle:
+        """Place ``command`` in the submission ring and ring the doorbell."""
+        while len(self._inflight) >= self.sq_entries - 1:
+            await self._reap_or_wait()
+        command.cid = self._next_cid
+        self._next_cid = (self._next_cid + 1) & 0xFFFF
+        while command.cid in self._inflight or command.cid in self._done:
+            command.cid = self._next_cid
+            self._next_cid = (self._next_cid + 1) & 0xFFFF
+        handle = CommandHandle(command.cid, command, list(buffers))
+        self._inflight[command.cid] = handle
+        await self.transport.mem_write(self._sq_addr + self._sq_tail * COMMAND_BYTES, command.pack())
+        self._sq_tail = (self._sq_tail + 1) % self.sq_entries
+        await self.transport.write32(_reg("SQ_TAIL"), self._sq_tail)
+        return handle
+
+    async def _reap(self) -> int:
+        """Move every posted completion to ``_done``; one CQ-head doorbell for the lot."""
+        if self._reaping:
+            return 0
+        self._reaping = True
+        try:
+            n = 0
+            while True:
+                raw = await self.transport.mem_read(self._cq_addr + self._cq_head * COMPLETION_BYTES,
+                                                    COMPLETION_BYTES)
+                cpl = Completion.unpack(raw)
+                if cpl.phase != self._phase:
+                    break
+                handle = self._inflight.pop(cpl.cid, None)
+                if handle is None:
+                    raise RuntimeError(f"{self.transport.name}: completion for unknown cid {cpl.cid}: {cpl}")
+                handle.completion = cpl
+                self._done[cpl.cid] = handle
+                self._cq_head += 1
+                if self._cq_head == self.cq_entries:
+                    self._cq_head = 0
+                    self._phase ^= 1
+                n += 1
+            if n:
+                await self.transport.write32(_reg("CQ_HEAD"), self._cq_head)
+            return n
+        finally:
+            self._reaping = False
+
+    async def _reap_or_wait(self):
+        if not await self._reap():
+            await self.transport.wait()
+
+    async def wait_for(self, handle: CommandHandle) -> Completion:
+        deadline = time.monotonic() + self.timeout
+        while handle.cid not in self._done:
+            if await self._reap():
+                continue
+            if time.monotonic() > deadline:
+                raise DeviceTimeoutError(f"{self.transport.name}: command cid {handle.cid} "
+                                         f"({Opcode(handle.command.opcode).name}) not completed after "
+                                         f"{self.timeout} s")
+            await self.transport.wait()
+        self._done.pop(handle.cid)
+        return handle.completion
+
+    async def _run(self, command: Command, buffers=()) -> Completion:
+        handle = await self.submit(command, buffers)
+        return await self.wait_for(handle)
+
+    async def _put(self, data: bytes) -> int:
+        addr = self.transport.alloc(max(len(data), 1))
+        await self.transport.mem_write(addr, data)
+        return addr
+
+    # ------------------------------------------------------------------ high-level operations
+    async def nop(self) -> Completion:
+        cpl = await self._run(Command(opcode=Opcode.NOP))
+        self._check(cpl, Command(opcode=Opcode.NOP, cid=cpl.cid))
+        return cpl
+
+    async def program_pages(self, lba: int, data) -> None:
+        """Write whole pages starting at ``lba`` (PROGRAM_PAGES)."""
+        buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        ps = self.params.page_size
+        if buf.size == 0 or buf.size % ps:
+            raise ValueError(f"program_pages: {buf.size} bytes is not a whole number of {ps}-byte pages")
+        n_pages = buf.size // ps
+        if lba < 0 or lba + n_pages > self.params.total_pages:
+            raise ValueError(f"program_pages: pages {lba}..{lba + n_pages - 1} beyond the flash "
+                             f"({self.params.total_pages} pages)")
+        # Chunk so one buffer stays small in host memory windows (e.g. a board's BRAM).
+        chunk = max(1, min(n_pages, self._chunk_pages()))
+        for start in range(0, n_pages, chunk):
+            n = min(chunk, n_pages - start)
+            src = await self._put(buf[start * ps:(start + n) * ps].tobytes())
+            try:
+                cmd = Command(opcode=Opcode.PROGRAM_PAGES, count=n, lba=lba + start, src_addr=src)
+                self._check(await self._run(cmd), cmd)
+            finally:
+                self.transport.free(src)
+
+    def _chunk_pages(self) -> int:
+        return max(1, (self.transport.memory.size // 4) // self.params.page_size)
+
+    async def read_pages(self, lba: int, n_pages: int) -> np.ndarray:
+        """Raw pages (READ_PAGES) as a uint8 array ``[n_pages, page_size]``."""
+        ps = self.params.page_size
+        out = np.empty((n_pages, ps), dtype=np.uint8)
+        chunk = self._chunk_pages()
+        for start in range(0, n_pages, chunk):
+            n = min(chunk, n_pages - start)
+            dst = self.transport.alloc(n * ps)
+            try:
+                cmd = Command(opcode=Opcode.READ_PAGES, count=n, lba=lba + start, dst_addr=dst,
+                              dst_bytes=n * ps)
+                self._check(await self._run(cmd), cmd)
+                out[start:start + n] = np.frombuffer(await self.transport.mem_read(dst, n * ps),
+                                                     dtype=np.uint8).reshape(n, ps)
+            finally:
+                self.transport.free(dst)
+        return out
+
+    @staticmethod
+    def _indices(indices) -> np.ndarray:
+        arr = np.asarray(indices)
+        if arr.ndim != 1:
+            raise ValueError(f"indices must be one-dimensional, got shape {arr.shape}")
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integers, got {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF_FFFF):
+            bad = int(np.flatnonzero((arr < 0) | (arr > 0xFFFF_FFFF))[0])
+            raise IndexError(f"index {arr[bad]} at position {bad} does not fit the device's 32-bit indices")
+        return arr.astype("<u4")
+
+    async def submit_gather(self, table: int, indices) -> CommandHandle:
+        cfg = self._table(table)
+        idx = self._indices(indices)
+        n = idx.size
+        src = await self._put(idx.tobytes())
+        dst = self.transport.alloc(max(n * cfg.row_bytes, 1))
+        cmd = Command(opcode=Opcode.GATHER, table=table, count=n, src_addr=src, dst_addr=dst,
+                      dst_bytes=n * cfg.row_bytes)
+        return await self.submit(cmd, [src, dst])
+
+    async def submit_gather_pooled(self, table: int, indices, offsets) -> CommandHandle:
+        cfg = self._table(table)
+        idx = self._indices(indices)
+        off = np.asarray(offsets)
+        if off.ndim != 1 or off.size < 1:
+            raise ValueError(f"offsets must be one-dimensional with B+1 >= 1 entries, got shape {off.shape}")
+        off = off.astype("<u4")
+        n_bags = off.size - 1
+        src = await self._put(idx.tobytes())
+        offs = await self._put(off.tobytes())
+        out_bytes = n_bags * cfg.pooled_row_bytes
+        dst = self.transport.alloc(max(out_bytes, 1))
+        cmd = Command(opcode=Opcode.GATHER_POOLED, table=table, count=idx.size, n_bags=n_bags,
+                      src_addr=src, offsets_addr=offs, dst_addr=dst, dst_bytes=out_bytes)
+        return await self.submit(cmd, [src, offs, dst])
+
+    async def finish(self, handle: CommandHandle) -> np.ndarray:
+        """Wait for a gather command, return its rows (raw bytes, one row per line), free buffers."""
+        cmd = handle.command
+        cfg = self.tables.get(cmd.table)
+        try:
+            cpl = await self.wait_for(handle)
+            row = cfg.row_bytes if cmd.opcode == Opcode.GATHER else cfg.pooled_row_bytes
+            rows = cmd.count if cmd.opcode == Opcode.GATHER else cmd.n_bags
+            result = np.frombuffer(await self.transport.mem_read(cmd.dst_addr, rows * row),
+                                   dtype=np.uint8).reshape(rows, row).copy() if rows else \
+                np.zeros((0, row), dtype=np.uint8)
+            self._check(cpl, cmd, result)
+            return result
+        finally:
+            for addr in handle.buffers:
+                self.transport.free(addr)
+
+    async def gather(self, table: int, indices) -> np.ndarray:
+        """One row per index, in request order, as raw bytes ``uint8[n, row_bytes]``."""
+        return await self.finish(await self.submit_gather(table, indices))
+
+    async def gather_pooled(self, table: int, indices, offsets) -> np.ndarray:
+        """One summed row per bag (FBGEMM indices + offsets[B+1]) as raw bytes ``uint8[B, 4*dim]``
+        (int32 sums for int8/int32 tables, fp32 sums for fp16/fp32 tables)."""
+        return await self.finish(await self.submit_gather_pooled(table, indices, offsets))
+
+    def view(self, table: int, raw: np.ndarray, pooled: bool = False) -> np.ndarray:
+        """Interpret raw result bytes as elements of the table's (pooled) type."""
+        cfg = self._table(table)
+        dtype = cfg.elem.pooled_dtype if pooled else cfg.elem.numpy_dtype
+        return raw.view(np.dtype(dtype))
+
+    @staticmethod
+    def _check(cpl: Completion, cmd: Command, result=None):
+        if cpl.status != Status.OK:
+            raise DeviceError(cpl.status, cpl, cmd, result)
+
+    # ------------------------------------------------------------------ counters
+    async def counters(self) -> dict:
+        t = self.transport
+        out = {}
+        for name in ("CNT_COMMANDS", "CNT_LOOKUPS", "CNT_ERRORS", "CNT_BUSY_CYCLES"):
+            out[name[4:].lower()] = await t.read32(_reg(name))
+        while True:
+            hi = await t.read32(_reg("CNT_CYCLES_HI"))
+            lo = await t.read32(_reg("CNT_CYCLES_LO"))
+            if await t.read32(_reg("CNT_CYCLES_HI")) == hi:
+                break
+        out["cycles"] = (hi << 32) | lo
+        channels = []
+        for c in range(self.params.n_channels):
+            ch = {}
+            for name in ("CH_ROWS", "CH_BYTES", "CH_TR_WAITS", "CH_BUSY_CYCLES", "CH_PROGRAMS"):
+                ch[name[3:].lower()] = await t.read32(regmap.channel_addr(name, c))
+            channels.append(ch)
+        out["channels"] = channels
+        return out
+
+    async def clear_counters(self):
+        await self.transport.write32(_reg("CTRL_TRIGGER"),
+                                     1 << regmap.register("CTRL_TRIGGER").field("clear_counters").lsb)
+
+
+class Device:
+    """Synchronous facade over :class:`AsyncDevice` for scripts (one private event loop)."""
+
+    def __init__(self, aio: AsyncDevice, loop: asyncio.AbstractEventLoop):
+        self.aio, self._loop = aio, loop
+
+    @classmethod
+    def open(cls, backend: str | Transport = "model", *, sq_entries: int = 64, cq_entries: int = 64,
+             timeout: float = 60.0, expect: Params | None = None, **transport_args) -> "Device":
+        """Open a device: ``backend`` is a name (``model``, ``uart``) or a :class:`Transport`."""
+        transport = backend if isinstance(backend, Transport) else open_transport(backend, **transport_args)
+        loop = asyncio.new_event_loop()
+        aio = loop.run_until_complete(AsyncDevice.open(transport, sq_entries=sq_entries,
+                                                       cq_entries=cq_entries, timeout=timeout,
+                                                       expect=expect))
+        return cls(aio, loop)
+
+    def _do(self, coro):
+        return self._loop.run_until_complete(coro)
+
+    @property
+    def params(self) -> Params:
+        return self.aio.params
+
+    @property
+    def transport(self) -> Transport:
+        return self.aio.transport
+
+    @property
+    def tables(self):
+        return self.aio.tables
+
+    def close(self):
+        if not self._loop.is_closed():
+            self._do(self.aio.close())
+            self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def configure_table(self, table, row_bytes, elem, extents, enable=True):
+        return self._do(self.aio.configure_table(table, row_bytes, elem, extents, enable))
+
+    def set_timing(self, t_r=None, t_prog=None):
+        return self._do(self.aio.set_timing(t_r, t_prog))
+
+    def set_block_mode(self, on: bool):
+        return self._do(self.aio.set_block_mode(on))
+
+    def program_pages(self, lba, data):
+        return self._do(self.aio.program_pages(lba, data))
+
+    def read_pages(self, lba, n_pages):
+        return self._do(self.aio.read_pages(lba, n_pages))
+
+    def gather(self, table, indices):
+        return self._do(self.aio.gather(table, indices))
+
+    def gather_pooled(self, table, indices, offsets):
+        return self._do(self.aio.gather_pooled(table, indices, offsets))
+
+    def view(self, table, raw, pooled=False):
+        return self.aio.view(table, raw, pooled)
+
+    def nop(self):
+        return self._do(self.aio.nop())
+
+    def counters(self):
+        return self._do(self.aio.counters())
+
+    def clear_counters(self):
+        return self._do(self.aio.clear_counters())
+
+    def read32(self, addr):
+        return self._do(self.aio.transport.read32(addr))
+
+    def write32(self, addr, value, strb=0xF):
+        return self._do(self.aio.transport.write32(addr, value, strb))

@@ -1,0 +1,325 @@
+"""Functional + timing model of the EV-SSD, behind the same registers and queues as the RTL.
+
+:class:`ModelTransport` is the default backend of :class:`evssd.host.device.Device`: MMIO goes to
+a :class:`~evssd.host.regfile.RegisterFile` (the golden model of the MMIO manager), host memory is
+a bytearray, and a :class:`DeviceModel` executes commands when the SQ doorbell rings. Results
+are bit-exact with the gateware (same translation, same status rules of
+:class:`evssd.hw.regmap.Status`, same pooling arithmetic from :mod:`evssd.host.pooling`).
+
+The cycle counters advance by the estimate of :mod:`evssd.host.timing`; it is a model, checked
+against the RTL's cycle counts by ``evssd bench rtl``, not a measurement.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from evssd.hw import regmap
+from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, NO_BAD_POSITION, Command, Completion,
+                             ElemType, Opcode, Params, Status)
+from evssd.host.regfile import BusResponse, MMIOError, RegisterFile
+from evssd.host.transport import HostMemory, Transport
+
+__all__ = ["DeviceModel", "ModelTransport", "translate"]
+
+ALIGN = 64
+
+
+class _Table:
+    __slots__ = ("row_bytes", "elem", "enable", "rows_per_page", "extents")
+
+    def __init__(self, max_extents: int):
+        self.row_bytes, self.elem, self.enable, self.rows_per_page = 0, 0, False, 1
+        self.extents = [(0, 0, 0)] * max_extents
+
+
+def translate(index: int, table: _Table, total_pages: int):
+    """(status, lba, offset) of one index, as the ExtentTranslator computes it.
+
+    Status 0 = ok, 1 = in no extent, 3 = page outside the flash. The first matching extent (in
+    slot order) wins; extents do not overlap when written by the driver.
+    """
+    for first, n_rows, lba0 in table.extents:
+        if n_rows and first <= index < first + n_rows:
+            rel = index - first
+            q = rel // table.rows_per_page
+            lba = lba0 + q
+            offset = (rel - q * table.rows_per_page) * table.row_bytes
+            if lba >= total_pages:
+                return 3, lba, offset
+            return 0, lba, offset
+    return 1, 0, 0
+
+
+class DeviceModel:
+    """The device's state and command semantics."""
+
+    def __init__(self, params: Params, host: bytearray, host_base: int):
+        self.params = params
+        self.regs = RegisterFile(params, on_write=self._on_write)
+        self.host, self.host_base = host, host_base
+        self.flash = np.zeros((params.n_channels, params.pages_per_channel, params.page_size), np.uint8)
+        self.tables = [_Table(params.max_extents) for _ in range(params.max_tables)]
+        self.sq_head = 0
+        self.cq_tail = 0
+        self.phase = 1
+        self.cq_head = 0
+        self.pending = False
+        self.fatal = False
+        from evssd.host.timing import TimingModel
+        self.timing = TimingModel(params)
+        self._set_counters()
+
+    # ---------------------------------------------------------------- registers
+    def _f(self, name):
+        return self.regs.fields[name]
+
+    def _set_counters(self):
+        f = self.regs.fields
+        f["sq_head_head"] = self.sq_head
+        f["cq_tail_tail"] = self.cq_tail
+        f["cq_tail_phase"] = self.phase
+        f["status_fatal"] = int(self.fatal)
+        f["status_busy"] = int(self.pending)
+        f["status_inflight"] = 0
+        cyc = self.timing.cycles
+        f["cnt_cycles_lo"] = cyc & 0xFFFF_FFFF
+        f["cnt_cycles_hi"] = (cyc >> 32) & 0xFFFF_FFFF
+        f["cnt_busy_cycles"] = self.timing.busy_cycles & 0xFFFF_FFFF
+        for c in range(self.params.n_channels):
+            ch = self.timing.channels[c]
+            f["ch_rows"][c] = ch.rows & 0xFFFF_FFFF
+            f["ch_bytes"][c] = ch.bytes & 0xFFFF_FFFF
+            f["ch_tr_waits"][c] = ch.tr_waits & 0xFFFF_FFFF
+            f["ch_busy_cycles"][c] = ch.busy_cycles & 0xFFFF_FFFF
+            f["ch_programs"][c] = ch.programs & 0xFFFF_FFFF
+
+    def _on_write(self, name, value):
+        f = self.regs.fields
+        if name == "ctrl_trigger_clear_counters":
+            for key in ("cnt_commands", "cnt_lookups", "cnt_errors"):
+                f[key] = 0
+            self.timing.clear()
+        elif name == "ctrl_trigger_reset_queues":
+            self.sq_head = self.cq_tail = self.cq_head = 0
+            self.phase = 1
+            f["sq_tail_tail"] = 0
+            f["cq_head_head"] = 0
+        elif name == "tbl_commit_table":
+            t = f["tbl_sel_table"]
+            if t < self.params.max_tables:
+                tab = self.tables[t]
+                tab.row_bytes = f["tbl_cfg_row_bytes"]
+                tab.elem = f["tbl_cfg_elem"]
+                tab.enable = bool(f["tbl_cfg_enable"])
+                tab.rows_per_page = max(1, f["tbl_rows_per_page_rows"])
+        elif name == "tbl_commit_extent":
+            t, e = f["tbl_sel_table"], f["tbl_sel_extent"]
+            if t < self.params.max_tables and e < self.params.max_extents:
+                self.tables[t].extents[e] = (f["ext_first"], f["ext_rows"], f["ext_lba"])
+        elif name == "cq_head_head":
+            self.cq_head = value
+        if name in ("sq_tail_tail", "cq_head_head", "ctrl_enable"):
+            self.run()
+        self._set_counters()
+
+    # ---------------------------------------------------------------- host memory
+    def _host_slice(self, addr, n):
+        off = addr - self.host_base
+        if off < 0 or off + n > len(self.host):
+            raise _BusError(addr, n)
+        return off
+
+    def _read_host(self, addr, n) -> bytes:
+        off = self._host_slice(addr, n)
+        return bytes(self.host[off:off + n])
+
+    def _write_host(self, addr, data: bytes):
+        off = self._host_slice(addr, len(data))
+        self.host[off:off + len(data)] = data
+
+    # ---------------------------------------------------------------- queues
+    def run(self):
+        """Execute every submitted command the completion ring has room for."""
+        f = self.regs.fields
+        sq_size, cq_size = f["sq_size_entries"], f["cq_size_entries"]
+        sq_base = f["sq_base_lo"] | (f["sq_base_hi"] << 32)
+        cq_base = f["cq_base_lo"] | (f["cq_base_hi"] << 32)
+        while f["ctrl_enable"] and not self.fatal and self.sq_head != f["sq_tail_tail"] % max(sq_size, 1):
+            if (self.cq_tail + 1) % cq_size == self.cq_head:
+                break  # CQ full: wait for the CQ_HEAD doorbell
+            try:
+                cmd = Command.unpack(self._read_host(sq_base + self.sq_head * COMMAND_BYTES, COMMAND_BYTES))
+            except _BusError:
+                self.fatal = True
+                break
+            self.sq_head = (self.sq_head + 1) % sq_size
+            cpl = self.execute(cmd)
+            cpl.sq_head = self.sq_head
+            cpl.phase = self.phase
+            try:
+                self._write_host(cq_base + self.cq_tail * COMPLETION_BYTES, cpl.pack())
+            except _BusError:
+                self.fatal = True
+                break
+            self.cq_tail += 1
+            if self.cq_tail == cq_size:
+                self.cq_tail = 0
+                self.phase ^= 1
+            f["cnt_commands"] = (f["cnt_commands"] + 1) & 0xFFFF_FFFF
+            if cpl.status != Status.OK:
+                f["cnt_errors"] = (f["cnt_errors"] + 1) & 0xFFFF_FFFF
+        self._set_counters()
+
+    @property
+    def irq(self) -> bool:
+        return bool(self.regs.fields["ctrl_irq_enable"]) and self.cq_tail != self.cq_head
+
+    # ---------------------------------------------------------------- commands
+    def execute(self, cmd: Command) -> Completion:
+        try:
+            return self._execute(cmd)
+        except _BusError:
+            return Completion(cid=cmd.cid, status=Status.BUS_ERROR)
+
+    def _execute(self, cmd: Command) -> Completion:
+        p = self.params
+        self.timing.t_r = self.regs.fields["t_r_cycles"]
+        self.timing.t_prog = self.regs.fields["t_prog_cycles"]
+        ok = Completion(cid=cmd.cid, status=Status.OK)
+        op = cmd.opcode
+        if op not in Opcode._value2member_map_:
+            return Completion(cid=cmd.cid, status=Status.BAD_OPCODE)
+        if op == Opcode.NOP:
+            self.timing.nop()
+            return ok
+        addrs = {Opcode.GATHER: (cmd.src_addr, cmd.dst_addr),
+                 Opcode.GATHER_POOLED: (cmd.src_addr, cmd.offsets_addr, cmd.dst_addr),
+                 Opcode.PROGRAM_PAGES: (cmd.src_addr,),
+                 Opcode.READ_PAGES: (cmd.dst_addr,)}[op]
+        if any(a % ALIGN for a in addrs):
+            return Completion(cid=cmd.cid, status=Status.BAD_ADDRESS)
+        if op in (Opcode.PROGRAM_PAGES, Opcode.READ_PAGES):
+            return self._pages(cmd)
+        if cmd.table >= p.max_tables or not self.tables[cmd.table].enable:
+            return Completion(cid=cmd.cid, status=Status.TABLE_DISABLED)
+        table = self.tables[cmd.table]
+        elem = ElemType(table.elem)
+        pooled = op == Opcode.GATHER_POOLED
+        out_row = regmap.pooled_row_bytes(table.row_bytes, elem) if pooled else table.row_bytes
+        out_bytes = out_row * (cmd.n_bags if pooled else cmd.count)
+        if out_bytes > cmd.dst_bytes:
+            return Completion(cid=cmd.cid, status=Status.RESULT_OVERFLOW)
+        if pooled:
+            offsets = np.frombuffer(self._read_host(cmd.offsets_addr, 4 * (cmd.n_bags + 1)), "<u4").astype(np.int64)
+            if np.any(np.diff(offsets) < 0) or offsets[-1] > cmd.count:
+                return Completion(cid=cmd.cid, status=Status.BAD_OFFSETS)
+        indices = np.frombuffer(self._read_host(cmd.src_addr, 4 * cmd.count), "<u4")
+        rows = np.zeros((cmd.count, table.row_bytes), np.uint8)
+        good = np.zeros(cmd.count, bool)
+        n_bad, first_bad, worst = 0, NO_BAD_POSITION, Status.OK
+        used = np.zeros(cmd.count, bool)
+        if pooled:
+            for b in range(cmd.n_bags):
+                used[offsets[b]:offsets[b + 1]] = True
+        else:
+            used[:] = True
+        locations = []
+        for pos in np.flatnonzero(used):
+            st, lba, offset = translate(int(indices[pos]), table, p.total_pages)
+            if st:
+                n_bad += 1
+                if first_bad == NO_BAD_POSITION:
+                    first_bad = int(pos)
+                kind = Status.BAD_INDEX if st == 1 else Status.BAD_LBA
+                if worst != Status.BAD_INDEX:
+                    worst = kind
+                continue
+            ch, page = lba % p.n_channels, lba // p.n_channels
+            rows[pos] = self.flash[ch, page, offset:offset + table.row_bytes]
+            good[pos] = True
+            locations.append((ch, page, offset))
+        self.timing.lookups(locations, table.row_bytes, out_bytes, self.regs.fields["ctrl_block_mode"])
+        self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + int(used.sum())) & 0xFFFF_FFFF
+        if pooled:
+            from evssd.host.pooling import pool_rows
+            dim = table.row_bytes // elem.itemsize
+            out = np.zeros((cmd.n_bags, out_row), np.uint8)
+            for b in range(cmd.n_bags):
+                sel = np.arange(offsets[b], offsets[b + 1])
+                sel = sel[good[sel]]
+                elems = rows[sel].view(np.dtype(elem.numpy_dtype)).reshape(len(sel), dim)
+                out[b] = np.asarray(pool_rows(elems, elem)).view(np.uint8).reshape(-1)
+            result = out.tobytes()
+        else:
+            result = rows.tobytes()
+        if result:
+            self._write_host(cmd.dst_addr, result)
+        return Completion(n_bad=n_bad, first_bad=first_bad, cid=cmd.cid, status=worst)
+
+    def _pages(self, cmd: Command) -> Completion:
+        p = self.params
+        ps = p.page_size
+        if cmd.opcode == Opcode.READ_PAGES and cmd.count * ps > cmd.dst_bytes:
+            return Completion(cid=cmd.cid, status=Status.RESULT_OVERFLOW)
+        if cmd.lba + cmd.count > p.total_pages:
+            return Completion(cid=cmd.cid, status=Status.BAD_LBA)
+        for k in range(cmd.count):
+            lba = cmd.lba + k
+            ch, page = lba % p.n_channels, lba // p.n_channels
+            if cmd.opcode == Opcode.PROGRAM_PAGES:
+                data = self._read_host(cmd.src_addr + k * ps, ps)
+                self.flash[ch, page] = np.frombuffer(data, np.uint8)
+                self.timing.program(ch, page)
+            else:
+                self._write_host(cmd.dst_addr + k * ps, self.flash[ch, page].tobytes())
+                self.timing.read_page(ch, page)
+        return Completion(cid=cmd.cid, status=Status.OK)
+
+
+class _BusError(Exception):
+    def __init__(self, addr, n):
+        super().__init__(f"host access 0x{addr:x}+{n} outside the host memory window")
+
+
+class ModelTransport(Transport):
+    """The functional model as a transport. ``params`` (or keyword overrides) picks the build."""
+
+    name = "model"
+
+    def __init__(self, params: Params | None = None, *, host_memory_bytes: int = 64 << 20,
+                 host_base: int = 0x1_0000_0000, **overrides):
+        if params is None:
+            params = Params(**overrides)
+        elif overrides:
+            raise TypeError("give either params or keyword overrides, not both")
+        self.params = params
+        self.host = bytearray(host_memory_bytes)
+        self.memory = HostMemory(host_base, host_memory_bytes)
+        self.device = DeviceModel(params, self.host, host_base)
+
+    async def read32(self, addr: int) -> int:
+        data, resp = self.device.regs.read(addr)
+        if resp != BusResponse.OKAY:
+            raise MMIOError("read", addr, resp)
+        return data
+
+    async def write32(self, addr: int, value: int, strb: int = 0xF) -> None:
+        resp = self.device.regs.write(addr, value & 0xFFFF_FFFF, strb)
+        if resp != BusResponse.OKAY:
+            raise MMIOError("write", addr, resp)
+
+    async def mem_write(self, addr: int, data: bytes) -> None:
+        off = addr - self.memory.base
+        if off < 0 or off + len(data) > len(self.host):
+            raise ValueError(f"host write 0x{addr:x}+{len(data)} outside the window")
+        self.host[off:off + len(data)] = data
+
+    async def mem_read(self, addr: int, nbytes: int) -> bytes:
+        off = addr - self.memory.base
+        if off < 0 or off + nbytes > len(self.host):
+            raise ValueError(f"host read 0x{addr:x}+{nbytes} outside the window")
+        return bytes(self.host[off:off + nbytes])
+
+    async def wait(self) -> None:
+        # Commands run when the doorbell rings; nothing happens between polls.
+        self.device.run()

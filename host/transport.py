@@ -1,0 +1,129 @@
+"""What the driver needs from a backend: MMIO, host memory, and a way to wait for the device.
+
+The driver (:mod:`evssd.host.device`) awaits nothing but a :class:`Transport`, so the same
+driver code runs against the functional model, the RTL in cocotb and a board over UART. The
+driver never uses asyncio primitives itself: a cocotb test runs it on cocotb's scheduler, the
+synchronous facade runs it on an asyncio loop.
+"""
+from __future__ import annotations
+
+import abc
+import bisect
+
+from evssd.host.regfile import MMIOError
+
+__all__ = ["Transport", "HostMemory", "MMIOError", "TransportError", "BACKENDS", "open_transport"]
+
+
+class TransportError(IOError):
+    """The link to the device failed (no answer, bad frame, closed)."""
+
+
+class HostMemory:
+    """First-fit allocator over a device-visible host-memory window ``[base, base + size)``.
+
+    Every allocation is aligned to ``align`` (64 bytes: the device requires 64-byte aligned
+    buffers). Freed blocks merge with their neighbours.
+    """
+
+    def __init__(self, base: int, size: int, align: int = 64):
+        if size <= 0 or base % align:
+            raise ValueError(f"host memory window base=0x{base:x} size={size} (align {align})")
+        self.base, self.size, self.align = base, size, align
+        self._free = [(base, size)]  # sorted (addr, size)
+        self._used: dict[int, int] = {}
+
+    def alloc(self, nbytes: int) -> int:
+        if nbytes <= 0:
+            raise ValueError(f"allocation of {nbytes} bytes")
+        need = -(-nbytes // self.align) * self.align
+        for i, (addr, size) in enumerate(self._free):
+            if size >= need:
+                if size == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = (addr + need, size - need)
+                self._used[addr] = need
+                return addr
+        raise MemoryError(f"host memory window of {self.size} bytes cannot fit {nbytes} more bytes "
+                          f"({self.free_bytes} free in {len(self._free)} pieces)")
+
+    def free(self, addr: int) -> None:
+        size = self._used.pop(addr, None)
+        if size is None:
+            raise ValueError(f"free of 0x{addr:x}: not allocated")
+        i = bisect.bisect(self._free, (addr, size))
+        self._free.insert(i, (addr, size))
+        # merge with neighbours
+        merged = []
+        for a, s in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], merged[-1][1] + s)
+            else:
+                merged.append((a, s))
+        self._free = merged
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(s for _, s in self._free)
+
+
+class Transport(abc.ABC):
+    """A device link. Subclasses implement MMIO, host-memory access and waiting."""
+
+    #: host-memory allocator; subclasses create it
+    memory: HostMemory
+
+    @abc.abstractmethod
+    async def read32(self, addr: int) -> int:
+        """32-bit MMIO read; raises :class:`MMIOError` on SLVERR/DECERR."""
+
+    @abc.abstractmethod
+    async def write32(self, addr: int, value: int, strb: int = 0xF) -> None:
+        """32-bit MMIO write; raises :class:`MMIOError` on SLVERR/DECERR."""
+
+    @abc.abstractmethod
+    async def mem_write(self, addr: int, data: bytes) -> None:
+        """Write host memory the device can read."""
+
+    @abc.abstractmethod
+    async def mem_read(self, addr: int, nbytes: int) -> bytes:
+        """Read host memory the device wrote."""
+
+    @abc.abstractmethod
+    async def wait(self) -> None:
+        """Let the device run until something may have changed (an interrupt or a poll interval)."""
+
+    def alloc(self, nbytes: int) -> int:
+        return self.memory.alloc(nbytes)
+
+    def free(self, addr: int) -> None:
+        self.memory.free(addr)
+
+    async def close(self) -> None:
+        pass
+
+    #: a short name for messages
+    name = "transport"
+
+
+BACKENDS = {
+    "model": "functional + timing model of the device in host/ (no simulator needed)",
+    "cocotb": "the RTL in a cocotb test (cocotbext-axi bus models); only inside a cocotb test",
+    "uart": "a board running the gateware behind the UART-to-AXI-Lite bridge (pyserial)",
+}
+
+
+def open_transport(backend: str, **kwargs) -> Transport:
+    """Make a transport by backend name (``model``, ``uart``). ``cocotb`` lives in a cocotb test."""
+    if backend == "model":
+        from evssd.host.model import ModelTransport
+        return ModelTransport(**kwargs)
+    if backend == "uart":
+        from evssd.host.uart import UartTransport
+        return UartTransport(**kwargs)
+    if backend == "cocotb":
+        raise ValueError("backend 'cocotb' only exists inside a cocotb test: build it there with "
+                         "evssd.sim.transport.CocotbTransport(dut); from the command line use --backend rtl")
+    known = ", ".join(f"{k} ({v})" for k, v in BACKENDS.items())
+    raise ValueError(f"unknown backend {backend!r}; known backends: {known}")
