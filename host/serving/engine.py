@@ -1,0 +1,524 @@
+"""The multi-threaded RDMA engine (FlexEMR): I/O threads over provider queue pairs.
+
+Above a :class:`~.rdma.Provider` the engine gives the ranker three operations on a named
+connection, each returning a :class:`concurrent.futures.Future`:
+
+* :meth:`Engine.request` -- SEND a request, complete with the decoded reply (the server answers
+  with a SEND carrying the same request id);
+* :meth:`Engine.read` / :meth:`Engine.read_rows` -- one-sided READs of a server's registered
+  memory (``read_rows`` issues one READ per row with a bounded window: the row-by-row baseline).
+
+Threads and connections:
+
+* ``n_threads`` I/O threads; each owns a set of connections and is the only thread that touches
+  their queue pairs (posting, progress, completions), so no lock sits on the data path and a
+  connection is never driven by two threads. ``n_threads=1`` is the single-threaded baseline.
+* Placement is mapping-aware: each connection carries a weight (its expected share of a batch's
+  traffic, from the shard map) and goes to the thread with the least weight so far, so the
+  fan-out of one batch spreads over the threads.
+* :meth:`Engine.migrate` moves a live connection between threads: the old thread gets a release
+  marker behind every request already queued to it, hands the queue pair over, and the new
+  thread holds requests submitted meanwhile until it adopts the connection. In-flight requests
+  stay in the connection's table and complete on the new thread: nothing is lost or reordered.
+  :meth:`Engine.rebalance` migrates when measured per-thread traffic skews.
+* Credits bound in-flight requests per connection (min of ours and the peer's posted receives).
+  A caller without a credit waits up to ``credit_timeout`` and then gets :class:`Backpressure`
+  (or at once with ``block=False``); nothing is dropped.
+* Every request has a deadline; a dead or stalled peer fails its requests with
+  :class:`ConnectionLost` or :class:`RequestTimeout` within bounded time. Late replies to
+  requests that timed out are recognised by id and discarded, never delivered to a newer request.
+"""
+from __future__ import annotations
+
+import itertools
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+import numpy as np
+
+from . import protocol as P
+from .rdma import Opcode, Provider
+
+__all__ = ["Engine", "Connection", "EngineError", "Backpressure", "ConnectionLost",
+           "RequestTimeout"]
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class Backpressure(EngineError):
+    """No credit became free in time: the connection has its limit of requests in flight."""
+
+
+class ConnectionLost(EngineError):
+    pass
+
+
+class RequestTimeout(EngineError, TimeoutError):
+    pass
+
+
+_SUB_BITS = 20      # read_rows: wr_id = op id << 20 | row position
+
+
+class _Op:
+    __slots__ = ("kind", "req_id", "payload", "future", "deadline", "t0", "rkey", "offsets",
+                 "length", "out", "next", "done", "n", "base", "credit")
+
+    def __init__(self, kind, req_id, deadline):
+        self.kind = kind
+        self.req_id = req_id
+        self.future = Future()
+        self.deadline = deadline
+        self.t0 = time.perf_counter()
+        self.credit = True
+
+
+class Connection:
+    """A queue pair to one server plus the engine's bookkeeping for it."""
+
+    def __init__(self, engine, name, qp, weight, credits):
+        self.engine = engine
+        self.name = name
+        self.qp = qp
+        self.weight = weight
+        self.owner = -1
+        self.lock = threading.Lock()
+        self.credits_total = credits
+        self.credits = threading.Semaphore(credits)
+        self.pending: dict[int, _Op] = {}
+        self.recv_bufs: dict[int, np.ndarray] = {}
+        self.dead: str | None = None
+        self.migrated = threading.Event()
+        self.migrated.set()
+        self._mark = 0
+        self.completed = 0
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.qp.bytes_sent + self.qp.bytes_recv
+
+    def __repr__(self):
+        return f"Connection({self.name!r}, {self.qp.peer}, thread={self.owner})"
+
+
+class _IoThread(threading.Thread):
+    def __init__(self, engine, idx):
+        super().__init__(name=f"evssd-io-{idx}", daemon=True)
+        self.engine = engine
+        self.idx = idx
+        self.inbox: deque = deque()
+        self._wr, self._ww = socket.socketpair()
+        self._wr.setblocking(False)
+        self._ww.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self._wr, selectors.EVENT_READ, None)
+        self.conns: dict[Connection, int] = {}     # adopted connection -> selector mask
+        self.polled: list[Connection] = []         # providers without an fd (verbs)
+        self.held: dict[Connection, list] = {}
+        self.stop = False
+        self.ops = 0
+
+    def post(self, item):
+        self.inbox.append(item)
+        try:
+            self._ww.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass            # a wake-up is already pending
+
+    # -------------------------------------------------------------- loop
+    def run(self):
+        next_expire = 0.0
+        while not self.stop:
+            timeout = 0.001 if self.polled else 0.02
+            for key, mask in self.sel.select(timeout):
+                conn = key.data
+                if conn is None:
+                    try:
+                        while self._wr.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    conn.qp.flush()
+                if mask & selectors.EVENT_READ:
+                    conn.qp.progress()
+                self._completions(conn)
+            while self.inbox:
+                self._handle(self.inbox.popleft())
+            for conn in self.polled:
+                conn.qp.progress()
+                self._completions(conn)
+            for conn, mask in list(self.conns.items()):
+                if conn.dead:
+                    continue
+                want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.qp.wants_write() else 0)
+                if want != mask and conn.qp.fileno() >= 0:
+                    self.sel.modify(conn.qp, want, conn)
+                    self.conns[conn] = want
+            now = time.monotonic()
+            if now >= next_expire:
+                next_expire = now + 0.01
+                self._expire(now)
+        for conn in list(self.conns):
+            self._drop(conn, "engine closed")
+        self.sel.close()
+        self._wr.close()
+        self._ww.close()
+
+    def _handle(self, item):
+        kind, conn = item[0], item[1]
+        if kind == "op":
+            if conn in self.conns:
+                self._start(conn, item[2])
+            else:
+                self.held.setdefault(conn, []).append(item[2])
+        elif kind == "adopt":
+            self._adopt(conn)
+            for op in self.held.pop(conn, []):
+                self._start(conn, op)
+            conn.migrated.set()
+        elif kind == "release":
+            new = item[2]
+            self._unregister(conn)
+            new.post(("adopt", conn))
+        elif kind == "close":
+            self._drop(conn, "closed by the application")
+            item[2].set()
+
+    def _adopt(self, conn):
+        if getattr(conn.qp, "needs_polling", False):
+            self.polled.append(conn)
+            self.conns[conn] = 0
+        else:
+            mask = selectors.EVENT_READ
+            if not conn.dead:
+                self.sel.register(conn.qp, mask, conn)
+            self.conns[conn] = mask
+
+    def _unregister(self, conn):
+        mask = self.conns.pop(conn, None)
+        if conn in self.polled:
+            self.polled.remove(conn)
+        elif mask is not None and not conn.dead:
+            try:
+                self.sel.unregister(conn.qp)
+            except (KeyError, ValueError):
+                pass
+
+    # -------------------------------------------------------------- data path
+    def _start(self, conn, op):
+        if conn.dead:
+            self._finish(conn, op, exc=ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}"))
+            return
+        self.ops += 1
+        conn.pending[op.req_id] = op
+        try:
+            if op.kind == "req":
+                payload, op.payload = op.payload, None
+                conn.qp.post_send(op.req_id, payload)
+            else:
+                self._issue_reads(conn, op)
+        except (ConnectionError, OSError) as exc:
+            self._fatal(conn, str(exc))
+
+    def _issue_reads(self, conn, op):
+        window = self.engine.read_window
+        qp = conn.qp
+        base = op.req_id << _SUB_BITS
+        while op.next < op.n and op.next - op.done < window:
+            i = op.next
+            qp.post_read(base | i, op.out[i], op.rkey, int(op.offsets[i]), op.length)
+            op.next += 1
+
+    def _completions(self, conn):
+        for wc in conn.qp.poll_cq():
+            if wc.opcode == Opcode.RECV:
+                buf = conn.recv_bufs[wc.wr_id]
+                op = conn.pending.pop(wc.imm, None)
+                if op is not None:
+                    if not wc.ok:
+                        self._finish(conn, op, exc=P.ProtocolError(wc.error))
+                    else:
+                        try:
+                            res = P.decode_reply(buf[:wc.byte_len])
+                            if isinstance(res, np.ndarray):
+                                res = res.copy()
+                            self._finish(conn, op, res)
+                        except (P.RemoteError, P.ProtocolError) as exc:
+                            self._finish(conn, op, exc=exc)
+                if not conn.dead:
+                    conn.qp.post_recv(wc.wr_id, buf)
+            elif wc.opcode == Opcode.READ:
+                op = conn.pending.get(wc.wr_id >> _SUB_BITS)
+                if op is None:
+                    continue
+                if not wc.ok:
+                    conn.pending.pop(op.req_id, None)
+                    self._finish(conn, op, exc=P.RemoteError(f"server {conn.name}: {wc.error}"))
+                    continue
+                op.done += 1
+                if op.done == op.n:
+                    conn.pending.pop(op.req_id, None)
+                    self._finish(conn, op, op.out)
+                else:
+                    try:
+                        self._issue_reads(conn, op)
+                    except (ConnectionError, OSError) as exc:
+                        self._fatal(conn, str(exc))
+                        return
+            elif wc.opcode == Opcode.SEND:
+                op = conn.pending.pop(wc.wr_id, None)
+                if op is not None:
+                    self._finish(conn, op, exc=P.RemoteError(f"server {conn.name}: {wc.error}"))
+            elif wc.opcode == Opcode.FATAL:
+                self._fatal(conn, wc.error)
+                return
+
+    def _finish(self, conn, op, result=None, exc=None):
+        if op.credit:
+            op.credit = False
+            conn.credits.release()
+        conn.completed += 1
+        if op.future.done():
+            return
+        if exc is not None:
+            op.future.set_exception(exc)
+        else:
+            op.future.set_result(result)
+
+    def _fatal(self, conn, reason):
+        if conn.dead:
+            return
+        self._unregister(conn)
+        conn.dead = reason or "connection failed"
+        self.conns[conn] = 0          # keep ownership so later ops fail fast here
+        err = ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}")
+        for op in list(conn.pending.values()):
+            self._finish(conn, op, exc=err)
+        conn.pending.clear()
+        conn.qp.close()
+
+    def _expire(self, now):
+        for conn in list(self.conns):
+            if not conn.pending:
+                continue
+            late = [op for op in conn.pending.values() if op.deadline < now]
+            for op in late:
+                del conn.pending[op.req_id]
+                if op.kind == "rows":
+                    base = op.req_id << _SUB_BITS
+                    for i in range(op.done, op.next):
+                        conn.qp.forget_read(base | i)
+                waited = time.perf_counter() - op.t0
+                self._finish(conn, op, exc=RequestTimeout(
+                    f"server {conn.name} ({conn.qp.peer}) did not answer request {op.req_id} "
+                    f"within {waited:.2f} s"))
+
+    def _drop(self, conn, reason):
+        self._unregister(conn)
+        err = ConnectionLost(f"server {conn.name}: {reason}")
+        for op in list(conn.pending.values()):
+            self._finish(conn, op, exc=err)
+        conn.pending.clear()
+        for op in self.held.pop(conn, []):
+            self._finish(conn, op, exc=err)
+        if not conn.dead:
+            conn.dead = reason
+        conn.qp.close()
+
+
+class Engine:
+    """See the module docstring. ``provider`` is a :class:`~.rdma.Provider`."""
+
+    def __init__(self, provider: Provider, n_threads: int = 1, *, credits: int = 16,
+                 request_timeout: float = 5.0, credit_timeout: float | None = None,
+                 max_message: int = 4 << 20, read_window: int = 64):
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        if credits < 1:
+            raise ValueError(f"credits must be >= 1, got {credits}")
+        self.provider = provider
+        self.credits = credits
+        self.request_timeout = request_timeout
+        self.credit_timeout = request_timeout if credit_timeout is None else credit_timeout
+        self.max_message = max_message
+        self.read_window = read_window
+        self._ids = itertools.count(1)
+        self.connections: dict[str, Connection] = {}
+        self.threads = [_IoThread(self, i) for i in range(n_threads)]
+        for t in self.threads:
+            t.start()
+        self.migrations = 0
+
+    # -------------------------------------------------------------- connections
+    def connect(self, name: str, host: str, port: int, *, weight: float = 1.0,
+                timeout: float = 5.0, thread: int | None = None) -> Connection:
+        if name in self.connections:
+            raise ValueError(f"connection {name!r} exists already")
+        qp = self.provider.connect(host, port, recv_depth=self.credits, timeout=timeout, name=name)
+        credits = max(1, min(self.credits, qp.peer_credits))
+        conn = Connection(self, name, qp, weight, credits)
+        for i in range(self.credits):
+            buf = np.empty(self.max_message, dtype=np.uint8)
+            conn.recv_bufs[i] = buf
+            qp.post_recv(i, buf)
+        if thread is None:
+            thread = self._least_loaded()
+        conn.owner = thread
+        self.connections[name] = conn
+        self.threads[thread].post(("adopt", conn))
+        return conn
+
+    def _least_loaded(self) -> int:
+        loads = [0.0] * len(self.threads)
+        for c in self.connections.values():
+            loads[c.owner] += c.weight
+        return int(np.argmin(loads))
+
+    def placement(self) -> dict[str, int]:
+        return {name: c.owner for name, c in self.connections.items()}
+
+    def close_connection(self, conn: Connection, timeout: float = 5.0):
+        done = threading.Event()
+        conn.migrated.wait(timeout)
+        with conn.lock:
+            self.threads[conn.owner].post(("close", conn, done))
+        done.wait(timeout)
+        self.connections.pop(conn.name, None)
+
+    # -------------------------------------------------------------- operations
+    def _acquire(self, conn, block):
+        if conn.dead:
+            raise ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}")
+        ok = conn.credits.acquire(blocking=block, timeout=self.credit_timeout if block else None)
+        if not ok:
+            raise Backpressure(
+                f"connection {conn.name}: {conn.credits_total} requests in flight"
+                + (f" and none completed within {self.credit_timeout:.2f} s" if block else ""))
+
+    def _submit(self, conn, op):
+        with conn.lock:
+            self.threads[conn.owner].post(("op", conn, op))
+        return op.future
+
+    def _new_op(self, kind, timeout):
+        t = self.request_timeout if timeout is None else timeout
+        return _Op(kind, next(self._ids), time.monotonic() + t)
+
+    def request(self, conn: Connection, payload: bytes, *, timeout: float | None = None,
+                block: bool = True) -> Future:
+        """SEND ``payload``; the future completes with the decoded reply."""
+        if len(payload) > P.MAX_PAYLOAD:
+            raise ValueError(f"request of {len(payload)} bytes exceeds {P.MAX_PAYLOAD}")
+        self._acquire(conn, block)
+        op = self._new_op("req", timeout)
+        op.payload = payload
+        return self._submit(conn, op)
+
+    def read_rows(self, conn: Connection, rkey: int, offsets: np.ndarray, length: int, *,
+                  out: np.ndarray | None = None, timeout: float | None = None,
+                  block: bool = True) -> Future:
+        """One READ of ``length`` bytes per entry of ``offsets`` (byte offsets in region ``rkey``).
+
+        The future completes with a ``[n, length]`` uint8 array. Counts as one credit; at most
+        ``read_window`` READs of it are outstanding on the wire at once.
+        """
+        offsets = np.asarray(offsets, dtype=np.int64)
+        n = offsets.size
+        if n >= 1 << _SUB_BITS:
+            raise ValueError(f"read_rows takes < {1 << _SUB_BITS} rows per call, got {n}")
+        if out is None:
+            out = np.empty((n, length), dtype=np.uint8)
+        self._acquire(conn, block)
+        op = self._new_op("rows", timeout)
+        op.rkey, op.offsets, op.length, op.out = rkey, offsets, length, out
+        op.n, op.next, op.done = n, 0, 0
+        if n == 0:
+            conn.credits.release()
+            op.credit = False
+            op.future.set_result(out)
+            return op.future
+        return self._submit(conn, op)
+
+    def read(self, conn, rkey, offset, length, **kw) -> Future:
+        fut = self.read_rows(conn, rkey, np.array([offset]), length, **kw)
+        out = Future()
+
+        def done(f):
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                out.set_result(bytes(f.result()[0]))
+        fut.add_done_callback(done)
+        return out
+
+    # -------------------------------------------------------------- migration
+    def migrate(self, conn: Connection, thread: int, timeout: float = 5.0) -> None:
+        """Move ``conn`` to I/O thread ``thread``; returns when the new thread owns it."""
+        if not 0 <= thread < len(self.threads):
+            raise ValueError(f"thread {thread} out of range 0..{len(self.threads) - 1}")
+        if not conn.migrated.wait(timeout):
+            raise EngineError(f"connection {conn.name}: previous migration did not finish")
+        with conn.lock:
+            old = conn.owner
+            if old == thread:
+                return
+            conn.migrated.clear()
+            conn.owner = thread
+            self.threads[old].post(("release", conn, self.threads[thread]))
+        self.migrations += 1
+        if not conn.migrated.wait(timeout):
+            raise EngineError(f"connection {conn.name}: migration {old}->{thread} did not finish in {timeout} s")
+
+    def thread_loads(self) -> list[int]:
+        """Bytes moved per thread since the last :meth:`rebalance`."""
+        loads = [0] * len(self.threads)
+        for c in self.connections.values():
+            loads[c.owner] += c.bytes_moved - c._mark
+        return loads
+
+    def rebalance(self, ratio: float = 1.5) -> list[tuple[str, int, int]]:
+        """Migrate one connection from the busiest to the idlest thread if their traffic since
+        the last call differs by more than ``ratio``; returns the moves made."""
+        moves = []
+        if len(self.threads) > 1:
+            loads = self.thread_loads()
+            hi, lo = int(np.argmax(loads)), int(np.argmin(loads))
+            if loads[hi] > ratio * max(loads[lo], 1):
+                best, best_peak = None, loads[hi]
+                for c in self.connections.values():
+                    if c.owner != hi or c.dead:
+                        continue
+                    d = c.bytes_moved - c._mark
+                    peak = max(loads[hi] - d, loads[lo] + d)
+                    if d > 0 and peak < best_peak:
+                        best, best_peak = c, peak
+                if best is not None:
+                    self.migrate(best, lo)
+                    moves.append((best.name, hi, lo))
+        for c in self.connections.values():
+            c._mark = c.bytes_moved
+        return moves
+
+    # -------------------------------------------------------------- shutdown
+    def close(self):
+        for t in self.threads:
+            t.stop = True
+            t.post(("noop", None))
+        for t in self.threads:
+            t.join(5)
+        self.connections.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -1,0 +1,200 @@
+"""Wire formats of the serving layer.
+
+Two levels, both little-endian:
+
+* **Frames** (transport level, what the TCP provider puts on a socket): a fixed 20-byte header
+  ``magic u32 | version u8 | op u8 | flags u16 | request id u64 | length u32`` and ``length``
+  payload bytes. Ops mirror RDMA verbs: HELLO/HELLO_ACK (connection set-up, carries the credit
+  count), SEND (two-sided message), READ_REQ/READ_RESP (one-sided read of a registered region),
+  ERROR (the peer rejected a frame; ``request id`` names which one).
+* **Application messages** (carried inside SEND): requests to an embedding server (META, GATHER,
+  POOLED, ECHO) and their replies (OK with a float32 matrix or JSON, or ERR with a message).
+
+Everything that can be malformed raises :class:`ProtocolError` with a message naming the bad
+field, so a server can answer with ERR and keep the connection.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+__all__ = [
+    "MAGIC", "VERSION", "HEADER", "MAX_PAYLOAD", "Op", "MsgType", "Status", "ProtocolError",
+    "VersionMismatch", "Header", "pack_header", "unpack_header", "pack_read_req",
+    "unpack_read_req", "Request", "encode_request", "decode_request", "encode_ok_array",
+    "encode_ok_json", "encode_err", "decode_reply", "RemoteError",
+]
+
+MAGIC = 0x44535645          # b"EVSD" read as a little-endian u32
+VERSION = 1
+HEADER = struct.Struct("<IBBHQI")
+assert HEADER.size == 20
+MAX_PAYLOAD = 64 << 20      # a frame longer than this is malformed, not a big request
+READ_REQ = struct.Struct("<IQI")   # rkey, offset, length
+
+
+class Op(IntEnum):
+    HELLO = 1
+    HELLO_ACK = 2
+    SEND = 3
+    READ_REQ = 4
+    READ_RESP = 5
+    ERROR = 6
+
+
+class Status(IntEnum):
+    OK = 0
+    ERR = 1
+
+
+class MsgType(IntEnum):
+    META = 1
+    GATHER = 2
+    POOLED = 3
+    ECHO = 4
+
+
+class ProtocolError(ValueError):
+    """A frame or message that does not follow the protocol."""
+
+
+class VersionMismatch(ProtocolError):
+    pass
+
+
+class RemoteError(RuntimeError):
+    """The peer answered a request with an error message."""
+
+
+@dataclass(frozen=True)
+class Header:
+    op: int
+    flags: int
+    req_id: int
+    length: int
+
+
+def pack_header(op: int, req_id: int, length: int, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, flags, req_id, length)
+
+
+def unpack_header(buf) -> Header:
+    magic, version, op, flags, req_id, length = HEADER.unpack(buf)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}): not an evssd peer")
+    if version != VERSION:
+        raise VersionMismatch(f"protocol version mismatch: peer speaks v{version}, we speak v{VERSION}")
+    if op not in Op._value2member_map_:
+        raise ProtocolError(f"unknown op {op}")
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"frame length {length} exceeds the {MAX_PAYLOAD}-byte limit")
+    return Header(op, flags, req_id, length)
+
+
+def pack_read_req(rkey: int, offset: int, length: int) -> bytes:
+    return READ_REQ.pack(rkey, offset, length)
+
+
+def unpack_read_req(buf) -> tuple[int, int, int]:
+    if len(buf) != READ_REQ.size:
+        raise ProtocolError(f"READ_REQ payload is {len(buf)} bytes, expected {READ_REQ.size}")
+    return READ_REQ.unpack(buf)
+
+
+# ---------------------------------------------------------------- application messages
+# request: type u8 | name_len u8 | n_indices u32 | n_offsets u32 | name | i64 indices | i64 offsets
+_REQ = struct.Struct("<BBII")
+# reply: status u8 | kind u8 (0 array, 1 json, 2 text) | rows u32 | cols u32 | body
+_REP = struct.Struct("<BBII")
+
+
+@dataclass
+class Request:
+    type: MsgType
+    table: str = ""
+    indices: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    payload: bytes = b""          # ECHO only
+
+
+def encode_request(req: Request) -> bytes:
+    name = req.table.encode()
+    if len(name) > 255:
+        raise ProtocolError(f"table name {req.table!r} longer than 255 bytes")
+    if req.type == MsgType.ECHO:
+        return _REQ.pack(req.type, 0, len(req.payload), 0) + req.payload
+    idx = np.ascontiguousarray(req.indices if req.indices is not None else [], dtype="<i8")
+    off = np.ascontiguousarray(req.offsets if req.offsets is not None else [], dtype="<i8")
+    return b"".join((_REQ.pack(req.type, len(name), idx.size, off.size), name,
+                     idx.tobytes(), off.tobytes()))
+
+
+def decode_request(buf) -> Request:
+    buf = memoryview(buf)
+    if len(buf) < _REQ.size:
+        raise ProtocolError(f"request of {len(buf)} bytes is shorter than its {_REQ.size}-byte header")
+    typ, name_len, n_idx, n_off = _REQ.unpack_from(buf)
+    if typ not in MsgType._value2member_map_:
+        raise ProtocolError(f"unknown request type {typ}")
+    typ = MsgType(typ)
+    if typ == MsgType.ECHO:
+        if len(buf) != _REQ.size + n_idx:
+            raise ProtocolError("ECHO length field does not match the message")
+        return Request(typ, payload=bytes(buf[_REQ.size:]))
+    want = _REQ.size + name_len + 8 * (n_idx + n_off)
+    if len(buf) != want:
+        raise ProtocolError(f"request length {len(buf)} does not match its header ({want})")
+    p = _REQ.size
+    try:
+        table = bytes(buf[p:p + name_len]).decode()
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"table name is not UTF-8: {exc}") from None
+    p += name_len
+    idx = np.frombuffer(buf, dtype="<i8", count=n_idx, offset=p)
+    off = np.frombuffer(buf, dtype="<i8", count=n_off, offset=p + 8 * n_idx)
+    return Request(typ, table, idx, off)
+
+
+def encode_ok_array(arr: np.ndarray) -> bytes:
+    arr = np.ascontiguousarray(arr, dtype="<f4")
+    if arr.ndim != 2:
+        raise ValueError(f"reply arrays are 2-D, got shape {arr.shape}")
+    return _REP.pack(Status.OK, 0, arr.shape[0], arr.shape[1]) + arr.tobytes()
+
+
+def encode_ok_json(obj) -> bytes:
+    return _REP.pack(Status.OK, 1, 0, 0) + json.dumps(obj).encode()
+
+
+def encode_ok_bytes(data: bytes) -> bytes:
+    return _REP.pack(Status.OK, 2, 0, 0) + data
+
+
+def encode_err(message: str) -> bytes:
+    return _REP.pack(Status.ERR, 2, 0, 0) + message.encode()
+
+
+def decode_reply(buf):
+    """Return a float32 array, a JSON object or bytes; raise :class:`RemoteError` on ERR."""
+    buf = memoryview(buf)
+    if len(buf) < _REP.size:
+        raise ProtocolError(f"reply of {len(buf)} bytes is shorter than its header")
+    status, kind, rows, cols = _REP.unpack_from(buf)
+    body = buf[_REP.size:]
+    if status == Status.ERR:
+        raise RemoteError(bytes(body).decode(errors="replace"))
+    if status != Status.OK:
+        raise ProtocolError(f"unknown reply status {status}")
+    if kind == 0:
+        if len(body) != rows * cols * 4:
+            raise ProtocolError(f"array reply of {len(body)} bytes does not hold {rows}x{cols} float32")
+        return np.frombuffer(body, dtype="<f4").reshape(rows, cols)
+    if kind == 1:
+        return json.loads(bytes(body))
+    if kind == 2:
+        return bytes(body)
+    raise ProtocolError(f"unknown reply kind {kind}")

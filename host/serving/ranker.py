@@ -1,0 +1,481 @@
+"""The ranker: a DLRM-style model whose embedding bags come from embedding servers.
+
+* :class:`DLRM` -- numpy model: bottom MLP on dense features, one pooled embedding per table,
+  pairwise dot interaction (upper triangle), top MLP, sigmoid.
+* :class:`EmbeddingCache` -- rows cached on the ranker in one pool for all tables; LRU by batch
+  stamp; admission on the second access (a saturating counter per row, as in EV-Cache).
+* :class:`Ranker` -- fetches embeddings through the :class:`~.engine.Engine`:
+  ``fetch="pooled"`` (hierarchical pooling: each shard's server returns partial bag sums, the
+  ranker adds the partials) or ``fetch="rows"`` (the baseline: one one-sided READ per row of the
+  server's registered table memory, pooled on the ranker). Rows held by the cache are pooled
+  locally; rows admitted to the cache this batch are fetched with GATHER.
+
+Memory budget (``budget_bytes``): batch buffers and the cache share it. ``adaptive=True`` sizes
+the cache to what the current batch leaves over (it shrinks for big batches and grows back for
+small ones); ``adaptive=False`` keeps a static cache of ``static_cache_rows`` rows, so a batch
+larger than the rest of the budget is refused with :class:`BudgetExceeded`.
+
+Faults: a sub-request that fails (server dead, stalled past the timeout, back-pressure) is
+retried on the shard's next replica; when none is left the batch fails with
+:class:`ServingError` naming the table, rows and every server's error -- never a partial score.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+
+from . import protocol as P
+from .engine import Backpressure, ConnectionLost, Engine, EngineError, RequestTimeout
+
+__all__ = ["DLRM", "EmbeddingCache", "Ranker", "ServingError", "BudgetExceeded", "pool_bags",
+           "bag_ids", "local_pooled", "synthetic_batch", "dense_from_criteo"]
+
+
+class ServingError(RuntimeError):
+    pass
+
+
+class BudgetExceeded(ServingError):
+    pass
+
+
+# ------------------------------------------------------------------ model
+class DLRM:
+    def __init__(self, n_dense: int, dim: int, n_tables: int, *, bottom=(64,), top=(64, 32), seed=0):
+        rng = np.random.default_rng(seed)
+
+        def mlp(sizes):
+            return [(rng.standard_normal((a, b), dtype=np.float32) / np.float32(np.sqrt(a)),
+                     rng.standard_normal(b, dtype=np.float32) * np.float32(0.01))
+                    for a, b in zip(sizes[:-1], sizes[1:])]
+        self.n_dense, self.dim, self.n_tables = n_dense, dim, n_tables
+        self.bottom = mlp([n_dense, *bottom, dim])
+        f = n_tables + 1
+        self.iu = np.triu_indices(f, k=1)
+        self.top = mlp([dim + f * (f - 1) // 2, *top, 1])
+        self.widths = [n_dense, *bottom, dim, dim + f * (f - 1) // 2, *top, 1]
+
+    @staticmethod
+    def _run(layers, x, last_linear):
+        for i, (w, b) in enumerate(layers):
+            x = x @ w + b
+            if i < len(layers) - 1 or not last_linear:
+                np.maximum(x, 0, out=x)
+        return x
+
+    def forward(self, dense: np.ndarray, embs: list[np.ndarray]) -> np.ndarray:
+        x = self._run(self.bottom, np.asarray(dense, dtype=np.float32), last_linear=False)
+        z = np.stack([x, *embs], axis=1)                      # [B, F, dim]
+        inter = np.einsum("bfd,bgd->bfg", z, z)[:, self.iu[0], self.iu[1]]
+        logit = self._run(self.top, np.concatenate([x, inter], axis=1), last_linear=True)[:, 0]
+        return 1.0 / (1.0 + np.exp(-logit))
+
+    def activation_bytes(self, batch: int) -> int:
+        return 4 * batch * (sum(self.widths) + (self.n_tables + 1) ** 2 + (self.n_tables + 1) * self.dim)
+
+
+# ------------------------------------------------------------------ bags
+def bag_ids(offsets: np.ndarray) -> np.ndarray:
+    return np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+
+
+def pool_bags(rows: np.ndarray, offsets: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Sum rows per bag (FBGEMM offsets); empty bags are zero."""
+    b = offsets.size - 1
+    if out is None:
+        out = np.zeros((b, rows.shape[1]), dtype=np.float32)
+    lens = np.diff(offsets)
+    nz = lens > 0
+    if nz.any():
+        out[nz] += np.add.reduceat(rows, offsets[:-1][nz], axis=0)
+    return out
+
+
+def _sub_bags(bags: np.ndarray, mask: np.ndarray, n_bags: int) -> np.ndarray:
+    counts = np.bincount(bags[mask], minlength=n_bags)
+    off = np.zeros(n_bags + 1, dtype=np.int64)
+    np.cumsum(counts, out=off[1:])
+    return off
+
+
+def local_pooled(cfg, sparse: dict, tables: dict | None = None) -> list[np.ndarray]:
+    """All-in-memory golden: pooled bags per table straight from the table contents."""
+    from .config import table_rows
+    out = []
+    for t in cfg["tables"]:
+        idx, off = sparse[t]
+        arr = tables[t] if tables else table_rows(cfg, t)
+        out.append(pool_bags(arr[idx], off))
+    return out
+
+
+def synthetic_batch(cfg, batch: int, pooling: int, rng, *, n_dense=13, alpha: float = 0.0):
+    """Dense features and bags of ``pooling`` rows per table; ``alpha`` > 0 draws rows Zipf-like."""
+    dense = rng.standard_normal((batch, n_dense)).astype(np.float32)
+    sparse = {}
+    for t, info in cfg["tables"].items():
+        n = info["rows"]
+        if alpha > 0:
+            r = rng.zipf(1.0 + alpha, batch * pooling) - 1
+            idx = (r * 2654435761 % n).astype(np.int64)   # hot rows scattered over the shards
+        else:
+            idx = rng.integers(0, n, batch * pooling, dtype=np.int64)
+        sparse[t] = (idx, np.arange(0, batch * pooling + 1, pooling, dtype=np.int64))
+    return dense, sparse
+
+
+def dense_from_criteo(path, limit: int | None = None) -> np.ndarray:
+    """The 13 integer features of a Criteo CSV as log(1 + max(x, 0)), missing -> 0."""
+    rows = []
+    with open(path) as f:
+        header = f.readline()
+        if not header.startswith("label"):
+            f.seek(0)
+        for line in f:
+            parts = line.rstrip("\n").split(",")
+            rows.append([np.log1p(max(float(v), 0.0)) if v else 0.0 for v in parts[1:14]])
+            if limit and len(rows) >= limit:
+                break
+    return np.asarray(rows, dtype=np.float32)
+
+
+# ------------------------------------------------------------------ cache
+class EmbeddingCache:
+    """Row cache for all tables in one pool; capacity changes with :meth:`resize`."""
+
+    def __init__(self, table_rows: dict[str, int], dim: int, capacity: int = 0):
+        self.dim = dim
+        self.base = {}
+        total = 0
+        for t, n in table_rows.items():
+            self.base[t] = total
+            total += n
+        self.slot_of = np.full(total, -1, dtype=np.int32)
+        self.freq = np.zeros(total, dtype=np.uint8)
+        self.capacity = 0
+        self.keys = np.empty(0, dtype=np.int64)
+        self.rows = np.empty((0, dim), dtype=np.float32)
+        self.stamp = np.empty(0, dtype=np.int64)
+        self.clock = 0
+        self.hits = self.misses = self.admitted = self.evicted = 0
+        self.resize(capacity)
+
+    @property
+    def index_bytes(self) -> int:
+        return self.slot_of.nbytes + self.freq.nbytes
+
+    @staticmethod
+    def bytes_per_row(dim: int) -> int:
+        return dim * 4 + 16
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.keys.nbytes + self.stamp.nbytes
+
+    @property
+    def used(self) -> int:
+        return int((self.keys >= 0).sum())
+
+    def resize(self, capacity: int) -> None:
+        capacity = max(0, int(capacity))
+        if capacity == self.capacity:
+            return
+        valid = np.flatnonzero(self.keys >= 0)
+        if valid.size > capacity:        # keep the most recently used
+            order = np.argsort(self.stamp[valid], kind="stable")
+            drop = valid[order[:valid.size - capacity]]
+            self.slot_of[self.keys[drop]] = -1
+            self.evicted += drop.size
+            valid = valid[order[valid.size - capacity:]]
+        keys = np.full(capacity, -1, dtype=np.int64)
+        rows = np.empty((capacity, self.dim), dtype=np.float32)
+        stamp = np.zeros(capacity, dtype=np.int64)
+        k = valid.size
+        keys[:k], rows[:k], stamp[:k] = self.keys[valid], self.rows[valid], self.stamp[valid]
+        self.slot_of[keys[:k]] = np.arange(k, dtype=np.int32)
+        self.keys, self.rows, self.stamp, self.capacity = keys, rows, stamp, capacity
+
+    def new_batch(self) -> None:
+        """Rows used from here on are protected from eviction until the next batch."""
+        self.clock += 1
+
+    def lookup(self, table: str, idx: np.ndarray) -> np.ndarray:
+        """Slots per index (-1: miss); marks hits used and counts accesses for admission."""
+        g = idx + self.base[table]
+        slots = self.slot_of[g]
+        hit = slots >= 0
+        self.stamp[slots[hit]] = self.clock
+        nh = int(hit.sum())
+        self.hits += nh
+        self.misses += idx.size - nh
+        f = self.freq[g]
+        self.freq[g] = np.minimum(f.astype(np.int16) + 1, 3).astype(np.uint8)
+        return slots
+
+    def candidates(self, table: str, idx: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Distinct missed rows seen at least twice: worth admitting (empty if no capacity)."""
+        if self.capacity == 0:
+            return np.empty(0, dtype=np.int64)
+        miss = np.unique(idx[slots < 0])
+        hot = miss[self.freq[miss + self.base[table]] >= 2]
+        return hot[:self.capacity]
+
+    def admit(self, table: str, idx: np.ndarray, rows: np.ndarray) -> None:
+        n = idx.size
+        if n == 0 or self.capacity == 0:
+            return
+        free = np.flatnonzero(self.keys < 0)
+        if free.size < n:
+            # evict least recently used slots not stamped this batch
+            valid = np.flatnonzero((self.keys >= 0) & (self.stamp < self.clock))
+            need = min(n - free.size, valid.size)
+            if need:
+                victims = valid[np.argpartition(self.stamp[valid], need - 1)[:need]]
+                self.slot_of[self.keys[victims]] = -1
+                self.keys[victims] = -1
+                self.evicted += need
+                free = np.flatnonzero(self.keys < 0)
+        n = min(n, free.size)
+        slots = free[:n]
+        g = idx[:n] + self.base[table]
+        self.keys[slots] = g
+        self.rows[slots] = rows[:n]
+        self.stamp[slots] = self.clock
+        self.slot_of[g] = slots.astype(np.int32)
+        self.admitted += n
+
+
+# ------------------------------------------------------------------ ranker
+class _Shard:
+    def __init__(self, table, lo, hi, servers):
+        self.table, self.lo, self.hi, self.servers = table, lo, hi, servers
+
+
+class Ranker:
+    def __init__(self, cfg: dict, engine: Engine, model: DLRM | None = None, *, fetch: str = "pooled",
+                 budget_bytes: int | None = None, adaptive: bool = True, static_cache_rows: int = 0,
+                 timeout: float = 5.0, suspect_seconds: float = 30.0, rebalance_every: int = 0):
+        if fetch not in ("pooled", "rows"):
+            raise ValueError(f"fetch must be 'pooled' or 'rows', got {fetch!r}")
+        self.cfg = cfg
+        self.engine = engine
+        self.fetch = fetch
+        self.timeout = timeout
+        self.dim = cfg["dim"]
+        self.tables = list(cfg["tables"])
+        self.model = model or DLRM(13, self.dim, len(self.tables))
+        self.shards = {t: [] for t in self.tables}
+        for sh in cfg["shards"]:
+            self.shards[sh["table"]].append(_Shard(sh["table"], *sh["rows"], list(sh["servers"])))
+        for t in self.tables:
+            self.shards[t].sort(key=lambda s: s.lo)
+        self._connect()
+        self.suspect: dict[str, float] = {}
+        self.suspect_seconds = suspect_seconds
+        self.rebalance_every = rebalance_every
+        self.batches = 0
+        self.retries = 0
+        self.budget = budget_bytes
+        self.adaptive = adaptive
+        self.cache = None
+        if budget_bytes is not None:
+            self.cache = EmbeddingCache({t: cfg["tables"][t]["rows"] for t in self.tables}, self.dim)
+            if not adaptive:
+                self.cache.resize(static_cache_rows)
+
+    def _connect(self):
+        # mapping-aware weights: a server's expected share of a batch's rows (primary shards)
+        weight: dict[str, float] = {s: 0.0 for s in self.cfg["servers"]}
+        for t in self.tables:
+            rows = self.cfg["tables"][t]["rows"]
+            for sh in self.shards[t]:
+                weight[sh.servers[0]] += (sh.hi - sh.lo) / rows
+        self.conns = {}
+        self.meta = {}
+        for s in sorted(weight, key=lambda s: -weight[s]):
+            scfg = self.cfg["servers"][s]
+            conn = self.engine.connect(s, scfg["host"], scfg["port"], weight=max(weight[s], 1e-3))
+            self.conns[s] = conn
+            self.meta[s] = self.engine.request(conn, P.encode_request(P.Request(P.MsgType.META))
+                                               ).result(self.timeout + 1)["tables"]
+
+    # -------------------------------------------------------------- memory budget
+    def batch_bytes(self, batch: int, nnz: int) -> int:
+        """Bytes the ranker holds for one batch: index lists, partial sums, pooled rows,
+        fetched rows (row-by-row mode) and model activations."""
+        per_table_shards = max(len(s) for s in self.shards.values())
+        b = 16 * nnz                                             # indices + bag ids
+        b += 4 * batch * self.dim * len(self.tables) * (1 + per_table_shards)
+        if self.fetch == "rows":
+            b += 4 * nnz * self.dim
+        return b + self.model.activation_bytes(batch)
+
+    def _fit_budget(self, batch, nnz):
+        if self.cache is None:
+            return
+        need = self.batch_bytes(batch, nnz) + self.cache.index_bytes
+        left = self.budget - need
+        if self.adaptive:
+            if left < 0:
+                raise BudgetExceeded(f"batch of {batch} needs {need} bytes, budget is {self.budget}")
+            self.cache.resize(left // EmbeddingCache.bytes_per_row(self.dim))
+        elif left < self.cache.nbytes:
+            raise BudgetExceeded(f"batch of {batch} needs {need} bytes next to a static cache of "
+                                 f"{self.cache.nbytes} bytes; budget is {self.budget}")
+
+    # -------------------------------------------------------------- fetching
+    def _servers_for(self, shard):
+        now = time.monotonic()
+        ok = [s for s in shard.servers if not self.conns[s].dead and self.suspect.get(s, 0) < now]
+        rest = [s for s in shard.servers if s not in ok and not self.conns[s].dead]
+        return ok + rest
+
+    def _issue(self, server, kind, shard, idx, off):
+        conn = self.conns[server]
+        if kind == "rows":
+            m = self.meta[server][shard.table]
+            rb = m["row_bytes"]
+            return self.engine.read_rows(conn, m["rkey"], (idx - shard.lo) * rb, rb, timeout=self.timeout)
+        typ = P.MsgType.POOLED if kind == "pooled" else P.MsgType.GATHER
+        return self.engine.request(conn, P.encode_request(P.Request(typ, shard.table, idx, off)),
+                                   timeout=self.timeout)
+
+    def _run_jobs(self, jobs):
+        """jobs: [kind, shard, idx, off, servers list] -> results, replica retry on failure."""
+        futs = []
+        for j in jobs:
+            futs.append(self._try_issue(j, []))
+        results = []
+        for j, (fut, errors) in zip(jobs, futs):
+            while True:
+                try:
+                    if fut is None:
+                        raise ServingError("no server left")
+                    results.append(fut.result(self.timeout + 1.0))
+                    break
+                except (EngineError, FutureTimeout, P.RemoteError, ServingError) as exc:
+                    if isinstance(exc, P.RemoteError) and "outside" in str(exc) or \
+                            isinstance(exc, P.RemoteError) and "holds no shard" in str(exc):
+                        raise ServingError(f"table {j[1].table!r}: {exc}") from exc
+                    if fut is not None:
+                        server = j[4][0]
+                        errors.append(f"{server}: {type(exc).__name__}: {exc}")
+                        if isinstance(exc, (RequestTimeout, FutureTimeout, Backpressure)):
+                            self.suspect[server] = time.monotonic() + self.suspect_seconds
+                        j[4].pop(0)
+                    if not j[4]:
+                        raise ServingError(
+                            f"table {j[1].table!r} rows [{j[1].lo}, {j[1].hi}): every server failed: "
+                            + "; ".join(errors)) from exc
+                    self.retries += 1
+                    fut, errors = self._try_issue(j, errors)
+        return results
+
+    def _try_issue(self, job, errors):
+        kind, shard, idx, off, servers = job
+        while servers:
+            try:
+                return self._issue(servers[0], kind, shard, idx, off), errors
+            except EngineError as exc:
+                errors.append(f"{servers[0]}: {type(exc).__name__}: {exc}")
+                servers.pop(0)
+        return None, errors
+
+    def embeddings(self, sparse: dict) -> list[np.ndarray]:
+        """Pooled bag sums per table (in config table order)."""
+        batch = None
+        for t in self.tables:
+            if t not in sparse:
+                raise ServingError(f"batch lacks table {t!r}")
+            idx, off = sparse[t]
+            if batch is None:
+                batch = off.size - 1
+            elif off.size - 1 != batch:
+                raise ServingError(f"table {t!r}: {off.size - 1} bags, other tables have {batch}")
+        unknown = set(sparse) - set(self.tables)
+        if unknown:
+            raise ServingError(f"unknown tables {sorted(unknown)}")
+        nnz = sum(np.asarray(sparse[t][0]).size for t in self.tables)
+        self._fit_budget(batch, nnz)
+        if self.cache is not None:
+            self.cache.new_batch()
+        jobs, plan = [], []
+        for t in self.tables:
+            idx = np.asarray(sparse[t][0], dtype=np.int64)
+            off = np.asarray(sparse[t][1], dtype=np.int64)
+            n = self.cfg["tables"][t]["rows"]
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                pos = int(np.flatnonzero((idx < 0) | (idx >= n))[0])
+                raise ServingError(f"table {t!r}: index {int(idx[pos])} at position {pos} outside [0, {n})")
+            if off.size < 1 or off[0] != 0 or off[-1] != idx.size or (np.diff(off) < 0).any():
+                raise ServingError(f"table {t!r}: offsets must rise from 0 to {idx.size}")
+            bags = bag_ids(off)
+            remote = np.ones(idx.size, dtype=bool)
+            local_rows = None
+            admit = np.empty(0, dtype=np.int64)
+            if self.cache is not None and self.cache.capacity:
+                slots = self.cache.lookup(t, idx)
+                admit = self.cache.candidates(t, idx, slots)
+                remote = slots < 0
+                if admit.size:
+                    remote &= ~np.isin(idx, admit)
+                local_rows = slots
+            entry = {"table": t, "idx": idx, "off": off, "bags": bags, "remote": remote,
+                     "slots": local_rows, "admit": admit, "jobs": []}
+            for sh in self.shards[t]:
+                m = remote & (idx >= sh.lo) & (idx < sh.hi)
+                if m.any():
+                    kind = "pooled" if self.fetch == "pooled" else "rows"
+                    sub_off = _sub_bags(bags, m, batch)
+                    entry["jobs"].append((len(jobs), kind, m, sub_off))
+                    jobs.append([kind, sh, idx[m], sub_off, self._servers_for(sh)])
+                if admit.size:
+                    a = admit[(admit >= sh.lo) & (admit < sh.hi)]
+                    if a.size:
+                        entry["jobs"].append((len(jobs), "gather", a, None))
+                        jobs.append(["gather", sh, a, np.empty(0, np.int64), self._servers_for(sh)])
+            plan.append(entry)
+        results = self._run_jobs(jobs)
+        out = []
+        for e in plan:
+            pooled = np.zeros((batch, self.dim), dtype=np.float32)
+            fetched = {}
+            for j, kind, m, sub_off in e["jobs"]:
+                r = results[j]
+                if kind == "pooled":
+                    pooled += r
+                elif kind == "rows":
+                    pool_bags(np.ascontiguousarray(r).view(np.float32).reshape(-1, self.dim), sub_off, pooled)
+                else:
+                    fetched[j] = (m, r)
+            local = ~e["remote"]
+            if local.any():
+                idx = e["idx"]
+                rows = np.empty((idx.size, self.dim), dtype=np.float32)
+                hit = e["slots"] >= 0
+                rows[hit] = self.cache.rows[e["slots"][hit]]
+                for m, r in fetched.values():      # admitted rows: fetched now, pooled here
+                    sel = local & ~hit & np.isin(idx, m)
+                    rows[sel] = r[np.searchsorted(m, idx[sel])]
+                    self.cache.admit(e["table"], m, r)
+                pool_bags(rows[local], _sub_bags(e["bags"], local, batch), pooled)
+            out.append(pooled)
+        self.batches += 1
+        if self.rebalance_every and self.batches % self.rebalance_every == 0:
+            self.engine.rebalance()
+        return out
+
+    def score(self, dense: np.ndarray, sparse: dict) -> np.ndarray:
+        embs = self.embeddings(sparse)
+        if dense.shape[0] != embs[0].shape[0]:
+            raise ServingError(f"{dense.shape[0]} dense rows for {embs[0].shape[0]} bags")
+        return self.model.forward(dense, embs)
+
+    def rank(self, dense, sparse, k: int = 10):
+        s = self.score(dense, sparse)
+        k = min(k, s.size)
+        top = np.argpartition(-s, k - 1)[:k]
+        top = top[np.argsort(-s[top], kind="stable")]
+        return top, s[top], s

@@ -1,0 +1,103 @@
+"""The RDMA engine's provider interface: what both ``verbs`` and ``tcp`` implement.
+
+The vocabulary is the verbs one, so code above it reads like RDMA code:
+
+* a :class:`Provider` is a protection domain: it registers memory regions (:meth:`reg_mr`)
+  that peers may read one-sidedly by key, and creates connected queue pairs;
+* a :class:`QueuePair` (reliable connected) takes work requests: ``post_send`` (two-sided
+  message, consumed by a receive the peer posted), ``post_recv`` (a buffer for the next
+  incoming SEND) and ``post_read`` (one-sided: copies bytes of a remote registered region into
+  a local buffer; the remote application is not involved);
+* completions come out of the queue pair's completion queue (:meth:`QueuePair.poll_cq`) as
+  :class:`WorkCompletion` records; a failed connection yields one ``FATAL`` completion.
+
+Progress is manual, as with a completion channel: the queue pair has a file descriptor that is
+readable when :meth:`QueuePair.progress` may produce completions, so one I/O thread can wait on
+many connections with ``selectors``. Sends never block the caller for long: what the socket
+(or send queue) cannot take yet stays queued and goes out from :meth:`QueuePair.flush` when the
+descriptor is writable (``wants_write``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+__all__ = ["Opcode", "WorkCompletion", "MemoryRegion", "QueuePair", "Listener", "Provider",
+           "RdmaUnavailable", "get_provider", "PROVIDERS"]
+
+
+class RdmaUnavailable(RuntimeError):
+    """The verbs provider cannot run here (no pyverbs, no RDMA device)."""
+
+
+class Opcode(IntEnum):
+    SEND = 1
+    RECV = 2
+    READ = 3
+    FATAL = 4
+
+
+@dataclass
+class WorkCompletion:
+    wr_id: int
+    opcode: Opcode
+    ok: bool = True
+    byte_len: int = 0
+    imm: int = 0              # RECV: the sender's request id (immediate data)
+    error: str | None = None
+
+
+class MemoryRegion:
+    """A registered buffer: peers read it by ``rkey`` at byte offsets ``[0, length)``."""
+
+    def __init__(self, buf, rkey: int):
+        self.buf = memoryview(buf).cast("B")
+        self.rkey = rkey
+        self.length = self.buf.nbytes
+
+
+class QueuePair:
+    peer: str = "?"
+    peer_credits: int = 0       # receives the peer keeps posted: our in-flight SEND limit
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+
+    def fileno(self) -> int: raise NotImplementedError
+    def post_send(self, wr_id: int, data) -> None: raise NotImplementedError
+    def post_recv(self, wr_id: int, buf) -> None: raise NotImplementedError
+    def post_read(self, wr_id: int, local, rkey: int, offset: int, length: int) -> None: raise NotImplementedError
+    def progress(self) -> None: raise NotImplementedError
+    def poll_cq(self) -> list[WorkCompletion]: raise NotImplementedError
+    def flush(self) -> None: raise NotImplementedError
+    def wants_write(self) -> bool: return False
+    def close(self) -> None: raise NotImplementedError
+
+
+class Listener:
+    address: tuple[str, int]
+
+    def accept(self, timeout: float | None = None) -> QueuePair: raise NotImplementedError
+    def close(self) -> None: raise NotImplementedError
+
+
+class Provider:
+    name: str
+
+    def reg_mr(self, buf) -> MemoryRegion: raise NotImplementedError
+    def connect(self, host: str, port: int, *, recv_depth: int = 32, timeout: float = 5.0,
+                blocking: bool = False) -> QueuePair: raise NotImplementedError
+    def listen(self, host: str, port: int, *, recv_depth: int = 32) -> Listener: raise NotImplementedError
+
+
+PROVIDERS = ("tcp", "verbs")
+
+
+def get_provider(name: str, **kwargs) -> Provider:
+    """Instantiate a provider by name; ``verbs`` imports pyverbs only here."""
+    if name == "tcp":
+        from .tcp_provider import TcpProvider
+        return TcpProvider(**kwargs)
+    if name == "verbs":
+        from .verbs_provider import VerbsProvider
+        return VerbsProvider(**kwargs)
+    raise ValueError(f"unknown RDMA provider {name!r}; choose one of {PROVIDERS}")

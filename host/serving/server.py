@@ -1,0 +1,190 @@
+"""The embedding server: holds table shards and answers requests over an RDMA provider.
+
+Per table a server holds one row range ``[lo, hi)`` (see :mod:`.config`) in an
+:class:`evssd.host.store.EmbeddingStore` (any backend) and, for the one-sided path, registers the
+same rows as a memory region so rankers can READ them without the server's threads doing work
+beyond the provider's.
+
+Requests (indices are global row ids of the table):
+
+* META -> JSON: the server's name, and per table ``lo``, ``hi``, ``dim``, ``rkey``, ``row_bytes``;
+* GATHER(table, indices) -> float32 ``[n, dim]``;
+* POOLED(table, indices, offsets[B+1]) -> float32 ``[B, dim]``: hierarchical pooling, the sum of
+  this server's rows of each bag (the ranker adds the partial sums of all shards);
+* ECHO(payload) -> payload (engine overhead measurements).
+
+A bad request (unknown table, index outside the server's range, malformed offsets, malformed
+message) gets an ERR reply naming the problem and the connection stays up. A bad frame (magic,
+version, length) gets an ERROR frame and the connection is closed: the stream cannot be trusted.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tempfile
+import threading
+
+import numpy as np
+
+from . import protocol as P
+from .config import server_shards, table_rows
+from .rdma import Opcode, get_provider
+
+__all__ = ["EmbeddingServer", "READY_PREFIX"]
+
+READY_PREFIX = "EVSSD-READY "
+
+
+class EmbeddingServer:
+    def __init__(self, cfg: dict, name: str, *, provider: str = "tcp", backend: str = "dram",
+                 host: str | None = None, port: int | None = None, credits: int = 32,
+                 max_message: int = 4 << 20, store_path: str | None = None):
+        from evssd.host.store import EmbeddingStore
+
+        if name not in cfg["servers"]:
+            raise ValueError(f"server {name!r} is not in the config (servers: {sorted(cfg['servers'])})")
+        self.name = name
+        self.cfg = cfg
+        self.ranges = server_shards(cfg, name)
+        if not self.ranges:
+            raise ValueError(f"server {name!r} holds no shard")
+        self.arrays = {t: table_rows(cfg, t, lo, hi) for t, (lo, hi) in self.ranges.items()}
+        self._tmp = None
+        kw = {}
+        if backend in ("file", "rocksdb"):
+            if store_path is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix=f"evssd-{name}-")
+                store_path = self._tmp.name
+            kw["path"] = store_path
+        self.store = EmbeddingStore.from_arrays(self.arrays, backend=backend, **kw)
+        self._store_lock = threading.Lock()
+        self.provider = get_provider(provider)
+        self.mrs = {t: self.provider.reg_mr(a) for t, a in self.arrays.items()}
+        scfg = cfg["servers"][name]
+        self.listener = self.provider.listen(host or scfg["host"], scfg["port"] if port is None else port,
+                                             recv_depth=credits)
+        self.address = self.listener.address
+        self.credits = credits
+        self.max_message = max_message
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.requests = 0
+
+    # -------------------------------------------------------------- request handling
+    def meta(self) -> dict:
+        return {"server": self.name, "tables": {
+            t: {"lo": lo, "hi": hi, "dim": int(self.arrays[t].shape[1]), "rkey": self.mrs[t].rkey,
+                "row_bytes": int(self.arrays[t].shape[1] * 4)}
+            for t, (lo, hi) in self.ranges.items()}}
+
+    def _local(self, req: P.Request) -> np.ndarray:
+        if req.table not in self.ranges:
+            raise LookupError(f"server {self.name} holds no shard of table {req.table!r} "
+                              f"(it holds {sorted(self.ranges)})")
+        lo, hi = self.ranges[req.table]
+        idx = req.indices
+        if idx.size:
+            bad = (idx < lo) | (idx >= hi)
+            if bad.any():
+                pos = int(np.flatnonzero(bad)[0])
+                raise IndexError(f"table {req.table!r}: index {int(idx[pos])} at position {pos} is "
+                                 f"outside the rows [{lo}, {hi}) held by server {self.name}")
+        return idx - lo
+
+    def handle(self, data) -> bytes:
+        self.requests += 1
+        try:
+            req = P.decode_request(data)
+            if req.type == P.MsgType.ECHO:
+                return P.encode_ok_bytes(req.payload)
+            if req.type == P.MsgType.META:
+                return P.encode_ok_json(self.meta())
+            local = self._local(req)
+            if req.type == P.MsgType.GATHER:
+                with self._store_lock:
+                    rows = self.store.gather(req.table, local)
+                return P.encode_ok_array(rows)
+            if req.type == P.MsgType.POOLED:
+                off = req.offsets
+                if off.size < 1 or off[0] != 0 or off[-1] != local.size or (np.diff(off) < 0).any():
+                    raise ValueError(f"table {req.table!r}: offsets must rise from 0 to {local.size} "
+                                     f"(got {off.size} offsets)")
+                with self._store_lock:
+                    pooled = self.store.pooled(req.table, local, off, mode="sum")
+                return P.encode_ok_array(pooled)
+            raise P.ProtocolError(f"request type {req.type.name} not served here")
+        except (P.ProtocolError, LookupError, ValueError) as exc:
+            return P.encode_err(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a server bug must not kill the connection silently
+            return P.encode_err(f"internal error: {type(exc).__name__}: {exc}")
+
+    # -------------------------------------------------------------- connections
+    def _connection(self, qp):
+        bufs = {}
+        try:
+            for i in range(self.credits):
+                bufs[i] = np.empty(self.max_message, dtype=np.uint8)
+                qp.post_recv(i, bufs[i])
+            while not self._stop.is_set():
+                qp.progress()
+                for wc in qp.poll_cq():
+                    if wc.opcode == Opcode.FATAL:
+                        return
+                    if wc.opcode != Opcode.RECV:
+                        continue
+                    buf = bufs[wc.wr_id]
+                    if wc.ok:
+                        reply = self.handle(buf[:wc.byte_len])
+                    else:
+                        reply = P.encode_err(wc.error or "receive failed")
+                    qp.post_recv(wc.wr_id, buf)
+                    qp.post_send(wc.imm, reply)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            qp.close()
+
+    def serve_forever(self):
+        while not self._stop.is_set():
+            try:
+                qp = self.listener.accept(timeout=0.2)
+            except TimeoutError:
+                continue
+            except (OSError, P.ProtocolError, ValueError):
+                if self._stop.is_set():
+                    break
+                continue       # a peer that failed its handshake; it was told why
+            t = threading.Thread(target=self._connection, args=(qp,), daemon=True,
+                                 name=f"evssd-server-conn")
+            t.start()
+            self._threads.append(t)
+
+    def stop(self):
+        self._stop.set()
+
+    def close(self):
+        self.stop()
+        self.listener.close()
+        self.store.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def run_server(cfg: dict, name: str, **kw) -> int:
+    """Process entry: build, announce readiness on stdout, serve until SIGTERM/SIGINT."""
+    server = EmbeddingServer(cfg, name, **kw)
+
+    def on_signal(signum, frame):
+        server.stop()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host, port = server.address
+    sys.stdout.write(READY_PREFIX + json.dumps({"server": name, "host": host, "port": port,
+                                                "tables": {t: list(r) for t, r in server.ranges.items()}}) + "\n")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+    return 0

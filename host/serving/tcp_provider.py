@@ -1,0 +1,340 @@
+"""The ``tcp`` provider: RDMA verbs semantics over TCP sockets, for hosts without an RDMA NIC.
+
+One TCP connection is one reliable-connected queue pair. The frame format is in
+:mod:`.protocol`. What a NIC would do in hardware, :meth:`TcpQueuePair.progress` does when the
+socket is readable: a READ_REQ is answered from the registered memory of this provider (the
+application never sees it: one-sided), a SEND lands in the oldest posted receive, a READ_RESP
+lands in the local buffer of its read. A SEND that finds no posted receive is refused with an
+ERROR frame (the RNR NAK of RC transport), so the sender gets an error completion rather than
+silent loss.
+
+Two modes: ``blocking=False`` (the engine: sockets non-blocking, sends queue and drain on
+writability, so an I/O thread never blocks behind a slow peer while it should be reading) and
+``blocking=True`` (a server's per-connection thread: ``progress`` blocks in ``recv``, sends go out
+with ``sendall``). Both release the GIL in the socket calls.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import threading
+from collections import deque
+
+from . import protocol as P
+from .rdma import (Listener, MemoryRegion, Opcode, Provider, QueuePair, WorkCompletion)
+
+__all__ = ["TcpProvider", "TcpQueuePair", "TcpListener"]
+
+_RECV_CHUNK = 1 << 18
+
+
+def _nodelay(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class TcpProvider(Provider):
+    name = "tcp"
+
+    def __init__(self):
+        self._mrs: dict[int, MemoryRegion] = {}
+        self._lock = threading.Lock()
+
+    def reg_mr(self, buf) -> MemoryRegion:
+        with self._lock:
+            while True:
+                rkey = secrets.randbits(32) or 1
+                if rkey not in self._mrs:
+                    break
+            mr = MemoryRegion(buf, rkey)
+            self._mrs[rkey] = mr
+        return mr
+
+    def dereg_mr(self, mr: MemoryRegion) -> None:
+        with self._lock:
+            self._mrs.pop(mr.rkey, None)
+
+    def lookup(self, rkey: int) -> MemoryRegion | None:
+        return self._mrs.get(rkey)
+
+    def connect(self, host, port, *, recv_depth=32, timeout=5.0, blocking=False, name=""):
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            _nodelay(sock)
+            hello = json.dumps({"recv_depth": recv_depth, "name": name}).encode()
+            sock.sendall(P.pack_header(P.Op.HELLO, 0, len(hello)) + hello)
+            hdr, body = _read_frame_blocking(sock)
+            if hdr.op == P.Op.ERROR:
+                raise P.ProtocolError(f"{host}:{port} refused the connection: {body.decode(errors='replace')}")
+            if hdr.op != P.Op.HELLO_ACK:
+                raise P.ProtocolError(f"{host}:{port} answered HELLO with op {hdr.op}")
+            peer_credits = int(json.loads(body)["recv_depth"])
+        except BaseException:
+            sock.close()
+            raise
+        return TcpQueuePair(self, sock, peer_credits, blocking=blocking, peer=f"{host}:{port}")
+
+    def listen(self, host, port, *, recv_depth=32):
+        return TcpListener(self, host, port, recv_depth)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("peer closed the connection")
+        got += k
+    return buf
+
+
+def _read_frame_blocking(sock):
+    hdr = P.unpack_header(_recv_exact(sock, P.HEADER.size))
+    return hdr, bytes(_recv_exact(sock, hdr.length))
+
+
+class TcpListener(Listener):
+    def __init__(self, provider: TcpProvider, host: str, port: int, recv_depth: int):
+        self.provider = provider
+        self.recv_depth = recv_depth
+        self._sock = socket.create_server((host, port), reuse_port=False)
+        self.address = self._sock.getsockname()[:2]
+
+    def accept(self, timeout=None, handshake_timeout=5.0):
+        self._sock.settimeout(timeout)
+        sock, addr = self._sock.accept()
+        sock.settimeout(handshake_timeout)
+        try:
+            _nodelay(sock)
+            try:
+                hdr, body = _read_frame_blocking(sock)
+                if hdr.op != P.Op.HELLO:
+                    raise P.ProtocolError(f"expected HELLO, got op {hdr.op}")
+                json.loads(body)
+            except (P.ProtocolError, ValueError) as exc:
+                msg = str(exc).encode()
+                try:
+                    sock.sendall(P.pack_header(P.Op.ERROR, 0, len(msg)) + msg)
+                except OSError:
+                    pass
+                raise
+            ack = json.dumps({"recv_depth": self.recv_depth}).encode()
+            sock.sendall(P.pack_header(P.Op.HELLO_ACK, 0, len(ack)) + ack)
+        except BaseException:
+            sock.close()
+            raise
+        return TcpQueuePair(self.provider, sock, self.recv_depth, blocking=True,
+                            peer=f"{addr[0]}:{addr[1]}")
+
+    def close(self):
+        self._sock.close()
+
+
+class TcpQueuePair(QueuePair):
+    def __init__(self, provider: TcpProvider, sock: socket.socket, peer_credits: int, *,
+                 blocking: bool, peer: str = "?"):
+        self.provider = provider
+        self.peer = peer
+        self.peer_credits = peer_credits
+        self._sock = sock
+        self._blocking = blocking
+        sock.settimeout(None)
+        sock.setblocking(blocking)
+        self._fd = sock.fileno()
+        self._rbuf = bytearray()
+        self._out: deque[memoryview] = deque()
+        self._send_lock = threading.Lock()
+        self._recvs: deque = deque()            # (wr_id, buffer) posted receives, FIFO
+        self._reads: dict[int, tuple] = {}     # wr_id -> (local view, length)
+        self._cq: deque[WorkCompletion] = deque()
+        self.bytes_sent = 0
+        self.bytes_recv = 0
+        self.failed: str | None = None
+
+    # ------------------------------------------------------------------ posting
+    def fileno(self):
+        return self._fd
+
+    def _emit(self, op, req_id, payload=b"", flags=0):
+        if self.failed:
+            raise ConnectionError(f"queue pair to {self.peer} failed: {self.failed}")
+        hdr = P.pack_header(op, req_id, len(payload), flags)
+        with self._send_lock:
+            self.bytes_sent += len(hdr) + len(payload)
+            if self._blocking:
+                try:
+                    self._sock.sendall(hdr)
+                    if payload:
+                        self._sock.sendall(payload)
+                except OSError as exc:
+                    self._fail(f"send failed: {exc}")
+                    raise ConnectionError(f"send to {self.peer} failed: {exc}") from exc
+            else:
+                self._out.append(memoryview(hdr))
+                if payload:
+                    self._out.append(memoryview(payload).cast("B"))
+                self._flush_locked()
+
+    def post_send(self, wr_id, data):
+        self._emit(P.Op.SEND, wr_id, data)
+
+    def post_recv(self, wr_id, buf):
+        self._recvs.append((wr_id, memoryview(buf).cast("B")))
+
+    def post_read(self, wr_id, local, rkey, offset, length):
+        view = memoryview(local).cast("B")
+        if view.nbytes < length:
+            raise ValueError(f"local buffer of {view.nbytes} bytes cannot hold a {length}-byte READ")
+        self._reads[wr_id] = (view, length)
+        self._emit(P.Op.READ_REQ, wr_id, P.pack_read_req(rkey, offset, length))
+
+    def wants_write(self):
+        return bool(self._out)
+
+    def flush(self):
+        with self._send_lock:
+            self._flush_locked()
+
+    def _flush_locked(self):
+        out = self._out
+        try:
+            while out:
+                head = out[0]
+                n = self._sock.send(head)
+                if n < len(head):
+                    out[0] = head[n:]
+                    return
+                out.popleft()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            out.clear()
+            self._fail(f"send failed: {exc}")
+
+    # ------------------------------------------------------------------ progress
+    def progress(self):
+        """Read what the socket holds (blocking mode: wait for it) and handle whole frames."""
+        if self.failed:
+            return
+        try:
+            data = self._sock.recv(_RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(f"receive failed: {exc}")
+            return
+        if not data:
+            self._fail("peer closed the connection")
+            return
+        self.bytes_recv += len(data)
+        rbuf = self._rbuf
+        rbuf += data
+        pos = 0
+        hs = P.HEADER.size
+        try:
+            while len(rbuf) - pos >= hs:
+                hdr = P.unpack_header(bytes(rbuf[pos:pos + hs]))
+                if len(rbuf) - pos - hs < hdr.length:
+                    break
+                body = memoryview(rbuf)[pos + hs:pos + hs + hdr.length]
+                try:
+                    self._handle(hdr, body)
+                finally:
+                    body.release()
+                pos += hs + hdr.length
+        except P.ProtocolError as exc:
+            # The stream cannot be trusted past a bad header: say why, then close.
+            msg = str(exc).encode()
+            try:
+                self._emit(P.Op.ERROR, 0, msg)
+                self.flush()
+            except (ConnectionError, OSError):
+                pass
+            self._fail(str(exc))
+            return
+        if pos:
+            del rbuf[:pos]
+
+    def _handle(self, hdr, body):
+        op = hdr.op
+        if op == P.Op.SEND:
+            if not self._recvs:
+                self._emit(P.Op.ERROR, hdr.req_id,
+                           b"receiver not ready: no receive posted (in-flight limit exceeded)")
+                return
+            wr_id, buf = self._recvs.popleft()
+            n = len(body)
+            if n > buf.nbytes:
+                self._cq.append(WorkCompletion(wr_id, Opcode.RECV, False, n, hdr.req_id,
+                                               f"message of {n} bytes exceeds the {buf.nbytes}-byte receive buffer"))
+                self._emit(P.Op.ERROR, hdr.req_id, f"message of {n} bytes too long for the receive buffer".encode())
+                return
+            buf[:n] = body
+            self._cq.append(WorkCompletion(wr_id, Opcode.RECV, True, n, hdr.req_id))
+        elif op == P.Op.READ_REQ:
+            rkey, off, length = P.unpack_read_req(body)
+            mr = self.provider.lookup(rkey)
+            if mr is None:
+                err = f"READ: unknown rkey 0x{rkey:08x}"
+            elif off + length > mr.length:
+                err = f"READ: [{off}, {off + length}) is outside the {mr.length}-byte region 0x{rkey:08x}"
+            else:
+                self._emit(P.Op.READ_RESP, hdr.req_id, mr.buf[off:off + length])
+                return
+            self._emit(P.Op.READ_RESP, hdr.req_id, err.encode(), flags=P.Status.ERR)
+        elif op == P.Op.READ_RESP:
+            entry = self._reads.pop(hdr.req_id, None)
+            if entry is None:
+                return                      # a read we gave up on (timed out): drop the late answer
+            view, length = entry
+            if hdr.flags == P.Status.ERR:
+                self._cq.append(WorkCompletion(hdr.req_id, Opcode.READ, False, 0, 0,
+                                               bytes(body).decode(errors="replace")))
+            elif len(body) != length:
+                self._cq.append(WorkCompletion(hdr.req_id, Opcode.READ, False, len(body), 0,
+                                               f"READ returned {len(body)} bytes, asked {length}"))
+            else:
+                view[:length] = body
+                self._cq.append(WorkCompletion(hdr.req_id, Opcode.READ, True, length))
+        elif op == P.Op.ERROR:
+            msg = bytes(body).decode(errors="replace")
+            if hdr.req_id == 0:
+                self._fail(f"peer reported: {msg}")
+            elif self._reads.pop(hdr.req_id, None) is not None:
+                self._cq.append(WorkCompletion(hdr.req_id, Opcode.READ, False, 0, 0, msg))
+            else:
+                self._cq.append(WorkCompletion(hdr.req_id, Opcode.SEND, False, 0, 0, msg))
+        else:
+            raise P.ProtocolError(f"unexpected op {P.Op(op).name} on an established connection")
+
+    def forget_read(self, wr_id):
+        self._reads.pop(wr_id, None)
+
+    def poll_cq(self):
+        cq = self._cq
+        out = list(cq)
+        cq.clear()
+        return out
+
+    def _fail(self, reason):
+        if self.failed:
+            return
+        self.failed = reason
+        for wr_id in list(self._reads):
+            self._cq.append(WorkCompletion(wr_id, Opcode.READ, False, 0, 0, reason))
+        self._reads.clear()
+        self._cq.append(WorkCompletion(0, Opcode.FATAL, False, 0, 0, reason))
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self):
+        if not self.failed:
+            self.failed = "closed locally"
+        try:
+            self._sock.close()
+        except OSError:
+            pass
