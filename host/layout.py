@@ -307,6 +307,11 @@ class Layout:
                                           f"CRC-32 {crc:#010x} != layout's {t.crc32[k]:#010x}")
         return n
 
+    def forget_data(self) -> None:
+        """Drop the references to the tables' arrays (after :meth:`write`); :meth:`verify` then
+        checks the CRC-32s, as for a layout loaded from JSON."""
+        self._arrays.clear()
+
     # -- JSON -----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:

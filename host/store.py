@@ -556,10 +556,11 @@ class EvssdBackend(Backend):
     """The EV-SSD through the driver. ``bytes_read`` counts result bytes returned by DMA."""
     name = "evssd"
 
-    def __init__(self, device, layout):
+    def __init__(self, device, layout, owns_device: bool = False):
         super().__init__()
         self.device = device
         self.layout = layout
+        self.owns_device = owns_device
         self._ids = {t.name: t for t in layout.tables}
 
     def read_rows(self, info, indices):
@@ -581,15 +582,9 @@ class EvssdBackend(Backend):
         acc = info.acc_dtype
         return np.ascontiguousarray(raw[:, :info.dim * 4]).view(acc).reshape(len(offsets) - 1, info.dim)
 
-    def stats(self):
-        s = super().stats()
-        dev_stats = getattr(self.device, "stats", None)
-        if callable(dev_stats):
-            try:
-                s["device"] = dev_stats()
-            except Exception:
-                pass
-        return s
+    def close(self):
+        if self.owns_device:
+            self.device.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,12 +669,14 @@ class EmbeddingStore:
                 be.load(n, a)
         elif backend == "evssd":
             from evssd.host.layout import Layout
-            if device is None:
+            owns = device is None
+            if owns:
                 from evssd.host.device import Device
                 device = Device.open("model")
             layout = Layout.plan(arrays, device=device, **(layout_options or {}))
             layout.write(device)
-            be = EvssdBackend(device, layout)
+            layout.forget_data()  # the device holds the rows now; do not pin the arrays
+            be = EvssdBackend(device, layout, owns_device=owns)
         else:
             raise StoreInputError(f"unknown backend {backend!r} (expected dram, file, evssd, rocksdb)")
         return cls(infos, be, cache_fraction=cache_fraction, cache=cache, device_pooling=device_pooling)

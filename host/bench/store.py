@@ -1,0 +1,400 @@
+"""`evssd bench store`: embedding-store backends side by side on one trace and one memory budget.
+
+Peers (each in its own subprocess, so that its memory is its own):
+
+============== ====================================================================================
+dram           every row in memory: the ideal
+file-page      table file, one 4 KiB page read (pread) per distinct row looked up: block-SSD baseline
+file-row+ev    table file, row-granular pread, EV-Cache in front
+file-row+lru   table file, row-granular pread, plain LRU (cachetools) of the same byte budget
+evssd+ev       the EV-SSD functional/timing model through the driver, EV-Cache in front
+rocksdb+ev     rows in RocksDB (FBGEMM SSD-TBE / HugeCTR HPS tier), EV-Cache in front
+============== ====================================================================================
+
+Every peer runs the same Meta-calibrated trace (:func:`evssd.host.workload.meta_calibrated`,
+one independent stream per table) through :class:`evssd.host.pipeline.Pipeline` (depth 2) and
+pools with ``sum``. The first ``--warmup`` batches fill the caches and are not measured.
+
+Measured: lookups/s (looked-up indices, duplicates included, per wall second), p50/p99 batch
+latency, cache hit rate (distinct rows per batch served by the cache), backend bytes read per
+lookup, and memory: resident set size sampled after every batch in the peer's subprocess, minus
+the RSS before its tables were built (``rss_delta``; for ``evssd`` the model's simulated flash
+is the device's memory, so its page bytes are subtracted and reported apart). Every peer hashes
+its pooled outputs; the hashes must agree (they do unless a backend is wrong).
+
+Caveats, printed with the results: the table files were just written, so ``file-*`` reads are
+served by the OS page cache (dropping it needs root), which makes them optimistic for an SSD;
+``bytes_read`` counts what a block device would have moved. ``evssd`` wall-clock times are those
+of a Python model of the device, not of hardware; its modelled device time is reported when the
+driver exposes it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+PEERS = ["dram", "file-page", "file-row+ev", "file-row+lru", "evssd+ev", "rocksdb+ev"]
+
+# backend, options, cache kind (None: no cache)
+_SPEC = {
+    "dram": ("dram", {}, None),
+    "file-page": ("file", {"file_mode": "page"}, None),
+    "file-row+ev": ("file", {"file_mode": "row"}, "evcache"),
+    "file-row+lru": ("file", {"file_mode": "row"}, "lru"),
+    "evssd+ev": ("evssd", {}, "evcache"),
+    "rocksdb+ev": ("rocksdb", {}, "evcache"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tables", type=int, default=4, help="number of tables (default 4)")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows per table (default 100000)")
+    parser.add_argument("--dim", type=int, default=64, help="elements per row (default 64)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8", "int32"])
+    parser.add_argument("--batch-size", type=int, default=128, help="bags per table per batch (default 128)")
+    parser.add_argument("--pooling-factor", type=int, default=20, help="lookups per bag (default 20)")
+    parser.add_argument("--batches", type=int, default=300, help="measured batches (default 300)")
+    parser.add_argument("--warmup", type=int, default=30, help="unmeasured warm-up batches (default 30)")
+    parser.add_argument("--cache-fraction", type=float, default=0.01,
+                        help="per-table cache budget as a fraction of the table (default 0.01)")
+    parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
+    parser.add_argument("--max-seconds", type=float, default=10.0,
+                        help="stop a peer's measured phase after this long (default 10 s)")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list (default: {','.join(PEERS)})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="where table files and RocksDB go (default: a temp dir)")
+    parser.add_argument("--results", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few seconds: 2 tables x 20000 rows, 30 batches")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared by parent and child
+
+
+def _make_tables(cfg) -> dict[str, np.ndarray]:
+    out = {}
+    for k in range(cfg["tables"]):
+        rng = np.random.default_rng(cfg["seed"] * 1000 + k)
+        shape = (cfg["rows"], cfg["dim"])
+        if cfg["dtype"] in ("fp32", "fp16"):
+            arr = rng.standard_normal(shape, dtype=np.float32).astype(
+                np.float16 if cfg["dtype"] == "fp16" else np.float32, copy=False)
+        elif cfg["dtype"] == "int8":
+            arr = rng.integers(-128, 128, shape, dtype=np.int8)
+        else:
+            arr = rng.integers(-(1 << 16), 1 << 16, shape, dtype=np.int32)
+        out[f"t{k}"] = arr
+    return out
+
+
+def _make_trace(cfg) -> list[dict]:
+    from evssd.host.workload import meta_calibrated
+    n = cfg["warmup"] + cfg["batches"]
+    streams = {f"t{k}": meta_calibrated(cfg["rows"], batch_size=cfg["batch_size"],
+                                        pooling_factor=cfg["pooling_factor"],
+                                        seed=cfg["seed"] * 1000 + 17 * k + 1, n_batches=n)
+               for k in range(cfg["tables"])}
+    batches = [dict() for _ in range(n)]
+    for name, it in streams.items():
+        for b, batch in enumerate(it):
+            batches[b][name] = (batch.indices, batch.offsets)
+    return batches
+
+
+def _itemsize(cfg) -> int:
+    return {"fp32": 4, "fp16": 2, "int8": 1, "int32": 4}[cfg["dtype"]]
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+# ----------------------------------------------------------------------------------------------
+# the child: one peer
+
+
+def _child(cfg_path: str) -> int:
+    cfg = json.loads(Path(cfg_path).read_text())
+    from evssd.host.pipeline import Pipeline
+    from evssd.host.store import EmbeddingStore
+
+    peer = cfg["peer"]
+    backend, opts, cache = _SPEC[peer]
+    trace = _make_trace(cfg)
+    _warm_jit(cfg)
+    dev = None
+    transport_bytes = 0
+    if backend == "evssd":
+        # The model's simulated host-memory window and flash are allocated at open; they belong
+        # to the device/transport, not to the store, so the baseline is taken after the open.
+        from evssd.host.device import Device
+        need = sum(-(-cfg["rows"] // max(1, 4096 // (-(-cfg["dim"] * _itemsize(cfg) // 4) * 4)))
+                   for _ in range(cfg["tables"]))
+        ppc = 1024
+        while ppc * 4 < need:
+            ppc *= 2
+        gc.collect()
+        before_open = _rss()
+        dev = Device.open("model", pages_per_channel=ppc)
+        transport_bytes = _rss() - before_open
+    gc.collect()
+    rss0 = _rss()
+    t_build = time.perf_counter()
+    model_flash_bytes = 0
+    device_info = None
+    cache_kw = dict(cache_fraction=cfg["cache_fraction"] if cache else None, cache=cache or "evcache")
+    if backend == "file":
+        store = EmbeddingStore.from_files(cfg["files"], file_mode=opts["file_mode"], **cache_kw)
+    else:
+        tables = _make_tables(cfg)
+        kw = dict(cache_kw)
+        if backend == "rocksdb":
+            kw["path"] = cfg["rocksdb_path"]
+        if backend == "evssd":
+            kw["device"] = dev
+            device_info = {k: getattr(dev.params, k) for k in ("n_channels", "page_size", "ways",
+                                                                "pages_per_channel") if hasattr(dev.params, k)}
+        store = EmbeddingStore.from_arrays(tables, backend, **kw)
+        if backend == "evssd":
+            model_flash_bytes = store.backend.layout.n_pages * store.backend.layout.page_size
+        if backend != "dram":
+            del tables
+    build_s = time.perf_counter() - t_build
+    gc.collect()
+    rss_built = _rss()
+
+    warm, meas = trace[:cfg["warmup"]], trace[cfg["warmup"]:]
+    digest = 0
+    with Pipeline(store, "sum", depth=cfg["depth"]) as pipe:
+        for r in pipe.run(warm):
+            pass
+        s0 = store.stats()
+        dev_t0 = _device_time(store)
+        pipe.latencies_s.clear()
+        peak = _rss()
+        lookups = 0
+        t0 = time.perf_counter()
+        deadline = t0 + cfg["max_seconds"]
+        done = 0
+
+        def batches():
+            for b in meas:
+                if time.perf_counter() > deadline:
+                    return
+                yield b
+
+        for r in pipe.run(batches()):
+            done += 1
+            lookups += sum(int(req[0].size) for req in meas[r.index].values())
+            for name in sorted(r.results):
+                digest = zlib.crc32(np.ascontiguousarray(r.results[name]).view(np.uint8), digest)
+            if done % 8 == 0:
+                peak = max(peak, _rss())
+        wall = time.perf_counter() - t0
+        lat = pipe.summary()
+    peak = max(peak, _rss())
+    s1 = store.stats()
+    dev_t1 = _device_time(store)
+    hits = misses = 0
+    for name, c1 in s1["caches"].items():
+        c0 = s0["caches"][name]
+        hits += c1.get("hits", 0) - c0.get("hits", 0)
+        misses += c1.get("misses", 0) - c0.get("misses", 0)
+    cache_bytes = sum(int(c.get("memory_bytes", 0)) for c in s1["caches"].values())
+    res = {
+        "peer": peer, "backend": backend, "cache": cache, "batches": done, "lookups": lookups,
+        "wall_s": wall, "lookups_per_s": lookups / wall if wall else None,
+        "latency": lat, "hit_rate": (hits / (hits + misses)) if hits + misses else None,
+        "bytes_read": s1["bytes_read"] - s0["bytes_read"],
+        "rows_read": s1["rows_read"] - s0["rows_read"],
+        "bytes_per_lookup": (s1["bytes_read"] - s0["bytes_read"]) / lookups if lookups else None,
+        "build_s": build_s,
+        "rss_before_tables": rss0, "rss_built_delta": rss_built - rss0 - model_flash_bytes,
+        "rss_peak_delta": peak - rss0 - model_flash_bytes, "model_flash_bytes": model_flash_bytes,
+        "cache_memory_bytes": cache_bytes, "transport_open_bytes": transport_bytes, "digest": f"{digest:08x}",
+    }
+    if device_info:
+        res["device_params"] = device_info
+    if dev_t0 is not None and dev_t1 is not None:
+        res["modelled_device_cycles"] = dev_t1 - dev_t0
+        clock = getattr(store.backend.device.params, "clock_hz", 0)
+        if clock:
+            res["modelled_device_s"] = (dev_t1 - dev_t0) / clock
+    store.close()
+    Path(cfg["out"]).write_text(json.dumps(res))
+    return 0
+
+
+def _warm_jit(cfg):
+    """Compile (or load) the numba kernels of the cache and the pooling before the memory
+    baseline is taken: LLVM's tens of MiB are the same for every peer and are not the store's."""
+    from evssd.host.store import DTYPES, EmbeddingStore
+    t = np.zeros((256, cfg["dim"]), DTYPES[cfg["dtype"]])
+    with EmbeddingStore.from_arrays({"w": t}, "dram", cache_fraction=0.5, cache="evcache") as s:
+        for _ in range(3):
+            s.pooled("w", np.arange(16), np.array([0, 8, 16]))
+            s.gather("w", np.arange(4))
+
+
+def _device_time(store):
+    """The device's cycle counter (modelled cycles; evssd backend only), or None."""
+    dev = getattr(store.backend, "device", None)
+    if dev is None or not hasattr(dev, "counters"):
+        return None
+    try:
+        return int(dev.counters()["cycles"])
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the parent
+
+
+def _config(args) -> dict:
+    cfg = {k: getattr(args, k) for k in ("tables", "rows", "dim", "dtype", "batch_size", "pooling_factor",
+                                         "batches", "warmup", "cache_fraction", "depth", "max_seconds", "seed")}
+    if args.quick:
+        cfg.update(tables=2, rows=20_000, batches=30, warmup=10, max_seconds=3.0)
+    return cfg
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _figure(rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if "error" not in r]
+    names = [r["peer"] for r in ok]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    panels = [
+        ("lookups/s (millions)", [r["lookups_per_s"] / 1e6 for r in ok]),
+        ("p99 batch latency (ms)", [r["latency"]["p99_ms"] for r in ok]),
+        ("cache hit rate", [r["hit_rate"] or 0 for r in ok]),
+        ("backend bytes read / lookup", [r["bytes_per_lookup"] for r in ok]),
+    ]
+    for ax, (title, vals) in zip(axes, panels):
+        ax.bar(range(len(names)), vals, color="tab:blue")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("evssd bench store: same trace, same cache budget", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def run(args) -> int:
+    if args.child:
+        return _child(args.child)
+    cfg = _config(args)
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    for p in peers:
+        if p not in _SPEC:
+            print(f"evssd bench store: unknown peer {p!r} (known: {', '.join(PEERS)})", file=sys.stderr)
+            return 2
+    t_all = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="evssd-bench-store-", dir=args.workdir)
+    work = Path(tmp.name)
+    try:
+        files = {}
+        if any(_SPEC[p][0] == "file" for p in peers):
+            from evssd.host.store import write_table_file
+            for name, arr in _make_tables(cfg).items():
+                files[name] = str(write_table_file(work / f"{name}.evt", arr))
+        table_bytes = cfg["tables"] * cfg["rows"] * cfg["dim"] * np.dtype(
+            {"fp32": np.float32, "fp16": np.float16, "int8": np.int8, "int32": np.int32}[cfg["dtype"]]).itemsize
+        print(f"evssd bench store: {cfg['tables']} tables x {cfg['rows']} rows x {cfg['dim']} {cfg['dtype']} "
+              f"({_fmt_bytes(table_bytes)}), batches of {cfg['batch_size']} bags x {cfg['pooling_factor']} "
+              f"lookups per table, Meta-calibrated trace, {cfg['warmup']} warm-up + up to {cfg['batches']} "
+              f"measured batches, cache {cfg['cache_fraction']:.2%} per table, pipeline depth {cfg['depth']}")
+        rows = []
+        for peer in peers:
+            c = dict(cfg, peer=peer, files=files, rocksdb_path=str(work / f"rocksdb-{peer}"),
+                     out=str(work / f"{peer}.json"))
+            cpath = work / f"{peer}.cfg.json"
+            cpath.write_text(json.dumps(c))
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "evssd.host.bench.store", "--child", str(cpath)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0 or not Path(c["out"]).exists():
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"  {peer:13s} FAILED: {err}")
+                rows.append({"peer": peer, "error": err})
+                continue
+            r = json.loads(Path(c["out"]).read_text())
+            r["subprocess_s"] = time.perf_counter() - t0
+            rows.append(r)
+        ok = [r for r in rows if "error" not in r]
+        digests = {r["peer"]: r["digest"] for r in ok}
+        # peers measure different numbers of batches when --max-seconds cuts them short, so only
+        # peers that ran every batch can be compared
+        full = {p: d for p, d in digests.items()
+                if next(r for r in ok if r["peer"] == p)["batches"] == cfg["batches"]}
+        identical = len(set(full.values())) <= 1
+        hdr = f"  {'peer':13s} {'lookups/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'hit rate':>8s} " \
+              f"{'B/lookup':>9s} {'bytes read':>11s} {'RSS delta':>10s} {'batches':>7s}"
+        print(hdr)
+        for r in rows:
+            if "error" in r:
+                continue
+            hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+            print(f"  {r['peer']:13s} {r['lookups_per_s']:10.0f} {r['latency']['p50_ms']:8.2f} "
+                  f"{r['latency']['p99_ms']:8.2f} {hr:>8s} {r['bytes_per_lookup']:9.1f} "
+                  f"{_fmt_bytes(r['bytes_read']):>11s} {_fmt_bytes(r['rss_peak_delta']):>10s} {r['batches']:7d}")
+        notes = [
+            "memory: peak RSS sampled every 8 batches in a fresh subprocess per peer, minus its RSS "
+            "before the tables were built; evssd: baseline taken after Device.open (the model's "
+            "host-memory window, transport_open_bytes) and minus the simulated flash pages written",
+            "file-* reads may hit the OS page cache (the files were just written; dropping the cache "
+            "needs root), so their latencies are optimistic for an SSD; bytes_read is what a block "
+            "device would move",
+            "evssd times are wall-clock times of the Python device model, not hardware",
+            "hit rate counts distinct rows per batch (lookups are deduplicated before the cache)",
+        ]
+        print(f"  pooled outputs identical across peers that ran every batch: {identical} "
+              f"({', '.join(f'{p}={d}' for p, d in full.items())})")
+        for n in notes:
+            print(f"  note: {n}")
+        data = {"config": cfg, "peers": rows, "outputs_identical": identical, "notes": notes,
+                "total_s": time.perf_counter() - t_all}
+        command = "evssd bench store " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "store"] else [])
+        path = None
+        fig = None
+        try:
+            fig = _figure(rows) if ok else None
+        except Exception as exc:  # a plot must never lose the numbers
+            print(f"  (no figure: {exc})")
+        from evssd.host.bench.common import write_results
+        path = write_results("store", data, fig, command=command.strip(), root=args.results)
+        print(f"  wrote {path} ({time.perf_counter() - t_all:.1f} s)")
+        return 0 if ok and identical else 1
+    finally:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    _p = argparse.ArgumentParser()
+    add_arguments(_p)
+    sys.exit(run(_p.parse_args()))
