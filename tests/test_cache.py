@@ -275,3 +275,27 @@ def test_clear_and_capacity_capped_by_rows():
     cache.admit(np.arange(3), np.ones((3, 2), np.float32))
     cache.check_invariants()
     assert cache.keys_mru().tolist() == [2, 1, 0]
+
+
+def test_bench_cache_smoke(tmp_path):
+    """`evssd bench cache` at toy size: it runs, writes JSON, and its plain-LRU peer
+    (cachetools, an independent implementation) agrees with the no-filter EV-Cache exactly."""
+    import json
+
+    from evssd.host.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "cache", "--rows", "200000", "--dim", "8", "--batch-size", "64", "--batches", "4",
+         "--warmup", "3",
+         "--budgets", "1,5", "--repeats", "1", "--lru-keys", "3000", "--no-plot",
+         "--results-root", str(tmp_path)])
+    assert args._run(args) == 0
+    data = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    for trace in ("meta_calibrated", "zipf"):
+        for budget in ("1.0", "5.0"):
+            r = data["hit_rate"][trace][budget]
+            assert r["peer_agrees_with_nofilter"], (trace, budget, r)
+            assert 0 < r["evcache"]["hit_rate"] < 1
+            assert r["evcache_memory_bytes"] <= float(budget) / 100 * 200000 * 8 * 4
+    # hot set = half the capacity, 95% of keys: every hot key hits once the cache is warm
+    assert data["throughput"]["hot_set"]["evcache"]["hit_rate"] > 0.9
