@@ -12,7 +12,8 @@ JSON (or TOML, by file extension)::
     }
 
 A shard is a row range ``[lo, hi)``; its ``servers`` list is primary first, then replicas. The
-shards of a table must tile ``[0, rows)`` exactly. A server holds at most one range per table.
+shards of a table must tile ``[0, rows)`` exactly. A server may hold several ranges of a table
+(primary of one, replica of another).
 Table contents come from an ``.npy`` file or, for tests and demos, from a seeded generator that
 can produce any row range without producing the rest (so a server makes only its shards).
 """
@@ -66,7 +67,6 @@ def validate_config(cfg: dict) -> dict:
         if "host" not in s or "port" not in s:
             raise ConfigError(f"server {name!r} needs host and port")
     ranges: dict[str, list] = {t: [] for t in cfg["tables"]}
-    held: set = set()
     for i, sh in enumerate(cfg["shards"]):
         t = sh.get("table")
         if t not in cfg["tables"]:
@@ -79,9 +79,6 @@ def validate_config(cfg: dict) -> dict:
         for s in sh["servers"]:
             if s not in cfg["servers"]:
                 raise ConfigError(f"shard {i}: unknown server {s!r}")
-            if (s, t) in held:
-                raise ConfigError(f"server {s!r} holds two ranges of table {t!r}")
-            held.add((s, t))
         ranges[t].append((lo, hi))
     for t, rs in ranges.items():
         rs.sort()
@@ -118,12 +115,14 @@ def table_rows(cfg: dict, table: str, lo: int = 0, hi: int | None = None) -> np.
     return out
 
 
-def server_shards(cfg: dict, server: str) -> dict[str, tuple[int, int]]:
-    """Table -> (lo, hi) held by ``server`` (as primary or replica)."""
-    out = {}
+def server_shards(cfg: dict, server: str) -> dict[str, list[tuple[int, int]]]:
+    """Table -> sorted (lo, hi) ranges held by ``server`` (as primary or replica)."""
+    out: dict[str, list] = {}
     for sh in cfg["shards"]:
         if server in sh["servers"]:
-            out[sh["table"]] = tuple(sh["rows"])
+            out.setdefault(sh["table"], []).append(tuple(sh["rows"]))
+    for rs in out.values():
+        rs.sort()
     return out
 
 

@@ -1,13 +1,15 @@
 """The embedding server: holds table shards and answers requests over an RDMA provider.
 
-Per table a server holds one row range ``[lo, hi)`` (see :mod:`.config`) in an
-:class:`evssd.host.store.EmbeddingStore` (any backend) and, for the one-sided path, registers the
-same rows as a memory region so rankers can READ them without the server's threads doing work
-beyond the provider's.
+Per table a server holds one or more row ranges ``[lo, hi)`` (see :mod:`.config`), stacked
+into one array per table, in an :class:`evssd.host.store.EmbeddingStore` (any backend) and, for
+the one-sided path, registers the same array as a memory region so rankers can READ rows
+without the server's threads doing work beyond the provider's.
 
 Requests (indices are global row ids of the table):
 
-* META -> JSON: the server's name, and per table ``lo``, ``hi``, ``dim``, ``rkey``, ``row_bytes``;
+* META -> JSON: the server's name, and per table ``ranges`` (``[lo, hi, first local row]``),
+  ``dim``, ``rkey``, ``row_bytes`` (row ``i`` of range k is at byte
+  ``(i - lo + first) * row_bytes`` of the region);
 * GATHER(table, indices) -> float32 ``[n, dim]``;
 * POOLED(table, indices, offsets[B+1]) -> float32 ``[B, dim]``: hierarchical pooling, the sum of
   this server's rows of each bag (the ranker adds the partial sums of all shards);
@@ -49,7 +51,13 @@ class EmbeddingServer:
         self.ranges = server_shards(cfg, name)
         if not self.ranges:
             raise ValueError(f"server {name!r} holds no shard")
-        self.arrays = {t: table_rows(cfg, t, lo, hi) for t, (lo, hi) in self.ranges.items()}
+        self.arrays, self._los, self._his, self._starts = {}, {}, {}, {}
+        for t, rs in self.ranges.items():
+            parts = [table_rows(cfg, t, lo, hi) for lo, hi in rs]
+            self.arrays[t] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self._los[t] = np.array([lo for lo, _ in rs], dtype=np.int64)
+            self._his[t] = np.array([hi for _, hi in rs], dtype=np.int64)
+            self._starts[t] = np.concatenate([[0], np.cumsum(self._his[t] - self._los[t])[:-1]])
         self._tmp = None
         kw = {}
         if backend in ("file", "rocksdb"):
@@ -74,23 +82,27 @@ class EmbeddingServer:
     # -------------------------------------------------------------- request handling
     def meta(self) -> dict:
         return {"server": self.name, "tables": {
-            t: {"lo": lo, "hi": hi, "dim": int(self.arrays[t].shape[1]), "rkey": self.mrs[t].rkey,
+            t: {"ranges": [[int(lo), int(hi), int(st)] for lo, hi, st in
+                           zip(self._los[t], self._his[t], self._starts[t])],
+                "dim": int(self.arrays[t].shape[1]), "rkey": self.mrs[t].rkey,
                 "row_bytes": int(self.arrays[t].shape[1] * 4)}
-            for t, (lo, hi) in self.ranges.items()}}
+            for t in self.ranges}}
 
     def _local(self, req: P.Request) -> np.ndarray:
         if req.table not in self.ranges:
             raise LookupError(f"server {self.name} holds no shard of table {req.table!r} "
                               f"(it holds {sorted(self.ranges)})")
-        lo, hi = self.ranges[req.table]
+        t = req.table
+        los, his = self._los[t], self._his[t]
         idx = req.indices
-        if idx.size:
-            bad = (idx < lo) | (idx >= hi)
-            if bad.any():
-                pos = int(np.flatnonzero(bad)[0])
-                raise IndexError(f"table {req.table!r}: index {int(idx[pos])} at position {pos} is "
-                                 f"outside the rows [{lo}, {hi}) held by server {self.name}")
-        return idx - lo
+        k = np.searchsorted(los, idx, side="right") - 1
+        bad = (k < 0) | (idx >= his[np.maximum(k, 0)])
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            held = ", ".join(f"[{lo}, {hi})" for lo, hi in self.ranges[t])
+            raise IndexError(f"table {t!r}: index {int(idx[pos])} at position {pos} is "
+                             f"outside the rows {held} held by server {self.name}")
+        return idx - los[k] + self._starts[t][k]
 
     def handle(self, data) -> bytes:
         self.requests += 1
@@ -181,7 +193,7 @@ def run_server(cfg: dict, name: str, **kw) -> int:
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.address
     sys.stdout.write(READY_PREFIX + json.dumps({"server": name, "host": host, "port": port,
-                                                "tables": {t: list(r) for t, r in server.ranges.items()}}) + "\n")
+                                                "tables": server.ranges}) + "\n")
     sys.stdout.flush()
     try:
         server.serve_forever()

@@ -78,6 +78,21 @@ class TcpProvider(Provider):
         return TcpListener(self, host, port, recv_depth)
 
 
+def _linger_close(sock: socket.socket, wait: float = 0.5) -> None:
+    """Half-close, drain what the peer still sends, then close: closing with unread data
+    would reset the connection and could destroy the ERROR frame that explains why."""
+    try:
+        sock.setblocking(True)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(wait)
+        for _ in range(64):
+            if not sock.recv(1 << 16):
+                break
+    except OSError:
+        pass
+    sock.close()
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -119,6 +134,7 @@ class TcpListener(Listener):
                     sock.sendall(P.pack_header(P.Op.ERROR, 0, len(msg)) + msg)
                 except OSError:
                     pass
+                _linger_close(sock)
                 raise
             ack = json.dumps({"recv_depth": self.recv_depth}).encode()
             sock.sendall(P.pack_header(P.Op.HELLO_ACK, 0, len(ack)) + ack)
@@ -252,7 +268,7 @@ class TcpQueuePair(QueuePair):
                 self.flush()
             except (ConnectionError, OSError):
                 pass
-            self._fail(str(exc))
+            self._fail(str(exc), linger=True)
             return
         if pos:
             del rbuf[:pos]
@@ -318,7 +334,7 @@ class TcpQueuePair(QueuePair):
         cq.clear()
         return out
 
-    def _fail(self, reason):
+    def _fail(self, reason, linger=False):
         if self.failed:
             return
         self.failed = reason
@@ -326,6 +342,9 @@ class TcpQueuePair(QueuePair):
             self._cq.append(WorkCompletion(wr_id, Opcode.READ, False, 0, 0, reason))
         self._reads.clear()
         self._cq.append(WorkCompletion(0, Opcode.FATAL, False, 0, 0, reason))
+        if linger:
+            _linger_close(self._sock)
+            return
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -1,0 +1,167 @@
+"""The engine on the tcp provider against real server processes: READ, SEND/RECV, credits,
+live migration under load, placement; and the verbs provider's unavailable path."""
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+
+from evssd.host.serving import protocol as P
+from evssd.host.serving.config import make_config, table_rows
+from evssd.host.serving.engine import Backpressure, Engine
+from evssd.host.serving.launcher import LocalCluster
+from evssd.host.serving.rdma import RdmaUnavailable, get_provider
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(make_config(2, 5000, 8, 3)) as c:
+        yield c
+
+
+def _connect_all(eng, cluster):
+    return {n: eng.connect(n, *cluster.address(n)) for n in cluster.config["servers"]}
+
+
+def _meta(eng, conn):
+    return eng.request(conn, P.encode_request(P.Request(P.MsgType.META))).result(10)["tables"]
+
+
+def test_send_recv_and_one_sided_read(cluster):
+    cfg = cluster.config
+    with Engine(get_provider("tcp"), 2, request_timeout=10) as eng:
+        conns = _connect_all(eng, cluster)
+        t0 = table_rows(cfg, "t0")
+        for name, conn in conns.items():
+            m = _meta(eng, conn)["t0"]
+            lo, hi, first = m["ranges"][0]
+            idx = np.arange(lo, hi, 97)
+            got = eng.request(conn, P.encode_request(P.Request(P.MsgType.GATHER, "t0", idx))).result(10)
+            np.testing.assert_array_equal(got, t0[idx])
+            # one-sided: the same rows read straight out of the server's registered region
+            rb = m["row_bytes"]
+            raw = eng.read_rows(conn, m["rkey"], (idx - lo + first) * rb, rb).result(10)
+            np.testing.assert_array_equal(raw.view(np.float32).reshape(-1, 8), t0[idx])
+            one = eng.read(conn, m["rkey"], 0, rb).result(10)
+            assert one == t0[lo].tobytes()
+            # a READ outside the region fails that request only
+            with pytest.raises(P.RemoteError, match="outside"):
+                eng.read(conn, m["rkey"], (hi - lo) * rb, rb).result(10)
+            assert eng.read(conn, m["rkey"], rb, rb).result(10) == t0[lo + 1].tobytes()
+
+
+def test_mapping_aware_placement_spreads_fanout():
+    with LocalCluster(make_config(1, 4000, 4, 4, skew=[5, 1, 1, 1])) as c:
+        with Engine(get_provider("tcp"), 2) as eng:
+            # weights from the shard map: s0 holds 5/8 of the rows, s1..s3 1/8 each
+            w = {"s0": 5, "s1": 1, "s2": 1, "s3": 1}
+            for n in sorted(w, key=lambda n: -w[n]):
+                eng.connect(n, *c.address(n), weight=w[n])
+            place = eng.placement()
+            assert place["s0"] != place["s1"]
+            assert {place[n] for n in ("s1", "s2", "s3")} == {1 - place["s0"]}
+
+
+def test_credits_give_backpressure_not_loss(cluster):
+    with Engine(get_provider("tcp"), 1, credits=4, request_timeout=20, credit_timeout=0.3) as eng:
+        conn = eng.connect("s1", *cluster.address("s1"))
+        cluster.stall("s1")
+        try:
+            futs = [eng.request(conn, P.encode_request(P.Request(P.MsgType.ECHO, payload=bytes([i]) * 8)))
+                    for i in range(4)]
+            with pytest.raises(Backpressure, match="4 requests in flight"):
+                eng.request(conn, P.encode_request(P.Request(P.MsgType.ECHO, payload=b"x")), block=False)
+            with pytest.raises(Backpressure, match="none completed within"):
+                eng.request(conn, P.encode_request(P.Request(P.MsgType.ECHO, payload=b"x")))
+        finally:
+            cluster.resume("s1")
+        assert [f.result(20) for f in futs] == [bytes([i]) * 8 for i in range(4)]
+        # credits came back: the connection takes requests again
+        assert eng.request(conn, P.encode_request(P.Request(P.MsgType.ECHO, payload=b"ok"))).result(10) == b"ok"
+
+
+def test_migration_under_load_loses_and_reorders_nothing(cluster):
+    n_req = 1500
+    with Engine(get_provider("tcp"), 3, credits=16, request_timeout=30) as eng:
+        conn = eng.connect("s0", *cluster.address("s0"))
+        order = []
+        futs = []
+        stop = threading.Event()
+
+        def submitter():
+            for i in range(n_req):
+                f = eng.request(conn, P.encode_request(P.Request(P.MsgType.ECHO, payload=i.to_bytes(4, "little") * 64)))
+                f.add_done_callback(lambda f, i=i: order.append(i))
+                futs.append((i, f))
+            stop.set()
+
+        th = threading.Thread(target=submitter)
+        th.start()
+        moves = 0
+        while not stop.is_set() or moves < 3:
+            eng.migrate(conn, (conn.owner + 1) % 3, timeout=30)
+            moves += 1
+        th.join(60)
+        for i, f in futs:
+            assert f.result(30) == i.to_bytes(4, "little") * 64
+        assert len(futs) == n_req
+        assert order == list(range(n_req))          # completions in submission order
+        assert moves >= 3 and eng.migrations == moves
+
+
+def test_rebalance_moves_a_connection_off_the_busy_thread(cluster):
+    with Engine(get_provider("tcp"), 2, request_timeout=10) as eng:
+        a = eng.connect("s0", *cluster.address("s0"), thread=0)
+        b = eng.connect("s1", *cluster.address("s1"), thread=0)
+        eng.connect("s2", *cluster.address("s2"), thread=1)
+        eng.rebalance()                               # reset the window
+        big = P.encode_request(P.Request(P.MsgType.ECHO, payload=b"z" * 20000))
+        for _ in range(20):
+            fa, fb = eng.request(a, big), eng.request(b, big)
+            fa.result(10), fb.result(10)
+        moves = eng.rebalance(ratio=1.5)
+        assert len(moves) == 1 and moves[0][1:] == (0, 1)
+        assert sorted(eng.placement().values()) == [0, 1, 1]
+        assert eng.request(a, big).result(10) == b"z" * 20000
+
+
+# ------------------------------------------------------------------ verbs provider error path
+def test_verbs_without_pyverbs_gives_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyverbs", None)     # import pyverbs -> ImportError
+    with pytest.raises(RdmaUnavailable, match="install rdma-core's python3-pyverbs or use the tcp provider"):
+        get_provider("verbs")
+
+
+def _fake_pyverbs(monkeypatch, get_device_list):
+    pkg = types.ModuleType("pyverbs")
+    pkg.__path__ = []
+    mods = {"pyverbs": pkg}
+    for sub in ("device", "enums", "cq", "mr", "pd", "qp", "wr"):
+        m = types.ModuleType(f"pyverbs.{sub}")
+        setattr(pkg, sub, m)
+        mods[f"pyverbs.{sub}"] = m
+    mods["pyverbs.device"].get_device_list = get_device_list
+    for k, v in mods.items():
+        monkeypatch.setitem(sys.modules, k, v)
+
+
+def test_verbs_without_device_gives_clear_error(monkeypatch):
+    _fake_pyverbs(monkeypatch, lambda: [])
+    with pytest.raises(RdmaUnavailable, match="no RDMA.*found no RDMA device"):
+        get_provider("verbs")
+
+    def raising():
+        raise OSError("Failed to get devices list (errno 38)")
+    _fake_pyverbs(monkeypatch, raising)
+    with pytest.raises(RdmaUnavailable, match="no RDMA device: Failed to get devices list"):
+        get_provider("verbs")
+
+
+def test_cli_reports_missing_rdma(monkeypatch, capsys, tmp_path):
+    from evssd.host.cli import main
+    from evssd.host.serving.config import save_config
+    monkeypatch.setitem(sys.modules, "pyverbs", None)
+    path = save_config(make_config(1, 100, 4, 1), tmp_path / "c.json")
+    assert main(["serve", "ranker", "--config", str(path), "--provider", "verbs"]) == 2
+    assert "python3-pyverbs or use the tcp provider" in capsys.readouterr().err
