@@ -38,10 +38,14 @@ Semantics, exactly (the test suite checks them against a pure-Python reference):
 * ``admit(indices, rows)`` walks the batch in order; a row already cached is skipped (a duplicate
   in the batch, or admitted earlier); a row whose counter is below the threshold is rejected;
   otherwise it is inserted as MRU, evicting the LRU row when the cache is full.
+
+Thread safety: the kernels release the GIL and each public call holds a per-instance lock, so
+calls from several threads serialise per table and different tables run in parallel.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -164,7 +168,7 @@ def _touch(s, prev, nxt, head):
     return s
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, hdist, values, prev, nxt, counters, st):
     n = keys.shape[0]
     for j in range(n):             # validate the whole batch before touching any state
@@ -199,14 +203,14 @@ def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, hdist, values, prev, nx
     return -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _decay_kernel(counters):
     # halve every 2-bit lane: each lane's high bit moves to its low bit, the rest is masked off
     for i in range(counters.shape[0]):
         counters[i] = (counters[i] >> 1) & np.uint8(0x55)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, hdist, values, prev, nxt,
                   slot_key, counters, st):
     n = keys.shape[0]
@@ -254,7 +258,7 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, hdist, values, pr
     return -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _invalidate_kernel(keys, n_rows, hkeys, hvals, hdist, values, prev, nxt, slot_key, st):
     n = keys.shape[0]
     for j in range(n):
@@ -432,6 +436,9 @@ class EVCache:
         self._counters = np.zeros(counter_bytes, dtype=np.uint8)
         self._st = np.zeros(_N_STATE, dtype=np.int64)
         self._st[_HEAD] = -1
+        # The kernels release the GIL (the store overlaps cache work with device I/O in another
+        # thread); the lock keeps two callers from racing on one table's cache.
+        self._lock = threading.Lock()
 
     # -- sizing
 
@@ -491,16 +498,18 @@ class EVCache:
         hit = np.empty(n, dtype=np.bool_)
         direct = out.flags.c_contiguous
         target = out if direct else np.empty_like(out, order="C")
-        bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._hkeys,
-                             self._hvals, self._hdist, self._values, self._prev, self._next,
-                             self._counters, self._st)
+        with self._lock:
+            bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._hkeys,
+                                 self._hvals, self._hdist, self._values, self._prev, self._next,
+                                 self._counters, self._st)
+            if bad < 0 and self.decay_interval is not None \
+                    and self._st[_SINCE_DECAY] >= self.decay_interval:
+                _decay_kernel(self._counters)
+                self._st[_SINCE_DECAY] = 0
         if bad >= 0:
             self._bad_index(keys, bad)
         if not direct:
             out[hit] = target[hit]
-        if self.decay_interval is not None and self._st[_SINCE_DECAY] >= self.decay_interval:
-            _decay_kernel(self._counters)
-            self._st[_SINCE_DECAY] = 0
         return hit
 
     def admit(self, indices, rows: np.ndarray) -> int:
@@ -519,20 +528,23 @@ class EVCache:
         if rows.dtype != self.dtype:
             raise TypeError(f"EVCache {self.name!r}: rows dtype {rows.dtype} != table dtype {self.dtype}")
         rows = np.ascontiguousarray(rows)
-        before = int(self._st[_ADMISSIONS])
-        bad = _admit_kernel(keys, self._row_view(rows), self.admit_threshold, self.n_rows,
-                            self._hkeys, self._hvals, self._hdist, self._values, self._prev,
-                            self._next, self._slot_key, self._counters, self._st)
+        with self._lock:
+            before = int(self._st[_ADMISSIONS])
+            bad = _admit_kernel(keys, self._row_view(rows), self.admit_threshold, self.n_rows,
+                                self._hkeys, self._hvals, self._hdist, self._values, self._prev,
+                                self._next, self._slot_key, self._counters, self._st)
+            admitted = int(self._st[_ADMISSIONS]) - before
         if bad >= 0:
             self._bad_index(keys, bad)
-        return int(self._st[_ADMISSIONS]) - before
+        return admitted
 
     def invalidate(self, indices) -> int:
         """Drop ``indices`` from the cache (e.g. after the table was rewritten). Returns how many
         were cached. Counters are left alone."""
         keys = self._keys(indices, "invalidate")
-        r = _invalidate_kernel(keys, self.n_rows, self._hkeys, self._hvals, self._hdist,
-                               self._values, self._prev, self._next, self._slot_key, self._st)
+        with self._lock:
+            r = _invalidate_kernel(keys, self.n_rows, self._hkeys, self._hvals, self._hdist,
+                                   self._values, self._prev, self._next, self._slot_key, self._st)
         if r < 0:
             self._bad_index(keys, -r - 1)
         return int(r)
@@ -554,6 +566,10 @@ class EVCache:
 
     def clear(self) -> None:
         """Empty the cache and the counters; statistics are kept (see :meth:`reset_stats`)."""
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self._hkeys.fill(-1)
         self._hdist.fill(0)
         self._slot_key.fill(-1)

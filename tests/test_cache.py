@@ -299,3 +299,33 @@ def test_bench_cache_smoke(tmp_path):
             assert r["evcache_memory_bytes"] <= float(budget) / 100 * 200000 * 8 * 4
     # hot set = half the capacity, 95% of keys: every hot key hits once the cache is warm
     assert data["throughput"]["hot_set"]["evcache"]["hit_rate"] > 0.9
+
+
+def test_threads_share_one_cache_safely():
+    import threading
+
+    n_rows, dim = 5000, 4
+    table = _table(n_rows, dim, np.float32)
+    cache = EVCache(n_rows, dim, np.float32, capacity=300)
+    errors = []
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(200):
+            keys = rng.integers(0, 600, 64)
+            out = np.zeros((64, dim), np.float32)
+            hit = cache.lookup(keys, out)
+            if not np.array_equal(out[hit], table[keys[hit]]):
+                errors.append(seed)
+            cache.admit(keys[~hit], table[keys[~hit]])
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    s = cache.stats
+    assert s["hits"] + s["misses"] == s["lookups"] == 3 * 200 * 64
+    assert s["admissions"] - s["evictions"] == s["size"] == 300
+    cache.check_invariants()
