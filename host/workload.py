@@ -22,9 +22,12 @@ from one batch to the next, which is what a cache lives on, so the model adds th
    (largest-remainder rounding, so the histogram is matched to within ``1/U`` per bin); each row
    draws its count log-uniformly inside its bin. The file's histogram is printed to three
    decimals, so bins above ~512 read 0.000 although they carry 20-30% of the lookups; the
-   lookups the printed bins leave over (``L - sum(counts)``) go to the hottest
-   ``max(1, U // 1000)`` rows, which become the heavy hitters the file's second histogram
-   (share of lookups per bin) shows. If the counts overshoot ``L`` they are trimmed from the
+   lookups the printed bins leave over (``L - sum(counts)``, about a quarter of them) are split
+   evenly over the ``k`` hottest rows, ``k`` just large enough that none of them gets more than
+   ``max_row_share`` (3%) of the batch: the heavy hitters of the file's second histogram (share
+   of lookups per bin: 2% of all lookups land on rows touched more than 32768 times in a batch of
+   ~1M lookups per table, i.e. >= 3% each). Those few rows leave their bins, which moves the
+   histogram by at most ``k/U`` (a few tenths of a percent at the default sizes). If the counts overshoot ``L`` they are trimmed from the
    largest rows, never below their bin.
 3. Which rows: a fixed popularity ranking (a seeded random permutation of the table, so hot rows
    are scattered over the index space) with Zipf(``alpha``) weights over the ranks. A batch draws
@@ -288,7 +291,7 @@ def _bin_allocation(u, hist, max_count):
     return n
 
 
-def _counts_for(u, total, hist, rng):
+def _counts_for(u, total, hist, rng, max_row_share=0.03):
     """Per-row lookup counts, sorted descending: ``u`` rows in the histogram's bins, summing to
     ``total`` (see the module docstring, step 2)."""
     n_bin = _bin_allocation(u, hist, total - (u - 1))
@@ -301,7 +304,7 @@ def _counts_for(u, total, hist, rng):
     bins_sorted = np.searchsorted(BIN_EDGES, c, side="left") - 1
     rest = total - int(c.sum())
     if rest > 0:                        # the tail the printed histogram rounds to 0.000
-        k = max(1, u // 1000)
+        k = min(u, max(1, math.ceil(rest / (max_row_share * total))))
         c[:k] += rest // k
         c[: rest % k] += 1
     elif rest < 0:                      # trim from the largest rows, keeping each in its bin
@@ -318,6 +321,7 @@ def _counts_for(u, total, hist, rng):
 
 def meta_calibrated(n_rows: int, batch_size: int = 512, pooling_factor: int = 20, seed: int = 0,
                     *, n_batches: int | None = None, alpha: float = 1.0, hot_jitter: float = 0.5,
+                    max_row_share: float = 0.03,
                     stats: LocalityStats | Sequence[LocalityStats] | str | os.PathLike | None = None,
                     ) -> Iterator[Batch]:
     """Batches whose within-batch reuse histogram matches Meta's DLRM 2021 traces, with Zipf
@@ -329,6 +333,8 @@ def meta_calibrated(n_rows: int, batch_size: int = 512, pooling_factor: int = 20
     _check_common(n_rows, batch_size, pooling_factor, n_batches)
     _check("alpha", alpha, 0, float)
     _check("hot_jitter", hot_jitter, 0, float)
+    if not isinstance(max_row_share, (int, float)) or not 0 < max_row_share <= 1:
+        raise ValueError(f"max_row_share must be in (0, 1], got {max_row_share!r}")
     if stats is None or isinstance(stats, (str, os.PathLike)):
         stats = average_locality(load_locality_stats(stats))
     elif not isinstance(stats, LocalityStats):
@@ -340,7 +346,7 @@ def meta_calibrated(n_rows: int, batch_size: int = 512, pooling_factor: int = 20
     offsets = _offsets(batch_size, pooling_factor)
     b = 0
     while n_batches is None or b < n_batches:
-        counts = _counts_for(u, total, stats.unique_hist, rng)
+        counts = _counts_for(u, total, stats.unique_hist, rng, max_row_share)
         # U distinct ranks, sampled with replacement until U distinct are seen
         seen = np.empty(0, dtype=np.int64)
         draw = max(2 * u, 64)

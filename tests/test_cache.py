@@ -94,7 +94,7 @@ ops = st.lists(
     min_size=1, max_size=30)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(capacity=st.integers(1, 12), threshold=st.integers(0, 3), dtype=st.sampled_from(DTYPES),
        dim=st.sampled_from([1, 3, 4, 8]), decay=st.sampled_from([None, 7, 50]), ops=ops)
 def test_matches_reference(capacity, threshold, dtype, dim, decay, ops):
