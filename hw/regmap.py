@@ -124,9 +124,9 @@ REGISTERS: tuple[Register, ...] = (
     _ro("ID_MAX_EXTENTS", 0x024, "Extents per table.", param="max_extents"),
     _ro("ID_PAGES_PER_CHANNEL", 0x028, "Flash pages per channel (channel capacity / page size).", param="pages_per_channel"),
     _ro("ID_MAX_INFLIGHT", 0x02C, "Commands the device works on at once.", param="max_inflight"),
-    _ro("ID_MAX_ROW_BYTES", 0x038, "Largest row_bytes a table may use (reorder-buffer slot size).", param="max_row_bytes"),
     _ro("ID_CLOCK_HZ", 0x030, "Design clock frequency in Hz (0 when unknown, e.g. in simulation).", param="clock_hz"),
     _ro("ID_BUILD", 0x034, "Build identifier: first 32 bits of the hash of the build parameters.", param="build_id"),
+    _ro("ID_MAX_ROW_BYTES", 0x038, "Largest row_bytes a table may use (reorder-buffer slot size).", param="max_row_bytes"),
 
     # ---- 0x040 control and status ----
     _reg("CTRL", 0x040, "Device control.",
@@ -418,6 +418,12 @@ class DivMagic:
 
 
 def div_magic(d: int) -> DivMagic:
+    """Constants for dividing by rows per page with a multiply.
+
+    `floor(x / d) == (x * magic) >> shift` for every 32-bit x, with `shift = 32 + ceil(log2 d)` and
+    `magic = ceil(2**shift / d)` (33 bits). The driver writes them to TBL_DIV_MAGIC and
+    TBL_DIV_SHIFT; the translator multiplies instead of dividing.
+    """
     if not 1 <= d < (1 << 16):
         raise ValueError(f"rows_per_page {d} out of range 1..65535")
     log2 = (d - 1).bit_length()
