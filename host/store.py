@@ -413,6 +413,12 @@ class Backend:
         """Pooled sums computed by the backend itself, or None (the store pools on the host)."""
         return None
 
+    def read_many(self, jobs: list[tuple]) -> list[np.ndarray]:
+        """Several reads of one batch: ``("rows", info, indices, None)`` or
+        ``("pooled", info, indices, offsets)``. Backends that can overlap them override this."""
+        return [self.read_rows(info, idx) if kind == "rows" else self.read_pooled(info, idx, offs)
+                for kind, info, idx, offs in jobs]
+
     def stats(self) -> dict:
         return {"bytes_read": self.bytes_read, "rows_read": self.rows_read, "requests": self.requests}
 
@@ -564,23 +570,60 @@ class EvssdBackend(Backend):
         self._ids = {t.name: t for t in layout.tables}
 
     def read_rows(self, info, indices):
-        t = self._ids[info.name]
-        raw = self.device.gather(t.table_id, indices.astype(np.uint32))
-        raw = np.asarray(raw, dtype=np.uint8).reshape(len(indices), -1)
+        raw = self.device.gather(self._ids[info.name].table_id, indices.astype(np.uint32))
         self.requests += 1
-        self.rows_read += len(indices)
-        self.bytes_read += raw.nbytes
-        return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(len(indices), info.dim)
+        return self._rows_view(info, raw, len(indices))
 
     def read_pooled(self, info, indices, offsets):
-        t = self._ids[info.name]
-        raw = self.device.gather_pooled(t.table_id, indices.astype(np.uint32), offsets.astype(np.uint32))
-        raw = np.asarray(raw, dtype=np.uint8).reshape(len(offsets) - 1, -1)
+        raw = self.device.gather_pooled(self._ids[info.name].table_id, indices.astype(np.uint32),
+                                        offsets.astype(np.uint32))
         self.requests += 1
-        self.rows_read += len(indices)
+        return self._pooled_view(info, raw, len(offsets) - 1, len(indices))
+
+    def _rows_view(self, info, raw, n):
+        raw = np.asarray(raw, dtype=np.uint8).reshape(n, -1)
+        self.rows_read += n
         self.bytes_read += raw.nbytes
-        acc = info.acc_dtype
-        return np.ascontiguousarray(raw[:, :info.dim * 4]).view(acc).reshape(len(offsets) - 1, info.dim)
+        return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(n, info.dim)
+
+    def _pooled_view(self, info, raw, n_bags, n):
+        raw = np.asarray(raw, dtype=np.uint8).reshape(n_bags, -1)
+        self.rows_read += n
+        self.bytes_read += raw.nbytes
+        return np.ascontiguousarray(raw[:, :info.dim * 4]).view(info.acc_dtype).reshape(n_bags, info.dim)
+
+    def read_many(self, jobs):
+        """Submit every command of the batch before waiting for the first, so the device
+        overlaps them (one command per table); through the driver's async core."""
+        aio = getattr(self.device, "aio", None)
+        run = getattr(self.device, "_do", None)
+        if aio is None or run is None or len(jobs) < 2:
+            return super().read_many(jobs)
+
+        async def go():
+            handles, out, error = [], [], None
+            for kind, info, idx, offs in jobs:
+                tid = self._ids[info.name].table_id
+                if kind == "rows":
+                    handles.append(await aio.submit_gather(tid, idx.astype(np.uint32)))
+                else:
+                    handles.append(await aio.submit_gather_pooled(tid, idx.astype(np.uint32),
+                                                                  offs.astype(np.uint32)))
+            for h in handles:  # finish every handle, even after an error, so buffers are freed
+                try:
+                    out.append(await aio.finish(h))
+                except Exception as exc:
+                    error = error or exc
+                    out.append(None)
+            if error is not None:
+                raise error
+            return out
+
+        raws = run(go())
+        self.requests += len(jobs)
+        return [self._rows_view(info, raw, len(idx)) if kind == "rows"
+                else self._pooled_view(info, raw, len(offs) - 1, len(idx))
+                for (kind, info, idx, offs), raw in zip(jobs, raws)]
 
     def close(self):
         if self.owns_device:
@@ -789,6 +832,22 @@ class EmbeddingStore:
             plan.fetched = self.backend.read_rows(plan.info, plan.uniq[plan.miss])
         return plan
 
+    def _fetch_many(self, plans: Mapping[str, _Plan]) -> None:
+        """Backend I/O for every table of a batch in one go (the device overlaps the commands)."""
+        jobs, targets = [], []
+        for p in plans.values():
+            if p.rows is None:
+                jobs.append(("pooled", p.info, p.indices, p.offsets))
+                targets.append(p)
+            elif p.miss.size:
+                jobs.append(("rows", p.info, p.uniq[p.miss], None))
+                targets.append(p)
+        for p, res in zip(targets, self.backend.read_many(jobs) if jobs else ()):
+            if p.rows is None:
+                p.pooled = res
+            else:
+                p.fetched = res
+
     def _finish(self, plan: _Plan) -> np.ndarray:
         """Merge misses, fill the cache, gather or pool (CPU work)."""
         info = plan.info
@@ -836,7 +895,8 @@ class EmbeddingStore:
         """
         plans = self._prepare_many(requests, mode)
         self._count_batch()
-        return {name: self._finish(self._fetch(p)) for name, p in plans.items()}
+        self._fetch_many(plans)
+        return {name: self._finish(p) for name, p in plans.items()}
 
     def _prepare_many(self, requests, mode):
         checked = []

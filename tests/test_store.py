@@ -271,3 +271,28 @@ def test_pooled_property_file_row_with_lru(tmp_path_factory, data, elem, rows, d
         for _ in range(2):
             for mode in ("sum", "mean"):
                 np.testing.assert_array_equal(s.pooled("t", idx, offs, mode), golden_pooled(t, idx, offs, mode))
+
+
+@pytest.mark.skipif(not HAVE_DEVICE, reason="evssd.host.device not available")
+def test_evssd_multi_extent_and_reopen_from_layout_json(tmp_path):
+    from evssd.host.device import Device
+    rng = np.random.default_rng(5)
+    tables = {"a": make_table(3000, 10, "fp16", 1), "b": make_table(1000, 7, "int8", 2)}
+    with Device.open("model", pages_per_channel=256) as dev:
+        store = EmbeddingStore.from_arrays(tables, "evssd", device=dev, cache_fraction=None,
+                                           layout_options={"max_rows_per_extent": 700})
+        layout = store.backend.layout
+        assert [len(t.extents) for t in layout.tables] == [5, 2]
+        path = layout.save(tmp_path / "layout.json")
+        # a server that did not write the device: layout from JSON, verified by CRC, then served
+        again = EmbeddingStore.from_device(dev, path, cache_fraction=0.05)
+        assert again.backend.layout.verify(dev) == layout.n_pages
+        for _ in range(3):
+            reqs = {n: random_bags(rng, t.shape[0], 12) for n, t in tables.items()}
+            for s in (store, again):
+                got = s.lookup_many(reqs, "sum")  # two commands in flight at once
+                for n, (i, o) in reqs.items():
+                    np.testing.assert_array_equal(got[n], golden_pooled(tables[n], i, o, "sum"))
+        idx = np.arange(3000)[::-1]
+        np.testing.assert_array_equal(again.gather("a", idx), tables["a"][idx])
+        assert store.stats()["backend"] == "evssd" and again.stats()["cache_hit_rate"] > 0

@@ -11,6 +11,9 @@ evssd+ev       the EV-SSD functional/timing model through the driver, EV-Cache i
 rocksdb+ev     rows in RocksDB (FBGEMM SSD-TBE / HugeCTR HPS tier), EV-Cache in front
 ============== ====================================================================================
 
+A peer name may end in ``@dN`` to run it at pipeline depth N instead of ``--depth``
+(``file-row+ev@d1``, in the default set, is the same peer without overlap).
+
 Every peer runs the same Meta-calibrated trace (:func:`evssd.host.workload.meta_calibrated`,
 one independent stream per table) through :class:`evssd.host.pipeline.Pipeline` (depth 2) and
 pools with ``sum``. The first ``--warmup`` batches fill the caches and are not measured.
@@ -43,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-PEERS = ["dram", "file-page", "file-row+ev", "file-row+lru", "evssd+ev", "rocksdb+ev"]
+PEERS = ["dram", "file-page", "file-row+ev", "file-row+ev@d1", "file-row+lru", "evssd+ev", "rocksdb+ev"]
 
 # backend, options, cache kind (None: no cache)
 _SPEC = {
@@ -72,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop a peer's measured phase after this long (default 10 s)")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list (default: {','.join(PEERS)})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock-mhz", type=float, default=250.0,
+                        help="device clock for converting modelled cycles to seconds when the device "
+                             "does not report one (default 250, an assumption)")
     parser.add_argument("--workdir", default=None, help="where table files and RocksDB go (default: a temp dir)")
     parser.add_argument("--results", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
     parser.add_argument("--quick", action="store_true",
@@ -132,7 +138,8 @@ def _child(cfg_path: str) -> int:
     from evssd.host.store import EmbeddingStore
 
     peer = cfg["peer"]
-    backend, opts, cache = _SPEC[peer]
+    backend, opts, cache = _SPEC[_base(peer)]
+    depth = _depth(peer, cfg["depth"])
     trace = _make_trace(cfg)
     _warm_jit(cfg)
     dev = None
@@ -178,7 +185,7 @@ def _child(cfg_path: str) -> int:
 
     warm, meas = trace[:cfg["warmup"]], trace[cfg["warmup"]:]
     digest = 0
-    with Pipeline(store, "sum", depth=cfg["depth"]) as pipe:
+    with Pipeline(store, "sum", depth=depth) as pipe:
         for r in pipe.run(warm):
             pass
         s0 = store.stats()
@@ -215,7 +222,7 @@ def _child(cfg_path: str) -> int:
         misses += c1.get("misses", 0) - c0.get("misses", 0)
     cache_bytes = sum(int(c.get("memory_bytes", 0)) for c in s1["caches"].values())
     res = {
-        "peer": peer, "backend": backend, "cache": cache, "batches": done, "lookups": lookups,
+        "peer": peer, "backend": backend, "cache": cache, "depth": depth, "batches": done, "lookups": lookups,
         "wall_s": wall, "lookups_per_s": lookups / wall if wall else None,
         "latency": lat, "hit_rate": (hits / (hits + misses)) if hits + misses else None,
         "bytes_read": s1["bytes_read"] - s0["bytes_read"],
@@ -229,10 +236,13 @@ def _child(cfg_path: str) -> int:
     if device_info:
         res["device_params"] = device_info
     if dev_t0 is not None and dev_t1 is not None:
-        res["modelled_device_cycles"] = dev_t1 - dev_t0
-        clock = getattr(store.backend.device.params, "clock_hz", 0)
-        if clock:
-            res["modelled_device_s"] = (dev_t1 - dev_t0) / clock
+        cycles = dev_t1[0] - dev_t0[0]
+        clock = getattr(store.backend.device.params, "clock_hz", 0) or cfg["clock_mhz"] * 1e6
+        res["modelled_device_cycles"] = cycles
+        res["modelled_device_s"] = cycles / clock
+        res["modelled_clock_hz"] = clock
+        res["device_channel_bytes"] = dev_t1[1] - dev_t0[1]
+        res["device_rows"] = dev_t1[2] - dev_t0[2]
     store.close()
     Path(cfg["out"]).write_text(json.dumps(res))
     return 0
@@ -250,14 +260,27 @@ def _warm_jit(cfg):
 
 
 def _device_time(store):
-    """The device's cycle counter (modelled cycles; evssd backend only), or None."""
+    """(cycles, channel bytes moved, rows read) from the device counters (evssd only), or None."""
     dev = getattr(store.backend, "device", None)
     if dev is None or not hasattr(dev, "counters"):
         return None
     try:
-        return int(dev.counters()["cycles"])
+        c = dev.counters()
+        chans = c.get("channels", [])
+        return (int(c["cycles"]), sum(int(ch.get("bytes", 0)) for ch in chans),
+                sum(int(ch.get("rows", 0)) for ch in chans))
     except Exception:
         return None
+
+
+def _base(peer: str) -> str:
+    return peer.split("@", 1)[0]
+
+
+def _depth(peer: str, default: int) -> int:
+    if "@d" in peer:
+        return int(peer.split("@d", 1)[1])
+    return default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +289,8 @@ def _device_time(store):
 
 def _config(args) -> dict:
     cfg = {k: getattr(args, k) for k in ("tables", "rows", "dim", "dtype", "batch_size", "pooling_factor",
-                                         "batches", "warmup", "cache_fraction", "depth", "max_seconds", "seed")}
+                                         "batches", "warmup", "cache_fraction", "depth", "max_seconds", "seed",
+                                         "clock_mhz")}
     if args.quick:
         cfg.update(tables=2, rows=20_000, batches=30, warmup=10, max_seconds=3.0)
     return cfg
@@ -311,7 +335,8 @@ def run(args) -> int:
     cfg = _config(args)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for p in peers:
-        if p not in _SPEC:
+        if _base(p) not in _SPEC or not (p == _base(p) or p[len(_base(p)):].startswith("@d")
+                                         and p.split("@d", 1)[1].isdigit() and int(p.split("@d", 1)[1]) >= 1):
             print(f"evssd bench store: unknown peer {p!r} (known: {', '.join(PEERS)})", file=sys.stderr)
             return 2
     t_all = time.perf_counter()
@@ -319,7 +344,7 @@ def run(args) -> int:
     work = Path(tmp.name)
     try:
         files = {}
-        if any(_SPEC[p][0] == "file" for p in peers):
+        if any(_SPEC[_base(p)][0] == "file" for p in peers):
             from evssd.host.store import write_table_file
             for name, arr in _make_tables(cfg).items():
                 files[name] = str(write_table_file(work / f"{name}.evt", arr))
@@ -373,6 +398,13 @@ def run(args) -> int:
             "evssd times are wall-clock times of the Python device model, not hardware",
             "hit rate counts distinct rows per batch (lookups are deduplicated before the cache)",
         ]
+        for r in ok:
+            if "modelled_device_s" in r:
+                print(f"  {r['peer']}: modelled device time {r['modelled_device_s'] * 1e3:.1f} ms for "
+                      f"{r['batches']} batches ({r['modelled_device_cycles']} cycles at "
+                      f"{r['modelled_clock_hz'] / 1e6:.0f} MHz) = "
+                      f"{r['lookups'] / r['modelled_device_s']:.3g} lookups/s if the host kept up; "
+                      f"{r['device_rows']} rows, {_fmt_bytes(r['device_channel_bytes'])} over the flash channels")
         print(f"  pooled outputs identical across peers that ran every batch: {identical} "
               f"({', '.join(f'{p}={d}' for p, d in full.items())})")
         for n in notes:
