@@ -48,20 +48,30 @@ Retirement semantics (bit-exact with ``evssd.host.pooling.pool_rows``):
     exactly to fp32, then summed as fp32. int8: sign-extended, int32 wrapping sums. int32:
     wrapping sums. Bad/err rows are skipped; a bag with no good rows (or an empty bag) is zeros.
 """
-from __future__ import annotations
+from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
 
-from amaranth import unsigned
-from amaranth.lib import data
+from .fpu import Fp16ToFp32, Fp32Adder
+from .regmap import ElemType, Params
 
-from .regmap import Params
+__all__ = ["ResultMerger", "WordPacker", "row_layout", "desc_layout", "out_layout",
+           "ACCUM_HAZARD_CYCLES"]
 
-__all__ = ["ResultMerger", "row_layout", "desc_layout", "out_layout"]
+# Cycles from an accumulate op reading acc[j] to the cycle a new read of acc[j] sees its sum:
+# issue -> R (memory data) -> W (operands) -> adder (LATENCY) -> write.
+ACCUM_HAZARD_CYCLES = Fp32Adder.LATENCY + 3
 
 
 def _slot_bits(n_slots: int) -> int:
     if not (isinstance(n_slots, int) and 2 <= n_slots <= 256 and n_slots & (n_slots - 1) == 0):
         raise ValueError(f"n_slots={n_slots!r}: must be a power of two 2..256")
     return n_slots.bit_length() - 1
+
+
+def _log2_ceil(n: int) -> int:
+    return (n - 1).bit_length()
 
 
 def row_layout(params: Params, n_slots: int) -> data.StructLayout:
@@ -97,5 +107,372 @@ def out_layout(params: Params) -> data.StructLayout:
     })
 
 
-class ResultMerger:  # implementation follows; the interface above is final
-    pass
+class WordPacker(wiring.Component):
+    """Packs groups of 1..``in_words`` 32-bit words into ``out_words``-word beats.
+
+    ``i_words``: ``{data: 32*in_words, count: 1..in_words valid words from word 0, last, err}``;
+    ``o_beat``: ``{data: 32*out_words, last, err}``. Words are contiguous across inputs; the beat
+    holding the word of an input with ``last`` is emitted with ``last`` (zero-padded past it).
+    The buffer holds ``out_words + in_words`` words, so input flows every cycle when the output
+    does (one input per cycle when in_words <= out_words, one beat per cycle otherwise).
+    """
+
+    def __init__(self, in_words: int, out_words: int):
+        self._k = in_words
+        self._h = out_words
+        super().__init__({
+            "i_words": In(stream.Signature(data.StructLayout({
+                "data": unsigned(32 * in_words), "count": range(in_words + 1),
+                "last": unsigned(1), "err": unsigned(1)}))),
+            "o_beat": Out(stream.Signature(data.StructLayout({
+                "data": unsigned(32 * out_words), "last": unsigned(1), "err": unsigned(1)}))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        K, H = self._k, self._h
+        C = K + H
+        buf = Signal(32 * C)            # words at index >= fill are always zero
+        fill = Signal(range(C + 1))
+        end_pending = Signal()          # the command's last word is in buf
+        end_err = Signal()
+        o, i = self.o_beat, self.i_words
+
+        m.d.comb += [
+            o.valid.eq((fill >= H) | (end_pending & (fill != 0))),
+            o.payload.data.eq(buf[:32 * H]),
+            o.payload.last.eq(end_pending & (fill <= H)),
+            o.payload.err.eq(end_err & end_pending & (fill <= H)),
+        ]
+        out_fire = o.valid & o.ready
+        fill_after = Signal(range(C + 1))
+        buf_after = Signal(32 * C)
+        with m.If(out_fire):
+            m.d.comb += [
+                fill_after.eq(Mux(fill > H, fill - H, 0)),
+                buf_after.eq(buf >> (32 * H)),
+            ]
+        with m.Else():
+            m.d.comb += [fill_after.eq(fill), buf_after.eq(buf)]
+
+        m.d.comb += i.ready.eq(~end_pending & (fill_after <= H))
+        in_fire = i.valid & i.ready
+        masked = Signal(32 * K)
+        for w in range(K):
+            m.d.comb += masked[32 * w:32 * (w + 1)].eq(
+                Mux(i.payload.count > w, i.payload.data[32 * w:32 * (w + 1)], 0))
+        placed = Signal(32 * C)
+        with m.Switch(fill_after):
+            for f in range(H + 1):
+                with m.Case(f):
+                    m.d.comb += placed.eq(masked << (32 * f))
+        with m.If(in_fire):
+            m.d.sync += [buf.eq(buf_after | placed), fill.eq(fill_after + i.payload.count)]
+        with m.Else():
+            m.d.sync += [buf.eq(buf_after), fill.eq(fill_after)]
+
+        with m.If(in_fire & i.payload.last):
+            m.d.sync += [end_pending.eq(1), end_err.eq(i.payload.err)]
+        with m.Elif(out_fire & o.payload.last):
+            m.d.sync += [end_pending.eq(0), end_err.eq(0)]
+        return m
+
+
+# op kinds of the retirement pipeline
+_OP_READ, _OP_ZERO, _OP_ACCUM, _OP_EMIT = 0, 1, 2, 3
+
+
+class ResultMerger(wiring.Component):
+    """Reorder buffer + in-order retirement (GATHER rows, GATHER_POOLED bag sums); see the module
+    docstring for the ports and the semantics.
+
+    Structure: channel beats -> round-robin -> ROB memory (``n_slots`` x ``max_row_bytes``,
+    ``ch_data_bits`` wide) with a done/err bit per slot. The issue stage walks the descriptors
+    in order and emits one op per cycle: a ROB beat read (GATHER), zeros (bad rows, empty or
+    all-bad bags), an accumulate (pooled row: ``K = ch_data_bits/32`` elements widened to 32-bit
+    lanes, summed into the accumulator memory by ``K`` Fp32Adders or int adders) or an emit
+    (read the bag sum). Output ops go through a :class:`WordPacker` to ``host_data_bits``.
+    A pooled row (or emit) starts at least :data:`ACCUM_HAZARD_CYCLES` cycles after the previous
+    pooled row started, so a row never reads an accumulator word whose sum is still in the adder.
+    """
+
+    def __init__(self, params: Params, n_slots: int):
+        if not isinstance(params, Params):
+            raise ValueError(f"params={params!r}: must be a regmap.Params")
+        self._p = params
+        self._n_slots = n_slots
+        self._tb = _slot_bits(n_slots)
+        super().__init__({
+            "i_row": In(stream.Signature(row_layout(params, n_slots))).array(params.n_channels),
+            "i_desc": In(stream.Signature(desc_layout(n_slots))),
+            "o_data": Out(stream.Signature(out_layout(params))),
+            "o_free": Out(stream.Signature(unsigned(self._tb), always_ready=True)),
+        })
+
+    @property
+    def n_slots(self) -> int:
+        return self._n_slots
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self._p
+        Wc = p.ch_data_bits
+        K = Wc // 32
+        log2K = _log2_ceil(K)
+        H = p.host_data_bits // 32
+        n_slots = self._n_slots
+        beat_bits = _log2_ceil(-(-p.max_row_bytes * 8 // Wc))
+        max_ops = -(-p.max_row_bytes // K)     # int8 rows: one element per byte
+        L = Fp32Adder.LATENCY
+
+        rob = Memory(shape=unsigned(Wc), depth=n_slots << beat_bits, init=[])
+        acc = Memory(shape=unsigned(Wc), depth=max_ops, init=[])
+        m.submodules.rob = rob
+        m.submodules.acc = acc
+        rob_w = rob.write_port()
+        rob_r = rob.read_port()
+        acc_w = acc.write_port()
+        acc_r = acc.read_port()
+
+        done = Signal(n_slots)
+        errf = Signal(n_slots)
+
+        # ---------------- channel beats -> ROB ----------------
+        n_ch = p.n_channels
+        rr = Signal(range(n_ch))
+        sel = Signal(range(n_ch))
+        any_valid = Signal()
+        with m.Switch(rr):
+            for r in range(n_ch):
+                with m.Case(r):
+                    for k in reversed(range(n_ch)):   # the first valid channel from rr wins
+                        c = (r + k) % n_ch
+                        with m.If(self.i_row[c].valid):
+                            m.d.comb += [sel.eq(c), any_valid.eq(1)]
+        beat = Signal(row_layout(p, n_slots))
+        beat_idx = [Signal(max(beat_bits, 1), name=f"beat_idx{c}") for c in range(n_ch)]
+        cur_idx = Signal(max(beat_bits, 1))
+        with m.Switch(sel):
+            for c in range(n_ch):
+                with m.Case(c):
+                    m.d.comb += [beat.eq(self.i_row[c].payload), cur_idx.eq(beat_idx[c]),
+                                 self.i_row[c].ready.eq(any_valid)]
+        m.d.comb += [
+            rob_w.addr.eq(Cat(cur_idx[:beat_bits], beat.tag) if beat_bits else beat.tag),
+            rob_w.data.eq(beat.data),
+            rob_w.en.eq(any_valid),
+        ]
+        with m.If(any_valid):
+            m.d.sync += rr.eq(Mux(sel == n_ch - 1, 0, sel + 1))
+            with m.Switch(sel):
+                for c in range(n_ch):
+                    with m.Case(c):
+                        m.d.sync += beat_idx[c].eq(Mux(beat.last, 0, beat_idx[c] + 1))
+
+        # ---------------- issue stage: descriptors -> ops, in order ----------------
+        dl = desc_layout(n_slots)
+        cur = Signal(dl)
+        have = Signal()
+        emit_phase = Signal()
+        n_ops = Signal(range(max_ops + 1))
+        last_cnt = Signal(range(K + 1))
+        sub_shift = Signal(2)            # log2(elements of one ROB beat / K)
+        j = Signal(range(max_ops + 1))
+        bag_first = Signal(init=1)       # no good row in the current bag yet
+        row_first = Signal()
+        cooldown = Signal(range(ACCUM_HAZARD_CYCLES))
+        sticky_err = Signal()
+
+        # derived values of the incoming descriptor
+        d_in = self.i_desc.payload
+        ish = Signal(2)                  # log2(itemsize); GATHER moves 32-bit words
+        with m.If(~d_in.pooled):
+            m.d.comb += ish.eq(2)
+        with m.Else():
+            with m.Switch(d_in.elem):
+                with m.Case(ElemType.FP16):
+                    m.d.comb += ish.eq(1)
+                with m.Case(ElemType.INT8):
+                    m.d.comb += ish.eq(0)
+                with m.Default():
+                    m.d.comb += ish.eq(2)
+        n_elems = Signal(16)
+        m.d.comb += n_elems.eq(d_in.row_bytes >> ish)
+
+        slot_done = done.bit_select(cur.slot, 1)
+        slot_err = errf.bit_select(cur.slot, 1)
+        row_ok = cur.bad | cur.empty_bag | slot_done
+        good = ~cur.bad & ~cur.empty_bag & ~slot_err
+        row_has_ops = ~cur.empty_bag & (~cur.pooled | good)
+        goes_emit = cur.pooled & (cur.bag_end | cur.empty_bag)
+        last_op = j == n_ops - 1
+
+        # the op the issue stage would send this cycle
+        op_valid = Signal()
+        op_kind = Signal(2)
+        with m.If(have & ~emit_phase & row_has_ops):
+            with m.If(~cur.pooled):
+                m.d.comb += [op_valid.eq((j != 0) | row_ok),
+                             op_kind.eq(Mux(good, _OP_READ, _OP_ZERO))]
+            with m.Else():
+                m.d.comb += [op_valid.eq((j != 0) | (row_ok & (cooldown == 0))),
+                             op_kind.eq(_OP_ACCUM)]
+        with m.If(have & emit_phase):
+            m.d.comb += [op_valid.eq((j != 0) | bag_first | (cooldown == 0)),
+                         op_kind.eq(Mux(bag_first, _OP_ZERO, _OP_EMIT))]
+        op_cmd_last = cur.cmd_end & last_op & Mux(emit_phase, 1, ~goes_emit)
+        noop_step = have & ~emit_phase & ~row_has_ops & row_ok
+
+        r_advance = Signal()
+        fire = op_valid & r_advance
+        row_err_now = Signal()           # a row with err retires now
+        m.d.comb += row_err_now.eq(have & ~emit_phase & ~cur.bad & ~cur.empty_bag & slot_err &
+                                   Mux(row_has_ops, fire & (j == 0), noop_step))
+        free_now = have & ~emit_phase & ~cur.empty_bag & Mux(row_has_ops, fire & last_op, noop_step)
+        m.d.comb += [self.o_free.valid.eq(free_now), self.o_free.payload.eq(cur.slot)]
+        to_emit = (fire & last_op & ~emit_phase & goes_emit) | (noop_step & goes_emit)
+        finish = Signal()
+        m.d.comb += finish.eq((fire & last_op & (emit_phase | ~goes_emit)) |
+                              (noop_step & ~goes_emit))
+        m.d.comb += self.i_desc.ready.eq(~have | finish)
+
+        with m.If(free_now):
+            m.d.sync += [done.bit_select(cur.slot, 1).eq(0), errf.bit_select(cur.slot, 1).eq(0)]
+        # a slot is freed before the engine can reuse it, so set and clear never meet
+        with m.If(any_valid & beat.last):
+            m.d.sync += done.bit_select(beat.tag, 1).eq(1)
+        with m.If(any_valid & beat.err):
+            m.d.sync += errf.bit_select(beat.tag, 1).eq(1)
+
+        with m.If(fire):
+            m.d.sync += j.eq(Mux(last_op, 0, j + 1))
+        with m.If(to_emit):
+            m.d.sync += [emit_phase.eq(1), j.eq(0)]
+        with m.If(self.i_desc.valid & self.i_desc.ready):
+            m.d.sync += [
+                have.eq(1), cur.eq(d_in), emit_phase.eq(d_in.empty_bag & d_in.pooled), j.eq(0),
+                n_ops.eq((n_elems + K - 1) >> log2K),
+                last_cnt.eq(((n_elems - 1) & (K - 1)) + 1),
+                sub_shift.eq(2 - ish),
+            ]
+        with m.Elif(finish):
+            m.d.sync += have.eq(0)
+
+        is_accum = op_kind == _OP_ACCUM
+        with m.If(fire & is_accum & (j == 0)):
+            m.d.sync += [cooldown.eq(ACCUM_HAZARD_CYCLES - 1), bag_first.eq(0),
+                         row_first.eq(bag_first)]
+        with m.Elif(cooldown != 0):
+            m.d.sync += cooldown.eq(cooldown - 1)
+        with m.If(fire & emit_phase & last_op):
+            m.d.sync += bag_first.eq(1)
+        with m.If(fire & op_cmd_last):
+            m.d.sync += sticky_err.eq(0)
+        with m.Elif(row_err_now):
+            m.d.sync += sticky_err.eq(1)
+
+        # memory reads for the op (the read ports hold their data while stage R stalls)
+        rob_beat = Signal(max(beat_bits, 1))
+        m.d.comb += rob_beat.eq(j >> sub_shift)
+        m.d.comb += [
+            rob_r.addr.eq(Cat(rob_beat[:beat_bits], cur.slot) if beat_bits else cur.slot),
+            acc_r.addr.eq(j),
+            rob_r.en.eq(r_advance),
+            acc_r.en.eq(r_advance),
+        ]
+
+        # ---------------- stage R: memory data ----------------
+        r_valid = Signal()
+        r_kind = Signal(2)
+        r_count = Signal(range(K + 1))
+        r_last = Signal()
+        r_err = Signal()
+        r_first = Signal()
+        r_j = Signal(range(max_ops + 1))
+        r_sub = Signal(2)
+        r_elem = Signal(2)
+        r_out = r_valid & (r_kind != _OP_ACCUM)
+        with m.If(r_advance):
+            m.d.sync += [
+                r_valid.eq(fire), r_kind.eq(op_kind),
+                r_count.eq(Mux(last_op, last_cnt, K)),
+                r_last.eq(op_cmd_last),
+                r_err.eq(sticky_err | row_err_now),
+                r_first.eq(Mux(j == 0, bag_first, row_first)),
+                r_j.eq(j),
+                r_sub.eq(j & ((1 << sub_shift) - 1)),
+                r_elem.eq(cur.elem),
+            ]
+
+        m.submodules.packer = packer = WordPacker(K, H)
+        m.d.comb += [
+            packer.i_words.valid.eq(r_out),
+            packer.i_words.payload.data.eq(Mux(r_kind == _OP_ZERO, 0,
+                                               Mux(r_kind == _OP_EMIT, acc_r.data, rob_r.data))),
+            packer.i_words.payload.count.eq(r_count),
+            packer.i_words.payload.last.eq(r_last),
+            packer.i_words.payload.err.eq(r_err),
+            r_advance.eq(~r_out | packer.i_words.ready),
+        ]
+        wiring.connect(m, wiring.flipped(self.o_data), packer.o_beat)
+
+        # ---------------- stage W: widen the row's elements into K 32-bit lanes ----------------
+        w_valid = Signal()
+        w_int = Signal()
+        w_j = Signal(range(max_ops + 1))
+        w_a = [Signal(32, name=f"w_a{i}") for i in range(K)]
+        w_b = [Signal(32, name=f"w_b{i}") for i in range(K)]
+        r_accum = r_valid & (r_kind == _OP_ACCUM)
+        r_int = (r_elem == ElemType.INT8) | (r_elem == ElemType.INT32)
+        m.d.sync += [w_valid.eq(r_accum), w_j.eq(r_j),
+                     w_int.eq(r_int)]
+        ident = Mux(r_int, 0, 0x8000_0000)  # -0.0 is the fp identity: -0 + x == x, +-0 included
+        rd = rob_r.data
+        for i in range(K):
+            h2f = Fp16ToFp32()
+            m.submodules[f"h2f{i}"] = h2f
+            half_sel = Signal(16, name=f"half{i}")
+            byte_sel = Signal(8, name=f"byte{i}")
+            with m.Switch(r_sub):
+                for s in range(2):
+                    with m.Case(s):
+                        m.d.comb += half_sel.eq(rd[(Wc // 2) * s + 16 * i:][:16])
+            with m.Switch(r_sub):
+                for s in range(4):
+                    with m.Case(s):
+                        m.d.comb += byte_sel.eq(rd[(Wc // 4) * s + 8 * i:][:8])
+            m.d.comb += h2f.i_h.eq(half_sel)
+            lane = Signal(32, name=f"lane{i}")
+            with m.Switch(r_elem):
+                with m.Case(ElemType.FP16):
+                    m.d.comb += lane.eq(h2f.o_f)
+                with m.Case(ElemType.INT8):
+                    m.d.comb += lane.eq(byte_sel.as_signed())
+                with m.Default():
+                    m.d.comb += lane.eq(rd[32 * i:32 * (i + 1)])
+            m.d.sync += [w_b[i].eq(lane),
+                         w_a[i].eq(Mux(r_first, ident, acc_r.data[32 * i:32 * (i + 1)]))]
+
+        # ---------------- adders: K lanes, fp32 or int32, fixed latency L ----------------
+        pipe_valid = [w_valid]
+        pipe_j = [w_j]
+        pipe_int = [w_int]
+        for s in range(L):
+            v, jj, ii = Signal(name=f"p_valid{s}"), Signal(range(max_ops + 1), name=f"p_j{s}"), \
+                Signal(name=f"p_int{s}")
+            m.d.sync += [v.eq(pipe_valid[-1]), jj.eq(pipe_j[-1]), ii.eq(pipe_int[-1])]
+            pipe_valid.append(v); pipe_j.append(jj); pipe_int.append(ii)
+        sums = []
+        for i in range(K):
+            add = Fp32Adder()
+            m.submodules[f"add{i}"] = add
+            m.d.comb += [add.i_a.eq(w_a[i]), add.i_b.eq(w_b[i]), add.i_valid.eq(w_valid)]
+            isum = [Signal(32, name=f"isum{i}_0")]
+            m.d.sync += isum[0].eq(w_a[i] + w_b[i])    # wraps at 32 bits
+            for s in range(1, L):
+                nxt = Signal(32, name=f"isum{i}_{s}")
+                m.d.sync += nxt.eq(isum[-1])
+                isum.append(nxt)
+            sums.append(Mux(pipe_int[L], isum[-1], add.o_sum))
+        m.d.comb += [acc_w.addr.eq(pipe_j[L]), acc_w.data.eq(Cat(*sums)), acc_w.en.eq(pipe_valid[L])]
+        return m

@@ -1,0 +1,250 @@
+"""ResultMerger against a numpy golden model, with random back-pressure on every stream.
+
+The testbench plays the engine and the flash channels: it hands out ROB slots in request order
+(credit-limited by ``o_free``), sends each row's beats on a random channel (each channel in its
+own request order, channels interleaving), drives ``i_desc`` with random idle cycles and drops
+``o_data.ready`` at random. The expected byte stream comes from :func:`merge_golden`, which uses
+``evssd.host.pooling.pool_rows`` (the host model's arithmetic).
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from evssd.host.pooling import pool_rows
+from evssd.hw.merger import ACCUM_HAZARD_CYCLES, ResultMerger
+from evssd.hw.regmap import ElemType, Params, pooled_row_bytes
+
+
+@dataclass
+class Lookup:
+    row: bytes | None          # None: bad index (no data ever arrives)
+    err: bool = False          # the channel flags the row with err
+    bag_end: bool = False
+
+
+@dataclass
+class Cmd:
+    pooled: bool
+    elem: ElemType
+    row_bytes: int
+    bags: list = field(default_factory=list)   # GATHER: one "bag" holding all lookups
+
+
+def merge_golden(cmd: Cmd) -> tuple[bytes, bool]:
+    """Expected result bytes of one command and whether it reports err."""
+    err = any(lk.err for bag in cmd.bags for lk in bag)
+    out = bytearray()
+    if not cmd.pooled:
+        for lk in cmd.bags[0]:
+            good = lk.row is not None and not lk.err
+            out += lk.row if good else bytes(cmd.row_bytes)
+        return bytes(out), err
+    dt = np.dtype(cmd.elem.numpy_dtype)
+    dim = cmd.row_bytes // dt.itemsize
+    for bag in cmd.bags:
+        rows = [np.frombuffer(lk.row, dtype=dt) for lk in bag if lk.row is not None and not lk.err]
+        mat = np.stack(rows) if rows else np.zeros((0, dim), dtype=dt)
+        out += pool_rows(mat, cmd.elem).tobytes()
+    return bytes(out), err
+
+
+F32_SPECIALS = np.array([0, 0x8000_0000, 0x7F80_0000, 0xFF80_0000, 0x7FC0_0000, 0xFF80_0001,
+                         0x7F7F_FFFF, 0xFF7F_FFFF, 1, 0x8000_0001, 0x007F_FFFF, 0x0080_0000,
+                         0x3F80_0000, 0xBF80_0000], dtype=np.uint32)
+F16_SPECIALS = np.array([0, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x7BFF, 0xFBFF, 1, 0x8001,
+                         0x03FF, 0x0400, 0x3C00, 0xBC00], dtype=np.uint16)
+
+
+def random_row(rng, elem, row_bytes):
+    if elem == ElemType.FP32:
+        n = row_bytes // 4
+        # moderate magnitudes with mixed signs (cancellation, rounding) plus specials
+        v = (rng.standard_normal(n) * 2.0 ** rng.integers(-10, 10, n)).astype("<f4").view("<u4")
+        v = np.where(rng.random(n) < 0.15, rng.choice(F32_SPECIALS, n), v)
+        return v.astype("<u4").tobytes()
+    if elem == ElemType.FP16:
+        n = row_bytes // 2
+        v = (rng.standard_normal(n) * 2.0 ** rng.integers(-6, 6, n)).astype("<f2").view("<u2")
+        v = np.where(rng.random(n) < 0.15, rng.choice(F16_SPECIALS, n), v)
+        return v.astype("<u2").tobytes()
+    return rng.integers(0, 256, row_bytes, dtype=np.uint8).tobytes()   # int8/int32: full range
+
+
+def random_cmds(rng, params, n_cmds, p_bad=0.15, p_err=0.05):
+    cmds = []
+    for _ in range(n_cmds):
+        pooled = bool(rng.random() < 0.6)
+        elem = ElemType(int(rng.integers(0, 4)))
+        row_bytes = 4 * int(rng.integers(1, params.max_row_bytes // 4 + 1))
+        if rng.random() < 0.3:           # short rows stress the accumulator hazard
+            row_bytes = 4 * int(rng.integers(1, 3))
+        cmd = Cmd(pooled, elem, row_bytes)
+
+        def lookup():
+            if rng.random() < p_bad:
+                return Lookup(None)
+            return Lookup(random_row(rng, elem, row_bytes), err=bool(rng.random() < p_err))
+        if pooled:
+            for _ in range(int(rng.integers(1, 5))):
+                bag = [lookup() for _ in range(int(rng.choice([0, 1, 2, 3, 5])))]
+                cmd.bags.append(bag)
+        else:
+            cmd.bags.append([lookup() for _ in range(int(rng.integers(1, 7)))])
+        cmds.append(cmd)
+    return cmds
+
+
+def descriptors(cmds):
+    """(desc fields, lookup or None for an empty-bag token, command index) in request order."""
+    out = []
+    for ci, cmd in enumerate(cmds):
+        items = []
+        for bag in cmd.bags:
+            if cmd.pooled and not bag:
+                items.append((dict(empty_bag=1, bag_end=0), None))
+            for k, lk in enumerate(bag):
+                items.append((dict(empty_bag=0, bag_end=int(cmd.pooled and k == len(bag) - 1)), lk))
+        for k, (d, lk) in enumerate(items):
+            d.update(row_bytes=cmd.row_bytes, elem=int(cmd.elem), pooled=int(cmd.pooled),
+                     bad=int(lk is not None and lk.row is None), cmd_end=int(k == len(items) - 1))
+            out.append((d, lk, ci))
+    return out
+
+
+def run_merger(params, n_slots, cmds, *, seed=0, p_valid=0.6, p_ready=0.6, max_cycles=200_000):
+    """Simulate; return (per-command list of (bytes, err)), freed slots, allocated slots, cycles."""
+    dut = ResultMerger(params, n_slots)
+    rng = np.random.default_rng(seed)
+    Wc, Wh = params.ch_data_bits, params.host_data_bits
+    ch_bytes, host_bytes = Wc // 8, Wh // 8
+    n_ch = params.n_channels
+    descs = descriptors(cmds)
+    expected_cmds = len(cmds)
+    results = []
+    freed, allocated = [], []
+    state = {"cycles": 0, "out_beats": 0}
+    # different idle probabilities per channel reorder the rows across channels
+    ch_p = [p_valid * (0.5 + 0.5 * rng.random()) for _ in range(n_ch)]
+
+    async def tb(ctx):
+        free_slots = list(range(n_slots))
+        chq = [[] for _ in range(n_ch)]          # beats waiting per channel
+        descq = []
+        next_desc = 0
+        cur_beat = [None] * n_ch
+        cur_desc = None
+        cur_out = bytearray()
+        sample = []
+        for c in range(n_ch):
+            sample += [dut.i_row[c].valid, dut.i_row[c].ready]
+        sample += [dut.i_desc.valid, dut.i_desc.ready, dut.o_data.valid, dut.o_data.ready,
+                   dut.o_data.payload.data, dut.o_data.payload.last, dut.o_data.payload.err,
+                   dut.o_free.valid, dut.o_free.payload]
+        while len(results) < expected_cmds:
+            state["cycles"] += 1
+            assert state["cycles"] < max_cycles, "merger hung"
+            # engine: allocate slots in request order while credits last
+            while next_desc < len(descs):
+                d, lk, _ = descs[next_desc]
+                if lk is not None:
+                    if not free_slots:
+                        break
+                    slot = free_slots.pop(0)
+                    allocated.append(slot)
+                    if lk.row is not None:
+                        c = int(rng.integers(0, n_ch))
+                        nb = -(-len(lk.row) // ch_bytes)
+                        # junk past the row: the merger must ignore the padding's content
+                        padded = lk.row + rng.bytes(nb * ch_bytes - len(lk.row))
+                        err_beat = int(rng.integers(0, nb)) if lk.err else -1
+                        for b in range(nb):
+                            chq[c].append(dict(
+                                data=int.from_bytes(padded[b * ch_bytes:(b + 1) * ch_bytes], "little"),
+                                last=int(b == nb - 1), err=int(b == err_beat), tag=slot))
+                else:
+                    slot = 0
+                descq.append(dict(d, slot=slot))
+                next_desc += 1
+            # drive inputs (valid never depends on ready; a presented item stays until taken)
+            for c in range(n_ch):
+                if cur_beat[c] is None and chq[c] and rng.random() < ch_p[c]:
+                    cur_beat[c] = chq[c].pop(0)
+                    ctx.set(dut.i_row[c].payload, cur_beat[c])
+                ctx.set(dut.i_row[c].valid, cur_beat[c] is not None)
+            if cur_desc is None and descq and rng.random() < p_valid:
+                cur_desc = descq.pop(0)
+                ctx.set(dut.i_desc.payload, cur_desc)
+            ctx.set(dut.i_desc.valid, cur_desc is not None)
+            ctx.set(dut.o_data.ready, bool(rng.random() < p_ready))
+
+            _, _, *v = await ctx.tick().sample(*sample)
+            for c in range(n_ch):
+                if v[2 * c] and v[2 * c + 1]:
+                    cur_beat[c] = None
+            i = 2 * n_ch
+            if v[i] and v[i + 1]:
+                cur_desc = None
+            o_valid, o_ready, o_data, o_last, o_err, f_valid, f_slot = v[i + 2:]
+            if o_valid and o_ready:
+                state["out_beats"] += 1
+                cur_out += int(o_data).to_bytes(host_bytes, "little")
+                if o_last:
+                    results.append((bytes(cur_out), bool(o_err)))
+                    cur_out = bytearray()
+                else:
+                    assert not o_err, "err only on the last beat"
+            if f_valid:
+                freed.append(int(f_slot))
+                free_slots.append(int(f_slot))
+        # nothing trails the last command
+        for _ in range(20):
+            ctx.set(dut.o_data.ready, 1)
+            _, _, ov, fv = await ctx.tick().sample(dut.o_data.valid, dut.o_free.valid)
+            assert not ov and not fv
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    return results, freed, allocated, state
+
+
+def check(params, n_slots, cmds, results, freed, allocated):
+    assert len(results) == len(cmds)
+    hb = params.host_data_bits // 8
+    for ci, (cmd, (got, got_err)) in enumerate(zip(cmds, results)):
+        exp, exp_err = merge_golden(cmd)
+        if cmd.pooled:
+            assert len(exp) == len(cmd.bags) * pooled_row_bytes(cmd.row_bytes, cmd.elem)
+        padded = exp + bytes(-len(exp) % hb)
+        if got != padded:
+            a = np.frombuffer(got[:len(exp)], "<u4"); b = np.frombuffer(exp, "<u4")
+            bad = np.nonzero(a != b)[0] if len(a) == len(b) else []
+            raise AssertionError(
+                f"command {ci} ({'pooled' if cmd.pooled else 'gather'} {cmd.elem.name} "
+                f"row_bytes={cmd.row_bytes}): {len(got)} bytes, expected {len(padded)}; "
+                f"first differing words {[(int(k), hex(a[k]), hex(b[k])) for k in bad[:4]]}")
+        assert got_err == exp_err, f"command {ci}: err {got_err}, expected {exp_err}"
+    # every lookup's slot comes back exactly once, in request order
+    assert freed == allocated
+
+
+CONFIGS = [
+    # (ch_data_bits, host_data_bits, n_channels, max_row_bytes, n_slots)
+    pytest.param(64, 64, 4, 64, 8, id="ch64-host64"),
+    pytest.param(64, 256, 3, 96, 8, id="ch64-host256"),
+    pytest.param(256, 64, 2, 128, 4, id="ch256-host64"),
+    pytest.param(32, 128, 2, 32, 4, id="ch32-host128"),
+]
+
+
+@pytest.mark.parametrize("ch_bits, host_bits, n_ch, max_row, n_slots", CONFIGS)
+def test_random_backpressure(ch_bits, host_bits, n_ch, max_row, n_slots):
+    params = Params(n_channels=n_ch, ch_data_bits=ch_bits, host_data_bits=host_bits,
+                    max_row_bytes=max_row, page_size=512)
+    rng = np.random.default_rng(ch_bits * 1000 + host_bits)
+    cmds = random_cmds(rng, params, n_cmds=40)
+    results, freed, allocated, _ = run_merger(params, n_slots, cmds, seed=ch_bits + host_bits)
+    check(params, n_slots, cmds, results, freed, allocated)
