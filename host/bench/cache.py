@@ -45,7 +45,7 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=512, help="bags per batch (default 512)")
     parser.add_argument("--pooling", type=int, default=20, help="lookups per bag (default 20)")
     parser.add_argument("--batches", type=int, default=None,
-                        help="measured batches per trace (default 100; 20 with --quick)")
+                        help="measured batches per trace (default 60; 20 with --quick)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="batches before measuring (default 40; 10 with --quick)")
     parser.add_argument("--budgets", default="0.5,1,2,5",
@@ -53,7 +53,7 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the zipf trace (default 1.05)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats, best kept (default 3)")
     parser.add_argument("--lru-keys", type=int, default=None,
-                        help="keys timed through cachetools (default 300k; 50k with --quick)")
+                        help="keys timed through cachetools (default 200k; 50k with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small run: a few seconds")
     parser.add_argument("--results-root", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
@@ -237,9 +237,9 @@ def _figure(data, budgets):
 
 def run(args) -> int:
     quick = args.quick
-    n_batches = args.batches if args.batches is not None else (20 if quick else 100)
+    n_batches = args.batches if args.batches is not None else (20 if quick else 60)
     warmup = args.warmup if args.warmup is not None else (10 if quick else 40)
-    lru_keys = args.lru_keys if args.lru_keys is not None else (50_000 if quick else 300_000)
+    lru_keys = args.lru_keys if args.lru_keys is not None else (50_000 if quick else 200_000)
     repeats = max(1, args.repeats if not quick else min(args.repeats, 2))
     n_rows = args.rows if not (quick and args.rows == 1_000_000) else 200_000
     dim, seed = args.dim, args.seed
@@ -256,7 +256,11 @@ def run(args) -> int:
     if not budgets or any(not 0 < b <= 100 for b in budgets):
         print(f"evssd bench cache: budgets must be in (0, 100] %, got {args.budgets!r}", file=sys.stderr)
         return 2
-    dtype = EVCache(16, dim, args.dtype, capacity=1).dtype
+    try:
+        dtype = EVCache(16, dim, args.dtype, capacity=1).dtype
+    except ValueError as exc:
+        print(f"evssd bench cache: --dtype: {exc}", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     load_before = os.getloadavg()
     total = n_batches + warmup
