@@ -126,7 +126,13 @@ class TableInfo:
 
 
 def _check_table_array(name: str, arr) -> np.ndarray:
-    arr = np.asarray(arr)
+    if not isinstance(arr, np.ndarray):
+        # .npy paths, torch tensors and nn.Embedding/EmbeddingBag modules, as the layout reads them
+        from evssd.host.layout import LayoutError, load_table
+        try:
+            arr = load_table(name, arr)
+        except LayoutError as exc:
+            raise StoreInputError(str(exc)) from None
     if arr.ndim != 2:
         raise StoreInputError(f"table {name!r}: expected a 2-D array [rows, dim], got shape {arr.shape}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
@@ -678,7 +684,8 @@ class EmbeddingStore:
                     cache_fraction=_AUTO, cache="evcache", path=None, device=None,
                     file_mode: str = "row", page_size: int = 4096, layout_options: dict | None = None,
                     device_pooling: bool = True) -> "EmbeddingStore":
-        """Build a store holding ``tables`` (name -> [rows, dim] fp32/fp16/int8/int32 array).
+        """Build a store holding ``tables`` (name -> [rows, dim] fp32/fp16/int8/int32 array, a
+        ``.npy`` path, a torch tensor or an ``nn.Embedding``/``nn.EmbeddingBag``).
 
         ``cache_fraction``: per-table cache budget as a fraction of the table (None: no cache);
         the default is 0.01 for every backend but ``dram``, which has nothing to cache.

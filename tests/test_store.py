@@ -296,3 +296,12 @@ def test_evssd_multi_extent_and_reopen_from_layout_json(tmp_path):
         idx = np.arange(3000)[::-1]
         np.testing.assert_array_equal(again.gather("a", idx), tables["a"][idx])
         assert store.stats()["backend"] == "evssd" and again.stats()["cache_hit_rate"] > 0
+
+
+def test_from_npy_path(tmp_path):
+    t = make_table(40, 3, "int32")
+    np.save(tmp_path / "t.npy", t)
+    s = EmbeddingStore.from_arrays({"t": tmp_path / "t.npy"})
+    np.testing.assert_array_equal(s.gather("t", [5, 0]), t[[5, 0]])
+    with pytest.raises(StoreInputError, match="only .npy"):
+        EmbeddingStore.from_arrays({"t": tmp_path / "t.bin"})

@@ -8,6 +8,9 @@ file-page      table file, one 4 KiB page read (pread) per distinct row looked u
 file-row+ev    table file, row-granular pread, EV-Cache in front
 file-row+lru   table file, row-granular pread, plain LRU (cachetools) of the same byte budget
 evssd+ev       the EV-SSD functional/timing model through the driver, EV-Cache in front
+evssd-pool     the same device without a cache, pooling on the device (GATHER_POOLED, RecSSD-style)
+evssd-block    the same device in block_mode (every row read moves its whole page over the
+               channel), no cache, host pooling: the block-SSD baseline on the same modelled hardware
 rocksdb+ev     rows in RocksDB (FBGEMM SSD-TBE / HugeCTR HPS tier), EV-Cache in front
 ============== ====================================================================================
 
@@ -46,7 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
-PEERS = ["dram", "file-page", "file-row+ev", "file-row+ev@d1", "file-row+lru", "evssd+ev", "rocksdb+ev"]
+PEERS = ["dram", "file-page", "file-row+ev", "file-row+ev@d1", "file-row+lru", "evssd+ev", "evssd-pool",
+         "evssd-block", "rocksdb+ev"]
+
+QUICK_PEERS = ["dram", "file-page", "file-row+ev", "evssd+ev"]
 
 # backend, options, cache kind (None: no cache)
 _SPEC = {
@@ -55,6 +61,8 @@ _SPEC = {
     "file-row+ev": ("file", {"file_mode": "row"}, "evcache"),
     "file-row+lru": ("file", {"file_mode": "row"}, "lru"),
     "evssd+ev": ("evssd", {}, "evcache"),
+    "evssd-pool": ("evssd", {}, None),
+    "evssd-block": ("evssd", {"block_mode": True, "device_pooling": False}, None),
     "rocksdb+ev": ("rocksdb", {}, "evcache"),
 }
 
@@ -73,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
     parser.add_argument("--max-seconds", type=float, default=10.0,
                         help="stop a peer's measured phase after this long (default 10 s)")
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list (default: {','.join(PEERS)})")
+    parser.add_argument("--peers", default=None,
+                        help=f"comma list (default: {','.join(PEERS)}; with --quick: {','.join(QUICK_PEERS)})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clock-mhz", type=float, default=250.0,
                         help="device clock for converting modelled cycles to seconds when the device "
@@ -81,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=None, help="where table files and RocksDB go (default: a temp dir)")
     parser.add_argument("--results", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
     parser.add_argument("--quick", action="store_true",
-                        help="a few seconds: 2 tables x 20000 rows, 30 batches")
+                        help="a few seconds: 2 tables x 20000 rows, 30 batches, 4 peers")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
 
@@ -172,9 +181,12 @@ def _child(cfg_path: str) -> int:
             kw["path"] = cfg["rocksdb_path"]
         if backend == "evssd":
             kw["device"] = dev
+            kw["device_pooling"] = opts.get("device_pooling", True)
             device_info = {k: getattr(dev.params, k) for k in ("n_channels", "page_size", "ways",
                                                                 "pages_per_channel") if hasattr(dev.params, k)}
         store = EmbeddingStore.from_arrays(tables, backend, **kw)
+        if opts.get("block_mode"):
+            dev.set_block_mode(True)
         if backend == "evssd":
             model_flash_bytes = store.backend.layout.n_pages * store.backend.layout.page_size
         if backend != "dram":
@@ -333,7 +345,8 @@ def run(args) -> int:
     if args.child:
         return _child(args.child)
     cfg = _config(args)
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    peers = [p.strip() for p in (args.peers or ",".join(QUICK_PEERS if args.quick else PEERS)).split(",")
+             if p.strip()]
     for p in peers:
         if _base(p) not in _SPEC or not (p == _base(p) or p[len(_base(p)):].startswith("@d")
                                          and p.split("@d", 1)[1].isdigit() and int(p.split("@d", 1)[1]) >= 1):
@@ -421,7 +434,7 @@ def run(args) -> int:
         from evssd.host.bench.common import write_results
         path = write_results("store", data, fig, command=command.strip(), root=args.results)
         print(f"  wrote {path} ({time.perf_counter() - t_all:.1f} s)")
-        return 0 if ok and identical else 1
+        return 0 if ok and identical and len(ok) == len(rows) else 1
     finally:
         tmp.cleanup()
 
