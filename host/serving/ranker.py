@@ -470,9 +470,11 @@ class Ranker:
         return out
 
     def score(self, dense: np.ndarray, sparse: dict) -> np.ndarray:
+        bags = np.asarray(sparse[self.tables[0]][1]).size - 1 if self.tables[0] in sparse else -1
+        if dense.ndim != 2 or dense.shape != (bags, self.model.n_dense):
+            raise ServingError(f"dense features of shape {dense.shape} for {bags} bags "
+                               f"(want [{bags}, {self.model.n_dense}])")
         embs = self.embeddings(sparse)
-        if dense.shape[0] != embs[0].shape[0]:
-            raise ServingError(f"{dense.shape[0]} dense rows for {embs[0].shape[0]} bags")
         return self.model.forward(dense, embs)
 
     def rank(self, dense, sparse, k: int = 10):

@@ -66,6 +66,9 @@ class EmbeddingServer:
                 store_path = self._tmp.name
             kw["path"] = store_path
         self.store = EmbeddingStore.from_arrays(self.arrays, backend=backend, **kw)
+        for t in self.arrays:     # compile the store's jitted kernels before we say we are ready
+            self.store.gather(t, np.zeros(1, dtype=np.int64))
+            self.store.pooled(t, np.zeros(2, dtype=np.int64), np.array([0, 0, 2]), mode="sum")
         self._store_lock = threading.Lock()
         self.provider = get_provider(provider)
         self.mrs = {t: self.provider.reg_mr(a) for t, a in self.arrays.items()}
