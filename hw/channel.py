@@ -48,7 +48,7 @@ the previous one streams.
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Cat, Const, Mux, unsigned
+from amaranth import Array, Module, Signal, Cat, Const, Mux, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
@@ -137,4 +137,303 @@ class FlashChannelController(wiring.Component):
         })
 
     def elaborate(self, platform):
-        raise NotImplementedError("in progress")
+        m = Module()
+        p = self.params
+        B = self.beat_bytes
+        lb = B.bit_length() - 1
+        W = B // 4                                    # 32-bit words per beat
+        page_beats = p.page_size // B
+        lpb = page_beats.bit_length() - 1
+        lps = p.page_size.bit_length() - 1
+        # AXI: a burst may neither cross 4 KiB nor exceed 256 beats; bursts split at aligned
+        # chunks of this size never do either.
+        chunk_beats = min(4096 // B, 256, page_beats)
+        pb = max(1, (p.pages_per_channel - 1).bit_length())   # page bits that address the bank
+        ways = p.ways
+        pend_depth = max(4, 2 * ways)     # enough for `ways` overlapping tR waits plus hits
+        rq_depth = 4                      # ARs issued ahead of the R data
+        cw = page_beats.bit_length() + 1  # beat counters
+        refw = (pend_depth + rq_depth + 2).bit_length()
+        axi = self.m_axi
+
+        def page_addr(page):
+            return Cat(Const(0, lps), page[:pb])
+
+        # ------------------------------------------------------------------ state
+        way_valid = [Signal(name=f"way{w}_valid") for w in range(ways)]
+        way_page = [Signal(pb, name=f"way{w}_page") for w in range(ways)]
+        way_timer = [Signal(24, name=f"way{w}_timer") for w in range(ways)]
+        way_ref = [Signal(refw, name=f"way{w}_ref") for w in range(ways)]
+        # more_recent[i][j]: way i was used after way j (exact LRU order as a bit matrix).
+        # Reset order: way 0 least recent, as WayModel.
+        more_recent = [[Signal(init=int(i > j), name=f"lru_{i}_{j}") if i != j else None
+                        for j in range(ways)] for i in range(ways)]
+        n_reads = Signal(refw)            # reads accepted and not yet finished
+
+        pend_layout = data.StructLayout({"way": max(1, (ways - 1).bit_length()), "page": pb,
+                                         "offset": 16, "length": 16, "tag": self.tag_width})
+        rq_layout = data.StructLayout({
+            "way": max(1, (ways - 1).bit_length()), "tag": self.tag_width,
+            "skip": cw, "n_in": cw, "n_out": cw, "total": cw,
+            "shift": max(1, (W - 1).bit_length()), "lmod": max(1, (W - 1).bit_length()),
+        })
+        m.submodules.pend = pend = SyncFIFO(width=pend_layout.size, depth=pend_depth)
+        m.submodules.rq = rq = SyncFIFO(width=rq_layout.size, depth=rq_depth)
+
+        # ------------------------------------------------------------------ program FSM state
+        PIDLE, PRUN, PWAIT, PDONE = range(4)
+        pstate = Signal(2)
+        prog_idle = pstate == PIDLE
+
+        # ------------------------------------------------------------------ accept (way lookup)
+        req = self.i_read.payload
+        pg = req.page[:pb]
+        hit_vec = Cat(*[way_valid[w] & (way_page[w] == pg) for w in range(ways)])
+        lru_vec = Cat(*[Cat(*[~more_recent[i][j] for j in range(ways) if j != i]).all()
+                        if ways > 1 else Const(1) for i in range(ways)])
+        hit = hit_vec.any()
+        hit_way = Signal(range(ways))
+        lru_way = Signal(range(ways))
+        for w in range(ways):
+            with m.If(hit_vec[w]):
+                m.d.comb += hit_way.eq(w)
+            with m.If(lru_vec[w]):
+                m.d.comb += lru_way.eq(w)
+        lru_free = Signal()
+        m.d.comb += lru_free.eq(Array(way_ref)[lru_way] == 0)
+        use_way = Signal(range(ways))
+        m.d.comb += use_way.eq(Mux(hit, hit_way, lru_way))
+
+        m.d.comb += self.i_read.ready.eq(pend.w_rdy & (hit | lru_free) & prog_idle
+                                         & ~self.i_prog.valid)
+        accept = Signal()
+        m.d.comb += accept.eq(self.i_read.valid & self.i_read.ready)
+        pend_in = Signal(pend_layout)
+        m.d.comb += [
+            pend_in.way.eq(use_way), pend_in.page.eq(pg), pend_in.offset.eq(req.offset),
+            pend_in.length.eq(req.length), pend_in.tag.eq(req.tag),
+            pend.w_data.eq(pend_in.as_value()), pend.w_en.eq(accept),
+        ]
+        tr_wait = Signal()
+        m.d.comb += tr_wait.eq(accept & ~hit)
+
+        for w in range(ways):
+            with m.If(way_timer[w] != 0):
+                m.d.sync += way_timer[w].eq(way_timer[w] - 1)
+            with m.If(tr_wait & (lru_way == w)):
+                m.d.sync += [way_valid[w].eq(1), way_page[w].eq(pg), way_timer[w].eq(self.t_r)]
+        with m.If(accept):
+            for i in range(ways):
+                for j in range(ways):
+                    if i == j:
+                        continue
+                    with m.If(use_way == i):
+                        m.d.sync += more_recent[i][j].eq(1)
+                    with m.Elif(use_way == j):
+                        m.d.sync += more_recent[i][j].eq(0)
+
+        # ------------------------------------------------------------------ AR issue
+        head = data.View(pend_layout, pend.r_data)
+        start_b = Signal(cw)
+        end_b = Signal(cw)
+        m.d.comb += [
+            start_b.eq(head.offset >> lb),
+            end_b.eq((head.offset + head.length - 1) >> lb),
+        ]
+        nb_fine = Signal(cw)
+        m.d.comb += nb_fine.eq(end_b - start_b + 1)
+        ar_cont = Signal()                 # a request's later bursts are being issued
+        cur_r = Signal(cw)
+        rem_r = Signal(cw)
+        cur = Signal(cw)
+        rem = Signal(cw)
+        with m.If(ar_cont):
+            m.d.comb += [cur.eq(cur_r), rem.eq(rem_r)]
+        with m.Elif(self.block_mode):
+            m.d.comb += [cur.eq(0), rem.eq(page_beats)]
+        with m.Else():
+            m.d.comb += [cur.eq(start_b), rem.eq(nb_fine)]
+        to_bound = Signal(cw)
+        m.d.comb += to_bound.eq(chunk_beats - (cur & (chunk_beats - 1)))
+        blen = Signal(cw)
+        m.d.comb += blen.eq(Mux(rem < to_bound, rem, to_bound))
+        head_ready = Signal()
+        m.d.comb += head_ready.eq(Array(way_timer)[head.way] == 0)
+        m.d.comb += [
+            axi.arvalid.eq(pend.r_rdy & head_ready & (ar_cont | rq.w_rdy)),
+            axi.araddr.eq(Cat(Const(0, lb), cur[:lpb], head.page)),
+            axi.arlen.eq(blen - 1),
+            axi.arsize.eq(lb),
+            axi.arburst.eq(Burst.INCR),
+            axi.arid.eq(0),
+            axi.arprot.eq(0),
+        ]
+        ar_hs = axi.arvalid & axi.arready
+        rq_in = Signal(rq_layout)
+        m.d.comb += [
+            rq_in.way.eq(head.way), rq_in.tag.eq(head.tag),
+            rq_in.skip.eq(Mux(self.block_mode, start_b, 0)),
+            rq_in.n_in.eq(nb_fine),
+            rq_in.n_out.eq((head.length + B - 1) >> lb),
+            rq_in.total.eq(Mux(self.block_mode, page_beats, nb_fine)),
+            rq_in.shift.eq((head.offset >> 2) if W > 1 else 0),
+            rq_in.lmod.eq((head.length >> 2) if W > 1 else 0),
+            rq.w_data.eq(rq_in.as_value()),
+            # The R side learns of a request at its first AR, so its data is never held up
+            # waiting for the request's later bursts.
+            rq.w_en.eq(ar_hs & ~ar_cont),
+        ]
+        with m.If(ar_hs):
+            with m.If(rem == blen):
+                m.d.comb += pend.r_en.eq(1)
+                m.d.sync += ar_cont.eq(0)
+            with m.Else():
+                m.d.sync += [ar_cont.eq(1), cur_r.eq(cur + blen), rem_r.eq(rem - blen)]
+
+        # ------------------------------------------------------------------ R: realign to lane 0
+        ent = data.View(rq_layout, rq.r_data)
+        rcnt = Signal(cw)
+        prev = Signal(8 * B)
+        err_r = Signal()
+        flush = Signal()                   # the final beat comes from `prev` alone
+        rel = Signal(cw)
+        m.d.comb += rel.eq(rcnt - ent.skip)
+        relevant = Signal()
+        m.d.comb += relevant.eq((rcnt >= ent.skip) & (rcnt < ent.skip + ent.n_in))
+        s0 = ent.shift == 0
+        emit = Signal()
+        m.d.comb += emit.eq(relevant & (s0 | (rel != 0)))
+        last_emit = Signal()
+        m.d.comb += last_emit.eq(Mux(s0, rel == ent.n_out - 1, rel == ent.n_out))
+        need_flush = Signal()
+        m.d.comb += need_flush.eq(relevant & ~s0 & (rel == ent.n_in - 1) & (ent.n_in == ent.n_out))
+
+        hi = Signal(8 * B)
+        m.d.comb += hi.eq(Mux(flush, 0, axi.rdata))
+        shifted = Signal(8 * B)
+        if W > 1:
+            m.d.comb += shifted.eq(Cat(prev, hi) >> (ent.shift * 32))
+        else:
+            m.d.comb += shifted.eq(prev)
+        row_data = Signal(8 * B)
+        m.d.comb += row_data.eq(Mux(flush | ~s0, shifted, axi.rdata))
+        out_last = Signal()
+        m.d.comb += out_last.eq(flush | last_emit)
+        masked = Signal(8 * B)
+        for k in range(W):
+            keep = ~out_last | (ent.lmod == 0) | (k < ent.lmod)
+            m.d.comb += masked.word_select(k, 32).eq(Mux(keep, row_data.word_select(k, 32), 0))
+        row_err = axi.rresp[1]             # SLVERR and DECERR both have bit 1 set
+
+        o = self.o_row
+        m.d.comb += [o.payload.data.eq(masked), o.payload.last.eq(out_last),
+                     o.payload.tag.eq(ent.tag)]
+        with m.If(flush):
+            m.d.comb += [o.valid.eq(1), o.payload.err.eq(err_r), axi.rready.eq(0)]
+        with m.Elif(rq.r_rdy):
+            m.d.comb += [
+                o.valid.eq(axi.rvalid & emit),
+                o.payload.err.eq(err_r | row_err),
+                axi.rready.eq(~emit | o.ready),
+            ]
+        r_hs = Signal()
+        m.d.comb += r_hs.eq(axi.rvalid & axi.rready)
+        done = Signal()                    # the rq head's request has finished
+        with m.If(r_hs):
+            m.d.sync += [rcnt.eq(rcnt + 1), err_r.eq(err_r | row_err)]
+            with m.If(relevant):
+                m.d.sync += prev.eq(axi.rdata)
+            with m.If(need_flush):
+                m.d.sync += flush.eq(1)
+            with m.Elif(rcnt + 1 == ent.total):
+                m.d.comb += done.eq(1)
+        with m.If(flush & o.ready):
+            m.d.sync += flush.eq(0)
+            with m.If(rcnt == ent.total):
+                m.d.comb += done.eq(1)
+        with m.If(done):
+            m.d.comb += rq.r_en.eq(1)
+            m.d.sync += [rcnt.eq(0), err_r.eq(0)]
+
+        # Page-register references: taken at accept, dropped when the data has crossed the bus.
+        for w in range(ways):
+            inc = accept & (use_way == w)
+            dec = done & (ent.way == w)
+            with m.If(inc & ~dec):
+                m.d.sync += way_ref[w].eq(way_ref[w] + 1)
+            with m.Elif(dec & ~inc):
+                m.d.sync += way_ref[w].eq(way_ref[w] - 1)
+        with m.If(accept & ~done):
+            m.d.sync += n_reads.eq(n_reads + 1)
+        with m.Elif(done & ~accept):
+            m.d.sync += n_reads.eq(n_reads - 1)
+
+        # ------------------------------------------------------------------ program path
+        n_chunks = page_beats // chunk_beats
+        ccw = max(1, n_chunks.bit_length())
+        p_page = Signal(pb)
+        aw_idx = Signal(ccw)
+        w_cnt = Signal(cw)
+        b_cnt = Signal(ccw)
+        p_err = Signal()
+        p_timer = Signal(24)
+        m.d.comb += [
+            axi.awid.eq(0), axi.awlen.eq(chunk_beats - 1), axi.awsize.eq(lb),
+            axi.awburst.eq(Burst.INCR), axi.awprot.eq(0),
+            axi.awaddr.eq(page_addr(p_page) | (aw_idx << (chunk_beats * B).bit_length() - 1)),
+            axi.wdata.eq(self.i_prog_data.payload.data),
+            axi.wstrb.eq((1 << B) - 1),
+            axi.wlast.eq((w_cnt & (chunk_beats - 1)) == chunk_beats - 1),
+            self.o_prog_done.payload.err.eq(p_err),
+        ]
+        with m.Switch(pstate):
+            with m.Case(PIDLE):
+                m.d.comb += self.i_prog.ready.eq(n_reads == 0)
+                with m.If(self.i_prog.valid & self.i_prog.ready):
+                    pp = self.i_prog.payload.page[:pb]
+                    m.d.sync += [p_page.eq(pp), aw_idx.eq(0), w_cnt.eq(0), b_cnt.eq(0),
+                                 p_err.eq(0), pstate.eq(PRUN)]
+                    for w in range(ways):
+                        with m.If(way_page[w] == pp):
+                            m.d.sync += way_valid[w].eq(0)
+            with m.Case(PRUN):
+                m.d.comb += [
+                    axi.awvalid.eq(aw_idx < n_chunks),
+                    axi.wvalid.eq(self.i_prog_data.valid & (w_cnt < page_beats)),
+                    self.i_prog_data.ready.eq(axi.wready & (w_cnt < page_beats)),
+                    axi.bready.eq(1),
+                ]
+                with m.If(axi.awvalid & axi.awready):
+                    m.d.sync += aw_idx.eq(aw_idx + 1)
+                with m.If(axi.wvalid & axi.wready):
+                    m.d.sync += w_cnt.eq(w_cnt + 1)
+                with m.If(axi.bvalid):
+                    m.d.sync += [b_cnt.eq(b_cnt + 1), p_err.eq(p_err | axi.bresp[1])]
+                    with m.If(b_cnt == n_chunks - 1):
+                        m.d.sync += [pstate.eq(PWAIT), p_timer.eq(self.t_prog)]
+            with m.Case(PWAIT):
+                with m.If(p_timer == 0):
+                    m.d.sync += pstate.eq(PDONE)
+                with m.Else():
+                    m.d.sync += p_timer.eq(p_timer - 1)
+            with m.Case(PDONE):
+                m.d.comb += self.o_prog_done.valid.eq(1)
+                with m.If(self.o_prog_done.ready):
+                    m.d.sync += pstate.eq(PIDLE)
+
+        # ------------------------------------------------------------------ counters
+        w_hs = axi.wvalid & axi.wready
+        busy = (n_reads != 0) | ~prog_idle
+        with m.If(self.clear_counters):
+            m.d.sync += [self.cnt_rows.eq(0), self.cnt_bytes.eq(0), self.cnt_tr_waits.eq(0),
+                         self.cnt_busy.eq(0), self.cnt_programs.eq(0)]
+        with m.Else():
+            m.d.sync += [
+                self.cnt_rows.eq(self.cnt_rows + (o.valid & o.ready & o.payload.last)),
+                self.cnt_bytes.eq(self.cnt_bytes + Mux(r_hs, B, 0) + Mux(w_hs, B, 0)),
+                self.cnt_tr_waits.eq(self.cnt_tr_waits + tr_wait),
+                self.cnt_busy.eq(self.cnt_busy + busy),
+                self.cnt_programs.eq(self.cnt_programs
+                                     + (self.o_prog_done.valid & self.o_prog_done.ready)),
+            ]
+        return m
