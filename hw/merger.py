@@ -249,6 +249,15 @@ class ResultMerger(wiring.Component):
                         c = (r + k) % n_ch
                         with m.If(self.i_row[c].valid):
                             m.d.comb += [sel.eq(c), any_valid.eq(1)]
+        # Finish a started row before switching channels (while its channel keeps it coming):
+        # rows then complete, and retire, in about their arrival order instead of all late.
+        hold = Signal(range(n_ch))
+        hold_mid = Signal()
+        with m.Switch(hold):
+            for c in range(n_ch):
+                with m.Case(c):
+                    with m.If(hold_mid & self.i_row[c].valid):
+                        m.d.comb += sel.eq(c)
         beat = Signal(row_layout(p, n_slots))
         beat_idx = [Signal(max(beat_bits, 1), name=f"beat_idx{c}") for c in range(n_ch)]
         cur_idx = Signal(max(beat_bits, 1))
@@ -263,7 +272,9 @@ class ResultMerger(wiring.Component):
             rob_w.en.eq(any_valid),
         ]
         with m.If(any_valid):
-            m.d.sync += rr.eq(Mux(sel == n_ch - 1, 0, sel + 1))
+            m.d.sync += [hold.eq(sel), hold_mid.eq(~beat.last)]
+            with m.If(beat.last):
+                m.d.sync += rr.eq(Mux(sel == n_ch - 1, 0, sel + 1))
             with m.Switch(sel):
                 for c in range(n_ch):
                     with m.Case(c):
