@@ -1,0 +1,57 @@
+# evssd: the two README commands (`make demo`, `make test`) do all set-up on a fresh machine
+# with Python 3.11 and pip. Everything installs from PyPI into .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+EVSSD  := $(VENV)/bin/evssd
+# pytest workers: the machines have 2 cores
+JOBS   ?= 2
+
+.PHONY: demo test test-fast bench bitstream synth-check docs clean help
+
+help:
+	@echo "make demo       - set up .venv and run the main job on the device model"
+	@echo "make test       - set up .venv with the test tools and run the whole suite"
+	@echo "make test-fast  - the suite without Verilator/synthesis tests"
+	@echo "make bench      - every benchmark (results/ + docs/benchmarks.md numbers)"
+	@echo "make bitstream  - full ULX3S-85F bitstream into bitstreams/ulx3s-85f/"
+	@echo "make docs       - regenerate docs/registers.md from hw/regmap.py"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Stamps: reinstall when pyproject.toml changes.
+$(VENV)/.stamp-run: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@ $(VENV)/.stamp-run
+
+demo: $(VENV)/.stamp-run
+	$(EVSSD) demo
+
+test: $(VENV)/.stamp-dev
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup -q --durations=15
+
+test-fast: $(VENV)/.stamp-dev
+	$(PY) -m pytest -n $(JOBS) -q -m "not rtl and not synth"
+
+bench: $(VENV)/.stamp-dev
+	$(EVSSD) bench cache
+	$(EVSSD) bench store
+	$(EVSSD) bench serve
+	$(EVSSD) bench rtl
+	$(EVSSD) bench synth
+
+bitstream: $(VENV)/.stamp-dev
+	$(EVSSD) synth --board ulx3s-85f
+
+docs: $(VENV)/.stamp-run
+	$(EVSSD) regmap --write
+
+clean:
+	rm -rf build results .pytest_cache

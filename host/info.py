@@ -1,0 +1,45 @@
+"""``evssd info``: open a device and print its identity, build parameters and counters."""
+from __future__ import annotations
+
+import json
+
+from evssd.hw import regmap
+
+
+def add_arguments(parser):
+    parser.add_argument("--backend", default="model", help="model (default) or uart")
+    parser.add_argument("--port", help="serial port for the uart backend (e.g. /dev/ttyUSB0)")
+    parser.add_argument("--baud", type=int, default=3_000_000, help="uart baud rate")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args) -> int:
+    from evssd.host.device import Device
+    kwargs = {}
+    if args.backend == "uart":
+        if not args.port:
+            print("evssd info --backend uart needs --port", flush=True)
+            return 2
+        kwargs = {"port": args.port, "baud": args.baud}
+    with Device.open(args.backend, **kwargs) as dev:
+        info = {
+            "backend": args.backend,
+            "magic": f"0x{regmap.MAGIC:08x}",
+            "regmap_version": ".".join(map(str, regmap.REGMAP_VERSION)),
+            "regmap_hash": f"0x{regmap.REGMAP_HASH:08x}",
+            "build_id": f"0x{dev.params.build_id:08x}",
+            "params": dev.params.as_dict(),
+            "flash_bytes": dev.params.total_pages * dev.params.page_size,
+            "counters": dev.counters(),
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"EV-SSD on {info['backend']}: regmap {info['regmap_version']} hash {info['regmap_hash']}, "
+          f"build {info['build_id']}")
+    for k, v in info["params"].items():
+        print(f"  {k:18s} {v}")
+    print(f"  {'flash':18s} {info['flash_bytes'] / 2**20:.0f} MiB")
+    c = info["counters"]
+    print(f"  commands {c['commands']}, lookups {c['lookups']}, errors {c['errors']}, cycles {c['cycles']}")
+    return 0
