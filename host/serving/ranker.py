@@ -337,8 +337,9 @@ class Ranker:
         if kind == "rows":
             m = self.meta[server][shard.table]
             rb = m["row_bytes"]
-            first = next(st for lo, hi, st in m["ranges"] if lo == shard.lo)
-            return self.engine.read_rows(conn, m["rkey"], (idx - shard.lo + first) * rb, rb,
+            # the server's range that holds this shard (it may hold a wider one)
+            lo, _, first = next(r for r in m["ranges"] if r[0] <= shard.lo < r[1])
+            return self.engine.read_rows(conn, m["rkey"], (idx - lo + first) * rb, rb,
                                          timeout=self.timeout)
         typ = P.MsgType.POOLED if kind == "pooled" else P.MsgType.GATHER
         return self.engine.request(conn, P.encode_request(P.Request(typ, shard.table, idx, off)),

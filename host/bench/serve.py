@@ -1,0 +1,332 @@
+"""`evssd bench serve`: the FlexEMR serving layer, measured side by side in one run.
+
+1. engine: multi- vs single-threaded I/O across fan-out 1..8 servers, uniform and skewed shard
+   sizes (throughput, p50/p99 batch latency; ``--clients`` rankers share the engine);
+2. pooling: hierarchical pooling on the servers vs row-by-row one-sided READs (bytes on the
+   wire per batch, batch latency);
+3. cache: adaptive vs static ranker cache under one memory budget (largest batch served,
+   latency and hit rate per batch size);
+4. overhead: engine request round trip vs a bare blocking-socket round trip of the same size.
+
+All servers are real processes on 127.0.0.1 (tcp provider). One cluster of 8 servers holding
+full copies of every table serves every experiment; each experiment's shard map is a view over
+it, so fan-out and skew change without restarting servers.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from .common import percentiles, write_results
+
+__all__ = ["add_arguments", "run"]
+
+# Zipf exponent 1 + CACHE_ALPHA for the cache experiment: a hot set, but not one row per bag
+CACHE_ALPHA = 0.2
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="~15 s: fewer points and batches")
+    parser.add_argument("--threads", type=int, default=4, help="I/O threads of the multi-threaded engine")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent ranker loops sharing the engine")
+    parser.add_argument("--tables", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=50000)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--pooling", type=int, default=20, help="rows per bag")
+    parser.add_argument("--max-fanout", type=int, default=8)
+    parser.add_argument("--budget-mb", type=float, default=8.0, help="ranker memory budget (cache experiment)")
+    parser.add_argument("--out", default=None, help="results root (default: $EVSSD_RESULTS or ./results)")
+
+
+# ------------------------------------------------------------------ helpers
+def _view(cluster_cfg, n_tables, rows, dim, fanout, skew):
+    from evssd.host.serving.config import make_config
+    cfg = make_config(n_tables, rows, dim, fanout, skew=skew)
+    for s in cfg["servers"]:
+        cfg["servers"][s] = dict(cluster_cfg["servers"][s])
+    # the same seeds as the cluster's tables: identical contents
+    cfg["tables"] = {t: dict(cluster_cfg["tables"][t]) for t in cfg["tables"]}
+    return cfg
+
+
+def _wire_bytes(engine):
+    return sum(c.bytes_moved for c in engine.connections.values())
+
+
+def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalance_every=0):
+    from evssd.host.serving.engine import Engine
+    from evssd.host.serving.ranker import Ranker, synthetic_batch
+    from evssd.host.serving.rdma import get_provider
+
+    rng = np.random.default_rng(seed)
+    work = [synthetic_batch(cfg, batch, pooling, rng)[1] for _ in range(min(batches, 8))]
+    with Engine(get_provider("tcp"), threads, credits=16, request_timeout=30) as eng:
+        ranker = Ranker(cfg, eng, timeout=30, rebalance_every=rebalance_every)
+        for w in work[:2]:
+            ranker.embeddings(w)                      # warm-up
+        lat = []
+        lock = threading.Lock()
+
+        def loop(k):
+            mine = []
+            for i in range(k, batches, clients):
+                t0 = time.perf_counter()
+                ranker.embeddings(work[i % len(work)])
+                mine.append(time.perf_counter() - t0)
+            with lock:
+                lat.extend(mine)
+        t0 = time.perf_counter()
+        ths = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        wall = time.perf_counter() - t0
+        out = {"threads": threads, "samples_per_s": batches * batch / wall,
+               **{k + "_ms": v * 1e3 for k, v in percentiles(lat).items()},
+               "migrations": eng.migrations, "placement": eng.placement()}
+    return out
+
+
+def _pooling_point(cfg, fetch, batches, batch, pooling, seed):
+    from evssd.host.serving.engine import Engine
+    from evssd.host.serving.ranker import Ranker, local_pooled, synthetic_batch
+    from evssd.host.serving.rdma import get_provider
+
+    rng = np.random.default_rng(seed)
+    with Engine(get_provider("tcp"), 2, credits=16, request_timeout=60, read_window=128) as eng:
+        r = Ranker(cfg, eng, fetch=fetch, timeout=60)
+        r.embeddings(synthetic_batch(cfg, 8, pooling, rng)[1])
+        lat, wire, err = [], [], 0.0
+        for _ in range(batches):
+            sparse = synthetic_batch(cfg, batch, pooling, rng)[1]
+            b0 = _wire_bytes(eng)
+            t0 = time.perf_counter()
+            got = r.embeddings(sparse)
+            lat.append(time.perf_counter() - t0)
+            wire.append(_wire_bytes(eng) - b0)
+            err = max(err, max(float(np.abs(g - w).max()) for g, w in zip(got, local_pooled(cfg, sparse))))
+    return {"fetch": fetch, "bytes_per_batch": float(np.mean(wire)),
+            **{k + "_ms": v * 1e3 for k, v in percentiles(lat).items()}, "max_abs_err_vs_numpy": err}
+
+
+def _cache_points(cfg, budget, sizes, batches, pooling, seed):
+    from evssd.host.serving.engine import Engine
+    from evssd.host.serving.ranker import BudgetExceeded, EmbeddingCache, Ranker, synthetic_batch
+    from evssd.host.serving.rdma import get_provider
+
+    rows = {}
+    static_rows = (budget // 2) // EmbeddingCache.bytes_per_row(cfg["dim"])
+    for mode in ("adaptive", "static"):
+        rng = np.random.default_rng(seed)
+        with Engine(get_provider("tcp"), 2, credits=16, request_timeout=60) as eng:
+            r = Ranker(cfg, eng, budget_bytes=budget, adaptive=mode == "adaptive",
+                       static_cache_rows=static_rows, timeout=60)
+            for _ in range(3):        # warm the cache on small batches
+                r.embeddings(synthetic_batch(cfg, 64, pooling, rng, alpha=CACHE_ALPHA)[1])
+            pts = []
+            for b in sizes:
+                lat, served, h0, m0 = [], True, r.cache.hits, r.cache.misses
+                for _ in range(batches):
+                    sparse = synthetic_batch(cfg, b, pooling, rng, alpha=CACHE_ALPHA)[1]
+                    t0 = time.perf_counter()
+                    try:
+                        r.embeddings(sparse)
+                    except BudgetExceeded:
+                        served = False
+                        break
+                    lat.append(time.perf_counter() - t0)
+                hits, misses = r.cache.hits - h0, r.cache.misses - m0
+                pts.append({"batch": b, "served": served, "cache_rows": r.cache.capacity,
+                            "hit_rate": hits / max(1, hits + misses),
+                            "mean_ms": float(np.mean(lat)) * 1e3 if lat else None})
+            rows[mode] = {"points": pts, "largest_batch_served": max([p["batch"] for p in pts if p["served"]], default=0),
+                          "static_cache_rows": static_rows if mode == "static" else None}
+    return rows
+
+
+_ECHO_SERVER = r"""
+import socket, struct, sys
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+c, _ = srv.accept()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def exact(n):
+    b = bytearray()
+    while len(b) < n:
+        k = c.recv(n - len(b))
+        if not k: sys.exit(0)
+        b += k
+    return b
+while True:
+    n = struct.unpack("<I", exact(4))[0]
+    c.sendall(struct.pack("<I", n) + exact(n))
+"""
+
+
+def _overhead_points(cluster, sizes, reps):
+    import struct
+
+    from evssd.host.serving import protocol as P
+    from evssd.host.serving.engine import Engine
+    from evssd.host.serving.rdma import get_provider
+
+    out = []
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        bare = socket.create_connection(("127.0.0.1", port), timeout=10)
+        bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with Engine(get_provider("tcp"), 1, request_timeout=30) as eng:
+            conn = eng.connect("s0", *cluster.address("s0"))
+            for size in sizes:
+                payload = b"\xab" * size
+                req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
+                t_eng, t_bare = [], []
+                for i in range(reps + 5):
+                    t0 = time.perf_counter()
+                    assert eng.request(conn, req).result(30) == payload
+                    t1 = time.perf_counter()
+                    bare.sendall(struct.pack("<I", size) + payload)
+                    got = 0
+                    need = size + 4
+                    while got < need:
+                        got += len(bare.recv(need - got))
+                    t2 = time.perf_counter()
+                    if i >= 5:
+                        t_eng.append(t1 - t0)
+                        t_bare.append(t2 - t1)
+                e, b = percentiles(t_eng), percentiles(t_bare)
+                out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
+                            "bare_p50_us": b["p50"] * 1e6, "bare_p99_us": b["p99"] * 1e6,
+                            "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6})
+        bare.close()
+    finally:
+        proc.kill()
+        proc.wait(5)
+    return out
+
+
+# ------------------------------------------------------------------ main
+def run(args) -> int:
+    from evssd.host.serving.config import make_config
+    from evssd.host.serving.launcher import LocalCluster
+
+    quick = args.quick
+    nfan = min(8, args.max_fanout)
+    fanouts = [f for f in ([1, 2, 4, 8] if quick else range(1, 9)) if f <= nfan]
+    batches = 8 if quick else 24
+    t_start = time.perf_counter()
+    full = make_config(args.tables, args.rows, args.dim, nfan, replicas=nfan - 1)
+    # every server holds the whole of every table; experiments pick their shard maps as views
+    full["shards"] = [{"table": t, "rows": [0, args.rows], "servers": list(full["servers"])}
+                      for t in full["tables"]]
+    data = {"params": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
+            "cpus_note": "2-core machine: servers, I/O threads and rankers share the cores"}
+    with LocalCluster(full) as cluster:
+        ccfg = cluster.config
+        # 1. engine threads x fan-out x skew
+        eng_rows = []
+        for skew_name in ("uniform", "skewed"):
+            for f in fanouts:
+                skew = None if skew_name == "uniform" or f == 1 else [4.0] + [1.0] * (f - 1)
+                cfg = _view(ccfg, args.tables, args.rows, args.dim, f, skew)
+                for th in (1, args.threads):
+                    p = _engine_point(cfg, th, args.clients, batches, args.batch_size, args.pooling, seed=f,
+                                      rebalance_every=5 if th > 1 else 0)
+                    p.update(fanout=f, skew=skew_name)
+                    eng_rows.append(p)
+                    print(f"engine  fan-out {f} {skew_name:7s} threads {th}: {p['samples_per_s']:9.0f} samples/s "
+                          f"p50 {p['p50_ms']:6.2f} ms p99 {p['p99_ms']:6.2f} ms migrations {p['migrations']}", flush=True)
+        data["engine"] = eng_rows
+        # 2. hierarchical pooling vs row-by-row READs
+        cfg4 = _view(ccfg, args.tables, args.rows, args.dim, min(4, nfan), None)
+        pb = 64 if quick else 128
+        pool = []
+        for fetch in ("pooled", "rows"):
+            p = _pooling_point(cfg4, fetch, 2 if quick else 4, pb, args.pooling, seed=3)
+            p["batch"] = pb
+            pool.append(p)
+            print(f"pooling {fetch:6s}: {p['bytes_per_batch'] / 1024:9.1f} KiB/batch on the wire, "
+                  f"p50 {p['p50_ms']:8.2f} ms, max |err| vs numpy {p['max_abs_err_vs_numpy']:.1e}", flush=True)
+        data["pooling"] = pool
+        # 3. adaptive vs static cache under one budget
+        budget = int(args.budget_mb * (1 << 20))
+        sizes = [64, 256, 1024, 4096] if quick else [64, 256, 1024, 2048, 4096, 8192]
+        cache = _cache_points(cfg4, budget, sizes, 2 if quick else 3, args.pooling, seed=5)
+        data["cache"] = {"budget_bytes": budget, **cache}
+        for mode, c in cache.items():
+            pts = ", ".join(f"{p['batch']}:{'%.1fms' % p['mean_ms'] if p['served'] else 'refused'}"
+                            f"/hit {p['hit_rate']:.2f}" for p in c["points"])
+            print(f"cache   {mode:8s}: largest batch served {c['largest_batch_served']:5d}; {pts}", flush=True)
+        # 4. engine overhead vs bare socket
+        ov = _overhead_points(cluster, [64, 4096, 65536], 50 if quick else 200)
+        data["overhead"] = ov
+        for p in ov:
+            print(f"rtt     {p['bytes']:6d} B: engine p50 {p['engine_p50_us']:7.1f} us, bare socket p50 "
+                  f"{p['bare_p50_us']:7.1f} us, overhead {p['overhead_p50_us']:7.1f} us", flush=True)
+    data["wall_s"] = time.perf_counter() - t_start
+    fig = _figure(data, args.threads)
+    cmd = "evssd bench serve" + (" --quick" if quick else "")
+    path = write_results("serve", data, fig, command=cmd, root=args.out)
+    print(f"wrote {path} ({data['wall_s']:.1f} s)")
+    return 0
+
+
+def _figure(data, threads):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    a = ax[0, 0]
+    for skew, ls in (("uniform", "-"), ("skewed", "--")):
+        for th, c in ((1, "tab:gray"), (threads, "tab:blue")):
+            pts = [p for p in data["engine"] if p["skew"] == skew and p["threads"] == th]
+            a.plot([p["fanout"] for p in pts], [p["samples_per_s"] for p in pts], ls, color=c, marker="o",
+                   label=f"{th} thread{'s' if th > 1 else ''}, {skew}")
+    a.set_xlabel("fan-out (servers per batch)")
+    a.set_ylabel("samples/s")
+    a.set_title("engine: multi- vs single-threaded")
+    a.legend(fontsize=8)
+    a = ax[0, 1]
+    pool = data["pooling"]
+    x = np.arange(len(pool))
+    a.bar(x - 0.2, [p["bytes_per_batch"] / 1024 for p in pool], 0.4, label="KiB/batch", color="tab:blue")
+    a2 = a.twinx()
+    a2.bar(x + 0.2, [p["p50_ms"] for p in pool], 0.4, label="p50 ms", color="tab:orange")
+    a.set_xticks(x, [p["fetch"] for p in pool])
+    a.set_ylabel("KiB on the wire per batch")
+    a2.set_ylabel("p50 latency per batch (ms)")
+    a.set_title("hierarchical pooling vs row-by-row READ")
+    a = ax[1, 0]
+    for mode, c in (("adaptive", "tab:green"), ("static", "tab:red")):
+        pts = data["cache"][mode]["points"]
+        served = [p for p in pts if p["served"]]
+        a.plot([p["batch"] for p in served], [p["mean_ms"] for p in served], marker="o", color=c,
+               label=f"{mode} (largest {data['cache'][mode]['largest_batch_served']})")
+        for p in pts:
+            if not p["served"]:
+                a.axvline(p["batch"], color=c, ls=":", alpha=0.5)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("batch size")
+    a.set_ylabel("mean batch latency (ms)")
+    a.set_title(f"cache under a {data['cache']['budget_bytes'] >> 20} MiB budget (dotted: refused)")
+    a.legend(fontsize=8)
+    a = ax[1, 1]
+    ov = data["overhead"]
+    a.plot([p["bytes"] for p in ov], [p["engine_p50_us"] for p in ov], marker="o", label="engine (SEND/RECV)")
+    a.plot([p["bytes"] for p in ov], [p["bare_p50_us"] for p in ov], marker="o", label="bare socket")
+    a.set_xscale("log")
+    a.set_xlabel("message bytes")
+    a.set_ylabel("p50 round trip (us)")
+    a.set_title("engine overhead")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
