@@ -45,6 +45,7 @@ Table file format (little-endian), written by :func:`write_table_file`::
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import threading
@@ -502,8 +503,13 @@ class FileBackend(Backend):
 
 
 class RocksDBBackend(Backend):
-    """Rows in RocksDB (rocksdict), one column family per table, key = index as 8 big-endian bytes."""
+    """Rows in RocksDB (rocksdict), one column family per table, key = index as 8 big-endian bytes.
+
+    The default column family holds ``_META_KEY`` -> JSON ``{name: [rows, dim, elem]}`` so that
+    :meth:`EmbeddingStore.from_rocksdb` can reopen a database without the arrays.
+    """
     name = "rocksdb"
+    _META_KEY = b"evssd-tables"
 
     def __init__(self, path, tables: Mapping[str, TableInfo]):
         super().__init__()
@@ -540,7 +546,22 @@ class RocksDBBackend(Backend):
                 wb.put((start + k).to_bytes(8, "big"), block[k * rb:(k + 1) * rb])
             self.db.write(wb)
         del cf
+        meta = self._read_meta()
+        meta[name] = [int(arr.shape[0]), int(arr.shape[1]), dtype_name(arr.dtype)]
+        self.db.put(self._META_KEY, json.dumps(meta).encode())
         self.db.flush()
+
+    def _read_meta(self) -> dict:
+        raw = self.db.get(self._META_KEY)
+        return json.loads(raw) if raw else {}
+
+    def table_infos(self) -> dict[str, TableInfo]:
+        """Tables recorded in the database (name -> TableInfo)."""
+        try:
+            meta = self._read_meta()
+        except ValueError as exc:
+            raise StoreError(f"rocksdb {self.path}: unreadable table metadata ({exc})") from None
+        return {n: TableInfo(n, int(r), int(d), DTYPES[e]) for n, (r, d, e) in meta.items()}
 
     def read_rows(self, info, indices):
         cf = self._family(info.name)
@@ -738,6 +759,19 @@ class EmbeddingStore:
         tfs = {str(n): open_table_file(p) for n, p in files.items()}
         infos = {n: TableInfo(n, tf.rows, tf.dim, tf.dtype) for n, tf in tfs.items()}
         return cls(infos, FileBackend(tfs, mode=file_mode), cache_fraction=cache_fraction, cache=cache)
+
+    @classmethod
+    def from_rocksdb(cls, path, *, cache_fraction: float | None = 0.01, cache="evcache") -> "EmbeddingStore":
+        """Open a RocksDB database written by ``from_arrays(..., backend="rocksdb", path=...)``."""
+        if not Path(path).exists():
+            raise StoreInputError(f"rocksdb {path}: no such database")
+        be = RocksDBBackend(path, {})
+        infos = be.table_infos()
+        if not infos:
+            be.close()
+            raise StoreInputError(f"rocksdb {path}: holds no evssd tables")
+        be.infos = infos
+        return cls(infos, be, cache_fraction=cache_fraction, cache=cache)
 
     @classmethod
     def from_device(cls, device, layout, *, cache_fraction: float | None = 0.01,

@@ -305,3 +305,16 @@ def test_from_npy_path(tmp_path):
     np.testing.assert_array_equal(s.gather("t", [5, 0]), t[[5, 0]])
     with pytest.raises(StoreInputError, match="only .npy"):
         EmbeddingStore.from_arrays({"t": tmp_path / "t.bin"})
+
+
+def test_rocksdb_reopen(tmp_path):
+    tables = {"a": make_table(200, 5, "fp16", 1), "b": make_table(90, 3, "int32", 2)}
+    EmbeddingStore.from_arrays(tables, "rocksdb", path=tmp_path / "db").close()
+    with EmbeddingStore.from_rocksdb(tmp_path / "db", cache_fraction=None) as s:
+        assert {n: (i.rows, i.dim, i.elem) for n, i in s.tables.items()} == \
+            {"a": (200, 5, "fp16"), "b": (90, 3, "int32")}
+        idx = np.array([199, 0, 7, 7])
+        np.testing.assert_array_equal(s.gather("a", idx), tables["a"][idx])
+        np.testing.assert_array_equal(s.gather("b", idx % 90), tables["b"][idx % 90])
+    with pytest.raises(StoreInputError, match="no such database"):
+        EmbeddingStore.from_rocksdb(tmp_path / "nope")

@@ -28,6 +28,9 @@ the RSS before its tables were built (``rss_delta``; for ``evssd`` the model's s
 is the device's memory, so its page bytes are subtracted and reported apart). Every peer hashes
 its pooled outputs; the hashes must agree (they do unless a backend is wrong).
 
+Table files and the RocksDB database are written by the parent before the peers start; the
+``evssd`` peers program the model device in their own process (its pages are device memory).
+
 Caveats, printed with the results: the table files were just written, so ``file-*`` reads are
 served by the OS page cache (dropping it needs root), which makes them optimistic for an SSD;
 ``bytes_read`` counts what a block device would have moved. ``evssd`` wall-clock times are those
@@ -79,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-fraction", type=float, default=0.01,
                         help="per-table cache budget as a fraction of the table (default 0.01)")
     parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
-    parser.add_argument("--max-seconds", type=float, default=10.0,
-                        help="stop a peer's measured phase after this long (default 10 s)")
+    parser.add_argument("--max-seconds", type=float, default=6.0,
+                        help="stop a peer's measured phase after this long (default 6 s)")
     parser.add_argument("--peers", default=None,
                         help=f"comma list (default: {','.join(PEERS)}; with --quick: {','.join(QUICK_PEERS)})")
     parser.add_argument("--seed", type=int, default=0)
@@ -174,11 +177,11 @@ def _child(cfg_path: str) -> int:
     cache_kw = dict(cache_fraction=cfg["cache_fraction"] if cache else None, cache=cache or "evcache")
     if backend == "file":
         store = EmbeddingStore.from_files(cfg["files"], file_mode=opts["file_mode"], **cache_kw)
+    elif backend == "rocksdb":
+        store = EmbeddingStore.from_rocksdb(cfg["rocksdb_path"], **cache_kw)
     else:
         tables = _make_tables(cfg)
         kw = dict(cache_kw)
-        if backend == "rocksdb":
-            kw["path"] = cfg["rocksdb_path"]
         if backend == "evssd":
             kw["device"] = dev
             kw["device_pooling"] = opts.get("device_pooling", True)
@@ -361,6 +364,12 @@ def run(args) -> int:
             from evssd.host.store import write_table_file
             for name, arr in _make_tables(cfg).items():
                 files[name] = str(write_table_file(work / f"{name}.evt", arr))
+        rocksdb_path = work / "rocksdb"
+        if any(_SPEC[_base(p)][0] == "rocksdb" for p in peers):
+            # loaded here, not in the peer's process, so that its RSS is the serving footprint
+            from evssd.host.store import EmbeddingStore
+            EmbeddingStore.from_arrays(_make_tables(cfg), "rocksdb", path=rocksdb_path,
+                                       cache_fraction=None).close()
         table_bytes = cfg["tables"] * cfg["rows"] * cfg["dim"] * np.dtype(
             {"fp32": np.float32, "fp16": np.float16, "int8": np.int8, "int32": np.int32}[cfg["dtype"]]).itemsize
         print(f"evssd bench store: {cfg['tables']} tables x {cfg['rows']} rows x {cfg['dim']} {cfg['dtype']} "
@@ -369,7 +378,7 @@ def run(args) -> int:
               f"measured batches, cache {cfg['cache_fraction']:.2%} per table, pipeline depth {cfg['depth']}")
         rows = []
         for peer in peers:
-            c = dict(cfg, peer=peer, files=files, rocksdb_path=str(work / f"rocksdb-{peer}"),
+            c = dict(cfg, peer=peer, files=files, rocksdb_path=str(rocksdb_path),
                      out=str(work / f"{peer}.json"))
             cpath = work / f"{peer}.cfg.json"
             cpath.write_text(json.dumps(c))
