@@ -151,7 +151,7 @@ class FlashChannelController(wiring.Component):
         pb = max(1, (p.pages_per_channel - 1).bit_length())   # page bits that address the bank
         ways = p.ways
         pend_depth = max(4, 2 * ways)     # enough for `ways` overlapping tR waits plus hits
-        rq_depth = 4                      # ARs issued ahead of the R data
+        rq_depth = 8                      # ARs ahead of the R data: covers ~8 cycles of DDR latency
         cw = page_beats.bit_length() + 1  # beat counters
         refw = (pend_depth + rq_depth + 2).bit_length()
         axi = self.m_axi
