@@ -451,55 +451,115 @@ class DramBackend(Backend):
 class FileBackend(Backend):
     """Table files read with ``os.pread``; page-granular (block-SSD baseline) or row-granular.
 
-    Reads may be served by the OS page cache (dropping it needs root); ``bytes_read`` counts the
-    bytes requested from the OS, i.e. what a block device would have to move.
+    ``mode="page"`` reads, for every distinct row of a lookup, the whole page(s) holding it;
+    ``mode="row"`` reads only the row's bytes. ``bytes_read`` counts the bytes requested from
+    the OS, i.e. what a block device would move.
+
+    Without ``direct`` the reads may be served by the OS page cache (dropping it needs root).
+    ``direct=True`` opens the files with ``O_DIRECT`` (no root needed, the file system must
+    support it), which bypasses the page cache so every read reaches the device: page mode
+    reads whole pages, row mode the ``direct_align``-aligned span of sectors around the row.
+    ``io_threads`` > 1 splits a lookup's reads over that many threads (the queue depth a real
+    block-SSD stack would use); pread releases the GIL.
     """
     name = "file"
 
-    def __init__(self, files: Mapping[str, TableFile], mode: str = "row"):
+    def __init__(self, files: Mapping[str, TableFile], mode: str = "row", *, direct: bool = False,
+                 io_threads: int = 1, direct_align: int = 512):
         super().__init__()
         if mode not in ("page", "row"):
             raise StoreInputError(f"file mode must be 'page' or 'row', got {mode!r}")
-        self.mode = mode
+        if io_threads < 1:
+            raise StoreInputError(f"io_threads must be >= 1, got {io_threads}")
+        if direct_align < 512 or direct_align & (direct_align - 1):
+            raise StoreInputError(f"direct_align must be a power of two >= 512, got {direct_align}")
+        if direct and not hasattr(os, "O_DIRECT"):
+            raise StoreInputError("direct=True needs O_DIRECT, which this platform lacks")
+        self.mode, self.direct, self.io_threads, self.align = mode, direct, io_threads, direct_align
         self.files = dict(files)
-        self._fds = {name: os.open(tf.path, os.O_RDONLY) for name, tf in self.files.items()}
+        flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+        self._fds = {}
+        for name, tf in self.files.items():
+            try:
+                self._fds[name] = os.open(tf.path, flags)
+            except OSError as exc:
+                self.close()
+                what = " with O_DIRECT (the file system may not support it)" if direct else ""
+                raise TableFileError(f"{tf.path}: cannot open{what}: {exc.strerror or exc}") from exc
+        self._tls = threading.local()
+        self._pool = None
+        if io_threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="evssd-pread")
+
+    def _span(self, tf: TableFile, i: int) -> tuple[int, int, int]:
+        """(file offset, length, row start within the span) of the read for row ``i``."""
+        if self.mode == "page":
+            rpp, ppr, ps = tf.rows_per_page, tf.pages_per_row, tf.page_size
+            if ppr == 1:
+                return tf.data_offset + (i // rpp) * ps, ps, (i % rpp) * tf.row_bytes
+            return tf.data_offset + i * ppr * ps, ppr * ps, 0
+        off = tf.row_offset(i)
+        if not self.direct:
+            return off, tf.row_bytes, 0
+        a = self.align
+        lo = off - off % a
+        hi = -(-(off + tf.row_bytes) // a) * a
+        return lo, hi - lo, off - lo
+
+    def _buffer(self, size: int):
+        import mmap
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = mmap.mmap(-1, -(-size // 4096) * 4096)  # page-aligned, as O_DIRECT requires
+            self._tls.buf = buf
+        return buf
+
+    def _read_range(self, tf: TableFile, fd: int, indices: list, out: np.ndarray) -> int:
+        rb = tf.row_bytes
+        total = 0
+        for k, i in enumerate(indices):
+            off, n, start = self._span(tf, i)
+            if self.direct:
+                buf = self._buffer(n)
+                got = os.preadv(fd, [memoryview(buf)[:n]], off)
+                data = buf
+            else:
+                data = os.pread(fd, n, off)
+                got = len(data)
+            if got != n:
+                raise TableFileError(f"{tf.path}: short read for row {i} at offset {off} ({got} of {n} bytes)")
+            out[k] = np.frombuffer(data, np.uint8, count=rb, offset=start)
+            total += n
+        return total
 
     def read_rows(self, info, indices):
         tf = self.files[info.name]
         fd = self._fds[info.name]
-        rb = tf.row_bytes
-        out = np.empty((len(indices), rb), dtype=np.uint8)
-        pread = os.pread
-        if self.mode == "row":
-            nbytes = rb
-            for k, i in enumerate(indices.tolist()):
-                buf = pread(fd, rb, tf.row_offset(i))
-                if len(buf) != rb:
-                    raise TableFileError(f"{tf.path}: short read of row {i} ({len(buf)} of {rb} bytes)")
-                out[k] = np.frombuffer(buf, np.uint8)
+        out = np.empty((len(indices), tf.row_bytes), dtype=np.uint8)
+        idx = indices.tolist()
+        if self._pool is None or len(idx) < 2 * self.io_threads:
+            nbytes = self._read_range(tf, fd, idx, out)
         else:
-            ps, rpp, ppr = tf.page_size, tf.rows_per_page, tf.pages_per_row
-            nbytes = ps * ppr
-            base = tf.data_offset
-            for k, i in enumerate(indices.tolist()):
-                page = i // rpp if ppr == 1 else i * ppr
-                buf = pread(fd, nbytes, base + page * ps)
-                if len(buf) != nbytes:
-                    raise TableFileError(f"{tf.path}: short read of page {page} ({len(buf)} of {nbytes} bytes)")
-                start = (i % rpp) * rb if ppr == 1 else 0
-                out[k] = np.frombuffer(buf, np.uint8, count=rb, offset=start)
+            cuts = np.linspace(0, len(idx), self.io_threads + 1).astype(int)
+            futs = [self._pool.submit(self._read_range, tf, fd, idx[a:b], out[a:b])
+                    for a, b in zip(cuts[:-1], cuts[1:])]
+            nbytes = sum(f.result() for f in futs)
         self.requests += len(indices)
         self.rows_read += len(indices)
-        self.bytes_read += len(indices) * nbytes
+        self.bytes_read += nbytes
         return out.view(tf.dtype).reshape(len(indices), tf.dim)
 
     def stats(self):
-        return dict(super().stats(), mode=self.mode)
+        return dict(super().stats(), mode=self.mode, direct=self.direct, io_threads=self.io_threads)
 
     def close(self):
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class RocksDBBackend(Backend):
@@ -704,7 +764,7 @@ class EmbeddingStore:
     def from_arrays(cls, tables: Mapping[str, np.ndarray], backend: str = "dram", *,
                     cache_fraction=_AUTO, cache="evcache", path=None, device=None,
                     file_mode: str = "row", page_size: int = 4096, layout_options: dict | None = None,
-                    device_pooling: bool = True) -> "EmbeddingStore":
+                    device_pooling: bool = True, file_options: dict | None = None) -> "EmbeddingStore":
         """Build a store holding ``tables`` (name -> [rows, dim] fp32/fp16/int8/int32 array, a
         ``.npy`` path, a torch tensor or an ``nn.Embedding``/``nn.EmbeddingBag``).
 
@@ -713,6 +773,7 @@ class EmbeddingStore:
         ``cache``: "evcache" (EV-Cache), "lru" (:class:`PlainLRU`) or ``f(TableInfo, fraction)``.
         ``path``: directory for the ``file`` / ``rocksdb`` backends (created).
         ``device``: an open :class:`evssd.host.device.Device` for ``evssd`` (default: the model).
+        ``file_options``: passed to :class:`FileBackend` (``direct``, ``io_threads``, ``direct_align``).
         ``layout_options``: passed to :meth:`evssd.host.layout.Layout.plan` (e.g.
         ``max_rows_per_extent``).
         """
@@ -731,7 +792,7 @@ class EmbeddingStore:
             d.mkdir(parents=True, exist_ok=True)
             files = {n: open_table_file(write_table_file(d / f"{n}.evt", a, page_size=page_size))
                      for n, a in arrays.items()}
-            be = FileBackend(files, mode=file_mode)
+            be = FileBackend(files, mode=file_mode, **(file_options or {}))
         elif backend == "rocksdb":
             if path is None:
                 raise StoreInputError("backend 'rocksdb' needs path= (a directory for the database)")
@@ -754,11 +815,13 @@ class EmbeddingStore:
 
     @classmethod
     def from_files(cls, files: Mapping[str, str | os.PathLike], *, file_mode: str = "row",
-                   cache_fraction: float | None = 0.01, cache="evcache") -> "EmbeddingStore":
-        """Open existing table files (name -> path) with the ``file`` backend."""
+                   cache_fraction: float | None = 0.01, cache="evcache", **file_options) -> "EmbeddingStore":
+        """Open existing table files (name -> path) with the ``file`` backend
+        (``file_options``: ``direct``, ``io_threads``, ``direct_align``; see :class:`FileBackend`)."""
         tfs = {str(n): open_table_file(p) for n, p in files.items()}
         infos = {n: TableInfo(n, tf.rows, tf.dim, tf.dtype) for n, tf in tfs.items()}
-        return cls(infos, FileBackend(tfs, mode=file_mode), cache_fraction=cache_fraction, cache=cache)
+        return cls(infos, FileBackend(tfs, mode=file_mode, **file_options), cache_fraction=cache_fraction,
+                   cache=cache)
 
     @classmethod
     def from_rocksdb(cls, path, *, cache_fraction: float | None = 0.01, cache="evcache") -> "EmbeddingStore":

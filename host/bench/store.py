@@ -5,7 +5,10 @@ Peers (each in its own subprocess, so that its memory is its own):
 ============== ====================================================================================
 dram           every row in memory: the ideal
 file-page      table file, one 4 KiB page read (pread) per distinct row looked up: block-SSD baseline
+file-page-direct   the same with O_DIRECT (no OS page cache: every read reaches the disk),
+               ``--io-threads`` reads in flight
 file-row+ev    table file, row-granular pread, EV-Cache in front
+file-row-direct+ev  row-granular with O_DIRECT (the 512-byte sectors around the row), EV-Cache
 file-row+lru   table file, row-granular pread, plain LRU (cachetools) of the same byte budget
 evssd+ev       the EV-SSD functional/timing model through the driver, EV-Cache in front
 evssd-pool     the same device without a cache, pooling on the device (GATHER_POOLED, RecSSD-style)
@@ -52,8 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-PEERS = ["dram", "file-page", "file-row+ev", "file-row+ev@d1", "file-row+lru", "evssd+ev", "evssd-pool",
-         "evssd-block", "rocksdb+ev"]
+PEERS = ["dram", "file-page", "file-page-direct", "file-row+ev", "file-row-direct+ev", "file-row+ev@d1",
+         "file-row+lru", "evssd+ev", "evssd-pool", "evssd-block", "rocksdb+ev"]
 
 QUICK_PEERS = ["dram", "file-page", "file-row+ev", "evssd+ev"]
 
@@ -61,6 +64,8 @@ QUICK_PEERS = ["dram", "file-page", "file-row+ev", "evssd+ev"]
 _SPEC = {
     "dram": ("dram", {}, None),
     "file-page": ("file", {"file_mode": "page"}, None),
+    "file-page-direct": ("file", {"file_mode": "page", "direct": True}, None),
+    "file-row-direct+ev": ("file", {"file_mode": "row", "direct": True}, "evcache"),
     "file-row+ev": ("file", {"file_mode": "row"}, "evcache"),
     "file-row+lru": ("file", {"file_mode": "row"}, "lru"),
     "evssd+ev": ("evssd", {}, "evcache"),
@@ -84,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
     parser.add_argument("--max-seconds", type=float, default=6.0,
                         help="stop a peer's measured phase after this long (default 6 s)")
+    parser.add_argument("--budget", type=float, default=85.0,
+                        help="whole-run time budget in seconds: the per-peer cap shrinks to fit (default 85)")
+    parser.add_argument("--io-threads", type=int, default=8,
+                        help="reads in flight for the O_DIRECT peers (default 8)")
     parser.add_argument("--peers", default=None,
                         help=f"comma list (default: {','.join(PEERS)}; with --quick: {','.join(QUICK_PEERS)})")
     parser.add_argument("--seed", type=int, default=0)
@@ -176,7 +185,8 @@ def _child(cfg_path: str) -> int:
     device_info = None
     cache_kw = dict(cache_fraction=cfg["cache_fraction"] if cache else None, cache=cache or "evcache")
     if backend == "file":
-        store = EmbeddingStore.from_files(cfg["files"], file_mode=opts["file_mode"], **cache_kw)
+        fo = {"direct": True, "io_threads": cfg["io_threads"]} if opts.get("direct") else {}
+        store = EmbeddingStore.from_files(cfg["files"], file_mode=opts["file_mode"], **cache_kw, **fo)
     elif backend == "rocksdb":
         store = EmbeddingStore.from_rocksdb(cfg["rocksdb_path"], **cache_kw)
     else:
@@ -305,9 +315,9 @@ def _depth(peer: str, default: int) -> int:
 def _config(args) -> dict:
     cfg = {k: getattr(args, k) for k in ("tables", "rows", "dim", "dtype", "batch_size", "pooling_factor",
                                          "batches", "warmup", "cache_fraction", "depth", "max_seconds", "seed",
-                                         "clock_mhz")}
+                                         "clock_mhz", "io_threads", "budget")}
     if args.quick:
-        cfg.update(tables=2, rows=20_000, batches=30, warmup=10, max_seconds=3.0)
+        cfg.update(tables=2, rows=20_000, batches=30, warmup=10, max_seconds=3.0, budget=min(args.budget, 20.0))
     return cfg
 
 
@@ -377,8 +387,11 @@ def run(args) -> int:
               f"lookups per table, Meta-calibrated trace, {cfg['warmup']} warm-up + up to {cfg['batches']} "
               f"measured batches, cache {cfg['cache_fraction']:.2%} per table, pipeline depth {cfg['depth']}")
         rows = []
-        for peer in peers:
-            c = dict(cfg, peer=peer, files=files, rocksdb_path=str(rocksdb_path),
+        for k, peer in enumerate(peers):
+            # about 4 s of each peer goes to start-up and building; the rest of the budget is shared
+            left = cfg["budget"] - (time.perf_counter() - t_all)
+            cap = max(0.5, min(cfg["max_seconds"], left / (len(peers) - k) - 4.0))
+            c = dict(cfg, peer=peer, max_seconds=cap, files=files, rocksdb_path=str(rocksdb_path),
                      out=str(work / f"{peer}.json"))
             cpath = work / f"{peer}.cfg.json"
             cpath.write_text(json.dumps(c))
@@ -387,7 +400,7 @@ def run(args) -> int:
                                   capture_output=True, text=True)
             if proc.returncode != 0 or not Path(c["out"]).exists():
                 err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                print(f"  {peer:13s} FAILED: {err}")
+                print(f"  {peer:18s} FAILED: {err}")
                 rows.append({"peer": peer, "error": err})
                 continue
             r = json.loads(Path(c["out"]).read_text())
@@ -400,14 +413,14 @@ def run(args) -> int:
         full = {p: d for p, d in digests.items()
                 if next(r for r in ok if r["peer"] == p)["batches"] == cfg["batches"]}
         identical = len(set(full.values())) <= 1
-        hdr = f"  {'peer':13s} {'lookups/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'hit rate':>8s} " \
+        hdr = f"  {'peer':18s} {'lookups/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'hit rate':>8s} " \
               f"{'B/lookup':>9s} {'bytes read':>11s} {'RSS delta':>10s} {'batches':>7s}"
         print(hdr)
         for r in rows:
             if "error" in r:
                 continue
             hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
-            print(f"  {r['peer']:13s} {r['lookups_per_s']:10.0f} {r['latency']['p50_ms']:8.2f} "
+            print(f"  {r['peer']:18s} {r['lookups_per_s']:10.0f} {r['latency']['p50_ms']:8.2f} "
                   f"{r['latency']['p99_ms']:8.2f} {hr:>8s} {r['bytes_per_lookup']:9.1f} "
                   f"{_fmt_bytes(r['bytes_read']):>11s} {_fmt_bytes(r['rss_peak_delta']):>10s} {r['batches']:7d}")
         notes = [
