@@ -226,13 +226,16 @@ class ResultMerger(wiring.Component):
         L = Fp32Adder.LATENCY
 
         rob = Memory(shape=unsigned(Wc), depth=n_slots << beat_bits, init=[])
-        acc = Memory(shape=unsigned(Wc), depth=max_ops, init=[])
+        # two banks: one sums the current bag while the emitter sends the previous one
+        acc_jbits = _log2_ceil(max_ops)
+        acc = Memory(shape=unsigned(Wc), depth=2 << acc_jbits, init=[])
         m.submodules.rob = rob
         m.submodules.acc = acc
         rob_w = rob.write_port()
         rob_r = rob.read_port()
         acc_w = acc.write_port()
         acc_r = acc.read_port()
+        acc_e = acc.read_port()
 
         done = Signal(n_slots)
         errf = Signal(n_slots)
@@ -284,15 +287,17 @@ class ResultMerger(wiring.Component):
         dl = desc_layout(n_slots)
         cur = Signal(dl)
         have = Signal()
-        emit_phase = Signal()
         n_ops = Signal(range(max_ops + 1))
         last_cnt = Signal(range(K + 1))
         sub_shift = Signal(2)            # log2(elements of one ROB beat / K)
         j = Signal(range(max_ops + 1))
         bag_first = Signal(init=1)       # no good row in the current bag yet
         row_first = Signal()
+        acc_bank = Signal()              # accumulator bank of the bag being summed
         cooldown = Signal(range(ACCUM_HAZARD_CYCLES))
+        cooldown_next = Signal(range(ACCUM_HAZARD_CYCLES))
         sticky_err = Signal()
+        em_busy = Signal()               # the emitter still has ops of a finished bag to send
 
         # derived values of the incoming descriptor
         d_in = self.i_desc.payload
@@ -315,36 +320,37 @@ class ResultMerger(wiring.Component):
         row_ok = cur.bad | cur.empty_bag | slot_done
         good = ~cur.bad & ~cur.empty_bag & ~slot_err
         row_has_ops = ~cur.empty_bag & (~cur.pooled | good)
-        goes_emit = cur.pooled & (cur.bag_end | cur.empty_bag)
+        goes_emit = cur.empty_bag | (cur.pooled & cur.bag_end)
         last_op = j == n_ops - 1
 
-        # the op the issue stage would send this cycle
+        # The op the issue stage would send this cycle. A pooled row starts only when the
+        # previous row of its bag has left the adders far enough (cooldown) and, if it ends the
+        # bag, when the emitter is free to take the bag over at the row's last op: a started
+        # pooled row then never stalls, which the cooldown arithmetic relies on.
         op_valid = Signal()
         op_kind = Signal(2)
-        with m.If(have & ~emit_phase & row_has_ops):
+        with m.If(have & row_has_ops):
             with m.If(~cur.pooled):
-                m.d.comb += [op_valid.eq((j != 0) | row_ok),
+                # GATHER output must not overtake a bag the emitter is still sending
+                m.d.comb += [op_valid.eq(((j != 0) | row_ok) & ~em_busy),
                              op_kind.eq(Mux(good, _OP_READ, _OP_ZERO))]
             with m.Else():
-                m.d.comb += [op_valid.eq((j != 0) | (row_ok & (cooldown == 0))),
+                m.d.comb += [op_valid.eq((j != 0) | (row_ok & ((cooldown == 0) | bag_first) &
+                                                     (~goes_emit | ~em_busy))),
                              op_kind.eq(_OP_ACCUM)]
-        with m.If(have & emit_phase):
-            m.d.comb += [op_valid.eq((j != 0) | bag_first | (cooldown == 0)),
-                         op_kind.eq(Mux(bag_first, _OP_ZERO, _OP_EMIT))]
-        op_cmd_last = cur.cmd_end & last_op & Mux(emit_phase, 1, ~goes_emit)
-        noop_step = have & ~emit_phase & ~row_has_ops & row_ok
+        op_cmd_last = cur.cmd_end & last_op & ~cur.pooled
+        noop_step = have & ~row_has_ops & row_ok & (~goes_emit | ~em_busy)
 
         r_advance = Signal()
         fire = op_valid & r_advance
         row_err_now = Signal()           # a row with err retires now
-        m.d.comb += row_err_now.eq(have & ~emit_phase & ~cur.bad & ~cur.empty_bag & slot_err &
+        m.d.comb += row_err_now.eq(have & ~cur.bad & ~cur.empty_bag & slot_err &
                                    Mux(row_has_ops, fire & (j == 0), noop_step))
-        free_now = have & ~emit_phase & ~cur.empty_bag & Mux(row_has_ops, fire & last_op, noop_step)
+        free_now = have & ~cur.empty_bag & Mux(row_has_ops, fire & last_op, noop_step)
         m.d.comb += [self.o_free.valid.eq(free_now), self.o_free.payload.eq(cur.slot)]
-        to_emit = (fire & last_op & ~emit_phase & goes_emit) | (noop_step & goes_emit)
         finish = Signal()
-        m.d.comb += finish.eq((fire & last_op & (emit_phase | ~goes_emit)) |
-                              (noop_step & ~goes_emit))
+        m.d.comb += finish.eq((fire & last_op) | noop_step)
+        handover = finish & goes_emit
         m.d.comb += self.i_desc.ready.eq(~have | finish)
 
         with m.If(free_now):
@@ -357,11 +363,9 @@ class ResultMerger(wiring.Component):
 
         with m.If(fire):
             m.d.sync += j.eq(Mux(last_op, 0, j + 1))
-        with m.If(to_emit):
-            m.d.sync += [emit_phase.eq(1), j.eq(0)]
         with m.If(self.i_desc.valid & self.i_desc.ready):
             m.d.sync += [
-                have.eq(1), cur.eq(d_in), emit_phase.eq(d_in.empty_bag & d_in.pooled), j.eq(0),
+                have.eq(1), cur.eq(d_in), j.eq(0),
                 n_ops.eq((n_elems + K - 1) >> log2K),
                 last_cnt.eq(((n_elems - 1) & (K - 1)) + 1),
                 sub_shift.eq(2 - ish),
@@ -370,27 +374,77 @@ class ResultMerger(wiring.Component):
             m.d.sync += have.eq(0)
 
         is_accum = op_kind == _OP_ACCUM
-        with m.If(fire & is_accum & (j == 0)):
-            m.d.sync += [cooldown.eq(ACCUM_HAZARD_CYCLES - 1), bag_first.eq(0),
-                         row_first.eq(bag_first)]
+        accum_start = fire & is_accum & (j == 0)
+        with m.If(accum_start):
+            m.d.comb += cooldown_next.eq(ACCUM_HAZARD_CYCLES - 1)
         with m.Elif(cooldown != 0):
-            m.d.sync += cooldown.eq(cooldown - 1)
-        with m.If(fire & emit_phase & last_op):
-            m.d.sync += bag_first.eq(1)
-        with m.If(fire & op_cmd_last):
+            m.d.comb += cooldown_next.eq(cooldown - 1)
+        m.d.sync += cooldown.eq(cooldown_next)
+        with m.If(accum_start):
+            m.d.sync += [bag_first.eq(0), row_first.eq(bag_first)]
+        with m.If(handover):
+            m.d.sync += [bag_first.eq(1), acc_bank.eq(~acc_bank)]
+        with m.If((fire & op_cmd_last) | (handover & cur.cmd_end)):
             m.d.sync += sticky_err.eq(0)
         with m.Elif(row_err_now):
             m.d.sync += sticky_err.eq(1)
 
         # memory reads for the op (the read ports hold their data while stage R stalls)
+        def acc_addr(jj, bank):
+            return Cat(jj[:acc_jbits], bank) if acc_jbits else bank
         rob_beat = Signal(max(beat_bits, 1))
         m.d.comb += rob_beat.eq(j >> sub_shift)
         m.d.comb += [
             rob_r.addr.eq(Cat(rob_beat[:beat_bits], cur.slot) if beat_bits else cur.slot),
-            acc_r.addr.eq(j),
+            acc_r.addr.eq(acc_addr(j, acc_bank)),
             rob_r.en.eq(r_advance),
             acc_r.en.eq(r_advance),
         ]
+
+        # ---------------- emitter: sends a finished bag's sums (or zeros) ----------------
+        # It reads the other accumulator bank than the one the next bag sums into, so a bag's
+        # emission overlaps the next bag's rows. It waits out the bag's last row in the adders
+        # (em_wait follows what the cooldown would have been) and never overtakes an output op
+        # already in stage R.
+        em_bank = Signal()
+        em_j = Signal(range(max_ops + 1))
+        em_n = Signal(range(max_ops + 1))
+        em_last_cnt = Signal(range(K + 1))
+        em_zero = Signal()
+        em_cmd_last = Signal()
+        em_err = Signal()
+        em_wait = Signal(range(ACCUM_HAZARD_CYCLES))
+        r_out = Signal()
+        e_valid = Signal()
+        e_advance = Signal()
+        em_last = em_j == em_n - 1
+        em_fire = em_busy & (em_zero | (em_wait == 0)) & ~r_out & e_advance
+        with m.If(handover):
+            m.d.sync += [
+                em_busy.eq(1), em_bank.eq(acc_bank), em_j.eq(0), em_n.eq(n_ops),
+                em_last_cnt.eq(last_cnt), em_zero.eq(bag_first & ~accum_start),
+                em_cmd_last.eq(cur.cmd_end), em_err.eq(sticky_err | row_err_now),
+                em_wait.eq(cooldown_next),
+            ]
+        with m.Else():
+            with m.If(em_wait != 0):
+                m.d.sync += em_wait.eq(em_wait - 1)
+            with m.If(em_fire):
+                m.d.sync += em_j.eq(em_j + 1)
+                with m.If(em_last):
+                    m.d.sync += em_busy.eq(0)
+        m.d.comb += [acc_e.addr.eq(acc_addr(em_j, em_bank)), acc_e.en.eq(e_advance)]
+
+        e_zero = Signal()
+        e_count = Signal(range(K + 1))
+        e_last = Signal()
+        e_err = Signal()
+        with m.If(e_advance):
+            m.d.sync += [
+                e_valid.eq(em_fire), e_zero.eq(em_zero),
+                e_count.eq(Mux(em_last, em_last_cnt, K)),
+                e_last.eq(em_cmd_last & em_last), e_err.eq(em_err & em_last),
+            ]
 
         # ---------------- stage R: memory data ----------------
         r_valid = Signal()
@@ -399,10 +453,10 @@ class ResultMerger(wiring.Component):
         r_last = Signal()
         r_err = Signal()
         r_first = Signal()
-        r_j = Signal(range(max_ops + 1))
+        r_addr = Signal(acc_jbits + 1)
         r_sub = Signal(2)
         r_elem = Signal(2)
-        r_out = r_valid & (r_kind != _OP_ACCUM)
+        m.d.comb += r_out.eq(r_valid & (r_kind != _OP_ACCUM))
         with m.If(r_advance):
             m.d.sync += [
                 r_valid.eq(fire), r_kind.eq(op_kind),
@@ -410,32 +464,44 @@ class ResultMerger(wiring.Component):
                 r_last.eq(op_cmd_last),
                 r_err.eq(sticky_err | row_err_now),
                 r_first.eq(Mux(j == 0, bag_first, row_first)),
-                r_j.eq(j),
+                r_addr.eq(acc_addr(j, acc_bank)),
                 r_sub.eq(j & ((1 << sub_shift) - 1)),
                 r_elem.eq(cur.elem),
             ]
 
+        # output: the emitter's stage E first (it only holds ops older than stage R's)
         m.submodules.packer = packer = WordPacker(K, H)
+        with m.If(e_valid):
+            m.d.comb += [
+                packer.i_words.valid.eq(1),
+                packer.i_words.payload.data.eq(Mux(e_zero, 0, acc_e.data)),
+                packer.i_words.payload.count.eq(e_count),
+                packer.i_words.payload.last.eq(e_last),
+                packer.i_words.payload.err.eq(e_err),
+            ]
+        with m.Else():
+            m.d.comb += [
+                packer.i_words.valid.eq(r_out),
+                packer.i_words.payload.data.eq(Mux(r_kind == _OP_ZERO, 0, rob_r.data)),
+                packer.i_words.payload.count.eq(r_count),
+                packer.i_words.payload.last.eq(r_last),
+                packer.i_words.payload.err.eq(r_err),
+            ]
         m.d.comb += [
-            packer.i_words.valid.eq(r_out),
-            packer.i_words.payload.data.eq(Mux(r_kind == _OP_ZERO, 0,
-                                               Mux(r_kind == _OP_EMIT, acc_r.data, rob_r.data))),
-            packer.i_words.payload.count.eq(r_count),
-            packer.i_words.payload.last.eq(r_last),
-            packer.i_words.payload.err.eq(r_err),
-            r_advance.eq(~r_out | packer.i_words.ready),
+            e_advance.eq(~e_valid | packer.i_words.ready),
+            r_advance.eq(~r_out | (~e_valid & packer.i_words.ready)),
         ]
         wiring.connect(m, wiring.flipped(self.o_data), packer.o_beat)
 
         # ---------------- stage W: widen the row's elements into K 32-bit lanes ----------------
         w_valid = Signal()
         w_int = Signal()
-        w_j = Signal(range(max_ops + 1))
+        w_j = Signal(acc_jbits + 1)
         w_a = [Signal(32, name=f"w_a{i}") for i in range(K)]
         w_b = [Signal(32, name=f"w_b{i}") for i in range(K)]
         r_accum = r_valid & (r_kind == _OP_ACCUM)
         r_int = (r_elem == ElemType.INT8) | (r_elem == ElemType.INT32)
-        m.d.sync += [w_valid.eq(r_accum), w_j.eq(r_j),
+        m.d.sync += [w_valid.eq(r_accum), w_j.eq(r_addr),
                      w_int.eq(r_int)]
         ident = Mux(r_int, 0, 0x8000_0000)  # -0.0 is the fp identity: -0 + x == x, +-0 included
         rd = rob_r.data
@@ -469,7 +535,7 @@ class ResultMerger(wiring.Component):
         pipe_j = [w_j]
         pipe_int = [w_int]
         for s in range(L):
-            v, jj, ii = Signal(name=f"p_valid{s}"), Signal(range(max_ops + 1), name=f"p_j{s}"), \
+            v, jj, ii = Signal(name=f"p_valid{s}"), Signal(acc_jbits + 1, name=f"p_j{s}"), \
                 Signal(name=f"p_int{s}")
             m.d.sync += [v.eq(pipe_valid[-1]), jj.eq(pipe_j[-1]), ii.eq(pipe_int[-1])]
             pipe_valid.append(v); pipe_j.append(jj); pipe_int.append(ii)
