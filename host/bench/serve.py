@@ -40,7 +40,9 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--pooling", type=int, default=20, help="rows per bag")
     parser.add_argument("--max-fanout", type=int, default=8)
-    parser.add_argument("--budget-mb", type=float, default=8.0, help="ranker memory budget (cache experiment)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="repetitions per engine point, 1-thread and N-thread runs interleaved (median reported)")
+    parser.add_argument("--budget-mb", type=float, default=16.0, help="ranker memory budget (cache experiment)")
     parser.add_argument("--out", default=None, help="results root (default: $EVSSD_RESULTS or ./results)")
 
 
@@ -68,8 +70,8 @@ def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalanc
     work = [synthetic_batch(cfg, batch, pooling, rng)[1] for _ in range(min(batches, 8))]
     with Engine(get_provider("tcp"), threads, credits=16, request_timeout=30) as eng:
         ranker = Ranker(cfg, eng, timeout=30, rebalance_every=rebalance_every)
-        for w in work[:2]:
-            ranker.embeddings(w)                      # warm-up
+        for w in work[:4]:
+            ranker.embeddings(w)                      # warm-up (first touches of receive buffers)
         lat = []
         lock = threading.Lock()
 
@@ -222,6 +224,7 @@ def run(args) -> int:
     nfan = min(8, args.max_fanout)
     fanouts = [f for f in ([1, 2, 4, 8] if quick else range(1, 9)) if f <= nfan]
     batches = 8 if quick else 24
+    reps = args.reps or (1 if quick else 3)
     t_start = time.perf_counter()
     full = make_config(args.tables, args.rows, args.dim, nfan, replicas=nfan - 1)
     # every server holds the whole of every table; experiments pick their shard maps as views
@@ -237,10 +240,18 @@ def run(args) -> int:
             for f in fanouts:
                 skew = None if skew_name == "uniform" or f == 1 else [4.0] + [1.0] * (f - 1)
                 cfg = _view(ccfg, args.tables, args.rows, args.dim, f, skew)
-                for th in (1, args.threads):
-                    p = _engine_point(cfg, th, args.clients, batches, args.batch_size, args.pooling, seed=f,
-                                      rebalance_every=5 if th > 1 else 0)
-                    p.update(fanout=f, skew=skew_name)
+                runs = {1: [], args.threads: []}
+                for _ in range(reps):          # interleave so background load hits both alike
+                    for th in runs:
+                        runs[th].append(_engine_point(cfg, th, args.clients, batches, args.batch_size,
+                                                      args.pooling, seed=f, rebalance_every=5 if th > 1 else 0))
+                for th, rs in runs.items():
+                    p = {"threads": th, "fanout": f, "skew": skew_name, "reps": len(rs),
+                         "samples_per_s": float(np.median([r["samples_per_s"] for r in rs])),
+                         "samples_per_s_all": [r["samples_per_s"] for r in rs],
+                         "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
+                         "p99_ms": float(np.median([r["p99_ms"] for r in rs])),
+                         "migrations": sum(r["migrations"] for r in rs), "placement": rs[-1]["placement"]}
                     eng_rows.append(p)
                     print(f"engine  fan-out {f} {skew_name:7s} threads {th}: {p['samples_per_s']:9.0f} samples/s "
                           f"p50 {p['p50_ms']:6.2f} ms p99 {p['p99_ms']:6.2f} ms migrations {p['migrations']}", flush=True)

@@ -176,7 +176,7 @@ class EmbeddingCache:
 
     @property
     def used(self) -> int:
-        return int((self.keys >= 0).sum())
+        return self.capacity - self._nfree
 
     def resize(self, capacity: int) -> None:
         capacity = max(0, int(capacity))
@@ -196,6 +196,10 @@ class EmbeddingCache:
         keys[:k], rows[:k], stamp[:k] = self.keys[valid], self.rows[valid], self.stamp[valid]
         self.slot_of[keys[:k]] = np.arange(k, dtype=np.int32)
         self.keys, self.rows, self.stamp, self.capacity = keys, rows, stamp, capacity
+        # free slots as a stack: the top is the lowest slot, so slots fill in order
+        self._free = np.arange(capacity - 1, k - 1, -1, dtype=np.int64)
+        self._free = np.concatenate([self._free, np.empty(k, dtype=np.int64)]) if k else self._free
+        self._nfree = capacity - k
 
     def new_batch(self) -> None:
         """Rows used from here on are protected from eviction until the next batch."""
@@ -226,19 +230,21 @@ class EmbeddingCache:
         n = idx.size
         if n == 0 or self.capacity == 0:
             return
-        free = np.flatnonzero(self.keys < 0)
-        if free.size < n:
-            # evict least recently used slots not stamped this batch
+        if self._nfree < n:
+            # evict in bulk (>= 1/16 of the cache) so the O(capacity) LRU scan is amortised;
+            # rows used in this batch are never victims
             valid = np.flatnonzero((self.keys >= 0) & (self.stamp < self.clock))
-            need = min(n - free.size, valid.size)
+            need = min(max(n - self._nfree, self.capacity // 16), valid.size)
             if need:
                 victims = valid[np.argpartition(self.stamp[valid], need - 1)[:need]]
                 self.slot_of[self.keys[victims]] = -1
                 self.keys[victims] = -1
                 self.evicted += need
-                free = np.flatnonzero(self.keys < 0)
-        n = min(n, free.size)
-        slots = free[:n]
+                self._free[self._nfree:self._nfree + need] = victims
+                self._nfree += need
+        n = min(n, self._nfree)
+        slots = self._free[self._nfree - n:self._nfree]
+        self._nfree -= n
         g = idx[:n] + self.base[table]
         self.keys[slots] = g
         self.rows[slots] = rows[:n]
@@ -459,8 +465,12 @@ class Ranker:
                 rows = np.empty((idx.size, self.dim), dtype=np.float32)
                 hit = e["slots"] >= 0
                 rows[hit] = self.cache.rows[e["slots"][hit]]
-                for m, r in fetched.values():      # admitted rows: fetched now, pooled here
-                    sel = local & ~hit & np.isin(idx, m)
+                if fetched:                        # admitted rows: fetched now, pooled here
+                    m = np.concatenate([f[0] for f in fetched.values()])
+                    r = np.concatenate([f[1] for f in fetched.values()])
+                    order = np.argsort(m, kind="stable")
+                    m, r = m[order], r[order]
+                    sel = local & ~hit
                     rows[sel] = r[np.searchsorted(m, idx[sel])]
                     self.cache.admit(e["table"], m, r)
                 pool_bags(rows[local], _sub_bags(e["bags"], local, batch), pooled)
