@@ -93,3 +93,55 @@ def test_latency_summary():
     assert latency_summary([]) == {"batches": 0}
     with pytest.raises(ValueError, match="depth"):
         Pipeline(None, depth=0)
+
+
+def test_pipeline_overlaps_io_with_next_prepare():
+    """Batch 0's backend read blocks until batch 1's cache lookup has happened: only a pipeline
+    that prepares batch i+1 while batch i's I/O is in flight gets past it (no timing involved:
+    the unpipelined path is shown to run the other way round)."""
+    import threading
+    from evssd.host.store import DramBackend, TableInfo
+
+    t = np.arange(40, dtype=np.float32).reshape(20, 2)
+    info = TableInfo("t", 20, 2, t.dtype)
+    events = []
+    second_lookup = threading.Event()
+
+    class Cache:
+        stats = {}
+
+        def __init__(self, info, fraction):
+            self.n = 0
+
+        def lookup(self, indices, out):
+            self.n += 1
+            events.append(("lookup", self.n, threading.get_ident()))
+            if self.n == 2:
+                second_lookup.set()
+            return np.zeros(len(indices), bool)
+
+        def admit(self, indices, rows):
+            pass
+
+    class Backend(DramBackend):
+        def read_rows(self, info, indices):
+            events.append(("read", second_lookup.wait(timeout=10), threading.get_ident()))
+            return super().read_rows(info, indices)
+
+    batches = [{"t": (np.array([1, 2]), np.array([0, 2]))}, {"t": (np.array([3]), np.array([0, 1]))}]
+    store = EmbeddingStore({"t": info}, Backend({"t": t}), cache_fraction=0.5, cache=Cache)
+    with Pipeline(store, "sum", depth=2) as pipe:
+        out = pipe.run_all(batches)
+    np.testing.assert_array_equal(out[0].results["t"], [[2 + 4, 3 + 5]])
+    first_read = next(e for e in events if e[0] == "read")
+    assert first_read[1] is True                      # batch 1 was prepared while batch 0 read
+    main = events[0][2]
+    assert all(e[2] != main for e in events if e[0] == "read")  # I/O on the worker thread
+    assert all(e[2] == main for e in events if e[0] == "lookup")  # cache only on the caller
+
+    events.clear()
+    second_lookup.clear()
+    store2 = EmbeddingStore({"t": info}, Backend({"t": t}), cache_fraction=0.5, cache=Cache)
+    second_lookup.set()  # unpipelined: lookup 1, read 0, lookup 2, read 1 -- in that order
+    list(run_unpipelined(store2, batches))
+    assert [e[0] for e in events] == ["lookup", "read", "lookup", "read"]
