@@ -91,14 +91,12 @@ class LocalityStats:
 
 
 def shared_data_dir() -> Path:
-    """``../shared/data`` next to the repository, else ``$EVSSD_SHARED_DATA``."""
-    repo_relative = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if repo_relative.is_dir():
-        return repo_relative
+    """Where the external data files are: ``$EVSSD_SHARED_DATA`` if set, else the copies shipped in
+    the package (``host/data``, see its README for provenance)."""
     env = os.environ.get("EVSSD_SHARED_DATA")
     if env:
         return Path(env)
-    raise FileNotFoundError(f"shared data not found at {repo_relative} and EVSSD_SHARED_DATA is not set")
+    return Path(__file__).resolve().parent / "data"
 
 
 def default_locality_stats_path() -> Path:
