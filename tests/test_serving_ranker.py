@@ -10,7 +10,8 @@ from evssd.host.serving.ranker import (DLRM, BudgetExceeded, EmbeddingCache, Ran
                                        dense_from_criteo, local_pooled, pool_bags, synthetic_batch)
 from evssd.host.serving.rdma import get_provider
 
-CRITEO = "/work/shared/data/criteo_sample.txt"
+from evssd.host.workload import shared_data_dir
+CRITEO = str(shared_data_dir() / "criteo_sample.txt")
 
 
 @pytest.fixture(scope="module")
