@@ -336,7 +336,8 @@ class Ranker:
         now = time.monotonic()
         ok = [s for s in shard.servers if not self.conns[s].dead and self.suspect.get(s, 0) < now]
         rest = [s for s in shard.servers if s not in ok and not self.conns[s].dead]
-        return ok + rest
+        dead = [s for s in shard.servers if self.conns[s].dead]
+        return ok + rest + dead      # dead ones last: they fail at once, naming their reason
 
     def _issue(self, server, kind, shard, idx, off):
         conn = self.conns[server]
