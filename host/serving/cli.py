@@ -29,7 +29,8 @@ def _common_ranker(p):
     p.add_argument("--budget-mb", type=float, default=None, help="ranker memory budget (enables the adaptive cache)")
     p.add_argument("--static-cache", action="store_true", help="static cache instead of adaptive")
     p.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
-    p.add_argument("--criteo", default=None, help="Criteo CSV for the dense features")
+    p.add_argument("--criteo", default=None,
+                   help="Criteo CSV: dense features and categorical C1.. hashed into the tables (one row per bag)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -70,7 +71,7 @@ def add_arguments(parser):
 
 def _rank(cfg, args, check: bool) -> int:
     from .engine import Engine
-    from .ranker import DLRM, Ranker, dense_from_criteo, local_pooled, synthetic_batch
+    from .ranker import DLRM, Ranker, criteo_batches, local_pooled, synthetic_batch
     from .rdma import RdmaUnavailable, get_provider
 
     try:
@@ -79,7 +80,7 @@ def _rank(cfg, args, check: bool) -> int:
         print(f"evssd serve: {exc}", file=sys.stderr)
         return 2
     rng = np.random.default_rng(args.seed)
-    dense_src = dense_from_criteo(args.criteo) if args.criteo else None
+    criteo = criteo_batches(cfg, args.criteo, args.batch_size) if args.criteo else None
     model = DLRM(13, cfg["dim"], len(cfg["tables"]), seed=args.seed)
     budget = int(args.budget_mb * (1 << 20)) if args.budget_mb else None
     lat = []
@@ -88,9 +89,10 @@ def _rank(cfg, args, check: bool) -> int:
                         adaptive=not args.static_cache, timeout=args.timeout)
         worst = 0.0
         for b in range(args.batches):
-            dense, sparse = synthetic_batch(cfg, args.batch_size, args.pooling, rng, alpha=0.8)
-            if dense_src is not None:
-                dense = dense_src[(b * args.batch_size + np.arange(args.batch_size)) % len(dense_src)]
+            if criteo is not None:
+                dense, sparse = next(criteo)
+            else:
+                dense, sparse = synthetic_batch(cfg, args.batch_size, args.pooling, rng, alpha=0.2)
             t0 = time.perf_counter()
             top, top_s, scores = ranker.rank(dense, sparse, args.top_k)
             lat.append(time.perf_counter() - t0)

@@ -30,7 +30,7 @@ from . import protocol as P
 from .engine import Backpressure, ConnectionLost, Engine, EngineError, RequestTimeout
 
 __all__ = ["DLRM", "EmbeddingCache", "Ranker", "ServingError", "BudgetExceeded", "pool_bags",
-           "bag_ids", "local_pooled", "synthetic_batch", "dense_from_criteo"]
+           "bag_ids", "local_pooled", "synthetic_batch", "dense_from_criteo", "criteo_batches"]
 
 
 class ServingError(RuntimeError):
@@ -128,6 +128,13 @@ def synthetic_batch(cfg, batch: int, pooling: int, rng, *, n_dense=13, alpha: fl
 
 def dense_from_criteo(path, limit: int | None = None) -> np.ndarray:
     """The 13 integer features of a Criteo CSV as log(1 + max(x, 0)), missing -> 0."""
+    try:
+        from evssd.host.workload import load_criteo
+    except ImportError:
+        load_criteo = None
+    if load_criteo is not None:
+        dense = load_criteo(path, n_tables=1).dense
+        return dense[:limit] if limit else dense
     rows = []
     with open(path) as f:
         header = f.readline()
@@ -139,6 +146,23 @@ def dense_from_criteo(path, limit: int | None = None) -> np.ndarray:
             if limit and len(rows) >= limit:
                 break
     return np.asarray(rows, dtype=np.float32)
+
+
+def criteo_batches(cfg, path, batch: int):
+    """Yield (dense, sparse) batches from a Criteo CSV: categorical C<t+1> hashed into table t
+    (one row per bag), via :func:`evssd.host.workload.load_criteo`; cycles through the file."""
+    from evssd.host.workload import load_criteo
+    tables = list(cfg["tables"])
+    data = load_criteo(path, n_tables=len(tables),
+                       rows_per_table=[cfg["tables"][t]["rows"] for t in tables])
+    n = len(data)
+    start = 0
+    while True:
+        sel = (start + np.arange(batch)) % n
+        start = (start + batch) % n
+        sparse = {t: (data.indices[i, sel].astype(np.int64), np.arange(batch + 1, dtype=np.int64))
+                  for i, t in enumerate(tables)}
+        yield data.dense[sel], sparse
 
 
 # ------------------------------------------------------------------ cache
