@@ -60,6 +60,20 @@ def test_reply_round_trip():
         P.decode_reply(P.encode_ok_array(a)[:-4])
 
 
+def test_multi_round_trip_and_errors():
+    subs = [P.encode_request(P.Request(P.MsgType.GATHER, "a", np.arange(2))),
+            P.encode_request(P.Request(P.MsgType.ECHO, payload=b"hi"))]
+    got = P.decode_multi(P.encode_multi(subs))
+    assert [bytes(g) for g in got] == subs
+    reply = P.encode_ok_multi([P.encode_ok_bytes(b"x"), P.encode_err("nope")])
+    res = P.decode_reply(reply)
+    assert res[0] == b"x" and isinstance(res[1], P.RemoteError) and "nope" in str(res[1])
+    with pytest.raises(P.ProtocolError, match="itself a MULTI"):
+        P.decode_multi(P.encode_multi([P.encode_multi([])]))
+    with pytest.raises(P.ProtocolError, match="runs past|truncated"):
+        P.decode_multi(P.encode_multi(subs)[:-3])
+
+
 def test_config_validation_and_rows():
     cfg = make_config(2, 10000, 8, 3, replicas=1, skew=[2, 1, 1])
     rows = table_rows(cfg, "t1")
@@ -149,6 +163,17 @@ def test_bad_requests_get_errors_and_connection_stays_usable(cluster):
         s.sendall(_frame(P.Op.SEND, 9, P.encode_request(P.Request(P.MsgType.GATHER, "t1", np.array([7, 3])))))
         h, body = _read_frame(s)
         np.testing.assert_array_equal(P.decode_reply(body), table_rows(cluster.config, "t1")[[7, 3]])
+        # MULTI: each sub-request answered on its own, a bad one does not spoil the others
+        multi = P.encode_multi([P.encode_request(P.Request(P.MsgType.GATHER, "t0", np.array([2]))),
+                                P.encode_request(P.Request(P.MsgType.GATHER, "t0", np.array([-1]))),
+                                P.encode_request(P.Request(P.MsgType.POOLED, "t1", np.array([1, 2, 3]), np.array([0, 1, 3])))])
+        s.sendall(_frame(P.Op.SEND, 11, multi))
+        h, body = _read_frame(s)
+        res = P.decode_reply(body)
+        t0, t1 = table_rows(cluster.config, "t0"), table_rows(cluster.config, "t1")
+        np.testing.assert_array_equal(res[0], t0[[2]])
+        assert isinstance(res[1], P.RemoteError) and "outside" in str(res[1])
+        np.testing.assert_allclose(res[2], np.stack([t1[1], t1[2] + t1[3]]), rtol=1e-6)
         # a one-sided READ outside the region is refused, the connection stays
         s.sendall(_frame(P.Op.READ_REQ, 10, P.pack_read_req(0xDEAD, 0, 4)))
         h, body = _read_frame(s)

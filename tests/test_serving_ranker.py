@@ -33,12 +33,13 @@ def test_pool_bags_matches_loop():
     np.testing.assert_allclose(pool_bags(rows, off), want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("fetch,threads", [("pooled", 1), ("pooled", 3), ("rows", 2)])
-def test_pooled_embeddings_equal_numpy(cluster, tables, fetch, threads):
+@pytest.mark.parametrize("fetch,threads,multi", [("pooled", 1, True), ("pooled", 3, False),
+                                                ("pooled", 2, True), ("rows", 2, True)])
+def test_pooled_embeddings_equal_numpy(cluster, tables, fetch, threads, multi):
     cfg = cluster.config
     rng = np.random.default_rng(7)
     with Engine(get_provider("tcp"), threads, request_timeout=20) as eng:
-        r = Ranker(cfg, eng, fetch=fetch, timeout=20)
+        r = Ranker(cfg, eng, fetch=fetch, timeout=20, batch_messages=multi)
         for _ in range(3):
             _, sparse = synthetic_batch(cfg, 64, 12, rng)
             # variable bag lengths, with empty bags

@@ -26,7 +26,8 @@ __all__ = [
     "MAGIC", "VERSION", "HEADER", "MAX_PAYLOAD", "Op", "MsgType", "Status", "ProtocolError",
     "VersionMismatch", "Header", "pack_header", "unpack_header", "pack_read_req",
     "unpack_read_req", "Request", "encode_request", "decode_request", "encode_ok_array",
-    "encode_ok_json", "encode_err", "decode_reply", "RemoteError",
+    "encode_ok_json", "encode_err", "decode_reply", "RemoteError", "encode_multi", "decode_multi",
+    "encode_ok_multi",
 ]
 
 MAGIC = 0x44535645          # b"EVSD" read as a little-endian u32
@@ -56,6 +57,7 @@ class MsgType(IntEnum):
     GATHER = 2
     POOLED = 3
     ECHO = 4
+    MULTI = 5      # several requests in one message (one per table for a server): one reply
 
 
 class ProtocolError(ValueError):
@@ -159,6 +161,54 @@ def decode_request(buf) -> Request:
     return Request(typ, table, idx, off)
 
 
+_LEN = struct.Struct("<I")
+
+
+def _pack_list(parts) -> bytes:
+    return b"".join([_LEN.pack(len(parts))] + [_LEN.pack(len(p)) + p for p in parts])
+
+
+def _unpack_list(buf) -> list:
+    buf = memoryview(buf)
+    if len(buf) < 4:
+        raise ProtocolError("list of messages shorter than its count")
+    n = _LEN.unpack_from(buf)[0]
+    p, out = 4, []
+    for i in range(n):
+        if p + 4 > len(buf):
+            raise ProtocolError(f"list of {n} messages truncated at entry {i}")
+        k = _LEN.unpack_from(buf, p)[0]
+        if p + 4 + k > len(buf):
+            raise ProtocolError(f"entry {i} of {k} bytes runs past the message")
+        out.append(buf[p + 4:p + 4 + k])
+        p += 4 + k
+    if p != len(buf):
+        raise ProtocolError(f"{len(buf) - p} stray bytes after {n} messages")
+    return out
+
+
+def encode_multi(requests: list[bytes]) -> bytes:
+    """Several encoded requests as one MULTI request."""
+    return _REQ.pack(MsgType.MULTI, 0, 0, 0) + _pack_list(requests)
+
+
+def decode_multi(buf) -> list:
+    """The encoded sub-requests of a MULTI request (as memoryviews)."""
+    buf = memoryview(buf)
+    typ = buf[0] if len(buf) else None
+    if typ != MsgType.MULTI:
+        raise ProtocolError(f"not a MULTI request (type {typ})")
+    subs = _unpack_list(buf[_REQ.size:])
+    for i, sub in enumerate(subs):
+        if len(sub) and sub[0] == MsgType.MULTI:
+            raise ProtocolError(f"MULTI entry {i} is itself a MULTI")
+    return subs
+
+
+def encode_ok_multi(replies: list[bytes]) -> bytes:
+    return _REP.pack(Status.OK, 3, len(replies), 0) + _pack_list(replies)
+
+
 def encode_ok_array(arr: np.ndarray) -> bytes:
     arr = np.ascontiguousarray(arr, dtype="<f4")
     if arr.ndim != 2:
@@ -197,4 +247,13 @@ def decode_reply(buf):
         return json.loads(bytes(body))
     if kind == 2:
         return bytes(body)
+    if kind == 3:
+        # one result per sub-request; a failed sub-request is its RemoteError, not raised
+        out = []
+        for sub in _unpack_list(body):
+            try:
+                out.append(decode_reply(sub))
+            except RemoteError as exc:
+                out.append(exc)
+        return out
     raise ProtocolError(f"unknown reply kind {kind}")

@@ -8,7 +8,9 @@
   ``fetch="pooled"`` (hierarchical pooling: each shard's server returns partial bag sums, the
   ranker adds the partials) or ``fetch="rows"`` (the baseline: one one-sided READ per row of the
   server's registered table memory, pooled on the ranker). Rows held by the cache are pooled
-  locally; rows admitted to the cache this batch are fetched with GATHER.
+  locally; rows admitted to the cache this batch are fetched with GATHER. With
+  ``batch_messages`` (default) all of a batch's requests to one server travel as one MULTI
+  message (one per server instead of one per table and server).
 
 Memory budget (``budget_bytes``): batch buffers and the cache share it. ``adaptive=True`` sizes
 the cache to what the current batch leaves over (it shrinks for big batches and grows back for
@@ -22,7 +24,7 @@ retried on the shard's next replica; when none is left the batch fails with
 from __future__ import annotations
 
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 
 import numpy as np
 
@@ -286,12 +288,14 @@ class _Shard:
 class Ranker:
     def __init__(self, cfg: dict, engine: Engine, model: DLRM | None = None, *, fetch: str = "pooled",
                  budget_bytes: int | None = None, adaptive: bool = True, static_cache_rows: int = 0,
-                 timeout: float = 5.0, suspect_seconds: float = 30.0, rebalance_every: int = 0):
+                 timeout: float = 5.0, suspect_seconds: float = 30.0, rebalance_every: int = 0,
+                 batch_messages: bool = True):
         if fetch not in ("pooled", "rows"):
             raise ValueError(f"fetch must be 'pooled' or 'rows', got {fetch!r}")
         self.cfg = cfg
         self.engine = engine
         self.fetch = fetch
+        self.batch_messages = batch_messages
         self.timeout = timeout
         self.dim = cfg["dim"]
         self.tables = list(cfg["tables"])
@@ -378,9 +382,25 @@ class Ranker:
 
     def _run_jobs(self, jobs):
         """jobs: [kind, shard, idx, off, servers list] -> results, replica retry on failure."""
-        futs = []
-        for j in jobs:
-            futs.append(self._try_issue(j, []))
+        futs: list = [None] * len(jobs)
+        if self.batch_messages:
+            # first attempt: one MULTI message per server for its pooled/gather jobs
+            groups: dict[str, list[int]] = {}
+            for i, j in enumerate(jobs):
+                if j[0] != "rows" and j[4]:
+                    groups.setdefault(j[4][0], []).append(i)
+            for server, members in groups.items():
+                if len(members) < 2:
+                    continue
+                try:
+                    subs = self._issue_multi(server, [jobs[i] for i in members])
+                except EngineError:
+                    continue                       # fall back to one message per job below
+                for i, f in zip(members, subs):
+                    futs[i] = (f, [])
+        for i, j in enumerate(jobs):
+            if futs[i] is None:
+                futs[i] = self._try_issue(j, [])
         results = []
         for j, (fut, errors) in zip(jobs, futs):
             while True:
@@ -406,6 +426,31 @@ class Ranker:
                     self.retries += 1
                     fut, errors = self._try_issue(j, errors)
         return results
+
+    def _issue_multi(self, server, jobs):
+        """One MULTI request for ``jobs``; returns one future per job."""
+        reqs = []
+        for kind, shard, idx, off, _ in jobs:
+            typ = P.MsgType.POOLED if kind == "pooled" else P.MsgType.GATHER
+            reqs.append(P.encode_request(P.Request(typ, shard.table, idx, off)))
+        multi = self.engine.request(self.conns[server], P.encode_multi(reqs), timeout=self.timeout)
+        subs = [Future() for _ in jobs]
+
+        def split(f):
+            exc = f.exception()
+            res = f.result() if exc is None else None
+            if exc is None and (not isinstance(res, list) or len(res) != len(subs)):
+                exc = P.ProtocolError(f"MULTI reply with {len(res) if isinstance(res, list) else type(res).__name__} "
+                                      f"entries for {len(subs)} requests")
+            for k, sub in enumerate(subs):
+                if exc is not None:
+                    sub.set_exception(exc)
+                elif isinstance(res[k], Exception):
+                    sub.set_exception(res[k])
+                else:
+                    sub.set_result(res[k])
+        multi.add_done_callback(split)
+        return subs
 
     def _try_issue(self, job, errors):
         kind, shard, idx, off, servers = job

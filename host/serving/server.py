@@ -13,7 +13,9 @@ Requests (indices are global row ids of the table):
 * GATHER(table, indices) -> float32 ``[n, dim]``;
 * POOLED(table, indices, offsets[B+1]) -> float32 ``[B, dim]``: hierarchical pooling, the sum of
   this server's rows of each bag (the ranker adds the partial sums of all shards);
-* ECHO(payload) -> payload (engine overhead measurements).
+* ECHO(payload) -> payload (engine overhead measurements);
+* MULTI(requests) -> one reply holding each sub-request's reply (OK or ERR each): a ranker sends
+  one message per server per batch instead of one per table.
 
 A bad request (unknown table, index outside the server's range, malformed offsets, malformed
 message) gets an ERR reply naming the problem and the connection stays up. A bad frame (magic,
@@ -110,6 +112,8 @@ class EmbeddingServer:
     def handle(self, data) -> bytes:
         self.requests += 1
         try:
+            if len(data) and data[0] == P.MsgType.MULTI:
+                return P.encode_ok_multi([self.handle(sub) for sub in P.decode_multi(data)])
             req = P.decode_request(data)
             if req.type == P.MsgType.ECHO:
                 return P.encode_ok_bytes(req.payload)
