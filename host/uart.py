@@ -1,0 +1,464 @@
+"""The ``uart`` backend: the driver talks to a board through the UART-to-AXI-Lite bridge.
+
+Three layers, so the same framing code runs against a board (pyserial) and against the RTL in a
+cocotb test (a bit-level UART model, :mod:`evssd.sim.tb_board`):
+
+- :class:`ByteLink`: an async byte pipe with its own receive timeout (:class:`SerialLink` over
+  pyserial; the cocotb bench has its own).
+- :class:`UartProtocol`: request/response frames (``docs/uart-protocol.md``): CRC-8, tags,
+  resynchronisation after garbage, retries of frames the board reports as not executed.
+- :class:`UartTransport`: the driver's :class:`~evssd.host.transport.Transport` over the
+  protocol: MMIO at bridge addresses ``0x0000_0000..0x0000_0FFF``, host memory in the board's
+  BRAM window (base and size read from the board-info block at ``BOARD_INFO_BASE``).
+
+This module must not import Amaranth (the host library runs without it); the frame constants
+are repeated from :mod:`evssd.hw.uart` and a test checks both agree. :class:`BridgeModel` is the
+byte-level golden model of the gateware bridge.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import time
+from dataclasses import dataclass
+
+from evssd.host.regfile import MMIOError
+from evssd.host.transport import HostMemory, Transport, TransportError
+
+__all__ = ["SOF_REQUEST", "SOF_RESPONSE", "MAX_WORDS", "Op", "FrameStatus", "crc8", "encode_request",
+           "Response", "ByteLink", "SerialLink", "LinkTimeoutError", "UartProtocol", "UartTransport",
+           "BridgeModel", "BOARD_INFO_BASE", "BOARD_MAGIC", "WINDOW_BASE", "MMIO_BASE"]
+
+SOF_REQUEST = 0xA5
+SOF_RESPONSE = 0x5A
+MAX_WORDS = 256
+CRC8_POLY = 0x07
+
+# The bridge's 32-bit address map on the board (hw/board.py decodes it).
+MMIO_BASE = 0x0000_0000        # the EV-SSD registers (4 KiB)
+BOARD_INFO_BASE = 0x0F00_0000  # read-only board description (BOARD_INFO words below)
+WINDOW_BASE = 0x1000_0000      # the host-memory BRAM window; the device's DMA uses the same addresses
+BOARD_MAGIC = 0x44425645       # "EVBD" read as a little-endian word
+BOARD_INFO = ("magic", "window_base", "window_bytes", "clock_hz", "divisor", "version")
+
+
+class Op(enum.IntEnum):
+    PING = 0x00
+    READ = 0x01
+    WRITE = 0x02
+
+
+class FrameStatus(enum.IntEnum):
+    OK = 0x00
+    CRC_ERROR = 0x01
+    BAD_OPCODE = 0x02
+    TIMEOUT = 0x03
+
+
+def _crc_table():
+    table = []
+    for b in range(256):
+        crc = b
+        for _ in range(8):
+            crc = ((crc << 1) ^ CRC8_POLY) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+        table.append(crc)
+    return table
+
+
+_CRC = _crc_table()
+
+
+def crc8(data: bytes, crc: int = 0) -> int:
+    """CRC-8, polynomial 0x07, init 0, no reflection, no final xor (CRC-8/SMBUS)."""
+    for b in data:
+        crc = _CRC[crc ^ b]
+    return crc
+
+
+def encode_request(op: int, tag: int, addr: int, count: int = 1, strb: int = 0xF,
+                   data: bytes = b"") -> bytes:
+    """One request frame: SOF OP TAG ADDR[4] COUNT STRB [DATA] CRC (COUNT = words - 1)."""
+    if not 1 <= count <= MAX_WORDS:
+        raise ValueError(f"word count {count} out of range 1..{MAX_WORDS}")
+    if not 0 <= addr < (1 << 32) or addr % 4:
+        raise ValueError(f"bridge address 0x{addr:x} must be a 4-byte aligned 32-bit address")
+    body = bytes([op & 0xFF, tag & 0xFF]) + addr.to_bytes(4, "little") + bytes([count - 1, strb & 0xF])
+    if op == Op.WRITE:
+        if len(data) != 4 * count:
+            raise ValueError(f"WRITE of {count} words needs {4 * count} data bytes, got {len(data)}")
+        body += bytes(data)
+    return bytes([SOF_REQUEST]) + body + bytes([crc8(body)])
+
+
+@dataclass
+class Response:
+    op: int
+    tag: int
+    status: int
+    data: bytes = b""
+    resp: int = 0  # first non-OKAY AXI response of the frame (0 = all OKAY)
+
+    def encode(self) -> bytes:
+        body = bytes([self.op, self.tag, self.status])
+        if self.status == FrameStatus.OK:
+            body += self.data + bytes([self.resp])
+        return bytes([SOF_RESPONSE]) + body + bytes([crc8(body)])
+
+
+class LinkTimeoutError(TransportError, TimeoutError):
+    """The other end did not answer in time."""
+
+
+class ByteLink(abc.ABC):
+    """An async byte pipe. ``recv`` raises :class:`LinkTimeoutError` when fewer than ``n``
+    bytes arrive within the link's timeout."""
+
+    name = "link"
+
+    @abc.abstractmethod
+    async def send(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def recv(self, n: int) -> bytes: ...
+
+    @abc.abstractmethod
+    async def drain(self) -> None:
+        """Drop received bytes until the line has been quiet for a while (resynchronise)."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Let time pass (the driver's poll interval)."""
+
+    async def close(self) -> None:
+        pass
+
+
+class SerialLink(ByteLink):
+    """pyserial port. Calls block the event loop for at most ``timeout`` seconds: the driver is
+    sequential, and a board that does not answer must not hang the caller."""
+
+    def __init__(self, port: str, baud: int = 115200, *, timeout: float = 1.0, poll: float = 0.001):
+        try:
+            import serial  # optional extra: evssd[uart]
+        except ImportError:
+            raise TransportError("the uart backend needs pyserial: pip install 'evssd[uart]'") from None
+        if baud <= 0:
+            raise ValueError(f"baud {baud} must be positive")
+        if timeout <= 0:
+            raise ValueError(f"timeout {timeout} must be positive seconds")
+        self.name = f"uart:{port}@{baud}"
+        self.timeout, self.poll = timeout, poll
+        try:
+            self._port = serial.serial_for_url(port, baudrate=baud, timeout=timeout, write_timeout=timeout)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise TransportError(f"{self.name}: cannot open the serial port: {exc}") from None
+        self._serial = serial
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self._port.write(data)
+            self._port.flush()
+        except self._serial.SerialTimeoutException:
+            raise LinkTimeoutError(f"{self.name}: write did not complete within {self.timeout} s") from None
+        except (self._serial.SerialException, OSError) as exc:
+            raise TransportError(f"{self.name}: write failed: {exc}") from None
+
+    async def recv(self, n: int) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        out = bytearray()
+        while len(out) < n:
+            try:
+                out += self._port.read(n - len(out))
+            except (self._serial.SerialException, OSError) as exc:
+                raise TransportError(f"{self.name}: read failed: {exc}") from None
+            if len(out) < n and time.monotonic() >= deadline:
+                raise LinkTimeoutError(f"{self.name}: no answer within {self.timeout} s "
+                                       f"({len(out)} of {n} bytes): is the board configured and "
+                                       f"on this port?")
+        return bytes(out)
+
+    async def drain(self) -> None:
+        old = self._port.timeout
+        self._port.timeout = min(0.05, self.timeout)
+        try:
+            while self._port.read(4096):
+                pass
+        finally:
+            self._port.timeout = old
+
+    async def pause(self) -> None:
+        await asyncio.sleep(self.poll)
+
+    async def close(self) -> None:
+        self._port.close()
+
+
+class UartProtocol:
+    """Request/response frames over a :class:`ByteLink`.
+
+    Frames the board answers with CRC_ERROR or TIMEOUT were not executed, so they are resent (up
+    to ``retries`` times). A response that is garbled or missing is resent only for reads (they
+    have no side effects); for writes it raises :class:`TransportError`.
+    """
+
+    def __init__(self, link: ByteLink, *, retries: int = 2):
+        self.link = link
+        self.retries = retries
+        self._tag = 0
+        self.stats = {"frames": 0, "retries": 0, "crc_errors": 0}
+
+    async def _exchange(self, op: int, addr: int, count: int, strb: int, data: bytes) -> Response:
+        self._tag = (self._tag + 1) & 0xFF
+        tag = self._tag
+        await self.link.send(encode_request(op, tag, addr, count, strb, data))
+        self.stats["frames"] += 1
+        # Skip bytes until a response SOF (line noise, the tail of an older response).
+        for _ in range(4 * MAX_WORDS + 16):
+            b = await self.link.recv(1)
+            if b[0] == SOF_RESPONSE:
+                break
+        else:
+            raise TransportError(f"{self.link.name}: no response start byte in the stream")
+        head = await self.link.recv(3)
+        r_op, r_tag, status = head
+        if r_tag != tag or r_op != (op & 0xFF):
+            await self.link.drain()
+            raise _Garbled(f"response tag/op {r_tag}/{r_op} for request {tag}/{op}")
+        if status != FrameStatus.OK:
+            tail = await self.link.recv(1)
+            if crc8(head) != tail[0]:
+                raise _Garbled("response CRC mismatch")
+            return Response(r_op, r_tag, status)
+        n = 4 * count if op == Op.READ else 0
+        rest = await self.link.recv(n + 2)
+        body = head + rest[:-1]
+        if crc8(body) != rest[-1]:
+            self.stats["crc_errors"] += 1
+            await self.link.drain()
+            raise _Garbled("response CRC mismatch")
+        return Response(r_op, r_tag, status, bytes(rest[:n]), rest[n])
+
+    async def transact(self, op: int, addr: int, count: int = 1, strb: int = 0xF,
+                       data: bytes = b"") -> Response:
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats["retries"] += 1
+            try:
+                resp = await self._exchange(op, addr, count, strb, data)
+            except _Garbled as exc:
+                last = exc
+                if op == Op.WRITE:
+                    raise TransportError(f"{self.link.name}: WRITE at 0x{addr:08x}: {exc}; the write "
+                                         f"may or may not have happened") from None
+                continue
+            if resp.status in (FrameStatus.CRC_ERROR, FrameStatus.TIMEOUT):
+                last = resp
+                continue
+            if resp.status != FrameStatus.OK:
+                raise TransportError(f"{self.link.name}: the bridge answered "
+                                     f"{_status_name(resp.status)} to {Op(op).name} at 0x{addr:08x}")
+            return resp
+        what = (_status_name(last.status) if isinstance(last, Response) else str(last))
+        raise TransportError(f"{self.link.name}: {Op(op).name} at 0x{addr:08x} failed "
+                             f"{self.retries + 1} times (last: {what})")
+
+    async def ping(self) -> None:
+        await self.transact(Op.PING, 0)
+
+    async def read_words(self, addr: int, count: int) -> tuple[bytes, int]:
+        resp = await self.transact(Op.READ, addr, count)
+        return resp.data, resp.resp
+
+    async def write_words(self, addr: int, data: bytes, strb: int = 0xF) -> int:
+        resp = await self.transact(Op.WRITE, addr, len(data) // 4, strb, data)
+        return resp.resp
+
+
+class _Garbled(Exception):
+    pass
+
+
+def _status_name(status: int) -> str:
+    try:
+        return FrameStatus(status).name
+    except ValueError:
+        return f"status 0x{status:02x}"
+
+
+class UartTransport(Transport):
+    """The driver's transport to a board behind the UART bridge.
+
+    ``UartTransport(port="/dev/ttyUSB0", baud=115200)`` opens pyserial; ``UartTransport(link=...)``
+    runs over any :class:`ByteLink` (the cocotb bench). The constructor answers quickly: it pings
+    the board and reads the board-info block, raising :class:`TransportError` when nothing
+    answers within ``timeout`` seconds. Call :meth:`connect` yourself when constructing inside a
+    running event loop (cocotb): ``await UartTransport.create(link=...)``.
+    """
+
+    name = "uart"
+
+    def __init__(self, port: str | None = None, baud: int = 115200, *, link: ByteLink | None = None,
+                 timeout: float = 1.0, poll: float = 0.001, retries: int = 2, connect: bool = True):
+        if link is None:
+            if port is None:
+                raise ValueError("UartTransport needs port= (e.g. /dev/ttyUSB0) or link=")
+            link = SerialLink(port, baud, timeout=timeout, poll=poll)
+        self.link = link
+        self.name = link.name
+        self.proto = UartProtocol(link, retries=retries)
+        self.info: dict[str, int] = {}
+        if connect:
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(self.connect())
+            except BaseException:
+                loop.run_until_complete(link.close())
+                raise
+            finally:
+                loop.close()
+
+    @classmethod
+    async def create(cls, *, link: ByteLink, retries: int = 2) -> "UartTransport":
+        t = cls(link=link, retries=retries, connect=False)
+        await t.connect()
+        return t
+
+    async def connect(self) -> None:
+        await self.proto.ping()
+        data, resp = await self.proto.read_words(BOARD_INFO_BASE, len(BOARD_INFO))
+        if resp:
+            raise TransportError(f"{self.name}: board-info read answered resp={resp}: not an EV-SSD board")
+        words = [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 4)]
+        self.info = dict(zip(BOARD_INFO, words))
+        if self.info["magic"] != BOARD_MAGIC:
+            raise TransportError(f"{self.name}: board magic 0x{self.info['magic']:08x}, expected "
+                                 f"0x{BOARD_MAGIC:08x}: not an EV-SSD board bitstream")
+        self.memory = HostMemory(self.info["window_base"], self.info["window_bytes"])
+
+    # ---------------------------------------------------------------- MMIO
+    async def read32(self, addr: int) -> int:
+        data, resp = await self.proto.read_words(MMIO_BASE + addr, 1)
+        if resp:
+            raise MMIOError("read", addr, resp)
+        return int.from_bytes(data, "little")
+
+    async def write32(self, addr: int, value: int, strb: int = 0xF) -> None:
+        resp = await self.proto.write_words(MMIO_BASE + addr, (value & 0xFFFF_FFFF).to_bytes(4, "little"), strb)
+        if resp:
+            raise MMIOError("write", addr, resp)
+
+    # ---------------------------------------------------------------- host memory window
+    def _check(self, addr: int, n: int):
+        base, size = self.memory.base, self.memory.size
+        if addr < base or addr + n > base + size:
+            raise ValueError(f"host access 0x{addr:x}+{n} outside the board window "
+                             f"[0x{base:x}, 0x{base + size:x})")
+
+    async def mem_write(self, addr: int, data: bytes) -> None:
+        data = bytes(data)
+        self._check(addr, len(data))
+        pos = 0
+        while pos < len(data):
+            a = addr + pos
+            if a % 4 or len(data) - pos < 4:
+                # A partial word: one frame with a strobe for its bytes.
+                lane = a % 4
+                n = min(4 - lane, len(data) - pos)
+                word = bytes(lane) + data[pos:pos + n] + bytes(4 - lane - n)
+                strb = ((1 << n) - 1) << lane
+                resp = await self.proto.write_words(a - lane, word, strb)
+            else:
+                n = min((len(data) - pos) // 4, MAX_WORDS) * 4
+                resp = await self.proto.write_words(a, data[pos:pos + n])
+            if resp:
+                raise TransportError(f"{self.name}: window write at 0x{a:x} answered resp={resp}")
+            pos += n
+
+    async def mem_read(self, addr: int, nbytes: int) -> bytes:
+        self._check(addr, nbytes)
+        start, end = addr & ~3, -(-(addr + nbytes) // 4) * 4
+        out = bytearray()
+        a = start
+        while a < end:
+            n = min((end - a) // 4, MAX_WORDS)
+            data, resp = await self.proto.read_words(a, n)
+            if resp:
+                raise TransportError(f"{self.name}: window read at 0x{a:x} answered resp={resp}")
+            out += data
+            a += 4 * n
+        return bytes(out[addr - start:addr - start + nbytes])
+
+    async def wait(self) -> None:
+        await self.link.pause()
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+class BridgeModel:
+    """Byte-level golden model of the gateware bridge (:class:`evssd.hw.uart.UartAxiBridge`).
+
+    ``feed(bytes)`` returns the response bytes the bridge sends for complete frames; ``idle()``
+    models the inter-byte timeout. ``bus_read(addr) -> (data, resp)`` and
+    ``bus_write(addr, data, strb) -> resp`` are the AXI4-Lite side.
+    """
+
+    def __init__(self, bus_read, bus_write):
+        self.bus_read, self.bus_write = bus_read, bus_write
+        self._buf: bytearray | None = None
+
+    def _need(self) -> int | None:
+        """Bytes of the frame in progress (SOF included), once the header is known."""
+        b = self._buf
+        if len(b) < 9:
+            return None
+        op, count = b[1], b[7] + 1
+        return 9 + (4 * count if op == Op.WRITE else 0) + 1
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        for byte in data:
+            if self._buf is None:
+                if byte == SOF_REQUEST:
+                    self._buf = bytearray([byte])
+                continue
+            self._buf.append(byte)
+            need = self._need()
+            if need is not None and len(self._buf) == need:
+                out += self._execute(bytes(self._buf))
+                self._buf = None
+        return bytes(out)
+
+    def idle(self) -> bytes:
+        """The line went quiet: a frame in progress is dropped with a TIMEOUT answer."""
+        if self._buf is None:
+            return b""
+        b = bytes(self._buf) + bytes(3)  # OP and TAG read as 0 when they had not arrived
+        self._buf = None
+        return Response(b[1], b[2], FrameStatus.TIMEOUT).encode()
+
+    def _execute(self, frame: bytes) -> bytes:
+        body, crc = frame[1:-1], frame[-1]
+        op, tag = body[0], body[1]
+        addr = int.from_bytes(body[2:6], "little")
+        count, strb = body[6] + 1, body[7] & 0xF
+        if crc8(body) != crc:
+            return Response(op, tag, FrameStatus.CRC_ERROR).encode()
+        if op not in (Op.PING, Op.READ, Op.WRITE):
+            return Response(op, tag, FrameStatus.BAD_OPCODE).encode()
+        first = 0
+        data = bytearray()
+        if op == Op.READ:
+            for i in range(count):
+                word, resp = self.bus_read((addr + 4 * i) & 0xFFFF_FFFF)
+                data += int(word).to_bytes(4, "little")
+                first = first or resp
+        elif op == Op.WRITE:
+            payload = body[8:]
+            for i in range(count):
+                resp = self.bus_write((addr + 4 * i) & 0xFFFF_FFFF,
+                                      int.from_bytes(payload[4 * i:4 * i + 4], "little"), strb)
+                first = first or resp
+        return Response(op, tag, FrameStatus.OK, bytes(data), first).encode()
