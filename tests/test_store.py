@@ -342,3 +342,19 @@ def test_file_direct_and_threads(tmp_path, mode, direct, threads):
     else:
         assert st_["bytes_read"] == 2 * 12 * per  # two lookups of 12 distinct rows
     s.close()
+
+
+def test_bench_store_smoke(tmp_path):
+    """`evssd bench store` end to end on a tiny configuration: JSON + PNG, outputs agree."""
+    import json
+    from evssd.host.cli import main
+    rc = main(["bench", "store", "--tables", "2", "--rows", "3000", "--dim", "8", "--batches", "3",
+               "--warmup", "1", "--batch-size", "8", "--peers", "dram,file-page",
+               "--results", str(tmp_path), "--workdir", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "store" / "store.json").read_text())
+    assert data["outputs_identical"] is True
+    assert [p["peer"] for p in data["peers"]] == ["dram", "file-page"]
+    assert all(p["batches"] == 3 and p["lookups"] == 3 * 2 * 8 * 20 for p in data["peers"])
+    assert data["peers"][1]["bytes_per_lookup"] > data["peers"][0]["bytes_per_lookup"]
+    assert (tmp_path / "store" / "store.png").stat().st_size > 0
