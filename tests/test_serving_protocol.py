@@ -74,6 +74,15 @@ def test_multi_round_trip_and_errors():
         P.decode_multi(P.encode_multi(subs)[:-3])
 
 
+def test_toml_config(tmp_path):
+    from evssd.host.serving.config import load_config
+    p = tmp_path / "c.toml"
+    p.write_text('dim = 4\n[tables.t0]\nrows = 10\nseed = 1\n[servers.s0]\nhost = "127.0.0.1"\nport = 0\n'
+                 '[[shards]]\ntable = "t0"\nrows = [0, 10]\nservers = ["s0"]\n')
+    cfg = load_config(p)
+    assert cfg["shards"][0]["rows"] == [0, 10] and table_rows(cfg, "t0").shape == (10, 4)
+
+
 def test_config_validation_and_rows():
     cfg = make_config(2, 10000, 8, 3, replicas=1, skew=[2, 1, 1])
     rows = table_rows(cfg, "t1")

@@ -14,6 +14,7 @@ it, so fan-out and skew change without restarting servers.
 """
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -96,14 +97,14 @@ def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalanc
     return out
 
 
-def _pooling_point(cfg, fetch, batches, batch, pooling, seed):
+def _pooling_point(cfg, fetch, batches, batch, pooling, seed, multi=True):
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.ranker import Ranker, local_pooled, synthetic_batch
     from evssd.host.serving.rdma import get_provider
 
     rng = np.random.default_rng(seed)
     with Engine(get_provider("tcp"), 2, credits=16, request_timeout=60, read_window=128) as eng:
-        r = Ranker(cfg, eng, fetch=fetch, timeout=60)
+        r = Ranker(cfg, eng, fetch=fetch, timeout=60, batch_messages=multi)
         r.embeddings(synthetic_batch(cfg, 8, pooling, rng)[1])
         lat, wire, err = [], [], 0.0
         for _ in range(batches):
@@ -114,7 +115,8 @@ def _pooling_point(cfg, fetch, batches, batch, pooling, seed):
             lat.append(time.perf_counter() - t0)
             wire.append(_wire_bytes(eng) - b0)
             err = max(err, max(float(np.abs(g - w).max()) for g, w in zip(got, local_pooled(cfg, sparse))))
-    return {"fetch": fetch, "bytes_per_batch": float(np.mean(wire)),
+    name = fetch if fetch == "rows" else ("pooled" if multi else "pooled-1msg/table")
+    return {"fetch": name, "bytes_per_batch": float(np.mean(wire)), "messages_batched": multi,
             **{k + "_ms": v * 1e3 for k, v in percentiles(lat).items()}, "max_abs_err_vs_numpy": err}
 
 
@@ -231,7 +233,8 @@ def run(args) -> int:
     full["shards"] = [{"table": t, "rows": [0, args.rows], "servers": list(full["servers"])}
                       for t in full["tables"]]
     data = {"params": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
-            "cpus_note": "2-core machine: servers, I/O threads and rankers share the cores"}
+            "cpus_note": "servers, I/O threads and rankers share the machine's cores",
+            "loadavg_start": os.getloadavg()}
     with LocalCluster(full) as cluster:
         ccfg = cluster.config
         # 1. engine threads x fan-out x skew
@@ -260,16 +263,16 @@ def run(args) -> int:
         cfg4 = _view(ccfg, args.tables, args.rows, args.dim, min(4, nfan), None)
         pb = 64 if quick else 128
         pool = []
-        for fetch in ("pooled", "rows"):
-            p = _pooling_point(cfg4, fetch, 2 if quick else 4, pb, args.pooling, seed=3)
+        for fetch, multi in (("pooled", True), ("pooled", False), ("rows", True)):
+            p = _pooling_point(cfg4, fetch, 2 if quick else 4, pb, args.pooling, seed=3, multi=multi)
             p["batch"] = pb
             pool.append(p)
-            print(f"pooling {fetch:6s}: {p['bytes_per_batch'] / 1024:9.1f} KiB/batch on the wire, "
+            print(f"pooling {p['fetch']:17s}: {p['bytes_per_batch'] / 1024:9.1f} KiB/batch on the wire, "
                   f"p50 {p['p50_ms']:8.2f} ms, max |err| vs numpy {p['max_abs_err_vs_numpy']:.1e}", flush=True)
         data["pooling"] = pool
         # 3. adaptive vs static cache under one budget
         budget = int(args.budget_mb * (1 << 20))
-        sizes = [64, 256, 1024, 4096] if quick else [64, 256, 1024, 2048, 4096, 8192]
+        sizes = [64, 256, 1024, 2048, 4096] if quick else [64, 256, 1024, 2048, 4096, 8192]
         cache = _cache_points(cfg4, budget, sizes, 2 if quick else 3, args.pooling, seed=5)
         data["cache"] = {"budget_bytes": budget, **cache}
         for mode, c in cache.items():
@@ -283,6 +286,9 @@ def run(args) -> int:
             print(f"rtt     {p['bytes']:6d} B: engine p50 {p['engine_p50_us']:7.1f} us, bare socket p50 "
                   f"{p['bare_p50_us']:7.1f} us, overhead {p['overhead_p50_us']:7.1f} us", flush=True)
     data["wall_s"] = time.perf_counter() - t_start
+    data["loadavg_end"] = os.getloadavg()
+    print(f"load average start {data['loadavg_start'][0]:.1f}, end {data['loadavg_end'][0]:.1f} "
+          f"on {os.cpu_count()} cpus")
     fig = _figure(data, args.threads)
     cmd = "evssd bench serve" + (" --quick" if quick else "")
     path = write_results("serve", data, fig, command=cmd, root=args.out)
@@ -312,7 +318,7 @@ def _figure(data, threads):
     a.bar(x - 0.2, [p["bytes_per_batch"] / 1024 for p in pool], 0.4, label="KiB/batch", color="tab:blue")
     a2 = a.twinx()
     a2.bar(x + 0.2, [p["p50_ms"] for p in pool], 0.4, label="p50 ms", color="tab:orange")
-    a.set_xticks(x, [p["fetch"] for p in pool])
+    a.set_xticks(x, [p["fetch"] for p in pool], fontsize=8)
     a.set_ylabel("KiB on the wire per batch")
     a2.set_ylabel("p50 latency per batch (ms)")
     a.set_title("hierarchical pooling vs row-by-row READ")
