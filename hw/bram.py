@@ -1,0 +1,183 @@
+"""Block-RAM AXI4 slave: the board's flash channels and its host-memory window.
+
+:class:`AxiBram` serves one AXI4 slave port ``s_axi`` from a ``lib.memory.Memory`` with one write
+port and one synchronous read port, so it maps to ECP5 DP16KD / Xilinx RAMB in simple dual-port
+mode (a write and a read each cycle). Bursts: INCR and FIXED (WRAP is treated as INCR), narrow
+transfers (``size`` below the bus width) with strobes, one beat per cycle on W and on R (with
+back-pressure on R), reads and writes in parallel, one burst at a time per direction. Addresses
+wrap modulo the memory size (like cocotbext-axi's AxiRam), so the upper address bits a master
+sends (e.g. the host window base) are ignored; every access answers OKAY.
+
+With ``lite_port=True`` a second, 32-bit AXI4-Lite slave ``s_axil`` reaches the same memory (the
+UART bridge's view of the host window). Each direction arbitrates per transaction between the
+two ports, alternating priority so neither starves.
+"""
+from __future__ import annotations
+
+from amaranth import Module, Signal, Cat, C
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from .axi import AXI4Signature, AXI4LiteSignature, Burst, Resp
+
+__all__ = ["AxiBram"]
+
+
+class AxiBram(wiring.Component):
+    """AXI4 slave on block RAM.
+
+    Ports: ``s_axi: In(AXI4Signature(addr_width, data_width, id_width))`` and, with
+    ``lite_port``, ``s_axil: In(AXI4LiteSignature(addr_width=lite_addr_width, data_width=32))``.
+    ``init``: optional initial contents as bytes (little-endian words).
+    """
+
+    def __init__(self, *, size: int, data_width: int = 64, addr_width: int = 32, id_width: int = 4,
+                 lite_port: bool = False, lite_addr_width: int = 32, init: bytes | None = None):
+        if data_width not in (32, 64, 128, 256, 512):
+            raise ValueError(f"AxiBram data_width {data_width} must be a power of two 32..512")
+        bpw = data_width // 8
+        if not isinstance(size, int) or size < bpw or size & (size - 1):
+            raise ValueError(f"AxiBram size {size!r} must be a power of two >= {bpw} bytes")
+        if (1 << addr_width) < size:
+            raise ValueError(f"AxiBram addr_width {addr_width} cannot address {size} bytes")
+        if init is not None and len(init) > size:
+            raise ValueError(f"AxiBram init of {len(init)} bytes does not fit {size} bytes")
+        self.size, self.data_width, self.bpw = size, data_width, bpw
+        self.depth = size // bpw
+        self.lite_port = lite_port
+        self._init = init
+        members = {"s_axi": In(AXI4Signature(addr_width=addr_width, data_width=data_width,
+                                             id_width=id_width))}
+        if lite_port:
+            members["s_axil"] = In(AXI4LiteSignature(addr_width=lite_addr_width, data_width=32))
+        super().__init__(members)
+
+    def _words(self):
+        if not self._init:
+            return []
+        raw = bytes(self._init) + bytes(-len(self._init) % self.bpw)
+        return [int.from_bytes(raw[i:i + self.bpw], "little") for i in range(0, len(raw), self.bpw)]
+
+    def elaborate(self, platform):
+        m = Module()
+        bpw, depth = self.bpw, self.depth
+        lsb = exact_log2(bpw)
+        idx_bits = exact_log2(depth)
+        axi = self.s_axi
+
+        m.submodules.mem = mem = Memory(shape=self.data_width, depth=depth, init=self._words())
+        wp = mem.write_port(granularity=8)
+        rp = mem.read_port(transparent_for=())
+
+        def index(a):
+            return a[lsb:lsb + idx_bits] if idx_bits else C(0, 1)
+
+        lite = self.s_axil if self.lite_port else None
+        lanes = self.data_width // 32
+
+        # ------------------------------------------------------------------ writes
+        waddr = Signal(axi.awaddr.shape())
+        wsize = Signal(3)
+        wburst = Signal(2)
+        wid = Signal(axi.awid.shape())
+        wprio_lite = Signal()
+        m.d.comb += [axi.bid.eq(wid), axi.bresp.eq(Resp.OKAY)]
+        if lite is not None:
+            m.d.comb += lite.bresp.eq(Resp.OKAY)
+            lite_w_req = lite.awvalid & lite.wvalid
+
+        with m.FSM(name="wr"):
+            with m.State("IDLE"):
+                axi_go = axi.awvalid
+                if lite is not None:
+                    lite_go = lite_w_req & (wprio_lite | ~axi.awvalid)
+                    axi_go = axi.awvalid & ~lite_go
+                    with m.If(lite_go):
+                        # A 32-bit word into its lane of the wide memory word.
+                        lane = lite.awaddr[2:lsb] if lanes > 1 else C(0, 1)
+                        m.d.comb += [lite.awready.eq(1), lite.wready.eq(1),
+                                     wp.addr.eq(index(lite.awaddr)),
+                                     wp.data.eq(lite.wdata.replicate(lanes)),
+                                     wp.en.eq(lite.wstrb << (lane * 4))]
+                        m.d.sync += wprio_lite.eq(0)
+                        m.next = "LITE_B"
+                with m.If(axi_go):
+                    m.d.comb += axi.awready.eq(1)
+                    m.d.sync += [waddr.eq(axi.awaddr), wsize.eq(axi.awsize),
+                                 wburst.eq(axi.awburst), wid.eq(axi.awid), wprio_lite.eq(1)]
+                    m.next = "DATA"
+            with m.State("DATA"):
+                m.d.comb += [axi.wready.eq(1), wp.addr.eq(index(waddr)), wp.data.eq(axi.wdata)]
+                with m.If(axi.wvalid):
+                    m.d.comb += wp.en.eq(axi.wstrb)
+                    with m.If(wburst != Burst.FIXED):
+                        m.d.sync += waddr.eq(waddr + (C(1, 8) << wsize))
+                    with m.If(axi.wlast):
+                        m.next = "RESP"
+            with m.State("RESP"):
+                m.d.comb += axi.bvalid.eq(1)
+                with m.If(axi.bready):
+                    m.next = "IDLE"
+            if lite is not None:
+                with m.State("LITE_B"):
+                    m.d.comb += lite.bvalid.eq(1)
+                    with m.If(lite.bready):
+                        m.next = "IDLE"
+
+        # ------------------------------------------------------------------ reads
+        # The R output register is the read port itself: it only advances (en) when the beat it
+        # holds is taken or empty, so back-pressure costs no extra buffer.
+        raddr = Signal(axi.araddr.shape())
+        rsize = Signal(3)
+        rburst = Signal(2)
+        rleft = Signal(9)
+        rid_next = Signal(axi.arid.shape())
+        rvalid = Signal()
+        rlast = Signal()
+        rid = Signal(axi.arid.shape())
+        rprio_lite = Signal()
+        advance = ~rvalid | axi.rready
+        m.d.comb += [axi.rvalid.eq(rvalid), axi.rlast.eq(rlast), axi.rid.eq(rid),
+                     axi.rdata.eq(rp.data), axi.rresp.eq(Resp.OKAY), rp.en.eq(0)]
+        if lite is not None:
+            lite_lane = Signal(range(max(lanes, 2)))
+            m.d.comb += [lite.rresp.eq(Resp.OKAY),
+                         lite.rdata.eq(rp.data.word_select(lite_lane, 32) if lanes > 1 else rp.data)]
+
+        with m.FSM(name="rd"):
+            with m.State("IDLE"):
+                with m.If(advance):
+                    m.d.sync += rvalid.eq(0)
+                axi_go = axi.arvalid
+                if lite is not None:
+                    # The lite read shares the read port's output: only with the R pipe empty.
+                    lite_go = lite.arvalid & ~rvalid & (rprio_lite | ~axi.arvalid)
+                    axi_go = axi.arvalid & ~lite_go
+                    with m.If(lite_go):
+                        m.d.comb += [lite.arready.eq(1), rp.en.eq(1), rp.addr.eq(index(lite.araddr))]
+                        if lanes > 1:
+                            m.d.sync += lite_lane.eq(lite.araddr[2:lsb])
+                        m.d.sync += rprio_lite.eq(0)
+                        m.next = "LITE_R"
+                with m.If(axi_go):
+                    m.d.comb += axi.arready.eq(1)
+                    m.d.sync += [raddr.eq(axi.araddr), rsize.eq(axi.arsize), rburst.eq(axi.arburst),
+                                 rleft.eq(axi.arlen + 1), rid_next.eq(axi.arid), rprio_lite.eq(1)]
+                    m.next = "BURST"
+            with m.State("BURST"):
+                with m.If(advance):
+                    m.d.comb += [rp.en.eq(1), rp.addr.eq(index(raddr))]
+                    m.d.sync += [rvalid.eq(1), rlast.eq(rleft == 1), rid.eq(rid_next),
+                                 rleft.eq(rleft - 1)]
+                    with m.If(rburst != Burst.FIXED):
+                        m.d.sync += raddr.eq(raddr + (C(1, 8) << rsize))
+                    with m.If(rleft == 1):
+                        m.next = "IDLE"
+            if lite is not None:
+                with m.State("LITE_R"):
+                    m.d.comb += lite.rvalid.eq(1)
+                    with m.If(lite.rready):
+                        m.next = "IDLE"
+        return m
