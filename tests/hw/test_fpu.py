@@ -135,3 +135,38 @@ def test_fp16_rtl_exhaustive():
     sim.add_testbench(tb)
     sim.run()
     assert np.array_equal(np.array(got, dtype=np.uint32), ref)
+
+
+def test_pool_bags_equals_adder_chain():
+    """host.pooling.pool_bags (numpy, used by the host model) equals a chain of the adder's
+    bit model starting from -0.0, for fp32 and fp16 with special values, and wrapping int sums."""
+    from evssd.host.pooling import pool_bags
+    from evssd.hw.regmap import ElemType
+    rng = np.random.default_rng(4)
+    n, dim = 40, 6
+    offsets = np.array([0, 0, 1, 5, 5, 12, 20, 33, 40])
+    good = rng.random(n) < 0.8
+    a, _ = vectors(n * dim, seed=77)
+    rows32 = a.reshape(n, dim).view("<f4")
+    h = rng.integers(0, 1 << 16, n * dim).astype(np.uint16).reshape(n, dim)
+    for elem, rows, wide in ((ElemType.FP32, rows32, rows32.view("<u4")),
+                             (ElemType.FP16, h.view("<f2"), fp16_to_fp32_bits(h).reshape(n, dim))):
+        got = pool_bags(rows, offsets, good, elem).view("<u4")
+        for bag in range(len(offsets) - 1):
+            idx = [i for i in range(offsets[bag], offsets[bag + 1]) if good[i]]
+            acc = np.full(dim, 0x8000_0000, dtype=np.uint32)
+            for i in idx:
+                acc = fp32_add_bits(acc, wide[i])
+            exp = acc if idx else np.zeros(dim, np.uint32)
+            assert np.array_equal(got[bag], exp), (elem, bag)
+    i8 = rng.integers(-128, 128, (n, dim)).astype("i1")
+    got = pool_bags(i8, offsets, good, ElemType.INT8)
+    for bag in range(len(offsets) - 1):
+        sl = slice(offsets[bag], offsets[bag + 1])
+        assert np.array_equal(got[bag], i8[sl][good[sl]].astype(np.int64).sum(0).astype("<i4"))
+    i32 = rng.integers(-2**31, 2**31, (n, dim)).astype("<i4")
+    got = pool_bags(i32, offsets, good, ElemType.INT32)
+    for bag in range(len(offsets) - 1):
+        sl = slice(offsets[bag], offsets[bag + 1])
+        exp = (i32[sl][good[sl]].astype(np.int64).sum(0) & 0xFFFF_FFFF).astype(np.uint32).view("<i4")
+        assert np.array_equal(got[bag], exp)
