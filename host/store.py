@@ -657,24 +657,30 @@ class EvssdBackend(Backend):
         self._ids = {t.name: t for t in layout.tables}
 
     def read_rows(self, info, indices):
+        if len(indices) == 0:
+            return np.zeros((0, info.dim), info.dtype)
         raw = self.device.gather(self._ids[info.name].table_id, indices.astype(np.uint32))
         self.requests += 1
         return self._rows_view(info, raw, len(indices))
 
     def read_pooled(self, info, indices, offsets):
+        if len(indices) == 0:  # nothing for the device to do: every bag is empty
+            return np.zeros((len(offsets) - 1, info.dim), info.acc_dtype)
         raw = self.device.gather_pooled(self._ids[info.name].table_id, indices.astype(np.uint32),
                                         offsets.astype(np.uint32))
         self.requests += 1
         return self._pooled_view(info, raw, len(offsets) - 1, len(indices))
 
     def _rows_view(self, info, raw, n):
-        raw = np.asarray(raw, dtype=np.uint8).reshape(n, -1)
+        row_bytes = self._ids[info.name].row_bytes  # padded to a multiple of 4 by the layout
+        raw = np.asarray(raw, dtype=np.uint8).reshape(n, row_bytes)
         self.rows_read += n
         self.bytes_read += raw.nbytes
         return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(n, info.dim)
 
     def _pooled_view(self, info, raw, n_bags, n):
-        raw = np.asarray(raw, dtype=np.uint8).reshape(n_bags, -1)
+        width = self._ids[info.name].row_bytes // info.dtype.itemsize * 4  # pad elements widen too
+        raw = np.asarray(raw, dtype=np.uint8).reshape(n_bags, width)
         self.rows_read += n
         self.bytes_read += raw.nbytes
         return np.ascontiguousarray(raw[:, :info.dim * 4]).view(info.acc_dtype).reshape(n_bags, info.dim)
@@ -684,7 +690,7 @@ class EvssdBackend(Backend):
         overlaps them (one command per table); through the driver's async core."""
         aio = getattr(self.device, "aio", None)
         run = getattr(self.device, "_do", None)
-        if aio is None or run is None or len(jobs) < 2:
+        if aio is None or run is None or len(jobs) < 2 or any(len(j[2]) == 0 for j in jobs):
             return super().read_many(jobs)
 
         async def go():

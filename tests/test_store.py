@@ -129,21 +129,28 @@ def test_file_page_vs_row_bytes(tmp_path):
             assert st_["bytes_read"] == 4 * per_row
 
 
-def test_lookup_many_and_empty(tmp_path):
+@pytest.mark.parametrize("cache", [None, "evcache"])
+def test_lookup_many_and_empty(tmp_path, cache):
     rng = np.random.default_rng(3)
-    tables = {"a": make_table(50, 4, "fp32", 1), "b": make_table(70, 8, "int8", 2)}
-    store = EmbeddingStore.from_arrays(tables)
-    reqs = {n: random_bags(rng, t.shape[0], 5) for n, t in tables.items()}
-    res = store.lookup_many(reqs, "mean")
-    for n, (i, o) in reqs.items():
-        np.testing.assert_array_equal(res[n], golden_pooled(tables[n], i, o, "mean"))
-    g = store.lookup_many({"a": np.array([3, 3, 1])}, mode=None)
-    np.testing.assert_array_equal(g["a"], tables["a"][[3, 3, 1]])
-    # empty lookups and all-empty bags
-    assert store.gather("a", np.array([], np.int64)).shape == (0, 4)
-    z = store.pooled("a", np.array([], np.int64), np.array([0, 0, 0]), "mean")
-    np.testing.assert_array_equal(z, np.zeros((2, 4), np.float32))
-    assert store.pooled("b", np.array([], np.int64), np.array([0]), "sum").shape == (0, 8)
+    tables = {"a": make_table(50, 4, "fp32", 1), "b": make_table(70, 7, "int8", 2)}  # b: padded rows
+    for backend, kw in backends(tmp_path / str(cache)):
+        with _store(tables, backend, kw, cache) as store:
+            reqs = {n: random_bags(rng, t.shape[0], 5) for n, t in tables.items()}
+            res = store.lookup_many(reqs, "mean")
+            for n, (i, o) in reqs.items():
+                np.testing.assert_array_equal(res[n], golden_pooled(tables[n], i, o, "mean"), err_msg=backend)
+            g = store.lookup_many({"a": np.array([3, 3, 1]), "b": np.array([69])}, mode=None)
+            np.testing.assert_array_equal(g["a"], tables["a"][[3, 3, 1]])
+            np.testing.assert_array_equal(g["b"], tables["b"][[69]])
+            # empty lookups and all-empty bags
+            assert store.gather("a", np.array([], np.int64)).shape == (0, 4)
+            z = store.pooled("a", np.array([], np.int64), np.array([0, 0, 0]), "mean")
+            np.testing.assert_array_equal(z, np.zeros((2, 4), np.float32))
+            e = store.pooled("b", np.array([], np.int64), np.array([0]), "sum")
+            assert e.shape == (0, 7) and e.dtype == np.int32
+            m = store.lookup_many({"a": (np.array([], np.int64), np.array([0, 0])),
+                                   "b": (np.array([5]), np.array([0, 1]))}, "sum")
+            np.testing.assert_array_equal(m["b"], tables["b"][[5]].astype(np.int32))
 
 
 def test_fp32_sum_is_sequential_in_bag_order():
