@@ -6,12 +6,16 @@ Backends (``backend=`` in :meth:`EmbeddingStore.from_arrays`):
     every row in host memory: the ideal every other backend is measured against.
 ``file``
     the table in a file on the local disk (format below), read through the OS with ``os.pread``.
-    ``file_mode="page"`` reads the whole page(s) that hold a row for every looked-up row: the
-    block-interface SSD baseline. ``file_mode="row"`` reads only the row's bytes (fine-grained).
+    ``file_mode="page"`` reads the whole page(s) that hold a row for every distinct looked-up
+    row: the block-interface SSD baseline. ``file_mode="row"`` reads only the row's bytes
+    (fine-grained). ``direct=True`` (``O_DIRECT``) bypasses the OS page cache; ``io_threads``
+    keeps several reads in flight.
 ``evssd``
     the EV-SSD through :class:`evssd.host.device.Device` (any transport); tables placed by
-    :mod:`evssd.host.layout`. Without a cache, pooled lookups are pooled on the device
-    (``GATHER_POOLED``); with a cache the misses are gathered and the host pools.
+    :mod:`evssd.host.layout`. Without a cache (and with ``device_pooling``, the default), pooled
+    lookups are pooled on the device (``GATHER_POOLED``, duplicates included); otherwise the
+    distinct misses are gathered (``GATHER``) and the host pools. A multi-table batch
+    (``lookup_many``, the pipeline) submits one command per table before waiting for any.
 ``rocksdb``
     rows in RocksDB (rocksdict), key = row index as 8 big-endian bytes: the SSD tier of FBGEMM
     SSD-TBE and HugeCTR HPS.
