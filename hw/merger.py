@@ -70,7 +70,7 @@ Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB me
 accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write,
 2 read ports); a packer of ``Wh + Wc`` bits.
 """
-from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -201,21 +201,24 @@ class WordPacker(wiring.Component):
 
 
 # op kinds of the retirement pipeline
-_OP_READ, _OP_ZERO, _OP_ACCUM, _OP_EMIT = 0, 1, 2, 3
+_OP_READ, _OP_ZERO, _OP_ACCUM = 0, 1, 2
 
 
 class ResultMerger(wiring.Component):
     """Reorder buffer + in-order retirement (GATHER rows, GATHER_POOLED bag sums); see the module
     docstring for the ports and the semantics.
 
-    Structure: channel beats -> round-robin -> ROB memory (``n_slots`` x ``max_row_bytes``,
+    Structure: channel beats -> arbiter -> ROB memory (``n_slots`` x ``max_row_bytes``,
     ``ch_data_bits`` wide) with a done/err bit per slot. The issue stage walks the descriptors
-    in order and emits one op per cycle: a ROB beat read (GATHER), zeros (bad rows, empty or
-    all-bad bags), an accumulate (pooled row: ``K = ch_data_bits/32`` elements widened to 32-bit
-    lanes, summed into the accumulator memory by ``K`` Fp32Adders or int adders) or an emit
-    (read the bag sum). Output ops go through a :class:`WordPacker` to ``host_data_bits``.
-    A pooled row (or emit) starts at least :data:`ACCUM_HAZARD_CYCLES` cycles after the previous
-    pooled row started, so a row never reads an accumulator word whose sum is still in the adder.
+    in order and sends one op per cycle: a ROB beat read (GATHER), zeros (bad/err GATHER rows)
+    or an accumulate (pooled row: ``K = ch_data_bits/32`` elements widened to 32-bit lanes and
+    summed into the accumulator memory by ``K`` Fp32Adders or int32 adders). At a bag's end it
+    hands the bag to the emitter, which reads the sums (or sends zeros for a bag without good
+    rows) from one accumulator bank while the next bag sums into the other. Output ops go
+    through a :class:`WordPacker` to ``host_data_bits``. A pooled row starts at least
+    :data:`ACCUM_HAZARD_CYCLES` cycles after the previous row of its bag started, and the
+    emitter waits as long after the bag's last row, so nobody reads an accumulator word whose
+    sum is still in the adders.
     """
 
     def __init__(self, params: Params, n_slots: int):
