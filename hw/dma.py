@@ -1,0 +1,269 @@
+"""Host DMA: one AXI4 master into host memory shared by several read and write clients.
+
+Clients talk streams, never AXI:
+
+- read port ``i`` (``rd_cmd[i]`` -> ``rd_data[i]``): a command ``{addr, bytes}`` returns
+  ``ceil((addr % B + bytes) / B)`` beats (``B`` = bus bytes) of ``{data, last, err}`` in address
+  order; ``data`` sits in AXI byte lanes (the first beat is the beat holding ``addr``), ``err`` is
+  set on beats whose R response was SLVERR/DECERR. A zero-byte command returns one beat with
+  ``last`` set and no bus traffic, so a client that waits for ``last`` never hangs.
+- write port ``i`` (``wr_cmd[i]`` + ``wr_data[i]`` -> ``wr_done[i]``): the client sends exactly
+  ``ceil((addr % B + bytes) / B)`` data beats in AXI byte lanes; the DMA strobes only the bytes in
+  ``[addr, addr + bytes)`` and reports ``{err}`` once every B response of the transfer arrived.
+  A zero-byte write takes no data and completes at once.
+
+Bursts never cross a 4 KiB boundary and have at most 256 beats. Each direction serves one
+transfer at a time (round-robin between ports); within a transfer AR/AW run ahead of the data so
+the bus stays busy. W beats of a burst are sent only after its AW was accepted (a slave may wait
+for AW before taking W). All transactions use ID 0, so responses return in order.
+"""
+from __future__ import annotations
+
+from amaranth import Module, Signal, Mux, Const, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .axi import AXI4Signature, Burst
+from .regmap import Params
+
+__all__ = ["HostDMA", "dma_cmd_layout", "dma_read_layout", "dma_write_layout", "DMA_DONE_LAYOUT"]
+
+
+DMA_CMD_LAYOUT = data.StructLayout({"addr": 64, "bytes": 32})
+DMA_DONE_LAYOUT = data.StructLayout({"err": 1})
+
+
+def dma_cmd_layout():
+    return DMA_CMD_LAYOUT
+
+
+def dma_read_layout(data_bits: int):
+    return data.StructLayout({"data": data_bits, "last": 1, "err": 1})
+
+
+def dma_write_layout(data_bits: int):
+    return data.StructLayout({"data": data_bits, "last": 1})
+
+
+def _log2(x):
+    return x.bit_length() - 1
+
+
+class HostDMA(wiring.Component):
+    """AXI4 DMA master with ``n_read`` read ports and ``n_write`` write ports (see module doc)."""
+
+    def __init__(self, params: Params, *, n_read: int = 1, n_write: int = 1):
+        if not isinstance(params, Params):
+            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        if not 1 <= n_read <= 16:
+            raise ValueError(f"n_read {n_read} must be 1..16")
+        if not 1 <= n_write <= 16:
+            raise ValueError(f"n_write {n_write} must be 1..16")
+        self.params = params
+        self.n_read = n_read
+        self.n_write = n_write
+        w = params.host_data_bits
+        super().__init__({
+            "m_axi_host": Out(AXI4Signature(addr_width=64, data_width=w)),
+            "rd_cmd": In(stream.Signature(DMA_CMD_LAYOUT)).array(n_read),
+            "rd_data": Out(stream.Signature(dma_read_layout(w))).array(n_read),
+            "wr_cmd": In(stream.Signature(DMA_CMD_LAYOUT)).array(n_write),
+            "wr_data": In(stream.Signature(dma_write_layout(w))).array(n_write),
+            "wr_done": Out(stream.Signature(DMA_DONE_LAYOUT)).array(n_write),
+        })
+
+    # Beats of the next burst starting at beat-aligned `addr` with `remain` beats left.
+    def _burst_beats(self, m, addr, remain, name):
+        bb = self.params.host_data_bits // 8
+        to_4k = Signal(range(4096 // bb + 1), name=f"{name}_to_4k")
+        m.d.comb += to_4k.eq((4096 - addr[:12]) >> _log2(bb))
+        beats = Signal(9, name=f"{name}_beats")
+        cap = Signal(9, name=f"{name}_cap")
+        m.d.comb += cap.eq(Mux(to_4k < 256, to_4k, 256))
+        m.d.comb += beats.eq(Mux(remain < cap, remain, cap))
+        return beats
+
+    def elaborate(self, platform):
+        m = Module()
+        w = self.params.host_data_bits
+        bb = w // 8
+        lb = _log2(bb)
+        axi = self.m_axi_host
+
+        m.d.comb += [
+            axi.arid.eq(0), axi.arsize.eq(lb), axi.arburst.eq(Burst.INCR), axi.arprot.eq(0),
+            axi.awid.eq(0), axi.awsize.eq(lb), axi.awburst.eq(Burst.INCR), axi.awprot.eq(0),
+        ]
+
+        # ------------------------------------------------------------------ read side
+        nr = self.n_read
+        r_active = Signal()
+        r_zero = Signal()          # zero-byte command: one local beat, no bus traffic
+        r_sel = Signal(range(nr))
+        r_rr = Signal(range(nr))   # round-robin pointer: port that gets priority next
+        ar_addr = Signal(64)
+        ar_remain = Signal(32)
+        r_remain = Signal(32)
+
+        # Round-robin pick among valid read commands.
+        r_pick = Signal(range(nr))
+        r_any = Signal()
+        self._round_robin(m, [self.rd_cmd[i].valid for i in range(nr)], r_rr, r_pick, r_any, "r")
+
+        with m.If(~r_active):
+            with m.If(r_any):
+                for i in range(nr):
+                    with m.If(r_pick == i):
+                        cmd = self.rd_cmd[i]
+                        m.d.comb += cmd.ready.eq(1)
+                        start = cmd.payload.addr[:lb]
+                        beats = Mux(cmd.payload.bytes == 0, 0,
+                                    (start + cmd.payload.bytes + (bb - 1)) >> lb)
+                        m.d.sync += [
+                            r_active.eq(1), r_sel.eq(i), r_rr.eq((i + 1) % nr),
+                            ar_addr.eq(cmd.payload.addr & ~Const(bb - 1, 64)),
+                            ar_remain.eq(beats), r_remain.eq(beats),
+                            r_zero.eq(cmd.payload.bytes == 0),
+                        ]
+
+        ar_beats = self._burst_beats(m, ar_addr, ar_remain, "ar")
+        m.d.comb += [
+            axi.arvalid.eq(r_active & (ar_remain != 0)),
+            axi.araddr.eq(ar_addr),
+            axi.arlen.eq(ar_beats - 1),
+        ]
+        with m.If(axi.arvalid & axi.arready):
+            m.d.sync += [ar_addr.eq(ar_addr + (ar_beats << lb)), ar_remain.eq(ar_remain - ar_beats)]
+
+        for i in range(nr):
+            out = self.rd_data[i]
+            with m.If(r_active & (r_sel == i)):
+                with m.If(r_zero):
+                    m.d.comb += [out.valid.eq(1), out.payload.last.eq(1)]
+                    with m.If(out.ready):
+                        m.d.sync += r_active.eq(0)
+                with m.Else():
+                    m.d.comb += [
+                        out.valid.eq(axi.rvalid),
+                        out.payload.data.eq(axi.rdata),
+                        out.payload.last.eq(r_remain == 1),
+                        out.payload.err.eq(axi.rresp[1]),
+                        axi.rready.eq(out.ready),
+                    ]
+                    with m.If(axi.rvalid & out.ready):
+                        m.d.sync += r_remain.eq(r_remain - 1)
+                        with m.If(r_remain == 1):
+                            m.d.sync += r_active.eq(0)
+
+        # ------------------------------------------------------------------ write side
+        nw = self.n_write
+        w_active = Signal()
+        w_sel = Signal(range(nw))
+        w_rr = Signal(range(nw))
+        aw_addr = Signal(64)
+        aw_remain = Signal(32)
+        aw_bursts = Signal(32)     # bursts whose AW was accepted
+        wb_addr = Signal(64)       # start address of the current W burst
+        w_remain = Signal(32)      # data beats still to send
+        w_first = Signal()         # next beat is the transfer's first
+        w_inburst = Signal(9)      # beats sent in the current W burst
+        w_bursts = Signal(32)      # W bursts finished
+        b_count = Signal(32)
+        b_err = Signal()
+        first_strb = Signal(bb)
+        last_strb = Signal(bb)
+        w_done_pending = Signal()
+
+        w_pick = Signal(range(nw))
+        w_any = Signal()
+        self._round_robin(m, [self.wr_cmd[i].valid for i in range(nw)], w_rr, w_pick, w_any, "w")
+
+        with m.If(~w_active):
+            with m.If(w_any):
+                for i in range(nw):
+                    with m.If(w_pick == i):
+                        cmd = self.wr_cmd[i]
+                        m.d.comb += cmd.ready.eq(1)
+                        start = Signal(lb, name=f"w_start{i}")
+                        end = Signal(lb, name=f"w_end{i}")   # (addr + bytes) % bb
+                        m.d.comb += [start.eq(cmd.payload.addr[:lb]),
+                                     end.eq(cmd.payload.addr[:lb] + cmd.payload.bytes[:lb])]
+                        beats = Mux(cmd.payload.bytes == 0, 0,
+                                    (start + cmd.payload.bytes + (bb - 1)) >> lb)
+                        aligned = cmd.payload.addr & ~Const(bb - 1, 64)
+                        m.d.sync += [
+                            w_active.eq(1), w_sel.eq(i), w_rr.eq((i + 1) % nw),
+                            aw_addr.eq(aligned), wb_addr.eq(aligned),
+                            aw_remain.eq(beats), w_remain.eq(beats),
+                            aw_bursts.eq(0), w_bursts.eq(0), w_inburst.eq(0), w_first.eq(1),
+                            b_count.eq(0), b_err.eq(0),
+                            first_strb.eq(Const((1 << bb) - 1, bb) << start),
+                            # lanes below the end offset; end == 0 means the whole beat
+                            last_strb.eq(Mux(end == 0, Const((1 << bb) - 1, bb),
+                                             (Const(1, bb + 1) << end) - 1)),
+                        ]
+
+        aw_beats = self._burst_beats(m, aw_addr, aw_remain, "aw")
+        m.d.comb += [
+            axi.awvalid.eq(w_active & (aw_remain != 0)),
+            axi.awaddr.eq(aw_addr),
+            axi.awlen.eq(aw_beats - 1),
+        ]
+        with m.If(axi.awvalid & axi.awready):
+            m.d.sync += [aw_addr.eq(aw_addr + (aw_beats << lb)), aw_remain.eq(aw_remain - aw_beats),
+                         aw_bursts.eq(aw_bursts + 1)]
+
+        # W: the current burst's length derives from its start address and the beats left at
+        # its start (w_remain + w_inburst), exactly as the AW side computed it.
+        wb_beats = self._burst_beats(m, wb_addr, w_remain + w_inburst, "wb")
+        w_may = Signal()
+        m.d.comb += w_may.eq(w_active & (w_remain != 0) & (aw_bursts > w_bursts))
+        strb = Signal(bb)
+        m.d.comb += strb.eq(Mux(w_first, first_strb, Const((1 << bb) - 1, bb)) &
+                            Mux(w_remain == 1, last_strb, Const((1 << bb) - 1, bb)))
+        m.d.comb += [axi.wstrb.eq(strb), axi.wlast.eq(w_inburst + 1 == wb_beats)]
+        for i in range(nw):
+            src = self.wr_data[i]
+            with m.If(w_sel == i):
+                m.d.comb += [
+                    axi.wvalid.eq(w_may & src.valid),
+                    axi.wdata.eq(src.payload.data),
+                    src.ready.eq(w_may & axi.wready),
+                ]
+        with m.If(axi.wvalid & axi.wready):
+            m.d.sync += [w_remain.eq(w_remain - 1), w_first.eq(0)]
+            with m.If(axi.wlast):
+                m.d.sync += [w_inburst.eq(0), w_bursts.eq(w_bursts + 1),
+                             wb_addr.eq(wb_addr + (wb_beats << lb))]
+            with m.Else():
+                m.d.sync += w_inburst.eq(w_inburst + 1)
+
+        m.d.comb += axi.bready.eq(w_active)
+        with m.If(axi.bvalid & axi.bready):
+            m.d.sync += [b_count.eq(b_count + 1), b_err.eq(b_err | axi.bresp[1])]
+
+        m.d.comb += w_done_pending.eq(w_active & (aw_remain == 0) & (w_remain == 0) &
+                                      (b_count == aw_bursts))
+        for i in range(nw):
+            done = self.wr_done[i]
+            with m.If(w_sel == i):
+                m.d.comb += [done.valid.eq(w_done_pending), done.payload.err.eq(b_err)]
+                with m.If(done.valid & done.ready):
+                    m.d.sync += w_active.eq(0)
+        return m
+
+    @staticmethod
+    def _round_robin(m, valids, rr, pick, any_, name):
+        """pick = first valid port at or after rr (wrapping); any_ = some port is valid."""
+        n = len(valids)
+        m.d.comb += any_.eq(0)
+        if n == 1:
+            m.d.comb += [pick.eq(0), any_.eq(valids[0])]
+            return
+        # Try offsets from the farthest to the nearest so the nearest (highest priority) wins.
+        for start in range(n):
+            with m.If(rr == start):
+                for k in reversed(range(n)):
+                    j = (start + k) % n
+                    with m.If(valids[j]):
+                        m.d.comb += [pick.eq(j), any_.eq(1)]
