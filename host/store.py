@@ -49,6 +49,7 @@ Table file format (little-endian), written by :func:`write_table_file`::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -409,13 +410,25 @@ def _make_cache(kind, info: TableInfo, fraction: float):
 
 
 class Backend:
-    """Reads rows by index. ``read_rows`` gets sorted, distinct, validated int64 indices."""
+    """Reads rows by index. ``read_rows`` gets sorted, distinct, validated int64 indices.
+
+    ``thread_safe``: whether the store may call it from several threads at once; if not, the
+    store serialises its calls.
+    """
     name = "?"
+    thread_safe = True
 
     def __init__(self):
         self.bytes_read = 0
         self.rows_read = 0
         self.requests = 0
+        self._stat_lock = threading.Lock()
+
+    def _count(self, requests: int, rows: int, nbytes: int) -> None:
+        with self._stat_lock:
+            self.requests += requests
+            self.rows_read += rows
+            self.bytes_read += nbytes
 
     def read_rows(self, info: TableInfo, indices: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -446,9 +459,7 @@ class DramBackend(Backend):
         self.arrays = dict(arrays)
 
     def read_rows(self, info, indices):
-        self.requests += 1
-        self.rows_read += len(indices)
-        self.bytes_read += len(indices) * info.row_bytes
+        self._count(1, len(indices), len(indices) * info.row_bytes)
         return self.arrays[info.name][indices]
 
 
@@ -549,9 +560,7 @@ class FileBackend(Backend):
             futs = [self._pool.submit(self._read_range, tf, fd, idx[a:b], out[a:b])
                     for a, b in zip(cuts[:-1], cuts[1:])]
             nbytes = sum(f.result() for f in futs)
-        self.requests += len(indices)
-        self.rows_read += len(indices)
-        self.bytes_read += nbytes
+        self._count(len(indices), len(indices), nbytes)
         return out.view(tf.dtype).reshape(len(indices), tf.dim)
 
     def stats(self):
@@ -573,6 +582,7 @@ class RocksDBBackend(Backend):
     :meth:`EmbeddingStore.from_rocksdb` can reopen a database without the arrays.
     """
     name = "rocksdb"
+    thread_safe = False  # rocksdict's handles are not documented as thread-safe: serialise
     _META_KEY = b"evssd-tables"
 
     def __init__(self, path, tables: Mapping[str, TableInfo]):
@@ -636,9 +646,7 @@ class RocksDBBackend(Backend):
             if v is None or len(v) != rb:
                 raise StoreError(f"rocksdb {self.path}: table {info.name!r} row {int(indices[k])} "
                                  f"missing or wrong size")
-        self.requests += 1
-        self.rows_read += len(indices)
-        self.bytes_read += len(indices) * rb
+        self._count(1, len(indices), len(indices) * rb)
         return np.frombuffer(b"".join(vals), dtype=info.dtype).reshape(len(indices), info.dim)
 
     def close(self):
@@ -652,6 +660,7 @@ class RocksDBBackend(Backend):
 class EvssdBackend(Backend):
     """The EV-SSD through the driver. ``bytes_read`` counts result bytes returned by DMA."""
     name = "evssd"
+    thread_safe = False  # the driver's sync facade runs one private event loop
 
     def __init__(self, device, layout, owns_device: bool = False):
         super().__init__()
@@ -664,7 +673,7 @@ class EvssdBackend(Backend):
         if len(indices) == 0:
             return np.zeros((0, info.dim), info.dtype)
         raw = self.device.gather(self._ids[info.name].table_id, indices.astype(np.uint32))
-        self.requests += 1
+        self._count(1, 0, 0)
         return self._rows_view(info, raw, len(indices))
 
     def read_pooled(self, info, indices, offsets):
@@ -672,21 +681,19 @@ class EvssdBackend(Backend):
             return np.zeros((len(offsets) - 1, info.dim), info.acc_dtype)
         raw = self.device.gather_pooled(self._ids[info.name].table_id, indices.astype(np.uint32),
                                         offsets.astype(np.uint32))
-        self.requests += 1
+        self._count(1, 0, 0)
         return self._pooled_view(info, raw, len(offsets) - 1, len(indices))
 
     def _rows_view(self, info, raw, n):
         row_bytes = self._ids[info.name].row_bytes  # padded to a multiple of 4 by the layout
         raw = np.asarray(raw, dtype=np.uint8).reshape(n, row_bytes)
-        self.rows_read += n
-        self.bytes_read += raw.nbytes
+        self._count(0, n, raw.nbytes)
         return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(n, info.dim)
 
     def _pooled_view(self, info, raw, n_bags, n):
         width = self._ids[info.name].row_bytes // info.dtype.itemsize * 4  # pad elements widen too
         raw = np.asarray(raw, dtype=np.uint8).reshape(n_bags, width)
-        self.rows_read += n
-        self.bytes_read += raw.nbytes
+        self._count(0, n, raw.nbytes)
         return np.ascontiguousarray(raw[:, :info.dim * 4]).view(info.acc_dtype).reshape(n_bags, info.dim)
 
     def read_many(self, jobs):
@@ -717,7 +724,7 @@ class EvssdBackend(Backend):
             return out
 
         raws = run(go())
-        self.requests += len(jobs)
+        self._count(len(jobs), 0, 0)
         return [self._rows_view(info, raw, len(idx)) if kind == "rows"
                 else self._pooled_view(info, raw, len(offs) - 1, len(idx))
                 for (kind, info, idx, offs), raw in zip(jobs, raws)]
@@ -750,7 +757,12 @@ _AUTO = object()
 
 
 class EmbeddingStore:
-    """Gather and pooled lookups over one backend, each table optionally fronted by a cache."""
+    """Gather and pooled lookups over one backend, each table optionally fronted by a cache.
+
+    Safe to call from several threads: each table's cache has its own lock (held for the
+    lookup and for the admission, not across the I/O), and the calls into a backend that is
+    not thread-safe (``evssd``, ``rocksdb``) are serialised.
+    """
 
     def __init__(self, tables: Mapping[str, TableInfo], backend: Backend, *,
                  cache_fraction: float | None = 0.01, cache="evcache", device_pooling: bool = True):
@@ -767,6 +779,8 @@ class EmbeddingStore:
         self._lookups = 0
         self._batches = 0
         self._lock = threading.Lock()
+        self._cache_locks = {name: threading.Lock() for name in self.caches}
+        self._io_lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -932,7 +946,8 @@ class EmbeddingStore:
         rows = np.empty((uniq.size, info.dim), dtype=info.dtype)
         cache = self.caches.get(info.name)
         if cache is not None and uniq.size:
-            hit = np.asarray(cache.lookup(uniq, rows), dtype=bool)
+            with self._cache_locks[info.name]:
+                hit = np.asarray(cache.lookup(uniq, rows), dtype=bool)
             miss = np.flatnonzero(~hit)
         else:
             miss = np.arange(uniq.size)
@@ -941,9 +956,11 @@ class EmbeddingStore:
     def _fetch(self, plan: _Plan) -> _Plan:
         """Backend I/O for the misses (releases the GIL in pread / the driver)."""
         if plan.rows is None:  # pooled on the backend
-            plan.pooled = self.backend.read_pooled(plan.info, plan.indices, plan.offsets)
+            with self._io_lock:
+                plan.pooled = self.backend.read_pooled(plan.info, plan.indices, plan.offsets)
         elif plan.miss.size:
-            plan.fetched = self.backend.read_rows(plan.info, plan.uniq[plan.miss])
+            with self._io_lock:
+                plan.fetched = self.backend.read_rows(plan.info, plan.uniq[plan.miss])
         return plan
 
     def _fetch_many(self, plans: Mapping[str, _Plan]) -> None:
@@ -956,7 +973,11 @@ class EmbeddingStore:
             elif p.miss.size:
                 jobs.append(("rows", p.info, p.uniq[p.miss], None))
                 targets.append(p)
-        for p, res in zip(targets, self.backend.read_many(jobs) if jobs else ()):
+        if not jobs:
+            return
+        with self._io_lock:
+            results = self.backend.read_many(jobs)
+        for p, res in zip(targets, results):
             if p.rows is None:
                 p.pooled = res
             else:
@@ -980,7 +1001,8 @@ class EmbeddingStore:
             plan.rows[plan.miss] = plan.fetched
             cache = self.caches.get(info.name)
             if cache is not None:
-                cache.admit(plan.uniq[plan.miss], plan.fetched)
+                with self._cache_locks[info.name]:
+                    cache.admit(plan.uniq[plan.miss], plan.fetched)
         if plan.mode is None:
             return plan.rows[plan.inv]
         return pool_rows(plan.rows, plan.inv, plan.offsets, plan.mode)

@@ -365,3 +365,26 @@ def test_bench_store_smoke(tmp_path):
     assert all(p["batches"] == 3 and p["lookups"] == 3 * 2 * 8 * 20 for p in data["peers"])
     assert data["peers"][1]["bytes_per_lookup"] > data["peers"][0]["bytes_per_lookup"]
     assert (tmp_path / "store" / "store.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("backend", ["file", "rocksdb"] + (["evssd"] if HAVE_DEVICE else []))
+def test_concurrent_callers(tmp_path, backend):
+    """Several threads on one store (as the serving engine's workers do) get numpy's answers."""
+    from concurrent.futures import ThreadPoolExecutor
+    tables = {"a": make_table(500, 8, "fp32", 1), "b": make_table(300, 6, "int8", 2)}
+    kw = {} if backend == "evssd" else {"path": tmp_path / "d"}
+    store = EmbeddingStore.from_arrays(tables, backend, cache_fraction=0.1, **kw)
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(15):
+            name = "ab"[rng.integers(2)]
+            idx, offs = random_bags(rng, tables[name].shape[0], 6)
+            np.testing.assert_array_equal(store.pooled(name, idx, offs), golden_pooled(tables[name], idx, offs, "sum"))
+        return True
+
+    with ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(work, range(8)))
+    s = store.stats()
+    assert s["batches"] == 8 * 15 and s["cache_hit_rate"] > 0
+    store.close()
