@@ -52,7 +52,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import zlib
 from collections import OrderedDict
@@ -795,7 +797,8 @@ class EmbeddingStore:
         ``cache_fraction``: per-table cache budget as a fraction of the table (None: no cache);
         the default is 0.01 for every backend but ``dram``, which has nothing to cache.
         ``cache``: "evcache" (EV-Cache), "lru" (:class:`PlainLRU`) or ``f(TableInfo, fraction)``.
-        ``path``: directory for the ``file`` / ``rocksdb`` backends (created).
+        ``path``: directory for the ``file`` / ``rocksdb`` backends (created); without one a
+        temporary directory is used and removed by :meth:`close`.
         ``device``: an open :class:`evssd.host.device.Device` for ``evssd`` (default: the model).
         ``file_options``: passed to :class:`FileBackend` (``direct``, ``io_threads``, ``direct_align``).
         ``layout_options``: passed to :meth:`evssd.host.layout.Layout.plan` (e.g.
@@ -810,17 +813,18 @@ class EmbeddingStore:
         if backend == "dram":
             be: Backend = DramBackend(arrays)
         elif backend == "file":
-            if path is None:
-                raise StoreInputError("backend 'file' needs path= (a directory for the table files)")
-            d = Path(path)
+            d = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix="evssd-store-"))
             d.mkdir(parents=True, exist_ok=True)
             files = {n: open_table_file(write_table_file(d / f"{n}.evt", a, page_size=page_size))
                      for n, a in arrays.items()}
             be = FileBackend(files, mode=file_mode, **(file_options or {}))
-        elif backend == "rocksdb":
             if path is None:
-                raise StoreInputError("backend 'rocksdb' needs path= (a directory for the database)")
-            be = RocksDBBackend(path, infos)
+                be.cleanup_dir = d
+        elif backend == "rocksdb":
+            d = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix="evssd-store-rocksdb-"))
+            be = RocksDBBackend(d, infos)
+            if path is None:
+                be.cleanup_dir = d
             for n, a in arrays.items():
                 be.load(n, a)
         elif backend == "evssd":
@@ -873,6 +877,10 @@ class EmbeddingStore:
 
     def close(self) -> None:
         self.backend.close()
+        tmp = getattr(self.backend, "cleanup_dir", None)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.backend.cleanup_dir = None
 
     def __enter__(self):
         return self

@@ -199,8 +199,13 @@ def test_bad_tables_and_backends(tmp_path):
         EmbeddingStore.from_arrays({"t": np.zeros(4, np.float32)})
     with pytest.raises(StoreInputError, match="unknown backend 'tape'"):
         EmbeddingStore.from_arrays({"t": np.zeros((4, 4), np.float32)}, "tape")
-    with pytest.raises(StoreInputError, match="needs path="):
-        EmbeddingStore.from_arrays({"t": np.zeros((4, 4), np.float32)}, "file")
+    for backend in ("file", "rocksdb"):  # no path: a temporary directory, removed by close()
+        s = EmbeddingStore.from_arrays({"t": np.ones((4, 4), np.float32)}, backend)
+        tmp = s.backend.cleanup_dir
+        assert tmp.exists()
+        np.testing.assert_array_equal(s.gather("t", [3]), np.ones((1, 4), np.float32))
+        s.close()
+        assert not tmp.exists()
 
 
 # -- the table file ------------------------------------------------------------------------------
