@@ -122,21 +122,29 @@ class _IoThread(threading.Thread):
         self.polled: list[Connection] = []         # providers without an fd (verbs)
         self.held: dict[Connection, list] = {}
         self.stop = False
+        self.sleeping = True
         self.ops = 0
 
     def post(self, item):
         self.inbox.append(item)
-        try:
-            self._ww.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass            # a wake-up is already pending
+        # Wake the thread only if it is (about to be) blocked in select: a needless wake-up
+        # write costs a GIL hand-off. The thread raises `sleeping` before it looks at the
+        # inbox, and we append before we look at `sleeping`, so one of us sees the other.
+        if self.sleeping:
+            try:
+                self._ww.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass        # a wake-up is already pending
 
     # -------------------------------------------------------------- loop
     def run(self):
         next_expire = 0.0
         while not self.stop:
-            timeout = 0.001 if self.polled else 0.02
-            for key, mask in self.sel.select(timeout):
+            self.sleeping = True
+            timeout = 0 if self.inbox else (0.001 if self.polled else 0.02)
+            events = self.sel.select(timeout)
+            self.sleeping = False
+            for key, mask in events:
                 conn = key.data
                 if conn is None:
                     try:
