@@ -25,8 +25,8 @@ Interface (for the integrator)
   ``commit_extent``      1    TBL_COMMIT.extent pulse: write extent ``extent`` of slot ``table``
   ===================  =====  ==============================================================
 
-  A commit to ``table >= max_tables`` or ``extent >= max_extents`` is ignored. Commits take
-  effect for lookups accepted two or more cycles later; reconfigure a table only while no
+  A commit to ``table >= max_tables`` or ``extent >= max_extents`` is ignored. A lookup
+  accepted on any clock edge after the commit's edge sees it; reconfigure a table only while no
   lookup for it is in flight. After reset every table is disabled and every extent unused.
 
 - ``i_req: In(stream.Signature(request_layout(tag_width)))``:
@@ -47,10 +47,11 @@ extent ``e`` with ``first_e <= index < first_e + rows_e`` (computed without 32-b
 ``offset = ((d - q * rows_per_page) * row_bytes) mod 2**16``. With the host's constants
 (``regmap.div_magic(rows_per_page)``) ``q = d // rows_per_page`` exactly.
 
-Timing: fully pipelined, one lookup per cycle when ``o_resp`` is always ready;
-:data:`LATENCY` = 6 cycles from the accepting edge of ``i_req`` to ``o_resp.valid``. The whole
-pipeline stalls while ``o_resp`` is valid and not ready (``i_req.ready`` = ``o_resp.ready`` or
-``o_resp`` empty), so it is correct under any back-pressure.
+Timing: fully pipelined (table read, range compare, reciprocal multiply, quotient, remainder,
+offset), one lookup per cycle when ``o_resp`` is always ready: a lookup accepted on clock edge t
+can be taken from ``o_resp`` on edge t + :data:`LATENCY` (= 6) at the earliest, so N back-to-back
+lookups take N - 1 + 6 edges. The whole pipeline stalls while ``o_resp`` is valid and not ready
+(``i_req.ready = ~o_resp.valid | o_resp.ready``), so it is correct under any back-pressure.
 """
 from __future__ import annotations
 
