@@ -222,11 +222,15 @@ class ResultMerger(wiring.Component):
     """
 
     def __init__(self, params: Params, n_slots: int):
-        if not isinstance(params, Params):
-            raise ValueError(f"params={params!r}: must be a regmap.Params")
+        try:
+            if not isinstance(params, Params):
+                raise ValueError(f"params={params!r}: must be a regmap.Params")
+            self._tb = _slot_bits(n_slots)
+        except ValueError:
+            self._MustUse__silence = True   # a rejected object is not an unused elaboratable
+            raise
         self._p = params
         self._n_slots = n_slots
-        self._tb = _slot_bits(n_slots)
         super().__init__({
             "i_row": In(stream.Signature(row_layout(params, n_slots))).array(params.n_channels),
             "i_desc": In(stream.Signature(desc_layout(n_slots))),

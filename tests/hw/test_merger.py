@@ -232,22 +232,34 @@ def check(params, n_slots, cmds, results, freed, allocated):
 
 
 CONFIGS = [
-    # (ch_data_bits, host_data_bits, n_channels, max_row_bytes, n_slots)
-    pytest.param(64, 64, 4, 64, 8, id="ch64-host64"),
-    pytest.param(64, 256, 3, 96, 8, id="ch64-host256"),
-    pytest.param(256, 64, 2, 128, 4, id="ch256-host64"),
-    pytest.param(32, 128, 2, 32, 4, id="ch32-host128"),
+    # (ch_data_bits, host_data_bits, n_channels, max_row_bytes, n_slots, commands)
+    pytest.param(64, 64, 4, 64, 8, 40, id="ch64-host64"),
+    pytest.param(64, 256, 3, 96, 8, 40, id="ch64-host256"),
+    pytest.param(256, 64, 2, 128, 4, 40, id="ch256-host64"),
+    pytest.param(32, 128, 2, 32, 4, 40, id="ch32-host128"),
+    # extremes: 16 adder lanes; 8 channels sharing 2 slots into a 16-word host beat
+    pytest.param(512, 128, 2, 256, 4, 10, id="ch512-host128"),
+    pytest.param(32, 512, 8, 64, 2, 15, id="ch32-host512-8ch-2slots"),
 ]
 
 
-@pytest.mark.parametrize("ch_bits, host_bits, n_ch, max_row, n_slots", CONFIGS)
-def test_random_backpressure(ch_bits, host_bits, n_ch, max_row, n_slots):
+@pytest.mark.parametrize("ch_bits, host_bits, n_ch, max_row, n_slots, n_cmds", CONFIGS)
+def test_random_backpressure(ch_bits, host_bits, n_ch, max_row, n_slots, n_cmds):
     params = Params(n_channels=n_ch, ch_data_bits=ch_bits, host_data_bits=host_bits,
                     max_row_bytes=max_row, page_size=512)
     rng = np.random.default_rng(ch_bits * 1000 + host_bits)
-    cmds = random_cmds(rng, params, n_cmds=40)
+    cmds = random_cmds(rng, params, n_cmds=n_cmds)
     results, freed, allocated, _ = run_merger(params, n_slots, cmds, seed=ch_bits + host_bits)
     check(params, n_slots, cmds, results, freed, allocated)
+
+
+def test_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="n_slots=3"):
+        ResultMerger(Params(), 3)
+    with pytest.raises(ValueError, match="n_slots=512"):
+        ResultMerger(Params(), 512)
+    with pytest.raises(ValueError, match="params="):
+        ResultMerger({"ch_data_bits": 64}, 8)
 
 
 def _throughput(params, n_slots, cmd):
