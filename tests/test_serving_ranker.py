@@ -143,3 +143,46 @@ def test_adaptive_cache_serves_larger_batches_than_static(cluster):
 
 def _second_engine(eng):
     return Engine(get_provider("tcp"), 1, request_timeout=20)
+
+
+def test_connections_migrate_while_batches_run(cluster, tables):
+    """A second thread migrates connections at random during ranker batches: results stay exact."""
+    import threading
+    cfg = cluster.config
+    rng = np.random.default_rng(21)
+    with Engine(get_provider("tcp"), 3, request_timeout=20) as eng:
+        r = Ranker(cfg, eng, timeout=20, rebalance_every=2)
+        stop = threading.Event()
+        moves = []
+
+        def mover():
+            mrng = np.random.default_rng(0)
+            while not stop.is_set():
+                conn = list(eng.connections.values())[mrng.integers(len(eng.connections))]
+                eng.migrate(conn, int(mrng.integers(3)), timeout=20)
+                moves.append(conn.name)
+        th = threading.Thread(target=mover)
+        th.start()
+        try:
+            for _ in range(12):
+                _, sparse = synthetic_batch(cfg, 32, 8, rng)
+                for g, w in zip(r.embeddings(sparse), local_pooled(cfg, sparse, tables)):
+                    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+        finally:
+            stop.set()
+            th.join(30)
+        assert len(moves) > 0 and eng.migrations >= len(set(moves))
+
+
+@pytest.mark.parametrize("backend", ["file", "evssd"])
+def test_servers_on_other_store_backends(backend):
+    """Servers keep their shards on the file backend or the EV-SSD (model) through EmbeddingStore."""
+    cfg = make_config(2, 1500, 8, 2)
+    with LocalCluster(cfg, backend=backend) as c:
+        model = DLRM(13, 8, 2, seed=1)
+        rng = np.random.default_rng(2)
+        with Engine(get_provider("tcp"), 2, request_timeout=30) as eng:
+            r = Ranker(c.config, eng, model, timeout=30)
+            dense, sparse = synthetic_batch(c.config, 32, 6, rng)
+            np.testing.assert_allclose(r.score(dense, sparse), model.forward(dense, local_pooled(c.config, sparse)),
+                                       rtol=1e-5, atol=1e-6)

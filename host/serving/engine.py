@@ -87,7 +87,8 @@ class Connection:
         self.name = name
         self.qp = qp
         self.weight = weight
-        self.owner = -1
+        self.owner = -1          # the thread requests are routed to
+        self.driver = None       # the thread whose loop holds the queue pair now
         self.lock = threading.Lock()
         self.credits_total = credits
         self.credits = threading.Semaphore(credits)
@@ -201,6 +202,10 @@ class _IoThread(threading.Thread):
             item[2].set()
 
     def _adopt(self, conn):
+        # the one-driver invariant: a queue pair is in at most one thread's loop at a time
+        if conn.driver is not None:
+            raise AssertionError(f"{conn!r} adopted by thread {self.idx} while thread {conn.driver} drives it")
+        conn.driver = self.idx
         if getattr(conn.qp, "needs_polling", False):
             self.polled.append(conn)
             self.conns[conn] = 0
@@ -211,6 +216,8 @@ class _IoThread(threading.Thread):
             self.conns[conn] = mask
 
     def _unregister(self, conn):
+        if conn.driver == self.idx:
+            conn.driver = None
         mask = self.conns.pop(conn, None)
         if conn in self.polled:
             self.polled.remove(conn)
@@ -307,6 +314,7 @@ class _IoThread(threading.Thread):
         self._unregister(conn)
         conn.dead = reason or "connection failed"
         self.conns[conn] = 0          # keep ownership so later ops fail fast here
+        conn.driver = self.idx
         err = ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}")
         for op in list(conn.pending.values()):
             self._finish(conn, op, exc=err)
