@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -272,6 +271,8 @@ def _child(cfg_path: str) -> int:
         res["device_channel_bytes"] = dev_t1[1] - dev_t0[1]
         res["device_rows"] = dev_t1[2] - dev_t0[2]
     store.close()
+    if dev is not None:
+        dev.close()
     Path(cfg["out"]).write_text(json.dumps(res))
     return 0
 
