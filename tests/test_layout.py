@@ -195,3 +195,28 @@ def test_write_verify_on_model_device():
     idx = np.array([599, 0, 200, 199, 401], np.uint32)
     raw = np.asarray(dev.gather(t.table_id, idx)).reshape(len(idx), -1)
     np.testing.assert_array_equal(np.ascontiguousarray(raw[:, :14]).view(np.float16), tabs["x"][idx])
+
+
+def test_torch_like_sources_without_torch():
+    """The torch path is duck-typed (torch is optional): a module with .weight holding a tensor."""
+    w = make_table(12, 4, "fp32")
+
+    class Tensor:
+        def detach(self):
+            return self
+
+        def cpu(self):
+            return self
+
+        def numpy(self):
+            return w
+
+        def __array__(self, dtype=None, copy=None):
+            return w
+
+    class EmbeddingBag:
+        weight = Tensor()
+
+    for src in (EmbeddingBag(), Tensor()):
+        lay = Layout.plan({"bag": src})
+        np.testing.assert_array_equal(lay.pages("bag")[0, :12 * 16].view(np.float32).reshape(12, 4), w)
