@@ -255,6 +255,7 @@ def test_fine_grained_reads(name, stalls):
               seed=seed)
     ops = random_reads(params, random.Random(seed), 40, tw,
                        max_len=256 if params.ch_data_bits == 32 else None)
+    ops.insert(20, ("read", ops[0][1], 0, params.page_size, 1))   # READ_PAGES: a whole page
     b.check(ops, b.run(ops))
 
 
