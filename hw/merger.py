@@ -41,8 +41,9 @@ Ports (all ``lib.stream`` unless noted; payloads are ``lib.data.StructLayout``):
     POOLED ``n_bags * pooled_row_bytes`` (every element widens to 4 bytes).
 
 ``o_free``: ``Out(stream.Signature(unsigned(T), always_ready=True))``: one pulse per retired
-    lookup (good or bad, never for ``empty_bag`` tokens) carrying the freed slot. The slot may
-    be reused (new ``i_row`` beats with that tag) from the next cycle on.
+    lookup (good or bad, never for ``empty_bag`` tokens) carrying the freed slot, from a
+    register (no combinational path from any input). The slot may be reused (new ``i_row``
+    beats with that tag) from the cycle ``o_free.valid`` is high on.
 
 Retirement semantics (bit-exact with ``evssd.host.pooling.pool_rows``):
     GATHER: good row -> its ``row_bytes`` bytes; bad or err row -> ``row_bytes`` zero bytes.
@@ -376,7 +377,8 @@ class ResultMerger(wiring.Component):
         m.d.comb += row_err_now.eq(have & ~cur.bad & ~cur.empty_bag & slot_err &
                                    Mux(row_has_ops, fire & (j == 0), noop_step))
         free_now = have & ~cur.empty_bag & Mux(row_has_ops, fire & last_op, noop_step)
-        m.d.comb += [self.o_free.valid.eq(free_now), self.o_free.payload.eq(cur.slot)]
+        # registered: the engine's credit logic then never sees o_data.ready combinationally
+        m.d.sync += [self.o_free.valid.eq(free_now), self.o_free.payload.eq(cur.slot)]
         finish = Signal()
         m.d.comb += finish.eq((fire & last_op) | noop_step)
         handover = finish & goes_emit
