@@ -1,0 +1,356 @@
+"""The EV-SSD on a board: BRAM flash channels, a BRAM host-memory window, the UART host link.
+
+:class:`BoardCore` is everything except pins and clocks, with the serial line pair as ports, so
+cocotb drives it with a bit-level UART model; :class:`BoardTop` wraps it for the ULX3S-85F
+(PLL, reset button, FTDI UART, LEDs).
+
+Inside :class:`BoardCore`::
+
+    uart_rx -> UartRx -> UartAxiBridge -> BridgeDecoder -+-> EVSSD.s_axil (registers)
+    uart_tx <- UartTx <-'                                 +-> board-info ROM
+                                                          +-> window.s_axil --.
+    EVSSD.m_axi_host ----------------------------------------> window.s_axi ---+- AxiBram (host memory)
+    EVSSD.m_axi_ch[i] ---------------------------------------> AxiBram (flash channel i)
+
+The bridge's 32-bit address map (``evssd.host.uart`` has the same constants):
+
+| range | what |
+| --- | --- |
+| ``0x0000_0000 .. 0x0000_0FFF`` | EV-SSD registers (``hw/regmap.py``) |
+| ``0x0F00_0000 .. 0x0F00_00FF`` | board info: magic "EVBD", window base, window bytes, clock Hz, UART divisor, version |
+| ``0x1000_0000 ..`` | host-memory window (``window_bytes``); the device's DMA addresses are the same numbers |
+| anything else | DECERR |
+"""
+from __future__ import annotations
+
+from amaranth import Module, Signal, Cat, C, Mux, ClockDomain, ClockSignal, ResetSignal, Instance
+from amaranth.lib import wiring
+from amaranth.lib.cdc import ResetSynchronizer
+from amaranth.lib.wiring import In, Out
+
+from .axi import AXI4LiteSignature, Resp
+from .bram import AxiBram
+from .mmio import MMIOManager, ADDR_WIDTH
+from .regmap import Params
+from .uart import UartAxiBridge, UartRx, UartTx
+
+__all__ = ["BoardCore", "BoardTop", "BridgeDecoder", "MMIO_BASE", "BOARD_INFO_BASE", "WINDOW_BASE",
+           "BOARD_MAGIC", "BOARD_VERSION", "BOARD_PARAMS", "board_params", "pll_params"]
+
+MMIO_BASE = 0x0000_0000
+BOARD_INFO_BASE = 0x0F00_0000
+WINDOW_BASE = 0x1000_0000
+BOARD_MAGIC = 0x44425645  # "EVBD"
+BOARD_VERSION = 1
+
+# The ULX3S-85F build: 1 KiB pages, 32 pages (32 KiB of BRAM) per channel, 4 channels.
+BOARD_PARAMS = dict(n_channels=4, host_data_bits=64, ch_data_bits=64, page_size=1024, ways=2,
+                    max_tables=4, max_extents=4, pages_per_channel=32, max_inflight=2,
+                    max_row_bytes=256)
+
+
+def board_params(clock_hz: int = 100_000_000, **overrides) -> Params:
+    return Params(**{**BOARD_PARAMS, "clock_hz": clock_hz, **overrides})
+
+
+def _device_class():
+    """The whole EV-SSD when it is in the tree; the MMIO manager alone otherwise (the board then
+    identifies itself but cannot run commands)."""
+    try:
+        from .device import EVSSD
+        return EVSSD
+    except ImportError:
+        return None
+
+
+class BridgeDecoder(wiring.Component):
+    """Routes the bridge's AXI4-Lite master to the registers, the board-info ROM, the window.
+
+    The bridge runs one transaction at a time, so each direction latches its target when the
+    address arrives and forwards until the response is taken. Unmapped addresses answer DECERR;
+    the ROM answers SLVERR to writes.
+    """
+
+    def __init__(self, *, window_bytes: int, info: list[int]):
+        self.window_bytes = window_bytes
+        self.info = list(info)
+        super().__init__({
+            "s_axil": In(AXI4LiteSignature(addr_width=32, data_width=32)),
+            "m_mmio": Out(AXI4LiteSignature(addr_width=ADDR_WIDTH, data_width=32)),
+            "m_window": Out(AXI4LiteSignature(addr_width=32, data_width=32)),
+        })
+
+    def _select(self, addr):
+        return (addr < (1 << ADDR_WIDTH),
+                (addr >= BOARD_INFO_BASE) & (addr < BOARD_INFO_BASE + 0x100),
+                (addr >= WINDOW_BASE) & (addr < WINDOW_BASE + self.window_bytes))
+
+    def elaborate(self, platform):
+        m = Module()
+        s, mm, win = self.s_axil, self.m_mmio, self.m_window
+
+        # ---- writes
+        wsel = Signal(2)  # 0 mmio, 1 rom, 2 window, 3 none
+        with m.FSM(name="wr"):
+            with m.State("IDLE"):
+                with m.If(s.awvalid):
+                    is_mmio, is_rom, is_win = self._select(s.awaddr)
+                    with m.If(is_mmio):
+                        m.d.sync += wsel.eq(0)
+                        m.next = "FWD"
+                    with m.Elif(is_win):
+                        m.d.sync += wsel.eq(2)
+                        m.next = "FWD"
+                    with m.Else():
+                        m.d.sync += wsel.eq(Cat(C(1, 1), ~is_rom))  # 1 rom, 3 unmapped
+                        m.next = "SINK"
+            with m.State("FWD"):
+                with m.If(wsel == 0):
+                    m.d.comb += [mm.awaddr.eq(s.awaddr), mm.awvalid.eq(s.awvalid), s.awready.eq(mm.awready),
+                                 mm.wdata.eq(s.wdata), mm.wstrb.eq(s.wstrb), mm.wvalid.eq(s.wvalid),
+                                 s.wready.eq(mm.wready), s.bresp.eq(mm.bresp), s.bvalid.eq(mm.bvalid),
+                                 mm.bready.eq(s.bready)]
+                with m.Else():
+                    m.d.comb += [win.awaddr.eq(s.awaddr), win.awvalid.eq(s.awvalid), s.awready.eq(win.awready),
+                                 win.wdata.eq(s.wdata), win.wstrb.eq(s.wstrb), win.wvalid.eq(s.wvalid),
+                                 s.wready.eq(win.wready), s.bresp.eq(win.bresp), s.bvalid.eq(win.bvalid),
+                                 win.bready.eq(s.bready)]
+                with m.If(s.bvalid & s.bready):
+                    m.next = "IDLE"
+            with m.State("SINK"):
+                # ROM (SLVERR: read-only) or unmapped (DECERR): take AW and W, then answer.
+                aw_seen, w_seen = Signal(), Signal()
+                m.d.comb += [s.awready.eq(~aw_seen), s.wready.eq(~w_seen)]
+                m.d.sync += [aw_seen.eq(aw_seen | s.awvalid), w_seen.eq(w_seen | s.wvalid)]
+                with m.If(aw_seen & w_seen):
+                    m.d.comb += [s.bvalid.eq(1), s.bresp.eq(Mux(wsel == 1, Resp.SLVERR, Resp.DECERR))]
+                    with m.If(s.bready):
+                        m.d.sync += [aw_seen.eq(0), w_seen.eq(0)]
+                        m.next = "IDLE"
+
+        # ---- reads
+        rsel = Signal(2)
+        raddr = Signal(8)
+        rom = Signal(32)
+        with m.Switch(raddr[2:]):
+            for i, word in enumerate(self.info):
+                with m.Case(i):
+                    m.d.comb += rom.eq(word)
+        with m.FSM(name="rd"):
+            with m.State("IDLE"):
+                with m.If(s.arvalid):
+                    is_mmio, is_rom, is_win = self._select(s.araddr)
+                    m.d.sync += raddr.eq(s.araddr[:8])
+                    with m.If(is_mmio):
+                        m.d.sync += rsel.eq(0)
+                    with m.Elif(is_rom):
+                        m.d.sync += rsel.eq(1)
+                    with m.Elif(is_win):
+                        m.d.sync += rsel.eq(2)
+                    with m.Else():
+                        m.d.sync += rsel.eq(3)
+                    m.next = "FWD"
+            with m.State("FWD"):
+                with m.Switch(rsel):
+                    with m.Case(0):
+                        m.d.comb += [mm.araddr.eq(s.araddr), mm.arvalid.eq(s.arvalid), s.arready.eq(mm.arready),
+                                     s.rdata.eq(mm.rdata), s.rresp.eq(mm.rresp), s.rvalid.eq(mm.rvalid),
+                                     mm.rready.eq(s.rready)]
+                    with m.Case(2):
+                        m.d.comb += [win.araddr.eq(s.araddr), win.arvalid.eq(s.arvalid), s.arready.eq(win.arready),
+                                     s.rdata.eq(win.rdata), s.rresp.eq(win.rresp), s.rvalid.eq(win.rvalid),
+                                     win.rready.eq(s.rready)]
+                    with m.Default():
+                        m.d.comb += s.arready.eq(1)
+                        with m.If(s.arvalid):
+                            m.next = "LOCAL_R"
+                with m.If(s.rvalid & s.rready):
+                    m.next = "IDLE"
+            with m.State("LOCAL_R"):
+                m.d.comb += [s.rvalid.eq(1),
+                             s.rdata.eq(Mux(rsel == 1, rom, 0)),
+                             s.rresp.eq(Mux(rsel == 1, Resp.OKAY, Resp.DECERR))]
+                with m.If(s.rready):
+                    m.next = "IDLE"
+        return m
+
+
+class _Stretch:
+    """A pulse made visible: the LED stays on for ``cycles`` after the last event."""
+
+    @staticmethod
+    def add(m, event, cycles):
+        count = Signal(range(cycles + 1))
+        with m.If(event):
+            m.d.sync += count.eq(cycles)
+        with m.Elif(count != 0):
+            m.d.sync += count.eq(count - 1)
+        return count != 0
+
+
+class BoardCore(wiring.Component):
+    """The EV-SSD with BRAM flash channels, a BRAM host window and the UART bridge.
+
+    Ports: ``uart_rx: In(1)`` (line into the board, idle high), ``uart_tx: Out(1)``,
+    ``leds: Out(4)`` = heartbeat, irq, busy, error.
+
+    ``divisor``: clock cycles per UART bit (4 in simulation; ``clock_hz // baud`` on a board).
+    ``window_bytes``: host-memory window size (power of two). ``idle_timeout``: cycles of line
+    silence that end a broken frame (default: 64 byte times).
+    """
+
+    def __init__(self, params: Params, *, divisor: int = 4, window_bytes: int = 16384,
+                 idle_timeout: int | None = None, heartbeat_bits: int | None = None,
+                 device: bool | None = None):
+        if not isinstance(params, Params):
+            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        if window_bytes < 1024 or window_bytes & (window_bytes - 1):
+            raise ValueError(f"window_bytes {window_bytes} must be a power of two >= 1024")
+        if not isinstance(divisor, int) or divisor < 4:
+            raise ValueError(f"divisor {divisor!r} must be an integer >= 4 cycles per bit")
+        self.params = params
+        self.divisor = divisor
+        self.window_bytes = window_bytes
+        self.idle_timeout = idle_timeout or divisor * 10 * 64
+        hz = params.clock_hz
+        self.heartbeat_bits = heartbeat_bits or (max(hz, 1 << 10).bit_length())
+        self.stretch = max(hz // 8, 64)
+        cls = _device_class() if device is not False else None
+        if device and cls is None:
+            raise RuntimeError("hw/device.py (EVSSD) is not available in this tree")
+        self.device_class = cls
+        super().__init__({
+            "uart_rx": In(1, init=1),
+            "uart_tx": Out(1, init=1),
+            "leds": Out(4),
+        })
+
+    @property
+    def info_words(self) -> list[int]:
+        return [BOARD_MAGIC, WINDOW_BASE, self.window_bytes, self.params.clock_hz, self.divisor,
+                BOARD_VERSION]
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self.params
+        m.submodules.rx = rx = UartRx(self.divisor)
+        m.submodules.tx = tx = UartTx(self.divisor)
+        m.submodules.bridge = bridge = UartAxiBridge(idle_timeout=self.idle_timeout)
+        m.submodules.decoder = dec = BridgeDecoder(window_bytes=self.window_bytes, info=self.info_words)
+        m.d.comb += [rx.rx.eq(self.uart_rx), self.uart_tx.eq(tx.tx)]
+        wiring.connect(m, rx.o_data, bridge.i_rx)
+        wiring.connect(m, bridge.o_tx, tx.i_data)
+        wiring.connect(m, bridge.m_axil, dec.s_axil)
+
+        irq = C(0, 1)
+        activity = bridge.active
+        if self.device_class is not None:
+            m.submodules.device = dev = self.device_class(p)
+            wiring.connect(m, dec.m_mmio, dev.s_axil)
+            host_sig = dev.signature.members["m_axi_host"].signature
+            m.submodules.window = win = AxiBram(
+                size=self.window_bytes, data_width=host_sig.data_width, addr_width=host_sig.addr_width,
+                id_width=host_sig.id_width, lite_port=True)
+            wiring.connect(m, dev.m_axi_host, win.s_axi)
+            activity = activity | dev.m_axi_host.arvalid | dev.m_axi_host.awvalid
+            for c in range(p.n_channels):
+                port = getattr(dev, f"m_axi_ch{c}")
+                sig = dev.signature.members[f"m_axi_ch{c}"].signature
+                flash = AxiBram(size=p.channel_bytes, data_width=sig.data_width,
+                                addr_width=sig.addr_width, id_width=sig.id_width)
+                m.submodules[f"flash{c}"] = flash
+                wiring.connect(m, port, flash.s_axi)
+                activity = activity | port.arvalid | port.awvalid
+            irq = dev.irq
+        else:
+            m.submodules.device = mmio = MMIOManager(p)
+            wiring.connect(m, dec.m_mmio, mmio.s_axil)
+            m.submodules.window = win = AxiBram(size=self.window_bytes, data_width=p.host_data_bits,
+                                                addr_width=64, lite_port=True)
+        wiring.connect(m, dec.m_window, win.s_axil)
+
+        beat = Signal(self.heartbeat_bits)
+        m.d.sync += beat.eq(beat + 1)
+        error = bridge.crc_error | bridge.bus_error | bridge.timeout | rx.frame_error | rx.overrun
+        m.d.comb += self.leds.eq(Cat(beat[-1], irq,
+                                     _Stretch.add(m, activity, self.stretch),
+                                     _Stretch.add(m, error, self.stretch)))
+        return m
+
+
+def pll_params(f_in: float, f_out: float) -> dict:
+    """EHXPLLL dividers for ``f_out`` from ``f_in`` (MHz): VCO 400..800 MHz, PFD >= 3.125 MHz;
+    the closest achievable output frequency wins."""
+    best = None
+    for refdiv in range(1, 129):
+        pfd = f_in / refdiv
+        if pfd < 3.125:
+            break
+        for fbdiv in range(1, 81):
+            fout = pfd * fbdiv
+            for opdiv in range(1, 129):
+                vco = fout * opdiv
+                if 400 <= vco <= 800:
+                    err = abs(fout - f_out)
+                    if best is None or err < best[0]:
+                        best = (err, refdiv, fbdiv, opdiv, fout)
+    if best is None:
+        raise ValueError(f"no PLL setting makes {f_out} MHz from {f_in} MHz")
+    err, refdiv, fbdiv, opdiv, fout = best
+    return {"CLKI_DIV": refdiv, "CLKFB_DIV": fbdiv, "CLKOP_DIV": opdiv, "f_out": fout}
+
+
+class BoardTop(wiring.Component):
+    """ULX3S-85F wrapper: 25 MHz -> PLL -> ``clock_hz``, reset on the PWR button or PLL unlock,
+    the FTDI UART, LEDs 0..3 = heartbeat, irq, busy, error; LED 7 = PLL locked."""
+
+    def __init__(self, params: Params | None = None, *, baud: int = 115200,
+                 window_bytes: int = 16384, device: bool | None = None):
+        self.params = params or board_params()
+        if self.params.clock_hz <= 0:
+            raise ValueError("BoardTop needs params.clock_hz (the PLL output frequency)")
+        self.baud = baud
+        self.divisor = self.params.clock_hz // baud
+        if self.divisor < 4:
+            raise ValueError(f"baud {baud} too high for {self.params.clock_hz} Hz (divisor {self.divisor})")
+        self.window_bytes = window_bytes
+        self.device = device
+        super().__init__({})
+
+    def elaborate(self, platform):
+        m = Module()
+        clk25 = platform.request("clk25", 0)
+        f_out = self.params.clock_hz / 1e6
+        pll = pll_params(25.0, f_out)
+        if abs(pll["f_out"] - f_out) > 1e-6:
+            raise ValueError(f"the PLL cannot make exactly {f_out} MHz from 25 MHz "
+                             f"(closest {pll['f_out']:.3f} MHz); set clock_hz to that")
+        clk = Signal()
+        locked = Signal()
+        m.submodules.pll = Instance(
+            "EHXPLLL",
+            p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
+            p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_CLKOP_ENABLE="ENABLED",
+            p_CLKI_DIV=pll["CLKI_DIV"], p_CLKFB_DIV=pll["CLKFB_DIV"], p_CLKOP_DIV=pll["CLKOP_DIV"],
+            p_CLKOP_CPHASE=pll["CLKOP_DIV"] - 1, p_CLKOP_FPHASE=0, p_FEEDBK_PATH="CLKOP",
+            i_CLKI=clk25.i, i_CLKFB=clk, o_CLKOP=clk, o_LOCK=locked,
+            i_RST=0, i_STDBY=0, i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1,
+            i_PHASELOADREG=1, i_PLLWAKESYNC=0, i_ENCLKOP=0,
+            a_FREQUENCY_PIN_CLKI="25", a_FREQUENCY_PIN_CLKOP=str(int(f_out)) if f_out == int(f_out) else f"{f_out:.3f}",
+            a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1",
+            a_MFG_GMCREF_SEL="2",
+        )
+        m.domains.sync = ClockDomain("sync")
+        m.d.comb += ClockSignal("sync").eq(clk)
+        button = platform.request("button_pwr", 0)
+        m.submodules.reset_sync = ResetSynchronizer(button.i | ~locked, domain="sync")
+        platform.add_clock_constraint(clk, self.params.clock_hz)
+
+        m.submodules.core = core = BoardCore(self.params, divisor=self.divisor,
+                                             window_bytes=self.window_bytes, device=self.device)
+        uart = platform.request("uart", 0)
+        m.d.comb += [core.uart_rx.eq(uart.rx.i), uart.tx.o.eq(core.uart_tx)]
+        for i in range(4):
+            m.d.comb += platform.request("led", i).o.eq(core.leds[i])
+        m.d.comb += platform.request("led", 7).o.eq(locked)
+        return m
