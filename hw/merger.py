@@ -61,7 +61,7 @@ one channel, rows already arriving at one beat per cycle; "beats" are ROB beats 
       (a bag's sums go out while the next bag accumulates, but the emitter holds one bag at a
       time: a bag-ending row starts only once the previous bag's emission is done).
     - POOLED fp16: 0.49, int8: 0.25 (each beat widens into 2 or 4 groups of K 32-bit lanes).
-    - Rows shorter than ``ACCUM_HAZARD_CYCLES`` (7) beats: one pooled row per 7 cycles within a
+    - Rows shorter than ``ACCUM_HAZARD_CYCLES`` (6) beats: one pooled row per 6 cycles within a
       bag (the adder latency; sums stay strictly sequential, so no reassociation is possible).
     - Wc > Wh: output-bound at one host beat per cycle (ch256/host64 gather: 0.996 host beats/cycle).
     One ROB write per cycle is shared by all channels.
@@ -82,9 +82,10 @@ from .regmap import ElemType, Params
 __all__ = ["ResultMerger", "WordPacker", "row_layout", "desc_layout", "out_layout",
            "ACCUM_HAZARD_CYCLES"]
 
-# Cycles from an accumulate op reading acc[j] to the cycle a new read of acc[j] sees its sum:
-# issue -> R (memory data) -> W (operands) -> adder (LATENCY) -> write.
-ACCUM_HAZARD_CYCLES = Fp32Adder.LATENCY + 3
+# Cycles from an accumulate op reading acc[j] to the first cycle a new read of acc[j] sees its
+# sum: issue -> R (memory data) -> W (operands) -> adder (LATENCY) -> write, which the
+# write-transparent read ports return in the cycle it is written.
+ACCUM_HAZARD_CYCLES = Fp32Adder.LATENCY + 2
 
 
 def _slot_bits(n_slots: int) -> int:
@@ -264,8 +265,8 @@ class ResultMerger(wiring.Component):
         rob_w = rob.write_port()
         rob_r = rob.read_port()
         acc_w = acc.write_port()
-        acc_r = acc.read_port()
-        acc_e = acc.read_port()
+        acc_r = acc.read_port(transparent_for=(acc_w,))
+        acc_e = acc.read_port(transparent_for=(acc_w,))
 
         done = Signal(n_slots)
         errf = Signal(n_slots)
