@@ -441,7 +441,8 @@ class Engine:
     def read_rows(self, conn: Connection, rkey: int, offsets: np.ndarray, length: int, *,
                   out: np.ndarray | None = None, timeout: float | None = None,
                   block: bool = True) -> Future:
-        """One READ of ``length`` bytes per entry of ``offsets`` (byte offsets in region ``rkey``).
+        """One READ of ``length`` bytes per entry of ``offsets`` (addresses in region ``rkey``:
+        the region's ``addr`` from META plus the byte offset; ``addr`` is 0 on tcp).
 
         The future completes with a ``[n, length]`` uint8 array. Counts as one credit; at most
         ``read_window`` READs of it are outstanding on the wire at once.

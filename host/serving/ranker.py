@@ -374,7 +374,7 @@ class Ranker:
             rb = m["row_bytes"]
             # the server's range that holds this shard (it may hold a wider one)
             lo, _, first = next(r for r in m["ranges"] if r[0] <= shard.lo < r[1])
-            return self.engine.read_rows(conn, m["rkey"], (idx - lo + first) * rb, rb,
+            return self.engine.read_rows(conn, m["rkey"], m.get("addr", 0) + (idx - lo + first) * rb, rb,
                                          timeout=self.timeout)
         typ = P.MsgType.POOLED if kind == "pooled" else P.MsgType.GATHER
         return self.engine.request(conn, P.encode_request(P.Request(typ, shard.table, idx, off)),

@@ -3,7 +3,8 @@
 The vocabulary is the verbs one, so code above it reads like RDMA code:
 
 * a :class:`Provider` is a protection domain: it registers memory regions (:meth:`reg_mr`)
-  that peers may read one-sidedly by key, and creates connected queue pairs;
+  that peers may read one-sidedly by key at ``addr + offset``, and creates connected queue
+  pairs;
 * a :class:`QueuePair` (reliable connected) takes work requests: ``post_send`` (two-sided
   message, consumed by a receive the peer posted), ``post_recv`` (a buffer for the next
   incoming SEND) and ``post_read`` (one-sided: copies bytes of a remote registered region into
@@ -50,9 +51,10 @@ class WorkCompletion:
 class MemoryRegion:
     """A registered buffer: peers read it by ``rkey`` at byte offsets ``[0, length)``."""
 
-    def __init__(self, buf, rkey: int):
+    def __init__(self, buf, rkey: int, addr: int = 0):
         self.buf = memoryview(buf).cast("B")
         self.rkey = rkey
+        self.addr = addr          # what a peer adds to byte offsets in READs (0 for tcp)
         self.length = self.buf.nbytes
 
 

@@ -8,8 +8,8 @@ without the server's threads doing work beyond the provider's.
 Requests (indices are global row ids of the table):
 
 * META -> JSON: the server's name, and per table ``ranges`` (``[lo, hi, first local row]``),
-  ``dim``, ``rkey``, ``row_bytes`` (row ``i`` of range k is at byte
-  ``(i - lo + first) * row_bytes`` of the region);
+  ``dim``, ``rkey``, ``addr``, ``row_bytes`` (row ``i`` of range k is READ at
+  ``addr + (i - lo + first) * row_bytes``);
 * GATHER(table, indices) -> float32 ``[n, dim]``;
 * POOLED(table, indices, offsets[B+1]) -> float32 ``[B, dim]``: hierarchical pooling, the sum of
   this server's rows of each bag (the ranker adds the partial sums of all shards);
@@ -89,7 +89,7 @@ class EmbeddingServer:
         return {"server": self.name, "tables": {
             t: {"ranges": [[int(lo), int(hi), int(st)] for lo, hi, st in
                            zip(self._los[t], self._his[t], self._starts[t])],
-                "dim": int(self.arrays[t].shape[1]), "rkey": self.mrs[t].rkey,
+                "dim": int(self.arrays[t].shape[1]), "rkey": self.mrs[t].rkey, "addr": int(self.mrs[t].addr),
                 "row_bytes": int(self.arrays[t].shape[1] * 4)}
             for t in self.ranges}}
 

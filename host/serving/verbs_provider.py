@@ -7,8 +7,9 @@ raises :class:`~.rdma.RdmaUnavailable` with what to do instead.
 Connection set-up uses a TCP side channel (the listener's port) to swap queue-pair numbers,
 LIDs/GIDs, PSNs and receive depths, then moves both queue pairs RESET -> INIT -> RTR -> RTS.
 Data moves only through the NIC: SEND/RECV for requests and replies, RDMA READ (one-sided) into
-local registered buffers. Remote addresses are region offsets: a region's base address travels
-with its rkey in the server's META reply.
+local registered buffers. A READ names the remote virtual address: the region's ``addr``
+travels with its rkey in the server's META reply (the tcp provider's regions have ``addr`` 0, so
+there it is a plain offset). The server side busy-polls its completion queue.
 
 Status: written against the pyverbs API of rdma-core >= 40 but not run here (this machine's
 kernel has no RDMA support); the tests cover the unavailable path only.
@@ -84,7 +85,7 @@ class VerbsProvider(Provider):
         qp = self._qp.QP(self.pd, init)
         port_attr = self.ctx.query_port(self.port)
         gid = self.ctx.query_gid(self.port, self.gid_index)
-        info = {"qpn": qp.qp_num, "lid": port_attr.lid, "gid": str(gid), "psn": 0, "recv_depth": depth}
+        info = {"qpn": qp.qp_num, "lid": port_attr.lid, "gid": gid.gid, "psn": 0, "recv_depth": depth}
         return qp, cq, info
 
     def _to_rts(self, qp, remote):
@@ -97,13 +98,13 @@ class VerbsProvider(Provider):
         attr.rq_psn = remote["psn"]
         attr.max_dest_rd_atomic = 16
         attr.min_rnr_timer = 12
-        attr.ah_attr.port_num = self.port
-        attr.ah_attr.dlid = remote["lid"]
+        from pyverbs.addr import GID, AHAttr, GlobalRoute
         if remote["lid"] == 0:   # RoCE: route by GID
-            from pyverbs.addr import GID, GlobalRoute
-            attr.ah_attr.is_global = 1
-            attr.ah_attr.gr = GlobalRoute(dgid=GID(remote["gid"]), sgid_index=self.gid_index)
-            attr.ah_attr.gr.hop_limit = 64
+            gr = GlobalRoute(dgid=GID(remote["gid"]), sgid_index=self.gid_index)
+            gr.hop_limit = 64
+            attr.ah_attr = AHAttr(port_num=self.port, is_global=1, gr=gr)
+        else:                    # InfiniBand: route by LID
+            attr.ah_attr = AHAttr(port_num=self.port, dlid=remote["lid"])
         qp.to_rtr(attr)
         attr.sq_psn = 0
         attr.timeout = 14
@@ -217,11 +218,12 @@ class VerbsQueuePair(QueuePair):
         sge = self.p._wr.SGE(mr.buf, view.nbytes + P.HEADER.size, mr.lkey)
         self.qp.post_recv(self.p._wr.RecvWR(wr_id=wr_id, num_sge=1, sg=[sge]))
 
-    def post_read(self, wr_id, local, rkey, offset, length, remote_base=0):
+    def post_read(self, wr_id, local, rkey, offset, length):
+        # offset is the remote virtual address: region addr (from META) + byte offset
         view = memoryview(local).cast("B")
         mr = self._bounce(length)
         self._bufs[("d", wr_id)] = (mr, view, length)
-        self._post(wr_id, self.p._e.IBV_WR_RDMA_READ, mr, length, rkey, remote_base + offset)
+        self._post(wr_id, self.p._e.IBV_WR_RDMA_READ, mr, length, rkey, offset)
 
     def progress(self):
         e = self.p._e
