@@ -219,5 +219,5 @@ def _run_rtl(args) -> int:
     except runner.SimulationFailed as exc:
         print(f"RTL demo failed: {exc}", file=sys.stderr)
         return 1
-    print(report.read_text() if not report.exists() else json.loads(report.read_text())["text"])
+    print(json.loads(report.read_text())["text"])
     return 0
