@@ -52,8 +52,15 @@ class Fp32Adder(wiring.Component):
         both_inf_opp = x_max & y_max & (fx == 0) & (fy == 0) & (x[31] != y[31])
         exf = Mux(ex == 0, 1, ex)       # subnormals: exponent 1, no hidden bit
         eyf = Mux(ey == 0, 1, ey)
-        diff = Signal(8)
-        m.d.comb += diff.eq(exf - eyf)
+        # Both exponent differences are computed from the unswapped operands, in parallel with
+        # the magnitude compare, and selected by it: the compare -> swap -> subtract chain was
+        # the critical path.
+        ea, eb = a[23:31], b[23:31]
+        eaf = Mux(ea == 0, 1, ea)
+        ebf = Mux(eb == 0, 1, eb)
+        d_ab, d_ba = Signal(9), Signal(9)
+        m.d.comb += [d_ab.eq(eaf - ebf), d_ba.eq(ebf - eaf)]
+        diff = Mux(swap, d_ba, d_ab)    # = exf - eyf >= 0
 
         s1_sign = Signal()
         s1_sub = Signal()
@@ -71,7 +78,7 @@ class Fp32Adder(wiring.Component):
             s1_mx.eq(Cat(fx, ex != 0)),
             s1_my.eq(Cat(fy, ey != 0)),
             # Shifts of 27 or more leave only the sticky bit, so 31 stands for all of them.
-            s1_d.eq(Mux(diff > 31, 31, diff)),
+            s1_d.eq(Mux(diff[5:] != 0, 31, diff[:5])),
             s1_nan.eq(x_nan | y_nan | both_inf_opp),
             s1_inf.eq(x_max),           # |x| >= |y|: x is infinite whenever the sum is
             s1_valid.eq(self.i_valid),
