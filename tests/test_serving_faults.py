@@ -93,6 +93,12 @@ def test_replica_takes_over(fault):
                 sparse = _batch(c.config, 9)
                 _check(c.config, r.embeddings(sparse), sparse)
                 assert r.retries == before          # s0 is avoided now (dead or suspect)
+                if fault == "kill":
+                    # a ranker started while s0 is down treats it as dead and uses the replicas
+                    with Engine(get_provider("tcp"), 1, request_timeout=1.0) as eng2:
+                        r2 = Ranker(c.config, eng2, timeout=1.0)
+                        assert "unreachable at start" in r2.conns["s0"].dead
+                        _check(c.config, r2.embeddings(sparse), sparse)
             finally:
                 if fault == "stall":
                     c.resume("s0")

@@ -70,8 +70,8 @@ def add_arguments(parser):
 
 
 def _rank(cfg, args, check: bool) -> int:
-    from .engine import Engine
-    from .ranker import DLRM, Ranker, criteo_batches, local_pooled, synthetic_batch
+    from .engine import EngineError
+    from .ranker import DLRM, ServingError, criteo_batches
     from .rdma import RdmaUnavailable, get_provider
 
     try:
@@ -83,6 +83,16 @@ def _rank(cfg, args, check: bool) -> int:
     criteo = criteo_batches(cfg, args.criteo, args.batch_size) if args.criteo else None
     model = DLRM(13, cfg["dim"], len(cfg["tables"]), seed=args.seed)
     budget = int(args.budget_mb * (1 << 20)) if args.budget_mb else None
+    try:
+        return _rank_loop(cfg, args, check, provider, model, budget, criteo, rng)
+    except (ServingError, EngineError) as exc:
+        print(f"evssd serve ranker: {exc}", file=sys.stderr)
+        return 1
+
+
+def _rank_loop(cfg, args, check, provider, model, budget, criteo, rng):
+    from .engine import Engine
+    from .ranker import Ranker, local_pooled, synthetic_batch
     lat = []
     with Engine(provider, args.threads, credits=args.credits, request_timeout=args.timeout) as eng:
         ranker = Ranker(cfg, eng, model, fetch=args.fetch, budget_bytes=budget,

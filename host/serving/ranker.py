@@ -285,6 +285,15 @@ class _Shard:
         self.table, self.lo, self.hi, self.servers = table, lo, hi, servers
 
 
+class _Unreachable:
+    """Stands in for the connection to a server that could not be reached."""
+
+    def __init__(self, name, peer, reason):
+        self.name, self.dead = name, reason
+        self.qp = type("Peer", (), {"peer": peer})()
+        self.credits_total = 0
+
+
 class Ranker:
     def __init__(self, cfg: dict, engine: Engine, model: DLRM | None = None, *, fetch: str = "pooled",
                  budget_bytes: int | None = None, adaptive: bool = True, static_cache_rows: int = 0,
@@ -330,10 +339,17 @@ class Ranker:
         self.meta = {}
         for s in sorted(weight, key=lambda s: -weight[s]):
             scfg = self.cfg["servers"][s]
-            conn = self.engine.connect(s, scfg["host"], scfg["port"], weight=max(weight[s], 1e-3))
-            self.conns[s] = conn
-            self.meta[s] = self.engine.request(conn, P.encode_request(P.Request(P.MsgType.META))
-                                               ).result(self.timeout + 1)["tables"]
+            try:
+                conn = self.engine.connect(s, scfg["host"], scfg["port"], weight=max(weight[s], 1e-3),
+                                           timeout=self.timeout)
+                self.conns[s] = conn
+                self.meta[s] = self.engine.request(conn, P.encode_request(P.Request(P.MsgType.META))
+                                                   ).result(self.timeout + 1)["tables"]
+            except (OSError, P.ProtocolError, EngineError, FutureTimeout) as exc:
+                # a server that is down at start is a dead connection: replicas take its shards,
+                # and a shard with no live server fails its batches with this reason
+                self.conns[s] = _Unreachable(s, f"{scfg['host']}:{scfg['port']}",
+                                             f"unreachable at start: {type(exc).__name__}: {exc}")
 
     # -------------------------------------------------------------- memory budget
     def batch_bytes(self, batch: int, nnz: int) -> int:
