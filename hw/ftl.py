@@ -76,8 +76,9 @@ class LinearFTL(wiring.Component):
             m.d.comb += [page.eq(lba >> k), channel.eq(lba[:k] if k else 0)]
         else:
             # 3, 5, 6, 7: multiply by the build-time reciprocal (exact for all 32-bit lba, see
-            # regmap.div_magic). The constant multiply is a few adders, no divider and no table;
-            # the remainder is lba - page * n, of which only the low 3 bits are needed.
+            # regmap.div_magic) instead of a divider or a 2**32-entry table; yosys maps the
+            # constant multiply to 5 MULT18X18D on ECP5 (138 cells in all for n = 3). The
+            # remainder is lba - page * n, of which only the low 3 bits are needed.
             dm = div_magic(n)
             m.d.comb += [
                 page.eq((lba * dm.magic) >> dm.shift),
