@@ -177,6 +177,17 @@ class _IoThread(threading.Thread):
                 self._expire(now)
         for conn in list(self.conns):
             self._drop(conn, "engine closed")
+        err = ConnectionLost("engine closed")
+        while self.inbox:                       # requests that never started fail, not hang
+            item = self.inbox.popleft()
+            if item[0] == "op":
+                self._finish(item[1], item[2], exc=err)
+            elif item[0] == "close":
+                item[2].set()
+        for conn, ops in self.held.items():
+            for op in ops:
+                self._finish(conn, op, exc=err)
+        self.held.clear()
         self.sel.close()
         self._wr.close()
         self._ww.close()
@@ -372,6 +383,7 @@ class Engine:
         for t in self.threads:
             t.start()
         self.migrations = 0
+        self._rebalance_lock = threading.Lock()
 
     # -------------------------------------------------------------- connections
     def connect(self, name: str, host: str, port: int, *, weight: float = 1.0,
@@ -481,15 +493,20 @@ class Engine:
         """Move ``conn`` to I/O thread ``thread``; returns when the new thread owns it."""
         if not 0 <= thread < len(self.threads):
             raise ValueError(f"thread {thread} out of range 0..{len(self.threads) - 1}")
-        if not conn.migrated.wait(timeout):
-            raise EngineError(f"connection {conn.name}: previous migration did not finish")
-        with conn.lock:
-            old = conn.owner
-            if old == thread:
-                return
-            conn.migrated.clear()
-            conn.owner = thread
-            self.threads[old].post(("release", conn, self.threads[thread]))
+        deadline = time.monotonic() + timeout
+        while True:
+            if not conn.migrated.wait(max(0.0, deadline - time.monotonic())):
+                raise EngineError(f"connection {conn.name}: previous migration did not finish")
+            with conn.lock:
+                if not conn.migrated.is_set():
+                    continue                  # another migration won the race: wait for it
+                old = conn.owner
+                if old == thread:
+                    return
+                conn.migrated.clear()
+                conn.owner = thread
+                self.threads[old].post(("release", conn, self.threads[thread]))
+                break
         self.migrations += 1
         if not conn.migrated.wait(timeout):
             raise EngineError(f"connection {conn.name}: migration {old}->{thread} did not finish in {timeout} s")
@@ -504,6 +521,10 @@ class Engine:
     def rebalance(self, ratio: float = 1.5) -> list[tuple[str, int, int]]:
         """Migrate one connection from the busiest to the idlest thread if their traffic since
         the last call differs by more than ``ratio``; returns the moves made."""
+        with self._rebalance_lock:
+            return self._rebalance(ratio)
+
+    def _rebalance(self, ratio):
         moves = []
         if len(self.threads) > 1:
             loads = self.thread_loads()
