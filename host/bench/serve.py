@@ -2,8 +2,10 @@
 
 1. engine: multi- vs single-threaded I/O across fan-out 1..8 servers, uniform and skewed shard
    sizes (throughput, p50/p99 batch latency; ``--clients`` rankers share the engine);
-2. pooling: hierarchical pooling on the servers vs row-by-row one-sided READs (bytes on the
-   wire per batch, batch latency);
+   then live migration: all connections start on one thread and the engine rebalances by
+   measured bytes, against mapping-aware placement from the start;
+2. pooling: hierarchical pooling on the servers (one MULTI message per server, or one message
+   per table) vs row-by-row one-sided READs (bytes on the wire per batch, batch latency);
 3. cache: adaptive vs static ranker cache under one memory budget (largest batch served,
    latency and hit rate per batch size);
 4. overhead: engine request round trip vs a bare blocking-socket round trip of the same size.
@@ -62,7 +64,7 @@ def _wire_bytes(engine):
     return sum(c.bytes_moved for c in engine.connections.values())
 
 
-def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalance_every=0):
+def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalance_every=0, pin_thread=None):
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.ranker import Ranker, synthetic_batch
     from evssd.host.serving.rdma import get_provider
@@ -70,7 +72,8 @@ def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalanc
     rng = np.random.default_rng(seed)
     work = [synthetic_batch(cfg, batch, pooling, rng)[1] for _ in range(min(batches, 8))]
     with Engine(get_provider("tcp"), threads, credits=16, request_timeout=30) as eng:
-        ranker = Ranker(cfg, eng, timeout=30, rebalance_every=rebalance_every)
+        ranker = Ranker(cfg, eng, timeout=30, rebalance_every=rebalance_every, pin_thread=pin_thread)
+        start_place = eng.placement()
         for w in work[:4]:
             ranker.embeddings(w)                      # warm-up (first touches of receive buffers)
         lat = []
@@ -93,7 +96,7 @@ def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalanc
         wall = time.perf_counter() - t0
         out = {"threads": threads, "samples_per_s": batches * batch / wall,
                **{k + "_ms": v * 1e3 for k, v in percentiles(lat).items()},
-               "migrations": eng.migrations, "placement": eng.placement()}
+               "migrations": eng.migrations, "placement": eng.placement(), "start_placement": start_place}
     return out
 
 
@@ -259,6 +262,26 @@ def run(args) -> int:
                     print(f"engine  fan-out {f} {skew_name:7s} threads {th}: {p['samples_per_s']:9.0f} samples/s "
                           f"p50 {p['p50_ms']:6.2f} ms p99 {p['p99_ms']:6.2f} ms migrations {p['migrations']}", flush=True)
         data["engine"] = eng_rows
+        # live migration: every connection starts on thread 0 (placement-unaware), the engine
+        # rebalances every 2 batches by measured bytes; compare with mapping-aware placement
+        fmax = fanouts[-1]
+        cfg = _view(ccfg, args.tables, args.rows, args.dim, fmax, None if fmax == 1 else [4.0] + [1.0] * (fmax - 1))
+        mig = []
+        for label, pin, reb in (("pinned to thread 0, no rebalance", 0, 0),
+                                ("pinned to thread 0, rebalance every 2", 0, 2),
+                                ("mapping-aware placement", None, 0)):
+            rs = [_engine_point(cfg, args.threads, args.clients, batches, args.batch_size, args.pooling,
+                                seed=99, rebalance_every=reb, pin_thread=pin) for _ in range(reps)]
+            p = {"variant": label, "fanout": fmax, "threads": args.threads,
+                 "samples_per_s": float(np.median([r["samples_per_s"] for r in rs])),
+                 "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
+                 "p99_ms": float(np.median([r["p99_ms"] for r in rs])),
+                 "migrations": sum(r["migrations"] for r in rs),
+                 "final_placement": rs[-1]["placement"]}
+            mig.append(p)
+            print(f"migrate {label:38s}: {p['samples_per_s']:9.0f} samples/s p50 {p['p50_ms']:6.2f} ms "
+                  f"p99 {p['p99_ms']:6.2f} ms, migrations {p['migrations']}, final {p['final_placement']}", flush=True)
+        data["migration"] = mig
         # 2. hierarchical pooling vs row-by-row READs
         cfg4 = _view(ccfg, args.tables, args.rows, args.dim, min(4, nfan), None)
         pb = 64 if quick else 128

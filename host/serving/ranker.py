@@ -298,13 +298,14 @@ class Ranker:
     def __init__(self, cfg: dict, engine: Engine, model: DLRM | None = None, *, fetch: str = "pooled",
                  budget_bytes: int | None = None, adaptive: bool = True, static_cache_rows: int = 0,
                  timeout: float = 5.0, suspect_seconds: float = 30.0, rebalance_every: int = 0,
-                 batch_messages: bool = True):
+                 batch_messages: bool = True, pin_thread: int | None = None):
         if fetch not in ("pooled", "rows"):
             raise ValueError(f"fetch must be 'pooled' or 'rows', got {fetch!r}")
         self.cfg = cfg
         self.engine = engine
         self.fetch = fetch
         self.batch_messages = batch_messages
+        self.pin_thread = pin_thread      # place every connection on one thread (placement-unaware)
         self.timeout = timeout
         self.dim = cfg["dim"]
         self.tables = list(cfg["tables"])
@@ -341,7 +342,7 @@ class Ranker:
             scfg = self.cfg["servers"][s]
             try:
                 conn = self.engine.connect(s, scfg["host"], scfg["port"], weight=max(weight[s], 1e-3),
-                                           timeout=self.timeout)
+                                           timeout=self.timeout, thread=self.pin_thread)
                 self.conns[s] = conn
                 self.meta[s] = self.engine.request(conn, P.encode_request(P.Request(P.MsgType.META))
                                                    ).result(self.timeout + 1)["tables"]
