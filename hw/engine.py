@@ -1,0 +1,807 @@
+"""Command engine: validates commands, streams index lists in, emits lookups, writes results.
+
+``CommandEngine(params, n_slots)`` sits between the queues (:mod:`evssd.hw.queues`), the host
+DMA, the translator, the FTL, the flash channels (programs) and the merger:
+
+```
+i_cmd -> front (one command at a time):
+   decode/validate -> probe the table through the translator (row_bytes, elem, enabled)
+   -> result-size check -> (pooled) offsets pass 1: validate -> emit lookups in request order
+   (index list and, pooled, offsets pass 2 stream in by DMA in 128-byte chunks, so both
+   streams share the single-transfer DMA read engine without deadlock)
+translator o_resp + side FIFO (what each request was) -> fork:
+   lookup  -> merger i_desc (+ FTL when the index translated), per-command bad-index stats
+   token   -> merger i_desc (empty bag)
+   raw     -> READ_PAGES chunk: FTL + merger i_desc (a page is read as rows of CHUNK bytes)
+   probe   -> back to the front
+result stage (commands in order): DMA-writes the merger's packed output to dst_addr in
+   RESULT_CHUNK pieces, waits for every B response, then posts the completion.
+```
+
+Several commands are in flight (up to ``params.max_inflight``): the front moves to the next
+command as soon as the previous one's lookups are emitted, while its rows are still in the
+channels and the merger. ROB slots are credits: allocated in order, returned in order by the
+merger's ``o_free``. PROGRAM_PAGES waits until it is the only command in flight (so reads before
+it see the old data and reads after it the new), then moves each page: host DMA ->
+width conversion -> ``o_prog[ch]``/``o_prog_data[ch]`` -> ``i_prog_done[ch]``.
+
+Status rules follow the functional model (:mod:`evssd.host.model`): BAD_OPCODE; BAD_ADDRESS
+(src/offsets/dst not 64-byte aligned, per opcode); pages: RESULT_OVERFLOW, BAD_LBA
+(``lba + count > total pages``); tables: TABLE_DISABLED (also row_bytes 0 or above
+max_row_bytes, which the merger cannot hold), RESULT_OVERFLOW, BAD_OFFSETS; per lookup
+BAD_INDEX (no extent; dominates) or BAD_LBA (page outside the flash) with ``n_bad`` and the
+first bad position; BUS_ERROR when an index/offset/page read, a row read or a result write got
+an AXI error (``n_bad`` 0, ``first_bad`` none). On the validation errors nothing is read past
+the check and nothing is written.
+"""
+from __future__ import annotations
+
+from amaranth import Module, Signal, Mux, Cat, Const, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.wiring import In, Out
+
+from . import channel as ch_mod
+from . import ftl as ftl_mod
+from . import merger as merger_mod
+from . import translator as xlat_mod
+from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
+from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
+from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status, div_magic
+
+__all__ = ["CommandEngine", "ChunkReader", "WidthConverter", "XLAT_TAG_WIDTH",
+           "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
+
+XLAT_TAG_WIDTH = 1          # the engine keeps what each request is in its side FIFO
+READ_CHUNK_BYTES = 128      # index/offset DMA reads
+RESULT_CHUNK_BYTES = 1024   # result DMA writes (a completion post waits at most one chunk)
+
+
+def raw_chunk_bytes(params: Params) -> int:
+    """READ_PAGES moves a page as rows of this size (largest power of two <= max_row_bytes)."""
+    return 1 << (params.max_row_bytes.bit_length() - 1)
+
+
+class Kind:
+    LOOKUP = 0
+    PROBE = 1
+    TOKEN = 2
+    RAW = 3
+
+
+WORD_LAYOUT = data.StructLayout({"data": 32, "err": 1})
+
+
+class ChunkReader(wiring.Component):
+    """Reads ``words`` 32-bit words from a 64-byte aligned ``addr`` (``start`` pulse, only while
+    ``idle``) as DMA transfers of at most ``chunk_bytes``; a chunk is requested only when the
+    beat FIFO has room for all of it, so the DMA port never stalls on this reader."""
+
+    def __init__(self, data_bits: int, chunk_bytes: int = READ_CHUNK_BYTES):
+        self.data_bits = data_bits
+        self.chunk_bytes = chunk_bytes
+        super().__init__({
+            "start": In(1), "addr": In(64), "words": In(32), "idle": Out(1),
+            "o_rd_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
+            "i_rd_data": In(stream.Signature(dma_read_layout(data_bits))),
+            "o_word": Out(stream.Signature(WORD_LAYOUT)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        w = self.data_bits
+        bb = w // 8
+        wpb = bb // 4
+        chunk_beats = max(1, self.chunk_bytes // bb)
+        depth = 2 * chunk_beats
+        m.submodules.fifo = fifo = SyncFIFO(width=w + 1, depth=depth)
+
+        c_addr = Signal(64)
+        c_left = Signal(34)              # bytes still to request
+        outstanding = Signal(range(depth + 1))
+        words_left = Signal(32)
+        k = Signal(range(max(wpb, 2)))
+
+        m.d.comb += self.idle.eq((c_left == 0) & (outstanding == 0) & (words_left == 0) &
+                                 ~fifo.r_rdy)
+        with m.If(self.start):
+            m.d.sync += [c_addr.eq(self.addr), c_left.eq(self.words << 2),
+                         words_left.eq(self.words), k.eq(0)]
+
+        n = Signal(range(self.chunk_bytes + 1))
+        m.d.comb += n.eq(Mux(c_left < self.chunk_bytes, c_left, self.chunk_bytes))
+        beats = Signal(range(chunk_beats + 2))
+        m.d.comb += beats.eq((n + bb - 1) >> (bb.bit_length() - 1))
+        m.d.comb += [
+            self.o_rd_cmd.valid.eq((c_left != 0) & (fifo.level + outstanding + chunk_beats <= depth)),
+            self.o_rd_cmd.payload.addr.eq(c_addr),
+            self.o_rd_cmd.payload.bytes.eq(n),
+        ]
+        issued = self.o_rd_cmd.valid & self.o_rd_cmd.ready
+        got = self.i_rd_data.valid & self.i_rd_data.ready
+        with m.If(issued):
+            m.d.sync += [c_addr.eq(c_addr + n), c_left.eq(c_left - n)]
+        m.d.sync += outstanding.eq(outstanding + Mux(issued, beats, 0) - got)
+        m.d.comb += [
+            self.i_rd_data.ready.eq(fifo.w_rdy),
+            fifo.w_en.eq(self.i_rd_data.valid),
+            fifo.w_data.eq(Cat(self.i_rd_data.payload.data, self.i_rd_data.payload.err)),
+        ]
+
+        beat = fifo.r_data[:w]
+        m.d.comb += [
+            self.o_word.valid.eq(fifo.r_rdy & (words_left != 0)),
+            self.o_word.payload.data.eq(beat.word_select(k, 32) if wpb > 1 else beat[:32]),
+            self.o_word.payload.err.eq(fifo.r_data[w]),
+        ]
+        with m.If(self.o_word.valid & self.o_word.ready):
+            m.d.sync += words_left.eq(words_left - 1)
+            with m.If((k == wpb - 1) | (words_left == 1)):
+                m.d.comb += fifo.r_en.eq(1)
+                m.d.sync += k.eq(0)
+            with m.Else():
+                m.d.sync += k.eq(k + 1)
+        return m
+
+
+class WidthConverter(wiring.Component):
+    """Stream of ``{data, err}`` from ``in_bits`` to ``out_bits`` (power-of-two ratio); the
+    first input beat's data comes out first (little-endian lanes)."""
+
+    def __init__(self, in_bits: int, out_bits: int):
+        self.in_bits, self.out_bits = in_bits, out_bits
+        super().__init__({
+            "i": In(stream.Signature(data.StructLayout({"data": in_bits, "err": 1}))),
+            "o": Out(stream.Signature(data.StructLayout({"data": out_bits, "err": 1}))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        wi, wo = self.in_bits, self.out_bits
+        if wi == wo:
+            wiring.connect(m, wiring.flipped(self.i), wiring.flipped(self.o))
+        elif wi > wo:
+            r = wi // wo
+            k = Signal(range(r))
+            m.d.comb += [
+                self.o.valid.eq(self.i.valid),
+                self.o.payload.data.eq(self.i.payload.data.word_select(k, wo)),
+                self.o.payload.err.eq(self.i.payload.err),
+                self.i.ready.eq(self.o.ready & (k == r - 1)),
+            ]
+            with m.If(self.o.valid & self.o.ready):
+                m.d.sync += k.eq(Mux(k == r - 1, 0, k + 1))
+        else:
+            r = wo // wi
+            k = Signal(range(r))
+            buf = Signal(wo)
+            err = Signal()
+            full = Signal()
+            m.d.comb += [
+                self.o.valid.eq(full), self.o.payload.data.eq(buf), self.o.payload.err.eq(err),
+                self.i.ready.eq(~full),
+            ]
+            with m.If(self.o.valid & self.o.ready):
+                m.d.sync += [full.eq(0), err.eq(0)]
+            with m.If(self.i.valid & self.i.ready):
+                m.d.sync += [buf.word_select(k, wi).eq(self.i.payload.data),
+                             err.eq(err | self.i.payload.err),
+                             k.eq(Mux(k == r - 1, 0, k + 1))]
+                with m.If(k == r - 1):
+                    m.d.sync += full.eq(1)
+        return m
+
+
+class CommandEngine(wiring.Component):
+    """See the module docstring. Ports:
+
+    - ``i_cmd`` (queues ``o_cmd``), ``o_cpl`` (queues ``i_cpl``).
+    - DMA: read ports ``o_idx_cmd``/``i_idx_data`` (index lists), ``o_off_cmd``/``i_off_data``
+      (offsets), ``o_pg_cmd``/``i_pg_data`` (page data); write port ``o_res_cmd``/
+      ``o_res_data``/``i_res_done`` (results).
+    - ``o_xlat``/``i_xlat``: translator ``i_req``/``o_resp`` (tag width :data:`XLAT_TAG_WIDTH`).
+    - ``o_ftl``: FTL ``i_req`` (tag = ROB slot).
+    - ``o_desc``, ``i_free``, ``i_out``: merger ``i_desc``, ``o_free``, ``o_data``.
+    - ``o_prog[c]``, ``o_prog_data[c]``, ``i_prog_done[c]``: channel c's program ports.
+    - ``inflight`` (commands accepted and not yet completed), ``ev_lookup`` (a lookup was
+      issued this cycle), ``ev_complete``/``ev_error`` (a completion with any/non-OK status).
+    """
+
+    def __init__(self, params: Params, n_slots: int):
+        if not isinstance(params, Params):
+            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        if n_slots < 2 or n_slots & (n_slots - 1) or n_slots > 256:
+            raise ValueError(f"n_slots {n_slots} must be a power of two 2..256")
+        self.params = params
+        self.n_slots = n_slots
+        self.slot_bits = n_slots.bit_length() - 1
+        p = params
+        wh, wc = p.host_data_bits, p.ch_data_bits
+        T = self.slot_bits
+        super().__init__({
+            "i_cmd": In(stream.Signature(FETCHED_LAYOUT)),
+            "o_cpl": Out(stream.Signature(CPL_REQUEST_LAYOUT)),
+            "o_idx_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
+            "i_idx_data": In(stream.Signature(dma_read_layout(wh))),
+            "o_off_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
+            "i_off_data": In(stream.Signature(dma_read_layout(wh))),
+            "o_pg_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
+            "i_pg_data": In(stream.Signature(dma_read_layout(wh))),
+            "o_res_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
+            "o_res_data": Out(stream.Signature(dma_write_layout(wh))),
+            "i_res_done": In(stream.Signature(DMA_DONE_LAYOUT)),
+            "o_xlat": Out(stream.Signature(xlat_mod.request_layout(XLAT_TAG_WIDTH))),
+            "i_xlat": In(stream.Signature(xlat_mod.response_layout(XLAT_TAG_WIDTH))),
+            "o_ftl": Out(stream.Signature(ftl_mod.request_layout(T))),
+            "o_desc": Out(stream.Signature(merger_mod.desc_layout(n_slots))),
+            "i_free": In(stream.Signature(unsigned(T), always_ready=True)),
+            "i_out": In(stream.Signature(merger_mod.out_layout(p))),
+            "o_prog": Out(stream.Signature(ch_mod.prog_request_layout())).array(p.n_channels),
+            "o_prog_data": Out(stream.Signature(ch_mod.prog_data_layout(p))).array(p.n_channels),
+            "i_prog_done": In(stream.Signature(ch_mod.prog_done_layout())).array(p.n_channels),
+            "inflight": Out(8), "ev_lookup": Out(1), "ev_complete": Out(1), "ev_error": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self.params
+        wh, wc = p.host_data_bits, p.ch_data_bits
+        T = self.slot_bits
+        n_ch = p.n_channels
+        ps = p.page_size
+        raw_chunk = raw_chunk_bytes(p)
+        chunks_per_page = ps // raw_chunk
+
+        # ------------------------------------------------------------------ shared state
+        inflight = self.inflight
+        credits = Signal(range(self.n_slots + 1), init=self.n_slots)
+        alloc = Signal(max(T, 1))
+
+        side_layout = data.StructLayout({
+            "kind": 2, "slot": max(T, 1), "pos": 32, "offset": 16, "pooled": 1,
+            "bag_end": 1, "cmd_end": 1, "err": 1,
+        })
+        m.submodules.side = side = SyncFIFO(width=side_layout.size, depth=16)
+
+        order_layout = data.StructLayout({
+            "cid": 16, "sq_head": 16, "status": 8, "has_output": 1, "out_bytes": 32,
+            "dst_addr": 64,
+        })
+        m.submodules.order = order = SyncFIFO(width=order_layout.size, depth=p.max_inflight)
+        stats_layout = data.StructLayout({"n_bad": 32, "first_bad": 32, "status": 8, "err": 1})
+        m.submodules.stats = stats = SyncFIFO(width=stats_layout.size, depth=p.max_inflight)
+
+        m.submodules.idx = idx = ChunkReader(wh)
+        m.submodules.off = off = ChunkReader(wh)
+        wiring.connect(m, idx.o_rd_cmd, wiring.flipped(self.o_idx_cmd))
+        wiring.connect(m, wiring.flipped(self.i_idx_data), idx.i_rd_data)
+        wiring.connect(m, off.o_rd_cmd, wiring.flipped(self.o_off_cmd))
+        wiring.connect(m, wiring.flipped(self.i_off_data), off.i_rd_data)
+
+        # ------------------------------------------------------------------ front
+        cmd = Signal(FETCHED_LAYOUT)
+        c = cmd.cmd
+        pre_status = Signal(8)
+        probe_done = Signal()      # pulse from the fork
+        probe_status = Signal(2)
+        probe_row_bytes = Signal(16)
+        probe_elem = Signal(2)
+        row_bytes = Signal(16)
+        elem = Signal(2)
+        pooled = Signal()
+        out_row = Signal(16)
+        out_bytes = Signal(48)
+        pos = Signal(32)
+        bag = Signal(32)            # bags whose end offset was read
+        bag_end_pos = Signal(32)
+        prev_off = Signal(32)
+        off_bad = Signal()
+        off_err = Signal()
+
+        # emission request (combinational), fired by the translator handshake
+        em_valid = Signal()
+        em_index = Signal(32)
+        em_side = Signal(side_layout)
+        em_needs_slot = Signal()
+        fire = Signal()
+        m.d.comb += [
+            self.o_xlat.valid.eq(em_valid & side.w_rdy & (~em_needs_slot | (credits != 0))),
+            self.o_xlat.payload.table.eq(c.table),
+            self.o_xlat.payload.index.eq(em_index),
+            self.o_xlat.payload.tag.eq(0),
+            fire.eq(self.o_xlat.valid & self.o_xlat.ready),
+            side.w_en.eq(fire),
+            side.w_data.eq(em_side.as_value()),
+            em_side.slot.eq(alloc),
+        ]
+        take_slot = Signal()
+        m.d.comb += take_slot.eq(fire & em_needs_slot)
+        with m.If(take_slot):
+            m.d.sync += alloc.eq(alloc + 1)
+        m.d.sync += credits.eq(credits - take_slot + self.i_free.valid)
+        m.d.comb += self.ev_lookup.eq(fire & (em_side.kind == Kind.LOOKUP))
+
+        # order FIFO push
+        push_order = Signal()
+        push_has_output = Signal()
+        push_status = Signal(8)
+        order_in = Signal(order_layout)
+        m.d.comb += [
+            order_in.cid.eq(c.cid), order_in.sq_head.eq(cmd.sq_head),
+            order_in.status.eq(push_status), order_in.has_output.eq(push_has_output),
+            order_in.out_bytes.eq(out_bytes), order_in.dst_addr.eq(c.dst_addr),
+            order.w_data.eq(order_in.as_value()), order.w_en.eq(push_order),
+        ]
+
+        # decode
+        op = c.opcode
+        a_src = c.src_addr[:6] != 0
+        a_off = c.offsets_addr[:6] != 0
+        a_dst = c.dst_addr[:6] != 0
+        known_op = Signal()
+        misaligned = Signal()
+        m.d.comb += known_op.eq((op == Opcode.NOP) | (op == Opcode.GATHER) |
+                                (op == Opcode.GATHER_POOLED) | (op == Opcode.PROGRAM_PAGES) |
+                                (op == Opcode.READ_PAGES))
+        with m.Switch(op):
+            with m.Case(Opcode.GATHER):
+                m.d.comb += misaligned.eq(a_src | a_dst)
+            with m.Case(Opcode.GATHER_POOLED):
+                m.d.comb += misaligned.eq(a_src | a_off | a_dst)
+            with m.Case(Opcode.PROGRAM_PAGES):
+                m.d.comb += misaligned.eq(a_src)
+            with m.Case(Opcode.READ_PAGES):
+                m.d.comb += misaligned.eq(a_dst)
+        page_bytes_total = Signal(48)
+        m.d.comb += page_bytes_total.eq(c.count * ps)
+        lba_end = Signal(33)
+        m.d.comb += lba_end.eq(c.lba + c.count)
+
+        # PROGRAM_PAGES state
+        pg_k = Signal(32)
+        pg_ch = Signal(range(n_ch))
+        pg_page = Signal(32)
+        pg_beats = Signal(range(ps // (wc // 8) + 1))
+        pg_err = Signal()
+        if n_ch & (n_ch - 1) == 0:
+            lc = n_ch.bit_length() - 1
+            first_page = c.lba >> lc
+            first_ch = c.lba[:lc] if lc else Const(0, 1)
+        else:
+            dm = div_magic(n_ch)
+            q = Signal(32)
+            m.d.comb += q.eq((c.lba * dm.magic) >> dm.shift)
+            first_page = q
+            first_ch = (c.lba - q * n_ch)[:3]
+        m.submodules.pgconv = pgconv = WidthConverter(wh, wc)
+        m.d.comb += [
+            pgconv.i.payload.data.eq(self.i_pg_data.payload.data),
+            pgconv.i.payload.err.eq(self.i_pg_data.payload.err),
+        ]
+
+        # raw (READ_PAGES) chunk position
+        raw_k = Signal(32)
+        raw_j = Signal(range(chunks_per_page + 1))
+
+        def finish(m, status):
+            m.d.comb += [push_order.eq(1), push_status.eq(status), push_has_output.eq(0)]
+            m.next = "IDLE"
+
+        with m.FSM(name="front"):
+            with m.State("IDLE"):
+                with m.If(self.i_cmd.valid & (inflight < p.max_inflight) & order.w_rdy):
+                    m.d.comb += self.i_cmd.ready.eq(1)
+                    m.d.sync += cmd.eq(self.i_cmd.payload)
+                    m.next = "DECODE"
+            with m.State("DECODE"):
+                m.d.sync += [pooled.eq(op == Opcode.GATHER_POOLED), pos.eq(0), bag.eq(0),
+                             off_bad.eq(0), off_err.eq(0), pg_k.eq(0), pg_err.eq(0),
+                             raw_k.eq(0), raw_j.eq(0)]
+                with m.If(~known_op):
+                    finish(m, Status.BAD_OPCODE)
+                with m.Elif(op == Opcode.NOP):
+                    finish(m, Status.OK)
+                with m.Elif(misaligned):
+                    finish(m, Status.BAD_ADDRESS)
+                with m.Elif(op == Opcode.READ_PAGES):
+                    m.d.sync += out_bytes.eq(page_bytes_total)
+                    with m.If(page_bytes_total > c.dst_bytes):
+                        finish(m, Status.RESULT_OVERFLOW)
+                    with m.Elif(lba_end > p.total_pages):
+                        finish(m, Status.BAD_LBA)
+                    with m.Elif(c.count == 0):
+                        finish(m, Status.OK)
+                    with m.Else():
+                        m.next = "RAW_START"
+                with m.Elif(op == Opcode.PROGRAM_PAGES):
+                    with m.If(lba_end > p.total_pages):
+                        finish(m, Status.BAD_LBA)
+                    with m.Elif(c.count == 0):
+                        finish(m, Status.OK)
+                    with m.Else():
+                        m.next = "PG_DRAIN"
+                with m.Else():
+                    m.next = "PROBE"
+
+            # ---------------- table probe
+            with m.State("PROBE"):
+                m.d.comb += [em_valid.eq(1), em_index.eq(0), em_side.kind.eq(Kind.PROBE)]
+                with m.If(fire):
+                    m.next = "PROBE_WAIT"
+            with m.State("PROBE_WAIT"):
+                with m.If(probe_done):
+                    m.d.sync += [row_bytes.eq(probe_row_bytes), elem.eq(probe_elem)]
+                    with m.If((probe_status == xlat_mod.TranslateStatus.DISABLED) |
+                              (probe_row_bytes == 0) | (probe_row_bytes > p.max_row_bytes) |
+                              (c.table >= p.max_tables)):
+                        finish(m, Status.TABLE_DISABLED)
+                    with m.Else():
+                        m.next = "SIZE"
+            with m.State("SIZE"):
+                with m.Switch(elem):
+                    with m.Case(ElemType.FP16):
+                        m.d.comb += out_row.eq(Mux(pooled, row_bytes << 1, row_bytes))
+                    with m.Case(ElemType.INT8):
+                        m.d.comb += out_row.eq(Mux(pooled, row_bytes << 2, row_bytes))
+                    with m.Default():
+                        m.d.comb += out_row.eq(row_bytes)
+                m.d.sync += out_bytes.eq(out_row * Mux(pooled, c.n_bags, c.count))
+                m.next = "SIZE_CHECK"
+            with m.State("SIZE_CHECK"):
+                with m.If(out_bytes > c.dst_bytes):
+                    finish(m, Status.RESULT_OVERFLOW)
+                with m.Elif(pooled):
+                    m.d.comb += [off.start.eq(1), off.addr.eq(c.offsets_addr),
+                                 off.words.eq(c.n_bags + 1)]
+                    m.next = "OFF_CHECK"
+                with m.Elif(c.count == 0):
+                    finish(m, Status.OK)
+                with m.Else():
+                    m.next = "EMIT_START"
+
+            # ---------------- offsets pass 1: validate
+            with m.State("OFF_CHECK"):
+                m.d.comb += off.o_word.ready.eq(1)
+                with m.If(off.o_word.valid):
+                    w = off.o_word.payload.data
+                    m.d.sync += [prev_off.eq(w), bag.eq(bag + 1),
+                                 off_err.eq(off_err | off.o_word.payload.err)]
+                    with m.If((bag != 0) & (w < prev_off)):
+                        m.d.sync += off_bad.eq(1)
+                    with m.If(bag == c.n_bags):
+                        with m.If(w > c.count):
+                            m.d.sync += off_bad.eq(1)
+                        m.next = "OFF_DONE"
+            with m.State("OFF_DONE"):
+                m.d.sync += bag.eq(0)
+                with m.If(off_err):
+                    finish(m, Status.BUS_ERROR)
+                with m.Elif(off_bad):
+                    finish(m, Status.BAD_OFFSETS)
+                with m.Elif(c.n_bags == 0):
+                    finish(m, Status.OK)
+                with m.Else():
+                    m.next = "EMIT_START"
+
+            # ---------------- lookups
+            with m.State("EMIT_START"):
+                m.d.comb += [push_order.eq(1), push_status.eq(Status.OK), push_has_output.eq(1),
+                             idx.start.eq(1), idx.addr.eq(c.src_addr), idx.words.eq(c.count)]
+                with m.If(pooled):
+                    m.d.comb += [off.start.eq(1), off.addr.eq(c.offsets_addr),
+                                 off.words.eq(c.n_bags + 1)]
+                    m.next = "P_FIRST"
+                with m.Else():
+                    m.next = "G_EMIT"
+            with m.State("G_EMIT"):
+                last = pos == c.count - 1
+                m.d.comb += [
+                    em_valid.eq(idx.o_word.valid), em_index.eq(idx.o_word.payload.data),
+                    em_needs_slot.eq(1),
+                    em_side.kind.eq(Kind.LOOKUP), em_side.pos.eq(pos), em_side.pooled.eq(0),
+                    em_side.cmd_end.eq(last), em_side.err.eq(idx.o_word.payload.err),
+                    idx.o_word.ready.eq(fire),
+                ]
+                with m.If(fire):
+                    m.d.sync += pos.eq(pos + 1)
+                    with m.If(last):
+                        m.next = "IDLE"
+            with m.State("P_FIRST"):
+                m.d.comb += off.o_word.ready.eq(1)
+                with m.If(off.o_word.valid):
+                    w = off.o_word.payload.data
+                    m.d.sync += bag_end_pos.eq(Mux(w > c.count, c.count, w))
+                    m.next = "P_PRE"
+            with m.State("P_PRE"):
+                # indices before offsets[0] belong to no bag
+                with m.If(pos == bag_end_pos):
+                    m.next = "P_BAG"
+                with m.Else():
+                    m.d.comb += idx.o_word.ready.eq(1)
+                    with m.If(idx.o_word.valid):
+                        m.d.sync += pos.eq(pos + 1)
+            with m.State("P_BAG"):
+                m.d.comb += off.o_word.ready.eq(1)
+                with m.If(off.o_word.valid):
+                    w = off.o_word.payload.data
+                    # clamp so that a list changed since pass 1 still ends (never hangs)
+                    end = Mux(w > c.count, c.count, w)
+                    end = Mux(end < pos, pos, end)
+                    m.d.sync += [bag_end_pos.eq(end), bag.eq(bag + 1)]
+                    with m.If(end == pos):
+                        m.next = "P_TOKEN"
+                    with m.Else():
+                        m.next = "P_LOOK"
+            with m.State("P_TOKEN"):
+                last_bag = bag == c.n_bags
+                m.d.comb += [em_valid.eq(1), em_index.eq(0), em_side.kind.eq(Kind.TOKEN),
+                             em_side.pooled.eq(1), em_side.cmd_end.eq(last_bag)]
+                with m.If(fire):
+                    with m.If(last_bag):
+                        m.next = "P_POST"
+                    with m.Else():
+                        m.next = "P_BAG"
+            with m.State("P_LOOK"):
+                last_bag = bag == c.n_bags
+                bag_last = pos + 1 == bag_end_pos
+                m.d.comb += [
+                    em_valid.eq(idx.o_word.valid), em_index.eq(idx.o_word.payload.data),
+                    em_needs_slot.eq(1),
+                    em_side.kind.eq(Kind.LOOKUP), em_side.pos.eq(pos), em_side.pooled.eq(1),
+                    em_side.bag_end.eq(bag_last), em_side.cmd_end.eq(bag_last & last_bag),
+                    em_side.err.eq(idx.o_word.payload.err),
+                    idx.o_word.ready.eq(fire),
+                ]
+                with m.If(fire):
+                    m.d.sync += pos.eq(pos + 1)
+                    with m.If(bag_last):
+                        with m.If(last_bag):
+                            m.next = "P_POST"
+                        with m.Else():
+                            m.next = "P_BAG"
+            with m.State("P_POST"):
+                with m.If(pos == c.count):
+                    m.next = "IDLE"
+                with m.Else():
+                    m.d.comb += idx.o_word.ready.eq(1)
+                    with m.If(idx.o_word.valid):
+                        m.d.sync += pos.eq(pos + 1)
+
+            # ---------------- READ_PAGES: each page as rows of raw_chunk bytes
+            with m.State("RAW_START"):
+                m.d.comb += [push_order.eq(1), push_status.eq(Status.OK), push_has_output.eq(1)]
+                m.next = "RAW_EMIT"
+            with m.State("RAW_EMIT"):
+                last = (raw_k == c.count - 1) & (raw_j == chunks_per_page - 1)
+                m.d.comb += [
+                    em_valid.eq(1), em_index.eq(0), em_needs_slot.eq(1),
+                    em_side.kind.eq(Kind.RAW), em_side.pos.eq(c.lba + raw_k),
+                    em_side.offset.eq(raw_j * raw_chunk), em_side.cmd_end.eq(last),
+                ]
+                with m.If(fire):
+                    with m.If(raw_j == chunks_per_page - 1):
+                        m.d.sync += [raw_j.eq(0), raw_k.eq(raw_k + 1)]
+                    with m.Else():
+                        m.d.sync += raw_j.eq(raw_j + 1)
+                    with m.If(last):
+                        m.next = "IDLE"
+
+            # ---------------- PROGRAM_PAGES
+            with m.State("PG_DRAIN"):
+                with m.If(inflight == 1):
+                    m.d.sync += [pg_ch.eq(first_ch), pg_page.eq(first_page)]
+                    m.next = "PG_REQ"
+            with m.State("PG_REQ"):
+                for i in range(n_ch):
+                    with m.If(pg_ch == i):
+                        m.d.comb += [self.o_prog[i].valid.eq(1),
+                                     self.o_prog[i].payload.page.eq(pg_page)]
+                        with m.If(self.o_prog[i].ready):
+                            m.next = "PG_DMA"
+            with m.State("PG_DMA"):
+                m.d.comb += [self.o_pg_cmd.valid.eq(1),
+                             self.o_pg_cmd.payload.addr.eq(c.src_addr + pg_k * ps),
+                             self.o_pg_cmd.payload.bytes.eq(ps)]
+                with m.If(self.o_pg_cmd.ready):
+                    m.d.sync += pg_beats.eq(ps // (wc // 8))
+                    m.next = "PG_DATA"
+            with m.State("PG_DATA"):
+                m.d.comb += [pgconv.i.valid.eq(self.i_pg_data.valid),
+                             self.i_pg_data.ready.eq(pgconv.i.ready)]
+                with m.If(self.i_pg_data.valid & self.i_pg_data.ready & self.i_pg_data.payload.err):
+                    m.d.sync += pg_err.eq(1)
+                for i in range(n_ch):
+                    with m.If(pg_ch == i):
+                        m.d.comb += [self.o_prog_data[i].valid.eq(pgconv.o.valid),
+                                     self.o_prog_data[i].payload.data.eq(pgconv.o.payload.data),
+                                     pgconv.o.ready.eq(self.o_prog_data[i].ready)]
+                with m.If(pgconv.o.valid & pgconv.o.ready):
+                    m.d.sync += pg_beats.eq(pg_beats - 1)
+                    with m.If(pg_beats == 1):
+                        m.next = "PG_DONE"
+            with m.State("PG_DONE"):
+                for i in range(n_ch):
+                    with m.If(pg_ch == i):
+                        m.d.comb += self.i_prog_done[i].ready.eq(1)
+                        with m.If(self.i_prog_done[i].valid):
+                            m.d.sync += [pg_err.eq(pg_err | self.i_prog_done[i].payload.err),
+                                         pg_k.eq(pg_k + 1)]
+                            with m.If(pg_ch == n_ch - 1):
+                                m.d.sync += [pg_ch.eq(0), pg_page.eq(pg_page + 1)]
+                            with m.Else():
+                                m.d.sync += pg_ch.eq(pg_ch + 1)
+                            with m.If(pg_k == c.count - 1):
+                                m.next = "PG_END"
+                            with m.Else():
+                                m.next = "PG_REQ"
+            with m.State("PG_END"):
+                finish(m, Mux(pg_err, Status.BUS_ERROR, Status.OK))
+
+        # ------------------------------------------------------------------ fork
+        sd = Signal(side_layout)
+        m.d.comb += sd.eq(side.r_data)
+        rsp = self.i_xlat.payload
+        valid = self.i_xlat.valid      # the side FIFO entry is always there with it
+        desc_sent = Signal()
+        ftl_sent = Signal()
+        n_bad = Signal(32)
+        first_bad = Signal(32, init=NO_BAD_POSITION)
+        worst = Signal(8)
+        cmd_err = Signal()
+        is_bad = Signal()
+        m.d.comb += is_bad.eq((sd.kind == Kind.LOOKUP) & (rsp.status != 0))
+
+        need_desc = Signal()
+        need_ftl = Signal()
+        m.d.comb += [
+            need_desc.eq(sd.kind != Kind.PROBE),
+            need_ftl.eq(((sd.kind == Kind.LOOKUP) & (rsp.status == 0)) | (sd.kind == Kind.RAW)),
+        ]
+        d = self.o_desc.payload
+        m.d.comb += [
+            d.slot.eq(sd.slot),
+            d.row_bytes.eq(Mux(sd.kind == Kind.RAW, raw_chunk, rsp.row_bytes)),
+            d.elem.eq(rsp.elem),
+            d.pooled.eq(sd.pooled),
+            d.bad.eq(is_bad),
+            d.bag_end.eq(sd.bag_end),
+            d.empty_bag.eq(sd.kind == Kind.TOKEN),
+            d.cmd_end.eq(sd.cmd_end),
+            self.o_desc.valid.eq(valid & need_desc & ~desc_sent),
+        ]
+        f = self.o_ftl.payload
+        with m.If(sd.kind == Kind.RAW):
+            m.d.comb += [f.lba.eq(sd.pos), f.offset.eq(sd.offset), f.row_bytes.eq(raw_chunk)]
+        with m.Else():
+            m.d.comb += [f.lba.eq(rsp.lba), f.offset.eq(rsp.offset), f.row_bytes.eq(rsp.row_bytes)]
+        m.d.comb += [f.tag.eq(sd.slot), self.o_ftl.valid.eq(valid & need_ftl & ~ftl_sent)]
+
+        desc_ok = Signal()
+        ftl_ok = Signal()
+        m.d.comb += [
+            desc_ok.eq(~need_desc | desc_sent | self.o_desc.ready),
+            ftl_ok.eq(~need_ftl | ftl_sent | self.o_ftl.ready),
+        ]
+        consume = Signal()
+        m.d.comb += consume.eq(valid & desc_ok & ftl_ok)
+        with m.If(consume):
+            m.d.sync += [desc_sent.eq(0), ftl_sent.eq(0)]
+        with m.Else():
+            with m.If(self.o_desc.valid & self.o_desc.ready):
+                m.d.sync += desc_sent.eq(1)
+            with m.If(self.o_ftl.valid & self.o_ftl.ready):
+                m.d.sync += ftl_sent.eq(1)
+        m.d.comb += [self.i_xlat.ready.eq(consume), side.r_en.eq(consume)]
+
+        with m.If(consume & (sd.kind == Kind.PROBE)):
+            m.d.comb += probe_done.eq(1)
+            m.d.sync += [probe_status.eq(rsp.status), probe_row_bytes.eq(rsp.row_bytes),
+                         probe_elem.eq(rsp.elem)]
+
+        # per-command stats, pushed at the command's last descriptor
+        nb = Signal(32)
+        fb = Signal(32)
+        ws = Signal(8)
+        ce = Signal()
+        m.d.comb += [nb.eq(n_bad), fb.eq(first_bad), ws.eq(worst),
+                     ce.eq(cmd_err | (sd.err & (sd.kind == Kind.LOOKUP)))]
+        with m.If(is_bad):
+            m.d.comb += nb.eq(n_bad + 1)
+            with m.If(n_bad == 0):
+                m.d.comb += fb.eq(sd.pos)
+            with m.If(rsp.status == xlat_mod.TranslateStatus.BAD_LBA):
+                with m.If(worst != Status.BAD_INDEX):
+                    m.d.comb += ws.eq(Status.BAD_LBA)
+            with m.Else():
+                m.d.comb += ws.eq(Status.BAD_INDEX)
+        stats_in = Signal(stats_layout)
+        m.d.comb += [stats_in.n_bad.eq(nb), stats_in.first_bad.eq(fb), stats_in.status.eq(ws),
+                     stats_in.err.eq(ce), stats.w_data.eq(stats_in.as_value())]
+        with m.If(consume & need_desc):
+            with m.If(sd.cmd_end):
+                m.d.comb += stats.w_en.eq(1)
+                m.d.sync += [n_bad.eq(0), first_bad.eq(NO_BAD_POSITION), worst.eq(0), cmd_err.eq(0)]
+            with m.Else():
+                m.d.sync += [n_bad.eq(nb), first_bad.eq(fb), worst.eq(ws), cmd_err.eq(ce)]
+
+        # ------------------------------------------------------------------ result stage
+        cur = Signal(order_layout)
+        left = Signal(32)
+        waddr = Signal(64)
+        chunk = Signal(range(RESULT_CHUNK_BYTES + 1))
+        beats_left = Signal(range(RESULT_CHUNK_BYTES // (wh // 8) + 2))
+        res_err = Signal()
+        cpl_status = Signal(8)
+        cpl_nbad = Signal(32)
+        cpl_fbad = Signal(32)
+        m.d.comb += chunk.eq(Mux(left < RESULT_CHUNK_BYTES, left, RESULT_CHUNK_BYTES))
+        st = Signal(stats_layout)
+        m.d.comb += st.eq(stats.r_data)
+        lbb = (wh // 8).bit_length() - 1
+
+        with m.FSM(name="result"):
+            with m.State("IDLE"):
+                with m.If(order.r_rdy):
+                    m.d.comb += order.r_en.eq(1)
+                    m.d.sync += [cur.eq(order.r_data), res_err.eq(0)]
+                    ent = data.View(order_layout, order.r_data)
+                    m.d.sync += [left.eq(ent.out_bytes), waddr.eq(ent.dst_addr),
+                                 cpl_status.eq(ent.status), cpl_nbad.eq(0),
+                                 cpl_fbad.eq(NO_BAD_POSITION)]
+                    with m.If(ent.has_output):
+                        m.next = "CMD"
+                    with m.Else():
+                        m.next = "CPL"
+            with m.State("CMD"):
+                m.d.comb += [self.o_res_cmd.valid.eq(1), self.o_res_cmd.payload.addr.eq(waddr),
+                             self.o_res_cmd.payload.bytes.eq(chunk)]
+                with m.If(self.o_res_cmd.ready):
+                    m.d.sync += beats_left.eq((chunk + (wh // 8) - 1) >> lbb)
+                    m.next = "DATA"
+            with m.State("DATA"):
+                m.d.comb += [
+                    self.o_res_data.valid.eq(self.i_out.valid),
+                    self.o_res_data.payload.data.eq(self.i_out.payload.data),
+                    self.o_res_data.payload.last.eq(beats_left == 1),
+                    self.i_out.ready.eq(self.o_res_data.ready),
+                ]
+                with m.If(self.i_out.valid & self.i_out.ready):
+                    m.d.sync += beats_left.eq(beats_left - 1)
+                    with m.If(self.i_out.payload.last & self.i_out.payload.err):
+                        m.d.sync += res_err.eq(1)
+                    with m.If(beats_left == 1):
+                        m.next = "WAIT"
+            with m.State("WAIT"):
+                m.d.comb += self.i_res_done.ready.eq(1)
+                with m.If(self.i_res_done.valid):
+                    m.d.sync += [res_err.eq(res_err | self.i_res_done.payload.err),
+                                 left.eq(left - chunk), waddr.eq(waddr + chunk)]
+                    with m.If(left == chunk):
+                        m.next = "STATS"
+                    with m.Else():
+                        m.next = "CMD"
+            with m.State("STATS"):
+                with m.If(stats.r_rdy):
+                    m.d.comb += stats.r_en.eq(1)
+                    with m.If(res_err | st.err):
+                        m.d.sync += cpl_status.eq(Status.BUS_ERROR)
+                    with m.Else():
+                        m.d.sync += [cpl_status.eq(st.status), cpl_nbad.eq(st.n_bad),
+                                     cpl_fbad.eq(st.first_bad)]
+                    m.next = "CPL"
+            with m.State("CPL"):
+                m.d.comb += [
+                    self.o_cpl.valid.eq(1),
+                    self.o_cpl.payload.n_bad.eq(cpl_nbad),
+                    self.o_cpl.payload.first_bad.eq(cpl_fbad),
+                    self.o_cpl.payload.sq_head.eq(cur.sq_head),
+                    self.o_cpl.payload.cid.eq(cur.cid),
+                    self.o_cpl.payload.status.eq(cpl_status),
+                ]
+                with m.If(self.o_cpl.ready):
+                    m.d.comb += [self.ev_complete.eq(1), self.ev_error.eq(cpl_status != 0)]
+                    m.next = "IDLE"
+
+        accept = self.i_cmd.valid & self.i_cmd.ready
+        m.d.sync += inflight.eq(inflight + accept - self.ev_complete)
+        return m
