@@ -124,6 +124,7 @@ class _IoThread(threading.Thread):
         self.held: dict[Connection, list] = {}
         self.stop = False
         self.sleeping = True
+        self.crashed: str | None = None
         self.ops = 0
 
     def post(self, item):
@@ -139,6 +140,19 @@ class _IoThread(threading.Thread):
 
     # -------------------------------------------------------------- loop
     def run(self):
+        try:
+            self._loop()
+        except BaseException as exc:
+            # a bug here must not leave callers waiting: fail what this thread holds, loudly
+            self.crashed = f"{type(exc).__name__}: {exc}"
+            for conn in list(self.conns):
+                try:
+                    self._fatal(conn, f"I/O thread {self.idx} crashed: {self.crashed}")
+                except Exception:
+                    pass
+            raise
+
+    def _loop(self):
         next_expire = 0.0
         while not self.stop:
             self.sleeping = True
@@ -433,7 +447,11 @@ class Engine:
 
     def _submit(self, conn, op):
         with conn.lock:
-            self.threads[conn.owner].post(("op", conn, op))
+            thread = self.threads[conn.owner]
+            if thread.crashed or not thread.is_alive():
+                conn.credits.release()
+                raise EngineError(f"I/O thread {thread.idx} is not running: {thread.crashed or 'engine closed'}")
+            thread.post(("op", conn, op))
         return op.future
 
     def _new_op(self, kind, timeout):
