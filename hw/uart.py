@@ -262,6 +262,10 @@ class UartAxiBridge(wiring.Component):
             m.d.sync += idle.eq(0)
         timed_out = in_frame & (idle == self.idle_timeout)
 
+        # Address, data and strobes straight from registers (not through the FSM's decode): they
+        # feed the targets' address decoders, the longest paths of the board.
+        m.d.comb += [bus.araddr.eq(addr), bus.awaddr.eq(addr), bus.wdata.eq(rbuf.data), bus.wstrb.eq(strb)]
+
         valid_op = (op == Op.PING) | (op == Op.READ) | (op == Op.WRITE)
 
         with m.FSM():
@@ -355,7 +359,7 @@ class UartAxiBridge(wiring.Component):
 
             # ---- READ: one AXI4-Lite read per word, bytes sent as they come
             with m.State("RD_AR"):
-                m.d.comb += [self.active.eq(1), bus.arvalid.eq(1), bus.araddr.eq(addr)]
+                m.d.comb += [self.active.eq(1), bus.arvalid.eq(1)]
                 with m.If(bus.arready):
                     m.next = "RD_R"
             with m.State("RD_R"):
@@ -382,8 +386,7 @@ class UartAxiBridge(wiring.Component):
                 m.next = "WR_AW"
             with m.State("WR_AW"):
                 m.d.comb += [self.active.eq(1), rbuf.addr.eq(word_idx),
-                             bus.awvalid.eq(~aw_done), bus.awaddr.eq(addr),
-                             bus.wvalid.eq(~w_done), bus.wdata.eq(rbuf.data), bus.wstrb.eq(strb)]
+                             bus.awvalid.eq(~aw_done), bus.wvalid.eq(~w_done)]
                 aw_ok = aw_done | bus.awready
                 w_ok = w_done | bus.wready
                 m.d.sync += [aw_done.eq(aw_ok), w_done.eq(w_ok)]

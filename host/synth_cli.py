@@ -1,0 +1,61 @@
+"""``evssd synth``: build the board bitstream, or check that the committed one is current.
+
+    evssd synth --board ulx3s-85f          # bitstream + manifest + report into bitstreams/ulx3s-85f/
+    evssd synth --check                    # exit 1 when the committed bitstream is stale
+    evssd synth --list                     # supported boards
+
+The flow itself lives in :mod:`evssd.hw.synth` (gateware side; needs Amaranth, amaranth-boards
+and the YoWASP tools from ``pip install 'evssd[synth]'``).
+"""
+from __future__ import annotations
+
+import sys
+
+# Kept here so `evssd synth --help` and bad board names work without Amaranth installed.
+SUPPORTED = {"ulx3s-85f": "Radiona ULX3S with a Lattice ECP5 LFE5U-85F"}
+
+
+def add_arguments(parser):
+    parser.add_argument("--board", default="ulx3s-85f",
+                        help=f"target board (supported: {', '.join(SUPPORTED)}; default ulx3s-85f)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check whether the committed bitstream matches the gateware sources")
+    parser.add_argument("--list", action="store_true", help="list the supported boards")
+    parser.add_argument("--clock-mhz", type=float, default=None, help="design clock (default 100 MHz)")
+    parser.add_argument("--baud", type=int, default=None, help="UART baud rate (default 115200)")
+    parser.add_argument("--out", default=None, help="output directory (default bitstreams/<board>/)")
+    parser.add_argument("--build-dir", default=None, help="work directory (default build/synth/<board>/)")
+    parser.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    parser.add_argument("--mmio-only", action="store_true",
+                        help="build the board around the MMIO manager alone (no EV-SSD pipeline)")
+
+
+def run(args) -> int:
+    if args.list:
+        for name, desc in SUPPORTED.items():
+            print(f"{name:12s} {desc}")
+        return 0
+    if args.board not in SUPPORTED:
+        print(f"evssd synth: unsupported board {args.board!r}; supported boards: "
+              f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}", file=sys.stderr)
+        return 2
+    from evssd.hw import synth
+    if args.check:
+        ok, message = synth.check_bitstream(args.board, args.out)
+        print(message, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    try:
+        manifest = synth.build_bitstream(args.board, out_dir=args.out, build_dir=args.build_dir,
+                                         clock_mhz=args.clock_mhz, baud=args.baud, seed=args.seed,
+                                         device=False if args.mmio_only else None)
+    except synth.SynthError as exc:
+        print(f"evssd synth: {exc}", file=sys.stderr)
+        return 1
+    s = manifest["summary"]
+    print(f"bitstream: {manifest['bitstream']} ({manifest['bitstream_bytes']} bytes) in "
+          f"{manifest['build_seconds']:.0f} s; LUT4 {s['LUT4']}, FF {s['FF']}, DP16KD {s['DP16KD']}, "
+          f"MULT18X18D {s['MULT18X18D']}")
+    for clk, v in manifest["fmax"].items():
+        print(f"  {clk}: {v['achieved_mhz']:.1f} MHz (target {v['target_mhz']:.1f}: "
+              f"{'met' if v['pass'] else 'NOT met'})")
+    return 0
