@@ -23,6 +23,8 @@ Ports (all ``lib.stream`` unless noted; payloads are ``lib.data.StructLayout``):
     plus one token per empty bag: ``{slot: T, row_bytes: 16, elem: 2, pooled: 1, bad: 1,
     bag_end: 1, empty_bag: 1, cmd_end: 1}``.
     - ``row_bytes``: the table's row size, a multiple of 4, 4..max_row_bytes (also on tokens).
+      Out of range values never hang the merger but give wrong data (larger rows wrap inside
+      their slot; a 0-byte row adds no bytes, so a command of only such rows has no ``last``).
     - ``elem``: ``regmap.ElemType`` (only used when ``pooled``).
     - ``pooled``: 0 = GATHER (row bytes copied), 1 = GATHER_POOLED (summed per bag).
     - ``bad``: the lookup has a slot but no data will ever arrive for it (bad index).
@@ -195,7 +197,9 @@ class WordPacker(wiring.Component):
         with m.Else():
             m.d.sync += [buf.eq(buf_after), fill.eq(fill_after)]
 
-        with m.If(in_fire & i.payload.last):
+        # an end with no words at all has no beat to carry `last`: dropping it keeps the
+        # packer from waiting forever for a beat it cannot send
+        with m.If(in_fire & i.payload.last & ((fill_after != 0) | (i.payload.count != 0))):
             m.d.sync += [end_pending.eq(1), end_err.eq(i.payload.err)]
         with m.Elif(out_fire & o.payload.last):
             m.d.sync += [end_pending.eq(0), end_err.eq(0)]
@@ -398,8 +402,10 @@ class ResultMerger(wiring.Component):
         with m.If(self.i_desc.valid & self.i_desc.ready):
             m.d.sync += [
                 have.eq(1), cur.eq(d_in), j.eq(0),
-                n_ops.eq((n_elems + K - 1) >> log2K),
-                last_cnt.eq(((n_elems - 1) & (K - 1)) + 1),
+                # a 0-byte row (a broken table config) still takes one op of no words, so
+                # the issue stage cannot wait forever for an op count of zero
+                n_ops.eq(Mux(n_elems == 0, 1, (n_elems + K - 1) >> log2K)),
+                last_cnt.eq(Mux(n_elems == 0, 0, ((n_elems - 1) & (K - 1)) + 1)),
                 sub_shift.eq(2 - ish),
             ]
         with m.Elif(finish):

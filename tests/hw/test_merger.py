@@ -328,3 +328,38 @@ def test_special_values_pooled():
     assert list(words[2][:1]) == [0x8000_0000]                           # int32 wraps
     assert list(words[3][:2]) == [0x3380_0000, NINF]                     # 2**-24 widened exactly
     assert list(words[4][:4]) == [0, 0, 1, 2] and results[4][1] is False
+
+
+def test_zero_byte_rows_do_not_hang():
+    """A 0-byte GATHER row (broken table config) adds no bytes and frees its slot; a command of
+    only such rows has no last beat, and the next command still comes out intact."""
+    params = Params(n_channels=1, ch_data_bits=64, host_data_bits=64, max_row_bytes=16,
+                    page_size=512)
+    dut = ResultMerger(params, 4)
+    out, freed = [], []
+
+    async def tb(ctx):
+        descs = [dict(slot=0, row_bytes=0, bad=1, cmd_end=1),
+                 dict(slot=1, row_bytes=0, bad=1, cmd_end=0),
+                 dict(slot=2, row_bytes=8, bad=1, cmd_end=1)]
+        ctx.set(dut.o_data.ready, 1)
+        for d in descs:
+            ctx.set(dut.i_desc.payload, dict(d, elem=0, pooled=0, bag_end=0, empty_bag=0))
+            ctx.set(dut.i_desc.valid, 1)
+            await ctx.tick().until(dut.i_desc.ready)
+        ctx.set(dut.i_desc.valid, 0)
+        for _ in range(20):
+            _, _, ov, od, ol, fv, fs = await ctx.tick().sample(
+                dut.o_data.valid, dut.o_data.payload.data, dut.o_data.payload.last,
+                dut.o_free.valid, dut.o_free.payload)
+            if ov:
+                out.append((od, ol))
+            if fv:
+                freed.append(fs)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    assert out == [(0, 1)]           # the 8-byte bad row of the second command: zeros, last
+    assert freed[-2:] == [1, 2]      # (slot 0 was freed while the descriptors went in)
