@@ -167,12 +167,16 @@ class SerialLink(ByteLink):
     async def recv(self, n: int) -> bytes:
         deadline = time.monotonic() + self.timeout
         out = bytearray()
+        before = 0
         while len(out) < n:
             try:
                 out += self._port.read(n - len(out))
             except (self._serial.SerialException, OSError) as exc:
                 raise TransportError(f"{self.name}: read failed: {exc}") from None
-            if len(out) < n and time.monotonic() >= deadline:
+            if len(out) > before:
+                # The timeout restarts with every byte: a long response is slow, not silent.
+                before, deadline = len(out), time.monotonic() + self.timeout
+            elif len(out) < n and time.monotonic() >= deadline:
                 raise LinkTimeoutError(f"{self.name}: no answer within {self.timeout} s "
                                        f"({len(out)} of {n} bytes): is the board configured and "
                                        f"on this port?")

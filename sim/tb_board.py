@@ -62,7 +62,8 @@ class CocotbUartLink(ByteLink):
             self.sent += 1
 
     async def recv(self, n: int) -> bytes:
-        waited = 0
+        # The timeout restarts with every byte: a long response is slow, not silent.
+        waited, have = 0, len(self.rxq)
         step = 10 * self.bit_ns
         while len(self.rxq) < n:
             if waited >= self.timeout_ns:
@@ -71,7 +72,10 @@ class CocotbUartLink(ByteLink):
                 raise LinkTimeoutError(f"{self.name}: no answer within {self.timeout_ns} ns of "
                                        f"simulated time ({len(got)} of {n} bytes)")
             await Timer(step, unit="ns")
-            waited += step
+            if len(self.rxq) != have:
+                waited, have = 0, len(self.rxq)
+            else:
+                waited += step
         return bytes(self.rxq.popleft() for _ in range(n))
 
     async def drain(self) -> None:

@@ -359,3 +359,141 @@ def test_bridge_random_frames(seed, stall):
     assert hw_mem.words == model_mem.words
     # The stream must have exercised the interesting cases.
     assert {0, 1, 3}.issubset(statuses), statuses
+
+
+# ---------------------------------------------------------------------------------------------
+# The pyserial path: UartTransport over a pseudo-terminal served by the bridge model in front of
+# the functional device model (no board needed).
+
+import os
+import select
+import sys
+import threading
+import time
+
+import numpy as np
+
+from evssd.hw.regmap import Params
+from evssd.host.transport import TransportError
+from evssd.host.uart import BOARD_INFO_BASE, BOARD_MAGIC, WINDOW_BASE, UartTransport
+
+
+class PtyBoard:
+    """A fake board on a pty: BridgeModel -> (ModelTransport registers | info ROM | window)."""
+
+    def __init__(self, params, window_bytes=16384, answer=True):
+        from evssd.host.model import ModelTransport
+        self.model = ModelTransport(params, host_memory_bytes=window_bytes, host_base=WINDOW_BASE)
+        self.info = [BOARD_MAGIC, WINDOW_BASE, window_bytes, 0, 868, 1]
+        self.window_bytes = window_bytes
+        self.bridge = BridgeModel(self._read, self._write)
+        self.master, self.slave = os.openpty()
+        import tty
+        tty.setraw(self.slave)
+        self.port = os.ttyname(self.slave)
+        self.answer = answer
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _read(self, addr):
+        if addr < 0x1000:
+            return self.model.device.regs.read(addr)
+        if BOARD_INFO_BASE <= addr < BOARD_INFO_BASE + 0x100:
+            i = (addr - BOARD_INFO_BASE) // 4
+            return (self.info[i] if i < len(self.info) else 0), 0
+        if WINDOW_BASE <= addr < WINDOW_BASE + self.window_bytes:
+            off = addr - WINDOW_BASE
+            return int.from_bytes(self.model.host[off:off + 4], "little"), 0
+        return 0, 3
+
+    def _write(self, addr, value, strb):
+        if addr < 0x1000:
+            resp = self.model.device.regs.write(addr, value, strb)
+            self.model.device.run()
+            return resp
+        if BOARD_INFO_BASE <= addr < BOARD_INFO_BASE + 0x100:
+            return 2
+        if WINDOW_BASE <= addr < WINDOW_BASE + self.window_bytes:
+            off = addr - WINDOW_BASE
+            for i in range(4):
+                if strb >> i & 1:
+                    self.model.host[off + i] = (value >> 8 * i) & 0xFF
+            return 0
+        return 3
+
+    def _serve(self):
+        while not self._stop:
+            ready, _, _ = select.select([self.master], [], [], 0.02)
+            if not ready:
+                out = self.bridge.idle()
+                if out and self.answer:
+                    os.write(self.master, out)
+                continue
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                return
+            out = self.bridge.feed(data)
+            if out and self.answer:
+                os.write(self.master, out)
+
+    def close(self):
+        self._stop = True
+        self.thread.join(1)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_uart_transport_over_pty_runs_the_driver():
+    pytest.importorskip("serial")
+    from evssd.host.device import Device
+    params = Params(n_channels=2, page_size=1024, pages_per_channel=32, max_row_bytes=256)
+    board = PtyBoard(params)
+    try:
+        dev = Device.open("uart", port=board.port, baud=115200, timeout=5.0, sq_entries=8, cq_entries=8)
+        try:
+            assert dev.params == params
+            assert dev.transport.info["window_bytes"] == 16384
+            rng = np.random.default_rng(3)
+            data = rng.standard_normal((40, 16)).astype("<f4")      # 64-byte rows, 16 per page
+            pages = np.zeros((3, 1024), np.uint8)
+            flat = data.view(np.uint8).reshape(40, 64)
+            for r in range(40):
+                pages[r // 16, (r % 16) * 64:(r % 16 + 1) * 64] = flat[r]
+            dev.program_pages(0, pages)
+            dev.configure_table(0, row_bytes=64, elem="fp32", extents=[(0, 40, 0)])
+            idx = rng.integers(0, 40, 25).astype(np.uint32)
+            raw = dev.gather(0, idx)
+            assert np.array_equal(dev.view(0, raw), data[idx])
+            offsets = np.array([0, 10, 10, 25], np.uint32)
+            pooled = dev.view(0, dev.gather_pooled(0, idx, offsets), pooled=True)
+            assert pooled.shape == (3, 16)
+            assert np.array_equal(pooled[1], np.zeros(16, np.float32))
+        finally:
+            dev.close()
+    finally:
+        board.close()
+
+
+def test_uart_port_that_does_not_answer_times_out():
+    pytest.importorskip("serial")
+    board = PtyBoard(Params(), answer=False)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="no answer within 0.3 s"):
+            UartTransport(port=board.port, baud=115200, timeout=0.3, retries=0)
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        board.close()
+
+
+def test_uart_bad_port_and_missing_pyserial(monkeypatch):
+    pytest.importorskip("serial")
+    with pytest.raises(TransportError, match="cannot open the serial port"):
+        UartTransport(port="/dev/evssd-no-such-port", timeout=0.2)
+    with pytest.raises(ValueError, match="needs port="):
+        UartTransport()
+    monkeypatch.setitem(sys.modules, "serial", None)
+    with pytest.raises(TransportError, match="needs pyserial"):
+        UartTransport(port="/dev/ttyUSB0")
