@@ -51,7 +51,6 @@ class Fp32Adder(wiring.Component):
         y_nan = y_max & (fy != 0)
         both_inf_opp = x_max & y_max & (fx == 0) & (fy == 0) & (x[31] != y[31])
         exf = Mux(ex == 0, 1, ex)       # subnormals: exponent 1, no hidden bit
-        eyf = Mux(ey == 0, 1, ey)
         # Both exponent differences are computed from the unswapped operands, in parallel with
         # the magnitude compare, and selected by it: the compare -> swap -> subtract chain was
         # the critical path.
@@ -60,7 +59,7 @@ class Fp32Adder(wiring.Component):
         ebf = Mux(eb == 0, 1, eb)
         d_ab, d_ba = Signal(9), Signal(9)
         m.d.comb += [d_ab.eq(eaf - ebf), d_ba.eq(ebf - eaf)]
-        diff = Mux(swap, d_ba, d_ab)    # = exf - eyf >= 0
+        diff = Mux(swap, d_ba, d_ab)    # = exf - max(ey, 1) >= 0
 
         s1_sign = Signal()
         s1_sub = Signal()
