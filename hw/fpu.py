@@ -8,6 +8,9 @@ propagates a payload). The host model (``evssd.host.pooling``) canonicalises the
 ``evssd.host.pooling.fp32_add_bits`` is this adder's algorithm step by step. Fixed latency
 :attr:`Fp32Adder.LATENCY` = 4 cycles, one operation per cycle, no stall (free-running).
 
+Alone on ECP5-85F (yosys synth_ecp5, nextpnr out of context): 766 LUT4 + 95 CCU2C, 182 FF,
+69.4 MHz (critical path: stage 3, leading-zero count -> shift limit -> normalising shift).
+
 ``Fp16ToFp32``: exact binary16 -> binary32, combinational (subnormal halves become normal
 singles; infinities; NaN payloads shifted into the top of the fp32 fraction, as numpy does).
 """

@@ -71,7 +71,10 @@ one channel, rows already arriving at one beat per cycle; "beats" are ROB beats 
 Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB memory
 ``n_slots * 2**ceil(log2(ceil(max_row_bytes*8/Wc)))`` words of Wc bits (1 write, 1 read port);
 accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write,
-2 read ports); a packer of ``Wh + Wc`` bits.
+2 read ports); a packer of ``Wh + Wc`` bits. Default Params (4 channels, ch64/host64,
+max_row_bytes 512) with 16 slots, yosys synth_ecp5 + nextpnr-ecp5 --85k out of context:
+3073 LUT4 + 259 CCU2C, 1360 FF, 8 DP16KD, 65.7 MHz (critical path: ROB read data -> fp16
+widening -> adder operand register).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
