@@ -34,6 +34,9 @@ Ports (all ``lib.stream`` unless noted; payloads are ``lib.data.StructLayout``):
       bytes.
     - ``cmd_end``: the last descriptor of the command; it must be one that emits output (a
       GATHER lookup, a pooled ``bag_end`` lookup or an ``empty_bag`` token).
+    ``i_desc.ready`` stays low while the merger waits for the current lookup's row, so feed it
+    through a FIFO of at least ``n_slots`` descriptors (plus tokens) after the fork to the
+    channels; otherwise lookup i+1 cannot reach its channel before row i has come back.
 
 ``o_data``: ``Out(stream.Signature(out_layout(params)))``: ``{data: Wh, last: 1, err: 1}``.
     The packed result bytes of each command, in request order, contiguous from byte 0 of the
