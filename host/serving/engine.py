@@ -536,19 +536,21 @@ class Engine:
             loads[c.owner] += c.bytes_moved - c._mark
         return loads
 
-    def rebalance(self, ratio: float = 1.5) -> list[tuple[str, int, int]]:
+    def rebalance(self, ratio: float = 1.5, min_gain: float = 0.15) -> list[tuple[str, int, int]]:
         """Migrate one connection from the busiest to the idlest thread if their traffic since
-        the last call differs by more than ``ratio``; returns the moves made."""
+        the last call differs by more than ``ratio`` and the move lowers the busiest thread's
+        traffic by at least ``min_gain`` (hysteresis: no ping-pong between equal placements,
+        e.g. 5 equal connections on 4 threads); returns the moves made."""
         with self._rebalance_lock:
-            return self._rebalance(ratio)
+            return self._rebalance(ratio, min_gain)
 
-    def _rebalance(self, ratio):
+    def _rebalance(self, ratio, min_gain):
         moves = []
         if len(self.threads) > 1:
             loads = self.thread_loads()
             hi, lo = int(np.argmax(loads)), int(np.argmin(loads))
             if loads[hi] > ratio * max(loads[lo], 1):
-                best, best_peak = None, loads[hi]
+                best, best_peak = None, loads[hi] * (1.0 - min_gain)
                 for c in self.connections.values():
                     if c.owner != hi or c.dead:
                         continue
