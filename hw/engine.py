@@ -693,10 +693,10 @@ class CommandEngine(wiring.Component):
                 m.d.sync += ftl_sent.eq(1)
         m.d.comb += [self.i_xlat.ready.eq(consume), side.r_en.eq(consume)]
 
+        m.d.comb += [probe_status.eq(rsp.status), probe_row_bytes.eq(rsp.row_bytes),
+                     probe_elem.eq(rsp.elem)]
         with m.If(consume & (sd.kind == Kind.PROBE)):
             m.d.comb += probe_done.eq(1)
-            m.d.sync += [probe_status.eq(rsp.status), probe_row_bytes.eq(rsp.row_bytes),
-                         probe_elem.eq(rsp.elem)]
 
         # per-command stats, pushed at the command's last descriptor
         nb = Signal(32)
