@@ -426,7 +426,7 @@ class Ranker:
                         raise ServingError("no server left")
                     results.append(fut.result(self.timeout + 1.0))
                     break
-                except (EngineError, FutureTimeout, P.RemoteError, ServingError) as exc:
+                except (EngineError, FutureTimeout, P.RemoteError, P.ProtocolError, ServingError) as exc:
                     if isinstance(exc, P.RemoteError) and "outside" in str(exc) or \
                             isinstance(exc, P.RemoteError) and "holds no shard" in str(exc):
                         raise ServingError(f"table {j[1].table!r}: {exc}") from exc
