@@ -177,7 +177,7 @@ class EmbeddingServer:
             t = threading.Thread(target=self._connection, args=(qp,), daemon=True,
                                  name=f"evssd-server-conn")
             t.start()
-            self._threads.append(t)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
 
     def stop(self):
         self._stop.set()
