@@ -34,9 +34,10 @@ Ports (all ``lib.stream`` unless noted; payloads are ``lib.data.StructLayout``):
       bytes.
     - ``cmd_end``: the last descriptor of the command; it must be one that emits output (a
       GATHER lookup, a pooled ``bag_end`` lookup or an ``empty_bag`` token).
-    ``i_desc.ready`` stays low while the merger waits for the current lookup's row, so feed it
-    through a FIFO of at least ``n_slots`` descriptors (plus tokens) after the fork to the
-    channels; otherwise lookup i+1 cannot reach its channel before row i has come back.
+    ``i_desc`` enters an internal FIFO of ``max(4, 2*n_slots)`` descriptors
+    (``ResultMerger.desc_depth``): ``i_desc.ready`` does not wait for rows, so a fork that
+    sends each lookup both to the channels and here is not held up by the merger waiting for
+    an older row (only the slot credits limit the lookups in flight).
 
 ``o_data``: ``Out(stream.Signature(out_layout(params)))``: ``{data: Wh, last: 1, err: 1}``.
     The packed result bytes of each command, in request order, contiguous from byte 0 of the
@@ -81,6 +82,7 @@ widening -> adder operand register).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -243,6 +245,7 @@ class ResultMerger(wiring.Component):
             raise
         self._p = params
         self._n_slots = n_slots
+        self.desc_depth = max(4, 2 * n_slots)
         super().__init__({
             "i_row": In(stream.Signature(row_layout(params, n_slots))).array(params.n_channels),
             "i_desc": In(stream.Signature(desc_layout(n_slots))),
@@ -340,8 +343,20 @@ class ResultMerger(wiring.Component):
         sticky_err = Signal()
         em_busy = Signal()               # the emitter still has ops of a finished bag to send
 
+        # Descriptors wait in a FIFO: the engine forks each lookup to the channels and to here,
+        # and must not be held up while the merger waits for an older row (that would leave at
+        # most two lookups in flight). Lookups are credit-limited to n_slots; the rest of the
+        # depth absorbs empty-bag tokens.
+        m.submodules.desc_fifo = dfifo = SyncFIFOBuffered(width=dl.size, depth=self.desc_depth)
+        m.d.comb += [
+            dfifo.w_data.eq(self.i_desc.payload),
+            dfifo.w_en.eq(self.i_desc.valid),
+            self.i_desc.ready.eq(dfifo.w_rdy),
+        ]
+        d_in = dl(dfifo.r_data)
+        desc_take = Signal()
+
         # derived values of the incoming descriptor
-        d_in = self.i_desc.payload
         ish = Signal(2)                  # log2(itemsize); GATHER moves 32-bit words
         with m.If(~d_in.pooled):
             m.d.comb += ish.eq(2)
@@ -393,7 +408,7 @@ class ResultMerger(wiring.Component):
         finish = Signal()
         m.d.comb += finish.eq((fire & last_op) | noop_step)
         handover = finish & goes_emit
-        m.d.comb += self.i_desc.ready.eq(~have | finish)
+        m.d.comb += [dfifo.r_en.eq(~have | finish), desc_take.eq(dfifo.r_rdy & (~have | finish))]
 
         with m.If(free_now):
             m.d.sync += [done.bit_select(cur.slot, 1).eq(0), errf.bit_select(cur.slot, 1).eq(0)]
@@ -405,7 +420,7 @@ class ResultMerger(wiring.Component):
 
         with m.If(fire):
             m.d.sync += j.eq(Mux(last_op, 0, j + 1))
-        with m.If(self.i_desc.valid & self.i_desc.ready):
+        with m.If(desc_take):
             m.d.sync += [
                 have.eq(1), cur.eq(d_in), j.eq(0),
                 # a 0-byte row (a broken table config) still takes one op of no words, so
