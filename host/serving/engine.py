@@ -181,6 +181,8 @@ class _IoThread(threading.Thread):
             for conn, mask in list(self.conns.items()):
                 if conn.dead:
                     continue
+                if conn.qp.wants_write():
+                    conn.qp.flush()        # what this turn posted, in one send
                 want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.qp.wants_write() else 0)
                 if want != mask and conn.qp.fileno() >= 0:
                     self.sel.modify(conn.qp, want, conn)

@@ -14,9 +14,9 @@ The vocabulary is the verbs one, so code above it reads like RDMA code:
 
 Progress is manual, as with a completion channel: the queue pair has a file descriptor that is
 readable when :meth:`QueuePair.progress` may produce completions, so one I/O thread can wait on
-many connections with ``selectors``. Sends never block the caller for long: what the socket
-(or send queue) cannot take yet stays queued and goes out from :meth:`QueuePair.flush` when the
-descriptor is writable (``wants_write``).
+many connections with ``selectors``. Posting never blocks: work requests queue on the queue
+pair, and the owner calls :meth:`QueuePair.flush` once per loop turn (one send for a burst) and
+again whenever the descriptor is writable while ``wants_write``.
 """
 from __future__ import annotations
 

@@ -8,13 +8,16 @@ lands in the local buffer of its read. A SEND that finds no posted receive is re
 ERROR frame (the RNR NAK of RC transport), so the sender gets an error completion rather than
 silent loss.
 
-Two modes: ``blocking=False`` (the engine: sockets non-blocking, sends queue and drain on
-writability, so an I/O thread never blocks behind a slow peer while it should be reading) and
+Two modes: ``blocking=False`` (the engine: sockets non-blocking, posts only queue frames and
+the owning thread calls :meth:`TcpQueuePair.flush` once per loop turn -- one ``sendmsg`` for a
+burst -- and again on writability, so an I/O thread never blocks behind a slow peer while it
+should be reading) and
 ``blocking=True`` (a server's per-connection thread: ``progress`` blocks in ``recv``, sends go out
 with ``sendall``). Both release the GIL in the socket calls.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import socket
@@ -162,6 +165,7 @@ class TcpQueuePair(QueuePair):
         self._rbuf = bytearray()
         self._out: deque[memoryview] = deque()
         self._send_lock = threading.Lock()
+        self._cork: list | None = None
         self._recvs: deque = deque()            # (wr_id, buffer) posted receives, FIFO
         self._reads: dict[int, tuple] = {}     # wr_id -> (local view, length)
         self._cq: deque[WorkCompletion] = deque()
@@ -180,18 +184,35 @@ class TcpQueuePair(QueuePair):
         with self._send_lock:
             self.bytes_sent += len(hdr) + len(payload)
             if self._blocking:
-                try:
-                    self._sock.sendall(hdr)
+                if self._cork is not None:        # inside progress(): one send at the end
+                    self._cork.append(hdr)
                     if payload:
-                        self._sock.sendall(payload)
-                except OSError as exc:
-                    self._fail(f"send failed: {exc}")
-                    raise ConnectionError(f"send to {self.peer} failed: {exc}") from exc
+                        self._cork.append(payload)
+                    return
+                self._send_vec([hdr, payload] if payload else [hdr])
             else:
+                # queued only: the owner flushes once per loop turn, so a burst of posts
+                # (a window of READs, one MULTI per server) leaves in one sendmsg
                 self._out.append(memoryview(hdr))
                 if payload:
                     self._out.append(memoryview(payload).cast("B"))
-                self._flush_locked()
+
+    def _send_vec(self, bufs):
+        """Blocking scatter-gather send (one syscall per up to 512 buffers)."""
+        views = [memoryview(b).cast("B") for b in bufs]
+        try:
+            while views:
+                n = self._sock.sendmsg(views[:512])
+                while n and views:
+                    if n >= views[0].nbytes:
+                        n -= views[0].nbytes
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+        except OSError as exc:
+            self._fail(f"send failed: {exc}")
+            raise ConnectionError(f"send to {self.peer} failed: {exc}") from exc
 
     def post_send(self, wr_id, data):
         self._emit(P.Op.SEND, wr_id, data)
@@ -217,12 +238,16 @@ class TcpQueuePair(QueuePair):
         out = self._out
         try:
             while out:
-                head = out[0]
-                n = self._sock.send(head)
-                if n < len(head):
-                    out[0] = head[n:]
-                    return
-                out.popleft()
+                batch = list(itertools.islice(out, 0, 512))
+                n = self._sock.sendmsg(batch)
+                while n and out:
+                    head = out[0]
+                    if n >= head.nbytes:
+                        n -= head.nbytes
+                        out.popleft()
+                    else:
+                        out[0] = head[n:]
+                        return          # the socket is full: wait for writability
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -249,6 +274,8 @@ class TcpQueuePair(QueuePair):
         rbuf += data
         pos = 0
         hs = P.HEADER.size
+        if self._blocking:
+            self._cork = []        # answers to a burst of READs go out in one send
         try:
             while len(rbuf) - pos >= hs:
                 hdr = P.unpack_header(bytes(rbuf[pos:pos + hs]))
@@ -262,6 +289,7 @@ class TcpQueuePair(QueuePair):
                 pos += hs + hdr.length
         except P.ProtocolError as exc:
             # The stream cannot be trusted past a bad header: say why, then close.
+            self._uncork()
             msg = str(exc).encode()
             try:
                 self._emit(P.Op.ERROR, 0, msg)
@@ -270,8 +298,20 @@ class TcpQueuePair(QueuePair):
                 pass
             self._fail(str(exc), linger=True)
             return
+        finally:
+            if self._cork is not None and not self.failed:
+                self._uncork()
+            self._cork = None
         if pos:
             del rbuf[:pos]
+
+    def _uncork(self):
+        cork, self._cork = self._cork, None
+        if cork:
+            try:
+                self._send_vec(cork)
+            except ConnectionError:
+                pass               # _fail() recorded it; the FATAL completion tells the owner
 
     def _handle(self, hdr, body):
         op = hdr.op
