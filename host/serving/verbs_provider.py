@@ -11,8 +11,9 @@ local registered buffers. A READ names the remote virtual address: the region's 
 travels with its rkey in the server's META reply (the tcp provider's regions have ``addr`` 0, so
 there it is a plain offset). The server side busy-polls its completion queue.
 
-Status: written against the pyverbs API of rdma-core >= 40 but not run here (this machine's
-kernel has no RDMA support); the tests cover the unavailable path only.
+Status: written against the pyverbs API of rdma-core >= 40 but never run on an RDMA NIC (this
+machine's kernel has no RDMA support). Tests cover the unavailable paths and run this module's
+code against a simulated NIC (tests/test_serving_verbs_sim.py), which checks our side only.
 """
 from __future__ import annotations
 
