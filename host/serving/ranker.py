@@ -540,6 +540,13 @@ class Ranker:
             fetched = {}
             for j, kind, m, sub_off in e["jobs"]:
                 r = results[j]
+                # a reply of the wrong shape would broadcast into a wrong score: refuse it
+                n_sub = int(m.sum()) if m.dtype == bool else m.size
+                want = {"pooled": (batch, self.dim), "rows": (n_sub, self.dim * 4),
+                        "gather": (n_sub, self.dim)}[kind]
+                if not isinstance(r, np.ndarray) or r.shape != want:
+                    raise ServingError(f"table {e['table']!r}: {kind} reply of shape "
+                                       f"{getattr(r, 'shape', type(r).__name__)}, expected {want}")
                 if kind == "pooled":
                     pooled += r
                 elif kind == "rows":
@@ -558,7 +565,10 @@ class Ranker:
                     order = np.argsort(m, kind="stable")
                     m, r = m[order], r[order]
                     sel = local & ~hit
-                    rows[sel] = r[np.searchsorted(m, idx[sel])]
+                    pos = np.minimum(np.searchsorted(m, idx[sel]), m.size - 1)
+                    if not np.array_equal(m[pos], idx[sel]):
+                        raise ServingError(f"table {e['table']!r}: admitted rows missing from the GATHER replies")
+                    rows[sel] = r[pos]
                     self.cache.admit(e["table"], m, r)
                 pool_bags(rows[local], _sub_bags(e["bags"], local, batch), pooled)
             out.append(pooled)
