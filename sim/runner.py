@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -125,6 +127,16 @@ def load_meta() -> dict:
     return meta
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _failures(results_xml: Path) -> list[str]:
     if not results_xml.exists():
         return [f"no results file {results_xml}: the simulator did not run the tests"]
@@ -149,18 +161,22 @@ def run(test_module: str, top: str, params: Params, *, testcase: str | list[str]
     configure_verilator()
     from cocotb_tools.runner import get_runner
 
-    build = generate_verilog(top, params, **top_args)
-    runner = get_runner("verilator")
-    build_dir = build.directory / "obj"
-    runner.build(
-        sources=[build.verilog],
-        hdl_toplevel=build.toplevel,
-        build_dir=build_dir,
-        build_args=VERILATOR_ARGS,
-        waves=waves,
-        timescale=timescale,
-        always=False,
-    )
+    key = f"{top}-{_params_key(top, params, top_args)}"
+    (build_root() / key).mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers share build directories: one builds, the others wait and reuse.
+    with _locked(build_root() / key / ".lock"):
+        build = generate_verilog(top, params, **top_args)
+        runner = get_runner("verilator")
+        build_dir = build.directory / "obj"
+        runner.build(
+            sources=[build.verilog],
+            hdl_toplevel=build.toplevel,
+            build_dir=build_dir,
+            build_args=VERILATOR_ARGS,
+            waves=waves,
+            timescale=timescale,
+            always=False,
+        )
     name = testcase if isinstance(testcase, str) else (testcase[0] if testcase else "all")
     results = build.directory / f"results-{test_module.rsplit('.', 1)[-1]}-{name}-{os.getpid()}.xml"
     if results.exists():
@@ -176,7 +192,7 @@ def run(test_module: str, top: str, params: Params, *, testcase: str | list[str]
             test_module=test_module,
             hdl_toplevel=build.toplevel,
             build_dir=build_dir,
-            test_dir=build.directory,
+            test_dir=build.directory / f"run-{os.getpid()}",
             testcase=testcase,
             seed=seed,
             extra_env=env,
