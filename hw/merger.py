@@ -77,8 +77,8 @@ Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB me
 accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write,
 2 read ports); a packer of ``Wh + Wc`` bits. Default Params (4 channels, ch64/host64,
 max_row_bytes 512) with 16 slots, yosys synth_ecp5 + nextpnr-ecp5 --85k out of context:
-3073 LUT4 + 259 CCU2C, 1360 FF, 8 DP16KD, 65.7 MHz (critical path: ROB read data -> fp16
-widening -> adder operand register).
+3158 LUT4 + 271 CCU2C + 14 DPR16X4 (descriptor FIFO), 1403 FF, 8 DP16KD, 65.8 MHz (critical
+path: ROB read data -> fp16 widening -> adder operand register).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
