@@ -228,9 +228,9 @@ async def device_end_to_end(dut):
     # ---- gathers and pooled gathers, several in flight
     lookups = 0
     before = await b.dev.counters()
-    for round_ in range(3):
+    for round_ in range(4):
         pending = []
-        for _ in range(3):
+        for _ in range(rng.choice([1, 3, 4])):
             table = rng.choice([t for t in b.tables])
             t = b.tables[table]
             if rng.random() < 0.5:
@@ -305,6 +305,48 @@ async def device_end_to_end(dut):
                                17 * 24)
     cpl, mem = await b.finish_both(pair, 17 * 24)
     assert mem[:17 * 24] == rows.tobytes() and cpl.n_bad == n_bad
+
+    # ---- block mode: same results, every lookup moves a whole page over the channel bus
+    idx = b.random_indices(0, 12, bad_rate=0)
+    rows, _, _ = b.golden_gather(0, idx)
+    for blk in (False, True):
+        for d in (b.dev, b.model):
+            await d.set_block_mode(blk)
+        c_before = await b.dev.counters()
+        pair = await b.submit_both(dict(opcode=Opcode.GATHER, table=0, count=12), {"src_addr": idx.tobytes()},
+                                   12 * 64)
+        cpl, mem = await b.finish_both(pair, 12 * 64)
+        assert mem[:12 * 64] == rows.tobytes() and cpl.status == Status.OK
+        # in block mode the row leaves the channel before the rest of its page has crossed the bus
+        await ClockCycles(dut.clk, 300)
+        c_after = await b.dev.counters()
+        moved = sum(a["bytes"] - x["bytes"] for a, x in zip(c_after["channels"], c_before["channels"]))
+        rows_read = sum(a["rows"] - x["rows"] for a, x in zip(c_after["channels"], c_before["channels"]))
+        assert rows_read == 12
+        if blk:
+            assert moved == 12 * p.page_size, moved
+        else:
+            assert moved <= 12 * (64 + 2 * p.ch_data_bits // 8), moved
+    for d in (b.dev, b.model):
+        await d.set_block_mode(False)
+
+    # ---- reprogram a page under a table: a gather after PROGRAM_PAGES sees the new rows
+    t0 = b.tables[0]
+    new_page = b.nprng.integers(0, 256, (1, p.page_size), dtype=np.uint8)
+    lba0 = 1   # table 0's first page
+    rows_per_page = p.page_size // 64
+    idx = np.arange(0, 6, dtype="<u4")
+    pair = await b.submit_both(dict(opcode=Opcode.GATHER, table=0, count=6), {"src_addr": idx.tobytes()}, 6 * 64)
+    for d in (b.dev, b.model):
+        await d.program_pages(lba0, new_page)
+    cpl, mem = await b.finish_both(pair, 6 * 64)
+    assert mem[:6 * 64] == t0["raw"][:6].tobytes(), "a gather submitted before the program saw new data"
+    for r in range(rows_per_page):
+        t0["raw"][r] = new_page[0, r * 64:(r + 1) * 64]
+    t0["vals"] = t0["raw"].view(t0["vals"].dtype).reshape(t0["vals"].shape)
+    pair = await b.submit_both(dict(opcode=Opcode.GATHER, table=0, count=6), {"src_addr": idx.tobytes()}, 6 * 64)
+    cpl, mem = await b.finish_both(pair, 6 * 64)
+    assert mem[:6 * 64] == new_page[0, :6 * 64].tobytes()
 
     # ---- counters are sane
     cnt = await b.dev.counters()
