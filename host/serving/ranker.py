@@ -29,7 +29,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 import numpy as np
 
 from . import protocol as P
-from .engine import Backpressure, ConnectionLost, Engine, EngineError, RequestTimeout
+from .engine import Backpressure, Engine, EngineError, RequestTimeout
 
 __all__ = ["DLRM", "EmbeddingCache", "Ranker", "ServingError", "BudgetExceeded", "pool_bags",
            "bag_ids", "local_pooled", "synthetic_batch", "dense_from_criteo", "criteo_batches"]
