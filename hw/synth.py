@@ -315,9 +315,10 @@ def _run_tool(args, cwd, timeout):
     return res
 
 
-ECP5_CELLS = {"LUT4": ("LUT4",), "CARRY": ("CCU2C",), "FF": ("TRELLIS_FF",),
+ECP5_CELLS = {"LUT4": ("LUT4",), "MUX": ("PFUMX", "L6MUX21"), "CARRY": ("CCU2C",), "FF": ("TRELLIS_FF",),
               "LUTRAM": ("TRELLIS_DPR16X4",), "BRAM": ("DP16KD", "PDPW16KD"), "DSP": ("MULT18X18D", "ALU54B")}
-XILINX_CELLS = {"LUT": ("LUT1", "LUT2", "LUT3", "LUT4", "LUT5", "LUT6"),
+XILINX_CELLS = {"LUT": ("LUT1", "LUT2", "LUT3", "LUT4", "LUT5", "LUT6", "LUT6_2"),
+                "MUX": ("MUXF7", "MUXF8", "MUXF9"),
                 "CARRY": ("CARRY8",), "FF": ("FDRE", "FDSE", "FDCE", "FDPE"),
                 "LUTRAM": ("RAM32M", "RAM64M", "RAM32X1D", "RAM64X1D", "RAM128X1D", "RAM256X1S",
                            "RAM32M16", "RAM64M8", "RAM32X1S", "RAM64X1S", "RAM128X1S", "SRL16E", "SRLC32E"),

@@ -30,9 +30,10 @@ def add_arguments(parser):
 
 
 def configs(quick: bool):
+    """Most informative first (results are written after every configuration)."""
     chans = (1, 4) if quick else CHANNELS
     widths = (64, 256) if quick else WIDTHS
-    out = [(c, 64) for c in chans] + [(4, w) for w in widths if w != 64]
+    out = [(4, 64)] + [(c, 64) for c in chans if c != 4] + [(4, w) for w in widths if w != 64]
     fmax = {(1, 64), (4, 64)}
     return out, fmax
 
@@ -67,6 +68,7 @@ def run(args) -> int:
         return 2
     cfgs, fmax_cfgs = configs(args.quick)
     rows = []
+    tools = synth.tool_versions()
     t_all = time.monotonic()
     for n_ch, width in cfgs:
         params = Params(n_channels=n_ch, host_data_bits=width)
@@ -81,11 +83,15 @@ def run(args) -> int:
             res = {"name": name, "error": str(exc)}
         res.update({"n_channels": n_ch, "host_data_bits": width, "params": params.as_dict()})
         rows.append(res)
-    data = {"top": args.top, "configs": rows, "families": list(families),
-            "tools": synth.tool_versions(), "seconds": round(time.monotonic() - t_all, 1)}
-    fig = _plot(rows)
-    path = write_results("synth", data, fig, command=" ".join(["evssd bench synth"] + sys.argv[3:]),
-                         root=args.results)
+        # Partial results after every configuration: a long sweep that is stopped keeps its numbers.
+        data = {"top": args.top, "configs": rows, "families": list(families), "tools": tools,
+                "complete": len(rows) == len(cfgs), "seconds": round(time.monotonic() - t_all, 1)}
+        fig = _plot(rows)
+        path = write_results("synth", data, fig,
+                             command=" ".join(["evssd bench synth"] + sys.argv[3:]), root=args.results)
+        if fig is not None:
+            import matplotlib.pyplot as plt
+            plt.close(fig)
     print(_table(rows))
     print(f"results: {path}")
     return 0
@@ -105,6 +111,8 @@ def _table(rows) -> str:
 
 
 def _plot(rows):
+    if not rows:
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
