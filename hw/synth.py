@@ -84,12 +84,17 @@ def toolchain_env() -> dict:
 
 
 def source_hash() -> str:
-    """SHA-256 over the gateware sources (``hw/*.py``: names and contents, sorted by name)."""
+    """SHA-256 over the gateware sources (``hw/*.py`` except this flow script: names and
+    contents, sorted by name)."""
     h = hashlib.sha256()
-    for path in sorted(HW_DIR.glob("*.py")):
+    for path in _sources():
         h.update(path.name.encode() + b"\0")
         h.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
     return h.hexdigest()
+
+
+def _sources():
+    return sorted(p for p in HW_DIR.glob("*.py") if p.name != "synth.py")
 
 
 def _git(*args) -> str:
@@ -247,7 +252,7 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
         "git_rev": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--", "hw")),
         "source_hash": src_hash,
-        "source_files": sorted(p.name for p in HW_DIR.glob("*.py")),
+        "source_files": [p.name for p in _sources()],
         "regmap_hash": regmap.REGMAP_HASH,
         "regmap_version": list(regmap.REGMAP_VERSION),
         "build_id": params.build_id,
@@ -283,7 +288,7 @@ def check_bitstream(board: str = "ulx3s-85f", out_dir: str | os.PathLike | None 
     problems = []
     if manifest.get("source_hash") != now:
         then = set(manifest.get("source_files", []))
-        files = {p.name for p in HW_DIR.glob("*.py")}
+        files = {p.name for p in _sources()}
         extra = ""
         if then != files:
             extra = f" (files added: {sorted(files - then)}, removed: {sorted(then - files)})"
