@@ -14,11 +14,10 @@ board uses ``clock_hz // baud``.
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Cat, Const, C
+from amaranth import Module, Signal, Cat, C
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
-from amaranth.utils import bits_for
 
 from .axi import AXI4LiteSignature, Resp
 
