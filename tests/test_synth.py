@@ -88,3 +88,29 @@ def test_ecp5_synth_and_ooc_pnr_small_config(tmp_path):
     assert e["BRAM"] >= 8, e          # the 16 KiB window is 8 DP16KD; the bridge buffer 1 more
     fmax = res["ecp5_pnr"]["fmax"]
     assert fmax and all(v["achieved_mhz"] >= 50 for v in fmax.values()), fmax
+
+
+def test_pll_params():
+    pytest.importorskip("amaranth")
+    from evssd.hw.board import pll_params
+    for f in (40.0, 50.0, 100.0):
+        p = pll_params(25.0, f)
+        assert p["f_out"] == f
+        assert 400 <= f * p["CLKOP_DIV"] <= 800 and 25.0 / p["CLKI_DIV"] >= 3.125
+
+
+def test_board_top_prepares_for_ulx3s():
+    """BoardTop elaborates against the real platform (pins, PLL, reset, LEDs); no tools run."""
+    pytest.importorskip("amaranth_boards")
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+    from evssd.hw.board import BoardTop, board_params
+    top = BoardTop(board_params(clock_hz=40_000_000), baud=115200, device=False)
+    assert top.divisor == 347
+    plan = ULX3S_85F_Platform().prepare(top, name="t")
+    files = plan.files
+    assert "EHXPLLL" in files["t.il"] and "CLKI_DIV" in files["t.il"]
+    lpf = files["t.lpf"]
+    for site in ("M1", "L4", "G2", "B2"):   # uart rx, uart tx, clk25, led0
+        assert f'SITE "{site}"' in lpf, site
+    with pytest.raises(ValueError, match="cannot make exactly"):
+        ULX3S_85F_Platform().prepare(BoardTop(board_params(clock_hz=31_415_926), device=False), name="t")
