@@ -16,11 +16,12 @@ write 0 = CQ posts, 1 = results.
 from __future__ import annotations
 
 from amaranth import Module, Signal, Cat
-from amaranth.lib import wiring
+from amaranth.lib import data, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4LiteSignature, AXI4Signature
-from .channel import FlashChannelController, channel_addr_width
+from .channel import FlashChannelController, channel_addr_width, read_request_layout
 from .dma import HostDMA
 from .engine import XLAT_TAG_WIDTH, CommandEngine
 from .ftl import ChannelDemux, LinearFTL
@@ -41,15 +42,22 @@ def default_slots(params: Params) -> int:
 
 
 class EVSSD(wiring.Component):
-    def __init__(self, params: Params, *, n_slots: int | None = None):
+    def __init__(self, params: Params, *, n_slots: int | None = None, read_queue: int | None = None):
         if not isinstance(params, Params):
             raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
         if n_slots is None:
             n_slots = default_slots(params)
         if n_slots < 2 or n_slots & (n_slots - 1) or n_slots > 256:
             raise ValueError(f"n_slots {n_slots} must be a power of two 2..256")
+        if read_queue is None:
+            read_queue = 2 * params.ways
+        if read_queue < 0:
+            raise ValueError(f"read_queue {read_queue} must be >= 0")
         self.params = params
         self.n_slots = n_slots
+        # Per-channel queue between the FTL demux and each channel: without it a channel whose
+        # page registers are all busy holds back requests for every other channel (head-of-line).
+        self.read_queue = read_queue
         members = {
             "s_axil": In(AXI4LiteSignature(addr_width=ADDR_WIDTH, data_width=32)),
             "m_axi_host": Out(AXI4Signature(addr_width=64, data_width=params.host_data_bits)),
@@ -147,7 +155,18 @@ class EVSSD(wiring.Component):
         clear = regs.ctrl_trigger_clear_counters
         for c, ch in enumerate(chans):
             wiring.connect(m, ch.m_axi, wiring.flipped(self.m_axi_ch(c)))
-            wiring.connect(m, demux.o_read[c], ch.i_read)
+            if self.read_queue:
+                lay = read_request_layout(T)
+                fifo = SyncFIFOBuffered(width=lay.size, depth=self.read_queue)
+                m.submodules[f"read_queue{c}"] = fifo
+                m.d.comb += [
+                    fifo.w_data.eq(demux.o_read[c].payload), fifo.w_en.eq(demux.o_read[c].valid),
+                    demux.o_read[c].ready.eq(fifo.w_rdy),
+                    ch.i_read.payload.eq(fifo.r_data), ch.i_read.valid.eq(fifo.r_rdy),
+                    fifo.r_en.eq(ch.i_read.ready),
+                ]
+            else:
+                wiring.connect(m, demux.o_read[c], ch.i_read)
             wiring.connect(m, ch.o_row, mg.i_row[c])
             wiring.connect(m, eng.o_prog[c], ch.i_prog)
             wiring.connect(m, eng.o_prog_data[c], ch.i_prog_data)

@@ -32,6 +32,8 @@ def add_arguments(parser):
     parser.add_argument("--sizes", default="64,128,256,512", help="batch sizes for the latency sweep")
     parser.add_argument("--batches", type=int, default=3, help="batches per size in the latency sweep")
     parser.add_argument("--inflight", type=int, default=4, help="gathers in flight for throughput")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="reorder-buffer slots (default: hw.device.default_slots)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="small sweep (CI smoke run)")
 
@@ -65,10 +67,14 @@ def run(args) -> int:
         os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
     with tempfile.TemporaryDirectory() as tmp:
         report_path = os.path.join(tmp, "report.json")
+        top_args = {} if args.slots is None else {"n_slots": args.slots}
         runner.run("evssd.sim.tb_bench_rtl", "device", params,
-                   extra_env={"EVSSD_BENCH_RTL": json.dumps(cfg), "EVSSD_BENCH_RTL_REPORT": report_path})
+                   extra_env={"EVSSD_BENCH_RTL": json.dumps(cfg), "EVSSD_BENCH_RTL_REPORT": report_path},
+                   **top_args)
         with open(report_path) as fh:
             report = json.load(fh)
+    from evssd.hw.device import default_slots
+    report["n_slots"] = args.slots or default_slots(params)
     report["bound"] = bound(params, args.row_bytes, args.t_r)
     for row in report["throughput"]:
         row["fraction_of_bound"] = row["lookups_per_cycle"] / report["bound"]["bound"]
