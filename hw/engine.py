@@ -31,8 +31,10 @@ Status rules follow the functional model (:mod:`evssd.host.model`): BAD_OPCODE; 
 max_row_bytes, which the merger cannot hold), RESULT_OVERFLOW, BAD_OFFSETS; per lookup
 BAD_INDEX (no extent; dominates) or BAD_LBA (page outside the flash) with ``n_bad`` and the
 first bad position; BUS_ERROR when an index/offset/page read, a row read or a result write got
-an AXI error (``n_bad`` 0, ``first_bad`` none). On the validation errors nothing is read past
-the check and nothing is written.
+an AXI error (``n_bad`` 0, ``first_bad`` none); an error on the offsets (pass 1) is found before
+anything is written, an error on the index list or a row only once the result is streaming, so
+that command's result buffer may hold rows (never bytes outside it). On the validation errors
+nothing is read past the check and nothing is written.
 """
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def test_width_converter(wi, wo):
 
 
 @pytest.mark.parametrize("n,wh,wc", [(1, 64, 32), (2, 512, 512), (3, 128, 64), (5, 64, 256),
-                                     (8, 256, 128)])
+                                     (8, 256, 128), (8, 64, 512)])
 def test_device_elaborates(n, wh, wc):
     from evssd.hw.device import EVSSD
     p = Params(n_channels=n, host_data_bits=wh, ch_data_bits=wc, page_size=1024, max_tables=4,
