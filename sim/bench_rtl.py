@@ -88,7 +88,7 @@ def run(args) -> int:
         tp = report["throughput"]
         axes[0].bar([str(r["lookups"]) for r in tp], [r["lookups_per_cycle"] for r in tp], label="RTL")
         axes[0].axhline(report["bound"]["bound"], color="r", ls="--", label="bound")
-        axes[0].set_xlabel("lookups in flight (total)")
+        axes[0].set_xlabel(f"lookups ({args.inflight} gathers in flight)")
         axes[0].set_ylabel("lookups / cycle")
         axes[0].set_title(f"sustained throughput, tR={args.t_r}")
         axes[0].legend()
@@ -100,6 +100,7 @@ def run(args) -> int:
         xs = [int(k) for k in lat]
         axes[2].plot(xs, [lat[k]["p50"] for k in lat], "o-", label="p50")
         axes[2].plot(xs, [lat[k]["p99"] for k in lat], "s--", label="p99")
+        axes[2].plot(xs, [lat[k]["model_p50"] for k in lat], "^:", label="model p50")
         axes[2].set_xlabel("batch size")
         axes[2].set_ylabel("cycles")
         axes[2].set_title("batch latency")
@@ -112,10 +113,11 @@ def run(args) -> int:
     print(f"bound: {b['bound']:.4f} lookups/cycle (channel bw {b['channel_bw']:.3f}, flash {b['flash']:.4f})")
     for row in report["throughput"]:
         print(f"throughput: {row['lookups']} lookups in {row['cycles']} cycles = "
-              f"{row['lookups_per_cycle']:.4f}/cycle ({100 * row['fraction_of_bound']:.0f}% of bound)")
+              f"{row['lookups_per_cycle']:.4f}/cycle ({100 * row['fraction_of_bound']:.0f}% of bound); "
+              f"model estimate {row['model_cycles']} cycles ({row['model_over_rtl']:.2f}x)")
     for k, v in report["amplification"].items():
         print(f"amplification {k}: {v['bytes_per_lookup']:.0f} B/lookup ({v['amplification']:.1f}x)")
     for k, v in report["latency"].items():
-        print(f"latency batch {k}: p50 {v['p50']:.0f} p99 {v['p99']:.0f} cycles")
+        print(f"latency batch {k}: p50 {v['p50']:.0f} p99 {v['p99']:.0f} cycles (model p50 {v['model_p50']:.0f})")
     print(f"wrote {path}")
     return 0

@@ -14,6 +14,7 @@ from cocotb.utils import get_sim_time
 from cocotbext.axi import AxiBus, AxiRam
 
 from evssd.host.device import AsyncDevice
+from evssd.host.model import ModelTransport
 from evssd.hw.regmap import Opcode
 from evssd.sim.runner import load_meta
 from evssd.sim.transport import CocotbTransport, quiet_cocotbext_axi, start_clock_and_reset
@@ -48,6 +49,22 @@ async def bench(dut):
         page = rng.integers(0, 256, p.page_size, dtype=np.uint8).tobytes()
         rams[lba % p.n_channels].write((lba // p.n_channels) * p.page_size, page)
     await dev.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
+    # The functional model runs the same lookups: its cycle estimate is compared with the RTL's.
+    model = await AsyncDevice.open(ModelTransport(p, host_memory_bytes=16 << 20), sq_entries=16,
+                                   cq_entries=16)
+    await model.set_timing(t_r=cfg["t_r"])
+    flash = np.zeros((n_pages, p.page_size), np.uint8)
+    for lba in range(n_pages):
+        flash[lba] = np.frombuffer(rams[lba % p.n_channels].read((lba // p.n_channels) * p.page_size,
+                                                                 p.page_size), np.uint8)
+    await model.program_pages(0, flash)
+    await model.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
+
+    async def model_cycles(batches):
+        c0 = (await model.counters())["cycles"]
+        for idx in batches:
+            await model.gather(0, idx)
+        return (await model.counters())["cycles"] - c0
 
     report = {"params": p.as_dict(), "t_r": cfg["t_r"], "row_bytes": row_bytes, "throughput": [],
               "amplification": {}, "latency": {}}
@@ -56,14 +73,17 @@ async def bench(dut):
     for n in cfg["throughput_sizes"]:
         c0 = await dev.counters()
         start = _now_cycles()
-        handles = [await dev.submit_gather(0, rng.integers(0, n_rows, n)) for _ in range(cfg["inflight"])]
+        batches = [rng.integers(0, n_rows, n) for _ in range(cfg["inflight"])]
+        handles = [await dev.submit_gather(0, idx) for idx in batches]
         for h in handles:
             await dev.finish(h)
         cycles = _now_cycles() - start
+        m_cycles = await model_cycles(batches)
         c1 = await dev.counters()
         lookups = n * cfg["inflight"]
         report["throughput"].append({
             "lookups": lookups, "cycles": cycles, "lookups_per_cycle": lookups / cycles,
+            "model_cycles": m_cycles, "model_over_rtl": m_cycles / cycles,
             "device_busy_cycles": c1["busy_cycles"] - c0["busy_cycles"],
             "tr_waits": sum(a["tr_waits"] - b["tr_waits"] for a, b in zip(c1["channels"], c0["channels"])),
         })
@@ -85,13 +105,15 @@ async def bench(dut):
 
     # ---- latency per batch (submit to completion seen by the driver), one batch at a time
     for size in cfg["latency_sizes"]:
-        samples = []
+        samples, m_samples = [], []
         for _ in range(cfg["latency_batches"]):
             idx = rng.integers(0, n_rows, size)
             start = _now_cycles()
             await dev.gather(0, idx)
             samples.append(_now_cycles() - start)
-        report["latency"][str(size)] = {"samples": samples,
+            m_samples.append(await model_cycles([idx]))
+        report["latency"][str(size)] = {"samples": samples, "model_samples": m_samples,
+                                        "model_p50": float(np.percentile(m_samples, 50)),
                                         "p50": float(np.percentile(samples, 50)),
                                         "p99": float(np.percentile(samples, 99))}
     report["counters"] = await dev.counters()
