@@ -43,8 +43,13 @@ def bound(params, row_bytes: int, t_r: int) -> dict:
     beats = math.ceil(row_bytes / (params.ch_data_bits // 8))
     channel_bw = params.n_channels / beats
     flash = params.n_channels * params.ways / max(t_r, 1)
-    return {"engine": 1.0, "channel_bw": channel_bw, "flash": flash,
-            "bound": min(1.0, channel_bw, flash)}
+    # The merger writes one channel beat per cycle into its ROB (shared by all channels), and
+    # the result DMA moves one host beat per cycle.
+    merger = 1 / beats
+    host = (params.host_data_bits // 8) / row_bytes
+    return {"engine": 1.0, "channel_bw": channel_bw, "flash": flash, "merger_ingest": merger,
+            "host_dma": host, "bound": min(1.0, channel_bw, flash),
+            "bound_device": min(1.0, channel_bw, flash, merger, host)}
 
 
 def run(args) -> int:
@@ -78,6 +83,7 @@ def run(args) -> int:
     report["bound"] = bound(params, args.row_bytes, args.t_r)
     for row in report["throughput"]:
         row["fraction_of_bound"] = row["lookups_per_cycle"] / report["bound"]["bound"]
+        row["fraction_of_device_bound"] = row["lookups_per_cycle"] / report["bound"]["bound_device"]
 
     fig = None
     try:
@@ -88,6 +94,8 @@ def run(args) -> int:
         tp = report["throughput"]
         axes[0].bar([str(r["lookups"]) for r in tp], [r["lookups_per_cycle"] for r in tp], label="RTL")
         axes[0].axhline(report["bound"]["bound"], color="r", ls="--", label="bound")
+        if report["bound"]["bound_device"] < report["bound"]["bound"]:
+            axes[0].axhline(report["bound"]["bound_device"], color="k", ls=":", label="with merger/DMA")
         axes[0].set_xlabel(f"lookups ({args.inflight} gathers in flight)")
         axes[0].set_ylabel("lookups / cycle")
         axes[0].set_title(f"sustained throughput, tR={args.t_r}")
@@ -110,10 +118,12 @@ def run(args) -> int:
         pass
     path = write_results("bench_rtl", report, fig, command=" ".join(sys.argv))
     b = report["bound"]
-    print(f"bound: {b['bound']:.4f} lookups/cycle (channel bw {b['channel_bw']:.3f}, flash {b['flash']:.4f})")
+    print(f"bound: {b['bound']:.4f} lookups/cycle (channel bw {b['channel_bw']:.3f}, flash {b['flash']:.4f}); "
+          f"with merger ingest ({b['merger_ingest']:.3f}) and host DMA ({b['host_dma']:.3f}): {b['bound_device']:.4f}")
     for row in report["throughput"]:
         print(f"throughput: {row['lookups']} lookups in {row['cycles']} cycles = "
-              f"{row['lookups_per_cycle']:.4f}/cycle ({100 * row['fraction_of_bound']:.0f}% of bound); "
+              f"{row['lookups_per_cycle']:.4f}/cycle ({100 * row['fraction_of_bound']:.0f}% of bound, "
+              f"{100 * row['fraction_of_device_bound']:.0f}% of device bound); "
               f"model estimate {row['model_cycles']} cycles ({row['model_over_rtl']:.2f}x)")
     for k, v in report["amplification"].items():
         print(f"amplification {k}: {v['bytes_per_lookup']:.0f} B/lookup ({v['amplification']:.1f}x)")
