@@ -86,7 +86,7 @@ def test_dma_random(width, stall, seed):
     # Write ports own disjoint halves of [0, 0x6000); reads go to [0x6000 + ..) which nobody
     # writes, plus the error window. Afterwards the whole memory must equal the golden copy.
     halves = [(0, 0x3000), (0x3000, 0x6000)]
-    n_cmds = 14
+    n_cmds = 24
     trace = []
     stats = {"err_writes": 0, "err_reads": 0, "reads": 0, "writes": 0}
 
@@ -143,7 +143,7 @@ def test_dma_random(width, stall, seed):
         return reader
 
     async def watchdog(ctx):
-        await ctx.delay(60_000 * 1e-8)
+        await ctx.delay(120_000 * 1e-8)
         st = {n: ctx.get(getattr(dut.m_axi_host, n)) for n in ("awvalid", "wvalid", "wready", "wlast", "bvalid", "bready")}
         st.update({f"wd{i}": ctx.get(dut.wr_data[i].valid) for i in range(2)})
         st.update({f"done{i}": ctx.get(dut.wr_done[i].valid) for i in range(2)})
