@@ -23,6 +23,7 @@ from .axi_mem import AXI4Memory
 ROW = 16          # table 0: fp32, 16-byte rows, indices < GOOD translate
 GOOD = 100
 SLOTS = 4
+ERR_LO, ERR_HI = 0xF000, 0xF100   # host memory that answers SLVERR
 
 
 def xlat(table, index):
@@ -116,7 +117,8 @@ def test_engine_commands(width, stall, seed):
     p = Params(host_data_bits=width, ch_data_bits=64, n_channels=2, max_inflight=3)
     dut = Harness(p)
     e = dut.eng
-    mem = AXI4Memory(dut.m_axi_host, size=1 << 16, data_width=width, stall=stall, seed=seed, latency=2)
+    mem = AXI4Memory(dut.m_axi_host, size=1 << 16, data_width=width, stall=stall, seed=seed, latency=2,
+                     err_ranges=[(ERR_LO, ERR_HI)])
     rng = random.Random(seed)
     sim = Simulator(dut)
     sim.add_clock(1e-8)
@@ -173,6 +175,11 @@ def test_engine_commands(width, stall, seed):
              gather(5, table=1), gather(5, table=9), gather(5, src_addr=0x104),
              gather(6, dst_bytes=6 * ROW - 1), pooled([1, 1], offsets=[0, 3, 1]),
              pooled([1, 1], offsets=[0, 1, 5]), gather(0), gather(33), pooled([4] * 6)]
+    # bus errors: an index list (rows are still written: found while streaming) and an offsets
+    # list (found in the validation pass: nothing written)
+    bus_err = [gather(6, src_addr=ERR_LO), pooled([2, 2], offsets=None)]
+    bus_err[1].offsets_addr = ERR_LO + 0x80
+    cmds += bus_err
     for _ in range(10):   # a random tail: more overlap between commands
         if rng.random() < 0.5:
             cmds.append(gather(rng.randrange(1, 24), table=rng.choice([0, 2])))
@@ -187,6 +194,9 @@ def test_engine_commands(width, stall, seed):
             mem.write_bytes(cmd.dst_addr, b"\x5A" * (max(cmd.dst_bytes, 64) + 64))
     snapshot = bytes(mem.mem)
     expect = [golden(cmd, snapshot) for cmd in cmds]
+    for k, cmd in enumerate(cmds):
+        if cmd in bus_err:
+            expect[k] = (Status.BUS_ERROR, 0, NO_BAD_POSITION, None)
 
     # ---- translator model: in order, a few cycles of latency, random stalls both ways
     xq = deque()
@@ -327,7 +337,12 @@ def test_engine_commands(width, stall, seed):
     for cmd, (cid, status, n_bad, first_bad, sq_head), (w_status, w_nbad, w_fbad, w_out) in zip(cmds, cpls, expect):
         assert (status, n_bad, first_bad) == (w_status, w_nbad, w_fbad), f"cid {cid} ({cmd})"
         assert sq_head == (cid + 1) & 0xFFFF
-        if cmd.dst_addr:
+        if cmd is bus_err[0]:
+            # index words read as zeros: index 0's row repeated, and nothing past the result
+            region = mem.read_bytes(cmd.dst_addr, max(cmd.dst_bytes, 64) + 64)
+            assert region[:cmd.dst_bytes] == row_pattern(0, 0, ROW) * cmd.count
+            assert region[cmd.dst_bytes:] == b"\x5A" * (len(region) - cmd.dst_bytes)
+        elif cmd.dst_addr:
             region = mem.read_bytes(cmd.dst_addr, max(cmd.dst_bytes, 64) + 64)
             n = len(w_out) if (w_out is not None and status in (Status.OK, Status.BAD_INDEX, Status.BAD_LBA)) else 0
             assert region[:n] == (w_out or b"")[:n], f"cid {cid}: result bytes"
@@ -336,6 +351,7 @@ def test_engine_commands(width, stall, seed):
     used += sum(int.from_bytes(snapshot[c.offsets_addr + 4 * c.n_bags:c.offsets_addr + 4 * c.n_bags + 4], "little")
                 - int.from_bytes(snapshot[c.offsets_addr:c.offsets_addr + 4], "little")
                 for c, x in zip(cmds, expect) if c.opcode == Opcode.GATHER_POOLED and x[3] is not None)
+    used += bus_err[0].count
     assert stats["lookups"] == used
     assert stats["max_inflight"] >= 2, "commands never overlapped"
     assert not by_slot and not free_q
