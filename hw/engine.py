@@ -365,6 +365,9 @@ class CommandEngine(wiring.Component):
         pg_page = Signal(32)
         pg_beats = Signal(range(ps // (wc // 8) + 1))
         pg_err = Signal()
+        pg_busy = Signal(n_ch)          # a program is outstanding in channel i
+        pg_issue = Signal(n_ch)         # pulse: a program request was accepted by channel i
+        pg_done_err = Signal()
         if n_ch & (n_ch - 1) == 0:
             lc = n_ch.bit_length() - 1
             first_page = c.lba >> lc
@@ -594,11 +597,14 @@ class CommandEngine(wiring.Component):
                     m.d.sync += [pg_ch.eq(first_ch), pg_page.eq(first_page)]
                     m.next = "PG_REQ"
             with m.State("PG_REQ"):
+                # a channel takes its next page only after its previous program is done; the
+                # other channels' programs (tPROG each) overlap with this one
                 for i in range(n_ch):
-                    with m.If(pg_ch == i):
+                    with m.If((pg_ch == i) & ~pg_busy[i]):
                         m.d.comb += [self.o_prog[i].valid.eq(1),
                                      self.o_prog[i].payload.page.eq(pg_page)]
                         with m.If(self.o_prog[i].ready):
+                            m.d.comb += pg_issue[i].eq(1)
                             m.next = "PG_DMA"
             with m.State("PG_DMA"):
                 m.d.comb += [self.o_pg_cmd.valid.eq(1),
@@ -620,24 +626,32 @@ class CommandEngine(wiring.Component):
                 with m.If(pgconv.o.valid & pgconv.o.ready):
                     m.d.sync += pg_beats.eq(pg_beats - 1)
                     with m.If(pg_beats == 1):
-                        m.next = "PG_DONE"
-            with m.State("PG_DONE"):
-                for i in range(n_ch):
-                    with m.If(pg_ch == i):
-                        m.d.comb += self.i_prog_done[i].ready.eq(1)
-                        with m.If(self.i_prog_done[i].valid):
-                            m.d.sync += [pg_err.eq(pg_err | self.i_prog_done[i].payload.err),
-                                         pg_k.eq(pg_k + 1)]
-                            with m.If(pg_ch == n_ch - 1):
-                                m.d.sync += [pg_ch.eq(0), pg_page.eq(pg_page + 1)]
-                            with m.Else():
-                                m.d.sync += pg_ch.eq(pg_ch + 1)
-                            with m.If(pg_k == c.count - 1):
-                                m.next = "PG_END"
-                            with m.Else():
-                                m.next = "PG_REQ"
+                        m.d.sync += pg_k.eq(pg_k + 1)
+                        with m.If(pg_ch == n_ch - 1):
+                            m.d.sync += [pg_ch.eq(0), pg_page.eq(pg_page + 1)]
+                        with m.Else():
+                            m.d.sync += pg_ch.eq(pg_ch + 1)
+                        with m.If(pg_k == c.count - 1):
+                            m.next = "PG_END"
+                        with m.Else():
+                            m.next = "PG_REQ"
             with m.State("PG_END"):
-                finish(m, Mux(pg_err, Status.BUS_ERROR, Status.OK))
+                # the command completes when every channel has finished its last program
+                with m.If(pg_busy == 0):
+                    finish(m, Mux(pg_err | pg_done_err, Status.BUS_ERROR, Status.OK))
+
+        # program completions are taken in any state: one outstanding program per channel
+        for i in range(n_ch):
+            m.d.comb += self.i_prog_done[i].ready.eq(1)
+            with m.If(pg_issue[i]):
+                m.d.sync += pg_busy[i].eq(1)
+            with m.Elif(self.i_prog_done[i].valid):
+                m.d.sync += pg_busy[i].eq(0)
+        done_errs = [self.i_prog_done[i].valid & self.i_prog_done[i].payload.err for i in range(n_ch)]
+        with m.If(self.i_cmd.valid & self.i_cmd.ready):
+            m.d.sync += pg_done_err.eq(0)
+        with m.Elif(Cat(*done_errs).any()):
+            m.d.sync += pg_done_err.eq(1)
 
         # ------------------------------------------------------------------ fork
         sd = Signal(side_layout)
