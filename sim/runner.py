@@ -64,6 +64,11 @@ def configure_verilator() -> Path:
     path = os.environ.get("PATH", "")
     if str(root / "bin") not in path.split(os.pathsep):
         os.environ["PATH"] = str(root / "bin") + os.pathsep + path
+    # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, so a design large enough to use a
+    # precompiled header passes the header as a source file; make takes the fix from MAKEFLAGS.
+    flags = os.environ.get("MAKEFLAGS", "")
+    if "CFG_CXXFLAGS_PCH_I" not in flags:
+        os.environ["MAKEFLAGS"] = (flags + " CFG_CXXFLAGS_PCH_I=-include").strip()
     # cocotb's makefiles call `python3`; make it the interpreter running us (the venv's).
     venv_bin = str(Path(sys.executable).parent)
     if os.environ["PATH"].split(os.pathsep)[0] != venv_bin:

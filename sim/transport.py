@@ -56,7 +56,7 @@ class CocotbTransport(Transport):
     name = "cocotb"
 
     def __init__(self, dut, *, host_memory_bytes: int = 1 << 20, host_ram: bool = True,
-                 poll_cycles: int = 64):
+                 poll_cycles: int = 64, params=None):
         self.dut = dut
         self.clk, self.rst = dut.clk, dut.rst
         self.poll_cycles = poll_cycles
@@ -72,15 +72,23 @@ class CocotbTransport(Transport):
                                    dut.clk, dut.rst, size=host_memory_bytes)
             # AxiRam decodes addresses modulo its size: the window [HOST_BASE, +size) maps to it.
         self.memory = HostMemory(HOST_BASE, host_memory_bytes)
+        # One AxiRam per flash channel (the DDR bank that emulates its NAND) when params are given.
+        self.channel_rams = []
+        if params is not None:
+            self.channel_rams = [
+                AxiRam(AxiBus.from_prefix(dut, f"m_axi_ch{c}", bus_separator="__"), dut.clk, dut.rst,
+                       size=params.channel_bytes)
+                for c in range(params.n_channels)]
         quiet_cocotbext_axi()
 
     def set_backpressure(self, rng: random.Random, probability: float):
-        """Random stalls on every channel of the host RAM and the AXI-Lite master."""
-        if self.host_ram is not None and probability > 0:
-            ram = self.host_ram
-            for ch in (ram.read_if.ar_channel, ram.read_if.r_channel, ram.write_if.aw_channel,
-                       ram.write_if.w_channel, ram.write_if.b_channel):
-                ch.set_pause_generator(random_pause(rng, probability))
+        """Random stalls on every AXI channel of the host RAM and of every flash-channel RAM."""
+        rams = ([self.host_ram] if self.host_ram is not None else []) + self.channel_rams
+        if probability > 0:
+            for ram in rams:
+                for ch in (ram.read_if.ar_channel, ram.read_if.r_channel, ram.write_if.aw_channel,
+                           ram.write_if.w_channel, ram.write_if.b_channel):
+                    ch.set_pause_generator(random_pause(rng, probability))
 
     async def read32(self, addr: int) -> int:
         resp = await self.axil.read(addr, 4)
