@@ -153,6 +153,8 @@ class DeviceModel:
                 self.fatal = True
                 break
             self.sq_head = (self.sq_head + 1) % sq_size
+            # Timing: a command overlaps the previous one while the host has not reaped it.
+            self.timing.overlap = self.cq_tail != self.cq_head
             cpl = self.execute(cmd)
             cpl.sq_head = self.sq_head
             cpl.phase = self.phase

@@ -61,9 +61,11 @@ async def bench(dut):
     await model.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
 
     async def model_cycles(batches):
+        """The model's estimate for the same commands, submitted together like on the RTL."""
         c0 = (await model.counters())["cycles"]
-        for idx in batches:
-            await model.gather(0, idx)
+        handles = [await model.submit_gather(0, idx) for idx in batches]
+        for h in handles:
+            await model.finish(h)
         return (await model.counters())["cycles"] - c0
 
     report = {"params": p.as_dict(), "t_r": cfg["t_r"], "row_bytes": row_bytes, "throughput": [],
