@@ -8,6 +8,7 @@ SSD, and how long batches took.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -193,31 +194,43 @@ def _warm_up(tables, args):
         store.close()
 
 
-def _run_rtl(args) -> int:
-    import json
-    import os
+RTL_PARAMS = dict(n_channels=4, page_size=4096, pages_per_channel=256, host_data_bits=64, ch_data_bits=64)
 
-    try:
-        from evssd.sim import runner
-    except ImportError as exc:
-        print(f"evssd demo --backend rtl needs the sim extra: pip install 'evssd[sim]' ({exc})", file=sys.stderr)
-        return 2
+
+def _run_rtl(args) -> int:
     cfg = {
         "tables": args.tables, "rows": args.rows or 2000, "dim": args.dim,
         "batches": args.batches or 4, "batch_size": args.batch_size or 16,
         "pooling_factor": args.pooling_factor, "cache_fraction": args.cache_fraction, "seed": args.seed,
     }
-    params = Params(n_channels=4, page_size=4096, pages_per_channel=256, host_data_bits=64, ch_data_bits=64)
-    report = runner.build_root() / "demo-report.json"
-    if report.exists():
-        report.unlink()
     print("evssd demo --backend rtl: building the EV-SSD gateware with Verilator (minutes on first run)...",
           file=sys.stderr)
     try:
-        runner.run("evssd.sim.tb_demo", "device", params,
-                   extra_env={"EVSSD_DEMO": json.dumps(cfg), "EVSSD_DEMO_REPORT": str(report)})
-    except runner.SimulationFailed as exc:
+        text = run_rtl_demo(cfg, Params(**RTL_PARAMS))
+    except ImportError as exc:
+        print(f"evssd demo --backend rtl needs the sim extra: pip install 'evssd[sim]' ({exc})", file=sys.stderr)
+        return 2
+    except AssertionError as exc:
         print(f"RTL demo failed: {exc}", file=sys.stderr)
         return 1
-    print(json.loads(report.read_text())["text"])
+    print(text)
     return 0
+
+
+def run_rtl_demo(cfg: dict, params: Params) -> str:
+    """Run the demo trace on the RTL (cocotb + Verilator); returns the report text.
+
+    Raises :class:`evssd.sim.runner.SimulationFailed` (an AssertionError) when a check fails.
+    """
+    import json
+
+    from evssd.sim import runner
+
+    report = runner.build_root() / f"demo-report-{os.getpid()}.json"
+    if report.exists():
+        report.unlink()
+    runner.run("evssd.sim.tb_demo", "device", params, quiet=True,
+               extra_env={"EVSSD_DEMO": json.dumps(cfg), "EVSSD_DEMO_REPORT": str(report)})
+    data = json.loads(report.read_text())
+    report.unlink()
+    return data["text"]

@@ -158,9 +158,11 @@ def _failures(results_xml: Path) -> list[str]:
 
 def run(test_module: str, top: str, params: Params, *, testcase: str | list[str] | None = None,
         seed: int | None = None, extra_env: dict | None = None, waves: bool = False,
-        timescale=("1ns", "1ps"), **top_args) -> Path:
+        timescale=("1ns", "1ps"), quiet: bool = False, **top_args) -> Path:
     """Build (if needed) and run cocotb ``test_module`` against ``top``; raise on failure.
 
+    ``quiet``: send the Verilator and simulator output to ``build.log`` / ``sim.log`` in the build
+    directory instead of the terminal (a failure still quotes the end of the simulator log).
     Returns the results XML path.
     """
     configure_verilator()
@@ -181,6 +183,7 @@ def run(test_module: str, top: str, params: Params, *, testcase: str | list[str]
             waves=waves,
             timescale=timescale,
             always=False,
+            log_file=(build_root() / key / "build.log") if quiet else None,
         )
     name = testcase if isinstance(testcase, str) else (testcase[0] if testcase else "all")
     results = build.directory / f"results-{test_module.rsplit('.', 1)[-1]}-{name}-{os.getpid()}.xml"
@@ -203,10 +206,14 @@ def run(test_module: str, top: str, params: Params, *, testcase: str | list[str]
             extra_env=env,
             waves=waves,
             results_xml=str(results),
+            log_file=(build.directory / "sim.log") if quiet else None,
         )
     except SystemExit:
         pass  # inside pytest a failing test exits; the XML below says what failed
     failures = _failures(results)
+    if failures and quiet and (build.directory / "sim.log").exists():
+        tail = (build.directory / "sim.log").read_text(errors="replace").splitlines()[-30:]
+        failures.append("end of sim.log:\n    " + "\n    ".join(tail))
     if failures:
         raise SimulationFailed(f"{test_module} on {top} {params}:\n  " + "\n  ".join(failures))
     return results

@@ -59,11 +59,16 @@ def place_tables(params, rng, n_tables: int, max_rows: int = 300, first_lba: int
         dim = int(rng.integers(1, max_dim + 1))
         row_bytes = -(-dim * elem.itemsize // 4) * 4
         dim = row_bytes // elem.itemsize  # rows are whole 32-bit words
-        rows = int(rng.integers(1, max_rows + 1))
-        data = _random_values(rng, elem, (rows, dim))
         rpp = ps // row_bytes
-        # Split the table's index space into up to max_extents pieces.
-        n_ext = int(rng.integers(1, min(params.max_extents, rows) + 1))
+        # Each table gets an equal share of the flash; every extent starts on a fresh page.
+        share = (params.total_pages - first_lba) // n_tables
+        n_ext = int(rng.integers(1, params.max_extents + 1))
+        fit = (share - n_ext) * rpp
+        if fit < 1:
+            raise ValueError(f"{n_tables} tables do not fit {params.total_pages} pages")
+        rows = int(rng.integers(1, min(max_rows, fit) + 1))
+        n_ext = min(n_ext, rows)
+        data = _random_values(rng, elem, (rows, dim))
         cuts = sorted(set(rng.choice(np.arange(1, rows), size=n_ext - 1, replace=False).tolist())) if rows > 1 and n_ext > 1 else []
         bounds = [0] + cuts + [rows]
         extents = []

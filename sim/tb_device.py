@@ -22,7 +22,7 @@ from evssd.host.pooling import pool_rows
 from evssd.hw.regmap import (NO_BAD_POSITION, Command, Completion, ElemType, Opcode, Status,
                              pooled_row_bytes)
 from evssd.sim.runner import load_meta
-from evssd.sim.transport import CocotbTransport, random_pause, start_clock_and_reset
+from evssd.sim.transport import CocotbTransport, quiet_cocotbext_axi, random_pause, start_clock_and_reset
 
 STALL = float(os.environ.get("EVSSD_STALL", "0.25"))
 
@@ -353,3 +353,21 @@ async def device_end_to_end(dut):
     assert cnt["commands"] > 0 and cnt["errors"] >= 6 and cnt["cycles"] > cnt["busy_cycles"] > 0
     assert sum(ch["rows"] for ch in cnt["channels"]) > 0
     dut._log.warning(f"counters: {cnt}")
+
+
+@cocotb.test()
+async def shared_scenarios(dut):
+    """The scenario bodies the model passes in tests/test_driver.py, here on the RTL."""
+    from evssd.sim import scenarios
+    from evssd.sim.runner import load_meta
+    p = load_meta()["params"]
+    seed = int(os.environ.get("EVSSD_SEED", "1"))
+    rng = random.Random(seed)
+    await start_clock_and_reset(dut)
+    transport = CocotbTransport(dut, host_memory_bytes=1 << 20, poll_cycles=32, params=p)
+    transport.set_backpressure(rng, STALL)
+    quiet_cocotbext_axi()
+    dev = await AsyncDevice.open(transport, expect=p, sq_entries=8, cq_entries=8, timeout=600.0)
+    await dev.set_timing(t_r=50, t_prog=100)
+    for name, scenario in scenarios.SCENARIOS.items():
+        await scenario(dev, np.random.default_rng([seed, len(name)]))
