@@ -6,10 +6,13 @@ infinity. **NaN payloads are canonicalised**: every NaN result is the quiet NaN 
 (numpy's result for non-NaN operands is the same value up to the sign; with NaN operands numpy
 propagates a payload). The host model (``evssd.host.pooling``) canonicalises the same way, and
 ``evssd.host.pooling.fp32_add_bits`` is this adder's algorithm step by step. Fixed latency
-:attr:`Fp32Adder.LATENCY` = 4 cycles, one operation per cycle, no stall (free-running).
+:attr:`Fp32Adder.LATENCY` = 6 cycles, one operation per cycle, no stall (free-running).
+Stages: 1 magnitude order/unpack/classify, 2 alignment shift + sticky, 3 add/subtract,
+4 leading-zero count (balanced tree) + shift limit, 5 normalising shift, 6 round and pack.
 
-Alone on ECP5-85F (yosys synth_ecp5, nextpnr out of context): 766 LUT4 + 95 CCU2C, 182 FF,
-69.4 MHz (critical path: stage 3, leading-zero count -> shift limit -> normalising shift).
+Alone on ECP5-85F (yosys synth_ecp5, nextpnr-ecp5 --85k --out-of-context --freq 100): 573 LUT4 +
+80 CCU2C, 293 FF, 121.5 MHz (critical path: stage 6, rounding increment -> overflow test ->
+special-case mux). The 4-stage version was 766 LUT4 + 95 CCU2C, 182 FF, 69.4 MHz.
 
 ``Fp16ToFp32``: exact binary16 -> binary32, combinational (subnormal halves become normal
 singles; infinities; NaN payloads shifted into the top of the fp32 fraction, as numpy does).
@@ -26,12 +29,35 @@ _GRS = 3            # guard, round, sticky below the 24-bit significand
 _W = 24 + _GRS      # aligned significand width; a sum may carry into bit _W
 
 
+def _lzc(m, v):
+    """Leading zeros of ``v`` (``len(v)`` when zero) as a balanced tree of 2-way merges."""
+    def rec(bits):
+        # returns (all_zero, count) for a slice, MSB = bits[-1]
+        n = len(bits)
+        if n == 1:
+            return ~bits[0], Const(0, 1)
+        lo_n = n // 2
+        hi_z, hi_c = rec(bits[lo_n:])
+        lo_z, lo_c = rec(bits[:lo_n])
+        hi_n = n - lo_n
+        w = n.bit_length()
+        cnt = Signal(w)
+        m.d.comb += cnt.eq(Mux(hi_z, hi_n + lo_c, hi_c))
+        zero = Signal()
+        m.d.comb += zero.eq(hi_z & lo_z)
+        return zero, cnt
+    z, c = rec(v)
+    out = Signal(range(len(v) + 1))
+    m.d.comb += out.eq(Mux(z, len(v), c))
+    return out
+
+
 class Fp32Adder(wiring.Component):
     """Pipelined binary32 adder: ``o_sum`` = ``i_a + i_b`` :attr:`LATENCY` cycles later.
 
     ``i_valid`` travels along the pipeline to ``o_valid`` (the arithmetic does not need it).
     """
-    LATENCY = 4
+    LATENCY = 6
 
     i_a: In(32)
     i_b: In(32)
@@ -43,26 +69,25 @@ class Fp32Adder(wiring.Component):
         m = Module()
 
         # ---- stage 1: order by magnitude, unpack, classify ----
+        # Everything is computed from each unswapped operand in parallel with the magnitude
+        # compare and only selected by it (compare -> swap -> classify did not fit in 10 ns).
         a, b = self.i_a, self.i_b
         swap = b[:31] > a[:31]          # bit patterns without the sign order as magnitudes
-        x = Mux(swap, b, a)
-        y = Mux(swap, a, b)
-        ex, ey = x[23:31], y[23:31]
-        fx, fy = x[:23], y[:23]
-        x_max, y_max = ex == 0xFF, ey == 0xFF
-        x_nan = x_max & (fx != 0)
-        y_nan = y_max & (fy != 0)
-        both_inf_opp = x_max & y_max & (fx == 0) & (fy == 0) & (x[31] != y[31])
-        exf = Mux(ex == 0, 1, ex)       # subnormals: exponent 1, no hidden bit
-        # Both exponent differences are computed from the unswapped operands, in parallel with
-        # the magnitude compare, and selected by it: the compare -> swap -> subtract chain was
-        # the critical path.
         ea, eb = a[23:31], b[23:31]
-        eaf = Mux(ea == 0, 1, ea)
+        fa, fb = a[:23], b[:23]
+        a_max, b_max = ea == 0xFF, eb == 0xFF
+        a_nan = a_max & (fa != 0)
+        b_nan = b_max & (fb != 0)
+        both_inf_opp = a_max & b_max & (fa == 0) & (fb == 0) & (a[31] != b[31])
+        eaf = Mux(ea == 0, 1, ea)       # subnormals: exponent 1, no hidden bit
         ebf = Mux(eb == 0, 1, eb)
+        ma = Cat(fa, ea != 0)
+        mb = Cat(fb, eb != 0)
         d_ab, d_ba = Signal(9), Signal(9)
         m.d.comb += [d_ab.eq(eaf - ebf), d_ba.eq(ebf - eaf)]
-        diff = Mux(swap, d_ba, d_ab)    # = exf - max(ey, 1) >= 0
+        # Shifts of 27 or more leave only the sticky bit, so 31 stands for all of them.
+        d_ab5 = Mux(d_ab[5:] != 0, 31, d_ab[:5])
+        d_ba5 = Mux(d_ba[5:] != 0, 31, d_ba[:5])
 
         s1_sign = Signal()
         s1_sub = Signal()
@@ -74,26 +99,29 @@ class Fp32Adder(wiring.Component):
         s1_inf = Signal()
         s1_valid = Signal()
         m.d.sync += [
-            s1_sign.eq(x[31]),
-            s1_sub.eq(x[31] ^ y[31]),
-            s1_e.eq(exf),
-            s1_mx.eq(Cat(fx, ex != 0)),
-            s1_my.eq(Cat(fy, ey != 0)),
-            # Shifts of 27 or more leave only the sticky bit, so 31 stands for all of them.
-            s1_d.eq(Mux(diff[5:] != 0, 31, diff[:5])),
-            s1_nan.eq(x_nan | y_nan | both_inf_opp),
-            s1_inf.eq(x_max),           # |x| >= |y|: x is infinite whenever the sum is
+            s1_sign.eq(Mux(swap, b[31], a[31])),
+            s1_sub.eq(a[31] ^ b[31]),
+            s1_e.eq(Mux(swap, ebf, eaf)),
+            s1_mx.eq(Mux(swap, mb, ma)),
+            s1_my.eq(Mux(swap, ma, mb)),
+            s1_d.eq(Mux(swap, d_ba5, d_ab5)),   # = exf - max(ey, 1) >= 0, saturated
+            s1_nan.eq(a_nan | b_nan | both_inf_opp),
+            # the larger magnitude has exponent 0xFF whenever either has: it is infinite
+            # whenever the sum is (NaN cases are overridden)
+            s1_inf.eq(a_max | b_max),
             s1_valid.eq(self.i_valid),
         ]
 
-        # ---- stage 2: align the smaller operand (with sticky) and add or subtract ----
+        # ---- stage 2: align the smaller operand; sticky = OR of the bits shifted out ----
         X = Cat(Const(0, _GRS), s1_mx)
         Y = Cat(Const(0, _GRS), s1_my)
-        y_shift = Signal(_W)
-        m.d.comb += y_shift.eq(Y >> s1_d)
-        lost = (y_shift << s1_d)[:_W] != Y
-        y_al = y_shift | lost
-        s2_S = Signal(_W + 1)
+        # the bits below the shift amount, from a decoded mask: cheaper and shallower than
+        # shifting back and comparing
+        below = Signal(_W)
+        for i in range(_W):
+            m.d.comb += below[i].eq(s1_d > i)
+        s2_X = Signal(_W)
+        s2_Y = Signal(_W)
         s2_sign = Signal()
         s2_sub = Signal()
         s2_e = Signal(8)
@@ -101,55 +129,86 @@ class Fp32Adder(wiring.Component):
         s2_inf = Signal()
         s2_valid = Signal()
         m.d.sync += [
-            s2_S.eq(Mux(s1_sub, X - y_al, X + y_al)),
+            s2_X.eq(X),
+            s2_Y.eq((Y >> s1_d) | (Y & below).any()),
             s2_sign.eq(s1_sign), s2_sub.eq(s1_sub), s2_e.eq(s1_e),
             s2_nan.eq(s1_nan), s2_inf.eq(s1_inf), s2_valid.eq(s1_valid),
         ]
 
-        # ---- stage 3: normalise (right by one on carry, else left by the leading zeros but
-        # never below exponent 1: what remains unnormalised is a subnormal) ----
-        lz = Signal(range(_W + 1))
-        m.d.comb += lz.eq(_W)
-        for i in range(_W):             # later (higher) bits win: a priority encoder
-            with m.If(s2_S[i]):
-                m.d.comb += lz.eq(_W - 1 - i)
-        e_m1 = s2_e - 1
-        sh = Signal(range(_W + 1))
-        m.d.comb += sh.eq(Mux(lz > e_m1, e_m1, lz))
-        carry = s2_S[_W]
-        s3_S = Signal(_W)
-        s3_e = Signal(9)
-        s3_zero = Signal()
+        # ---- stage 3: add or subtract ----
+        s3_S = Signal(_W + 1)
         s3_sign = Signal()
         s3_sub = Signal()
+        s3_e = Signal(8)
         s3_nan = Signal()
         s3_inf = Signal()
         s3_valid = Signal()
         m.d.sync += [
-            s3_S.eq(Mux(carry, s2_S[1:] | s2_S[0], (s2_S << sh)[:_W])),
-            s3_e.eq(Mux(carry, s2_e + 1, s2_e - sh)),
-            s3_zero.eq(s2_S == 0),
-            s3_sign.eq(s2_sign), s3_sub.eq(s2_sub),
+            s3_S.eq(Mux(s2_sub, s2_X - s2_Y, s2_X + s2_Y)),
+            s3_sign.eq(s2_sign), s3_sub.eq(s2_sub), s3_e.eq(s2_e),
             s3_nan.eq(s2_nan), s3_inf.eq(s2_inf), s3_valid.eq(s2_valid),
         ]
 
-        # ---- stage 4: round to nearest even, pack (the rounding carry ripples into the
+        # ---- stage 4: leading-zero count and the normalising shift amount (never below
+        # exponent 1: what remains unnormalised is a subnormal) ----
+        lz = _lzc(m, s3_S[:_W])
+        e_m1 = Signal(8)
+        m.d.comb += e_m1.eq(s3_e - 1)
+        s4_S = Signal(_W + 1)
+        s4_sh = Signal(range(_W + 1))
+        s4_e = Signal(8)
+        s4_zero = Signal()
+        s4_sign = Signal()
+        s4_sub = Signal()
+        s4_nan = Signal()
+        s4_inf = Signal()
+        s4_valid = Signal()
+        m.d.sync += [
+            s4_S.eq(s3_S),
+            s4_sh.eq(Mux(lz > e_m1, e_m1, lz)),
+            s4_e.eq(s3_e),
+            s4_zero.eq(s3_S == 0),
+            s4_sign.eq(s3_sign), s4_sub.eq(s3_sub),
+            s4_nan.eq(s3_nan), s4_inf.eq(s3_inf), s4_valid.eq(s3_valid),
+        ]
+
+        # ---- stage 5: normalise (right by one on carry, else left by the shift amount) ----
+        carry = s4_S[_W]
+        s5_S = Signal(_W)
+        s5_em1 = Signal(9)              # biased exponent - 1 (>= 0: the shift keeps e >= 1)
+        s5_zero = Signal()
+        s5_sign = Signal()
+        s5_sub = Signal()
+        s5_nan = Signal()
+        s5_inf = Signal()
+        s5_valid = Signal()
+        m.d.sync += [
+            s5_S.eq(Mux(carry, s4_S[1:] | s4_S[0], (s4_S << s4_sh)[:_W])),
+            s5_em1.eq(Mux(carry, s4_e, s4_e - 1 - s4_sh)),
+            s5_zero.eq(s4_zero),
+            s5_sign.eq(s4_sign), s5_sub.eq(s4_sub),
+            s5_nan.eq(s4_nan), s5_inf.eq(s4_inf), s5_valid.eq(s4_valid),
+        ]
+
+        # ---- stage 6: round to nearest even, pack (the rounding carry ripples into the
         # exponent through the addition), overflow to infinity, special cases ----
-        mant = s3_S[_GRS:]
-        g = s3_S[2]
-        rs = s3_S[:2] != 0
+        mant = s5_S[_GRS:]
+        g = s5_S[2]
+        rs = s5_S[:2] != 0
         up = g & (rs | mant[0])
         packed = Signal(33)
-        m.d.comb += packed.eq(((s3_e - 1) << 23) + mant + up)
-        with m.If(s3_nan):
+        m.d.comb += packed.eq((s5_em1 << 23) + mant + up)
+        # packed >= 0x7F80_0000, from bits instead of a second carry chain
+        overflow = (packed[31:] != 0) | (packed[23:31] == 0xFF)
+        with m.If(s5_nan):
             m.d.sync += self.o_sum.eq(CANONICAL_NAN)
-        with m.Elif(s3_inf | (packed >= 0x7F80_0000)):
-            m.d.sync += self.o_sum.eq(Cat(Const(0x7F80_0000, 31), s3_sign))
-        with m.Elif(s3_zero):
-            m.d.sync += self.o_sum.eq(Cat(Const(0, 31), s3_sign & ~s3_sub))
+        with m.Elif(s5_inf | overflow):
+            m.d.sync += self.o_sum.eq(Cat(Const(0x7F80_0000, 31), s5_sign))
+        with m.Elif(s5_zero):
+            m.d.sync += self.o_sum.eq(Cat(Const(0, 31), s5_sign & ~s5_sub))
         with m.Else():
-            m.d.sync += self.o_sum.eq(Cat(packed[:31], s3_sign))
-        m.d.sync += self.o_valid.eq(s3_valid)
+            m.d.sync += self.o_sum.eq(Cat(packed[:31], s5_sign))
+        m.d.sync += self.o_valid.eq(s5_valid)
         return m
 
 
