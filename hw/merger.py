@@ -62,12 +62,12 @@ Retirement semantics (bit-exact with ``evssd.host.pooling.pool_rows``):
 
 Throughput (measured in tests/hw/test_merger.py and with the same harness, no back-pressure,
 one channel, rows already arriving at one beat per cycle; "beats" are ROB beats of Wc bits):
-    - GATHER, ch64/host64, 64 B rows: 0.987 beats/cycle (768 beats in 778 cycles); 8 B rows 0.97.
-    - POOLED fp32/int32, 64 B rows (8 beats), bags of 2, 4, 8 rows: 0.977; bags of 1 row: 0.50
+    - GATHER, ch64/host64, 64 B rows: 0.986 beats/cycle (768 beats in 779 cycles); 8 B rows 0.97.
+    - POOLED fp32/int32, 64 B rows (8 beats), bags of 8 rows: 0.975; bags of 1 row: 0.46
       (a bag's sums go out while the next bag accumulates, but the emitter holds one bag at a
       time: a bag-ending row starts only once the previous bag's emission is done).
     - POOLED fp16: 0.49, int8: 0.25 (each beat widens into 2 or 4 groups of K 32-bit lanes).
-    - Rows shorter than ``ACCUM_HAZARD_CYCLES`` (6) beats: one pooled row per 6 cycles within a
+    - Rows shorter than ``ACCUM_HAZARD_CYCLES`` (8) beats: one pooled row per 8 cycles within a
       bag (the adder latency; sums stay strictly sequential, so no reassociation is possible).
     - Wc > Wh: output-bound at one host beat per cycle (ch256/host64 gather: 0.996 host beats/cycle).
     One ROB write per cycle is shared by all channels.
@@ -77,8 +77,11 @@ Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB me
 accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write,
 2 read ports); a packer of ``Wh + Wc`` bits. Default Params (4 channels, ch64/host64,
 max_row_bytes 512) with 16 slots, yosys synth_ecp5 + nextpnr-ecp5 --85k out of context:
-3158 LUT4 + 271 CCU2C + 14 DPR16X4 (descriptor FIFO), 1403 FF, 8 DP16KD, 65.8 MHz (critical
-path: ROB read data -> fp16 widening -> adder operand register).
+2891 LUT4 + 239 CCU2C + 14 DPR16X4 (descriptor FIFO), 2058 FF, 8 DP16KD, 99.0 MHz (critical
+path: block RAM clock-to-out 5.8 ns -> the R/E select -> the output SkidBuffer). Pipelining
+for it: the RAM read data of accumulate ops are registered (stage R2, the sum written meanwhile
+forwarded), output ops go through a SkidBuffer before the packer, and a retired slot's flags
+clear from the registered ``o_free`` (was 3158 LUT4 + 271 CCU2C, 1403 FF, 65.8 MHz).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
@@ -88,6 +91,7 @@ from amaranth.lib.wiring import In, Out
 
 from .fpu import Fp16ToFp32, Fp32Adder
 from .regmap import ElemType, Params
+from .skid_buffer import SkidBuffer
 
 __all__ = ["ResultMerger", "WordPacker", "row_layout", "desc_layout", "out_layout",
            "ACCUM_HAZARD_CYCLES"]
@@ -410,8 +414,12 @@ class ResultMerger(wiring.Component):
         handover = finish & goes_emit
         m.d.comb += [dfifo.r_en.eq(~have | finish), desc_take.eq(dfifo.r_rdy & (~have | finish))]
 
-        with m.If(free_now):
-            m.d.sync += [done.bit_select(cur.slot, 1).eq(0), errf.bit_select(cur.slot, 1).eq(0)]
+        # The slot's flags are cleared one cycle after it retires, from the registered o_free
+        # (free_now -> decode was on the critical path); the engine reuses a slot only after
+        # o_free, so no beat or descriptor of the slot's next use can see the stale flags.
+        with m.If(self.o_free.valid):
+            m.d.sync += [done.bit_select(self.o_free.payload, 1).eq(0),
+                         errf.bit_select(self.o_free.payload, 1).eq(0)]
         # a slot is freed before the engine can reuse it, so set and clear never meet
         with m.If(any_valid & beat.last):
             m.d.sync += done.bit_select(beat.tag, 1).eq(1)
@@ -472,7 +480,7 @@ class ResultMerger(wiring.Component):
         em_zero = Signal()
         em_cmd_last = Signal()
         em_err = Signal()
-        em_wait = Signal(range(ACCUM_HAZARD_CYCLES))
+        em_wait = Signal(range(ACCUM_HAZARD_CYCLES + 1))
         r_out = Signal()
         e_valid = Signal()
         e_advance = Signal()
@@ -483,7 +491,9 @@ class ResultMerger(wiring.Component):
                 em_busy.eq(1), em_bank.eq(acc_bank), em_j.eq(0), em_n.eq(n_ops),
                 em_last_cnt.eq(last_cnt), em_zero.eq(bag_first & ~accum_start),
                 em_cmd_last.eq(cur.cmd_end), em_err.eq(sticky_err | row_err_now),
-                em_wait.eq(cooldown_next),
+                # +1: stage R2 puts each sum one cycle after the issue-to-write distance
+                # the cooldown covers (the accumulate reads forward it, the emitter waits)
+                em_wait.eq(cooldown_next + 1),
             ]
         with m.Else():
             with m.If(em_wait != 0):
@@ -528,29 +538,67 @@ class ResultMerger(wiring.Component):
                 r_elem.eq(cur.elem),
             ]
 
-        # output: the emitter's stage E first (it only holds ops older than stage R's)
-        m.submodules.packer = packer = WordPacker(K, H)
+        # output: the emitter's stage E first (it only holds ops older than stage R's). The
+        # block RAM read data go straight into the registers of a SkidBuffer (zeroing and the
+        # packer's placement come after it): RAM clock-to-out + packer did not fit in 10 ns.
+        ob_layout = data.StructLayout({"data": unsigned(Wc), "zero": unsigned(1),
+                                       "count": range(K + 1), "last": unsigned(1),
+                                       "err": unsigned(1)})
+        m.submodules.out_reg = ob = SkidBuffer(ob_layout)
         with m.If(e_valid):
             m.d.comb += [
-                packer.i_words.valid.eq(1),
-                packer.i_words.payload.data.eq(Mux(e_zero, 0, acc_e.data)),
-                packer.i_words.payload.count.eq(e_count),
-                packer.i_words.payload.last.eq(e_last),
-                packer.i_words.payload.err.eq(e_err),
+                ob.i.valid.eq(1),
+                ob.i.payload.data.eq(acc_e.data),
+                ob.i.payload.zero.eq(e_zero),
+                ob.i.payload.count.eq(e_count),
+                ob.i.payload.last.eq(e_last),
+                ob.i.payload.err.eq(e_err),
             ]
         with m.Else():
             m.d.comb += [
-                packer.i_words.valid.eq(r_out),
-                packer.i_words.payload.data.eq(Mux(r_kind == _OP_ZERO, 0, rob_r.data)),
-                packer.i_words.payload.count.eq(r_count),
-                packer.i_words.payload.last.eq(r_last),
-                packer.i_words.payload.err.eq(r_err),
+                ob.i.valid.eq(r_out),
+                ob.i.payload.data.eq(rob_r.data),
+                ob.i.payload.zero.eq(r_kind == _OP_ZERO),
+                ob.i.payload.count.eq(r_count),
+                ob.i.payload.last.eq(r_last),
+                ob.i.payload.err.eq(r_err),
             ]
         m.d.comb += [
-            e_advance.eq(~e_valid | packer.i_words.ready),
-            r_advance.eq(~r_out | (~e_valid & packer.i_words.ready)),
+            e_advance.eq(~e_valid | ob.i.ready),
+            r_advance.eq(~r_out | (~e_valid & ob.i.ready)),
+        ]
+        m.submodules.packer = packer = WordPacker(K, H)
+        m.d.comb += [
+            packer.i_words.valid.eq(ob.o.valid),
+            packer.i_words.payload.data.eq(Mux(ob.o.payload.zero, 0, ob.o.payload.data)),
+            packer.i_words.payload.count.eq(ob.o.payload.count),
+            packer.i_words.payload.last.eq(ob.o.payload.last),
+            packer.i_words.payload.err.eq(ob.o.payload.err),
+            ob.o.ready.eq(packer.i_words.ready),
         ]
         wiring.connect(m, wiring.flipped(self.o_data), packer.o_beat)
+
+        # ---------------- stage R2: register the RAM read data of accumulate ops ----------------
+        # Block RAM clock-to-out leaves no time for the widening in the same cycle. The sum
+        # written while the op is in stage R is forwarded, so the issue-to-write distance the
+        # cooldown covers (ACCUM_HAZARD_CYCLES) is unchanged.
+        r_accum = r_valid & (r_kind == _OP_ACCUM)
+        r2_valid = Signal()
+        r2_int = Signal()
+        r2_first = Signal()
+        r2_addr = Signal(acc_jbits + 1)
+        r2_sub = Signal(2)
+        r2_elem = Signal(2)
+        r2_rd = Signal(Wc)
+        r2_acc = Signal(Wc)
+        acc_fwd = acc_w.en & (acc_w.addr == r_addr)
+        m.d.sync += [
+            r2_valid.eq(r_accum), r2_first.eq(r_first), r2_addr.eq(r_addr), r2_sub.eq(r_sub),
+            r2_elem.eq(r_elem),
+            r2_int.eq((r_elem == ElemType.INT8) | (r_elem == ElemType.INT32)),
+            r2_rd.eq(rob_r.data),
+            r2_acc.eq(Mux(acc_fwd, acc_w.data, acc_r.data)),
+        ]
 
         # ---------------- stage W: widen the row's elements into K 32-bit lanes ----------------
         w_valid = Signal()
@@ -558,28 +606,25 @@ class ResultMerger(wiring.Component):
         w_j = Signal(acc_jbits + 1)
         w_a = [Signal(32, name=f"w_a{i}") for i in range(K)]
         w_b = [Signal(32, name=f"w_b{i}") for i in range(K)]
-        r_accum = r_valid & (r_kind == _OP_ACCUM)
-        r_int = (r_elem == ElemType.INT8) | (r_elem == ElemType.INT32)
-        m.d.sync += [w_valid.eq(r_accum), w_j.eq(r_addr),
-                     w_int.eq(r_int)]
-        ident = Mux(r_int, 0, 0x8000_0000)  # -0.0 is the fp identity: -0 + x == x, +-0 included
-        rd = rob_r.data
+        m.d.sync += [w_valid.eq(r2_valid), w_j.eq(r2_addr), w_int.eq(r2_int)]
+        ident = Mux(r2_int, 0, 0x8000_0000)  # -0.0 is the fp identity: -0 + x == x, +-0 included
+        rd = r2_rd
         for i in range(K):
             h2f = Fp16ToFp32()
             m.submodules[f"h2f{i}"] = h2f
             half_sel = Signal(16, name=f"half{i}")
             byte_sel = Signal(8, name=f"byte{i}")
-            with m.Switch(r_sub):
+            with m.Switch(r2_sub):
                 for s in range(2):
                     with m.Case(s):
                         m.d.comb += half_sel.eq(rd[(Wc // 2) * s + 16 * i:][:16])
-            with m.Switch(r_sub):
+            with m.Switch(r2_sub):
                 for s in range(4):
                     with m.Case(s):
                         m.d.comb += byte_sel.eq(rd[(Wc // 4) * s + 8 * i:][:8])
             m.d.comb += h2f.i_h.eq(half_sel)
             lane = Signal(32, name=f"lane{i}")
-            with m.Switch(r_elem):
+            with m.Switch(r2_elem):
                 with m.Case(ElemType.FP16):
                     m.d.comb += lane.eq(h2f.o_f)
                 with m.Case(ElemType.INT8):
@@ -587,7 +632,7 @@ class ResultMerger(wiring.Component):
                 with m.Default():
                     m.d.comb += lane.eq(rd[32 * i:32 * (i + 1)])
             m.d.sync += [w_b[i].eq(lane),
-                         w_a[i].eq(Mux(r_first, ident, acc_r.data[32 * i:32 * (i + 1)]))]
+                         w_a[i].eq(Mux(r2_first, ident, r2_acc[32 * i:32 * (i + 1)]))]
 
         # ---------------- adders: K lanes, fp32 or int32, fixed latency L ----------------
         pipe_valid = [w_valid]
