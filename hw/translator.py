@@ -47,11 +47,12 @@ extent ``e`` with ``first_e <= index < first_e + rows_e`` (computed without 32-b
 ``offset = ((d - q * rows_per_page) * row_bytes) mod 2**16``. With the host's constants
 (``regmap.div_magic(rows_per_page)``) ``q = d // rows_per_page`` exactly.
 
-Timing: fully pipelined (table read, range compare, reciprocal multiply, quotient, remainder,
-offset), one lookup per cycle when ``o_resp`` is always ready: a lookup accepted on clock edge t
-can be taken from ``o_resp`` on edge t + :data:`LATENCY` (= 6) at the earliest, so N back-to-back
-lookups take N - 1 + 6 edges. The whole pipeline stalls while ``o_resp`` is valid and not ready
-(``i_req.ready = ~o_resp.valid | o_resp.ready``), so it is correct under any back-pressure.
+Timing: fully pipelined (table read, table word register, range compare, first-hit select,
+partial products, product, quotient shift, LBA, remainder, offset), one lookup per cycle when
+``o_resp`` is always ready: a lookup accepted on clock edge t can be taken from ``o_resp`` on edge
+t + :data:`LATENCY` (= 10) at the earliest, so N back-to-back lookups take N - 1 + 10 edges. The
+whole pipeline stalls while ``o_resp`` is valid and not ready (``i_req.ready = ~o_resp.valid |
+o_resp.ready``), so it is correct under any back-pressure.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ __all__ = [
     "response_layout", "TableEntry", "translate_model", "LATENCY",
 ]
 
-LATENCY = 6
+LATENCY = 10
 
 
 class TranslateStatus(enum.IntEnum):
@@ -226,19 +227,40 @@ class ExtentTranslator(wiring.Component):
                 ok1.eq(self.i_req.payload.table < p.max_tables),
             ]
 
-        # S1 -> S2: parallel range compare over every extent, first hit wins
-        word = rp.data
-        tcfg = data.View(_CFG_LAYOUT, word[:_CFG_LAYOUT.size])
+        # S1 -> S1b: the table word is registered as it leaves the block RAM (its clock-to-out
+        # leaves no time for the range compare in the same cycle)
+        v1b, idx1b, tag1b, ok1b = Signal(), Signal(32), Signal(tw), Signal()
+        word = Signal.like(rp.data)
+        with m.If(adv):
+            m.d.sync += [v1b.eq(v1), idx1b.eq(idx1), tag1b.eq(tag1), ok1b.eq(ok1),
+                         word.eq(rp.data)]
+        v1, idx1, tag1, ok1 = v1b, idx1b, tag1b, ok1b
+
+        # S1b -> S1c: parallel range compare over every extent (registered per extent)
+        tcfg_w = data.View(_CFG_LAYOUT, word[:_CFG_LAYOUT.size])
         exts = [data.View(_EXT_LAYOUT, word[_SLOT * (1 + e):_SLOT * (2 + e)]) for e in range(n_ext)]
-        hit_any = Signal()
+        hits = Signal(n_ext)
+        diffs = [Signal(32, name=f"diff_r{e}") for e in range(n_ext)]
+        lbas = [Signal(32, name=f"lba_r{e}") for e in range(n_ext)]
+        tcfg = Signal(_CFG_LAYOUT)
+        v1c, idx1c, tag1c, ok1c = Signal(), Signal(32), Signal(tw), Signal()
+        with m.If(adv):
+            m.d.sync += [v1c.eq(v1), tag1c.eq(tag1), ok1c.eq(ok1), tcfg.eq(tcfg_w)]
+            for e in range(n_ext):
+                diff = Signal(33, name=f"diff{e}")
+                m.d.comb += diff.eq(idx1 - exts[e].first)
+                # diff[32] is the borrow: index < first
+                m.d.sync += [hits[e].eq(~diff[32] & (diff[:32] < exts[e].rows)),
+                             diffs[e].eq(diff[:32]), lbas[e].eq(exts[e].lba)]
+        v1, tag1, ok1 = v1c, tag1c, ok1c
+
+        # S1c -> S2: the first (lowest-numbered) hit wins
+        hit_any = hits.any()
         sel_d = Signal(32)
         sel_lba = Signal(32)
         for e in reversed(range(n_ext)):
-            diff = Signal(33, name=f"diff{e}")
-            m.d.comb += diff.eq(idx1 - exts[e].first)
-            # diff[32] is the borrow: index < first
-            with m.If(~diff[32] & (diff[:32] < exts[e].rows)):
-                m.d.comb += [hit_any.eq(1), sel_d.eq(diff[:32]), sel_lba.eq(exts[e].lba)]
+            with m.If(hits[e]):
+                m.d.comb += [sel_d.eq(diffs[e]), sel_lba.eq(lbas[e])]
 
         v2, tag2, st2 = Signal(), Signal(tw), Signal(2)
         d2, lba2 = Signal(32), Signal(32)
@@ -256,28 +278,50 @@ class ExtentTranslator(wiring.Component):
             with m.Else():
                 m.d.sync += st2.eq(TranslateStatus.OK)
 
-        # S2 -> S3: the reciprocal multiply
+        # S2 -> S2b: the reciprocal multiply's four 16/17-bit partial products (one DSP each;
+        # the 65-bit sum of the whole product after the DSPs did not fit in one cycle)
+        v2b, tag2b, st2b, d2b, lba2b = Signal(), Signal(tw), Signal(2), Signal(32), Signal(32)
+        rb2b, el2b, rpp2b, sh2b = Signal(16), Signal(2), Signal(16), Signal(6)
+        pp = [Signal(33, name=f"pp{k}") for k in range(4)]
+        with m.If(adv):
+            m.d.sync += [
+                v2b.eq(v2), tag2b.eq(tag2), st2b.eq(st2), d2b.eq(d2), lba2b.eq(lba2),
+                rb2b.eq(rb2), el2b.eq(el2), rpp2b.eq(rpp2), sh2b.eq(sh2),
+                pp[0].eq(d2[:16] * mg2[:16]), pp[1].eq(d2[:16] * mg2[16:]),
+                pp[2].eq(d2[16:] * mg2[:16]), pp[3].eq(d2[16:] * mg2[16:]),
+            ]
+
+        # S2b -> S3: the product
         v3, tag3, st3, d3, lba3 = Signal(), Signal(tw), Signal(2), Signal(32), Signal(32)
         rb3, el3, rpp3, sh3 = Signal(16), Signal(2), Signal(16), Signal(6)
         prod3 = Signal(65)
         with m.If(adv):
             m.d.sync += [
-                v3.eq(v2), tag3.eq(tag2), st3.eq(st2), d3.eq(d2), lba3.eq(lba2),
-                rb3.eq(rb2), el3.eq(el2), rpp3.eq(rpp2), sh3.eq(sh2),
-                prod3.eq(d2 * mg2),
+                v3.eq(v2b), tag3.eq(tag2b), st3.eq(st2b), d3.eq(d2b), lba3.eq(lba2b),
+                rb3.eq(rb2b), el3.eq(el2b), rpp3.eq(rpp2b), sh3.eq(sh2b),
+                prod3.eq(pp[0] + ((pp[1] + pp[2]) << 16) + (pp[3] << 32)),
             ]
 
         # S3 -> S4: quotient and LBA (kept wide so an extent past 2**32 still reads as BAD_LBA)
         v4, tag4, st4, d4 = Signal(), Signal(tw), Signal(2), Signal(16)
         rb4, el4, rpp4 = Signal(16), Signal(2), Signal(16)
         q4, lba4 = Signal(16), Signal(66)
+        # S3 -> S3b: the quotient's shift (65-bit barrel shift and 66-bit add did not fit in
+        # one cycle)
+        v3b, tag3b, st3b, d3b, lba3b = Signal(), Signal(tw), Signal(2), Signal(16), Signal(32)
+        rb3b, el3b, rpp3b = Signal(16), Signal(2), Signal(16)
         q3 = Signal(65)
-        m.d.comb += q3.eq(prod3 >> sh3)
         with m.If(adv):
             m.d.sync += [
-                v4.eq(v3), tag4.eq(tag3), st4.eq(st3), d4.eq(d3[:16]),
-                rb4.eq(rb3), el4.eq(el3), rpp4.eq(rpp3),
-                q4.eq(q3[:16]), lba4.eq(lba3 + q3),
+                v3b.eq(v3), tag3b.eq(tag3), st3b.eq(st3), d3b.eq(d3[:16]), lba3b.eq(lba3),
+                rb3b.eq(rb3), el3b.eq(el3), rpp3b.eq(rpp3),
+                q3.eq(prod3 >> sh3),
+            ]
+        with m.If(adv):
+            m.d.sync += [
+                v4.eq(v3b), tag4.eq(tag3b), st4.eq(st3b), d4.eq(d3b),
+                rb4.eq(rb3b), el4.eq(el3b), rpp4.eq(rpp3b),
+                q4.eq(q3[:16]), lba4.eq(lba3b + q3),
             ]
 
         # S4 -> S5: remainder (only its low 16 bits matter: the offset is 16 bits)
