@@ -50,6 +50,7 @@ from . import translator as xlat_mod
 from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
 from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status, div_magic
+from .skid_buffer import SkidBuffer
 
 __all__ = ["CommandEngine", "ChunkReader", "WidthConverter", "XLAT_TAG_WIDTH",
            "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
@@ -104,8 +105,11 @@ class ChunkReader(wiring.Component):
         words_left = Signal(32)
         k = Signal(range(max(wpb, 2)))
 
+        # o_word leaves through a register slice: the consumers' decisions (offset compares,
+        # bag ends) then start from flip-flops, not from the beat FIFO's LUT RAM (63 MHz)
+        m.submodules.out_reg = out_reg = SkidBuffer(WORD_LAYOUT)
         m.d.comb += self.idle.eq((c_left == 0) & (outstanding == 0) & (words_left == 0) &
-                                 ~fifo.r_rdy)
+                                 ~fifo.r_rdy & ~out_reg.o.valid)
         with m.If(self.start):
             m.d.sync += [c_addr.eq(self.addr), c_left.eq(self.words << 2),
                          words_left.eq(self.words), k.eq(0)]
@@ -131,12 +135,14 @@ class ChunkReader(wiring.Component):
         ]
 
         beat = fifo.r_data[:w]
+        o_word = out_reg.i
         m.d.comb += [
-            self.o_word.valid.eq(fifo.r_rdy & (words_left != 0)),
-            self.o_word.payload.data.eq(beat.word_select(k, 32) if wpb > 1 else beat[:32]),
-            self.o_word.payload.err.eq(fifo.r_data[w]),
+            o_word.valid.eq(fifo.r_rdy & (words_left != 0)),
+            o_word.payload.data.eq(beat.word_select(k, 32) if wpb > 1 else beat[:32]),
+            o_word.payload.err.eq(fifo.r_data[w]),
         ]
-        with m.If(self.o_word.valid & self.o_word.ready):
+        wiring.connect(m, out_reg.o, wiring.flipped(self.o_word))
+        with m.If(o_word.valid & o_word.ready):
             m.d.sync += words_left.eq(words_left - 1)
             with m.If((k == wpb - 1) | (words_left == 1)):
                 m.d.comb += fifo.r_en.eq(1)
