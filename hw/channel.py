@@ -50,14 +50,19 @@ the accept queue holds ``max(4, 2 * ways)`` reads and up to 8 requests have thei
 ahead of their R data, so R streams back to back across requests (64 reads of 64-byte rows: 512
 beats in 517 cycles; 8-byte rows: 64 beats in 69). ``o_row`` is combinational from the R channel
 (no extra latency); a row whose first byte is not in lane 0 and whose beats on the bus equal its
-beats on ``o_row`` costs one extra cycle at its end. A page-register hit delivers its first beat
-2 cycles after it is accepted (memory latency 0), a miss ``t_r + 2``.
+beats on ``o_row`` costs one extra cycle at its end. The pending and AR->R queues have registered
+outputs (one cycle each from accept to AR and from AR to the R side knowing the request).
+
+Timing (alone on ECP5-85F, nextpnr-ecp5 --85k --out-of-context): 88.5 MHz; critical path: the
+accept decision (page compare against every page register -> hit/LRU -> ``i_read.ready`` ->
+way timers). The R side's beat landmarks are precomputed at accept time, and a finished read
+drops its page-register reference one cycle late (from registers).
 """
 from __future__ import annotations
 
 from amaranth import Array, Module, Signal, Cat, Const, Mux, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4Signature, Burst
@@ -177,15 +182,23 @@ class FlashChannelController(wiring.Component):
                         for j in range(ways)] for i in range(ways)]
         n_reads = Signal(refw)            # reads accepted and not yet finished
 
-        pend_layout = data.StructLayout({"way": max(1, (ways - 1).bit_length()), "page": pb,
-                                         "offset": 16, "length": 16, "tag": self.tag_width})
         rq_layout = data.StructLayout({
             "way": max(1, (ways - 1).bit_length()), "tag": self.tag_width,
             "skip": cw, "n_in": cw, "n_out": cw, "total": cw,
             "shift": max(1, (W - 1).bit_length()), "lmod": max(1, (W - 1).bit_length()),
+            # beat-count landmarks precomputed at AR time, so the R side compares its counter
+            # for equality instead of subtracting first (R -> rready was the critical path)
+            "skip_end": cw, "last_s0": cw, "last_sh": cw, "flush_at": cw, "total_m1": cw,
+            "io_equal": 1,
         })
-        m.submodules.pend = pend = SyncFIFO(width=pend_layout.size, depth=pend_depth)
-        m.submodules.rq = rq = SyncFIFO(width=rq_layout.size, depth=rq_depth)
+        # The R side's whole descriptor is computed at accept time and waits in `pend` with the
+        # AR side's beat range (offset/length arithmetic at the pending-FIFO head was the
+        # critical path: LUT RAM -> three carry chains -> pend.r_en).
+        pend_layout = data.StructLayout({"page": pb, "start_b": cw, "nb_fine": cw,
+                                         "rq": rq_layout})
+        m.submodules.pend = pend = SyncFIFOBuffered(width=pend_layout.size, depth=pend_depth)
+        # registered read data: the R side's decisions start from flip-flops, not LUT RAM
+        m.submodules.rq = rq = SyncFIFOBuffered(width=rq_layout.size, depth=rq_depth)
 
         # ------------------------------------------------------------------ program FSM state
         PIDLE, PRUN, PWAIT, PDONE = range(4)
@@ -216,9 +229,31 @@ class FlashChannelController(wiring.Component):
         accept = Signal()
         m.d.comb += accept.eq(self.i_read.valid & self.i_read.ready)
         pend_in = Signal(pend_layout)
+        req_start_b = Signal(cw)
+        req_end_b = Signal(cw)
+        req_nb = Signal(cw)
         m.d.comb += [
-            pend_in.way.eq(use_way), pend_in.page.eq(pg), pend_in.offset.eq(req.offset),
-            pend_in.length.eq(req.length), pend_in.tag.eq(req.tag),
+            req_start_b.eq(req.offset >> lb),
+            req_end_b.eq((req.offset + req.length - 1) >> lb),
+            req_nb.eq(req_end_b - req_start_b + 1),
+        ]
+        rq_in = pend_in.rq
+        m.d.comb += [
+            pend_in.page.eq(pg), pend_in.start_b.eq(req_start_b), pend_in.nb_fine.eq(req_nb),
+            rq_in.way.eq(use_way), rq_in.tag.eq(req.tag),
+            # block_mode is constant while reads are in flight, so it may be applied here
+            rq_in.skip.eq(Mux(self.block_mode, req_start_b, 0)),
+            rq_in.n_in.eq(req_nb),
+            rq_in.n_out.eq((req.length + B - 1) >> lb),
+            rq_in.total.eq(Mux(self.block_mode, page_beats, req_nb)),
+            rq_in.shift.eq((req.offset >> 2) if W > 1 else 0),
+            rq_in.lmod.eq((req.length >> 2) if W > 1 else 0),
+            rq_in.skip_end.eq(rq_in.skip + rq_in.n_in),
+            rq_in.last_s0.eq(rq_in.skip + rq_in.n_out - 1),
+            rq_in.last_sh.eq(rq_in.skip + rq_in.n_out),
+            rq_in.flush_at.eq(rq_in.skip + rq_in.n_in - 1),
+            rq_in.total_m1.eq(rq_in.total - 1),
+            rq_in.io_equal.eq(rq_in.n_in == rq_in.n_out),
             pend.w_data.eq(pend_in.as_value()), pend.w_en.eq(accept),
         ]
         tr_wait = Signal()
@@ -242,13 +277,9 @@ class FlashChannelController(wiring.Component):
         # ------------------------------------------------------------------ AR issue
         head = data.View(pend_layout, pend.r_data)
         start_b = Signal(cw)
-        end_b = Signal(cw)
-        m.d.comb += [
-            start_b.eq(head.offset >> lb),
-            end_b.eq((head.offset + head.length - 1) >> lb),
-        ]
+        m.d.comb += start_b.eq(head.start_b)
         nb_fine = Signal(cw)
-        m.d.comb += nb_fine.eq(end_b - start_b + 1)
+        m.d.comb += nb_fine.eq(head.nb_fine)
         ar_cont = Signal()                 # a request's later bursts are being issued
         cur_r = Signal(cw)
         rem_r = Signal(cw)
@@ -265,7 +296,7 @@ class FlashChannelController(wiring.Component):
         blen = Signal(cw)
         m.d.comb += blen.eq(Mux(rem < to_bound, rem, to_bound))
         head_ready = Signal()
-        m.d.comb += head_ready.eq(Array(way_timer)[head.way] == 0)
+        m.d.comb += head_ready.eq(Array(way_timer)[head.rq.way] == 0)
         m.d.comb += [
             axi.arvalid.eq(pend.r_rdy & head_ready & (ar_cont | rq.w_rdy)),
             axi.araddr.eq(Cat(Const(0, lb), cur[:lpb], head.page)),
@@ -276,22 +307,14 @@ class FlashChannelController(wiring.Component):
             axi.arprot.eq(0),
         ]
         ar_hs = axi.arvalid & axi.arready
-        rq_in = Signal(rq_layout)
         m.d.comb += [
-            rq_in.way.eq(head.way), rq_in.tag.eq(head.tag),
-            rq_in.skip.eq(Mux(self.block_mode, start_b, 0)),
-            rq_in.n_in.eq(nb_fine),
-            rq_in.n_out.eq((head.length + B - 1) >> lb),
-            rq_in.total.eq(Mux(self.block_mode, page_beats, nb_fine)),
-            rq_in.shift.eq((head.offset >> 2) if W > 1 else 0),
-            rq_in.lmod.eq((head.length >> 2) if W > 1 else 0),
-            rq.w_data.eq(rq_in.as_value()),
+            rq.w_data.eq(head.rq.as_value()),
             # The R side learns of a request at its first AR, so its data is never held up
             # waiting for the request's later bursts.
             rq.w_en.eq(ar_hs & ~ar_cont),
         ]
         with m.If(ar_hs):
-            with m.If(rem == blen):
+            with m.If(rem <= to_bound):     # == blen, from the compare blen already needs
                 m.d.comb += pend.r_en.eq(1)
                 m.d.sync += ar_cont.eq(0)
             with m.Else():
@@ -303,17 +326,16 @@ class FlashChannelController(wiring.Component):
         prev = Signal(8 * B)
         err_r = Signal()
         flush = Signal()                   # the final beat comes from `prev` alone
-        rel = Signal(cw)
-        m.d.comb += rel.eq(rcnt - ent.skip)
+        # rel = rcnt - skip; every test on rel is an equality with a precomputed landmark
         relevant = Signal()
-        m.d.comb += relevant.eq((rcnt >= ent.skip) & (rcnt < ent.skip + ent.n_in))
+        m.d.comb += relevant.eq((rcnt >= ent.skip) & (rcnt < ent.skip_end))
         s0 = ent.shift == 0
         emit = Signal()
-        m.d.comb += emit.eq(relevant & (s0 | (rel != 0)))
+        m.d.comb += emit.eq(relevant & (s0 | (rcnt != ent.skip)))
         last_emit = Signal()
-        m.d.comb += last_emit.eq(Mux(s0, rel == ent.n_out - 1, rel == ent.n_out))
+        m.d.comb += last_emit.eq(Mux(s0, rcnt == ent.last_s0, rcnt == ent.last_sh))
         need_flush = Signal()
-        m.d.comb += need_flush.eq(relevant & ~s0 & (rel == ent.n_in - 1) & (ent.n_in == ent.n_out))
+        m.d.comb += need_flush.eq(relevant & ~s0 & (rcnt == ent.flush_at) & ent.io_equal)
 
         hi = Signal(8 * B)
         m.d.comb += hi.eq(Mux(flush, 0, axi.rdata))
@@ -352,7 +374,7 @@ class FlashChannelController(wiring.Component):
                 m.d.sync += prev.eq(axi.rdata)
             with m.If(need_flush):
                 m.d.sync += flush.eq(1)
-            with m.Elif(rcnt + 1 == ent.total):
+            with m.Elif(rcnt == ent.total_m1):
                 m.d.comb += done.eq(1)
         with m.If(flush & o.ready):
             m.d.sync += flush.eq(0)
@@ -362,10 +384,15 @@ class FlashChannelController(wiring.Component):
             m.d.comb += rq.r_en.eq(1)
             m.d.sync += [rcnt.eq(0), err_r.eq(0)]
 
-        # Page-register references: taken at accept, dropped when the data has crossed the bus.
+        # Page-register references: taken at accept, dropped the cycle after the data has crossed
+        # the bus (from registers: R handshake -> done -> counters was the critical path; a late
+        # drop only delays an LRU replacement by a cycle).
+        done_d = Signal()
+        done_way = Signal.like(ent.way)
+        m.d.sync += [done_d.eq(done), done_way.eq(ent.way)]
         for w in range(ways):
             inc = accept & (use_way == w)
-            dec = done & (ent.way == w)
+            dec = done_d & (done_way == w)
             with m.If(inc & ~dec):
                 m.d.sync += way_ref[w].eq(way_ref[w] + 1)
             with m.Elif(dec & ~inc):
