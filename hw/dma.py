@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from amaranth import Module, Signal, Mux, Const, unsigned
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4Signature, Burst
@@ -163,11 +164,9 @@ class HostDMA(wiring.Component):
         aw_addr = Signal(64)
         aw_remain = Signal(32)
         aw_bursts = Signal(32)     # bursts whose AW was accepted
-        wb_addr = Signal(64)       # start address of the current W burst
         w_remain = Signal(32)      # data beats still to send
         w_first = Signal()         # next beat is the transfer's first
         w_inburst = Signal(9)      # beats sent in the current W burst
-        w_bursts = Signal(32)      # W bursts finished
         b_count = Signal(32)
         b_err = Signal()
         first_strb = Signal(bb)
@@ -193,9 +192,9 @@ class HostDMA(wiring.Component):
                         aligned = cmd.payload.addr & ~Const(bb - 1, 64)
                         m.d.sync += [
                             w_active.eq(1), w_sel.eq(i), w_rr.eq((i + 1) % nw),
-                            aw_addr.eq(aligned), wb_addr.eq(aligned),
+                            aw_addr.eq(aligned),
                             aw_remain.eq(beats), w_remain.eq(beats),
-                            aw_bursts.eq(0), w_bursts.eq(0), w_inburst.eq(0), w_first.eq(1),
+                            aw_bursts.eq(0), w_inburst.eq(0), w_first.eq(1),
                             b_count.eq(0), b_err.eq(0),
                             first_strb.eq(Const((1 << bb) - 1, bb) << start),
                             # lanes below the end offset; end == 0 means the whole beat
@@ -204,8 +203,16 @@ class HostDMA(wiring.Component):
                         ]
 
         aw_beats = self._burst_beats(m, aw_addr, aw_remain, "aw")
+        # Each accepted AW's length waits here for its W burst: W takes wlast from a register
+        # instead of recomputing the burst length from its start address (that chain ran into
+        # wvalid/wready and the clients' handshakes).
+        m.submodules.w_lens = w_lens = SyncFIFOBuffered(width=8, depth=4)
         m.d.comb += [
-            axi.awvalid.eq(w_active & (aw_remain != 0)),
+            w_lens.w_data.eq(aw_beats - 1),
+            w_lens.w_en.eq(axi.awvalid & axi.awready),
+        ]
+        m.d.comb += [
+            axi.awvalid.eq(w_active & (aw_remain != 0) & w_lens.w_rdy),
             axi.awaddr.eq(aw_addr),
             axi.awlen.eq(aw_beats - 1),
         ]
@@ -213,15 +220,13 @@ class HostDMA(wiring.Component):
             m.d.sync += [aw_addr.eq(aw_addr + (aw_beats << lb)), aw_remain.eq(aw_remain - aw_beats),
                          aw_bursts.eq(aw_bursts + 1)]
 
-        # W: the current burst's length derives from its start address and the beats left at
-        # its start (w_remain + w_inburst), exactly as the AW side computed it.
-        wb_beats = self._burst_beats(m, wb_addr, w_remain + w_inburst, "wb")
+        # W: a burst goes out once its AW was accepted, with that AW's length
         w_may = Signal()
-        m.d.comb += w_may.eq(w_active & (w_remain != 0) & (aw_bursts > w_bursts))
+        m.d.comb += w_may.eq(w_active & (w_remain != 0) & w_lens.r_rdy)
         strb = Signal(bb)
         m.d.comb += strb.eq(Mux(w_first, first_strb, Const((1 << bb) - 1, bb)) &
                             Mux(w_remain == 1, last_strb, Const((1 << bb) - 1, bb)))
-        m.d.comb += [axi.wstrb.eq(strb), axi.wlast.eq(w_inburst + 1 == wb_beats)]
+        m.d.comb += [axi.wstrb.eq(strb), axi.wlast.eq(w_inburst == w_lens.r_data)]
         for i in range(nw):
             src = self.wr_data[i]
             with m.If(w_sel == i):
@@ -233,8 +238,8 @@ class HostDMA(wiring.Component):
         with m.If(axi.wvalid & axi.wready):
             m.d.sync += [w_remain.eq(w_remain - 1), w_first.eq(0)]
             with m.If(axi.wlast):
-                m.d.sync += [w_inburst.eq(0), w_bursts.eq(w_bursts + 1),
-                             wb_addr.eq(wb_addr + (wb_beats << lb))]
+                m.d.comb += w_lens.r_en.eq(1)
+                m.d.sync += w_inburst.eq(0)
             with m.Else():
                 m.d.sync += w_inburst.eq(w_inburst + 1)
 
