@@ -289,6 +289,22 @@ class CommandEngine(wiring.Component):
         # ------------------------------------------------------------------ front
         cmd = Signal(FETCHED_LAYOUT)
         c = cmd.cmd
+
+        # Offset words pass one more register stage that also compares them with the command's
+        # index count: the front FSM's next state then depends on registered flags, not on a
+        # 32-bit compare-and-clamp chain (the engine's critical path).
+        offq_layout = data.StructLayout({"data": 32, "err": 1, "gt_count": 1, "clamp": 32})
+        m.submodules.off_reg = offq = SkidBuffer(offq_layout)
+        m.d.comb += [
+            offq.i.valid.eq(off.o_word.valid),
+            offq.i.payload.data.eq(off.o_word.payload.data),
+            offq.i.payload.err.eq(off.o_word.payload.err),
+            offq.i.payload.gt_count.eq(off.o_word.payload.data > c.count),
+            offq.i.payload.clamp.eq(Mux(off.o_word.payload.data > c.count, c.count,
+                                        off.o_word.payload.data)),
+            off.o_word.ready.eq(offq.i.ready),
+        ]
+        off_word = offq.o
         pre_status = Signal(8)
         probe_done = Signal()      # pulse from the fork
         probe_status = Signal(2)
@@ -298,6 +314,7 @@ class CommandEngine(wiring.Component):
         elem = Signal(2)
         pooled = Signal()
         out_row = Signal(16)
+        out_n = Signal(32)
         out_bytes = Signal(48)
         pos = Signal(32)
         bag = Signal(32)            # bags whose end offset was read
@@ -449,14 +466,19 @@ class CommandEngine(wiring.Component):
                     with m.Else():
                         m.next = "SIZE"
             with m.State("SIZE"):
+                # the multiply's operands are registered first (select -> DSP -> adders did not
+                # fit in one cycle)
                 with m.Switch(elem):
                     with m.Case(ElemType.FP16):
-                        m.d.comb += out_row.eq(Mux(pooled, row_bytes << 1, row_bytes))
+                        m.d.sync += out_row.eq(Mux(pooled, row_bytes << 1, row_bytes))
                     with m.Case(ElemType.INT8):
-                        m.d.comb += out_row.eq(Mux(pooled, row_bytes << 2, row_bytes))
+                        m.d.sync += out_row.eq(Mux(pooled, row_bytes << 2, row_bytes))
                     with m.Default():
-                        m.d.comb += out_row.eq(row_bytes)
-                m.d.sync += out_bytes.eq(out_row * Mux(pooled, c.n_bags, c.count))
+                        m.d.sync += out_row.eq(row_bytes)
+                m.d.sync += out_n.eq(Mux(pooled, c.n_bags, c.count))
+                m.next = "SIZE_MUL"
+            with m.State("SIZE_MUL"):
+                m.d.sync += out_bytes.eq(out_row * out_n)
                 m.next = "SIZE_CHECK"
             with m.State("SIZE_CHECK"):
                 with m.If(out_bytes > c.dst_bytes):
@@ -472,15 +494,15 @@ class CommandEngine(wiring.Component):
 
             # ---------------- offsets pass 1: validate
             with m.State("OFF_CHECK"):
-                m.d.comb += off.o_word.ready.eq(1)
-                with m.If(off.o_word.valid):
-                    w = off.o_word.payload.data
+                m.d.comb += off_word.ready.eq(1)
+                with m.If(off_word.valid):
+                    w = off_word.payload.data
                     m.d.sync += [prev_off.eq(w), bag.eq(bag + 1),
-                                 off_err.eq(off_err | off.o_word.payload.err)]
+                                 off_err.eq(off_err | off_word.payload.err)]
                     with m.If((bag != 0) & (w < prev_off)):
                         m.d.sync += off_bad.eq(1)
                     with m.If(bag == c.n_bags):
-                        with m.If(w > c.count):
+                        with m.If(off_word.payload.gt_count):
                             m.d.sync += off_bad.eq(1)
                         m.next = "OFF_DONE"
             with m.State("OFF_DONE"):
@@ -518,10 +540,9 @@ class CommandEngine(wiring.Component):
                     with m.If(last):
                         m.next = "IDLE"
             with m.State("P_FIRST"):
-                m.d.comb += off.o_word.ready.eq(1)
-                with m.If(off.o_word.valid):
-                    w = off.o_word.payload.data
-                    m.d.sync += bag_end_pos.eq(Mux(w > c.count, c.count, w))
+                m.d.comb += off_word.ready.eq(1)
+                with m.If(off_word.valid):
+                    m.d.sync += bag_end_pos.eq(off_word.payload.clamp)
                     m.next = "P_PRE"
             with m.State("P_PRE"):
                 # indices before offsets[0] belong to no bag
@@ -532,14 +553,13 @@ class CommandEngine(wiring.Component):
                     with m.If(idx.o_word.valid):
                         m.d.sync += pos.eq(pos + 1)
             with m.State("P_BAG"):
-                m.d.comb += off.o_word.ready.eq(1)
-                with m.If(off.o_word.valid):
-                    w = off.o_word.payload.data
+                m.d.comb += off_word.ready.eq(1)
+                with m.If(off_word.valid):
                     # clamp so that a list changed since pass 1 still ends (never hangs)
-                    end = Mux(w > c.count, c.count, w)
-                    end = Mux(end < pos, pos, end)
-                    m.d.sync += [bag_end_pos.eq(end), bag.eq(bag + 1)]
-                    with m.If(end == pos):
+                    clamp = off_word.payload.clamp
+                    at_pos = clamp <= pos                # the clamped end is pos itself
+                    m.d.sync += [bag_end_pos.eq(Mux(at_pos, pos, clamp)), bag.eq(bag + 1)]
+                    with m.If(at_pos):
                         m.next = "P_TOKEN"
                     with m.Else():
                         m.next = "P_LOOK"
