@@ -127,9 +127,14 @@ class HostDMA(wiring.Component):
                             r_zero.eq(cmd.payload.bytes == 0),
                         ]
 
-        ar_beats = self._burst_beats(m, ar_addr, ar_remain, "ar")
+        # The burst length is registered from the registered address and count: a new
+        # burst waits one cycle for it (burst length -> address update was the critical path).
+        ar_beats = Signal(9)
+        ar_beats_ok = Signal()
+        m.d.sync += [ar_beats.eq(self._burst_beats(m, ar_addr, ar_remain, "ar")),
+                     ar_beats_ok.eq(~(axi.arvalid & axi.arready) & ~(~r_active & r_any))]
         m.d.comb += [
-            axi.arvalid.eq(r_active & (ar_remain != 0)),
+            axi.arvalid.eq(r_active & (ar_remain != 0) & ar_beats_ok),
             axi.araddr.eq(ar_addr),
             axi.arlen.eq(ar_beats - 1),
         ]
@@ -202,7 +207,10 @@ class HostDMA(wiring.Component):
                                              (Const(1, bb + 1) << end) - 1)),
                         ]
 
-        aw_beats = self._burst_beats(m, aw_addr, aw_remain, "aw")
+        aw_beats = Signal(9)
+        aw_beats_ok = Signal()
+        m.d.sync += [aw_beats.eq(self._burst_beats(m, aw_addr, aw_remain, "aw")),
+                     aw_beats_ok.eq(~(axi.awvalid & axi.awready) & ~(~w_active & w_any))]
         # Each accepted AW's length waits here for its W burst: W takes wlast from a register
         # instead of recomputing the burst length from its start address (that chain ran into
         # wvalid/wready and the clients' handshakes).
@@ -212,7 +220,7 @@ class HostDMA(wiring.Component):
             w_lens.w_en.eq(axi.awvalid & axi.awready),
         ]
         m.d.comb += [
-            axi.awvalid.eq(w_active & (aw_remain != 0) & w_lens.w_rdy),
+            axi.awvalid.eq(w_active & (aw_remain != 0) & w_lens.w_rdy & aw_beats_ok),
             axi.awaddr.eq(aw_addr),
             axi.awlen.eq(aw_beats - 1),
         ]
