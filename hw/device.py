@@ -133,9 +133,16 @@ class EVSSD(wiring.Component):
         # ---- command path
         wiring.connect(m, q.o_cmd, eng.i_cmd)
         wiring.connect(m, eng.o_cpl, q.i_cpl)
-        wiring.connect(m, eng.o_xlat, xl.i_req)
-        wiring.connect(m, xl.o_resp, eng.i_xlat)
-        wiring.connect(m, eng.o_ftl, ftl.i_req)
+        # Register slices around the translator and into the FTL: the engine's lookup fork
+        # (FTL ready -> engine side FIFO -> translator stall -> engine emit) was one
+        # combinational chain across four modules (the 62.8 MHz critical path).
+        for name, src, dst in (("xlat_req_reg", eng.o_xlat, xl.i_req),
+                               ("xlat_resp_reg", xl.o_resp, eng.i_xlat),
+                               ("ftl_req_reg", eng.o_ftl, ftl.i_req)):
+            reg = SkidBuffer(src.payload.shape())
+            m.submodules[name] = reg
+            wiring.connect(m, src, reg.i)
+            wiring.connect(m, reg.o, dst)
         wiring.connect(m, ftl.o_req, demux.i_req)
         wiring.connect(m, eng.o_desc, mg.i_desc)
         wiring.connect(m, mg.o_free, eng.i_free)
