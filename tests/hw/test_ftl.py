@@ -12,19 +12,7 @@ from evssd.hw.channel import read_request_layout
 from evssd.hw.ftl import ChannelDemux, LinearFTL, ftl_model, request_layout
 from evssd.hw.regmap import Params
 
-
-async def send(ctx, strm, items, rng, idle):
-    for item in items:
-        while rng.random() < idle:
-            ctx.set(strm.valid, 0)
-            await ctx.tick()
-        ctx.set(strm.valid, 1)
-        ctx.set(strm.payload, item)
-        while True:
-            _, _, ready = await ctx.tick().sample(strm.ready)
-            if ready:
-                break
-    ctx.set(strm.valid, 0)
+from .streams import send
 
 
 def random_lbas(rng, n):

@@ -11,31 +11,7 @@ from evssd.hw.regmap import Params, div_magic
 from evssd.hw.translator import (ExtentTranslator, LATENCY, TableEntry, TranslateStatus,
                                  translate_model)
 
-
-# ---------------------------------------------------------------- stream helpers
-
-async def send(ctx, strm, items, rng, idle):
-    for item in items:
-        while rng.random() < idle:
-            ctx.set(strm.valid, 0)
-            await ctx.tick()
-        ctx.set(strm.valid, 1)
-        ctx.set(strm.payload, item)
-        while True:
-            _, _, ready = await ctx.tick().sample(strm.ready)
-            if ready:
-                break
-    ctx.set(strm.valid, 0)
-
-
-async def receive(ctx, strm, n, rng, stall, out):
-    while len(out) < n:
-        ready = rng.random() >= stall
-        ctx.set(strm.ready, ready)
-        _, _, valid, payload = await ctx.tick().sample(strm.valid, strm.payload)
-        if ready and valid:
-            out.append(payload)
-    ctx.set(strm.ready, 0)
+from .streams import receive, send
 
 
 # ---------------------------------------------------------------- configuration
