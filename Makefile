@@ -8,7 +8,7 @@ EVSSD  := $(VENV)/bin/evssd
 # pytest workers: the machines have 2 cores
 JOBS   ?= 2
 
-.PHONY: demo test test-fast bench bitstream synth-check docs clean help
+.PHONY: demo test test-fast bench bitstream docs clean help
 
 help:
 	@echo "make demo       - set up .venv and run the main job on the device model"
