@@ -15,6 +15,10 @@ from evssd.host.serving.launcher import LocalCluster
 from evssd.host.serving.ranker import Ranker, ServingError, local_pooled, synthetic_batch
 from evssd.host.serving.rdma import get_provider
 
+# Fault tests stop and kill server processes on short timeouts: keep them on one pytest-xdist
+# worker so they never share the machine with another serving cluster's timing-sensitive run.
+pytestmark = pytest.mark.xdist_group("serving-faults")
+
 
 def _batch(cfg, seed=0, b=32):
     return synthetic_batch(cfg, b, 8, np.random.default_rng(seed))[1]

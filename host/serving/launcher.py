@@ -99,8 +99,21 @@ class LocalCluster:
         self.signal(name, signal.SIGKILL)
         self.procs[name].wait(10)
 
-    def stall(self, name):
+    def stall(self, name, wait: float = 5.0):
+        """Freeze server ``name`` (SIGSTOP) and return once the kernel reports it stopped."""
         self.signal(name, signal.SIGSTOP)
+        pid = self.procs[name].pid
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    state = fh.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return  # no procfs (or gone): nothing more to wait for
+            if state in ("T", "t"):
+                return
+            time.sleep(0.005)
+        raise RuntimeError(f"server {name} (pid {pid}) did not stop within {wait} s of SIGSTOP")
 
     def resume(self, name):
         self.signal(name, signal.SIGCONT)
