@@ -70,7 +70,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "EmbeddingStore", "TableInfo", "StoreError", "StoreInputError", "TableFileError",
-    "PlainLRU", "TableFile", "write_table_file", "open_table_file", "DTYPES", "pool_rows",
+    "PlainLRU", "TableFile", "write_table_file", "open_table_file", "DTYPES", "pool_deduplicated",
 ]
 
 #: element types a table may hold: name -> numpy dtype (the device's elem names)
@@ -179,7 +179,7 @@ else:  # pragma: no cover
     _pool_kernel = _pool_numpy
 
 
-def pool_rows(rows: np.ndarray, inv: np.ndarray, offsets: np.ndarray, mode: str = "sum") -> np.ndarray:
+def pool_deduplicated(rows: np.ndarray, inv: np.ndarray, offsets: np.ndarray, mode: str = "sum") -> np.ndarray:
     """Pool bags: bag b sums ``rows[inv[offsets[b]:offsets[b+1]]]`` in order.
 
     ``rows`` [u, dim] of a table dtype; float rows accumulate in float32, integer rows in int32.
@@ -1012,7 +1012,7 @@ class EmbeddingStore:
                     cache.admit(plan.uniq[plan.miss], plan.fetched)
         if plan.mode is None:
             return plan.rows[plan.inv]
-        return pool_rows(plan.rows, plan.inv, plan.offsets, plan.mode)
+        return pool_deduplicated(plan.rows, plan.inv, plan.offsets, plan.mode)
 
     # -- public API -----------------------------------------------------------------------------
 

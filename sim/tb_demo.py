@@ -14,7 +14,7 @@ from evssd.host.cache import EVCache
 from evssd.host.demo import golden_pooled_sum, make_tables
 from evssd.host.device import AsyncDevice
 from evssd.host.layout import Layout
-from evssd.host.store import pool_rows
+from evssd.host.store import pool_deduplicated
 from evssd.host.workload import meta_calibrated
 from evssd.sim.runner import load_meta
 from evssd.sim.transport import CocotbTransport, start_clock_and_reset
@@ -80,7 +80,7 @@ async def demo_on_rtl(dut):
                 rows[miss] = fetched
                 if caches[n] is not None:
                     caches[n].admit(uniq[miss], fetched)
-            got = pool_rows(rows, inv, off)
+            got = pool_deduplicated(rows, inv, off)
             want = golden_pooled_sum(tables[n], idx, off)
             assert np.array_equal(got, want), f"batch {b} table {n}: pooled result differs from numpy"
             checked += 1
