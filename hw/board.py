@@ -6,11 +6,14 @@ cocotb drives it with a bit-level UART model; :class:`BoardTop` wraps it for the
 
 Inside :class:`BoardCore`::
 
-    uart_rx -> UartRx -> UartAxiBridge -> BridgeDecoder -+-> EVSSD.s_axil (registers)
+    uart_rx -> UartRx -> UartAxiBridge -> BridgeDecoder -+-> [slice] -> EVSSD.s_axil (registers)
     uart_tx <- UartTx <-'                                 +-> board-info ROM
                                                           +-> window.s_axil --.
-    EVSSD.m_axi_host ----------------------------------------> window.s_axi ---+- AxiBram (host memory)
-    EVSSD.m_axi_ch[i] ---------------------------------------> AxiBram (flash channel i)
+    EVSSD.m_axi_host --> [slice] ---------------------------> window.s_axi ---+- AxiBram (host memory)
+    EVSSD.m_axi_ch[i] -> [slice] ---------------------------> AxiBram (flash channel i)
+
+``[slice]`` is an :class:`~evssd.hw.axi_slice.AXIRegisterSlice` (one register stage on each AXI
+channel), so no combinational path runs between the device and the board's memories.
 
 The bridge's 32-bit address map (``evssd.host.uart`` has the same constants):
 
@@ -29,6 +32,7 @@ from amaranth.lib.cdc import ResetSynchronizer
 from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4LiteSignature, Resp
+from .axi_slice import AXIRegisterSlice
 from .bram import AxiBram
 from .mmio import MMIOManager, ADDR_WIDTH
 from .regmap import Params
@@ -205,8 +209,7 @@ class BoardCore(wiring.Component):
     def __init__(self, params: Params, *, divisor: int = 4, window_bytes: int = 16384,
                  idle_timeout: int | None = None, heartbeat_bits: int | None = None,
                  device: bool | None = None):
-        if not isinstance(params, Params):
-            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        Params.require(params)
         if window_bytes < 1024 or window_bytes & (window_bytes - 1):
             raise ValueError(f"window_bytes {window_bytes} must be a power of two >= 1024")
         if not isinstance(divisor, int) or divisor < 4:
@@ -249,12 +252,18 @@ class BoardCore(wiring.Component):
         activity = bridge.active
         if self.device_class is not None:
             m.submodules.device = dev = self.device_class(p)
-            wiring.connect(m, dec.m_mmio, dev.s_axil)
+            # A register slice on every link between the device and the board: the device's
+            # handshake logic and the block RAMs' enables are timed separately.
+            def sliced(name, master):
+                reg = m.submodules[f"{name}_slice"] = AXIRegisterSlice(master.signature)
+                wiring.connect(m, master, reg.s)
+                return reg.m
+            wiring.connect(m, sliced("mmio", dec.m_mmio), dev.s_axil)
             host_sig = dev.signature.members["m_axi_host"].signature
             m.submodules.window = win = AxiBram(
                 size=self.window_bytes, data_width=host_sig.data_width, addr_width=host_sig.addr_width,
                 id_width=host_sig.id_width, lite_port=True)
-            wiring.connect(m, dev.m_axi_host, win.s_axi)
+            wiring.connect(m, sliced("host", dev.m_axi_host), win.s_axi)
             activity = activity | dev.m_axi_host.arvalid | dev.m_axi_host.awvalid
             for c in range(p.n_channels):
                 port = getattr(dev, f"m_axi_ch{c}")
@@ -262,7 +271,7 @@ class BoardCore(wiring.Component):
                 flash = AxiBram(size=p.channel_bytes, data_width=sig.data_width,
                                 addr_width=sig.addr_width, id_width=sig.id_width)
                 m.submodules[f"flash{c}"] = flash
-                wiring.connect(m, port, flash.s_axi)
+                wiring.connect(m, sliced(f"ch{c}", port), flash.s_axi)
                 activity = activity | port.arvalid | port.awvalid
             irq = dev.irq
         else:
