@@ -51,12 +51,16 @@ ahead of their R data, so R streams back to back across requests (64 reads of 64
 beats in 517 cycles; 8-byte rows: 64 beats in 69). ``o_row`` is combinational from the R channel
 (no extra latency); a row whose first byte is not in lane 0 and whose beats on the bus equal its
 beats on ``o_row`` costs one extra cycle at its end. The pending and AR->R queues have registered
-outputs (one cycle each from accept to AR and from AR to the R side knowing the request).
+outputs, and the pending head passes a planning register stage (its first burst and its first
+beat's R-side flags): two cycles from accept to AR, one from AR to the R side knowing the request.
 
-Timing (alone on ECP5-85F, nextpnr-ecp5 --85k --out-of-context): 88.5 MHz; critical path: the
-accept decision (page compare against every page register -> hit/LRU -> ``i_read.ready`` ->
-way timers). The R side's beat landmarks are precomputed at accept time, and a finished read
-drops its page-register reference one cycle late (from registers).
+Timing (alone at the board parameters, ``evssd.hw.synth.estimate(..., fmax=True)``: yosys
+synth_ecp5 + nextpnr-ecp5 --85k --out-of-context): 116 MHz (was 88.5 before the AR plan stage
+and the R-side flags); critical path: the accept decision (page compare against every page
+register -> hit/LRU -> ``i_read.ready`` -> page-register reference counts). Every decision on
+the AR and R sides starts from registers: burst plans, ``way_ready`` (tR over), the R side's
+beat flags (computed for the next beat when a beat is taken), and a finished read drops its
+page-register reference one cycle late.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4Signature, Burst
 from .regmap import Params
+from .skid_buffer import SkidBuffer
 
 __all__ = [
     "FlashChannelController", "read_request_layout", "row_beat_layout", "prog_request_layout",
@@ -128,8 +133,7 @@ class FlashChannelController(wiring.Component):
     """EV-FC: NAND timing emulation and fine-grained reads over one AXI4 channel."""
 
     def __init__(self, params: Params, tag_width: int):
-        if not isinstance(params, Params):
-            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        Params.require(params)
         if not 1 <= tag_width <= 32:
             raise ValueError(f"tag_width {tag_width} must be 1..32")
         self.params = params
@@ -175,6 +179,7 @@ class FlashChannelController(wiring.Component):
         way_valid = [Signal(name=f"way{w}_valid") for w in range(ways)]
         way_page = [Signal(pb, name=f"way{w}_page") for w in range(ways)]
         way_timer = [Signal(24, name=f"way{w}_timer") for w in range(ways)]
+        way_ready = [Signal(init=1, name=f"way{w}_ready") for w in range(ways)]  # timer == 0
         way_ref = [Signal(refw, name=f"way{w}_ref") for w in range(ways)]
         # more_recent[i][j]: way i was used after way j (exact LRU order as a bit matrix).
         # Reset order: way 0 least recent, as WayModel.
@@ -198,7 +203,20 @@ class FlashChannelController(wiring.Component):
                                          "rq": rq_layout})
         m.submodules.pend = pend = SyncFIFOBuffered(width=pend_layout.size, depth=pend_depth)
         # registered read data: the R side's decisions start from flip-flops, not LUT RAM
-        m.submodules.rq = rq = SyncFIFOBuffered(width=rq_layout.size, depth=rq_depth)
+        # Where the R side stands within the head request, as flags (see `flags_at` below)
+        flag_layout = data.StructLayout({"relevant": 1, "at_skip": 1, "last_emit": 1,
+                                         "at_flush": 1, "at_total_m1": 1, "at_total": 1})
+        m.submodules.rq = rq = SyncFIFOBuffered(width=rq_layout.size + flag_layout.size,
+                                                depth=rq_depth)
+
+        def flags_at(cnt, e):
+            """The R side's tests for beat number ``cnt`` of request ``e``."""
+            s0 = e.shift == 0
+            return Cat(
+                (cnt >= e.skip) & (cnt < e.skip_end),                   # relevant
+                cnt == e.skip,                                           # at_skip
+                Mux(s0, cnt == e.last_s0, cnt == e.last_sh),             # last_emit
+                cnt == e.flush_at, cnt == e.total_m1, cnt == e.total)
 
         # ------------------------------------------------------------------ program FSM state
         PIDLE, PRUN, PWAIT, PDONE = range(4)
@@ -262,8 +280,11 @@ class FlashChannelController(wiring.Component):
         for w in range(ways):
             with m.If(way_timer[w] != 0):
                 m.d.sync += way_timer[w].eq(way_timer[w] - 1)
+                with m.If(way_timer[w] == 1):
+                    m.d.sync += way_ready[w].eq(1)
             with m.If(tr_wait & (lru_way == w)):
-                m.d.sync += [way_valid[w].eq(1), way_page[w].eq(pg), way_timer[w].eq(self.t_r)]
+                m.d.sync += [way_valid[w].eq(1), way_page[w].eq(pg), way_timer[w].eq(self.t_r),
+                             way_ready[w].eq(self.t_r == 0)]
         with m.If(accept):
             for i in range(ways):
                 for j in range(ways):
@@ -275,30 +296,44 @@ class FlashChannelController(wiring.Component):
                         m.d.sync += more_recent[i][j].eq(0)
 
         # ------------------------------------------------------------------ AR issue
-        head = data.View(pend_layout, pend.r_data)
-        start_b = Signal(cw)
-        m.d.comb += start_b.eq(head.start_b)
-        nb_fine = Signal(cw)
-        m.d.comb += nb_fine.eq(head.nb_fine)
+        def burst(cur, rem):
+            """(length, is the request's last burst) of the burst starting at beat ``cur``
+            with ``rem`` beats to go: up to the next chunk boundary."""
+            to_bound = Signal(cw)
+            m.d.comb += to_bound.eq(chunk_beats - (cur & (chunk_beats - 1)))
+            return Mux(rem < to_bound, rem, to_bound), rem <= to_bound
+
+        # The pending FIFO's head is planned into a register stage: its first burst (start,
+        # length, last) and its first beat's R-side flags, so the AR handshake and the pop decide
+        # from registers (the burst arithmetic in front of arvalid and pend.r_en was the
+        # critical path). One cycle from accept to AR more; the rate stays one request a cycle.
+        ar_layout = data.StructLayout({"page": pb, "cur": cw, "rem": cw, "blen": cw, "last": 1,
+                                       "rq": rq_layout, "first": flag_layout})
+        m.submodules.ar_stage = ar_stage = SkidBuffer(ar_layout)
+        pend_head = data.View(pend_layout, pend.r_data)
+        plan = ar_stage.i.payload
+        cur0 = Mux(self.block_mode, 0, pend_head.start_b)
+        rem0 = Mux(self.block_mode, page_beats, pend_head.nb_fine)
+        blen0, last0 = burst(cur0, rem0)
+        m.d.comb += [
+            plan.page.eq(pend_head.page), plan.cur.eq(cur0), plan.rem.eq(rem0),
+            plan.blen.eq(blen0), plan.last.eq(last0), plan.rq.eq(pend_head.rq),
+            plan.first.eq(flags_at(Const(0, cw), pend_head.rq)),
+            ar_stage.i.valid.eq(pend.r_rdy), pend.r_en.eq(ar_stage.i.ready),
+        ]
+        head = ar_stage.o.payload
         ar_cont = Signal()                 # a request's later bursts are being issued
         cur_r = Signal(cw)
         rem_r = Signal(cw)
-        cur = Signal(cw)
-        rem = Signal(cw)
-        with m.If(ar_cont):
-            m.d.comb += [cur.eq(cur_r), rem.eq(rem_r)]
-        with m.Elif(self.block_mode):
-            m.d.comb += [cur.eq(0), rem.eq(page_beats)]
-        with m.Else():
-            m.d.comb += [cur.eq(start_b), rem.eq(nb_fine)]
-        to_bound = Signal(cw)
-        m.d.comb += to_bound.eq(chunk_beats - (cur & (chunk_beats - 1)))
-        blen = Signal(cw)
-        m.d.comb += blen.eq(Mux(rem < to_bound, rem, to_bound))
-        head_ready = Signal()
-        m.d.comb += head_ready.eq(Array(way_timer)[head.rq.way] == 0)
+        blen_r = Signal(cw)
+        last_r = Signal()
+        cur = Mux(ar_cont, cur_r, head.cur)
+        rem = Mux(ar_cont, rem_r, head.rem)
+        blen = Mux(ar_cont, blen_r, head.blen)
+        last = Mux(ar_cont, last_r, head.last)
+        head_ready = Array(way_ready)[head.rq.way]
         m.d.comb += [
-            axi.arvalid.eq(pend.r_rdy & head_ready & (ar_cont | rq.w_rdy)),
+            axi.arvalid.eq(ar_stage.o.valid & head_ready & (ar_cont | rq.w_rdy)),
             axi.araddr.eq(Cat(Const(0, lb), cur[:lpb], head.page)),
             axi.arlen.eq(blen - 1),
             axi.arsize.eq(lb),
@@ -308,34 +343,45 @@ class FlashChannelController(wiring.Component):
         ]
         ar_hs = axi.arvalid & axi.arready
         m.d.comb += [
-            rq.w_data.eq(head.rq.as_value()),
+            rq.w_data.eq(Cat(head.rq.as_value(), head.first.as_value())),
             # The R side learns of a request at its first AR, so its data is never held up
             # waiting for the request's later bursts.
             rq.w_en.eq(ar_hs & ~ar_cont),
         ]
         with m.If(ar_hs):
-            with m.If(rem <= to_bound):     # == blen, from the compare blen already needs
-                m.d.comb += pend.r_en.eq(1)
+            with m.If(last):
+                m.d.comb += ar_stage.o.ready.eq(1)
                 m.d.sync += ar_cont.eq(0)
             with m.Else():
-                m.d.sync += [ar_cont.eq(1), cur_r.eq(cur + blen), rem_r.eq(rem - blen)]
+                # a later burst starts at a chunk boundary: up to a whole chunk
+                next_cur, next_rem = cur + blen, rem - blen
+                next_blen = Mux(next_rem < chunk_beats, next_rem, chunk_beats)
+                next_last = next_rem <= chunk_beats
+                m.d.sync += [ar_cont.eq(1), cur_r.eq(next_cur), rem_r.eq(next_rem),
+                             blen_r.eq(next_blen), last_r.eq(next_last)]
 
         # ------------------------------------------------------------------ R: realign to lane 0
-        ent = data.View(rq_layout, rq.r_data)
+        ent = data.View(rq_layout, rq.r_data[:rq_layout.size])
+        ent_first = data.View(flag_layout, rq.r_data[rq_layout.size:])
         rcnt = Signal(cw)
         prev = Signal(8 * B)
         err_r = Signal()
         flush = Signal()                   # the final beat comes from `prev` alone
-        # rel = rcnt - skip; every test on rel is an equality with a precomputed landmark
-        relevant = Signal()
-        m.d.comb += relevant.eq((rcnt >= ent.skip) & (rcnt < ent.skip_end))
+        # The tests on the beat count come from registers: `flags_next` holds them for beat
+        # rcnt, computed when beat rcnt - 1 was taken; a request's first beat uses the flags it
+        # brought along (compares and carry chains in front of rready and the rq pop were the
+        # critical path).
+        first = Signal(init=1)             # rcnt == 0: the head request has not moved a beat
+        flags_next = Signal(flag_layout)
+        f = Signal(flag_layout)
+        m.d.comb += f.eq(Mux(first, ent_first, flags_next))
+        relevant = f.relevant
         s0 = ent.shift == 0
         emit = Signal()
-        m.d.comb += emit.eq(relevant & (s0 | (rcnt != ent.skip)))
-        last_emit = Signal()
-        m.d.comb += last_emit.eq(Mux(s0, rcnt == ent.last_s0, rcnt == ent.last_sh))
+        m.d.comb += emit.eq(relevant & (s0 | ~f.at_skip))
+        last_emit = f.last_emit
         need_flush = Signal()
-        m.d.comb += need_flush.eq(relevant & ~s0 & (rcnt == ent.flush_at) & ent.io_equal)
+        m.d.comb += need_flush.eq(relevant & ~s0 & f.at_flush & ent.io_equal)
 
         hi = Signal(8 * B)
         m.d.comb += hi.eq(Mux(flush, 0, axi.rdata))
@@ -369,20 +415,21 @@ class FlashChannelController(wiring.Component):
         m.d.comb += r_hs.eq(axi.rvalid & axi.rready)
         done = Signal()                    # the rq head's request has finished
         with m.If(r_hs):
-            m.d.sync += [rcnt.eq(rcnt + 1), err_r.eq(err_r | row_err)]
+            m.d.sync += [rcnt.eq(rcnt + 1), err_r.eq(err_r | row_err),
+                         first.eq(0), flags_next.eq(flags_at(rcnt + 1, ent))]
             with m.If(relevant):
                 m.d.sync += prev.eq(axi.rdata)
             with m.If(need_flush):
                 m.d.sync += flush.eq(1)
-            with m.Elif(rcnt == ent.total_m1):
+            with m.Elif(f.at_total_m1):
                 m.d.comb += done.eq(1)
         with m.If(flush & o.ready):
             m.d.sync += flush.eq(0)
-            with m.If(rcnt == ent.total):
+            with m.If(f.at_total):
                 m.d.comb += done.eq(1)
         with m.If(done):
             m.d.comb += rq.r_en.eq(1)
-            m.d.sync += [rcnt.eq(0), err_r.eq(0)]
+            m.d.sync += [rcnt.eq(0), err_r.eq(0), first.eq(1)]
 
         # Page-register references: taken at accept, dropped the cycle after the data has crossed
         # the bus (from registers: R handshake -> done -> counters was the critical path; a late
@@ -456,18 +503,26 @@ class FlashChannelController(wiring.Component):
                     m.d.sync += pstate.eq(PIDLE)
 
         # ------------------------------------------------------------------ counters
+        # The counters count events registered one cycle earlier: the handshakes (which cross
+        # the chip to the memories on a board) then end at flip-flops, not at 32-bit adders.
         w_hs = axi.wvalid & axi.wready
         busy = (n_reads != 0) | ~prog_idle
+        ev_row, ev_r, ev_w, ev_tr, ev_busy, ev_prog = (Signal(name=f"ev_{k}") for k in
+                                                       ("row", "r", "w", "tr", "busy", "prog"))
+        m.d.sync += [
+            ev_row.eq(o.valid & o.ready & o.payload.last), ev_r.eq(r_hs), ev_w.eq(w_hs),
+            ev_tr.eq(tr_wait), ev_busy.eq(busy),
+            ev_prog.eq(self.o_prog_done.valid & self.o_prog_done.ready),
+        ]
         with m.If(self.clear_counters):
             m.d.sync += [self.cnt_rows.eq(0), self.cnt_bytes.eq(0), self.cnt_tr_waits.eq(0),
                          self.cnt_busy.eq(0), self.cnt_programs.eq(0)]
         with m.Else():
             m.d.sync += [
-                self.cnt_rows.eq(self.cnt_rows + (o.valid & o.ready & o.payload.last)),
-                self.cnt_bytes.eq(self.cnt_bytes + Mux(r_hs, B, 0) + Mux(w_hs, B, 0)),
-                self.cnt_tr_waits.eq(self.cnt_tr_waits + tr_wait),
-                self.cnt_busy.eq(self.cnt_busy + busy),
-                self.cnt_programs.eq(self.cnt_programs
-                                     + (self.o_prog_done.valid & self.o_prog_done.ready)),
+                self.cnt_rows.eq(self.cnt_rows + ev_row),
+                self.cnt_bytes.eq(self.cnt_bytes + Mux(ev_r, B, 0) + Mux(ev_w, B, 0)),
+                self.cnt_tr_waits.eq(self.cnt_tr_waits + ev_tr),
+                self.cnt_busy.eq(self.cnt_busy + ev_busy),
+                self.cnt_programs.eq(self.cnt_programs + ev_prog),
             ]
         return m
