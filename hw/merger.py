@@ -76,12 +76,19 @@ Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB me
 ``n_slots * 2**ceil(log2(ceil(max_row_bytes*8/Wc)))`` words of Wc bits (1 write, 1 read port);
 accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write,
 2 read ports); a packer of ``Wh + Wc`` bits. Default Params (4 channels, ch64/host64,
-max_row_bytes 512) with 16 slots, yosys synth_ecp5 + nextpnr-ecp5 --85k out of context:
-2891 LUT4 + 239 CCU2C + 14 DPR16X4 (descriptor FIFO), 2058 FF, 8 DP16KD, 99.0 MHz (critical
-path: block RAM clock-to-out 5.8 ns -> the R/E select -> the output SkidBuffer). Pipelining
-for it: the RAM read data of accumulate ops are registered (stage R2, the sum written meanwhile
-forwarded), output ops go through a SkidBuffer before the packer, and a retired slot's flags
-clear from the registered ``o_free`` (was 3158 LUT4 + 271 CCU2C, 1403 FF, 65.8 MHz).
+max_row_bytes 512) with 16 slots, yosys synth_ecp5 + nextpnr-ecp5 --85k out of context
+(``synth.estimate(..., fmax=True)``): 3107 LUT4 + 247 CCU2C + 14 DPR16X4 (descriptor FIFO),
+2192 FF, 8 DP16KD, 105.7 MHz. Board params (``board.board_params()``: max_row_bytes 256), 16
+slots, same flow: 3110 LUT4 + 244 CCU2C, 2174 FF, 6 DP16KD, 116.1 MHz (was 93.9); 112.2 MHz
+with the registered input beat below (2963 LUT4, 2250 FF). Both critical paths: ROB block RAM
+clock-to-out 5.8 ns -> yosys's collision-bypass mux -> stage R2's register, i.e. one LUT after
+the RAM, the rest routing. The channel beat chosen by the round-robin is registered before it
+is written to the ROB and marks its slot (in the whole device the arbitration plus the
+tag-indexed flag update was the critical path, 78.7 MHz). Pipelining for it: the RAM read data
+of accumulate ops are registered (stage R2, the sum written meanwhile forwarded), output ops
+go through a SkidBuffer before the packer (each RAM into a field of its own), a retired slot's
+flags clear from the registered ``o_free``, and the issue stage's facts about its op (first,
+last, the slot's done/err flags) are registers (was 3158 LUT4 + 271 CCU2C, 1403 FF, 65.8 MHz).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
@@ -317,10 +324,18 @@ class ResultMerger(wiring.Component):
                 with m.Case(c):
                     m.d.comb += [beat.eq(self.i_row[c].payload), cur_idx.eq(beat_idx[c]),
                                  self.i_row[c].ready.eq(any_valid)]
+        # The chosen beat is registered before it is written and marks its slot: the channel
+        # arbitration and the tag-indexed flag updates do not fit in one cycle together
+        # (row_reg -> round-robin -> beat.tag -> errf was the device's critical path). Rows
+        # retire one cycle later; the slot flags and the ROB write move together.
+        in_beat = Signal(row_layout(p, n_slots))
+        in_valid = Signal()
+        in_idx = Signal(max(beat_bits, 1))
+        m.d.sync += [in_valid.eq(any_valid), in_beat.eq(beat), in_idx.eq(cur_idx)]
         m.d.comb += [
-            rob_w.addr.eq(Cat(cur_idx[:beat_bits], beat.tag) if beat_bits else beat.tag),
-            rob_w.data.eq(beat.data),
-            rob_w.en.eq(any_valid),
+            rob_w.addr.eq(Cat(in_idx[:beat_bits], in_beat.tag) if beat_bits else in_beat.tag),
+            rob_w.data.eq(in_beat.data),
+            rob_w.en.eq(in_valid),
         ]
         with m.If(any_valid):
             m.d.sync += [hold.eq(sel), hold_mid.eq(~beat.last)]
@@ -339,6 +354,15 @@ class ResultMerger(wiring.Component):
         last_cnt = Signal(range(K + 1))
         sub_shift = Signal(2)            # log2(elements of one ROB beat / K)
         j = Signal(range(max_ops + 1))
+        # Registered facts about the op at j and the slot of `cur`, kept equal to what they
+        # stand for (j == 0, j == n_ops - 1, done[cur.slot], errf[cur.slot]). Computed in the
+        # cycle of use (comparators on j and n_ops, slot-indexed muxes of the flags) they made
+        # the decision to pop the next descriptor, which ends at the descriptor FIFO's read
+        # clock enables, a 10.7 ns path.
+        first_op = Signal(init=1)
+        last_op = Signal()
+        slot_done = Signal()
+        slot_err = Signal()
         bag_first = Signal(init=1)       # no good row in the current bag yet
         row_first = Signal()
         acc_bank = Signal()              # accumulator bank of the bag being summed
@@ -375,13 +399,10 @@ class ResultMerger(wiring.Component):
         n_elems = Signal(16)
         m.d.comb += n_elems.eq(d_in.row_bytes >> ish)
 
-        slot_done = done.bit_select(cur.slot, 1)
-        slot_err = errf.bit_select(cur.slot, 1)
         row_ok = cur.bad | cur.empty_bag | slot_done
         good = ~cur.bad & ~cur.empty_bag & ~slot_err
         row_has_ops = ~cur.empty_bag & (~cur.pooled | good)
         goes_emit = cur.empty_bag | (cur.pooled & cur.bag_end)
-        last_op = j == n_ops - 1
 
         # The op the issue stage would send this cycle. A pooled row starts only when the
         # previous row of its bag has left the adders far enough (cooldown) and, if it ends the
@@ -392,10 +413,10 @@ class ResultMerger(wiring.Component):
         with m.If(have & row_has_ops):
             with m.If(~cur.pooled):
                 # GATHER output must not overtake a bag the emitter is still sending
-                m.d.comb += [op_valid.eq(((j != 0) | row_ok) & ~em_busy),
+                m.d.comb += [op_valid.eq((~first_op | row_ok) & ~em_busy),
                              op_kind.eq(Mux(good, _OP_READ, _OP_ZERO))]
             with m.Else():
-                m.d.comb += [op_valid.eq((j != 0) | (row_ok & ((cooldown == 0) | bag_first) &
+                m.d.comb += [op_valid.eq(~first_op | (row_ok & ((cooldown == 0) | bag_first) &
                                                      (~goes_emit | ~em_busy))),
                              op_kind.eq(_OP_ACCUM)]
         op_cmd_last = cur.cmd_end & last_op & ~cur.pooled
@@ -405,7 +426,7 @@ class ResultMerger(wiring.Component):
         fire = op_valid & r_advance
         row_err_now = Signal()           # a row with err retires now
         m.d.comb += row_err_now.eq(have & ~cur.bad & ~cur.empty_bag & slot_err &
-                                   Mux(row_has_ops, fire & (j == 0), noop_step))
+                                   Mux(row_has_ops, fire & first_op, noop_step))
         free_now = have & ~cur.empty_bag & Mux(row_has_ops, fire & last_op, noop_step)
         # registered: the engine's credit logic then never sees o_data.ready combinationally
         m.d.sync += [self.o_free.valid.eq(free_now), self.o_free.payload.eq(cur.slot)]
@@ -417,20 +438,39 @@ class ResultMerger(wiring.Component):
         # The slot's flags are cleared one cycle after it retires, from the registered o_free
         # (free_now -> decode was on the critical path); the engine reuses a slot only after
         # o_free, so no beat or descriptor of the slot's next use can see the stale flags.
+        done_set = in_valid & in_beat.last
+        errf_set = in_valid & in_beat.err
         with m.If(self.o_free.valid):
             m.d.sync += [done.bit_select(self.o_free.payload, 1).eq(0),
                          errf.bit_select(self.o_free.payload, 1).eq(0)]
         # a slot is freed before the engine can reuse it, so set and clear never meet
-        with m.If(any_valid & beat.last):
-            m.d.sync += done.bit_select(beat.tag, 1).eq(1)
-        with m.If(any_valid & beat.err):
-            m.d.sync += errf.bit_select(beat.tag, 1).eq(1)
+        with m.If(done_set):
+            m.d.sync += done.bit_select(in_beat.tag, 1).eq(1)
+        with m.If(errf_set):
+            m.d.sync += errf.bit_select(in_beat.tag, 1).eq(1)
+
+        def flag_next(flags, set_now, slot):
+            """The value ``flags[slot]`` has next cycle (the updates above, for one slot)."""
+            cleared = self.o_free.valid & (self.o_free.payload == slot)
+            return (flags.bit_select(slot, 1) & ~cleared) | (set_now & (in_beat.tag == slot))
+
+        # the slot of `cur` next cycle is d_in.slot on desc_take; both lookups run in parallel
+        # and desc_take (late: it depends on this cycle's op) only picks one of them
+        m.d.sync += [
+            slot_done.eq(Mux(desc_take, flag_next(done, done_set, d_in.slot),
+                             flag_next(done, done_set, cur.slot))),
+            slot_err.eq(Mux(desc_take, flag_next(errf, errf_set, d_in.slot),
+                            flag_next(errf, errf_set, cur.slot))),
+        ]
 
         with m.If(fire):
-            m.d.sync += j.eq(Mux(last_op, 0, j + 1))
+            m.d.sync += [j.eq(Mux(last_op, 0, j + 1)), first_op.eq(last_op),
+                         last_op.eq(Mux(last_op, n_ops == 1, j + 2 == n_ops))]
         with m.If(desc_take):
             m.d.sync += [
-                have.eq(1), cur.eq(d_in), j.eq(0),
+                have.eq(1), cur.eq(d_in), j.eq(0), first_op.eq(1),
+                # n_ops (below) is 1 exactly when the row has at most K elements
+                last_op.eq(n_elems <= K),
                 # a 0-byte row (a broken table config) still takes one op of no words, so
                 # the issue stage cannot wait forever for an op count of zero
                 n_ops.eq(Mux(n_elems == 0, 1, (n_elems + K - 1) >> log2K)),
@@ -441,7 +481,7 @@ class ResultMerger(wiring.Component):
             m.d.sync += have.eq(0)
 
         is_accum = op_kind == _OP_ACCUM
-        accum_start = fire & is_accum & (j == 0)
+        accum_start = fire & is_accum & first_op
         with m.If(accum_start):
             m.d.comb += cooldown_next.eq(ACCUM_HAZARD_CYCLES - 1)
         with m.Elif(cooldown != 0):
@@ -532,7 +572,7 @@ class ResultMerger(wiring.Component):
                 r_count.eq(Mux(last_op, last_cnt, K)),
                 r_last.eq(op_cmd_last),
                 r_err.eq(sticky_err | row_err_now),
-                r_first.eq(Mux(j == 0, bag_first, row_first)),
+                r_first.eq(Mux(first_op, bag_first, row_first)),
                 r_addr.eq(acc_addr(j, acc_bank)),
                 r_sub.eq(j & ((1 << sub_shift) - 1)),
                 r_elem.eq(cur.elem),
@@ -541,14 +581,22 @@ class ResultMerger(wiring.Component):
         # output: the emitter's stage E first (it only holds ops older than stage R's). The
         # block RAM read data go straight into the registers of a SkidBuffer (zeroing and the
         # packer's placement come after it): RAM clock-to-out + packer did not fit in 10 ns.
-        ob_layout = data.StructLayout({"data": unsigned(Wc), "zero": unsigned(1),
+        # Both RAMs have a field of their own there, so the choice between them (by e_valid)
+        # also comes after it: yosys already puts a collision-bypass mux behind each RAM
+        # output, and a second mux level made RAM -> SkidBuffer the critical path (9.7 ns).
+        ob_layout = data.StructLayout({"rob_data": unsigned(Wc), "acc_data": unsigned(Wc),
+                                       "is_sum": unsigned(1), "zero": unsigned(1),
                                        "count": range(K + 1), "last": unsigned(1),
                                        "err": unsigned(1)})
         m.submodules.out_reg = ob = SkidBuffer(ob_layout)
+        m.d.comb += [
+            ob.i.payload.rob_data.eq(rob_r.data),
+            ob.i.payload.acc_data.eq(acc_e.data),
+            ob.i.payload.is_sum.eq(e_valid),
+        ]
         with m.If(e_valid):
             m.d.comb += [
                 ob.i.valid.eq(1),
-                ob.i.payload.data.eq(acc_e.data),
                 ob.i.payload.zero.eq(e_zero),
                 ob.i.payload.count.eq(e_count),
                 ob.i.payload.last.eq(e_last),
@@ -557,7 +605,6 @@ class ResultMerger(wiring.Component):
         with m.Else():
             m.d.comb += [
                 ob.i.valid.eq(r_out),
-                ob.i.payload.data.eq(rob_r.data),
                 ob.i.payload.zero.eq(r_kind == _OP_ZERO),
                 ob.i.payload.count.eq(r_count),
                 ob.i.payload.last.eq(r_last),
@@ -570,7 +617,9 @@ class ResultMerger(wiring.Component):
         m.submodules.packer = packer = WordPacker(K, H)
         m.d.comb += [
             packer.i_words.valid.eq(ob.o.valid),
-            packer.i_words.payload.data.eq(Mux(ob.o.payload.zero, 0, ob.o.payload.data)),
+            packer.i_words.payload.data.eq(
+                Mux(ob.o.payload.zero, 0,
+                    Mux(ob.o.payload.is_sum, ob.o.payload.acc_data, ob.o.payload.rob_data))),
             packer.i_words.payload.count.eq(ob.o.payload.count),
             packer.i_words.payload.last.eq(ob.o.payload.last),
             packer.i_words.payload.err.eq(ob.o.payload.err),
