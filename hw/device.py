@@ -44,8 +44,7 @@ def default_slots(params: Params) -> int:
 
 class EVSSD(wiring.Component):
     def __init__(self, params: Params, *, n_slots: int | None = None, read_queue: int | None = None):
-        if not isinstance(params, Params):
-            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        Params.require(params)
         if n_slots is None:
             n_slots = default_slots(params)
         if n_slots < 2 or n_slots & (n_slots - 1) or n_slots > 256:
@@ -114,21 +113,30 @@ class EVSSD(wiring.Component):
             self.irq.eq(q.irq),
         ]
 
-        # ---- DMA clients
-        wiring.connect(m, q.o_rd_cmd, dma.rd_cmd[0])
-        wiring.connect(m, dma.rd_data[0], q.i_rd_data)
-        wiring.connect(m, eng.o_idx_cmd, dma.rd_cmd[1])
-        wiring.connect(m, dma.rd_data[1], eng.i_idx_data)
-        wiring.connect(m, eng.o_off_cmd, dma.rd_cmd[2])
-        wiring.connect(m, dma.rd_data[2], eng.i_off_data)
-        wiring.connect(m, eng.o_pg_cmd, dma.rd_cmd[3])
-        wiring.connect(m, dma.rd_data[3], eng.i_pg_data)
-        wiring.connect(m, q.o_wr_cmd, dma.wr_cmd[0])
-        wiring.connect(m, q.o_wr_data, dma.wr_data[0])
-        wiring.connect(m, dma.wr_done[0], q.i_wr_done)
-        wiring.connect(m, eng.o_res_cmd, dma.wr_cmd[1])
-        wiring.connect(m, eng.o_res_data, dma.wr_data[1])
-        wiring.connect(m, dma.wr_done[1], eng.i_res_done)
+        def registered(name, src, dst):
+            """src -> dst through a SkidBuffer: no combinational path between the two modules."""
+            reg = SkidBuffer(src.payload.shape())
+            m.submodules[name] = reg
+            wiring.connect(m, src, reg.i)
+            wiring.connect(m, reg.o, dst)
+
+        # ---- DMA clients, each stream through a register slice: the DMA's arbitration and
+        # its AXI handshakes were one combinational chain with its clients' state machines
+        # (e.g. W ready -> engine result stage -> merger packer, 67 MHz)
+        registered("q_rd_cmd_reg", q.o_rd_cmd, dma.rd_cmd[0])
+        registered("q_rd_data_reg", dma.rd_data[0], q.i_rd_data)
+        registered("idx_cmd_reg", eng.o_idx_cmd, dma.rd_cmd[1])
+        registered("idx_data_reg", dma.rd_data[1], eng.i_idx_data)
+        registered("off_cmd_reg", eng.o_off_cmd, dma.rd_cmd[2])
+        registered("off_data_reg", dma.rd_data[2], eng.i_off_data)
+        registered("pg_cmd_reg", eng.o_pg_cmd, dma.rd_cmd[3])
+        registered("pg_data_reg", dma.rd_data[3], eng.i_pg_data)
+        registered("q_wr_cmd_reg", q.o_wr_cmd, dma.wr_cmd[0])
+        registered("q_wr_data_reg", q.o_wr_data, dma.wr_data[0])
+        registered("q_wr_done_reg", dma.wr_done[0], q.i_wr_done)
+        registered("res_cmd_reg", eng.o_res_cmd, dma.wr_cmd[1])
+        registered("res_data_reg", eng.o_res_data, dma.wr_data[1])
+        registered("res_done_reg", dma.wr_done[1], eng.i_res_done)
 
         # ---- command path
         wiring.connect(m, q.o_cmd, eng.i_cmd)
@@ -136,13 +144,9 @@ class EVSSD(wiring.Component):
         # Register slices around the translator and into the FTL: the engine's lookup fork
         # (FTL ready -> engine side FIFO -> translator stall -> engine emit) was one
         # combinational chain across four modules (the 62.8 MHz critical path).
-        for name, src, dst in (("xlat_req_reg", eng.o_xlat, xl.i_req),
-                               ("xlat_resp_reg", xl.o_resp, eng.i_xlat),
-                               ("ftl_req_reg", eng.o_ftl, ftl.i_req)):
-            reg = SkidBuffer(src.payload.shape())
-            m.submodules[name] = reg
-            wiring.connect(m, src, reg.i)
-            wiring.connect(m, reg.o, dst)
+        registered("xlat_req_reg", eng.o_xlat, xl.i_req)
+        registered("xlat_resp_reg", xl.o_resp, eng.i_xlat)
+        registered("ftl_req_reg", eng.o_ftl, ftl.i_req)
         wiring.connect(m, ftl.o_req, demux.i_req)
         wiring.connect(m, eng.o_desc, mg.i_desc)
         wiring.connect(m, mg.o_free, eng.i_free)
@@ -178,13 +182,13 @@ class EVSSD(wiring.Component):
             # The channel's o_row is combinational from its R channel and the merger's
             # round-robin ready depends on every channel's valid: without a register slice the
             # chain runs channel -> merger -> other channels' rready (23 ns, 43.5 MHz).
-            row_reg = SkidBuffer(ch.o_row.payload.shape())
-            m.submodules[f"row_reg{c}"] = row_reg
-            wiring.connect(m, ch.o_row, row_reg.i)
-            wiring.connect(m, row_reg.o, mg.i_row[c])
-            wiring.connect(m, eng.o_prog[c], ch.i_prog)
-            wiring.connect(m, eng.o_prog_data[c], ch.i_prog_data)
-            wiring.connect(m, ch.o_prog_done, eng.i_prog_done[c])
+            registered(f"row_reg{c}", ch.o_row, mg.i_row[c])
+            # Programs pass register slices too: the channel's read accept waits on i_prog.valid,
+            # which came combinationally from the engine's front FSM. Reordering is impossible:
+            # the engine starts a program only when it is the sole command in flight.
+            registered(f"prog_reg{c}", eng.o_prog[c], ch.i_prog)
+            registered(f"prog_data_reg{c}", eng.o_prog_data[c], ch.i_prog_data)
+            registered(f"prog_done_reg{c}", ch.o_prog_done, eng.i_prog_done[c])
             m.d.comb += [
                 ch.t_r.eq(regs.t_r_cycles), ch.t_prog.eq(regs.t_prog_cycles),
                 ch.block_mode.eq(regs.ctrl_block_mode), ch.clear_counters.eq(clear),
@@ -199,15 +203,20 @@ class EVSSD(wiring.Component):
         errors = Signal(32)
         cycles = Signal(64)
         busy = Signal(32)
+        # events registered first: the adders then start from flip-flops
+        ev_complete, ev_lookup, ev_error, ev_busy = (Signal(name=f"ev_{k}") for k in
+                                                     ("complete", "lookup", "error", "busy"))
+        m.d.sync += [ev_complete.eq(eng.ev_complete), ev_lookup.eq(eng.ev_lookup),
+                     ev_error.eq(eng.ev_error), ev_busy.eq(eng.inflight != 0)]
         with m.If(clear):
             m.d.sync += [commands.eq(0), lookups.eq(0), errors.eq(0), cycles.eq(0), busy.eq(0)]
         with m.Else():
             m.d.sync += [
-                commands.eq(commands + eng.ev_complete),
-                lookups.eq(lookups + eng.ev_lookup),
-                errors.eq(errors + eng.ev_error),
+                commands.eq(commands + ev_complete),
+                lookups.eq(lookups + ev_lookup),
+                errors.eq(errors + ev_error),
                 cycles.eq(cycles + 1),
-                busy.eq(busy + (eng.inflight != 0)),
+                busy.eq(busy + ev_busy),
             ]
         m.d.comb += [
             regs.cnt_commands.eq(commands), regs.cnt_lookups.eq(lookups),
