@@ -54,8 +54,7 @@ class HostDMA(wiring.Component):
     """AXI4 DMA master with ``n_read`` read ports and ``n_write`` write ports (see module doc)."""
 
     def __init__(self, params: Params, *, n_read: int = 1, n_write: int = 1):
-        if not isinstance(params, Params):
-            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        Params.require(params)
         if not 1 <= n_read <= 16:
             raise ValueError(f"n_read {n_read} must be 1..16")
         if not 1 <= n_write <= 16:

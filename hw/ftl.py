@@ -46,8 +46,7 @@ def ftl_model(params: Params, lba: int) -> tuple[int, int]:
 
 
 def _check(params, tag_width):
-    if not isinstance(params, Params):
-        raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+    Params.require(params)
     if not 1 <= tag_width <= 32:
         raise ValueError(f"tag_width {tag_width} must be 1..32")
 

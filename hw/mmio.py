@@ -75,8 +75,7 @@ class MMIOManager(wiring.Component):
     """AXI4-Lite register file generated from :mod:`evssd.hw.regmap`."""
 
     def __init__(self, params: Params):
-        if not isinstance(params, Params):
-            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        Params.require(params)
         self.params = params
         super().__init__({
             "s_axil": In(AXI4LiteSignature(addr_width=ADDR_WIDTH, data_width=32)),

@@ -61,8 +61,7 @@ CPL_REQUEST_LAYOUT = data.StructLayout({
 
 class CommandQueue(wiring.Component):
     def __init__(self, params: Params):
-        if not isinstance(params, Params):
-            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        Params.require(params)
         self.params = params
         w = params.host_data_bits
         super().__init__({

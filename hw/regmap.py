@@ -494,6 +494,14 @@ class Params:
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @staticmethod
+    def require(params) -> "Params":
+        """``params`` when it is a Params; a TypeError naming what it is otherwise (the
+        gateware components' constructors take nothing else)."""
+        if not isinstance(params, Params):
+            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        return params
+
 
 def _content_hash() -> int:
     parts = [repr(MAGIC), repr(REGMAP_VERSION[0])]

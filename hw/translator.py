@@ -162,8 +162,7 @@ class ExtentTranslator(wiring.Component):
     """Index -> (LBA, offset) translation with an on-chip table memory. See the module docstring."""
 
     def __init__(self, params: Params, tag_width: int):
-        if not isinstance(params, Params):
-            raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
+        Params.require(params)
         if not 1 <= tag_width <= 32:
             raise ValueError(f"tag_width {tag_width} must be 1..32")
         self.params = params

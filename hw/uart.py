@@ -267,6 +267,16 @@ class UartAxiBridge(wiring.Component):
 
         valid_op = (op == Op.PING) | (op == Op.READ) | (op == Op.WRITE)
 
+        def in_frame_take():
+            """A state inside a request frame: line silence ends the frame (TIMEOUT answer);
+            returns the branch for a byte taken."""
+            m.d.comb += [in_frame.eq(1), self.active.eq(1)]
+            with m.If(timed_out):
+                m.d.sync += fstatus.eq(FrameStatus.TIMEOUT)
+                m.d.comb += self.timeout.eq(1)
+                m.next = "R_SOF"
+            return m.Elif(take)
+
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(take & (rx.payload == SOF_REQUEST)):
@@ -274,12 +284,7 @@ class UartAxiBridge(wiring.Component):
                     m.d.sync += [rx_crc.eq(0), hdr_idx.eq(0), op.eq(0), tag.eq(0)]
                     m.next = "HEADER"
             with m.State("HEADER"):
-                m.d.comb += [in_frame.eq(1), self.active.eq(1)]
-                with m.If(timed_out):
-                    m.d.sync += fstatus.eq(FrameStatus.TIMEOUT)
-                    m.d.comb += self.timeout.eq(1)
-                    m.next = "R_SOF"
-                with m.Elif(take):
+                with in_frame_take():
                     m.d.sync += [rx_crc.eq(rx_crc_next), hdr_idx.eq(hdr_idx + 1)]
                     with m.Switch(hdr_idx):
                         with m.Case(0):
@@ -300,12 +305,7 @@ class UartAxiBridge(wiring.Component):
                         with m.Else():
                             m.next = "CHECK"
             with m.State("DATA"):
-                m.d.comb += [in_frame.eq(1), self.active.eq(1)]
-                with m.If(timed_out):
-                    m.d.sync += fstatus.eq(FrameStatus.TIMEOUT)
-                    m.d.comb += self.timeout.eq(1)
-                    m.next = "R_SOF"
-                with m.Elif(take):
+                with in_frame_take():
                     m.d.sync += [rx_crc.eq(rx_crc_next), byte_idx.eq(byte_idx + 1),
                                  word.eq(Cat(word[8:], rx.payload))]
                     with m.If(byte_idx == 3):
@@ -315,12 +315,7 @@ class UartAxiBridge(wiring.Component):
                         with m.If(word_idx == count):
                             m.next = "CHECK"
             with m.State("CHECK"):
-                m.d.comb += [in_frame.eq(1), self.active.eq(1)]
-                with m.If(timed_out):
-                    m.d.sync += fstatus.eq(FrameStatus.TIMEOUT)
-                    m.d.comb += self.timeout.eq(1)
-                    m.next = "R_SOF"
-                with m.Elif(take):
+                with in_frame_take():
                     with m.If(rx.payload != rx_crc):
                         m.d.sync += fstatus.eq(FrameStatus.CRC_ERROR)
                         m.d.comb += self.crc_error.eq(1)
