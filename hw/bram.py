@@ -6,7 +6,8 @@ mode (a write and a read each cycle). Bursts: INCR and FIXED (WRAP is treated as
 transfers (``size`` below the bus width) with strobes, one beat per cycle on W and on R (with
 back-pressure on R), reads and writes in parallel, one burst at a time per direction. Addresses
 wrap modulo the memory size (like cocotbext-axi's AxiRam), so the upper address bits a master
-sends (e.g. the host window base) are ignored; every access answers OKAY.
+sends (e.g. the host window base) are ignored; every access answers OKAY. A read of a word
+that is written in the same cycle returns the old or the new value (either).
 
 With ``lite_port=True`` a second, 32-bit AXI4-Lite slave ``s_axil`` reaches the same memory (the
 UART bridge's view of the host window). Each direction arbitrates per transaction between the
@@ -67,9 +68,24 @@ class AxiBram(wiring.Component):
         idx_bits = exact_log2(depth)
         axi = self.s_axi
 
-        m.submodules.mem = mem = Memory(shape=self.data_width, depth=depth, init=self._words())
+        # no_rw_check: a read of the word being written in the same cycle returns either value
+        # (like real memory under a racing host); see the read port below.
+        m.submodules.mem = mem = Memory(shape=self.data_width, depth=depth, init=self._words(),
+                                        attrs={"no_rw_check": 1})
         wp = mem.write_port(granularity=8)
-        rp = mem.read_port(transparent_for=())
+        # The read port is asynchronous here and registered below (the register with its
+        # enable is the block RAM's own): yosys then takes `no_rw_check` into account when it
+        # merges the register into the port, so a same-cycle read of the word being written
+        # returns either value and no collision-bypass logic surrounds the RAMs. (A synchronous
+        # Amaranth read port has a defined collision value that yosys emulates in logic, which
+        # sat between the read address and the data register: a 12.8 ns wire on the board.)
+        rp = mem.read_port(domain="comb")
+        rd_addr = Signal.like(rp.addr)
+        rd_en = Signal()
+        rd_data = Signal(self.data_width, reset_less=True)
+        m.d.comb += rp.addr.eq(rd_addr)
+        with m.If(rd_en):
+            m.d.sync += rd_data.eq(rp.data)
 
         def index(a):
             return a[lsb:lsb + idx_bits] if idx_bits else C(0, 1)
@@ -139,12 +155,16 @@ class AxiBram(wiring.Component):
         rid = Signal(axi.arid.shape())
         rprio_lite = Signal()
         advance = ~rvalid | axi.rready
+        # The read address is the burst's address register whenever the AXI side reads (only
+        # the enable is decided per cycle): on a board its fan-out to every block RAM of the
+        # memory is the long wire, so no logic sits in front of it.
         m.d.comb += [axi.rvalid.eq(rvalid), axi.rlast.eq(rlast), axi.rid.eq(rid),
-                     axi.rdata.eq(rp.data), axi.rresp.eq(Resp.OKAY), rp.en.eq(0)]
+                     axi.rdata.eq(rd_data), axi.rresp.eq(Resp.OKAY), rd_en.eq(0),
+                     rd_addr.eq(index(raddr))]
         if lite is not None:
             lite_lane = Signal(range(max(lanes, 2)))
             m.d.comb += [lite.rresp.eq(Resp.OKAY),
-                         lite.rdata.eq(rp.data.word_select(lite_lane, 32) if lanes > 1 else rp.data)]
+                         lite.rdata.eq(rd_data.word_select(lite_lane, 32) if lanes > 1 else rd_data)]
 
         with m.FSM(name="rd"):
             with m.State("IDLE"):
@@ -156,7 +176,7 @@ class AxiBram(wiring.Component):
                     lite_go = lite.arvalid & ~rvalid & (rprio_lite | ~axi.arvalid)
                     axi_go = axi.arvalid & ~lite_go
                     with m.If(lite_go):
-                        m.d.comb += [lite.arready.eq(1), rp.en.eq(1), rp.addr.eq(index(lite.araddr))]
+                        m.d.comb += [lite.arready.eq(1), rd_en.eq(1), rd_addr.eq(index(lite.araddr))]
                         if lanes > 1:
                             m.d.sync += lite_lane.eq(lite.araddr[2:lsb])
                         m.d.sync += rprio_lite.eq(0)
@@ -168,7 +188,7 @@ class AxiBram(wiring.Component):
                     m.next = "BURST"
             with m.State("BURST"):
                 with m.If(advance):
-                    m.d.comb += [rp.en.eq(1), rp.addr.eq(index(raddr))]
+                    m.d.comb += rd_en.eq(1)
                     m.d.sync += [rvalid.eq(1), rlast.eq(rleft == 1), rid.eq(rid_next),
                                  rleft.eq(rleft - 1)]
                     with m.If(rburst != Burst.FIXED):

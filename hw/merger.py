@@ -79,10 +79,10 @@ accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of 
 max_row_bytes 512) with 16 slots, yosys synth_ecp5 + nextpnr-ecp5 --85k out of context
 (``synth.estimate(..., fmax=True)``): 3107 LUT4 + 247 CCU2C + 14 DPR16X4 (descriptor FIFO),
 2192 FF, 8 DP16KD, 105.7 MHz. Board params (``board.board_params()``: max_row_bytes 256), 16
-slots, same flow: 3110 LUT4 + 244 CCU2C, 2174 FF, 6 DP16KD, 116.1 MHz (was 93.9); 112.2 MHz
-with the registered input beat below (2963 LUT4, 2250 FF). Both critical paths: ROB block RAM
-clock-to-out 5.8 ns -> yosys's collision-bypass mux -> stage R2's register, i.e. one LUT after
-the RAM, the rest routing. The channel beat chosen by the round-robin is registered before it
+slots, same flow: 3110 LUT4 + 244 CCU2C, 2174 FF, 6 DP16KD, 116.1 MHz (was 93.9); with the
+registered input beat and the ROB's read register inside the block RAM (below): 2842 LUT4,
+2111 FF, 107-112 MHz (placement varies). Critical path: accumulator block RAM clock-to-out
+5.8 ns -> the forwarding mux -> stage R2's register, i.e. one LUT after the RAM. The channel beat chosen by the round-robin is registered before it
 is written to the ROB and marks its slot (in the whole device the arbitration plus the
 tag-indexed flag update was the critical path, 78.7 MHz). Pipelining for it: the RAM read data
 of accumulate ops are registered (stage R2, the sum written meanwhile forwarded), output ops
@@ -229,6 +229,20 @@ class WordPacker(wiring.Component):
 _OP_READ, _OP_ZERO, _OP_ACCUM = 0, 1, 2
 
 
+class _RegisteredRead:
+    """A synchronous read port (``addr``, ``en``, ``data`` one cycle later, held while ``en`` is
+    low) built from an asynchronous one plus a register, so that yosys merges the register into
+    the block RAM and honours the memory's ``no_rw_check``."""
+
+    def __init__(self, m, port, width):
+        self.addr = Signal.like(port.addr)
+        self.en = Signal()
+        self.data = Signal(width, reset_less=True)
+        m.d.comb += port.addr.eq(self.addr)
+        with m.If(self.en):
+            m.d.sync += self.data.eq(port.data)
+
+
 class ResultMerger(wiring.Component):
     """Reorder buffer + in-order retirement (GATHER rows, GATHER_POOLED bag sums); see the module
     docstring for the ports and the semantics.
@@ -280,14 +294,19 @@ class ResultMerger(wiring.Component):
         max_ops = -(-p.max_row_bytes // K)     # int8 rows: one element per byte
         L = Fp32Adder.LATENCY
 
-        rob = Memory(shape=unsigned(Wc), depth=n_slots << beat_bits, init=[])
+        # no_rw_check: a slot's beats are read only after its last beat was written (its done
+        # flag) and rewritten only after it is freed, so a read never meets a write of its word;
+        # with the read register built below, yosys adds no collision logic after the RAM.
+        rob = Memory(shape=unsigned(Wc), depth=n_slots << beat_bits, init=[],
+                     attrs={"no_rw_check": 1})
         # two banks: one sums the current bag while the emitter sends the previous one
         acc_jbits = _log2_ceil(max_ops)
         acc = Memory(shape=unsigned(Wc), depth=2 << acc_jbits, init=[])
         m.submodules.rob = rob
         m.submodules.acc = acc
         rob_w = rob.write_port()
-        rob_r = rob.read_port()
+        rob_rd = rob.read_port(domain="comb")     # registered below: the RAM's own register
+        rob_r = _RegisteredRead(m, rob_rd, Wc)
         acc_w = acc.write_port()
         acc_r = acc.read_port(transparent_for=(acc_w,))
         acc_e = acc.read_port(transparent_for=(acc_w,))
