@@ -21,7 +21,7 @@ def add_arguments(parser):
     parser.add_argument("--check", action="store_true",
                         help="only check whether the committed bitstream matches the gateware sources")
     parser.add_argument("--list", action="store_true", help="list the supported boards")
-    parser.add_argument("--clock-mhz", type=float, default=None, help="design clock in MHz (default 50: where the whole EV-SSD closes timing; the target is 100)")
+    parser.add_argument("--clock-mhz", type=float, default=None, help="design clock in MHz (default 60: where the whole EV-SSD closes timing; the target is 100)")
     parser.add_argument("--baud", type=int, default=None, help="UART baud rate (default 115200)")
     parser.add_argument("--out", default=None, help="output directory (default bitstreams/<board>/)")
     parser.add_argument("--build-dir", default=None, help="work directory (default build/synth/<board>/)")
