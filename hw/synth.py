@@ -50,10 +50,10 @@ class BoardSpec:
 
 
 BOARDS = {
-    # The target is 100 MHz; the whole EV-SSD (git d7fe86a) closes at 62.6 MHz on the
-    # LFE5U-85F with the PLL at 60 MHz (64.3 MHz with a 65 MHz target, seed 1: just short;
-    # critical path: the register file's read mux, docs/synthesis.md), so the default build
-    # runs the PLL at 60 MHz. `--clock-mhz 100` tries the target.
+    # The target is 100 MHz; the whole EV-SSD (git 2e239b3) closes at 63.2 MHz on the
+    # LFE5U-85F with the PLL at 60 MHz (critical path: the translator's pipeline stall,
+    # docs/synthesis.md; 65 MHz builds fell just short), so the default build runs the PLL at
+    # 60 MHz. `--clock-mhz 100` tries the target.
     "ulx3s-85f": BoardSpec("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                            "Radiona ULX3S with a Lattice ECP5 LFE5U-85F (CABGA381, speed 6)",
                            clock_mhz=60.0),
