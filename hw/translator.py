@@ -48,11 +48,13 @@ extent ``e`` with ``first_e <= index < first_e + rows_e`` (computed without 32-b
 (``regmap.div_magic(rows_per_page)``) ``q = d // rows_per_page`` exactly.
 
 Timing: fully pipelined (table read, table word register, range compare, first-hit select,
-partial products, product, quotient shift, LBA, remainder, offset), one lookup per cycle when
-``o_resp`` is always ready: a lookup accepted on clock edge t can be taken from ``o_resp`` on edge
-t + :data:`LATENCY` (= 10) at the earliest, so N back-to-back lookups take N - 1 + 10 edges. The
-whole pipeline stalls while ``o_resp`` is valid and not ready (``i_req.ready = ~o_resp.valid |
-o_resp.ready``), so it is correct under any back-pressure.
+partial products, product, quotient shift, LBA, q * rows_per_page, remainder, offset, response),
+one lookup per cycle when ``o_resp`` is always ready: a lookup accepted on clock edge t can be
+taken from ``o_resp`` on edge t + :data:`LATENCY` (= 14) at the earliest, so N back-to-back
+lookups take N - 1 + 14 edges. The pipeline never stalls: it writes into an output FIFO of
+:data:`OUTPUT_FIFO_DEPTH` entries, and ``i_req.ready`` (a register) is low while that many
+lookups are accepted and not yet taken from ``o_resp``. So it is correct under any back-pressure,
+and back-pressure on ``o_resp`` reaches no pipeline register.
 """
 from __future__ import annotations
 
@@ -60,7 +62,9 @@ import enum
 from dataclasses import dataclass, field
 
 from amaranth import Module, Signal, Cat, Const, Mux, unsigned
+from amaranth.hdl import Assert
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -68,10 +72,13 @@ from .regmap import Params
 
 __all__ = [
     "TableConfigSignature", "ExtentTranslator", "TranslateStatus", "request_layout",
-    "response_layout", "TableEntry", "translate_model", "LATENCY",
+    "response_layout", "TableEntry", "translate_model", "LATENCY", "OUTPUT_FIFO_DEPTH",
 ]
 
-LATENCY = 10
+LATENCY = 14
+# Entries of the output FIFO: the credit limit on lookups in flight. It covers the round trip
+# (LATENCY + 1 cycles for the registered credit check), so one lookup per cycle goes through.
+OUTPUT_FIFO_DEPTH = 16
 
 
 class TranslateStatus(enum.IntEnum):
@@ -206,51 +213,63 @@ class ExtentTranslator(wiring.Component):
                 for e in range(n_ext):
                     m.d.comb += wp.en[1 + e].eq(cfg.extent == e)
 
-        # ---- pipeline: every stage moves when the output register can take a new value
-        adv = Signal()
+        # ---- pipeline: it never stalls. Every stage moves every cycle into an output FIFO, and
+        # `i_req.ready` is a credit check: a lookup is accepted only while the lookups in the
+        # pipeline and the FIFO leave a FIFO entry for it. So back-pressure on `o_resp` reaches
+        # no pipeline register (a stall used to fan out to all of them from the output).
+        m.submodules.out_fifo = out_fifo = SyncFIFOBuffered(
+            width=response_layout(self.tag_width).size, depth=OUTPUT_FIFO_DEPTH)
+        in_use = Signal(range(OUTPUT_FIFO_DEPTH + 1))
+        ready = Signal(init=1)
+        accept = self.i_req.valid & ready
+        take = self.o_resp.valid & self.o_resp.ready
+        in_use_next = Signal.like(in_use)
         m.d.comb += [
-            adv.eq(~self.o_resp.valid | self.o_resp.ready),
-            self.i_req.ready.eq(adv),
-            rp.en.eq(adv),
+            in_use_next.eq(in_use + accept - take),
+            self.i_req.ready.eq(ready),
+            rp.en.eq(1),
             rp.addr.eq(self.i_req.payload.table),
+            self.o_resp.valid.eq(out_fifo.r_rdy),
+            self.o_resp.payload.eq(out_fifo.r_data),
+            out_fifo.r_en.eq(self.o_resp.ready),
         ]
+        m.d.sync += [in_use.eq(in_use_next), ready.eq(in_use_next < OUTPUT_FIFO_DEPTH)]
         tw = self.tag_width
 
+        def reg(shape, name):
+            return Signal(shape, name=name, reset_less=True)
+
         # S1: table word being read; index/tag registered alongside
-        v1, idx1, tag1, ok1 = Signal(), Signal(32), Signal(tw), Signal()
-        with m.If(adv):
-            m.d.sync += [
-                v1.eq(self.i_req.valid),
-                idx1.eq(self.i_req.payload.index),
-                tag1.eq(self.i_req.payload.tag),
-                ok1.eq(self.i_req.payload.table < p.max_tables),
-            ]
+        v1, idx1, tag1, ok1 = Signal(), reg(32, "idx1"), reg(tw, "tag1"), reg(1, "ok1")
+        m.d.sync += [
+            v1.eq(accept),
+            idx1.eq(self.i_req.payload.index),
+            tag1.eq(self.i_req.payload.tag),
+            ok1.eq(self.i_req.payload.table < p.max_tables),
+        ]
 
         # S1 -> S1b: the table word is registered as it leaves the block RAM (its clock-to-out
         # leaves no time for the range compare in the same cycle)
-        v1b, idx1b, tag1b, ok1b = Signal(), Signal(32), Signal(tw), Signal()
-        word = Signal.like(rp.data)
-        with m.If(adv):
-            m.d.sync += [v1b.eq(v1), idx1b.eq(idx1), tag1b.eq(tag1), ok1b.eq(ok1),
-                         word.eq(rp.data)]
+        v1b, idx1b, tag1b, ok1b = Signal(), reg(32, "idx1b"), reg(tw, "tag1b"), reg(1, "ok1b")
+        word = Signal.like(rp.data, reset_less=True)
+        m.d.sync += [v1b.eq(v1), idx1b.eq(idx1), tag1b.eq(tag1), ok1b.eq(ok1), word.eq(rp.data)]
         v1, idx1, tag1, ok1 = v1b, idx1b, tag1b, ok1b
 
         # S1b -> S1c: parallel range compare over every extent (registered per extent)
         tcfg_w = data.View(_CFG_LAYOUT, word[:_CFG_LAYOUT.size])
         exts = [data.View(_EXT_LAYOUT, word[_SLOT * (1 + e):_SLOT * (2 + e)]) for e in range(n_ext)]
-        hits = Signal(n_ext)
-        diffs = [Signal(32, name=f"diff_r{e}") for e in range(n_ext)]
-        lbas = [Signal(32, name=f"lba_r{e}") for e in range(n_ext)]
-        tcfg = Signal(_CFG_LAYOUT)
-        v1c, idx1c, tag1c, ok1c = Signal(), Signal(32), Signal(tw), Signal()
-        with m.If(adv):
-            m.d.sync += [v1c.eq(v1), tag1c.eq(tag1), ok1c.eq(ok1), tcfg.eq(tcfg_w)]
-            for e in range(n_ext):
-                diff = Signal(33, name=f"diff{e}")
-                m.d.comb += diff.eq(idx1 - exts[e].first)
-                # diff[32] is the borrow: index < first
-                m.d.sync += [hits[e].eq(~diff[32] & (diff[:32] < exts[e].rows)),
-                             diffs[e].eq(diff[:32]), lbas[e].eq(exts[e].lba)]
+        hits = reg(n_ext, "hits")
+        diffs = [reg(32, f"diff_r{e}") for e in range(n_ext)]
+        lbas = [reg(32, f"lba_r{e}") for e in range(n_ext)]
+        tcfg = Signal(_CFG_LAYOUT, reset_less=True)
+        v1c, tag1c, ok1c = Signal(), reg(tw, "tag1c"), reg(1, "ok1c")
+        m.d.sync += [v1c.eq(v1), tag1c.eq(tag1), ok1c.eq(ok1), tcfg.eq(tcfg_w)]
+        for e in range(n_ext):
+            diff = Signal(33, name=f"diff{e}")
+            m.d.comb += diff.eq(idx1 - exts[e].first)
+            # diff[32] is the borrow: index < first
+            m.d.sync += [hits[e].eq(~diff[32] & (diff[:32] < exts[e].rows)),
+                         diffs[e].eq(diff[:32]), lbas[e].eq(exts[e].lba)]
         v1, tag1, ok1 = v1c, tag1c, ok1c
 
         # S1c -> S2: the first (lowest-numbered) hit wins
@@ -261,88 +280,109 @@ class ExtentTranslator(wiring.Component):
             with m.If(hits[e]):
                 m.d.comb += [sel_d.eq(diffs[e]), sel_lba.eq(lbas[e])]
 
-        v2, tag2, st2 = Signal(), Signal(tw), Signal(2)
-        d2, lba2 = Signal(32), Signal(32)
-        rb2, el2, rpp2, mg2, sh2 = Signal(16), Signal(2), Signal(16), Signal(33), Signal(6)
-        with m.If(adv):
-            m.d.sync += [
-                v2.eq(v1), tag2.eq(tag1), d2.eq(sel_d), lba2.eq(sel_lba),
-                rb2.eq(Mux(ok1, tcfg.row_bytes, 0)), el2.eq(Mux(ok1, tcfg.elem, 0)),
-                rpp2.eq(tcfg.rows_per_page), mg2.eq(tcfg.magic), sh2.eq(tcfg.shift),
-            ]
-            with m.If(~ok1 | ~tcfg.enable):
-                m.d.sync += st2.eq(TranslateStatus.DISABLED)
-            with m.Elif(~hit_any):
-                m.d.sync += st2.eq(TranslateStatus.NO_EXTENT)
-            with m.Else():
-                m.d.sync += st2.eq(TranslateStatus.OK)
+        v2, tag2, st2 = Signal(), reg(tw, "tag2"), reg(2, "st2")
+        d2, lba2 = reg(32, "d2"), reg(32, "lba2")
+        rb2, el2, rpp2, mg2, sh2 = (reg(16, "rb2"), reg(2, "el2"), reg(16, "rpp2"),
+                                    reg(33, "mg2"), reg(6, "sh2"))
+        m.d.sync += [
+            v2.eq(v1), tag2.eq(tag1), d2.eq(sel_d), lba2.eq(sel_lba),
+            rb2.eq(Mux(ok1, tcfg.row_bytes, 0)), el2.eq(Mux(ok1, tcfg.elem, 0)),
+            rpp2.eq(tcfg.rows_per_page), mg2.eq(tcfg.magic), sh2.eq(tcfg.shift),
+        ]
+        with m.If(~ok1 | ~tcfg.enable):
+            m.d.sync += st2.eq(TranslateStatus.DISABLED)
+        with m.Elif(~hit_any):
+            m.d.sync += st2.eq(TranslateStatus.NO_EXTENT)
+        with m.Else():
+            m.d.sync += st2.eq(TranslateStatus.OK)
 
         # S2 -> S2b: the reciprocal multiply's four 16/17-bit partial products (one DSP each;
         # the 65-bit sum of the whole product after the DSPs did not fit in one cycle)
-        v2b, tag2b, st2b, d2b, lba2b = Signal(), Signal(tw), Signal(2), Signal(32), Signal(32)
-        rb2b, el2b, rpp2b, sh2b = Signal(16), Signal(2), Signal(16), Signal(6)
-        pp = [Signal(33, name=f"pp{k}") for k in range(4)]
-        with m.If(adv):
-            m.d.sync += [
-                v2b.eq(v2), tag2b.eq(tag2), st2b.eq(st2), d2b.eq(d2), lba2b.eq(lba2),
-                rb2b.eq(rb2), el2b.eq(el2), rpp2b.eq(rpp2), sh2b.eq(sh2),
-                pp[0].eq(d2[:16] * mg2[:16]), pp[1].eq(d2[:16] * mg2[16:]),
-                pp[2].eq(d2[16:] * mg2[:16]), pp[3].eq(d2[16:] * mg2[16:]),
-            ]
+        v2b, tag2b, st2b, d2b, lba2b = (Signal(), reg(tw, "tag2b"), reg(2, "st2b"),
+                                        reg(32, "d2b"), reg(32, "lba2b"))
+        rb2b, el2b, rpp2b, sh2b = reg(16, "rb2b"), reg(2, "el2b"), reg(16, "rpp2b"), reg(6, "sh2b")
+        pp = [reg(33, f"pp{k}") for k in range(4)]
+        m.d.sync += [
+            v2b.eq(v2), tag2b.eq(tag2), st2b.eq(st2), d2b.eq(d2), lba2b.eq(lba2),
+            rb2b.eq(rb2), el2b.eq(el2), rpp2b.eq(rpp2), sh2b.eq(sh2),
+            pp[0].eq(d2[:16] * mg2[:16]), pp[1].eq(d2[:16] * mg2[16:]),
+            pp[2].eq(d2[16:] * mg2[:16]), pp[3].eq(d2[16:] * mg2[16:]),
+        ]
 
         # S2b -> S3: the product
-        v3, tag3, st3, d3, lba3 = Signal(), Signal(tw), Signal(2), Signal(32), Signal(32)
-        rb3, el3, rpp3, sh3 = Signal(16), Signal(2), Signal(16), Signal(6)
-        prod3 = Signal(65)
-        with m.If(adv):
-            m.d.sync += [
-                v3.eq(v2b), tag3.eq(tag2b), st3.eq(st2b), d3.eq(d2b), lba3.eq(lba2b),
-                rb3.eq(rb2b), el3.eq(el2b), rpp3.eq(rpp2b), sh3.eq(sh2b),
-                prod3.eq(pp[0] + ((pp[1] + pp[2]) << 16) + (pp[3] << 32)),
-            ]
+        v3, tag3, st3, d3, lba3 = (Signal(), reg(tw, "tag3"), reg(2, "st3"), reg(32, "d3"),
+                                   reg(32, "lba3"))
+        rb3, el3, rpp3, sh3 = reg(16, "rb3"), reg(2, "el3"), reg(16, "rpp3"), reg(6, "sh3")
+        prod3 = reg(65, "prod3")
+        m.d.sync += [
+            v3.eq(v2b), tag3.eq(tag2b), st3.eq(st2b), d3.eq(d2b), lba3.eq(lba2b),
+            rb3.eq(rb2b), el3.eq(el2b), rpp3.eq(rpp2b), sh3.eq(sh2b),
+            prod3.eq(pp[0] + ((pp[1] + pp[2]) << 16) + (pp[3] << 32)),
+        ]
 
-        # S3 -> S4: quotient and LBA (kept wide so an extent past 2**32 still reads as BAD_LBA)
-        v4, tag4, st4, d4 = Signal(), Signal(tw), Signal(2), Signal(16)
-        rb4, el4, rpp4 = Signal(16), Signal(2), Signal(16)
-        q4, lba4 = Signal(16), Signal(66)
         # S3 -> S3b: the quotient's shift (65-bit barrel shift and 66-bit add did not fit in
         # one cycle)
-        v3b, tag3b, st3b, d3b, lba3b = Signal(), Signal(tw), Signal(2), Signal(16), Signal(32)
-        rb3b, el3b, rpp3b = Signal(16), Signal(2), Signal(16)
-        q3 = Signal(65)
-        with m.If(adv):
-            m.d.sync += [
-                v3b.eq(v3), tag3b.eq(tag3), st3b.eq(st3), d3b.eq(d3[:16]), lba3b.eq(lba3),
-                rb3b.eq(rb3), el3b.eq(el3), rpp3b.eq(rpp3),
-                q3.eq(prod3 >> sh3),
-            ]
-        with m.If(adv):
-            m.d.sync += [
-                v4.eq(v3b), tag4.eq(tag3b), st4.eq(st3b), d4.eq(d3b),
-                rb4.eq(rb3b), el4.eq(el3b), rpp4.eq(rpp3b),
-                q4.eq(q3[:16]), lba4.eq(lba3b + q3),
-            ]
+        v3b, tag3b, st3b, d3b, lba3b = (Signal(), reg(tw, "tag3b"), reg(2, "st3b"),
+                                        reg(16, "d3b"), reg(32, "lba3b"))
+        rb3b, el3b, rpp3b = reg(16, "rb3b"), reg(2, "el3b"), reg(16, "rpp3b")
+        q3 = reg(65, "q3")
+        m.d.sync += [
+            v3b.eq(v3), tag3b.eq(tag3), st3b.eq(st3), d3b.eq(d3[:16]), lba3b.eq(lba3),
+            rb3b.eq(rb3), el3b.eq(el3), rpp3b.eq(rpp3),
+            q3.eq(prod3 >> sh3),
+        ]
 
-        # S4 -> S5: remainder (only its low 16 bits matter: the offset is 16 bits)
-        v5, tag5, st5, rb5, el5, rem5, lba5 = (Signal(), Signal(tw), Signal(2), Signal(16),
-                                              Signal(2), Signal(16), Signal(32))
-        with m.If(adv):
-            m.d.sync += [
-                v5.eq(v4), tag5.eq(tag4), rb5.eq(rb4), el5.eq(el4),
-                rem5.eq(d4 - (q4 * rpp4)[:16]),
-                lba5.eq(lba4[:32]),
-                st5.eq(st4),
-            ]
-            with m.If((st4 == TranslateStatus.OK) & (lba4 >= total_pages)):
-                m.d.sync += st5.eq(TranslateStatus.BAD_LBA)
+        # S3b -> S4: quotient and LBA (kept wide so an extent past 2**32 still reads as BAD_LBA)
+        v4, tag4, st4, d4 = Signal(), reg(tw, "tag4"), reg(2, "st4"), reg(16, "d4")
+        rb4, el4, rpp4 = reg(16, "rb4"), reg(2, "el4"), reg(16, "rpp4")
+        q4, lba4 = reg(16, "q4"), reg(66, "lba4")
+        m.d.sync += [
+            v4.eq(v3b), tag4.eq(tag3b), st4.eq(st3b), d4.eq(d3b),
+            rb4.eq(rb3b), el4.eq(el3b), rpp4.eq(rpp3b),
+            q4.eq(q3[:16]), lba4.eq(lba3b + q3),
+        ]
 
-        # S5 -> output register
-        o = self.o_resp.payload
-        good = (st5 == TranslateStatus.OK) | (st5 == TranslateStatus.BAD_LBA)
-        with m.If(adv):
-            m.d.sync += [
-                self.o_resp.valid.eq(v5),
-                o.tag.eq(tag5), o.status.eq(st5), o.row_bytes.eq(rb5), o.elem.eq(el5),
-                o.lba.eq(Mux(good, lba5, 0)), o.offset.eq(Mux(good, (rem5 * rb5)[:16], 0)),
-            ]
+        # S4 -> S4b: q * rows_per_page (a DSP with no registers of its own; the subtraction
+        # after it did not fit in the same cycle on the board)
+        v4b, tag4b, st4b, d4b, rb4b, el4b = (Signal(), reg(tw, "tag4b"), reg(2, "st4b"),
+                                             reg(16, "d4b"), reg(16, "rb4b"), reg(2, "el4b"))
+        qr4b, lba4b = reg(16, "qr4b"), reg(32, "lba4b")
+        m.d.sync += [
+            v4b.eq(v4), tag4b.eq(tag4), d4b.eq(d4), rb4b.eq(rb4), el4b.eq(el4),
+            qr4b.eq((q4 * rpp4)[:16]), lba4b.eq(lba4[:32]), st4b.eq(st4),
+        ]
+        with m.If((st4 == TranslateStatus.OK) & (lba4 >= total_pages)):
+            m.d.sync += st4b.eq(TranslateStatus.BAD_LBA)
+
+        # S4b -> S5: remainder (only its low 16 bits matter: the offset is 16 bits)
+        v5, tag5, st5, rb5, el5, rem5, lba5 = (Signal(), reg(tw, "tag5"), reg(2, "st5"),
+                                              reg(16, "rb5"), reg(2, "el5"), reg(16, "rem5"),
+                                              reg(32, "lba5"))
+        m.d.sync += [
+            v5.eq(v4b), tag5.eq(tag4b), rb5.eq(rb4b), el5.eq(el4b), st5.eq(st4b),
+            rem5.eq(d4b - qr4b), lba5.eq(lba4b),
+        ]
+
+        # S5 -> S5b: remainder * row_bytes = the byte offset in the page
+        v5b, tag5b, st5b, rb5b, el5b = (Signal(), reg(tw, "tag5b"), reg(2, "st5b"),
+                                        reg(16, "rb5b"), reg(2, "el5b"))
+        off5b, lba5b = reg(16, "off5b"), reg(32, "lba5b")
+        m.d.sync += [
+            v5b.eq(v5), tag5b.eq(tag5), st5b.eq(st5), rb5b.eq(rb5), el5b.eq(el5),
+            off5b.eq((rem5 * rb5)[:16]), lba5b.eq(lba5),
+        ]
+
+        # S5b -> S6: the response, registered before it is written into the output FIFO
+        good = (st5b == TranslateStatus.OK) | (st5b == TranslateStatus.BAD_LBA)
+        v6 = Signal()
+        resp6 = Signal(response_layout(self.tag_width), reset_less=True)
+        m.d.sync += [
+            v6.eq(v5b),
+            resp6.tag.eq(tag5b), resp6.status.eq(st5b), resp6.row_bytes.eq(rb5b),
+            resp6.elem.eq(el5b), resp6.lba.eq(Mux(good, lba5b, 0)),
+            resp6.offset.eq(Mux(good, off5b, 0)),
+        ]
+        # The credit check guarantees the FIFO has room for every response in the pipeline.
+        m.d.comb += [out_fifo.w_en.eq(v6), out_fifo.w_data.eq(resp6)]
+        m.d.sync += Assert(~v6 | out_fifo.w_rdy, "translator output FIFO overflow")
         return m

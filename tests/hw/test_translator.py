@@ -8,8 +8,8 @@ import pytest
 from amaranth.sim import Simulator
 
 from evssd.hw.regmap import Params, div_magic
-from evssd.hw.translator import (ExtentTranslator, LATENCY, TableEntry, TranslateStatus,
-                                 translate_model)
+from evssd.hw.translator import (ExtentTranslator, LATENCY, OUTPUT_FIFO_DEPTH, TableEntry,
+                                 TranslateStatus, translate_model)
 
 from .streams import receive, send
 
@@ -199,6 +199,51 @@ def test_translator_one_lookup_per_cycle():
 
 
 @pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+def test_translator_holds_lookups_while_output_blocked():
+    """With o_resp never ready, the translator takes exactly OUTPUT_FIFO_DEPTH lookups (its
+    credits), then refuses more; released, it returns all of them in order and unchanged."""
+    params = Params(n_channels=2, pages_per_channel=64, max_tables=4, max_extents=3)
+    dut = ExtentTranslator(params, 8)
+    rb = 128
+    dm = div_magic(params.page_size // rb)
+    table = TableEntry(True, rb, 1, params.page_size // rb, dm.magic, dm.shift, [(100, 900, 7)])
+    reqs = [{"table": 0, "index": 90 + 13 * i, "tag": i} for i in range(3 * OUTPUT_FIFO_DEPTH)]
+    got = []
+    accepted = {}
+
+    async def tb(ctx):
+        await commit_table(ctx, dut.cfg, 0, table)
+        await commit_extent(ctx, dut.cfg, 0, 0, table.extents[0])
+        ctx.set(dut.o_resp.ready, 0)
+        ctx.set(dut.i_req.valid, 1)
+        sent = 0
+        for _ in range(4 * LATENCY):     # long enough for every credit to come back if it could
+            ctx.set(dut.i_req.payload, reqs[sent])
+            _, _, ir = await ctx.tick().sample(dut.i_req.ready)
+            sent += ir
+        accepted["blocked"] = sent
+        ctx.set(dut.o_resp.ready, 1)
+        while len(got) < len(reqs):
+            if sent < len(reqs):
+                ctx.set(dut.i_req.payload, reqs[sent])
+            ctx.set(dut.i_req.valid, sent < len(reqs))
+            _, _, ir, ov, payload = await ctx.tick().sample(
+                dut.i_req.ready, dut.o_resp.valid, dut.o_resp.payload)
+            sent += ir and sent < len(reqs)
+            if ov:
+                got.append(payload)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    assert accepted["blocked"] == OUTPUT_FIFO_DEPTH
+    assert [r.tag for r in got] == list(range(len(reqs)))
+    for req, resp in zip(reqs, got):
+        want = translate_model(params, {0: table}, 0, req["index"])
+        assert (resp.lba, resp.offset, resp.row_bytes, resp.elem, resp.status) == tuple(want)
+
+
 def test_translator_rejects_bad_parameters():
     with pytest.raises(ValueError, match="tag_width 0"):
         ExtentTranslator(Params(), 0)
