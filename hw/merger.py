@@ -84,13 +84,17 @@ registered input beat and the ROB's read register inside the block RAM (below): 
 2111 FF, 107-112 MHz (placement varies). Critical path: accumulator block RAM clock-to-out
 5.8 ns -> the forwarding mux -> stage R2's register, i.e. one LUT after the RAM. The channel beat chosen by the round-robin is registered before it
 is written to the ROB and marks its slot (in the whole device the arbitration plus the
-tag-indexed flag update was the critical path, 78.7 MHz). Pipelining for it: the RAM read data
+tag-indexed flag update was the critical path, 78.7 MHz). Each channel's beats also wait in a
+two-entry buffer, and the round-robin grant is a register decided a cycle ahead from the
+buffers' next levels (on the board, valid -> round-robin -> beat mux -> row state was the
+critical path at 68 MHz; alone with it: 112 MHz). Pipelining for it: the RAM read data
 of accumulate ops are registered (stage R2, the sum written meanwhile forwarded), output ops
 go through a SkidBuffer before the packer (each RAM into a field of its own), a retired slot's
 flags clear from the registered ``o_free``, and the issue stage's facts about its op (first,
 last, the slot's done/err flags) are registers (was 3158 LUT4 + 271 CCU2C, 1403 FF, 65.8 MHz).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Assert
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -117,6 +121,14 @@ def _slot_bits(n_slots: int) -> int:
 
 def _log2_ceil(n: int) -> int:
     return (n - 1).bit_length()
+
+
+def _or_all(values):
+    values = list(values)
+    out = values[0]
+    for v in values[1:]:
+        out = out | v
+    return out
 
 
 def row_layout(params: Params, n_slots: int) -> data.StructLayout:
@@ -315,55 +327,77 @@ class ResultMerger(wiring.Component):
         errf = Signal(n_slots)
 
         # ---------------- channel beats -> ROB ----------------
-        n_ch = p.n_channels
-        rr = Signal(range(n_ch))
-        sel = Signal(range(n_ch))
-        any_valid = Signal()
-        with m.Switch(rr):
-            for r in range(n_ch):
-                with m.Case(r):
-                    for k in reversed(range(n_ch)):   # the first valid channel from rr wins
-                        c = (r + k) % n_ch
-                        with m.If(self.i_row[c].valid):
-                            m.d.comb += [sel.eq(c), any_valid.eq(1)]
+        # Each channel's beats wait in a two-entry buffer, and the grant (one-hot, at most one
+        # channel per cycle) is a register decided a cycle ahead from the buffers' levels for
+        # the next cycle: a channel is granted only when its buffer will hold a beat, so the
+        # granted beat is always there. The round-robin thus ends at the grant register instead
+        # of steering the beat mux, the buffers' ready and the row state in the same cycle
+        # (valid -> round-robin -> beat.last -> rr was the board's critical path, 14.6 ns).
         # Finish a started row before switching channels (while its channel keeps it coming):
         # rows then complete, and retire, in about their arrival order instead of all late.
-        hold = Signal(range(n_ch))
-        hold_mid = Signal()
-        with m.Switch(hold):
-            for c in range(n_ch):
-                with m.Case(c):
-                    with m.If(hold_mid & self.i_row[c].valid):
-                        m.d.comb += sel.eq(c)
+        n_ch = p.n_channels
+        bufs = []
+        for c in range(n_ch):
+            buf = SkidBuffer(row_layout(p, n_slots))
+            m.submodules[f"in_buf{c}"] = buf
+            wiring.connect(m, wiring.flipped(self.i_row[c]), buf.i)
+            bufs.append(buf)
+        grant = Signal(n_ch)             # one-hot: the channel whose buffered beat is taken now
+        last_grant = Signal(n_ch, init=1)  # the latest grant: the round-robin starts after it
+        levels = [Signal(2, name=f"in_level{c}") for c in range(n_ch)]
         beat = Signal(row_layout(p, n_slots))
         beat_idx = [Signal(max(beat_bits, 1), name=f"beat_idx{c}") for c in range(n_ch)]
         cur_idx = Signal(max(beat_bits, 1))
-        with m.Switch(sel):
-            for c in range(n_ch):
-                with m.Case(c):
-                    m.d.comb += [beat.eq(self.i_row[c].payload), cur_idx.eq(beat_idx[c]),
-                                 self.i_row[c].ready.eq(any_valid)]
-        # The chosen beat is registered before it is written and marks its slot: the channel
-        # arbitration and the tag-indexed flag updates do not fit in one cycle together
-        # (row_reg -> round-robin -> beat.tag -> errf was the device's critical path). Rows
-        # retire one cycle later; the slot flags and the ROB write move together.
+        avail_next = Signal(n_ch)        # buffer c holds a beat next cycle
+        for c in range(n_ch):
+            buf = bufs[c]
+            push = buf.i.valid & buf.i.ready
+            level_next = Signal(2, name=f"in_level_next{c}")
+            m.d.comb += [
+                buf.o.ready.eq(grant[c]),
+                level_next.eq(levels[c] + push - grant[c]),
+                avail_next[c].eq(level_next != 0),
+            ]
+            # (checked at the clock edge in simulation; combinational checks see delta cycles)
+            m.d.sync += Assert(~grant[c] | buf.o.valid, "merger granted an empty channel buffer")
+            m.d.sync += levels[c].eq(level_next)
+            with m.If(grant[c]):
+                m.d.sync += beat_idx[c].eq(Mux(buf.o.payload.last, 0, beat_idx[c] + 1))
+        # the granted beat: an AND-OR over the channels (the grant is one-hot)
+        m.d.comb += [
+            beat.eq(_or_all(buf.o.payload.as_value() & grant[c].replicate(len(beat.as_value()))
+                            for c, buf in enumerate(bufs))),
+            cur_idx.eq(_or_all(beat_idx[c] & grant[c].replicate(len(cur_idx))
+                               for c in range(n_ch))),
+        ]
+        # next grant: stay on the granted channel mid-row while it has a beat, else the first
+        # channel with a beat after the latest grant
+        after = Signal(n_ch)
+        recent = Mux(grant.any(), grant, last_grant)
+        m.d.comb += after.eq(Cat(recent[-1], recent[:-1]) if n_ch > 1 else recent)
+        rr_pick = Signal(n_ch)
+        for start in range(n_ch):
+            with m.If(after[start]):
+                for k in reversed(range(n_ch)):
+                    c = (start + k) % n_ch
+                    with m.If(avail_next[c]):
+                        m.d.comb += rr_pick.eq(1 << c)
+        stay = grant.any() & ~beat.last & (grant & avail_next).any()
+        m.d.sync += grant.eq(Mux(stay, grant, rr_pick))
+        with m.If(grant.any()):
+            m.d.sync += last_grant.eq(grant)
+        # The taken beat is registered before it is written and marks its slot: the tag-indexed
+        # flag updates do not fit in the same cycle as the beat mux. The slot flags and the ROB
+        # write move together.
         in_beat = Signal(row_layout(p, n_slots))
         in_valid = Signal()
         in_idx = Signal(max(beat_bits, 1))
-        m.d.sync += [in_valid.eq(any_valid), in_beat.eq(beat), in_idx.eq(cur_idx)]
+        m.d.sync += [in_valid.eq(grant.any()), in_beat.eq(beat), in_idx.eq(cur_idx)]
         m.d.comb += [
             rob_w.addr.eq(Cat(in_idx[:beat_bits], in_beat.tag) if beat_bits else in_beat.tag),
             rob_w.data.eq(in_beat.data),
             rob_w.en.eq(in_valid),
         ]
-        with m.If(any_valid):
-            m.d.sync += [hold.eq(sel), hold_mid.eq(~beat.last)]
-            with m.If(beat.last):
-                m.d.sync += rr.eq(Mux(sel == n_ch - 1, 0, sel + 1))
-            with m.Switch(sel):
-                for c in range(n_ch):
-                    with m.Case(c):
-                        m.d.sync += beat_idx[c].eq(Mux(beat.last, 0, beat_idx[c] + 1))
 
         # ---------------- issue stage: descriptors -> ops, in order ----------------
         dl = desc_layout(n_slots)
