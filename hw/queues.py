@@ -150,13 +150,18 @@ class CommandQueue(wiring.Component):
         entry = Signal(COMPLETION_LAYOUT)
         addr = Signal(64)
         beat_idx = Signal()
+        # `full` is a register (the compare on cq_size, the tail and the head fanned out into
+        # the completion handshake); it lags the tail by one cycle, so a post waits one cycle
+        # after the previous one advanced the tail (`settle`). A stale `full` after a doorbell
+        # only delays the post.
         full = Signal()
-        m.d.comb += full.eq(((tail + 1) & cq_mask) == cq_head)
+        settle = Signal()
+        m.d.sync += [full.eq(((tail + 1) & cq_mask) == cq_head), settle.eq(0)]
         cpl = self.i_cpl.payload
 
         with m.FSM(name="post"):
             with m.State("IDLE"):
-                with m.If(self.i_cpl.valid & ~full & ~self.fatal & ~self.reset_queues):
+                with m.If(self.i_cpl.valid & ~full & ~settle & ~self.fatal & ~self.reset_queues):
                     m.d.comb += self.i_cpl.ready.eq(1)
                     m.d.sync += [
                         entry.eq(0),
@@ -201,12 +206,12 @@ class CommandQueue(wiring.Component):
                         m.d.sync += self.fatal.eq(1)
                     with m.Else():
                         nxt = (tail + 1) & cq_mask
-                        m.d.sync += tail.eq(nxt)
+                        m.d.sync += [tail.eq(nxt), settle.eq(1)]
                         with m.If(nxt == 0):
                             m.d.sync += self.cq_phase.eq(~self.cq_phase)
                     m.next = "IDLE"
 
         with m.If(self.reset_queues):
             m.d.sync += [head.eq(0), sq_tail.eq(0), tail.eq(0), cq_head.eq(0),
-                         self.cq_phase.eq(1), self.fatal.eq(0), have.eq(0)]
+                         self.cq_phase.eq(1), self.fatal.eq(0), have.eq(0), settle.eq(1)]
         return m
