@@ -26,6 +26,9 @@ def add_arguments(parser):
     parser.add_argument("--out", default=None, help="output directory (default bitstreams/<board>/)")
     parser.add_argument("--build-dir", default=None, help="work directory (default build/synth/<board>/)")
     parser.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    parser.add_argument("--router", choices=("router1", "router2"), default="router2",
+                        help="nextpnr router (router2 is faster; router1 converges on some "
+                             "designs where router2 does not)")
     parser.add_argument("--mmio-only", action="store_true",
                         help="build the board around the MMIO manager alone (no EV-SSD pipeline)")
 
@@ -47,6 +50,7 @@ def run(args) -> int:
     try:
         manifest = synth.build_bitstream(args.board, out_dir=args.out, build_dir=args.build_dir,
                                          clock_mhz=args.clock_mhz, baud=args.baud, seed=args.seed,
+                                         router=args.router,
                                          device=False if args.mmio_only else None)
     except synth.SynthError as exc:
         print(f"evssd synth: {exc}", file=sys.stderr)

@@ -39,7 +39,8 @@ TOPS = {
 }
 
 VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "-Wno-UNOPTFLAT", "-Wno-PINMISSING",
-                  "-O2", "--x-assign", "fast", "--x-initial", "fast"]
+                  "-O2", "--x-assign", "fast", "--x-initial", "fast",
+                  "--assert"]   # the gateware's own invariants (amaranth Assert) stop the simulation
 
 
 class SimulationFailed(AssertionError):
