@@ -110,28 +110,34 @@ class HostDMA(wiring.Component):
         r_any = Signal()
         self._round_robin(m, [self.rd_cmd[i].valid for i in range(nr)], r_rr, r_pick, r_any, "r")
 
-        with m.If(~r_active):
-            with m.If(r_any):
-                for i in range(nr):
-                    with m.If(r_pick == i):
-                        cmd = self.rd_cmd[i]
-                        m.d.comb += cmd.ready.eq(1)
-                        start = cmd.payload.addr[:lb]
-                        beats = Mux(cmd.payload.bytes == 0, 0,
-                                    (start + cmd.payload.bytes + (bb - 1)) >> lb)
-                        m.d.sync += [
-                            r_active.eq(1), r_sel.eq(i), r_rr.eq((i + 1) % nr),
-                            ar_addr.eq(cmd.payload.addr & ~Const(bb - 1, 64)),
-                            ar_remain.eq(beats), r_remain.eq(beats),
-                            r_zero.eq(cmd.payload.bytes == 0),
-                        ]
+        # A command is taken into registers first (the round-robin only steers that) and its
+        # transfer is computed from them in the next cycle (r_load): the round-robin, the
+        # payload mux and the beat arithmetic were one chain into the transfer registers.
+        r_load = Signal()
+        rc_addr = Signal(64)
+        rc_bytes = Signal(32)
+        with m.If(~r_active & ~r_load & r_any):
+            for i in range(nr):
+                with m.If(r_pick == i):
+                    cmd = self.rd_cmd[i]
+                    m.d.comb += cmd.ready.eq(1)
+                    m.d.sync += [r_load.eq(1), r_sel.eq(i), r_rr.eq((i + 1) % nr),
+                                 rc_addr.eq(cmd.payload.addr), rc_bytes.eq(cmd.payload.bytes)]
+        with m.If(r_load):
+            beats = Mux(rc_bytes == 0, 0, (rc_addr[:lb] + rc_bytes + (bb - 1)) >> lb)
+            m.d.sync += [
+                r_load.eq(0), r_active.eq(1),
+                ar_addr.eq(rc_addr & ~Const(bb - 1, 64)),
+                ar_remain.eq(beats), r_remain.eq(beats),
+                r_zero.eq(rc_bytes == 0),
+            ]
 
         # The burst length is registered from the registered address and count: a new
         # burst waits one cycle for it (burst length -> address update was the critical path).
         ar_beats = Signal(9)
         ar_beats_ok = Signal()
         m.d.sync += [ar_beats.eq(self._burst_beats(m, ar_addr, ar_remain, "ar")),
-                     ar_beats_ok.eq(~(axi.arvalid & axi.arready) & ~(~r_active & r_any))]
+                     ar_beats_ok.eq(~(axi.arvalid & axi.arready) & ~r_load)]
         m.d.comb += [
             axi.arvalid.eq(r_active & (ar_remain != 0) & ar_beats_ok),
             axi.araddr.eq(ar_addr),
@@ -181,35 +187,38 @@ class HostDMA(wiring.Component):
         w_any = Signal()
         self._round_robin(m, [self.wr_cmd[i].valid for i in range(nw)], w_rr, w_pick, w_any, "w")
 
-        with m.If(~w_active):
-            with m.If(w_any):
-                for i in range(nw):
-                    with m.If(w_pick == i):
-                        cmd = self.wr_cmd[i]
-                        m.d.comb += cmd.ready.eq(1)
-                        start = Signal(lb, name=f"w_start{i}")
-                        end = Signal(lb, name=f"w_end{i}")   # (addr + bytes) % bb
-                        m.d.comb += [start.eq(cmd.payload.addr[:lb]),
-                                     end.eq(cmd.payload.addr[:lb] + cmd.payload.bytes[:lb])]
-                        beats = Mux(cmd.payload.bytes == 0, 0,
-                                    (start + cmd.payload.bytes + (bb - 1)) >> lb)
-                        aligned = cmd.payload.addr & ~Const(bb - 1, 64)
-                        m.d.sync += [
-                            w_active.eq(1), w_sel.eq(i), w_rr.eq((i + 1) % nw),
-                            aw_addr.eq(aligned),
-                            aw_remain.eq(beats), w_remain.eq(beats),
-                            aw_bursts.eq(0), w_inburst.eq(0), w_first.eq(1),
-                            b_count.eq(0), b_err.eq(0),
-                            first_strb.eq(Const((1 << bb) - 1, bb) << start),
-                            # lanes below the end offset; end == 0 means the whole beat
-                            last_strb.eq(Mux(end == 0, Const((1 << bb) - 1, bb),
-                                             (Const(1, bb + 1) << end) - 1)),
-                        ]
+        # As on the read side: the command into registers, then its transfer from them (w_load).
+        w_load = Signal()
+        wc_addr = Signal(64)
+        wc_bytes = Signal(32)
+        with m.If(~w_active & ~w_load & w_any):
+            for i in range(nw):
+                with m.If(w_pick == i):
+                    cmd = self.wr_cmd[i]
+                    m.d.comb += cmd.ready.eq(1)
+                    m.d.sync += [w_load.eq(1), w_sel.eq(i), w_rr.eq((i + 1) % nw),
+                                 wc_addr.eq(cmd.payload.addr), wc_bytes.eq(cmd.payload.bytes)]
+        with m.If(w_load):
+            start = wc_addr[:lb]
+            end = Signal(lb)   # (addr + bytes) % bb
+            m.d.comb += end.eq(wc_addr[:lb] + wc_bytes[:lb])
+            beats = Mux(wc_bytes == 0, 0, (start + wc_bytes + (bb - 1)) >> lb)
+            m.d.sync += [
+                w_load.eq(0), w_active.eq(1),
+                aw_addr.eq(wc_addr & ~Const(bb - 1, 64)),
+                aw_remain.eq(beats), w_remain.eq(beats),
+                aw_bursts.eq(0), w_inburst.eq(0), w_first.eq(1),
+                b_count.eq(0), b_err.eq(0),
+                first_strb.eq(Const((1 << bb) - 1, bb) << start),
+                # lanes below the end offset; end == 0 means the whole beat
+                last_strb.eq(Mux(end == 0, Const((1 << bb) - 1, bb),
+                                 (Const(1, bb + 1) << end) - 1)),
+            ]
 
         aw_beats = Signal(9)
         aw_beats_ok = Signal()
         m.d.sync += [aw_beats.eq(self._burst_beats(m, aw_addr, aw_remain, "aw")),
-                     aw_beats_ok.eq(~(axi.awvalid & axi.awready) & ~(~w_active & w_any))]
+                     aw_beats_ok.eq(~(axi.awvalid & axi.awready) & ~w_load)]
         # Each accepted AW's length waits here for its W burst: W takes wlast from a register
         # instead of recomputing the burst length from its start address (that chain ran into
         # wvalid/wready and the clients' handshakes).
