@@ -28,7 +28,8 @@ Interface (for the integrator)
   exactly ``page_size / beat_bytes`` beats per program, then
   ``o_prog_done: Out(stream.Signature(prog_done_layout()))``: ``{err: 1}`` (an AXI write
   returned an error) after every B response and ``t_prog`` cycles. A pending program stops new
-  reads from being accepted, waits until every accepted read has finished, then runs alone;
+  reads from being accepted (``i_read.ready`` is low while ``i_prog.valid``), waits until every
+  accepted read has finished, then runs alone;
   it invalidates any page register holding its page.
 - Counters ``Out(32)`` each (wrap): ``cnt_rows`` (rows delivered, counted on the ``last`` beat),
   ``cnt_bytes`` (bytes moved over the channel bus: ``beat_bytes`` per R and per W beat),
@@ -53,11 +54,13 @@ beats in 517 cycles; 8-byte rows: 64 beats in 69). ``o_row`` is combinational fr
 beats on ``o_row`` costs one extra cycle at its end. The pending and AR->R queues have registered
 outputs, and the pending head passes a planning register stage (its first burst and its first
 beat's R-side flags): two cycles from accept to AR, one from AR to the R side knowing the request.
+A request first passes a register stage of its own (its queue entries' beat arithmetic,
+computed from ``offset`` and ``length`` before the way lookup): one more cycle from ``i_read``.
 
 Timing (alone at the board parameters, ``evssd.hw.synth.estimate(..., fmax=True)``: yosys
 synth_ecp5 + nextpnr-ecp5 --85k --out-of-context): 116 MHz (was 88.5 before the AR plan stage
 and the R-side flags); critical path: the accept decision (page compare against every page
-register -> hit/LRU -> ``i_read.ready`` -> page-register reference counts). Every decision on
+register -> hit/LRU -> accept -> page-register reference counts). Every decision on
 the AR and R sides starts from registers: burst plans, ``way_ready`` (tR over), the R side's
 beat flags (computed for the next beat when a beat is taken), and a finished read drops its
 page-register reference one cycle late.
@@ -223,9 +226,48 @@ class FlashChannelController(wiring.Component):
         pstate = Signal(2)
         prog_idle = pstate == PIDLE
 
-        # ------------------------------------------------------------------ accept (way lookup)
+        # ------------------------------------------------------------------ request stage
+        # Everything the request's queue entries need from its offset and length is computed
+        # into a register stage before the way lookup (offset/length -> four chained carry
+        # chains -> the pending FIFO's LUT RAM was the device's critical path, 75 MHz).
+        # block_mode is constant while reads are in flight, so it may be applied here.
         req = self.i_read.payload
-        pg = req.page[:pb]
+        pre = Signal(pend_layout)
+        pre_rq = pre.rq
+        req_start_b = Signal(cw)
+        req_end_b = Signal(cw)
+        req_nb = Signal(cw)
+        m.d.comb += [
+            req_start_b.eq(req.offset >> lb),
+            req_end_b.eq((req.offset + req.length - 1) >> lb),
+            req_nb.eq(req_end_b - req_start_b + 1),
+            pre.page.eq(req.page[:pb]), pre.start_b.eq(req_start_b), pre.nb_fine.eq(req_nb),
+            pre_rq.tag.eq(req.tag),
+            pre_rq.skip.eq(Mux(self.block_mode, req_start_b, 0)),
+            pre_rq.n_in.eq(req_nb),
+            pre_rq.n_out.eq((req.length + B - 1) >> lb),
+            pre_rq.total.eq(Mux(self.block_mode, page_beats, req_nb)),
+            pre_rq.shift.eq((req.offset >> 2) if W > 1 else 0),
+            pre_rq.lmod.eq((req.length >> 2) if W > 1 else 0),
+            pre_rq.skip_end.eq(pre_rq.skip + pre_rq.n_in),
+            pre_rq.last_s0.eq(pre_rq.skip + pre_rq.n_out - 1),
+            pre_rq.last_sh.eq(pre_rq.skip + pre_rq.n_out),
+            pre_rq.flush_at.eq(pre_rq.skip + pre_rq.n_in - 1),
+            pre_rq.total_m1.eq(pre_rq.total - 1),
+            pre_rq.io_equal.eq(pre_rq.n_in == pre_rq.n_out),
+        ]
+        m.submodules.req_stage = req_stage = SkidBuffer(pend_layout)
+        m.d.comb += [
+            req_stage.i.valid.eq(self.i_read.valid & ~self.i_prog.valid),
+            req_stage.i.payload.eq(pre),
+            # a waiting program goes before reads not yet taken (a staged read is taken: it
+            # goes first, and the program waits for it)
+            self.i_read.ready.eq(req_stage.i.ready & ~self.i_prog.valid),
+        ]
+        staged = req_stage.o.payload
+
+        # ------------------------------------------------------------------ accept (way lookup)
+        pg = staged.page
         hit_vec = Cat(*[way_valid[w] & (way_page[w] == pg) for w in range(ways)])
         lru_vec = Cat(*[Cat(*[~more_recent[i][j] for j in range(ways) if j != i]).all()
                         if ways > 1 else Const(1) for i in range(ways)])
@@ -242,36 +284,13 @@ class FlashChannelController(wiring.Component):
         use_way = Signal(range(ways))
         m.d.comb += use_way.eq(Mux(hit, hit_way, lru_way))
 
-        m.d.comb += self.i_read.ready.eq(pend.w_rdy & (hit | lru_free) & prog_idle
-                                         & ~self.i_prog.valid)
+        m.d.comb += req_stage.o.ready.eq(pend.w_rdy & (hit | lru_free) & prog_idle)
         accept = Signal()
-        m.d.comb += accept.eq(self.i_read.valid & self.i_read.ready)
+        m.d.comb += accept.eq(req_stage.o.valid & req_stage.o.ready)
         pend_in = Signal(pend_layout)
-        req_start_b = Signal(cw)
-        req_end_b = Signal(cw)
-        req_nb = Signal(cw)
         m.d.comb += [
-            req_start_b.eq(req.offset >> lb),
-            req_end_b.eq((req.offset + req.length - 1) >> lb),
-            req_nb.eq(req_end_b - req_start_b + 1),
-        ]
-        rq_in = pend_in.rq
-        m.d.comb += [
-            pend_in.page.eq(pg), pend_in.start_b.eq(req_start_b), pend_in.nb_fine.eq(req_nb),
-            rq_in.way.eq(use_way), rq_in.tag.eq(req.tag),
-            # block_mode is constant while reads are in flight, so it may be applied here
-            rq_in.skip.eq(Mux(self.block_mode, req_start_b, 0)),
-            rq_in.n_in.eq(req_nb),
-            rq_in.n_out.eq((req.length + B - 1) >> lb),
-            rq_in.total.eq(Mux(self.block_mode, page_beats, req_nb)),
-            rq_in.shift.eq((req.offset >> 2) if W > 1 else 0),
-            rq_in.lmod.eq((req.length >> 2) if W > 1 else 0),
-            rq_in.skip_end.eq(rq_in.skip + rq_in.n_in),
-            rq_in.last_s0.eq(rq_in.skip + rq_in.n_out - 1),
-            rq_in.last_sh.eq(rq_in.skip + rq_in.n_out),
-            rq_in.flush_at.eq(rq_in.skip + rq_in.n_in - 1),
-            rq_in.total_m1.eq(rq_in.total - 1),
-            rq_in.io_equal.eq(rq_in.n_in == rq_in.n_out),
+            pend_in.eq(staged),
+            pend_in.rq.way.eq(use_way),
             pend.w_data.eq(pend_in.as_value()), pend.w_en.eq(accept),
         ]
         tr_wait = Signal()
@@ -469,7 +488,7 @@ class FlashChannelController(wiring.Component):
         ]
         with m.Switch(pstate):
             with m.Case(PIDLE):
-                m.d.comb += self.i_prog.ready.eq(n_reads == 0)
+                m.d.comb += self.i_prog.ready.eq((n_reads == 0) & ~req_stage.o.valid)
                 with m.If(self.i_prog.valid & self.i_prog.ready):
                     pp = self.i_prog.payload.page[:pb]
                     m.d.sync += [p_page.eq(pp), aw_idx.eq(0), w_cnt.eq(0), b_cnt.eq(0),
@@ -506,7 +525,7 @@ class FlashChannelController(wiring.Component):
         # The counters count events registered one cycle earlier: the handshakes (which cross
         # the chip to the memories on a board) then end at flip-flops, not at 32-bit adders.
         w_hs = axi.wvalid & axi.wready
-        busy = (n_reads != 0) | ~prog_idle
+        busy = (n_reads != 0) | req_stage.o.valid | ~prog_idle   # a staged read is outstanding
         ev_row, ev_r, ev_w, ev_tr, ev_busy, ev_prog = (Signal(name=f"ev_{k}") for k in
                                                        ("row", "r", "w", "tr", "busy", "prog"))
         m.d.sync += [
