@@ -29,6 +29,9 @@ def add_arguments(parser):
     parser.add_argument("--router", choices=("router1", "router2"), default="router2",
                         help="nextpnr router (router2 is faster; router1 converges on some "
                              "designs where router2 does not)")
+    parser.add_argument("--nextpnr-opts", default="", metavar="OPTS",
+                        help="extra nextpnr-ecp5 options, e.g. '--placer-heap-timingweight 40' "
+                             "(recorded in the manifest)")
     parser.add_argument("--mmio-only", action="store_true",
                         help="build the board around the MMIO manager alone (no EV-SSD pipeline)")
 
@@ -50,7 +53,7 @@ def run(args) -> int:
     try:
         manifest = synth.build_bitstream(args.board, out_dir=args.out, build_dir=args.build_dir,
                                          clock_mhz=args.clock_mhz, baud=args.baud, seed=args.seed,
-                                         router=args.router,
+                                         router=args.router, nextpnr_extra=args.nextpnr_opts,
                                          device=False if args.mmio_only else None)
     except synth.SynthError as exc:
         print(f"evssd synth: {exc}", file=sys.stderr)

@@ -49,8 +49,8 @@ baseline) and ``o_row`` still carries only the row.
 Throughput and latency (64-bit bus, memory latency 4, no stalls; tests/hw/test_channel.py):
 the accept queue holds ``max(4, 2 * ways)`` reads and up to 8 requests have their AR issued
 ahead of their R data, so R streams back to back across requests (64 reads of 64-byte rows: 512
-beats in 517 cycles; 8-byte rows: 64 beats in 69). ``o_row`` is combinational from the R channel
-(no extra latency); a row whose first byte is not in lane 0 and whose beats on the bus equal its
+beats in 517 cycles; 8-byte rows: 64 beats in 69). ``o_row`` is combinational from a register stage on
+the R channel (one cycle of latency); a row whose first byte is not in lane 0 and whose beats on the bus equal its
 beats on ``o_row`` costs one extra cycle at its end. The pending and AR->R queues have registered
 outputs, and the pending head passes a planning register stage (its first burst and its first
 beat's R-side flags): two cycles from accept to AR, one from AR to the R side knowing the request.
@@ -380,6 +380,14 @@ class FlashChannelController(wiring.Component):
                              blen_r.eq(next_blen), last_r.eq(next_last)]
 
         # ------------------------------------------------------------------ R: realign to lane 0
+        # R beats enter a register stage next to the bus first: the R side's handshake is a
+        # clock enable of every realignment register, and on a board the bus's last register
+        # (by the block RAM) and those registers sat far apart (a 13.7 ns path, mostly wire).
+        m.submodules.r_in = r_in = SkidBuffer(data.StructLayout({"data": 8 * B, "resp": 2}))
+        m.d.comb += [
+            r_in.i.valid.eq(axi.rvalid), r_in.i.payload.data.eq(axi.rdata),
+            r_in.i.payload.resp.eq(axi.rresp), axi.rready.eq(r_in.i.ready),
+        ]
         ent = data.View(rq_layout, rq.r_data[:rq_layout.size])
         ent_first = data.View(flag_layout, rq.r_data[rq_layout.size:])
         rcnt = Signal(cw)
@@ -403,41 +411,41 @@ class FlashChannelController(wiring.Component):
         m.d.comb += need_flush.eq(relevant & ~s0 & f.at_flush & ent.io_equal)
 
         hi = Signal(8 * B)
-        m.d.comb += hi.eq(Mux(flush, 0, axi.rdata))
+        m.d.comb += hi.eq(Mux(flush, 0, r_in.o.payload.data))
         shifted = Signal(8 * B)
         if W > 1:
             m.d.comb += shifted.eq(Cat(prev, hi) >> (ent.shift * 32))
         else:
             m.d.comb += shifted.eq(prev)
         row_data = Signal(8 * B)
-        m.d.comb += row_data.eq(Mux(flush | ~s0, shifted, axi.rdata))
+        m.d.comb += row_data.eq(Mux(flush | ~s0, shifted, r_in.o.payload.data))
         out_last = Signal()
         m.d.comb += out_last.eq(flush | last_emit)
         masked = Signal(8 * B)
         for k in range(W):
             keep = ~out_last | (ent.lmod == 0) | (k < ent.lmod)
             m.d.comb += masked.word_select(k, 32).eq(Mux(keep, row_data.word_select(k, 32), 0))
-        row_err = axi.rresp[1]             # SLVERR and DECERR both have bit 1 set
+        row_err = r_in.o.payload.resp[1]             # SLVERR and DECERR both have bit 1 set
 
         o = self.o_row
         m.d.comb += [o.payload.data.eq(masked), o.payload.last.eq(out_last),
                      o.payload.tag.eq(ent.tag)]
         with m.If(flush):
-            m.d.comb += [o.valid.eq(1), o.payload.err.eq(err_r), axi.rready.eq(0)]
+            m.d.comb += [o.valid.eq(1), o.payload.err.eq(err_r), r_in.o.ready.eq(0)]
         with m.Elif(rq.r_rdy):
             m.d.comb += [
-                o.valid.eq(axi.rvalid & emit),
+                o.valid.eq(r_in.o.valid & emit),
                 o.payload.err.eq(err_r | row_err),
-                axi.rready.eq(~emit | o.ready),
+                r_in.o.ready.eq(~emit | o.ready),
             ]
         r_hs = Signal()
-        m.d.comb += r_hs.eq(axi.rvalid & axi.rready)
+        m.d.comb += r_hs.eq(r_in.o.valid & r_in.o.ready)
         done = Signal()                    # the rq head's request has finished
         with m.If(r_hs):
             m.d.sync += [rcnt.eq(rcnt + 1), err_r.eq(err_r | row_err),
                          first.eq(0), flags_next.eq(flags_at(rcnt + 1, ent))]
             with m.If(relevant):
-                m.d.sync += prev.eq(axi.rdata)
+                m.d.sync += prev.eq(r_in.o.payload.data)
             with m.If(need_flush):
                 m.d.sync += flush.eq(1)
             with m.Elif(f.at_total_m1):

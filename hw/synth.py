@@ -188,7 +188,7 @@ def _report_md(manifest: dict, rep: dict) -> str:
              f"- device: {'EV-SSD' if manifest['device'] else 'MMIO manager only (EVSSD missing)'}, "
              f"clock {manifest['clock_hz'] / 1e6:.1f} MHz, UART {manifest['baud']} baud",
              f"- build time {manifest['build_seconds']:.0f} s (nextpnr seed {manifest.get('seed', 1)}, "
-             f"{manifest.get('router', 'router2')})", "",
+             f"{manifest.get('router', 'router2')}{(' ' + manifest['nextpnr_extra']) if manifest.get('nextpnr_extra') else ''})", "",
              "| resource | used | available | % |", "| --- | ---: | ---: | ---: |"]
     for cell in ("TRELLIS_COMB", "TRELLIS_FF", "TRELLIS_RAMW", "DP16KD", "MULT18X18D", "EHXPLLL", "TRELLIS_IO"):
         v = rep["utilization"].get(cell)
@@ -211,7 +211,7 @@ def _report_md(manifest: dict, rep: dict) -> str:
 def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | None = None,
                     build_dir: str | os.PathLike | None = None, clock_mhz: float | None = None,
                     baud: int | None = None, device: bool | None = None, seed: int = 1,
-                    router: str = "router2", log=print) -> dict:
+                    router: str = "router2", nextpnr_extra: str = "", log=print) -> dict:
     """Build the board bitstream; returns the manifest (also written to ``out_dir``)."""
     spec = board_spec(board)
     if router not in ("router1", "router2"):
@@ -238,8 +238,9 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
     log(f"evssd synth: {board}, {'EV-SSD' if has_device else 'MMIO manager only'}, "
         f"{clock_mhz} MHz, {baud} baud -> {bdir}")
     t0 = time.monotonic()
-    plan = platform.prepare(top, name=name,
-                            nextpnr_opts=f"--report {name}-report.json --timing-allow-fail --seed {seed} --router {router}",
+    nextpnr_opts = (f"--report {name}-report.json --timing-allow-fail --seed {seed} "
+                    f"--router {router} {nextpnr_extra}".strip())
+    plan = platform.prepare(top, name=name, nextpnr_opts=nextpnr_opts,
                             ecppack_opts="--compress", script_after_read=YOSYS_FSM_ONE_HOT)
     env = toolchain_env()
     try:
@@ -280,6 +281,7 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
         "window_bytes": top.window_bytes,
         "seed": seed,
         "router": router,
+        "nextpnr_extra": nextpnr_extra,
         "tools": tool_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "build_seconds": round(seconds, 1),
