@@ -28,6 +28,16 @@ def test_board_spec_error():
     assert set(BOARDS) == set(synth_cli.SUPPORTED)
 
 
+def test_bad_router_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("amaranth")
+    from evssd.hw.synth import SynthError, build_bitstream
+    with pytest.raises(SynthError, match="router 'router3': choose router1 or router2"):
+        build_bitstream("ulx3s-85f", out_dir=tmp_path, build_dir=tmp_path, router="router3")
+    with pytest.raises(SystemExit):
+        cli_main(["synth", "--board", "ulx3s-85f", "--router", "router3"])
+    assert "invalid choice: 'router3'" in capsys.readouterr().err
+
+
 def test_check_detects_stale_manifest(tmp_path):
     pytest.importorskip("amaranth")
     from evssd.hw import regmap, synth
