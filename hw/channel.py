@@ -184,6 +184,7 @@ class FlashChannelController(wiring.Component):
         way_timer = [Signal(24, name=f"way{w}_timer") for w in range(ways)]
         way_ready = [Signal(init=1, name=f"way{w}_ready") for w in range(ways)]  # timer == 0
         way_ref = [Signal(refw, name=f"way{w}_ref") for w in range(ways)]
+        way_ref_zero = [Signal(init=1, name=f"way{w}_ref_zero") for w in range(ways)]  # ref == 0
         # more_recent[i][j]: way i was used after way j (exact LRU order as a bit matrix).
         # Reset order: way 0 least recent, as WayModel.
         more_recent = [[Signal(init=int(i > j), name=f"lru_{i}_{j}") if i != j else None
@@ -256,19 +257,30 @@ class FlashChannelController(wiring.Component):
             pre_rq.total_m1.eq(pre_rq.total - 1),
             pre_rq.io_equal.eq(pre_rq.n_in == pre_rq.n_out),
         ]
-        m.submodules.req_stage = req_stage = SkidBuffer(pend_layout)
+        # The stage holds two requests (a skid buffer: its ready is a register) and, with each,
+        # which page registers hold its page, so the accept decision starts from registers:
+        # the page compares are made when a request enters the stage and kept current when an
+        # older request claims a page register (the compares in front of the accept decision
+        # made the board's critical path, 13.3 ns). Page registers change only on such a claim
+        # and when a program starts (which needs the stage empty).
+        st_ent = [Signal(pend_layout, name=f"req_ent{k}") for k in range(2)]
+        st_hit = [Signal(ways, name=f"req_hit{k}") for k in range(2)]
+        st_full = Signal(2)
+        st_wp = Signal()
+        st_rp = Signal()
+        staged_valid = Signal()
+        staged = Signal(pend_layout)
+        hit_vec = Signal(ways)
         m.d.comb += [
-            req_stage.i.valid.eq(self.i_read.valid & ~self.i_prog.valid),
-            req_stage.i.payload.eq(pre),
+            staged_valid.eq(st_full.bit_select(st_rp, 1)),
+            staged.eq(Mux(st_rp, st_ent[1], st_ent[0])),
+            hit_vec.eq(Mux(st_rp, st_hit[1], st_hit[0])),
             # a waiting program goes before reads not yet taken (a staged read is taken: it
             # goes first, and the program waits for it)
-            self.i_read.ready.eq(req_stage.i.ready & ~self.i_prog.valid),
+            self.i_read.ready.eq(~st_full.bit_select(st_wp, 1) & ~self.i_prog.valid),
         ]
-        staged = req_stage.o.payload
 
         # ------------------------------------------------------------------ accept (way lookup)
-        pg = staged.page
-        hit_vec = Cat(*[way_valid[w] & (way_page[w] == pg) for w in range(ways)])
         lru_vec = Cat(*[Cat(*[~more_recent[i][j] for j in range(ways) if j != i]).all()
                         if ways > 1 else Const(1) for i in range(ways)])
         hit = hit_vec.any()
@@ -280,13 +292,12 @@ class FlashChannelController(wiring.Component):
             with m.If(lru_vec[w]):
                 m.d.comb += lru_way.eq(w)
         lru_free = Signal()
-        m.d.comb += lru_free.eq(Array(way_ref)[lru_way] == 0)
+        m.d.comb += lru_free.eq(Array(way_ref_zero)[lru_way])
         use_way = Signal(range(ways))
         m.d.comb += use_way.eq(Mux(hit, hit_way, lru_way))
 
-        m.d.comb += req_stage.o.ready.eq(pend.w_rdy & (hit | lru_free) & prog_idle)
         accept = Signal()
-        m.d.comb += accept.eq(req_stage.o.valid & req_stage.o.ready)
+        m.d.comb += accept.eq(staged_valid & pend.w_rdy & (hit | lru_free) & prog_idle)
         pend_in = Signal(pend_layout)
         m.d.comb += [
             pend_in.eq(staged),
@@ -296,14 +307,32 @@ class FlashChannelController(wiring.Component):
         tr_wait = Signal()
         m.d.comb += tr_wait.eq(accept & ~hit)
 
+        # the stage's entries and their page-register hits
+        push = self.i_read.valid & self.i_read.ready
+        claim = [tr_wait & (lru_way == w) for w in range(ways)]   # way w takes staged.page
+        in_hit = Cat(*[Mux(claim[w], pre.page == staged.page,
+                           way_valid[w] & (way_page[w] == pre.page)) for w in range(ways)])
+        with m.If(push):
+            m.d.sync += st_wp.eq(~st_wp)
+        with m.If(accept):
+            m.d.sync += st_rp.eq(~st_rp)
+        for k in range(2):
+            with m.If(push & (st_wp == k)):
+                m.d.sync += [st_ent[k].eq(pre), st_hit[k].eq(in_hit), st_full[k].eq(1)]
+            with m.Else():
+                m.d.sync += st_hit[k].eq(Cat(*[Mux(claim[w], st_ent[k].page == staged.page,
+                                                   st_hit[k][w]) for w in range(ways)]))
+                with m.If(accept & (st_rp == k)):
+                    m.d.sync += st_full[k].eq(0)
+
         for w in range(ways):
             with m.If(way_timer[w] != 0):
                 m.d.sync += way_timer[w].eq(way_timer[w] - 1)
                 with m.If(way_timer[w] == 1):
                     m.d.sync += way_ready[w].eq(1)
             with m.If(tr_wait & (lru_way == w)):
-                m.d.sync += [way_valid[w].eq(1), way_page[w].eq(pg), way_timer[w].eq(self.t_r),
-                             way_ready[w].eq(self.t_r == 0)]
+                m.d.sync += [way_valid[w].eq(1), way_page[w].eq(staged.page),
+                             way_timer[w].eq(self.t_r), way_ready[w].eq(self.t_r == 0)]
         with m.If(accept):
             for i in range(ways):
                 for j in range(ways):
@@ -468,9 +497,9 @@ class FlashChannelController(wiring.Component):
             inc = accept & (use_way == w)
             dec = done_d & (done_way == w)
             with m.If(inc & ~dec):
-                m.d.sync += way_ref[w].eq(way_ref[w] + 1)
+                m.d.sync += [way_ref[w].eq(way_ref[w] + 1), way_ref_zero[w].eq(0)]
             with m.Elif(dec & ~inc):
-                m.d.sync += way_ref[w].eq(way_ref[w] - 1)
+                m.d.sync += [way_ref[w].eq(way_ref[w] - 1), way_ref_zero[w].eq(way_ref[w] == 1)]
         with m.If(accept & ~done):
             m.d.sync += n_reads.eq(n_reads + 1)
         with m.Elif(done & ~accept):
@@ -496,7 +525,7 @@ class FlashChannelController(wiring.Component):
         ]
         with m.Switch(pstate):
             with m.Case(PIDLE):
-                m.d.comb += self.i_prog.ready.eq((n_reads == 0) & ~req_stage.o.valid)
+                m.d.comb += self.i_prog.ready.eq((n_reads == 0) & ~staged_valid)
                 with m.If(self.i_prog.valid & self.i_prog.ready):
                     pp = self.i_prog.payload.page[:pb]
                     m.d.sync += [p_page.eq(pp), aw_idx.eq(0), w_cnt.eq(0), b_cnt.eq(0),
@@ -533,7 +562,7 @@ class FlashChannelController(wiring.Component):
         # The counters count events registered one cycle earlier: the handshakes (which cross
         # the chip to the memories on a board) then end at flip-flops, not at 32-bit adders.
         w_hs = axi.wvalid & axi.wready
-        busy = (n_reads != 0) | req_stage.o.valid | ~prog_idle   # a staged read is outstanding
+        busy = (n_reads != 0) | staged_valid | ~prog_idle   # a staged read is outstanding
         ev_row, ev_r, ev_w, ev_tr, ev_busy, ev_prog = (Signal(name=f"ev_{k}") for k in
                                                        ("row", "r", "w", "tr", "busy", "prog"))
         m.d.sync += [
