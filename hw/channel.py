@@ -209,18 +209,29 @@ class FlashChannelController(wiring.Component):
         # registered read data: the R side's decisions start from flip-flops, not LUT RAM
         # Where the R side stands within the head request, as flags (see `flags_at` below)
         flag_layout = data.StructLayout({"relevant": 1, "at_skip": 1, "last_emit": 1,
-                                         "at_flush": 1, "at_total_m1": 1, "at_total": 1})
+                                         "at_flush": 1, "at_total_m1": 1, "at_total": 1,
+                                         "emit": 1, "need_flush": 1, "ends": 1})
         m.submodules.rq = rq = SyncFIFOBuffered(width=rq_layout.size + flag_layout.size,
                                                 depth=rq_depth)
 
         def flags_at(cnt, e):
-            """The R side's tests for beat number ``cnt`` of request ``e``."""
+            """The R side's tests for beat number ``cnt`` of request ``e``, and what follows
+            from them for that beat (whether it emits a row beat, needs a flush beat after it,
+            ends the request): registered with the tests, so the R handshake and the request
+            queue's pop decide from flip-flops."""
             s0 = e.shift == 0
+            relevant = (cnt >= e.skip) & (cnt < e.skip_end)
+            at_skip = cnt == e.skip
+            at_flush = cnt == e.flush_at
+            at_total_m1 = cnt == e.total_m1
+            need_flush = relevant & ~s0 & at_flush & e.io_equal
             return Cat(
-                (cnt >= e.skip) & (cnt < e.skip_end),                   # relevant
-                cnt == e.skip,                                           # at_skip
+                relevant, at_skip,
                 Mux(s0, cnt == e.last_s0, cnt == e.last_sh),             # last_emit
-                cnt == e.flush_at, cnt == e.total_m1, cnt == e.total)
+                at_flush, at_total_m1, cnt == e.total,
+                relevant & (s0 | ~at_skip),                              # emit
+                need_flush,
+                ~need_flush & at_total_m1)                               # ends
 
         # ------------------------------------------------------------------ program FSM state
         PIDLE, PRUN, PWAIT, PDONE = range(4)
@@ -433,11 +444,9 @@ class FlashChannelController(wiring.Component):
         m.d.comb += f.eq(Mux(first, ent_first, flags_next))
         relevant = f.relevant
         s0 = ent.shift == 0
-        emit = Signal()
-        m.d.comb += emit.eq(relevant & (s0 | ~f.at_skip))
+        emit = f.emit
         last_emit = f.last_emit
-        need_flush = Signal()
-        m.d.comb += need_flush.eq(relevant & ~s0 & f.at_flush & ent.io_equal)
+        need_flush = f.need_flush
 
         hi = Signal(8 * B)
         m.d.comb += hi.eq(Mux(flush, 0, r_in.o.payload.data))
@@ -477,12 +486,9 @@ class FlashChannelController(wiring.Component):
                 m.d.sync += prev.eq(r_in.o.payload.data)
             with m.If(need_flush):
                 m.d.sync += flush.eq(1)
-            with m.Elif(f.at_total_m1):
-                m.d.comb += done.eq(1)
         with m.If(flush & o.ready):
             m.d.sync += flush.eq(0)
-            with m.If(f.at_total):
-                m.d.comb += done.eq(1)
+        m.d.comb += done.eq((r_hs & f.ends) | (flush & o.ready & f.at_total))
         with m.If(done):
             m.d.comb += rq.r_en.eq(1)
             m.d.sync += [rcnt.eq(0), err_r.eq(0), first.eq(1)]
