@@ -29,9 +29,9 @@ def add_arguments(parser):
     parser.add_argument("--router", choices=("router1", "router2"), default="router2",
                         help="nextpnr router (router2 is faster; router1 converges on some "
                              "designs where router2 does not)")
-    parser.add_argument("--nextpnr-opts", default="", metavar="OPTS",
-                        help="extra nextpnr-ecp5 options, e.g. '--placer-heap-timingweight 40' "
-                             "(recorded in the manifest)")
+    parser.add_argument("--nextpnr-opts", default=None, metavar="OPTS",
+                        help="extra nextpnr-ecp5 options instead of the board's defaults "
+                             "(recorded in the manifest; '' for none)")
     parser.add_argument("--mmio-only", action="store_true",
                         help="build the board around the MMIO manager alone (no EV-SSD pipeline)")
 
