@@ -54,9 +54,8 @@ class BoardSpec:
 # analytic placer (placement estimate 53.3 -> 68.4 MHz on the same netlist, seed and 75 MHz
 # target; docs/synthesis.md). `--tmg-ripup` (timing-driven rip-up in router2) gained another
 # 7 MHz where the target was met, but where it is not met router2 keeps ripping up until its
-# iteration limit and gives up, so it is not a default: pass it with --nextpnr-opts.
+# iteration limit and gives up, so it is not a default (add it with --nextpnr-opts).
 TIMING_DRIVEN_PNR = "--placer-heap-timingweight 40 --placer-heap-critexp 4"
-TIMING_DRIVEN_RIPUP = "--tmg-ripup"
 
 BOARDS = {
     # The target is 100 MHz; the whole EV-SSD (gateware of git 7eec1bf) closes at 73.2 MHz on
