@@ -25,7 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--baud", type=int, default=None, help="UART baud rate (default 115200)")
     parser.add_argument("--out", default=None, help="output directory (default bitstreams/<board>/)")
     parser.add_argument("--build-dir", default=None, help="work directory (default build/synth/<board>/)")
-    parser.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="nextpnr placement seed (default: the board's, 3 for ulx3s-85f)")
     parser.add_argument("--router", choices=("router1", "router2"), default="router2",
                         help="nextpnr router (router2 is faster; router1 converges on some "
                              "designs where router2 does not)")
