@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import regmap
-from .regmap import Params
 
 __all__ = ["BOARDS", "SynthError", "toolchain_env", "source_hash", "tool_versions", "build_bitstream",
            "check_bitstream", "estimate", "parse_nextpnr_report", "board_spec", "REPO"]
