@@ -67,9 +67,9 @@ page-register reference one cycle late.
 """
 from __future__ import annotations
 
-from amaranth import Array, Module, Signal, Cat, Const, Mux, unsigned
+from amaranth import Array, Module, Signal, Cat, Const, Mux
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4Signature, Burst

@@ -19,7 +19,7 @@ for AW before taking W). All transactions use ID 0, so responses return in order
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Mux, Const, unsigned
+from amaranth import Module, Signal, Mux, Const
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -99,36 +99,16 @@ class HostDMA(wiring.Component):
         nr = self.n_read
         r_active = Signal()
         r_zero = Signal()          # zero-byte command: one local beat, no bus traffic
-        r_sel = Signal(range(nr))
-        r_rr = Signal(range(nr))   # round-robin pointer: port that gets priority next
         ar_addr = Signal(64)
         ar_remain = Signal(32)
         r_remain = Signal(32)
 
-        # Round-robin pick among valid read commands.
-        r_pick = Signal(range(nr))
-        r_any = Signal()
-        self._round_robin(m, [self.rd_cmd[i].valid for i in range(nr)], r_rr, r_pick, r_any, "r")
-
-        # A command is taken into registers first (the round-robin only steers that) and its
-        # transfer is computed from them in the next cycle (r_load): the round-robin, the
-        # payload mux and the beat arithmetic were one chain into the transfer registers.
-        r_load = Signal()
-        rc_addr = Signal(64)
-        rc_bytes = Signal(32)
-        with m.If(~r_active & ~r_load & r_any):
-            for i in range(nr):
-                with m.If(r_pick == i):
-                    cmd = self.rd_cmd[i]
-                    m.d.comb += cmd.ready.eq(1)
-                    m.d.sync += [r_load.eq(1), r_sel.eq(i), r_rr.eq((i + 1) % nr),
-                                 rc_addr.eq(cmd.payload.addr), rc_bytes.eq(cmd.payload.bytes)]
+        r_load, r_sel, rc_addr, rc_bytes, r_beats = self._take_command(m, self.rd_cmd, r_active, "r")
         with m.If(r_load):
-            beats = Mux(rc_bytes == 0, 0, (rc_addr[:lb] + rc_bytes + (bb - 1)) >> lb)
             m.d.sync += [
-                r_load.eq(0), r_active.eq(1),
+                r_active.eq(1),
                 ar_addr.eq(rc_addr & ~Const(bb - 1, 64)),
-                ar_remain.eq(beats), r_remain.eq(beats),
+                ar_remain.eq(r_beats), r_remain.eq(r_beats),
                 r_zero.eq(rc_bytes == 0),
             ]
 
@@ -169,8 +149,6 @@ class HostDMA(wiring.Component):
         # ------------------------------------------------------------------ write side
         nw = self.n_write
         w_active = Signal()
-        w_sel = Signal(range(nw))
-        w_rr = Signal(range(nw))
         aw_addr = Signal(64)
         aw_remain = Signal(32)
         aw_bursts = Signal(32)     # bursts whose AW was accepted
@@ -183,30 +161,16 @@ class HostDMA(wiring.Component):
         last_strb = Signal(bb)
         w_done_pending = Signal()
 
-        w_pick = Signal(range(nw))
-        w_any = Signal()
-        self._round_robin(m, [self.wr_cmd[i].valid for i in range(nw)], w_rr, w_pick, w_any, "w")
-
         # As on the read side: the command into registers, then its transfer from them (w_load).
-        w_load = Signal()
-        wc_addr = Signal(64)
-        wc_bytes = Signal(32)
-        with m.If(~w_active & ~w_load & w_any):
-            for i in range(nw):
-                with m.If(w_pick == i):
-                    cmd = self.wr_cmd[i]
-                    m.d.comb += cmd.ready.eq(1)
-                    m.d.sync += [w_load.eq(1), w_sel.eq(i), w_rr.eq((i + 1) % nw),
-                                 wc_addr.eq(cmd.payload.addr), wc_bytes.eq(cmd.payload.bytes)]
+        w_load, w_sel, wc_addr, wc_bytes, w_beats = self._take_command(m, self.wr_cmd, w_active, "w")
         with m.If(w_load):
             start = wc_addr[:lb]
             end = Signal(lb)   # (addr + bytes) % bb
             m.d.comb += end.eq(wc_addr[:lb] + wc_bytes[:lb])
-            beats = Mux(wc_bytes == 0, 0, (start + wc_bytes + (bb - 1)) >> lb)
             m.d.sync += [
-                w_load.eq(0), w_active.eq(1),
+                w_active.eq(1),
                 aw_addr.eq(wc_addr & ~Const(bb - 1, 64)),
-                aw_remain.eq(beats), w_remain.eq(beats),
+                aw_remain.eq(w_beats), w_remain.eq(w_beats),
                 aw_bursts.eq(0), w_inburst.eq(0), w_first.eq(1),
                 b_count.eq(0), b_err.eq(0),
                 first_strb.eq(Const((1 << bb) - 1, bb) << start),
@@ -272,6 +236,36 @@ class HostDMA(wiring.Component):
                 with m.If(done.valid & done.ready):
                     m.d.sync += w_active.eq(0)
         return m
+
+    def _take_command(self, m, cmds, busy, name):
+        """Round-robin over the command streams ``cmds`` while not ``busy``: a command is taken
+        into registers first (the round-robin only steers that) and its transfer is computed
+        from them in the next cycle, while ``load`` is high (the round-robin, the payload mux
+        and the beat arithmetic were one chain into the transfer registers).
+
+        Returns ``(load, sel, addr, nbytes, beats)``: ``sel`` the port taken, ``beats`` the bus
+        beats of the transfer (from the registered ``addr`` and ``nbytes``)."""
+        n = len(cmds)
+        bb = self.params.host_data_bits // 8
+        lb = _log2(bb)
+        rr = Signal(range(n), name=f"{name}_rr")   # the port that gets priority next
+        sel = Signal(range(n), name=f"{name}_sel")
+        pick = Signal(range(n), name=f"{name}_pick")
+        any_ = Signal(name=f"{name}_any")
+        self._round_robin(m, [c.valid for c in cmds], rr, pick, any_, name)
+        load = Signal(name=f"{name}_load")
+        addr = Signal(64, name=f"{name}c_addr")
+        nbytes = Signal(32, name=f"{name}c_bytes")
+        with m.If(~busy & ~load & any_):
+            for i, cmd in enumerate(cmds):
+                with m.If(pick == i):
+                    m.d.comb += cmd.ready.eq(1)
+                    m.d.sync += [load.eq(1), sel.eq(i), rr.eq((i + 1) % n),
+                                 addr.eq(cmd.payload.addr), nbytes.eq(cmd.payload.bytes)]
+        with m.If(load):
+            m.d.sync += load.eq(0)
+        beats = Mux(nbytes == 0, 0, (addr[:lb] + nbytes + (bb - 1)) >> lb)
+        return load, sel, addr, nbytes, beats
 
     @staticmethod
     def _round_robin(m, valids, rr, pick, any_, name):

@@ -245,7 +245,7 @@ class CommandEngine(wiring.Component):
         self.n_slots = n_slots
         self.slot_bits = n_slots.bit_length() - 1
         p = params
-        wh, wc = p.host_data_bits, p.ch_data_bits
+        wh = p.host_data_bits
         T = self.slot_bits
         super().__init__({
             "i_cmd": In(stream.Signature(FETCHED_LAYOUT)),
@@ -330,7 +330,6 @@ class CommandEngine(wiring.Component):
             off.o_word.ready.eq(offq.i.ready),
         ]
         off_word = offq.o
-        pre_status = Signal(8)
         probe_done = Signal()      # pulse from the fork
         probe_status = Signal(2)
         probe_row_bytes = Signal(16)
