@@ -58,7 +58,7 @@ class BoardSpec:
 TIMING_DRIVEN_PNR = "--placer-heap-timingweight 40 --placer-heap-critexp 4"
 
 BOARDS = {
-    # The target is 100 MHz; the whole EV-SSD (gateware of git 156da46) closes at 77.7 MHz on
+    # The target is 100 MHz; the whole EV-SSD (gateware of git 069a57d) closes at 77.7 MHz on
     # the LFE5U-85F with the PLL at 70 MHz, TIMING_DRIVEN_PNR and seed 3 (seeds 1 and 2: 69.4
     # and 73.1 MHz; 75 MHz builds reached 73.3 and 68.7; docs/synthesis.md), so the default
     # build is that one. `--clock-mhz 100` tries the target.
