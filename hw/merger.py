@@ -202,35 +202,40 @@ class WordPacker(wiring.Component):
             o.payload.err.eq(end_err & end_pending & (fill <= H)),
         ]
         out_fire = o.valid & o.ready
-        fill_after = Signal(range(C + 1))
-        buf_after = Signal(32 * C)
-        with m.If(out_fire):
-            m.d.comb += [
-                fill_after.eq(Mux(fill > H, fill - H, 0)),
-                buf_after.eq(buf >> (32 * H)),
-            ]
-        with m.Else():
-            m.d.comb += [fill_after.eq(fill), buf_after.eq(buf)]
-
-        m.d.comb += i.ready.eq(~end_pending & (fill_after <= H))
-        in_fire = i.valid & i.ready
+        # The input's words are placed at `fill` (a register) in both outcomes of this cycle's
+        # output, and `out_fire` only picks one of them at the end: with a beat out, the words
+        # move down by H. The input is taken when fill <= H whether or not a beat goes out, so
+        # `i.ready` comes from registers (a beat only leaves with fewer than H words at the
+        # command's end, which stops input until it is sent).
+        # the words to add, zero unless taken (`placed` is zero for fill > H, the other
+        # condition of `take`): the gating is in the first LUT level, not after the placement
         masked = Signal(32 * K)
+        offered = i.valid & ~end_pending
         for w in range(K):
             m.d.comb += masked[32 * w:32 * (w + 1)].eq(
-                Mux(i.payload.count > w, i.payload.data[32 * w:32 * (w + 1)], 0))
-        placed = Signal(32 * C)
-        with m.Switch(fill_after):
+                Mux(offered & (i.payload.count > w), i.payload.data[32 * w:32 * (w + 1)], 0))
+        placed = Signal(32 * (H + K))
+        with m.Switch(fill):
             for f in range(H + 1):
                 with m.Case(f):
                     m.d.comb += placed.eq(masked << (32 * f))
-        with m.If(in_fire):
-            m.d.sync += [buf.eq(buf_after | placed), fill.eq(fill_after + i.payload.count)]
-        with m.Else():
-            m.d.sync += [buf.eq(buf_after), fill.eq(fill_after)]
-
+        take = Signal()
+        m.d.comb += [
+            i.ready.eq(~end_pending & (fill <= H)),
+            take.eq(i.valid & i.ready),
+        ]
+        both = buf | placed                         # H + K == C words
+        count = i.payload.count
+        stay_fill = fill + Mux(take, count, 0)
+        out_fill = Mux(fill > H, fill - H, 0) + Mux(take, count, 0)
         # an end with no words at all has no beat to carry `last`: dropping it keeps the
         # packer from waiting forever for a beat it cannot send
-        with m.If(in_fire & i.payload.last & ((fill_after != 0) | (i.payload.count != 0))):
+        ends = take & i.payload.last & ((count != 0) | Mux(out_fire, fill > H, fill != 0))
+        with m.If(out_fire):
+            m.d.sync += [buf.eq(both >> (32 * H)), fill.eq(out_fill)]
+        with m.Else():
+            m.d.sync += [buf.eq(both), fill.eq(stay_fill)]
+        with m.If(ends):
             m.d.sync += [end_pending.eq(1), end_err.eq(i.payload.err)]
         with m.Elif(out_fire & o.payload.last):
             m.d.sync += [end_pending.eq(0), end_err.eq(0)]
@@ -271,6 +276,8 @@ class ResultMerger(wiring.Component):
     emitter waits as long after the bag's last row, so nobody reads an accumulator word whose
     sum is still in the adders.
     """
+
+    OUT_FIFO_DEPTH = 8   # output ops between stage R and the packer (credit-limited)
 
     def __init__(self, params: Params, n_slots: int):
         try:
@@ -427,22 +434,20 @@ class ResultMerger(wiring.Component):
         # Descriptors wait in a FIFO: the engine forks each lookup to the channels and to here,
         # and must not be held up while the merger waits for an older row (that would leave at
         # most two lookups in flight). Lookups are credit-limited to n_slots; the rest of the
-        # depth absorbs empty-bag tokens.
-        m.submodules.desc_fifo = dfifo = SyncFIFOBuffered(width=dl.size, depth=self.desc_depth)
-        m.d.comb += [
-            dfifo.w_data.eq(self.i_desc.payload),
-            dfifo.w_en.eq(self.i_desc.valid),
-            self.i_desc.ready.eq(dfifo.w_rdy),
-        ]
-        d_in = dl(dfifo.r_data)
-        desc_take = Signal()
-
-        # derived values of the incoming descriptor
+        # depth absorbs empty-bag tokens. A register slice in front of it keeps the engine's
+        # fork off the FIFO's state, and each descriptor's op count and shape are computed
+        # before it enters the FIFO, so the issue stage loads them without arithmetic.
+        m.submodules.desc_in = desc_in = SkidBuffer(dl)
+        wiring.connect(m, wiring.flipped(self.i_desc), desc_in.i)
+        xl = data.StructLayout({
+            "desc": dl, "n_ops": unsigned(len(n_ops)), "last_cnt": unsigned(len(last_cnt)),
+            "sub_shift": unsigned(2), "one_op": unsigned(1)})
+        d_new = desc_in.o.payload
         ish = Signal(2)                  # log2(itemsize); GATHER moves 32-bit words
-        with m.If(~d_in.pooled):
+        with m.If(~d_new.pooled):
             m.d.comb += ish.eq(2)
         with m.Else():
-            with m.Switch(d_in.elem):
+            with m.Switch(d_new.elem):
                 with m.Case(ElemType.FP16):
                     m.d.comb += ish.eq(1)
                 with m.Case(ElemType.INT8):
@@ -450,7 +455,26 @@ class ResultMerger(wiring.Component):
                 with m.Default():
                     m.d.comb += ish.eq(2)
         n_elems = Signal(16)
-        m.d.comb += n_elems.eq(d_in.row_bytes >> ish)
+        m.d.comb += n_elems.eq(d_new.row_bytes >> ish)
+        x_new = Signal(xl)
+        m.d.comb += [
+            x_new.desc.eq(d_new),
+            # a 0-byte row (a broken table config) still takes one op of no words, so the
+            # issue stage cannot wait forever for an op count of zero
+            x_new.n_ops.eq(Mux(n_elems == 0, 1, (n_elems + K - 1) >> log2K)),
+            x_new.last_cnt.eq(Mux(n_elems == 0, 0, ((n_elems - 1) & (K - 1)) + 1)),
+            x_new.sub_shift.eq(2 - ish),
+            x_new.one_op.eq(n_elems <= K),
+        ]
+        m.submodules.desc_fifo = dfifo = SyncFIFOBuffered(width=xl.size, depth=self.desc_depth)
+        m.d.comb += [
+            dfifo.w_data.eq(x_new),
+            dfifo.w_en.eq(desc_in.o.valid),
+            desc_in.o.ready.eq(dfifo.w_rdy),
+        ]
+        x_in = xl(dfifo.r_data)
+        d_in = x_in.desc
+        desc_take = Signal()
 
         row_ok = cur.bad | cur.empty_bag | slot_done
         good = ~cur.bad & ~cur.empty_bag & ~slot_err
@@ -475,8 +499,12 @@ class ResultMerger(wiring.Component):
         op_cmd_last = cur.cmd_end & last_op & ~cur.pooled
         noop_step = have & ~row_has_ops & row_ok & (~goes_emit | ~em_busy)
 
-        r_advance = Signal()
-        fire = op_valid & r_advance
+        # Output ops (GATHER reads and zeros, the emitter's sums) are credit-limited so that the
+        # stages behind the issue stage never stall: `out_ok` (a register) says the output FIFO
+        # has room for one more op on top of those in flight. Accumulate ops need no credit, and
+        # a started pooled row must never stall (the cooldown arithmetic relies on it).
+        out_ok = Signal(init=1)
+        fire = op_valid & (cur.pooled | out_ok)
         row_err_now = Signal()           # a row with err retires now
         m.d.comb += row_err_now.eq(have & ~cur.bad & ~cur.empty_bag & slot_err &
                                    Mux(row_has_ops, fire & first_op, noop_step))
@@ -522,13 +550,8 @@ class ResultMerger(wiring.Component):
         with m.If(desc_take):
             m.d.sync += [
                 have.eq(1), cur.eq(d_in), j.eq(0), first_op.eq(1),
-                # n_ops (below) is 1 exactly when the row has at most K elements
-                last_op.eq(n_elems <= K),
-                # a 0-byte row (a broken table config) still takes one op of no words, so
-                # the issue stage cannot wait forever for an op count of zero
-                n_ops.eq(Mux(n_elems == 0, 1, (n_elems + K - 1) >> log2K)),
-                last_cnt.eq(Mux(n_elems == 0, 0, ((n_elems - 1) & (K - 1)) + 1)),
-                sub_shift.eq(2 - ish),
+                last_op.eq(x_in.one_op), n_ops.eq(x_in.n_ops), last_cnt.eq(x_in.last_cnt),
+                sub_shift.eq(x_in.sub_shift),
             ]
         with m.Elif(finish):
             m.d.sync += have.eq(0)
@@ -557,8 +580,8 @@ class ResultMerger(wiring.Component):
         m.d.comb += [
             rob_r.addr.eq(Cat(rob_beat[:beat_bits], cur.slot) if beat_bits else cur.slot),
             acc_r.addr.eq(acc_addr(j, acc_bank)),
-            rob_r.en.eq(r_advance),
-            acc_r.en.eq(r_advance),
+            rob_r.en.eq(1),
+            acc_r.en.eq(1),
         ]
 
         # ---------------- emitter: sends a finished bag's sums (or zeros) ----------------
@@ -574,11 +597,10 @@ class ResultMerger(wiring.Component):
         em_cmd_last = Signal()
         em_err = Signal()
         em_wait = Signal(range(ACCUM_HAZARD_CYCLES + 1))
-        r_out = Signal()
-        e_valid = Signal()
-        e_advance = Signal()
         em_last = em_j == em_n - 1
-        em_fire = em_busy & (em_zero | (em_wait == 0)) & ~r_out & e_advance
+        # the issue stage sends no output op while the emitter is busy (GATHER waits for
+        # ~em_busy), so at most one output op enters stage R per cycle, in order
+        em_fire = em_busy & (em_zero | (em_wait == 0)) & out_ok
         with m.If(handover):
             m.d.sync += [
                 em_busy.eq(1), em_bank.eq(acc_bank), em_j.eq(0), em_n.eq(n_ops),
@@ -595,22 +617,20 @@ class ResultMerger(wiring.Component):
                 m.d.sync += em_j.eq(em_j + 1)
                 with m.If(em_last):
                     m.d.sync += em_busy.eq(0)
-        m.d.comb += [acc_e.addr.eq(acc_addr(em_j, em_bank)), acc_e.en.eq(e_advance)]
-
-        e_zero = Signal()
-        e_count = Signal(range(K + 1))
-        e_last = Signal()
-        e_err = Signal()
-        with m.If(e_advance):
-            m.d.sync += [
-                e_valid.eq(em_fire), e_zero.eq(em_zero),
-                e_count.eq(Mux(em_last, em_last_cnt, K)),
-                e_last.eq(em_cmd_last & em_last), e_err.eq(em_err & em_last),
-            ]
+        m.d.comb += [acc_e.addr.eq(acc_addr(em_j, em_bank)), acc_e.en.eq(1)]
 
         # ---------------- stage R: memory data ----------------
-        r_valid = Signal()
-        r_kind = Signal(2)
+        # Stage R never stalls: accumulate ops go on to stage R2, output ops (the issue stage's
+        # or the emitter's, never both in one cycle) into the output FIFO, which the credits
+        # keep from overflowing. Nothing behind the issue stage reaches its decision in the same
+        # cycle (a stall of stage R by the output made `fire` wait on the packer's ready, and
+        # fanned out to every register of stage R and the RAM read enables).
+        out_fire = (fire & ~cur.pooled) | em_fire
+        m.d.sync += Assert(~(fire & ~cur.pooled & em_fire), "merger: two output ops in one cycle")
+        r_accum = Signal()
+        r_out = Signal()
+        r_is_sum = Signal()
+        r_zero = Signal()
         r_count = Signal(range(K + 1))
         r_last = Signal()
         r_err = Signal()
@@ -618,73 +638,73 @@ class ResultMerger(wiring.Component):
         r_addr = Signal(acc_jbits + 1)
         r_sub = Signal(2)
         r_elem = Signal(2)
-        m.d.comb += r_out.eq(r_valid & (r_kind != _OP_ACCUM))
-        with m.If(r_advance):
+        m.d.sync += [
+            r_accum.eq(fire & cur.pooled), r_out.eq(out_fire), r_is_sum.eq(em_fire),
+            r_first.eq(Mux(first_op, bag_first, row_first)),
+            r_addr.eq(acc_addr(j, acc_bank)),
+            r_sub.eq(j & ((1 << sub_shift) - 1)),
+            r_elem.eq(cur.elem),
+        ]
+        with m.If(em_fire):
             m.d.sync += [
-                r_valid.eq(fire), r_kind.eq(op_kind),
+                r_zero.eq(em_zero),
+                r_count.eq(Mux(em_last, em_last_cnt, K)),
+                r_last.eq(em_cmd_last & em_last),
+                r_err.eq(em_err & em_last),
+            ]
+        with m.Else():
+            m.d.sync += [
+                r_zero.eq(op_kind == _OP_ZERO),
                 r_count.eq(Mux(last_op, last_cnt, K)),
                 r_last.eq(op_cmd_last),
                 r_err.eq(sticky_err | row_err_now),
-                r_first.eq(Mux(first_op, bag_first, row_first)),
-                r_addr.eq(acc_addr(j, acc_bank)),
-                r_sub.eq(j & ((1 << sub_shift) - 1)),
-                r_elem.eq(cur.elem),
             ]
 
-        # output: the emitter's stage E first (it only holds ops older than stage R's). The
-        # block RAM read data go straight into the registers of a SkidBuffer (zeroing and the
-        # packer's placement come after it): RAM clock-to-out + packer did not fit in 10 ns.
-        # Both RAMs have a field of their own there, so the choice between them (by e_valid)
-        # also comes after it: yosys already puts a collision-bypass mux behind each RAM
-        # output, and a second mux level made RAM -> SkidBuffer the critical path (9.7 ns).
+        # output FIFO: the block RAM read data go straight into it (zeroing and the choice
+        # between the two RAMs come after it; each RAM has a field of its own)
         ob_layout = data.StructLayout({"rob_data": unsigned(Wc), "acc_data": unsigned(Wc),
                                        "is_sum": unsigned(1), "zero": unsigned(1),
                                        "count": range(K + 1), "last": unsigned(1),
                                        "err": unsigned(1)})
-        m.submodules.out_reg = ob = SkidBuffer(ob_layout)
+        m.submodules.out_fifo = ofifo = SyncFIFOBuffered(width=ob_layout.size,
+                                                         depth=self.OUT_FIFO_DEPTH)
+        ob_in = Signal(ob_layout)
         m.d.comb += [
-            ob.i.payload.rob_data.eq(rob_r.data),
-            ob.i.payload.acc_data.eq(acc_e.data),
-            ob.i.payload.is_sum.eq(e_valid),
+            ob_in.rob_data.eq(rob_r.data), ob_in.acc_data.eq(acc_e.data),
+            ob_in.is_sum.eq(r_is_sum), ob_in.zero.eq(r_zero), ob_in.count.eq(r_count),
+            ob_in.last.eq(r_last), ob_in.err.eq(r_err),
+            ofifo.w_data.eq(ob_in), ofifo.w_en.eq(r_out),
         ]
-        with m.If(e_valid):
-            m.d.comb += [
-                ob.i.valid.eq(1),
-                ob.i.payload.zero.eq(e_zero),
-                ob.i.payload.count.eq(e_count),
-                ob.i.payload.last.eq(e_last),
-                ob.i.payload.err.eq(e_err),
-            ]
-        with m.Else():
-            m.d.comb += [
-                ob.i.valid.eq(r_out),
-                ob.i.payload.zero.eq(r_kind == _OP_ZERO),
-                ob.i.payload.count.eq(r_count),
-                ob.i.payload.last.eq(r_last),
-                ob.i.payload.err.eq(r_err),
-            ]
-        m.d.comb += [
-            e_advance.eq(~e_valid | ob.i.ready),
-            r_advance.eq(~r_out | (~e_valid & ob.i.ready)),
+        m.d.sync += Assert(~r_out | ofifo.w_rdy, "merger output FIFO overflow")
+        # credits: output ops fired and not yet taken by the packer; out_ok allows a fire in
+        # the next cycle when, with one more fired now, there is still room for it
+        out_pending = Signal(range(self.OUT_FIFO_DEPTH + 1))
+        out_pop = ofifo.r_rdy & ofifo.r_en
+        m.d.sync += [
+            out_pending.eq(out_pending + out_fire - out_pop),
+            out_ok.eq(out_pending <= self.OUT_FIFO_DEPTH - 2),
         ]
+        ob_out = ob_layout(ofifo.r_data)
         m.submodules.packer = packer = WordPacker(K, H)
         m.d.comb += [
-            packer.i_words.valid.eq(ob.o.valid),
+            packer.i_words.valid.eq(ofifo.r_rdy),
             packer.i_words.payload.data.eq(
-                Mux(ob.o.payload.zero, 0,
-                    Mux(ob.o.payload.is_sum, ob.o.payload.acc_data, ob.o.payload.rob_data))),
-            packer.i_words.payload.count.eq(ob.o.payload.count),
-            packer.i_words.payload.last.eq(ob.o.payload.last),
-            packer.i_words.payload.err.eq(ob.o.payload.err),
-            ob.o.ready.eq(packer.i_words.ready),
+                Mux(ob_out.zero, 0, Mux(ob_out.is_sum, ob_out.acc_data, ob_out.rob_data))),
+            packer.i_words.payload.count.eq(ob_out.count),
+            packer.i_words.payload.last.eq(ob_out.last),
+            packer.i_words.payload.err.eq(ob_out.err),
+            ofifo.r_en.eq(packer.i_words.ready),
         ]
-        wiring.connect(m, wiring.flipped(self.o_data), packer.o_beat)
+        # a register slice on the output: the DMA's ready (from the engine's result state)
+        # reaches no further than it
+        m.submodules.out_slice = out_slice = SkidBuffer(packer.o_beat.payload.shape())
+        wiring.connect(m, packer.o_beat, out_slice.i)
+        wiring.connect(m, wiring.flipped(self.o_data), out_slice.o)
 
         # ---------------- stage R2: register the RAM read data of accumulate ops ----------------
         # Block RAM clock-to-out leaves no time for the widening in the same cycle. The sum
         # written while the op is in stage R is forwarded, so the issue-to-write distance the
         # cooldown covers (ACCUM_HAZARD_CYCLES) is unchanged.
-        r_accum = r_valid & (r_kind == _OP_ACCUM)
         r2_valid = Signal()
         r2_int = Signal()
         r2_first = Signal()
