@@ -143,7 +143,10 @@ class Fp32Adder(wiring.Component):
         s3_nan = Signal()
         s3_inf = Signal()
         s3_valid = Signal()
+        s3_em1 = Signal(8)               # e - 1: the largest normalising shift
+        s3_em1_big = Signal()            # e - 1 >= _W: the shift is never clamped
         m.d.sync += [
+            s3_em1.eq(s2_e - 1), s3_em1_big.eq(s2_e > _W),
             s3_S.eq(Mux(s2_sub, s2_X - s2_Y, s2_X + s2_Y)),
             s3_sign.eq(s2_sign), s3_sub.eq(s2_sub), s3_e.eq(s2_e),
             s3_nan.eq(s2_nan), s3_inf.eq(s2_inf), s3_valid.eq(s2_valid),
@@ -152,8 +155,7 @@ class Fp32Adder(wiring.Component):
         # ---- stage 4: leading-zero count and the normalising shift amount (never below
         # exponent 1: what remains unnormalised is a subnormal) ----
         lz = _lzc(m, s3_S[:_W])
-        e_m1 = Signal(8)
-        m.d.comb += e_m1.eq(s3_e - 1)
+        e_m1 = s3_em1
         s4_S = Signal(_W + 1)
         s4_sh = Signal(range(_W + 1))
         s4_e = Signal(8)
@@ -165,7 +167,7 @@ class Fp32Adder(wiring.Component):
         s4_valid = Signal()
         m.d.sync += [
             s4_S.eq(s3_S),
-            s4_sh.eq(Mux(lz > e_m1, e_m1, lz)),
+            s4_sh.eq(Mux(~s3_em1_big & (lz > e_m1[:5]), e_m1, lz)),
             s4_e.eq(s3_e),
             s4_zero.eq(s3_S == 0),
             s4_sign.eq(s3_sign), s4_sub.eq(s3_sub),
