@@ -230,15 +230,19 @@ class WordPacker(wiring.Component):
         out_fill = Mux(fill > H, fill - H, 0) + Mux(take, count, 0)
         # an end with no words at all has no beat to carry `last`: dropping it keeps the
         # packer from waiting forever for a beat it cannot send
-        ends = take & i.payload.last & ((count != 0) | Mux(out_fire, fill > H, fill != 0))
+        # (both outcomes again: out_fire picks one last)
+        ends_stay = take & i.payload.last & ((count != 0) | (fill != 0))
+        ends_out = take & i.payload.last & ((count != 0) | (fill > H))
+        pend_stay = end_pending | ends_stay
+        pend_out = (end_pending & ~o.payload.last) | ends_out
+        err_stay = Mux(ends_stay, i.payload.err, end_err)
+        err_out = Mux(ends_out, i.payload.err, end_err & ~o.payload.last)
         with m.If(out_fire):
-            m.d.sync += [buf.eq(both >> (32 * H)), fill.eq(out_fill)]
+            m.d.sync += [buf.eq(both >> (32 * H)), fill.eq(out_fill),
+                         end_pending.eq(pend_out), end_err.eq(err_out)]
         with m.Else():
-            m.d.sync += [buf.eq(both), fill.eq(stay_fill)]
-        with m.If(ends):
-            m.d.sync += [end_pending.eq(1), end_err.eq(i.payload.err)]
-        with m.Elif(out_fire & o.payload.last):
-            m.d.sync += [end_pending.eq(0), end_err.eq(0)]
+            m.d.sync += [buf.eq(both), fill.eq(stay_fill),
+                         end_pending.eq(pend_stay), end_err.eq(err_stay)]
         return m
 
 
@@ -454,32 +458,49 @@ class ResultMerger(wiring.Component):
                     m.d.comb += ish.eq(0)
                 with m.Default():
                     m.d.comb += ish.eq(2)
-        n_elems = Signal(16)
-        m.d.comb += n_elems.eq(d_new.row_bytes >> ish)
         x_new = Signal(xl)
-        m.d.comb += [
-            x_new.desc.eq(d_new),
-            # a 0-byte row (a broken table config) still takes one op of no words, so the
-            # issue stage cannot wait forever for an op count of zero
-            x_new.n_ops.eq(Mux(n_elems == 0, 1, (n_elems + K - 1) >> log2K)),
-            x_new.last_cnt.eq(Mux(n_elems == 0, 0, ((n_elems - 1) & (K - 1)) + 1)),
-            x_new.sub_shift.eq(2 - ish),
-            x_new.one_op.eq(n_elems <= K),
-        ]
+        m.d.comb += [x_new.desc.eq(d_new), x_new.sub_shift.eq(2 - ish)]
+        # the op count for each item size in parallel (constant shifts), picked by the size
+        with m.Switch(ish):
+            for sh in range(3):
+                with m.Case(sh):
+                    n_elems = d_new.row_bytes >> sh
+                    m.d.comb += [
+                        # a 0-byte row (a broken table config) still takes one op of no words,
+                        # so the issue stage cannot wait forever for an op count of zero
+                        x_new.n_ops.eq(Mux(n_elems == 0, 1, (n_elems + K - 1) >> log2K)),
+                        x_new.last_cnt.eq(Mux(n_elems == 0, 0, ((n_elems - 1) & (K - 1)) + 1)),
+                        x_new.one_op.eq(n_elems <= K),
+                    ]
         m.submodules.desc_fifo = dfifo = SyncFIFOBuffered(width=xl.size, depth=self.desc_depth)
         m.d.comb += [
             dfifo.w_data.eq(x_new),
             dfifo.w_en.eq(desc_in.o.valid),
             desc_in.o.ready.eq(dfifo.w_rdy),
         ]
-        x_in = xl(dfifo.r_data)
+        # and a register slice behind it: taking a descriptor (late in the cycle: it depends on
+        # this cycle's op) reaches the slice's two entries, not the FIFO's pointers and level
+        m.submodules.desc_out = desc_out = SkidBuffer(xl)
+        m.d.comb += [
+            desc_out.i.valid.eq(dfifo.r_rdy),
+            desc_out.i.payload.eq(dfifo.r_data),
+            dfifo.r_en.eq(desc_out.i.ready),
+        ]
+        x_in = desc_out.o.payload
         d_in = x_in.desc
         desc_take = Signal()
 
-        row_ok = cur.bad | cur.empty_bag | slot_done
-        good = ~cur.bad & ~cur.empty_bag & ~slot_err
-        row_has_ops = ~cur.empty_bag & (~cur.pooled | good)
-        goes_emit = cur.empty_bag | (cur.pooled & cur.bag_end)
+        # Registered facts about `cur`, loaded with it: the issue decision reads single bits.
+        c_gather = Signal()              # a GATHER lookup (not an empty-bag token)
+        c_accum = Signal()               # a good pooled lookup (unless its row has err)
+        c_bad = Signal()
+        c_bad_or_empty = Signal()
+        c_pooled_or_empty = Signal()     # no ops when bad or err (with c_gather = 0)
+        c_goes_emit = Signal()           # the bag ends with it: the emitter takes it over
+        cd_ok = Signal(init=1)           # == (cooldown == 0) | bag_first
+        row_ok = c_bad_or_empty | slot_done
+        row_has_ops = c_gather | (c_accum & ~slot_err)
+        goes_emit = c_goes_emit
 
         # The op the issue stage would send this cycle. A pooled row starts only when the
         # previous row of its bag has left the adders far enough (cooldown) and, if it ends the
@@ -487,17 +508,16 @@ class ResultMerger(wiring.Component):
         # pooled row then never stalls, which the cooldown arithmetic relies on.
         op_valid = Signal()
         op_kind = Signal(2)
-        with m.If(have & row_has_ops):
-            with m.If(~cur.pooled):
-                # GATHER output must not overtake a bag the emitter is still sending
-                m.d.comb += [op_valid.eq((~first_op | row_ok) & ~em_busy),
-                             op_kind.eq(Mux(good, _OP_READ, _OP_ZERO))]
-            with m.Else():
-                m.d.comb += [op_valid.eq(~first_op | (row_ok & ((cooldown == 0) | bag_first) &
-                                                     (~goes_emit | ~em_busy))),
-                             op_kind.eq(_OP_ACCUM)]
+        with m.If(have & c_gather):
+            # GATHER output must not overtake a bag the emitter is still sending
+            m.d.comb += [op_valid.eq((~first_op | c_bad | slot_done) & ~em_busy),
+                         op_kind.eq(Mux(c_bad | slot_err, _OP_ZERO, _OP_READ))]
+        with m.Elif(have & c_accum & ~slot_err):
+            m.d.comb += [op_valid.eq(~first_op | (slot_done & cd_ok & (~goes_emit | ~em_busy))),
+                         op_kind.eq(_OP_ACCUM)]
         op_cmd_last = cur.cmd_end & last_op & ~cur.pooled
-        noop_step = have & ~row_has_ops & row_ok & (~goes_emit | ~em_busy)
+        noop_step = (have & c_pooled_or_empty & ~(c_accum & ~slot_err) & row_ok &
+                     (~goes_emit | ~em_busy))
 
         # Output ops (GATHER reads and zeros, the emitter's sums) are credit-limited so that the
         # stages behind the issue stage never stall: `out_ok` (a register) says the output FIFO
@@ -514,7 +534,7 @@ class ResultMerger(wiring.Component):
         finish = Signal()
         m.d.comb += finish.eq((fire & last_op) | noop_step)
         handover = finish & goes_emit
-        m.d.comb += [dfifo.r_en.eq(~have | finish), desc_take.eq(dfifo.r_rdy & (~have | finish))]
+        m.d.comb += [desc_out.o.ready.eq(~have | finish), desc_take.eq(desc_out.o.valid & (~have | finish))]
 
         # The slot's flags are cleared one cycle after it retires, from the registered o_free
         # (free_now -> decode was on the critical path); the engine reuses a slot only after
@@ -550,6 +570,11 @@ class ResultMerger(wiring.Component):
         with m.If(desc_take):
             m.d.sync += [
                 have.eq(1), cur.eq(d_in), j.eq(0), first_op.eq(1),
+                c_gather.eq(~d_in.pooled & ~d_in.empty_bag),
+                c_accum.eq(d_in.pooled & ~d_in.empty_bag & ~d_in.bad),
+                c_bad.eq(d_in.bad), c_bad_or_empty.eq(d_in.bad | d_in.empty_bag),
+                c_pooled_or_empty.eq(d_in.pooled | d_in.empty_bag),
+                c_goes_emit.eq(d_in.empty_bag | (d_in.pooled & d_in.bag_end)),
                 last_op.eq(x_in.one_op), n_ops.eq(x_in.n_ops), last_cnt.eq(x_in.last_cnt),
                 sub_shift.eq(x_in.sub_shift),
             ]
@@ -565,6 +590,10 @@ class ResultMerger(wiring.Component):
         m.d.sync += cooldown.eq(cooldown_next)
         with m.If(accum_start):
             m.d.sync += [bag_first.eq(0), row_first.eq(bag_first)]
+        # cd_ok next: the cooldown restarts at ACCUM_HAZARD_CYCLES - 1 (> 0) on accum_start;
+        # a handover starts a new bag (bag_first)
+        m.d.sync += cd_ok.eq(handover | (~accum_start & ((cooldown <= 1) | bag_first)))
+        m.d.sync += Assert(cd_ok == ((cooldown == 0) | bag_first), "merger: cd_ok out of step")
         with m.If(handover):
             m.d.sync += [bag_first.eq(1), acc_bank.eq(~acc_bank)]
         with m.If((fire & op_cmd_last) | (handover & cur.cmd_end)):
