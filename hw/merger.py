@@ -367,8 +367,12 @@ class ResultMerger(wiring.Component):
             m.d.comb += [
                 buf.o.ready.eq(grant[c]),
                 level_next.eq(levels[c] + push - grant[c]),
-                avail_next[c].eq(level_next != 0),
+                # == (level_next != 0), from the input's valid rather than the push: the buffer
+                # takes a beat whenever it holds at most one (the push fans out to its entries)
+                avail_next[c].eq((levels[c] == 2) | ((levels[c] == 1) & (~grant[c] | buf.i.valid)) |
+                                 ((levels[c] == 0) & buf.i.valid)),
             ]
+            m.d.sync += Assert((levels[c] == 2) | buf.i.ready, "merger: input buffer level")
             # (checked at the clock edge in simulation; combinational checks see delta cycles)
             m.d.sync += Assert(~grant[c] | buf.o.valid, "merger granted an empty channel buffer")
             m.d.sync += levels[c].eq(level_next)
