@@ -35,7 +35,8 @@ Ports (all ``lib.stream`` unless noted; payloads are ``lib.data.StructLayout``):
     - ``cmd_end``: the last descriptor of the command; it must be one that emits output (a
       GATHER lookup, a pooled ``bag_end`` lookup or an ``empty_bag`` token).
     ``i_desc`` enters an internal FIFO of ``max(4, 2*n_slots)`` descriptors
-    (``ResultMerger.desc_depth``): ``i_desc.ready`` does not wait for rows, so a fork that
+    (``ResultMerger.desc_depth``; plus a two-entry register slice on each side of it):
+    ``i_desc.ready`` comes from a register and does not wait for rows, so a fork that
     sends each lookup both to the channels and here is not held up by the merger waiting for
     an older row (only the slot credits limit the lookups in flight).
 
@@ -62,8 +63,8 @@ Retirement semantics (bit-exact with ``evssd.host.pooling.pool_rows``):
 
 Throughput (measured in tests/hw/test_merger.py and with the same harness, no back-pressure,
 one channel, rows already arriving at one beat per cycle; "beats" are ROB beats of Wc bits):
-    - GATHER, ch64/host64, 64 B rows: 0.986 beats/cycle (768 beats in 779 cycles); 8 B rows 0.97.
-    - POOLED fp32/int32, 64 B rows (8 beats), bags of 8 rows: 0.975; bags of 1 row: 0.46
+    - GATHER, ch64/host64, 64 B rows: 0.981 beats/cycle (768 beats in 783 cycles).
+    - POOLED fp32/int32, 64 B rows (8 beats), bags of 8 rows: 0.970; bags of 1 row: 0.46
       (a bag's sums go out while the next bag accumulates, but the emitter holds one bag at a
       time: a bag-ending row starts only once the previous bag's emission is done).
     - POOLED fp16: 0.49, int8: 0.25 (each beat widens into 2 or 4 groups of K 32-bit lanes).
@@ -89,9 +90,22 @@ two-entry buffer, and the round-robin grant is a register decided a cycle ahead 
 buffers' next levels (on the board, valid -> round-robin -> beat mux -> row state was the
 critical path at 68 MHz; alone with it: 112 MHz). Pipelining for it: the RAM read data
 of accumulate ops are registered (stage R2, the sum written meanwhile forwarded), output ops
-go through a SkidBuffer before the packer (each RAM into a field of its own), a retired slot's
+go into a FIFO before the packer (each RAM into a field of its own), a retired slot's
 flags clear from the registered ``o_free``, and the issue stage's facts about its op (first,
 last, the slot's done/err flags) are registers (was 3158 LUT4 + 271 CCU2C, 1403 FF, 65.8 MHz).
+
+Fourth round (the issue stage's decision ended at the descriptor FIFO's pointers through the
+output's back-pressure; the packer's shift waited on the DMA's ready): stage R never stalls.
+Output ops (the issue stage's GATHER reads and zeros, and the emitter's sums, which now go
+through stage R too, never in the same cycle) enter an output FIFO of ``OUT_FIFO_DEPTH``
+entries, and are credit-limited by a registered ``out_ok``, so no handshake behind the issue
+stage reaches its decision. The issue stage decides from single-bit flags loaded with the
+descriptor and a registered cooldown-ok; descriptors get their op counts before the FIFO, and
+register slices sit on both sides of it. The packer places input words at ``fill`` for both
+outcomes of the cycle's output and lets ``out_fire`` pick one last; its input ready is a
+register function and a register slice sits on ``o_data``. Board params, 16 slots, out of
+context: 3094 LUT4 + 261 CCU2C + 46 DPR16X4, 2766 FF, 6 DP16KD, 109.4 MHz (critical path now the
+adder's rounding carry chain).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.hdl import Assert
