@@ -158,12 +158,14 @@ class MMIOManager(wiring.Component):
                 for addr, reg, ch in regmap.all_addresses(p.n_channels):
                     with m.Case(addr >> 2):
                         m.d.sync += rd_mapped.eq(1)
-            for g, members in groups.items():
-                m.d.sync += group_word[g].eq(0)
-                with m.Switch(bus.araddr[2:5]):
-                    for low, reg, ch in members:
-                        with m.Case(low):
-                            m.d.sync += group_word[g].eq(self._read_value(reg, ch))
+        # The group words load every cycle from whatever address is offered (no clock enable:
+        # the AR handshake drove ~270 of them); stage 1 uses those loaded with its read.
+        for g, members in groups.items():
+            m.d.sync += group_word[g].eq(0)
+            with m.Switch(bus.araddr[2:5]):
+                for low, reg, ch in members:
+                    with m.Case(low):
+                        m.d.sync += group_word[g].eq(self._read_value(reg, ch))
         with m.If(rd_pending):
             m.d.sync += [rd_pending.eq(0), r_valid.eq(1), r_data.eq(0),
                          r_resp.eq(Mux(rd_mapped, Resp.OKAY, Resp.DECERR))]
