@@ -70,9 +70,12 @@ def _device_class():
 class BridgeDecoder(wiring.Component):
     """Routes the bridge's AXI4-Lite master to the registers, the board-info ROM, the window.
 
-    The bridge runs one transaction at a time, so each direction latches its target when the
-    address arrives and forwards until the response is taken. Unmapped addresses answer DECERR;
-    the ROM answers SLVERR to writes.
+    Each direction runs one transaction at a time: it takes the address (and the write data)
+    into its own registers, decodes the target from them a cycle later, forwards the request
+    from registers, and answers the bridge from a registered response. No combinational path
+    crosses the decoder, and the targets' address and data inputs come straight from registers
+    (the bridge is limited by the serial line, so the extra cycles cost nothing). Unmapped
+    addresses answer DECERR; the ROM answers SLVERR to writes.
     """
 
     def __init__(self, *, window_bytes: int, info: list[int]):
@@ -93,92 +96,132 @@ class BridgeDecoder(wiring.Component):
         m = Module()
         s, mm, win = self.s_axil, self.m_mmio, self.m_window
 
-        # Addresses and data go to every target unconditionally (only the handshakes are routed):
-        # fewer logic levels in front of the targets' decoders.
-        m.d.comb += [mm.awaddr.eq(s.awaddr), mm.wdata.eq(s.wdata), mm.wstrb.eq(s.wstrb), mm.araddr.eq(s.araddr),
-                     win.awaddr.eq(s.awaddr), win.wdata.eq(s.wdata), win.wstrb.eq(s.wstrb), win.araddr.eq(s.araddr)]
+        # data registers: no reset (only read while their valid says so)
+        ar_addr = Signal(32, reset_less=True)
+        aw_addr = Signal(32, reset_less=True)
+        # the targets, decoded from the bridge's address register as it is taken
+        ar_sel = [Signal(name=f"ar_sel_{n}") for n in ("mmio", "rom", "win")]
+        aw_sel = [Signal(name=f"aw_sel_{n}") for n in ("mmio", "rom", "win")]
+        w_data = Signal(32, reset_less=True)
+        w_strb = Signal(4, reset_less=True)
+        # Addresses and data go to every target unconditionally (only the handshakes are routed).
+        m.d.comb += [mm.awaddr.eq(aw_addr), mm.wdata.eq(w_data), mm.wstrb.eq(w_strb), mm.araddr.eq(ar_addr),
+                     win.awaddr.eq(aw_addr), win.wdata.eq(w_data), win.wstrb.eq(w_strb),
+                     win.araddr.eq(ar_addr)]
 
         # ---- writes
-        wsel = Signal(2)  # 0 mmio, 1 rom, 2 window, 3 none
+        aw_have = Signal()
+        w_have = Signal()
+        awv = Signal()           # the forwarded AW / W are pending at the target
+        wv = Signal()
+        b_resp = Signal(2)
+        m.d.comb += s.bresp.eq(b_resp)
+
+        def forward_w(port, next_state):
+            m.d.comb += [port.awvalid.eq(awv), port.wvalid.eq(wv)]
+            with m.If(port.awready):
+                m.d.sync += awv.eq(0)
+            with m.If(port.wready):
+                m.d.sync += wv.eq(0)
+            with m.If((~awv | port.awready) & (~wv | port.wready)):
+                m.next = next_state
+
+        def take_b(port):
+            m.d.comb += port.bready.eq(1)
+            with m.If(port.bvalid):
+                m.d.sync += b_resp.eq(port.bresp)
+                m.next = "RESP"
+
         with m.FSM(name="wr"):
-            with m.State("IDLE"):
-                with m.If(s.awvalid):
-                    is_mmio, is_rom, is_win = self._select(s.awaddr)
-                    with m.If(is_mmio):
-                        m.d.sync += wsel.eq(0)
-                        m.next = "FWD"
-                    with m.Elif(is_win):
-                        m.d.sync += wsel.eq(2)
-                        m.next = "FWD"
-                    with m.Else():
-                        m.d.sync += wsel.eq(Cat(C(1, 1), ~is_rom))  # 1 rom, 3 unmapped
-                        m.next = "SINK"
-            with m.State("FWD"):
-                with m.If(wsel == 0):
-                    m.d.comb += [mm.awvalid.eq(s.awvalid), s.awready.eq(mm.awready),
-                                 mm.wvalid.eq(s.wvalid), s.wready.eq(mm.wready),
-                                 s.bresp.eq(mm.bresp), s.bvalid.eq(mm.bvalid), mm.bready.eq(s.bready)]
+            with m.State("ADDR"):
+                # AW and W in either order, each into its registers.
+                m.d.comb += [s.awready.eq(~aw_have), s.wready.eq(~w_have)]
+                with m.If(s.awvalid & ~aw_have):
+                    m.d.sync += [aw_addr.eq(s.awaddr), aw_have.eq(1),
+                                 Cat(*aw_sel).eq(Cat(*self._select(s.awaddr)))]
+                with m.If(s.wvalid & ~w_have):
+                    m.d.sync += [w_data.eq(s.wdata), w_strb.eq(s.wstrb), w_have.eq(1)]
+                with m.If(aw_have & w_have):
+                    m.next = "DECODE"
+            with m.State("DECODE"):
+                is_mmio, is_rom, is_win = aw_sel
+                m.d.sync += [aw_have.eq(0), w_have.eq(0)]
+                with m.If(is_mmio):
+                    m.d.sync += [awv.eq(1), wv.eq(1)]
+                    m.next = "MMIO_W"
+                with m.Elif(is_win):
+                    m.d.sync += [awv.eq(1), wv.eq(1)]
+                    m.next = "WIN_W"
                 with m.Else():
-                    m.d.comb += [win.awvalid.eq(s.awvalid), s.awready.eq(win.awready),
-                                 win.wvalid.eq(s.wvalid), s.wready.eq(win.wready),
-                                 s.bresp.eq(win.bresp), s.bvalid.eq(win.bvalid), win.bready.eq(s.bready)]
-                with m.If(s.bvalid & s.bready):
-                    m.next = "IDLE"
-            with m.State("SINK"):
-                # ROM (SLVERR: read-only) or unmapped (DECERR): take AW and W, then answer.
-                aw_seen, w_seen = Signal(), Signal()
-                m.d.comb += [s.awready.eq(~aw_seen), s.wready.eq(~w_seen)]
-                m.d.sync += [aw_seen.eq(aw_seen | s.awvalid), w_seen.eq(w_seen | s.wvalid)]
-                with m.If(aw_seen & w_seen):
-                    m.d.comb += [s.bvalid.eq(1), s.bresp.eq(Mux(wsel == 1, Resp.SLVERR, Resp.DECERR))]
-                    with m.If(s.bready):
-                        m.d.sync += [aw_seen.eq(0), w_seen.eq(0)]
-                        m.next = "IDLE"
+                    # ROM (SLVERR: read-only) or unmapped (DECERR)
+                    m.d.sync += b_resp.eq(Mux(is_rom, Resp.SLVERR, Resp.DECERR))
+                    m.next = "RESP"
+            with m.State("MMIO_W"):
+                forward_w(mm, "MMIO_B")
+            with m.State("MMIO_B"):
+                take_b(mm)
+            with m.State("WIN_W"):
+                forward_w(win, "WIN_B")
+            with m.State("WIN_B"):
+                take_b(win)
+            with m.State("RESP"):
+                m.d.comb += s.bvalid.eq(1)
+                with m.If(s.bready):
+                    m.next = "ADDR"
 
         # ---- reads
-        rsel = Signal(2)
-        raddr = Signal(8)
+        r_data = Signal(32, reset_less=True)
+        r_resp = Signal(2)
+        m.d.comb += [s.rdata.eq(r_data), s.rresp.eq(r_resp)]
+        # the ROM word is looked up as the address is taken (into r_data; DECODE keeps it for
+        # the ROM, clears it otherwise)
         rom = Signal(32)
-        with m.Switch(raddr[2:]):
+        with m.Switch(s.araddr[2:8]):
             for i, word in enumerate(self.info):
                 with m.Case(i):
                     m.d.comb += rom.eq(word)
+
+        def take_r(port):
+            m.d.comb += port.rready.eq(1)
+            with m.If(port.rvalid):
+                m.d.sync += [r_data.eq(port.rdata), r_resp.eq(port.rresp)]
+                m.next = "RESP"
+
         with m.FSM(name="rd"):
-            with m.State("IDLE"):
+            with m.State("ADDR"):
+                m.d.comb += s.arready.eq(1)
                 with m.If(s.arvalid):
-                    is_mmio, is_rom, is_win = self._select(s.araddr)
-                    m.d.sync += raddr.eq(s.araddr[:8])
-                    with m.If(is_mmio):
-                        m.d.sync += rsel.eq(0)
-                    with m.Elif(is_rom):
-                        m.d.sync += rsel.eq(1)
-                    with m.Elif(is_win):
-                        m.d.sync += rsel.eq(2)
-                    with m.Else():
-                        m.d.sync += rsel.eq(3)
-                    m.next = "FWD"
-            with m.State("FWD"):
-                with m.Switch(rsel):
-                    with m.Case(0):
-                        m.d.comb += [mm.arvalid.eq(s.arvalid), s.arready.eq(mm.arready),
-                                     s.rdata.eq(mm.rdata), s.rresp.eq(mm.rresp), s.rvalid.eq(mm.rvalid),
-                                     mm.rready.eq(s.rready)]
-                    with m.Case(2):
-                        m.d.comb += [win.arvalid.eq(s.arvalid), s.arready.eq(win.arready),
-                                     s.rdata.eq(win.rdata), s.rresp.eq(win.rresp), s.rvalid.eq(win.rvalid),
-                                     win.rready.eq(s.rready)]
-                    with m.Default():
-                        m.d.comb += s.arready.eq(1)
-                        with m.If(s.arvalid):
-                            m.next = "LOCAL_R"
-                with m.If(s.rvalid & s.rready):
-                    m.next = "IDLE"
-            with m.State("LOCAL_R"):
-                m.d.comb += [s.rvalid.eq(1),
-                             s.rdata.eq(Mux(rsel == 1, rom, 0)),
-                             s.rresp.eq(Mux(rsel == 1, Resp.OKAY, Resp.DECERR))]
+                    m.d.sync += [ar_addr.eq(s.araddr), Cat(*ar_sel).eq(Cat(*self._select(s.araddr))),
+                                 r_data.eq(rom)]
+                    m.next = "DECODE"
+            with m.State("DECODE"):
+                is_mmio, is_rom, is_win = ar_sel
+                with m.If(is_mmio):
+                    m.next = "MMIO_AR"
+                with m.Elif(is_win):
+                    m.next = "WIN_AR"
+                with m.Elif(is_rom):
+                    m.d.sync += r_resp.eq(Resp.OKAY)
+                    m.next = "RESP"
+                with m.Else():
+                    m.d.sync += [r_data.eq(0), r_resp.eq(Resp.DECERR)]
+                    m.next = "RESP"
+            with m.State("MMIO_AR"):
+                m.d.comb += mm.arvalid.eq(1)
+                with m.If(mm.arready):
+                    m.next = "MMIO_R"
+            with m.State("MMIO_R"):
+                take_r(mm)
+            with m.State("WIN_AR"):
+                m.d.comb += win.arvalid.eq(1)
+                with m.If(win.arready):
+                    m.next = "WIN_R"
+            with m.State("WIN_R"):
+                take_r(win)
+            with m.State("RESP"):
+                m.d.comb += s.rvalid.eq(1)
                 with m.If(s.rready):
-                    m.next = "IDLE"
+                    m.next = "ADDR"
         return m
 
 
@@ -187,8 +230,12 @@ class _Stretch:
 
     @staticmethod
     def add(m, event, cycles):
+        # The event is registered first: it is an OR of pulses and valids from all over the
+        # design, and the counter's enable should not wait for them.
+        event_q = Signal()
+        m.d.sync += event_q.eq(event)
         count = Signal(range(cycles + 1))
-        with m.If(event):
+        with m.If(event_q):
             m.d.sync += count.eq(cycles)
         with m.Elif(count != 0):
             m.d.sync += count.eq(count - 1)

@@ -100,9 +100,15 @@ class AxiBram(wiring.Component):
         wid = Signal(axi.awid.shape())
         wprio_lite = Signal()
         m.d.comb += [axi.bid.eq(wid), axi.bresp.eq(Resp.OKAY)]
+        # The write address is the address register in every state (only the enables are
+        # decided per cycle): on a board it fans out to every block RAM of the memory, so no
+        # logic sits in front of it. A lite write goes through the same register.
+        m.d.comb += [wp.addr.eq(index(waddr)), wp.data.eq(axi.wdata)]
         if lite is not None:
             m.d.comb += lite.bresp.eq(Resp.OKAY)
             lite_w_req = lite.awvalid & lite.wvalid
+            lite_wdata = Signal(self.data_width, reset_less=True)
+            lite_wen = Signal(self.bpw)
 
         with m.FSM(name="wr"):
             with m.State("IDLE"):
@@ -111,21 +117,20 @@ class AxiBram(wiring.Component):
                     lite_go = lite_w_req & (wprio_lite | ~axi.awvalid)
                     axi_go = axi.awvalid & ~lite_go
                     with m.If(lite_go):
-                        # A 32-bit word into its lane of the wide memory word.
+                        # A 32-bit word into its lane of the wide memory word, written from
+                        # registers in LITE_W.
                         lane = lite.awaddr[2:lsb] if lanes > 1 else C(0, 1)
-                        m.d.comb += [lite.awready.eq(1), lite.wready.eq(1),
-                                     wp.addr.eq(index(lite.awaddr)),
-                                     wp.data.eq(lite.wdata.replicate(lanes)),
-                                     wp.en.eq(lite.wstrb << (lane * 4))]
-                        m.d.sync += wprio_lite.eq(0)
-                        m.next = "LITE_B"
+                        m.d.comb += [lite.awready.eq(1), lite.wready.eq(1)]
+                        m.d.sync += [waddr.eq(lite.awaddr), lite_wdata.eq(lite.wdata.replicate(lanes)),
+                                     lite_wen.eq(lite.wstrb << (lane * 4)), wprio_lite.eq(0)]
+                        m.next = "LITE_W"
                 with m.If(axi_go):
                     m.d.comb += axi.awready.eq(1)
                     m.d.sync += [waddr.eq(axi.awaddr), wsize.eq(axi.awsize),
                                  wburst.eq(axi.awburst), wid.eq(axi.awid), wprio_lite.eq(1)]
                     m.next = "DATA"
             with m.State("DATA"):
-                m.d.comb += [axi.wready.eq(1), wp.addr.eq(index(waddr)), wp.data.eq(axi.wdata)]
+                m.d.comb += axi.wready.eq(1)
                 with m.If(axi.wvalid):
                     m.d.comb += wp.en.eq(axi.wstrb)
                     with m.If(wburst != Burst.FIXED):
@@ -137,6 +142,9 @@ class AxiBram(wiring.Component):
                 with m.If(axi.bready):
                     m.next = "IDLE"
             if lite is not None:
+                with m.State("LITE_W"):
+                    m.d.comb += [wp.data.eq(lite_wdata), wp.en.eq(lite_wen)]
+                    m.next = "LITE_B"
                 with m.State("LITE_B"):
                     m.d.comb += lite.bvalid.eq(1)
                     with m.If(lite.bready):
@@ -162,9 +170,11 @@ class AxiBram(wiring.Component):
                      axi.rdata.eq(rd_data), axi.rresp.eq(Resp.OKAY), rd_en.eq(0),
                      rd_addr.eq(index(raddr))]
         if lite is not None:
+            # A lite read goes through the address register too, and its word is registered
+            # before it leaves (the block RAM's output feeds a register, not logic).
             lite_lane = Signal(range(max(lanes, 2)))
-            m.d.comb += [lite.rresp.eq(Resp.OKAY),
-                         lite.rdata.eq(rd_data.word_select(lite_lane, 32) if lanes > 1 else rd_data)]
+            lite_rdata = Signal(32, reset_less=True)
+            m.d.comb += [lite.rresp.eq(Resp.OKAY), lite.rdata.eq(lite_rdata)]
 
         with m.FSM(name="rd"):
             with m.State("IDLE"):
@@ -176,11 +186,11 @@ class AxiBram(wiring.Component):
                     lite_go = lite.arvalid & ~rvalid & (rprio_lite | ~axi.arvalid)
                     axi_go = axi.arvalid & ~lite_go
                     with m.If(lite_go):
-                        m.d.comb += [lite.arready.eq(1), rd_en.eq(1), rd_addr.eq(index(lite.araddr))]
+                        m.d.comb += lite.arready.eq(1)
                         if lanes > 1:
                             m.d.sync += lite_lane.eq(lite.araddr[2:lsb])
-                        m.d.sync += rprio_lite.eq(0)
-                        m.next = "LITE_R"
+                        m.d.sync += [raddr.eq(lite.araddr), rprio_lite.eq(0)]
+                        m.next = "LITE_RD"
                 with m.If(axi_go):
                     m.d.comb += axi.arready.eq(1)
                     m.d.sync += [raddr.eq(axi.araddr), rsize.eq(axi.arsize), rburst.eq(axi.arburst),
@@ -196,6 +206,12 @@ class AxiBram(wiring.Component):
                     with m.If(rleft == 1):
                         m.next = "IDLE"
             if lite is not None:
+                with m.State("LITE_RD"):
+                    m.d.comb += rd_en.eq(1)
+                    m.next = "LITE_CAP"
+                with m.State("LITE_CAP"):
+                    m.d.sync += lite_rdata.eq(rd_data.word_select(lite_lane, 32) if lanes > 1 else rd_data)
+                    m.next = "LITE_R"
                 with m.State("LITE_R"):
                     m.d.comb += lite.rvalid.eq(1)
                     with m.If(lite.rready):

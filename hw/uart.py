@@ -14,6 +14,8 @@ board uses ``clock_hz // baud``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from amaranth import Module, Signal, Cat, C
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
@@ -209,6 +211,12 @@ class UartAxiBridge(wiring.Component):
         })
 
     def elaborate(self, platform):
+        # Pipelined for timing: the received byte and its decoded flags are registered before the
+        # frame parser looks at them; every decision the parser needs (last header byte, last
+        # word, opcode class, line timeout) is a register computed ahead; the buffer's read data,
+        # the AXI4-Lite request and every valid are registers; the response bytes go out through
+        # a holding register. The line (one byte per 10 bit times) bounds the throughput, so the
+        # extra cycles cost nothing; the parser still takes a byte every cycle.
         m = Module()
         rx, tx, bus = self.i_rx, self.o_tx, self.m_axil
 
@@ -216,192 +224,235 @@ class UartAxiBridge(wiring.Component):
         wbuf = buf.write_port()
         rbuf = buf.read_port(transparent_for=())
 
+        # ---- stage 0: the byte, registered (received bytes are always taken: the UART cannot wait)
+        b_stb = Signal()
+        b_data = Signal(8, reset_less=True)
+        b_sof = Signal()
+        m.d.comb += rx.ready.eq(1)
+        m.d.sync += [b_stb.eq(rx.valid), b_data.eq(rx.payload),
+                     b_sof.eq(rx.payload == SOF_REQUEST)]
+
+        # ---- request fields
         op = Signal(8)
+        op_read = Signal()
+        op_write = Signal()
+        op_valid = Signal()
         tag = Signal(8)
-        addr = Signal(32)
+        hdr_addr = Signal(32)
         count = Signal(8)        # words - 1
         strb = Signal(4)
-        hdr_idx = Signal(range(8))
-        byte_idx = Signal(2)
-        word_idx = Signal(range(MAX_WORDS + 1))
-        word = Signal(32)
+        hdr_oh = Signal(8)       # one-hot: which header byte comes next (0 outside HEADER)
         rx_crc = Signal(8)
-        tx_crc = Signal(8)
         fstatus = Signal(8)
+        fail = Signal()          # fstatus != OK
+
+        # ---- WRITE data into the buffer: assembled in `wword`, written a cycle later
+        byte_idx = Signal(2)
+        wword = Signal(32, reset_less=True)
+        wr_pend = Signal()
+        widx = Signal(8)
+        wlast = Signal()         # widx == count, a cycle late (a word takes >= 4 cycles)
+        m.d.sync += wlast.eq(widx == count)
+        m.d.comb += [wbuf.en.eq(wr_pend), wbuf.addr.eq(widx), wbuf.data.eq(wword)]
+        m.d.sync += wr_pend.eq(0)
+        with m.If(wr_pend):
+            m.d.sync += widx.eq(widx + 1)
+
+        # ---- execution
+        addr = Signal(32)
+        xidx = Signal(8)
+        xlast = Signal()         # xidx == count, a cycle late (a word takes >= 4 cycles)
+        m.d.sync += xlast.eq(xidx == count)
+        # data registers: no reset (a gate less in front of them; only read once loaded)
+        rword = Signal(32, reset_less=True)
+        wdata = Signal(32, reset_less=True)
+        rsp = Signal(2)          # the last AXI response, registered
         resp = Signal(2)         # first non-OKAY response of the frame
         got_err = Signal()
-        aw_done = Signal()
-        w_done = Signal()
-        idle = Signal(range(self.idle_timeout + 1))
+        arv = Signal()
+        awv = Signal()
+        wv = Signal()
+        send_idx = Signal(2)
+        m.d.comb += rbuf.addr.eq(xidx)
+        m.d.comb += [bus.araddr.eq(addr), bus.awaddr.eq(addr), bus.wdata.eq(wdata), bus.wstrb.eq(strb),
+                     bus.arvalid.eq(arv), bus.awvalid.eq(awv), bus.wvalid.eq(wv),
+                     bus.rready.eq(1), bus.bready.eq(1)]
 
-        # Received bytes are always taken (the UART cannot wait); the FSM decides what they mean.
-        m.d.comb += rx.ready.eq(1)
-        take = rx.valid
-        rx_crc_next = _crc8_next(rx_crc, rx.payload)
-        tx_crc_next = _crc8_next(tx_crc, tx.payload)
-        with m.If(tx.valid & tx.ready):
-            m.d.sync += tx_crc.eq(tx_crc_next)
+        # ---- response bytes: a holding register in front of o_tx
+        tx_v = Signal()
+        tx_q = Signal(8)
+        tx_crc = Signal(8)
+        m.d.comb += [tx.valid.eq(tx_v), tx.payload.eq(tx_q)]
+        with m.If(tx_v & tx.ready):
+            m.d.sync += [tx_v.eq(0), tx_crc.eq(_crc8_next(tx_crc, tx_q))]
 
-        def send(value, next_state):
-            m.d.comb += [tx.valid.eq(1), tx.payload.eq(value)]
-            with m.If(tx.ready):
-                m.next = next_state
+        @contextmanager
+        def send(value, next_state=None):
+            """Load `value` into the holding register when it is free (the body runs then)."""
+            with m.If(~tx_v):
+                m.d.sync += [tx_q.eq(value), tx_v.eq(1)]
+                if next_state is not None:
+                    m.next = next_state
+                yield
 
-        def note_resp(r):
-            with m.If((r != Resp.OKAY) & ~got_err):
-                m.d.sync += [resp.eq(r), got_err.eq(1)]
-            with m.If(r != Resp.OKAY):
-                m.d.comb += self.bus_error.eq(1)
+        # ---- pulses and activity, registered
+        crc_err_p = Signal()
+        bus_err_p = Signal()
+        timeout_p = Signal()
+        active = Signal()
+        m.d.sync += [crc_err_p.eq(0), bus_err_p.eq(0), timeout_p.eq(0)]
+        m.d.comb += [self.crc_error.eq(crc_err_p), self.bus_error.eq(bus_err_p),
+                     self.timeout.eq(timeout_p), self.active.eq(active)]
 
-        # Inter-byte timeout inside a frame.
+        def note_resp():
+            with m.If((rsp != Resp.OKAY) & ~got_err):
+                m.d.sync += [resp.eq(rsp), got_err.eq(1)]
+            with m.If(rsp != Resp.OKAY):
+                m.d.sync += bus_err_p.eq(1)
+
+        # ---- inter-byte timeout inside a frame: `to_q` is (idle == idle_timeout), registered
         in_frame = Signal()
-        with m.If(in_frame & ~take):
-            m.d.sync += idle.eq(idle + 1)
+        idle = Signal(range(self.idle_timeout + 1))
+        to_q = Signal()
+        with m.If(b_stb | ~in_frame):
+            m.d.sync += [idle.eq(0), to_q.eq(0)]
         with m.Else():
-            m.d.sync += idle.eq(0)
-        timed_out = in_frame & (idle == self.idle_timeout)
+            m.d.sync += [idle.eq(idle + 1), to_q.eq(idle == self.idle_timeout - 1)]
 
-        # Address, data and strobes straight from registers (not through the FSM's decode): they
-        # feed the targets' address decoders, the longest paths of the board.
-        m.d.comb += [bus.araddr.eq(addr), bus.awaddr.eq(addr), bus.wdata.eq(rbuf.data), bus.wstrb.eq(strb)]
-
-        valid_op = (op == Op.PING) | (op == Op.READ) | (op == Op.WRITE)
+        # Header fields: one-hot byte position, so each field's enable is one gate.
+        for i, (field, lo) in enumerate([(op, 0), (tag, 0), (hdr_addr, 0), (hdr_addr, 8), (hdr_addr, 16),
+                                         (hdr_addr, 24), (count, 0), (strb, 0)]):
+            with m.If(b_stb & hdr_oh[i]):
+                m.d.sync += field[lo:lo + min(8, len(field))].eq(b_data[:min(8, len(field))])
+        with m.If(b_stb & hdr_oh[0]):
+            m.d.sync += [op_read.eq(b_data == Op.READ), op_write.eq(b_data == Op.WRITE),
+                         op_valid.eq(b_data <= Op.WRITE)]
 
         def in_frame_take():
-            """A state inside a request frame: line silence ends the frame (TIMEOUT answer);
-            returns the branch for a byte taken."""
-            m.d.comb += [in_frame.eq(1), self.active.eq(1)]
-            with m.If(timed_out):
-                m.d.sync += fstatus.eq(FrameStatus.TIMEOUT)
-                m.d.comb += self.timeout.eq(1)
+            """A state inside a request frame: a byte is taken; line silence ends the frame
+            (TIMEOUT answer). Returns the branch for a byte taken."""
+            m.d.comb += in_frame.eq(1)
+            m.d.sync += active.eq(1)
+            with m.If(to_q & ~b_stb):
+                m.d.sync += [fstatus.eq(FrameStatus.TIMEOUT), fail.eq(1), timeout_p.eq(1),
+                             hdr_oh.eq(0)]
                 m.next = "R_SOF"
-            return m.Elif(take)
+            return m.Elif(b_stb)
 
         with m.FSM():
             with m.State("IDLE"):
-                with m.If(take & (rx.payload == SOF_REQUEST)):
+                m.d.sync += active.eq(0)
+                with m.If(b_stb & b_sof):
                     # OP/TAG read as 0 in a TIMEOUT answer when they had not arrived.
-                    m.d.sync += [rx_crc.eq(0), hdr_idx.eq(0), op.eq(0), tag.eq(0)]
+                    m.d.sync += [rx_crc.eq(0), hdr_oh.eq(1), op.eq(0), tag.eq(0), active.eq(1)]
                     m.next = "HEADER"
             with m.State("HEADER"):
                 with in_frame_take():
-                    m.d.sync += [rx_crc.eq(rx_crc_next), hdr_idx.eq(hdr_idx + 1)]
-                    with m.Switch(hdr_idx):
-                        with m.Case(0):
-                            m.d.sync += op.eq(rx.payload)
-                        with m.Case(1):
-                            m.d.sync += tag.eq(rx.payload)
-                        for i in range(4):
-                            with m.Case(2 + i):
-                                m.d.sync += addr.word_select(i, 8).eq(rx.payload)
-                        with m.Case(6):
-                            m.d.sync += count.eq(rx.payload)
-                        with m.Case(7):
-                            m.d.sync += strb.eq(rx.payload[:4])
-                    with m.If(hdr_idx == 7):
-                        m.d.sync += [byte_idx.eq(0), word_idx.eq(0)]
-                        with m.If(op == Op.WRITE):
+                    m.d.sync += [rx_crc.eq(_crc8_next(rx_crc, b_data)), hdr_oh.eq(hdr_oh << 1)]
+                    with m.If(hdr_oh[7]):
+                        m.d.sync += [byte_idx.eq(0), widx.eq(0)]
+                        with m.If(op_write):
                             m.next = "DATA"
                         with m.Else():
                             m.next = "CHECK"
             with m.State("DATA"):
                 with in_frame_take():
-                    m.d.sync += [rx_crc.eq(rx_crc_next), byte_idx.eq(byte_idx + 1),
-                                 word.eq(Cat(word[8:], rx.payload))]
+                    m.d.sync += [rx_crc.eq(_crc8_next(rx_crc, b_data)), byte_idx.eq(byte_idx + 1),
+                                 wword.eq(Cat(wword[8:], b_data))]
                     with m.If(byte_idx == 3):
-                        m.d.comb += [wbuf.en.eq(1), wbuf.addr.eq(word_idx),
-                                     wbuf.data.eq(Cat(word[8:], rx.payload))]
-                        m.d.sync += word_idx.eq(word_idx + 1)
-                        with m.If(word_idx == count):
+                        m.d.sync += wr_pend.eq(1)
+                        with m.If(wlast):
                             m.next = "CHECK"
             with m.State("CHECK"):
                 with in_frame_take():
-                    with m.If(rx.payload != rx_crc):
-                        m.d.sync += fstatus.eq(FrameStatus.CRC_ERROR)
-                        m.d.comb += self.crc_error.eq(1)
-                    with m.Elif(~valid_op):
-                        m.d.sync += fstatus.eq(FrameStatus.BAD_OPCODE)
+                    with m.If(b_data != rx_crc):
+                        m.d.sync += [fstatus.eq(FrameStatus.CRC_ERROR), fail.eq(1), crc_err_p.eq(1)]
+                    with m.Elif(~op_valid):
+                        m.d.sync += [fstatus.eq(FrameStatus.BAD_OPCODE), fail.eq(1)]
                     with m.Else():
-                        m.d.sync += fstatus.eq(FrameStatus.OK)
-                    m.d.sync += [resp.eq(Resp.OKAY), got_err.eq(0), word_idx.eq(0)]
+                        m.d.sync += [fstatus.eq(FrameStatus.OK), fail.eq(0)]
+                    m.d.sync += [resp.eq(Resp.OKAY), got_err.eq(0), xidx.eq(0), addr.eq(hdr_addr)]
                     m.next = "R_SOF"
 
             # ---- response header: SOF, OP, TAG, FSTATUS
             with m.State("R_SOF"):
-                m.d.comb += self.active.eq(1)
-                send(SOF_RESPONSE, "R_OP")
-                # The CRC covers OP..RESP, not the SOF (this assignment overrides the update above).
-                m.d.sync += tx_crc.eq(0)
+                with send(SOF_RESPONSE, "R_OP"):
+                    pass
             with m.State("R_OP"):
-                m.d.comb += self.active.eq(1)
-                send(op, "R_TAG")
+                # The CRC covers OP..RESP, not the SOF: the SOF has left the holding register
+                # (it is free), so restart the CRC here.
+                with send(op, "R_TAG"):
+                    m.d.sync += tx_crc.eq(0)
             with m.State("R_TAG"):
-                m.d.comb += self.active.eq(1)
-                send(tag, "R_STATUS")
+                with send(tag, "R_STATUS"):
+                    pass
             with m.State("R_STATUS"):
-                m.d.comb += self.active.eq(1)
-                m.d.comb += [tx.valid.eq(1), tx.payload.eq(fstatus)]
-                with m.If(tx.ready):
-                    with m.If(fstatus != FrameStatus.OK):
+                with send(fstatus):
+                    with m.If(fail):
                         m.next = "R_CRC"
-                    with m.Elif(op == Op.READ):
+                    with m.Elif(op_read):
+                        m.d.sync += arv.eq(1)
                         m.next = "RD_AR"
-                    with m.Elif(op == Op.WRITE):
+                    with m.Elif(op_write):
                         m.next = "WR_FETCH"
                     with m.Else():
                         m.next = "R_RESP"
 
             # ---- READ: one AXI4-Lite read per word, bytes sent as they come
             with m.State("RD_AR"):
-                m.d.comb += [self.active.eq(1), bus.arvalid.eq(1)]
                 with m.If(bus.arready):
+                    m.d.sync += arv.eq(0)
                     m.next = "RD_R"
             with m.State("RD_R"):
-                m.d.comb += [self.active.eq(1), bus.rready.eq(1)]
                 with m.If(bus.rvalid):
-                    m.d.sync += [word.eq(bus.rdata), byte_idx.eq(0)]
-                    note_resp(bus.rresp)
-                    m.next = "RD_SEND"
+                    m.d.sync += [rword.eq(bus.rdata), rsp.eq(bus.rresp), send_idx.eq(0)]
+                    m.next = "RD_NOTE"
+            with m.State("RD_NOTE"):
+                note_resp()
+                m.next = "RD_SEND"
             with m.State("RD_SEND"):
-                m.d.comb += [self.active.eq(1), tx.valid.eq(1), tx.payload.eq(word[:8])]
-                with m.If(tx.ready):
-                    m.d.sync += [word.eq(word >> 8), byte_idx.eq(byte_idx + 1)]
-                    with m.If(byte_idx == 3):
-                        m.d.sync += [addr.eq(addr + 4), word_idx.eq(word_idx + 1)]
-                        with m.If(word_idx == count):
+                with send(rword[:8]):
+                    m.d.sync += [rword.eq(rword >> 8), send_idx.eq(send_idx + 1)]
+                    with m.If(send_idx == 3):
+                        m.d.sync += [addr.eq(addr + 4), xidx.eq(xidx + 1)]
+                        with m.If(xlast):
                             m.next = "R_RESP"
                         with m.Else():
+                            m.d.sync += arv.eq(1)
                             m.next = "RD_AR"
 
             # ---- WRITE: words from the buffer, one AXI4-Lite write each
             with m.State("WR_FETCH"):
-                m.d.comb += [self.active.eq(1), rbuf.addr.eq(word_idx)]
-                m.d.sync += [aw_done.eq(0), w_done.eq(0)]
+                # the buffer reads word `xidx` this cycle
+                m.next = "WR_LATCH"
+            with m.State("WR_LATCH"):
+                m.d.sync += [wdata.eq(rbuf.data), awv.eq(1), wv.eq(1)]
                 m.next = "WR_AW"
             with m.State("WR_AW"):
-                m.d.comb += [self.active.eq(1), rbuf.addr.eq(word_idx),
-                             bus.awvalid.eq(~aw_done), bus.wvalid.eq(~w_done)]
-                aw_ok = aw_done | bus.awready
-                w_ok = w_done | bus.wready
-                m.d.sync += [aw_done.eq(aw_ok), w_done.eq(w_ok)]
-                with m.If(aw_ok & w_ok):
+                with m.If(bus.awready):
+                    m.d.sync += awv.eq(0)
+                with m.If(bus.wready):
+                    m.d.sync += wv.eq(0)
+                with m.If((~awv | bus.awready) & (~wv | bus.wready)):
                     m.next = "WR_B"
             with m.State("WR_B"):
-                m.d.comb += [self.active.eq(1), bus.bready.eq(1)]
                 with m.If(bus.bvalid):
-                    note_resp(bus.bresp)
-                    m.d.sync += [addr.eq(addr + 4), word_idx.eq(word_idx + 1)]
-                    with m.If(word_idx == count):
-                        m.next = "R_RESP"
-                    with m.Else():
-                        m.next = "WR_FETCH"
+                    m.d.sync += rsp.eq(bus.bresp)
+                    m.next = "WR_NOTE"
+            with m.State("WR_NOTE"):
+                note_resp()
+                m.d.sync += [addr.eq(addr + 4), xidx.eq(xidx + 1)]
+                with m.If(xlast):
+                    m.next = "R_RESP"
+                with m.Else():
+                    m.next = "WR_FETCH"
 
             # ---- response tail: RESP, CRC
             with m.State("R_RESP"):
-                m.d.comb += self.active.eq(1)
-                send(resp, "R_CRC")
+                with send(resp, "R_CRC"):
+                    pass
             with m.State("R_CRC"):
-                m.d.comb += [self.active.eq(1), tx.valid.eq(1), tx.payload.eq(tx_crc)]
-                with m.If(tx.ready):
-                    m.next = "IDLE"
+                # Every earlier byte has left the holding register: tx_crc covers them all.
+                with send(tx_crc, "IDLE"):
+                    pass
         return m
