@@ -2,7 +2,7 @@
 
 Interface (for the integrator)
 ------------------------------
-``FlashChannelController(params: Params, tag_width: int)``:
+``FlashChannelController(params: Params, tag_width: int, *, checks: bool = True)``:
 
 - ``m_axi: Out(AXI4Signature(addr_width=channel_addr_width(params), data_width=params.ch_data_bits,
   id_width=1))`` -- this channel's DDR bank; byte address = ``page * page_size + offset``.
@@ -53,28 +53,37 @@ beats in 517 cycles; 8-byte rows: 64 beats in 69). ``o_row`` is combinational fr
 the R channel (one cycle of latency); a row whose first byte is not in lane 0 and whose beats on the bus equal its
 beats on ``o_row`` costs one extra cycle at its end. The pending and AR->R queues have registered
 outputs, and the pending head passes a planning register stage (its first burst and its first
-beat's R-side flags): two cycles from accept to AR, one from AR to the R side knowing the request.
-A request first passes a register stage of its own (its queue entries' beat arithmetic,
-computed from ``offset`` and ``length`` before the way lookup): one more cycle from ``i_read``.
+beat's R-side flags): two cycles from accept to AR. The AR->R queue's head passes a two-entry
+register slice: two cycles from AR to the R side knowing the request (hidden behind the memory
+latency). A request first passes a register stage of its own (its queue entries' beat
+arithmetic, computed from ``offset`` and ``length`` before the way lookup, and its page-register
+hits): one more cycle from ``i_read``. A tR timer is loaded the cycle after its page register is
+claimed (with ``t_r - 1``: tR ends on the same cycle as if loaded at once).
 
 Timing (alone at the board parameters, ``evssd.hw.synth.estimate(..., fmax=True)``: yosys
-synth_ecp5 + nextpnr-ecp5 --85k --out-of-context): 116 MHz (was 88.5 before the AR plan stage
-and the R-side flags); critical path: the accept decision (page compare against every page
-register -> hit/LRU -> accept -> page-register reference counts). Every decision on
-the AR and R sides starts from registers: burst plans, ``way_ready`` (tR over), the R side's
-beat flags (computed for the next beat when a beat is taken), and a finished read drops its
-page-register reference one cycle late.
+synth_ecp5 + nextpnr-ecp5 --85k --out-of-context): 126 MHz (116 before the accept and R-side
+decisions were flattened; nextpnr varies by +-10 MHz with placement); critical path: the R
+side's beat flags for the next beat (head slice mux -> beat-count compares -> flags register).
+About 1210 FFs, 920 LUT4, 195 carry cells, 42 LUT-RAM blocks. Every decision starts at most two
+LUT levels from registers: the accept decision (and which page register a miss claims) from the
+request stage's registered page-register hits, the LRU bits and registered "no reference left"
+flags; the AR handshake from registered burst plans, the head's way and ``way_ready`` (tR
+over); the R handshake and the request end from registered beat flags (computed for the next
+beat when a beat is taken), registered slice-valid flags and ``o_row.ready``. A finished read
+drops its page-register reference one cycle late. ``checks`` (on by default) adds simulation
+assertions that every registered copy of a decision stays equal to what it stands for (the
+synthesis flow removes assertions: ``synth.YOSYS_AFTER_READ``).
 """
 from __future__ import annotations
 
 from amaranth import Array, Module, Signal, Cat, Const, Mux
+from amaranth.hdl import Assert
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4Signature, Burst
 from .regmap import Params
-from .skid_buffer import SkidBuffer
 
 __all__ = [
     "FlashChannelController", "read_request_layout", "row_beat_layout", "prog_request_layout",
@@ -132,14 +141,80 @@ class WayModel:
                 self.pages[w] = None
 
 
+class _Slice:
+    """A two-entry register slice like :class:`.skid_buffer.SkidBuffer`, inline, with
+    ``o.valid`` a register of its own (not ``full[rp]``: the read pointer drives the whole
+    payload mux, a high fan-out in front of every decision on ``o.valid``) and, on request,
+    fields of the head kept in registers too (:meth:`head_reg`)."""
+
+    def __init__(self, m, shape, name, checks=True):
+        self.m, self.shape, self.checks = m, shape, checks
+        self.i = stream.Signature(shape).create(path=(name, "i"))
+        self.o = stream.Signature(shape).create(path=(name, "o"))
+        ent = [Signal(shape, name=f"{name}_ent{k}") for k in range(2)]
+        full = Signal(2, name=f"{name}_full")
+        wp = Signal(name=f"{name}_wp")
+        rp = Signal(name=f"{name}_rp")
+        self.push = push = Signal(name=f"{name}_push")
+        self.pop = pop = Signal(name=f"{name}_pop")
+        m.d.comb += [
+            self.i.ready.eq(~full.bit_select(wp, 1)),
+            self.o.payload.eq(Mux(rp, ent[1], ent[0])),
+            push.eq(self.i.valid & self.i.ready),
+            pop.eq(self.o.valid & self.o.ready),
+        ]
+        with m.If(push):
+            m.d.sync += wp.eq(~wp)
+            with m.If(wp):
+                m.d.sync += ent[1].eq(self.i.payload)
+            with m.Else():
+                m.d.sync += ent[0].eq(self.i.payload)
+        with m.If(pop):
+            m.d.sync += rp.eq(~rp)
+        # a push and a pop in the same cycle touch different entries (one is empty, one full)
+        for k in range(2):
+            with m.If(push & (wp == k)):
+                m.d.sync += full[k].eq(1)
+            with m.Elif(pop & (rp == k)):
+                m.d.sync += full[k].eq(0)
+        self.other_full = full.bit_select(~rp, 1)     # the entry after the head
+        other = Signal(shape, name=f"{name}_other")
+        m.d.comb += other.eq(Mux(rp, ent[0], ent[1]))
+        self.other = other
+        self.valid_next = Signal(name=f"{name}_valid_next")
+        m.d.comb += self.valid_next.eq(self.next_head(Const(1), Const(1), push))
+        m.d.sync += self.o.valid.eq(self.valid_next)
+        if checks:
+            m.d.sync += Assert(self.o.valid == full.bit_select(rp, 1),
+                               f"{name}: o.valid out of step")
+
+    def next_head(self, cur, other, incoming):
+        """The next cycle's value of something about the head, from its values for the current
+        head, the entry after it, and the incoming entry."""
+        return Mux(self.pop, Mux(self.other_full, other, incoming),
+                   Mux(self.o.valid, cur, incoming))
+
+    def head_reg(self, fn, name):
+        """A register holding ``fn(head payload)`` (valid while ``o.valid``)."""
+        r = Signal.like(fn(self.o.payload), name=name)
+        self.m.d.sync += r.eq(self.next_head(r, fn(self.other), fn(self.i.payload)))
+        if self.checks:
+            self.m.d.sync += Assert(~self.o.valid | (r == fn(self.o.payload)),
+                                    f"{name} out of step")
+        return r
+
+
 class FlashChannelController(wiring.Component):
     """EV-FC: NAND timing emulation and fine-grained reads over one AXI4 channel."""
 
-    def __init__(self, params: Params, tag_width: int):
+    def __init__(self, params: Params, tag_width: int, *, checks: bool = True):
         Params.require(params)
         if not 1 <= tag_width <= 32:
             raise ValueError(f"tag_width {tag_width} must be 1..32")
         self.params = params
+        # simulation assertions that the registered copies of decisions stay in step (the
+        # synthesis flow removes them with chformal, so they cost no logic)
+        self.checks = checks
         self.tag_width = tag_width
         self.beat_bytes = params.ch_data_bits // 8
         super().__init__({
@@ -158,6 +233,10 @@ class FlashChannelController(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         p = self.params
+
+        def check(cond, msg):
+            if self.checks:
+                m.d.sync += Assert(cond, msg)
         B = self.beat_bytes
         lb = B.bit_length() - 1
         W = B // 4                                    # 32-bit words per beat
@@ -197,8 +276,10 @@ class FlashChannelController(wiring.Component):
             "shift": max(1, (W - 1).bit_length()), "lmod": max(1, (W - 1).bit_length()),
             # beat-count landmarks precomputed at AR time, so the R side compares its counter
             # for equality instead of subtracting first (R -> rready was the critical path)
-            "skip_end": cw, "last_s0": cw, "last_sh": cw, "flush_at": cw, "total_m1": cw,
-            "io_equal": 1,
+            "skip_end": cw, "last_at": cw, "flush_at": cw, "total_m1": cw,
+            # the request needs a flush beat (realigned, as many beats in as out), and whether it
+            # can end on an R beat (else it ends on its flush beat)
+            "flushes": 1, "ends_r": 1,
         })
         # The R side's whole descriptor is computed at accept time and waits in `pend` with the
         # AR side's beat range (offset/length arithmetic at the pending-FIFO head was the
@@ -222,21 +303,22 @@ class FlashChannelController(wiring.Component):
             s0 = e.shift == 0
             relevant = (cnt >= e.skip) & (cnt < e.skip_end)
             at_skip = cnt == e.skip
-            at_flush = cnt == e.flush_at
+            at_flush = cnt == e.flush_at                 # (the last relevant beat)
             at_total_m1 = cnt == e.total_m1
-            need_flush = relevant & ~s0 & at_flush & e.io_equal
+            need_flush = e.flushes & at_flush
             return Cat(
                 relevant, at_skip,
-                Mux(s0, cnt == e.last_s0, cnt == e.last_sh),             # last_emit
+                cnt == e.last_at,                                        # last_emit
                 at_flush, at_total_m1, cnt == e.total,
                 relevant & (s0 | ~at_skip),                              # emit
                 need_flush,
-                ~need_flush & at_total_m1)                               # ends
+                e.ends_r & at_total_m1)                                  # ends
 
         # ------------------------------------------------------------------ program FSM state
         PIDLE, PRUN, PWAIT, PDONE = range(4)
         pstate = Signal(2)
-        prog_idle = pstate == PIDLE
+        prog_idle = Signal(init=1)         # pstate == PIDLE, as its own register
+        check(prog_idle == (pstate == PIDLE), "channel: prog_idle out of step")
 
         # ------------------------------------------------------------------ request stage
         # Everything the request's queue entries need from its offset and length is computed
@@ -262,39 +344,52 @@ class FlashChannelController(wiring.Component):
             pre_rq.shift.eq((req.offset >> 2) if W > 1 else 0),
             pre_rq.lmod.eq((req.length >> 2) if W > 1 else 0),
             pre_rq.skip_end.eq(pre_rq.skip + pre_rq.n_in),
-            pre_rq.last_s0.eq(pre_rq.skip + pre_rq.n_out - 1),
-            pre_rq.last_sh.eq(pre_rq.skip + pre_rq.n_out),
+            # the last row beat leaves with bus beat n_out - 1 (lane 0 aligned) or n_out
+            pre_rq.last_at.eq(pre_rq.skip + pre_rq.n_out - (pre_rq.shift == 0)),
             pre_rq.flush_at.eq(pre_rq.skip + pre_rq.n_in - 1),
             pre_rq.total_m1.eq(pre_rq.total - 1),
-            pre_rq.io_equal.eq(pre_rq.n_in == pre_rq.n_out),
+            # n_in == n_out with a word shift s != 0: the row's last partial beat (r bytes)
+            # still fits after the shift, r != 0 and 4 s + r <= B (from the low bits alone)
+            pre_rq.flushes.eq((pre_rq.shift != 0) & (req.length[:lb] != 0)
+                              & ((pre_rq.shift << 2) + req.length[:lb] <= B)),
+            # skip_end != total: only in block mode, when the row's last beat is not the page's
+            pre_rq.ends_r.eq(~pre_rq.flushes
+                             | (self.block_mode & (req_end_b[:lpb] != page_beats - 1))),
         ]
-        # The stage holds two requests (a skid buffer: its ready is a register) and, with each,
-        # which page registers hold its page, so the accept decision starts from registers:
-        # the page compares are made when a request enters the stage and kept current when an
-        # older request claims a page register (the compares in front of the accept decision
-        # made the board's critical path, 13.3 ns). Page registers change only on such a claim
-        # and when a program starts (which needs the stage empty).
+        # The stage holds two requests, a head (the one the accept decision looks at, in fixed
+        # registers: no read-pointer mux in front of the decision) and a spare (``i_read.ready``
+        # is ``~spare_valid``, a register), and, with each, which page registers hold its page,
+        # so the accept decision starts from registers: the page compares are made when a
+        # request enters the stage and corrected when the head claims a page register while the
+        # spare moves up (the compares in front of the accept decision made the board's critical
+        # path, 13.3 ns). Page registers change only on such a claim and when a program starts
+        # (which needs the stage empty).
+        # The entries' data sit in two registers written only on a push (by a write pointer) and
+        # read through 2:1 muxes by a read pointer that flips on accept: the accept decision
+        # then drives no wide clock enable.
         st_ent = [Signal(pend_layout, name=f"req_ent{k}") for k in range(2)]
-        st_hit = [Signal(ways, name=f"req_hit{k}") for k in range(2)]
-        st_full = Signal(2)
         st_wp = Signal()
         st_rp = Signal()
-        staged_valid = Signal()
-        staged = Signal(pend_layout)
-        hit_vec = Signal(ways)
-        m.d.comb += [
-            staged_valid.eq(st_full.bit_select(st_rp, 1)),
-            staged.eq(Mux(st_rp, st_ent[1], st_ent[0])),
-            hit_vec.eq(Mux(st_rp, st_hit[1], st_hit[0])),
-            # a waiting program goes before reads not yet taken (a staged read is taken: it
-            # goes first, and the program waits for it)
-            self.i_read.ready.eq(~st_full.bit_select(st_wp, 1) & ~self.i_prog.valid),
-        ]
+        staged = Signal(pend_layout, name="req_head")
+        spare = Signal(pend_layout, name="req_spare")
+        m.d.comb += [staged.eq(Mux(st_rp, st_ent[1], st_ent[0])),
+                     spare.eq(Mux(st_rp, st_ent[0], st_ent[1]))]
+        hit_vec = Signal(ways, name="req_head_hit")
+        spare_hit = Signal(ways, name="req_spare_hit")
+        staged_valid = Signal(name="req_head_valid")
+        spare_valid = Signal(name="req_spare_valid")
+        # a waiting program goes before reads not yet taken (a staged read is taken: it goes
+        # first, and the program waits for it)
+        m.d.comb += self.i_read.ready.eq(~spare_valid & ~self.i_prog.valid)
 
         # ------------------------------------------------------------------ accept (way lookup)
+        # Everything here is one or two LUT levels from registers: the head's hit bits, the LRU
+        # matrix and the reference-count zero flags. A way is claimed (takes the head's page,
+        # starting a tR wait) by a flat AND of those, not through the accept decision.
         lru_vec = Cat(*[Cat(*[~more_recent[i][j] for j in range(ways) if j != i]).all()
                         if ways > 1 else Const(1) for i in range(ways)])
-        hit = hit_vec.any()
+        hit = Signal()
+        m.d.comb += hit.eq(hit_vec.any())
         hit_way = Signal(range(ways))
         lru_way = Signal(range(ways))
         for w in range(ways):
@@ -303,12 +398,20 @@ class FlashChannelController(wiring.Component):
             with m.If(lru_vec[w]):
                 m.d.comb += lru_way.eq(w)
         lru_free = Signal()
-        m.d.comb += lru_free.eq(Array(way_ref_zero)[lru_way])
+        m.d.comb += lru_free.eq((lru_vec & Cat(*way_ref_zero)).any())
         use_way = Signal(range(ways))
         m.d.comb += use_way.eq(Mux(hit, hit_way, lru_way))
 
+        # (`keep`: the decision stays two LUT levels deep instead of being re-balanced)
+        can = Signal(attrs={"keep": 1})    # the head could go if it has a page register
+        m.d.comb += can.eq(staged_valid & pend.w_rdy & prog_idle)
+        free = Signal(attrs={"keep": 1})   # ... and it has one
+        m.d.comb += free.eq(hit | lru_free)
         accept = Signal()
-        m.d.comb += accept.eq(staged_valid & pend.w_rdy & (hit | lru_free) & prog_idle)
+        m.d.comb += accept.eq(can & free)
+        claim = [Signal(name=f"way{w}_claim") for w in range(ways)]  # way w takes staged.page
+        for w in range(ways):
+            m.d.comb += claim[w].eq(can & ~hit & lru_vec[w] & way_ref_zero[w])
         pend_in = Signal(pend_layout)
         m.d.comb += [
             pend_in.eq(staged),
@@ -316,34 +419,53 @@ class FlashChannelController(wiring.Component):
             pend.w_data.eq(pend_in.as_value()), pend.w_en.eq(accept),
         ]
         tr_wait = Signal()
-        m.d.comb += tr_wait.eq(accept & ~hit)
+        m.d.comb += tr_wait.eq(Cat(*claim).any())
 
         # the stage's entries and their page-register hits
         push = self.i_read.valid & self.i_read.ready
-        claim = [tr_wait & (lru_way == w) for w in range(ways)]   # way w takes staged.page
         in_hit = Cat(*[Mux(claim[w], pre.page == staged.page,
                            way_valid[w] & (way_page[w] == pre.page)) for w in range(ways)])
+        spare_hit_c = Cat(*[Mux(claim[w], spare.page == staged.page, spare_hit[w])
+                            for w in range(ways)])
+        with m.If(accept | ~staged_valid):  # the head moves on (or is empty): refill it
+            m.d.sync += [
+                hit_vec.eq(Mux(spare_valid, spare_hit_c, in_hit)),
+                staged_valid.eq(spare_valid | push),
+            ]
         with m.If(push):
-            m.d.sync += st_wp.eq(~st_wp)
+            m.d.sync += [spare_hit.eq(in_hit), st_wp.eq(~st_wp)]
+            with m.If(st_wp):
+                m.d.sync += st_ent[1].eq(pre)
+            with m.Else():
+                m.d.sync += st_ent[0].eq(pre)
         with m.If(accept):
             m.d.sync += st_rp.eq(~st_rp)
-        for k in range(2):
-            with m.If(push & (st_wp == k)):
-                m.d.sync += [st_ent[k].eq(pre), st_hit[k].eq(in_hit), st_full[k].eq(1)]
-            with m.Else():
-                m.d.sync += st_hit[k].eq(Cat(*[Mux(claim[w], st_ent[k].page == staged.page,
-                                                   st_hit[k][w]) for w in range(ways)]))
-                with m.If(accept & (st_rp == k)):
-                    m.d.sync += st_full[k].eq(0)
-
+        m.d.sync += spare_valid.eq(Mux(spare_valid, ~accept, push & staged_valid & ~accept))
         for w in range(ways):
-            with m.If(way_timer[w] != 0):
+            # the hit bits are what the page compares would give
+            hh = way_valid[w] & (way_page[w] == staged.page)
+            hs = way_valid[w] & (way_page[w] == spare.page)
+            check(~staged_valid | (hit_vec[w] == hh), "channel: head hit bit out of step")
+            check(~spare_valid | (spare_hit[w] == hs), "channel: spare hit bit out of step")
+        check(~spare_valid | staged_valid, "channel: spare without head")
+
+        # A claim loads the way's tR timer a cycle later (with t_r - 1, so it ends on the same
+        # cycle): the claim's fan-out then stays small. No read of the way can be at the AR stage
+        # before then (a claim needs the way unreferenced, and accept -> AR takes 2+ cycles).
+        claim_d = [Signal(name=f"way{w}_claim_d") for w in range(ways)]
+        t_r_m1 = Signal(24)
+        m.d.comb += t_r_m1.eq(Mux(self.t_r == 0, 0, self.t_r - 1))
+        for w in range(ways):
+            m.d.sync += claim_d[w].eq(claim[w])
+            with m.If(claim_d[w]):
+                m.d.sync += [way_timer[w].eq(t_r_m1), way_ready[w].eq(self.t_r <= 1)]
+            with m.Elif(~way_ready[w]):
                 m.d.sync += way_timer[w].eq(way_timer[w] - 1)
                 with m.If(way_timer[w] == 1):
                     m.d.sync += way_ready[w].eq(1)
-            with m.If(tr_wait & (lru_way == w)):
-                m.d.sync += [way_valid[w].eq(1), way_page[w].eq(staged.page),
-                             way_timer[w].eq(self.t_r), way_ready[w].eq(self.t_r == 0)]
+            with m.If(claim[w]):
+                m.d.sync += [way_valid[w].eq(1), way_page[w].eq(staged.page)]
+            check(way_ready[w] == (way_timer[w] == 0), "channel: way_ready out of step")
         with m.If(accept):
             for i in range(ways):
                 for j in range(ways):
@@ -368,12 +490,17 @@ class FlashChannelController(wiring.Component):
         # critical path). One cycle from accept to AR more; the rate stays one request a cycle.
         ar_layout = data.StructLayout({"page": pb, "cur": cw, "rem": cw, "blen": cw, "last": 1,
                                        "rq": rq_layout, "first": flag_layout})
-        m.submodules.ar_stage = ar_stage = SkidBuffer(ar_layout)
+        ar_stage = _Slice(m, ar_layout, "ar_stage", self.checks)
         pend_head = data.View(pend_layout, pend.r_data)
         plan = ar_stage.i.payload
         cur0 = Mux(self.block_mode, 0, pend_head.start_b)
         rem0 = Mux(self.block_mode, page_beats, pend_head.nb_fine)
-        blen0, last0 = burst(cur0, rem0)
+        if chunk_beats == page_beats:
+            # a read never leaves its page (offset + length <= page_size), so a chunk as large as
+            # a page means one burst per request: no arithmetic in front of the stage
+            blen0, last0 = rem0, Const(1)
+        else:
+            blen0, last0 = burst(cur0, rem0)
         m.d.comb += [
             plan.page.eq(pend_head.page), plan.cur.eq(cur0), plan.rem.eq(rem0),
             plan.blen.eq(blen0), plan.last.eq(last0), plan.rq.eq(pend_head.rq),
@@ -389,8 +516,13 @@ class FlashChannelController(wiring.Component):
         cur = Mux(ar_cont, cur_r, head.cur)
         rem = Mux(ar_cont, rem_r, head.rem)
         blen = Mux(ar_cont, blen_r, head.blen)
-        last = Mux(ar_cont, last_r, head.last)
-        head_ready = Array(way_ready)[head.rq.way]
+        # arvalid decides from registers: the head's way is kept in a register of its own (not
+        # through the stage's payload mux)
+        head_way = ar_stage.head_reg(lambda e: e.rq.way, "ar_head_way")
+        last = Const(1) if chunk_beats == page_beats else Mux(ar_cont, last_r, head.last)
+        head_ready = Array(way_ready)[head_way]
+        check(~(ar_stage.o.valid & Array(claim_d)[head.rq.way]),
+              "channel: a read reached AR before its way's tR timer was loaded")
         m.d.comb += [
             axi.arvalid.eq(ar_stage.o.valid & head_ready & (ar_cont | rq.w_rdy)),
             axi.araddr.eq(Cat(Const(0, lb), cur[:lpb], head.page)),
@@ -423,27 +555,38 @@ class FlashChannelController(wiring.Component):
         # R beats enter a register stage next to the bus first: the R side's handshake is a
         # clock enable of every realignment register, and on a board the bus's last register
         # (by the block RAM) and those registers sat far apart (a 13.7 ns path, mostly wire).
-        m.submodules.r_in = r_in = SkidBuffer(data.StructLayout({"data": 8 * B, "resp": 2}))
+        r_in = _Slice(m, data.StructLayout({"data": 8 * B, "resp": 2}), "r_in", self.checks)
         m.d.comb += [
             r_in.i.valid.eq(axi.rvalid), r_in.i.payload.data.eq(axi.rdata),
             r_in.i.payload.resp.eq(axi.rresp), axi.rready.eq(r_in.i.ready),
         ]
-        ent = data.View(rq_layout, rq.r_data[:rq_layout.size])
-        ent_first = data.View(flag_layout, rq.r_data[rq_layout.size:])
-        rcnt = Signal(cw)
+        # The request queue's head passes a two-entry slice whose entries are written only from
+        # the queue (clock enables from registers): finishing a request only flips the slice's
+        # read pointer, where popping the queue itself enabled its whole read register (the R
+        # side's done -> a 73-bit clock enable was the critical path). One more cycle from AR to
+        # the R side knowing the request, hidden behind the memory latency.
+        rq_w = rq_layout.size + flag_layout.size
+        hd = _Slice(m, rq_w, "rq_head", self.checks)
+        m.d.comb += [hd.i.valid.eq(rq.r_rdy), hd.i.payload.eq(rq.r_data),
+                     rq.r_en.eq(hd.i.ready)]
+        hv = hd.o.valid                    # the R side has a request (a register)
+        ent = data.View(rq_layout, hd.o.payload[:rq_layout.size])
+        other_first = data.View(flag_layout, hd.other[rq_layout.size:])
+        new_first = data.View(flag_layout, rq.r_data[rq_layout.size:])
+        rnext = Signal(cw, init=1)        # the beat after the head's current one (from 0)
         prev = Signal(8 * B)
         err_r = Signal()
         flush = Signal()                   # the final beat comes from `prev` alone
-        # The tests on the beat count come from registers: `flags_next` holds them for beat
-        # rcnt, computed when beat rcnt - 1 was taken; a request's first beat uses the flags it
-        # brought along (compares and carry chains in front of rready and the rq pop were the
-        # critical path).
-        first = Signal(init=1)             # rcnt == 0: the head request has not moved a beat
-        flags_next = Signal(flag_layout)
+        # The tests on the beat count come from a register: `f` holds them for the head request's
+        # current beat, computed when the beat before was taken, or, for a request's first beat,
+        # the flags it brought along, loaded when it becomes the head (compares and carry chains,
+        # and a mux between the two, in front of rready and the pop were the critical path).
         f = Signal(flag_layout)
-        m.d.comb += f.eq(Mux(first, ent_first, flags_next))
         relevant = f.relevant
-        s0 = ent.shift == 0
+        # the realignment's word shift drives every data mux: its own register, not the slice's
+        # payload mux (which would add a LUT with a fan-out of a hundred in front of the flags)
+        shift = hd.head_reg(lambda e: data.View(rq_layout, e[:rq_layout.size]).shift, "r_shift")
+        s0 = shift == 0
         emit = f.emit
         last_emit = f.last_emit
         need_flush = f.need_flush
@@ -452,7 +595,7 @@ class FlashChannelController(wiring.Component):
         m.d.comb += hi.eq(Mux(flush, 0, r_in.o.payload.data))
         shifted = Signal(8 * B)
         if W > 1:
-            m.d.comb += shifted.eq(Cat(prev, hi) >> (ent.shift * 32))
+            m.d.comb += shifted.eq(Cat(prev, hi) >> (shift * 32))
         else:
             m.d.comb += shifted.eq(prev)
         row_data = Signal(8 * B)
@@ -468,30 +611,44 @@ class FlashChannelController(wiring.Component):
         o = self.o_row
         m.d.comb += [o.payload.data.eq(masked), o.payload.last.eq(out_last),
                      o.payload.tag.eq(ent.tag)]
-        with m.If(flush):
-            m.d.comb += [o.valid.eq(1), o.payload.err.eq(err_r), r_in.o.ready.eq(0)]
-        with m.Elif(rq.r_rdy):
-            m.d.comb += [
-                o.valid.eq(r_in.o.valid & emit),
-                o.payload.err.eq(err_r | row_err),
-                r_in.o.ready.eq(~emit | o.ready),
-            ]
-        r_hs = Signal()
+        # `rd_ok` = hv & ~flush as a register of its own: `flush` also selects every data mux
+        # (a fan-out of a hundred in front of the handshake)
+        rd_ok = Signal()
+        m.d.comb += [
+            o.valid.eq(flush | (rd_ok & r_in.o.valid & emit)),
+            o.payload.err.eq(err_r | (~flush & row_err)),
+            r_in.o.ready.eq(rd_ok & (~emit | o.ready)),
+        ]
+        r_hs = Signal(attrs={"keep": 1})
         m.d.comb += r_hs.eq(r_in.o.valid & r_in.o.ready)
-        done = Signal()                    # the rq head's request has finished
+        done = Signal()                    # the head request has finished
+        # what follows a beat taken on R is chosen from registers (`f.ends`) ahead of the
+        # handshake, which then only selects: the next beat's flags, or the next request's first
+        nfirst = Signal(flag_layout, attrs={"keep": 1})  # the next head's first-beat flags:
+        m.d.comb += nfirst.eq(             # the slice's other entry, or the one entering it
+            Mux(hd.other_full, other_first, new_first))
+        # (`keep`: the handshake stays the last select, not merged into the compares)
+        f_adv = Signal(flag_layout, attrs={"keep": 1})
+        m.d.comb += f_adv.eq(Mux(f.ends, nfirst, flags_at(rnext, ent)))
+        flush_end = Signal()               # the flush beat is taken and finishes the request
+        m.d.comb += flush_end.eq(flush & o.ready & f.at_total)
         with m.If(r_hs):
-            m.d.sync += [rcnt.eq(rcnt + 1), err_r.eq(err_r | row_err),
-                         first.eq(0), flags_next.eq(flags_at(rcnt + 1, ent))]
+            m.d.sync += [rnext.eq(Mux(f.ends, 1, rnext + 1)),
+                         err_r.eq(~f.ends & (err_r | row_err)), f.eq(f_adv)]
             with m.If(relevant):
                 m.d.sync += prev.eq(r_in.o.payload.data)
             with m.If(need_flush):
                 m.d.sync += flush.eq(1)
+        with m.Elif(flush_end | ~hv):
+            m.d.sync += [rnext.eq(1), err_r.eq(0), f.eq(nfirst)]
         with m.If(flush & o.ready):
             m.d.sync += flush.eq(0)
-        m.d.comb += done.eq((r_hs & f.ends) | (flush & o.ready & f.at_total))
-        with m.If(done):
-            m.d.comb += rq.r_en.eq(1)
-            m.d.sync += [rcnt.eq(0), err_r.eq(0), first.eq(1)]
+        m.d.sync += rd_ok.eq(hd.valid_next & ~((r_hs & need_flush) | (flush & ~o.ready)))
+        check(rd_ok == (hv & ~flush), "channel: rd_ok out of step")
+        m.d.comb += done.eq((r_hs & f.ends) | flush_end)
+        m.d.comb += hd.o.ready.eq(done)
+        check(~hv | (f.as_value() == flags_at((rnext - 1)[:cw], ent)),
+              "channel: R-side flags out of step")
 
         # Page-register references: taken at accept, dropped the cycle after the data has crossed
         # the bus (from registers: R handshake -> done -> counters was the critical path; a late
@@ -535,7 +692,7 @@ class FlashChannelController(wiring.Component):
                 with m.If(self.i_prog.valid & self.i_prog.ready):
                     pp = self.i_prog.payload.page[:pb]
                     m.d.sync += [p_page.eq(pp), aw_idx.eq(0), w_cnt.eq(0), b_cnt.eq(0),
-                                 p_err.eq(0), pstate.eq(PRUN)]
+                                 p_err.eq(0), pstate.eq(PRUN), prog_idle.eq(0)]
                     for w in range(ways):
                         with m.If(way_page[w] == pp):
                             m.d.sync += way_valid[w].eq(0)
@@ -562,7 +719,7 @@ class FlashChannelController(wiring.Component):
             with m.Case(PDONE):
                 m.d.comb += self.o_prog_done.valid.eq(1)
                 with m.If(self.o_prog_done.ready):
-                    m.d.sync += pstate.eq(PIDLE)
+                    m.d.sync += [pstate.eq(PIDLE), prog_idle.eq(1)]
 
         # ------------------------------------------------------------------ counters
         # The counters count events registered one cycle earlier: the handshakes (which cross

@@ -37,7 +37,7 @@ class Bench:
         self.t_r, self.t_prog, self.block = t_r, t_prog, block
         self.idle, self.stall = idle, stall
         self.rng = random.Random(seed)
-        self.dut = FlashChannelController(params, tag_width)
+        self.dut = FlashChannelController(params, tag_width, checks=True)
         self.mem = AXI4Memory(self.dut.m_axi, size=params.channel_bytes,
                               data_width=params.ch_data_bits, stall=mem_stall, latency=mem_latency,
                               seed=seed + 1, err_ranges=err_ranges)
