@@ -72,8 +72,10 @@ BOARDS = {
 # would keep Amaranth's binary encoding (it does not take a register with an init value as an
 # FSM on its own), and decoding a binary state sat in front of every FSM's next-state logic.
 # The init value of a recoded register is ignored (yosys warns); the sync reset, held while the
-# PLL locks, puts each FSM in its reset state before it runs.
-YOSYS_FSM_ONE_HOT = 'setattr -set fsm_encoding "one-hot" w:*_state'
+# PLL locks, puts each FSM in its reset state before it runs. The gateware's Amaranth `Assert`s
+# (simulation checks: Verilator --assert, the Amaranth simulator) are removed first: yosys
+# would otherwise keep their conditions as logic (about 100 LUT4 in one flash channel).
+YOSYS_AFTER_READ = 'chformal -remove; setattr -set fsm_encoding "one-hot" w:*_state'
 
 
 def board_spec(name: str) -> BoardSpec:
@@ -257,7 +259,7 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
     nextpnr_opts = (f"--report {name}-report.json --timing-allow-fail --seed {seed} "
                     f"--router {router} {nextpnr_extra}".strip())
     plan = platform.prepare(top, name=name, nextpnr_opts=nextpnr_opts,
-                            ecppack_opts="--compress", script_after_read=YOSYS_FSM_ONE_HOT)
+                            ecppack_opts="--compress", script_after_read=YOSYS_AFTER_READ)
     env = toolchain_env()
     try:
         plan.execute_local(str(bdir), env=env)
@@ -388,7 +390,7 @@ def estimate(component, name: str, work_dir: str | os.PathLike, *, families=("ec
     result = {"name": name}
     if "ecp5" in families:
         t0 = time.monotonic()
-        script = (f"read_rtlil {il.name}; {YOSYS_FSM_ONE_HOT}; synth_ecp5 -top {name}"
+        script = (f"read_rtlil {il.name}; {YOSYS_AFTER_READ}; synth_ecp5 -top {name}"
                   f"{' -json ' + name + '-ecp5.json' if fmax else ''}; "
                   f"tee -q -o {name}-ecp5-stat.json stat -json")
         if not (reuse and (work / f"{name}-ecp5-stat.json").exists()
@@ -415,7 +417,7 @@ def estimate(component, name: str, work_dir: str | os.PathLike, *, families=("ec
             log(f"  {name} nextpnr-ecp5 OOC: {rep['fmax']}")
     if "xcup" in families:
         t0 = time.monotonic()
-        script = (f"read_rtlil {il.name}; {YOSYS_FSM_ONE_HOT}; "
+        script = (f"read_rtlil {il.name}; {YOSYS_AFTER_READ}; "
                   f"synth_xilinx -family xcup -flatten -noiopad -top {name}; "
                   f"tee -q -o {name}-xcup-stat.json stat -json")
         if not (reuse and (work / f"{name}-xcup-stat.json").exists()):
