@@ -2,11 +2,16 @@
 
 Placed between two components whose handshakes are combinational through each other (e.g. a
 flash channel whose ``o_row.valid`` comes from its R channel and the merger's round-robin
-``i_row.ready``), nothing on one side reaches the other in the same cycle: ``i.ready``,
-``o.valid`` and ``o.payload`` come from registers. The two entries are written only from ``i``
-(clock enables, no data mux in front of them) and read through a 2:1 mux by a read pointer, so a
-slow source (e.g. block RAM read data) can feed it directly. One beat per cycle when ``o`` is
-always ready, one cycle of latency.
+``i_row.ready``), nothing on one side reaches the other in the same cycle: ``i.ready`` and
+``o.valid`` are flip-flops of their own and ``o.payload`` comes from registers through a 2:1
+mux by a read pointer. Each next handshake value is one LUT of the other side's late
+``i.valid`` / ``o.ready`` and the buffer's registers. An entry loads ``i.payload`` whenever it is
+the free entry the write pointer names, valid or not, so its clock enable is a gate of two
+registers and never waits for the source's ``valid`` (which fanned out to every payload bit);
+``o.payload`` is therefore meaningful only while ``o.valid`` is high, as a stream requires. The
+entries are written only from ``i`` (no data mux in front of them), so a slow source (e.g. block
+RAM read data) can feed it directly. One beat per cycle when ``o`` is always ready, one cycle of
+latency.
 """
 from amaranth import Module, Signal
 from amaranth.lib import stream, wiring
@@ -28,31 +33,29 @@ class SkidBuffer(wiring.Component):
         m = Module()
         i, o = self.i, self.o
         ent = [Signal.like(i.payload, name=f"ent{k}") for k in range(2)]
-        full = Signal(2)
         wp = Signal()
         rp = Signal()
-        m.d.comb += [
-            i.ready.eq(~full.bit_select(wp, 1)),
-            o.valid.eq(full.bit_select(rp, 1)),
-        ]
+        # The fill level (0, 1 or 2 beats) as two flags: ready = fewer than two (the entry `wp`
+        # names is free), valid = at least one.
+        ready = Signal(init=1)
+        valid = Signal()
+        m.d.comb += [i.ready.eq(ready), o.valid.eq(valid)]
         with m.If(rp):
             m.d.comb += o.payload.eq(ent[1])
         with m.Else():
             m.d.comb += o.payload.eq(ent[0])
-        push = i.valid & i.ready
-        pop = o.valid & o.ready
-        with m.If(push):
-            m.d.sync += wp.eq(~wp)
-            with m.If(wp):
-                m.d.sync += ent[1].eq(i.payload)
-            with m.Else():
-                m.d.sync += ent[0].eq(i.payload)
-        with m.If(pop):
-            m.d.sync += rp.eq(~rp)
-        # a push and a pop in the same cycle touch different entries (one is empty, one full)
         for k in range(2):
-            with m.If(push & (wp == k)):
-                m.d.sync += full[k].eq(1)
-            with m.Elif(pop & (rp == k)):
-                m.d.sync += full[k].eq(0)
+            with m.If(ready & (wp == k)):
+                m.d.sync += ent[k].eq(i.payload)
+        push = i.valid & ready
+        pop = valid & o.ready
+        one = ready & valid                 # exactly one beat held
+        m.d.sync += [
+            # full next cycle: full and nothing popped, or one held, one pushed, nothing popped
+            ready.eq(~((~ready & ~o.ready) | (one & i.valid & ~o.ready))),
+            # empty next cycle: empty and nothing pushed, or one held, popped, nothing pushed
+            valid.eq(~((~valid & ~i.valid) | (one & o.ready & ~i.valid))),
+            wp.eq(wp ^ push),
+            rp.eq(rp ^ pop),
+        ]
         return m
