@@ -234,10 +234,12 @@ class WordPacker(wiring.Component):
                 with m.Case(f):
                     m.d.comb += placed.eq(masked << (32 * f))
         take = Signal()
+        in_ok = Signal(init=1)           # == ~end_pending & (fill <= H), a register of its own
         m.d.comb += [
-            i.ready.eq(~end_pending & (fill <= H)),
-            take.eq(i.valid & i.ready),
+            i.ready.eq(in_ok),
+            take.eq(i.valid & in_ok),
         ]
+        m.d.sync += Assert(in_ok == (~end_pending & (fill <= H)), "packer: in_ok out of step")
         both = buf | placed                         # H + K == C words
         count = i.payload.count
         stay_fill = fill + Mux(take, count, 0)
@@ -253,10 +255,12 @@ class WordPacker(wiring.Component):
         err_out = Mux(ends_out, i.payload.err, end_err & ~o.payload.last)
         with m.If(out_fire):
             m.d.sync += [buf.eq(both >> (32 * H)), fill.eq(out_fill),
-                         end_pending.eq(pend_out), end_err.eq(err_out)]
+                         end_pending.eq(pend_out), end_err.eq(err_out),
+                         in_ok.eq(~pend_out & (out_fill <= H))]
         with m.Else():
             m.d.sync += [buf.eq(both), fill.eq(stay_fill),
-                         end_pending.eq(pend_stay), end_err.eq(err_stay)]
+                         end_pending.eq(pend_stay), end_err.eq(err_stay),
+                         in_ok.eq(~pend_stay & (stay_fill <= H))]
         return m
 
 

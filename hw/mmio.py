@@ -153,13 +153,15 @@ class MMIOManager(wiring.Component):
         with m.If(r_valid & bus.rready):
             m.d.sync += r_valid.eq(0)
         with m.If(bus.arvalid & bus.arready):
-            m.d.sync += [rd_pending.eq(1), rd_group.eq(bus.araddr[5:ADDR_WIDTH]), rd_mapped.eq(0)]
-            with m.Switch(bus.araddr[2:ADDR_WIDTH]):
-                for addr, reg, ch in regmap.all_addresses(p.n_channels):
-                    with m.Case(addr >> 2):
-                        m.d.sync += rd_mapped.eq(1)
-        # The group words load every cycle from whatever address is offered (no clock enable:
-        # the AR handshake drove ~270 of them); stage 1 uses those loaded with its read.
+            m.d.sync += rd_pending.eq(1)
+        # The address decode and the group words load every cycle from whatever address is
+        # offered (no clock enable: the AR handshake drove ~270 of them); stage 1 uses those
+        # loaded in its read's AR cycle.
+        m.d.sync += [rd_group.eq(bus.araddr[5:ADDR_WIDTH]), rd_mapped.eq(0)]
+        with m.Switch(bus.araddr[2:ADDR_WIDTH]):
+            for addr, reg, ch in regmap.all_addresses(p.n_channels):
+                with m.Case(addr >> 2):
+                    m.d.sync += rd_mapped.eq(1)
         for g, members in groups.items():
             m.d.sync += group_word[g].eq(0)
             with m.Switch(bus.araddr[2:5]):
