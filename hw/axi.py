@@ -7,7 +7,6 @@ Member names follow the AXI spec in lower case (``awaddr``, ``wdata``, ...) so t
 """
 from __future__ import annotations
 
-from amaranth import unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 

@@ -26,7 +26,7 @@ The bridge's 32-bit address map (``evssd.host.uart`` has the same constants):
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Cat, C, Mux, ClockDomain, ClockSignal, ResetSignal, Instance
+from amaranth import Module, Signal, Cat, C, Mux, ClockDomain, ClockSignal, Instance
 from amaranth.lib import wiring
 from amaranth.lib.cdc import ResetSynchronizer
 from amaranth.lib.wiring import In, Out

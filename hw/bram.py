@@ -15,10 +15,10 @@ two ports, alternating priority so neither starves.
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Cat, C
+from amaranth import Module, Signal, C
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
-from amaranth.lib.wiring import In, Out
+from amaranth.lib.wiring import In
 from amaranth.utils import exact_log2
 
 from .axi import AXI4Signature, AXI4LiteSignature, Burst, Resp

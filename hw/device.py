@@ -16,7 +16,7 @@ write 0 = CQ posts, 1 = results.
 from __future__ import annotations
 
 from amaranth import Module, Signal, Cat
-from amaranth.lib import data, wiring
+from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 

@@ -16,12 +16,17 @@ Bursts never cross a 4 KiB boundary and have at most 256 beats. Each direction s
 transfer at a time (round-robin between ports); within a transfer AR/AW run ahead of the data so
 the bus stays busy. W beats of a burst are sent only after its AW was accepted (a slave may wait
 for AW before taking W). All transactions use ID 0, so responses return in order.
+
+Timing: the handshakes start from registers: one-hot port selects, "beats left" / "last beat"
+flags kept beside the counters, the AR/AW "may go" flags (a cycle after each address beat, as
+the burst length is) and the write completion (one cycle after its last B response).
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Mux, Const
+from amaranth import Module, Signal, Mux, Const, Cat
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.hdl import Assert
 from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4Signature, Burst
@@ -104,47 +109,64 @@ class HostDMA(wiring.Component):
         r_remain = Signal(32)
 
         r_load, r_sel, rc_addr, rc_bytes, r_beats = self._take_command(m, self.rd_cmd, r_active, "r")
+        # Registered facts instead of compares on the counters: `ar_ok` (an AR may go: beats
+        # left, burst length fresh), `r_last` (r_remain == 1, also set for a zero-byte
+        # command), one-hot port selects for the data beats (`r_on`) and the zero-byte beat
+        # (`r_z`). The per-port handshakes then start from flip-flops.
+        r_last = Signal()
+        r_on = Signal(nr)
+        r_z = Signal(nr)
         with m.If(r_load):
             m.d.sync += [
                 r_active.eq(1),
                 ar_addr.eq(rc_addr & ~Const(bb - 1, 64)),
                 ar_remain.eq(r_beats), r_remain.eq(r_beats),
                 r_zero.eq(rc_bytes == 0),
+                r_last.eq(r_beats <= 1),
             ]
+            for i in range(nr):
+                with m.If(r_sel == i):
+                    with m.If(rc_bytes == 0):
+                        m.d.sync += r_z[i].eq(1)
+                    with m.Else():
+                        m.d.sync += r_on[i].eq(1)
 
         # The burst length is registered from the registered address and count: a new
         # burst waits one cycle for it (burst length -> address update was the critical path).
+        # `ar_ok` lags `ar_remain` by that same cycle.
         ar_beats = Signal(9)
-        ar_beats_ok = Signal()
+        ar_ok = Signal()
+        ar_fire = Signal()
         m.d.sync += [ar_beats.eq(self._burst_beats(m, ar_addr, ar_remain, "ar")),
-                     ar_beats_ok.eq(~(axi.arvalid & axi.arready) & ~r_load)]
+                     ar_ok.eq((ar_remain != 0) & ~ar_fire & ~r_load)]
         m.d.comb += [
-            axi.arvalid.eq(r_active & (ar_remain != 0) & ar_beats_ok),
+            axi.arvalid.eq(r_active & ar_ok),
             axi.araddr.eq(ar_addr),
             axi.arlen.eq(ar_beats - 1),
+            ar_fire.eq(axi.arvalid & axi.arready),
         ]
-        with m.If(axi.arvalid & axi.arready):
+        with m.If(ar_fire):
             m.d.sync += [ar_addr.eq(ar_addr + (ar_beats << lb)), ar_remain.eq(ar_remain - ar_beats)]
 
+        r_fire = Signal()
+        r_end = Signal()
+        m.d.comb += axi.rready.eq(Cat(*(r_on[i] & self.rd_data[i].ready for i in range(nr))).any())
+        m.d.comb += r_fire.eq(axi.rvalid & axi.rready)
         for i in range(nr):
             out = self.rd_data[i]
-            with m.If(r_active & (r_sel == i)):
-                with m.If(r_zero):
-                    m.d.comb += [out.valid.eq(1), out.payload.last.eq(1)]
-                    with m.If(out.ready):
-                        m.d.sync += r_active.eq(0)
-                with m.Else():
-                    m.d.comb += [
-                        out.valid.eq(axi.rvalid),
-                        out.payload.data.eq(axi.rdata),
-                        out.payload.last.eq(r_remain == 1),
-                        out.payload.err.eq(axi.rresp[1]),
-                        axi.rready.eq(out.ready),
-                    ]
-                    with m.If(axi.rvalid & out.ready):
-                        m.d.sync += r_remain.eq(r_remain - 1)
-                        with m.If(r_remain == 1):
-                            m.d.sync += r_active.eq(0)
+            m.d.comb += [
+                out.valid.eq(r_z[i] | (r_on[i] & axi.rvalid)),
+                out.payload.data.eq(axi.rdata),
+                out.payload.last.eq(r_last),
+                out.payload.err.eq(axi.rresp[1] & ~r_zero),
+            ]
+        m.d.comb += r_end.eq((r_fire & r_last) |
+                             Cat(*(r_z[i] & self.rd_data[i].ready for i in range(nr))).any())
+        with m.If(r_fire):
+            m.d.sync += [r_remain.eq(r_remain - 1), r_last.eq(r_remain == 2)]
+        with m.If(r_end):
+            m.d.sync += [r_active.eq(0), r_on.eq(0), r_z.eq(0)]
+        m.d.sync += Assert(~r_active | r_zero | (r_last == (r_remain == 1)), "dma: r_last stale")
 
         # ------------------------------------------------------------------ write side
         nw = self.n_write
@@ -161,7 +183,13 @@ class HostDMA(wiring.Component):
         last_strb = Signal(bb)
         w_done_pending = Signal()
 
-        # As on the read side: the command into registers, then its transfer from them (w_load).
+        # As on the read side: the command into registers, then its transfer from them (w_load),
+        # and registered facts instead of compares on the counters: `aw_ok` (an AW may go),
+        # `w_more`/`w_last1` (w_remain != 0 / == 1) and a one-hot port select `w_on` for the
+        # handshakes (`w_sel` only steers the data and completion muxes).
+        w_more = Signal()
+        w_last1 = Signal()
+        w_on = Signal(nw)
         w_load, w_sel, wc_addr, wc_bytes, w_beats = self._take_command(m, self.wr_cmd, w_active, "w")
         with m.If(w_load):
             start = wc_addr[:lb]
@@ -171,6 +199,7 @@ class HostDMA(wiring.Component):
                 w_active.eq(1),
                 aw_addr.eq(wc_addr & ~Const(bb - 1, 64)),
                 aw_remain.eq(w_beats), w_remain.eq(w_beats),
+                w_more.eq(wc_bytes != 0), w_last1.eq(w_beats == 1),
                 aw_bursts.eq(0), w_inburst.eq(0), w_first.eq(1),
                 b_count.eq(0), b_err.eq(0),
                 first_strb.eq(Const((1 << bb) - 1, bb) << start),
@@ -178,70 +207,87 @@ class HostDMA(wiring.Component):
                 last_strb.eq(Mux(end == 0, Const((1 << bb) - 1, bb),
                                  (Const(1, bb + 1) << end) - 1)),
             ]
+            for i in range(nw):
+                with m.If(w_sel == i):
+                    m.d.sync += w_on[i].eq(1)
 
         aw_beats = Signal(9)
-        aw_beats_ok = Signal()
+        aw_ok = Signal()
+        aw_fire = Signal()
         m.d.sync += [aw_beats.eq(self._burst_beats(m, aw_addr, aw_remain, "aw")),
-                     aw_beats_ok.eq(~(axi.awvalid & axi.awready) & ~w_load)]
+                     aw_ok.eq((aw_remain != 0) & ~aw_fire & ~w_load)]
         # Each accepted AW's length waits here for its W burst: W takes wlast from a register
         # instead of recomputing the burst length from its start address (that chain ran into
         # wvalid/wready and the clients' handshakes).
         m.submodules.w_lens = w_lens = SyncFIFOBuffered(width=8, depth=4)
         m.d.comb += [
             w_lens.w_data.eq(aw_beats - 1),
-            w_lens.w_en.eq(axi.awvalid & axi.awready),
+            w_lens.w_en.eq(aw_fire),
         ]
         m.d.comb += [
-            axi.awvalid.eq(w_active & (aw_remain != 0) & w_lens.w_rdy & aw_beats_ok),
+            axi.awvalid.eq(w_active & aw_ok & w_lens.w_rdy),
             axi.awaddr.eq(aw_addr),
             axi.awlen.eq(aw_beats - 1),
+            aw_fire.eq(axi.awvalid & axi.awready),
         ]
-        with m.If(axi.awvalid & axi.awready):
+        with m.If(aw_fire):
             m.d.sync += [aw_addr.eq(aw_addr + (aw_beats << lb)), aw_remain.eq(aw_remain - aw_beats),
                          aw_bursts.eq(aw_bursts + 1)]
 
         # W: a burst goes out once its AW was accepted, with that AW's length
         w_may = Signal()
-        m.d.comb += w_may.eq(w_active & (w_remain != 0) & w_lens.r_rdy)
+        w_fire = Signal()
+        m.d.comb += w_may.eq(w_more & w_lens.r_rdy)
         strb = Signal(bb)
         m.d.comb += strb.eq(Mux(w_first, first_strb, Const((1 << bb) - 1, bb)) &
-                            Mux(w_remain == 1, last_strb, Const((1 << bb) - 1, bb)))
+                            Mux(w_last1, last_strb, Const((1 << bb) - 1, bb)))
         m.d.comb += [axi.wstrb.eq(strb), axi.wlast.eq(w_inburst == w_lens.r_data)]
+        m.d.comb += axi.wvalid.eq(w_may & Cat(*(w_on[i] & self.wr_data[i].valid
+                                               for i in range(nw))).any())
         for i in range(nw):
             src = self.wr_data[i]
+            m.d.comb += src.ready.eq(w_on[i] & w_may & axi.wready)
             with m.If(w_sel == i):
-                m.d.comb += [
-                    axi.wvalid.eq(w_may & src.valid),
-                    axi.wdata.eq(src.payload.data),
-                    src.ready.eq(w_may & axi.wready),
-                ]
-        with m.If(axi.wvalid & axi.wready):
-            m.d.sync += [w_remain.eq(w_remain - 1), w_first.eq(0)]
+                m.d.comb += axi.wdata.eq(src.payload.data)
+        m.d.comb += w_fire.eq(axi.wvalid & axi.wready)
+        with m.If(w_fire):
+            m.d.sync += [w_remain.eq(w_remain - 1), w_first.eq(0),
+                         w_more.eq(~w_last1), w_last1.eq(w_remain == 2)]
             with m.If(axi.wlast):
                 m.d.comb += w_lens.r_en.eq(1)
                 m.d.sync += w_inburst.eq(0)
             with m.Else():
                 m.d.sync += w_inburst.eq(w_inburst + 1)
+        m.d.sync += [
+            Assert(~w_active | (w_more == (w_remain != 0)), "dma: w_more stale"),
+            Assert(~w_active | (w_last1 == (w_remain == 1)), "dma: w_last1 stale"),
+        ]
 
         m.d.comb += axi.bready.eq(w_active)
         with m.If(axi.bvalid & axi.bready):
             m.d.sync += [b_count.eq(b_count + 1), b_err.eq(b_err | axi.bresp[1])]
 
-        m.d.comb += w_done_pending.eq(w_active & (aw_remain == 0) & (w_remain == 0) &
-                                      (b_count == aw_bursts))
+        # Registered from the state a cycle old (each term stays true once true, and nothing of
+        # the previous transfer is seen after a load): the completion waits one more cycle.
+        m.d.sync += w_done_pending.eq((aw_remain == 0) & ~w_more & (b_count == aw_bursts) &
+                                      w_active & ~w_load)
         for i in range(nw):
             done = self.wr_done[i]
-            with m.If(w_sel == i):
-                m.d.comb += [done.valid.eq(w_done_pending), done.payload.err.eq(b_err)]
-                with m.If(done.valid & done.ready):
-                    m.d.sync += w_active.eq(0)
+            m.d.comb += [done.valid.eq(w_on[i] & w_done_pending), done.payload.err.eq(b_err)]
+            with m.If(done.valid & done.ready):
+                m.d.sync += [w_active.eq(0), w_on.eq(0)]
         return m
 
     def _take_command(self, m, cmds, busy, name):
         """Round-robin over the command streams ``cmds`` while not ``busy``: a command is taken
         into registers first (the round-robin only steers that) and its transfer is computed
         from them in the next cycle, while ``load`` is high (the round-robin, the payload mux
-        and the beat arithmetic were one chain into the transfer registers).
+        and the beat arithmetic were one chain into the transfer registers). The round-robin's
+        choice is registered, made from the valids as they were a cycle ago (a stream's valid
+        stays high until its transfer; the cycle after a take is a `load` cycle, in which
+        nothing is taken, so the choice follows the new priority in time): the take decision
+        and the payload mux's select come from registers, not from the clients' handshake
+        logic. A command waits one more cycle.
 
         Returns ``(load, sel, addr, nbytes, beats)``: ``sel`` the port taken, ``beats`` the bus
         beats of the transfer (from the registered ``addr`` and ``nbytes``)."""
@@ -250,9 +296,16 @@ class HostDMA(wiring.Component):
         lb = _log2(bb)
         rr = Signal(range(n), name=f"{name}_rr")   # the port that gets priority next
         sel = Signal(range(n), name=f"{name}_sel")
+        pick_c = Signal(range(n), name=f"{name}_pick_c")
+        any_c = Signal(name=f"{name}_any_c")
         pick = Signal(range(n), name=f"{name}_pick")
         any_ = Signal(name=f"{name}_any")
-        self._round_robin(m, [c.valid for c in cmds], rr, pick, any_, name)
+        # the ports that stay valid into the next cycle (not taken in this one)
+        self._round_robin(m, [c.valid & ~c.ready for c in cmds], rr, pick_c, any_c, name)
+        m.d.sync += [pick.eq(pick_c), any_.eq(any_c)]
+        for i, cmd in enumerate(cmds):
+            m.d.sync += Assert(~any_ | (pick != i) | cmd.valid,
+                               "dma: a command's valid fell before it was taken")
         load = Signal(name=f"{name}_load")
         addr = Signal(64, name=f"{name}c_addr")
         nbytes = Signal(32, name=f"{name}c_bytes")

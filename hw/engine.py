@@ -38,27 +38,32 @@ nothing is read past the check and nothing is written.
 
 Timing: the state machines branch on registered facts, not on compares and sums made in the
 same cycle. Checks get states of their own (CHECK, PROBE_CHECK, SIZE_SUM/SIZE_CMP: four cycles
-per command; P_FIRST_END per pooled command, P_BAG_END per bag, PLAN per result chunk); the
-completion-order push, ``pos`` tests (next-cycle values), slot credits and the chunk readers'
-request plans are registers (a chunk reader makes no request in the cycle after one). Alone at
-the board parameters (yosys synth_ecp5 + nextpnr-ecp5 --out-of-context, 100 MHz target) the
-engine went from 87.2 to 97-109 MHz (placement varies run to run).
+per command; P_BAG_END per bag, PLAN per result chunk); the completion-order push, slot credits,
+the chunk readers' request plans and word counts (``last`` travels with each index word), the
+skip counts and the probe's answer are registers (a chunk reader makes no request in the cycle
+after one). Two-entry register slices (full rate, one cycle each) decouple the handshakes: the
+front's emissions -> translator/credits/side FIFO, side FIFO -> fork, fork -> merger ``i_desc``
+and FTL, each chunk reader's words -> front; the fork's per-command stats are taken a cycle
+late. Alone at the board parameters (yosys synth_ecp5 + nextpnr-ecp5 --out-of-context, 100 MHz
+target) the engine went from 87.2 to 97-109 MHz (placement varies run to run), and with the
+slices and flags from 94.5 to 121.6 MHz (one run each).
 """
 from __future__ import annotations
 
 from amaranth import Module, Signal, Mux, Cat, Const, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.hdl import Assert
 from amaranth.lib.wiring import In, Out
 
 from . import channel as ch_mod
 from . import ftl as ftl_mod
 from . import merger as merger_mod
 from . import translator as xlat_mod
+from .skid_buffer import SkidBuffer
 from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
 from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status, div_magic
-from .skid_buffer import SkidBuffer
 
 __all__ = ["CommandEngine", "ChunkReader", "WidthConverter", "XLAT_TAG_WIDTH",
            "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
@@ -80,13 +85,15 @@ class Kind:
     RAW = 3
 
 
-WORD_LAYOUT = data.StructLayout({"data": 32, "err": 1})
+WORD_LAYOUT = data.StructLayout({"data": 32, "err": 1, "last": 1})   # last: of the list
 
 
 class ChunkReader(wiring.Component):
     """Reads ``words`` 32-bit words from a 64-byte aligned ``addr`` (``start`` pulse, only while
-    ``idle``) as DMA transfers of at most ``chunk_bytes``; a chunk is requested only when the
-    beat FIFO has room for all of it, so the DMA port never stalls on this reader."""
+    ``idle``; ``addr`` and ``words`` are taken in the cycle after the pulse, which is registered,
+    so they must hold for that cycle) as DMA transfers of at most ``chunk_bytes``; a chunk is
+    requested only when the beat FIFO has room for all of it, so the DMA port never stalls on
+    this reader."""
 
     def __init__(self, data_bits: int, chunk_bytes: int = READ_CHUNK_BYTES):
         self.data_bits = data_bits
@@ -111,14 +118,18 @@ class ChunkReader(wiring.Component):
         c_left = Signal(34)              # bytes still to request
         outstanding = Signal(range(depth + 1))
         words_left = Signal(32)
+        took = Signal()                  # a word was taken in the previous cycle (see below)
         k = Signal(range(max(wpb, 2)))
 
         # o_word leaves through a register slice: the consumers' decisions (offset compares,
         # bag ends) then start from flip-flops, not from the beat FIFO's LUT RAM (63 MHz)
         m.submodules.out_reg = out_reg = SkidBuffer(WORD_LAYOUT)
-        m.d.comb += self.idle.eq((c_left == 0) & (outstanding == 0) & (words_left == 0) &
+        m.d.comb += self.idle.eq((c_left == 0) & (outstanding == 0) & (words_left == took) &
                                  ~fifo.r_rdy & ~out_reg.o.valid)
-        with m.If(self.start):
+        # the start pulse is registered (its decoding fanned out into every counter's enable)
+        start = Signal()
+        m.d.sync += start.eq(self.start)
+        with m.If(start):
             m.d.sync += [c_addr.eq(self.addr), c_left.eq(self.words << 2),
                          words_left.eq(self.words), k.eq(0)]
 
@@ -146,7 +157,7 @@ class ChunkReader(wiring.Component):
         ]
         issued = self.o_rd_cmd.valid & self.o_rd_cmd.ready
         got = self.i_rd_data.valid & self.i_rd_data.ready
-        m.d.sync += hold.eq(issued | self.start)
+        m.d.sync += hold.eq(issued | start)
         with m.If(issued):
             m.d.sync += [c_addr.eq(c_addr + n), c_left.eq(c_left - n)]
         m.d.sync += outstanding.eq(outstanding + Mux(issued, beats, 0) - got)
@@ -156,21 +167,44 @@ class ChunkReader(wiring.Component):
             fifo.w_data.eq(Cat(self.i_rd_data.payload.data, self.i_rd_data.payload.err)),
         ]
 
+        # `w_more`/`w_last` are words_left != 0 / == 1 kept as registers (the compares sat in
+        # front of the out slice's push and the FIFO's read enable); after a start they follow
+        # `words_left` one cycle late, while no beat can be there yet (requests begin two cycles
+        # after the start)
+        w_more = Signal()
+        w_last = Signal()
+        started = Signal()
+        m.d.sync += started.eq(start)
+        with m.If(started):
+            m.d.sync += [w_more.eq(words_left != 0), w_last.eq(words_left == 1)]
         beat = fifo.r_data[:w]
         o_word = out_reg.i
         m.d.comb += [
-            o_word.valid.eq(fifo.r_rdy & (words_left != 0)),
+            o_word.valid.eq(fifo.r_rdy & w_more),
             o_word.payload.data.eq(beat.word_select(k, 32) if wpb > 1 else beat[:32]),
             o_word.payload.err.eq(fifo.r_data[w]),
+            o_word.payload.last.eq(w_last),
         ]
         wiring.connect(m, out_reg.o, wiring.flipped(self.o_word))
-        with m.If(o_word.valid & o_word.ready):
+        # `words_left` follows the words taken one cycle late (`took`: a word was taken in the
+        # previous cycle), so the take only drives a few flip-flops: the words really left are
+        # words_left - took.
+        m.d.sync += took.eq(o_word.valid & o_word.ready)
+        with m.If(took & ~start):
             m.d.sync += words_left.eq(words_left - 1)
-            with m.If((k == wpb - 1) | (words_left == 1)):
+        with m.If(o_word.valid & o_word.ready):
+            m.d.sync += [w_more.eq(~w_last),
+                         w_last.eq(Mux(took, words_left == 3, words_left == 2))]
+            with m.If((k == wpb - 1) | w_last):
                 m.d.comb += fifo.r_en.eq(1)
                 m.d.sync += k.eq(0)
             with m.Else():
                 m.d.sync += k.eq(k + 1)
+        m.d.sync += [
+            Assert(started | (w_more == (words_left - took != 0)), "ChunkReader: w_more stale"),
+            Assert(started | (w_last == (words_left - took == 1)), "ChunkReader: w_last stale"),
+            Assert(~started | ~fifo.r_rdy, "ChunkReader: a beat right after the start"),
+        ]
         return m
 
 
@@ -233,8 +267,9 @@ class CommandEngine(wiring.Component):
     - ``o_ftl``: FTL ``i_req`` (tag = ROB slot).
     - ``o_desc``, ``i_free``, ``i_out``: merger ``i_desc``, ``o_free``, ``o_data``.
     - ``o_prog[c]``, ``o_prog_data[c]``, ``i_prog_done[c]``: channel c's program ports.
-    - ``inflight`` (commands accepted and not yet completed), ``ev_lookup`` (a lookup was
-      issued this cycle), ``ev_complete``/``ev_error`` (a completion with any/non-OK status).
+    - ``inflight`` (commands accepted and not yet completed; an accept counts from the next
+      cycle), ``ev_lookup`` (a lookup was issued this cycle), ``ev_complete``/``ev_error`` (a
+      completion with any/non-OK status).
     """
 
     def __init__(self, params: Params, n_slots: int):
@@ -291,10 +326,20 @@ class CommandEngine(wiring.Component):
         side_layout = data.StructLayout({
             "kind": 2, "slot": max(T, 1), "pos": 32, "offset": 16, "pooled": 1,
             "bag_end": 1, "cmd_end": 1, "err": 1,
+            # the kind decoded once more for the fork's decisions (`kind` steers the payloads)
+            "need_desc": 1, "lookup": 1, "raw": 1,
         })
-        # registered outputs: the fork's decisions start from flip-flops, not LUT RAM (an
-        # entry waits there at least as long as the translator's 10+ cycles anyway)
-        m.submodules.side = side = SyncFIFOBuffered(width=side_layout.size, depth=16)
+        # The entries leave the LUT RAM through a register slice: the fork's decisions start
+        # from flip-flops, and its consume decision only pops the slice (the FIFO is refilled
+        # from the slice's registered ready). An entry waits there at least as long as the
+        # translator's 10+ cycles anyway.
+        m.submodules.side = side = SyncFIFO(width=side_layout.size, depth=16)
+        m.submodules.side_out = side_out = SkidBuffer(side_layout)
+        m.d.comb += [
+            side_out.i.valid.eq(side.r_rdy),
+            side_out.i.payload.eq(side.r_data),
+            side.r_en.eq(side_out.i.ready),
+        ]
 
         order_layout = data.StructLayout({
             "cid": 16, "sq_head": 16, "status": 8, "has_output": 1, "out_bytes": 32,
@@ -330,7 +375,7 @@ class CommandEngine(wiring.Component):
             off.o_word.ready.eq(offq.i.ready),
         ]
         off_word = offq.o
-        probe_done = Signal()      # pulse from the fork
+        probe_done = Signal()      # pulse from the fork (registered, with the answer)
         probe_status = Signal(2)
         probe_row_bytes = Signal(16)
         probe_elem = Signal(2)
@@ -349,24 +394,51 @@ class CommandEngine(wiring.Component):
         off_bad = Signal()
         off_err = Signal()
 
-        # emission request (combinational), fired by the translator handshake
+        # emission request (combinational), taken by a register slice: the front's decisions
+        # (next state, `pos`) depend only on the slice's registered `ready`, and the slice's
+        # output meets the translator handshake, the slot credits and the side FIFO room (one
+        # cycle later; the translator takes 10+ cycles anyway).
         em_valid = Signal()
-        em_index = Signal(32)
         em_side = Signal(side_layout)
         em_needs_slot = Signal()
-        fire = Signal()
+        fire = Signal()                  # the front hands an emission to the slice
+        em_layout = data.StructLayout({"table": 8, "index": 32, "side": side_layout,
+                                       "needs_slot": 1})
+        m.submodules.em_reg = emq = SkidBuffer(em_layout)
         m.d.comb += [
-            self.o_xlat.valid.eq(em_valid & side_room & (~em_needs_slot | has_credit)),
-            self.o_xlat.payload.table.eq(c.table),
-            self.o_xlat.payload.index.eq(em_index),
+            emq.i.valid.eq(em_valid),
+            emq.i.payload.table.eq(c.table),
+            emq.i.payload.index.eq(idx.o_word.payload.data),
+            emq.i.payload.side.eq(em_side),
+            emq.i.payload.needs_slot.eq(em_needs_slot),
+            fire.eq(emq.i.valid & emq.i.ready),
+        ]
+        eo = emq.o.payload
+        em_go = Signal()
+        xfire = Signal()
+        side_in = Signal(side_layout)
+        m.d.comb += [
+            # every emission waits for a slot credit, also those that take none (probes,
+            # tokens): the handshake then needs no payload bit, and credits return as the
+            # rows already emitted complete, so the wait ends
+            em_go.eq(side_room & has_credit),
+            self.o_xlat.valid.eq(emq.o.valid & em_go),
+            emq.o.ready.eq(self.o_xlat.ready & em_go),
+            self.o_xlat.payload.table.eq(eo.table),
+            # only a lookup carries an index (probes, tokens and raw chunks ask at index 0)
+            self.o_xlat.payload.index.eq(Mux(eo.side.kind == Kind.LOOKUP, eo.index, 0)),
             self.o_xlat.payload.tag.eq(0),
-            fire.eq(self.o_xlat.valid & self.o_xlat.ready),
-            side.w_en.eq(fire),
-            side.w_data.eq(em_side.as_value()),
-            em_side.slot.eq(alloc),
+            xfire.eq(self.o_xlat.valid & self.o_xlat.ready),
+            side_in.eq(eo.side),
+            side_in.slot.eq(alloc),
+            side_in.need_desc.eq(eo.side.kind != Kind.PROBE),
+            side_in.lookup.eq(eo.side.kind == Kind.LOOKUP),
+            side_in.raw.eq(eo.side.kind == Kind.RAW),
+            side.w_en.eq(xfire),
+            side.w_data.eq(side_in.as_value()),
         ]
         take_slot = Signal()
-        m.d.comb += take_slot.eq(fire & em_needs_slot)
+        m.d.comb += take_slot.eq(xfire & eo.needs_slot)
         with m.If(take_slot):
             m.d.sync += alloc.eq(alloc + 1)
         m.d.sync += credits.eq(credits - take_slot + self.i_free.valid)
@@ -375,7 +447,7 @@ class CommandEngine(wiring.Component):
         # which is enough with at most one push per cycle.
         m.d.sync += [has_credit.eq(credits - take_slot + self.i_free.valid != 0),
                      side_room.eq(side.level < side.depth - 1)]
-        m.d.comb += self.ev_lookup.eq(fire & (em_side.kind == Kind.LOOKUP))
+        m.d.comb += self.ev_lookup.eq(xfire & (eo.side.kind == Kind.LOOKUP))
 
         # order FIFO push
         push_order = Signal()
@@ -456,48 +528,67 @@ class CommandEngine(wiring.Component):
             m.d.comb += [push_order.eq(1), push_status.eq(status), push_has_output.eq(0)]
             m.next = "IDLE"
 
-        # Where `pos` stands, registered: computed for the value `pos` has in the next cycle
-        # (an add and a 32-bit compare in front of the side FIFO and the next state were the
-        # engine's critical path). Valid once bag_end_pos and the command have been stable
-        # for a cycle, which holds in G_EMIT, P_PRE, P_LOOK and P_POST (entered from
-        # EMIT_START, P_FIRST_END, P_BAG_END and P_LOOK / P_TOKEN).
+        # Where `pos` stands. The index words' own `last` flag ends the list (G_EMIT, P_POST:
+        # `idx_done`); the words skipped before the first bag are counted down with a registered
+        # "done" flag (P_PRE), so the index stream's ready comes from registers only. A bag's
+        # last word (P_LOOK) is a plain equality between registers (`bag_end_m1`): no adder in
+        # front of a compare, and nothing depends on whether `pos` moves in this cycle (the
+        # earlier registered "next-cycle" flags put the emission handshake in front of them).
         pos_inc = Signal()
-        pos_at_cmd_last = Signal()       # pos == count - 1
+        count_m1 = Signal(32)            # count - 1
+        bag_end_m1 = Signal(32)          # bag_end_pos - 1
         pos_at_bag_last = Signal()       # pos + 1 == bag_end_pos
-        pos_at_bag_end = Signal()        # pos == bag_end_pos
-        pos_at_count = Signal()          # pos == count
+        m.d.comb += pos_at_bag_last.eq(pos == bag_end_m1)
         with m.If(pos_inc):
-            m.d.sync += [pos.eq(pos + 1), pos_at_cmd_last.eq(pos + 2 == c.count),
-                         pos_at_bag_last.eq(pos + 2 == bag_end_pos),
-                         pos_at_bag_end.eq(pos + 1 == bag_end_pos),
-                         pos_at_count.eq(pos + 1 == c.count)]
-        with m.Else():
-            m.d.sync += [pos_at_cmd_last.eq(pos + 1 == c.count),
-                         pos_at_bag_last.eq(pos + 1 == bag_end_pos),
-                         pos_at_bag_end.eq(pos == bag_end_pos),
-                         pos_at_count.eq(pos == c.count)]
+            m.d.sync += pos.eq(pos + 1)
+        pre_left = Signal(32)            # P_PRE: words to skip (bag_end_pos - pos)
+        pre_done = Signal()              # pre_left == 0
+        idx_done = Signal()              # the index list's last word was taken (pos == count)
+        idx_pop = idx.o_word.valid & idx.o_word.ready
+        with m.If(idx.start):
+            m.d.sync += idx_done.eq(chk.count_zero)
+        with m.Elif(idx_pop & idx.o_word.payload.last):
+            m.d.sync += idx_done.eq(1)
+        m.d.sync += [
+            Assert(~idx.o_word.valid | (idx.o_word.payload.last == (pos == count_m1)),
+                   "engine: index word's last flag"),
+        ]
 
         def emit_lookup(*, pooled, bag_end, cmd_end):
             """Offer the index list's next word to the translator as a lookup (at `pos`)."""
             m.d.comb += [
-                em_valid.eq(idx.o_word.valid), em_index.eq(idx.o_word.payload.data),
+                em_valid.eq(idx.o_word.valid),
                 em_needs_slot.eq(1),
                 em_side.kind.eq(Kind.LOOKUP), em_side.pos.eq(pos), em_side.pooled.eq(pooled),
                 em_side.bag_end.eq(bag_end), em_side.cmd_end.eq(cmd_end),
                 em_side.err.eq(idx.o_word.payload.err),
-                idx.o_word.ready.eq(fire), pos_inc.eq(fire),
+                idx.o_word.ready.eq(emq.i.ready), pos_inc.eq(fire),
             ]
 
         def skip_indices_until(done, next_state):
-            """Read and drop index words (no lookup) until `done`."""
+            """Read and drop index words (no lookup) until `done` (a register)."""
             with m.If(done):
                 m.next = next_state
             with m.Else():
                 m.d.comb += [idx.o_word.ready.eq(1), pos_inc.eq(idx.o_word.valid)]
 
-        with m.FSM(name="front"):
+        # registered from `inflight` a cycle old: an accept is at least three cycles back when the
+        # front is in IDLE again, and a completion in the last cycle only delays the next accept
+        inflight_room = Signal()
+        m.d.sync += inflight_room.eq(inflight < p.max_inflight)
+
+        # the readers take these in the cycle after their start pulse (the command holds)
+        m.d.comb += [idx.addr.eq(c.src_addr), idx.words.eq(c.count),
+                     off.addr.eq(c.offsets_addr), off.words.eq(c.n_bags + 1)]
+
+        # bag == n_bags, registered: `bag` moves in P_BAG only, and P_BAG_END comes between it
+        # and the states that read this (P_TOKEN, P_LOOK)
+        is_last_bag = Signal()
+        m.d.sync += is_last_bag.eq(bag == c.n_bags)
+
+        with m.FSM(name="front") as front_fsm:
             with m.State("IDLE"):
-                with m.If(self.i_cmd.valid & (inflight < p.max_inflight) & order.w_rdy):
+                with m.If(self.i_cmd.valid & inflight_room & order.w_rdy):
                     m.d.comb += self.i_cmd.ready.eq(1)
                     m.d.sync += cmd.eq(self.i_cmd.payload)
                     m.next = "CHECK"
@@ -509,6 +600,7 @@ class CommandEngine(wiring.Component):
                 m.next = "DECODE"
             with m.State("DECODE"):
                 m.d.sync += [pooled.eq(op == Opcode.GATHER_POOLED), pos.eq(0), bag.eq(0),
+                             count_m1.eq(c.count - 1),
                              off_bad.eq(0), off_err.eq(0), pg_k.eq(0), pg_err.eq(0),
                              raw_k.eq(0), raw_j.eq(0)]
                 with m.If(~chk.known_op):
@@ -539,7 +631,7 @@ class CommandEngine(wiring.Component):
 
             # ---------------- table probe
             with m.State("PROBE"):
-                m.d.comb += [em_valid.eq(1), em_index.eq(0), em_side.kind.eq(Kind.PROBE)]
+                m.d.comb += [em_valid.eq(1), em_side.kind.eq(Kind.PROBE)]
                 with m.If(fire):
                     m.next = "PROBE_WAIT"
             with m.State("PROBE_WAIT"):
@@ -581,8 +673,7 @@ class CommandEngine(wiring.Component):
                 with m.If(chk.result_overflow):
                     finish(m, Status.RESULT_OVERFLOW)
                 with m.Elif(pooled):
-                    m.d.comb += [off.start.eq(1), off.addr.eq(c.offsets_addr),
-                                 off.words.eq(c.n_bags + 1)]
+                    m.d.comb += off.start.eq(1)
                     m.next = "OFF_CHECK"
                 with m.Elif(chk.count_zero):
                     finish(m, Status.OK)
@@ -616,44 +707,46 @@ class CommandEngine(wiring.Component):
             # ---------------- lookups
             with m.State("EMIT_START"):
                 m.d.comb += [push_order.eq(1), push_status.eq(Status.OK), push_has_output.eq(1),
-                             idx.start.eq(1), idx.addr.eq(c.src_addr), idx.words.eq(c.count)]
+                             idx.start.eq(1)]
                 with m.If(pooled):
-                    m.d.comb += [off.start.eq(1), off.addr.eq(c.offsets_addr),
-                                 off.words.eq(c.n_bags + 1)]
+                    m.d.comb += off.start.eq(1)
                     m.next = "P_FIRST"
                 with m.Else():
                     m.next = "G_EMIT"
             with m.State("G_EMIT"):
-                last = pos_at_cmd_last
+                last = idx.o_word.payload.last
                 emit_lookup(pooled=0, bag_end=0, cmd_end=last)
                 with m.If(fire & last):
                     m.next = "IDLE"
             with m.State("P_FIRST"):
                 m.d.comb += off_word.ready.eq(1)
                 with m.If(off_word.valid):
-                    m.d.sync += bag_end_pos.eq(off_word.payload.clamp)
-                    m.next = "P_FIRST_END"
-            with m.State("P_FIRST_END"):
-                m.next = "P_PRE"          # pos_at_bag_end follows the new bag_end_pos
+                    m.d.sync += [bag_end_pos.eq(off_word.payload.clamp),
+                                 pre_left.eq(off_word.payload.clamp),    # pos is 0
+                                 pre_done.eq(off_word.payload.clamp == 0)]
+                    m.next = "P_PRE"
             with m.State("P_PRE"):
                 # indices before offsets[0] belong to no bag
-                skip_indices_until(pos_at_bag_end, "P_BAG")
+                skip_indices_until(pre_done, "P_BAG")
+                with m.If(idx_pop):
+                    m.d.sync += [pre_left.eq(pre_left - 1), pre_done.eq(pre_left == 1)]
             with m.State("P_BAG"):
                 m.d.comb += off_word.ready.eq(1)
                 with m.If(off_word.valid):
-                    m.d.sync += [bag_end_pos.eq(off_word.payload.clamp), bag.eq(bag + 1)]
+                    m.d.sync += [bag_end_pos.eq(off_word.payload.clamp),
+                                 bag_end_m1.eq(off_word.payload.clamp - 1), bag.eq(bag + 1)]
                     m.next = "P_BAG_END"
             with m.State("P_BAG_END"):
-                # clamp so that a list changed since pass 1 still ends (never hangs); a state of
-                # its own, so the compare starts from a register
-                with m.If(bag_end_pos <= pos):           # the clamped end is pos itself
-                    m.d.sync += bag_end_pos.eq(pos)
+                # an end at or before pos (a list changed since pass 1) is an empty bag, so the
+                # command still ends (never hangs); a state of its own, so the compare starts
+                # from registers
+                with m.If(bag_end_pos <= pos):
                     m.next = "P_TOKEN"
                 with m.Else():
                     m.next = "P_LOOK"
             with m.State("P_TOKEN"):
-                last_bag = bag == c.n_bags
-                m.d.comb += [em_valid.eq(1), em_index.eq(0), em_side.kind.eq(Kind.TOKEN),
+                last_bag = is_last_bag
+                m.d.comb += [em_valid.eq(1), em_side.kind.eq(Kind.TOKEN),
                              em_side.pooled.eq(1), em_side.cmd_end.eq(last_bag)]
                 with m.If(fire):
                     with m.If(last_bag):
@@ -661,7 +754,7 @@ class CommandEngine(wiring.Component):
                     with m.Else():
                         m.next = "P_BAG"
             with m.State("P_LOOK"):
-                last_bag = bag == c.n_bags
+                last_bag = is_last_bag
                 bag_last = pos_at_bag_last
                 emit_lookup(pooled=1, bag_end=bag_last, cmd_end=bag_last & last_bag)
                 with m.If(fire):
@@ -672,16 +765,16 @@ class CommandEngine(wiring.Component):
                             m.next = "P_BAG"
             with m.State("P_POST"):
                 # indices past the last bag's end are read and dropped
-                skip_indices_until(pos_at_count, "IDLE")
+                skip_indices_until(idx_done, "IDLE")
 
             # ---------------- READ_PAGES: each page as rows of raw_chunk bytes
             with m.State("RAW_START"):
                 m.d.comb += [push_order.eq(1), push_status.eq(Status.OK), push_has_output.eq(1)]
                 m.next = "RAW_EMIT"
             with m.State("RAW_EMIT"):
-                last = (raw_k == c.count - 1) & (raw_j == chunks_per_page - 1)
+                last = (raw_k == count_m1) & (raw_j == chunks_per_page - 1)
                 m.d.comb += [
-                    em_valid.eq(1), em_index.eq(0), em_needs_slot.eq(1),
+                    em_valid.eq(1), em_needs_slot.eq(1),
                     em_side.kind.eq(Kind.RAW), em_side.pos.eq(c.lba + raw_k),
                     em_side.offset.eq(raw_j * raw_chunk), em_side.cmd_end.eq(last),
                 ]
@@ -703,8 +796,7 @@ class CommandEngine(wiring.Component):
                 # other channels' programs (tPROG each) overlap with this one
                 for i in range(n_ch):
                     with m.If((pg_ch == i) & ~pg_busy[i]):
-                        m.d.comb += [self.o_prog[i].valid.eq(1),
-                                     self.o_prog[i].payload.page.eq(pg_page)]
+                        m.d.comb += self.o_prog[i].valid.eq(1)
                         with m.If(self.o_prog[i].ready):
                             m.d.comb += pg_issue[i].eq(1)
                             m.next = "PG_DMA"
@@ -723,24 +815,41 @@ class CommandEngine(wiring.Component):
                 for i in range(n_ch):
                     with m.If(pg_ch == i):
                         m.d.comb += [self.o_prog_data[i].valid.eq(pgconv.o.valid),
-                                     self.o_prog_data[i].payload.data.eq(pgconv.o.payload.data),
                                      pgconv.o.ready.eq(self.o_prog_data[i].ready)]
                 with m.If(pgconv.o.valid & pgconv.o.ready):
                     m.d.sync += pg_beats.eq(pg_beats - 1)
                     with m.If(pg_beats == 1):
-                        m.d.sync += pg_k.eq(pg_k + 1)
-                        with m.If(pg_ch == n_ch - 1):
-                            m.d.sync += [pg_ch.eq(0), pg_page.eq(pg_page + 1)]
-                        with m.Else():
-                            m.d.sync += pg_ch.eq(pg_ch + 1)
-                        with m.If(pg_k == c.count - 1):
-                            m.next = "PG_END"
-                        with m.Else():
-                            m.next = "PG_REQ"
+                        m.next = "PG_NEXT"
+            with m.State("PG_NEXT"):
+                # the next page's channel and position, a cycle after the last beat (the data
+                # handshake stays out of these registers' enables)
+                m.d.sync += pg_k.eq(pg_k + 1)
+                with m.If(pg_ch == n_ch - 1):
+                    m.d.sync += [pg_ch.eq(0), pg_page.eq(pg_page + 1)]
+                with m.Else():
+                    m.d.sync += pg_ch.eq(pg_ch + 1)
+                with m.If(pg_k == count_m1):
+                    m.next = "PG_END"
+                with m.Else():
+                    m.next = "PG_REQ"
             with m.State("PG_END"):
                 # the command completes when every channel has finished its last program
                 with m.If(pg_busy == 0):
                     finish(m, Mux(pg_err | pg_done_err, Status.BUS_ERROR, Status.OK))
+
+        m.d.sync += [
+            Assert(~front_fsm.ongoing("P_PRE") | (pre_done == (pos == bag_end_pos)),
+                   "engine: pre_done stale"),
+            Assert(~front_fsm.ongoing("P_POST") | (idx_done == (pos == c.count)),
+                   "engine: idx_done stale"),
+            Assert(~(front_fsm.ongoing("P_TOKEN") | front_fsm.ongoing("P_LOOK")) |
+                   (is_last_bag == (bag == c.n_bags)), "engine: is_last_bag stale"),
+        ]
+
+        # the program payloads go to every channel (only the selected one sees valid)
+        for i in range(n_ch):
+            m.d.comb += [self.o_prog[i].payload.page.eq(pg_page),
+                         self.o_prog_data[i].payload.data.eq(pgconv.o.payload.data)]
 
         # program completions are taken in any state: one outstanding program per channel
         for i in range(n_ch):
@@ -757,11 +866,11 @@ class CommandEngine(wiring.Component):
 
         # ------------------------------------------------------------------ fork
         sd = Signal(side_layout)
-        m.d.comb += sd.eq(side.r_data)
+        m.d.comb += sd.eq(side_out.o.payload)
         rsp = self.i_xlat.payload
         # The side FIFO's entry is normally there long before its response (the translator
         # takes 10+ cycles); waiting for it keeps any latency correct.
-        valid = self.i_xlat.valid & side.r_rdy
+        valid = self.i_xlat.valid & side_out.o.valid
         desc_sent = Signal()
         ftl_sent = Signal()
         n_bad = Signal(32)
@@ -769,15 +878,23 @@ class CommandEngine(wiring.Component):
         worst = Signal(8)
         cmd_err = Signal()
         is_bad = Signal()
-        m.d.comb += is_bad.eq((sd.kind == Kind.LOOKUP) & (rsp.status != 0))
+        m.d.comb += is_bad.eq(sd.lookup & (rsp.status != 0))
 
         need_desc = Signal()
         need_ftl = Signal()
         m.d.comb += [
-            need_desc.eq(sd.kind != Kind.PROBE),
-            need_ftl.eq(((sd.kind == Kind.LOOKUP) & (rsp.status == 0)) | (sd.kind == Kind.RAW)),
+            need_desc.eq(sd.need_desc),
+            need_ftl.eq((sd.lookup & (rsp.status == 0)) | sd.raw),
         ]
-        d = self.o_desc.payload
+        # The descriptor and the FTL request leave through register slices: the merger's and
+        # the FTL's ready (their FIFO states) do not reach the fork's consume decision, which
+        # sees only the slices' registered ready.
+        m.submodules.desc_reg = desc_reg = SkidBuffer(self.o_desc.payload.shape())
+        m.submodules.ftl_reg = ftl_reg = SkidBuffer(self.o_ftl.payload.shape())
+        wiring.connect(m, desc_reg.o, wiring.flipped(self.o_desc))
+        wiring.connect(m, ftl_reg.o, wiring.flipped(self.o_ftl))
+        o_desc, o_ftl = desc_reg.i, ftl_reg.i
+        d = o_desc.payload
         m.d.comb += [
             d.slot.eq(sd.slot),
             d.row_bytes.eq(Mux(sd.kind == Kind.RAW, raw_chunk, rsp.row_bytes)),
@@ -787,49 +904,61 @@ class CommandEngine(wiring.Component):
             d.bag_end.eq(sd.bag_end),
             d.empty_bag.eq(sd.kind == Kind.TOKEN),
             d.cmd_end.eq(sd.cmd_end),
-            self.o_desc.valid.eq(valid & need_desc & ~desc_sent),
+            o_desc.valid.eq(valid & need_desc & ~desc_sent),
         ]
-        f = self.o_ftl.payload
+        f = o_ftl.payload
         with m.If(sd.kind == Kind.RAW):
             m.d.comb += [f.lba.eq(sd.pos), f.offset.eq(sd.offset), f.row_bytes.eq(raw_chunk)]
         with m.Else():
             m.d.comb += [f.lba.eq(rsp.lba), f.offset.eq(rsp.offset), f.row_bytes.eq(rsp.row_bytes)]
-        m.d.comb += [f.tag.eq(sd.slot), self.o_ftl.valid.eq(valid & need_ftl & ~ftl_sent)]
+        m.d.comb += [f.tag.eq(sd.slot), o_ftl.valid.eq(valid & need_ftl & ~ftl_sent)]
 
         desc_ok = Signal()
         ftl_ok = Signal()
         m.d.comb += [
-            desc_ok.eq(~need_desc | desc_sent | self.o_desc.ready),
-            ftl_ok.eq(~need_ftl | ftl_sent | self.o_ftl.ready),
+            desc_ok.eq(~need_desc | desc_sent | o_desc.ready),
+            ftl_ok.eq(~need_ftl | ftl_sent | o_ftl.ready),
         ]
         consume = Signal()
         m.d.comb += consume.eq(valid & desc_ok & ftl_ok)
         with m.If(consume):
             m.d.sync += [desc_sent.eq(0), ftl_sent.eq(0)]
         with m.Else():
-            with m.If(self.o_desc.valid & self.o_desc.ready):
+            with m.If(o_desc.valid & o_desc.ready):
                 m.d.sync += desc_sent.eq(1)
-            with m.If(self.o_ftl.valid & self.o_ftl.ready):
+            with m.If(o_ftl.valid & o_ftl.ready):
                 m.d.sync += ftl_sent.eq(1)
-        m.d.comb += [self.i_xlat.ready.eq(consume), side.r_en.eq(consume)]
+        m.d.comb += [self.i_xlat.ready.eq(consume), side_out.o.ready.eq(consume)]
 
-        m.d.comb += [probe_status.eq(rsp.status), probe_row_bytes.eq(rsp.row_bytes),
-                     probe_elem.eq(rsp.elem)]
-        with m.If(consume & (sd.kind == Kind.PROBE)):
-            m.d.comb += probe_done.eq(1)
+        # registered: the front's PROBE_WAIT sees the probe's answer a cycle after the fork
+        # takes it (the consume decision stays out of the front's next state)
+        m.d.sync += [probe_status.eq(rsp.status), probe_row_bytes.eq(rsp.row_bytes),
+                     probe_elem.eq(rsp.elem), probe_done.eq(0)]
+        with m.If(consume & ~sd.need_desc):
+            m.d.sync += probe_done.eq(1)
 
-        # per-command stats, pushed at the command's last descriptor
+        # per-command stats, pushed at the command's last descriptor. What each taken
+        # descriptor contributes is registered first (the consume decision fanned out into all
+        # the counters' clock enables).
+        s_v = Signal()
+        s_bad = Signal()
+        s_bad_lba = Signal()
+        s_pos = Signal(32)
+        s_err = Signal()
+        s_end = Signal()
+        m.d.sync += [s_v.eq(consume & need_desc), s_bad.eq(is_bad),
+                     s_bad_lba.eq(rsp.status == xlat_mod.TranslateStatus.BAD_LBA),
+                     s_pos.eq(sd.pos), s_err.eq(sd.err & sd.lookup), s_end.eq(sd.cmd_end)]
         nb = Signal(32)
         fb = Signal(32)
         ws = Signal(8)
         ce = Signal()
-        m.d.comb += [nb.eq(n_bad), fb.eq(first_bad), ws.eq(worst),
-                     ce.eq(cmd_err | (sd.err & (sd.kind == Kind.LOOKUP)))]
-        with m.If(is_bad):
+        m.d.comb += [nb.eq(n_bad), fb.eq(first_bad), ws.eq(worst), ce.eq(cmd_err | s_err)]
+        with m.If(s_bad):
             m.d.comb += nb.eq(n_bad + 1)
             with m.If(n_bad == 0):
-                m.d.comb += fb.eq(sd.pos)
-            with m.If(rsp.status == xlat_mod.TranslateStatus.BAD_LBA):
+                m.d.comb += fb.eq(s_pos)
+            with m.If(s_bad_lba):
                 with m.If(worst != Status.BAD_INDEX):
                     m.d.comb += ws.eq(Status.BAD_LBA)
             with m.Else():
@@ -839,10 +968,10 @@ class CommandEngine(wiring.Component):
         stats_in = Signal(stats_layout)
         stats_push = Signal()
         m.d.sync += [stats_in.n_bad.eq(nb), stats_in.first_bad.eq(fb), stats_in.status.eq(ws),
-                     stats_in.err.eq(ce), stats_push.eq(consume & need_desc & sd.cmd_end)]
+                     stats_in.err.eq(ce), stats_push.eq(s_v & s_end)]
         m.d.comb += [stats.w_data.eq(stats_in.as_value()), stats.w_en.eq(stats_push)]
-        with m.If(consume & need_desc):
-            with m.If(sd.cmd_end):
+        with m.If(s_v):
+            with m.If(s_end):
                 m.d.sync += [n_bad.eq(0), first_bad.eq(NO_BAD_POSITION), worst.eq(0), cmd_err.eq(0)]
             with m.Else():
                 m.d.sync += [n_bad.eq(nb), first_bad.eq(fb), worst.eq(ws), cmd_err.eq(ce)]
@@ -929,6 +1058,8 @@ class CommandEngine(wiring.Component):
                     m.d.comb += [self.ev_complete.eq(1), self.ev_error.eq(cpl_status != 0)]
                     m.next = "IDLE"
 
-        accept = self.i_cmd.valid & self.i_cmd.ready
-        m.d.sync += inflight.eq(inflight + accept - self.ev_complete)
+        # the accept is counted a cycle late (the front's IDLE decision stays out of the adder)
+        accepted = Signal()
+        m.d.sync += [accepted.eq(self.i_cmd.valid & self.i_cmd.ready),
+                     inflight.eq(inflight + accepted - self.ev_complete)]
         return m

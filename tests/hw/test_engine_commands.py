@@ -257,6 +257,9 @@ def test_engine_commands(width, stall, seed):
                 buf += bytes(pooled_row_bytes(d.row_bytes, ElemType(d.elem)))
             else:
                 if not d.bad:
+                    # not ready while waiting for the FTL request: a descriptor offered in the
+                    # meantime must not be taken (and lost)
+                    ctx.set(e.o_desc.ready, 0)
                     while d.slot not in by_slot:
                         await ctx.tick()
                     lba, off, rb = by_slot.pop(d.slot)
