@@ -6,8 +6,8 @@ driver and in the docs at once. The rest of the device sees registers as plain s
 
 Bus behaviour:
 - AW and W are accepted independently; a write happens when both have arrived, then B is held
-  until the master takes it. AR is accepted when no read is in flight; R follows two cycles
-  later (two register stages of read mux) and is held until taken. Reads and writes proceed in
+  until the master takes it. AR is accepted when no read is in flight; R follows three cycles
+  later (the address register, then two register stages of read mux) and is held until taken. Reads and writes proceed in
   parallel.
 - Byte strobes apply per byte lane: a RW field keeps the bytes whose strobe is low; a W1T bit
   fires only if its byte was strobed; a WO doorbell pulses ``<name>_written`` when any of its
@@ -131,45 +131,48 @@ class MMIOManager(wiring.Component):
                             self._write_field(m, reg, fld, w_data, w_strb)
 
         # ---------------- read channel ----------------
-        # Two register stages (the one-stage read mux over every register was the board's
-        # critical path): the AR cycle picks each group of eight registers' addressed word,
-        # the next cycle picks the group. R follows two cycles after AR.
+        # Three register stages (the one-stage read mux over every register was the board's
+        # critical path): the AR cycle registers the address; the next cycle picks each group
+        # of eight registers' addressed word; the next one picks the group. R follows three
+        # cycles after AR.
         groups = {}
         for addr, reg, ch in regmap.all_addresses(p.n_channels):
             groups.setdefault(addr >> 5, []).append((addr >> 2 & 7, reg, ch))
         group_word = {g: Signal(32, name=f"rd_group{g:02x}") for g in groups}
-        rd_pending = Signal()            # stage 1 holds a read
+        rd_addr = Signal(ADDR_WIDTH)     # the address offered, registered every cycle
+        rd_taken = Signal()              # stage 0: rd_addr holds the read's address
+        rd_pending = Signal()            # stage 1: the group words hold its words
         rd_group = Signal(ADDR_WIDTH - 5)
         rd_mapped = Signal()
         r_valid = Signal()
         r_data = Signal(32)
         r_resp = Signal(2)
         m.d.comb += [
-            bus.arready.eq(~r_valid & ~rd_pending),
+            bus.arready.eq(~r_valid & ~rd_taken & ~rd_pending),
             bus.rvalid.eq(r_valid),
             bus.rdata.eq(r_data),
             bus.rresp.eq(r_resp),
         ]
         with m.If(r_valid & bus.rready):
             m.d.sync += r_valid.eq(0)
-        with m.If(bus.arvalid & bus.arready):
-            m.d.sync += rd_pending.eq(1)
-        # The address decode and the group words load every cycle from whatever address is
-        # offered (no clock enable: the AR handshake drove ~270 of them); stage 1 uses those
-        # loaded in its read's AR cycle.
-        m.d.sync += [rd_group.eq(bus.araddr[5:ADDR_WIDTH]), rd_mapped.eq(0)]
-        with m.Switch(bus.araddr[2:ADDR_WIDTH]):
+        m.d.sync += [rd_addr.eq(bus.araddr), rd_taken.eq(bus.arvalid & bus.arready),
+                     rd_pending.eq(rd_taken)]
+        # The address decode and the group words load every cycle from rd_addr (no clock
+        # enable: the AR handshake drove ~270 of them, and the address comes from a register of
+        # its own rather than the bus slice's mux); stage 1 uses those loaded in stage 0.
+        m.d.sync += [rd_group.eq(rd_addr[5:ADDR_WIDTH]), rd_mapped.eq(0)]
+        with m.Switch(rd_addr[2:ADDR_WIDTH]):
             for addr, reg, ch in regmap.all_addresses(p.n_channels):
                 with m.Case(addr >> 2):
                     m.d.sync += rd_mapped.eq(1)
         for g, members in groups.items():
             m.d.sync += group_word[g].eq(0)
-            with m.Switch(bus.araddr[2:5]):
+            with m.Switch(rd_addr[2:5]):
                 for low, reg, ch in members:
                     with m.Case(low):
                         m.d.sync += group_word[g].eq(self._read_value(reg, ch))
         with m.If(rd_pending):
-            m.d.sync += [rd_pending.eq(0), r_valid.eq(1), r_data.eq(0),
+            m.d.sync += [r_valid.eq(1), r_data.eq(0),
                          r_resp.eq(Mux(rd_mapped, Resp.OKAY, Resp.DECERR))]
             with m.Switch(rd_group):
                 for g in groups:
