@@ -434,21 +434,13 @@ class ResultMerger(wiring.Component):
 
         # ---------------- issue stage: descriptors -> ops, in order ----------------
         dl = desc_layout(n_slots)
-        cur = Signal(dl)
-        have = Signal()
-        n_ops = Signal(range(max_ops + 1))
-        last_cnt = Signal(range(K + 1))
-        sub_shift = Signal(2)            # log2(elements of one ROB beat / K)
-        j = Signal(range(max_ops + 1))
-        # Registered facts about the op at j and the slot of `cur`, kept equal to what they
-        # stand for (j == 0, j == n_ops - 1, done[cur.slot], errf[cur.slot]). Computed in the
-        # cycle of use (comparators on j and n_ops, slot-indexed muxes of the flags) they made
-        # the decision to pop the next descriptor, which ends at the descriptor FIFO's read
-        # clock enables, a 10.7 ns path.
+        ops_shape = range(max_ops + 1)
+        j = Signal(ops_shape)
+        # Registered facts about the op at j, kept equal to what they stand for (j == 0,
+        # j == n_ops - 1 after the first op). Computed in the cycle of use (comparators on j and
+        # n_ops) they made the decision to retire the row, which fans out widely.
         first_op = Signal(init=1)
-        last_op = Signal()
-        slot_done = Signal()
-        slot_err = Signal()
+        later_last = Signal()
         bag_first = Signal(init=1)       # no good row in the current bag yet
         row_first = Signal()
         acc_bank = Signal()              # accumulator bank of the bag being summed
@@ -456,6 +448,8 @@ class ResultMerger(wiring.Component):
         cooldown_next = Signal(range(ACCUM_HAZARD_CYCLES))
         sticky_err = Signal()
         em_busy = Signal()               # the emitter still has ops of a finished bag to send
+        handed = Signal()                # a bag was handed over last cycle (emitter loads now)
+        em_blocked = em_busy | handed    # the emitter has (or is taking) a bag
 
         # Descriptors wait in a FIFO: the engine forks each lookup to the channels and to here,
         # and must not be held up while the merger waits for an older row (that would leave at
@@ -465,9 +459,17 @@ class ResultMerger(wiring.Component):
         # before it enters the FIFO, so the issue stage loads them without arithmetic.
         m.submodules.desc_in = desc_in = SkidBuffer(dl)
         wiring.connect(m, wiring.flipped(self.i_desc), desc_in.i)
+        # a descriptor with its op count, shape and the issue stage's per-row flags
         xl = data.StructLayout({
-            "desc": dl, "n_ops": unsigned(len(n_ops)), "last_cnt": unsigned(len(last_cnt)),
-            "sub_shift": unsigned(2), "one_op": unsigned(1)})
+            "desc": dl, "n_ops": ops_shape, "last_cnt": range(K + 1),
+            "sub_shift": unsigned(2),    # log2(elements of one ROB beat / K)
+            "one_op": unsigned(1),
+            "gather": unsigned(1),       # a GATHER lookup (not an empty-bag token)
+            "accum": unsigned(1),        # a good pooled lookup (unless its row has err)
+            "bad_or_empty": unsigned(1),
+            "pooled_or_empty": unsigned(1),   # no ops when bad or err (with gather = 0)
+            "goes_emit": unsigned(1),    # the bag ends with it: the emitter takes it over
+        })
         d_new = desc_in.o.payload
         ish = Signal(2)                  # log2(itemsize); GATHER moves 32-bit words
         with m.If(~d_new.pooled):
@@ -481,7 +483,14 @@ class ResultMerger(wiring.Component):
                 with m.Default():
                     m.d.comb += ish.eq(2)
         x_new = Signal(xl)
-        m.d.comb += [x_new.desc.eq(d_new), x_new.sub_shift.eq(2 - ish)]
+        m.d.comb += [
+            x_new.desc.eq(d_new), x_new.sub_shift.eq(2 - ish),
+            x_new.gather.eq(~d_new.pooled & ~d_new.empty_bag),
+            x_new.accum.eq(d_new.pooled & ~d_new.empty_bag & ~d_new.bad),
+            x_new.bad_or_empty.eq(d_new.bad | d_new.empty_bag),
+            x_new.pooled_or_empty.eq(d_new.pooled | d_new.empty_bag),
+            x_new.goes_emit.eq(d_new.empty_bag | (d_new.pooled & d_new.bag_end)),
+        ]
         # the op count for each item size in parallel (constant shifts), picked by the size
         with m.Switch(ish):
             for sh in range(3):
@@ -500,29 +509,35 @@ class ResultMerger(wiring.Component):
             dfifo.w_en.eq(desc_in.o.valid),
             desc_in.o.ready.eq(dfifo.w_rdy),
         ]
-        # and a register slice behind it: taking a descriptor (late in the cycle: it depends on
-        # this cycle's op) reaches the slice's two entries, not the FIFO's pointers and level
-        m.submodules.desc_out = desc_out = SkidBuffer(xl)
-        m.d.comb += [
-            desc_out.i.valid.eq(dfifo.r_rdy),
-            desc_out.i.payload.eq(dfifo.r_data),
-            dfifo.r_en.eq(desc_out.i.ready),
-        ]
-        x_in = desc_out.o.payload
-        d_in = x_in.desc
-        desc_take = Signal()
-
-        # Registered facts about `cur`, loaded with it: the issue decision reads single bits.
-        c_gather = Signal()              # a GATHER lookup (not an empty-bag token)
-        c_accum = Signal()               # a good pooled lookup (unless its row has err)
-        c_bad = Signal()
-        c_bad_or_empty = Signal()
-        c_pooled_or_empty = Signal()     # no ops when bad or err (with c_gather = 0)
-        c_goes_emit = Signal()           # the bag ends with it: the emitter takes it over
+        # Behind the FIFO, two row entries: the head (at `hp`) is the current row, the other
+        # one the next. Retiring a row flips `hp` and a few flags; the row's fields are read
+        # through the head mux (registers, early), so the late retire decision loads nothing
+        # wide. Entries load from the FIFO whenever free (eagerly), and each entry tracks its
+        # slot's done/err flags, so the head's flags never wait on the retire decision either.
+        ent = [Signal(xl, name=f"row{k}") for k in range(2)]
+        ent_full = Signal(2)
+        ent_done = Signal(2)
+        ent_err = Signal(2)
+        hp = Signal()
+        wp = Signal()
+        have = Signal()                  # == ent_full[hp]
+        x_in = xl(dfifo.r_data)
+        w_free = ~ent_full.bit_select(wp, 1)
+        push = dfifo.r_rdy & w_free
+        m.d.comb += dfifo.r_en.eq(w_free)
+        cur_x = Signal(xl)
+        m.d.comb += cur_x.eq(Mux(hp, ent[1], ent[0]))
+        cur = cur_x.desc
+        n_ops, last_cnt, sub_shift = cur_x.n_ops, cur_x.last_cnt, cur_x.sub_shift
+        slot_done = Mux(hp, ent_done[1], ent_done[0])
+        slot_err = Mux(hp, ent_err[1], ent_err[0])
+        last_op = Mux(first_op, cur_x.one_op, later_last)
+        c_gather, c_accum, c_bad = cur_x.gather, cur_x.accum, cur.bad
+        c_bad_or_empty, c_pooled_or_empty = cur_x.bad_or_empty, cur_x.pooled_or_empty
         cd_ok = Signal(init=1)           # == (cooldown == 0) | bag_first
         row_ok = c_bad_or_empty | slot_done
         row_has_ops = c_gather | (c_accum & ~slot_err)
-        goes_emit = c_goes_emit
+        goes_emit = cur_x.goes_emit
 
         # The op the issue stage would send this cycle. A pooled row starts only when the
         # previous row of its bag has left the adders far enough (cooldown) and, if it ends the
@@ -532,14 +547,14 @@ class ResultMerger(wiring.Component):
         op_kind = Signal(2)
         with m.If(have & c_gather):
             # GATHER output must not overtake a bag the emitter is still sending
-            m.d.comb += [op_valid.eq((~first_op | c_bad | slot_done) & ~em_busy),
+            m.d.comb += [op_valid.eq((~first_op | c_bad | slot_done) & ~em_blocked),
                          op_kind.eq(Mux(c_bad | slot_err, _OP_ZERO, _OP_READ))]
         with m.Elif(have & c_accum & ~slot_err):
-            m.d.comb += [op_valid.eq(~first_op | (slot_done & cd_ok & (~goes_emit | ~em_busy))),
+            m.d.comb += [op_valid.eq(~first_op | (slot_done & cd_ok & (~goes_emit | ~em_blocked))),
                          op_kind.eq(_OP_ACCUM)]
         op_cmd_last = cur.cmd_end & last_op & ~cur.pooled
         noop_step = (have & c_pooled_or_empty & ~(c_accum & ~slot_err) & row_ok &
-                     (~goes_emit | ~em_busy))
+                     (~goes_emit | ~em_blocked))
 
         # Output ops (GATHER reads and zeros, the emitter's sums) are credit-limited so that the
         # stages behind the issue stage never stall: `out_ok` (a register) says the output FIFO
@@ -556,7 +571,16 @@ class ResultMerger(wiring.Component):
         finish = Signal()
         m.d.comb += finish.eq((fire & last_op) | noop_step)
         handover = finish & goes_emit
-        m.d.comb += [desc_out.o.ready.eq(~have | finish), desc_take.eq(desc_out.o.valid & (~have | finish))]
+        pop = finish                     # (finish implies have)
+        m.d.sync += [wp.eq(wp ^ push), hp.eq(hp ^ pop)]
+        for k in range(2):
+            with m.If(push & (wp == k)):
+                m.d.sync += ent_full[k].eq(1)
+            with m.Elif(pop & (hp == k)):
+                m.d.sync += ent_full[k].eq(0)
+        other_full = Mux(hp, ent_full[0], ent_full[1])
+        m.d.sync += have.eq(Mux(pop, other_full | (push & (wp != hp)), have | (push & (wp == hp))))
+        m.d.sync += Assert(have == ent_full.bit_select(hp, 1), "merger: have out of step")
 
         # The slot's flags are cleared one cycle after it retires, from the registered o_free
         # (free_now -> decode was on the critical path); the engine reuses a slot only after
@@ -577,31 +601,26 @@ class ResultMerger(wiring.Component):
             cleared = self.o_free.valid & (self.o_free.payload == slot)
             return (flags.bit_select(slot, 1) & ~cleared) | (set_now & (in_beat.tag == slot))
 
-        # the slot of `cur` next cycle is d_in.slot on desc_take; both lookups run in parallel
-        # and desc_take (late: it depends on this cycle's op) only picks one of them
+        # each entry's slot flags follow its slot; a free entry at `wp` loads the incoming one
+        for k in range(2):
+            load = ~ent_full[k] & (wp == k)
+            with m.If(load):
+                m.d.sync += ent[k].eq(x_in)
+            slot = Mux(load, x_in.desc.slot, ent[k].desc.slot)
+            m.d.sync += [ent_done[k].eq(flag_next(done, done_set, slot)),
+                         ent_err[k].eq(flag_next(errf, errf_set, slot))]
         m.d.sync += [
-            slot_done.eq(Mux(desc_take, flag_next(done, done_set, d_in.slot),
-                             flag_next(done, done_set, cur.slot))),
-            slot_err.eq(Mux(desc_take, flag_next(errf, errf_set, d_in.slot),
-                            flag_next(errf, errf_set, cur.slot))),
+            Assert(~have | (slot_done == done.bit_select(cur.slot, 1)), "merger: slot_done"),
+            Assert(~have | (slot_err == errf.bit_select(cur.slot, 1)), "merger: slot_err"),
         ]
 
+        # a row ends with its last op (j back to 0, first_op set) or takes no op at all, so a
+        # new head always starts at j == 0 with first_op set
         with m.If(fire):
             m.d.sync += [j.eq(Mux(last_op, 0, j + 1)), first_op.eq(last_op),
-                         last_op.eq(Mux(last_op, n_ops == 1, j + 2 == n_ops))]
-        with m.If(desc_take):
-            m.d.sync += [
-                have.eq(1), cur.eq(d_in), j.eq(0), first_op.eq(1),
-                c_gather.eq(~d_in.pooled & ~d_in.empty_bag),
-                c_accum.eq(d_in.pooled & ~d_in.empty_bag & ~d_in.bad),
-                c_bad.eq(d_in.bad), c_bad_or_empty.eq(d_in.bad | d_in.empty_bag),
-                c_pooled_or_empty.eq(d_in.pooled | d_in.empty_bag),
-                c_goes_emit.eq(d_in.empty_bag | (d_in.pooled & d_in.bag_end)),
-                last_op.eq(x_in.one_op), n_ops.eq(x_in.n_ops), last_cnt.eq(x_in.last_cnt),
-                sub_shift.eq(x_in.sub_shift),
-            ]
-        with m.Elif(finish):
-            m.d.sync += have.eq(0)
+                         later_last.eq(j + 2 == n_ops)]
+        m.d.sync += Assert(~have | (last_op == (j == n_ops - 1)) | (n_ops == 0),
+                           "merger: last_op out of step")
 
         is_accum = op_kind == _OP_ACCUM
         accum_start = fire & is_accum & first_op
@@ -652,14 +671,29 @@ class ResultMerger(wiring.Component):
         # the issue stage sends no output op while the emitter is busy (GATHER waits for
         # ~em_busy), so at most one output op enters stage R per cycle, in order
         em_fire = em_busy & (em_zero | (em_wait == 0)) & out_ok
-        with m.If(handover):
+        # The emitter takes a bag over one cycle after the handover, from copies of the bag's
+        # facts taken every cycle (no clock enable from the late handover decision); the issue
+        # stage treats it as busy from the handover on (em_blocked).
+        h_bank = Signal()
+        h_n = Signal(range(max_ops + 1))
+        h_last_cnt = Signal(range(K + 1))
+        h_zero = Signal()
+        h_cmd_last = Signal()
+        h_err = Signal()
+        m.d.sync += [
+            handed.eq(handover), h_bank.eq(acc_bank), h_n.eq(n_ops), h_last_cnt.eq(last_cnt),
+            h_zero.eq(bag_first & ~accum_start), h_cmd_last.eq(cur.cmd_end),
+            h_err.eq(sticky_err | row_err_now),
+        ]
+        with m.If(handed):
             m.d.sync += [
-                em_busy.eq(1), em_bank.eq(acc_bank), em_j.eq(0), em_n.eq(n_ops),
-                em_last_cnt.eq(last_cnt), em_zero.eq(bag_first & ~accum_start),
-                em_cmd_last.eq(cur.cmd_end), em_err.eq(sticky_err | row_err_now),
-                # +1: stage R2 puts each sum one cycle after the issue-to-write distance
-                # the cooldown covers (the accumulate reads forward it, the emitter waits)
-                em_wait.eq(cooldown_next + 1),
+                em_busy.eq(1), em_bank.eq(h_bank), em_j.eq(0), em_n.eq(h_n),
+                em_last_cnt.eq(h_last_cnt), em_zero.eq(h_zero),
+                em_cmd_last.eq(h_cmd_last), em_err.eq(h_err),
+                # the cooldown the handover cycle set, one cycle on (+1: stage R2 puts each
+                # sum one cycle after the issue-to-write distance the cooldown covers; the
+                # accumulate reads forward it, the emitter waits)
+                em_wait.eq(cooldown),
             ]
         with m.Else():
             with m.If(em_wait != 0):
