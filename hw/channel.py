@@ -321,9 +321,10 @@ class FlashChannelController(wiring.Component):
         check(prog_idle == (pstate == PIDLE), "channel: prog_idle out of step")
 
         # ------------------------------------------------------------------ request stage
-        # Everything the request's queue entries need from its offset and length is computed
-        # into a register stage before the way lookup (offset/length -> four chained carry
-        # chains -> the pending FIFO's LUT RAM was the device's critical path, 75 MHz).
+        # What the request's queue entries need from its offset and length is computed into a
+        # register stage before the way lookup (offset/length -> four chained carry chains ->
+        # the pending FIFO's LUT RAM was the device's critical path, 75 MHz); the beat
+        # landmarks that add to those results are computed from the stage's head (`pend_in`).
         # block_mode is constant while reads are in flight, so it may be applied here.
         req = self.i_read.payload
         pre = Signal(pend_layout)
@@ -343,11 +344,6 @@ class FlashChannelController(wiring.Component):
             pre_rq.total.eq(Mux(self.block_mode, page_beats, req_nb)),
             pre_rq.shift.eq((req.offset >> 2) if W > 1 else 0),
             pre_rq.lmod.eq((req.length >> 2) if W > 1 else 0),
-            pre_rq.skip_end.eq(pre_rq.skip + pre_rq.n_in),
-            # the last row beat leaves with bus beat n_out - 1 (lane 0 aligned) or n_out
-            pre_rq.last_at.eq(pre_rq.skip + pre_rq.n_out - (pre_rq.shift == 0)),
-            pre_rq.flush_at.eq(pre_rq.skip + pre_rq.n_in - 1),
-            pre_rq.total_m1.eq(pre_rq.total - 1),
             # n_in == n_out with a word shift s != 0: the row's last partial beat (r bytes)
             # still fits after the shift, r != 0 and 4 s + r <= B (from the low bits alone)
             pre_rq.flushes.eq((pre_rq.shift != 0) & (req.length[:lb] != 0)
@@ -413,9 +409,17 @@ class FlashChannelController(wiring.Component):
         for w in range(ways):
             m.d.comb += claim[w].eq(can & ~hit & lru_vec[w] & way_ref_zero[w])
         pend_in = Signal(pend_layout)
+        st_rq = staged.rq
         m.d.comb += [
             pend_in.eq(staged),
             pend_in.rq.way.eq(use_way),
+            # the beat landmarks: one adder after the head's registers (computed at the
+            # request stage's input they chained after offset + length, 13.4 ns on the board)
+            pend_in.rq.skip_end.eq(st_rq.skip + st_rq.n_in),
+            # the last row beat leaves with bus beat n_out - 1 (lane 0 aligned) or n_out
+            pend_in.rq.last_at.eq(st_rq.skip + st_rq.n_out - (st_rq.shift == 0)),
+            pend_in.rq.flush_at.eq(st_rq.skip + st_rq.n_in - 1),
+            pend_in.rq.total_m1.eq(st_rq.total - 1),
             pend.w_data.eq(pend_in.as_value()), pend.w_en.eq(accept),
         ]
         tr_wait = Signal()
