@@ -35,7 +35,8 @@ Ports (all ``lib.stream`` unless noted; payloads are ``lib.data.StructLayout``):
     - ``cmd_end``: the last descriptor of the command; it must be one that emits output (a
       GATHER lookup, a pooled ``bag_end`` lookup or an ``empty_bag`` token).
     ``i_desc`` enters an internal FIFO of ``max(4, 2*n_slots)`` descriptors
-    (``ResultMerger.desc_depth``; plus a two-entry register slice on each side of it):
+    (``ResultMerger.desc_depth``; plus a two-entry register slice in front of it and two row
+    entries behind it):
     ``i_desc.ready`` comes from a register and does not wait for rows, so a fork that
     sends each lookup both to the channels and here is not held up by the merger waiting for
     an older row (only the slot credits limit the lookups in flight).
@@ -99,12 +100,14 @@ output's back-pressure; the packer's shift waited on the DMA's ready): stage R n
 Output ops (the issue stage's GATHER reads and zeros, and the emitter's sums, which now go
 through stage R too, never in the same cycle) enter an output FIFO of ``OUT_FIFO_DEPTH``
 entries, and are credit-limited by a registered ``out_ok``, so no handshake behind the issue
-stage reaches its decision. The issue stage decides from single-bit flags loaded with the
-descriptor and a registered cooldown-ok; descriptors get their op counts before the FIFO, and
-register slices sit on both sides of it. The packer places input words at ``fill`` for both
+stage reaches its decision. Descriptors get their op counts and the issue stage's per-row
+flags before the FIFO (behind a register slice); behind it, two row entries (the current row
+and the next) are read through a head pointer, so retiring a row flips the pointer instead of
+loading a row, and each entry tracks its slot's done/err flags. The emitter takes a bag over one
+cycle after the handover, from copies of the bag's facts taken every cycle. The packer places input words at ``fill`` for both
 outcomes of the cycle's output and lets ``out_fire`` pick one last; its input ready is a
 register function and a register slice sits on ``o_data``. Board params, 16 slots, out of
-context: 3094 LUT4 + 261 CCU2C + 46 DPR16X4, 2766 FF, 6 DP16KD, 109.4 MHz (critical path now the
+context: 3093 LUT4 + 263 CCU2C + 50 DPR16X4, 2768 FF, 6 DP16KD, 110.2 MHz (critical path now the
 adder's rounding carry chain).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
