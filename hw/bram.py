@@ -170,14 +170,11 @@ class AxiBram(wiring.Component):
                      axi.rdata.eq(rd_data), axi.rresp.eq(Resp.OKAY), rd_en.eq(0),
                      rd_addr.eq(index(raddr))]
         if lite is not None:
-            # A lite read goes through the address register too, and the whole memory word is
-            # registered before its lane is picked (the block RAM's output feeds a register
-            # with no logic in front: the lane select there was the board's critical path).
+            # A lite read goes through the address register too, and its word is registered
+            # before it leaves (the block RAM's output feeds a register, not logic).
             lite_lane = Signal(range(max(lanes, 2)))
-            lite_word = Signal(self.data_width, reset_less=True)
-            m.d.comb += [lite.rresp.eq(Resp.OKAY),
-                         lite.rdata.eq(lite_word.word_select(lite_lane, 32) if lanes > 1
-                                       else lite_word)]
+            lite_rdata = Signal(32, reset_less=True)
+            m.d.comb += [lite.rresp.eq(Resp.OKAY), lite.rdata.eq(lite_rdata)]
 
         with m.FSM(name="rd"):
             with m.State("IDLE"):
@@ -213,7 +210,7 @@ class AxiBram(wiring.Component):
                     m.d.comb += rd_en.eq(1)
                     m.next = "LITE_CAP"
                 with m.State("LITE_CAP"):
-                    m.d.sync += lite_word.eq(rd_data)
+                    m.d.sync += lite_rdata.eq(rd_data.word_select(lite_lane, 32) if lanes > 1 else rd_data)
                     m.next = "LITE_R"
                 with m.State("LITE_R"):
                     m.d.comb += lite.rvalid.eq(1)

@@ -748,24 +748,8 @@ class ResultMerger(wiring.Component):
                 r_err.eq(sticky_err | row_err_now),
             ]
 
-        # Every block RAM read output goes straight into a register of its own, with no logic
-        # in front of it (block RAM clock-to-out is 5.8 ns on this part: one LUT or a long
-        # wire after it was the board's critical path at 88 MHz). Output ops therefore wait one
-        # more cycle (stage O) for their data; accumulate ops apply the forwarding after it.
-        r2_rd = Signal(Wc)               # ROB read data, one cycle on
-        e2_acc = Signal(Wc)              # accumulator read data (emitter port), one cycle on
-        m.d.sync += [r2_rd.eq(rob_r.data), e2_acc.eq(acc_e.data)]
-        o_valid = Signal()
-        o_is_sum = Signal()
-        o_zero = Signal()
-        o_count = Signal(range(K + 1))
-        o_last = Signal()
-        o_err = Signal()
-        m.d.sync += [o_valid.eq(r_out), o_is_sum.eq(r_is_sum), o_zero.eq(r_zero),
-                     o_count.eq(r_count), o_last.eq(r_last), o_err.eq(r_err)]
-
-        # output FIFO: the captured read data go into it (zeroing and the choice between the
-        # two RAMs come after it; each RAM has a field of its own)
+        # output FIFO: the block RAM read data go straight into it (zeroing and the choice
+        # between the two RAMs come after it; each RAM has a field of its own)
         ob_layout = data.StructLayout({"rob_data": unsigned(Wc), "acc_data": unsigned(Wc),
                                        "is_sum": unsigned(1), "zero": unsigned(1),
                                        "count": range(K + 1), "last": unsigned(1),
@@ -774,12 +758,12 @@ class ResultMerger(wiring.Component):
                                                          depth=self.OUT_FIFO_DEPTH)
         ob_in = Signal(ob_layout)
         m.d.comb += [
-            ob_in.rob_data.eq(r2_rd), ob_in.acc_data.eq(e2_acc),
-            ob_in.is_sum.eq(o_is_sum), ob_in.zero.eq(o_zero), ob_in.count.eq(o_count),
-            ob_in.last.eq(o_last), ob_in.err.eq(o_err),
-            ofifo.w_data.eq(ob_in), ofifo.w_en.eq(o_valid),
+            ob_in.rob_data.eq(rob_r.data), ob_in.acc_data.eq(acc_e.data),
+            ob_in.is_sum.eq(r_is_sum), ob_in.zero.eq(r_zero), ob_in.count.eq(r_count),
+            ob_in.last.eq(r_last), ob_in.err.eq(r_err),
+            ofifo.w_data.eq(ob_in), ofifo.w_en.eq(r_out),
         ]
-        m.d.sync += Assert(~o_valid | ofifo.w_rdy, "merger output FIFO overflow")
+        m.d.sync += Assert(~r_out | ofifo.w_rdy, "merger output FIFO overflow")
         # credits: output ops fired and not yet taken by the packer; out_ok allows a fire in
         # the next cycle when, with one more fired now, there is still room for it
         out_pending = Signal(range(self.OUT_FIFO_DEPTH + 1))
@@ -815,18 +799,16 @@ class ResultMerger(wiring.Component):
         r2_addr = Signal(acc_jbits + 1)
         r2_sub = Signal(2)
         r2_elem = Signal(2)
-        r2_acc_ram = Signal(Wc)          # the RAM's word, captured with no logic in front
-        r2_fwd = Signal()                # ... superseded by the sum written during stage R
-        r2_fwd_data = Signal(Wc)
+        r2_rd = Signal(Wc)
+        r2_acc = Signal(Wc)
+        acc_fwd = acc_w.en & (acc_w.addr == r_addr)
         m.d.sync += [
             r2_valid.eq(r_accum), r2_first.eq(r_first), r2_addr.eq(r_addr), r2_sub.eq(r_sub),
             r2_elem.eq(r_elem),
             r2_int.eq((r_elem == ElemType.INT8) | (r_elem == ElemType.INT32)),
-            r2_acc_ram.eq(acc_r.data),
-            r2_fwd.eq(acc_w.en & (acc_w.addr == r_addr)),
-            r2_fwd_data.eq(acc_w.data),
+            r2_rd.eq(rob_r.data),
+            r2_acc.eq(Mux(acc_fwd, acc_w.data, acc_r.data)),
         ]
-        r2_acc = Mux(r2_fwd, r2_fwd_data, r2_acc_ram)
 
         # ---------------- stage W: widen the row's elements into K 32-bit lanes ----------------
         w_valid = Signal()
