@@ -34,6 +34,7 @@ def test_constants_agree_with_host():
     assert host_uart.crc8(b"123456789") == 0xF4
 
 
+@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 def test_bad_divisor():
     with pytest.raises(ValueError, match="divisor 2"):
         UartRx(2)
