@@ -1,8 +1,8 @@
 """Block-RAM AXI4 slave: the board's flash channels and its host-memory window.
 
-:class:`AxiBram` serves one AXI4 slave port ``s_axi`` from a ``lib.memory.Memory`` with one write
-port and one synchronous read port, so it maps to ECP5 DP16KD / Xilinx RAMB in simple dual-port
-mode (a write and a read each cycle). Bursts: INCR and FIXED (WRAP is treated as INCR), narrow
+:class:`AxiBram` serves one AXI4 slave port ``s_axi`` from a :class:`~evssd.hw.block_ram.BlockRAM`
+(one write port, one read port through the array and output registers: ECP5 DP16KD with the
+output register on, Xilinx RAMB in simple dual-port mode; a write and a read each cycle). Bursts: INCR and FIXED (WRAP is treated as INCR), narrow
 transfers (``size`` below the bus width) with strobes, one beat per cycle on W and on R (with
 back-pressure on R), reads and writes in parallel, one burst at a time per direction. Addresses
 wrap modulo the memory size (like cocotbext-axi's AxiRam), so the upper address bits a master
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from amaranth import Module, Signal, C
 from amaranth.lib import wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In
 from amaranth.utils import exact_log2
 
 from .axi import AXI4Signature, AXI4LiteSignature, Burst, Resp
+from .block_ram import BlockRAM
 
 __all__ = ["AxiBram"]
 
@@ -31,11 +31,13 @@ class AxiBram(wiring.Component):
 
     Ports: ``s_axi: In(AXI4Signature(addr_width, data_width, id_width))`` and, with
     ``lite_port``, ``s_axil: In(AXI4LiteSignature(addr_width=lite_addr_width, data_width=32))``.
-    ``init``: optional initial contents as bytes (little-endian words).
+    ``init``: optional initial contents as bytes (little-endian words). ``primitive``: the
+    :class:`~evssd.hw.block_ram.BlockRAM` implementation (``None``: chosen from the platform).
     """
 
     def __init__(self, *, size: int, data_width: int = 64, addr_width: int = 32, id_width: int = 4,
-                 lite_port: bool = False, lite_addr_width: int = 32, init: bytes | None = None):
+                 lite_port: bool = False, lite_addr_width: int = 32, init: bytes | None = None,
+                 primitive: str | None = None):
         if data_width not in (32, 64, 128, 256, 512):
             raise ValueError(f"AxiBram data_width {data_width} must be a power of two 32..512")
         bpw = data_width // 8
@@ -49,6 +51,7 @@ class AxiBram(wiring.Component):
         self.depth = size // bpw
         self.lite_port = lite_port
         self._init = init
+        self.primitive = primitive
         members = {"s_axi": In(AXI4Signature(addr_width=addr_width, data_width=data_width,
                                              id_width=id_width))}
         if lite_port:
@@ -68,24 +71,12 @@ class AxiBram(wiring.Component):
         idx_bits = exact_log2(depth)
         axi = self.s_axi
 
-        # no_rw_check: a read of the word being written in the same cycle returns either value
-        # (like real memory under a racing host); see the read port below.
-        m.submodules.mem = mem = Memory(shape=self.data_width, depth=depth, init=self._words(),
-                                        attrs={"no_rw_check": 1})
-        wp = mem.write_port(granularity=8)
-        # The read port is asynchronous here and registered below (the register with its
-        # enable is the block RAM's own): yosys then takes `no_rw_check` into account when it
-        # merges the register into the port, so a same-cycle read of the word being written
-        # returns either value and no collision-bypass logic surrounds the RAMs. (A synchronous
-        # Amaranth read port has a defined collision value that yosys emulates in logic, which
-        # sat between the read address and the data register: a 12.8 ns wire on the board.)
-        rp = mem.read_port(domain="comb")
-        rd_addr = Signal.like(rp.addr)
-        rd_en = Signal()
-        rd_data = Signal(self.data_width, reset_less=True)
-        m.d.comb += rp.addr.eq(rd_addr)
-        with m.If(rd_en):
-            m.d.sync += rd_data.eq(rp.data)
+        # The memory's read runs through two registers (the array's and the output register,
+        # which on ECP5 is the DP16KD's own; hw/block_ram.py), each advancing with its enable.
+        m.submodules.mem = mem = BlockRAM(width=self.data_width, depth=depth, init=self._words(),
+                                          primitive=self.primitive)
+        rd_addr = mem.r_addr
+        rd_data = mem.r_data
 
         def index(a):
             return a[lsb:lsb + idx_bits] if idx_bits else C(0, 1)
@@ -103,7 +94,7 @@ class AxiBram(wiring.Component):
         # The write address is the address register in every state (only the enables are
         # decided per cycle): on a board it fans out to every block RAM of the memory, so no
         # logic sits in front of it. A lite write goes through the same register.
-        m.d.comb += [wp.addr.eq(index(waddr)), wp.data.eq(axi.wdata)]
+        m.d.comb += [mem.w_addr.eq(index(waddr)), mem.w_data.eq(axi.wdata)]
         if lite is not None:
             m.d.comb += lite.bresp.eq(Resp.OKAY)
             lite_w_req = lite.awvalid & lite.wvalid
@@ -132,7 +123,7 @@ class AxiBram(wiring.Component):
             with m.State("DATA"):
                 m.d.comb += axi.wready.eq(1)
                 with m.If(axi.wvalid):
-                    m.d.comb += wp.en.eq(axi.wstrb)
+                    m.d.comb += mem.w_en.eq(axi.wstrb)
                     with m.If(wburst != Burst.FIXED):
                         m.d.sync += waddr.eq(waddr + (C(1, 8) << wsize))
                     with m.If(axi.wlast):
@@ -143,7 +134,7 @@ class AxiBram(wiring.Component):
                     m.next = "IDLE"
             if lite is not None:
                 with m.State("LITE_W"):
-                    m.d.comb += [wp.data.eq(lite_wdata), wp.en.eq(lite_wen)]
+                    m.d.comb += [mem.w_data.eq(lite_wdata), mem.w_en.eq(lite_wen)]
                     m.next = "LITE_B"
                 with m.State("LITE_B"):
                     m.d.comb += lite.bvalid.eq(1)
@@ -151,24 +142,32 @@ class AxiBram(wiring.Component):
                         m.next = "IDLE"
 
         # ------------------------------------------------------------------ reads
-        # The R output register is the read port itself: it only advances (en) when the beat it
-        # holds is taken or empty, so back-pressure costs no extra buffer.
+        # The read pipe is the memory's two registers: the array register (beat valid q_valid)
+        # and the output register, which is the R channel's data (beat valid rvalid). Both
+        # advance together whenever the R beat is taken or absent, so back-pressure costs no
+        # extra buffer and a burst streams one beat per cycle.
         raddr = Signal(axi.araddr.shape())
         rsize = Signal(3)
         rburst = Signal(2)
         rleft = Signal(9)
         rid_next = Signal(axi.arid.shape())
+        q_valid = Signal()
+        q_last = Signal()
+        q_id = Signal(axi.arid.shape())
         rvalid = Signal()
         rlast = Signal()
         rid = Signal(axi.arid.shape())
         rprio_lite = Signal()
         advance = ~rvalid | axi.rready
+        issue = Signal()
         # The read address is the burst's address register whenever the AXI side reads (only
         # the enable is decided per cycle): on a board its fan-out to every block RAM of the
         # memory is the long wire, so no logic sits in front of it.
         m.d.comb += [axi.rvalid.eq(rvalid), axi.rlast.eq(rlast), axi.rid.eq(rid),
-                     axi.rdata.eq(rd_data), axi.rresp.eq(Resp.OKAY), rd_en.eq(0),
-                     rd_addr.eq(index(raddr))]
+                     axi.rdata.eq(rd_data), axi.rresp.eq(Resp.OKAY),
+                     rd_addr.eq(index(raddr)), mem.r_en.eq(advance), mem.r_oe.eq(advance)]
+        with m.If(advance):
+            m.d.sync += [q_valid.eq(issue), rvalid.eq(q_valid), rlast.eq(q_last), rid.eq(q_id)]
         if lite is not None:
             # A lite read goes through the address register too, and its word is registered
             # before it leaves (the block RAM's output feeds a register, not logic).
@@ -178,12 +177,10 @@ class AxiBram(wiring.Component):
 
         with m.FSM(name="rd"):
             with m.State("IDLE"):
-                with m.If(advance):
-                    m.d.sync += rvalid.eq(0)
                 axi_go = axi.arvalid
                 if lite is not None:
-                    # The lite read shares the read port's output: only with the R pipe empty.
-                    lite_go = lite.arvalid & ~rvalid & (rprio_lite | ~axi.arvalid)
+                    # The lite read shares the read pipe: only with the pipe empty.
+                    lite_go = lite.arvalid & ~q_valid & ~rvalid & (rprio_lite | ~axi.arvalid)
                     axi_go = axi.arvalid & ~lite_go
                     with m.If(lite_go):
                         m.d.comb += lite.arready.eq(1)
@@ -198,16 +195,18 @@ class AxiBram(wiring.Component):
                     m.next = "BURST"
             with m.State("BURST"):
                 with m.If(advance):
-                    m.d.comb += rd_en.eq(1)
-                    m.d.sync += [rvalid.eq(1), rlast.eq(rleft == 1), rid.eq(rid_next),
-                                 rleft.eq(rleft - 1)]
+                    m.d.comb += issue.eq(1)
+                    m.d.sync += [q_last.eq(rleft == 1), q_id.eq(rid_next), rleft.eq(rleft - 1)]
                     with m.If(rburst != Burst.FIXED):
                         m.d.sync += raddr.eq(raddr + (C(1, 8) << rsize))
                     with m.If(rleft == 1):
                         m.next = "IDLE"
             if lite is not None:
+                # The pipe is empty (so `advance` is high) from LITE_RD to LITE_CAP: the word is
+                # read into the array register, then into the output register, then captured.
                 with m.State("LITE_RD"):
-                    m.d.comb += rd_en.eq(1)
+                    m.next = "LITE_OUT"
+                with m.State("LITE_OUT"):
                     m.next = "LITE_CAP"
                 with m.State("LITE_CAP"):
                     m.d.sync += lite_rdata.eq(rd_data.word_select(lite_lane, 32) if lanes > 1 else rd_data)

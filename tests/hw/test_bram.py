@@ -86,16 +86,23 @@ def _lane_bytes(data, bpw):
     return data.to_bytes(bpw, "little")
 
 
-@pytest.mark.parametrize("data_width,stall,lite,seed", [
-    (64, 0.0, False, 1), (64, 0.5, True, 2), (32, 0.3, True, 3), (128, 0.3, False, 4),
+@pytest.mark.parametrize("data_width,stall,lite,seed,primitive", [
+    (64, 0.0, False, 1, None), (64, 0.5, True, 2, None), (32, 0.3, True, 3, None),
+    (128, 0.3, False, 4, None),
+    # the DP16KD wiring (BlockRAM around its pin-level model); no initial contents there
+    (64, 0.3, True, 5, "dp16kd-model"),
 ])
-def test_bram_random_bursts(data_width, stall, lite, seed):
+def test_bram_random_bursts(data_width, stall, lite, seed, primitive):
     rng = random.Random(seed)
     size = 2048
     bpw = data_width // 8
-    init = bytes(rng.getrandbits(8) for _ in range(size))
+    if primitive is None:
+        init = bytes(rng.getrandbits(8) for _ in range(size))
+    else:
+        init = bytes(size)
     gold = bytearray(init)
-    dut = AxiBram(size=size, data_width=data_width, addr_width=32, lite_port=lite, init=init)
+    dut = AxiBram(size=size, data_width=data_width, addr_width=32, lite_port=lite,
+                  init=init if primitive is None else None, primitive=primitive)
     m = Master(dut.s_axi, rng, stall, bpw, size)
     wr_rng, rd_rng = random.Random(seed + 100), random.Random(seed + 200)
     m_rd = Master(dut.s_axi, rd_rng, stall, bpw, size)
