@@ -761,9 +761,15 @@ class ResultMerger(wiring.Component):
             ob_in.rob_data.eq(rob_r.data), ob_in.acc_data.eq(acc_e.data),
             ob_in.is_sum.eq(r_is_sum), ob_in.zero.eq(r_zero), ob_in.count.eq(r_count),
             ob_in.last.eq(r_last), ob_in.err.eq(r_err),
-            ofifo.w_data.eq(ob_in), ofifo.w_en.eq(r_out),
         ]
-        m.d.sync += Assert(~r_out | ofifo.w_rdy, "merger output FIFO overflow")
+        # stage O: the op is registered before the FIFO's LUT RAM (a plain register the placer
+        # can put by the block RAMs: their 5.8 ns clock-to-out plus the wire to the LUT RAM was
+        # over 10 ns on the board). The credits below count it as pending.
+        ob_o = Signal(ob_layout, reset_less=True)
+        ob_o_valid = Signal()
+        m.d.sync += [ob_o.eq(ob_in), ob_o_valid.eq(r_out)]
+        m.d.comb += [ofifo.w_data.eq(ob_o), ofifo.w_en.eq(ob_o_valid)]
+        m.d.sync += Assert(~ob_o_valid | ofifo.w_rdy, "merger output FIFO overflow")
         # credits: output ops fired and not yet taken by the packer; out_ok allows a fire in
         # the next cycle when, with one more fired now, there is still room for it
         out_pending = Signal(range(self.OUT_FIFO_DEPTH + 1))
