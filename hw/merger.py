@@ -65,7 +65,7 @@ Retirement semantics (bit-exact with ``evssd.host.pooling.pool_rows``):
 Throughput (measured in tests/hw/test_merger.py and with the same harness, no back-pressure,
 one channel, rows already arriving at one beat per cycle; "beats" are ROB beats of Wc bits):
     - GATHER, ch64/host64, 64 B rows: 0.981 beats/cycle (768 beats in 783 cycles).
-    - POOLED fp32/int32, 64 B rows (8 beats), bags of 8 rows: 0.970; bags of 1 row: 0.46
+    - POOLED fp32/int32, 64 B rows (8 beats), bags of 8 rows: 0.965; bags of 1 row: 0.41
       (a bag's sums go out while the next bag accumulates, but the emitter holds one bag at a
       time: a bag-ending row starts only once the previous bag's emission is done).
     - POOLED fp16: 0.49, int8: 0.25 (each beat widens into 2 or 4 groups of K 32-bit lanes).
@@ -76,8 +76,8 @@ one channel, rows already arriving at one beat per cycle; "beats" are ROB beats 
 
 Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB memory
 ``n_slots * 2**ceil(log2(ceil(max_row_bytes*8/Wc)))`` words of Wc bits (1 write, 1 read port);
-accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write,
-2 read ports); a packer of ``Wh + Wc`` bits. Default Params (4 channels, ch64/host64,
+accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write
+port, two copies for the two readers); a packer of ``Wh + Wc`` bits. Default Params (4 channels, ch64/host64,
 max_row_bytes 512) with 16 slots, yosys synth_ecp5 + nextpnr-ecp5 --85k out of context
 (``synth.estimate(..., fmax=True)``): 3107 LUT4 + 247 CCU2C + 14 DPR16X4 (descriptor FIFO),
 2192 FF, 8 DP16KD, 105.7 MHz. Board params (``board.board_params()``: max_row_bytes 256), 16
@@ -109,24 +109,32 @@ outcomes of the cycle's output and lets ``out_fire`` pick one last; its input re
 register function and a register slice sits on ``o_data``. Board params, 16 slots, out of
 context: 3093 LUT4 + 263 CCU2C + 50 DPR16X4, 2768 FF, 6 DP16KD, 110.2 MHz (critical path now the
 adder's rounding carry chain).
+
+Fifth round (on the board the accumulator block RAM's 5.8 ns clock-to-out plus a 5 ns wire was
+the critical path at 89.4 MHz): the ROB and the two accumulator copies are
+:class:`~evssd.hw.block_ram.BlockRAM` s, DP16KD with the output register on (1.0 ns), read
+latency 2: the op's facts wait one cycle in stage Q. The accumulator reads are no longer
+write-transparent; stage R2 forwards the last three writes and the emitter waits two cycles
+more, and simulation ``Assert``s check both hazard rules. With 64-bit words the block RAMs are
+byte-sliced x9 tiles: 8 per memory, 24 in all (was 7).
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.hdl import Assert
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .fpu import Fp16ToFp32, Fp32Adder
 from .regmap import ElemType, Params
+from .block_ram import BlockRAM
 from .skid_buffer import SkidBuffer
 
 __all__ = ["ResultMerger", "WordPacker", "row_layout", "desc_layout", "out_layout",
            "ACCUM_HAZARD_CYCLES"]
 
-# Cycles from an accumulate op reading acc[j] to the first cycle a new read of acc[j] sees its
-# sum: issue -> R (memory data) -> W (operands) -> adder (LATENCY) -> write, which the
-# write-transparent read ports return in the cycle it is written.
+# Cycles from issuing an accumulate op on acc[j] to the first cycle a new op on acc[j] may issue:
+# issue -> Q -> R (memory data) -> R2 -> W (operands) -> adder (LATENCY) -> write, which stage
+# R2 forwards to an op issued up to two cycles before it.
 ACCUM_HAZARD_CYCLES = Fp32Adder.LATENCY + 2
 
 
@@ -271,20 +279,6 @@ class WordPacker(wiring.Component):
 _OP_READ, _OP_ZERO, _OP_ACCUM = 0, 1, 2
 
 
-class _RegisteredRead:
-    """A synchronous read port (``addr``, ``en``, ``data`` one cycle later, held while ``en`` is
-    low) built from an asynchronous one plus a register, so that yosys merges the register into
-    the block RAM and honours the memory's ``no_rw_check``."""
-
-    def __init__(self, m, port, width):
-        self.addr = Signal.like(port.addr)
-        self.en = Signal()
-        self.data = Signal(width, reset_less=True)
-        m.d.comb += port.addr.eq(self.addr)
-        with m.If(self.en):
-            m.d.sync += self.data.eq(port.data)
-
-
 class ResultMerger(wiring.Component):
     """Reorder buffer + in-order retirement (GATHER rows, GATHER_POOLED bag sums); see the module
     docstring for the ports and the semantics.
@@ -302,9 +296,9 @@ class ResultMerger(wiring.Component):
     sum is still in the adders.
     """
 
-    OUT_FIFO_DEPTH = 8   # output ops between stage R and the packer (credit-limited)
+    OUT_FIFO_DEPTH = 10  # output ops between the issue stage and the packer (credit-limited)
 
-    def __init__(self, params: Params, n_slots: int):
+    def __init__(self, params: Params, n_slots: int, *, ram_primitive: str | None = None):
         try:
             if not isinstance(params, Params):
                 raise ValueError(f"params={params!r}: must be a regmap.Params")
@@ -314,6 +308,7 @@ class ResultMerger(wiring.Component):
             raise
         self._p = params
         self._n_slots = n_slots
+        self._ram_primitive = ram_primitive   # BlockRAM's: None = from the platform
         self.desc_depth = max(4, 2 * n_slots)
         super().__init__({
             "i_row": In(stream.Signature(row_layout(params, n_slots))).array(params.n_channels),
@@ -338,22 +333,29 @@ class ResultMerger(wiring.Component):
         max_ops = -(-p.max_row_bytes // K)     # int8 rows: one element per byte
         L = Fp32Adder.LATENCY
 
-        # no_rw_check: a slot's beats are read only after its last beat was written (its done
-        # flag) and rewritten only after it is freed, so a read never meets a write of its word;
-        # with the read register built below, yosys adds no collision logic after the RAM.
-        rob = Memory(shape=unsigned(Wc), depth=n_slots << beat_bits, init=[],
-                     attrs={"no_rw_check": 1})
-        # two banks: one sums the current bag while the emitter sends the previous one
+        # Block RAMs with the output register on (read latency 2; on the ECP5 the data leave the
+        # RAM 1.0 ns after the clock instead of 5.8 ns). The read enables are always on: nothing
+        # behind the issue stage stalls. ROB: a slot's beats are read only after its last beat was
+        # written (its done flag) and rewritten only after it is freed, so a read never meets a
+        # write of its word. Accumulator: two banks (one sums the current bag while the emitter
+        # sends the previous one), one copy per reader (the accumulate ops' read-modify-write
+        # and the emitter); the reads are not write-transparent: stage R2 forwards the sums
+        # written since the read, the emitter waits for them.
         acc_jbits = _log2_ceil(max_ops)
-        acc = Memory(shape=unsigned(Wc), depth=2 << acc_jbits, init=[])
-        m.submodules.rob = rob
-        m.submodules.acc = acc
-        rob_w = rob.write_port()
-        rob_rd = rob.read_port(domain="comb")     # registered below: the RAM's own register
-        rob_r = _RegisteredRead(m, rob_rd, Wc)
-        acc_w = acc.write_port()
-        acc_r = acc.read_port(transparent_for=(acc_w,))
-        acc_e = acc.read_port(transparent_for=(acc_w,))
+        m.submodules.rob = rob = BlockRAM(width=Wc, depth=n_slots << beat_bits,
+                                          primitive=self._ram_primitive)
+        m.submodules.acc_r = acc_r = BlockRAM(width=Wc, depth=2 << acc_jbits,
+                                              primitive=self._ram_primitive)
+        m.submodules.acc_e = acc_e = BlockRAM(width=Wc, depth=2 << acc_jbits,
+                                              primitive=self._ram_primitive)
+        for ram in (rob, acc_r, acc_e):
+            m.d.comb += [ram.r_en.eq(1), ram.r_oe.eq(1)]
+        acc_w_addr = Signal(acc_jbits + 1)
+        acc_w_data = Signal(Wc)
+        acc_w_en = Signal()
+        for ram in (acc_r, acc_e):
+            m.d.comb += [ram.w_addr.eq(acc_w_addr), ram.w_data.eq(acc_w_data),
+                         ram.w_en.eq(acc_w_en.replicate(Wc // 8))]
 
         done = Signal(n_slots)
         errf = Signal(n_slots)
@@ -430,9 +432,9 @@ class ResultMerger(wiring.Component):
         in_idx = Signal(max(beat_bits, 1))
         m.d.sync += [in_valid.eq(grant.any()), in_beat.eq(beat), in_idx.eq(cur_idx)]
         m.d.comb += [
-            rob_w.addr.eq(Cat(in_idx[:beat_bits], in_beat.tag) if beat_bits else in_beat.tag),
-            rob_w.data.eq(in_beat.data),
-            rob_w.en.eq(in_valid),
+            rob.w_addr.eq(Cat(in_idx[:beat_bits], in_beat.tag) if beat_bits else in_beat.tag),
+            rob.w_data.eq(in_beat.data),
+            rob.w_en.eq(in_valid.replicate(Wc // 8)),
         ]
 
         # ---------------- issue stage: descriptors -> ops, in order ----------------
@@ -645,16 +647,14 @@ class ResultMerger(wiring.Component):
         with m.Elif(row_err_now):
             m.d.sync += sticky_err.eq(1)
 
-        # memory reads for the op (the read ports hold their data while stage R stalls)
+        # memory reads for the op: the data reach stage R two cycles later
         def acc_addr(jj, bank):
             return Cat(jj[:acc_jbits], bank) if acc_jbits else bank
         rob_beat = Signal(max(beat_bits, 1))
         m.d.comb += rob_beat.eq(j >> sub_shift)
         m.d.comb += [
-            rob_r.addr.eq(Cat(rob_beat[:beat_bits], cur.slot) if beat_bits else cur.slot),
-            acc_r.addr.eq(acc_addr(j, acc_bank)),
-            rob_r.en.eq(1),
-            acc_r.en.eq(1),
+            rob.r_addr.eq(Cat(rob_beat[:beat_bits], cur.slot) if beat_bits else cur.slot),
+            acc_r.r_addr.eq(acc_addr(j, acc_bank)),
         ]
 
         # ---------------- emitter: sends a finished bag's sums (or zeros) ----------------
@@ -669,7 +669,7 @@ class ResultMerger(wiring.Component):
         em_zero = Signal()
         em_cmd_last = Signal()
         em_err = Signal()
-        em_wait = Signal(range(ACCUM_HAZARD_CYCLES + 1))
+        em_wait = Signal(range(ACCUM_HAZARD_CYCLES + 2))
         em_last = em_j == em_n - 1
         # the issue stage sends no output op while the emitter is busy (GATHER waits for
         # ~em_busy), so at most one output op enters stage R per cycle, in order
@@ -693,10 +693,11 @@ class ResultMerger(wiring.Component):
                 em_busy.eq(1), em_bank.eq(h_bank), em_j.eq(0), em_n.eq(h_n),
                 em_last_cnt.eq(h_last_cnt), em_zero.eq(h_zero),
                 em_cmd_last.eq(h_cmd_last), em_err.eq(h_err),
-                # the cooldown the handover cycle set, one cycle on (+1: stage R2 puts each
-                # sum one cycle after the issue-to-write distance the cooldown covers; the
-                # accumulate reads forward it, the emitter waits)
-                em_wait.eq(cooldown),
+                # the cooldown the handover cycle set, one cycle on, + 2: stage R2 puts each
+                # sum one cycle after the issue-to-write distance the cooldown covers (the
+                # accumulate reads forward it, the emitter waits), stage Q one more, and the
+                # emitter's read does not see a write in its own cycle
+                em_wait.eq(cooldown + 2),
             ]
         with m.Else():
             with m.If(em_wait != 0):
@@ -705,9 +706,11 @@ class ResultMerger(wiring.Component):
                 m.d.sync += em_j.eq(em_j + 1)
                 with m.If(em_last):
                     m.d.sync += em_busy.eq(0)
-        m.d.comb += [acc_e.addr.eq(acc_addr(em_j, em_bank)), acc_e.en.eq(1)]
+        m.d.comb += acc_e.r_addr.eq(acc_addr(em_j, em_bank))
 
-        # ---------------- stage R: memory data ----------------
+        # ---------------- stages Q and R: the block RAMs' two read cycles ----------------
+        # The op's facts wait in stage Q while the RAMs' array registers load, and reach stage
+        # R with the RAMs' output registers (the read data).
         # Stage R never stalls: accumulate ops go on to stage R2, output ops (the issue stage's
         # or the emitter's, never both in one cycle) into the output FIFO, which the credits
         # keep from overflowing. Nothing behind the issue stage reaches its decision in the same
@@ -715,38 +718,46 @@ class ResultMerger(wiring.Component):
         # fanned out to every register of stage R and the RAM read enables).
         out_fire = (fire & ~cur.pooled) | em_fire
         m.d.sync += Assert(~(fire & ~cur.pooled & em_fire), "merger: two output ops in one cycle")
-        r_accum = Signal()
-        r_out = Signal()
-        r_is_sum = Signal()
-        r_zero = Signal()
-        r_count = Signal(range(K + 1))
-        r_last = Signal()
-        r_err = Signal()
-        r_first = Signal()
-        r_addr = Signal(acc_jbits + 1)
-        r_sub = Signal(2)
-        r_elem = Signal(2)
+        q_accum = Signal()
+        q_out = Signal()
+        q_is_sum = Signal()
+        q_zero = Signal()
+        q_count = Signal(range(K + 1))
+        q_last = Signal()
+        q_err = Signal()
+        q_first = Signal()
+        q_addr = Signal(acc_jbits + 1)
+        q_sub = Signal(2)
+        q_elem = Signal(2)
         m.d.sync += [
-            r_accum.eq(fire & cur.pooled), r_out.eq(out_fire), r_is_sum.eq(em_fire),
-            r_first.eq(Mux(first_op, bag_first, row_first)),
-            r_addr.eq(acc_addr(j, acc_bank)),
-            r_sub.eq(j & ((1 << sub_shift) - 1)),
-            r_elem.eq(cur.elem),
+            q_accum.eq(fire & cur.pooled), q_out.eq(out_fire), q_is_sum.eq(em_fire),
+            q_first.eq(Mux(first_op, bag_first, row_first)),
+            q_addr.eq(acc_addr(j, acc_bank)),
+            q_sub.eq(j & ((1 << sub_shift) - 1)),
+            q_elem.eq(cur.elem),
         ]
         with m.If(em_fire):
             m.d.sync += [
-                r_zero.eq(em_zero),
-                r_count.eq(Mux(em_last, em_last_cnt, K)),
-                r_last.eq(em_cmd_last & em_last),
-                r_err.eq(em_err & em_last),
+                q_zero.eq(em_zero),
+                q_count.eq(Mux(em_last, em_last_cnt, K)),
+                q_last.eq(em_cmd_last & em_last),
+                q_err.eq(em_err & em_last),
             ]
         with m.Else():
             m.d.sync += [
-                r_zero.eq(op_kind == _OP_ZERO),
-                r_count.eq(Mux(last_op, last_cnt, K)),
-                r_last.eq(op_cmd_last),
-                r_err.eq(sticky_err | row_err_now),
+                q_zero.eq(op_kind == _OP_ZERO),
+                q_count.eq(Mux(last_op, last_cnt, K)),
+                q_last.eq(op_cmd_last),
+                q_err.eq(sticky_err | row_err_now),
             ]
+
+        def stage_r(q):
+            r = Signal.like(q, name="r" + q.name[1:])
+            m.d.sync += r.eq(q)
+            return r
+        (r_accum, r_out, r_is_sum, r_zero, r_count, r_last, r_err, r_first, r_addr, r_sub,
+         r_elem) = map(stage_r, (q_accum, q_out, q_is_sum, q_zero, q_count, q_last, q_err,
+                                 q_first, q_addr, q_sub, q_elem))
 
         # output FIFO: the block RAM read data go straight into it (zeroing and the choice
         # between the two RAMs come after it; each RAM has a field of its own)
@@ -758,7 +769,7 @@ class ResultMerger(wiring.Component):
                                                          depth=self.OUT_FIFO_DEPTH)
         ob_in = Signal(ob_layout)
         m.d.comb += [
-            ob_in.rob_data.eq(rob_r.data), ob_in.acc_data.eq(acc_e.data),
+            ob_in.rob_data.eq(rob.r_data), ob_in.acc_data.eq(acc_e.r_data),
             ob_in.is_sum.eq(r_is_sum), ob_in.zero.eq(r_zero), ob_in.count.eq(r_count),
             ob_in.last.eq(r_last), ob_in.err.eq(r_err),
         ]
@@ -796,9 +807,12 @@ class ResultMerger(wiring.Component):
         wiring.connect(m, wiring.flipped(self.o_data), out_slice.o)
 
         # ---------------- stage R2: register the RAM read data of accumulate ops ----------------
-        # Block RAM clock-to-out leaves no time for the widening in the same cycle. The sum
-        # written while the op is in stage R is forwarded, so the issue-to-write distance the
-        # cooldown covers (ACCUM_HAZARD_CYCLES) is unchanged.
+        # Block RAM clock-to-out leaves no time for the widening in the same cycle. The read
+        # data show the accumulator as it was when the op was issued, without a write in that
+        # same cycle: the sums written since (in the issue cycle, in stage Q's and now, in stage
+        # R's) are forwarded, the latest first, so the issue-to-write distance the cooldown
+        # covers (ACCUM_HAZARD_CYCLES) needs no more cycles. The matches with the older two
+        # writes are found a cycle ahead, in stage Q.
         r2_valid = Signal()
         r2_int = Signal()
         r2_first = Signal()
@@ -807,13 +821,25 @@ class ResultMerger(wiring.Component):
         r2_elem = Signal(2)
         r2_rd = Signal(Wc)
         r2_acc = Signal(Wc)
-        acc_fwd = acc_w.en & (acc_w.addr == r_addr)
+        w1_addr = Signal.like(acc_w_addr)
+        w1_en = Signal()
+        w1_data = Signal(Wc, reset_less=True)
+        w2_data = Signal(Wc, reset_less=True)
+        fwd1 = Signal()
+        fwd2 = Signal()
+        m.d.sync += [
+            w1_addr.eq(acc_w_addr), w1_en.eq(acc_w_en), w1_data.eq(acc_w_data),
+            w2_data.eq(w1_data),
+            fwd1.eq(acc_w_en & (acc_w_addr == q_addr)),
+            fwd2.eq(w1_en & (w1_addr == q_addr)),
+        ]
+        fwd0 = acc_w_en & (acc_w_addr == r_addr)
         m.d.sync += [
             r2_valid.eq(r_accum), r2_first.eq(r_first), r2_addr.eq(r_addr), r2_sub.eq(r_sub),
             r2_elem.eq(r_elem),
             r2_int.eq((r_elem == ElemType.INT8) | (r_elem == ElemType.INT32)),
-            r2_rd.eq(rob_r.data),
-            r2_acc.eq(Mux(acc_fwd, acc_w.data, acc_r.data)),
+            r2_rd.eq(rob.r_data),
+            r2_acc.eq(Mux(fwd0, acc_w_data, Mux(fwd1, w1_data, Mux(fwd2, w2_data, acc_r.r_data)))),
         ]
 
         # ---------------- stage W: widen the row's elements into K 32-bit lanes ----------------
@@ -871,5 +897,21 @@ class ResultMerger(wiring.Component):
                 m.d.sync += nxt.eq(isum[-1])
                 isum.append(nxt)
             sums.append(Mux(pipe_int[L], isum[-1], add.o_sum))
-        m.d.comb += [acc_w.addr.eq(pipe_j[L]), acc_w.data.eq(Cat(*sums)), acc_w.en.eq(pipe_valid[L])]
+        m.d.comb += [acc_w_addr.eq(pipe_j[L]), acc_w_data.eq(Cat(*sums)), acc_w_en.eq(pipe_valid[L])]
+
+        # The hazard rules, checked in simulation: no accumulator read meets a sum still to be
+        # written that it does not get (the emitter: none at all; an accumulate op: none later
+        # than stage R's cycle, the forwarding covers the rest). The ops in flight and the cycles
+        # to their writes: stage Q 3 + L, R 2 + L, R2 1 + L, W and adder stage s: L - s.
+        in_flight = [(q_accum, q_addr, 3 + L), (r_accum, r_addr, 2 + L), (r2_valid, r2_addr, 1 + L)]
+        in_flight += [(pipe_valid[s], pipe_j[s], L - s) for s in range(L + 1)]
+        em_read = acc_addr(em_j, em_bank)
+        acc_read = acc_addr(j, acc_bank)
+        uses_acc = fire & is_accum & ~Mux(first_op, bag_first, row_first)
+        for v, a, to_write in in_flight:
+            m.d.sync += Assert(~(em_fire & ~em_zero & v & (a == em_read)),
+                               "merger: the emitter reads a sum still to be written")
+            if to_write > 2:
+                m.d.sync += Assert(~(uses_acc & v & (a == acc_read)),
+                                   "merger: an accumulate reads a sum written too late to forward")
         return m

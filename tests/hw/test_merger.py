@@ -273,7 +273,8 @@ def _throughput(params, n_slots, cmd):
 def test_throughput_gather_and_pooled_fp32():
     """No back-pressure: GATHER retires one ROB beat per cycle; so does POOLED fp32 with rows of
     at least ACCUM_HAZARD_CYCLES beats and bags of 2+ rows (a bag's sums are emitted while the
-    next bag accumulates); bags of one row take two row times (one emission at a time)."""
+    next bag accumulates); bags of one row take two row times plus the emitter's wait for the
+    row's last sums (one emission at a time): 8-beat rows, 19.5 cycles per bag."""
     # One channel: the ROB write port (one beat per cycle, shared by the channels) then never
     # idles waiting for the oldest row, so the cycle count measures the retirement side.
     params = Params(n_channels=1, ch_data_bits=64, host_data_bits=64, max_row_bytes=64,
@@ -294,7 +295,7 @@ def test_throughput_gather_and_pooled_fp32():
     beats, st = _throughput(params, 16, Cmd(True, ElemType.FP32, 64, [[r] for r in rows[:32]]))
     rate = beats / st["cycles"]
     print(f"POOLED fp32 64B rows, bags of 1: {beats} beats in {st['cycles']} cycles = {rate:.3f}")
-    assert 0.45 < rate < 0.55
+    assert 0.38 < rate < 0.5
     assert 64 // 8 >= ACCUM_HAZARD_CYCLES    # the premise of this bound
 
 
