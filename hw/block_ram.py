@@ -153,8 +153,12 @@ class BlockRAM(wiring.Component):
         bits_per_tile = 8 if w == 9 else w
 
         def pins(addr):
-            # The word address in AD[13:lo], the low pins zero.
-            return Cat(C(0, lo), addr[:tile_abits]) if lo else addr[:tile_abits]
+            # The word address in AD[13:lo], the low pins zero (and the pins above a memory
+            # shallower than the tile).
+            word = addr[:tile_abits]
+            if len(word) < tile_abits:
+                word = Cat(word, C(0, tile_abits - len(word)))
+            return Cat(C(0, lo), word) if lo else word
 
         bank_bits = max(ceil_log2(banks), 1)
         wbank = self.w_addr[tile_abits:] if banks > 1 else C(0, 1)

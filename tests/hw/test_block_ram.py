@@ -59,6 +59,7 @@ def _run(dut, width, depth, cycles, seed, addr_space=None):
 @pytest.mark.parametrize("primitive,width,depth,seed", [
     ("generic", 64, 512, 1),
     ("dp16kd-model", 64, 2048, 2),    # x9 tiles, one per byte
+    ("dp16kd-model", 64, 64, 6),      # shallower than a tile (the merger's accumulator)
     ("dp16kd-model", 64, 4096, 3),    # x4 tiles, two per byte (the board's flash channel)
     ("dp16kd-model", 32, 8192, 4),    # x2 tiles
     ("dp16kd-model", 16, 24576, 5),   # x1 tiles in two banks (the second one half used)
@@ -116,6 +117,10 @@ def test_dp16kd_instances_in_netlist():
     assert text.count("cell \\DP16KD ") == 16
     assert text.count('parameter \\REGMODE_A "OUTREG"') == 16
     assert text.count("parameter \\DATA_WIDTH_A 4") == 16
+    # a memory shallower than a tile: x9 tiles, the address pins above its 6 bits tied low
+    text = rtlil.convert(BlockRAM(width=64, depth=64, primitive="dp16kd"))
+    assert text.count("cell \\DP16KD ") == 8
+    assert text.count("parameter \\DATA_WIDTH_A 9") == 8
 
 
 def test_platform_chooses_primitive():
