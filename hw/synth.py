@@ -60,7 +60,7 @@ TIMING_DRIVEN_PNR = "--placer-heap-timingweight 40 --placer-heap-critexp 4"
 BOARDS = {
     # The target is 100 MHz; the whole EV-SSD (gateware of git f1575c1) closes at 95.3 MHz on
     # the LFE5U-85F with the PLL at 95 MHz, TIMING_DRIVEN_PNR and seed 1 (the same gateware at
-    # 100 MHz, seeds 2-5: 90.5-98.0 MHz, not met; docs/synthesis.md), so the default build is
+    # 100 MHz, seeds 2-7: 87.0-98.0 MHz, not met; docs/synthesis.md), so the default build is
     # that one. `--clock-mhz 100` tries the target.
     "ulx3s-85f": BoardSpec("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                            "Radiona ULX3S with a Lattice ECP5 LFE5U-85F (CABGA381, speed 6)",
