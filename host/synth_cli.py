@@ -15,18 +15,29 @@ import sys
 SUPPORTED = {"ulx3s-85f": "Radiona ULX3S with a Lattice ECP5 LFE5U-85F"}
 
 
+def _board_defaults(board: str) -> str:
+    """"95 MHz, seed 1"-style defaults of a board for the help text (from hw/synth.py BOARDS)."""
+    try:
+        from ..hw.synth import BOARDS
+    except ImportError:     # pragma: no cover - the gateware package is part of the install
+        return "see hw/synth.py"
+    spec = BOARDS[board]
+    return f"{spec.clock_mhz:g} MHz, seed {spec.seed} for {board}"
+
+
 def add_arguments(parser):
+    defaults = _board_defaults("ulx3s-85f")
     parser.add_argument("--board", default="ulx3s-85f",
                         help=f"target board (supported: {', '.join(SUPPORTED)}; default ulx3s-85f)")
     parser.add_argument("--check", action="store_true",
                         help="only check whether the committed bitstream matches the gateware sources")
     parser.add_argument("--list", action="store_true", help="list the supported boards")
-    parser.add_argument("--clock-mhz", type=float, default=None, help="design clock in MHz (default 60: where the whole EV-SSD closes timing; the target is 100)")
+    parser.add_argument("--clock-mhz", type=float, default=None, help=f"design clock in MHz (default: the board's, {defaults}; the target is 100)")
     parser.add_argument("--baud", type=int, default=None, help="UART baud rate (default 115200)")
     parser.add_argument("--out", default=None, help="output directory (default bitstreams/<board>/)")
     parser.add_argument("--build-dir", default=None, help="work directory (default build/synth/<board>/)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="nextpnr placement seed (default: the board's, 3 for ulx3s-85f)")
+                        help=f"nextpnr placement seed (default: the board's, {defaults})")
     parser.add_argument("--router", choices=("router1", "router2"), default="router2",
                         help="nextpnr router (router2 is faster; router1 converges on some "
                              "designs where router2 does not)")
