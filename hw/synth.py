@@ -54,7 +54,7 @@ class BoardSpec:
 # analytic placer (placement estimate 53.3 -> 68.4 MHz on the same netlist, seed and 75 MHz
 # target; docs/synthesis.md), and `--tmg-ripup` (router2 rips up and re-routes the nets of
 # failing paths: on the gateware of git f1575c1 at 100 MHz it took seed 2 from 90.5 to 98.9 MHz
-# and seed 3 from 98.0 to 100.3 MHz, 13-15 min per build; docs/synthesis.md).
+# and seed 3 from 98.0 to 100.3 MHz, 11-15 min per build; docs/synthesis.md).
 TIMING_DRIVEN_PNR = "--placer-heap-timingweight 40 --placer-heap-critexp 4"
 BOARD_PNR = TIMING_DRIVEN_PNR + " --tmg-ripup"
 
