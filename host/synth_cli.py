@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import sys
 
-# Kept here so `evssd synth --help` and bad board names work without Amaranth installed.
-SUPPORTED = {"ulx3s-85f": "Radiona ULX3S with a Lattice ECP5 LFE5U-85F"}
+# hw/synth.py imports Amaranth only inside its build functions, so `evssd synth --help` and bad
+# board names work without Amaranth installed.
+from ..hw.synth import BOARDS
+
+SUPPORTED = {name: spec.description for name, spec in BOARDS.items()}
 
 
 def _board_defaults(board: str) -> str:
-    """"95 MHz, seed 1"-style defaults of a board for the help text (from hw/synth.py BOARDS)."""
-    try:
-        from ..hw.synth import BOARDS
-    except ImportError:     # pragma: no cover - the gateware package is part of the install
-        return "see hw/synth.py"
+    """The default clock and seed of a board's build, for the help text."""
     spec = BOARDS[board]
     return f"{spec.clock_mhz:g} MHz, seed {spec.seed} for {board}"
 
