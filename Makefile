@@ -27,8 +27,14 @@ $(VENV)/.stamp-run: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	@touch $@
 
+# torchrec 1.8.0 matches torch 2.13 / fbgemm-gpu-cpu 1.8.0, but its metadata requires the CUDA-only
+# fbgemm-gpu, so it goes in without dependencies; the ones it imports come with the `torch` extra.
+TORCHREC := torchrec==1.8.0
+
 $(VENV)/.stamp-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "$(TORCHREC)"
+	$(PY) -c "import torchrec, fbgemm_gpu, ray, theine"
 	@touch $@ $(VENV)/.stamp-run
 
 demo: $(VENV)/.stamp-run
