@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .hostpool import pool_int8_rowwise, pool_weighted_rows
+from .hostpool import fbgemm_mean, pool_int8_rowwise, pool_weighted_rows
 from .tables import TableSpec, TorchFaceError, rows_from_fbgemm
 
 __all__ = ["EmbeddingTables", "FeatureRequest", "BatchPlan", "BACKENDS"]
@@ -198,6 +198,8 @@ class EmbeddingTables:
                 offs = np.concatenate([f[2][:-1] + s for f, s in zip(feats, starts)] + [[idx.size]])
                 w = np.concatenate([f[3] for f in feats]) if weighted[0] else None
             mode = None if (spec.kind == "int8_rowwise" or w is not None) else spec.pooling
+            if mode == "mean" and spec.mean_by_reciprocal:
+                mode = "sum"           # FBGEMM's MEAN (sum * 1/length), applied in finish()
             groups[mode][name] = (idx, offs)
             if w is not None:
                 weights[name] = w
@@ -227,6 +229,8 @@ class EmbeddingTables:
                     res = pool_int8_rowwise(res, spec.dim, offs, plan.weights.get(name), spec.pooling == "mean")
                 else:
                     res = pool_weighted_rows(res, offs, plan.weights[name])
+            elif spec.mean_by_reciprocal:
+                res = fbgemm_mean(np.array(res, dtype=np.float32), plan.groups["sum"][name][1])
             if spec.fp16_output:
                 res = res.astype(np.float16)
             for k, c in enumerate(cols):

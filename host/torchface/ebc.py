@@ -70,6 +70,13 @@ class EmbeddingBagCollection(nn.Module):
         super().__init__()
         self._configs = [copy.copy(c) for c in configs]
         specs = specs_from_configs(self._configs, row_alignment=row_alignment, quantized=quantized)
+        if quantized:
+            # TorchRec's quantized EBC runs one FBGEMM kernel per pooling type, tables grouped by
+            # pooling in order of first appearance, and emits its outputs in that order
+            groups: dict[str, list] = {}
+            for s in specs:
+                groups.setdefault(s.pooling, []).append(s)
+            specs = [s for g in groups.values() for s in g]
         self._specs = specs
         self._is_weighted = bool(is_weighted)
         self._output_dtype = output_dtype

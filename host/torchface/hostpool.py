@@ -9,7 +9,9 @@ Both follow FBGEMM's CPU kernels, which TorchRec's modules run, bit for bit:
 - row-wise INT8 (FBGEMM's ``SparseType.INT8``, the layout of TorchRec's quantized EBC): a row is
   ``[fp16 scale, fp16 bias, dim x uint8]``; with weight ``w`` (1 without weights)
   ``s = scale * w``, ``b = bias * w`` (fp32), then ``acc = fma(s, q, acc + b)`` in bag order;
-  MEAN multiplies the sum by ``1 / length`` (fp32), an empty bag is zeros.
+  MEAN multiplies the sum by ``1 / length`` (fp32), an empty bag is zeros. FBGEMM's inference
+  kernels take MEAN that way for fp16/fp32 rows too (:func:`fbgemm_mean`), where
+  ``nn.EmbeddingBag`` (and the store) divide by the length.
 
 The fused multiply-add is computed in float64 (the product of two fp32 values is exact there) and
 rounded once to fp32, which is FBGEMM's single rounding except when float64 rounding lands on an
@@ -20,7 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["pool_weighted_rows", "pool_int8_rowwise", "INT8_ROWWISE_HEADER"]
+__all__ = ["pool_weighted_rows", "pool_int8_rowwise", "fbgemm_mean", "INT8_ROWWISE_HEADER"]
 
 #: bytes of the fp16 scale and fp16 bias in front of an FBGEMM INT8 row
 INT8_ROWWISE_HEADER = 4
@@ -101,3 +103,13 @@ def pool_int8_rowwise(rows: np.ndarray, dim: int, offsets, weights=None, mean: b
     _int8_kernel(raw, np.ascontiguousarray(sb[:, 0]), np.ascontiguousarray(sb[:, 1]), offs, w, use_w,
                  bool(mean), out)
     return out
+
+
+def fbgemm_mean(sums: np.ndarray, offsets) -> np.ndarray:
+    """FBGEMM's inference MEAN of pooled ``sums`` [B, dim] float32: ``sum * (1 / length)`` in fp32
+    (in place; empty bags stay as they are, zeros)."""
+    lengths = np.diff(np.asarray(offsets, dtype=np.int64))
+    nz = lengths > 0
+    inv = np.float32(1.0) / lengths[nz].astype(np.float32)
+    sums[nz] *= inv[:, None]
+    return sums

@@ -34,6 +34,7 @@ class TableSpec:
     features: tuple[str, ...] = ()
     row_alignment: int = 16            # int8_rowwise: bytes a TorchRec state_dict row is padded to
     quantized: bool = False            # from TorchRec's quantized EBC: FBGEMM byte rows in its state_dict
+    fbgemm_kernel: bool = False        # pooled as FBGEMM's kernels do (MEAN = sum * 1/length, fp32 bags)
 
     def __post_init__(self):
         if not self.name:
@@ -49,7 +50,12 @@ class TableSpec:
     def fp16_output(self) -> bool:
         """Pooled bags rounded to fp16: a float EBC's ``nn.EmbeddingBag`` on an fp16 table sums in
         fp32 and returns fp16; FBGEMM's inference kernels (quantized EBC) return fp32."""
-        return self.kind == "fp16" and not self.quantized
+        return self.kind == "fp16" and not (self.quantized or self.fbgemm_kernel)
+
+    @property
+    def mean_by_reciprocal(self) -> bool:
+        """MEAN as FBGEMM's kernels take it (quantized EBC, TBE): sum * (1 / length)."""
+        return self.pooling == "mean" and (self.quantized or self.fbgemm_kernel)
 
     @property
     def itemsize(self) -> int:

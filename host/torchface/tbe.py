@@ -38,7 +38,7 @@ class TableBatchedEmbeddingBags(nn.Module):
         for t, a in enumerate(arrays):
             if a.ndim != 2 or a.dtype not in kinds:
                 raise TorchFaceError(f"weights[{t}] must be a 2-D fp32/fp16 table, got {a.dtype} of shape {a.shape}")
-            specs.append(TableSpec(f"t{t}", a.shape[0], a.shape[1], kinds[a.dtype], pooling))
+            specs.append(TableSpec(f"t{t}", a.shape[0], a.shape[1], kinds[a.dtype], pooling, fbgemm_kernel=True))
         ftm = list(range(len(specs))) if feature_table_map is None else [int(t) for t in feature_table_map]
         for f, t in enumerate(ftm):
             if not 0 <= t < len(specs):
