@@ -30,6 +30,7 @@ def _configs():
         # f0 feeds two tables: TorchRec names its outputs f0@t0 and f0@t2
         EmbeddingBagConfig(num_embeddings=200, embedding_dim=6, name="t2", feature_names=["f0"],
                            data_type=DataType.FP16),
+        EmbeddingBagConfig(num_embeddings=150, embedding_dim=8, name="t3", feature_names=["f3"]),
     ]
 
 
@@ -72,6 +73,8 @@ def _assert_same(got, want):
     ("rocksdb", {"cache_fraction": 0.05}),
     ("evssd", {"cache_fraction": 0.05}),          # the device model behind EV-Cache
     ("evssd", {"cache_fraction": None}),          # pooled on the device (GATHER_POOLED)
+    ("evssd", {"cache_fraction": 0.05, "pack": True}),   # t0 and t3 stacked in one device table
+    ("dram", {"pack": True}),
 ])
 def test_forward_equals_torchrec_on_every_backend(backend, opts):
     rng = np.random.default_rng(1)
@@ -85,7 +88,11 @@ def test_forward_equals_torchrec_on_every_backend(backend, opts):
                 with torch.no_grad():
                     want = ref(kjt)
                 _assert_same(ebc(kjt), want)
-        assert ebc.embedding_names() == ["f0@t0", "f1", "f2", "f0@t2"]
+        assert ebc.embedding_names() == ["f0@t0", "f1", "f2", "f0@t2", "f3"]
+        if opts.get("pack"):
+            assert ebc.tables.where["t3"] == ("pack0", 300) and len(ebc.store.tables) == 3
+        for k, v in ref.state_dict().items():
+            assert torch.equal(ebc.state_dict()[k], v), k
     finally:
         ebc.close()
 
@@ -113,8 +120,8 @@ def test_all_empty_bags_and_kjt_extra_keys():
     configs = _configs()
     ref = _ref(configs)
     ebc = et.EmbeddingBagCollection.from_torchrec(ref)
-    kjt = KeyedJaggedTensor(keys=["f0", "f1", "f2", "unused"], values=torch.zeros(0, dtype=torch.int64),
-                            lengths=torch.zeros(4 * 3, dtype=torch.int32))
+    kjt = KeyedJaggedTensor(keys=["f0", "f1", "f2", "unused", "f3"], values=torch.zeros(0, dtype=torch.int64),
+                            lengths=torch.zeros(5 * 3, dtype=torch.int32))
     with torch.no_grad():
         want = ref(kjt)
     got = ebc(kjt)
@@ -147,14 +154,14 @@ def test_from_configs_and_state_dict_round_trip(tmp_path):
     with pytest.raises(RuntimeError, match="t1.*shape"):
         ebc.load_state_dict(bad)
     with pytest.raises(RuntimeError, match="Missing key.*embedding_bags.t2.weight"):
-        ebc.load_state_dict({k: v for k, v in other.state_dict().items() if "t2" not in k})
+        ebc.load_state_dict({k: v for k, v in other.state_dict().items() if "t2." not in k})
     with torch.no_grad():
         _assert_same(ebc(kjt), other(kjt))
     # non-strict: a partial state_dict replaces the tables it names only
     third = _ref(configs, seed=7)
     res = ebc.load_state_dict({"embedding_bags.t1.weight": third.state_dict()["embedding_bags.t1.weight"]},
                               strict=False)
-    assert res.missing_keys == ["embedding_bags.t0.weight", "embedding_bags.t2.weight"]
+    assert res.missing_keys == ["embedding_bags.t0.weight", "embedding_bags.t2.weight", "embedding_bags.t3.weight"]
     got = ebc(kjt).to_dict()
     with torch.no_grad():
         assert torch.equal(got["f2"], third(kjt).to_dict()["f2"])
@@ -166,16 +173,19 @@ def test_bad_input_names_the_argument():
     rng = np.random.default_rng(4)
     configs = _configs()
     ebc = et.EmbeddingBagCollection.from_torchrec(_ref(configs))
-    kjt = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.tensor([1, 2, 300]),
-                            lengths=torch.tensor([1, 1, 1], dtype=torch.int32))
+    kjt = KeyedJaggedTensor(keys=["f0", "f1", "f2", "f3"], values=torch.tensor([1, 2, 300, 4]),
+                            lengths=torch.tensor([1, 1, 1, 1], dtype=torch.int32))
     with pytest.raises(et.TorchFaceError, match=r"feature 'f2' \(table 't1'\): index 300 .* range \[0, 120\)"):
         ebc(kjt)
     with pytest.raises(et.TorchFaceError, match="feature 'f2' is not in the KeyedJaggedTensor"):
-        ebc(KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor([1]), lengths=torch.tensor([1, 0])))
+        ebc(KeyedJaggedTensor(keys=["f0", "f1", "f3"], values=torch.tensor([1]), lengths=torch.tensor([1, 0, 0])))
     with pytest.raises(et.TorchFaceError, match="backend must be one of"):
         et.EmbeddingBagCollection.from_torchrec(_ref(configs), backend="tape")
     with pytest.raises(et.TorchFaceError, match="no weights for table"):
         et.EmbeddingBagCollection.from_configs(configs, {"t0": torch.zeros(300, 8)})
+    with pytest.raises(et.TorchFaceError, match=r"table 't1': weight must have shape \(120, 4\)"):
+        et.EmbeddingBagCollection.from_configs(configs, {c.name: torch.zeros(c.num_embeddings, 4)
+                                                          for c in configs})
     with pytest.raises(et.TorchFaceError, match="block_mode .* backend='evssd'"):
         et.EmbeddingBagCollection.from_torchrec(_ref(configs), block_mode=True)
     # nothing was lost: the module still answers

@@ -2,7 +2,10 @@
 pooled lookup of several features per batch (torch-free: numpy in, numpy out).
 
 Features that look up the same table are concatenated into one request per table (one device
-command per table and batch); the pooled bags are split back per feature. Unweighted fp32/fp16
+command per table and batch); the pooled bags are split back per feature. Tables with the same
+row format and pooling can be packed into one store table (rows stacked, indices shifted by the
+table's first row, as FBGEMM's table-batched weights are): ``pack=True``, or automatically when
+the device has fewer table slots than the module has tables (26 Criteo tables, 16 slots). Unweighted fp32/fp16
 tables are pooled by the store (its SUM/MEAN, bit-exact with ``nn.EmbeddingBag``; on the device
 when it pools); weighted lookups and INT8 row-wise tables are gathered through the store (cache
 and backend as usual) and pooled on the host by :mod:`.hostpool`.
@@ -62,11 +65,12 @@ class EmbeddingTables:
     ``backend``: dram, file, rocksdb or evssd (``device=`` an open Device: model, RTL or board;
     ``block_mode=True`` switches that device to whole-page reads). ``cache_fraction``: EV-Cache
     budget per table (default: the store's, 1% except dram). Other options go to
-    :meth:`EmbeddingStore.from_arrays`.
+    :meth:`EmbeddingStore.from_arrays`. ``pack``: stack tables of one row format and pooling into
+    one store table (None: only when an ``evssd`` device has too few table slots).
     """
 
     def __init__(self, specs: Sequence[TableSpec], arrays: Mapping[str, np.ndarray], *, backend: str = "dram",
-                 cache_fraction=_AUTO, block_mode: bool = False, **backend_options):
+                 cache_fraction=_AUTO, block_mode: bool = False, pack: bool | None = None, **backend_options):
         if backend not in BACKENDS:
             raise TorchFaceError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if block_mode and backend != "evssd":
@@ -80,7 +84,38 @@ class EmbeddingTables:
         if cache_fraction is not _AUTO:
             self._options["cache_fraction"] = cache_fraction
         self.store = None
+        self._place(pack)
         self._build(arrays)
+
+    def _place(self, pack) -> None:
+        """Map each table to (store table, first row): itself at row 0, or a slice of a pack."""
+        if pack is None:
+            slots = None
+            if self.backend_name == "evssd":
+                dev = self._options.get("device")
+                if dev is not None:
+                    slots = dev.params.max_tables
+                else:
+                    from evssd.hw.regmap import Params
+                    slots = Params().max_tables
+            pack = slots is not None and len(self.specs) > slots
+        self.where: dict[str, tuple[str, int]] = {}
+        self.packs: dict[str, list[TableSpec]] = {}
+        if not pack:
+            for n, s in self.specs.items():
+                self.where[n] = (n, 0)
+                self.packs[n] = [s]
+            return
+        groups: dict[tuple, list[TableSpec]] = {}
+        for s in self.specs.values():
+            groups.setdefault((s.kind, s.dim, s.pooling, s.quantized, s.fbgemm_kernel, s.row_alignment), []).append(s)
+        for k, members in enumerate(groups.values()):
+            name = members[0].name if len(members) == 1 else f"pack{k}"
+            base = 0
+            for s in members:
+                self.where[s.name] = (name, base)
+                base += s.rows
+            self.packs[name] = members
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -106,7 +141,11 @@ class EmbeddingTables:
         extra = [n for n in arrays if n not in self.specs]
         if extra:
             raise TorchFaceError(f"weights for unknown table(s) {', '.join(map(repr, extra))}")
-        stored = {n: self._stored(s, arrays[n]) for n, s in self.specs.items()}
+        per_table = {n: self._stored(s, arrays[n]) for n, s in self.specs.items()}
+        stored = {}
+        for name, members in self.packs.items():
+            parts = [per_table.pop(s.name) for s in members]
+            stored[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         store = EmbeddingStore.from_arrays(stored, self.backend_name, **self._options)
         if self.block_mode:
             store.backend.device.set_block_mode(True)
@@ -123,15 +162,16 @@ class EmbeddingTables:
         """The stored rows of ``name`` (fp32/fp16 ``[rows, dim]``, INT8: int8 ``[rows, 4 + dim]``)
         straight from the backend (no cache traffic); dram returns its array without a copy."""
         spec = self.specs[name]
+        sname, base = self.where[name]
         be = self.store.backend
         arrays = getattr(be, "arrays", None)
         if arrays is not None:
-            return arrays[name]
-        info = self.store.tables[name]
+            return arrays[sname][base:base + spec.rows]
+        info = self.store.tables[sname]
         out = np.empty((spec.rows, info.dim), info.dtype)
         for lo in range(0, spec.rows, chunk):
             hi = min(spec.rows, lo + chunk)
-            out[lo:hi] = be.read_rows(info, np.arange(lo, hi, dtype=np.int64))
+            out[lo:hi] = be.read_rows(info, np.arange(base + lo, base + hi, dtype=np.int64))
         return out
 
     def close(self) -> None:
@@ -180,12 +220,15 @@ class EmbeddingTables:
         col = 0
         for r in requests:
             spec, idx, offs, w = self._check(r, n_bags)
-            by_table.setdefault(spec.name, []).append((col, idx, offs, w, r.feature))
+            sname, base = self.where[spec.name]
+            if base:
+                idx = idx.astype(np.int64) + base
+            by_table.setdefault(sname, []).append((col, idx, offs, w, r.feature))
             col += spec.dim
         groups: dict = {"sum": {}, "mean": {}, None: {}}
         weights, parts = {}, {}
         for name, feats in by_table.items():
-            spec = self.specs[name]
+            spec = self.packs[name][0]          # the pack's members share format and pooling
             weighted = [f[3] is not None for f in feats]
             if any(weighted) and not all(weighted):
                 raise TorchFaceError(f"table {name!r}: features {[f[4] for f in feats]} mix weighted and "
@@ -221,7 +264,7 @@ class EmbeddingTables:
             out = np.empty((plan.n_bags, plan.width), np.float32)
         B = plan.n_bags
         for name, cols in plan.parts.items():
-            spec = self.specs[name]
+            spec = self.packs[name][0]
             res = results[name]
             if name in plan.groups[None]:
                 idx, offs = plan.groups[None][name]
