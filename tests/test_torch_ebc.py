@@ -183,7 +183,7 @@ def test_bad_input_names_the_argument():
         et.EmbeddingBagCollection.from_torchrec(_ref(configs), backend="tape")
     with pytest.raises(et.TorchFaceError, match="no weights for table"):
         et.EmbeddingBagCollection.from_configs(configs, {"t0": torch.zeros(300, 8)})
-    with pytest.raises(et.TorchFaceError, match=r"table 't1': weight must have shape \(120, 4\)"):
+    with pytest.raises(et.TorchFaceError, match=r"table 't0': weight must have shape \(300, 8\), got \(300, 4\)"):
         et.EmbeddingBagCollection.from_configs(configs, {c.name: torch.zeros(c.num_embeddings, 4)
                                                           for c in configs})
     with pytest.raises(et.TorchFaceError, match="block_mode .* backend='evssd'"):
