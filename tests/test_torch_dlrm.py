@@ -39,6 +39,11 @@ def test_dlrm_scores_on_criteo_rows_equal_torchrec(backend, opts):
             got, want_b = torch.sigmoid(ours(d, k)), torch.sigmoid(model(d, k))
             assert torch.equal(got, want_b), (got - want_b).abs().max()
             torch.testing.assert_close(got, want[sl], rtol=1e-5, atol=1e-6)
+        # the dense part alone, from pooled embeddings (what the pipelined benchmark runs)
+        ebc = ours.sparse_arch.embedding_bag_collection
+        plan = ebc.plan(kjt)
+        pooled = ebc.keyed_tensor(plan, ebc.tables.lookup(plan))
+        assert torch.equal(torch.sigmoid(et.dlrm_logits(model, dense, pooled)), want)
     # the whole model's state_dict keeps TorchRec's names and values
     sd, ref = ours.state_dict(), model.state_dict()
     assert list(sd) == list(ref)

@@ -11,11 +11,12 @@ The source lives in ``host/torchface`` (installed as ``evssd.torch``) so that no
 ``torch`` can shadow PyTorch. Only this package imports torch; the core library does not.
 """
 from .core import BACKENDS, BatchPlan, EmbeddingTables, FeatureRequest
-from .dlrm import criteo_inputs, with_evssd_embeddings
+from .dlrm import criteo_inputs, dlrm_logits, with_evssd_embeddings
 from .ebc import EmbeddingBagCollection, kjt_requests
 from .tables import TableSpec, TorchFaceError
 from .tbe import TableBatchedEmbeddingBags
 
 __all__ = ["EmbeddingBagCollection", "TableBatchedEmbeddingBags", "with_evssd_embeddings", "criteo_inputs",
+           "dlrm_logits",
            "EmbeddingTables", "FeatureRequest", "BatchPlan", "TableSpec", "TorchFaceError", "BACKENDS",
            "kjt_requests"]

@@ -9,7 +9,7 @@ import torch
 from .ebc import EmbeddingBagCollection
 from .tables import TorchFaceError
 
-__all__ = ["with_evssd_embeddings", "criteo_inputs"]
+__all__ = ["with_evssd_embeddings", "criteo_inputs", "dlrm_logits"]
 
 
 def with_evssd_embeddings(model, backend: str = "dram", **options):
@@ -53,3 +53,14 @@ def criteo_inputs(configs, path=None, *, limit: int | None = None):
     kjt = KeyedJaggedTensor(keys=[f for f, _ in feats], values=torch.from_numpy(values),
                             lengths=torch.ones(len(feats) * n, dtype=torch.int32))
     return torch.from_numpy(np.ascontiguousarray(data.dense[:n])), kjt
+
+
+def dlrm_logits(model, dense: torch.Tensor, pooled) -> torch.Tensor:
+    """A TorchRec DLRM's logits from already pooled embeddings (a ``KeyedTensor``): the steps of
+    ``DLRM.forward`` after the EBC, so a pipeline can look up batch i+1 while batch i's dense
+    part runs. Equal to ``model(dense, kjt)`` when ``pooled`` is the model's EBC output for ``kjt``."""
+    arch = model.sparse_arch
+    by_name = pooled.to_dict()
+    sparse = torch.cat([by_name[n] for n in arch.sparse_feature_names], dim=1).reshape(-1, arch.F, arch.D)
+    x = model.dense_arch(dense)
+    return model.over_arch(model.inter_arch(dense_features=x, sparse_features=sparse))
