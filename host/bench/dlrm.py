@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=32, help="embedding dimension (default 32)")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
     parser.add_argument("--pooling-factor", type=int, default=20, help="lookups per bag (default 20)")
-    parser.add_argument("--batches", type=int, default=40, help="measured batches (default 40)")
-    parser.add_argument("--warmup", type=int, default=20, help="unmeasured warm-up batches (default 20)")
+    parser.add_argument("--batches", type=int, default=100, help="measured batches (default 100)")
+    parser.add_argument("--warmup", type=int, default=30, help="unmeasured warm-up batches (default 30)")
     parser.add_argument("--cache-fraction", type=float, default=0.01,
                         help="EV-Cache budget per table as a fraction of the table (default 0.01)")
     parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
