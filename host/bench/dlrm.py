@@ -311,24 +311,32 @@ def _figure(rows, cfg):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    names, thr, lat, colors = [], [], [], []
+    names, thr, host, dev, colors = [], [], [], [], []
     for r in rows:
         names.append(f"{r['peer']}\n(wall)")
         thr.append(r["wall"]["samples_per_s"] / 1e3)
-        lat.append(r["wall"]["p50_ms"])
+        host.append(r["wall"]["p50_ms"])
+        dev.append(0.0)
         colors.append("tab:gray")
         if "projected" in r:
+            p = r["projected"]
             names.append(f"{r['peer']}\n(projected)")
-            thr.append(r["projected"]["samples_per_s"] / 1e3)
-            lat.append(r["projected"]["latency_p50_ms"])
+            thr.append(p["samples_per_s"] / 1e3)
+            host.append(p["host_ms_mean"])
+            dev.append(p["device_ms_mean"])
             colors.append("tab:blue")
-    for ax, vals, title in ((axes[0], thr, "throughput (k samples/s)"), (axes[1], lat, "batch latency p50 (ms)")):
-        ax.bar(range(len(names)), vals, color=colors)
-        ax.set_xticks(range(len(names)))
+    x = range(len(names))
+    axes[0].bar(x, thr, color=colors)
+    axes[0].set_title("throughput (k samples/s)", fontsize=10)
+    axes[1].bar(x, host, color=colors, label="host (wall p50 / projected CPU mean)")
+    axes[1].bar(x, dev, bottom=host, color="tab:orange", label="device (modelled, mean)")
+    axes[1].set_title("batch latency (ms)", fontsize=10)
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(list(x))
         ax.set_xticklabels(names, fontsize=7, rotation=30, ha="right")
-        ax.set_title(title, fontsize=10)
     fig.suptitle(f"evssd bench dlrm: TorchRec DLRM, {cfg['tables']} x {cfg['rows']:,} x {cfg['dim']} tables, "
-                 f"batch {cfg['batch_size']} x {cfg['pooling_factor']} lookups (gray: wall clock; blue: host "
+                 f"batch {cfg['batch_size']} x {cfg['pooling_factor']} lookups (gray: wall clock; blue: host CPU "
                  f"measured + device modelled at {cfg['clock_mhz']:.0f} MHz)", fontsize=9)
     fig.tight_layout()
     return fig
