@@ -12,7 +12,6 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType  # noqa:
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC  # noqa: E402
 
 import evssd.torch as et  # noqa: E402
-from evssd.torch.hostpool import pool_int8_rowwise  # noqa: E402
 
 
 def _quantize(configs, weighted=False, weight_dtype=torch.quint8, seed=0):
@@ -90,24 +89,3 @@ def test_fp16_tables_of_a_quantized_ebc():
     for k, v in q.state_dict().items():
         assert torch.equal(ebc.state_dict()[k], v), k
     ebc.close()
-
-
-def test_int8_pooling_against_dequantized_golden():
-    """The kernel against a float64 golden of FBGEMM's formula (dequantize, weight, sum)."""
-    rng = np.random.default_rng(3)
-    dim, n = 20, 200
-    codes = rng.integers(0, 256, (n, dim), dtype=np.uint8)
-    sb = np.stack([rng.random(n) * 0.05 + 1e-3, rng.standard_normal(n)], 1).astype(np.float16)
-    rows = np.concatenate([sb.view(np.uint8), codes], 1)
-    offs = np.array([0, 0, 1, 50, 200])
-    w = rng.random(n, dtype=np.float32)
-    got = pool_int8_rowwise(rows, dim, offs, w)
-    deq = codes.astype(np.float64) * sb[:, :1].astype(np.float64) + sb[:, 1:].astype(np.float64)
-    want = np.stack([(deq[a:b] * w[a:b, None]).sum(0) for a, b in zip(offs[:-1], offs[1:])])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    assert not got[0].any()
-    mean = pool_int8_rowwise(rows, dim, offs, None, mean=True)
-    want_mean = np.stack([deq[a:b].mean(0) if b > a else np.zeros(dim) for a, b in zip(offs[:-1], offs[1:])])
-    np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="INT8 rows must be"):
-        pool_int8_rowwise(rows[:, :10], dim, offs)

@@ -17,14 +17,24 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .hostpool import fbgemm_mean, pool_int8_rowwise, pool_weighted_rows
 from .tables import TableSpec, TorchFaceError, rows_from_fbgemm
 
-__all__ = ["EmbeddingTables", "FeatureRequest", "BatchPlan", "BACKENDS"]
+__all__ = ["EmbeddingTables", "FeatureRequest", "BatchPlan", "BACKENDS", "fbgemm_mean"]
 
 BACKENDS = ("dram", "file", "rocksdb", "evssd")
 
 _AUTO = object()
+
+
+def fbgemm_mean(sums: np.ndarray, offsets) -> np.ndarray:
+    """FBGEMM's inference MEAN of pooled float32 ``sums`` [B, dim]: ``sum * float32(1 / length)``
+    (FBGEMM multiplies by the reciprocal where ``nn.EmbeddingBag`` and the store divide); empty
+    bags stay zeros. Returns a new array."""
+    out = np.array(sums, dtype=np.float32, copy=True)
+    lengths = np.diff(np.asarray(offsets, dtype=np.int64))
+    nz = lengths > 0
+    out[nz] *= (np.float32(1.0) / lengths[nz].astype(np.float32))[:, None]
+    return out
 
 
 @dataclass
@@ -39,11 +49,10 @@ class FeatureRequest:
 
 @dataclass
 class BatchPlan:
-    """A batch split into store requests: ``groups[mode] = {table: (indices, offsets)}`` with mode
-    "sum"/"mean" (pooled by the store) or None (gathered, pooled on the host); ``weights[table]``
-    for weighted tables; ``parts[table]`` = [(output column, feature bag count)] in bag order."""
+    """A batch split into store requests: ``groups[mode] = {table: (indices, offsets[, weights])}``
+    with mode "sum" or "mean"; ``parts[table]`` = the output column of each of the table's features,
+    in bag order."""
     groups: dict
-    weights: dict
     parts: dict
     n_bags: int
     width: int
@@ -124,7 +133,7 @@ class EmbeddingTables:
         if spec.kind == "int8_rowwise" or (spec.quantized and a.dtype in (np.uint8, np.int8)):
             a = rows_from_fbgemm(a, spec)
             if spec.kind == "int8_rowwise":
-                return a
+                return np.array(a, copy=True)
         if a.shape != (spec.rows, spec.dim):
             raise TorchFaceError(f"table {spec.name!r}: weight must have shape ({spec.rows}, {spec.dim}), "
                                  f"got {tuple(a.shape)}")
@@ -134,7 +143,7 @@ class EmbeddingTables:
         return np.array(a, dtype=want, copy=True, order="C")   # copied: the module owns its tables
 
     def _build(self, arrays) -> None:
-        from evssd.host.store import EmbeddingStore
+        from evssd.host.store import EmbeddingStore, RowwiseInt8
         missing = [n for n in self.specs if n not in arrays]
         if missing:
             raise TorchFaceError(f"no weights for table(s) {', '.join(map(repr, missing))}")
@@ -145,7 +154,8 @@ class EmbeddingTables:
         stored = {}
         for name, members in self.packs.items():
             parts = [per_table.pop(s.name) for s in members]
-            stored[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            stored[name] = RowwiseInt8(rows, members[0].dim) if members[0].kind == "int8_rowwise" else rows
         store = EmbeddingStore.from_arrays(stored, self.backend_name, **self._options)
         if self.block_mode:
             store.backend.device.set_block_mode(True)
@@ -159,7 +169,7 @@ class EmbeddingTables:
         self._build(arrays)
 
     def read_table(self, name: str, chunk: int = 8192) -> np.ndarray:
-        """The stored rows of ``name`` (fp32/fp16 ``[rows, dim]``, INT8: int8 ``[rows, 4 + dim]``)
+        """The stored rows of ``name`` (fp32/fp16 ``[rows, dim]``, INT8: uint8 ``[rows, 4 + dim]``)
         straight from the backend (no cache traffic); dram returns its array without a copy."""
         spec = self.specs[name]
         sname, base = self.where[name]
@@ -168,7 +178,7 @@ class EmbeddingTables:
         if arrays is not None:
             return arrays[sname][base:base + spec.rows]
         info = self.store.tables[sname]
-        out = np.empty((spec.rows, info.dim), info.dtype)
+        out = np.empty((spec.rows, info.width), info.dtype)
         for lo in range(0, spec.rows, chunk):
             hi = min(spec.rows, lo + chunk)
             out[lo:hi] = be.read_rows(info, np.arange(base + lo, base + hi, dtype=np.int64))
@@ -209,7 +219,7 @@ class EmbeddingTables:
             if w.shape != idx.shape or w.dtype.kind != "f":
                 raise TorchFaceError(f"feature {r.feature!r}: weights must be floats of shape {idx.shape}, "
                                      f"got {w.dtype} of shape {w.shape}")
-            if spec.kind != "int8_rowwise" and spec.pooling == "mean":
+            if spec.pooling == "mean":
                 raise TorchFaceError(f"feature {r.feature!r} (table {spec.name!r}): per-sample weights need "
                                      f"SUM pooling (as in PyTorch), the table pools with MEAN")
         return spec, idx, offs, w
@@ -225,8 +235,8 @@ class EmbeddingTables:
                 idx = idx.astype(np.int64) + base
             by_table.setdefault(sname, []).append((col, idx, offs, w, r.feature))
             col += spec.dim
-        groups: dict = {"sum": {}, "mean": {}, None: {}}
-        weights, parts = {}, {}
+        groups: dict = {"sum": {}, "mean": {}}
+        parts = {}
         for name, feats in by_table.items():
             spec = self.packs[name][0]          # the pack's members share format and pooling
             weighted = [f[3] is not None for f in feats]
@@ -240,14 +250,10 @@ class EmbeddingTables:
                 starts = np.cumsum([0] + [f[1].size for f in feats[:-1]])
                 offs = np.concatenate([f[2][:-1] + s for f, s in zip(feats, starts)] + [[idx.size]])
                 w = np.concatenate([f[3] for f in feats]) if weighted[0] else None
-            mode = None if (spec.kind == "int8_rowwise" or w is not None) else spec.pooling
-            if mode == "mean" and spec.mean_by_reciprocal:
-                mode = "sum"           # FBGEMM's MEAN (sum * 1/length), applied in finish()
-            groups[mode][name] = (idx, offs)
-            if w is not None:
-                weights[name] = w
+            mode = "sum" if spec.mean_by_reciprocal else spec.pooling   # fbgemm_mean in finish()
+            groups[mode][name] = (idx, offs) if w is None else (idx, offs, np.asarray(w, np.float32))
             parts[name] = [f[0] for f in feats]
-        return BatchPlan(groups, weights, parts, n_bags, col)
+        return BatchPlan(groups, parts, n_bags, col)
 
     def lookup(self, plan: BatchPlan) -> dict[str, np.ndarray]:
         """The store lookups of ``plan`` (unpipelined): table -> store result."""
@@ -258,7 +264,7 @@ class EmbeddingTables:
         return results
 
     def finish(self, plan: BatchPlan, results: Mapping[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
-        """Host pooling of the gathered tables and the output ``[B, width]`` float32, each
+        """The output ``[B, width]`` float32 of a planned batch from its store results, each
         feature's bags in its columns (``out`` is filled when given)."""
         if out is None:
             out = np.empty((plan.n_bags, plan.width), np.float32)
@@ -266,14 +272,8 @@ class EmbeddingTables:
         for name, cols in plan.parts.items():
             spec = self.packs[name][0]
             res = results[name]
-            if name in plan.groups[None]:
-                idx, offs = plan.groups[None][name]
-                if spec.kind == "int8_rowwise":
-                    res = pool_int8_rowwise(res, spec.dim, offs, plan.weights.get(name), spec.pooling == "mean")
-                else:
-                    res = pool_weighted_rows(res, offs, plan.weights[name])
-            elif spec.mean_by_reciprocal:
-                res = fbgemm_mean(np.array(res, dtype=np.float32), plan.groups["sum"][name][1])
+            if spec.mean_by_reciprocal:
+                res = fbgemm_mean(res, plan.groups["sum"][name][1])
             if spec.fp16_output:
                 res = res.astype(np.float16)
             for k, c in enumerate(cols):

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .hostpool import INT8_ROWWISE_HEADER
+from evssd.host.elements import INT8_ROWWISE
+
+#: bytes of the fp16 scale and fp16 bias in front of an FBGEMM INT8 row
+INT8_ROWWISE_HEADER = INT8_ROWWISE.extra
 
 __all__ = ["TableSpec", "TorchFaceError", "specs_from_configs", "embedding_names", "KINDS",
            "rows_from_fbgemm", "rows_to_fbgemm"]
@@ -129,8 +132,9 @@ def embedding_names(specs) -> list[str]:
 
 def rows_from_fbgemm(weight, spec: TableSpec) -> np.ndarray:
     """A quantized TorchRec/FBGEMM weight (uint8 ``[rows, >= row bytes]``, padded to the row
-    alignment) -> the rows evssd stores: INT8: int8 view of ``[rows, 4 + dim]`` bytes (fp16 scale,
-    fp16 bias, codes); FP16/FP32: ``[rows, dim]`` of that type. The padding is dropped."""
+    alignment) -> the rows evssd stores: INT8: uint8 ``[rows, 4 + dim]`` (fp16 scale, fp16 bias,
+    codes: the store's ``int8_rowwise``); FP16/FP32: ``[rows, dim]`` of that type. The padding is
+    dropped."""
     w = np.asarray(weight)
     if w.dtype != np.uint8 and w.dtype != np.int8:
         raise TorchFaceError(f"table {spec.name!r}: a quantized weight must be uint8 bytes, got {w.dtype}")
@@ -138,7 +142,7 @@ def rows_from_fbgemm(weight, spec: TableSpec) -> np.ndarray:
         raise TorchFaceError(f"table {spec.name!r}: weight must be [{spec.rows}, >= {spec.stored_row_bytes}] "
                              f"bytes, got shape {tuple(w.shape)}")
     rows = np.ascontiguousarray(w[:, :spec.stored_row_bytes])
-    dtype = {"int8_rowwise": np.int8, "fp16": np.float16, "fp32": np.float32}[spec.kind]
+    dtype = {"int8_rowwise": np.uint8, "fp16": np.float16, "fp32": np.float32}[spec.kind]
     return rows.view(dtype)
 
 
