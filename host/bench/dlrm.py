@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device clock converting modelled cycles to seconds (default: the ULX3S-85F "
                              "build clock from hw/synth.py, 100 MHz)")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list (default {','.join(PEERS)})")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="host compute threads: torch intra-op and numba (the store's pooling) (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
     parser.add_argument("--quick", action="store_true",
@@ -352,6 +353,10 @@ def run(args) -> int:
             print(f"evssd bench dlrm: unknown peer {p!r} (known: {', '.join(PEERS)})", file=sys.stderr)
             return 2
     torch.set_num_threads(cfg["threads"])
+    import numba
+    # one host thread for every peer (TorchRec's kernels and the store's), so they compare on one core;
+    # on these shared 2-core machines numba's parallel pooling waits for descheduled threads
+    numba.set_num_threads(min(cfg["threads"], numba.config.NUMBA_NUM_THREADS))
     t_all = time.perf_counter()
     model = make_model(cfg)
     inputs = make_inputs(cfg)
@@ -359,7 +364,7 @@ def run(args) -> int:
           f"dense arch {cfg['dense_arch']}, over arch {cfg['over_arch']}; batches of {cfg['batch_size']} samples "
           f"x {cfg['pooling_factor']} lookups per table (Criteo dense rows, Meta-calibrated sparse trace), "
           f"{cfg['warmup']} warm-up + {cfg['batches']} measured; EV-Cache {cfg['cache_fraction']:.0%} per table, "
-          f"pipeline depth {cfg['depth']}, device clock {cfg['clock_mhz']:.0f} MHz, torch threads {cfg['threads']}")
+          f"pipeline depth {cfg['depth']}, device clock {cfg['clock_mhz']:.0f} MHz, host threads {cfg['threads']}")
     rows, ref_scores = [], None
     ref, ref_scores = _run_torchrec(model, inputs, cfg)
     rows.append({"peer": "torchrec-dram", **ref})
