@@ -109,6 +109,8 @@ def test_weighted_kjt_equals_torchrec():
         ebc = et.EmbeddingBagCollection.from_torchrec(ref, backend=backend)
         try:
             assert ebc.is_weighted()
+            # the store's default cache: 1% EV-Cache per table, none in DRAM
+            assert bool(ebc.store.caches) == (backend == "evssd")
             for _ in range(3):
                 kjt = _kjt(configs, 9, rng, weighted=True, max_len=40)
                 with torch.no_grad():
@@ -184,6 +186,11 @@ def test_bad_input_names_the_argument():
         ebc(kjt)
     with pytest.raises(et.TorchFaceError, match="feature 'f2' is not in the KeyedJaggedTensor"):
         ebc(KeyedJaggedTensor(keys=["f0", "f1", "f3"], values=torch.tensor([1]), lengths=torch.tensor([1, 0, 0])))
+    vbe = KeyedJaggedTensor(keys=["f0", "f1", "f2", "f3"], values=torch.tensor([1, 2, 3, 4, 5]),
+                            lengths=torch.tensor([1, 1, 1, 1, 1], dtype=torch.int32),
+                            stride_per_key_per_rank=[[1], [2], [1], [1]])
+    with pytest.raises(et.TorchFaceError, match="variable batch size"):
+        ebc(vbe)
     with pytest.raises(et.TorchFaceError, match="backend must be one of"):
         et.EmbeddingBagCollection.from_torchrec(_ref(configs), backend="tape")
     with pytest.raises(et.TorchFaceError, match="no weights for table"):
@@ -265,12 +272,20 @@ def test_fbgemm_calling_convention_equals_tbe(pooling, weighted, ftm):
 
 
 def test_import_torch_is_pytorch_everywhere_and_core_needs_no_torch():
-    code = "import torch, evssd.torch; assert hasattr(torch, 'nn') and 'site-packages' in torch.__file__, torch.__file__"
-    for cwd in (ROOT, ROOT / "host", ROOT / "tests", ROOT / "host" / "torchface"):
-        subprocess.run([sys.executable, "-c", code], cwd=cwd, check=True, timeout=120)
+    dirs = [ROOT, ROOT / "host", ROOT / "tests", ROOT / "host" / "torchface"]
+    code = ("import importlib.util, sys\n"
+            f"for d in {[str(d) for d in dirs]!r}:\n"
+            "    sys.path[0] = d\n"
+            "    importlib.invalidate_caches()\n"
+            "    origin = importlib.util.find_spec('torch').origin\n"
+            "    assert 'site-packages' in origin, (d, origin)\n"
+            "import torch, evssd.torch\n"
+            "assert hasattr(torch, 'nn') and evssd.torch.__file__.endswith('torchface/__init__.py')\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT / "host", check=True, timeout=120)
     # the core library with torch made unimportable
     core = ("import sys; sys.modules['torch'] = None; "
-            "import evssd.host.store, evssd.host.pipeline, evssd.host.device, evssd.host.serving.ranker; "
+            "import evssd.host.store, evssd.host.pipeline, evssd.host.device, evssd.host.serving.ranker, "
+            "evssd.host.serving.config; "
             "s = evssd.host.store.EmbeddingStore.from_arrays({'a': __import__('numpy').ones((4, 2), 'f4')}); "
             "assert s.pooled('a', [0, 1], [0, 2])[0, 0] == 2")
     subprocess.run([sys.executable, "-c", core], cwd=ROOT, check=True, timeout=120)

@@ -23,6 +23,8 @@ from .tables import TableSpec, TorchFaceError, embedding_names, rows_to_fbgemm, 
 
 __all__ = ["EmbeddingBagCollection", "kjt_requests"]
 
+_STORE_DEFAULT = object()
+
 
 def _np(t: torch.Tensor) -> np.ndarray:
     """A CPU tensor's data as numpy without a copy."""
@@ -97,12 +99,14 @@ class EmbeddingBagCollection(nn.Module):
                    **backend_options)
 
     @classmethod
-    def from_torchrec(cls, ebc, backend: str = "dram", cache_fraction=None, **backend_options) -> "EmbeddingBagCollection":
+    def from_torchrec(cls, ebc, backend: str = "dram", cache_fraction=_STORE_DEFAULT,
+                      **backend_options) -> "EmbeddingBagCollection":
         """Copy the tables of a TorchRec EBC (``torchrec.EmbeddingBagCollection`` or the
         quantized ``torchrec.quant.embedding_modules.EmbeddingBagCollection``) into ``backend``.
 
-        ``cache_fraction``: EV-Cache budget per table (None: no cache; the store default is 1%
-        for every backend but dram when the argument is left out of ``backend_options``).
+        ``cache_fraction``: EV-Cache budget per table as a fraction of the table (None: no cache;
+        left out: the store's default, 1% for every backend but dram). Other options: see
+        :class:`~evssd.torch.core.EmbeddingTables` (``device``, ``block_mode``, ``pack``, ``path``...).
         """
         configs = ebc.embedding_bag_configs()
         sd = ebc.state_dict()
@@ -115,9 +119,11 @@ class EmbeddingBagCollection(nn.Module):
             weights[c.name] = sd[key]
         quant = type(ebc).__module__.startswith("torchrec.quant")
         out_dtype = ebc.output_dtype() if quant else torch.float32
+        if cache_fraction is not _STORE_DEFAULT:
+            backend_options["cache_fraction"] = cache_fraction
         return cls(configs, weights, is_weighted=ebc.is_weighted(), output_dtype=out_dtype,
                    row_alignment=getattr(ebc, "row_alignment", 16), quantized=quant, backend=backend,
-                   cache_fraction=cache_fraction, **backend_options)
+                   **backend_options)
 
     # -- TorchRec interface ---------------------------------------------------------------------
 
