@@ -344,7 +344,13 @@ def _figure(rows, cfg):
 
 
 def run(args) -> int:
-    import torch
+    try:
+        import torch
+        import torchrec  # noqa: F401
+    except ImportError as exc:
+        print(f"evssd bench dlrm: needs the torch extra and TorchRec ({exc}); see README, PyTorch / TorchRec",
+              file=sys.stderr)
+        return 2
     cfg = _config(args)
     _check(cfg)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]

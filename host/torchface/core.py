@@ -207,7 +207,7 @@ class EmbeddingTables:
         if offs[0] != 0 or offs[-1] != idx.size or (offs.size > 1 and np.any(offs[1:] < offs[:-1])):
             raise TorchFaceError(f"feature {r.feature!r}: offsets must start at 0, be non-decreasing and end "
                                  f"at len(indices) = {idx.size}")
-        if idx.size:
+        if idx.size and (idx.min() < 0 or idx.max() >= spec.rows):   # two reductions, no mask
             bad = (idx < 0) | (idx >= spec.rows)
             if bad.any():
                 pos = int(np.flatnonzero(bad)[0])
