@@ -5,10 +5,14 @@ Features that look up the same table are concatenated into one request per table
 command per table and batch); the pooled bags are split back per feature. Tables with the same
 row format and pooling can be packed into one store table (rows stacked, indices shifted by the
 table's first row, as FBGEMM's table-batched weights are): ``pack=True``, or automatically when
-the device has fewer table slots than the module has tables (26 Criteo tables, 16 slots). Unweighted fp32/fp16
-tables are pooled by the store (its SUM/MEAN, bit-exact with ``nn.EmbeddingBag``; on the device
-when it pools); weighted lookups and INT8 row-wise tables are gathered through the store (cache
-and backend as usual) and pooled on the host by :mod:`.hostpool`.
+the device has fewer table slots than the module has tables (26 Criteo tables, 16 slots).
+
+Every bag is pooled by the store, by the one pooling definition of :mod:`evssd.host.pooling` (on
+the device when it pools): SUM/MEAN of fp32/fp16 rows (bit-exact with ``nn.EmbeddingBag``),
+per-sample weights, and FBGEMM's row-wise INT8 (``int8_rowwise``, bit-exact with FBGEMM's
+inference kernel). Two output rules of TorchRec's modules are applied here on top: FBGEMM's
+inference kernels (quantized EBC, TBE) take MEAN as ``sum * (1 / length)`` (:func:`fbgemm_mean`),
+and a float EBC's fp16 tables return their bags rounded to fp16.
 """
 from __future__ import annotations
 
@@ -120,6 +124,8 @@ class EmbeddingTables:
             groups.setdefault((s.kind, s.dim, s.pooling, s.quantized, s.fbgemm_kernel, s.row_alignment), []).append(s)
         for k, members in enumerate(groups.values()):
             name = members[0].name if len(members) == 1 else f"pack{k}"
+            while name in self.specs and len(members) > 1:   # never the name of a module's table
+                name = f"_{name}"
             base = 0
             for s in members:
                 self.where[s.name] = (name, base)
