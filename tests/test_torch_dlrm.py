@@ -30,6 +30,8 @@ def test_dlrm_scores_on_criteo_rows_equal_torchrec(backend, opts):
     ours = et.with_evssd_embeddings(model, backend=backend, **opts)
     assert isinstance(ours.sparse_arch.embedding_bag_collection, et.EmbeddingBagCollection)
     assert isinstance(model.sparse_arch.embedding_bag_collection, TorchRecEBC)   # the original is untouched
+    if backend == "evssd":   # 26 tables, 16 device table slots: packed into one device table
+        assert len(ours.sparse_arch.embedding_bag_collection.store.tables) == 1
     with torch.no_grad():
         got, want = torch.sigmoid(ours(dense, kjt)), torch.sigmoid(model(dense, kjt))
         assert torch.equal(got, want), (got - want).abs().max()
