@@ -97,3 +97,22 @@ def test_checkpoint_errors(tmp_path):
         table_rows(cfg, "t1", 0, 5)
     with pytest.raises(ValueError, match="3 sparse features"):
         TorchRecDLRM(model).forward(np.zeros((2, 13), np.float32), [np.zeros((2, 8), np.float32)])
+
+
+def test_serve_config_from_checkpoint_cli(tmp_path, capsys):
+    from evssd.host.cli import main
+    from evssd.host.serving.config import load_config
+    model, configs = _model()
+    ckpt = tmp_path / "ebc.pt"
+    torch.save(model.sparse_arch.embedding_bag_collection.state_dict(), ckpt)
+    out = tmp_path / "cluster.json"
+    assert main(["serve", "config", "--torchrec", str(ckpt), "--servers", "3", "-o", str(out)]) == 0
+    cfg = load_config(out)
+    assert cfg["dim"] == 8 and len(cfg["servers"]) == 3
+    assert {t: v["rows"] for t, v in cfg["tables"].items()} == {c.name: c.num_embeddings for c in configs}
+    w = model.sparse_arch.embedding_bag_collection.state_dict()["embedding_bags.t2.weight"].numpy()
+    np.testing.assert_array_equal(table_rows(cfg, "t2"), w)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"nope")
+    assert main(["serve", "config", "--torchrec", str(bad), "-o", str(out)]) == 2
+    assert "cannot read a TorchRec checkpoint" in capsys.readouterr().err
