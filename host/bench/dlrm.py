@@ -283,9 +283,13 @@ def _run_evssd(model, inputs, cfg, peer) -> tuple[dict, list]:
         ebc = EmbeddingBagCollection.from_torchrec(src, backend="dram")
     else:
         dev = _open_device(cfg)
-        ebc = EmbeddingBagCollection.from_torchrec(src, backend="evssd", device=dev,
-                                                   cache_fraction=cfg["cache_fraction"],
-                                                   block_mode=peer == "evssd-block")
+        try:
+            ebc = EmbeddingBagCollection.from_torchrec(src, backend="evssd", device=dev,
+                                                       cache_fraction=cfg["cache_fraction"],
+                                                       block_mode=peer == "evssd-block")
+        except BaseException:
+            dev.close()
+            raise
     res["build_s"] = time.perf_counter() - t0
     warm, meas = inputs[:cfg["warmup"]], inputs[cfg["warmup"]:]
     try:

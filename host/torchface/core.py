@@ -164,7 +164,11 @@ class EmbeddingTables:
             stored[name] = RowwiseInt8(rows, members[0].dim) if members[0].kind == "int8_rowwise" else rows
         store = EmbeddingStore.from_arrays(stored, self.backend_name, **self._options)
         if self.block_mode:
-            store.backend.device.set_block_mode(True)
+            try:
+                store.backend.device.set_block_mode(True)
+            except BaseException:
+                store.close()
+                raise
         old, self.store = self.store, store
         if old is not None:
             old.close()
