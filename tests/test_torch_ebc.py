@@ -155,6 +155,12 @@ def test_from_configs_and_state_dict_round_trip(tmp_path):
     kjt = _kjt(configs, 5, rng, max_len=10)
     with torch.no_grad():
         _assert_same(ebc(kjt), other(kjt))
+    # float64 converts (as PyTorch's copy_ does); integers do not
+    ebc.load_state_dict({k: v.double() for k, v in other.state_dict().items()})
+    with torch.no_grad():
+        _assert_same(ebc(kjt), other(kjt))
+    with pytest.raises(RuntimeError, match="t0.*floating point"):
+        ebc.load_state_dict({k: v.long() for k, v in other.state_dict().items()})
     # a wrong shape names the table and keeps the old tables
     bad = dict(other.state_dict())
     bad["embedding_bags.t1.weight"] = torch.zeros(119, 4)

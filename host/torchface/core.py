@@ -144,8 +144,8 @@ class EmbeddingTables:
             raise TorchFaceError(f"table {spec.name!r}: weight must have shape ({spec.rows}, {spec.dim}), "
                                  f"got {tuple(a.shape)}")
         want = np.float32 if spec.kind == "fp32" else np.float16
-        if a.dtype != want:
-            raise TorchFaceError(f"table {spec.name!r}: weight must be {np.dtype(want)} ({spec.kind}), got {a.dtype}")
+        if a.dtype.kind != "f":   # other float types are converted, as Tensor.copy_ does in PyTorch
+            raise TorchFaceError(f"table {spec.name!r}: weight must be floating point ({spec.kind}), got {a.dtype}")
         return np.array(a, dtype=want, copy=True, order="C")   # copied: the module owns its tables
 
     def _build(self, arrays) -> None:
