@@ -362,15 +362,28 @@ def test_bench_store_smoke(tmp_path):
     import json
     from evssd.host.cli import main
     rc = main(["bench", "store", "--tables", "2", "--rows", "3000", "--dim", "8", "--batches", "3",
-               "--warmup", "1", "--batch-size", "8", "--peers", "dram,file-page",
+               "--warmup", "1", "--batch-size", "8", "--peers", "dram,file-page,rocksdb+ev",
+               "--page-cache", "cold", "--kernel-reps", "2", "--kernel-lookups", "4000",
                "--results", str(tmp_path), "--workdir", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "store" / "store.json").read_text())
     assert data["outputs_identical"] is True
-    assert [p["peer"] for p in data["peers"]] == ["dram", "file-page"]
+    assert [p["peer"] for p in data["peers"]] == ["dram", "file-page", "rocksdb+ev"]
     assert all(p["batches"] == 3 and p["lookups"] == 3 * 2 * 8 * 20 for p in data["peers"])
     assert data["peers"][1]["bytes_per_lookup"] > data["peers"][0]["bytes_per_lookup"]
     assert (tmp_path / "store" / "store.png").stat().st_size > 0
+    k = data["kernel_peers"]
+    assert {(c["elem"], c["trace"], c["threads"], c["bags"]) for c in k["cells"]} >= {
+        ("fp32", "uniform", 1, 128), ("fp16", "meta", 2, 128), ("fp32", "uniform", 1, 4096)}
+    for c in k["cells"]:  # same tables, same batches: FBGEMM's sums are ours, bit for bit
+        assert c["peers"]["fbgemm_tbe"]["outputs_bit_identical"], c
+        # nn.EmbeddingBag returns fp16 sums for fp16 weights: close, not equal
+        assert c["peers"]["nn_embeddingbag"]["max_abs_diff"] < (1e-3 if c["elem"] == "fp32" else 0.05), c
+        assert c["ratios"]["fbgemm_tbe"] > 0
+    assert k["cache_paths"]["evcache_hit_path"]["hit_rate"] == 1.0
+    assert k["cache_paths"]["evssd_host_stack"]["us_per_batch_host_stack"] > 0
+    assert k["peak_rss_bytes"] > 0 and data["versions"]["rocksdict"]
+    assert (tmp_path / "store" / "store-peers.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("backend", ["file", "rocksdb"] + (["evssd"] if HAVE_DEVICE else []))

@@ -32,6 +32,7 @@ import contextlib
 import inspect
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -143,6 +144,7 @@ class EmbeddingStore:
             {n: a for n, a in ((n, backend.table_array(i)) for n, i in self.tables.items()) if a is not None}
         self._lookups = 0
         self._batches = 0
+        self._io_s = 0.0  # wall time inside the backend's reads (device calls included)
         self._lock = threading.Lock()
         self._cache_locks = {name: threading.Lock() for name in self.caches}
         self._io_lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
@@ -203,11 +205,13 @@ class EmbeddingStore:
         return cls._over(be, cache_fraction, cache)
 
     @classmethod
-    def from_rocksdb(cls, path, *, cache_fraction: float | None = 0.01, cache="evcache") -> "EmbeddingStore":
-        """Open a RocksDB database written by ``from_arrays(..., backend="rocksdb", path=...)``."""
+    def from_rocksdb(cls, path, *, cache_fraction: float | None = 0.01, cache="evcache",
+                     block_cache_bytes: int | None = None) -> "EmbeddingStore":
+        """Open a RocksDB database written by ``from_arrays(..., backend="rocksdb", path=...)``
+        (``block_cache_bytes``: see :class:`RocksDBBackend`)."""
         if not Path(path).exists():
             raise StoreInputError(f"rocksdb {path}: no such database")
-        be = RocksDBBackend(path)
+        be = RocksDBBackend(path, block_cache_bytes=block_cache_bytes)
         try:
             be.infos = be.table_infos()
         except BaseException:
@@ -346,8 +350,12 @@ class EmbeddingStore:
                 targets.append(p)
         if not jobs:
             return
+        t0 = time.perf_counter()
         with self._io_lock:
             results = self.backend.read_many(jobs)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._io_s += dt
         for p, res in zip(targets, results):
             if p.kind == _DEVICE:
                 p.pooled = res
@@ -468,6 +476,7 @@ class EmbeddingStore:
             "backend": self.backend.name,
             "lookups": self._lookups,
             "batches": self._batches,
+            "io_s": self._io_s,
             **self.backend.stats(),
             "cache_hit_rate": (hits / lookups) if lookups else None,
             "caches": caches,
