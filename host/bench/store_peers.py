@@ -146,6 +146,9 @@ def _cell(runners, batches, reps, threads):
     import torch
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
+    for r in runners.values():
+        if isinstance(r, _Ours):
+            r.store.parallel = threads > 1
     prepared = {k: [r.prepare(b) for b in batches] for k, r in runners.items()}
     outs = {k: [np.array(a) for a in r.split(r(prepared[k][0]))] for k, r in runners.items()}  # warm-up
     for k, r in runners.items():

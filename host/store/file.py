@@ -102,20 +102,27 @@ class FileBackend(Backend):
     def table_infos(self) -> dict[str, TableInfo]:
         return {n: TableInfo(n, tf.rows, tf.dim, tf.dtype, tf.elem) for n, tf in self.files.items()}
 
-    def _span(self, tf: TableFile, i: int) -> tuple[int, int, int]:
-        """(file offset, length, row start within the span) of the read for row ``i``."""
+    def _spans(self, tf: TableFile, idx: np.ndarray) -> tuple[list, list, list]:
+        """(file offsets, lengths, row starts within the span) of the reads for rows ``idx``."""
+        idx = idx.astype(np.int64, copy=False)
+        rpp, ppr, ps, rb = tf.rows_per_page, tf.pages_per_row, tf.page_size, tf.row_bytes
+        if ppr > 1:
+            row_off = tf.data_offset + idx * (ppr * ps)
+        else:
+            row_off = tf.data_offset + (idx // rpp) * ps + (idx % rpp) * rb
         if self.mode == "page":
-            rpp, ppr, ps = tf.rows_per_page, tf.pages_per_row, tf.page_size
-            if ppr == 1:
-                return tf.data_offset + (i // rpp) * ps, ps, (i % rpp) * tf.row_bytes
-            return tf.data_offset + i * ppr * ps, ppr * ps, 0
-        off = tf.row_offset(i)
-        if not self.direct:
-            return off, tf.row_bytes, 0
-        a = self.align
-        lo = off - off % a
-        hi = -(-(off + tf.row_bytes) // a) * a
-        return lo, hi - lo, off - lo
+            if ppr > 1:
+                off, n, start = row_off, np.full(idx.size, ppr * ps), np.zeros(idx.size, np.int64)
+            else:
+                off, n, start = tf.data_offset + (idx // rpp) * ps, np.full(idx.size, ps), (idx % rpp) * rb
+        elif not self.direct:
+            off, n, start = row_off, np.full(idx.size, rb), np.zeros(idx.size, np.int64)
+        else:
+            a = self.align
+            off = row_off - row_off % a
+            n = -(-(row_off + rb) // a) * a - off
+            start = row_off - off
+        return off.tolist(), n.tolist(), start.tolist()
 
     def _buffer(self, size: int):
         import mmap
@@ -125,12 +132,13 @@ class FileBackend(Backend):
             self._tls.buf = buf
         return buf
 
-    def _read_range(self, tf: TableFile, fd: int, indices: list, out: np.ndarray) -> int:
+    def _read_range(self, tf: TableFile, fd: int, indices: np.ndarray, out: np.ndarray) -> int:
         rb = tf.row_bytes
         total = 0
-        crcs = tf.crcs if self.verify else None
-        for k, i in enumerate(indices):
-            off, n, start = self._span(tf, i)
+        offs, lens, starts = self._spans(tf, indices)
+        want = tf.crcs[indices].tolist() if self.verify else None
+        for k in range(len(offs)):
+            off, n, start = offs[k], lens[k], starts[k]
             if self.direct:
                 buf = self._buffer(n)
                 got = os.preadv(fd, [memoryview(buf)[:n]], off)
@@ -139,12 +147,13 @@ class FileBackend(Backend):
                 data = os.pread(fd, n, off)
                 got = len(data)
             if got != n:
-                raise TableFileError(f"{tf.path}: short read for row {i} at offset {off} ({got} of {n} bytes)")
+                raise TableFileError(f"{tf.path}: short read for row {int(indices[k])} at offset {off} "
+                                     f"({got} of {n} bytes)")
             row = memoryview(data)[start:start + rb]
-            if crcs is not None:
+            if want is not None:
                 crc = zlib.crc32(row)
-                if crc != crcs[i]:
-                    raise tf.corrupt_row_error(i, crc)
+                if crc != want[k]:
+                    raise tf.corrupt_row_error(int(indices[k]), crc)
             out[k] = np.frombuffer(row, np.uint8)
             total += n
         return total
@@ -153,7 +162,7 @@ class FileBackend(Backend):
         tf = self.files[info.name]
         fd = self._fds[info.name]
         out = np.empty((len(indices), tf.row_bytes), dtype=np.uint8)
-        idx = indices.tolist()
+        idx = np.asarray(indices, dtype=np.int64)
         if self._pool is None or len(idx) < 2 * self.io_threads:
             nbytes = self._read_range(tf, fd, idx, out)
         else:

@@ -120,7 +120,7 @@ class EmbeddingStore:
 
     Pooled results follow :mod:`evssd.host.pooling` bit for bit on every path. Without a cache, a
     table held in memory (``dram``) is pooled straight from the table by one fused kernel
-    (parallel over bags when numba has more than one thread); a backend that pools (the EV-SSD)
+    (parallel over bags with ``parallel=True``); a backend that pools (the EV-SSD)
     pools unweighted bags of the device's element types itself; every other lookup deduplicates,
     serves the cache, fetches the distinct misses once and pools on the host.
 
@@ -130,8 +130,11 @@ class EmbeddingStore:
     """
 
     def __init__(self, tables: Mapping[str, TableInfo], backend: Backend, *,
-                 cache_fraction: float | None = 0.01, cache="evcache"):
+                 cache_fraction: float | None = 0.01, cache="evcache", parallel: bool = False):
         self.tables: dict[str, TableInfo] = dict(tables)
+        #: pool with numba's threads (prange over bags, ``numba.set_num_threads``): worth it on
+        #: idle cores and big batches, harmful on a loaded machine, so opt-in
+        self.parallel = bool(parallel)
         self.backend = backend
         self.cache_fraction = cache_fraction
         self.caches = {}
@@ -153,7 +156,8 @@ class EmbeddingStore:
 
     @classmethod
     def from_arrays(cls, tables: Mapping[str, object], backend: str = "dram", *,
-                    cache_fraction=_AUTO, cache="evcache", **options) -> "EmbeddingStore":
+                    cache_fraction=_AUTO, cache="evcache", parallel: bool = False,
+                    **options) -> "EmbeddingStore":
         """Build a store holding ``tables``: name -> a [rows, dim] fp32/fp16/int8/int32 array, a
         ``.npy`` path, a torch tensor, an ``nn.Embedding``/``nn.EmbeddingBag``, or a
         :class:`RowwiseInt8` (FBGEMM's row-wise INT8 rows).
@@ -161,6 +165,7 @@ class EmbeddingStore:
         ``cache_fraction``: per-table cache budget as a fraction of the table (None: no cache);
         the default is 0.01 for every backend but ``dram``, which has nothing to cache.
         ``cache``: "evcache" (EV-Cache), "lru" (:class:`PlainLRU`) or ``f(TableInfo, fraction)``.
+        ``parallel``: pool each table's bags on numba's threads (results are the same bits).
         ``options`` go to the backend's ``create`` (an unknown one is an error naming it):
 
         - ``file``: ``path`` (directory, created; default a temporary one removed by
@@ -187,7 +192,7 @@ class EmbeddingStore:
             cache_fraction = None if backend == "dram" else 0.01
         be = be_cls.create(checked, **options)
         try:
-            return cls(infos, be, cache_fraction=cache_fraction, cache=cache)
+            return cls(infos, be, cache_fraction=cache_fraction, cache=cache, parallel=parallel)
         except BaseException:
             be.close()
             raise
@@ -368,7 +373,7 @@ class EmbeddingStore:
         out = plan.out
         if out is None:
             out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
-        parallel = n_bags >= 32 and numba.get_num_threads() > 1
+        parallel = self.parallel and n_bags >= 16 and numba.get_num_threads() > 1
         code = pooling.pool_into(pooling.kernel_source(src, info.el), info.el, idx, plan.offsets, out,
                                  plan.weights, parallel)
         if code != -1:  # validated before: only a backend returning the wrong rows gets here

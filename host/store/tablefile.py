@@ -130,27 +130,23 @@ class TableFile:
     page_size: int
     data_offset: int
     crcs: np.ndarray = field(repr=False, compare=False)   # u32 per row (the trailer)
+    # geometry, derived once (the readers use it per row)
+    width: int = field(init=False, repr=False, compare=False)
+    row_bytes: int = field(init=False, repr=False, compare=False)
+    rows_per_page: int = field(init=False, repr=False, compare=False)
+    pages_per_row: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        width = ELEMS[self.elem].width(self.dim)
+        row_bytes = width * DTYPES[self.elem].itemsize
+        rpp, ppr = _file_geometry(row_bytes, self.page_size)
+        for k, v in (("width", width), ("row_bytes", row_bytes), ("rows_per_page", rpp), ("pages_per_row", ppr)):
+            object.__setattr__(self, k, v)
 
     @property
     def dtype(self) -> np.dtype:
         return DTYPES[self.elem]
 
-    @property
-    def width(self) -> int:
-        """Columns of the stored row matrix (dim, plus the scale/bias bytes of int8_rowwise)."""
-        return ELEMS[self.elem].width(self.dim)
-
-    @property
-    def row_bytes(self) -> int:
-        return self.width * self.dtype.itemsize
-
-    @property
-    def rows_per_page(self) -> int:
-        return _file_geometry(self.row_bytes, self.page_size)[0]
-
-    @property
-    def pages_per_row(self) -> int:
-        return _file_geometry(self.row_bytes, self.page_size)[1]
 
     @property
     def n_pages(self) -> int:
