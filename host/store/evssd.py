@@ -15,11 +15,9 @@ __all__ = ["EvssdBackend"]
 
 
 def _device_runner(device):
-    """How to run a coroutine of the driver's async core to completion on ``device``'s loop.
-
-    The one call site of the driver's coroutine runner: ``Device.run`` (public) when the driver
-    has it, else the private ``Device._do`` it replaces."""
-    return getattr(device, "run", None) or getattr(device, "_do", None)
+    """How to run a coroutine of the driver's async core on ``device``: the driver's public,
+    thread-safe ``Device.run`` (None for a device object without one, e.g. a test double)."""
+    return getattr(device, "run", None)
 
 
 def _open_model_for(tables: Mapping[str, np.ndarray], layout_options: Mapping):
