@@ -92,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
     parser.add_argument("--max-seconds", type=float, default=6.0,
                         help="stop a peer's measured phase after this long (default 6 s)")
-    parser.add_argument("--budget", type=float, default=70.0,
-                        help="whole-run time budget in seconds: the per-peer cap shrinks to fit (default 70)")
+    parser.add_argument("--budget", type=float, default=80.0,
+                        help="whole-run time budget in seconds: the per-peer cap shrinks to fit (default 80)")
     parser.add_argument("--page-cache", choices=["warm", "cold"], default="warm",
                         help="before each file/rocksdb peer, read its files into the OS page cache (warm) or "
                              "drop their pages with posix_fadvise(DONTNEED) (cold; no root needed) (default warm)")
