@@ -393,9 +393,22 @@ def _kernel_peers(args, cfg) -> dict | None:
     else:
         cells = store_peers.DEFAULT_CELLS
     print(f"  kernel peers: {cfg['tables']} tables x {cfg['rows']} rows x {cfg['dim']}, SUM, "
-          f"{cfg['pooling_factor']} lookups per bag, min of {args.kernel_reps} rounds (wall clock)")
+          f"{cfg['pooling_factor']} lookups per bag, min of {args.kernel_reps} rounds (wall clock), "
+          f"own process with OMP_WAIT_POLICY=PASSIVE", flush=True)
+    import os
     t0 = time.perf_counter()
-    res = store_peers.run_peers(kcfg, cells)
+    with tempfile.TemporaryDirectory(prefix="evssd-bench-peers-") as d:
+        cpath, opath = Path(d) / "cfg.json", Path(d) / "out.json"
+        cpath.write_text(json.dumps(dict(kcfg, cells=[list(c) for c in cells])))
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        proc = subprocess.run([sys.executable, "-m", "evssd.host.bench.store_peers", str(cpath), str(opath)],
+                              env=env)
+        if proc.returncode != 0 or not opath.exists():
+            print(f"  kernel peers FAILED (exit {proc.returncode})")
+            return {"error": f"exit {proc.returncode}"}
+        res = json.loads(opath.read_text())
+    res["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
     res["seconds"] = time.perf_counter() - t0
     print(f"  kernel peers: peak RSS {_fmt_bytes(res['peak_rss_bytes'])}, {res['seconds']:.1f} s")
     return res
@@ -570,7 +583,8 @@ def run(args) -> int:
             except Exception as exc:
                 print(f"  (no peers figure: {exc})")
         print(f"  wrote {path} ({time.perf_counter() - t_all:.1f} s)")
-        return 0 if ok and identical and len(ok) == len(rows) else 1
+        kernel_ok = kernel is None or "error" not in kernel
+        return 0 if ok and identical and len(ok) == len(rows) and kernel_ok else 1
     finally:
         tmp.cleanup()
 

@@ -16,6 +16,11 @@ minimum over rounds (the machine is shared: the minimum is the least disturbed r
 kept in the JSON), converted to lookups/s (wall clock). Outputs are compared with ours (bit
 identity and max |diff|). RSS: the process's RSS before and after the measured rounds of each cell
 (growth means per-batch leaks) and its peak.
+
+``evssd bench store`` runs this module in its own process with ``OMP_WAIT_POLICY=PASSIVE``:
+numba's parallel kernels and torch share one OpenMP runtime, whose idle threads otherwise spin
+after each parallel region and, on two cores, starve the other side's threads (2-thread cells
+then measured 0.3 M lookups/s for whichever peer ran next).
 """
 from __future__ import annotations
 
@@ -331,3 +336,22 @@ def figure(peers: dict):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def main(argv=None) -> int:
+    """``python -m evssd.host.bench.store_peers CONFIG.json OUT.json``: run :func:`run_peers`
+    with the config's ``cells`` (a list of [elem, trace, threads, bags]) and write the results."""
+    import json
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        cfg = json.load(f)
+    cells = [tuple(c) for c in cfg.pop("cells")]
+    res = run_peers(cfg, cells, log=lambda m: print(m, flush=True))
+    with open(argv[1], "w") as f:
+        json.dump(res, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
