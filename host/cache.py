@@ -50,9 +50,12 @@ import threading
 import numba
 import numpy as np
 
+from evssd.host.elements import DEVICE_ELEMS
+
 __all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES"]
 
-DTYPE_ALIASES = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64, "bf16": None}
+DTYPE_ALIASES = {**{n: el.storage.type for n, el in DEVICE_ELEMS.items()},  # host.elements
+                 "fp64": np.float64, "bf16": None}
 
 # state vector layout (int64): mutable scalars shared with the kernels
 _HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS = range(9)
