@@ -50,27 +50,45 @@ import threading
 import numba
 import numpy as np
 
-__all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES"]
+__all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES", "ADMISSION_POLICIES", "DEFAULT_ADMISSION"]
 
 DTYPE_ALIASES = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64, "bf16": None}
 
 # state vector layout (int64): mutable scalars shared with the kernels
-_HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS = range(9)
-_N_STATE = 9
+(_HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS,
+ _REJECTED_SKETCH, _SKETCH_ADDS, _PHEAD, _PSIZE) = range(13)
+_N_STATE = 13
 
 _EMPTY = np.int64(-1)
-_HASH_SLOT_BYTES = 8 + 4 + 2      # key int64, cache slot int32, probe distance int16
-_ENTRY_META_BYTES = 4 + 4 + 8     # prev, next, slot -> key
-_MAX_DIST = 32767                 # int16 probe distance
+_HASH_SLOT_BYTES = 8 + 4          # key int64, cache slot int32
+_ENTRY_META_BYTES = 4 + 4 + 8 + 1 # prev, next, slot -> key, segment
+_SKETCH_BYTES_PER_ENTRY = 8       # 16 four-bit counters per cached row (Caffeine's sizing)
+_SKETCH_SAMPLE_PER_ENTRY = 10     # halve the sketch after 10 x capacity counted keys
+_PROTECTED_SHARE = 0.8            # of the rows, in the protected segment (sketch mode)
+ADMISSION_POLICIES = ("sketch", "filter")
 
 
-def bytes_per_entry(row_bytes: int, load_factor: float = 0.8) -> float:
-    """Bytes one cached row costs: the row, its list links and key, its share of the hash table."""
-    return row_bytes + _ENTRY_META_BYTES + _HASH_SLOT_BYTES / load_factor
+DEFAULT_ADMISSION = "sketch"
+
+
+def bytes_per_entry(row_bytes: int, load_factor: float = 0.8,
+                    admission: str = DEFAULT_ADMISSION) -> float:
+    """Bytes one cached row costs: the row, its list links and key, its share of the hash table
+    and, with ``admission="sketch"``, its share of the frequency sketch."""
+    sketch = _SKETCH_BYTES_PER_ENTRY if admission == "sketch" else 0
+    return row_bytes + _ENTRY_META_BYTES + _HASH_SLOT_BYTES / load_factor + sketch
+
+
+def _sketch_words(capacity: int) -> int:
+    """uint64 words of the sketch for ``capacity`` rows: one word per row, whole 8-word blocks."""
+    return 8 * -(-capacity // 8)
 
 
 # ----------------------------------------------------------------------------------------------
 # kernels
+
+_U32 = np.uint64(0xFFFFFFFF)
+_NIBBLE_HALF = np.uint64(0x7777777777777777)
 
 
 @numba.njit(cache=True, inline="always")
@@ -82,18 +100,24 @@ def _home(k, m):
 
 
 @numba.njit(cache=True, inline="always")
-def _find(k, hkeys, hdist):
+def _dist(pos, k, m):
+    # a resident's probe distance is recomputed from its key (cheaper than storing it: one
+    # multiply against a cache miss on a third array)
+    d = pos - _home(k, m)
+    return d + m if d < 0 else d
+
+
+@numba.njit(cache=True, inline="always")
+def _find(k, hkeys):
     m = hkeys.shape[0]
     pos = _home(k, m)
     d = 0
     while True:
         kk = hkeys[pos]
-        if kk == -1:
-            return -1
-        if hdist[pos] < d:
-            return -1          # a resident closer to home than we are: k would have displaced it
         if kk == k:
             return pos
+        if kk == -1 or _dist(pos, kk, m) < d:
+            return -1          # empty, or a resident closer to home: k would have displaced it
         pos += 1
         if pos == m:
             pos = 0
@@ -101,52 +125,49 @@ def _find(k, hkeys, hdist):
 
 
 @numba.njit(cache=True)
-def _insert(k, v, hkeys, hvals, hdist):
+def _insert(k, v, hkeys, hvals):
     m = hkeys.shape[0]
     pos = _home(k, m)
     ck = k
     cv = np.int32(v)
     cd = 0
     while True:
-        if hkeys[pos] == -1:
+        kk = hkeys[pos]
+        if kk == -1:
             hkeys[pos] = ck
             hvals[pos] = cv
-            hdist[pos] = cd
             return
-        if hdist[pos] < cd:        # rob the rich: the resident is closer to home, take its place
-            tk = hkeys[pos]
+        rd = _dist(pos, kk, m)
+        if rd < cd:                # rob the rich: the resident is closer to home, take its place
             tv = hvals[pos]
-            td = np.int64(hdist[pos])
             hkeys[pos] = ck
             hvals[pos] = cv
-            hdist[pos] = cd
-            ck = tk
+            ck = kk
             cv = tv
-            cd = td
+            cd = rd
         pos += 1
         if pos == m:
             pos = 0
         cd += 1
-        if cd > 32767:
-            raise RuntimeError("EVCache: Robin Hood probe distance overflow")
 
 
 @numba.njit(cache=True)
-def _delete_at(pos, hkeys, hvals, hdist):
+def _delete_at(pos, hkeys, hvals):
     m = hkeys.shape[0]
     nxt = pos + 1
     if nxt == m:
         nxt = 0
-    while hkeys[nxt] != -1 and hdist[nxt] > 0:
-        hkeys[pos] = hkeys[nxt]
+    while True:
+        kk = hkeys[nxt]
+        if kk == -1 or _dist(nxt, kk, m) == 0:
+            break
+        hkeys[pos] = kk
         hvals[pos] = hvals[nxt]
-        hdist[pos] = hdist[nxt] - 1
         pos = nxt
         nxt += 1
         if nxt == m:
             nxt = 0
     hkeys[pos] = -1
-    hdist[pos] = 0
 
 
 @numba.njit(cache=True, inline="always")
@@ -168,34 +189,144 @@ def _touch(s, prev, nxt, head):
     return s
 
 
+@numba.njit(cache=True, inline="always")
+def _mix(k):
+    # splitmix64's finaliser: every output bit depends on every key bit, unlike _home's
+    # multiply, so the sketch's counters are independent of the hash table's placement
+    z = np.uint64(k) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True, inline="always")
+def _sketch_cells(k, n_blocks):
+    """The sketch block (8 words, one 64-byte cache line) of ``k`` and 20 bits choosing its four
+    counters: counter i lives in word 2i or 2i+1 of the block, in one of its 16 nibbles."""
+    z = _mix(k)
+    block = np.int64(((z >> np.uint64(32)) * np.uint64(n_blocks)) >> np.uint64(32))
+    return block * 8, np.int64(z & _U32)
+
+
+@numba.njit(cache=True, inline="always")
+def _sketch_estimate(k, sketch):
+    base, sel = _sketch_cells(k, sketch.shape[0] >> 3)
+    est = 15
+    for i in range(4):
+        w = base + 2 * i + ((sel >> i) & 1)
+        sh = ((sel >> (4 + 4 * i)) & 15) * 4
+        c = np.int64((sketch[w] >> np.uint64(sh)) & np.uint64(15))
+        if c < est:
+            est = c
+    return est
+
+
+@numba.njit(cache=True, inline="always")
+def _sketch_increment(k, sketch):
+    base, sel = _sketch_cells(k, sketch.shape[0] >> 3)
+    for i in range(4):
+        w = base + 2 * i + ((sel >> i) & 1)
+        sh = np.uint64(((sel >> (4 + 4 * i)) & 15) * 4)
+        if (sketch[w] >> sh) & np.uint64(15) != np.uint64(15):
+            sketch[w] += np.uint64(1) << sh
+
+
 @numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, hdist, values, prev, nxt, counters, st):
+def _sketch_halve(sketch):
+    for i in range(sketch.shape[0]):
+        sketch[i] = (sketch[i] >> np.uint64(1)) & _NIBBLE_HALF
+
+
+@numba.njit(cache=True, inline="always")
+def _unlink(s, prev, nxt, head):
+    """Take slot ``s`` out of the circular list whose MRU is ``head``; returns the new head."""
+    n = nxt[s]
+    if n == s:
+        return -1
+    p = prev[s]
+    nxt[p] = n
+    prev[n] = p
+    return n if head == s else head
+
+
+@numba.njit(cache=True, inline="always")
+def _push(s, prev, nxt, head):
+    """Make slot ``s`` (in no list) the MRU of the list whose MRU is ``head``; returns ``s``."""
+    if head < 0:
+        prev[s] = s
+        nxt[s] = s
+    else:
+        tail = prev[head]
+        prev[s] = tail
+        nxt[s] = head
+        nxt[tail] = s
+        prev[head] = s
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg, counters,
+                   sketch, sample, max_protected, st):
     n = keys.shape[0]
     for j in range(n):             # validate the whole batch before touching any state
         k = keys[j]
         if k < 0 or k >= n_rows:
             return j
-    w = values.shape[1]
-    head = st[_HEAD]
-    hits = 0
+    # Three passes over the batch: the probes and the counter updates of different keys are
+    # independent, so the CPU overlaps their cache misses; only the recency updates are serial.
+    # Lookups never move a hash entry, so the slots found first are still right in pass three.
+    slots = np.empty(n, dtype=np.int32)
+    for j in range(n):
+        pos = _find(keys[j], hkeys)
+        slots[j] = hvals[pos] if pos >= 0 else -1
+    use_sketch = sketch.shape[0] > 0
+    adds = st[_SKETCH_ADDS]
     for j in range(n):
         k = keys[j]
         b = k >> 2
         sh = (k & 3) * 2
-        c = (counters[b] >> sh) & 3
-        if c < 3:
+        if (counters[b] >> sh) & 3 != 3:
             counters[b] += np.uint8(1 << sh)
-        pos = _find(k, hkeys, hdist)
-        if pos >= 0:
-            s = hvals[pos]
+        if use_sketch:
+            _sketch_increment(k, sketch)
+            adds += 1
+            if adds >= sample:     # aging: halve every counter once `sample` keys were counted
+                _sketch_halve(sketch)
+                adds = adds >> 1
+    st[_SKETCH_ADDS] = adds
+    w = values.shape[1]
+    head = st[_HEAD]
+    phead = st[_PHEAD]
+    psize = st[_PSIZE]
+    hits = 0
+    for j in range(n):
+        s = slots[j]
+        if s >= 0:
             for t in range(w):
                 out[j, t] = values[s, t]
-            head = _touch(s, prev, nxt, head)
+            if seg[s]:
+                phead = _touch(s, prev, nxt, phead)
+            elif max_protected > 0:
+                # a hit in probation promotes the row; the protected LRU moves down if over quota
+                head = _unlink(s, prev, nxt, head)
+                phead = _push(s, prev, nxt, phead)
+                seg[s] = 1
+                psize += 1
+                if psize > max_protected:
+                    d = prev[phead]
+                    phead = _unlink(d, prev, nxt, phead)
+                    head = _push(d, prev, nxt, head)
+                    seg[d] = 0
+                    psize -= 1
+            else:
+                head = _touch(s, prev, nxt, head)
             hit[j] = True
             hits += 1
         else:
             hit[j] = False
     st[_HEAD] = head
+    st[_PHEAD] = phead
+    st[_PSIZE] = psize
     st[_HITS] += hits
     st[_MISSES] += n - hits
     st[_LOOKUPS] += n
@@ -211,8 +342,8 @@ def _decay_kernel(counters):
 
 
 @numba.njit(cache=True, nogil=True)
-def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, hdist, values, prev, nxt,
-                  slot_key, counters, st):
+def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, values, prev, nxt, seg, slot_key,
+                  counters, sketch, st):
     n = keys.shape[0]
     for j in range(n):
         k = keys[j]
@@ -220,11 +351,14 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, hdist, values, pr
             return j
     cap = values.shape[0]
     w = values.shape[1]
+    use_sketch = sketch.shape[0] > 0
     head = st[_HEAD]
+    phead = st[_PHEAD]
+    psize = st[_PSIZE]
     size = st[_SIZE]
     for j in range(n):
         k = keys[j]
-        if _find(k, hkeys, hdist) >= 0:
+        if _find(k, hkeys) >= 0:
             continue
         c = (counters[k >> 2] >> ((k & 3) * 2)) & 3
         if c < threshold:
@@ -233,33 +367,36 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, hdist, values, pr
         if size < cap:
             s = size
             size += 1
-            if head < 0:
-                prev[s] = s
-                nxt[s] = s
-            else:
-                tail = prev[head]
-                prev[s] = tail
-                nxt[s] = head
-                nxt[tail] = s
-                prev[head] = s
-            head = s
+            head = _push(s, prev, nxt, head)
         else:
-            s = prev[head]         # the LRU slot becomes the MRU slot by rotation
-            _delete_at(_find(slot_key[s], hkeys, hdist), hkeys, hvals, hdist)
+            # the victim: probation's LRU (protected's LRU if probation is empty)
+            s = prev[head] if head >= 0 else prev[phead]
+            if use_sketch and _sketch_estimate(k, sketch) <= _sketch_estimate(slot_key[s], sketch):
+                st[_REJECTED_SKETCH] += 1
+                continue           # the victim is at least as frequent: keep it
+            _delete_at(_find(slot_key[s], hkeys), hkeys, hvals)
             st[_EVICTIONS] += 1
-            head = s
+            if seg[s]:
+                phead = _unlink(s, prev, nxt, phead)
+                psize -= 1
+                head = _push(s, prev, nxt, head)
+            else:
+                head = s           # probation's LRU becomes its MRU by rotation
+        seg[s] = 0
         slot_key[s] = k
         for t in range(w):
             values[s, t] = rows[j, t]
-        _insert(k, s, hkeys, hvals, hdist)
+        _insert(k, s, hkeys, hvals)
         st[_ADMISSIONS] += 1
     st[_HEAD] = head
+    st[_PHEAD] = phead
+    st[_PSIZE] = psize
     st[_SIZE] = size
     return -1
 
 
 @numba.njit(cache=True, nogil=True)
-def _invalidate_kernel(keys, n_rows, hkeys, hvals, hdist, values, prev, nxt, slot_key, st):
+def _invalidate_kernel(keys, n_rows, hkeys, hvals, values, prev, nxt, seg, slot_key, st):
     n = keys.shape[0]
     for j in range(n):
         k = keys[j]
@@ -267,25 +404,22 @@ def _invalidate_kernel(keys, n_rows, hkeys, hvals, hdist, values, prev, nxt, slo
             return -(j + 1)
     w = values.shape[1]
     head = st[_HEAD]
+    phead = st[_PHEAD]
+    psize = st[_PSIZE]
     size = st[_SIZE]
     removed = 0
     for j in range(n):
-        pos = _find(keys[j], hkeys, hdist)
+        pos = _find(keys[j], hkeys)
         if pos < 0:
             continue
         s = hvals[pos]
-        _delete_at(pos, hkeys, hvals, hdist)
+        _delete_at(pos, hkeys, hvals)
         removed += 1
-        if size == 1:
-            head = -1
-            size = 0
-            continue
-        p = prev[s]
-        q = nxt[s]
-        nxt[p] = q
-        prev[q] = p
-        if head == s:
-            head = q
+        if seg[s]:
+            phead = _unlink(s, prev, nxt, phead)
+            psize -= 1
+        else:
+            head = _unlink(s, prev, nxt, head)
         last = size - 1
         size -= 1
         if s != last:              # keep slots dense: move the last slot into the hole
@@ -301,19 +435,30 @@ def _invalidate_kernel(keys, n_rows, hkeys, hvals, hdist, values, prev, nxt, slo
                 prev[q] = s
             if head == last:
                 head = s
+            if phead == last:
+                phead = s
+            seg[s] = seg[last]
             slot_key[s] = slot_key[last]
             for t in range(w):
                 values[s, t] = values[last, t]
-            hvals[_find(slot_key[s], hkeys, hdist)] = s
+            hvals[_find(slot_key[s], hkeys)] = s
     st[_HEAD] = head
+    st[_PHEAD] = phead
+    st[_PSIZE] = psize
     st[_SIZE] = size
     return removed
 
 
 @numba.njit(cache=True)
-def _contains_kernel(keys, hkeys, hdist, res):
+def _contains_kernel(keys, hkeys, res):
     for j in range(keys.shape[0]):
-        res[j] = _find(keys[j], hkeys, hdist) >= 0
+        res[j] = _find(keys[j], hkeys) >= 0
+
+
+@numba.njit(cache=True)
+def _estimate_kernel(keys, sketch, res):
+    for j in range(keys.shape[0]):
+        res[j] = _sketch_estimate(keys[j], sketch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,8 +504,12 @@ class EVCache:
     def __init__(self, n_rows: int, dim: int, dtype=np.float32, *, capacity: int | None = None,
                  budget_bytes: int | None = None, budget_fraction: float | None = None,
                  admit_threshold: int = 2, decay_interval: int | None = None,
-                 load_factor: float = 0.8, name: str = ""):
+                 load_factor: float = 0.8, admission: str = DEFAULT_ADMISSION, name: str = ""):
         self.name = str(name)
+        if admission not in ADMISSION_POLICIES:
+            raise ValueError(f"EVCache {self.name!r}: admission must be one of "
+                             f"{', '.join(map(repr, ADMISSION_POLICIES))}, got {admission!r}")
+        self.admission = admission
         if isinstance(n_rows, bool) or not isinstance(n_rows, (int, np.integer)) or n_rows < 1:
             raise ValueError(f"EVCache {self.name!r}: n_rows must be a positive integer, got {n_rows!r}")
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
@@ -412,13 +561,14 @@ class EVCache:
                                      f"integer, got {budget_bytes!r}")
                 budget = int(budget_bytes)
             self.budget_bytes = budget
-            cap = int((budget - fixed_bytes) // bytes_per_entry(self.row_bytes, self.load_factor))
+            per_entry = bytes_per_entry(self.row_bytes, self.load_factor, admission)
+            cap = int((budget - fixed_bytes) // per_entry)
             while cap > 0 and self._layout_bytes(cap) + fixed_bytes > budget:
                 cap -= 1
             if cap < 1:
                 raise ValueError(
                     f"EVCache {self.name!r}: budget of {budget} bytes holds no row: one entry costs "
-                    f"{bytes_per_entry(self.row_bytes, self.load_factor):.1f} bytes plus "
+                    f"{per_entry:.1f} bytes plus "
                     f"{fixed_bytes} bytes of counters and state")
         cap = min(cap, self.n_rows)
         if cap >= 2**31 - 1:
@@ -430,12 +580,17 @@ class EVCache:
         self._prev = np.zeros(cap, dtype=np.int32)
         self._next = np.zeros(cap, dtype=np.int32)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
+        self._seg = np.zeros(cap, dtype=np.uint8)      # 1: protected segment
         self._hkeys = np.full(m, -1, dtype=np.int64)
         self._hvals = np.zeros(m, dtype=np.int32)
-        self._hdist = np.zeros(m, dtype=np.int16)
         self._counters = np.zeros(counter_bytes, dtype=np.uint8)
+        # the frequency sketch is empty (and never read) in "filter" mode
+        self._sketch = np.zeros(_sketch_words(cap) if admission == "sketch" else 0, dtype=np.uint64)
+        self._sketch_sample = _SKETCH_SAMPLE_PER_ENTRY * cap
+        self._max_protected = int(_PROTECTED_SHARE * cap) if admission == "sketch" else 0
         self._st = np.zeros(_N_STATE, dtype=np.int64)
         self._st[_HEAD] = -1
+        self._st[_PHEAD] = -1
         # The kernels release the GIL (the store overlaps cache work with device I/O in another
         # thread); the lock keeps two callers from racing on one table's cache.
         self._lock = threading.Lock()
@@ -446,13 +601,16 @@ class EVCache:
         return max(cap + 1, math.ceil(cap / self.load_factor))
 
     def _layout_bytes(self, cap: int) -> int:
-        return cap * (self.row_bytes + _ENTRY_META_BYTES) + self._hash_slots(cap) * _HASH_SLOT_BYTES
+        sketch = 8 * _sketch_words(cap) if self.admission == "sketch" else 0
+        return cap * (self.row_bytes + _ENTRY_META_BYTES) + self._hash_slots(cap) * _HASH_SLOT_BYTES \
+            + sketch
 
     @property
     def memory_bytes(self) -> int:
         """Bytes held by every array of the cache (rows, links, hash table, counters, state)."""
-        return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key,
-                                      self._hkeys, self._hvals, self._hdist, self._counters, self._st))
+        return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key, self._seg,
+                                      self._hkeys, self._hvals, self._counters, self._sketch,
+                                      self._st))
 
     # -- input checks (all before any state changes)
 
@@ -500,8 +658,9 @@ class EVCache:
         target = out if direct else np.empty_like(out, order="C")
         with self._lock:
             bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._hkeys,
-                                 self._hvals, self._hdist, self._values, self._prev, self._next,
-                                 self._counters, self._st)
+                                 self._hvals, self._values, self._prev, self._next, self._seg,
+                                 self._counters, self._sketch, self._sketch_sample,
+                                 self._max_protected, self._st)
             if bad < 0 and self.decay_interval is not None \
                     and self._st[_SINCE_DECAY] >= self.decay_interval:
                 _decay_kernel(self._counters)
@@ -531,8 +690,9 @@ class EVCache:
         with self._lock:
             before = int(self._st[_ADMISSIONS])
             bad = _admit_kernel(keys, self._row_view(rows), self.admit_threshold, self.n_rows,
-                                self._hkeys, self._hvals, self._hdist, self._values, self._prev,
-                                self._next, self._slot_key, self._counters, self._st)
+                                self._hkeys, self._hvals, self._values, self._prev,
+                                self._next, self._seg, self._slot_key, self._counters,
+                                self._sketch, self._st)
             admitted = int(self._st[_ADMISSIONS]) - before
         if bad >= 0:
             self._bad_index(keys, bad)
@@ -543,8 +703,8 @@ class EVCache:
         were cached. Counters are left alone."""
         keys = self._keys(indices, "invalidate")
         with self._lock:
-            r = _invalidate_kernel(keys, self.n_rows, self._hkeys, self._hvals, self._hdist,
-                                   self._values, self._prev, self._next, self._slot_key, self._st)
+            r = _invalidate_kernel(keys, self.n_rows, self._hkeys, self._hvals, self._values,
+                                   self._prev, self._next, self._seg, self._slot_key, self._st)
         if r < 0:
             self._bad_index(keys, -r - 1)
         return int(r)
@@ -553,7 +713,7 @@ class EVCache:
         """Which of ``indices`` are cached, without touching recency, counters or stats."""
         keys = self._keys(indices, "contains")
         res = np.empty(keys.shape[0], dtype=np.bool_)
-        _contains_kernel(keys, self._hkeys, self._hdist, res)
+        _contains_kernel(keys, self._hkeys, res)
         res &= (keys >= 0) & (keys < self.n_rows)
         return res
 
@@ -564,6 +724,17 @@ class EVCache:
             self._bad_index(keys, int(np.flatnonzero((keys < 0) | (keys >= self.n_rows))[0]))
         return (self._counters[keys >> 2] >> ((keys & 3) * 2).astype(np.uint8)) & 3
 
+    def frequencies(self, indices) -> np.ndarray:
+        """The sketch's frequency estimates (0..15) of ``indices``, read-only introspection;
+        all zero in ``"filter"`` mode, which keeps no sketch."""
+        keys = self._keys(indices, "frequencies")
+        if keys.size and (keys.min() < 0 or keys.max() >= self.n_rows):
+            self._bad_index(keys, int(np.flatnonzero((keys < 0) | (keys >= self.n_rows))[0]))
+        res = np.zeros(keys.shape[0], dtype=np.int64)
+        if self._sketch.size:
+            _estimate_kernel(keys, self._sketch, res)
+        return res
+
     def clear(self) -> None:
         """Empty the cache and the counters; statistics are kept (see :meth:`reset_stats`)."""
         with self._lock:
@@ -571,22 +742,36 @@ class EVCache:
 
     def _clear(self) -> None:
         self._hkeys.fill(-1)
-        self._hdist.fill(0)
+        self._sketch.fill(0)
+        self._st[_SKETCH_ADDS] = 0
         self._slot_key.fill(-1)
         self._counters.fill(0)
         self._st[_HEAD] = -1
+        self._st[_PHEAD] = -1
+        self._st[_PSIZE] = 0
         self._st[_SIZE] = 0
         self._st[_SINCE_DECAY] = 0
 
-    def keys_mru(self) -> np.ndarray:
-        """Cached row indices from most to least recently used (walks the list: debug/tests)."""
-        size = len(self)
-        out = np.empty(size, dtype=np.int64)
-        s = int(self._st[_HEAD])
-        for i in range(size):
-            out[i] = self._slot_key[s]
+    def _walk(self, head: int) -> list[int]:
+        """Slots of one circular list from its MRU on."""
+        out, s = [], head
+        while s >= 0:
+            out.append(s)
             s = int(self._next[s])
+            if s == head or len(out) > self.capacity:
+                break
         return out
+
+    def keys_mru(self) -> np.ndarray:
+        """Cached row indices from the last to the next evicted (walks the lists: debug/tests):
+        the protected segment from MRU to LRU, then probation from MRU to LRU; in ``"filter"``
+        mode everything is in probation, so this is plain MRU-to-LRU order."""
+        slots = self._walk(int(self._st[_PHEAD])) + self._walk(int(self._st[_HEAD]))
+        return self._slot_key[np.array(slots, dtype=np.int64)].astype(np.int64)
+
+    def keys_protected(self) -> np.ndarray:
+        """The rows of the protected segment, MRU first (empty in ``"filter"`` mode)."""
+        return self._slot_key[np.array(self._walk(int(self._st[_PHEAD])), dtype=np.int64)]
 
     @property
     def values(self) -> np.ndarray:
@@ -608,19 +793,20 @@ class EVCache:
             "admissions": int(st[_ADMISSIONS]),
             "evictions": int(st[_EVICTIONS]),
             "rejected_by_filter": int(st[_REJECTED]),
+            "rejected_by_sketch": int(st[_REJECTED_SKETCH]),
             "size": int(st[_SIZE]),
             "capacity": self.capacity,
             "memory_bytes": self.memory_bytes,
         }
 
     def reset_stats(self) -> None:
-        for i in (_HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _LOOKUPS):
+        for i in (_HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _REJECTED_SKETCH, _LOOKUPS):
             self._st[i] = 0
 
     def __repr__(self) -> str:
         return (f"EVCache(name={self.name!r}, n_rows={self.n_rows}, dim={self.dim}, "
                 f"dtype={self.dtype}, capacity={self.capacity}, size={len(self)}, "
-                f"admit_threshold={self.admit_threshold})")
+                f"admission={self.admission!r}, admit_threshold={self.admit_threshold})")
 
     # -- debug
 
@@ -639,29 +825,33 @@ class EVCache:
         for pos in occ:
             k = int(self._hkeys[pos])
             home = int(_home(k, m))
-            assert int(self._hdist[pos]) == (pos - home) % m, f"key {k} at {pos}: bad distance"
-            assert _find(k, self._hkeys, self._hdist) == pos, f"key {k} at {pos} not found"
+            assert _find(k, self._hkeys) == pos, f"key {k} at {pos} not found"
         for pos in range(m):
             nxt = (pos + 1) % m
             if self._hkeys[nxt] == -1:
                 continue
-            prev_d = -1 if self._hkeys[pos] == -1 else int(self._hdist[pos])
-            assert int(self._hdist[nxt]) <= prev_d + 1, f"Robin Hood order broken at slot {nxt}"
+            prev_d = -1 if self._hkeys[pos] == -1 else int(_dist(pos, self._hkeys[pos], m))
+            assert int(_dist(nxt, self._hkeys[nxt], m)) <= prev_d + 1, \
+                f"Robin Hood order broken at slot {nxt}"
         slots = np.sort(self._hvals[occ].astype(np.int64))
         assert np.array_equal(slots, np.arange(size)), "cache slots are not 0..size-1 once each"
         for pos in occ:
             assert self._slot_key[self._hvals[pos]] == self._hkeys[pos], "slot->key mismatch"
-        if size == 0:
-            assert self._st[_HEAD] == -1
-            return
-        head = int(self._st[_HEAD])
-        assert 0 <= head < size
-        s, seen = head, 0
-        while True:
-            assert 0 <= s < size
-            assert self._prev[self._next[s]] == s, f"prev/next disagree at slot {s}"
-            s = int(self._next[s])
-            seen += 1
-            if s == head or seen > size:
-                break
-        assert seen == size and s == head, f"list cycle has {seen} nodes, size is {size}"
+        psize = int(self._st[_PSIZE])
+        assert 0 <= psize <= self._max_protected, f"protected holds {psize} > {self._max_protected}"
+        for head, want, seg in ((int(self._st[_HEAD]), size - psize, 0),
+                                (int(self._st[_PHEAD]), psize, 1)):
+            if want == 0:
+                assert head == -1, f"empty segment {seg} has head {head}"
+                continue
+            assert 0 <= head < size
+            s, seen = head, 0
+            while True:
+                assert 0 <= s < size
+                assert self._prev[self._next[s]] == s, f"prev/next disagree at slot {s}"
+                assert self._seg[s] == seg, f"slot {s} in list {seg} is marked {self._seg[s]}"
+                s = int(self._next[s])
+                seen += 1
+                if s == head or seen > size:
+                    break
+            assert seen == want and s == head, f"list {seg} has {seen} nodes, expected {want}"
