@@ -432,27 +432,35 @@ def test_clear_and_capacity_capped_by_rows():
 
 
 def test_bench_cache_smoke(tmp_path):
-    """`evssd bench cache` at toy size: it runs, writes JSON, and its plain-LRU peer
-    (cachetools, an independent implementation) agrees with the no-filter EV-Cache exactly."""
+    """`evssd bench cache` at toy size: it runs, writes JSON, every policy and peer reports on
+    every trace, budgets are respected, and the plain-LRU peer (cachetools, an independent
+    implementation) agrees with the plain-LRU EV-Cache exactly."""
     import json
 
     from evssd.host.cli import build_parser
 
     args = build_parser().parse_args(
         ["bench", "cache", "--rows", "200000", "--dim", "8", "--batch-size", "64", "--batches", "4",
-         "--warmup", "3",
-         "--budgets", "1,5", "--repeats", "1", "--lru-keys", "3000", "--no-plot",
-         "--results-root", str(tmp_path)])
+         "--warmup", "3", "--budgets", "1,5", "--repeats", "1", "--lru-keys", "3000", "--no-plot",
+         "--alphas", "1.1", "--results-root", str(tmp_path)])
     assert args._run(args) == 0
     data = json.loads((tmp_path / "cache" / "cache.json").read_text())
-    for trace in ("meta_calibrated", "zipf"):
+    assert set(data["hit_rate"]) == {"meta_calibrated", "zipf_1.1", "shift_scan"}
+    for trace, by_budget in data["hit_rate"].items():
         for budget in ("1.0", "5.0"):
-            r = data["hit_rate"][trace][budget]
-            assert r["peer_agrees_with_nofilter"], (trace, budget, r)
-            assert 0 < r["evcache"]["hit_rate"] < 1
-            assert r["evcache_memory_bytes"] <= float(budget) / 100 * 200000 * 8 * 4
+            r = by_budget[budget]
+            assert r["cachetools_agrees_with_lru"], (trace, budget, r)
+            er, eb = r["equal_rows"], r["equal_bytes"]
+            assert {er[k]["rows"] for k in ("evcache", "evcache_filter", "lru", "theine")} == {er["rows"]}
+            for k in ("evcache", "evcache_filter", "lru", "theine", "cachetools"):
+                assert 0 <= er[k]["hit_rate"] <= 1 and 0 <= eb[k]["hit_rate"] <= 1
+            for k in ("evcache", "evcache_filter"):
+                assert eb[k]["memory_bytes"] <= r["budget_bytes"] == float(budget) / 100 * 200000 * 8 * 4
+            assert eb["evcache"]["rows"] < eb["evcache_filter"]["rows"]   # the sketch costs rows
+    assert data["hit_rate"]["meta_calibrated"]["1.0"]["equal_rows"]["evcache"]["hit_rate"] > 0.3
     # hot set = half the capacity, 95% of keys: every hot key hits once the cache is warm
     assert data["throughput"]["hot_set"]["evcache"]["hit_rate"] > 0.9
+    assert set(data["throughput"]) == {"meta_calibrated", "meta_distinct", "hot_set"}
 
 
 def test_threads_share_one_cache_safely():
