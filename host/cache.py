@@ -1,43 +1,64 @@
 """EV-Cache: FlashEmbedding's host-side embedding-vector cache, one instance per table.
 
-Two parts, both over flat numpy arrays and driven by ``numba`` kernels so that a batch of keys
+Three parts, all over flat numpy arrays and driven by ``numba`` kernels so that a batch of keys
 costs one call and no Python-level per-key work:
 
 * **Admission filter.** A 2-bit saturating counter per table row, packed four to a byte
   (``n_rows / 4`` bytes). Every looked-up index bumps its counter (hit or miss). A missed row
-  offered to :meth:`EVCache.admit` is inserted only when its counter is ``>= admit_threshold``
-  (default 2: admit on the second access), so rows touched once in a long while -- about half of
-  the distinct rows of a production batch -- never displace anything. What the filter turns
-  away is counted as ``rejected_by_filter``. Optionally the counters age (every lane halved)
-  each time ``decay_interval`` lookups have accumulated, checked at the end of a lookup batch,
-  so that "seen twice" means "seen twice recently" on long runs.
-* **LRU.** Row index -> cache slot through Robin Hood open addressing (linear probing, the probe
-  distance stored per hash slot, lookups stop early once they are further from home than the
-  resident, deletion by backward shift, so there are no tombstones and the table never degrades).
-  Recency is a circular doubly linked list in two ``int32`` arrays (``prev``/``next``) whose head
-  is the MRU and whose ``prev[head]`` is the LRU. When the cache is full, eviction-and-insert is
-  a rotation of the head onto the tail slot: no relinking. Rows live in a preallocated
-  ``values[capacity, dim]`` array; the kernels move them as 8/4/2/1-byte words, so any table
-  dtype works (fp32, fp16, int8, int32, ...).
+  offered to :meth:`EVCache.admit` is a candidate only when its counter is ``>= admit_threshold``
+  (default 2: on the second access), so rows touched once in a long while -- about half of the
+  distinct rows of a production batch -- never displace anything. What the filter turns away is
+  counted as ``rejected_by_filter``. Optionally the counters age (every lane halved) each time
+  ``decay_interval`` lookups have accumulated, checked at the end of a lookup batch.
+* **Frequency sketch** (``admission="sketch"``, the default). A count-min sketch of 4-bit
+  counters, 8 bytes per cached row (one ``uint64`` word of 16 counters; a key's four counters lie
+  in one 64-byte block, chosen by a splitmix64 hash independent of the hash table's). Every
+  looked-up key increments its counters (saturating at 15); after ``10 x capacity`` counted keys
+  every counter is halved, so the sketch estimates recent frequency. When the cache is full, a
+  candidate that passed the filter replaces the victim only if its estimate is strictly higher;
+  otherwise it is counted as ``rejected_by_sketch`` and the victim stays (TinyLFU's rule: a row
+  that is not more popular than what it would evict is not worth a write).
+* **Segmented LRU.** Row index -> cache slot through Robin Hood open addressing (linear probing;
+  a resident's probe distance is recomputed from its key; lookups stop early once they are
+  further from home than the resident; deletion by backward shift, so there are no tombstones).
+  Recency: circular doubly linked lists in two ``int32`` arrays (``prev``/``next``), one per
+  segment. In sketch mode a new row enters *probation*; a hit there promotes it to *protected*
+  (at most 80% of the rows; over quota, protected's LRU moves back to probation's MRU); the
+  victim is probation's LRU. So a row that has been reused while cached is not pushed out by a
+  stream of newcomers that each passed the filter once. In ``"filter"`` mode there is only
+  probation: a plain LRU behind the 2-bit filter, the FlashEmbedding design as published. Rows
+  live in a preallocated ``values[capacity, dim]`` array; the kernels move them as 8/4/2/1-byte
+  words, so any table dtype works (fp32, fp16, int8, int32, ...).
+
+Why the sketch is the default: at equal rows it beats the plain 2-bit filter and W-TinyLFU
+(``theine``) on the Meta-calibrated trace at 0.5-2% and on Zipf and shifting-hot-set traces
+(``evssd bench cache``, docs/benchmarks.md); the filter alone admits anything seen twice and
+evicts by recency only, which loses hot rows to bursts of lukewarm ones at small budgets.
 
 Memory per entry (counted against the budget)::
 
     row_bytes                      the cached row (dim * itemsize)
-    + 16                           prev int32, next int32, slot->row key int64
-    + 14 / load_factor             hash slots per entry * (key int64 + slot int32 + dist int16)
+    + 17                           prev int32, next int32, slot->row key int64, segment uint8
+    + 12 / load_factor             hash slots per entry * (key int64 + slot int32)
+    + 8                            the sketch (sketch mode only; whole 64-byte blocks)
 
 plus ``ceil(n_rows / 4)`` bytes of admission counters and a small fixed part, both also charged
-to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 33.5`` bytes per entry:
-for a 64-dim fp32 table (256-byte rows) the cache holds 88% as many rows as a budget of raw rows.
+to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 40`` bytes per entry in
+sketch mode (``+ 32`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
+86% (89%) as many rows as a budget of raw rows, minus what the counters take.
 
 Semantics, exactly (the test suite checks them against a pure-Python reference):
 
-* ``lookup(indices, out)`` walks the batch in order; for each index: bump its counter; if cached,
-  copy the row into ``out[j]``, make it MRU and count a hit; else count a miss. A row missing
-  twice in one batch is two misses (nothing is inserted by a lookup).
+* ``lookup(indices, out)`` walks the batch in order; for each index: bump its counter and (sketch
+  mode) its sketch counters, halving the sketch when the sample is full; if cached, copy the row
+  into ``out[j]``, count a hit and update recency (protected: make it MRU; probation: promote it,
+  or in filter mode make it MRU); else count a miss. A row missing twice in one batch is two
+  misses (nothing is inserted by a lookup).
 * ``admit(indices, rows)`` walks the batch in order; a row already cached is skipped (a duplicate
   in the batch, or admitted earlier); a row whose counter is below the threshold is rejected;
-  otherwise it is inserted as MRU, evicting the LRU row when the cache is full.
+  if the cache is full, the victim is probation's LRU (protected's if probation is empty) and in
+  sketch mode a candidate no more frequent than the victim is rejected; otherwise the row goes in
+  as probation's MRU, evicting the victim.
 
 Thread safety: the kernels release the GIL and each public call holds a per-instance lock, so
 calls from several threads serialise per table and different tables run in parallel.
@@ -491,7 +512,7 @@ class EVCache:
 
     Exactly one of ``capacity`` (rows), ``budget_bytes`` or ``budget_fraction`` (of the table's
     bytes, ``n_rows * dim * itemsize``; default 0.01) sets the size. A budget pays for everything
-    the cache allocates: rows, links, hash table and the admission counters (see the module
+    the cache allocates: rows, links, hash table, admission counters and sketch (see the module
     docstring for the per-entry cost); ``memory_bytes`` in :attr:`stats` is the actual total.
 
     ``admit_threshold``: 0..3; a missed row is admitted when its 2-bit counter is at least this
@@ -499,6 +520,9 @@ class EVCache:
     default, admits on the second access; 3 on the third).
     ``decay_interval``: age the counters after this many looked-up keys (None: never).
     ``load_factor``: maximum fill of the Robin Hood table, in (0, 0.95].
+    ``admission``: ``"sketch"`` (default: the 2-bit filter, then the frequency sketch compares the
+    candidate with the victim of a segmented LRU) or ``"filter"`` (the 2-bit filter over a plain
+    LRU, the published design). The sketch costs 8 bytes per row, charged to the budget.
     """
 
     def __init__(self, n_rows: int, dim: int, dtype=np.float32, *, capacity: int | None = None,
