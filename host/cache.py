@@ -77,12 +77,12 @@ DTYPE_ALIASES = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64, "bf
 
 # state vector layout (int64): mutable scalars shared with the kernels
 (_HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS,
- _REJECTED_SKETCH, _SKETCH_ADDS, _PHEAD, _PSIZE) = range(13)
-_N_STATE = 13
+ _REJECTED_SKETCH, _SKETCH_ADDS, _PHEAD, _PSIZE, _EPOCH) = range(14)
+_N_STATE = 14
 
 _EMPTY = np.int64(-1)
 _HASH_SLOT_BYTES = 8 + 4          # key int64, cache slot int32
-_ENTRY_META_BYTES = 4 + 4 + 8 + 1 # prev, next, slot -> key, segment
+_ENTRY_META_BYTES = 4 + 4 + 8 + 1 + 2   # prev, next, slot -> key, segment, batch stamp
 _SKETCH_BYTES_PER_ENTRY = 8       # 16 four-bit counters per cached row (Caffeine's sizing)
 _SKETCH_SAMPLE_PER_ENTRY = 10     # halve the sketch after 10 x capacity counted keys
 _PROTECTED_SHARE = 0.8            # of the rows, in the protected segment (sketch mode)
@@ -132,6 +132,15 @@ def _dist(pos, k, m):
 def _find(k, hkeys):
     m = hkeys.shape[0]
     pos = _home(k, m)
+    # Most residents sit within three slots of home: compare the first four without branches
+    # (selects, not jumps: the probe length is unpredictable, so a loop mispredicts its exit).
+    f = -1
+    for i in range(3, -1, -1):
+        q = pos + i
+        q = q - m if q >= m else q
+        f = q if hkeys[q] == k else f
+    if f >= 0:
+        return f
     d = 0
     while True:
         kk = hkeys[pos]
@@ -248,8 +257,9 @@ def _sketch_increment(k, sketch):
     for i in range(4):
         w = base + 2 * i + ((sel >> i) & 1)
         sh = np.uint64(((sel >> (4 + 4 * i)) & 15) * 4)
-        if (sketch[w] >> sh) & np.uint64(15) != np.uint64(15):
-            sketch[w] += np.uint64(1) << sh
+        word = sketch[w]
+        # saturating add without a branch (hot rows sit at 15: a branch would mispredict)
+        sketch[w] = word + (np.uint64((word >> sh) & np.uint64(15) != np.uint64(15)) << sh)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -286,45 +296,59 @@ def _push(s, prev, nxt, head):
 
 
 @numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg, counters,
+def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg, stamp, counters,
                    sketch, sample, max_protected, st):
     n = keys.shape[0]
     for j in range(n):             # validate the whole batch before touching any state
         k = keys[j]
         if k < 0 or k >= n_rows:
             return j
-    # Three passes over the batch: the probes and the counter updates of different keys are
+    # Passes over the batch: the probes and the counter updates of different keys are
     # independent, so the CPU overlaps their cache misses; only the recency updates are serial.
     # Lookups never move a hash entry, so the slots found first are still right in pass three.
     slots = np.empty(n, dtype=np.int32)
     for j in range(n):
         pos = _find(keys[j], hkeys)
         slots[j] = hvals[pos] if pos >= 0 else -1
-    use_sketch = sketch.shape[0] > 0
-    adds = st[_SKETCH_ADDS]
+    # (counters and sketch in separate loops: together they run at half the speed)
     for j in range(n):
         k = keys[j]
         b = k >> 2
         sh = (k & 3) * 2
-        if (counters[b] >> sh) & 3 != 3:
-            counters[b] += np.uint8(1 << sh)
-        if use_sketch:
-            _sketch_increment(k, sketch)
+        c = counters[b]
+        counters[b] = c + np.uint8((((c >> sh) & 3) != 3) << sh)   # saturating, branch-free
+    if sketch.shape[0] > 0:
+        adds = st[_SKETCH_ADDS]
+        for j in range(n):
+            _sketch_increment(keys[j], sketch)
             adds += 1
             if adds >= sample:     # aging: halve every counter once `sample` keys were counted
                 _sketch_halve(sketch)
                 adds = adds >> 1
-    st[_SKETCH_ADDS] = adds
+        st[_SKETCH_ADDS] = adds
     w = values.shape[1]
     head = st[_HEAD]
     phead = st[_PHEAD]
     psize = st[_PSIZE]
+    # recency moves once per distinct row per batch, at its first occurrence: `stamp` marks the
+    # slots already moved by this call (a new epoch per call; all cleared when it wraps)
+    epoch = st[_EPOCH] + 1
+    if epoch > 65535:
+        stamp[:] = 0
+        epoch = 1
+    st[_EPOCH] = epoch
+    ep = np.uint16(epoch)
     hits = 0
     for j in range(n):
         s = slots[j]
         if s >= 0:
             for t in range(w):
                 out[j, t] = values[s, t]
+            hit[j] = True
+            hits += 1
+            if stamp[s] == ep:
+                continue
+            stamp[s] = ep
             if seg[s]:
                 phead = _touch(s, prev, nxt, phead)
             elif max_protected > 0:
@@ -341,8 +365,6 @@ def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg,
                     psize -= 1
             else:
                 head = _touch(s, prev, nxt, head)
-            hit[j] = True
-            hits += 1
         else:
             hit[j] = False
     st[_HEAD] = head
@@ -605,6 +627,7 @@ class EVCache:
         self._next = np.zeros(cap, dtype=np.int32)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
         self._seg = np.zeros(cap, dtype=np.uint8)      # 1: protected segment
+        self._stamp = np.zeros(cap, dtype=np.uint16)   # lookup call that last moved the slot
         self._hkeys = np.full(m, -1, dtype=np.int64)
         self._hvals = np.zeros(m, dtype=np.int32)
         self._counters = np.zeros(counter_bytes, dtype=np.uint8)
@@ -632,7 +655,8 @@ class EVCache:
     @property
     def memory_bytes(self) -> int:
         """Bytes held by every array of the cache (rows, links, hash table, counters, state)."""
-        return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key, self._seg,
+        return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key,
+                                      self._seg, self._stamp,
                                       self._hkeys, self._hvals, self._counters, self._sketch,
                                       self._st))
 
@@ -683,7 +707,7 @@ class EVCache:
         with self._lock:
             bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._hkeys,
                                  self._hvals, self._values, self._prev, self._next, self._seg,
-                                 self._counters, self._sketch, self._sketch_sample,
+                                 self._stamp, self._counters, self._sketch, self._sketch_sample,
                                  self._max_protected, self._st)
             if bad < 0 and self.decay_interval is not None \
                     and self._st[_SINCE_DECAY] >= self.decay_interval:

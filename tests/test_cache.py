@@ -70,11 +70,14 @@ class ReferenceCache:
 
     def lookup(self, keys):
         hit, rows = [], []
+        moved = set()                   # recency moves once per distinct row per batch
         for k in map(int, keys):
             self.counters[k] = min(3, self.counters[k] + 1)
             if self.sketch is not None:
                 self.sketch.add(k)
-            if k in self.prot:
+            if k in moved:
+                row = self.prot[k] if k in self.prot else self.prob[k]
+            elif k in self.prot:
                 self.prot.move_to_end(k)
                 row = self.prot[k]
             elif k in self.prob:
@@ -92,6 +95,7 @@ class ReferenceCache:
                 rows.append(None)
                 self.misses += 1
                 continue
+            moved.add(k)
             hit.append(True)
             rows.append(row)
             self.hits += 1
@@ -219,6 +223,7 @@ def test_sketch_mode_long_random_stream(seed, capacity):
     n_rows, dim = 5000, 2
     hot = rng.choice(n_rows, 400, replace=False)
     cache = EVCache(n_rows, dim, np.int32, capacity=capacity, admission="sketch")
+    cache._st[13] = 65520               # the per-call epoch wraps (stamps cleared) mid-stream
     ref = ReferenceCache(n_rows, capacity, 2, None, "sketch")
     for _ in range(40):
         keys = np.where(rng.random(48) < 0.8, hot[np.minimum(rng.zipf(1.3, 48), 400) - 1],
@@ -335,9 +340,9 @@ def test_budget_accounting():
     assert cache.budget_bytes == budget
     assert cache.memory_bytes <= budget
     per_entry = bytes_per_entry(dim * 4)
-    # row, prev/next/key/segment, hash slots (key + slot) at load 0.8, 8 bytes of sketch
-    assert per_entry == 256 + 17 + 12 / 0.8 + 8
-    assert bytes_per_entry(dim * 4, admission="filter") == 256 + 17 + 12 / 0.8
+    # row, prev/next/key/segment/stamp, hash slots (key + slot) at load 0.8, 8 bytes of sketch
+    assert per_entry == 256 + 19 + 12 / 0.8 + 8
+    assert bytes_per_entry(dim * 4, admission="filter") == 256 + 19 + 12 / 0.8
     counters = (n_rows + 3) // 4
     # capacity is what fits after the counters, within one entry (and one sketch block) of the bound
     bound = (budget - counters) / per_entry
