@@ -14,8 +14,10 @@ costs one call and no Python-level per-key work:
   counters, 8 bytes per cached row (one ``uint64`` word of 16 counters; a key's four counters lie
   in one 64-byte block, chosen by a splitmix64 hash independent of the hash table's). Every
   looked-up key increments its counters (saturating at 15); after ``10 x capacity`` counted keys
-  every counter is halved, so the sketch estimates recent frequency. When the cache is full, a
-  candidate that passed the filter replaces the victim only if its estimate is strictly higher;
+  every counter is halved, so the sketch estimates recent frequency. A free slot takes any
+  candidate (the filter protects residents; with room there is none to protect: without this, a
+  large cache stays part empty for rows seen once). When the cache is full, a candidate that
+  passed the filter replaces the victim only if its estimate is strictly higher;
   otherwise it is counted as ``rejected_by_sketch`` and the victim stays (TinyLFU's rule: a row
   that is not more popular than what it would evict is not worth a write).
 * **Segmented LRU.** Row index -> cache slot through Robin Hood open addressing (linear probing;
@@ -55,10 +57,11 @@ Semantics, exactly (the test suite checks them against a pure-Python reference):
   or in filter mode make it MRU); else count a miss. A row missing twice in one batch is two
   misses (nothing is inserted by a lookup).
 * ``admit(indices, rows)`` walks the batch in order; a row already cached is skipped (a duplicate
-  in the batch, or admitted earlier); a row whose counter is below the threshold is rejected;
-  if the cache is full, the victim is probation's LRU (protected's if probation is empty) and in
-  sketch mode a candidate no more frequent than the victim is rejected; otherwise the row goes in
-  as probation's MRU, evicting the victim.
+  in the batch, or admitted earlier); while the cache has a free slot, sketch mode inserts the row;
+  otherwise a row whose counter is below the threshold is rejected; if the cache is full, the
+  victim is probation's LRU (protected's if probation is empty) and in sketch mode a candidate no
+  more frequent than the victim is rejected; otherwise the row goes in as probation's MRU,
+  evicting the victim.
 
 Thread safety: the kernels release the GIL and each public call holds a per-instance lock, so
 calls from several threads serialise per table and different tables run in parallel.
@@ -404,7 +407,9 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, values, prev, nxt
         if _find(k, hkeys) >= 0:
             continue
         c = (counters[k >> 2] >> ((k & 3) * 2)) & 3
-        if c < threshold:
+        # the filter guards residents against displacement: in sketch mode a free slot is
+        # filled whatever the counter says (there is nothing to displace)
+        if c < threshold and not (use_sketch and size < cap):
             st[_REJECTED] += 1
             continue
         if size < cap:

@@ -51,9 +51,9 @@ class ReferenceCache:
 
     ``"filter"``: one LRU list, admission by the 2-bit counter alone. ``"sketch"``: a segmented
     LRU (probation + protected, at most 80% of the rows protected; a hit in probation promotes,
-    the protected LRU moves to probation's MRU when over quota), and a candidate that passed the
-    2-bit counter replaces the victim (probation's LRU) only if the sketch says it is strictly
-    more frequent."""
+    the protected LRU moves to probation's MRU when over quota); a free slot takes any candidate,
+    and when full a candidate that passed the 2-bit counter replaces the victim (probation's LRU)
+    only if the sketch says it is strictly more frequent."""
 
     def __init__(self, n_rows, capacity, threshold, decay_interval=None, admission="filter"):
         self.n_rows, self.capacity, self.threshold = n_rows, capacity, threshold
@@ -109,10 +109,11 @@ class ReferenceCache:
         for k, row in zip(map(int, keys), rows):
             if k in self.prob or k in self.prot:
                 continue
-            if self.counters[k] < self.threshold:
+            full = len(self.prob) + len(self.prot) == self.capacity
+            if self.counters[k] < self.threshold and (full or self.sketch is None):
                 self.rejected += 1
                 continue
-            if len(self.prob) + len(self.prot) == self.capacity:
+            if full:
                 seg = self.prob if self.prob else self.prot
                 victim = next(iter(seg))
                 if self.sketch is not None and \
@@ -310,26 +311,29 @@ def test_sketch_admission_compares_candidate_with_victim_and_protects_reused_row
         cache.admit(keys[~hit], rows[~hit])
         return hit
 
-    for _ in range(2):
-        serve([1, 2, 3, 4, 5])                        # second access: all five admitted
-    assert sorted(cache.keys_mru().tolist()) == [1, 2, 3, 4, 5]
-    assert cache.keys_protected().size == 0
-    serve([1, 2, 3])                                  # hits in probation promote
-    assert cache.keys_protected().tolist() == [3, 2, 1]
-    assert cache.keys_mru().tolist() == [3, 2, 1, 5, 4]
-    # 9 seen twice (passes the 2-bit filter) but no more often than the victim 4: rejected
-    serve([9]); serve([9])
-    assert not cache.contains(np.array([9]))[0]
-    assert cache.stats["rejected_by_sketch"] == 1 and cache.stats["evictions"] == 0
-    # seen a third time it is more frequent than 4 (est 2): 4, probation's LRU, is evicted
-    assert cache.frequencies(np.array([9, 4])).tolist() == [2, 2]
-    serve([9])
-    assert cache.contains(np.array([9]))[0] and not cache.contains(np.array([4]))[0]
-    assert cache.keys_mru().tolist() == [3, 2, 1, 9, 5]
-    # a fifth promotion exceeds the quota of 4: the protected LRU (1) drops to probation's MRU
-    serve([5, 9])
-    assert cache.keys_protected().tolist() == [9, 5, 3, 2]
-    assert cache.keys_mru().tolist() == [9, 5, 3, 2, 1]
+    serve([1, 2, 3, 4, 5])         # free slots take rows on first sight (nothing to displace)
+    assert cache.keys_mru().tolist() == [5, 4, 3, 2, 1] and cache.stats["rejected_by_filter"] == 0
+    serve([1, 2, 3, 4, 5])         # hits in probation promote; the fifth exceeds the quota of 4
+    assert cache.keys_protected().tolist() == [5, 4, 3, 2]
+    assert cache.keys_mru().tolist() == [5, 4, 3, 2, 1]           # 1 went back to probation
+    assert cache.frequencies(np.array([1, 2, 3, 4, 5])).tolist() == [2] * 5
+    serve([9])                     # full, seen once: the 2-bit filter turns it away
+    assert cache.stats["rejected_by_filter"] == 1 and not cache.contains(np.array([9]))[0]
+    serve([9])                     # passes the filter, but no more frequent than the victim 1
+    assert cache.frequencies(np.array([9, 1])).tolist() == [2, 2]
+    assert cache.stats["rejected_by_sketch"] == 1 and not cache.contains(np.array([9]))[0]
+    serve([9])                     # now more frequent: the victim (probation's LRU) goes
+    assert cache.contains(np.array([9]))[0] and not cache.contains(np.array([1]))[0]
+    assert cache.keys_mru().tolist() == [5, 4, 3, 2, 9]
+    assert cache.stats["evictions"] == 1
+    # a hit on 9 promotes it and pushes the protected LRU (2) down to probation
+    assert serve([9, 9]).tolist() == [True, True]
+    assert cache.keys_protected().tolist() == [9, 5, 4, 3]
+    assert cache.keys_mru().tolist() == [9, 5, 4, 3, 2]
+    # the plain 2-bit mode never fills a free slot with a row seen once
+    plain = EVCache(1000, 2, np.int32, capacity=5, admission="filter")
+    plain.lookup(np.array([1]), np.zeros((1, 2), np.int32))
+    assert plain.admit(np.array([1]), np.ones((1, 2), np.int32)) == 0
     cache.check_invariants()
 
 
