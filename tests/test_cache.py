@@ -463,6 +463,8 @@ def test_bench_cache_smoke(tmp_path):
             assert {er[k]["rows"] for k in ("evcache", "evcache_filter", "lru", "theine")} == {er["rows"]}
             for k in ("evcache", "evcache_filter", "lru", "theine", "cachetools"):
                 assert 0 <= er[k]["hit_rate"] <= 1 and 0 <= eb[k]["hit_rate"] <= 1
+            # theine charged its measured footprint holds fewer rows than the lean estimate
+            assert eb["theine_measured"]["rows"] < eb["theine"]["rows"]
             for k in ("evcache", "evcache_filter"):
                 assert eb[k]["memory_bytes"] <= r["budget_bytes"] == float(budget) / 100 * 200000 * 8 * 4
             assert eb["evcache"]["rows"] < eb["evcache_filter"]["rows"]   # the sketch costs rows
