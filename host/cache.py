@@ -80,12 +80,12 @@ DTYPE_ALIASES = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64, "bf
 
 # state vector layout (int64): mutable scalars shared with the kernels
 (_HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS,
- _REJECTED_SKETCH, _SKETCH_ADDS, _PHEAD, _PSIZE, _EPOCH) = range(14)
-_N_STATE = 14
+ _REJECTED_SKETCH, _SKETCH_ADDS, _PHEAD, _PSIZE) = range(13)
+_N_STATE = 13
 
 _EMPTY = np.int64(-1)
 _HASH_SLOT_BYTES = 8 + 4          # key int64, cache slot int32
-_ENTRY_META_BYTES = 4 + 4 + 8 + 1 + 2   # prev, next, slot -> key, segment, batch stamp
+_ENTRY_META_BYTES = 4 + 4 + 8 + 1 # prev, next, slot -> key, segment
 _SKETCH_BYTES_PER_ENTRY = 8       # 16 four-bit counters per cached row (Caffeine's sizing)
 _SKETCH_SAMPLE_PER_ENTRY = 10     # halve the sketch after 10 x capacity counted keys
 _PROTECTED_SHARE = 0.8            # of the rows, in the protected segment (sketch mode)
@@ -299,7 +299,7 @@ def _push(s, prev, nxt, head):
 
 
 @numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg, stamp, counters,
+def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg, counters,
                    sketch, sample, max_protected, st):
     n = keys.shape[0]
     for j in range(n):             # validate the whole batch before touching any state
@@ -333,14 +333,6 @@ def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg,
     head = st[_HEAD]
     phead = st[_PHEAD]
     psize = st[_PSIZE]
-    # recency moves once per distinct row per batch, at its first occurrence: `stamp` marks the
-    # slots already moved by this call (a new epoch per call; all cleared when it wraps)
-    epoch = st[_EPOCH] + 1
-    if epoch > 65535:
-        stamp[:] = 0
-        epoch = 1
-    st[_EPOCH] = epoch
-    ep = np.uint16(epoch)
     hits = 0
     for j in range(n):
         s = slots[j]
@@ -349,9 +341,6 @@ def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg,
                 out[j, t] = values[s, t]
             hit[j] = True
             hits += 1
-            if stamp[s] == ep:
-                continue
-            stamp[s] = ep
             if seg[s]:
                 phead = _touch(s, prev, nxt, phead)
             elif max_protected > 0:
@@ -632,7 +621,6 @@ class EVCache:
         self._next = np.zeros(cap, dtype=np.int32)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
         self._seg = np.zeros(cap, dtype=np.uint8)      # 1: protected segment
-        self._stamp = np.zeros(cap, dtype=np.uint16)   # lookup call that last moved the slot
         self._hkeys = np.full(m, -1, dtype=np.int64)
         self._hvals = np.zeros(m, dtype=np.int32)
         self._counters = np.zeros(counter_bytes, dtype=np.uint8)
@@ -661,7 +649,7 @@ class EVCache:
     def memory_bytes(self) -> int:
         """Bytes held by every array of the cache (rows, links, hash table, counters, state)."""
         return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key,
-                                      self._seg, self._stamp,
+                                      self._seg,
                                       self._hkeys, self._hvals, self._counters, self._sketch,
                                       self._st))
 
@@ -712,7 +700,7 @@ class EVCache:
         with self._lock:
             bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._hkeys,
                                  self._hvals, self._values, self._prev, self._next, self._seg,
-                                 self._stamp, self._counters, self._sketch, self._sketch_sample,
+                                 self._counters, self._sketch, self._sketch_sample,
                                  self._max_protected, self._st)
             if bad < 0 and self.decay_interval is not None \
                     and self._st[_SINCE_DECAY] >= self.decay_interval:

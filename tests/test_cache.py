@@ -70,14 +70,11 @@ class ReferenceCache:
 
     def lookup(self, keys):
         hit, rows = [], []
-        moved = set()                   # recency moves once per distinct row per batch
         for k in map(int, keys):
             self.counters[k] = min(3, self.counters[k] + 1)
             if self.sketch is not None:
                 self.sketch.add(k)
-            if k in moved:
-                row = self.prot[k] if k in self.prot else self.prob[k]
-            elif k in self.prot:
+            if k in self.prot:
                 self.prot.move_to_end(k)
                 row = self.prot[k]
             elif k in self.prob:
@@ -95,7 +92,6 @@ class ReferenceCache:
                 rows.append(None)
                 self.misses += 1
                 continue
-            moved.add(k)
             hit.append(True)
             rows.append(row)
             self.hits += 1
@@ -224,7 +220,6 @@ def test_sketch_mode_long_random_stream(seed, capacity):
     n_rows, dim = 5000, 2
     hot = rng.choice(n_rows, 400, replace=False)
     cache = EVCache(n_rows, dim, np.int32, capacity=capacity, admission="sketch")
-    cache._st[13] = 65520               # the per-call epoch wraps (stamps cleared) mid-stream
     ref = ReferenceCache(n_rows, capacity, 2, None, "sketch")
     for _ in range(40):
         keys = np.where(rng.random(48) < 0.8, hot[np.minimum(rng.zipf(1.3, 48), 400) - 1],
@@ -337,6 +332,28 @@ def test_sketch_admission_compares_candidate_with_victim_and_protects_reused_row
     cache.check_invariants()
 
 
+def test_plain_lru_mode_equals_cachetools_under_churn():
+    """Threshold 1 in filter mode is a plain LRU: the same hit mask, batch after batch, as
+    cachetools.LRUCache driven key by key through the same protocol -- with duplicates in every
+    batch and more misses per batch than the cache holds (the order inside a batch matters)."""
+    import cachetools
+
+    rng = np.random.default_rng(7)
+    cap = 50
+    cache = EVCache(400, 1, np.int32, capacity=cap, admission="filter", admit_threshold=1)
+    peer = cachetools.LRUCache(maxsize=cap)
+    for _ in range(60):
+        keys = np.where(rng.random(60) < 0.7, rng.integers(0, 40, 60), rng.integers(0, 400, 60))
+        hit = cache.lookup(keys, np.zeros((60, 1), np.int32))
+        phit = np.array([peer.get(int(k)) is not None for k in keys])
+        assert hit.tolist() == phit.tolist()
+        for k in keys[~hit].tolist():
+            if k not in peer:
+                peer[k] = k
+        cache.admit(keys[~hit], keys[~hit, None].astype(np.int32))
+        assert sorted(cache.keys_mru().tolist()) == sorted(peer.keys())
+
+
 def test_budget_accounting():
     n_rows, dim = 100_000, 64
     cache = EVCache(n_rows, dim, np.float32)          # default: 1% of the table's bytes
@@ -344,9 +361,9 @@ def test_budget_accounting():
     assert cache.budget_bytes == budget
     assert cache.memory_bytes <= budget
     per_entry = bytes_per_entry(dim * 4)
-    # row, prev/next/key/segment/stamp, hash slots (key + slot) at load 0.8, 8 bytes of sketch
-    assert per_entry == 256 + 19 + 12 / 0.8 + 8
-    assert bytes_per_entry(dim * 4, admission="filter") == 256 + 19 + 12 / 0.8
+    # row, prev/next/key/segment, hash slots (key + slot) at load 0.8, 8 bytes of sketch
+    assert per_entry == 256 + 17 + 12 / 0.8 + 8
+    assert bytes_per_entry(dim * 4, admission="filter") == 256 + 17 + 12 / 0.8
     counters = (n_rows + 3) // 4
     # capacity is what fits after the counters, within one entry (and one sketch block) of the bound
     bound = (budget - counters) / per_entry
