@@ -41,13 +41,13 @@ Memory per entry (counted against the budget)::
 
     row_bytes                      the cached row (dim * itemsize)
     + 17                           prev int32, next int32, slot->row key int64, segment uint8
-    + 12 / load_factor             hash slots per entry * (key int64 + slot int32)
+    + 8 / load_factor              hash slots per entry * (row index | slot, packed in one int64)
     + 8                            the sketch (sketch mode only; whole 64-byte blocks)
 
 plus ``ceil(n_rows / 4)`` bytes of admission counters and a small fixed part, both also charged
-to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 40`` bytes per entry in
-sketch mode (``+ 32`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
-86% (89%) as many rows as a budget of raw rows, minus what the counters take.
+to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 35`` bytes per entry in
+sketch mode (``+ 27`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
+88% (90%) as many rows as a budget of raw rows, minus what the counters take.
 
 Semantics, exactly (the test suite checks them against a pure-Python reference):
 
@@ -84,7 +84,7 @@ DTYPE_ALIASES = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64, "bf
 _N_STATE = 13
 
 _EMPTY = np.int64(-1)
-_HASH_SLOT_BYTES = 8 + 4          # key int64, cache slot int32
+_HASH_SLOT_BYTES = 8              # row index | cache slot << kb, one int64
 _ENTRY_META_BYTES = 4 + 4 + 8 + 1 # prev, next, slot -> key, segment
 _SKETCH_BYTES_PER_ENTRY = 8       # 16 four-bit counters per cached row (Caffeine's sizing)
 _SKETCH_SAMPLE_PER_ENTRY = 10     # halve the sketch after 10 x capacity counted keys
@@ -132,25 +132,32 @@ def _dist(pos, k, m):
 
 
 @numba.njit(cache=True, inline="always")
-def _find(k, hkeys):
-    m = hkeys.shape[0]
+def _find(k, htab, kb):
+    """Position of row ``k`` in the hash table, or -1. An entry packs ``row | slot << kb`` in one
+    int64 (-1: empty), so a probe reads one word and a hit needs no second array."""
+    m = htab.shape[0]
+    mask = (np.int64(1) << kb) - 1
     pos = _home(k, m)
     # Most residents sit within three slots of home: compare the first four without branches
     # (selects, not jumps: the probe length is unpredictable, so a loop mispredicts its exit).
+    # An empty entry masks to 2**kb - 1 > every row index, so it never matches.
     f = -1
     for i in range(3, -1, -1):
         q = pos + i
         q = q - m if q >= m else q
-        f = q if hkeys[q] == k else f
+        f = q if (htab[q] & mask) == k else f
     if f >= 0:
         return f
     d = 0
     while True:
-        kk = hkeys[pos]
+        e = htab[pos]
+        if e == -1:
+            return -1
+        kk = e & mask
         if kk == k:
             return pos
-        if kk == -1 or _dist(pos, kk, m) < d:
-            return -1          # empty, or a resident closer to home: k would have displaced it
+        if _dist(pos, kk, m) < d:
+            return -1          # a resident closer to home: k would have displaced it
         pos += 1
         if pos == m:
             pos = 0
@@ -158,25 +165,21 @@ def _find(k, hkeys):
 
 
 @numba.njit(cache=True)
-def _insert(k, v, hkeys, hvals):
-    m = hkeys.shape[0]
+def _insert(k, v, htab, kb):
+    m = htab.shape[0]
+    mask = (np.int64(1) << kb) - 1
     pos = _home(k, m)
-    ck = k
-    cv = np.int32(v)
+    ce = k | (np.int64(v) << kb)
     cd = 0
     while True:
-        kk = hkeys[pos]
-        if kk == -1:
-            hkeys[pos] = ck
-            hvals[pos] = cv
+        e = htab[pos]
+        if e == -1:
+            htab[pos] = ce
             return
-        rd = _dist(pos, kk, m)
+        rd = _dist(pos, e & mask, m)
         if rd < cd:                # rob the rich: the resident is closer to home, take its place
-            tv = hvals[pos]
-            hkeys[pos] = ck
-            hvals[pos] = cv
-            ck = kk
-            cv = tv
+            htab[pos] = ce
+            ce = e
             cd = rd
         pos += 1
         if pos == m:
@@ -185,22 +188,22 @@ def _insert(k, v, hkeys, hvals):
 
 
 @numba.njit(cache=True)
-def _delete_at(pos, hkeys, hvals):
-    m = hkeys.shape[0]
+def _delete_at(pos, htab, kb):
+    m = htab.shape[0]
+    mask = (np.int64(1) << kb) - 1
     nxt = pos + 1
     if nxt == m:
         nxt = 0
     while True:
-        kk = hkeys[nxt]
-        if kk == -1 or _dist(nxt, kk, m) == 0:
+        e = htab[nxt]
+        if e == -1 or _dist(nxt, e & mask, m) == 0:
             break
-        hkeys[pos] = kk
-        hvals[pos] = hvals[nxt]
+        htab[pos] = e
         pos = nxt
         nxt += 1
         if nxt == m:
             nxt = 0
-    hkeys[pos] = -1
+    htab[pos] = -1
 
 
 @numba.njit(cache=True, inline="always")
@@ -299,7 +302,7 @@ def _push(s, prev, nxt, head):
 
 
 @numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg, counters,
+def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, counters,
                    sketch, sample, max_protected, st):
     n = keys.shape[0]
     for j in range(n):             # validate the whole batch before touching any state
@@ -311,8 +314,8 @@ def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, values, prev, nxt, seg,
     # Lookups never move a hash entry, so the slots found first are still right in pass three.
     slots = np.empty(n, dtype=np.int32)
     for j in range(n):
-        pos = _find(keys[j], hkeys)
-        slots[j] = hvals[pos] if pos >= 0 else -1
+        pos = _find(keys[j], htab, kb)
+        slots[j] = htab[pos] >> kb if pos >= 0 else -1
     # (counters and sketch in separate loops: together they run at half the speed)
     for j in range(n):
         k = keys[j]
@@ -377,7 +380,7 @@ def _decay_kernel(counters):
 
 
 @numba.njit(cache=True, nogil=True)
-def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, values, prev, nxt, seg, slot_key,
+def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, prev, nxt, seg, slot_key,
                   counters, sketch, st):
     n = keys.shape[0]
     for j in range(n):
@@ -393,7 +396,7 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, values, prev, nxt
     size = st[_SIZE]
     for j in range(n):
         k = keys[j]
-        if _find(k, hkeys) >= 0:
+        if _find(k, htab, kb) >= 0:
             continue
         c = (counters[k >> 2] >> ((k & 3) * 2)) & 3
         # the filter guards residents against displacement: in sketch mode a free slot is
@@ -411,7 +414,7 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, values, prev, nxt
             if use_sketch and _sketch_estimate(k, sketch) <= _sketch_estimate(slot_key[s], sketch):
                 st[_REJECTED_SKETCH] += 1
                 continue           # the victim is at least as frequent: keep it
-            _delete_at(_find(slot_key[s], hkeys), hkeys, hvals)
+            _delete_at(_find(slot_key[s], htab, kb), htab, kb)
             st[_EVICTIONS] += 1
             if seg[s]:
                 phead = _unlink(s, prev, nxt, phead)
@@ -423,7 +426,7 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, values, prev, nxt
         slot_key[s] = k
         for t in range(w):
             values[s, t] = rows[j, t]
-        _insert(k, s, hkeys, hvals)
+        _insert(k, s, htab, kb)
         st[_ADMISSIONS] += 1
     st[_HEAD] = head
     st[_PHEAD] = phead
@@ -433,7 +436,7 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, values, prev, nxt
 
 
 @numba.njit(cache=True, nogil=True)
-def _invalidate_kernel(keys, n_rows, hkeys, hvals, values, prev, nxt, seg, slot_key, st):
+def _invalidate_kernel(keys, n_rows, htab, kb, values, prev, nxt, seg, slot_key, st):
     n = keys.shape[0]
     for j in range(n):
         k = keys[j]
@@ -446,11 +449,11 @@ def _invalidate_kernel(keys, n_rows, hkeys, hvals, values, prev, nxt, seg, slot_
     size = st[_SIZE]
     removed = 0
     for j in range(n):
-        pos = _find(keys[j], hkeys)
+        pos = _find(keys[j], htab, kb)
         if pos < 0:
             continue
-        s = hvals[pos]
-        _delete_at(pos, hkeys, hvals)
+        s = htab[pos] >> kb
+        _delete_at(pos, htab, kb)
         removed += 1
         if seg[s]:
             phead = _unlink(s, prev, nxt, phead)
@@ -478,7 +481,7 @@ def _invalidate_kernel(keys, n_rows, hkeys, hvals, values, prev, nxt, seg, slot_
             slot_key[s] = slot_key[last]
             for t in range(w):
                 values[s, t] = values[last, t]
-            hvals[_find(slot_key[s], hkeys)] = s
+            htab[_find(slot_key[s], htab, kb)] = slot_key[s] | (np.int64(s) << kb)
     st[_HEAD] = head
     st[_PHEAD] = phead
     st[_PSIZE] = psize
@@ -487,9 +490,9 @@ def _invalidate_kernel(keys, n_rows, hkeys, hvals, values, prev, nxt, seg, slot_
 
 
 @numba.njit(cache=True)
-def _contains_kernel(keys, hkeys, res):
+def _contains_kernel(keys, htab, kb, res):
     for j in range(keys.shape[0]):
-        res[j] = _find(keys[j], hkeys) >= 0
+        res[j] = _find(keys[j], htab, kb) >= 0
 
 
 @numba.njit(cache=True)
@@ -613,6 +616,11 @@ class EVCache:
         cap = min(cap, self.n_rows)
         if cap >= 2**31 - 1:
             raise ValueError(f"EVCache {self.name!r}: capacity {cap} exceeds the int32 slot range")
+        # hash entries pack row | slot << kb; kb leaves 2**kb - 1 (an empty entry, masked) unused
+        self._kb = max(1, self.n_rows.bit_length())
+        if cap >= 1 << (63 - self._kb):
+            raise ValueError(f"EVCache {self.name!r}: capacity {cap} with {self.n_rows} table rows "
+                             f"exceeds the packed hash entry ({self._kb} row bits + slot bits <= 63)")
         self.capacity = cap
         m = self._hash_slots(cap)
 
@@ -621,8 +629,7 @@ class EVCache:
         self._next = np.zeros(cap, dtype=np.int32)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
         self._seg = np.zeros(cap, dtype=np.uint8)      # 1: protected segment
-        self._hkeys = np.full(m, -1, dtype=np.int64)
-        self._hvals = np.zeros(m, dtype=np.int32)
+        self._htab = np.full(m, -1, dtype=np.int64)
         self._counters = np.zeros(counter_bytes, dtype=np.uint8)
         # the frequency sketch is empty (and never read) in "filter" mode
         self._sketch = np.zeros(_sketch_words(cap) if admission == "sketch" else 0, dtype=np.uint64)
@@ -638,7 +645,8 @@ class EVCache:
     # -- sizing
 
     def _hash_slots(self, cap: int) -> int:
-        return max(cap + 1, math.ceil(cap / self.load_factor))
+        # at least one empty slot (probes end), and at least the 4 slots _find's window reads
+        return max(cap + 1, 4, math.ceil(cap / self.load_factor))
 
     def _layout_bytes(self, cap: int) -> int:
         sketch = 8 * _sketch_words(cap) if self.admission == "sketch" else 0
@@ -650,7 +658,7 @@ class EVCache:
         """Bytes held by every array of the cache (rows, links, hash table, counters, state)."""
         return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key,
                                       self._seg,
-                                      self._hkeys, self._hvals, self._counters, self._sketch,
+                                      self._htab, self._counters, self._sketch,
                                       self._st))
 
     # -- input checks (all before any state changes)
@@ -698,8 +706,8 @@ class EVCache:
         direct = out.flags.c_contiguous
         target = out if direct else np.empty_like(out, order="C")
         with self._lock:
-            bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._hkeys,
-                                 self._hvals, self._values, self._prev, self._next, self._seg,
+            bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._htab,
+                                 self._kb, self._values, self._prev, self._next, self._seg,
                                  self._counters, self._sketch, self._sketch_sample,
                                  self._max_protected, self._st)
             if bad < 0 and self.decay_interval is not None \
@@ -731,7 +739,7 @@ class EVCache:
         with self._lock:
             before = int(self._st[_ADMISSIONS])
             bad = _admit_kernel(keys, self._row_view(rows), self.admit_threshold, self.n_rows,
-                                self._hkeys, self._hvals, self._values, self._prev,
+                                self._htab, self._kb, self._values, self._prev,
                                 self._next, self._seg, self._slot_key, self._counters,
                                 self._sketch, self._st)
             admitted = int(self._st[_ADMISSIONS]) - before
@@ -744,7 +752,7 @@ class EVCache:
         were cached. Counters are left alone."""
         keys = self._keys(indices, "invalidate")
         with self._lock:
-            r = _invalidate_kernel(keys, self.n_rows, self._hkeys, self._hvals, self._values,
+            r = _invalidate_kernel(keys, self.n_rows, self._htab, self._kb, self._values,
                                    self._prev, self._next, self._seg, self._slot_key, self._st)
         if r < 0:
             self._bad_index(keys, -r - 1)
@@ -754,7 +762,7 @@ class EVCache:
         """Which of ``indices`` are cached, without touching recency, counters or stats."""
         keys = self._keys(indices, "contains")
         res = np.empty(keys.shape[0], dtype=np.bool_)
-        _contains_kernel(keys, self._hkeys, res)
+        _contains_kernel(keys, self._htab, self._kb, res)
         res &= (keys >= 0) & (keys < self.n_rows)
         return res
 
@@ -782,7 +790,7 @@ class EVCache:
             self._clear()
 
     def _clear(self) -> None:
-        self._hkeys.fill(-1)
+        self._htab.fill(-1)
         self._sketch.fill(0)
         self._st[_SKETCH_ADDS] = 0
         self._slot_key.fill(-1)
@@ -854,30 +862,30 @@ class EVCache:
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` unless the hash table, the list and the slots agree.
 
-        Robin Hood: every resident's stored distance is its distance from home; along the probe
-        sequence a slot after an empty one has distance 0 and distances grow by at most one per
-        step; every resident is found by a lookup. List: ``size`` nodes, a single cycle through
+        Robin Hood: along the probe sequence a slot after an empty one has distance 0 and
+        distances grow by at most one per step; every resident is found by a lookup. List: ``size`` nodes, a single cycle through
         the head, ``prev``/``next`` mutually inverse. Slots: ``0..size-1`` are used, each once.
         """
-        m = self._hkeys.shape[0]
+        m = self._htab.shape[0]
+        mask = (1 << self._kb) - 1
         size = len(self)
-        occ = np.flatnonzero(self._hkeys != -1)
+        occ = np.flatnonzero(self._htab != -1)
+        keys = self._htab[occ] & mask
+        slots_of = self._htab[occ] >> self._kb
         assert occ.size == size, f"hash holds {occ.size} keys, size is {size}"
-        for pos in occ:
-            k = int(self._hkeys[pos])
-            home = int(_home(k, m))
-            assert _find(k, self._hkeys) == pos, f"key {k} at {pos} not found"
+        for pos, k in zip(occ.tolist(), keys.tolist()):
+            assert _find(k, self._htab, self._kb) == pos, f"key {k} at {pos} not found"
         for pos in range(m):
             nxt = (pos + 1) % m
-            if self._hkeys[nxt] == -1:
+            if self._htab[nxt] == -1:
                 continue
-            prev_d = -1 if self._hkeys[pos] == -1 else int(_dist(pos, self._hkeys[pos], m))
-            assert int(_dist(nxt, self._hkeys[nxt], m)) <= prev_d + 1, \
+            prev_d = -1 if self._htab[pos] == -1 else int(_dist(pos, self._htab[pos] & mask, m))
+            assert int(_dist(nxt, self._htab[nxt] & mask, m)) <= prev_d + 1, \
                 f"Robin Hood order broken at slot {nxt}"
-        slots = np.sort(self._hvals[occ].astype(np.int64))
-        assert np.array_equal(slots, np.arange(size)), "cache slots are not 0..size-1 once each"
-        for pos in occ:
-            assert self._slot_key[self._hvals[pos]] == self._hkeys[pos], "slot->key mismatch"
+        assert np.array_equal(np.sort(slots_of), np.arange(size)), "cache slots are not 0..size-1 once each"
+        assert np.array_equal(self._slot_key[slots_of], keys), "slot->key mismatch"
+        if size == 0:
+            assert self._st[_HEAD] == -1
         psize = int(self._st[_PSIZE])
         assert 0 <= psize <= self._max_protected, f"protected holds {psize} > {self._max_protected}"
         for head, want, seg in ((int(self._st[_HEAD]), size - psize, 0),

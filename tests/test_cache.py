@@ -361,9 +361,9 @@ def test_budget_accounting():
     assert cache.budget_bytes == budget
     assert cache.memory_bytes <= budget
     per_entry = bytes_per_entry(dim * 4)
-    # row, prev/next/key/segment, hash slots (key + slot) at load 0.8, 8 bytes of sketch
-    assert per_entry == 256 + 17 + 12 / 0.8 + 8
-    assert bytes_per_entry(dim * 4, admission="filter") == 256 + 17 + 12 / 0.8
+    # row, prev/next/key/segment, hash slots (row | slot packed) at load 0.8, 8 bytes of sketch
+    assert per_entry == 256 + 17 + 8 / 0.8 + 8
+    assert bytes_per_entry(dim * 4, admission="filter") == 256 + 17 + 8 / 0.8
     counters = (n_rows + 3) // 4
     # capacity is what fits after the counters, within one entry (and one sketch block) of the bound
     bound = (budget - counters) / per_entry
@@ -442,6 +442,17 @@ def test_non_contiguous_out_and_empty_batch():
     assert not big[1].any() and not big[:, 1::2].any()
     assert cache.lookup(np.array([], np.int64), np.zeros((0, 3), np.float16)).shape == (0,)
     assert cache.admit(np.array([], np.int64), np.zeros((0, 3), np.float16)) == 0
+
+
+def test_tiny_caches_have_room_for_the_probe_window():
+    # _find reads four consecutive hash slots without bounds checks: tables never have fewer
+    for cap in (1, 2, 3):
+        cache = EVCache(1 << 20, 1, np.int8, capacity=cap, admit_threshold=0, admission="filter")
+        assert cache._htab.shape[0] >= 4
+        keys = np.arange(10, dtype=np.int64) * 77_777
+        cache.admit(keys, np.ones((10, 1), np.int8))
+        assert cache.contains(keys).tolist() == [False] * (10 - cap) + [True] * cap
+        cache.check_invariants()
 
 
 def test_clear_and_capacity_capped_by_rows():
