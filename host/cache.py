@@ -781,7 +781,8 @@ class EVCache:
             self._bad_index(keys, int(np.flatnonzero((keys < 0) | (keys >= self.n_rows))[0]))
         res = np.zeros(keys.shape[0], dtype=np.int64)
         if self._sketch.size:
-            _estimate_kernel(keys, self._sketch, res)
+            with self._lock:
+                _estimate_kernel(keys, self._sketch, res)
         return res
 
     def clear(self) -> None:
