@@ -20,8 +20,9 @@ empty bag (or, on the device, no good rows)
     zeros (+0.0 for float sums).
 
 **Per-sample weights** (TorchRec's weighted KJT, FBGEMM ``per_sample_weights``), float32 ``w[k]``
-per lookup, SUM only: fp32/fp16/int8/int32 rows become ``acc = acc + float32(w[k] * float32(x))``
-(the product rounded to fp32 first, then the add: no FMA), in bag order from -0.0, output fp32 for
+per lookup, SUM only: fp32/fp16/int8/int32 rows become ``acc = fma(w[k], float32(x), acc)`` (one
+rounding, as FBGEMM's CPU TBE and nn.EmbeddingBag compute it, checked bit for bit), in bag order
+from -0.0, output fp32 for
 every type (int8/int32 elements are converted to fp32 first; int32 values beyond 2**24 round to
 nearest even). int8_rowwise uses ``scale*w`` and ``bias*w`` (each rounded to fp32) in the formula
 above, as FBGEMM does.
@@ -42,12 +43,13 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from evssd.host.elements import ELEMS, Elem
 
 __all__ = ["CANONICAL_NAN", "PoolingError", "fp32_add_bits", "fp16_to_fp32_bits", "canonicalize_nan",
-           "pool", "pool_into", "pool_rows", "pool_bags", "describe_error", "kernel_source",
+           "pool", "pool_into", "fma32", "fma32_model", "pool_rows", "pool_bags", "describe_error", "kernel_source",
            "check_bags", "check_indices", "check_weights", "apply_mean"]
 
 CANONICAL_NAN = 0x7FC0_0000
@@ -91,6 +93,40 @@ def _f32_to_bits(typingctx, x):
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.IntType(32))
     return types.uint32(x), codegen
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """``a * b + c`` in binary32 with one rounding (LLVM's ``llvm.fma.f32``: the hardware FMA
+    where there is one, a correctly rounded library call otherwise; never float64 emulation,
+    which can round twice)."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        fnty = ir.FunctionType(f32, [f32, f32, f32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.f32")
+        return builder.call(fn, list(args))
+    return types.float32(a, b, c), codegen
+
+
+def fma32_model(a, b, c) -> np.ndarray:
+    """Vectorised numpy model of :func:`fma32` (float32 arrays in, float32 out), independent of
+    the hardware: the product of two binary32 values is exact in float64; the float64 sum is
+    rounded to odd (TwoSum error term, then the odd neighbour), which 53 >= 2 * 24 + 2 bits make
+    round to the same binary32 as the exact value. The tests' reference for weighted bags."""
+    with np.errstate(all="ignore"):
+        p = np.asarray(a, np.float32).astype(np.float64) * np.asarray(b, np.float32).astype(np.float64)
+        cc = np.asarray(c, np.float32).astype(np.float64)
+        s = p + cc
+        bb = s - p
+        e = (p - (s - bb)) + (cc - bb)
+        bits = s.view(np.uint64)
+        fix = np.isfinite(s) & (e != 0) & ((bits & 1) == 0)
+        toward = np.where(e > 0, np.inf, -np.inf)
+        s = np.where(fix, np.nextafter(s, toward), s)
+        return s.astype(np.float32)
 
 
 @intrinsic
@@ -296,16 +332,12 @@ def _bag_weighted(src, idx, w, lo, hi, out, b, n, rb):
         r = idx[k]
         wk = w[k]
         for j in range(dim):
-            out[b, j] += wk * _loadf(src, r, j)
+            out[b, j] = fma32(wk, _loadf(src, r, j), out[b, j])
     _settle(out, b, lo == hi)
 
 
 @numba.njit(inline="always")
 def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b, n, rb):
-    # fma(s, q, c) as float32(float64(s) * q + float64(c)): s * q has at most 19 significant
-    # bits, so the product is exact in float64 and the sum rounds to the same float32 as a fused
-    # multiply-add (when the float64 sum is inexact, one operand is below 2**-29 of the other and
-    # both roundings return the larger one).
     dim = out.shape[1]
     for j in range(dim):
         out[b, j] = np.float32(-0.0)
@@ -321,9 +353,8 @@ def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b, n, rb):
         if weighted:
             s = s * w[k]
             c = c * w[k]
-        sd = np.float64(s)
         for j in range(dim):
-            out[b, j] = np.float32(sd * np.float64(src[r, 4 + j]) + np.float64(out[b, j] + c))
+            out[b, j] = fma32(s, np.float32(src[r, 4 + j]), out[b, j] + c)
     _settle(out, b, lo == hi)
 
 

@@ -10,8 +10,8 @@ from evssd.host.store import EmbeddingStore, RowwiseInt8, StoreInputError, quant
 
 
 def ref_fp32(rows_f32_bits, idx, offs, weights=None):
-    """Sequential bag sum from -0.0 with the gateware adder's bit model (products, if weighted,
-    rounded to float32 by numpy first); empty bag +0.0; NaN canonical."""
+    """Sequential bag sum from -0.0 with the gateware adder's bit model (weighted: one-rounding fma,
+    :func:`pooling.fma32_model`); empty bag +0.0; NaN canonical."""
     dim = rows_f32_bits.shape[1]
     out = np.zeros((len(offs) - 1, dim), np.uint32)
     for b in range(len(offs) - 1):
@@ -19,10 +19,10 @@ def ref_fp32(rows_f32_bits, idx, offs, weights=None):
         for k in range(offs[b], offs[b + 1]):
             x = rows_f32_bits[idx[k]]
             if weights is not None:
-                with np.errstate(all="ignore"):
-                    x = (np.float32(weights[k]) * x.view(np.float32)).astype(np.float32).view(np.uint32)
-            acc = P.fp32_add_bits(acc, x)
-        out[b] = acc if offs[b + 1] > offs[b] else 0
+                acc = P.fma32_model(weights[k], x.view(np.float32), acc.view(np.float32)).view(np.uint32)
+            else:
+                acc = P.fp32_add_bits(acc, x)
+        out[b] = P.canonicalize_nan(acc.view(np.float32)).view(np.uint32) if offs[b + 1] > offs[b] else 0
     return out
 
 
@@ -112,8 +112,8 @@ def _ref_rowwise(raw, idx, offs, weights):
             c = np.float32(r[2:4].view(np.float16)[0])
             if weights is not None:
                 s, c = np.float32(s * weights[k]), np.float32(c * weights[k])
-            acc = (np.float64(s) * r[4:].astype(np.float64) + (acc + c).astype(np.float64)).astype(np.float32)
-        out[b] = acc if offs[b + 1] > offs[b] else 0
+            acc = P.fma32_model(s, r[4:].astype(np.float32), acc + c)
+        out[b] = P.canonicalize_nan(acc) if offs[b + 1] > offs[b] else 0
     return out
 
 
@@ -229,3 +229,21 @@ def test_store_weight_and_out_errors():
         np.testing.assert_array_equal(out, [[2, 2]])
         with pytest.raises(StoreInputError, match="out must be"):
             s.pooled("t", [0, 1], [0, 2], out=np.empty((1, 2), np.float64))
+
+
+def test_fma32_is_one_rounding_where_float64_rounds_twice():
+    """A constructed double-rounding case: a*b + c is exactly 1 + 2**-24 + 2**-60 (just above a
+    binary32 tie): float64 rounds it to the tie 1 + 2**-24 and then to even 1.0; one rounding gives
+    1 + 2**-23. The kernel's intrinsic and the numpy model agree on it and on random data."""
+    import numba
+    a, b = np.float32(-(2**-24) * (1 + 2**-18)), np.float32(1 - 2**-18)  # a*b = -2**-24 + 2**-60
+    c = np.float32(1 + 2**-23)
+    exact = np.float32(1 + 2**-23)
+    twice = np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+    kern = numba.njit(lambda x, y, z: P.fma32(x, y, z))
+    assert P.fma32_model(a, b, c) == exact and kern(a, b, c) == exact
+    rng = np.random.default_rng(9)
+    x, y, z = (rng.standard_normal(5000).astype(np.float32) for _ in range(3))
+    got = np.array([kern(*t) for t in zip(x, y, z)], np.float32)
+    assert np.array_equal(got.view(np.uint32), P.fma32_model(x, y, z).view(np.uint32))
+    assert twice == np.float32(1.0)  # the float64 route rounds twice here

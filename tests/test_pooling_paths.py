@@ -80,10 +80,10 @@ def reference(name, idx, offs, w=None):
         for k in range(offs[b], offs[b + 1]):
             x = rows[idx[k]]
             if w is not None:
-                with np.errstate(all="ignore"):
-                    x = (np.float32(w[k]) * x.view(np.float32)).astype(np.float32).view(np.uint32)
-            acc = P.fp32_add_bits(acc, x)
-        out[b] = acc if offs[b + 1] > offs[b] else 0
+                acc = P.fma32_model(w[k], x.view(np.float32), acc.view(np.float32)).view(np.uint32)
+            else:
+                acc = P.fp32_add_bits(acc, x)
+        out[b] = P.canonicalize_nan(acc.view(np.float32)).view(np.uint32) if offs[b + 1] > offs[b] else 0
     return out.view(np.float32)
 
 
