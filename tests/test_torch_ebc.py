@@ -58,15 +58,12 @@ def _ref(configs, weighted=False, seed=0):
     return TorchRecEBC(tables=configs, is_weighted=weighted)
 
 
-def _assert_same(got, want, exact=True):
+def _assert_same(got, want):
     assert got.keys() == want.keys()
     assert got.length_per_key() == want.length_per_key()
     assert got.values().dtype == want.values().dtype == torch.float32
     assert got.values().shape == want.values().shape
-    if exact:
-        assert torch.equal(got.values(), want.values()), (got.values() - want.values()).abs().max()
-    else:
-        torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.values(), want.values()), (got.values() - want.values()).abs().max()
 
 
 @pytest.mark.parametrize("backend,opts", [
@@ -114,9 +111,8 @@ def test_weighted_kjt_equals_torchrec():
             for _ in range(3):
                 kjt = _kjt(configs, 9, rng, weighted=True, max_len=40)
                 with torch.no_grad():
-                    # evssd's pooling definition rounds w * x before the add; PyTorch's CPU kernel
-                    # fuses them (FMA): equal to about one fp32 rounding per term, not bit for bit
-                    _assert_same(ebc(kjt), ref(kjt), exact=False)
+                    # weighted bags are fma(w, x, acc) on both sides: bit for bit
+                    _assert_same(ebc(kjt), ref(kjt))
             with pytest.raises(et.TorchFaceError, match="needs weights"):
                 ebc(_kjt(configs, 2, rng))
         finally:
@@ -266,10 +262,7 @@ def test_fbgemm_calling_convention_equals_tbe(pooling, weighted, ftm):
     for it in (torch.int64, torch.int32):
         got = ours(torch.from_numpy(idx).to(it), torch.from_numpy(offs).to(it), per_sample_weights=w)
         assert got.shape == (B, sum(specs[t][1] for t in ftm))
-        if weighted:    # FBGEMM fuses w * x + acc (FMA); evssd's definition rounds the product first
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        else:
-            assert torch.equal(got, want), (got - want).abs().max()
+        assert torch.equal(got, want), (got - want).abs().max()  # weighted: fma on both sides
     for a, b in zip(ours.split_embedding_weights(), tbe.split_embedding_weights()):
         assert torch.equal(a, b)
     with pytest.raises(et.TorchFaceError, match="T\\*B\\+1"):
