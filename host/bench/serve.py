@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from .common import percentiles, write_results
+from evssd.host import cli_types as ct
 
 __all__ = ["add_arguments", "run"]
 
@@ -35,17 +36,17 @@ CACHE_ALPHA = 0.2
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="~15 s: fewer points and batches")
-    parser.add_argument("--threads", type=int, default=4, help="I/O threads of the multi-threaded engine")
-    parser.add_argument("--clients", type=int, default=2, help="concurrent ranker loops sharing the engine")
-    parser.add_argument("--tables", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=50000)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--pooling", type=int, default=20, help="rows per bag")
-    parser.add_argument("--max-fanout", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=None,
+    parser.add_argument("--threads", type=ct.positive_int, default=4, help="I/O threads of the multi-threaded engine")
+    parser.add_argument("--clients", type=ct.positive_int, default=2, help="concurrent ranker loops sharing the engine")
+    parser.add_argument("--tables", type=ct.positive_int, default=4)
+    parser.add_argument("--rows", type=ct.positive_int, default=50000)
+    parser.add_argument("--dim", type=ct.positive_int, default=32)
+    parser.add_argument("--batch-size", type=ct.positive_int, default=256)
+    parser.add_argument("--pooling", type=ct.positive_int, default=20, help="rows per bag")
+    parser.add_argument("--max-fanout", type=ct.positive_int, default=8)
+    parser.add_argument("--reps", type=ct.positive_int, default=None,
                         help="repetitions per engine point, 1-thread and N-thread runs interleaved (median reported)")
-    parser.add_argument("--budget-mb", type=float, default=16.0, help="ranker memory budget (cache experiment)")
+    parser.add_argument("--budget-mb", type=ct.positive_float, default=16.0, help="ranker memory budget (cache experiment)")
     parser.add_argument("--out", default=None, help="results root (default: $EVSSD_RESULTS or ./results)")
 
 

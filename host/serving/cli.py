@@ -13,58 +13,60 @@ import time
 
 import numpy as np
 
+from evssd.host import cli_types as ct
+
 __all__ = ["add_arguments", "run"]
 
 
 def _common_ranker(p):
     p.add_argument("--provider", default="tcp", choices=["tcp", "verbs"], help="RDMA provider")
-    p.add_argument("--threads", type=int, default=2, help="engine I/O threads (1 = single-threaded baseline)")
-    p.add_argument("--credits", type=int, default=16, help="in-flight requests per connection")
+    p.add_argument("--threads", type=ct.positive_int, default=2, help="engine I/O threads (1 = single-threaded baseline)")
+    p.add_argument("--credits", type=ct.positive_int, default=16, help="in-flight requests per connection")
     p.add_argument("--fetch", default="pooled", choices=["pooled", "rows"],
                    help="pooled: servers pool their rows per bag; rows: one one-sided READ per row")
-    p.add_argument("--batches", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pooling", type=int, default=20, help="rows per bag")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--budget-mb", type=float, default=None, help="ranker memory budget (enables the adaptive cache)")
+    p.add_argument("--batches", type=ct.positive_int, default=10)
+    p.add_argument("--batch-size", type=ct.positive_int, default=128)
+    p.add_argument("--pooling", type=ct.positive_int, default=20, help="rows per bag")
+    p.add_argument("--top-k", type=ct.positive_int, default=5)
+    p.add_argument("--budget-mb", type=ct.positive_float, default=None, help="ranker memory budget (enables the adaptive cache)")
     p.add_argument("--static-cache", action="store_true", help="static cache instead of adaptive")
-    p.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
+    p.add_argument("--timeout", type=ct.positive_float, default=5.0, help="per-request timeout (s)")
     p.add_argument("--criteo", default=None,
                    help="Criteo CSV: dense features and categorical C1.. hashed into the tables (one row per bag)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=ct.nonneg_int, default=0)
 
 
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="serve_cmd", metavar="ROLE", required=True)
 
     p = sub.add_parser("config", help="write a generated cluster config (row-range shards)")
-    p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--tables", type=int, default=4)
-    p.add_argument("--rows", type=int, default=20000)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--replicas", type=int, default=0)
-    p.add_argument("--skew", type=str, default=None, help="comma-separated server weights, e.g. 4,1,1,1")
+    p.add_argument("--servers", type=ct.positive_int, default=2)
+    p.add_argument("--tables", type=ct.positive_int, default=4)
+    p.add_argument("--rows", type=ct.positive_int, default=20000)
+    p.add_argument("--dim", type=ct.positive_int, default=16)
+    p.add_argument("--replicas", type=ct.nonneg_int, default=0)
+    p.add_argument("--skew", type=ct.float_list(), default=None, help="comma-separated server weights, e.g. 4,1,1,1")
     p.add_argument("-o", "--output", required=True)
 
     p = sub.add_parser("embeddings", help="run one embedding server of a config")
     p.add_argument("--config", required=True)
     p.add_argument("--server", required=True, help="server name in the config")
     p.add_argument("--host", default=None, help="bind address (default: the config's)")
-    p.add_argument("--port", type=int, default=None, help="port (default: the config's; 0 = any)")
+    p.add_argument("--port", type=ct.port, default=None, help="port (default: the config's; 0 = any)")
     p.add_argument("--provider", default="tcp", choices=["tcp", "verbs"])
     p.add_argument("--backend", default="dram", help="EmbeddingStore backend: dram, file, ...")
-    p.add_argument("--credits", type=int, default=32, help="receives kept posted per connection")
+    p.add_argument("--credits", type=ct.positive_int, default=32, help="receives kept posted per connection")
 
     p = sub.add_parser("ranker", help="rank synthetic batches against running servers")
     p.add_argument("--config", required=True)
     _common_ranker(p)
 
     p = sub.add_parser("local", help="launch a local cluster, rank batches, check against numpy, stop")
-    p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--tables", type=int, default=4)
-    p.add_argument("--rows", type=int, default=20000)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--replicas", type=int, default=0)
+    p.add_argument("--servers", type=ct.positive_int, default=2)
+    p.add_argument("--tables", type=ct.positive_int, default=4)
+    p.add_argument("--rows", type=ct.positive_int, default=20000)
+    p.add_argument("--dim", type=ct.positive_int, default=16)
+    p.add_argument("--replicas", type=ct.nonneg_int, default=0)
     p.add_argument("--backend", default="dram")
     _common_ranker(p)
 
