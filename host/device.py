@@ -593,9 +593,9 @@ class AsyncDevice:
             raise ValueError(f"offsets: {off.size - 1} bags do not fit the device's 32-bit count")
         if off[0] < 0:
             raise ValueError(f"offsets[0]={off[0]} is negative")
-        steps = np.diff(off)
-        if steps.size and steps.min() < 0:
-            k = int(np.flatnonzero(steps < 0)[0])
+        down = off[1:] < off[:-1]
+        if down.any():  # with offsets[0] >= 0 this also rules out negatives
+            k = int(np.flatnonzero(down)[0])
             raise ValueError(f"offsets must be non-decreasing: offsets[{k + 1}]={off[k + 1]} < "
                              f"offsets[{k}]={off[k]}")
         if off[-1] > n_indices:

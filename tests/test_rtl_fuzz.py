@@ -15,4 +15,4 @@ SMALL = dict(page_size=512, pages_per_channel=64, max_tables=8, max_extents=4, w
 
 def test_fuzz_command_path_on_rtl():
     runner.run("evssd.sim.tb_fuzz", "device", Params(n_channels=1, host_data_bits=64, ch_data_bits=64, **SMALL),
-               seed=3, extra_env={"EVSSD_FUZZ_COMMANDS": "300"})
+               seed=3, extra_env={"EVSSD_FUZZ_COMMANDS": "500"})

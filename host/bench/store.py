@@ -53,6 +53,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
 from evssd.host import cli_types as ct
 
 PEERS = ["dram", "file-page", "file-page-direct", "file-row+ev", "file-row-direct+ev", "file-row+ev@d1",

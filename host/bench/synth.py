@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+
 from evssd.host import cli_types as ct
 
 CHANNELS = (1, 2, 4, 8)
