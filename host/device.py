@@ -157,6 +157,7 @@ class AsyncDevice:
         self._inflight: dict[int, CommandHandle] = {}
         self._done: dict[int, CommandHandle] = {}
         self._reaping = False
+        self._submitting = False
         self.closed = False
 
     def _live(self):
@@ -369,6 +370,17 @@ class AsyncDevice:
         its buffers are freed when its completion arrives.
         """
         self._live()
+        if self._submitting:
+            raise RuntimeError(f"{self.transport.name}: submit() entered while another submission is "
+                               f"under way: drive one AsyncDevice from one task at a time (Device "
+                               f"does this for threads)")
+        self._submitting = True
+        try:
+            return await self._submit(command, buffers)
+        finally:
+            self._submitting = False
+
+    async def _submit(self, command: Command, buffers) -> CommandHandle:
         deadline = time.monotonic() + self.timeout
         while len(self._inflight) >= self.sq_entries - 1:
             if not await self._reap():
