@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+
 from evssd.host import cli_types as ct
 
 __all__ = ["add_arguments", "run", "bound"]
