@@ -27,7 +27,7 @@ NAME = "device"
 
 def add_arguments(parser):
     parser.add_argument("--calls", type=ct.positive_int, default=3000, help="calls per timed run (default 3000)")
-    parser.add_argument("--repeats", type=ct.positive_int, default=5, help="timed runs, best kept (default 5)")
+    parser.add_argument("--repeats", type=ct.positive_int, default=10, help="x 20 alternating timed blocks, best kept (default 10)")
     parser.add_argument("--threads", type=ct.int_range(2, 64, "a thread count"), default=4,
                         help="threads sharing one device in the shared run (default 4)")
     parser.add_argument("--rows", type=ct.positive_int, default=8, help="rows per gather (default 8)")
