@@ -19,8 +19,7 @@ def run(args) -> int:
     kwargs = {}
     if args.backend == "uart":
         if not args.port:
-            print("evssd info --backend uart needs --port", flush=True)
-            return 2
+            raise ct.UsageError("--backend uart needs --port (e.g. /dev/ttyUSB0)")
         kwargs = {"port": args.port, "baud": args.baud}
     with Device.open(args.backend, **kwargs) as dev:
         info = {

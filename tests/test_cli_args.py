@@ -104,6 +104,8 @@ def test_arguments_that_do_not_fit_together_are_refused_before_any_work(capsys):
     assert err.count("\n") == 1
     assert main(["demo", "--dim", "5000", "--no-progress"]) == 2
     assert "row limit" in capsys.readouterr().err
+    assert main(["info", "--backend", "uart"]) == 2
+    assert capsys.readouterr().err == "evssd info: error: --backend uart needs --port (e.g. /dev/ttyUSB0)\n"
 
 
 def test_a_failure_at_run_time_is_one_line_without_traceback(capsys, monkeypatch):
