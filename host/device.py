@@ -305,7 +305,7 @@ class AsyncDevice:
         for k, e in enumerate(extents):
             if not isinstance(e, (tuple, list, np.ndarray)) or len(e) != 3:
                 raise ValueError(f"table {table} extent {k}: {e!r} is not (first_index, n_rows, start_lba)")
-            extents[k] = tuple(_check_int(f"table {table} extent {k} {what}", v, 0, 1 << 32)
+            extents[k] = tuple(_check_int(f"table {table} extent {k} {what}", v, 0, 0xFFFF_FFFF)
                                for what, v in zip(("first_index", "n_rows", "start_lba"), e))
         if len(extents) > p.max_extents:
             raise ValueError(f"table {table}: {len(extents)} extents, the device holds {p.max_extents}")
@@ -463,6 +463,8 @@ class AsyncDevice:
             await self.transport.wait()
 
     async def wait_for(self, handle: CommandHandle) -> Completion:
+        """Wait (at most ``timeout`` seconds) for ``handle``'s completion and return it."""
+        self._check_handle(handle)
         deadline = time.monotonic() + self.timeout
         while handle.cid not in self._done:
             if handle.abandoned:
@@ -476,6 +478,13 @@ class AsyncDevice:
             await self.transport.wait()
         self._done.pop(handle.cid)
         return handle.completion
+
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, CommandHandle):
+            raise TypeError(f"expected a CommandHandle from submit*, got {type(handle).__name__}")
+        if self._inflight.get(handle.cid) is not handle and self._done.get(handle.cid) is not handle:
+            raise ValueError(f"{self.transport.name}: command cid {handle.cid} is not in flight on this "
+                             f"device (finished already, or submitted to another device)")
 
     def _abandon(self, handle: CommandHandle):
         """Give up waiting for ``handle``: its buffers stay allocated while the device may still
@@ -666,8 +675,10 @@ class AsyncDevice:
 
         If waiting fails (timeout, link error, cancellation) the command is abandoned: its
         buffers are freed when the device completes it, never while it may still write them."""
-        if handle.result_shape is None:
-            raise ValueError(f"finish: cid {handle.cid} is not a gather handle")
+        if not isinstance(handle, CommandHandle) or handle.result_shape is None:
+            raise TypeError(f"finish takes the handle of submit_gather/submit_gather_pooled, got "
+                            f"{handle!r}")
+        self._check_handle(handle)
         cmd = handle.command
         try:
             cpl = await self.wait_for(handle)

@@ -257,3 +257,25 @@ def test_device_errors_do_not_keep_buffers():
     dev.transport.free(dst)  # a completed raw command leaves its buffers to the caller
     assert _state(dev) == start
     _ordinary_requests_work(dev, data)
+
+
+def test_finishing_a_handle_twice_or_a_foreign_handle_is_refused_at_once():
+    dev, transport, data = _device()
+    other, _, _ = _device()
+    start = _state(dev)
+
+    async def main():
+        h = await dev.aio.submit_gather(0, [1, 2])
+        np.testing.assert_array_equal((await dev.aio.finish(h)).view(np.float32), data[[1, 2]])
+        with pytest.raises(ValueError, match="not in flight on this device"):
+            await dev.aio.finish(h)
+        foreign = await other.aio.submit_gather(0, [3])
+        with pytest.raises(ValueError, match="not in flight on this device"):
+            await dev.aio.finish(foreign)
+        await other.aio.finish(foreign)
+        with pytest.raises(TypeError, match="finish takes the handle"):
+            await dev.aio.finish("cid 3")
+        with pytest.raises(TypeError, match="expected a CommandHandle"):
+            await dev.aio.wait_for(3)
+    dev.run(main())
+    assert _state(dev) == start
