@@ -468,6 +468,12 @@ def _parse_layout(cls, d) -> "Layout":
     return layout
 
 
+def _padded_row_bytes(elem: str, dim: int) -> int:
+    """Bytes of a row of ``dim`` ``elem`` elements, padded to whole 32-bit words (the one place
+    the schema reads an element's size)."""
+    return -(-dim * ELEMS[elem].itemsize // 4) * 4
+
+
 def _check_layout(layout: "Layout") -> None:
     """The geometry agrees with itself: row size from dim and element type, rows per page from
     the page size, extents covering the rows once, no two extents on the same pages."""
@@ -485,7 +491,7 @@ def _check_layout(layout: "Layout") -> None:
         ids.add(t.table_id)
         if t.elem not in ELEMS:
             raise LayoutError(f"{where}: unknown elem {t.elem!r}")
-        want = -(-t.dim * ELEMS[t.elem].itemsize // 4) * 4
+        want = _padded_row_bytes(t.elem, t.dim)
         if t.row_bytes != want:
             raise LayoutError(f"{where}: row_bytes {t.row_bytes} != {want} for dim {t.dim} x {t.elem}")
         if t.row_bytes > ps:
