@@ -276,8 +276,10 @@ class UartProtocol:
                                      f"{_status_name(resp.status)} to {Op(op).name} at 0x{addr:08x}")
             return resp
         what = (_status_name(last.status) if isinstance(last, Response) else str(last))
-        raise TransportError(f"{self.link.name}: {Op(op).name} at 0x{addr:08x} failed "
-                             f"{self.retries + 1} times (last: {what})")
+        # A link that stayed silent is still a timeout to the caller (LinkTimeoutError).
+        error = LinkTimeoutError if isinstance(last, LinkTimeoutError) else TransportError
+        raise error(f"{self.link.name}: {Op(op).name} at 0x{addr:08x} failed "
+                    f"{self.retries + 1} times (last: {what})")
 
     async def ping(self) -> None:
         await self.transact(Op.PING, 0)

@@ -138,7 +138,7 @@ def test_a_lost_write_response_is_reported_not_guessed():
 def test_a_silent_board_gives_a_clear_error_after_the_retries():
     board = FakeBoard()
     link = FaultyLink(board, lose_reads=1.0)
-    with pytest.raises(TransportError, match=r"READ at 0x0f000000 failed 3 times \(last: .*no answer"):
+    with pytest.raises(LinkTimeoutError, match=r"READ at 0x0f000000 failed 3 times \(last: .*no answer"):
         UartTransport(link=link)
 
 
