@@ -11,7 +11,7 @@ import argparse
 import math
 
 __all__ = ["UsageError", "positive_int", "nonneg_int", "int_range", "power_of_two", "port",
-           "positive_float", "nonneg_float", "fraction", "percent", "int_list", "float_list",
+           "positive_float", "nonneg_float", "fraction", "share", "percent", "int_list", "float_list",
            "choice_list"]
 
 
@@ -83,6 +83,14 @@ def fraction(text: str) -> float:
     value = _float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value:g} is not a fraction in (0, 1]")
+    return value
+
+
+def share(text: str) -> float:
+    """A share in [0, 1] (0 allowed: none)."""
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a share in [0, 1]")
     return value
 
 
