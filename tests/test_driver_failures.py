@@ -279,3 +279,28 @@ def test_finishing_a_handle_twice_or_a_foreign_handle_is_refused_at_once():
             await dev.aio.wait_for(3)
     dev.run(main())
     assert _state(dev) == start
+
+
+def test_store_multi_table_batch_that_fails_for_one_table_leaves_nothing_in_flight():
+    """The store's multi-table path (one command per table, overlapped) goes through
+    AsyncDevice.gather_many: a table whose result does not fit leaves no other command in
+    flight, and the store keeps serving."""
+    from evssd.host.store import EmbeddingStore
+    transport = FaultyModel(PARAMS, host_memory_bytes=64 << 10)
+    dev = Device.open(transport, sq_entries=8, cq_entries=8)
+    rng = np.random.default_rng(1)
+    tables = {"a": rng.standard_normal((200, 8)).astype(np.float32),
+              "b": rng.standard_normal((3000, 8)).astype(np.float32)}
+    store = EmbeddingStore.from_arrays(tables, "evssd", device=dev, cache_fraction=None)
+    start = _state(dev)
+    small = (np.array([1, 2, 3]), np.array([0, 1, 3]))
+    many_bags = np.arange(2500)  # 2,500 bags of one row: 80 kB of sums, the window is 64 kB
+    for _ in range(10):
+        with pytest.raises(MemoryError, match="cannot fit"):
+            store.lookup_many({"a": small, "b": (many_bags, np.arange(2501))})
+        assert _state(dev) == start
+    got = store.lookup_many({"a": small, "b": (np.array([5, 2999]), np.array([0, 2]))})
+    np.testing.assert_allclose(got["a"], [tables["a"][1], tables["a"][[2, 3]].sum(0)], rtol=1e-6)
+    np.testing.assert_allclose(got["b"], [tables["b"][[5, 2999]].sum(0)], rtol=1e-6)
+    store.close()
+    dev.close()

@@ -117,26 +117,13 @@ class EvssdBackend(Backend):
         if aio is None or run is None or len(jobs) < 2 or any(len(j[2]) == 0 for j in jobs):
             return super().read_many(jobs)
 
-        async def go():
-            handles, out, error = [], [], None
-            for kind, info, idx, offs in jobs:
-                tid = self._ids[info.name].table_id
-                if kind == "rows":
-                    handles.append(await aio.submit_gather(tid, idx.astype(np.uint32)))
-                else:
-                    handles.append(await aio.submit_gather_pooled(tid, idx.astype(np.uint32),
-                                                                  offs.astype(np.uint32)))
-            for h in handles:  # finish every handle, even after an error, so buffers are freed
-                try:
-                    out.append(await aio.finish(h))
-                except Exception as exc:
-                    error = error or exc
-                    out.append(None)
-            if error is not None:
-                raise error
-            return out
-
-        raws = run(go())
+        requests = []
+        for kind, info, idx, offs in jobs:
+            tid = self._ids[info.name].table_id
+            requests.append((tid, idx.astype(np.uint32)) if kind == "rows" else
+                            (tid, idx.astype(np.uint32), offs.astype(np.uint32)))
+        # all or nothing: a table that fails leaves none of the others in flight
+        raws = run(aio.gather_many(requests))
         self._count(len(jobs), 0, 0)
         return [self._rows_view(info, raw, len(idx)) if kind == "rows"
                 else self._pooled_view(info, raw, len(offs) - 1, len(idx))
