@@ -188,3 +188,18 @@ def test_concurrent_submissions_on_one_async_device_are_refused_clearly():
         await dev.wait_for(results[0])
         assert not dev._inflight and await dev.nop()
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["dram", "file", "evssd"])
+def test_a_closed_store_says_it_is_closed(backend):
+    from evssd.host.store import EmbeddingStore, StoreClosedError
+    store = EmbeddingStore.from_arrays({"a": np.ones((100, 8), np.float32)}, backend)
+    assert store.gather("a", np.array([1]))[0, 0] == 1.0
+    store.close()
+    store.close()  # twice is harmless
+    calls = [lambda: store.gather("a", np.array([1, 2])),
+             lambda: store.pooled("a", np.array([1, 2]), np.array([0, 2])),
+             lambda: store.lookup_many({"a": (np.array([1]), np.array([0, 1]))})]
+    for call in calls:
+        with pytest.raises(StoreClosedError, match=f"the store is closed \\(its {backend} backend"):
+            call()
