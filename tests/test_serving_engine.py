@@ -11,7 +11,8 @@ from evssd.host.serving import protocol as P
 from evssd.host.serving.config import make_config, table_rows
 from evssd.host.serving.engine import Backpressure, Engine
 from evssd.host.serving.launcher import LocalCluster
-from evssd.host.serving.rdma import RdmaUnavailable, get_provider
+from evssd.host.serving.providers import get_provider
+from evssd.host.serving.rdma import RdmaUnavailable
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from evssd.host.serving.config import make_config
 from evssd.host.serving.engine import Engine, RequestTimeout
 from evssd.host.serving.launcher import LocalCluster
 from evssd.host.serving.ranker import Ranker, ServingError, local_pooled, synthetic_batch
-from evssd.host.serving.rdma import get_provider
+from evssd.host.serving.providers import get_provider
 
 # Fault tests stop and kill server processes on short timeouts: keep them on one pytest-xdist
 # worker so they never share the machine with another serving cluster's timing-sensitive run.

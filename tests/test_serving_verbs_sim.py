@@ -19,7 +19,7 @@ from evssd.host.serving import protocol as P
 from evssd.host.serving.config import make_config, table_rows
 from evssd.host.serving.engine import Engine
 from evssd.host.serving.ranker import Ranker, local_pooled, synthetic_batch
-from evssd.host.serving.rdma import get_provider
+from evssd.host.serving.providers import get_provider
 
 
 def _fake_pyverbs():

@@ -67,7 +67,7 @@ def _wire_bytes(engine):
 def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalance_every=0, pin_thread=None):
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.ranker import Ranker, synthetic_batch
-    from evssd.host.serving.rdma import get_provider
+    from evssd.host.serving.providers import get_provider
 
     rng = np.random.default_rng(seed)
     work = [synthetic_batch(cfg, batch, pooling, rng)[1] for _ in range(min(batches, 8))]
@@ -103,7 +103,7 @@ def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalanc
 def _pooling_point(cfg, fetch, batches, batch, pooling, seed, multi=True):
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.ranker import Ranker, local_pooled, synthetic_batch
-    from evssd.host.serving.rdma import get_provider
+    from evssd.host.serving.providers import get_provider
 
     rng = np.random.default_rng(seed)
     with Engine(get_provider("tcp"), 2, credits=16, request_timeout=60, read_window=128) as eng:
@@ -126,7 +126,7 @@ def _pooling_point(cfg, fetch, batches, batch, pooling, seed, multi=True):
 def _cache_points(cfg, budget, sizes, batches, pooling, seed):
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.ranker import BudgetExceeded, EmbeddingCache, Ranker, synthetic_batch
-    from evssd.host.serving.rdma import get_provider
+    from evssd.host.serving.providers import get_provider
 
     rows = {}
     static_rows = (budget // 2) // EmbeddingCache.bytes_per_row(cfg["dim"])
@@ -182,7 +182,7 @@ def _overhead_points(cluster, sizes, reps):
 
     from evssd.host.serving import protocol as P
     from evssd.host.serving.engine import Engine
-    from evssd.host.serving.rdma import get_provider
+    from evssd.host.serving.providers import get_provider
 
     out = []
     proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)

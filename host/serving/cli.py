@@ -72,7 +72,8 @@ def add_arguments(parser):
 def _rank(cfg, args, check: bool) -> int:
     from .engine import EngineError
     from .ranker import DLRM, ServingError, criteo_batches
-    from .rdma import RdmaUnavailable, get_provider
+    from .providers import get_provider
+    from .rdma import RdmaUnavailable
 
     try:
         provider = get_provider(args.provider)

@@ -17,6 +17,9 @@ readable when :meth:`QueuePair.progress` may produce completions, so one I/O thr
 many connections with ``selectors``. Posting never blocks: work requests queue on the queue
 pair, and the owner calls :meth:`QueuePair.flush` once per loop turn (one send for a burst) and
 again whenever the descriptor is writable while ``wants_write``.
+
+Providers are created by name through :mod:`.providers` (the registry), which imports this
+module and the implementations; this module imports neither.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = ["Opcode", "WorkCompletion", "MemoryRegion", "QueuePair", "Listener", "Provider",
-           "RdmaUnavailable", "get_provider", "PROVIDERS"]
+           "RdmaUnavailable"]
 
 
 class RdmaUnavailable(RuntimeError):
@@ -89,17 +92,3 @@ class Provider:
     def connect(self, host: str, port: int, *, recv_depth: int = 32, timeout: float = 5.0,
                 blocking: bool = False) -> QueuePair: raise NotImplementedError
     def listen(self, host: str, port: int, *, recv_depth: int = 32) -> Listener: raise NotImplementedError
-
-
-PROVIDERS = ("tcp", "verbs")
-
-
-def get_provider(name: str, **kwargs) -> Provider:
-    """Instantiate a provider by name; ``verbs`` imports pyverbs only here."""
-    if name == "tcp":
-        from .tcp_provider import TcpProvider
-        return TcpProvider(**kwargs)
-    if name == "verbs":
-        from .verbs_provider import VerbsProvider
-        return VerbsProvider(**kwargs)
-    raise ValueError(f"unknown RDMA provider {name!r}; choose one of {PROVIDERS}")

@@ -33,7 +33,8 @@ import numpy as np
 
 from . import protocol as P
 from .config import server_shards, table_rows
-from .rdma import Opcode, get_provider
+from .providers import get_provider
+from .rdma import Opcode
 
 __all__ = ["EmbeddingServer", "READY_PREFIX"]
 
