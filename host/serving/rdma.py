@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = ["Opcode", "WorkCompletion", "MemoryRegion", "QueuePair", "Listener", "Provider",
-           "RdmaUnavailable"]
+           "RdmaUnavailable", "HandshakeTimeout", "recv_exact_by"]
 
 
 class RdmaUnavailable(RuntimeError):
@@ -79,10 +79,49 @@ class QueuePair:
 
 
 class Listener:
+    """Accepting is split in two so a server keeps slow peers off its accept loop:
+    :meth:`accept_socket` only takes the next TCP connection (cheap, never waits on the peer);
+    :meth:`handshake` sets the queue pair up within a total ``deadline`` (time.monotonic), on
+    the connection's own thread; :meth:`refuse` turns a peer away with a reason it can read."""
     address: tuple[str, int]
 
-    def accept(self, timeout: float | None = None) -> QueuePair: raise NotImplementedError
+    def accept_socket(self, timeout: float | None = None): raise NotImplementedError
+    def handshake(self, sock, addr, deadline: float) -> QueuePair: raise NotImplementedError
+    def refuse(self, sock, reason: str) -> None: raise NotImplementedError
     def close(self) -> None: raise NotImplementedError
+
+    def accept(self, timeout: float | None = None, handshake_timeout: float = 5.0) -> QueuePair:
+        """Both steps in the caller's thread (clients and tests; servers split them)."""
+        import time
+        sock, addr = self.accept_socket(timeout)
+        return self.handshake(sock, addr, time.monotonic() + handshake_timeout)
+
+
+class HandshakeTimeout(TimeoutError):
+    """A peer did not complete connection set-up within its total deadline."""
+
+
+def recv_exact_by(sock, n: int, deadline: float, what: str = "handshake") -> bytearray:
+    """``n`` bytes from a blocking socket, all of them before ``deadline`` (time.monotonic):
+    a peer trickling one byte at a time cannot stretch the wait (the timeout is the time
+    left, not a per-byte timeout)."""
+    import time
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HandshakeTimeout(f"{what} not completed in time ({got} of {n} bytes received)")
+        sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:])
+        except TimeoutError:
+            raise HandshakeTimeout(f"{what} not completed in time ({got} of {n} bytes received)") from None
+        if k == 0:
+            raise ConnectionError(f"peer closed the connection during the {what}")
+        got += k
+    return buf
 
 
 class Provider:
