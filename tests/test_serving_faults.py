@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_replica_takes_over(fault):
                     sparse = _batch(c.config, seed)
                     _check(c.config, r.embeddings(sparse), sparse)
                 if fault == "kill":
-                    assert eng.connections["s0"].dead     # skipped as soon as it was seen dead
+                    assert r.conns["s0"].dead     # skipped as soon as it was seen dead (reconnects fail)
                 else:
                     assert r.retries >= 1                  # timed out, retried on the replica
                 before = r.retries
@@ -106,6 +107,54 @@ def test_replica_takes_over(fault):
             finally:
                 if fault == "stall":
                     c.resume("s0")
+
+
+@pytest.mark.parametrize("fetch", ["pooled", "rows"])
+def test_ranker_reconnects_to_a_restarted_server(fetch):
+    """No replica: while s1 is down its batches fail clearly; once it is back on the same
+    address the running ranker reconnects (backoff), re-reads its memory keys (new rkeys
+    after a restart, used by one-sided READs) and serves from it again."""
+    with LocalCluster(make_config(2, 2000, 8, 2)) as c:
+        with Engine(get_provider("tcp"), 2, request_timeout=2.0) as eng:
+            r = Ranker(c.config, eng, fetch=fetch, timeout=2.0, reconnect_backoff=(0.01, 0.05))
+            sparse = _batch(c.config)
+            _check(c.config, r.embeddings(sparse), sparse)
+            old_keys = {t: m["rkey"] for t, m in r.meta["s1"].items()}
+            c.kill("s1")
+            with pytest.raises(ServingError, match="every server failed: s1"):
+                r.embeddings(_batch(c.config, 1))
+            with pytest.raises(ServingError, match="s1: ConnectionLost.*reconnect failed|every server failed: s1"):
+                r.embeddings(_batch(c.config, 2))            # still down: a reconnect attempt fails
+            c.restart("s1")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and "s1" not in r.reconnect(force=True):
+                time.sleep(0.05)
+            assert not r.conns["s1"].dead and r.reconnects >= 1
+            assert {t: m["rkey"] for t, m in r.meta["s1"].items()} != old_keys
+            for seed in range(3, 6):
+                sparse = _batch(c.config, seed)
+                _check(c.config, r.embeddings(sparse), sparse)
+
+
+def test_replica_set_regains_a_restarted_primary():
+    with LocalCluster(make_config(2, 3000, 8, 3, replicas=1)) as c:
+        with Engine(get_provider("tcp"), 2, request_timeout=2.0) as eng:
+            r = Ranker(c.config, eng, timeout=2.0, reconnect_backoff=(0.01, 0.05))
+            c.kill("s0")
+            for seed in range(2):                          # the replica serves meanwhile
+                sparse = _batch(c.config, seed)
+                _check(c.config, r.embeddings(sparse), sparse)
+            c.restart("s0")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and r.conns["s0"].dead:
+                sparse = _batch(c.config, 7)
+                _check(c.config, r.embeddings(sparse), sparse)
+                time.sleep(0.02)
+            assert not r.conns["s0"].dead
+            served = eng.connections["s0"].completed
+            sparse = _batch(c.config, 8)
+            _check(c.config, r.embeddings(sparse), sparse)
+            assert eng.connections["s0"].completed > served   # primary again, not just connected
 
 
 # ------------------------------------------------------------------ network namespaces
