@@ -44,6 +44,9 @@ def add_arguments(parser):
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--replicas", type=int, default=0)
     p.add_argument("--skew", type=str, default=None, help="comma-separated server weights, e.g. 4,1,1,1")
+    p.add_argument("--host", default="127.0.0.1", help="address of every server")
+    p.add_argument("--base-port", type=int, default=None,
+                   help="ports base, base+1, ... (default: ports free on --host now)")
     p.add_argument("-o", "--output", required=True)
 
     p = sub.add_parser("embeddings", help="run one embedding server of a config")
@@ -128,14 +131,18 @@ def _rank_loop(cfg, args, check, provider, model, budget, criteo, rng):
 
 
 def run(args) -> int:
-    from .config import ConfigError, load_config, make_config, save_config
+    from .config import (ConfigError, assign_ports, load_config, make_config, save_config,
+                         unassigned_servers)
 
     try:
         if args.serve_cmd == "config":
             skew = [float(x) for x in args.skew.split(",")] if args.skew else None
-            cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas, skew=skew)
+            cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas,
+                              skew=skew, host=args.host)
+            assign_ports(cfg, args.base_port)
             save_config(cfg, args.output)
-            print(f"wrote {args.output}")
+            print(f"wrote {args.output}: " + ", ".join(f"{s} {i['host']}:{i['port']}"
+                                                       for s, i in cfg["servers"].items()))
             return 0
         if args.serve_cmd == "embeddings":
             from .rdma import RdmaUnavailable
@@ -148,7 +155,12 @@ def run(args) -> int:
                 print(f"evssd serve embeddings: {exc}", file=sys.stderr)
                 return 2
         if args.serve_cmd == "ranker":
-            return _rank(load_config(args.config), args, check=False)
+            cfg = load_config(args.config)
+            missing = unassigned_servers(cfg)
+            if missing:
+                raise ConfigError(f"servers {missing} have port 0 (any port), so a ranker cannot reach them: "
+                                  f"give them ports (`evssd serve config` does) or use the launcher's config")
+            return _rank(cfg, args, check=False)
         if args.serve_cmd == "local":
             from .launcher import LocalCluster
             cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas)
