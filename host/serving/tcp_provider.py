@@ -173,6 +173,7 @@ class TcpListener(Listener):
 
 
 class TcpQueuePair(QueuePair):
+    thread_safe_post = True     # posting and flushing hold the send lock: any thread may send
     def __init__(self, provider: TcpProvider, sock: socket.socket, peer_credits: int, *,
                  blocking: bool, peer: str = "?", max_frame: int = P.MAX_PAYLOAD):
         self.provider = provider
