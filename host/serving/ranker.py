@@ -359,7 +359,11 @@ class Ranker:
 
     def _open(self, s, timeout, context) -> bool:
         """Connect to server ``s`` and fetch its META (its memory keys: new after a restart)."""
-        host, port = self.resolve(s)
+        try:
+            host, port = self.resolve(s)
+        except Exception as exc:     # the control plane does not know where the server is now
+            self.conns[s] = _Unreachable(s, "?", f"{context}: cannot resolve: {type(exc).__name__}: {exc}")
+            return False
         try:
             conn = self.engine.connect(s, host, port, weight=self.weight[s], timeout=timeout,
                                        thread=self.pin_thread)
