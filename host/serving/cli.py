@@ -4,6 +4,7 @@
     evssd serve embeddings --config cluster.json --server s0 [--port 7001]
     evssd serve ranker --config cluster.json --batches 20 --batch-size 256 --threads 2
     evssd serve local --servers 4 --batches 20        # launch, rank, check against numpy, stop
+    evssd serve ray --address auto --servers 4        # servers and rankers as Ray actors
 """
 from __future__ import annotations
 
@@ -61,6 +62,23 @@ def add_arguments(parser):
     p = sub.add_parser("ranker", help="rank synthetic batches against running servers")
     p.add_argument("--config", required=True)
     _common_ranker(p)
+
+    p = sub.add_parser("ray", help="deploy servers and rankers on a Ray cluster (Ray: control plane only)")
+    p.add_argument("--address", default="local",
+                   help="Ray cluster address (auto, ray://..., host:port) or `local` to start Ray here")
+    p.add_argument("--config", default=None, help="cluster config (default: generated from the options below)")
+    p.add_argument("--servers", type=int, default=2)
+    p.add_argument("--tables", type=int, default=4)
+    p.add_argument("--rows", type=int, default=20000)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--replicas", type=int, default=0)
+    p.add_argument("--backend", default="dram")
+    p.add_argument("--max-restarts", type=int, default=10, help="Ray restarts of a failed server (-1: unlimited)")
+    p.add_argument("--rankers", type=int, default=1, help="ranker actors to start")
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--publish", default=None, help="write the config with the published addresses here")
+    p.add_argument("--keep", action="store_true", help="keep serving after the rankers finish (until Ctrl-C)")
 
     p = sub.add_parser("local", help="launch a local cluster, rank batches, check against numpy, stop")
     p.add_argument("--servers", type=int, default=2)
@@ -130,6 +148,50 @@ def _rank_loop(cfg, args, check, provider, model, budget, criteo, rng):
     return 0
 
 
+def _ray(args) -> int:
+    from .config import load_config, make_config, save_config
+    from .ray_plane import RayDeployment, require_ray
+
+    try:
+        ray = require_ray()
+    except RuntimeError as exc:
+        print(f"evssd serve ray: {exc}", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config) if args.config else \
+        make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas)
+    ray.init(address=None if args.address == "local" else args.address, logging_level="ERROR")
+    try:
+        dep = RayDeployment(cfg, backend=args.backend, max_restarts=args.max_restarts).start()
+        try:
+            for s, info in dep.infos().items():
+                print(f"{s}: {info['host']}:{info['port']} pid {info['pid']} node {info['node_id'][:12]} "
+                      f"({dep.placement[s]})")
+            if args.publish:
+                save_config(dep.config(), args.publish)
+                print(f"published addresses in {args.publish}")
+            rankers = dep.start_rankers(args.rankers)
+            results = ray.get([r.run.remote(args.batches, args.batch_size) for r in rankers])
+            bad = 0
+            for i, res in enumerate(results):
+                lat = np.array(res["latency_s"]) * 1e3
+                p50 = f"{np.percentile(lat, 50):.2f}" if lat.size else "-"
+                print(f"ranker {i}: {res['ok']}/{args.batches} batches, p50 {p50} ms, "
+                      f"max |score - numpy| {res['max_abs_err']:.1e}, errors {len(res['errors'])}")
+                bad += len(res["errors"]) + (res["max_abs_err"] > 1e-4)
+            if args.keep:
+                print("serving; Ctrl-C stops")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+            return 1 if bad else 0
+        finally:
+            dep.shutdown()
+    finally:
+        ray.shutdown()
+
+
 def run(args) -> int:
     from .config import (ConfigError, assign_ports, load_config, make_config, save_config,
                          unassigned_servers)
@@ -161,6 +223,8 @@ def run(args) -> int:
                 raise ConfigError(f"servers {missing} have port 0 (any port), so a ranker cannot reach them: "
                                   f"give them ports (`evssd serve config` does) or use the launcher's config")
             return _rank(cfg, args, check=False)
+        if args.serve_cmd == "ray":
+            return _ray(args)
         if args.serve_cmd == "local":
             from .launcher import LocalCluster
             cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas)
