@@ -210,3 +210,24 @@ def test_servers_in_network_namespaces_over_veth():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         for link in links:
             subprocess.run(["ip", "link", "del", link], capture_output=True)
+
+
+def test_soak_short_good_bad_clients_and_restarts():
+    """The soak run in short: every good batch is correct or a clear ServingError (no wrong
+    answer, no other exception, nothing past the retry bound), every bad-client kind was
+    turned away or cut off, every restarted server was rejoined by every ranker, and server
+    memory came back after the bad clients left."""
+    from evssd.host.serving.soak import run_soak
+    r = run_soak(phase_s=2.0, rows=3000, good=2)
+    for ph, p in r["phases"].items():
+        assert p["wrong"] == 0 and p["defects"] == 0, (ph, p, r["error_examples"])
+    assert r["phases"]["clean"]["ok"] > 0 and r["phases"]["bad clients"]["ok"] > 0
+    assert r["phases"]["chaos"]["ok"] > 0
+    assert r["max_batch_s"] <= r["latency_bound_s"], r["max_batch_s"]      # nothing hung
+    for kind, c in r["bad_clients"].items():
+        assert c["attempts"] >= 1 and c["refused_or_closed"] >= 1, (kind, c)
+    assert r["bad_clients"]["oversized"]["error_frames"] >= 1
+    assert len(r["restarts"]) >= 3 and all(x["recovery_s"] is not None for x in r["restarts"]), r["restarts"]
+    start, after = r["rss_kib"]["start"], r["rss_kib"]["after_bad_clients_left"]
+    for s in start:
+        assert after[s] <= start[s] + 32 * 1024, (s, start[s], after[s])

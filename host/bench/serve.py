@@ -47,6 +47,11 @@ def add_arguments(parser):
                         help="repetitions per engine point, 1-thread and N-thread runs interleaved (median reported)")
     parser.add_argument("--budget-mb", type=float, default=16.0, help="ranker memory budget (cache experiment)")
     parser.add_argument("--out", default=None, help="results root (default: $EVSSD_RESULTS or ./results)")
+    parser.add_argument("--soak", type=float, default=None, metavar="PHASE_S",
+                        help="instead: the soak run (good rankers, bad clients, servers killed and "
+                             "restarted), PHASE_S seconds per phase; results under results/serve-soak/")
+    parser.add_argument("--backends", default="dram,evssd",
+                        help="embedding-server backends compared in the backend column (comma-separated)")
 
 
 # ------------------------------------------------------------------ helpers
@@ -221,10 +226,64 @@ def _overhead_points(cluster, sizes, reps):
 
 
 # ------------------------------------------------------------------ main
+def _run_soak(args) -> int:
+    from evssd.host.serving.soak import run_soak
+
+    data = run_soak(phase_s=args.soak, rows=min(args.rows, 20000), dim=args.dim)
+    for ph, p in data["phases"].items():
+        print(f"soak {ph:12s}: {p['batches']:6d} batches, ok {p['ok']}, clear errors {p['errors']}, "
+              f"wrong {p['wrong']}, defects {p['defects']}, p50 {p['p50_ms'] or 0:.2f} ms, "
+              f"p99 {p['p99_ms'] or 0:.2f} ms, max {p['max_ms'] or 0:.1f} ms", flush=True)
+    for k, c in data["bad_clients"].items():
+        print(f"bad   {k:13s}: {c}")
+    for r in data["restarts"]:
+        print(f"restart {r['server']}: down {r['down_s']:.2f} s, all rankers back {r['recovery_s']} s after ready")
+    print(f"server RSS KiB: {data['rss_kib']}")
+    fig = _soak_figure(data)
+    cmd = f"evssd bench serve --soak {args.soak:g}"
+    path = write_results("serve-soak", data, fig, command=cmd, root=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _soak_figure(data):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ph = [k for k, v in data["phases"].items() if v["batches"]]
+    x = np.arange(len(ph))
+    a = ax[0]
+    a.bar(x - 0.2, [data["phases"][k]["p50_ms"] or 0 for k in ph], 0.4, label="p50")
+    a.bar(x + 0.2, [data["phases"][k]["p99_ms"] or 0 for k in ph], 0.4, label="p99")
+    a.set_xticks(x, ph, fontsize=8)
+    a.set_ylabel("good rankers' batch latency (ms)")
+    a.set_title("good clients: with and without bad ones")
+    a.legend(fontsize=8)
+    a = ax[1]
+    a.bar(x, [data["phases"][k]["ok"] for k in ph], label="correct")
+    a.bar(x, [data["phases"][k]["errors"] for k in ph], bottom=[data["phases"][k]["ok"] for k in ph],
+          label="clear error", color="tab:orange")
+    a.set_xticks(x, ph, fontsize=8)
+    a.set_ylabel("batches")
+    a.set_title("every batch: correct or a clear error")
+    a.legend(fontsize=8)
+    a = ax[2]
+    rs = data["restarts"]
+    a.bar(range(len(rs)), [r["recovery_s"] or 0 for r in rs], tick_label=[r["server"] for r in rs])
+    a.set_ylabel("s from restart ready to all rankers back")
+    a.set_title("recovery after kill + restart")
+    fig.tight_layout()
+    return fig
+
+
 def run(args) -> int:
     from evssd.host.serving.config import make_config
     from evssd.host.serving.launcher import LocalCluster
 
+    if args.soak is not None:
+        return _run_soak(args)
     quick = args.quick
     nfan = min(8, args.max_fanout)
     fanouts = [f for f in ([1, 2, 4, 8] if quick else range(1, 9)) if f <= nfan]
