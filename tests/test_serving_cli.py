@@ -25,6 +25,10 @@ def test_bench_serve_small_run_writes_results(tmp_path, capsys):
     assert pooled["bytes_per_batch"] < rows["bytes_per_batch"]
     assert max(p["max_abs_err_vs_numpy"] for p in data["pooling"]) < 1e-4
     assert data["cache"]["adaptive"]["largest_batch_served"] >= data["cache"]["static"]["largest_batch_served"]
+    # the EV-SSD backend column: the same batches, the same answers
+    assert [p["backend"] for p in data["backends"]] == ["dram", "evssd"]
+    assert max(p["max_abs_err_vs_numpy"] for p in data["backends"]) < 1e-4
+    assert {p["threads"] for p in data["cpu_per_request"]} == {1, 2} and all(p["cpu_us_per_request"] > 0 for p in data["cpu_per_request"])
 
 
 def test_serve_config_gives_usable_addresses_for_separately_started_processes(tmp_path, capsys):

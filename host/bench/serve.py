@@ -163,6 +163,80 @@ def _cache_points(cfg, budget, sizes, batches, pooling, seed):
     return rows
 
 
+def _backend_points(args, backends, batches, seed=11):
+    """The same shard map served by each backend (``dram``: rows in memory; ``evssd``: the
+    EV-SSD device model behind :class:`~evssd.host.store.EmbeddingStore`, its latency is the
+    model's wall-clock time on this host, not a hardware measurement)."""
+    from evssd.host.serving.config import make_config
+    from evssd.host.serving.engine import Engine
+    from evssd.host.serving.launcher import LocalCluster
+    from evssd.host.serving.providers import get_provider
+    from evssd.host.serving.ranker import Ranker, local_pooled, synthetic_batch
+
+    cfg = make_config(args.tables, min(args.rows, 20000), args.dim, 2)
+    out = []
+    for backend in backends:
+        rng = np.random.default_rng(seed)
+        work = [synthetic_batch(cfg, args.batch_size, args.pooling, rng)[1] for _ in range(batches)]
+        t_start = time.perf_counter()
+        with LocalCluster(cfg, backend=backend, startup_timeout=300) as cluster:
+            startup = time.perf_counter() - t_start
+            ccfg = cluster.config
+            with Engine(get_provider("tcp"), 2, request_timeout=60) as eng:
+                r = Ranker(ccfg, eng, timeout=60)
+                r.embeddings(work[0])
+                lat, err = [], 0.0
+                t0 = time.perf_counter()
+                for w in work:
+                    t1 = time.perf_counter()
+                    got = r.embeddings(w)
+                    lat.append(time.perf_counter() - t1)
+                    err = max(err, max(float(np.abs(g - x).max()) for g, x in zip(got, local_pooled(ccfg, w))))
+                wall = time.perf_counter() - t0
+        out.append({"backend": backend, "samples_per_s": len(work) * args.batch_size / wall,
+                    **{k + "_ms": v * 1e3 for k, v in percentiles(lat).items()},
+                    "max_abs_err_vs_numpy": err, "startup_s": startup, "batches": len(work)})
+    return out
+
+
+def _cpu_points(cluster, thread_counts, clients, n_req, size=4096):
+    """CPU time per request of this (ranker) process per engine thread count, with
+    ``clients`` caller threads: on 2 shared cores the throughput gain of more I/O threads
+    cannot show, the CPU cost per request can (and the run is ready for a bigger machine)."""
+    import resource
+
+    from evssd.host.serving import protocol as P
+    from evssd.host.serving.engine import Engine
+    from evssd.host.serving.providers import get_provider
+
+    names = [n for n in cluster.config["servers"]][:max(thread_counts)]
+    payload = b"\xcd" * size
+    req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
+    out = []
+    for th in thread_counts:
+        with Engine(get_provider("tcp"), th, request_timeout=30) as eng:
+            conns = [eng.connect(n, *cluster.address(n)) for n in names]
+
+            def loop(k):
+                c = conns[k % len(conns)]
+                for _ in range(n_req // clients):
+                    assert eng.request(c, req).result(30) == payload
+            loop(0)
+            ths = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+        n = (n_req // clients) * clients
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        out.append({"threads": th, "clients": clients, "requests": n, "bytes": size,
+                    "cpu_us_per_request": cpu / n * 1e6, "wall_us_per_request": wall / n * 1e6,
+                    "requests_per_s": n / wall})
+    return out
+
+
 _ECHO_SERVER = r"""
 import socket, struct, sys
 srv = socket.create_server(("127.0.0.1", 0))
@@ -217,7 +291,8 @@ def _overhead_points(cluster, sizes, reps):
                 e, b = percentiles(t_eng), percentiles(t_bare)
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
                             "bare_p50_us": b["p50"] * 1e6, "bare_p99_us": b["p99"] * 1e6,
-                            "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6})
+                            "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6,
+                            "ratio_p50": e["p50"] / b["p50"]})
         bare.close()
     finally:
         proc.kill()
@@ -366,7 +441,21 @@ def run(args) -> int:
         data["overhead"] = ov
         for p in ov:
             print(f"rtt     {p['bytes']:6d} B: engine p50 {p['engine_p50_us']:7.1f} us, bare socket p50 "
-                  f"{p['bare_p50_us']:7.1f} us, overhead {p['overhead_p50_us']:7.1f} us", flush=True)
+                  f"{p['bare_p50_us']:7.1f} us, overhead {p['overhead_p50_us']:7.1f} us "
+                  f"({p['ratio_p50']:.2f}x)", flush=True)
+        # 5. CPU per request per engine thread count
+        cpu = _cpu_points(cluster, sorted({1, 2, args.threads}), max(2, args.clients * 2), 400 if quick else 2000)
+        data["cpu_per_request"] = cpu
+        for p in cpu:
+            print(f"cpu     {p['threads']} I/O threads, {p['clients']} callers: {p['cpu_us_per_request']:6.1f} us CPU "
+                  f"per request, {p['requests_per_s']:8.0f} requests/s", flush=True)
+    # 6. backends behind the embedding servers (the same shard map and batches)
+    backends = [b for b in args.backends.split(",") if b]
+    data["backends"] = _backend_points(args, backends, 3 if quick else 10)
+    for p in data["backends"]:
+        print(f"backend {p['backend']:8s}: {p['samples_per_s']:9.0f} samples/s p50 {p['p50_ms']:7.2f} ms "
+              f"p99 {p['p99_ms']:7.2f} ms, max |err| vs numpy {p['max_abs_err_vs_numpy']:.1e} "
+              f"(startup {p['startup_s']:.1f} s)", flush=True)
     data["wall_s"] = time.perf_counter() - t_start
     data["loadavg_end"] = os.getloadavg()
     print(f"load average start {data['loadavg_start'][0]:.1f}, end {data['loadavg_end'][0]:.1f} "
@@ -383,7 +472,7 @@ def _figure(data, threads):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    fig, ax = plt.subplots(2, 3, figsize=(17, 8))
     a = ax[0, 0]
     for skew, ls in (("uniform", "-"), ("skewed", "--")):
         for th, c in ((1, "tab:gray"), (threads, "tab:blue")):
@@ -427,5 +516,16 @@ def _figure(data, threads):
     a.set_ylabel("p50 round trip (us)")
     a.set_title("engine overhead")
     a.legend(fontsize=8)
+    a = ax[0, 2]
+    bk = data.get("backends", [])
+    a.bar([p["backend"] for p in bk], [p["samples_per_s"] for p in bk], color="tab:purple")
+    a.set_ylabel("samples/s")
+    a.set_title("embedding-server backend (evssd: device model, wall clock)")
+    a = ax[1, 2]
+    cpu = data.get("cpu_per_request", [])
+    a.bar([str(p["threads"]) for p in cpu], [p["cpu_us_per_request"] for p in cpu], color="tab:brown")
+    a.set_xlabel("engine I/O threads")
+    a.set_ylabel("ranker-process CPU us per request")
+    a.set_title("CPU per request (4 KiB ECHO)")
     fig.tight_layout()
     return fig
