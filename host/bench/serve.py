@@ -167,7 +167,7 @@ def _backend_points(args, backends, batches, seed=11):
     """The same shard map served by each backend (``dram``: rows in memory; ``evssd``: the
     EV-SSD device model behind :class:`~evssd.host.store.EmbeddingStore`, its latency is the
     model's wall-clock time on this host, not a hardware measurement)."""
-    from evssd.host.serving.config import make_config
+    from evssd.host.serving.config import make_config, table_rows
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.launcher import LocalCluster
     from evssd.host.serving.providers import get_provider
@@ -185,14 +185,15 @@ def _backend_points(args, backends, batches, seed=11):
             with Engine(get_provider("tcp"), 2, request_timeout=60) as eng:
                 r = Ranker(ccfg, eng, timeout=60)
                 r.embeddings(work[0])
+                golden = {t: table_rows(ccfg, t) for t in ccfg["tables"]}
                 lat, err = [], 0.0
-                t0 = time.perf_counter()
                 for w in work:
                     t1 = time.perf_counter()
                     got = r.embeddings(w)
                     lat.append(time.perf_counter() - t1)
-                    err = max(err, max(float(np.abs(g - x).max()) for g, x in zip(got, local_pooled(ccfg, w))))
-                wall = time.perf_counter() - t0
+                    err = max(err, max(float(np.abs(g - x).max())
+                                       for g, x in zip(got, local_pooled(ccfg, w, golden))))
+                wall = sum(lat)            # batches back to back, the golden check excluded
         out.append({"backend": backend, "samples_per_s": len(work) * args.batch_size / wall,
                     **{k + "_ms": v * 1e3 for k, v in percentiles(lat).items()},
                     "max_abs_err_vs_numpy": err, "startup_s": startup, "batches": len(work)})
@@ -256,6 +257,21 @@ while True:
 """
 
 
+def _recv_frame(sock):
+    from evssd.host.serving import protocol as P
+    buf = bytearray()
+    while len(buf) < P.HEADER.size:
+        buf += sock.recv(P.HEADER.size - len(buf))
+    hdr = P.unpack_header(bytes(buf))
+    body = bytearray()
+    while len(body) < hdr.length:
+        k = sock.recv(hdr.length - len(body))
+        if not k:
+            raise ConnectionError("server closed")
+        body += k
+    return bytes(body)
+
+
 def _overhead_points(cluster, sizes, reps):
     import struct
 
@@ -269,12 +285,20 @@ def _overhead_points(cluster, sizes, reps):
         port = int(proc.stdout.readline())
         bare = socket.create_connection(("127.0.0.1", port), timeout=10)
         bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # the same embedding server without the engine: a blocking client speaking the frame
+        # protocol (what the server's side of a round trip costs)
+        raw = socket.create_connection(cluster.address("s0"), timeout=10)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hello = b'{"recv_depth": 4}'
+        raw.sendall(P.pack_header(P.Op.HELLO, 0, len(hello)) + hello)
+        _recv_frame(raw)
         with Engine(get_provider("tcp"), 1, request_timeout=30) as eng:
             conn = eng.connect("s0", *cluster.address("s0"))
             for size in sizes:
                 payload = b"\xab" * size
                 req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
-                t_eng, t_bare = [], []
+                frame = P.pack_header(P.Op.SEND, 1, len(req)) + req
+                t_eng, t_bare, t_raw = [], [], []
                 for i in range(reps + 5):
                     t0 = time.perf_counter()
                     assert eng.request(conn, req).result(30) == payload
@@ -285,15 +309,21 @@ def _overhead_points(cluster, sizes, reps):
                     while got < need:
                         got += len(bare.recv(need - got))
                     t2 = time.perf_counter()
+                    raw.sendall(frame)
+                    assert P.decode_reply(_recv_frame(raw)) == payload
+                    t3 = time.perf_counter()
                     if i >= 5:
                         t_eng.append(t1 - t0)
                         t_bare.append(t2 - t1)
-                e, b = percentiles(t_eng), percentiles(t_bare)
+                        t_raw.append(t3 - t2)
+                e, b, rw = percentiles(t_eng), percentiles(t_bare), percentiles(t_raw)
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
                             "bare_p50_us": b["p50"] * 1e6, "bare_p99_us": b["p99"] * 1e6,
+                            "server_no_engine_p50_us": rw["p50"] * 1e6,
                             "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6,
                             "ratio_p50": e["p50"] / b["p50"]})
         bare.close()
+        raw.close()
     finally:
         proc.kill()
         proc.wait(5)
@@ -442,7 +472,8 @@ def run(args) -> int:
         for p in ov:
             print(f"rtt     {p['bytes']:6d} B: engine p50 {p['engine_p50_us']:7.1f} us, bare socket p50 "
                   f"{p['bare_p50_us']:7.1f} us, overhead {p['overhead_p50_us']:7.1f} us "
-                  f"({p['ratio_p50']:.2f}x)", flush=True)
+                  f"({p['ratio_p50']:.2f}x); server without the engine {p['server_no_engine_p50_us']:7.1f} us",
+                  flush=True)
         # 5. CPU per request per engine thread count
         cpu = _cpu_points(cluster, sorted({1, 2, args.threads}), max(2, args.clients * 2), 400 if quick else 2000)
         data["cpu_per_request"] = cpu
@@ -511,6 +542,8 @@ def _figure(data, threads):
     ov = data["overhead"]
     a.plot([p["bytes"] for p in ov], [p["engine_p50_us"] for p in ov], marker="o", label="engine (SEND/RECV)")
     a.plot([p["bytes"] for p in ov], [p["bare_p50_us"] for p in ov], marker="o", label="bare socket")
+    a.plot([p["bytes"] for p in ov], [p["server_no_engine_p50_us"] for p in ov], marker="o",
+           label="embedding server, blocking client (no engine)")
     a.set_xscale("log")
     a.set_xlabel("message bytes")
     a.set_ylabel("p50 round trip (us)")

@@ -286,7 +286,8 @@ class _Refuser:
 def limit_heap_retention() -> None:
     """glibc keeps freed large blocks in the heap once its adaptive mmap threshold has grown
     (it grows after the first multi-MiB free), so RSS never returns after 4 MiB messages.
-    Pinning the threshold makes every block >= 256 KiB its own mapping, unmapped on free.
+    Pinning the threshold makes every block >= 1 MiB its own mapping, unmapped on free (not
+    lower: the 256 KiB receive chunk of every message would then cost an mmap and a munmap).
     No-op off glibc."""
     try:
         libc = ctypes.CDLL(None)
@@ -294,7 +295,7 @@ def limit_heap_retention() -> None:
     except (OSError, AttributeError):
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 256 << 10)
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
     mallopt(M_TRIM_THRESHOLD, 1 << 20)
 
 

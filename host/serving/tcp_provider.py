@@ -187,6 +187,7 @@ class TcpQueuePair(QueuePair):
         sock.setblocking(blocking)
         self._fd = sock.fileno()
         self._rbuf = bytearray()
+        self._scratch: bytearray | None = None
         self._out: deque[memoryview] = deque()
         self._send_lock = threading.Lock()
         self._cork: list | None = None
@@ -280,49 +281,55 @@ class TcpQueuePair(QueuePair):
 
     # ------------------------------------------------------------------ progress
     def progress(self):
-        """Read what the socket holds (blocking mode: wait for it) and handle whole frames."""
+        """Read what the socket holds (blocking mode: wait for it) and handle whole frames.
+
+        Bytes land in a per-queue-pair scratch buffer (no allocation per receive); frames are
+        handled straight from it, and only a trailing partial frame is kept in ``_rbuf``."""
         if self.failed:
             return
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = bytearray(_RECV_CHUNK)
         try:
-            data = self._sock.recv(_RECV_CHUNK)
+            n = self._sock.recv_into(scratch)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._fail(f"receive failed: {exc}")
             return
-        if not data:
+        if not n:
             self._fail("peer closed the connection")
             return
-        self.bytes_recv += len(data)
+        self.bytes_recv += n
+        start = 0
         if self._skip:
-            k = min(self._skip, len(data))
-            self._skip -= k
-            data = data[k:]
+            start = min(self._skip, n)
+            self._skip -= start
         rbuf = self._rbuf
-        rbuf += data
-        pos = 0
+        if rbuf:
+            rbuf += memoryview(scratch)[start:n]
+            src, end, pos = memoryview(rbuf), len(rbuf), 0
+        else:
+            src, end, pos = memoryview(scratch), n, start
         hs = P.HEADER.size
         if self._blocking:
             self._cork = []        # answers to a burst of READs go out in one send
         try:
-            while len(rbuf) - pos >= hs:
-                hdr = P.unpack_header(bytes(rbuf[pos:pos + hs]))
+            while end - pos >= hs:
+                hdr = P.unpack_header(src[pos:pos + hs])
                 if hdr.length > self.max_frame:
                     self._refuse_frame(hdr)
-                    have = min(hdr.length, len(rbuf) - pos - hs)
+                    have = min(hdr.length, end - pos - hs)
                     self._skip = hdr.length - have
                     pos += hs + have
                     continue
-                if len(rbuf) - pos - hs < hdr.length:
+                if end - pos - hs < hdr.length:
                     break
-                body = memoryview(rbuf)[pos + hs:pos + hs + hdr.length]
-                try:
-                    self._handle(hdr, body)
-                finally:
-                    body.release()
+                self._handle(hdr, src[pos + hs:pos + hs + hdr.length])
                 pos += hs + hdr.length
         except P.ProtocolError as exc:
             # The stream cannot be trusted past a bad header: say why, then close.
+            src.release()
             self._uncork()
             msg = str(exc).encode()
             try:
@@ -336,11 +343,15 @@ class TcpQueuePair(QueuePair):
             if self._cork is not None and not self.failed:
                 self._uncork()
             self._cork = None
-        if pos:
-            if pos == len(rbuf):
-                self._rbuf = bytearray()     # let a large frame's buffer go, not just shrink it
-            else:
+        src.release()
+        # keep only the partial frame; a large frame's buffer is let go, not just shrunk
+        if rbuf:
+            if pos == end:
+                self._rbuf = bytearray()
+            elif pos:
                 del rbuf[:pos]
+        elif pos < end:
+            self._rbuf = bytearray(memoryview(scratch)[pos:n])
 
     def _refuse_frame(self, hdr):
         """A frame longer than this side accepts: refused from its header, before any of its
