@@ -176,7 +176,7 @@ class EmbeddingServer:
         try:
             try:
                 qp = self.listener.handshake(sock, addr, time.monotonic() + self.handshake_timeout)
-            except (OSError, P.ProtocolError, ValueError):
+            except (OSError, P.ProtocolError, ValueError, KeyError):
                 self.refused_handshakes += 1
                 return        # a peer that failed or stalled its handshake; it was told why if it listens
             maps, bufs = {}, {}
