@@ -2,7 +2,8 @@
 (`ray.cluster_utils.Cluster`, 2 nodes of 1 CPU). Servers are placed by shard (custom
 resources), publish addresses and memory keys, are restarted by Ray after a crash, and rankers
 (a Ray actor and one in this process) reconnect through the published addresses. Ray writes
-its state under a temporary directory that is removed afterwards."""
+its state under a temporary directory (RAY_TMPDIR) that is removed afterwards, and ~/.ray
+unless it existed before."""
 import os
 import shutil
 import signal
@@ -24,6 +25,8 @@ def ray_cluster():
 
     tmp = tempfile.mkdtemp(prefix="evssd-ray-", dir="/tmp")
     saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED")}
+    home_ray = os.path.expanduser("~/.ray")          # Ray writes an auth token there
+    had_home_ray = os.path.exists(home_ray)
     # every Ray process (they inherit the environment) keeps its state under tmp, not /tmp/ray
     os.environ["RAY_TMPDIR"] = tmp
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -48,6 +51,8 @@ def ray_cluster():
             if not os.path.exists(tmp):
                 break
             time.sleep(0.25)
+        if not had_home_ray:
+            shutil.rmtree(home_ray, ignore_errors=True)
         assert not os.path.exists(tmp), f"Ray left {tmp} behind"
 
 
