@@ -130,3 +130,19 @@ def test_core_and_serving_import_without_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "needs Ray (pip install 'evssd[ray]')" in out.stdout
+
+
+def test_cli_serve_ray_deploys_publishes_and_ranks(ray_cluster, tmp_path, capsys):
+    import json
+
+    from evssd.host.cli import main
+    cluster, head, worker = ray_cluster
+    out = tmp_path / "published.json"
+    rc = main(["serve", "ray", "--address", cluster.address, "--servers", "2", "--tables", "2", "--rows", "1500",
+               "--rankers", "1", "--batches", "2", "--batch-size", "8", "--publish", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "(resource evssd_s0)" in text and "(resource evssd_s1)" in text
+    assert "ranker 0: 2/2 batches" in text and "errors 0" in text
+    pub = json.loads(out.read_text())
+    assert all(s["port"] > 0 for s in pub["servers"].values())

@@ -161,7 +161,9 @@ def _ray(args) -> int:
         return 2
     cfg = load_config(args.config) if args.config else \
         make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas)
-    ray.init(address=None if args.address == "local" else args.address, logging_level="ERROR")
+    owns = not ray.is_initialized()          # a caller already connected (tests) keeps its session
+    if owns:
+        ray.init(address=None if args.address == "local" else args.address, logging_level="ERROR")
     try:
         dep = RayDeployment(cfg, backend=args.backend, max_restarts=args.max_restarts).start()
         try:
@@ -191,7 +193,8 @@ def _ray(args) -> int:
         finally:
             dep.shutdown()
     finally:
-        ray.shutdown()
+        if owns:
+            ray.shutdown()
 
 
 def run(args) -> int:
