@@ -16,12 +16,20 @@ import numpy as np
 from evssd.hw import regmap
 from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, NO_BAD_POSITION, Command, Completion,
                              ElemType, Opcode, Params, Status)
+from evssd.host.pooling import pool_bags
 from evssd.host.regfile import BusResponse, MMIOError, RegisterFile
+from evssd.host.sparse_flash import SparseFlash
+from evssd.host.timing import TimingModel
 from evssd.host.transport import HostMemory, Transport
 
-__all__ = ["DeviceModel", "ModelTransport", "translate"]
+__all__ = ["DeviceModel", "ModelTransport", "translate", "translate_many", "MODEL_PAGES_PER_CHANNEL"]
 
 ALIGN = 64
+
+#: Flash pages per channel of a model opened without ``pages_per_channel``: 2**24 pages of 4 KiB
+#: per channel (64 GiB; 256 GiB with 4 channels), allocated sparsely (:mod:`evssd.host.sparse_flash`),
+#: so tables of any practical size fit at no memory cost beyond their own pages.
+MODEL_PAGES_PER_CHANNEL = 1 << 24
 
 
 class _Table:
@@ -38,16 +46,30 @@ def translate(index: int, table: _Table, total_pages: int):
     Status 0 = ok, 1 = in no extent, 3 = page outside the flash. The first matching extent (in
     slot order) wins; extents do not overlap when written by the driver.
     """
+    st, lba, off = translate_many(np.array([index], np.int64), table, total_pages)
+    return int(st[0]), int(lba[0]), int(off[0])
+
+
+def translate_many(indices: np.ndarray, table: _Table, total_pages: int):
+    """:func:`translate` over an int64 array: (status uint8, lba int64, offset int64) arrays."""
+    n = indices.shape[0]
+    status = np.ones(n, np.uint8)
+    lba = np.zeros(n, np.int64)
+    offset = np.zeros(n, np.int64)
+    rpp = table.rows_per_page
     for first, n_rows, lba0 in table.extents:
-        if n_rows and first <= index < first + n_rows:
-            rel = index - first
-            q = rel // table.rows_per_page
-            lba = lba0 + q
-            offset = (rel - q * table.rows_per_page) * table.row_bytes
-            if lba >= total_pages:
-                return 3, lba, offset
-            return 0, lba, offset
-    return 1, 0, 0
+        if not n_rows:
+            continue
+        hit = (status == 1) & (indices >= first) & (indices < first + n_rows)
+        if not hit.any():
+            continue
+        rel = indices[hit] - first
+        q = rel // rpp
+        lba[hit] = lba0 + q
+        offset[hit] = (rel - q * rpp) * table.row_bytes
+        status[hit] = np.where(lba[hit] >= total_pages, 3, 0)
+    lba[status == 1] = 0
+    return status, lba, offset
 
 
 class DeviceModel:
@@ -57,7 +79,9 @@ class DeviceModel:
         self.params = params
         self.regs = RegisterFile(params, on_write=self._on_write)
         self.host, self.host_base = host, host_base
-        self.flash = np.zeros((params.n_channels, params.pages_per_channel, params.page_size), np.uint8)
+        self._host_np = np.frombuffer(host, np.uint8)   # a view: host memory as an array
+        self._rows = np.empty(0, np.uint8)
+        self.flash = SparseFlash(params.total_pages, params.page_size)
         self.tables = [_Table(params.max_extents) for _ in range(params.max_tables)]
         self.sq_head = 0
         self.cq_tail = 0
@@ -65,7 +89,6 @@ class DeviceModel:
         self.cq_head = 0
         self.pending = False
         self.fatal = False
-        from evssd.host.timing import TimingModel
         self.timing = TimingModel(params)
         self._set_counters()
 
@@ -85,13 +108,10 @@ class DeviceModel:
         f["cnt_cycles_lo"] = cyc & 0xFFFF_FFFF
         f["cnt_cycles_hi"] = (cyc >> 32) & 0xFFFF_FFFF
         f["cnt_busy_cycles"] = self.timing.busy_cycles & 0xFFFF_FFFF
-        for c in range(self.params.n_channels):
-            ch = self.timing.channels[c]
-            f["ch_rows"][c] = ch.rows & 0xFFFF_FFFF
-            f["ch_bytes"][c] = ch.bytes & 0xFFFF_FFFF
-            f["ch_tr_waits"][c] = ch.tr_waits & 0xFFFF_FFFF
-            f["ch_busy_cycles"][c] = ch.busy_cycles & 0xFFFF_FFFF
-            f["ch_programs"][c] = ch.programs & 0xFFFF_FFFF
+        t = self.timing
+        for name, arr in (("ch_rows", t.ch_rows), ("ch_bytes", t.ch_bytes), ("ch_tr_waits", t.ch_tr_waits),
+                          ("ch_busy_cycles", t.ch_busy_cycles), ("ch_programs", t.ch_programs)):
+            f[name][:self.params.n_channels] = (arr & 0xFFFF_FFFF).tolist()
 
     def _on_write(self, name, value):
         f = self.regs.fields
@@ -215,48 +235,58 @@ class DeviceModel:
             offsets = np.frombuffer(self._read_host(cmd.offsets_addr, 4 * (cmd.n_bags + 1)), "<u4").astype(np.int64)
             if np.any(np.diff(offsets) < 0) or offsets[-1] > cmd.count:
                 return Completion(cid=cmd.cid, status=Status.BAD_OFFSETS)
-        indices = np.frombuffer(self._read_host(cmd.src_addr, 4 * cmd.count), "<u4")
-        rows = np.zeros((cmd.count, table.row_bytes), np.uint8)
-        good = np.zeros(cmd.count, bool)
-        n_bad, first_bad, worst = 0, NO_BAD_POSITION, Status.OK
-        used = np.zeros(cmd.count, bool)
-        if pooled:
-            for b in range(cmd.n_bags):
-                used[offsets[b]:offsets[b + 1]] = True
+        src = self._host_slice(cmd.src_addr, 4 * cmd.count)
+        indices = self._host_np[src:src + 4 * cmd.count].view("<u4").astype(np.int64)
+        # Bags are contiguous slices of the index list, so the lookups a command makes are one
+        # range: all of them (GATHER) or offsets[0]..offsets[n_bags] (GATHER_POOLED).
+        lo, hi = (int(offsets[0]), int(offsets[-1])) if pooled else (0, cmd.count)
+        st, lba, offset = translate_many(indices[lo:hi], table, p.total_pages)
+        bad = np.flatnonzero(st)
+        n_bad = int(bad.size)
+        first_bad = int(bad[0]) + lo if n_bad else NO_BAD_POSITION
+        worst = Status.OK
+        if n_bad:
+            worst = Status.BAD_INDEX if np.any(st == 1) else Status.BAD_LBA
+            ok_pos = np.flatnonzero(st == 0)
+            lba, offset = lba[ok_pos], offset[ok_pos]
         else:
-            used[:] = True
-        locations = []
-        for pos in np.flatnonzero(used):
-            st, lba, offset = translate(int(indices[pos]), table, p.total_pages)
-            if st:
-                n_bad += 1
-                if first_bad == NO_BAD_POSITION:
-                    first_bad = int(pos)
-                kind = Status.BAD_INDEX if st == 1 else Status.BAD_LBA
-                if worst != Status.BAD_INDEX:
-                    worst = kind
-                continue
-            ch, page = lba % p.n_channels, lba // p.n_channels
-            rows[pos] = self.flash[ch, page, offset:offset + table.row_bytes]
-            good[pos] = True
-            locations.append((ch, page, offset))
-        self.timing.lookups(locations, table.row_bytes, out_bytes, self.regs.fields["ctrl_block_mode"])
-        self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + int(used.sum())) & 0xFFFF_FFFF
+            ok_pos = np.arange(hi - lo)
+        dst_error = None
+        rows = None
+        if not pooled:  # rows go straight into the result buffer; a bad lookup's row is zeros
+            try:
+                dst = self._host_slice(cmd.dst_addr, out_bytes)
+                rows = self._host_np[dst:dst + out_bytes].reshape(cmd.count, table.row_bytes)
+                if n_bad:
+                    rows[bad] = 0
+            except _BusError as exc:  # the lookups still run; the result write fails
+                dst_error = exc
+        if rows is None:
+            rows = self._scratch(cmd.count, table.row_bytes)
+        self.flash.gather(lba, offset, table.row_bytes, rows, ok_pos + lo)
+        self.timing.lookups(lba % p.n_channels, lba // p.n_channels, offset, table.row_bytes, out_bytes,
+                            self.regs.fields["ctrl_block_mode"])
+        self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + (hi - lo)) & 0xFFFF_FFFF
+        if dst_error is not None:
+            raise dst_error
         if pooled:
-            from evssd.host.pooling import pool_rows
+            good = np.zeros(cmd.count, bool)
+            good[lo:hi] = st == 0
             dim = table.row_bytes // elem.itemsize
-            out = np.zeros((cmd.n_bags, out_row), np.uint8)
-            for b in range(cmd.n_bags):
-                sel = np.arange(offsets[b], offsets[b + 1])
-                sel = sel[good[sel]]
-                elems = rows[sel].view(np.dtype(elem.numpy_dtype)).reshape(len(sel), dim)
-                out[b] = np.asarray(pool_rows(elems, elem)).view(np.uint8).reshape(-1)
-            result = out.tobytes()
-        else:
-            result = rows.tobytes()
-        if result:
-            self._write_host(cmd.dst_addr, result)
+            elems = rows.view(np.dtype(elem.numpy_dtype)).reshape(cmd.count, dim)
+            result = pool_bags(elems, offsets, good, elem)
+            if out_bytes:
+                dst = self._host_slice(cmd.dst_addr, out_bytes)
+                self._host_np[dst:dst + out_bytes] = result.reshape(-1).view(np.uint8)
         return Completion(n_bad=n_bad, first_bad=first_bad, cid=cmd.cid, status=worst)
+
+    def _scratch(self, n: int, row_bytes: int) -> np.ndarray:
+        """A reused ``[n, row_bytes]`` uint8 buffer for a pooled command's rows (no per-command
+        allocation); its content is overwritten before use."""
+        size = n * row_bytes
+        if self._rows.size < size:
+            self._rows = np.empty(max(size, 2 * self._rows.size), np.uint8)
+        return self._rows[:size].reshape(n, row_bytes)
 
     def _pages(self, cmd: Command) -> Completion:
         p = self.params
@@ -265,16 +295,29 @@ class DeviceModel:
             return Completion(cid=cmd.cid, status=Status.RESULT_OVERFLOW)
         if cmd.lba + cmd.count > p.total_pages:
             return Completion(cid=cmd.cid, status=Status.BAD_LBA)
+        # Page by page like the RTL (a bus error on page k leaves pages before k done), in one
+        # vectorised step for the pages whose host memory is inside the window.
+        host_addr = cmd.src_addr if cmd.opcode == Opcode.PROGRAM_PAGES else cmd.dst_addr
+        n_ok = cmd.count
         for k in range(cmd.count):
-            lba = cmd.lba + k
-            ch, page = lba % p.n_channels, lba // p.n_channels
+            try:
+                self._host_slice(host_addr + k * ps, ps)
+            except _BusError:
+                n_ok = k
+                break
+        if n_ok:
+            lbas = range(cmd.lba, cmd.lba + n_ok)
             if cmd.opcode == Opcode.PROGRAM_PAGES:
-                data = self._read_host(cmd.src_addr + k * ps, ps)
-                self.flash[ch, page] = np.frombuffer(data, np.uint8)
-                self.timing.program(ch, page)
+                data = self._read_host(cmd.src_addr, n_ok * ps)
+                self.flash.program(cmd.lba, np.frombuffer(data, np.uint8).reshape(n_ok, ps))
+                for lba in lbas:
+                    self.timing.program(lba % p.n_channels, lba // p.n_channels)
             else:
-                self._write_host(cmd.dst_addr + k * ps, self.flash[ch, page].tobytes())
-                self.timing.read_page(ch, page)
+                self._write_host(cmd.dst_addr, self.flash.read(cmd.lba, n_ok).tobytes())
+                for lba in lbas:
+                    self.timing.read_page(lba % p.n_channels, lba // p.n_channels)
+        if n_ok < cmd.count:
+            raise _BusError(host_addr + n_ok * ps, ps)
         return Completion(cid=cmd.cid, status=Status.OK)
 
 
@@ -284,13 +327,16 @@ class _BusError(Exception):
 
 
 class ModelTransport(Transport):
-    """The functional model as a transport. ``params`` (or keyword overrides) picks the build."""
+    """The functional model as a transport. ``params`` (or keyword overrides) picks the build;
+    without ``pages_per_channel`` the flash is :data:`MODEL_PAGES_PER_CHANNEL` pages per channel
+    (sparse: memory follows the pages programmed)."""
 
     name = "model"
 
     def __init__(self, params: Params | None = None, *, host_memory_bytes: int = 64 << 20,
                  host_base: int = 0x1_0000_0000, **overrides):
         if params is None:
+            overrides.setdefault("pages_per_channel", MODEL_PAGES_PER_CHANNEL)
             params = Params(**overrides)
         elif overrides:
             raise TypeError("give either params or keyword overrides, not both")
