@@ -75,7 +75,7 @@ def translate_many(indices: np.ndarray, table: _Table, total_pages: int):
 class DeviceModel:
     """The device's state and command semantics."""
 
-    def __init__(self, params: Params, host: bytearray, host_base: int):
+    def __init__(self, params: Params, host: bytearray, host_base: int, *, n_slots: int | None = None):
         self.params = params
         self.regs = RegisterFile(params, on_write=self._on_write)
         self.host, self.host_base = host, host_base
@@ -89,7 +89,7 @@ class DeviceModel:
         self.cq_head = 0
         self.pending = False
         self.fatal = False
-        self.timing = TimingModel(params)
+        self.timing = TimingModel(params, n_slots=n_slots)
         self._set_counters()
 
     # ---------------------------------------------------------------- registers
@@ -329,12 +329,14 @@ class _BusError(Exception):
 class ModelTransport(Transport):
     """The functional model as a transport. ``params`` (or keyword overrides) picks the build;
     without ``pages_per_channel`` the flash is :data:`MODEL_PAGES_PER_CHANNEL` pages per channel
-    (sparse: memory follows the pages programmed)."""
+    (sparse: memory follows the pages programmed). ``n_slots``: the reorder-buffer slots of the
+    build being modelled (default: :func:`evssd.host.timing.default_slots`), e.g. the RTL's
+    ``n_slots`` top argument when the model runs next to a non-default build."""
 
     name = "model"
 
     def __init__(self, params: Params | None = None, *, host_memory_bytes: int = 64 << 20,
-                 host_base: int = 0x1_0000_0000, **overrides):
+                 host_base: int = 0x1_0000_0000, n_slots: int | None = None, **overrides):
         if params is None:
             overrides.setdefault("pages_per_channel", MODEL_PAGES_PER_CHANNEL)
             params = Params(**overrides)
@@ -343,7 +345,7 @@ class ModelTransport(Transport):
         self.params = params
         self.host = bytearray(host_memory_bytes)
         self.memory = HostMemory(host_base, host_memory_bytes)
-        self.device = DeviceModel(params, self.host, host_base)
+        self.device = DeviceModel(params, self.host, host_base, n_slots=n_slots)
 
     async def read32(self, addr: int) -> int:
         data, resp = self.device.regs.read(addr)

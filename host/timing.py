@@ -121,7 +121,7 @@ class TimingModel:
     def __init__(self, params: Params, t_r: int = 1000, t_prog: int = 10000, n_slots: int | None = None):
         self.params = params
         self.t_r, self.t_prog = t_r, t_prog
-        self.n_slots = n_slots or default_slots(params)
+        self.n_slots = default_slots(params) if n_slots is None else int(n_slots)
         if self.n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {self.n_slots}")
         c, w = params.n_channels, params.ways

@@ -88,4 +88,4 @@ def test_default_build_counts_tr_waits_and_rows():
 
 def test_bad_slots_are_named():
     with pytest.raises(ValueError, match="n_slots"):
-        TimingModel(Params(), n_slots=-1)
+        TimingModel(Params(), n_slots=0)
