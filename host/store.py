@@ -63,22 +63,18 @@ from typing import Mapping
 
 import numpy as np
 
-try:  # numba is a hard dependency, but keep the pure-numpy path importable for odd installs
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
+from evssd.host import pooling
+from evssd.host.elements import ELEMS, INT8_ROWWISE, Elem, ElemError, elem_of_dtype
 
 __all__ = [
     "EmbeddingStore", "TableInfo", "StoreError", "StoreInputError", "TableFileError",
     "PlainLRU", "TableFile", "write_table_file", "open_table_file", "DTYPES", "pool_deduplicated",
+    "RowwiseInt8", "quantize_rowwise_int8",
 ]
 
-#: element types a table may hold: name -> numpy dtype (the device's elem names)
-DTYPES: dict[str, np.dtype] = {
-    "fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1"), "int32": np.dtype("<i4"),
-}
-_DTYPE_CODE = {"fp32": 0, "fp16": 1, "int8": 2, "int32": 3}
-_CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
+#: element types a table may hold: name -> numpy dtype of the stored rows (from host.elements)
+DTYPES: dict[str, np.dtype] = {name: el.storage for name, el in ELEMS.items()}
+_CODE_ELEM = {el.code: el for el in ELEMS.values()}
 
 FILE_MAGIC = b"EVSSDTBL"
 FILE_VERSION = 1
@@ -100,27 +96,81 @@ class TableFileError(StoreError, ValueError):
 
 def dtype_name(dtype) -> str:
     """The element-type name ('fp32', 'fp16', 'int8', 'int32') of a numpy dtype; error otherwise."""
-    dt = np.dtype(dtype)
-    for name, d in DTYPES.items():
-        if dt == d or (dt.kind == d.kind and dt.itemsize == d.itemsize):
-            return name
-    raise StoreInputError(f"unsupported element type {dt} (supported: {', '.join(DTYPES)})")
+    try:
+        return elem_of_dtype(dtype).name
+    except ElemError as exc:
+        raise StoreInputError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class RowwiseInt8:
+    """A table of FBGEMM row-wise quantized INT8 rows (``int8_rowwise``): ``data`` is uint8
+    ``[rows, dim + 4]``, each row an fp16 scale, an fp16 bias and ``dim`` codes (the layout of
+    ``IntNBitTableBatchedEmbeddingBagsCodegen``'s INT8 rows without their alignment padding).
+    Extra columns beyond ``dim + 4`` (FBGEMM's row padding) are dropped when ``dim`` is given."""
+    data: np.ndarray
+    dim: int | None = None
+
+    def rows_array(self, name: str) -> np.ndarray:
+        d = np.asarray(self.data)
+        if d.ndim != 2 or d.dtype != np.uint8:
+            raise StoreInputError(f"table {name!r}: int8_rowwise rows must be a 2-D uint8 array, "
+                                  f"got {d.dtype} {d.shape}")
+        dim = d.shape[1] - INT8_ROWWISE.extra if self.dim is None else int(self.dim)
+        if dim < 1 or d.shape[1] < dim + INT8_ROWWISE.extra or d.shape[0] < 1:
+            raise StoreInputError(f"table {name!r}: int8_rowwise rows of shape {d.shape} cannot hold "
+                                  f"dim={dim} codes plus the 4-byte scale and bias")
+        return np.ascontiguousarray(d[:, :dim + INT8_ROWWISE.extra])
+
+
+def quantize_rowwise_int8(table) -> RowwiseInt8:
+    """Quantize a float table row by row the way FBGEMM's INT8 TBE rows are built:
+    ``scale = (max - min) / 255``, ``bias = min`` (both stored as fp16), ``q = round((x - bias) / scale)``."""
+    x = np.asarray(table, dtype=np.float32)
+    if x.ndim != 2 or x.size == 0:
+        raise StoreInputError(f"quantize_rowwise_int8: expected a non-empty 2-D array, got shape {x.shape}")
+    lo = x.min(axis=1)
+    scale = ((x.max(axis=1) - lo) / 255).astype(np.float16)
+    bias = lo.astype(np.float16)
+    s32 = scale.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s32[:, None] > 0, np.rint((x - bias.astype(np.float32)[:, None]) / s32[:, None]), 0)
+    out = np.empty((x.shape[0], x.shape[1] + 4), np.uint8)
+    out[:, 0:2] = scale.view(np.uint8).reshape(-1, 2)
+    out[:, 2:4] = bias.view(np.uint8).reshape(-1, 2)
+    out[:, 4:] = np.clip(q, 0, 255).astype(np.uint8)
+    return RowwiseInt8(out, x.shape[1])
 
 
 @dataclass(frozen=True)
 class TableInfo:
+    """A table's shape and element type. ``dim`` is the logical row length (pooled columns);
+    the stored rows are ``[rows, width]`` of ``dtype`` (width = dim, plus 4 for int8_rowwise)."""
     name: str
     rows: int
     dim: int
     dtype: np.dtype
+    elem: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        if not self.elem:
+            object.__setattr__(self, "elem", dtype_name(self.dtype))
+        elif self.elem not in ELEMS:
+            raise StoreInputError(f"table {self.name!r}: unknown element type {self.elem!r}")
 
     @property
-    def elem(self) -> str:
-        return dtype_name(self.dtype)
+    def el(self) -> Elem:
+        return ELEMS[self.elem]
+
+    @property
+    def width(self) -> int:
+        """Columns of the stored row matrix."""
+        return self.el.width(self.dim)
 
     @property
     def row_bytes(self) -> int:
-        return self.dim * self.dtype.itemsize
+        return self.width * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -129,7 +179,19 @@ class TableInfo:
     @property
     def acc_dtype(self) -> np.dtype:
         """dtype of pooled sums: float32 for float rows, int32 for integer rows."""
-        return np.dtype(np.float32) if self.dtype.kind == "f" else np.dtype(np.int32)
+        return self.el.pooled
+
+
+def _table_info(name: str, arr: np.ndarray, el: Elem) -> TableInfo:
+    return TableInfo(name, arr.shape[0], arr.shape[1] - el.extra, el.storage, el.name)
+
+
+def _check_table(name: str, arr) -> tuple[np.ndarray, Elem]:
+    """(stored row matrix, element type) of a table given as an array, RowwiseInt8, path, tensor..."""
+    if isinstance(arr, RowwiseInt8):
+        return arr.rows_array(name), INT8_ROWWISE
+    a = _check_table_array(name, arr)
+    return a, elem_of_dtype(a.dtype)
 
 
 def _check_table_array(name: str, arr) -> np.ndarray:
@@ -152,52 +214,15 @@ def _check_table_array(name: str, arr) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# pooling kernels
+# pooling (the definition and its kernels live in evssd.host.pooling)
 
 
-def _pool_numpy(rows, inv, offsets, out):
-    # Fallback, sequential in bag order like the jitted kernel.
-    for b in range(offsets.shape[0] - 1):
-        acc = np.zeros(rows.shape[1], dtype=out.dtype)
-        for k in range(offsets[b], offsets[b + 1]):
-            acc += rows[inv[k]]
-        out[b] = acc
-
-
-if numba is not None:
-    @numba.njit(cache=True, nogil=True)
-    def _pool_kernel(rows, inv, offsets, out):  # pragma: no cover - compiled
-        dim = rows.shape[1]
-        for b in range(offsets.shape[0] - 1):
-            for j in range(dim):
-                out[b, j] = 0
-            for k in range(offsets[b], offsets[b + 1]):
-                r = inv[k]
-                for j in range(dim):
-                    out[b, j] += rows[r, j]
-else:  # pragma: no cover
-    _pool_kernel = _pool_numpy
-
-
-def pool_deduplicated(rows: np.ndarray, inv: np.ndarray, offsets: np.ndarray, mode: str = "sum") -> np.ndarray:
-    """Pool bags: bag b sums ``rows[inv[offsets[b]:offsets[b+1]]]`` in order.
-
-    ``rows`` [u, dim] of a table dtype; float rows accumulate in float32, integer rows in int32.
-    ``mode="mean"`` divides by the bag length (float32); an empty bag gives zeros.
-    """
-    acc = np.float32 if rows.dtype.kind == "f" else np.int32
-    r = np.ascontiguousarray(rows, dtype=acc)
-    offs = np.ascontiguousarray(offsets, dtype=np.int64)
-    out = np.empty((offs.shape[0] - 1, rows.shape[1]), dtype=acc)
-    _pool_kernel(r, np.ascontiguousarray(inv, dtype=np.int64), offs, out)
-    if mode == "mean":
-        lengths = np.diff(offs).astype(np.float32)
-        mean = out.astype(np.float32)
-        nz = lengths > 0
-        mean[nz] /= lengths[nz, None]
-        mean[~nz] = 0
-        return mean
-    return out
+def pool_deduplicated(rows: np.ndarray, inv: np.ndarray, offsets: np.ndarray, mode: str = "sum",
+                      elem: str | None = None, per_sample_weights=None) -> np.ndarray:
+    """Pool bags over deduplicated rows: bag b pools ``rows[inv[offsets[b]:offsets[b+1]]]`` in
+    order, by :mod:`evssd.host.pooling`'s definition. ``elem`` defaults to the rows' dtype."""
+    el = ELEMS[elem] if elem else elem_of_dtype(rows.dtype)
+    return pooling.pool(rows, el, inv, offsets, per_sample_weights=per_sample_weights, mode=mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,15 +239,15 @@ def _file_geometry(row_bytes: int, page_size: int) -> tuple[int, int]:
 def write_table_file(path, table, *, page_size: int = 4096) -> Path:
     """Write ``table`` [rows, dim] (fp32/fp16/int8/int32) as a table file; returns the path."""
     path = Path(path)
-    arr = _check_table_array(path.name, table)
+    arr, el = _check_table(path.name, table)
     if page_size < 64 or page_size & (page_size - 1):
         raise StoreInputError(f"page_size must be a power of two >= 64, got {page_size}")
-    elem = dtype_name(arr.dtype)
-    rows, dim = arr.shape
-    row_bytes = dim * arr.dtype.itemsize
+    rows, width = arr.shape
+    dim = width - el.extra
+    row_bytes = width * arr.dtype.itemsize
     rpp, ppr = _file_geometry(row_bytes, page_size)
     data_offset = page_size * -(-HEADER_BYTES // page_size)
-    head = _HEADER.pack(FILE_MAGIC, FILE_VERSION, _DTYPE_CODE[elem], rows, dim, page_size,
+    head = _HEADER.pack(FILE_MAGIC, FILE_VERSION, el.code, rows, dim, page_size,
                         data_offset, b"\0" * 20)
     head += struct.pack("<I", zlib.crc32(head))
     tmp = path.with_name(path.name + ".tmp")
@@ -269,8 +294,13 @@ class TableFile:
         return DTYPES[self.elem]
 
     @property
+    def width(self) -> int:
+        """Columns of the stored row matrix (dim, plus the scale/bias bytes of int8_rowwise)."""
+        return ELEMS[self.elem].width(self.dim)
+
+    @property
     def row_bytes(self) -> int:
-        return self.dim * self.dtype.itemsize
+        return self.width * self.dtype.itemsize
 
     @property
     def rows_per_page(self) -> int:
@@ -305,7 +335,7 @@ class TableFile:
         else:
             pages = raw.reshape(self.n_pages, self.page_size)[:, :rpp * self.row_bytes]
             rows = pages.reshape(self.n_pages * rpp, self.row_bytes)[:self.rows]
-        return np.ascontiguousarray(rows).view(self.dtype).reshape(self.rows, self.dim)
+        return np.ascontiguousarray(rows).view(self.dtype).reshape(self.rows, self.width)
 
 
 def open_table_file(path) -> TableFile:
@@ -328,12 +358,12 @@ def open_table_file(path) -> TableFile:
                              f"computed {zlib.crc32(head[:60]):#010x}): the header is corrupt")
     if version != FILE_VERSION:
         raise TableFileError(f"{path}: unsupported version {version} (this reader knows {FILE_VERSION})")
-    if code not in _CODE_DTYPE:
+    if code not in _CODE_ELEM:
         raise TableFileError(f"{path}: unknown dtype code {code}")
     if rows < 1 or dim < 1 or page_size < 64 or page_size & (page_size - 1) or data_offset % page_size:
         raise TableFileError(f"{path}: inconsistent header (rows={rows}, dim={dim}, "
                              f"page_size={page_size}, data_offset={data_offset})")
-    tf = TableFile(path, _CODE_DTYPE[code], rows, dim, page_size, data_offset)
+    tf = TableFile(path, _CODE_ELEM[code].name, rows, dim, page_size, data_offset)
     if size < tf.file_bytes:
         raise TableFileError(f"{path}: truncated: {size} bytes, the header describes {tf.file_bytes} "
                              f"({rows} rows x {dim} {tf.elem} in {tf.n_pages} pages of {page_size} B)")
@@ -395,14 +425,14 @@ def _make_cache(kind, info: TableInfo, fraction: float):
     if kind in (None, "evcache"):
         from evssd.host.cache import EVCache
         try:
-            return EVCache(info.rows, info.dim, info.dtype, budget_fraction=fraction, name=info.name)
+            return EVCache(info.rows, info.width, info.dtype, budget_fraction=fraction, name=info.name)
         except ValueError as exc:
             if "holds no row" not in str(exc):
                 raise
             # a tiny table whose budget cannot pay for one entry: keep one row rather than fail
-            return EVCache(info.rows, info.dim, info.dtype, capacity=1, name=info.name)
+            return EVCache(info.rows, info.width, info.dtype, capacity=1, name=info.name)
     if kind == "lru":
-        return PlainLRU(info.rows, info.dim, info.dtype, budget_fraction=fraction, name=info.name)
+        return PlainLRU(info.rows, info.width, info.dtype, budget_fraction=fraction, name=info.name)
     raise StoreInputError(f"unknown cache kind {kind!r} (expected 'evcache', 'lru' or a callable)")
 
 
@@ -434,9 +464,19 @@ class Backend:
     def read_rows(self, info: TableInfo, indices: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def read_pooled(self, info: TableInfo, indices: np.ndarray, offsets: np.ndarray):
-        """Pooled sums computed by the backend itself, or None (the store pools on the host)."""
+    def pools(self, info: TableInfo) -> bool:
+        """Whether :meth:`read_pooled` pools ``info``'s bags itself (unweighted sums by the
+        pooling definition); the store pools on the host otherwise."""
+        return False
+
+    def table_array(self, info: TableInfo) -> np.ndarray | None:
+        """The table's whole stored row matrix when it is in host memory (the store then pools
+        straight from it, no copy), else None."""
         return None
+
+    def read_pooled(self, info: TableInfo, indices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Pooled sums computed by the backend (only called when :meth:`pools` says so)."""
+        raise NotImplementedError(f"backend {self.name!r} does not pool")
 
     def read_many(self, jobs: list[tuple]) -> list[np.ndarray]:
         """Several reads of one batch: ``("rows", info, indices, None)`` or
@@ -462,6 +502,9 @@ class DramBackend(Backend):
     def read_rows(self, info, indices):
         self._count(1, len(indices), len(indices) * info.row_bytes)
         return self.arrays[info.name][indices]
+
+    def table_array(self, info):
+        return self.arrays[info.name]
 
 
 class FileBackend(Backend):
@@ -562,7 +605,7 @@ class FileBackend(Backend):
                     for a, b in zip(cuts[:-1], cuts[1:])]
             nbytes = sum(f.result() for f in futs)
         self._count(len(indices), len(indices), nbytes)
-        return out.view(tf.dtype).reshape(len(indices), tf.dim)
+        return out.view(tf.dtype).reshape(len(indices), tf.width)
 
     def stats(self):
         return dict(super().stats(), mode=self.mode, direct=self.direct, io_threads=self.io_threads)
@@ -607,7 +650,8 @@ class RocksDBBackend(Backend):
             self._cf[name] = cf
         return cf
 
-    def load(self, name: str, arr: np.ndarray, chunk: int = 65536) -> None:
+    def load(self, name: str, arr: np.ndarray, chunk: int = 65536, elem: str | None = None) -> None:
+        elem = elem or dtype_name(arr.dtype)
         from rocksdict import WriteBatch
         cf = self._family(name)
         handle = self.db.get_column_family_handle(name)
@@ -622,7 +666,7 @@ class RocksDBBackend(Backend):
             self.db.write(wb)
         del cf
         meta = self._read_meta()
-        meta[name] = [int(arr.shape[0]), int(arr.shape[1]), dtype_name(arr.dtype)]
+        meta[name] = [int(arr.shape[0]), int(arr.shape[1]) - ELEMS[elem].extra, elem]
         self.db.put(self._META_KEY, json.dumps(meta).encode())
         self.db.flush()
 
@@ -636,7 +680,7 @@ class RocksDBBackend(Backend):
             meta = self._read_meta()
         except ValueError as exc:
             raise StoreError(f"rocksdb {self.path}: unreadable table metadata ({exc})") from None
-        return {n: TableInfo(n, int(r), int(d), DTYPES[e]) for n, (r, d, e) in meta.items()}
+        return {n: TableInfo(n, int(r), int(d), DTYPES[e], e) for n, (r, d, e) in meta.items()}
 
     def read_rows(self, info, indices):
         cf = self._family(info.name)
@@ -648,7 +692,7 @@ class RocksDBBackend(Backend):
                 raise StoreError(f"rocksdb {self.path}: table {info.name!r} row {int(indices[k])} "
                                  f"missing or wrong size")
         self._count(1, len(indices), len(indices) * rb)
-        return np.frombuffer(b"".join(vals), dtype=info.dtype).reshape(len(indices), info.dim)
+        return np.frombuffer(b"".join(vals), dtype=info.dtype).reshape(len(indices), info.width)
 
     def close(self):
         self._cf.clear()
@@ -663,8 +707,9 @@ class EvssdBackend(Backend):
     name = "evssd"
     thread_safe = False  # the driver's sync facade runs one private event loop
 
-    def __init__(self, device, layout, owns_device: bool = False):
+    def __init__(self, device, layout, owns_device: bool = False, device_pooling: bool = True):
         super().__init__()
+        self.device_pooling = device_pooling
         self.device = device
         self.layout = layout
         self.owns_device = owns_device
@@ -676,6 +721,9 @@ class EvssdBackend(Backend):
         raw = self.device.gather(self._ids[info.name].table_id, indices.astype(np.uint32))
         self._count(1, 0, 0)
         return self._rows_view(info, raw, len(indices))
+
+    def pools(self, info):
+        return self.device_pooling and info.el.device is not None
 
     def read_pooled(self, info, indices, offsets):
         if len(indices) == 0:  # nothing for the device to do: every bag is empty
@@ -689,7 +737,7 @@ class EvssdBackend(Backend):
         row_bytes = self._ids[info.name].row_bytes  # padded to a multiple of 4 by the layout
         raw = np.asarray(raw, dtype=np.uint8).reshape(n, row_bytes)
         self._count(0, n, raw.nbytes)
-        return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(n, info.dim)
+        return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(n, info.width)
 
     def _pooled_view(self, info, raw, n_bags, n):
         width = self._ids[info.name].row_bytes // info.dtype.itemsize * 4  # pad elements widen too
@@ -739,19 +787,94 @@ class EvssdBackend(Backend):
 # the store
 
 
+import numba
+
+
+@numba.njit(cache=True, nogil=True)
+def _dedupe_kernel(idx, keys, uniq, inv):
+    """Open addressing over ``keys`` (power-of-two size > 2 * len(idx), any contents): fills
+    ``uniq`` with the distinct indices in first-occurrence order and ``inv`` with each lookup's
+    position in it; returns the number of distinct indices."""
+    m = keys.shape[0]
+    for s in range(m):
+        keys[s] = -1
+    mask = np.uint64(m - 1)
+    pos = np.empty(m, dtype=np.int32)
+    n_u = 0
+    for k in range(idx.shape[0]):
+        x = np.int64(idx[k])
+        h = (np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+        s = np.int64(h & mask)
+        while True:
+            kk = keys[s]
+            if kk == x:
+                inv[k] = pos[s]
+                break
+            if kk == -1:
+                keys[s] = x
+                pos[s] = n_u
+                uniq[n_u] = x
+                inv[k] = n_u
+                n_u += 1
+                break
+            s = (s + 1) & (m - 1)
+    return n_u
+
+
+def dedupe(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct indices in first-occurrence order, inverse) of a validated index array."""
+    n = idx.shape[0]
+    m = 1 << max(4, (2 * n).bit_length())
+    keys = np.empty(m, dtype=np.int64)
+    uniq = np.empty(n, dtype=np.int64)
+    inv = np.empty(n, dtype=np.int64)
+    n_u = _dedupe_kernel(idx, keys, uniq, inv)
+    return uniq[:n_u], inv
+
+
+def _index_array(info, a, what: str) -> np.ndarray:
+    """A contiguous int32/int64 index array (others converted); errors name table and argument."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+        if a.size == 0:
+            a = a.astype(np.int64)
+    if a.ndim != 1:
+        raise StoreInputError(f"table {info.name!r}: {what} must be 1-D, got shape {a.shape}")
+    if a.dtype != np.int64 and a.dtype != np.int32:
+        if a.dtype.kind not in "iu":
+            raise StoreInputError(f"table {info.name!r}: {what} must be integers, got dtype {a.dtype}")
+        if a.dtype == np.uint64 and a.size and int(a.max()) > np.iinfo(np.int64).max:
+            pos = int(np.argmax(a))
+            raise StoreInputError(f"table {info.name!r}: {what[:-1] if what.endswith('s') else what} "
+                                  f"{int(a[pos])} at position {pos} out of range")
+        a = a.astype(np.int64)
+    elif not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+_GATHER, _DIRECT, _DEVICE, _ROWS = "gather", "direct", "device", "rows"
+
+
 @dataclass
 class _Plan:
-    """One table lookup between its phases (prepare -> fetch -> finish); see :mod:`.pipeline`."""
+    """One table lookup between its phases (prepare -> fetch -> finish); see :mod:`.pipeline`.
+
+    ``kind``: ``direct`` pools straight from a table in memory; ``device`` lets the backend pool;
+    ``rows`` deduplicates, serves the cache, fetches the misses and pools the distinct rows."""
     info: TableInfo
-    indices: np.ndarray        # validated int64, request order
-    offsets: np.ndarray | None  # validated int64 [B+1] or None for gather
-    mode: str
-    uniq: np.ndarray           # distinct indices (sorted)
-    inv: np.ndarray            # indices == uniq[inv]
-    rows: np.ndarray | None    # [len(uniq), dim] being filled
-    miss: np.ndarray | None    # positions in uniq not served by the cache
+    indices: np.ndarray          # validated int32/int64, request order
+    offsets: np.ndarray | None   # validated [B+1] or None for gather
+    mode: str | None
+    kind: str
+    weights: np.ndarray | None = None   # float32 per lookup, or None
+    out: np.ndarray | None = None       # caller's output buffer (sum only)
+    uniq: np.ndarray | None = None      # distinct indices (first-occurrence order)
+    inv: np.ndarray | None = None       # indices == uniq[inv]
+    rows: np.ndarray | None = None      # [len(uniq), width] being filled
+    miss: np.ndarray | None = None      # positions in uniq not served by the cache
     fetched: np.ndarray | None = None
-    pooled: np.ndarray | None = None  # result pooled by the backend (device pooling)
+    pooled: np.ndarray | None = None    # result pooled by the backend (device pooling)
 
 
 _AUTO = object()
@@ -759,6 +882,12 @@ _AUTO = object()
 
 class EmbeddingStore:
     """Gather and pooled lookups over one backend, each table optionally fronted by a cache.
+
+    Pooled results follow :mod:`evssd.host.pooling` bit for bit on every path. Without a cache, a
+    table held in memory (``dram``) is pooled straight from the table by one fused kernel
+    (parallel over bags when numba has more than one thread); a backend that pools (the EV-SSD)
+    pools unweighted bags of the device's element types itself; every other lookup deduplicates,
+    serves the cache, fetches the distinct misses once and pools on the host.
 
     Safe to call from several threads: each table's cache has its own lock (held for the
     lookup and for the admission, not across the I/O), and the calls into a backend that is
@@ -777,6 +906,8 @@ class EmbeddingStore:
             for name, info in self.tables.items():
                 self.caches[name] = _make_cache(cache, info, cache_fraction)
         self.device_pooling = device_pooling
+        self._arrays = {} if self.caches else \
+            {n: a for n, a in ((n, backend.table_array(i)) for n, i in self.tables.items()) if a is not None}
         self._lookups = 0
         self._batches = 0
         self._lock = threading.Lock()
@@ -805,8 +936,9 @@ class EmbeddingStore:
         """
         if not tables:
             raise StoreInputError("no tables given")
-        arrays = {str(n): _check_table_array(str(n), a) for n, a in tables.items()}
-        infos = {n: TableInfo(n, a.shape[0], a.shape[1], a.dtype) for n, a in arrays.items()}
+        checked = {str(n): _check_table(str(n), a) for n, a in tables.items()}
+        arrays = {n: a for n, (a, _) in checked.items()}
+        infos = {n: _table_info(n, a, el) for n, (a, el) in checked.items()}
         if cache_fraction is _AUTO:
             cache_fraction = None if backend == "dram" else 0.01
         if backend == "dram":
@@ -814,8 +946,8 @@ class EmbeddingStore:
         elif backend == "file":
             d = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix="evssd-store-"))
             d.mkdir(parents=True, exist_ok=True)
-            files = {n: open_table_file(write_table_file(d / f"{n}.evt", a, page_size=page_size))
-                     for n, a in arrays.items()}
+            files = {n: open_table_file(write_table_file(d / f"{n}.evt", tables[n], page_size=page_size))
+                     for n in arrays}
             be = FileBackend(files, mode=file_mode, **(file_options or {}))
             if path is None:
                 be.cleanup_dir = d
@@ -825,17 +957,19 @@ class EmbeddingStore:
             if path is None:
                 be.cleanup_dir = d
             for n, a in arrays.items():
-                be.load(n, a)
+                be.load(n, a, elem=infos[n].elem)
         elif backend == "evssd":
             from evssd.host.layout import Layout
             owns = device is None
             if owns:
                 from evssd.host.device import Device
                 device = Device.open("model")
-            layout = Layout.plan(arrays, device=device, **(layout_options or {}))
+            # host-pooled types (int8_rowwise) are placed as raw int8 bytes and only gathered
+            placed = {n: (a if infos[n].el.device is not None else a.view(np.int8)) for n, a in arrays.items()}
+            layout = Layout.plan(placed, device=device, **(layout_options or {}))
             layout.write(device)
             layout.forget_data()  # the device holds the rows now; do not pin the arrays
-            be = EvssdBackend(device, layout, owns_device=owns)
+            be = EvssdBackend(device, layout, owns_device=owns, device_pooling=device_pooling)
         else:
             raise StoreInputError(f"unknown backend {backend!r} (expected dram, file, evssd, rocksdb)")
         return cls(infos, be, cache_fraction=cache_fraction, cache=cache, device_pooling=device_pooling)
@@ -896,61 +1030,56 @@ class EmbeddingStore:
             raise StoreInputError(f"unknown table {table!r} (tables: {', '.join(map(repr, self.tables))})")
         return info
 
-    def _check_indices(self, info: TableInfo, indices) -> np.ndarray:
-        if not isinstance(indices, np.ndarray):
-            indices = np.asarray(indices)
-            if indices.size == 0:
-                indices = indices.astype(np.int64)
-        if indices.ndim != 1:
-            raise StoreInputError(f"table {info.name!r}: indices must be 1-D, got shape {indices.shape}")
-        if indices.dtype.kind not in "iu":
-            raise StoreInputError(f"table {info.name!r}: indices must be integers, got dtype {indices.dtype}")
-        idx = indices.astype(np.int64, copy=False)
-        if idx.size:
-            bad = (idx < 0) | (idx >= info.rows)
-            if bad.any():
-                pos = int(np.flatnonzero(bad)[0])
-                raise StoreInputError(f"table {info.name!r}: index {int(indices[pos])} at position {pos} "
-                                      f"out of range [0, {info.rows}) ({int(bad.sum())} bad)")
-        return idx
-
-    def _check_offsets(self, info: TableInfo, offsets, n: int) -> np.ndarray:
-        offsets = np.asarray(offsets)
-        if offsets.ndim != 1 or offsets.size < 1:
+    def _check(self, info: TableInfo, indices, offsets, weights, mode) -> tuple:
+        """Validated (indices, offsets, weights) of one request; errors name table and position."""
+        idx = _index_array(info, indices, "indices")
+        if mode is None:
+            code = pooling.check_indices(info.rows, idx)
+            if code != -1:
+                raise StoreInputError(f"table {info.name!r}: {pooling.describe_error(code, idx, None, info.rows)}")
+            return idx, None, None
+        offs = _index_array(info, offsets, "offsets")
+        if offs.size < 1:
             raise StoreInputError(f"table {info.name!r}: offsets must be 1-D with B+1 >= 1 entries, "
-                                  f"got shape {offsets.shape}")
-        if offsets.dtype.kind not in "iu":
-            raise StoreInputError(f"table {info.name!r}: offsets must be integers, got dtype {offsets.dtype}")
-        offs = offsets.astype(np.int64, copy=False)
-        if offs[0] != 0:
-            raise StoreInputError(f"table {info.name!r}: offsets[0] must be 0, got {int(offs[0])}")
-        if offs[-1] != n:
-            raise StoreInputError(f"table {info.name!r}: offsets[-1] = {int(offs[-1])} must equal "
-                                  f"len(indices) = {n}")
-        dec = np.diff(offs) < 0
-        if dec.any():
-            pos = int(np.flatnonzero(dec)[0]) + 1
-            raise StoreInputError(f"table {info.name!r}: offsets not monotonic at position {pos} "
-                                  f"({int(offs[pos - 1])} -> {int(offs[pos])})")
-        return offs
+                                  f"got shape {offs.shape}")
+        code = pooling.check_bags(info.rows, idx, offs)
+        if code != -1:
+            raise StoreInputError(f"table {info.name!r}: {pooling.describe_error(code, idx, offs, info.rows)}")
+        w = None
+        if weights is not None:
+            if mode != "sum":
+                raise StoreInputError(f"table {info.name!r}: per_sample_weights need mode='sum', got {mode!r}")
+            try:
+                w = pooling.check_weights(weights, idx.size)
+            except pooling.PoolingError as exc:
+                raise StoreInputError(f"table {info.name!r}: {exc}") from None
+        return idx, offs, w
+
+    def _check_out(self, info: TableInfo, out, n_bags: int, weighted: bool, mode) -> np.ndarray | None:
+        if out is None:
+            return None
+        dtype = np.dtype(np.float32) if weighted else info.acc_dtype
+        shape = (n_bags, info.dim)
+        if mode != "sum" or not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            raise StoreInputError(f"table {info.name!r}: out must be a writeable C-contiguous {dtype} array "
+                                  f"of shape {shape} (mode 'sum'), got {getattr(out, 'dtype', type(out).__name__)} "
+                                  f"{getattr(out, 'shape', '')}")
+        return out
 
     # -- the three phases of a lookup (the pipeline runs them on different threads) -------------
 
-    def _prepare(self, table, indices, offsets=None, mode: str | None = None) -> _Plan:
-        """Validate and serve what the cache holds (CPU work)."""
-        info = self._info(table)
-        if mode not in (None, "sum", "mean"):
-            raise StoreInputError(f"table {info.name!r}: pooling mode must be 'sum' or 'mean', got {mode!r}")
-        idx = self._check_indices(info, indices)
-        offs = self._check_offsets(info, offsets, idx.size) if mode is not None else None
-        return self._prepare_checked(info, idx, offs, mode)
-
-    def _prepare_checked(self, info, idx, offs, mode) -> _Plan:
-        if mode is not None and not self.caches and self.device_pooling and \
-                type(self.backend).read_pooled is not Backend.read_pooled:
-            return _Plan(info, idx, offs, mode, idx, None, None, None)
-        uniq, inv = np.unique(idx, return_inverse=True)
-        rows = np.empty((uniq.size, info.dim), dtype=info.dtype)
+    def _plan(self, info: TableInfo, idx, offs, w, mode, out=None) -> _Plan:
+        """Choose the path of one validated request and serve what the cache holds (CPU work)."""
+        if mode is not None and info.name in self._arrays:
+            return _Plan(info, idx, offs, mode, _DIRECT, w, out)
+        if mode is None and info.name in self._arrays:
+            return _Plan(info, idx, None, None, _GATHER, None, None)
+        if mode is not None and not self.caches and w is None and self.device_pooling \
+                and self.backend.pools(info):
+            return _Plan(info, idx, offs, mode, _DEVICE, None, out)
+        uniq, inv = dedupe(idx)
+        rows = np.empty((uniq.size, info.width), dtype=info.dtype)
         cache = self.caches.get(info.name)
         if cache is not None and uniq.size:
             with self._cache_locks[info.name]:
@@ -958,26 +1087,35 @@ class EmbeddingStore:
             miss = np.flatnonzero(~hit)
         else:
             miss = np.arange(uniq.size)
-        return _Plan(info, idx, offs, mode, uniq, inv.reshape(-1), rows, miss)
+        if miss.size > 1:  # ascending row order for the backend (file offsets, device pages)
+            miss = miss[np.argsort(uniq[miss], kind="stable")]
+        return _Plan(info, idx, offs, mode, _ROWS, w, out, uniq, inv, rows, miss)
+
+    def _prepare(self, table, indices, offsets=None, mode: str | None = None, weights=None, out=None) -> _Plan:
+        """Validate one request and plan it."""
+        info = self._info(table)
+        if mode not in (None, "sum", "mean"):
+            raise StoreInputError(f"table {info.name!r}: pooling mode must be 'sum' or 'mean', got {mode!r}")
+        idx, offs, w = self._check(info, indices, offsets, weights, mode)
+        out = self._check_out(info, out, offs.size - 1, w is not None, mode) if offs is not None else None
+        return self._plan(info, idx, offs, w, mode, out)
 
     def _fetch(self, plan: _Plan) -> _Plan:
         """Backend I/O for the misses (releases the GIL in pread / the driver)."""
-        if plan.rows is None:  # pooled on the backend
-            with self._io_lock:
-                plan.pooled = self.backend.read_pooled(plan.info, plan.indices, plan.offsets)
-        elif plan.miss.size:
-            with self._io_lock:
-                plan.fetched = self.backend.read_rows(plan.info, plan.uniq[plan.miss])
+        self._fetch_many({plan.info.name: plan})
         return plan
 
     def _fetch_many(self, plans: Mapping[str, _Plan]) -> None:
         """Backend I/O for every table of a batch in one go (the device overlaps the commands)."""
         jobs, targets = [], []
         for p in plans.values():
-            if p.rows is None:
+            if p.kind == _DEVICE:
+                if p.indices.size == 0:  # nothing for the device to do: every bag is empty
+                    p.pooled = np.zeros((p.offsets.size - 1, p.info.dim), p.info.acc_dtype)
+                    continue
                 jobs.append(("pooled", p.info, p.indices, p.offsets))
                 targets.append(p)
-            elif p.miss.size:
+            elif p.kind == _ROWS and p.miss.size:
                 jobs.append(("rows", p.info, p.uniq[p.miss], None))
                 targets.append(p)
         if not jobs:
@@ -985,24 +1123,41 @@ class EmbeddingStore:
         with self._io_lock:
             results = self.backend.read_many(jobs)
         for p, res in zip(targets, results):
-            if p.rows is None:
+            if p.kind == _DEVICE:
                 p.pooled = res
             else:
                 p.fetched = res
+
+    def _pool(self, plan: _Plan, src: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        info = plan.info
+        n_bags = plan.offsets.size - 1
+        out = plan.out
+        if out is None:
+            out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
+        parallel = n_bags >= 32 and numba.get_num_threads() > 1
+        code = pooling.pool_into(pooling.kernel_source(src, info.el), info.el, idx, plan.offsets, out,
+                                 plan.weights, parallel)
+        if code != -1:  # validated before: only a backend returning the wrong rows gets here
+            raise StoreError(f"table {info.name!r}: {pooling.describe_error(code, idx, plan.offsets, src.shape[0])}")
+        return pooling.apply_mean(out, plan.offsets) if plan.mode == "mean" else out
 
     def _finish(self, plan: _Plan) -> np.ndarray:
         """Merge misses, fill the cache, gather or pool (CPU work)."""
         info = plan.info
         with self._lock:
             self._lookups += plan.indices.size
-        if plan.rows is None:
+        if plan.kind in (_DIRECT, _GATHER):  # rows read straight from the backend's memory
+            self.backend._count(1, plan.indices.size, plan.indices.size * info.row_bytes)
+            if plan.kind == _GATHER:
+                return np.take(self._arrays[info.name], plan.indices, axis=0)
+            return self._pool(plan, self._arrays[info.name], plan.indices)
+        if plan.kind == _DEVICE:
             out = plan.pooled
             if plan.mode == "mean":
-                lengths = np.diff(plan.offsets).astype(np.float32)
-                out = out.astype(np.float32)
-                nz = lengths > 0
-                out[nz] /= lengths[nz, None]
-                out[~nz] = 0
+                return pooling.apply_mean(out, plan.offsets)
+            if plan.out is not None:
+                plan.out[...] = out
+                return plan.out
             return out
         if plan.fetched is not None:
             plan.rows[plan.miss] = plan.fetched
@@ -1012,50 +1167,63 @@ class EmbeddingStore:
                     cache.admit(plan.uniq[plan.miss], plan.fetched)
         if plan.mode is None:
             return plan.rows[plan.inv]
-        return pool_deduplicated(plan.rows, plan.inv, plan.offsets, plan.mode)
+        return self._pool(plan, plan.rows, plan.inv)
 
     # -- public API -----------------------------------------------------------------------------
 
     def gather(self, table: str, indices) -> np.ndarray:
-        """Rows ``[len(indices), dim]`` of ``table`` in request order, in the table's dtype."""
+        """Rows ``[len(indices), width]`` of ``table`` in request order, in the stored dtype
+        (int8_rowwise rows include their 4 scale/bias bytes)."""
         plan = self._prepare(table, indices)
         self._count_batch()
         return self._finish(self._fetch(plan))
 
-    def pooled(self, table: str, indices, offsets, mode: str = "sum") -> np.ndarray:
-        """Pooled bags ``[B, dim]``: FBGEMM ``indices`` + ``offsets[B+1]``.
+    def pooled(self, table: str, indices, offsets, mode: str = "sum", *, per_sample_weights=None,
+               out=None) -> np.ndarray:
+        """Pooled bags ``[B, dim]``: FBGEMM ``indices`` + ``offsets[B+1]``, by the definition in
+        :mod:`evssd.host.pooling`.
 
-        sum: float32 for fp32/fp16 tables, int32 for int8/int32; mean: float32.
+        sum: float32 for fp32/fp16/int8_rowwise tables, int32 for int8/int32; mean: float32.
+        ``per_sample_weights`` (one float32 per index, sum only): weighted sum, float32 for every
+        element type. ``out``: a C-contiguous array of the result's dtype and shape to write into
+        (sum only), so that a serving loop allocates nothing per batch.
         """
-        plan = self._prepare(table, indices, offsets, mode)
+        plan = self._prepare(table, indices, offsets, mode, per_sample_weights, out)
         self._count_batch()
         return self._finish(self._fetch(plan))
 
-    def lookup_many(self, requests: Mapping[str, tuple], mode: str | None = "sum") -> dict[str, np.ndarray]:
-        """``{table: (indices, offsets)}`` -> ``{table: pooled}``; ``mode=None`` gathers (offsets ignored).
-
-        Every request is validated before the first I/O.
+    def lookup_many(self, requests: Mapping[str, tuple], mode: str | None = "sum", *,
+                    out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """``{table: (indices, offsets[, per_sample_weights])}`` -> ``{table: pooled}``;
+        ``mode=None`` gathers (offsets ignored). ``out``: optional ``{table: array}`` to pool into
+        (see :meth:`pooled`). Every request is validated before the first I/O.
         """
-        plans = self._prepare_many(requests, mode)
+        plans = self._prepare_many(requests, mode, out)
         self._count_batch()
         self._fetch_many(plans)
         return {name: self._finish(p) for name, p in plans.items()}
 
-    def _prepare_many(self, requests, mode):
+    def _prepare_many(self, requests, mode, out=None):
+        if mode not in (None, "sum", "mean"):
+            raise StoreInputError(f"pooling mode must be 'sum', 'mean' or None, got {mode!r}")
+        if out is not None:
+            unknown = set(out) - set(requests)
+            if unknown:
+                raise StoreInputError(f"out names tables without a request: {sorted(map(str, unknown))}")
         checked = []
         for name, req in requests.items():
             info = self._info(name)
             if mode is None:
                 indices = req[0] if isinstance(req, tuple) else req
-                checked.append((info, self._check_indices(info, indices), None))
+                checked.append((info, *self._check(info, indices, None, None, None), None))
             else:
-                if not isinstance(req, tuple) or len(req) != 2:
-                    raise StoreInputError(f"table {name!r}: expected (indices, offsets), got {type(req).__name__}")
-                if mode not in ("sum", "mean"):
-                    raise StoreInputError(f"pooling mode must be 'sum', 'mean' or None, got {mode!r}")
-                idx = self._check_indices(info, req[0])
-                checked.append((info, idx, self._check_offsets(info, req[1], idx.size)))
-        return {info.name: self._prepare_checked(info, idx, offs, mode) for info, idx, offs in checked}
+                if not isinstance(req, tuple) or len(req) not in (2, 3):
+                    raise StoreInputError(f"table {name!r}: expected (indices, offsets) or (indices, offsets, "
+                                          f"per_sample_weights), got {type(req).__name__}")
+                idx, offs, w = self._check(info, req[0], req[1], req[2] if len(req) == 3 else None, mode)
+                o = self._check_out(info, out.get(name), offs.size - 1, w is not None, mode) if out else None
+                checked.append((info, idx, offs, w, o))
+        return {info.name: self._plan(info, idx, offs, w, mode, o) for info, idx, offs, w, o in checked}
 
     def _count_batch(self) -> None:
         with self._lock:
