@@ -16,7 +16,8 @@ import numpy as np
 from evssd.hw import regmap
 from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, NO_BAD_POSITION, Command, Completion,
                              ElemType, Opcode, Params, Status)
-from evssd.host.pooling import pool_bags
+from evssd.host.elements import DEVICE_ELEMS
+from evssd.host.pooling import describe_error, kernel_source, pool_into
 from evssd.host.regfile import BusResponse, MMIOError, RegisterFile
 from evssd.host.sparse_flash import SparseFlash
 from evssd.host.timing import TimingModel
@@ -151,7 +152,7 @@ class DeviceModel:
 
     def _read_host(self, addr, n) -> bytes:
         off = self._host_slice(addr, n)
-        return bytes(self.host[off:off + n])
+        return self._host_np[off:off + n].tobytes()
 
     def _write_host(self, addr, data: bytes):
         off = self._host_slice(addr, len(data))
@@ -247,42 +248,54 @@ class DeviceModel:
         worst = Status.OK
         if n_bad:
             worst = Status.BAD_INDEX if np.any(st == 1) else Status.BAD_LBA
-            ok_pos = np.flatnonzero(st == 0)
-            lba, offset = lba[ok_pos], offset[ok_pos]
+            ok_pos = np.flatnonzero(st == 0) + lo
+            lba, offset = lba[ok_pos - lo], offset[ok_pos - lo]
         else:
-            ok_pos = np.arange(hi - lo)
+            ok_pos = np.arange(lo, hi)
+        # The result goes straight into host memory (a bus error still lets the lookups run and
+        # is reported after them, like the RTL's result DMA failing).
         dst_error = None
-        rows = None
-        if not pooled:  # rows go straight into the result buffer; a bad lookup's row is zeros
-            try:
-                dst = self._host_slice(cmd.dst_addr, out_bytes)
-                rows = self._host_np[dst:dst + out_bytes].reshape(cmd.count, table.row_bytes)
-                if n_bad:
-                    rows[bad] = 0
-            except _BusError as exc:  # the lookups still run; the result write fails
-                dst_error = exc
-        if rows is None:
-            rows = self._scratch(cmd.count, table.row_bytes)
-        self.flash.gather(lba, offset, table.row_bytes, rows, ok_pos + lo)
+        try:
+            dst = self._host_slice(cmd.dst_addr, out_bytes)
+            result = self._host_np[dst:dst + out_bytes]
+        except _BusError as exc:
+            dst_error = exc
+            result = np.empty(out_bytes, np.uint8)
+        if not pooled:   # one row per lookup; a bad lookup's row is zeros
+            rows = result.reshape(cmd.count, table.row_bytes)
+            if n_bad:
+                rows[bad] = 0
+            self.flash.gather(lba, offset, table.row_bytes, rows, ok_pos)
+        else:
+            el = DEVICE_ELEMS[elem.name.lower()]
+            dim = table.row_bytes // elem.itemsize
+            sums = result.view(el.pooled).reshape(cmd.n_bags, dim)
+            # the bags over the good lookups only (a bad lookup adds nothing)
+            n_good = np.zeros(hi - lo + 1, np.int64)
+            np.cumsum(st == 0, out=n_good[1:])
+            good_offsets = n_good[offsets - lo]
+            ps, rb = p.page_size, table.row_bytes
+            if ps % rb == 0 and table.rows_per_page * rb <= ps:
+                # fused: pool straight from the flash pages, viewed as a matrix of rows
+                src, row_numbers = self.flash.rows(lba, offset, rb)
+            else:  # rows not aligned to the page grid: gather them first
+                src = self._scratch(ok_pos.size, rb)
+                self.flash.gather(lba, offset, rb, src, np.arange(ok_pos.size))
+                row_numbers = np.arange(ok_pos.size, dtype=np.int64)
+            src = src.view(el.storage)
+            code = pool_into(kernel_source(src, el), el, row_numbers, good_offsets, sums)
+            if code != -1:  # cannot happen: every row number and offset is built above
+                raise AssertionError(describe_error(code, row_numbers, good_offsets, src.shape[0]))
         self.timing.lookups(lba % p.n_channels, lba // p.n_channels, offset, table.row_bytes, out_bytes,
                             self.regs.fields["ctrl_block_mode"])
         self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + (hi - lo)) & 0xFFFF_FFFF
         if dst_error is not None:
             raise dst_error
-        if pooled:
-            good = np.zeros(cmd.count, bool)
-            good[lo:hi] = st == 0
-            dim = table.row_bytes // elem.itemsize
-            elems = rows.view(np.dtype(elem.numpy_dtype)).reshape(cmd.count, dim)
-            result = pool_bags(elems, offsets, good, elem)
-            if out_bytes:
-                dst = self._host_slice(cmd.dst_addr, out_bytes)
-                self._host_np[dst:dst + out_bytes] = result.reshape(-1).view(np.uint8)
         return Completion(n_bad=n_bad, first_bad=first_bad, cid=cmd.cid, status=worst)
 
     def _scratch(self, n: int, row_bytes: int) -> np.ndarray:
-        """A reused ``[n, row_bytes]`` uint8 buffer for a pooled command's rows (no per-command
-        allocation); its content is overwritten before use."""
+        """A reused ``[n, row_bytes]`` uint8 buffer for a pooled command's gathered rows (no
+        per-command allocation); its content is overwritten before use."""
         size = n * row_bytes
         if self._rows.size < size:
             self._rows = np.empty(max(size, 2 * self._rows.size), np.uint8)
@@ -368,7 +381,7 @@ class ModelTransport(Transport):
         off = addr - self.memory.base
         if off < 0 or off + nbytes > len(self.host):
             raise ValueError(f"host read 0x{addr:x}+{nbytes} outside the window")
-        return bytes(self.host[off:off + nbytes])
+        return self.device._host_np[off:off + nbytes].tobytes()
 
     async def wait(self) -> None:
         # Commands run when the doorbell rings; nothing happens between polls.

@@ -118,6 +118,20 @@ class SparseFlash:
         self._check_range(lba, n)
         return self._pool[self.slots(np.arange(lba, lba + n, dtype=np.int64))]
 
+    def rows(self, lbas, offsets, row_bytes: int):
+        """The flash as a row matrix, for reading rows in place: ``(matrix, row_numbers)`` with
+        ``matrix[row_numbers[k]]`` = the ``row_bytes`` bytes at (``lbas[k]``, ``offsets[k]``).
+
+        Needs ``page_size % row_bytes == 0`` and offsets that are multiples of ``row_bytes``
+        below ``page_size`` (rows on the page's row grid). ``matrix`` is a view, valid until the
+        next :meth:`program`.
+        """
+        per_page = self.page_size // row_bytes
+        if self.page_size % row_bytes:
+            raise ValueError(f"row_bytes {row_bytes} does not divide the page size {self.page_size}")
+        matrix = self._pool.reshape(-1, row_bytes)
+        return matrix, self.slots(lbas) * per_page + np.asarray(offsets, np.int64) // row_bytes
+
     def gather(self, lbas, offsets, row_bytes: int, out: np.ndarray, pos) -> None:
         """Copy the ``row_bytes`` bytes at (``lbas[k]``, ``offsets[k]``) into ``out[pos[k]]``.
 

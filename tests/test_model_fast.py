@@ -102,8 +102,10 @@ def _reference_command(flash_pages, params, table, elem, indices, offsets):
     return worst, n_bad, first_bad, b"".join(np.asarray(o).tobytes() for o in out)
 
 
-@pytest.mark.parametrize("elem", list(ElemType))
-def test_commands_match_the_per_index_reference(elem):
+@pytest.mark.parametrize("elem,row_bytes", [(e, 64) for e in ElemType] + [(ElemType.FP32, 12), (ElemType.FP16, 12)])
+def test_commands_match_the_per_index_reference(elem, row_bytes):
+    """64-byte rows pool in place from the flash pages; 12-byte rows (4096 % 12 != 0) take the
+    gather-then-pool path."""
     rng = np.random.default_rng(int(elem) + 10)
     params = Params(n_channels=2, pages_per_channel=64, ways=2)
     with Device.open(ModelTransport(params, host_memory_bytes=8 << 20)) as dev:
@@ -116,7 +118,6 @@ def test_commands_match_the_per_index_reference(elem):
                     [0x80000000, 0x7F800001, 0xFFC12345, 0x7F800000, 0x00000001, 0x807FFFFF], 64)
             flash_pages[lba] = page
             dev.program_pages(lba, page[None])
-        row_bytes = 64
         extents = [(0, 300, 3), (1000, 200, 50), (5000, 1000, params.total_pages - 20)]
         dev.configure_table(1, row_bytes, elem, extents)
         # an extent running past the flash (BAD_LBA), which the driver refuses to write: set it in
