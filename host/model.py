@@ -11,6 +11,7 @@ against the RTL's cycle counts by ``evssd bench rtl``, not a measurement.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from evssd.hw import regmap
@@ -52,25 +53,50 @@ def translate(index: int, table: _Table, total_pages: int):
 
 
 def translate_many(indices: np.ndarray, table: _Table, total_pages: int):
-    """:func:`translate` over an int64 array: (status uint8, lba int64, offset int64) arrays."""
-    n = indices.shape[0]
-    status = np.ones(n, np.uint8)
-    lba = np.zeros(n, np.int64)
-    offset = np.zeros(n, np.int64)
-    rpp = table.rows_per_page
-    for first, n_rows, lba0 in table.extents:
-        if not n_rows:
-            continue
-        hit = (status == 1) & (indices >= first) & (indices < first + n_rows)
-        if not hit.any():
-            continue
-        rel = indices[hit] - first
-        q = rel // rpp
-        lba[hit] = lba0 + q
-        offset[hit] = (rel - q * rpp) * table.row_bytes
-        status[hit] = np.where(lba[hit] >= total_pages, 3, 0)
-    lba[status == 1] = 0
+    """:func:`translate` over an array: (status uint8, lba int64, offset int64) arrays."""
+    idx = np.ascontiguousarray(indices, np.int64)
+    ext = np.array(table.extents, np.int64).reshape(-1, 3)
+    status = np.empty(idx.size, np.uint8)
+    lba = np.empty(idx.size, np.int64)
+    offset = np.empty(idx.size, np.int64)
+    _translate(idx, ext, max(1, table.rows_per_page), table.row_bytes, total_pages, status, lba, offset)
     return status, lba, offset
+
+
+def _bad_summary(status: np.ndarray):
+    """(n_bad, position of the first bad entry or -1, worst Status) of a translation."""
+    n_bad, first, any_index = _count_bad(status)
+    worst = Status.OK if not n_bad else Status.BAD_INDEX if any_index else Status.BAD_LBA
+    return int(n_bad), int(first), worst
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_bad(status):
+    n, first, any_index = 0, -1, False
+    for k in range(status.shape[0]):
+        if status[k]:
+            if n == 0:
+                first = k
+            n += 1
+            any_index |= status[k] == 1
+    return n, first, any_index
+
+
+@numba.njit(cache=True, nogil=True)
+def _translate(indices, extents, rows_per_page, row_bytes, total_pages, status, lba, offset):
+    """The ExtentTranslator over an index array (see :func:`translate`)."""
+    for k in range(indices.shape[0]):
+        index = indices[k]
+        status[k], lba[k], offset[k] = 1, 0, 0
+        for e in range(extents.shape[0]):
+            first, n_rows = extents[e, 0], extents[e, 1]
+            if n_rows and first <= index < first + n_rows:
+                rel = index - first
+                q = rel // rows_per_page
+                lba[k] = extents[e, 2] + q
+                offset[k] = (rel - q * rows_per_page) * row_bytes
+                status[k] = 3 if lba[k] >= total_pages else 0
+                break
 
 
 class DeviceModel:
@@ -140,8 +166,9 @@ class DeviceModel:
         elif name == "cq_head_head":
             self.cq_head = value
         if name in ("sq_tail_tail", "cq_head_head", "ctrl_enable"):
-            self.run()
-        self._set_counters()
+            self.run()      # sets the counters
+        else:
+            self._set_counters()
 
     # ---------------------------------------------------------------- host memory
     def _host_slice(self, addr, n):
@@ -242,12 +269,10 @@ class DeviceModel:
         # range: all of them (GATHER) or offsets[0]..offsets[n_bags] (GATHER_POOLED).
         lo, hi = (int(offsets[0]), int(offsets[-1])) if pooled else (0, cmd.count)
         st, lba, offset = translate_many(indices[lo:hi], table, p.total_pages)
-        bad = np.flatnonzero(st)
-        n_bad = int(bad.size)
-        first_bad = int(bad[0]) + lo if n_bad else NO_BAD_POSITION
-        worst = Status.OK
+        n_bad, first, worst = _bad_summary(st)
+        first_bad = first + lo if n_bad else NO_BAD_POSITION
         if n_bad:
-            worst = Status.BAD_INDEX if np.any(st == 1) else Status.BAD_LBA
+            bad = np.flatnonzero(st) + lo
             ok_pos = np.flatnonzero(st == 0) + lo
             lba, offset = lba[ok_pos - lo], offset[ok_pos - lo]
         else:
