@@ -182,3 +182,23 @@ def test_100_mb_of_tables_through_the_store():
         assert 100e6 <= held <= 2 * 4 * 100_000 * 256 + (8 << 20)
     finally:
         store.close()
+
+
+def test_bench_model_smoke(tmp_path, monkeypatch):
+    """`evssd bench model` runs the trace through the driver and checks every result bit for bit."""
+    import argparse
+
+    from evssd.host.bench import model as bench
+    monkeypatch.setenv("EVSSD_RESULTS", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--tables", "2", "--rows", "3000", "--bags", "16", "--batches", "2"])
+    assert bench.run(args) == 0
+    import json
+    report = json.loads((tmp_path / "bench_model" / "bench_model.json").read_text())
+    for kind in ("gather_pooled", "gather"):
+        r = report["kinds"][kind]
+        assert r["bit_exact"] is True and r["lookups"] == 2 * 2 * 16 * 20
+        assert r["model_cycles"] > 0
+    with pytest.raises(ValueError, match="rows must be a positive integer"):
+        bench.measure(rows=0)
