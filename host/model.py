@@ -21,7 +21,7 @@ from evssd.host.elements import DEVICE_ELEMS
 from evssd.host.pooling import describe_error, kernel_source, pool_into
 from evssd.host.regfile import BusResponse, MMIOError, RegisterFile
 from evssd.host.sparse_flash import SparseFlash
-from evssd.host.timing import TimingModel
+from evssd.host.timing import TimingModel, result_schedule
 from evssd.host.transport import HostMemory, Transport
 
 __all__ = ["DeviceModel", "ModelTransport", "translate", "translate_many", "MODEL_PAGES_PER_CHANNEL"]
@@ -311,8 +311,9 @@ class DeviceModel:
             code = pool_into(kernel_source(src, el), el, row_numbers, good_offsets, sums)
             if code != -1:  # cannot happen: every row number and offset is built above
                 raise AssertionError(describe_error(code, row_numbers, good_offsets, src.shape[0]))
-        self.timing.lookups(lba % p.n_channels, lba // p.n_channels, offset, table.row_bytes, out_bytes,
-                            self.regs.fields["ctrl_block_mode"])
+        unit_ends = offsets[1:] - 1 if pooled else np.arange(cmd.count)
+        self.timing.lookups(lba % p.n_channels, lba // p.n_channels, offset, table.row_bytes,
+                            result_schedule(ok_pos, unit_ends, out_row), self.regs.fields["ctrl_block_mode"])
         self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + (hi - lo)) & 0xFFFF_FFFF
         if dst_error is not None:
             raise dst_error

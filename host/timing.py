@@ -11,8 +11,10 @@ It follows the RTL's structure lookup by lookup, in request order:
 - data phases are in request order per channel over a ``ch_data_bits`` bus: only the row's beats
   (fine-grained) or the whole page (block mode), after an AXI read latency;
 - the merger retires rows in request order, one channel beat per cycle;
-- a command pays a fixed cost for its fetch, index read and completion, plus the result write at
-  one host beat per cycle.
+- results stream to the host in request order at one host beat per cycle as they retire (a
+  GATHER row when its lookup retires, a pooled bag when its last good lookup does);
+- a command pays a fixed cost for its fetch and index read, and a fixed tail from its last result
+  beat to the completion the driver sees.
 
 The fixed latencies below were fitted to the RTL's cycle counters (``evssd bench rtl`` reports
 the model next to the RTL on the same lookups). Commands run back to back; channel state carries
@@ -30,13 +32,15 @@ import numpy as np
 
 from evssd.hw.regmap import Params
 
-__all__ = ["TimingModel", "default_slots", "COMMAND_OVERHEAD", "LOOKUP_PIPELINE",
-           "AXI_READ_LATENCY", "MERGER_LATENCY"]
+__all__ = ["TimingModel", "result_schedule", "default_slots", "COMMAND_OVERHEAD", "LOOKUP_PIPELINE",
+           "AXI_READ_LATENCY", "MERGER_LATENCY", "RESULT_TAIL"]
 
 COMMAND_OVERHEAD = 60     # SQ fetch, index-list read, table probe, completion write
 LOOKUP_PIPELINE = 10      # engine -> translator -> FTL -> channel queue
 AXI_READ_LATENCY = 3      # AR accepted -> first R beat (cocotbext-axi AxiRam)
 MERGER_LATENCY = 4        # last row beat -> retirement
+RESULT_TAIL = 103         # last result beat -> completion seen by the driver (write response,
+                          # CQ entry, the driver's polling)
 
 
 def default_slots(params: Params) -> int:
@@ -51,7 +55,7 @@ def default_slots(params: Params) -> int:
 @numba.njit(cache=True, nogil=True)
 def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_size, beat_bytes, n_slots,
               t_r, way_page, way_ready, way_free, way_last, bus_free, last_start,
-              ch_rows, ch_bytes, ch_tr_waits, ch_busy, use, retire):
+              ch_rows, ch_bytes, ch_tr_waits, ch_busy, use, retire, out_after, host_bytes):
     """Reads in request order from cycle ``t0``: lookup k issues at ``t0 + k`` once the slot of
     lookup ``k - n_slots`` has retired, and reaches its channel ``pipeline`` cycles later.
 
@@ -60,9 +64,13 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
     order per channel) and waits tR; then the data phase, in request order on the channel bus,
     after the AXI read latency. Rows retire in order, one channel beat per cycle.
 
+    Results: ``out_after[0]`` bytes are ready at ``t0``, ``out_after[k + 1]`` when lookup k
+    retires; they go out in order, packed, at ``host_bytes`` per cycle.
+
     ``retire`` is scratch of ``n_slots`` entries (a ring holding the retirement cycle of the
     lookup ``n_slots`` earlier). The state arrays are updated in place. Returns (last retirement
-    cycle, issue cycle of the last lookup, LRU stamp, cycle the last read's data ends).
+    cycle, issue cycle of the last lookup, LRU stamp, cycle the last read's data ends, cycle the
+    last result beat goes out).
     """
     row_beats = max(1, (row_bytes + beat_bytes - 1) // beat_bytes)
     page_beats = (page_size + beat_bytes - 1) // beat_bytes
@@ -70,6 +78,8 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
     last_retire = t0
     issue = t0
     end = t0
+    sent = out_after[0]                          # result bytes handed to the host so far
+    out_t = t0 + (sent + host_bytes - 1) // host_bytes
     for k in range(chs.shape[0]):
         issue = t0 + k
         if k >= n_slots:
@@ -108,7 +118,21 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
         ch_bytes[c] += beats * beat_bytes
         last_retire = max(last_retire + row_beats, end + MERGER_LATENCY)
         retire[k % n_slots] = last_retire
-    return last_retire, issue, use, end
+        if out_after[k + 1]:
+            beats0 = (sent + host_bytes - 1) // host_bytes
+            sent += out_after[k + 1]
+            out_t = max(out_t, last_retire) + (sent + host_bytes - 1) // host_bytes - beats0
+    return last_retire, issue, use, end, out_t
+
+
+def result_schedule(good_positions, unit_ends, unit_bytes: int) -> np.ndarray:
+    """``out_after`` for :meth:`TimingModel.lookups`: result unit j (a GATHER row, a pooled bag)
+    of ``unit_bytes`` bytes is ready when the last good lookup at or before position
+    ``unit_ends[j]`` retires (at the start when there is none: a bag of bad lookups, an empty
+    bag before any good lookup). ``good_positions``: sorted request positions of the good lookups."""
+    good_positions = np.asarray(good_positions, np.int64)
+    g = np.searchsorted(good_positions, np.asarray(unit_ends, np.int64), side="right")
+    return np.bincount(g, minlength=good_positions.size + 1).astype(np.int64) * int(unit_bytes)
 
 
 class TimingModel:
@@ -156,30 +180,34 @@ class TimingModel:
     def _page_beats(self) -> int:
         return -(-self.params.page_size // self.beat_bytes)
 
-    def _schedule(self, chs, pages, offsets, t0: int, pipeline: int, row_bytes: int, block_mode: bool):
+    def _schedule(self, chs, pages, offsets, t0: int, pipeline: int, row_bytes: int, block_mode: bool,
+                  out_after):
         r = _schedule(np.ascontiguousarray(chs, np.int64), np.ascontiguousarray(pages, np.int64),
                       np.ascontiguousarray(offsets, np.int64), int(t0), int(pipeline), int(row_bytes),
                       bool(block_mode), self.params.page_size, self.beat_bytes, self.n_slots, int(self.t_r),
                       self.way_page, self.way_ready, self.way_free, self.way_last, self.bus_free,
                       self.last_start, self.ch_rows, self.ch_bytes, self.ch_tr_waits, self.ch_busy_cycles,
-                      self._use, self._retire)
+                      self._use, self._retire, np.ascontiguousarray(out_after, np.int64),
+                      self.params.host_data_bits // 8)
         return tuple(int(v) for v in r)
 
-    def lookups(self, chs, pages, offsets, row_bytes: int, out_bytes: int, block_mode: bool) -> int:
+    def lookups(self, chs, pages, offsets, row_bytes: int, out_after, block_mode: bool) -> int:
         """Advance the clock by one GATHER/GATHER_POOLED command; returns its cycles.
 
         ``chs``, ``pages``, ``offsets``: int64 arrays, (channel, page, byte offset) of every good
-        lookup in request order.
+        lookup in request order. ``out_after``: ``len(chs) + 1`` result byte counts, the bytes
+        ready before any lookup retires, then after each lookup (:func:`result_schedule`).
         """
+        if len(out_after) != len(chs) + 1:
+            raise ValueError(f"out_after needs {len(chs) + 1} entries, got {len(out_after)}")
         # A command submitted while the previous one is in flight starts as soon as the engine has
         # issued the previous command's lookups; otherwise when the device is idle.
         start = self.engine_free if self.overlap else self.cycles
         t0 = start + COMMAND_OVERHEAD
         n = len(chs)
-        last_retire, issue, self._use, _ = self._schedule(chs, pages, offsets, t0, LOOKUP_PIPELINE,
-                                                          row_bytes, block_mode)
-        host_beats = -(-out_bytes // (self.params.host_data_bits // 8))
-        end = max(last_retire, t0 + n) + host_beats + AXI_READ_LATENCY
+        _, issue, self._use, _, out_t = self._schedule(chs, pages, offsets, t0, LOOKUP_PIPELINE,
+                                                       row_bytes, block_mode, out_after)
+        end = max(out_t, t0 + n) + RESULT_TAIL
         self.engine_free = issue + 1
         self.busy_cycles += end - max(start, self.cycles)
         self.cycles = max(self.cycles, end)
@@ -197,8 +225,8 @@ class TimingModel:
 
     def read_page(self, c: int, page: int):
         t = self.cycles + COMMAND_OVERHEAD
-        _, _, self._use, end = self._schedule(np.array([c]), np.array([page]), np.zeros(1, np.int64), t, 0,
-                                              self.params.page_size, True)
+        _, _, self._use, end, _ = self._schedule(np.array([c]), np.array([page]), np.zeros(1, np.int64), t,
+                                                 0, self.params.page_size, True, np.zeros(2, np.int64))
         self.busy_cycles += end - self.cycles
         self.cycles = self.engine_free = end
 

@@ -4,8 +4,9 @@ of every command kind, build and mode."""
 import numpy as np
 import pytest
 
-from evssd.host.timing import TimingModel, default_slots
+from evssd.host.timing import TimingModel, default_slots, result_schedule
 from evssd.hw.regmap import Params
+from evssd.host.timing import RESULT_TAIL
 from tests.timing_reference import ReferenceTimingModel
 
 
@@ -38,11 +39,19 @@ def _random_run(seed: int, params: Params, n_slots=None, n_commands=40):
             chs = rng.integers(0, params.n_channels, n)
             pages = rng.integers(0, n_pages, n)
             offs = rng.integers(0, rpp, n) * row_bytes
-            out_bytes = int(rng.integers(0, 4 * n * row_bytes + 1))
+            # request positions of the good lookups among `count` (the others are bad), and the
+            # result units: one row per position (GATHER) or bags (GATHER_POOLED)
+            count = n + int(rng.integers(0, 20))
+            pos = np.sort(rng.choice(count, n, replace=False)) if count else np.zeros(0, np.int64)
+            if rng.integers(0, 2):
+                ends, unit = np.arange(count), row_bytes
+            else:
+                cuts = np.sort(rng.integers(0, count + 1, int(rng.integers(0, 30))))
+                ends, unit = np.concatenate([cuts, [count]]) - 1, 4 * row_bytes
             block = bool(rng.integers(0, 4) == 0)
-            got = fast.lookups(chs, pages, offs, row_bytes, out_bytes, block)
-            want = ref.lookups(list(zip(chs.tolist(), pages.tolist(), offs.tolist())), row_bytes,
-                               out_bytes, block)
+            got = fast.lookups(chs, pages, offs, row_bytes, result_schedule(pos, ends, unit), block)
+            want = ref.lookups(list(zip(chs.tolist(), pages.tolist(), offs.tolist(), pos.tolist())),
+                               row_bytes, [(int(e), unit) for e in ends], block)
             assert got == want
         elif kind == "program":
             c, pg = int(rng.integers(0, params.n_channels)), int(rng.integers(0, n_pages))
@@ -78,12 +87,20 @@ def test_default_build_counts_tr_waits_and_rows():
     """Hand-checked numbers: 4 reads of one page pay tR once; rows and bytes counted."""
     t = TimingModel(Params(), t_r=1000)
     z = np.zeros(4, np.int64)
-    cycles = t.lookups(z, z, np.arange(4) * 64, 64, 4 * 64, False)
+    cycles = t.lookups(z, z, np.arange(4) * 64, 64, result_schedule(np.arange(4), np.arange(4), 64), False)
     assert int(t.ch_tr_waits[0]) == 1 and int(t.ch_rows[0]) == 4 and int(t.ch_bytes[0]) == 4 * 64
     # engine at 60, reach the channel at 70, tR to 1070, 4 data phases of 3 + 8 beats each,
-    # retirement 4 later, 256 result bytes at 8 per host beat, the AXI latency
-    assert cycles == 1070 + 4 * 11 + 4 + 32 + 3
+    # each row retires 4 later and streams out in 8 host beats (8 bytes each), then the tail
+    assert cycles == 1070 + 4 * 11 + 4 + 8 + RESULT_TAIL
     assert t.n_slots == default_slots(Params())
+    with pytest.raises(ValueError, match="out_after needs 5"):
+        t.lookups(z, z, z, 64, [0], False)
+
+
+def test_result_schedule_assigns_units_to_the_last_good_lookup():
+    # good lookups at positions 1, 4; units end at 0 (before any), 1, 3, 4, 6
+    got = result_schedule([1, 4], [0, 1, 3, 4, 6], 8)
+    assert got.tolist() == [8, 16, 16]
 
 
 def test_bad_slots_are_named():

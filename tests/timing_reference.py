@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from evssd.hw.regmap import Params
 from evssd.host.timing import (AXI_READ_LATENCY, COMMAND_OVERHEAD, LOOKUP_PIPELINE, MERGER_LATENCY,
-                               default_slots)
+                               RESULT_TAIL, default_slots)
 
 
 @dataclass
@@ -82,10 +82,13 @@ class ReferenceTimingModel:
         ch.bytes += beats * self.beat_bytes
         return end
 
-    def lookups(self, locations, row_bytes: int, out_bytes: int, block_mode: bool) -> int:
+    def lookups(self, locations, row_bytes: int, units, block_mode: bool) -> int:
         """Advance the clock by one GATHER/GATHER_POOLED command; returns its cycles.
 
-        ``locations``: (channel, page, offset) of every good lookup in request order.
+        ``locations``: (channel, page, offset, request position) of every good lookup in request
+        order; ``units``: (last request position, bytes) of every result unit (GATHER row, pooled
+        bag) in order. A unit is ready when the last good lookup at or before its last position
+        retires (at the start without one); results go out in order at one host beat per cycle.
         """
         # A command submitted while the previous one is in flight starts as soon as the engine has
         # issued the previous command's lookups; otherwise when the device is idle.
@@ -96,7 +99,7 @@ class ReferenceTimingModel:
         retire = [0] * len(locations)
         last_retire = t0
         issue = t0
-        for k, (c, page, offset) in enumerate(locations):
+        for k, (c, page, offset, _) in enumerate(locations):
             issue = t0 + k
             if k >= self.n_slots:
                 issue = max(issue, retire[k - self.n_slots] + 1)
@@ -104,8 +107,17 @@ class ReferenceTimingModel:
             end = self._read(c, page, issue + LOOKUP_PIPELINE, beats)
             last_retire = max(last_retire + row_beats, end + MERGER_LATENCY)
             retire[k] = last_retire
-        host_beats = -(-out_bytes // (self.params.host_data_bits // 8))
-        end = max(last_retire, t0 + len(locations)) + host_beats + AXI_READ_LATENCY
+        hb = self.params.host_data_bits // 8
+        sent, out_t = 0, t0
+        for last_pos, nbytes in units:
+            ready = t0
+            for k, loc in enumerate(locations):
+                if loc[3] <= last_pos:
+                    ready = retire[k]
+            before = -(-sent // hb)
+            sent += nbytes
+            out_t = max(out_t, ready) + (-(-sent // hb) - before)
+        end = max(out_t, t0 + len(locations)) + RESULT_TAIL
         self.engine_free = issue + 1
         self.busy_cycles += end - max(start, self.cycles)
         self.cycles = max(self.cycles, end)
