@@ -41,6 +41,11 @@ class _Table:
         self.row_bytes, self.elem, self.enable, self.rows_per_page = 0, 0, False, 1
         self.extents = [(0, 0, 0)] * max_extents
 
+    @property
+    def extent_array(self) -> np.ndarray:
+        """The extents as an int64 ``[n, 3]`` array (first, rows, lba), slot order."""
+        return np.array(self.extents, np.int64).reshape(-1, 3)
+
 
 def translate(index: int, table: _Table, total_pages: int):
     """(status, lba, offset) of one index, as the ExtentTranslator computes it.
@@ -55,7 +60,7 @@ def translate(index: int, table: _Table, total_pages: int):
 def translate_many(indices: np.ndarray, table: _Table, total_pages: int):
     """:func:`translate` over an array: (status uint8, lba int64, offset int64) arrays."""
     idx = np.ascontiguousarray(indices, np.int64)
-    ext = np.array(table.extents, np.int64).reshape(-1, 3)
+    ext = table.extent_array
     status = np.empty(idx.size, np.uint8)
     lba = np.empty(idx.size, np.int64)
     offset = np.empty(idx.size, np.int64)
@@ -82,21 +87,45 @@ def _count_bad(status):
     return n, first, any_index
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _translate_one(index, extents, rows_per_page, row_bytes, total_pages):
+    """The ExtentTranslator's rule for one index: (status, lba, offset), see :func:`translate`."""
+    for e in range(extents.shape[0]):
+        first, n_rows = extents[e, 0], extents[e, 1]
+        if n_rows and first <= index < first + n_rows:
+            rel = index - first
+            q = rel // rows_per_page
+            lba = extents[e, 2] + q
+            return (3 if lba >= total_pages else 0), lba, (rel - q * rows_per_page) * row_bytes
+    return 1, 0, 0
+
+
 @numba.njit(cache=True, nogil=True)
 def _translate(indices, extents, rows_per_page, row_bytes, total_pages, status, lba, offset):
     """The ExtentTranslator over an index array (see :func:`translate`)."""
     for k in range(indices.shape[0]):
-        index = indices[k]
-        status[k], lba[k], offset[k] = 1, 0, 0
-        for e in range(extents.shape[0]):
-            first, n_rows = extents[e, 0], extents[e, 1]
-            if n_rows and first <= index < first + n_rows:
-                rel = index - first
-                q = rel // rows_per_page
-                lba[k] = extents[e, 2] + q
-                offset[k] = (rel - q * rows_per_page) * row_bytes
-                status[k] = 3 if lba[k] >= total_pages else 0
-                break
+        status[k], lba[k], offset[k] = _translate_one(indices[k], extents, rows_per_page, row_bytes,
+                                                      total_pages)
+
+
+@numba.njit(cache=True, nogil=True)
+def _plan(indices, lo, hi, extents, rows_per_page, row_bytes, total_pages, n_channels,
+          status, pos, lba, offset, ch, page, good_before):
+    """One command's lookups ``indices[lo:hi]`` translated: ``status[k - lo]`` of each, the good
+    ones compacted in request order (position, lba, offset, channel, page), and
+    ``good_before[k - lo]`` = good lookups before position k (``hi - lo + 1`` entries).
+    Returns the number of good lookups."""
+    n = 0
+    for k in range(lo, hi):
+        st, l, o = _translate_one(np.int64(indices[k]), extents, rows_per_page, row_bytes, total_pages)
+        status[k - lo] = st
+        good_before[k - lo] = n
+        if st == 0:
+            pos[n], lba[n], offset[n] = k, l, o
+            ch[n], page[n] = l % n_channels, l // n_channels
+            n += 1
+    good_before[hi - lo] = n
+    return n
 
 
 class DeviceModel:
@@ -264,19 +293,19 @@ class DeviceModel:
             if np.any(np.diff(offsets) < 0) or offsets[-1] > cmd.count:
                 return Completion(cid=cmd.cid, status=Status.BAD_OFFSETS)
         src = self._host_slice(cmd.src_addr, 4 * cmd.count)
-        indices = self._host_np[src:src + 4 * cmd.count].view("<u4").astype(np.int64)
+        indices = self._host_np[src:src + 4 * cmd.count].view("<u4")
         # Bags are contiguous slices of the index list, so the lookups a command makes are one
         # range: all of them (GATHER) or offsets[0]..offsets[n_bags] (GATHER_POOLED).
         lo, hi = (int(offsets[0]), int(offsets[-1])) if pooled else (0, cmd.count)
-        st, lba, offset = translate_many(indices[lo:hi], table, p.total_pages)
+        m = hi - lo
+        st = np.empty(m, np.uint8)
+        ok_pos, lba, offset, chs, pages = (np.empty(m, np.int64) for _ in range(5))
+        good_before = np.empty(m + 1, np.int64)
+        n_good = _plan(indices, lo, hi, table.extent_array, max(1, table.rows_per_page), table.row_bytes,
+                       p.total_pages, p.n_channels, st, ok_pos, lba, offset, chs, pages, good_before)
+        ok_pos, lba, offset, chs, pages = (a[:n_good] for a in (ok_pos, lba, offset, chs, pages))
         n_bad, first, worst = _bad_summary(st)
         first_bad = first + lo if n_bad else NO_BAD_POSITION
-        if n_bad:
-            bad = np.flatnonzero(st) + lo
-            ok_pos = np.flatnonzero(st == 0) + lo
-            lba, offset = lba[ok_pos - lo], offset[ok_pos - lo]
-        else:
-            ok_pos = np.arange(lo, hi)
         # The result goes straight into host memory (a bus error still lets the lookups run and
         # is reported after them, like the RTL's result DMA failing).
         dst_error = None
@@ -289,30 +318,28 @@ class DeviceModel:
         if not pooled:   # one row per lookup; a bad lookup's row is zeros
             rows = result.reshape(cmd.count, table.row_bytes)
             if n_bad:
-                rows[bad] = 0
+                rows[np.flatnonzero(st) + lo] = 0
             self.flash.gather(lba, offset, table.row_bytes, rows, ok_pos)
         else:
             el = DEVICE_ELEMS[elem.name.lower()]
             dim = table.row_bytes // elem.itemsize
             sums = result.view(el.pooled).reshape(cmd.n_bags, dim)
             # the bags over the good lookups only (a bad lookup adds nothing)
-            n_good = np.zeros(hi - lo + 1, np.int64)
-            np.cumsum(st == 0, out=n_good[1:])
-            good_offsets = n_good[offsets - lo]
+            good_offsets = good_before[offsets - lo]
             ps, rb = p.page_size, table.row_bytes
             if ps % rb == 0 and table.rows_per_page * rb <= ps:
                 # fused: pool straight from the flash pages, viewed as a matrix of rows
                 src, row_numbers = self.flash.rows(lba, offset, rb)
             else:  # rows not aligned to the page grid: gather them first
-                src = self._scratch(ok_pos.size, rb)
-                self.flash.gather(lba, offset, rb, src, np.arange(ok_pos.size))
-                row_numbers = np.arange(ok_pos.size, dtype=np.int64)
+                src = self._scratch(n_good, rb)
+                row_numbers = np.arange(n_good, dtype=np.int64)
+                self.flash.gather(lba, offset, rb, src, row_numbers)
             src = src.view(el.storage)
             code = pool_into(kernel_source(src, el), el, row_numbers, good_offsets, sums)
             if code != -1:  # cannot happen: every row number and offset is built above
                 raise AssertionError(describe_error(code, row_numbers, good_offsets, src.shape[0]))
         unit_ends = offsets[1:] - 1 if pooled else np.arange(cmd.count)
-        self.timing.lookups(lba % p.n_channels, lba // p.n_channels, offset, table.row_bytes,
+        self.timing.lookups(chs, pages, offset, table.row_bytes,
                             result_schedule(ok_pos, unit_ends, out_row), self.regs.fields["ctrl_block_mode"])
         self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + (hi - lo)) & 0xFFFF_FFFF
         if dst_error is not None:
