@@ -75,6 +75,10 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
     row_beats = max(1, (row_bytes + beat_bytes - 1) // beat_bytes)
     page_beats = (page_size + beat_bytes - 1) // beat_bytes
     n_ways = way_page.shape[1]
+    shift = 0                                    # beat_bytes is a power of two: shifts, not divisions
+    while (1 << shift) < beat_bytes:
+        shift += 1
+    ring = 0                                     # k % n_slots, without a division per lookup
     last_retire = t0
     issue = t0
     end = t0
@@ -83,12 +87,12 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
     for k in range(chs.shape[0]):
         issue = t0 + k
         if k >= n_slots:
-            issue = max(issue, retire[k % n_slots] + 1)
+            issue = max(issue, retire[ring] + 1)
         if block_mode:
             beats = page_beats
         else:
             off = offsets[k]
-            beats = (off + row_bytes + beat_bytes - 1) // beat_bytes - off // beat_bytes
+            beats = ((off + row_bytes + beat_bytes - 1) >> shift) - (off >> shift)
         use += 1
         c, page, at = chs[k], pages[k], issue + pipeline
         w = -1
@@ -117,7 +121,10 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
         ch_rows[c] += 1
         ch_bytes[c] += beats * beat_bytes
         last_retire = max(last_retire + row_beats, end + MERGER_LATENCY)
-        retire[k % n_slots] = last_retire
+        retire[ring] = last_retire
+        ring += 1
+        if ring == n_slots:
+            ring = 0
         if out_after[k + 1]:
             beats0 = (sent + host_bytes - 1) // host_bytes
             sent += out_after[k + 1]
