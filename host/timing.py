@@ -16,8 +16,9 @@ It follows the RTL's structure lookup by lookup, in request order:
 - a command pays a fixed cost for its fetch and index read, and a fixed tail from its last result
   beat to the completion the driver sees.
 
-The fixed latencies below were fitted to the RTL's cycle counters (``evssd bench rtl`` reports
-the model next to the RTL on the same lookups). Commands run back to back; channel state carries
+The fixed latencies below were fitted to the RTL's cycle counts (``evssd bench rtl`` reports
+the model next to the RTL on the same lookups, with the RTL build's ``n_slots``; fitted on
+4 x 4 and 8 x 8 builds with 64 and 256 slots, docs/benchmarks.md). Commands run back to back; channel state carries
 over between commands.
 
 The schedule of one command is a numba kernel (:func:`_schedule`) over the command's lookup
@@ -35,7 +36,7 @@ from evssd.hw.regmap import Params
 __all__ = ["TimingModel", "result_schedule", "default_slots", "COMMAND_OVERHEAD", "LOOKUP_PIPELINE",
            "AXI_READ_LATENCY", "MERGER_LATENCY", "RESULT_TAIL"]
 
-COMMAND_OVERHEAD = 60     # SQ fetch, index-list read, table probe, completion write
+COMMAND_OVERHEAD = 60     # SQ fetch, index-list read, table probe
 LOOKUP_PIPELINE = 10      # engine -> translator -> FTL -> channel queue
 AXI_READ_LATENCY = 3      # AR accepted -> first R beat (cocotbext-axi AxiRam)
 MERGER_LATENCY = 4        # last row beat -> retirement
