@@ -93,11 +93,63 @@ def _f32_to_bits(typingctx, x):
     return types.uint32(x), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, arr, r, off):
+    """Hint the CPU to fetch byte ``off`` of row ``r`` of a 2-D array (no fault if invalid)."""
+    if not isinstance(arr, types.Array) or arr.ndim != 2:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        data = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+        stride0 = builder.extract_value(ary.strides, 0)
+        off = builder.add(builder.mul(context.cast(builder, args[1], sig.args[1], types.intp), stride0),
+                          context.cast(builder, args[2], sig.args[2], types.intp))
+        ptr = builder.gep(data, [off])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+        fn = builder.module.globals.get("llvm.prefetch.p0i8") or \
+            ir.Function(builder.module, fnty, name="llvm.prefetch.p0i8")
+        # read, high temporal locality, data cache
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(arr, r, off), codegen
+
+
+#: lookups ahead whose rows are prefetched: random rows come from DRAM, and the out-of-order
+#: window alone keeps too few of them in flight (measured: 2.8x faster on 4 x 100k x 64 fp32)
+PREFETCH_DISTANCE = 8
+
+
+# The prefetch is written out in each bag loop instead of a helper taking the arrays: numba
+# reference-counts arrays passed to an inlined function, which cost ~20 ns per lookup.
+
+
 _TWO_112 = np.float32(2.0 ** 112)
 
 
+@intrinsic
+def _h2f_f16c(typingctx, h):
+    """fp16 bits -> float32 by the CPU's conversion (``vcvtph2ps`` with F16C): exact, and vectorises."""
+    if not isinstance(h, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.uint16)
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+    return types.float32(h), codegen
+
+
+def _host_has_f16c() -> bool:
+    try:
+        import llvmlite.binding as llvm
+        return "+f16c" in llvm.get_host_cpu_features().flatten()
+    except Exception:  # pragma: no cover - unknown host: use the portable conversion
+        return False
+
+
 @numba.njit(inline="always")
-def _h2f(h):
+def _h2f_soft(h):
     """fp16 bits -> float32, exactly: normals and subnormals by rescaling the shifted bits
     (a multiplication by a power of two), inf/NaN by setting the exponent (payload kept)."""
     h = np.uint32(h)
@@ -107,6 +159,16 @@ def _h2f(h):
     if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
         bits = np.uint32(0x7F800000) | mag
     return _bits_to_f32(bits | ((h & np.uint32(0x8000)) << np.uint32(16)))
+
+
+#: the conversion the kernels use: the CPU's own where it has one (a signalling NaN comes out
+#: quiet, which no result shows: NaN sums are canonicalised), else the portable one
+if _host_has_f16c():
+    @numba.njit(inline="always")
+    def _h2f(h):
+        return _h2f_f16c(np.uint16(h))
+else:  # pragma: no cover
+    _h2f = _h2f_soft
 
 
 def _load(src, r, j):  # pragma: no cover - replaced by the overload in jitted code
@@ -203,12 +265,17 @@ def _check(n_src, idx, offs):
 
 
 @numba.njit(inline="always")
-def _bag_sum(src, idx, lo, hi, out, b):
+def _bag_sum(src, idx, lo, hi, out, b, n, rb):
     dim = out.shape[1]
     z = _start(out)
     for j in range(dim):
         out[b, j] = z
     for k in range(lo, hi):
+        ahead = k + PREFETCH_DISTANCE
+        if ahead < n:  # indices were checked before any bag is pooled
+            ra = idx[ahead]
+            for off in range(0, rb, 64):
+                _prefetch(src, ra, off)
         r = idx[k]
         for j in range(dim):
             out[b, j] += _load(src, r, j)
@@ -216,11 +283,16 @@ def _bag_sum(src, idx, lo, hi, out, b):
 
 
 @numba.njit(inline="always")
-def _bag_weighted(src, idx, w, lo, hi, out, b):
+def _bag_weighted(src, idx, w, lo, hi, out, b, n, rb):
     dim = out.shape[1]
     for j in range(dim):
         out[b, j] = np.float32(-0.0)
     for k in range(lo, hi):
+        ahead = k + PREFETCH_DISTANCE
+        if ahead < n:  # indices were checked before any bag is pooled
+            ra = idx[ahead]
+            for off in range(0, rb, 64):
+                _prefetch(src, ra, off)
         r = idx[k]
         wk = w[k]
         for j in range(dim):
@@ -229,7 +301,7 @@ def _bag_weighted(src, idx, w, lo, hi, out, b):
 
 
 @numba.njit(inline="always")
-def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b):
+def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b, n, rb):
     # fma(s, q, c) as float32(float64(s) * q + float64(c)): s * q has at most 19 significant
     # bits, so the product is exact in float64 and the sum rounds to the same float32 as a fused
     # multiply-add (when the float64 sum is inexact, one operand is below 2**-29 of the other and
@@ -238,6 +310,11 @@ def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b):
     for j in range(dim):
         out[b, j] = np.float32(-0.0)
     for k in range(lo, hi):
+        ahead = k + PREFETCH_DISTANCE
+        if ahead < n:  # indices were checked before any bag is pooled
+            ra = idx[ahead]
+            for off in range(0, rb, 64):
+                _prefetch(src, ra, off)
         r = idx[k]
         s = _h2f(np.uint32(src[r, 0]) | (np.uint32(src[r, 1]) << np.uint32(8)))
         c = _h2f(np.uint32(src[r, 2]) | (np.uint32(src[r, 3]) << np.uint32(8)))
@@ -257,8 +334,10 @@ def _sum_serial(src, idx, offs, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
+    n = idx.shape[0]
+    rb = src.shape[1] * src.itemsize
     for b in range(offs.shape[0] - 1):
-        _bag_sum(src, idx, offs[b], offs[b + 1], out, b)
+        _bag_sum(src, idx, offs[b], offs[b + 1], out, b, n, rb)
     return -1
 
 
@@ -267,8 +346,10 @@ def _sum_parallel(src, idx, offs, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
+    n = idx.shape[0]
+    rb = src.shape[1] * src.itemsize
     for b in numba.prange(offs.shape[0] - 1):
-        _bag_sum(src, idx, offs[b], offs[b + 1], out, b)
+        _bag_sum(src, idx, offs[b], offs[b + 1], out, b, n, rb)
     return -1
 
 
@@ -277,8 +358,10 @@ def _weighted_serial(src, idx, offs, w, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
+    n = idx.shape[0]
+    rb = src.shape[1] * src.itemsize
     for b in range(offs.shape[0] - 1):
-        _bag_weighted(src, idx, w, offs[b], offs[b + 1], out, b)
+        _bag_weighted(src, idx, w, offs[b], offs[b + 1], out, b, n, rb)
     return -1
 
 
@@ -287,8 +370,10 @@ def _weighted_parallel(src, idx, offs, w, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
+    n = idx.shape[0]
+    rb = src.shape[1] * src.itemsize
     for b in numba.prange(offs.shape[0] - 1):
-        _bag_weighted(src, idx, w, offs[b], offs[b + 1], out, b)
+        _bag_weighted(src, idx, w, offs[b], offs[b + 1], out, b, n, rb)
     return -1
 
 
@@ -297,8 +382,10 @@ def _rowwise_serial(src, idx, offs, w, weighted, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
+    n = idx.shape[0]
+    rb = src.shape[1] * src.itemsize
     for b in range(offs.shape[0] - 1):
-        _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b)
+        _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb)
     return -1
 
 
@@ -307,8 +394,10 @@ def _rowwise_parallel(src, idx, offs, w, weighted, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
+    n = idx.shape[0]
+    rb = src.shape[1] * src.itemsize
     for b in numba.prange(offs.shape[0] - 1):
-        _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b)
+        _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb)
     return -1
 
 

@@ -97,6 +97,11 @@ def test_empty_bags_are_positive_zero_and_errors_name_the_argument():
 
 def ref_rowwise(raw, idx, offs, weights=None):
     """FBGEMM's order: acc = fma(scale, q, acc + bias) from -0.0, computed exactly in float64."""
+    with np.errstate(all="ignore"):
+        return _ref_rowwise(raw, idx, offs, weights)
+
+
+def _ref_rowwise(raw, idx, offs, weights):
     dim = raw.shape[1] - 4
     out = np.zeros((len(offs) - 1, dim), np.float32)
     for b in range(len(offs) - 1):
