@@ -56,22 +56,26 @@ def default_slots(params: Params) -> int:
 @numba.njit(cache=True, nogil=True)
 def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_size, beat_bytes, n_slots,
               t_r, way_page, way_ready, way_free, way_last, bus_free, last_start,
-              ch_rows, ch_bytes, ch_tr_waits, ch_busy, use, retire, out_after, host_bytes):
+              ch_rows, ch_bytes, ch_tr_waits, ch_busy, use, retire, carry, out_after, host_bytes):
     """Reads in request order from cycle ``t0``: lookup k issues at ``t0 + k`` once the slot of
-    lookup ``k - n_slots`` has retired, and reaches its channel ``pipeline`` cycles later.
+    the lookup ``n_slots`` earlier (in this command or a previous one: slots are shared) has
+    retired, and reaches its channel ``pipeline`` cycles later.
 
     Each read: a page register holding the page (LRU over ``ways``) skips tR; a miss takes the
     least recently used register once its last data phase is over (misses start in request
     order per channel) and waits tR; then the data phase, in request order on the channel bus,
-    after the AXI read latency. Rows retire in order, one channel beat per cycle.
+    after the AXI read latency. Rows retire in order (after the previous command's), one
+    channel beat per cycle.
 
     Results: ``out_after[0]`` bytes are ready at ``t0``, ``out_after[k + 1]`` when lookup k
-    retires; they go out in order, packed, at ``host_bytes`` per cycle.
+    retires; they go out in order (after the previous command's), packed, at ``host_bytes`` per
+    cycle.
 
-    ``retire`` is scratch of ``n_slots`` entries (a ring holding the retirement cycle of the
-    lookup ``n_slots`` earlier). The state arrays are updated in place. Returns (last retirement
-    cycle, issue cycle of the last lookup, LRU stamp, cycle the last read's data ends, cycle the
-    last result beat goes out).
+    ``retire`` (``n_slots`` entries) is a ring of the retirement cycles of the last ``n_slots``
+    lookups; ``carry`` = [ring position, lookups so far (capped at ``n_slots``), last retirement,
+    last result beat] carries the slots, the merger and the result stream from one command to
+    the next. The state arrays are updated in place. Returns (issue cycle of the last lookup,
+    LRU stamp, cycle the last read's data ends, cycle the last result beat goes out).
     """
     row_beats = max(1, (row_bytes + beat_bytes - 1) // beat_bytes)
     page_beats = (page_size + beat_bytes - 1) // beat_bytes
@@ -79,16 +83,18 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
     shift = 0                                    # beat_bytes is a power of two: shifts, not divisions
     while (1 << shift) < beat_bytes:
         shift += 1
-    ring = 0                                     # k % n_slots, without a division per lookup
-    last_retire = t0
+    ring, issued = carry[0], carry[1]            # ring: the slot ring's position (no division)
+    last_retire = max(t0, carry[2])
     issue = t0
     end = t0
     sent = out_after[0]                          # result bytes handed to the host so far
-    out_t = t0 + (sent + host_bytes - 1) // host_bytes
+    out_t = max(t0, carry[3]) + (sent + host_bytes - 1) // host_bytes
     for k in range(chs.shape[0]):
         issue = t0 + k
-        if k >= n_slots:
+        if issued >= n_slots:
             issue = max(issue, retire[ring] + 1)
+        else:
+            issued += 1
         if block_mode:
             beats = page_beats
         else:
@@ -130,7 +136,8 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
             beats0 = (sent + host_bytes - 1) // host_bytes
             sent += out_after[k + 1]
             out_t = max(out_t, last_retire) + (sent + host_bytes - 1) // host_bytes - beats0
-    return last_retire, issue, use, end, out_t
+    carry[0], carry[1], carry[2], carry[3] = ring, issued, last_retire, out_t
+    return issue, use, end, out_t
 
 
 def result_schedule(good_positions, unit_ends, unit_bytes: int) -> np.ndarray:
@@ -169,6 +176,7 @@ class TimingModel:
         self.ch_busy_cycles = np.zeros(c, np.int64)
         self.ch_programs = np.zeros(c, np.int64)
         self._retire = np.zeros(self.n_slots, np.int64)
+        self._carry = np.zeros(4, np.int64)     # see _schedule
         self.cycles = 0            # completion time of the latest command
         self.engine_free = 0       # the engine issued the previous command's last lookup
         self.overlap = False       # set by the device model: the previous command is still in flight
@@ -189,13 +197,13 @@ class TimingModel:
         return -(-self.params.page_size // self.beat_bytes)
 
     def _schedule(self, chs, pages, offsets, t0: int, pipeline: int, row_bytes: int, block_mode: bool,
-                  out_after):
+                  out_after, retire, carry):
         r = _schedule(np.ascontiguousarray(chs, np.int64), np.ascontiguousarray(pages, np.int64),
                       np.ascontiguousarray(offsets, np.int64), int(t0), int(pipeline), int(row_bytes),
                       bool(block_mode), self.params.page_size, self.beat_bytes, self.n_slots, int(self.t_r),
                       self.way_page, self.way_ready, self.way_free, self.way_last, self.bus_free,
                       self.last_start, self.ch_rows, self.ch_bytes, self.ch_tr_waits, self.ch_busy_cycles,
-                      self._use, self._retire, np.ascontiguousarray(out_after, np.int64),
+                      self._use, retire, carry, np.ascontiguousarray(out_after, np.int64),
                       self.params.host_data_bits // 8)
         return tuple(int(v) for v in r)
 
@@ -213,8 +221,8 @@ class TimingModel:
         start = self.engine_free if self.overlap else self.cycles
         t0 = start + COMMAND_OVERHEAD
         n = len(chs)
-        _, issue, self._use, _, out_t = self._schedule(chs, pages, offsets, t0, LOOKUP_PIPELINE,
-                                                       row_bytes, block_mode, out_after)
+        issue, self._use, _, out_t = self._schedule(chs, pages, offsets, t0, LOOKUP_PIPELINE, row_bytes,
+                                                    block_mode, out_after, self._retire, self._carry)
         end = max(out_t, t0 + n) + RESULT_TAIL
         self.engine_free = issue + 1
         self.busy_cycles += end - max(start, self.cycles)
@@ -233,8 +241,10 @@ class TimingModel:
 
     def read_page(self, c: int, page: int):
         t = self.cycles + COMMAND_OVERHEAD
-        _, _, self._use, end, _ = self._schedule(np.array([c]), np.array([page]), np.zeros(1, np.int64), t,
-                                                 0, self.params.page_size, True, np.zeros(2, np.int64))
+        # one read outside the lookup path: no slot, no retirement, no result stream
+        _, self._use, end, _ = self._schedule(np.array([c]), np.array([page]), np.zeros(1, np.int64), t, 0,
+                                              self.params.page_size, True, np.zeros(2, np.int64),
+                                              np.zeros(self.n_slots, np.int64), np.array([0, 0, t, t]))
         self.busy_cycles += end - self.cycles
         self.cycles = self.engine_free = end
 

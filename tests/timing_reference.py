@@ -44,6 +44,9 @@ class ReferenceTimingModel:
         self.overlap = False       # set by the device model: the previous command is still in flight
         self.busy_cycles = 0
         self._use = 0
+        self._retired = []         # retirement cycle of every lookup so far (slots are shared)
+        self._last_retire = 0      # the merger's last retirement
+        self._out_t = 0            # the result stream's last beat
 
     def clear(self):
         for ch in self.channels:
@@ -97,18 +100,20 @@ class ReferenceTimingModel:
         ps = self.params.page_size
         row_beats = max(1, -(-row_bytes // self.beat_bytes))
         retire = [0] * len(locations)
-        last_retire = t0
+        last_retire = max(t0, self._last_retire)
         issue = t0
         for k, (c, page, offset, _) in enumerate(locations):
             issue = t0 + k
-            if k >= self.n_slots:
-                issue = max(issue, retire[k - self.n_slots] + 1)
+            if len(self._retired) >= self.n_slots:   # the slot of the lookup n_slots earlier
+                issue = max(issue, self._retired[-self.n_slots] + 1)
             beats = self._beats(0, ps) if block_mode else self._beats(offset, row_bytes)
             end = self._read(c, page, issue + LOOKUP_PIPELINE, beats)
             last_retire = max(last_retire + row_beats, end + MERGER_LATENCY)
             retire[k] = last_retire
+            self._retired.append(last_retire)
+        self._last_retire = last_retire
         hb = self.params.host_data_bits // 8
-        sent, out_t = 0, t0
+        sent, out_t = 0, max(t0, self._out_t)
         for last_pos, nbytes in units:
             ready = t0
             for k, loc in enumerate(locations):
@@ -117,6 +122,7 @@ class ReferenceTimingModel:
             before = -(-sent // hb)
             sent += nbytes
             out_t = max(out_t, ready) + (-(-sent // hb) - before)
+        self._out_t = out_t
         end = max(out_t, t0 + len(locations)) + RESULT_TAIL
         self.engine_free = issue + 1
         self.busy_cycles += end - max(start, self.cycles)
