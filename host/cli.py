@@ -27,6 +27,7 @@ BENCHES = {
     "store": ("evssd.host.bench.store", "embedding store backends side by side: dram, file, evssd model, RocksDB"),
     "serve": ("evssd.host.bench.serve", "FlexEMR engine: multi- vs single-threaded, pooling, adaptive cache"),
     "rtl": ("evssd.sim.bench_rtl", "cycle-accurate RTL: lookups/cycle vs bound, read amplification, latency"),
+    "model": ("evssd.host.bench.model", "functional + timing model: wall-clock lookups/s through the driver (GATHER, GATHER_POOLED)"),
     "synth": ("evssd.host.bench.synth", "resource estimates for 1..8 channels and 64..512-bit widths (ECP5, UltraScale+)"),
     "dlrm": ("evssd.host.bench.dlrm", "TorchRec DLRM end to end: DRAM vs EV-SSD (fine-grained, EV-Cache, pipeline) vs block mode"),
     "device": ("evssd.host.bench.device", "driver facade: per-call cost of the thread-safe Device.run vs a bare loop"),

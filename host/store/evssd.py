@@ -20,27 +20,6 @@ def _device_runner(device):
     return getattr(device, "run", None)
 
 
-def _open_model_for(tables: Mapping[str, np.ndarray], layout_options: Mapping):
-    """The functional model with enough flash for ``tables`` (rows padded to 4 bytes, packed per
-    page as the layout packs them), so big tables do not hit the default 64 MiB."""
-    from evssd.host.device import Device
-    from evssd.hw.regmap import Params
-    base = Params()
-    page = layout_options.get("page_size", base.page_size) if isinstance(layout_options, Mapping) else base.page_size
-    pages = 0
-    for a in tables.values():
-        row_bytes = -(-a.shape[1] * a.dtype.itemsize // 4) * 4
-        per_page = max(1, page // row_bytes)
-        pages += -(-a.shape[0] // per_page) + 64  # + extents starting on fresh pages
-    per_channel = -(-pages // base.n_channels)
-    ppc = base.pages_per_channel
-    while ppc < per_channel:
-        ppc *= 2
-    if ppc == base.pages_per_channel:
-        return Device.open("model")
-    return Device.open("model", pages_per_channel=ppc)
-
-
 class EvssdBackend(Backend):
     """The EV-SSD through the driver. ``bytes_read`` counts result bytes returned by DMA."""
     name = "evssd"
@@ -66,13 +45,15 @@ class EvssdBackend(Backend):
     def create(cls, tables: Tables, *, device=None, layout_options: Mapping | None = None,
                device_pooling: bool = True) -> "EvssdBackend":
         """Place the tables (:meth:`evssd.host.layout.Layout.plan`) on ``device`` and write them;
-        without a device, open the functional model, sized to hold the tables."""
+        without a device, open the functional model (its flash is sparse and large enough for
+        any table set)."""
+        from evssd.host.device import Device
         from evssd.host.layout import Layout
         owns = device is None
         # host-pooled types (int8_rowwise) are placed as raw int8 bytes and only gathered
         placed = {n: (a if el.device is not None else a.view(np.int8)) for n, (a, el, _) in tables.items()}
         if owns:
-            device = _open_model_for(placed, layout_options or {})
+            device = Device.open("model")
         try:
             layout = Layout.plan(placed, device=device, **(layout_options or {}))
             layout.write(device)
