@@ -190,3 +190,13 @@ def test_validators_accept_what_they_should():
     for fn, text in [(ct.positive_int, "1.5"), (ct.fraction, "inf"), (ct.port, "-1"), (ct.percent, "101")]:
         with pytest.raises(argparse.ArgumentTypeError):
             fn(text)
+
+
+def test_readme_command_list_names_every_command_and_bench():
+    from evssd.host.cli import BENCHES, COMMANDS
+    block = "\n".join(re.findall(r"```sh\n(.*?)```", README.read_text(), re.S))
+    lines = [ln.split("#")[0].split() for ln in block.splitlines() if ln.startswith("evssd ")]
+    named = {ln[1] for ln in lines if len(ln) > 1}
+    assert set(COMMANDS) | {"bench"} <= named, set(COMMANDS) - named
+    bench = [ln for ln in lines if len(ln) > 2 and ln[1] == "bench"]
+    assert bench and set(bench[0][2].split("|")) == set(BENCHES), bench

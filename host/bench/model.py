@@ -18,17 +18,19 @@ import time
 
 import numpy as np
 
+from evssd.host import cli_types as ct
+
 __all__ = ["add_arguments", "run", "measure"]
 
 
 def add_arguments(parser):
-    parser.add_argument("--tables", type=int, default=4, help="tables (default 4)")
-    parser.add_argument("--rows", type=int, default=100_000, help="rows per table (default 100,000)")
-    parser.add_argument("--dim", type=int, default=64, help="fp32 elements per row (default 64)")
-    parser.add_argument("--bags", type=int, default=128, help="bags per table per batch (default 128)")
-    parser.add_argument("--pooling", type=int, default=20, help="lookups per bag (default 20)")
-    parser.add_argument("--batches", type=int, default=100, help="timed batches per kind (default 100)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tables", type=ct.positive_int, default=4, help="tables (default 4)")
+    parser.add_argument("--rows", type=ct.positive_int, default=100_000, help="rows per table (default 100,000)")
+    parser.add_argument("--dim", type=ct.positive_int, default=64, help="fp32 elements per row (default 64)")
+    parser.add_argument("--bags", type=ct.positive_int, default=128, help="bags per table per batch (default 128)")
+    parser.add_argument("--pooling", type=ct.positive_int, default=20, help="lookups per bag (default 20)")
+    parser.add_argument("--batches", type=ct.positive_int, default=100, help="timed batches per kind (default 100)")
+    parser.add_argument("--seed", type=ct.nonneg_int, default=0)
     parser.add_argument("--quick", action="store_true", help="small run (CI smoke test)")
 
 
