@@ -100,11 +100,13 @@ def test_handshake_deadline_is_total_not_per_byte(server_factory):
     srv = server_factory(handshake_timeout=0.5)
     sock = socket.create_connection(srv.address)
     sock.settimeout(0.1)
-    frame = P.pack_header(P.Op.HELLO, 0, 2) + b"{}"
+    body = b"{" + b" " * 398 + b"}"            # valid JSON, long enough to trickle for ~40 s
+    frame = P.pack_header(P.Op.HELLO, 0, len(body)) + body
     closed = False
-    # one byte every 0.1 s: a per-byte timeout would never fire within the 22-byte frame;
-    # the total deadline closes the connection after about 0.5 s (we give it 20 s)
-    end = time.monotonic() + 20
+    # one byte every 0.1 s: a per-byte timeout would never fire within the frame; the total
+    # deadline closes the connection after about 0.5 s, far before the frame could be complete
+    # even on a loaded machine (we wait for it up to 60 s)
+    end = time.monotonic() + 60
     i = 0
     while time.monotonic() < end and not closed:
         try:
