@@ -116,6 +116,7 @@ def _fake_pyverbs():
             self.cq = init.scq
             self.qp_num = next(qpns)
             self.recvs = deque()
+            self.rnr = deque()          # SENDs that found no receive posted (RNR, retried)
             self.dest = None
             self.state = "RESET"
             qps[self.qp_num] = self
@@ -134,7 +135,22 @@ def _fake_pyverbs():
             self.state = "RTS"
 
         def post_recv(self, wr):
-            self.recvs.append(wr)
+            with lock:
+                self.recvs.append(wr)
+                # rnr_retry = 7 retries for ever: a SEND that met an empty receive queue lands
+                # now; its sender sees the completion only then (its buffer stays owned)
+                while self.rnr and self.recvs:
+                    sender, swr = self.rnr.popleft()
+                    sender._deliver(self, swr)
+
+        def _deliver(self, peer, wr):
+            sge = wr.sg[0]
+            src, off = mem(sge.addr, sge.length)
+            rwr = peer.recvs.popleft()
+            dst, doff = mem(rwr.sg[0].addr, sge.length)
+            dst[doff:doff + sge.length] = src[off:off + sge.length]
+            peer.cq.q.append(WC(rwr.wr_id, e.IBV_WC_RECV, 0, sge.length))
+            self.cq.q.append(WC(wr.wr_id, e.IBV_WC_SEND))
 
         def post_send(self, wr):
             assert self.state == "RTS", "post_send before RTS"
@@ -143,11 +159,10 @@ def _fake_pyverbs():
                 src, off = mem(sge.addr, sge.length)
                 if wr.opcode == e.IBV_WR_SEND:
                     peer = qps[self.dest]
-                    rwr = peer.recvs.popleft()          # RNR: the test keeps receives posted
-                    dst, doff = mem(rwr.sg[0].addr, sge.length)
-                    dst[doff:doff + sge.length] = src[off:off + sge.length]
-                    peer.cq.q.append(WC(rwr.wr_id, e.IBV_WC_RECV, 0, sge.length))
-                    self.cq.q.append(WC(wr.wr_id, e.IBV_WC_SEND))
+                    if peer.recvs and not peer.rnr:
+                        self._deliver(peer, wr)
+                    else:                                # receiver not ready: RNR NAK, retried
+                        peer.rnr.append((self, wr))
                 else:                                    # RDMA READ: remote addr + rkey
                     mr = mrs.get(wr.rkey)
                     try:
