@@ -161,7 +161,7 @@ def test_board_digest_follows_logic_not_docstrings(monkeypatch):
     gateware module changes and the check names the design; a docstring or a class's module
     and qualified name (a move) leave it unchanged."""
     pytest.importorskip("amaranth_boards")
-    from evssd.hw import board, build_plan, synth, uart
+    from evssd.hw import board, bridge_protocol, build_plan, synth, uart
     base = build_plan.board_digest("ulx3s-85f", device=False)
     assert base["options"]["device"] is False and "evssd.il" in base["parts"]
     monkeypatch.setattr(uart.UartRx, "__doc__", "Rewritten docstring.")
@@ -175,7 +175,7 @@ def test_board_digest_follows_logic_not_docstrings(monkeypatch):
     other_seed = build_plan.board_digest("ulx3s-85f", device=False, seed=99)
     assert [k for k in base["parts"] if base["parts"][k] != other_seed["parts"][k]] == \
         ["build_evssd.bat", "build_evssd.json", "build_evssd.sh"]
-    monkeypatch.setattr(uart, "CRC8_POLY", 0x31)      # the CRC network is built from it
+    monkeypatch.setattr(bridge_protocol, "CRC8_POLY", 0x31)   # the CRC network is built from it
     changed = build_plan.board_digest("ulx3s-85f", device=False)
     assert changed["build_digest"] != base["build_digest"]
     assert [k for k in base["parts"] if base["parts"][k] != changed["parts"][k]] == ["evssd.il"]
