@@ -63,7 +63,7 @@ from . import translator as xlat_mod
 from .skid_buffer import SkidBuffer
 from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
-from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status, div_magic
+from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status
 
 __all__ = ["CommandEngine", "ChunkReader", "WidthConverter", "XLAT_TAG_WIDTH",
            "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
@@ -504,16 +504,7 @@ class CommandEngine(wiring.Component):
         pg_busy = Signal(n_ch)          # a program is outstanding in channel i
         pg_issue = Signal(n_ch)         # pulse: a program request was accepted by channel i
         pg_done_err = Signal()
-        if n_ch & (n_ch - 1) == 0:
-            lc = n_ch.bit_length() - 1
-            first_page = c.lba >> lc
-            first_ch = c.lba[:lc] if lc else Const(0, 1)
-        else:
-            dm = div_magic(n_ch)
-            q = Signal(32)
-            m.d.comb += q.eq((c.lba * dm.magic) >> dm.shift)
-            first_page = q
-            first_ch = (c.lba - q * n_ch)[:3]
+        first_ch, first_page = ftl_mod.lba_split(m, c.lba, n_ch, name="pg_first")
         m.submodules.pgconv = pgconv = WidthConverter(wh, wc)
         m.d.comb += [
             pgconv.i.payload.data.eq(self.i_pg_data.payload.data),
