@@ -44,9 +44,7 @@ skip counts and the probe's answer are registers (a chunk reader makes no reques
 after one). Two-entry register slices (full rate, one cycle each) decouple the handshakes: the
 front's emissions -> translator/credits/side FIFO, side FIFO -> fork, fork -> merger ``i_desc``
 and FTL, each chunk reader's words -> front; the fork's per-command stats are taken a cycle
-late. Alone at the board parameters (yosys synth_ecp5 + nextpnr-ecp5 --out-of-context, 100 MHz
-target) the engine went from 87.2 to 97-109 MHz (placement varies run to run), and with the
-slices and flags from 94.5 to 121.6 MHz (one run each).
+late.
 """
 from __future__ import annotations
 
