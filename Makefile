@@ -53,6 +53,7 @@ bench: $(VENV)/.stamp-dev
 	$(EVSSD) bench serve
 	$(EVSSD) bench rtl
 	$(EVSSD) bench synth
+	$(EVSSD) bench dlrm
 
 bitstream: $(VENV)/.stamp-dev
 	$(EVSSD) synth --board ulx3s-85f

@@ -1,43 +1,67 @@
 """EV-Cache: FlashEmbedding's host-side embedding-vector cache, one instance per table.
 
-Two parts, both over flat numpy arrays and driven by ``numba`` kernels so that a batch of keys
+Three parts, all over flat numpy arrays and driven by ``numba`` kernels so that a batch of keys
 costs one call and no Python-level per-key work:
 
 * **Admission filter.** A 2-bit saturating counter per table row, packed four to a byte
   (``n_rows / 4`` bytes). Every looked-up index bumps its counter (hit or miss). A missed row
-  offered to :meth:`EVCache.admit` is inserted only when its counter is ``>= admit_threshold``
-  (default 2: admit on the second access), so rows touched once in a long while -- about half of
-  the distinct rows of a production batch -- never displace anything. What the filter turns
-  away is counted as ``rejected_by_filter``. Optionally the counters age (every lane halved)
-  each time ``decay_interval`` lookups have accumulated, checked at the end of a lookup batch,
-  so that "seen twice" means "seen twice recently" on long runs.
-* **LRU.** Row index -> cache slot through Robin Hood open addressing (linear probing, the probe
-  distance stored per hash slot, lookups stop early once they are further from home than the
-  resident, deletion by backward shift, so there are no tombstones and the table never degrades).
-  Recency is a circular doubly linked list in two ``int32`` arrays (``prev``/``next``) whose head
-  is the MRU and whose ``prev[head]`` is the LRU. When the cache is full, eviction-and-insert is
-  a rotation of the head onto the tail slot: no relinking. Rows live in a preallocated
-  ``values[capacity, dim]`` array; the kernels move them as 8/4/2/1-byte words, so any table
-  dtype works (fp32, fp16, int8, int32, ...).
+  offered to :meth:`EVCache.admit` is a candidate only when its counter is ``>= admit_threshold``
+  (default 2: on the second access), so rows touched once in a long while -- about half of the
+  distinct rows of a production batch -- never displace anything. What the filter turns away is
+  counted as ``rejected_by_filter``. Optionally the counters age (every lane halved) each time
+  ``decay_interval`` lookups have accumulated, checked at the end of a lookup batch.
+* **Frequency sketch** (``admission="sketch"``, the default). A count-min sketch of 4-bit
+  counters, 8 bytes per cached row (one ``uint64`` word of 16 counters; a key's four counters lie
+  in one 64-byte block, chosen by a splitmix64 hash independent of the hash table's). Every
+  looked-up key increments its counters (saturating at 15); after ``10 x capacity`` counted keys
+  every counter is halved, so the sketch estimates recent frequency. A free slot takes any
+  candidate (the filter protects residents; with room there is none to protect: without this, a
+  large cache stays part empty for rows seen once). When the cache is full, a candidate that
+  passed the filter replaces the victim only if its estimate is strictly higher;
+  otherwise it is counted as ``rejected_by_sketch`` and the victim stays (TinyLFU's rule: a row
+  that is not more popular than what it would evict is not worth a write).
+* **Segmented LRU.** Row index -> cache slot through Robin Hood open addressing (linear probing;
+  a resident's probe distance is recomputed from its key; lookups stop early once they are
+  further from home than the resident; deletion by backward shift, so there are no tombstones).
+  Recency: circular doubly linked lists in two ``int32`` arrays (``prev``/``next``), one per
+  segment. In sketch mode a new row enters *probation*; a hit there promotes it to *protected*
+  (at most 80% of the rows; over quota, protected's LRU moves back to probation's MRU); the
+  victim is probation's LRU. So a row that has been reused while cached is not pushed out by a
+  stream of newcomers that each passed the filter once. In ``"filter"`` mode there is only
+  probation: a plain LRU behind the 2-bit filter, the FlashEmbedding design as published. Rows
+  live in a preallocated ``values[capacity, dim]`` array; the kernels move them as 8/4/2/1-byte
+  words, so any table dtype works (fp32, fp16, int8, int32, ...).
+
+Why the sketch is the default: at equal rows it beats the plain 2-bit filter and W-TinyLFU
+(``theine``) on the Meta-calibrated trace at 0.5-2% and on Zipf and shifting-hot-set traces
+(``evssd bench cache``, docs/benchmarks.md); the filter alone admits anything seen twice and
+evicts by recency only, which loses hot rows to bursts of lukewarm ones at small budgets.
 
 Memory per entry (counted against the budget)::
 
     row_bytes                      the cached row (dim * itemsize)
-    + 16                           prev int32, next int32, slot->row key int64
-    + 14 / load_factor             hash slots per entry * (key int64 + slot int32 + dist int16)
+    + 17                           prev int32, next int32, slot->row key int64, segment uint8
+    + 8 / load_factor              hash slots per entry * (row index | slot, packed in one int64)
+    + 8                            the sketch (sketch mode only; whole 64-byte blocks)
 
 plus ``ceil(n_rows / 4)`` bytes of admission counters and a small fixed part, both also charged
-to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 33.5`` bytes per entry:
-for a 64-dim fp32 table (256-byte rows) the cache holds 88% as many rows as a budget of raw rows.
+to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 35`` bytes per entry in
+sketch mode (``+ 27`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
+88% (90%) as many rows as a budget of raw rows, minus what the counters take.
 
 Semantics, exactly (the test suite checks them against a pure-Python reference):
 
-* ``lookup(indices, out)`` walks the batch in order; for each index: bump its counter; if cached,
-  copy the row into ``out[j]``, make it MRU and count a hit; else count a miss. A row missing
-  twice in one batch is two misses (nothing is inserted by a lookup).
+* ``lookup(indices, out)`` walks the batch in order; for each index: bump its counter and (sketch
+  mode) its sketch counters, halving the sketch when the sample is full; if cached, copy the row
+  into ``out[j]``, count a hit and update recency (protected: make it MRU; probation: promote it,
+  or in filter mode make it MRU); else count a miss. A row missing twice in one batch is two
+  misses (nothing is inserted by a lookup).
 * ``admit(indices, rows)`` walks the batch in order; a row already cached is skipped (a duplicate
-  in the batch, or admitted earlier); a row whose counter is below the threshold is rejected;
-  otherwise it is inserted as MRU, evicting the LRU row when the cache is full.
+  in the batch, or admitted earlier); while the cache has a free slot, sketch mode inserts the row;
+  otherwise a row whose counter is below the threshold is rejected; if the cache is full, the
+  victim is probation's LRU (protected's if probation is empty) and in sketch mode a candidate no
+  more frequent than the victim is rejected; otherwise the row goes in as probation's MRU,
+  evicting the victim.
 
 Thread safety: the kernels release the GIL and each public call holds a per-instance lock, so
 calls from several threads serialise per table and different tables run in parallel.
@@ -50,27 +74,48 @@ import threading
 import numba
 import numpy as np
 
-__all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES"]
+from evssd.host.elements import DEVICE_ELEMS
 
-DTYPE_ALIASES = {"fp32": np.float32, "fp16": np.float16, "fp64": np.float64, "bf16": None}
+__all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES", "ADMISSION_POLICIES", "DEFAULT_ADMISSION"]
+
+DTYPE_ALIASES = {**{n: el.storage.type for n, el in DEVICE_ELEMS.items()},  # host.elements
+                 "fp64": np.float64, "bf16": None}
 
 # state vector layout (int64): mutable scalars shared with the kernels
-_HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS = range(9)
-_N_STATE = 9
+(_HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS,
+ _REJECTED_SKETCH, _SKETCH_ADDS, _PHEAD, _PSIZE) = range(13)
+_N_STATE = 13
 
 _EMPTY = np.int64(-1)
-_HASH_SLOT_BYTES = 8 + 4 + 2      # key int64, cache slot int32, probe distance int16
-_ENTRY_META_BYTES = 4 + 4 + 8     # prev, next, slot -> key
-_MAX_DIST = 32767                 # int16 probe distance
+_HASH_SLOT_BYTES = 8              # row index | cache slot << kb, one int64
+_ENTRY_META_BYTES = 4 + 4 + 8 + 1 # prev, next, slot -> key, segment
+_SKETCH_BYTES_PER_ENTRY = 8       # 16 four-bit counters per cached row (Caffeine's sizing)
+_SKETCH_SAMPLE_PER_ENTRY = 10     # halve the sketch after 10 x capacity counted keys
+_PROTECTED_SHARE = 0.8            # of the rows, in the protected segment (sketch mode)
+ADMISSION_POLICIES = ("sketch", "filter")
 
 
-def bytes_per_entry(row_bytes: int, load_factor: float = 0.8) -> float:
-    """Bytes one cached row costs: the row, its list links and key, its share of the hash table."""
-    return row_bytes + _ENTRY_META_BYTES + _HASH_SLOT_BYTES / load_factor
+DEFAULT_ADMISSION = "sketch"
+
+
+def bytes_per_entry(row_bytes: int, load_factor: float = 0.8,
+                    admission: str = DEFAULT_ADMISSION) -> float:
+    """Bytes one cached row costs: the row, its list links and key, its share of the hash table
+    and, with ``admission="sketch"``, its share of the frequency sketch."""
+    sketch = _SKETCH_BYTES_PER_ENTRY if admission == "sketch" else 0
+    return row_bytes + _ENTRY_META_BYTES + _HASH_SLOT_BYTES / load_factor + sketch
+
+
+def _sketch_words(capacity: int) -> int:
+    """uint64 words of the sketch for ``capacity`` rows: one word per row, whole 8-word blocks."""
+    return 8 * -(-capacity // 8)
 
 
 # ----------------------------------------------------------------------------------------------
 # kernels
+
+_U32 = np.uint64(0xFFFFFFFF)
+_NIBBLE_HALF = np.uint64(0x7777777777777777)
 
 
 @numba.njit(cache=True, inline="always")
@@ -82,18 +127,40 @@ def _home(k, m):
 
 
 @numba.njit(cache=True, inline="always")
-def _find(k, hkeys, hdist):
-    m = hkeys.shape[0]
+def _dist(pos, k, m):
+    # a resident's probe distance is recomputed from its key (cheaper than storing it: one
+    # multiply against a cache miss on a third array)
+    d = pos - _home(k, m)
+    return d + m if d < 0 else d
+
+
+@numba.njit(cache=True, inline="always")
+def _find(k, htab, kb):
+    """Position of row ``k`` in the hash table, or -1. An entry packs ``row | slot << kb`` in one
+    int64 (-1: empty), so a probe reads one word and a hit needs no second array."""
+    m = htab.shape[0]
+    mask = (np.int64(1) << kb) - 1
     pos = _home(k, m)
+    # Most residents sit within three slots of home: compare the first four without branches
+    # (selects, not jumps: the probe length is unpredictable, so a loop mispredicts its exit).
+    # An empty entry masks to 2**kb - 1 > every row index, so it never matches.
+    f = -1
+    for i in range(3, -1, -1):
+        q = pos + i
+        q = q - m if q >= m else q
+        f = q if (htab[q] & mask) == k else f
+    if f >= 0:
+        return f
     d = 0
     while True:
-        kk = hkeys[pos]
-        if kk == -1:
+        e = htab[pos]
+        if e == -1:
             return -1
-        if hdist[pos] < d:
-            return -1          # a resident closer to home than we are: k would have displaced it
+        kk = e & mask
         if kk == k:
             return pos
+        if _dist(pos, kk, m) < d:
+            return -1          # a resident closer to home: k would have displaced it
         pos += 1
         if pos == m:
             pos = 0
@@ -101,52 +168,45 @@ def _find(k, hkeys, hdist):
 
 
 @numba.njit(cache=True)
-def _insert(k, v, hkeys, hvals, hdist):
-    m = hkeys.shape[0]
+def _insert(k, v, htab, kb):
+    m = htab.shape[0]
+    mask = (np.int64(1) << kb) - 1
     pos = _home(k, m)
-    ck = k
-    cv = np.int32(v)
+    ce = k | (np.int64(v) << kb)
     cd = 0
     while True:
-        if hkeys[pos] == -1:
-            hkeys[pos] = ck
-            hvals[pos] = cv
-            hdist[pos] = cd
+        e = htab[pos]
+        if e == -1:
+            htab[pos] = ce
             return
-        if hdist[pos] < cd:        # rob the rich: the resident is closer to home, take its place
-            tk = hkeys[pos]
-            tv = hvals[pos]
-            td = np.int64(hdist[pos])
-            hkeys[pos] = ck
-            hvals[pos] = cv
-            hdist[pos] = cd
-            ck = tk
-            cv = tv
-            cd = td
+        rd = _dist(pos, e & mask, m)
+        if rd < cd:                # rob the rich: the resident is closer to home, take its place
+            htab[pos] = ce
+            ce = e
+            cd = rd
         pos += 1
         if pos == m:
             pos = 0
         cd += 1
-        if cd > 32767:
-            raise RuntimeError("EVCache: Robin Hood probe distance overflow")
 
 
 @numba.njit(cache=True)
-def _delete_at(pos, hkeys, hvals, hdist):
-    m = hkeys.shape[0]
+def _delete_at(pos, htab, kb):
+    m = htab.shape[0]
+    mask = (np.int64(1) << kb) - 1
     nxt = pos + 1
     if nxt == m:
         nxt = 0
-    while hkeys[nxt] != -1 and hdist[nxt] > 0:
-        hkeys[pos] = hkeys[nxt]
-        hvals[pos] = hvals[nxt]
-        hdist[pos] = hdist[nxt] - 1
+    while True:
+        e = htab[nxt]
+        if e == -1 or _dist(nxt, e & mask, m) == 0:
+            break
+        htab[pos] = e
         pos = nxt
         nxt += 1
         if nxt == m:
             nxt = 0
-    hkeys[pos] = -1
-    hdist[pos] = 0
+    htab[pos] = -1
 
 
 @numba.njit(cache=True, inline="always")
@@ -168,34 +228,146 @@ def _touch(s, prev, nxt, head):
     return s
 
 
+@numba.njit(cache=True, inline="always")
+def _mix(k):
+    # splitmix64's finaliser: every output bit depends on every key bit, unlike _home's
+    # multiply, so the sketch's counters are independent of the hash table's placement
+    z = np.uint64(k) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True, inline="always")
+def _sketch_cells(k, n_blocks):
+    """The sketch block (8 words, one 64-byte cache line) of ``k`` and 20 bits choosing its four
+    counters: counter i lives in word 2i or 2i+1 of the block, in one of its 16 nibbles."""
+    z = _mix(k)
+    block = np.int64(((z >> np.uint64(32)) * np.uint64(n_blocks)) >> np.uint64(32))
+    return block * 8, np.int64(z & _U32)
+
+
+@numba.njit(cache=True, inline="always")
+def _sketch_estimate(k, sketch):
+    base, sel = _sketch_cells(k, sketch.shape[0] >> 3)
+    est = 15
+    for i in range(4):
+        w = base + 2 * i + ((sel >> i) & 1)
+        sh = ((sel >> (4 + 4 * i)) & 15) * 4
+        c = np.int64((sketch[w] >> np.uint64(sh)) & np.uint64(15))
+        if c < est:
+            est = c
+    return est
+
+
+@numba.njit(cache=True, inline="always")
+def _sketch_increment(k, sketch):
+    base, sel = _sketch_cells(k, sketch.shape[0] >> 3)
+    for i in range(4):
+        w = base + 2 * i + ((sel >> i) & 1)
+        sh = np.uint64(((sel >> (4 + 4 * i)) & 15) * 4)
+        word = sketch[w]
+        # saturating add without a branch (hot rows sit at 15: a branch would mispredict)
+        sketch[w] = word + (np.uint64((word >> sh) & np.uint64(15) != np.uint64(15)) << sh)
+
+
 @numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, n_rows, hkeys, hvals, hdist, values, prev, nxt, counters, st):
+def _sketch_halve(sketch):
+    for i in range(sketch.shape[0]):
+        sketch[i] = (sketch[i] >> np.uint64(1)) & _NIBBLE_HALF
+
+
+@numba.njit(cache=True, inline="always")
+def _unlink(s, prev, nxt, head):
+    """Take slot ``s`` out of the circular list whose MRU is ``head``; returns the new head."""
+    n = nxt[s]
+    if n == s:
+        return -1
+    p = prev[s]
+    nxt[p] = n
+    prev[n] = p
+    return n if head == s else head
+
+
+@numba.njit(cache=True, inline="always")
+def _push(s, prev, nxt, head):
+    """Make slot ``s`` (in no list) the MRU of the list whose MRU is ``head``; returns ``s``."""
+    if head < 0:
+        prev[s] = s
+        nxt[s] = s
+    else:
+        tail = prev[head]
+        prev[s] = tail
+        nxt[s] = head
+        nxt[tail] = s
+        prev[head] = s
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, counters,
+                   sketch, sample, max_protected, st):
     n = keys.shape[0]
     for j in range(n):             # validate the whole batch before touching any state
         k = keys[j]
         if k < 0 or k >= n_rows:
             return j
-    w = values.shape[1]
-    head = st[_HEAD]
-    hits = 0
+    # Passes over the batch: the probes and the counter updates of different keys are
+    # independent, so the CPU overlaps their cache misses; only the recency updates are serial.
+    # Lookups never move a hash entry, so the slots found first are still right in the last pass.
+    slots = np.empty(n, dtype=np.int32)
+    for j in range(n):
+        pos = _find(keys[j], htab, kb)
+        slots[j] = htab[pos] >> kb if pos >= 0 else -1
+    # (counters and sketch in separate loops: one fused loop measured slower)
     for j in range(n):
         k = keys[j]
         b = k >> 2
         sh = (k & 3) * 2
-        c = (counters[b] >> sh) & 3
-        if c < 3:
-            counters[b] += np.uint8(1 << sh)
-        pos = _find(k, hkeys, hdist)
-        if pos >= 0:
-            s = hvals[pos]
+        c = counters[b]
+        counters[b] = c + np.uint8((((c >> sh) & 3) != 3) << sh)   # saturating, branch-free
+    if sketch.shape[0] > 0:
+        adds = st[_SKETCH_ADDS]
+        for j in range(n):
+            _sketch_increment(keys[j], sketch)
+            adds += 1
+            if adds >= sample:     # aging: halve every counter once `sample` keys were counted
+                _sketch_halve(sketch)
+                adds = adds >> 1
+        st[_SKETCH_ADDS] = adds
+    w = values.shape[1]
+    head = st[_HEAD]
+    phead = st[_PHEAD]
+    psize = st[_PSIZE]
+    hits = 0
+    for j in range(n):
+        s = slots[j]
+        if s >= 0:
             for t in range(w):
                 out[j, t] = values[s, t]
-            head = _touch(s, prev, nxt, head)
             hit[j] = True
             hits += 1
+            if seg[s]:
+                phead = _touch(s, prev, nxt, phead)
+            elif max_protected > 0:
+                # a hit in probation promotes the row; the protected LRU moves down if over quota
+                head = _unlink(s, prev, nxt, head)
+                phead = _push(s, prev, nxt, phead)
+                seg[s] = 1
+                psize += 1
+                if psize > max_protected:
+                    d = prev[phead]
+                    phead = _unlink(d, prev, nxt, phead)
+                    head = _push(d, prev, nxt, head)
+                    seg[d] = 0
+                    psize -= 1
+            else:
+                head = _touch(s, prev, nxt, head)
         else:
             hit[j] = False
     st[_HEAD] = head
+    st[_PHEAD] = phead
+    st[_PSIZE] = psize
     st[_HITS] += hits
     st[_MISSES] += n - hits
     st[_LOOKUPS] += n
@@ -211,8 +383,8 @@ def _decay_kernel(counters):
 
 
 @numba.njit(cache=True, nogil=True)
-def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, hdist, values, prev, nxt,
-                  slot_key, counters, st):
+def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, prev, nxt, seg, slot_key,
+                  counters, sketch, st):
     n = keys.shape[0]
     for j in range(n):
         k = keys[j]
@@ -220,46 +392,54 @@ def _admit_kernel(keys, rows, threshold, n_rows, hkeys, hvals, hdist, values, pr
             return j
     cap = values.shape[0]
     w = values.shape[1]
+    use_sketch = sketch.shape[0] > 0
     head = st[_HEAD]
+    phead = st[_PHEAD]
+    psize = st[_PSIZE]
     size = st[_SIZE]
     for j in range(n):
         k = keys[j]
-        if _find(k, hkeys, hdist) >= 0:
+        if _find(k, htab, kb) >= 0:
             continue
         c = (counters[k >> 2] >> ((k & 3) * 2)) & 3
-        if c < threshold:
+        # the filter guards residents against displacement: in sketch mode a free slot is
+        # filled whatever the counter says (there is nothing to displace)
+        if c < threshold and not (use_sketch and size < cap):
             st[_REJECTED] += 1
             continue
         if size < cap:
             s = size
             size += 1
-            if head < 0:
-                prev[s] = s
-                nxt[s] = s
-            else:
-                tail = prev[head]
-                prev[s] = tail
-                nxt[s] = head
-                nxt[tail] = s
-                prev[head] = s
-            head = s
+            head = _push(s, prev, nxt, head)
         else:
-            s = prev[head]         # the LRU slot becomes the MRU slot by rotation
-            _delete_at(_find(slot_key[s], hkeys, hdist), hkeys, hvals, hdist)
+            # the victim: probation's LRU (protected's LRU if probation is empty)
+            s = prev[head] if head >= 0 else prev[phead]
+            if use_sketch and _sketch_estimate(k, sketch) <= _sketch_estimate(slot_key[s], sketch):
+                st[_REJECTED_SKETCH] += 1
+                continue           # the victim is at least as frequent: keep it
+            _delete_at(_find(slot_key[s], htab, kb), htab, kb)
             st[_EVICTIONS] += 1
-            head = s
+            if seg[s]:
+                phead = _unlink(s, prev, nxt, phead)
+                psize -= 1
+                head = _push(s, prev, nxt, head)
+            else:
+                head = s           # probation's LRU becomes its MRU by rotation
+        seg[s] = 0
         slot_key[s] = k
         for t in range(w):
             values[s, t] = rows[j, t]
-        _insert(k, s, hkeys, hvals, hdist)
+        _insert(k, s, htab, kb)
         st[_ADMISSIONS] += 1
     st[_HEAD] = head
+    st[_PHEAD] = phead
+    st[_PSIZE] = psize
     st[_SIZE] = size
     return -1
 
 
 @numba.njit(cache=True, nogil=True)
-def _invalidate_kernel(keys, n_rows, hkeys, hvals, hdist, values, prev, nxt, slot_key, st):
+def _invalidate_kernel(keys, n_rows, htab, kb, values, prev, nxt, seg, slot_key, st):
     n = keys.shape[0]
     for j in range(n):
         k = keys[j]
@@ -267,25 +447,22 @@ def _invalidate_kernel(keys, n_rows, hkeys, hvals, hdist, values, prev, nxt, slo
             return -(j + 1)
     w = values.shape[1]
     head = st[_HEAD]
+    phead = st[_PHEAD]
+    psize = st[_PSIZE]
     size = st[_SIZE]
     removed = 0
     for j in range(n):
-        pos = _find(keys[j], hkeys, hdist)
+        pos = _find(keys[j], htab, kb)
         if pos < 0:
             continue
-        s = hvals[pos]
-        _delete_at(pos, hkeys, hvals, hdist)
+        s = htab[pos] >> kb
+        _delete_at(pos, htab, kb)
         removed += 1
-        if size == 1:
-            head = -1
-            size = 0
-            continue
-        p = prev[s]
-        q = nxt[s]
-        nxt[p] = q
-        prev[q] = p
-        if head == s:
-            head = q
+        if seg[s]:
+            phead = _unlink(s, prev, nxt, phead)
+            psize -= 1
+        else:
+            head = _unlink(s, prev, nxt, head)
         last = size - 1
         size -= 1
         if s != last:              # keep slots dense: move the last slot into the hole
@@ -301,19 +478,30 @@ def _invalidate_kernel(keys, n_rows, hkeys, hvals, hdist, values, prev, nxt, slo
                 prev[q] = s
             if head == last:
                 head = s
+            if phead == last:
+                phead = s
+            seg[s] = seg[last]
             slot_key[s] = slot_key[last]
             for t in range(w):
                 values[s, t] = values[last, t]
-            hvals[_find(slot_key[s], hkeys, hdist)] = s
+            htab[_find(slot_key[s], htab, kb)] = slot_key[s] | (np.int64(s) << kb)
     st[_HEAD] = head
+    st[_PHEAD] = phead
+    st[_PSIZE] = psize
     st[_SIZE] = size
     return removed
 
 
 @numba.njit(cache=True)
-def _contains_kernel(keys, hkeys, hdist, res):
+def _contains_kernel(keys, htab, kb, res):
     for j in range(keys.shape[0]):
-        res[j] = _find(keys[j], hkeys, hdist) >= 0
+        res[j] = _find(keys[j], htab, kb) >= 0
+
+
+@numba.njit(cache=True)
+def _estimate_kernel(keys, sketch, res):
+    for j in range(keys.shape[0]):
+        res[j] = _sketch_estimate(keys[j], sketch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +534,7 @@ class EVCache:
 
     Exactly one of ``capacity`` (rows), ``budget_bytes`` or ``budget_fraction`` (of the table's
     bytes, ``n_rows * dim * itemsize``; default 0.01) sets the size. A budget pays for everything
-    the cache allocates: rows, links, hash table and the admission counters (see the module
+    the cache allocates: rows, links, hash table, admission counters and sketch (see the module
     docstring for the per-entry cost); ``memory_bytes`` in :attr:`stats` is the actual total.
 
     ``admit_threshold``: 0..3; a missed row is admitted when its 2-bit counter is at least this
@@ -354,13 +542,20 @@ class EVCache:
     default, admits on the second access; 3 on the third).
     ``decay_interval``: age the counters after this many looked-up keys (None: never).
     ``load_factor``: maximum fill of the Robin Hood table, in (0, 0.95].
+    ``admission``: ``"sketch"`` (default: the 2-bit filter, then the frequency sketch compares the
+    candidate with the victim of a segmented LRU) or ``"filter"`` (the 2-bit filter over a plain
+    LRU, the published design). The sketch costs 8 bytes per row, charged to the budget.
     """
 
     def __init__(self, n_rows: int, dim: int, dtype=np.float32, *, capacity: int | None = None,
                  budget_bytes: int | None = None, budget_fraction: float | None = None,
                  admit_threshold: int = 2, decay_interval: int | None = None,
-                 load_factor: float = 0.8, name: str = ""):
+                 load_factor: float = 0.8, admission: str = DEFAULT_ADMISSION, name: str = ""):
         self.name = str(name)
+        if admission not in ADMISSION_POLICIES:
+            raise ValueError(f"EVCache {self.name!r}: admission must be one of "
+                             f"{', '.join(map(repr, ADMISSION_POLICIES))}, got {admission!r}")
+        self.admission = admission
         if isinstance(n_rows, bool) or not isinstance(n_rows, (int, np.integer)) or n_rows < 1:
             raise ValueError(f"EVCache {self.name!r}: n_rows must be a positive integer, got {n_rows!r}")
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
@@ -412,17 +607,23 @@ class EVCache:
                                      f"integer, got {budget_bytes!r}")
                 budget = int(budget_bytes)
             self.budget_bytes = budget
-            cap = int((budget - fixed_bytes) // bytes_per_entry(self.row_bytes, self.load_factor))
+            per_entry = bytes_per_entry(self.row_bytes, self.load_factor, admission)
+            cap = int((budget - fixed_bytes) // per_entry)
             while cap > 0 and self._layout_bytes(cap) + fixed_bytes > budget:
                 cap -= 1
             if cap < 1:
                 raise ValueError(
                     f"EVCache {self.name!r}: budget of {budget} bytes holds no row: one entry costs "
-                    f"{bytes_per_entry(self.row_bytes, self.load_factor):.1f} bytes plus "
+                    f"{per_entry:.1f} bytes plus "
                     f"{fixed_bytes} bytes of counters and state")
         cap = min(cap, self.n_rows)
         if cap >= 2**31 - 1:
             raise ValueError(f"EVCache {self.name!r}: capacity {cap} exceeds the int32 slot range")
+        # hash entries pack row | slot << kb; kb leaves 2**kb - 1 (an empty entry, masked) unused
+        self._kb = max(1, self.n_rows.bit_length())
+        if cap >= 1 << (63 - self._kb):
+            raise ValueError(f"EVCache {self.name!r}: capacity {cap} with {self.n_rows} table rows "
+                             f"exceeds the packed hash entry ({self._kb} row bits + slot bits <= 63)")
         self.capacity = cap
         m = self._hash_slots(cap)
 
@@ -430,12 +631,16 @@ class EVCache:
         self._prev = np.zeros(cap, dtype=np.int32)
         self._next = np.zeros(cap, dtype=np.int32)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
-        self._hkeys = np.full(m, -1, dtype=np.int64)
-        self._hvals = np.zeros(m, dtype=np.int32)
-        self._hdist = np.zeros(m, dtype=np.int16)
+        self._seg = np.zeros(cap, dtype=np.uint8)      # 1: protected segment
+        self._htab = np.full(m, -1, dtype=np.int64)
         self._counters = np.zeros(counter_bytes, dtype=np.uint8)
+        # the frequency sketch is empty (and never read) in "filter" mode
+        self._sketch = np.zeros(_sketch_words(cap) if admission == "sketch" else 0, dtype=np.uint64)
+        self._sketch_sample = _SKETCH_SAMPLE_PER_ENTRY * cap
+        self._max_protected = int(_PROTECTED_SHARE * cap) if admission == "sketch" else 0
         self._st = np.zeros(_N_STATE, dtype=np.int64)
         self._st[_HEAD] = -1
+        self._st[_PHEAD] = -1
         # The kernels release the GIL (the store overlaps cache work with device I/O in another
         # thread); the lock keeps two callers from racing on one table's cache.
         self._lock = threading.Lock()
@@ -443,16 +648,21 @@ class EVCache:
     # -- sizing
 
     def _hash_slots(self, cap: int) -> int:
-        return max(cap + 1, math.ceil(cap / self.load_factor))
+        # at least one empty slot (probes end), and at least the 4 slots _find's window reads
+        return max(cap + 1, 4, math.ceil(cap / self.load_factor))
 
     def _layout_bytes(self, cap: int) -> int:
-        return cap * (self.row_bytes + _ENTRY_META_BYTES) + self._hash_slots(cap) * _HASH_SLOT_BYTES
+        sketch = 8 * _sketch_words(cap) if self.admission == "sketch" else 0
+        return cap * (self.row_bytes + _ENTRY_META_BYTES) + self._hash_slots(cap) * _HASH_SLOT_BYTES \
+            + sketch
 
     @property
     def memory_bytes(self) -> int:
         """Bytes held by every array of the cache (rows, links, hash table, counters, state)."""
         return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key,
-                                      self._hkeys, self._hvals, self._hdist, self._counters, self._st))
+                                      self._seg,
+                                      self._htab, self._counters, self._sketch,
+                                      self._st))
 
     # -- input checks (all before any state changes)
 
@@ -499,9 +709,10 @@ class EVCache:
         direct = out.flags.c_contiguous
         target = out if direct else np.empty_like(out, order="C")
         with self._lock:
-            bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._hkeys,
-                                 self._hvals, self._hdist, self._values, self._prev, self._next,
-                                 self._counters, self._st)
+            bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._htab,
+                                 self._kb, self._values, self._prev, self._next, self._seg,
+                                 self._counters, self._sketch, self._sketch_sample,
+                                 self._max_protected, self._st)
             if bad < 0 and self.decay_interval is not None \
                     and self._st[_SINCE_DECAY] >= self.decay_interval:
                 _decay_kernel(self._counters)
@@ -531,8 +742,9 @@ class EVCache:
         with self._lock:
             before = int(self._st[_ADMISSIONS])
             bad = _admit_kernel(keys, self._row_view(rows), self.admit_threshold, self.n_rows,
-                                self._hkeys, self._hvals, self._hdist, self._values, self._prev,
-                                self._next, self._slot_key, self._counters, self._st)
+                                self._htab, self._kb, self._values, self._prev,
+                                self._next, self._seg, self._slot_key, self._counters,
+                                self._sketch, self._st)
             admitted = int(self._st[_ADMISSIONS]) - before
         if bad >= 0:
             self._bad_index(keys, bad)
@@ -543,8 +755,8 @@ class EVCache:
         were cached. Counters are left alone."""
         keys = self._keys(indices, "invalidate")
         with self._lock:
-            r = _invalidate_kernel(keys, self.n_rows, self._hkeys, self._hvals, self._hdist,
-                                   self._values, self._prev, self._next, self._slot_key, self._st)
+            r = _invalidate_kernel(keys, self.n_rows, self._htab, self._kb, self._values,
+                                   self._prev, self._next, self._seg, self._slot_key, self._st)
         if r < 0:
             self._bad_index(keys, -r - 1)
         return int(r)
@@ -553,7 +765,7 @@ class EVCache:
         """Which of ``indices`` are cached, without touching recency, counters or stats."""
         keys = self._keys(indices, "contains")
         res = np.empty(keys.shape[0], dtype=np.bool_)
-        _contains_kernel(keys, self._hkeys, self._hdist, res)
+        _contains_kernel(keys, self._htab, self._kb, res)
         res &= (keys >= 0) & (keys < self.n_rows)
         return res
 
@@ -564,29 +776,55 @@ class EVCache:
             self._bad_index(keys, int(np.flatnonzero((keys < 0) | (keys >= self.n_rows))[0]))
         return (self._counters[keys >> 2] >> ((keys & 3) * 2).astype(np.uint8)) & 3
 
+    def frequencies(self, indices) -> np.ndarray:
+        """The sketch's frequency estimates (0..15) of ``indices``, read-only introspection;
+        all zero in ``"filter"`` mode, which keeps no sketch."""
+        keys = self._keys(indices, "frequencies")
+        if keys.size and (keys.min() < 0 or keys.max() >= self.n_rows):
+            self._bad_index(keys, int(np.flatnonzero((keys < 0) | (keys >= self.n_rows))[0]))
+        res = np.zeros(keys.shape[0], dtype=np.int64)
+        if self._sketch.size:
+            with self._lock:
+                _estimate_kernel(keys, self._sketch, res)
+        return res
+
     def clear(self) -> None:
         """Empty the cache and the counters; statistics are kept (see :meth:`reset_stats`)."""
         with self._lock:
             self._clear()
 
     def _clear(self) -> None:
-        self._hkeys.fill(-1)
-        self._hdist.fill(0)
+        self._htab.fill(-1)
+        self._sketch.fill(0)
+        self._st[_SKETCH_ADDS] = 0
         self._slot_key.fill(-1)
         self._counters.fill(0)
         self._st[_HEAD] = -1
+        self._st[_PHEAD] = -1
+        self._st[_PSIZE] = 0
         self._st[_SIZE] = 0
         self._st[_SINCE_DECAY] = 0
 
-    def keys_mru(self) -> np.ndarray:
-        """Cached row indices from most to least recently used (walks the list: debug/tests)."""
-        size = len(self)
-        out = np.empty(size, dtype=np.int64)
-        s = int(self._st[_HEAD])
-        for i in range(size):
-            out[i] = self._slot_key[s]
+    def _walk(self, head: int) -> list[int]:
+        """Slots of one circular list from its MRU on."""
+        out, s = [], head
+        while s >= 0:
+            out.append(s)
             s = int(self._next[s])
+            if s == head or len(out) > self.capacity:
+                break
         return out
+
+    def keys_mru(self) -> np.ndarray:
+        """Cached row indices from the last to the next evicted (walks the lists: debug/tests):
+        the protected segment from MRU to LRU, then probation from MRU to LRU; in ``"filter"``
+        mode everything is in probation, so this is plain MRU-to-LRU order."""
+        slots = self._walk(int(self._st[_PHEAD])) + self._walk(int(self._st[_HEAD]))
+        return self._slot_key[np.array(slots, dtype=np.int64)].astype(np.int64)
+
+    def keys_protected(self) -> np.ndarray:
+        """The rows of the protected segment, MRU first (empty in ``"filter"`` mode)."""
+        return self._slot_key[np.array(self._walk(int(self._st[_PHEAD])), dtype=np.int64)]
 
     @property
     def values(self) -> np.ndarray:
@@ -608,60 +846,65 @@ class EVCache:
             "admissions": int(st[_ADMISSIONS]),
             "evictions": int(st[_EVICTIONS]),
             "rejected_by_filter": int(st[_REJECTED]),
+            "rejected_by_sketch": int(st[_REJECTED_SKETCH]),
             "size": int(st[_SIZE]),
             "capacity": self.capacity,
             "memory_bytes": self.memory_bytes,
         }
 
     def reset_stats(self) -> None:
-        for i in (_HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _LOOKUPS):
+        for i in (_HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _REJECTED_SKETCH, _LOOKUPS):
             self._st[i] = 0
 
     def __repr__(self) -> str:
         return (f"EVCache(name={self.name!r}, n_rows={self.n_rows}, dim={self.dim}, "
                 f"dtype={self.dtype}, capacity={self.capacity}, size={len(self)}, "
-                f"admit_threshold={self.admit_threshold})")
+                f"admission={self.admission!r}, admit_threshold={self.admit_threshold})")
 
     # -- debug
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` unless the hash table, the list and the slots agree.
 
-        Robin Hood: every resident's stored distance is its distance from home; along the probe
-        sequence a slot after an empty one has distance 0 and distances grow by at most one per
-        step; every resident is found by a lookup. List: ``size`` nodes, a single cycle through
+        Robin Hood: along the probe sequence a slot after an empty one has distance 0 and
+        distances grow by at most one per step; every resident is found by a lookup. List: ``size`` nodes, a single cycle through
         the head, ``prev``/``next`` mutually inverse. Slots: ``0..size-1`` are used, each once.
         """
-        m = self._hkeys.shape[0]
+        m = self._htab.shape[0]
+        mask = (1 << self._kb) - 1
         size = len(self)
-        occ = np.flatnonzero(self._hkeys != -1)
+        occ = np.flatnonzero(self._htab != -1)
+        keys = self._htab[occ] & mask
+        slots_of = self._htab[occ] >> self._kb
         assert occ.size == size, f"hash holds {occ.size} keys, size is {size}"
-        for pos in occ:
-            k = int(self._hkeys[pos])
-            home = int(_home(k, m))
-            assert int(self._hdist[pos]) == (pos - home) % m, f"key {k} at {pos}: bad distance"
-            assert _find(k, self._hkeys, self._hdist) == pos, f"key {k} at {pos} not found"
+        for pos, k in zip(occ.tolist(), keys.tolist()):
+            assert _find(k, self._htab, self._kb) == pos, f"key {k} at {pos} not found"
         for pos in range(m):
             nxt = (pos + 1) % m
-            if self._hkeys[nxt] == -1:
+            if self._htab[nxt] == -1:
                 continue
-            prev_d = -1 if self._hkeys[pos] == -1 else int(self._hdist[pos])
-            assert int(self._hdist[nxt]) <= prev_d + 1, f"Robin Hood order broken at slot {nxt}"
-        slots = np.sort(self._hvals[occ].astype(np.int64))
-        assert np.array_equal(slots, np.arange(size)), "cache slots are not 0..size-1 once each"
-        for pos in occ:
-            assert self._slot_key[self._hvals[pos]] == self._hkeys[pos], "slot->key mismatch"
+            prev_d = -1 if self._htab[pos] == -1 else int(_dist(pos, self._htab[pos] & mask, m))
+            assert int(_dist(nxt, self._htab[nxt] & mask, m)) <= prev_d + 1, \
+                f"Robin Hood order broken at slot {nxt}"
+        assert np.array_equal(np.sort(slots_of), np.arange(size)), "cache slots are not 0..size-1 once each"
+        assert np.array_equal(self._slot_key[slots_of], keys), "slot->key mismatch"
         if size == 0:
             assert self._st[_HEAD] == -1
-            return
-        head = int(self._st[_HEAD])
-        assert 0 <= head < size
-        s, seen = head, 0
-        while True:
-            assert 0 <= s < size
-            assert self._prev[self._next[s]] == s, f"prev/next disagree at slot {s}"
-            s = int(self._next[s])
-            seen += 1
-            if s == head or seen > size:
-                break
-        assert seen == size and s == head, f"list cycle has {seen} nodes, size is {size}"
+        psize = int(self._st[_PSIZE])
+        assert 0 <= psize <= self._max_protected, f"protected holds {psize} > {self._max_protected}"
+        for head, want, seg in ((int(self._st[_HEAD]), size - psize, 0),
+                                (int(self._st[_PHEAD]), psize, 1)):
+            if want == 0:
+                assert head == -1, f"empty segment {seg} has head {head}"
+                continue
+            assert 0 <= head < size
+            s, seen = head, 0
+            while True:
+                assert 0 <= s < size
+                assert self._prev[self._next[s]] == s, f"prev/next disagree at slot {s}"
+                assert self._seg[s] == seg, f"slot {s} in list {seg} is marked {self._seg[s]}"
+                s = int(self._next[s])
+                seen += 1
+                if s == head or seen > size:
+                    break
+            assert seen == want and s == head, f"list {seg} has {seen} nodes, expected {want}"

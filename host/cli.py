@@ -27,6 +27,7 @@ BENCHES = {
     "serve": ("evssd.host.bench.serve", "FlexEMR engine: multi- vs single-threaded, pooling, adaptive cache"),
     "rtl": ("evssd.sim.bench_rtl", "cycle-accurate RTL: lookups/cycle vs bound, read amplification, latency"),
     "synth": ("evssd.host.bench.synth", "resource estimates for 1..8 channels and 64..512-bit widths (ECP5, UltraScale+)"),
+    "dlrm": ("evssd.host.bench.dlrm", "TorchRec DLRM end to end: DRAM vs EV-SSD (fine-grained, EV-Cache, pipeline) vs block mode"),
 }
 
 

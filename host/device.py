@@ -15,7 +15,9 @@ batch of reaped completions.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,14 +25,19 @@ import numpy as np
 from evssd.hw import regmap
 from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, Command, Completion, ElemType, Opcode,
                              Params, Status)
-from evssd.host.transport import Transport, open_transport
+from evssd.host.backends import open_transport
+from evssd.host.transport import Transport
 
-__all__ = ["AsyncDevice", "Device", "DeviceError", "DeviceMismatchError", "DeviceTimeoutError",
-           "CommandHandle", "elem_type"]
+__all__ = ["AsyncDevice", "Device", "DeviceError", "DeviceClosedError", "DeviceMismatchError",
+           "DeviceTimeoutError", "CommandHandle", "elem_type"]
 
 
 class DeviceMismatchError(RuntimeError):
     """The device is not an EV-SSD, or speaks a different register map than this driver."""
+
+
+class DeviceClosedError(RuntimeError):
+    """The device (or the store over it) was closed; open it again to use it."""
 
 
 class DeviceTimeoutError(TimeoutError):
@@ -92,6 +99,10 @@ class CommandHandle:
     completion: Completion | None = None
 
 
+_COROUTINE = types.CoroutineType
+_running_loop = asyncio._get_running_loop  # the loop running in this thread, or None
+
+
 def _reg(name: str) -> int:
     return regmap.register(name).addr
 
@@ -113,6 +124,11 @@ class AsyncDevice:
         self._inflight: dict[int, CommandHandle] = {}
         self._done: dict[int, CommandHandle] = {}
         self._reaping = False
+        self.closed = False
+
+    def _live(self):
+        if self.closed:
+            raise DeviceClosedError(f"{self.transport.name}: the device is closed")
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -178,11 +194,28 @@ class AsyncDevice:
         await t.write32(_reg("CTRL"), self._ctrl)
 
     async def close(self):
-        await self.transport.write32(_reg("CTRL"), 0)
-        await self.transport.close()
+        """Disable the device and close the link; later calls raise :class:`DeviceClosedError`."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self.transport.write32(_reg("CTRL"), 0)
+        finally:
+            await self.transport.close()
+
+    async def read32(self, addr: int) -> int:
+        """Raw MMIO read (expert use: registers are named in :mod:`evssd.hw.regmap`)."""
+        self._live()
+        return await self.transport.read32(addr)
+
+    async def write32(self, addr: int, value: int, strb: int = 0xF) -> None:
+        """Raw MMIO write (expert use)."""
+        self._live()
+        await self.transport.write32(addr, value, strb)
 
     # ------------------------------------------------------------------ configuration
     async def set_timing(self, t_r: int | None = None, t_prog: int | None = None):
+        self._live()
         if t_r is not None:
             if not 0 <= t_r < (1 << 24):
                 raise ValueError(f"t_r={t_r} cycles out of range 0..2**24-1")
@@ -193,6 +226,7 @@ class AsyncDevice:
             await self.transport.write32(_reg("T_PROG"), t_prog)
 
     async def set_block_mode(self, on: bool):
+        self._live()
         bit = 1 << regmap.register("CTRL").field("block_mode").lsb
         self._ctrl = (self._ctrl | bit) if on else (self._ctrl & ~bit)
         await self.transport.write32(_reg("CTRL"), self._ctrl)
@@ -200,6 +234,7 @@ class AsyncDevice:
     async def configure_table(self, table: int, row_bytes: int, elem, extents, enable: bool = True):
         """Write a table slot: row size, element type and up to ``max_extents`` extents
         ``(first_index, n_rows, start_lba)``; unused extents are cleared."""
+        self._live()
         p = self.params
         elem = elem_type(elem)
         if not 0 <= table < p.max_tables:
@@ -265,6 +300,7 @@ class AsyncDevice:
     # ------------------------------------------------------------------ commands
     async def submit(self, command: Command, buffers=()) -> CommandHandle:
         """Place ``command`` in the submission ring and ring the doorbell."""
+        self._live()
         while len(self._inflight) >= self.sq_entries - 1:
             await self._reap_or_wait()
         command.cid = self._next_cid
@@ -342,6 +378,7 @@ class AsyncDevice:
 
     async def program_pages(self, lba: int, data) -> None:
         """Write whole pages starting at ``lba`` (PROGRAM_PAGES)."""
+        self._live()
         buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
         ps = self.params.page_size
         if buf.size == 0 or buf.size % ps:
@@ -366,6 +403,7 @@ class AsyncDevice:
 
     async def read_pages(self, lba: int, n_pages: int) -> np.ndarray:
         """Raw pages (READ_PAGES) as a uint8 array ``[n_pages, page_size]``."""
+        self._live()
         ps = self.params.page_size
         out = np.empty((n_pages, ps), dtype=np.uint8)
         chunk = self._chunk_pages()
@@ -395,6 +433,7 @@ class AsyncDevice:
         return arr.astype("<u4")
 
     async def submit_gather(self, table: int, indices) -> CommandHandle:
+        self._live()
         cfg = self._table(table)
         idx = self._indices(indices)
         n = idx.size
@@ -405,6 +444,7 @@ class AsyncDevice:
         return await self.submit(cmd, [src, dst])
 
     async def submit_gather_pooled(self, table: int, indices, offsets) -> CommandHandle:
+        self._live()
         cfg = self._table(table)
         idx = self._indices(indices)
         off = np.asarray(offsets)
@@ -459,6 +499,7 @@ class AsyncDevice:
 
     # ------------------------------------------------------------------ counters
     async def counters(self) -> dict:
+        self._live()
         t = self.transport
         out = {}
         for name in ("CNT_COMMANDS", "CNT_LOOKUPS", "CNT_ERRORS", "CNT_BUSY_CYCLES"):
@@ -479,29 +520,113 @@ class AsyncDevice:
         return out
 
     async def clear_counters(self):
+        self._live()
         await self.transport.write32(_reg("CTRL_TRIGGER"),
                                      1 << regmap.register("CTRL_TRIGGER").field("clear_counters").lsb)
 
 
 class Device:
-    """Synchronous facade over :class:`AsyncDevice` for scripts (one private event loop)."""
+    """Synchronous facade over :class:`AsyncDevice` for scripts and threaded servers.
+
+    The facade owns a private event loop. :meth:`run` runs one coroutine of :attr:`aio` on it to
+    completion; a lock serialises callers, so one ``Device`` may be shared by several threads
+    (their calls take turns, each completes whole). A lock rather than a loop thread: the loop
+    runs in the calling thread, so a call costs no thread hand-over (measured in
+    docs/reliability.md). After :meth:`close` every call raises :class:`DeviceClosedError`.
+    """
 
     def __init__(self, aio: AsyncDevice, loop: asyncio.AbstractEventLoop):
         self.aio, self._loop = aio, loop
+        self._lock = threading.Lock()
+        self._runner: int | None = None  # ident of the thread inside run_until_complete
 
     @classmethod
     def open(cls, backend: str | Transport = "model", *, sq_entries: int = 64, cq_entries: int = 64,
              timeout: float = 60.0, expect: Params | None = None, **transport_args) -> "Device":
-        """Open a device: ``backend`` is a name (``model``, ``uart``) or a :class:`Transport`."""
-        transport = backend if isinstance(backend, Transport) else open_transport(backend, **transport_args)
+        """Open a device: ``backend`` is a name (``model``, ``uart``; see
+        :mod:`evssd.host.backends`) or a :class:`Transport`."""
+        if isinstance(backend, Transport):
+            if transport_args:
+                raise TypeError(f"transport arguments {sorted(transport_args)} given with a ready "
+                                f"transport; pass them to its constructor")
+            transport = backend
+        else:
+            transport = open_transport(backend, **transport_args)
         loop = asyncio.new_event_loop()
-        aio = loop.run_until_complete(AsyncDevice.open(transport, sq_entries=sq_entries,
-                                                       cq_entries=cq_entries, timeout=timeout,
-                                                       expect=expect))
+        try:
+            aio = cls._run_on(loop, AsyncDevice.open(transport, sq_entries=sq_entries,
+                                                     cq_entries=cq_entries, timeout=timeout,
+                                                     expect=expect))
+        except BaseException:
+            try:
+                loop.run_until_complete(transport.close())
+            finally:
+                loop.close()
+            raise
         return cls(aio, loop)
 
-    def _do(self, coro):
-        return self._loop.run_until_complete(coro)
+    @property
+    def closed(self) -> bool:
+        return self.aio.closed
+
+    def run(self, coro):
+        """Run ``coro`` (a coroutine of :attr:`aio`, e.g. ``dev.aio.gather(...)`` or one that
+        awaits several of them) to completion and return its result.
+
+        Thread-safe: calls from several threads take turns. From a thread that runs an asyncio
+        loop of its own, the call blocks that thread and runs on a helper thread. From inside a
+        coroutine running on this device it is refused (await the coroutine instead).
+        """
+        if type(coro) is not _COROUTINE and not asyncio.iscoroutine(coro):
+            raise TypeError(f"Device.run takes a coroutine, got {type(coro).__name__}")
+        me = threading.get_ident()
+        if self._runner == me:
+            coro.close()
+            raise RuntimeError("Device.run called from a coroutine already running on this device: "
+                               "await the coroutine instead")
+        if _running_loop() is not None:
+            return self._run_in_helper_thread(coro)
+        with self._lock:
+            if self.aio.closed:
+                coro.close()
+                raise DeviceClosedError(f"{self.aio.transport.name}: the device is closed")
+            self._runner = me
+            try:
+                return self._run_on(self._loop, coro)
+            finally:
+                self._runner = None
+
+    # The store used this name before ``run`` was public.
+    _do = run
+
+    @staticmethod
+    def _run_on(loop: asyncio.AbstractEventLoop, coro):
+        """Run ``coro`` on ``loop``; if the caller is interrupted (KeyboardInterrupt), cancel what
+        it left on the loop and let its clean-up run, so none of it runs during the next call."""
+        try:
+            return loop.run_until_complete(coro)
+        except BaseException:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            raise
+
+    def _run_in_helper_thread(self, coro):
+        box = {}
+
+        def target():
+            try:
+                box["value"] = self.run(coro)
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+        thread = threading.Thread(target=target, name="evssd-device-run")
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     @property
     def params(self) -> Params:
@@ -516,9 +641,16 @@ class Device:
         return self.aio.tables
 
     def close(self):
-        if not self._loop.is_closed():
-            self._do(self.aio.close())
-            self._loop.close()
+        """Disable the device and close the link; later calls raise :class:`DeviceClosedError`.
+        Closing twice is harmless."""
+        with self._lock:
+            if self._loop.is_closed():
+                return
+            try:
+                if not self.aio.closed:
+                    self._run_on(self._loop, self.aio.close())
+            finally:
+                self._loop.close()
 
     def __enter__(self):
         return self
@@ -527,40 +659,40 @@ class Device:
         self.close()
 
     def configure_table(self, table, row_bytes, elem, extents, enable=True):
-        return self._do(self.aio.configure_table(table, row_bytes, elem, extents, enable))
+        return self.run(self.aio.configure_table(table, row_bytes, elem, extents, enable))
 
     def set_timing(self, t_r=None, t_prog=None):
-        return self._do(self.aio.set_timing(t_r, t_prog))
+        return self.run(self.aio.set_timing(t_r, t_prog))
 
     def set_block_mode(self, on: bool):
-        return self._do(self.aio.set_block_mode(on))
+        return self.run(self.aio.set_block_mode(on))
 
     def program_pages(self, lba, data):
-        return self._do(self.aio.program_pages(lba, data))
+        return self.run(self.aio.program_pages(lba, data))
 
     def read_pages(self, lba, n_pages):
-        return self._do(self.aio.read_pages(lba, n_pages))
+        return self.run(self.aio.read_pages(lba, n_pages))
 
     def gather(self, table, indices):
-        return self._do(self.aio.gather(table, indices))
+        return self.run(self.aio.gather(table, indices))
 
     def gather_pooled(self, table, indices, offsets):
-        return self._do(self.aio.gather_pooled(table, indices, offsets))
+        return self.run(self.aio.gather_pooled(table, indices, offsets))
 
     def view(self, table, raw, pooled=False):
         return self.aio.view(table, raw, pooled)
 
     def nop(self):
-        return self._do(self.aio.nop())
+        return self.run(self.aio.nop())
 
     def counters(self):
-        return self._do(self.aio.counters())
+        return self.run(self.aio.counters())
 
     def clear_counters(self):
-        return self._do(self.aio.clear_counters())
+        return self.run(self.aio.clear_counters())
 
     def read32(self, addr):
-        return self._do(self.aio.transport.read32(addr))
+        return self.run(self.aio.read32(addr))
 
     def write32(self, addr, value, strb=0xF):
-        return self._do(self.aio.transport.write32(addr, value, strb))
+        return self.run(self.aio.write32(addr, value, strb))

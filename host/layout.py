@@ -28,12 +28,12 @@ from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from evssd.host.elements import DEVICE_ELEMS
+
 __all__ = ["Layout", "TablePlacement", "Extent", "LayoutError", "load_table", "ELEMS"]
 
-#: element types the device knows: name -> numpy dtype
-ELEMS: dict[str, np.dtype] = {
-    "fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1"), "int32": np.dtype("<i4"),
-}
+#: element types the device knows: name -> numpy dtype (derived from hw.regmap.ElemType)
+ELEMS: dict[str, np.dtype] = {name: el.storage for name, el in DEVICE_ELEMS.items()}
 FORMAT = "evssd-layout"
 VERSION = 1
 

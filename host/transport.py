@@ -3,7 +3,8 @@
 The driver (:mod:`evssd.host.device`) awaits nothing but a :class:`Transport`, so the same
 driver code runs against the functional model, the RTL in cocotb and a board over UART. The
 driver never uses asyncio primitives itself: a cocotb test runs it on cocotb's scheduler, the
-synchronous facade runs it on an asyncio loop.
+synchronous facade runs it on an asyncio loop. Backends are made by name in
+:mod:`evssd.host.backends`, which imports the implementations; this module imports none of them.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import bisect
 
 from evssd.host.regfile import MMIOError
 
-__all__ = ["Transport", "HostMemory", "MMIOError", "TransportError", "BACKENDS", "open_transport"]
+__all__ = ["Transport", "HostMemory", "MMIOError", "TransportError"]
 
 
 class TransportError(IOError):
@@ -105,25 +106,3 @@ class Transport(abc.ABC):
 
     #: a short name for messages
     name = "transport"
-
-
-BACKENDS = {
-    "model": "functional + timing model of the device in host/ (no simulator needed)",
-    "cocotb": "the RTL in a cocotb test (cocotbext-axi bus models); only inside a cocotb test",
-    "uart": "a board running the gateware behind the UART-to-AXI-Lite bridge (pyserial)",
-}
-
-
-def open_transport(backend: str, **kwargs) -> Transport:
-    """Make a transport by backend name (``model``, ``uart``). ``cocotb`` lives in a cocotb test."""
-    if backend == "model":
-        from evssd.host.model import ModelTransport
-        return ModelTransport(**kwargs)
-    if backend == "uart":
-        from evssd.host.uart import UartTransport
-        return UartTransport(**kwargs)
-    if backend == "cocotb":
-        raise ValueError("backend 'cocotb' only exists inside a cocotb test: build it there with "
-                         "evssd.sim.transport.CocotbTransport(dut); from the command line use --backend rtl")
-    known = ", ".join(f"{k} ({v})" for k, v in BACKENDS.items())
-    raise ValueError(f"unknown backend {backend!r}; known backends: {known}")

@@ -1,4 +1,5 @@
-"""EV-Cache against a pure-Python reference (OrderedDict LRU + the same 2-bit counter rule)."""
+"""EV-Cache against a pure-Python reference of the same rules (OrderedDict lists, a dict of 2-bit
+counters, the count-min sketch re-implemented with Python integers)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -10,31 +11,90 @@ from hypothesis import strategies as st
 
 from evssd.host.cache import EVCache, bytes_per_entry
 
+M64 = (1 << 64) - 1
 
-class ReferenceLRU:
-    """The EV-Cache semantics, one key at a time, with no cleverness (see host/cache.py)."""
 
-    def __init__(self, n_rows, capacity, threshold, decay_interval=None):
+class ReferenceSketch:
+    """The count-min sketch of host/cache.py, one Python integer per 64-bit word: 4-bit counters,
+    four per key in one 8-word block, saturating at 15, every counter halved after ``sample``
+    counted keys."""
+
+    def __init__(self, capacity):
+        self.words = [0] * (8 * -(-capacity // 8))
+        self.sample = 10 * capacity
+        self.adds = 0
+
+    def _cells(self, k):
+        z = (k + 0x9E3779B97F4A7C15) & M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        z ^= z >> 31
+        base = 8 * (((z >> 32) * (len(self.words) // 8)) >> 32)
+        sel = z & 0xFFFFFFFF
+        return [(base + 2 * i + ((sel >> i) & 1), ((sel >> (4 + 4 * i)) & 15) * 4) for i in range(4)]
+
+    def estimate(self, k):
+        return min((self.words[w] >> sh) & 15 for w, sh in self._cells(k))
+
+    def add(self, k):
+        for w, sh in self._cells(k):
+            if (self.words[w] >> sh) & 15 < 15:
+                self.words[w] += 1 << sh
+        self.adds += 1
+        if self.adds >= self.sample:
+            self.words = [(w >> 1) & 0x7777777777777777 for w in self.words]
+            self.adds >>= 1
+
+
+class ReferenceCache:
+    """The EV-Cache semantics, one key at a time, with no cleverness (see host/cache.py).
+
+    ``"filter"``: one LRU list, admission by the 2-bit counter alone. ``"sketch"``: a segmented
+    LRU (probation + protected, at most 80% of the rows protected; a hit in probation promotes,
+    the protected LRU moves to probation's MRU when over quota); a free slot takes any candidate,
+    and when full a candidate that passed the 2-bit counter replaces the victim (probation's LRU)
+    only if the sketch says it is strictly more frequent."""
+
+    def __init__(self, n_rows, capacity, threshold, decay_interval=None, admission="filter"):
         self.n_rows, self.capacity, self.threshold = n_rows, capacity, threshold
         self.decay_interval = decay_interval
+        self.admission = admission
+        self.max_protected = int(0.8 * capacity) if admission == "sketch" else 0
+        self.sketch = ReferenceSketch(capacity) if admission == "sketch" else None
         self.since_decay = 0
         self.counters = np.zeros(n_rows, dtype=np.uint8)
-        self.od: OrderedDict[int, np.ndarray] = OrderedDict()   # last = MRU
-        self.hits = self.misses = self.admissions = self.evictions = self.rejected = 0
+        self.prob: OrderedDict[int, np.ndarray] = OrderedDict()   # last = MRU
+        self.prot: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.hits = self.misses = self.admissions = self.evictions = 0
+        self.rejected = self.rejected_sketch = 0
 
     def lookup(self, keys):
         hit, rows = [], []
         for k in map(int, keys):
             self.counters[k] = min(3, self.counters[k] + 1)
-            if k in self.od:
-                self.od.move_to_end(k)
-                hit.append(True)
-                rows.append(self.od[k])
-                self.hits += 1
+            if self.sketch is not None:
+                self.sketch.add(k)
+            if k in self.prot:
+                self.prot.move_to_end(k)
+                row = self.prot[k]
+            elif k in self.prob:
+                row = self.prob[k]
+                if self.max_protected:
+                    del self.prob[k]
+                    self.prot[k] = row
+                    if len(self.prot) > self.max_protected:
+                        d, drow = self.prot.popitem(last=False)
+                        self.prob[d] = drow
+                else:
+                    self.prob.move_to_end(k)
             else:
                 hit.append(False)
                 rows.append(None)
                 self.misses += 1
+                continue
+            hit.append(True)
+            rows.append(row)
+            self.hits += 1
         self.since_decay += len(keys)
         if self.decay_interval is not None and self.since_decay >= self.decay_interval:
             self.counters >>= 1
@@ -43,31 +103,42 @@ class ReferenceLRU:
 
     def admit(self, keys, rows):
         for k, row in zip(map(int, keys), rows):
-            if k in self.od:
+            if k in self.prob or k in self.prot:
                 continue
-            if self.counters[k] < self.threshold:
+            full = len(self.prob) + len(self.prot) == self.capacity
+            if self.counters[k] < self.threshold and (full or self.sketch is None):
                 self.rejected += 1
                 continue
-            if len(self.od) == self.capacity:
-                self.od.popitem(last=False)
+            if full:
+                seg = self.prob if self.prob else self.prot
+                victim = next(iter(seg))
+                if self.sketch is not None and \
+                        self.sketch.estimate(k) <= self.sketch.estimate(victim):
+                    self.rejected_sketch += 1
+                    continue
+                del seg[victim]
                 self.evictions += 1
-            self.od[k] = row.copy()
+            self.prob[k] = row.copy()
             self.admissions += 1
 
     def invalidate(self, keys):
         n = 0
         for k in map(int, keys):
-            if self.od.pop(k, None) is not None:
+            if self.prob.pop(k, None) is not None or self.prot.pop(k, None) is not None:
                 n += 1
         return n
 
     def stats(self):
         return {"hits": self.hits, "misses": self.misses, "admissions": self.admissions,
                 "evictions": self.evictions, "rejected_by_filter": self.rejected,
-                "size": len(self.od)}
+                "rejected_by_sketch": self.rejected_sketch,
+                "size": len(self.prob) + len(self.prot)}
 
     def keys_mru(self):
-        return list(reversed(self.od))
+        return list(reversed(self.prot)) + list(reversed(self.prob))
+
+    def rows(self):
+        return {**self.prob, **self.prot}
 
 
 DTYPES = [np.float32, np.float16, np.int8, np.int32]
@@ -81,10 +152,19 @@ def _table(n_rows, dim, dtype, seed=0):
     return rng.integers(info.min, info.max, (n_rows, dim), endpoint=True).astype(dtype)
 
 
-def _compare(cache: EVCache, ref: ReferenceLRU):
+def _compare(cache: EVCache, ref: ReferenceCache, keyspace=None):
     s = cache.stats
     assert {k: s[k] for k in ref.stats()} == ref.stats()
     assert cache.keys_mru().tolist() == ref.keys_mru()
+    assert cache.keys_protected().tolist() == list(reversed(ref.prot))
+    assert len(cache) <= cache.capacity
+    # every cached row is the admitted row, bit for bit
+    rows = ref.rows()
+    held = cache.values[: len(cache)]
+    for slot, key in enumerate(cache._slot_key[: len(cache)].tolist()):
+        assert held[slot].tobytes() == rows[key].tobytes(), key
+    if ref.sketch is not None and keyspace is not None:
+        assert cache.frequencies(keyspace).tolist() == [ref.sketch.estimate(int(k)) for k in keyspace]
     cache.check_invariants()
 
 
@@ -96,34 +176,65 @@ ops = st.lists(
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(capacity=st.integers(1, 12), threshold=st.integers(0, 3), dtype=st.sampled_from(DTYPES),
-       dim=st.sampled_from([1, 3, 4, 8]), decay=st.sampled_from([None, 7, 50]), ops=ops)
-def test_matches_reference(capacity, threshold, dtype, dim, decay, ops):
-    n_rows = 40
-    table = _table(n_rows, dim, dtype)
+       dim=st.sampled_from([1, 3, 4, 8]), decay=st.sampled_from([None, 7, 50]),
+       admission=st.sampled_from(["sketch", "filter"]), wide=st.booleans(), ops=ops)
+def test_matches_reference(capacity, threshold, dtype, dim, decay, admission, wide, ops):
+    # 40 distinct rows, either 0..39 or spread over a table of a million rows (other hash slots
+    # and sketch blocks)
+    n_rows = 10**6 if wide else 40
+    keyspace = np.random.default_rng(capacity).choice(n_rows, 40, replace=False) if wide \
+        else np.arange(40)
+    table = _table(40, dim, dtype)
+    row_of = {int(k): table[i] for i, k in enumerate(keyspace)}
     cache = EVCache(n_rows, dim, dtype, capacity=capacity, admit_threshold=threshold,
-                    decay_interval=decay, name="emb")
-    ref = ReferenceLRU(n_rows, capacity, threshold, decay)
-    for op, keys in ops:
-        keys = np.array(keys, dtype=np.int64)
+                    decay_interval=decay, admission=admission, name="emb")
+    ref = ReferenceCache(n_rows, capacity, threshold, decay, admission)
+    for op, ids in ops:
+        keys = keyspace[np.array(ids, dtype=np.int64)]
+        rows = np.array([row_of[int(k)] for k in keys], dtype=dtype).reshape(len(keys), dim)
         if op == "serve":               # the store's loop: lookup, fetch the misses, admit them
             out = np.zeros((len(keys), dim), dtype=dtype)
             hit = cache.lookup(keys, out)
             rhit, rrows = ref.lookup(keys)
             assert hit.tolist() == rhit.tolist()
             for j in np.flatnonzero(hit):
-                assert np.array_equal(out[j], rrows[j])
-                assert np.array_equal(out[j], table[keys[j]])
+                assert out[j].tobytes() == rrows[j].tobytes() == rows[j].tobytes()
             assert not out[~hit].any()  # misses untouched
-            miss = keys[~hit]
-            cache.admit(miss, table[miss])
-            ref.admit(miss, table[miss])
+            cache.admit(keys[~hit], rows[~hit])
+            ref.admit(keys[~hit], rows[~hit])
         elif op == "admit":             # rows offered without a lookup (counters unchanged)
-            cache.admit(keys, table[keys])
-            ref.admit(keys, table[keys])
+            cache.admit(keys, rows)
+            ref.admit(keys, rows)
         else:
             assert cache.invalidate(keys) == ref.invalidate(keys)
-        _compare(cache, ref)
-    assert np.array_equal(cache.counters(np.arange(n_rows)), ref.counters)
+        _compare(cache, ref, keyspace)
+    assert np.array_equal(cache.counters(keyspace), ref.counters[keyspace])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(8, 64))
+def test_sketch_mode_long_random_stream(seed, capacity):
+    """Longer skewed streams than above (several sketch agings, the protected quota full, many
+    evictions): same hits, same contents, same order, same frequencies as the reference."""
+    rng = np.random.default_rng(seed)
+    n_rows, dim = 5000, 2
+    hot = rng.choice(n_rows, 400, replace=False)
+    cache = EVCache(n_rows, dim, np.int32, capacity=capacity, admission="sketch")
+    ref = ReferenceCache(n_rows, capacity, 2, None, "sketch")
+    for _ in range(40):
+        keys = np.where(rng.random(48) < 0.8, hot[np.minimum(rng.zipf(1.3, 48), 400) - 1],
+                        rng.integers(0, n_rows, 48))
+        rows = np.stack([keys, -keys], axis=1).astype(np.int32)
+        out = np.zeros((len(keys), dim), np.int32)
+        hit = cache.lookup(keys, out)
+        rhit, _ = ref.lookup(keys)
+        assert hit.tolist() == rhit.tolist()
+        assert np.array_equal(out[hit], rows[hit])
+        cache.admit(keys[~hit], rows[~hit])
+        ref.admit(keys[~hit], rows[~hit])
+        _compare(cache, ref, hot[:50])
+    s = cache.stats
+    assert s["evictions"] > 0 and s["rejected_by_sketch"] > 0 and len(cache.keys_protected()) > 0
 
 
 @settings(max_examples=25, deadline=None)
@@ -133,7 +244,8 @@ def test_robin_hood_invariants_random_insert_delete(load, seed, key_range):
     rng = np.random.default_rng(seed)
     n_rows = key_range
     cap = 64
-    cache = EVCache(n_rows, 2, np.int32, capacity=cap, admit_threshold=0, load_factor=load)
+    cache = EVCache(n_rows, 2, np.int32, capacity=cap, admit_threshold=0, load_factor=load,
+                    admission="filter")
     live: set[int] = set()
     for _ in range(40):
         keys = rng.integers(0, n_rows, rng.integers(1, 40))
@@ -153,7 +265,7 @@ def test_robin_hood_invariants_random_insert_delete(load, seed, key_range):
 
 
 def test_filter_admits_on_second_access_and_counts_rejections():
-    cache = EVCache(100, 4, np.float32, capacity=4, name="t")
+    cache = EVCache(100, 4, np.float32, capacity=4, name="t", admission="filter")
     rows = np.ones((3, 4), np.float32)
     out = np.zeros((3, 4), np.float32)
     keys = np.array([5, 6, 7])
@@ -181,6 +293,67 @@ def test_filter_admits_on_second_access_and_counts_rejections():
     assert cache.stats["size"] == 4
 
 
+def test_sketch_admission_compares_candidate_with_victim_and_protects_reused_rows():
+    cache = EVCache(1000, 2, np.int32, capacity=5, admission="sketch", name="t")
+    assert cache.admission == "sketch" and cache._max_protected == 4
+
+    def serve(keys):
+        keys = np.array(keys, dtype=np.int64)
+        out = np.zeros((len(keys), 2), np.int32)
+        hit = cache.lookup(keys, out)
+        rows = np.stack([keys, keys], axis=1).astype(np.int32)
+        assert np.array_equal(out[hit], rows[hit])
+        cache.admit(keys[~hit], rows[~hit])
+        return hit
+
+    serve([1, 2, 3, 4, 5])         # free slots take rows on first sight (nothing to displace)
+    assert cache.keys_mru().tolist() == [5, 4, 3, 2, 1] and cache.stats["rejected_by_filter"] == 0
+    serve([1, 2, 3, 4, 5])         # hits in probation promote; the fifth exceeds the quota of 4
+    assert cache.keys_protected().tolist() == [5, 4, 3, 2]
+    assert cache.keys_mru().tolist() == [5, 4, 3, 2, 1]           # 1 went back to probation
+    assert cache.frequencies(np.array([1, 2, 3, 4, 5])).tolist() == [2] * 5
+    serve([9])                     # full, seen once: the 2-bit filter turns it away
+    assert cache.stats["rejected_by_filter"] == 1 and not cache.contains(np.array([9]))[0]
+    serve([9])                     # passes the filter, but no more frequent than the victim 1
+    assert cache.frequencies(np.array([9, 1])).tolist() == [2, 2]
+    assert cache.stats["rejected_by_sketch"] == 1 and not cache.contains(np.array([9]))[0]
+    serve([9])                     # now more frequent: the victim (probation's LRU) goes
+    assert cache.contains(np.array([9]))[0] and not cache.contains(np.array([1]))[0]
+    assert cache.keys_mru().tolist() == [5, 4, 3, 2, 9]
+    assert cache.stats["evictions"] == 1
+    # a hit on 9 promotes it and pushes the protected LRU (2) down to probation
+    assert serve([9, 9]).tolist() == [True, True]
+    assert cache.keys_protected().tolist() == [9, 5, 4, 3]
+    assert cache.keys_mru().tolist() == [9, 5, 4, 3, 2]
+    # the plain 2-bit mode never fills a free slot with a row seen once
+    plain = EVCache(1000, 2, np.int32, capacity=5, admission="filter")
+    plain.lookup(np.array([1]), np.zeros((1, 2), np.int32))
+    assert plain.admit(np.array([1]), np.ones((1, 2), np.int32)) == 0
+    cache.check_invariants()
+
+
+def test_plain_lru_mode_equals_cachetools_under_churn():
+    """Threshold 1 in filter mode is a plain LRU: the same hit mask, batch after batch, as
+    cachetools.LRUCache driven key by key through the same protocol -- with duplicates in every
+    batch and more misses per batch than the cache holds (the order inside a batch matters)."""
+    import cachetools
+
+    rng = np.random.default_rng(7)
+    cap = 50
+    cache = EVCache(400, 1, np.int32, capacity=cap, admission="filter", admit_threshold=1)
+    peer = cachetools.LRUCache(maxsize=cap)
+    for _ in range(60):
+        keys = np.where(rng.random(60) < 0.7, rng.integers(0, 40, 60), rng.integers(0, 400, 60))
+        hit = cache.lookup(keys, np.zeros((60, 1), np.int32))
+        phit = np.array([peer.get(int(k)) is not None for k in keys])
+        assert hit.tolist() == phit.tolist()
+        for k in keys[~hit].tolist():
+            if k not in peer:
+                peer[k] = k
+        cache.admit(keys[~hit], keys[~hit, None].astype(np.int32))
+        assert sorted(cache.keys_mru().tolist()) == sorted(peer.keys())
+
+
 def test_budget_accounting():
     n_rows, dim = 100_000, 64
     cache = EVCache(n_rows, dim, np.float32)          # default: 1% of the table's bytes
@@ -188,11 +361,17 @@ def test_budget_accounting():
     assert cache.budget_bytes == budget
     assert cache.memory_bytes <= budget
     per_entry = bytes_per_entry(dim * 4)
-    assert per_entry == 256 + 16 + 14 / 0.8
+    # row, prev/next/key/segment, hash slots (row | slot packed) at load 0.8, 8 bytes of sketch
+    assert per_entry == 256 + 17 + 8 / 0.8 + 8
+    assert bytes_per_entry(dim * 4, admission="filter") == 256 + 17 + 8 / 0.8
     counters = (n_rows + 3) // 4
-    # capacity is what fits after the counters, within one entry of the bound
+    # capacity is what fits after the counters, within one entry (and one sketch block) of the bound
     bound = (budget - counters) / per_entry
-    assert bound - 2 <= cache.capacity <= bound
+    assert bound - 10 <= cache.capacity <= bound
+    assert cache._sketch.nbytes == 64 * -(-cache.capacity // 8)     # whole 64-byte blocks
+    plain = EVCache(n_rows, dim, np.float32, admission="filter")
+    assert plain.memory_bytes <= budget and plain._sketch.nbytes == 0
+    assert plain.capacity > cache.capacity      # the sketch is paid for in rows
     assert cache.stats["capacity"] == cache.capacity
     assert cache.stats["memory_bytes"] == cache.memory_bytes
     small = EVCache(n_rows, dim, np.float32, budget_bytes=200_000)
@@ -205,6 +384,7 @@ def test_budget_accounting():
     ({"dtype": "complex64"}, "complex64"),
     ({"dtype": "bf16"}, "bf16"),
     ({"admit_threshold": 4}, "admit_threshold .* 4"),
+    ({"admission": "tinylfu"}, "admission .* 'tinylfu'"),
     ({"capacity": 0}, "capacity .* 0"),
     ({"budget_fraction": 1.5}, "budget_fraction .* 1.5"),
     ({"budget_bytes": 100}, "budget of 100 bytes"),
@@ -264,6 +444,17 @@ def test_non_contiguous_out_and_empty_batch():
     assert cache.admit(np.array([], np.int64), np.zeros((0, 3), np.float16)) == 0
 
 
+def test_tiny_caches_have_room_for_the_probe_window():
+    # _find reads four consecutive hash slots without bounds checks: tables never have fewer
+    for cap in (1, 2, 3):
+        cache = EVCache(1 << 20, 1, np.int8, capacity=cap, admit_threshold=0, admission="filter")
+        assert cache._htab.shape[0] >= 4
+        keys = np.arange(10, dtype=np.int64) * 77_777
+        cache.admit(keys, np.ones((10, 1), np.int8))
+        assert cache.contains(keys).tolist() == [False] * (10 - cap) + [True] * cap
+        cache.check_invariants()
+
+
 def test_clear_and_capacity_capped_by_rows():
     cache = EVCache(10, 2, np.float32, capacity=100, admit_threshold=0)
     assert cache.capacity == 10
@@ -278,27 +469,37 @@ def test_clear_and_capacity_capped_by_rows():
 
 
 def test_bench_cache_smoke(tmp_path):
-    """`evssd bench cache` at toy size: it runs, writes JSON, and its plain-LRU peer
-    (cachetools, an independent implementation) agrees with the no-filter EV-Cache exactly."""
+    """`evssd bench cache` at toy size: it runs, writes JSON, every policy and peer reports on
+    every trace, budgets are respected, and the plain-LRU peer (cachetools, an independent
+    implementation) agrees with the plain-LRU EV-Cache exactly."""
     import json
 
     from evssd.host.cli import build_parser
 
     args = build_parser().parse_args(
         ["bench", "cache", "--rows", "200000", "--dim", "8", "--batch-size", "64", "--batches", "4",
-         "--warmup", "3",
-         "--budgets", "1,5", "--repeats", "1", "--lru-keys", "3000", "--no-plot",
-         "--results-root", str(tmp_path)])
+         "--warmup", "3", "--budgets", "1,5", "--repeats", "1", "--lru-keys", "3000", "--no-plot",
+         "--alphas", "1.1", "--results-root", str(tmp_path)])
     assert args._run(args) == 0
     data = json.loads((tmp_path / "cache" / "cache.json").read_text())
-    for trace in ("meta_calibrated", "zipf"):
+    assert set(data["hit_rate"]) == {"meta_calibrated", "zipf_1.1", "shift_scan"}
+    for trace, by_budget in data["hit_rate"].items():
         for budget in ("1.0", "5.0"):
-            r = data["hit_rate"][trace][budget]
-            assert r["peer_agrees_with_nofilter"], (trace, budget, r)
-            assert 0 < r["evcache"]["hit_rate"] < 1
-            assert r["evcache_memory_bytes"] <= float(budget) / 100 * 200000 * 8 * 4
+            r = by_budget[budget]
+            assert r["cachetools_agrees_with_lru"], (trace, budget, r)
+            er, eb = r["equal_rows"], r["equal_bytes"]
+            assert {er[k]["rows"] for k in ("evcache", "evcache_filter", "lru", "theine")} == {er["rows"]}
+            for k in ("evcache", "evcache_filter", "lru", "theine", "cachetools"):
+                assert 0 <= er[k]["hit_rate"] <= 1 and 0 <= eb[k]["hit_rate"] <= 1
+            # theine charged its measured footprint holds fewer rows than the lean estimate
+            assert eb["theine_measured"]["rows"] < eb["theine"]["rows"]
+            for k in ("evcache", "evcache_filter"):
+                assert eb[k]["memory_bytes"] <= r["budget_bytes"] == float(budget) / 100 * 200000 * 8 * 4
+            assert eb["evcache"]["rows"] < eb["evcache_filter"]["rows"]   # the sketch costs rows
+    assert data["hit_rate"]["meta_calibrated"]["1.0"]["equal_rows"]["evcache"]["hit_rate"] > 0.3
     # hot set = half the capacity, 95% of keys: every hot key hits once the cache is warm
     assert data["throughput"]["hot_set"]["evcache"]["hit_rate"] > 0.9
+    assert set(data["throughput"]) == {"meta_calibrated", "meta_distinct", "hot_set"}
 
 
 def test_threads_share_one_cache_safely():

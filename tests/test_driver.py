@@ -9,7 +9,7 @@ from evssd.hw.regmap import Params
 from evssd.host.device import AsyncDevice, Device, DeviceMismatchError
 from evssd.host.model import ModelTransport
 from evssd.host.regfile import MMIOError
-from evssd.host.transport import open_transport
+from evssd.host.backends import open_transport
 from evssd.sim import scenarios
 
 

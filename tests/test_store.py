@@ -201,7 +201,7 @@ def test_bad_tables_and_backends(tmp_path):
         EmbeddingStore.from_arrays({"t": np.zeros((4, 4), np.float32)}, "tape")
     for backend in ("file", "rocksdb"):  # no path: a temporary directory, removed by close()
         s = EmbeddingStore.from_arrays({"t": np.ones((4, 4), np.float32)}, backend)
-        tmp = s.backend.cleanup_dir
+        tmp = s.backend.owned_dir
         assert tmp.exists()
         np.testing.assert_array_equal(s.gather("t", [3]), np.ones((1, 4), np.float32))
         s.close()
@@ -216,7 +216,8 @@ def test_table_file_roundtrip(tmp_path, elem, rows, dim):
     t = make_table(rows, dim, elem)
     tf = open_table_file(write_table_file(tmp_path / "t.evt", t))
     assert (tf.rows, tf.dim, tf.elem) == (rows, dim, elem)
-    assert os.path.getsize(tf.path) == tf.file_bytes and tf.file_bytes % 4096 == 0
+    assert os.path.getsize(tf.path) == tf.file_bytes == tf.crc_offset + 4 * rows + 4
+    assert tf.crc_offset % 4096 == 0
     np.testing.assert_array_equal(tf.read_all(), t)
     for mode in ("page", "row"):
         s = EmbeddingStore.from_files({"t": tf.path}, file_mode=mode, cache_fraction=None)
@@ -237,7 +238,7 @@ def test_table_file_errors(tmp_path):
     good = p.read_bytes()
 
     p.write_bytes(good[:-1])
-    with pytest.raises(TableFileError, match=r"t\.evt: truncated: 8191 bytes"):
+    with pytest.raises(TableFileError, match=rf"t\.evt: truncated: {len(good) - 1} bytes"):
         open_table_file(p)
     p.write_bytes(good[:40])
     with pytest.raises(TableFileError, match=r"t\.evt: truncated header \(40 of 64"):
@@ -361,15 +362,28 @@ def test_bench_store_smoke(tmp_path):
     import json
     from evssd.host.cli import main
     rc = main(["bench", "store", "--tables", "2", "--rows", "3000", "--dim", "8", "--batches", "3",
-               "--warmup", "1", "--batch-size", "8", "--peers", "dram,file-page",
+               "--warmup", "1", "--batch-size", "8", "--peers", "dram,file-page,rocksdb+ev",
+               "--page-cache", "cold", "--kernel-reps", "2", "--kernel-lookups", "4000",
                "--results", str(tmp_path), "--workdir", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "store" / "store.json").read_text())
     assert data["outputs_identical"] is True
-    assert [p["peer"] for p in data["peers"]] == ["dram", "file-page"]
+    assert [p["peer"] for p in data["peers"]] == ["dram", "file-page", "rocksdb+ev"]
     assert all(p["batches"] == 3 and p["lookups"] == 3 * 2 * 8 * 20 for p in data["peers"])
     assert data["peers"][1]["bytes_per_lookup"] > data["peers"][0]["bytes_per_lookup"]
     assert (tmp_path / "store" / "store.png").stat().st_size > 0
+    k = data["kernel_peers"]
+    assert {(c["elem"], c["trace"], c["threads"], c["bags"]) for c in k["cells"]} >= {
+        ("fp32", "uniform", 1, 128), ("fp16", "meta", 2, 128), ("fp32", "uniform", 1, 4096)}
+    for c in k["cells"]:  # same tables, same batches: FBGEMM's sums are ours, bit for bit
+        assert c["peers"]["fbgemm_tbe"]["outputs_bit_identical"], c
+        # nn.EmbeddingBag returns fp16 sums for fp16 weights: close, not equal
+        assert c["peers"]["nn_embeddingbag"]["max_abs_diff"] < (1e-3 if c["elem"] == "fp32" else 0.05), c
+        assert c["ratios"]["fbgemm_tbe"] > 0
+    assert k["cache_paths"]["evcache_hit_path"]["hit_rate"] == 1.0
+    assert k["cache_paths"]["evssd_host_stack"]["us_per_batch_host_stack"] > 0
+    assert k["peak_rss_bytes"] > 0 and data["versions"]["rocksdict"]
+    assert (tmp_path / "store" / "store-peers.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("backend", ["file", "rocksdb"] + (["evssd"] if HAVE_DEVICE else []))
@@ -393,3 +407,16 @@ def test_concurrent_callers(tmp_path, backend):
     s = store.stats()
     assert s["batches"] == 8 * 15 and s["cache_hit_rate"] > 0
     store.close()
+
+
+@pytest.mark.skipif(not HAVE_DEVICE, reason="evssd.host.device not available")
+def test_model_opened_for_the_user_is_sized_to_the_tables():
+    """Issue 15.4: 4 x 100k x 64 fp32 (100 MB) did not fit the model's default 64 MiB of flash."""
+    from evssd.host.store.evssd import _open_model_for
+    tables = {f"t{k}": np.empty((100_000, 64), np.float32) for k in range(4)}  # never written
+    dev = _open_model_for(tables, {})
+    try:
+        p = dev.params
+        assert p.n_channels * p.pages_per_channel * p.page_size >= 4 * 100_000 * 256
+    finally:
+        dev.close()

@@ -1,26 +1,39 @@
-"""`evssd bench cache`: EV-Cache vs a plain LRU (cachetools.LRUCache), same keys, same memory.
+"""`evssd bench cache`: EV-Cache against W-TinyLFU (theine) and a plain LRU, same keys, same memory.
 
-Three caches see the same batches through the store's protocol (look a batch up, fetch the
-misses, offer them for admission):
+Every cache sees the same batches through the store's protocol (look a batch up, fetch the
+misses, offer them for admission; a row missed twice in one batch is two misses):
 
-* ``evcache``: EV-Cache, admission threshold 2 (admit on the second access).
-* ``evcache_nofilter``: EV-Cache with threshold 1 (every looked-up miss is admitted: plain LRU).
-* ``cachetools``: ``cachetools.LRUCache`` driven one key at a time from Python; it is given the
-  same number of rows as the EV-Cache holds in the budget (its real footprint per row is far
-  larger: a dict entry, a link and a numpy row object). Same policy as ``evcache_nofilter``, so
-  their hit rates must agree exactly; the benchmark checks that.
+* ``evcache``: EV-Cache, the default ``admission="sketch"`` (2-bit filter, then the count-min
+  sketch compares the candidate with the victim of a segmented LRU).
+* ``evcache_filter``: EV-Cache, ``admission="filter"``: the plain 2-bit filter over one LRU.
+* ``lru``: EV-Cache in filter mode with threshold 1 (every miss admitted): a plain LRU.
+* ``theine``: ``theine.Cache`` (W-TinyLFU with an adaptive window, Rust core), driven from
+  Python: ``get`` for every key of the batch, then one ``set`` per distinct missed key.
+* ``cachetools``: ``cachetools.LRUCache``, the same policy as ``lru`` in an independent
+  implementation; the benchmark checks that their hit rates agree exactly.
 
-Parts:
+Memory, two ways (both reported):
 
-1. Hit rate vs budget (0.5/1/2/5% of the table's bytes) on the Meta-calibrated trace and a Zipf
-   trace, measured after ``--warmup`` batches.
-2. Throughput (keys/s, lookup + admission of the misses, one thread) on the Meta-calibrated
-   trace at 1%, and in a >= 90% hit-rate regime: a warm cache and a hot set of half the cache's
-   capacity drawn uniformly for 95% of the keys, the other 5% uniform over the whole table. The
-   hit rate reached is reported next to the rate. EV-Cache is timed over all measured batches,
-   best of ``--repeats``; cachetools over the first ``--lru-keys`` keys of the same batches (it is
-   ~100x slower), also best of repeats. The row fetch for misses is not timed (a zero row buffer
-   stands in for the device).
+* **equal rows**: every cache holds the rows the default EV-Cache fits in the budget.
+* **equal bytes**: each EV-Cache mode is sized by the budget with all of its metadata (rows,
+  links, hash table, 2-bit counters over the whole table, sketch). theine twice: ``theine`` gets
+  the rows an implementation of its policy as lean as EV-Cache's would fit (row + EV-Cache's
+  per-row links, hash slots and 8 B of sketch, no per-table counters) -- a generous, hypothetical
+  footprint; ``theine_measured`` gets ``budget / (row_bytes + its measured metadata per entry)``,
+  the resident-memory growth per entry of a ``theine.Cache`` filled with 50k keys in a fresh
+  process (about 470 B here; the row objects it would hold are not counted). The plain LRU is
+  charged like EV-Cache's filter mode without the counters.
+
+Traces: the Meta-calibrated generator (host/workload.py), Zipf at ``--alphas``, and
+``shift_scan``, a generator of a different shape (a Zipf(1.1) hot set that moves to a new part of
+the table every ``--shift-every`` batches, plus ``--scan-share`` of every batch a sequential scan
+that never repeats), so the result is not tuned to one generator.
+
+Throughput (keys/s, lookup + admission of the misses, one thread, wall clock and per CPU-second)
+on the Meta trace at 1% as raw batches and as the store sends them (each batch's distinct rows),
+and in a >= 90% hit regime (a hot set of half the capacity for 95% of the keys). The row fetch
+for misses is not timed (a zero buffer stands in for the device). EV-Cache is timed over all
+measured batches, best of ``--repeats``; theine and cachetools over the first ``--lru-keys`` keys.
 """
 from __future__ import annotations
 
@@ -32,10 +45,17 @@ import time
 import numpy as np
 
 from evssd.host.bench.common import write_results
-from evssd.host.cache import EVCache
+from evssd.host.cache import EVCache, bytes_per_entry
 from evssd.host import workload as wl
 
 NAME = "cache"
+EV_POLICIES = {"evcache": dict(admission="sketch"),
+               "evcache_filter": dict(admission="filter"),
+               "lru": dict(admission="filter", admit_threshold=1)}
+PEERS = ("theine", "cachetools")
+LABELS = {"evcache": "EV-Cache (sketch, default)", "evcache_filter": "EV-Cache (2-bit filter)",
+          "lru": "plain LRU (EV-Cache thr 1)", "theine": "W-TinyLFU (theine)",
+          "cachetools": "cachetools.LRUCache"}
 
 
 def add_arguments(parser):
@@ -50,17 +70,63 @@ def add_arguments(parser):
                         help="batches before measuring (default 40; 10 with --quick)")
     parser.add_argument("--budgets", default="0.5,1,2,5",
                         help="cache budgets in %% of the table's bytes (default 0.5,1,2,5)")
-    parser.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the zipf trace (default 1.05)")
+    parser.add_argument("--alphas", default="0.9,1.2", help="Zipf exponents of the zipf traces (default 0.9,1.2)")
+    parser.add_argument("--shift-every", type=int, default=20,
+                        help="batches between hot-set moves in the shift_scan trace (default 20)")
+    parser.add_argument("--scan-share", type=float, default=0.2,
+                        help="share of each shift_scan batch that is a one-pass scan (default 0.2)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats, best kept (default 3)")
     parser.add_argument("--lru-keys", type=int, default=None,
-                        help="keys timed through cachetools (default 200k; 50k with --quick)")
+                        help="keys timed through theine and cachetools (default 200k; 50k with --quick)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="small run: a few seconds")
+    parser.add_argument("--quick", action="store_true", help="small run: 200k rows, 10 + 20 batches (~30 s of CPU)")
     parser.add_argument("--results-root", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
     parser.add_argument("--no-plot", action="store_true", help="JSON only")
 
 
 # ----------------------------------------------------------------------------------------------
+# traces
+
+
+def shift_scan_trace(n_rows, batch_keys, n_batches, seed, *, hot_rows=20_000, shift_every=20,
+                     scan_share=0.2, alpha=1.1):
+    """A moving hot set plus a one-pass scan: a shape unlike the Zipf-based generators.
+
+    Every ``shift_every`` batches the hot set (``hot_rows`` consecutive rows of a random
+    permutation, Zipf(``alpha``) popularity within it) jumps to a random place; ``scan_share`` of
+    each batch is the next rows of a sequential scan through the permuted table.
+    """
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_rows).astype(np.int64)
+    hot_rows = min(hot_rows, n_rows)
+    out, base, scan = [], 0, 0
+    for b in range(n_batches):
+        if b % shift_every == 0:
+            base = int(rng.integers(0, n_rows))
+        z = np.minimum(rng.zipf(alpha, batch_keys) - 1, hot_rows - 1)
+        k = perm[(base + z) % n_rows]
+        m = rng.random(batch_keys) < scan_share
+        ns = int(m.sum())
+        k[m] = perm[(scan + np.arange(ns)) % n_rows]
+        scan += ns
+        out.append(k)
+    return out
+
+
+def _hot_set_trace(n_rows, hot_rows, batch_keys, n_batches, seed):
+    rng = np.random.default_rng(seed)
+    hot = rng.choice(n_rows, size=hot_rows, replace=False).astype(np.int64)
+    out = []
+    for _ in range(n_batches):
+        k = hot[rng.integers(0, hot_rows, batch_keys)]
+        cold = rng.random(batch_keys) < 0.05
+        k[cold] = rng.integers(0, n_rows, int(cold.sum()))
+        out.append(k)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the caches behind one protocol
 
 
 class _LRUPeer:
@@ -86,10 +152,47 @@ class _LRUPeer:
             k = klist[j]
             if k not in lru:
                 lru[k] = fetched[j]
-        n_hit = len(keys) - len(miss)
-        self.hits += n_hit
+        self.hits += len(keys) - len(miss)
         self.lookups += len(keys)
-        return n_hit
+
+    def reset(self):
+        self.hits = self.lookups = 0
+
+
+class _TheinePeer:
+    """theine.Cache (W-TinyLFU) behind the batched protocol: ``get`` every key, then ``set``
+    each distinct missed key once (single-threaded, ``nolock``)."""
+
+    def __init__(self, capacity):
+        from theine import Cache
+        self.cache = Cache(capacity, nolock=True)
+        self.hits = self.lookups = 0
+
+    def serve(self, keys, out, fetched):
+        get = self.cache.get
+        klist = keys.tolist()
+        missed = []
+        for j, k in enumerate(klist):
+            row, found = get(k)
+            if found:
+                out[j] = row
+            else:
+                missed.append(j)
+        seen = set()
+        put = self.cache.set
+        for j in missed:
+            k = klist[j]
+            if k not in seen:
+                seen.add(k)
+                put(k, fetched[j])
+        self.hits += len(klist) - len(missed)
+        self.lookups += len(klist)
+
+    def reset(self):
+        self.hits = self.lookups = 0
+
+    def close(self):
+        self.cache.close()
 
 
 def _serve_ev(cache, keys, out, fetched):
@@ -98,33 +201,87 @@ def _serve_ev(cache, keys, out, fetched):
     cache.admit(keys[miss], fetched[: int(miss.sum())])
 
 
-def _hit_rates(batches, warmup, n_rows, dim, dtype, fraction):
-    cap_rows = {}
-    res = {}
+def _run_ev(cache, batches, warmup, out, fetched):
+    for i, k in enumerate(batches):
+        if i == warmup:
+            cache.reset_stats()
+        _serve_ev(cache, k, out[: len(k)], fetched)
+    s = cache.stats
+    return {"hit_rate": s["hit_rate"], "rows": cache.capacity, "memory_bytes": s["memory_bytes"],
+            "admissions": s["admissions"], "evictions": s["evictions"],
+            "rejected_by_filter": s["rejected_by_filter"], "rejected_by_sketch": s["rejected_by_sketch"]}
+
+
+def _run_peer(peer, batches, warmup, out, fetched):
+    try:
+        for i, k in enumerate(batches):
+            if i == warmup:
+                peer.reset()
+            peer.serve(k, out[: len(k)], fetched)
+        return peer.hits / max(peer.lookups, 1)
+    finally:
+        if hasattr(peer, "close"):
+            peer.close()
+
+
+def theine_bytes_per_entry(n=50_000) -> float:
+    """Resident memory per entry of a theine.Cache holding ``n`` int keys with ``None`` values,
+    measured in a fresh interpreter (so freed memory of this process does not hide growth)."""
+    import subprocess
+    code = (
+        "import gc\n"
+        "from theine import Cache\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        f"n = {int(n)}\n"
+        "gc.collect(); r0 = rss()\n"
+        "c = Cache(n, nolock=True)\n"
+        "for k in range(3 * n):\n"
+        "    c.set(k * 7919, None)\n"
+        "c._force_drain_write(); gc.collect()\n"
+        "print((rss() - r0) / len(c))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _hit_rates(batches, warmup, n_rows, dim, dtype, fraction, theine_meta):
+    """Hit rates of every policy at one budget, at equal rows and at equal bytes."""
     big = max(len(b) for b in batches)
     out = np.zeros((big, dim), dtype)
     fetched = np.zeros((big, dim), dtype)
-    for label, thr in (("evcache", 2), ("evcache_nofilter", 1)):
-        c = EVCache(n_rows, dim, dtype, budget_fraction=fraction, admit_threshold=thr, name=label)
-        for i, k in enumerate(batches):
-            if i == warmup:
-                c.reset_stats()
-            _serve_ev(c, k, out[: len(k)], fetched)
-        s = c.stats
-        res[label] = {"hit_rate": s["hit_rate"], "rejected_by_filter": s["rejected_by_filter"],
-                      "admissions": s["admissions"], "evictions": s["evictions"]}
-        cap_rows[label] = c.capacity
-        memory = s["memory_bytes"]
-    peer = _LRUPeer(cap_rows["evcache"])
-    for i, k in enumerate(batches):
-        if i == warmup:
-            peer.hits = peer.lookups = 0
-        peer.serve(k, out[: len(k)], fetched)
-    res["cachetools"] = {"hit_rate": peer.hits / peer.lookups}
-    res["capacity_rows"] = cap_rows["evcache"]
-    res["evcache_memory_bytes"] = memory
-    res["peer_agrees_with_nofilter"] = res["cachetools"]["hit_rate"] == res["evcache_nofilter"]["hit_rate"]
+    budget = int(fraction * n_rows * dim * np.dtype(dtype).itemsize)
+    rows = EVCache(n_rows, dim, dtype, budget_fraction=fraction).capacity
+    res = {"budget_bytes": budget, "equal_rows": {"rows": rows}, "equal_bytes": {}}
+    for label, kw in EV_POLICIES.items():
+        res["equal_rows"][label] = _run_ev(EVCache(n_rows, dim, dtype, capacity=rows, **kw),
+                                           batches, warmup, out, fetched)
+        try:
+            c = EVCache(n_rows, dim, dtype, budget_bytes=budget, **kw)
+        except ValueError:       # the budget does not even pay for the 2-bit counters
+            res["equal_bytes"][label] = None
+            continue
+        res["equal_bytes"][label] = _run_ev(c, batches, warmup, out, fetched)
+    res["equal_rows"]["theine"] = {"hit_rate": _run_peer(_TheinePeer(rows), batches, warmup, out, fetched),
+                                   "rows": rows}
+    res["equal_rows"]["cachetools"] = {"hit_rate": _run_peer(_LRUPeer(rows), batches, warmup, out, fetched),
+                                       "rows": rows}
+    row_bytes = dim * np.dtype(dtype).itemsize
+    lean = {"theine": int(budget // bytes_per_entry(row_bytes, admission="sketch")),
+            "theine_measured": int(budget // (row_bytes + theine_meta)),
+            "cachetools": int(budget // bytes_per_entry(row_bytes, admission="filter"))}
+    for label, make in (("theine", _TheinePeer), ("theine_measured", _TheinePeer),
+                        ("cachetools", _LRUPeer)):
+        r = max(1, min(lean[label], n_rows))
+        res["equal_bytes"][label] = {"hit_rate": _run_peer(make(r), batches, warmup, out, fetched),
+                                     "rows": r}
+    er = res["equal_rows"]
+    res["cachetools_agrees_with_lru"] = er["cachetools"]["hit_rate"] == er["lru"]["hit_rate"]
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# throughput
 
 
 def _time_ev(make, warm, measured, dim, dtype, repeats):
@@ -145,18 +302,11 @@ def _time_ev(make, warm, measured, dim, dtype, repeats):
         best = min(best, time.perf_counter() - t0)
         best_cpu = min(best_cpu, time.process_time() - c0)
         hit_rate = c.stats["hit_rate"]
-    # lookup only (the hit path, no admission), on the warm cache of the last repeat
-    lbest = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for k in measured:
-            c.lookup(k, out[: len(k)])
-        lbest = min(lbest, time.perf_counter() - t0)
     return {"keys_per_s": n_keys / best, "keys_per_cpu_s": n_keys / max(best_cpu, 1e-9),
-            "lookup_only_keys_per_s": n_keys / lbest, "hit_rate": hit_rate, "keys": n_keys}
+            "hit_rate": hit_rate, "keys": n_keys}
 
 
-def _time_lru(capacity, warm, measured, dim, dtype, repeats, max_keys):
+def _time_peer(make, warm, measured, dim, dtype, repeats, max_keys):
     sub, n = [], 0
     for k in measured:
         if n >= max_keys:
@@ -169,70 +319,76 @@ def _time_lru(capacity, warm, measured, dim, dtype, repeats, max_keys):
     best = best_cpu = float("inf")
     hit_rate = None
     for _ in range(repeats):
-        peer = _LRUPeer(capacity)
-        for k in warm:
-            peer.serve(k, out[: len(k)], fetched)
-        peer.hits = peer.lookups = 0
-        t0, c0 = time.perf_counter(), time.process_time()
-        for k in sub:
-            peer.serve(k, out[: len(k)], fetched)
-        best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-        hit_rate = peer.hits / peer.lookups
+        peer = make()
+        try:
+            for k in warm:
+                peer.serve(k, out[: len(k)], fetched)
+            peer.reset()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for k in sub:
+                peer.serve(k, out[: len(k)], fetched)
+            best = min(best, time.perf_counter() - t0)
+            best_cpu = min(best_cpu, time.process_time() - c0)
+            hit_rate = peer.hits / peer.lookups
+        finally:
+            if hasattr(peer, "close"):
+                peer.close()
     return {"keys_per_s": n / best, "keys_per_cpu_s": n / max(best_cpu, 1e-9),
             "hit_rate": hit_rate, "keys": n}
 
 
-def _hot_set_trace(n_rows, hot_rows, batch_keys, n_batches, seed):
-    rng = np.random.default_rng(seed)
-    hot = rng.choice(n_rows, size=hot_rows, replace=False).astype(np.int64)
-    out = []
-    for _ in range(n_batches):
-        k = hot[rng.integers(0, hot_rows, batch_keys)]
-        cold = rng.random(batch_keys) < 0.05
-        k[cold] = rng.integers(0, n_rows, int(cold.sum()))
-        out.append(k)
-    return out
+# ----------------------------------------------------------------------------------------------
 
 
-def _figure(data, budgets):
+def _figure(data, budgets, traces):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = {"evcache": ("EV-Cache (filter, thr 2)", "o-"),
-              "evcache_nofilter": ("EV-Cache, no filter (thr 1)", "s--"),
-              "cachetools": ("cachetools.LRUCache", "x:")}
-    for ax, trace in zip(axes[:2], ("meta_calibrated", "zipf")):
+    n = len(traces) + 1
+    cols = 3
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(15, 4.2 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    axes = axes.ravel()
+    styles = {"evcache": "o-", "evcache_filter": "s--", "lru": "x:", "theine": "d-."}
+    for ax, trace in zip(axes, traces):
         rows = data["hit_rate"][trace]
-        for key, (label, style) in styles.items():
-            ax.plot(budgets, [rows[f"{b}"][key]["hit_rate"] for b in budgets], style, label=label)
+        for key, style in styles.items():
+            ax.plot(budgets, [rows[f"{b}"]["equal_rows"][key]["hit_rate"] for b in budgets], style,
+                    label=LABELS[key])
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(budgets)
         ax.set_xticklabels([f"{b}%" for b in budgets])
-        ax.set_xlabel("cache budget (% of table bytes)")
+        ax.set_xlabel("cache budget (% of table bytes), equal rows")
         ax.set_ylabel("hit rate")
-        ax.set_title(f"hit rate, {trace} trace")
+        ax.set_title(f"hit rate, {trace}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    ax = axes[2]
+    ax = axes[len(traces)]
     tp = data["throughput"]
-    groups = [("meta_calibrated", "Meta trace, 1%"), ("hot_set", ">=90% hit regime")]
-    width = 0.25
-    for i, (key, (label, _)) in enumerate(styles.items()):
-        vals = [tp[g][key]["keys_per_s"] / 1e6 for g, _ in groups]
-        ax.bar(np.arange(len(groups)) + (i - 1) * width, vals, width, label=label)
+    groups = list(tp)
+    keys = ["evcache", "evcache_filter", "lru", "theine", "cachetools"]
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        vals = [tp[g][key]["keys_per_s"] / 1e6 for g in groups]
+        ax.bar(np.arange(len(groups)) + (i - len(keys) / 2 + 0.5) * width, vals, width, label=LABELS[key])
     ax.set_xticks(np.arange(len(groups)))
-    ax.set_xticklabels([g[1] for g in groups])
+    ax.set_xticklabels(groups, fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("M keys/s (lookup + admit, 1 thread)")
-    ax.set_title("throughput")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("M keys/s (lookup + admit, 1 thread, wall)")
+    ax.set_title("throughput, 1% budget")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
+    for ax in axes[len(traces) + 1:]:
+        ax.set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def _error(msg) -> int:
+    print(f"evssd bench cache: {msg}", file=sys.stderr)
+    return 2
 
 
 def run(args) -> int:
@@ -246,101 +402,142 @@ def run(args) -> int:
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
-        print(f"evssd bench cache: --budgets must be comma-separated numbers, got {args.budgets!r}", file=sys.stderr)
-        return 2
+        return _error(f"--budgets must be comma-separated numbers, got {args.budgets!r}")
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        return _error(f"--alphas must be comma-separated numbers, got {args.alphas!r}")
     for name, v in (("--rows", n_rows), ("--dim", dim), ("--batch-size", args.batch_size),
-                    ("--pooling", args.pooling), ("--batches", n_batches)):
+                    ("--pooling", args.pooling), ("--batches", n_batches), ("--shift-every", args.shift_every)):
         if v < 1:
-            print(f"evssd bench cache: {name} must be >= 1, got {v}", file=sys.stderr)
-            return 2
+            return _error(f"{name} must be >= 1, got {v}")
+    if warmup < 0:
+        return _error(f"--warmup must be >= 0, got {warmup}")
     if not budgets or any(not 0 < b <= 100 for b in budgets):
-        print(f"evssd bench cache: budgets must be in (0, 100] %, got {args.budgets!r}", file=sys.stderr)
-        return 2
+        return _error(f"budgets must be in (0, 100] %, got {args.budgets!r}")
+    if any(a <= 0 for a in alphas):
+        return _error(f"--alphas must be positive, got {args.alphas!r}")
+    if not 0 <= args.scan_share < 1:
+        return _error(f"--scan-share must be in [0, 1), got {args.scan_share}")
     try:
         dtype = EVCache(16, dim, args.dtype, capacity=1).dtype
     except ValueError as exc:
-        print(f"evssd bench cache: --dtype: {exc}", file=sys.stderr)
-        return 2
+        return _error(f"--dtype: {exc}")
     t_start = time.perf_counter()
     load_before = os.getloadavg()
     total = n_batches + warmup
+    batch_keys = args.batch_size * args.pooling
     print(f"evssd bench cache: table {n_rows} rows x {dim} {dtype}, batches of {args.batch_size} bags "
           f"x {args.pooling} lookups, {warmup} warm-up + {n_batches} measured batches per trace")
 
-    traces = {
-        "meta_calibrated": [b.indices for b in wl.meta_calibrated(
-            n_rows, args.batch_size, args.pooling, seed=seed, n_batches=total)],
-        "zipf": [b.indices for b in wl.zipf(
-            n_rows, args.alpha, args.batch_size, args.pooling, seed=seed, n_batches=total)],
-    }
+    traces = {"meta_calibrated": [b.indices for b in wl.meta_calibrated(
+        n_rows, args.batch_size, args.pooling, seed=seed, n_batches=total)]}
+    for a in alphas:
+        traces[f"zipf_{a:g}"] = [b.indices for b in wl.zipf(
+            n_rows, a, args.batch_size, args.pooling, seed=seed, n_batches=total)]
+    traces["shift_scan"] = shift_scan_trace(n_rows, batch_keys, total, seed + 2,
+                                            hot_rows=max(1, n_rows // 50), shift_every=args.shift_every,
+                                            scan_share=args.scan_share)
     data = {"config": {"rows": n_rows, "dim": dim, "dtype": str(dtype), "batch_size": args.batch_size,
                        "pooling": args.pooling, "batches": n_batches, "warmup": warmup,
-                       "budgets_percent": budgets, "zipf_alpha": args.alpha, "seed": seed,
-                       "repeats": repeats, "lru_keys": lru_keys, "quick": quick},
-            "hit_rate": {}, "throughput": {}}
+                       "budgets_percent": budgets, "zipf_alphas": alphas, "shift_every": args.shift_every,
+                       "scan_share": args.scan_share, "seed": seed, "repeats": repeats,
+                       "lru_keys": lru_keys, "quick": quick},
+            "hit_rate": {}, "hit_rate_distinct": {}, "throughput": {}}
+    theine_meta = theine_bytes_per_entry()
+    data["theine_bytes_per_entry_measured"] = theine_meta
+    print(f"theine: {theine_meta:.0f} bytes of resident memory per entry (measured, 50k entries)")
 
-    print("\nhit rate after warm-up (same keys, same rows for cachetools as EV-Cache holds)")
-    print(f"{'trace':16} {'budget':>7} {'rows':>8} {'EV-Cache':>9} {'no filter':>9} {'cachetools':>10} {'rejected':>9}")
+    cols = ["evcache", "evcache_filter", "lru", "theine", "cachetools"]
+    bcols = ["evcache", "evcache_filter", "lru", "theine", "theine_measured"]
+    print("\nhit rate after warm-up; equal rows (all hold what the default EV-Cache fits) | equal bytes")
+    print(f"{'trace':16} {'budget':>6} {'rows':>7} " + " ".join(f"{c[:14]:>14}" for c in cols)
+          + " | " + " ".join(f"{c[:14]:>14}" for c in bcols))
     for trace, batches in traces.items():
         data["hit_rate"][trace] = {}
         for b in budgets:
-            r = _hit_rates(batches, warmup, n_rows, dim, dtype, b / 100)
+            r = _hit_rates(batches, warmup, n_rows, dim, dtype, b / 100, theine_meta)
             data["hit_rate"][trace][f"{b}"] = r
-            print(f"{trace:16} {b:6g}% {r['capacity_rows']:8d} {r['evcache']['hit_rate']:9.4f} "
-                  f"{r['evcache_nofilter']['hit_rate']:9.4f} {r['cachetools']['hit_rate']:10.4f} "
-                  f"{r['evcache']['rejected_by_filter']:9d}"
-                  + ("" if r["peer_agrees_with_nofilter"] else "  (cachetools != no-filter EV-Cache!)"))
+            er, eb = r["equal_rows"], r["equal_bytes"]
+            print(f"{trace:16} {b:5g}% {er['rows']:7d} "
+                  + " ".join(f"{er[c]['hit_rate']:14.4f}" for c in cols) + " | "
+                  + " ".join(f"{eb[c]['hit_rate']:14.4f}" if eb.get(c) else f"{'-':>14}" for c in bcols)
+                  + ("" if r["cachetools_agrees_with_lru"] else "  (cachetools != plain LRU!)"))
 
-    # throughput: the Meta trace at 1%, and the hot-set regime
+    # as the store sends them: each batch's distinct rows (the hit rate counts device reads saved)
     frac = 0.01
-    probe = EVCache(n_rows, dim, dtype, budget_fraction=frac)
-    cap = probe.capacity
-    batch_keys = args.batch_size * args.pooling
+    print("\nhit rate per distinct row of a batch (the store's calls), budget 1%, equal rows")
+    for trace, batches in traces.items():
+        uniq = [np.unique(k) for k in batches]
+        r = _hit_rates(uniq, warmup, n_rows, dim, dtype, frac, theine_meta)
+        data["hit_rate_distinct"][trace] = r
+        print(f"{trace:16} " + " ".join(f"{c}={r['equal_rows'][c]['hit_rate']:.4f}" for c in cols))
+
+    # throughput
+    cap = EVCache(n_rows, dim, dtype, budget_fraction=frac).capacity
     hot = _hot_set_trace(n_rows, max(1, cap // 2), batch_keys, total, seed + 1)
-    regimes = {"meta_calibrated": traces["meta_calibrated"], "hot_set": hot}
-    print(f"\nthroughput, one thread, lookup + admission, budget 1% ({cap} rows); "
-          f"hot_set = 95% of keys uniform over {max(1, cap // 2)} rows, 5% uniform over the table, warm cache")
-    print(f"{'regime':16} {'cache':18} {'M keys/s':>9} {'per CPU-s':>9} {'hit rate':>9} {'lookup-only M keys/s':>21}")
+    regimes = {"meta_calibrated": traces["meta_calibrated"],
+               "meta_distinct": [np.unique(k) for k in traces["meta_calibrated"]],
+               "hot_set": hot}
+    print(f"\nthroughput, one thread, lookup + admission, budget 1% ({cap} rows, equal rows); "
+          f"meta_distinct = each batch's distinct rows; hot_set = 95% of keys over {max(1, cap // 2)} rows")
+    print(f"{'regime':16} {'cache':16} {'M keys/s':>9} {'per CPU-s':>9} {'hit rate':>9}")
     for regime, batches in regimes.items():
         warm, measured = batches[:warmup], batches[warmup:]
         row = {}
-        for label, thr in (("evcache", 2), ("evcache_nofilter", 1)):
-            row[label] = _time_ev(lambda thr=thr: EVCache(n_rows, dim, dtype, budget_fraction=frac,
-                                                          admit_threshold=thr),
+        for label, kw in EV_POLICIES.items():
+            row[label] = _time_ev(lambda kw=kw: EVCache(n_rows, dim, dtype, capacity=cap, **kw),
                                   warm, measured, dim, dtype, repeats)
-        row["cachetools"] = _time_lru(cap, warm, measured, dim, dtype, repeats, lru_keys)
-        row["speedup_vs_cachetools"] = row["evcache"]["keys_per_s"] / row["cachetools"]["keys_per_s"]
+        row["theine"] = _time_peer(lambda: _TheinePeer(cap), warm, measured, dim, dtype, repeats, lru_keys)
+        row["cachetools"] = _time_peer(lambda: _LRUPeer(cap), warm, measured, dim, dtype, repeats, lru_keys)
+        row["evcache_vs_theine"] = row["evcache"]["keys_per_s"] / row["theine"]["keys_per_s"]
         data["throughput"][regime] = row
-        for label in ("evcache", "evcache_nofilter", "cachetools"):
+        for label in cols:
             r = row[label]
-            lo = f"{r['lookup_only_keys_per_s'] / 1e6:21.2f}" if "lookup_only_keys_per_s" in r else f"{'-':>21}"
-            print(f"{regime:16} {label:18} {r['keys_per_s'] / 1e6:9.2f} {r['keys_per_cpu_s'] / 1e6:9.2f} "
-                  f"{r['hit_rate']:9.4f} {lo}")
-        print(f"{regime:16} EV-Cache / cachetools: {row['speedup_vs_cachetools']:.1f}x")
+            print(f"{regime:16} {label:16} {r['keys_per_s'] / 1e6:9.2f} {r['keys_per_cpu_s'] / 1e6:9.2f} "
+                  f"{r['hit_rate']:9.4f}")
 
     # the issue's targets, stated as measured
-    hs = data["throughput"]["hot_set"]
-    m1 = data["hit_rate"]["meta_calibrated"].get("1.0")
+    hr = data["hit_rate"]
+    cmp_rows = {f"{t}@{b}": hr[t][b]["equal_rows"]["evcache"]["hit_rate"]
+                - hr[t][b]["equal_rows"]["theine"]["hit_rate"] for t in hr for b in hr[t]}
+    cmp_bytes = {f"{t}@{b}": hr[t][b]["equal_bytes"]["evcache"]["hit_rate"]
+                 - hr[t][b]["equal_bytes"]["theine"]["hit_rate"]
+                 for t in hr for b in hr[t] if hr[t][b]["equal_bytes"]["evcache"]}
+    cmp_measured = {f"{t}@{b}": hr[t][b]["equal_bytes"]["evcache"]["hit_rate"]
+                    - hr[t][b]["equal_bytes"]["theine_measured"]["hit_rate"]
+                    for t in hr for b in hr[t] if hr[t][b]["equal_bytes"]["evcache"]}
+    m1 = hr["meta_calibrated"].get("1.0")
+    tp = data["throughput"]["meta_calibrated"]["evcache"]
     targets = {
-        "evcache_keys_per_s_at_90pct_hit": hs["evcache"]["keys_per_s"],
-        "evcache_keys_per_cpu_s_at_90pct_hit": hs["evcache"]["keys_per_cpu_s"],
-        "hit_rate_in_that_regime": hs["evcache"]["hit_rate"],
-        "target_10M_keys_per_s_met": hs["evcache"]["keys_per_s"] >= 10e6 and hs["evcache"]["hit_rate"] >= 0.9,
-        "speedup_vs_cachetools": hs["speedup_vs_cachetools"],
-        "speedup_vs_cachetools_cpu": hs["evcache"]["keys_per_cpu_s"] / hs["cachetools"]["keys_per_cpu_s"],
-        "target_5x_met": hs["speedup_vs_cachetools"] >= 5,
+        "evcache_minus_theine_equal_rows": cmp_rows,
+        "evcache_minus_theine_equal_bytes": cmp_bytes,
+        "evcache_ge_theine_everywhere_equal_rows": all(v >= 0 for v in cmp_rows.values()),
+        "evcache_minus_theine_equal_bytes_measured": cmp_measured,
+        "evcache_ge_theine_everywhere_equal_bytes": all(v >= 0 for v in cmp_bytes.values()),
+        "evcache_ge_theine_everywhere_equal_bytes_measured": all(v >= 0 for v in cmp_measured.values()),
+        "meta_1pct_keys_per_s": tp["keys_per_s"],
+        "meta_1pct_keys_per_cpu_s": tp["keys_per_cpu_s"],
+        "target_30M_keys_per_s_met": tp["keys_per_s"] >= 30e6,
     }
     if m1 is not None:
-        targets["meta_1pct_hit_rate_evcache"] = m1["evcache"]["hit_rate"]
-        targets["meta_1pct_hit_rate_plain_lru"] = m1["cachetools"]["hit_rate"]
-        targets["target_hit_rate_ge_plain_lru_met"] = m1["evcache"]["hit_rate"] >= m1["cachetools"]["hit_rate"]
+        targets["meta_1pct_equal_rows"] = {k: m1["equal_rows"][k]["hit_rate"] for k in cols}
+        targets["target_ge_theine_meta_1pct_met"] = \
+            m1["equal_rows"]["evcache"]["hit_rate"] >= m1["equal_rows"]["theine"]["hit_rate"]
     data["targets"] = targets
     data["seconds"] = time.perf_counter() - t_start
     # the machine is shared: wall-clock rates fall when others run; the load says how much
     data["loadavg_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
-    print("\ntargets: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in targets.items()))
-    fig = None if args.no_plot else _figure(data, budgets)
+    below = {k: round(v, 4) for k, v in cmp_rows.items() if v < 0}
+    print(f"\nEV-Cache (sketch) - theine, equal rows: min {min(cmp_rows.values()):+.4f}; below at {below or 'none'}")
+    if cmp_bytes:
+        below = {k: round(v, 4) for k, v in cmp_bytes.items() if v < 0}
+        print(f"EV-Cache (sketch) - theine, equal bytes (theine lean): min {min(cmp_bytes.values()):+.4f}; "
+              f"below at {below or 'none'}")
+        below = {k: round(v, 4) for k, v in cmp_measured.items() if v < 0}
+        print(f"EV-Cache (sketch) - theine, equal bytes (theine measured): min {min(cmp_measured.values()):+.4f}; "
+              f"below at {below or 'none'}")
+    fig = None if args.no_plot else _figure(data, budgets, list(traces))
     command = "evssd bench cache " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
         if sys.argv[1:3] == ["bench", "cache"] else None
     path = write_results(NAME, data, fig, command=command, root=args.results_root)

@@ -9,6 +9,7 @@ file-page-direct   the same with O_DIRECT (no OS page cache: every read reaches 
                ``--io-threads`` reads in flight
 file-row+ev    table file, row-granular pread, EV-Cache in front
 file-row-direct+ev  row-granular with O_DIRECT (the 512-byte sectors around the row), EV-Cache
+file-row-nocrc+ev  file-row+ev without checking each row's CRC-32 (the cost of the check)
 file-row+lru   table file, row-granular pread, plain LRU (cachetools) of the same byte budget
 evssd+ev       the EV-SSD functional/timing model through the driver, EV-Cache in front
 evssd-pool     the same device without a cache, pooling on the device (GATHER_POOLED, RecSSD-style)
@@ -35,7 +36,8 @@ Table files and the RocksDB database are written by the parent before the peers 
 ``evssd`` peers program the model device in their own process (its pages are device memory).
 
 Caveats, printed with the results: the table files were just written, so ``file-*`` reads are
-served by the OS page cache (dropping it needs root), which makes them optimistic for an SSD;
+served by the OS page cache (``--page-cache warm``, the default, reads every file through before
+its peer; ``cold`` drops the files' pages with posix_fadvise), which makes them optimistic for an SSD;
 ``bytes_read`` counts what a block device would have moved. ``evssd`` wall-clock times are those
 of a Python model of the device, not of hardware; its modelled device time is reported when the
 driver exposes it.
@@ -54,7 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
-PEERS = ["dram", "file-page", "file-page-direct", "file-row+ev", "file-row-direct+ev", "file-row+ev@d1",
+PEERS = ["dram", "file-page", "file-page-direct", "file-row+ev", "file-row-nocrc+ev", "file-row-direct+ev",
+         "file-row+ev@d1",
          "file-row+lru", "evssd+ev", "evssd-pool", "evssd-block", "rocksdb+ev"]
 
 QUICK_PEERS = ["dram", "file-page", "file-row+ev", "evssd+ev"]
@@ -66,6 +69,7 @@ _SPEC = {
     "file-page-direct": ("file", {"file_mode": "page", "direct": True}, None),
     "file-row-direct+ev": ("file", {"file_mode": "row", "direct": True}, "evcache"),
     "file-row+ev": ("file", {"file_mode": "row"}, "evcache"),
+    "file-row-nocrc+ev": ("file", {"file_mode": "row", "verify": False}, "evcache"),
     "file-row+lru": ("file", {"file_mode": "row"}, "lru"),
     "evssd+ev": ("evssd", {}, "evcache"),
     "evssd-pool": ("evssd", {}, None),
@@ -88,8 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
     parser.add_argument("--max-seconds", type=float, default=6.0,
                         help="stop a peer's measured phase after this long (default 6 s)")
-    parser.add_argument("--budget", type=float, default=75.0,
-                        help="whole-run time budget in seconds: the per-peer cap shrinks to fit (default 75)")
+    parser.add_argument("--budget", type=float, default=80.0,
+                        help="whole-run time budget in seconds: the per-peer cap shrinks to fit (default 80)")
+    parser.add_argument("--page-cache", choices=["warm", "cold"], default="warm",
+                        help="before each file/rocksdb peer, read its files into the OS page cache (warm) or "
+                             "drop their pages with posix_fadvise(DONTNEED) (cold; no root needed) (default warm)")
+    parser.add_argument("--rocksdb-block-cache-mib", type=float, default=8.0,
+                        help="RocksDB's own block cache for the rocksdb peers, set explicitly because its "
+                             "default differs between RocksDB versions (default 8 MiB; 0: RocksDB's default)")
     parser.add_argument("--io-threads", type=int, default=8,
                         help="reads in flight for the O_DIRECT peers (default 8)")
     parser.add_argument("--peers", default=None,
@@ -102,6 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds: 2 tables x 20000 rows, 30 batches, 4 peers")
+    parser.add_argument("--kernel-peers", choices=["default", "full", "none"], default="default",
+                        help="the in-process comparison with FBGEMM's CPU TBE and nn.EmbeddingBag: 'default' "
+                             "(fp32/fp16 x uniform/Meta x 1/2 threads at 128 bags, plus a batch-size sweep), "
+                             "'full' (every cell at every batch size), 'none'")
+    parser.add_argument("--kernel-reps", type=int, default=7,
+                        help="rounds per kernel-peer cell; the minimum time is reported (default 7)")
+    parser.add_argument("--kernel-lookups", type=int, default=150_000,
+                        help="lookups per round of a kernel-peer cell (default 150000)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
 
@@ -185,9 +203,12 @@ def _child(cfg_path: str) -> int:
     cache_kw = dict(cache_fraction=cfg["cache_fraction"] if cache else None, cache=cache or "evcache")
     if backend == "file":
         fo = {"direct": True, "io_threads": cfg["io_threads"]} if opts.get("direct") else {}
+        if "verify" in opts:
+            fo["verify"] = opts["verify"]
         store = EmbeddingStore.from_files(cfg["files"], file_mode=opts["file_mode"], **cache_kw, **fo)
     elif backend == "rocksdb":
-        store = EmbeddingStore.from_rocksdb(cfg["rocksdb_path"], **cache_kw)
+        bc = int(cfg["rocksdb_block_cache_mib"] * 2**20) or None
+        store = EmbeddingStore.from_rocksdb(cfg["rocksdb_path"], block_cache_bytes=bc, **cache_kw)
     else:
         tables = _make_tables(cfg)
         kw = dict(cache_kw)
@@ -321,10 +342,83 @@ def _depth(peer: str, default: int) -> int:
 # the parent
 
 
+def _set_page_cache(paths, mode: str) -> None:
+    """Put ``paths`` in a known page-cache state before a peer runs: ``warm`` reads them through
+    once, ``cold`` asks the kernel to drop their clean pages (POSIX_FADV_DONTNEED). The run order
+    and whatever ran before no longer decide what the peer finds in memory."""
+    import os
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except (IsADirectoryError, FileNotFoundError):
+            continue
+        try:
+            if mode == "cold":
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 1 << 22):
+                    pass
+        finally:
+            os.close(fd)
+
+
+def _versions() -> dict:
+    """Versions of the peers' packages: a RocksDB or FBGEMM upgrade moves their numbers."""
+    from importlib import metadata
+    out = {}
+    for pkg in ("numpy", "numba", "torch", "fbgemm-gpu-cpu", "rocksdict", "cachetools"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _kernel_peers(args, cfg) -> dict | None:
+    """FBGEMM TBE and nn.EmbeddingBag against the dram store, the EV-Cache hit path and the evssd
+    host stack (:mod:`evssd.host.bench.store_peers`), in this process; None without torch/fbgemm."""
+    try:
+        import fbgemm_gpu  # noqa: F401
+        import torch  # noqa: F401
+    except Exception as exc:  # the core library runs without torch; say so instead of failing
+        print(f"  kernel peers skipped: torch/fbgemm_gpu not importable ({exc}); install evssd[torch]")
+        return {"skipped": str(exc)}
+    from evssd.host.bench import store_peers
+    kcfg = dict(tables=cfg["tables"], rows=cfg["rows"], dim=cfg["dim"], pooling_factor=cfg["pooling_factor"],
+                seed=cfg["seed"], reps=args.kernel_reps, lookups_per_cell=args.kernel_lookups)
+    if args.kernel_peers == "full":
+        cells = [(e, t, th, b) for e in ("fp32", "fp16") for t in ("uniform", "meta") for th in (1, 2)
+                 for b in (16, 128, 1024, 4096)]
+    else:
+        cells = store_peers.DEFAULT_CELLS
+    print(f"  kernel peers: {cfg['tables']} tables x {cfg['rows']} rows x {cfg['dim']}, SUM, "
+          f"{cfg['pooling_factor']} lookups per bag, min of {args.kernel_reps} rounds (wall clock), "
+          f"own process with OMP_WAIT_POLICY=PASSIVE", flush=True)
+    import os
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="evssd-bench-peers-") as d:
+        cpath, opath = Path(d) / "cfg.json", Path(d) / "out.json"
+        cpath.write_text(json.dumps(dict(kcfg, cells=[list(c) for c in cells])))
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        proc = subprocess.run([sys.executable, "-m", "evssd.host.bench.store_peers", str(cpath), str(opath)],
+                              env=env)
+        if proc.returncode != 0 or not opath.exists():
+            print(f"  kernel peers FAILED (exit {proc.returncode})")
+            return {"error": f"exit {proc.returncode}"}
+        res = json.loads(opath.read_text())
+    res["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
+    res["seconds"] = time.perf_counter() - t0
+    print(f"  kernel peers: peak RSS {_fmt_bytes(res['peak_rss_bytes'])}, {res['seconds']:.1f} s")
+    return res
+
+
 def _config(args) -> dict:
     cfg = {k: getattr(args, k) for k in ("tables", "rows", "dim", "dtype", "batch_size", "pooling_factor",
                                          "batches", "warmup", "cache_fraction", "depth", "max_seconds", "seed",
-                                         "clock_mhz", "io_threads", "budget")}
+                                         "clock_mhz", "io_threads", "budget", "page_cache",
+                                         "rocksdb_block_cache_mib")}
     if args.quick:
         cfg.update(tables=2, rows=20_000, batches=30, warmup=10, max_seconds=3.0, budget=min(args.budget, 20.0))
     return cfg
@@ -404,6 +498,11 @@ def run(args) -> int:
                      out=str(work / f"{peer}.json"))
             cpath = work / f"{peer}.cfg.json"
             cpath.write_text(json.dumps(c))
+            kind = _SPEC[_base(peer)][0]
+            if kind == "file":
+                _set_page_cache(list(files.values()), cfg["page_cache"])
+            elif kind == "rocksdb":
+                _set_page_cache(sorted(str(p) for p in rocksdb_path.iterdir()), cfg["page_cache"])
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "evssd.host.bench.store", "--child", str(cpath)],
                                   capture_output=True, text=True)
@@ -436,8 +535,9 @@ def run(args) -> int:
             "memory: peak RSS sampled every 8 batches in a fresh subprocess per peer, minus its RSS "
             "before the tables were built; evssd: baseline taken after Device.open (the model's "
             "host-memory window, transport_open_bytes) and minus the simulated flash pages written",
-            "file-page / file-row+* reads may hit the OS page cache (the files were just written; "
-            "dropping the cache needs root), so their latencies are optimistic for an SSD; the "
+            f"page cache {cfg['page_cache']}: before each file/rocksdb peer its files were "
+            f"{'read through once' if cfg['page_cache'] == 'warm' else 'dropped from the page cache (fadvise DONTNEED)'}"
+            f"; warm file-page / file-row+* reads are optimistic for an SSD; the "
             "*-direct peers use O_DIRECT and bypass it (a hypervisor's cache below the guest may "
             "still serve them); storage bytes are what a block device would move (file: pread "
             "bytes; rocksdb: row bytes returned; evssd: bytes over the flash channels; dram: row "
@@ -461,8 +561,11 @@ def run(args) -> int:
                  f" ({sum(len(r['batch_digests']) for r in ok)} batch results compared)"))
         for n in notes:
             print(f"  note: {n}")
+        kernel = None
+        if args.kernel_peers != "none":
+            kernel = _kernel_peers(args, cfg)
         data = {"config": cfg, "peers": rows, "outputs_identical": identical, "notes": notes,
-                "total_s": time.perf_counter() - t_all}
+                "kernel_peers": kernel, "versions": _versions(), "total_s": time.perf_counter() - t_all}
         command = "evssd bench store " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "store"] else [])
         path = None
         fig = None
@@ -472,8 +575,16 @@ def run(args) -> int:
             print(f"  (no figure: {exc})")
         from evssd.host.bench.common import write_results
         path = write_results("store", data, fig, command=command.strip(), root=args.results)
+        if kernel and kernel.get("cells"):
+            try:
+                from evssd.host.bench.store_peers import figure
+                kfig = figure(kernel)
+                kfig.savefig(Path(path).parent / "store-peers.png", dpi=110)
+            except Exception as exc:
+                print(f"  (no peers figure: {exc})")
         print(f"  wrote {path} ({time.perf_counter() - t_all:.1f} s)")
-        return 0 if ok and identical and len(ok) == len(rows) else 1
+        kernel_ok = kernel is None or "error" not in kernel
+        return 0 if ok and identical and len(ok) == len(rows) and kernel_ok else 1
     finally:
         tmp.cleanup()
 

@@ -44,6 +44,8 @@ def add_arguments(parser):
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--replicas", type=int, default=0)
     p.add_argument("--skew", type=str, default=None, help="comma-separated server weights, e.g. 4,1,1,1")
+    p.add_argument("--torchrec", default=None, metavar="CKPT",
+                   help="serve the tables of a TorchRec EBC state_dict file (torch extra); --dim only for INT8")
     p.add_argument("-o", "--output", required=True)
 
     p = sub.add_parser("embeddings", help="run one embedding server of a config")
@@ -132,7 +134,15 @@ def run(args) -> int:
     try:
         if args.serve_cmd == "config":
             skew = [float(x) for x in args.skew.split(",")] if args.skew else None
-            cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas, skew=skew)
+            if args.torchrec:
+                from .torchrec_checkpoint import CheckpointError
+                from .torchrec_model import config_from_checkpoint
+                try:
+                    cfg = config_from_checkpoint(args.torchrec, args.servers, replicas=args.replicas, dim=args.dim)
+                except CheckpointError as exc:
+                    raise ConfigError(str(exc)) from None
+            else:
+                cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas, skew=skew)
             save_config(cfg, args.output)
             print(f"wrote {args.output}")
             return 0

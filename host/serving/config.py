@@ -14,8 +14,9 @@ JSON (or TOML, by file extension)::
 A shard is a row range ``[lo, hi)``; its ``servers`` list is primary first, then replicas. The
 shards of a table must tile ``[0, rows)`` exactly. A server may hold several ranges of a table
 (primary of one, replica of another).
-Table contents come from an ``.npy`` file or, for tests and demos, from a seeded generator that
-can produce any row range without producing the rest (so a server makes only its shards).
+Table contents come from an ``.npy`` file, a TorchRec EBC checkpoint (``"torchrec": "ebc.pt"``, see
+:mod:`.torchrec_checkpoint`) or, for tests and demos, from a seeded generator that can produce any row
+range without producing the rest (so a server makes only its shards).
 """
 from __future__ import annotations
 
@@ -96,6 +97,9 @@ def table_rows(cfg: dict, table: str, lo: int = 0, hi: int | None = None) -> np.
     """Rows ``[lo, hi)`` of ``table`` as float32 ``[hi-lo, dim]``."""
     t = cfg["tables"][table]
     hi = t["rows"] if hi is None else hi
+    if "torchrec" in t:   # a TorchRec EBC checkpoint (the torch extra)
+        from .torchrec_checkpoint import checkpoint_rows
+        return checkpoint_rows(cfg, table, lo, hi)
     if "npy" in t:
         p = Path(t["npy"])
         if not p.is_absolute():

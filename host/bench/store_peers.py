@@ -1,0 +1,357 @@
+"""The store's pooled lookups against the standard CPU embedding kernels, side by side in one
+process on the same tables and the same batches: part of ``evssd bench store``.
+
+Peers: ``torch.nn.EmbeddingBag`` (one per table, sharing the numpy arrays' memory) and FBGEMM's
+CPU TBE (``SplitTableBatchedEmbeddingBagsCodegen``, HOST placement, all tables in one module,
+fp32 output, run under ``torch.no_grad``). Ours: :meth:`EmbeddingStore.lookup_many` on the
+``dram`` backend (the fused gather+pool kernel), and the EV-Cache hit path (the ``file`` backend
+behind an EV-Cache that holds the working set) and the ``evssd`` backend's host stack at a 1%
+EV-Cache on the Meta-calibrated trace (wall time minus the time spent in the device call, i.e.
+in the driver and the Python device model).
+
+Cells: element type (fp32, fp16) x trace (uniform, Meta-calibrated) x threads (1, 2, both sides:
+``torch.set_num_threads`` and ``numba.set_num_threads``) x bags per batch (the sweep). In a cell
+the peers run the same batches round-robin, ``reps`` rounds; the reported time per batch is the
+minimum over rounds (the machine is shared: the minimum is the least disturbed run; the median is
+kept in the JSON), converted to lookups/s (wall clock). Outputs are compared with ours (bit
+identity and max |diff|). RSS: the process's RSS before and after the measured rounds of each cell
+(growth means per-batch leaks) and its peak.
+
+``evssd bench store`` runs this module in its own process with ``OMP_WAIT_POLICY=PASSIVE``:
+numba's parallel kernels and torch share one OpenMP runtime, whose idle threads otherwise spin
+after each parallel region and, on two cores, starve the other side's threads (2-thread cells
+then measured 0.3 M lookups/s for whichever peer ran next).
+"""
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+__all__ = ["run_peers", "DEFAULT_CELLS", "figure"]
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _batches(trace: str, n_tables: int, rows: int, bags: int, pf: int, n: int, seed: int):
+    """n batches: per table (indices int64, offsets int64)."""
+    offs = (np.arange(bags + 1, dtype=np.int64) * pf)
+    if trace == "uniform":
+        rng = np.random.default_rng(seed)
+        return [[(rng.integers(0, rows, bags * pf), offs) for _ in range(n_tables)] for _ in range(n)]
+    from evssd.host.workload import meta_calibrated
+    streams = [list(meta_calibrated(rows, batch_size=bags, pooling_factor=pf, seed=seed * 1000 + 17 * t + 1,
+                                    n_batches=n)) for t in range(n_tables)]
+    return [[(streams[t][b].indices.astype(np.int64), streams[t][b].offsets.astype(np.int64))
+             for t in range(n_tables)] for b in range(n)]
+
+
+class _Fbgemm:
+    def __init__(self, tables, elem):
+        import torch
+        from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+        self.torch = torch
+        arrs = list(tables.values())
+        self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            [(a.shape[0], a.shape[1], EmbeddingLocation.HOST, ComputeDevice.CPU) for a in arrs],
+            weights_precision=SparseType.FP32 if elem == "fp32" else SparseType.FP16,
+            pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32)
+        with torch.no_grad():
+            for w, a in zip(self.tbe.split_embedding_weights(), arrs):
+                w.copy_(torch.from_numpy(a))
+        self.dims = [a.shape[1] for a in arrs]
+
+    def prepare(self, batch):
+        torch = self.torch
+        idx = torch.from_numpy(np.concatenate([i for i, _ in batch]))
+        lens = [len(i) for i, _ in batch]
+        base = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        offs = np.concatenate([o[:-1] + b for (_, o), b in zip(batch, base)] + [[sum(lens)]])
+        return idx, torch.from_numpy(offs.astype(np.int64))
+
+    def __call__(self, prepared):
+        with self.torch.no_grad():
+            return self.tbe(*prepared)
+
+    def split(self, out):
+        return np.split(out.numpy(), np.cumsum(self.dims)[:-1], axis=1)
+
+
+class _TorchBags:
+    def __init__(self, tables):
+        import torch
+        self.torch = torch
+        self.bags = [torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(a), freeze=True, mode="sum",
+                                                           include_last_offset=True) for a in tables.values()]
+
+    def prepare(self, batch):
+        t = self.torch
+        return [(t.from_numpy(i), t.from_numpy(o)) for i, o in batch]
+
+    def __call__(self, prepared):
+        with self.torch.no_grad():
+            return [m(i, o) for m, (i, o) in zip(self.bags, prepared)]
+
+    def split(self, out):
+        return [o.float().numpy() for o in out]
+
+
+class _Ours:
+    """``lookup_many`` writing into output buffers the caller keeps (``out=``), as a serving loop
+    does: one set per batch shape, allocated once, so no batch allocates its results."""
+
+    def __init__(self, store):
+        self.store = store
+        self.names = list(store.tables)
+        self._outs = {}
+
+    def prepare(self, batch):
+        req = {n: b for n, b in zip(self.names, batch)}
+        key = tuple(len(o) - 1 for _, o in batch)
+        if key not in self._outs:
+            self._outs[key] = {n: np.empty((len(o) - 1, self.store.tables[n].dim), np.float32)
+                               for n, (_, o) in req.items()}
+        return req, self._outs[key]
+
+    def __call__(self, prepared):
+        req, out = prepared
+        return self.store.lookup_many(req, out=out)
+
+    def split(self, out):
+        return [out[n] for n in self.names]
+
+
+def _time(fn, prepared) -> float:
+    t0 = time.perf_counter()
+    for p in prepared:
+        fn(p)
+    return (time.perf_counter() - t0) / len(prepared)
+
+
+def _compare(ours, peer):
+    same = all(a.shape == b.shape and np.array_equal(a.view(np.uint32), b.astype(np.float32).view(np.uint32))
+               for a, b in zip(ours, peer))
+    diff = max(float(np.max(np.abs(a - b.astype(np.float32)), initial=0.0)) for a, b in zip(ours, peer))
+    return same, diff
+
+
+def _cell(runners, batches, reps, threads):
+    import numba
+    import torch
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    for r in runners.values():
+        if isinstance(r, _Ours):
+            r.store.parallel = threads > 1
+    prepared = {k: [r.prepare(b) for b in batches] for k, r in runners.items()}
+    outs = {k: [np.array(a) for a in r.split(r(prepared[k][0]))] for k, r in runners.items()}  # warm-up
+    for k, r in runners.items():
+        _time(r, prepared[k][:2])
+    rss0 = _rss()
+    times = {k: [] for k in runners}
+    for _ in range(reps):
+        for k, r in runners.items():
+            times[k].append(_time(r, prepared[k]))
+    rss1 = _rss()
+    lookups = sum(len(i) for i, _ in batches[0])
+    res = {"lookups_per_batch": lookups, "rss_growth_bytes": rss1 - rss0, "peers": {}}
+    for k in runners:
+        t = float(np.min(times[k]))
+        res["peers"][k] = {"us_per_batch": t * 1e6, "us_per_batch_median": float(np.median(times[k])) * 1e6,
+                           "lookups_per_s": lookups / t, "ns_per_lookup": t / lookups * 1e9}
+        if k != "ours":
+            same, diff = _compare(outs["ours"], outs[k])
+            res["peers"][k].update(outputs_bit_identical=same, max_abs_diff=diff)
+    ours = res["peers"]["ours"]["lookups_per_s"]
+    res["ratios"] = {k: ours / v["lookups_per_s"] for k, v in res["peers"].items() if k != "ours"}
+    return res
+
+
+#: (elem, trace, threads, bags) cells of the default run: the full element/trace/thread matrix
+#: at 128 bags, plus the batch-size sweep for fp32 on both traces at one thread
+DEFAULT_CELLS = ([(e, t, th, 128) for e in ("fp32", "fp16") for t in ("uniform", "meta") for th in (1, 2)]
+                 + [("fp32", t, 1, b) for t in ("uniform", "meta") for b in (16, 1024, 4096)])
+
+
+def run_peers(cfg: dict, cells=DEFAULT_CELLS, log=print) -> dict:
+    """Kernel peers (dram vs nn.EmbeddingBag vs FBGEMM) on ``cells``, then the cache-hit and
+    evssd host-stack comparisons. ``cfg``: tables, rows, dim, pooling_factor, seed, reps,
+    lookups_per_cell (batches per cell = lookups_per_cell // lookups per batch, at least 2)."""
+    from evssd.host.store import EmbeddingStore
+    out = {"cells": [], "peak_rss_bytes": None}
+    tables_by_elem = {}
+    for elem in sorted({c[0] for c in cells}):
+        rng = np.random.default_rng(cfg["seed"])
+        dt = np.float32 if elem == "fp32" else np.float16
+        tables_by_elem[elem] = {f"t{k}": rng.standard_normal((cfg["rows"], cfg["dim"]), dtype=np.float32).astype(dt)
+                                for k in range(cfg["tables"])}
+    for elem, tables in tables_by_elem.items():
+        store = EmbeddingStore.from_arrays(tables, "dram")
+        runners = {"ours": _Ours(store), "fbgemm_tbe": _Fbgemm(tables, elem), "nn_embeddingbag": _TorchBags(tables)}
+        for (e, trace, threads, bags) in cells:
+            if e != elem:
+                continue
+            per_batch = cfg["tables"] * bags * cfg["pooling_factor"]
+            n = max(2, cfg["lookups_per_cell"] // per_batch)
+            batches = _batches(trace, cfg["tables"], cfg["rows"], bags, cfg["pooling_factor"], n, cfg["seed"])
+            r = _cell(runners, batches, cfg["reps"], threads)
+            r.update(elem=elem, trace=trace, threads=threads, bags=bags, batches=n)
+            out["cells"].append(r)
+            p = r["peers"]
+            log(f"  {elem} {trace:7s} {threads}T {bags:5d} bags: ours {p['ours']['lookups_per_s'] / 1e6:7.1f} M/s "
+                f"({p['ours']['ns_per_lookup']:5.1f} ns/lookup) | FBGEMM TBE {p['fbgemm_tbe']['lookups_per_s'] / 1e6:6.1f} M/s "
+                f"-> {r['ratios']['fbgemm_tbe']:.2f}x | nn.EmbeddingBag {p['nn_embeddingbag']['lookups_per_s'] / 1e6:6.1f} M/s "
+                f"-> {r['ratios']['nn_embeddingbag']:.2f}x | bit-identical to FBGEMM "
+                f"{p['fbgemm_tbe']['outputs_bit_identical']} | RSS growth {r['rss_growth_bytes'] / 2**20:.1f} MiB")
+        del runners, store
+    out["cache_paths"] = _cache_paths(cfg, tables_by_elem.get("fp32"), log)
+    out["peak_rss_bytes"] = _peak_rss()
+    return out
+
+
+def _cache_paths(cfg, tables, log) -> dict:
+    """The EV-Cache hit path (file backend, a cache holding the working set) and the evssd
+    backend's host stack at 1% on the Meta trace, each against dram and FBGEMM, 1 thread."""
+    import numba
+    import torch
+    import tempfile
+    from evssd.host.store import EmbeddingStore
+    if tables is None:
+        return {}
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    res = {}
+    bags, pf, T = 128, cfg["pooling_factor"], cfg["tables"]
+    n = max(4, cfg["lookups_per_cell"] // (T * bags * pf))
+    # hit path: indices from a working set of 25% of the rows, the EV-Cache sized to the table
+    hot = max(1, cfg["rows"] // 4)
+    rng = np.random.default_rng(cfg["seed"] + 5)
+    offs = np.arange(bags + 1, dtype=np.int64) * pf
+    batches = [[(rng.integers(0, hot, bags * pf), offs) for _ in range(T)] for _ in range(n)]
+    with tempfile.TemporaryDirectory(prefix="evssd-bench-hit-") as d:
+        fstore = EmbeddingStore.from_arrays(tables, "file", path=d, cache_fraction=1.0)
+        warm = {name: np.arange(hot) for name in tables}
+        for _ in range(2):  # the admission filter lets a row in on its second touch
+            fstore.lookup_many({k: (v, np.array([0, v.size])) for k, v in warm.items()})
+        dstore = EmbeddingStore.from_arrays(tables, "dram")
+        runners = {"ours": _Ours(fstore), "dram": _Ours(dstore), "fbgemm_tbe": _Fbgemm(tables, "fp32")}
+        s0 = fstore.stats()
+        r = _cell(runners, batches, cfg["reps"], 1)
+        s1 = fstore.stats()
+        hits = sum(c["hits"] for c in s1["caches"].values()) - sum(c["hits"] for c in s0["caches"].values())
+        miss = sum(c["misses"] for c in s1["caches"].values()) - sum(c["misses"] for c in s0["caches"].values())
+        r["hit_rate"] = hits / max(1, hits + miss)
+        res["evcache_hit_path"] = r
+        log(f"  EV-Cache hit path (file + EV-Cache holding the working set, hit rate {r['hit_rate']:.3f}): "
+            f"{r['peers']['ours']['lookups_per_s'] / 1e6:.1f} M/s -> {r['ratios']['fbgemm_tbe']:.2f}x FBGEMM, "
+            f"{r['ratios']['dram']:.2f}x dram")
+        fstore.close()
+        dstore.close()
+    res["evssd_host_stack"] = _evssd_host_stack(cfg, tables, log)
+    return res
+
+
+def _evssd_host_stack(cfg, tables, log) -> dict:
+    """evssd + EV-Cache 1% on the Meta trace: wall time per batch minus the device call (the
+    driver + the Python model, which the pipeline overlaps), against the dram path."""
+    from evssd.host.store import EmbeddingStore
+    bags, pf, T = 128, cfg["pooling_factor"], cfg["tables"]
+    n = max(20, 2 * cfg["lookups_per_cell"] // (T * bags * pf))
+    batches = _batches("meta", T, cfg["rows"], bags, pf, n + 10, cfg["seed"] + 9)
+    estore = EmbeddingStore.from_arrays(tables, "evssd", cache_fraction=0.01)
+    dstore = EmbeddingStore.from_arrays(tables, "dram")
+    names = list(tables)
+    reqs = [{k: b for k, b in zip(names, batch)} for batch in batches]
+    for q in reqs[:10]:  # warm the caches
+        estore.lookup_many(q)
+    best_host = best_total = best_dram = float("inf")
+    for _ in range(max(2, cfg["reps"] // 2)):
+        io0 = estore.stats()["io_s"]
+        t0 = time.perf_counter()
+        for q in reqs[10:]:
+            estore.lookup_many(q)
+        total = time.perf_counter() - t0
+        io = estore.stats()["io_s"] - io0
+        best_total = min(best_total, total / n)
+        best_host = min(best_host, (total - io) / n)
+        t0 = time.perf_counter()
+        for q in reqs[10:]:
+            dstore.lookup_many(q)
+        best_dram = min(best_dram, (time.perf_counter() - t0) / n)
+    st = estore.stats()
+    hr = st["cache_hit_rate"]
+    estore.close()
+    dstore.close()
+    lookups = T * bags * pf
+    r = {"us_per_batch_total": best_total * 1e6, "us_per_batch_host_stack": best_host * 1e6,
+         "us_per_batch_dram": best_dram * 1e6, "host_stack_vs_dram": best_host / best_dram,
+         "hit_rate": hr, "lookups_per_batch": lookups, "batches": n}
+    log(f"  evssd + EV-Cache 1% (Meta): host stack {best_host * 1e6:.0f} us/batch (total with the model "
+        f"{best_total * 1e6:.0f} us), dram {best_dram * 1e6:.0f} us -> host stack {r['host_stack_vs_dram']:.2f}x "
+        f"dram's time, hit rate {hr:.3f}")
+    return r
+
+
+def figure(peers: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = peers["cells"]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    ax = axes[0]
+    main = [c for c in cells if c["bags"] == 128]
+    labels = [f"{c['elem']}\n{c['trace']}\n{c['threads']}T" for c in main]
+    x = np.arange(len(main))
+    for k, (name, off) in enumerate((("ours", -0.27), ("fbgemm_tbe", 0), ("nn_embeddingbag", 0.27))):
+        ax.bar(x + off, [c["peers"][name]["lookups_per_s"] / 1e6 for c in main], 0.27, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("M lookups/s (wall clock, min of rounds)")
+    ax.set_title("128 bags x 20 lookups x 4 tables")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for trace, style in (("uniform", "-"), ("meta", "--")):
+        sweep = sorted([c for c in cells if c["elem"] == "fp32" and c["threads"] == 1 and c["trace"] == trace],
+                       key=lambda c: c["bags"])
+        if len(sweep) < 2:
+            continue
+        for name in ("ours", "fbgemm_tbe", "nn_embeddingbag"):
+            ax.plot([c["bags"] for c in sweep], [c["peers"][name]["ns_per_lookup"] for c in sweep], style,
+                    marker="o", label=f"{name} ({trace})")
+    ax.set_xscale("log")
+    ax.set_xlabel("bags per table per batch")
+    ax.set_ylabel("ns per lookup")
+    ax.set_title("cost per lookup across batch sizes (fp32, 1 thread)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> int:
+    """``python -m evssd.host.bench.store_peers CONFIG.json OUT.json``: run :func:`run_peers`
+    with the config's ``cells`` (a list of [elem, trace, threads, bags]) and write the results."""
+    import json
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        cfg = json.load(f)
+    cells = [tuple(c) for c in cfg.pop("cells")]
+    res = run_peers(cfg, cells, log=lambda m: print(m, flush=True))
+    with open(argv[1], "w") as f:
+        json.dump(res, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""The ``dram`` backend: every row in host memory, the ideal the others are measured against.
+The store pools straight from its arrays (:meth:`DramBackend.table_array`)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from evssd.host.store.backend import Backend, Tables
+from evssd.host.store.tables import TableInfo, table_info
+
+__all__ = ["DramBackend"]
+
+
+class DramBackend(Backend):
+    """All rows in memory. ``bytes_read`` counts the row bytes copied out."""
+    name = "dram"
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], infos: Mapping[str, TableInfo] | None = None):
+        super().__init__()
+        self.arrays = dict(arrays)
+        self.infos = dict(infos) if infos is not None else \
+            {n: TableInfo(n, a.shape[0], a.shape[1], a.dtype) for n, a in self.arrays.items()}
+
+    @classmethod
+    def create(cls, tables: Tables) -> "DramBackend":
+        return cls({n: a for n, (a, _, _) in tables.items()},
+                   {n: table_info(n, a, el) for n, (a, el, _) in tables.items()})
+
+    def table_infos(self):
+        return dict(self.infos)
+
+    def read_rows(self, info, indices):
+        self._count(1, len(indices), len(indices) * info.row_bytes)
+        return self.arrays[info.name][indices]
+
+    def table_array(self, info):
+        return self.arrays[info.name]
+
+

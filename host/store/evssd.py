@@ -1,0 +1,149 @@
+"""The ``evssd`` backend: the EV-SSD through :class:`evssd.host.device.Device` (any transport),
+tables placed by :mod:`evssd.host.layout`. Unweighted bags of the device's element types are
+pooled on the device (``GATHER_POOLED``); everything else is gathered (``GATHER``) and pooled on
+the host. A multi-table batch submits one command per table before waiting for any."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from evssd.host.store.backend import Backend, Tables
+from evssd.host.store.tables import DTYPES, TableInfo
+
+__all__ = ["EvssdBackend"]
+
+
+def _device_runner(device):
+    """How to run a coroutine of the driver's async core on ``device``: the driver's public,
+    thread-safe ``Device.run`` (None for a device object without one, e.g. a test double)."""
+    return getattr(device, "run", None)
+
+
+def _open_model_for(tables: Mapping[str, np.ndarray], layout_options: Mapping):
+    """The functional model with enough flash for ``tables`` (rows padded to 4 bytes, packed per
+    page as the layout packs them), so big tables do not hit the default 64 MiB."""
+    from evssd.host.device import Device
+    from evssd.hw.regmap import Params
+    base = Params()
+    page = layout_options.get("page_size", base.page_size) if isinstance(layout_options, Mapping) else base.page_size
+    pages = 0
+    for a in tables.values():
+        row_bytes = -(-a.shape[1] * a.dtype.itemsize // 4) * 4
+        per_page = max(1, page // row_bytes)
+        pages += -(-a.shape[0] // per_page) + 64  # + extents starting on fresh pages
+    per_channel = -(-pages // base.n_channels)
+    ppc = base.pages_per_channel
+    while ppc < per_channel:
+        ppc *= 2
+    if ppc == base.pages_per_channel:
+        return Device.open("model")
+    return Device.open("model", pages_per_channel=ppc)
+
+
+class EvssdBackend(Backend):
+    """The EV-SSD through the driver. ``bytes_read`` counts result bytes returned by DMA."""
+    name = "evssd"
+    thread_safe = False  # the driver's sync facade runs one private event loop
+
+    def __init__(self, device, layout, owns_device: bool = False, device_pooling: bool = True):
+        """``layout`` must already be on ``device``; ``owns_device``: close it in :meth:`close`."""
+        super().__init__()
+        self.device_pooling = device_pooling
+        self.device = device
+        self.layout = layout
+        self.owns_device = owns_device
+        self._ids = {t.name: t for t in layout.tables}
+
+    def read_rows(self, info, indices):
+        if len(indices) == 0:
+            return np.zeros((0, info.dim), info.dtype)
+        raw = self.device.gather(self._ids[info.name].table_id, indices.astype(np.uint32))
+        self._count(1, 0, 0)
+        return self._rows_view(info, raw, len(indices))
+
+    @classmethod
+    def create(cls, tables: Tables, *, device=None, layout_options: Mapping | None = None,
+               device_pooling: bool = True) -> "EvssdBackend":
+        """Place the tables (:meth:`evssd.host.layout.Layout.plan`) on ``device`` and write them;
+        without a device, open the functional model, sized to hold the tables."""
+        from evssd.host.layout import Layout
+        owns = device is None
+        # host-pooled types (int8_rowwise) are placed as raw int8 bytes and only gathered
+        placed = {n: (a if el.device is not None else a.view(np.int8)) for n, (a, el, _) in tables.items()}
+        if owns:
+            device = _open_model_for(placed, layout_options or {})
+        try:
+            layout = Layout.plan(placed, device=device, **(layout_options or {}))
+            layout.write(device)
+            layout.forget_data()  # the device holds the rows now; do not pin the arrays
+        except BaseException:
+            if owns:
+                device.close()
+            raise
+        return cls(device, layout, owns_device=owns, device_pooling=device_pooling)
+
+    def table_infos(self) -> dict[str, TableInfo]:
+        return {t.name: TableInfo(t.name, t.rows, t.dim, DTYPES[t.elem]) for t in self.layout.tables}
+
+    def pools(self, info):
+        return self.device_pooling and info.el.device is not None
+
+    def read_pooled(self, info, indices, offsets):
+        if len(indices) == 0:  # nothing for the device to do: every bag is empty
+            return np.zeros((len(offsets) - 1, info.dim), info.acc_dtype)
+        raw = self.device.gather_pooled(self._ids[info.name].table_id, indices.astype(np.uint32),
+                                        offsets.astype(np.uint32))
+        self._count(1, 0, 0)
+        return self._pooled_view(info, raw, len(offsets) - 1, len(indices))
+
+    def _rows_view(self, info, raw, n):
+        row_bytes = self._ids[info.name].row_bytes  # padded to a multiple of 4 by the layout
+        raw = np.asarray(raw, dtype=np.uint8).reshape(n, row_bytes)
+        self._count(0, n, raw.nbytes)
+        return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(n, info.width)
+
+    def _pooled_view(self, info, raw, n_bags, n):
+        width = self._ids[info.name].row_bytes // info.dtype.itemsize * 4  # pad elements widen too
+        raw = np.asarray(raw, dtype=np.uint8).reshape(n_bags, width)
+        self._count(0, n, raw.nbytes)
+        return np.ascontiguousarray(raw[:, :info.dim * 4]).view(info.acc_dtype).reshape(n_bags, info.dim)
+
+    def read_many(self, jobs):
+        """Submit every command of the batch before waiting for the first, so the device
+        overlaps them (one command per table); through the driver's async core."""
+        aio = getattr(self.device, "aio", None)
+        run = _device_runner(self.device)
+        if aio is None or run is None or len(jobs) < 2 or any(len(j[2]) == 0 for j in jobs):
+            return super().read_many(jobs)
+
+        async def go():
+            handles, out, error = [], [], None
+            for kind, info, idx, offs in jobs:
+                tid = self._ids[info.name].table_id
+                if kind == "rows":
+                    handles.append(await aio.submit_gather(tid, idx.astype(np.uint32)))
+                else:
+                    handles.append(await aio.submit_gather_pooled(tid, idx.astype(np.uint32),
+                                                                  offs.astype(np.uint32)))
+            for h in handles:  # finish every handle, even after an error, so buffers are freed
+                try:
+                    out.append(await aio.finish(h))
+                except Exception as exc:
+                    error = error or exc
+                    out.append(None)
+            if error is not None:
+                raise error
+            return out
+
+        raws = run(go())
+        self._count(len(jobs), 0, 0)
+        return [self._rows_view(info, raw, len(idx)) if kind == "rows"
+                else self._pooled_view(info, raw, len(offs) - 1, len(idx))
+                for (kind, info, idx, offs), raw in zip(jobs, raws)]
+
+    def close(self):
+        if self.owns_device:
+            self.device.close()
+
+

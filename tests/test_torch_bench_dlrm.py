@@ -1,0 +1,33 @@
+"""`evssd bench dlrm --quick`: runs, writes JSON + PNG, every peer's scores equal TorchRec's."""
+import json
+
+import pytest
+
+pytest.importorskip("torchrec")
+
+from evssd.host.cli import main  # noqa: E402
+
+
+def test_bench_dlrm_quick(tmp_path):
+    assert main(["bench", "dlrm", "--quick", "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "dlrm" / "dlrm.json").read_text())
+    assert (tmp_path / "dlrm" / "dlrm.png").stat().st_size > 0
+    assert data["scores_identical"] is True
+    peers = {p["peer"]: p for p in data["peers"]}
+    assert list(peers) == ["torchrec-dram", "evssd-dram", "evssd", "evssd-block"]
+    assert all(p["scores_identical"] for n, p in peers.items() if n != "torchrec-dram")
+    fine, block = peers["evssd"]["projected"], peers["evssd-block"]["projected"]
+    # same trace, same cache: block mode moves a whole 4 KiB page per row read, 128 B rows otherwise
+    assert fine["flash_rows_read"] == block["flash_rows_read"] > 0
+    assert block["flash_channel_bytes"] == block["flash_rows_read"] * 4096
+    assert fine["flash_channel_bytes"] == fine["flash_rows_read"] * 128
+    assert block["device_ms_mean"] > fine["device_ms_mean"] > 0
+    assert data["ratios"]["block_over_evssd_flash_bytes"] == pytest.approx(32.0)
+    assert data["config"]["clock_mhz"] == 100.0
+
+
+def test_bench_dlrm_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "dlrm", "--quick", "--peers", "evssd,tape", "--results", str(tmp_path)]) == 2
+    assert "unknown peer 'tape'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--cache-fraction must be in"):
+        main(["bench", "dlrm", "--quick", "--cache-fraction", "0", "--results", str(tmp_path)])
