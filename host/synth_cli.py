@@ -17,6 +17,7 @@ import sys
 # hw/build_plan.py imports Amaranth only inside its functions, so `evssd synth --help` and bad
 # board names work without Amaranth installed.
 from ..hw.build_plan import BOARDS
+from evssd.host import cli_types as ct
 
 SUPPORTED = {name: spec.description for name, spec in BOARDS.items()}
 
@@ -43,11 +44,11 @@ def add_arguments(parser):
                         help="release step: keep the committed bitstream if current, else rebuild it; "
                              "exit 1 unless it is current and meets timing")
     parser.add_argument("--list", action="store_true", help="list the supported boards")
-    parser.add_argument("--clock-mhz", type=float, default=None, help=f"design clock in MHz (default: the board's, {defaults}; the target is 100)")
-    parser.add_argument("--baud", type=int, default=None, help="UART baud rate (default 115200)")
+    parser.add_argument("--clock-mhz", type=ct.positive_float, default=None, help=f"design clock in MHz (default: the board's, {defaults}; the target is 100)")
+    parser.add_argument("--baud", type=ct.positive_int, default=None, help="UART baud rate (default 115200)")
     parser.add_argument("--out", default=None, help="output directory (default bitstreams/<board>/)")
     parser.add_argument("--build-dir", default=None, help="work directory (default build/synth/<board>/)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=ct.nonneg_int, default=None,
                         help=f"nextpnr placement seed (default: the board's, {defaults})")
     parser.add_argument("--router", choices=("router1", "router2"), default="router2",
                         help="nextpnr router (router2 is faster; router1 converges on some "

@@ -85,7 +85,8 @@ class ByteLink(abc.ABC):
 
     @abc.abstractmethod
     async def drain(self) -> None:
-        """Drop received bytes until the line has been quiet for a while (resynchronise)."""
+        """Drop received bytes until the line has been quiet for a while (resynchronise); a line
+        that never goes quiet raises :class:`LinkTimeoutError` after the link's timeout."""
 
     @abc.abstractmethod
     async def pause(self) -> None:
@@ -144,11 +145,16 @@ class SerialLink(ByteLink):
         return bytes(out)
 
     async def drain(self) -> None:
+        deadline = time.monotonic() + self.timeout
         old = self._port.timeout
         self._port.timeout = min(0.05, self.timeout)
         try:
             while self._port.read(4096):
-                pass
+                if time.monotonic() >= deadline:
+                    raise LinkTimeoutError(f"{self.name}: the line did not go quiet within "
+                                           f"{self.timeout} s (continuous noise or a stuck line?)")
+        except (self._serial.SerialException, OSError) as exc:
+            raise TransportError(f"{self.name}: read failed: {exc}") from None
         finally:
             self._port.timeout = old
 
@@ -163,15 +169,17 @@ class UartProtocol:
     """Request/response frames over a :class:`ByteLink`.
 
     Frames the board answers with CRC_ERROR or TIMEOUT were not executed, so they are resent (up
-    to ``retries`` times). A response that is garbled or missing is resent only for reads (they
-    have no side effects); for writes it raises :class:`TransportError`.
+    to ``retries`` times). A response that is garbled or missing is resent only for READ and PING
+    (they have no side effects); for WRITE it raises :class:`TransportError`. Every wait is
+    bounded: byte reads by the link's timeout, the search for a response start by a byte count,
+    resynchronisation by the link's timeout, so a noisy or stuck line ends in an error.
     """
 
     def __init__(self, link: ByteLink, *, retries: int = 2):
         self.link = link
         self.retries = retries
         self._tag = 0
-        self.stats = {"frames": 0, "retries": 0, "crc_errors": 0}
+        self.stats = {"frames": 0, "retries": 0, "crc_errors": 0, "lost_responses": 0}
 
     async def _exchange(self, op: int, addr: int, count: int, strb: int, data: bytes) -> Response:
         self._tag = (self._tag + 1) & 0xFF
@@ -184,7 +192,7 @@ class UartProtocol:
             if b[0] == SOF_RESPONSE:
                 break
         else:
-            raise TransportError(f"{self.link.name}: no response start byte in the stream")
+            raise _Garbled(f"no response start byte in {4 * MAX_WORDS + 16} bytes (noisy line?)")
         head = await self.link.recv(3)
         r_op, r_tag, status = head
         if r_tag != tag or r_op != (op & 0xFF):
@@ -212,11 +220,14 @@ class UartProtocol:
                 self.stats["retries"] += 1
             try:
                 resp = await self._exchange(op, addr, count, strb, data)
-            except _Garbled as exc:
+            except (_Garbled, LinkTimeoutError) as exc:
+                # A garbled or lost response: a READ/PING is simply asked again.
                 last = exc
                 if op == Op.WRITE:
                     raise TransportError(f"{self.link.name}: WRITE at 0x{addr:08x}: {exc}; the write "
                                          f"may or may not have happened") from None
+                if isinstance(exc, LinkTimeoutError):
+                    self.stats["lost_responses"] += 1
                 continue
             if resp.status in (FrameStatus.CRC_ERROR, FrameStatus.TIMEOUT):
                 last = resp
@@ -226,8 +237,10 @@ class UartProtocol:
                                      f"{_status_name(resp.status)} to {Op(op).name} at 0x{addr:08x}")
             return resp
         what = (_status_name(last.status) if isinstance(last, Response) else str(last))
-        raise TransportError(f"{self.link.name}: {Op(op).name} at 0x{addr:08x} failed "
-                             f"{self.retries + 1} times (last: {what})")
+        # A link that stayed silent is still a timeout to the caller (LinkTimeoutError).
+        error = LinkTimeoutError if isinstance(last, LinkTimeoutError) else TransportError
+        raise error(f"{self.link.name}: {Op(op).name} at 0x{addr:08x} failed "
+                    f"{self.retries + 1} times (last: {what})")
 
     async def ping(self) -> None:
         await self.transact(Op.PING, 0)
