@@ -8,7 +8,7 @@ EVSSD  := $(VENV)/bin/evssd
 # pytest workers: the machines have 2 cores
 JOBS   ?= 2
 
-.PHONY: demo test test-fast bench bitstream docs clean help pyverbs
+.PHONY: demo test test-fast bench bitstream release docs clean help pyverbs
 
 help:
 	@echo "make demo       - set up .venv and run the main job on the device model"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-fast  - the suite without Verilator/synthesis tests"
 	@echo "make bench      - every benchmark (results/ + docs/benchmarks.md numbers)"
 	@echo "make bitstream  - full ULX3S-85F bitstream into bitstreams/ulx3s-85f/"
+	@echo "make release    - rebuild the committed bitstream only if its build digest is stale"
 	@echo "make docs       - regenerate docs/registers.md from hw/regmap.py"
 
 $(PY):
@@ -64,6 +65,11 @@ bench: $(VENV)/.stamp-dev
 
 bitstream: $(VENV)/.stamp-dev
 	$(EVSSD) synth --board ulx3s-85f
+
+# The committed bitstream is current when its manifest's build digest (elaborated design without
+# source attributes + build options + tool versions) equals the tree's; otherwise rebuild it.
+release: $(VENV)/.stamp-dev
+	$(EVSSD) synth --release --board ulx3s-85f
 
 docs: $(VENV)/.stamp-run
 	$(EVSSD) regmap --write

@@ -3,7 +3,7 @@
 It follows the RTL's structure lookup by lookup, in request order:
 
 - the command engine issues one lookup per cycle, but only while a reorder-buffer slot is free
-  (``n_slots``, as :func:`evssd.hw.device.default_slots` picks it); a slot frees when its row
+  (``n_slots``, as :func:`evssd.hw.regmap.default_slots` picks it); a slot frees when its row
   retires;
 - each flash channel has ``ways`` page registers with LRU replacement. A read whose page is open
   skips tR; a miss takes the least recently used register once that register's previous data
@@ -31,7 +31,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from evssd.hw.regmap import Params
+from evssd.hw.regmap import Params, default_slots  # one definition for the RTL and the model
 
 __all__ = ["TimingModel", "result_schedule", "default_slots", "COMMAND_OVERHEAD", "LOOKUP_PIPELINE",
            "AXI_READ_LATENCY", "MERGER_LATENCY", "RESULT_TAIL"]
@@ -42,15 +42,6 @@ AXI_READ_LATENCY = 3      # AR accepted -> first R beat (cocotbext-axi AxiRam)
 MERGER_LATENCY = 4        # last row beat -> retirement
 RESULT_TAIL = 103         # last result beat -> completion seen by the driver (write response,
                           # CQ entry, the driver's polling)
-
-
-def default_slots(params: Params) -> int:
-    """Reorder-buffer slots of the default build (mirrors hw.device.default_slots)."""
-    want = 2 * params.ways * params.n_channels
-    slots = 1
-    while slots < want:
-        slots *= 2
-    return max(8, min(64, slots))
 
 
 @numba.njit(cache=True, nogil=True)

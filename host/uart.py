@@ -11,15 +11,15 @@ cocotb test (a bit-level UART model, :mod:`evssd.sim.tb_board`):
   protocol: MMIO at bridge addresses ``0x0000_0000..0x0000_0FFF``, host memory in the board's
   BRAM window (base and size read from the board-info block at ``BOARD_INFO_BASE``).
 
-This module must not import Amaranth (the host library runs without it); the frame constants
-are repeated from :mod:`evssd.hw.uart` and a test checks both agree. :class:`BridgeModel` is the
+This module must not import Amaranth (the host library runs without it); the frame constants,
+the CRC and the address map come from the pure-Python :mod:`evssd.hw.bridge_protocol`, which the
+gateware uses too. :class:`BridgeModel` is the
 byte-level golden model of the gateware bridge.
 """
 from __future__ import annotations
 
 import abc
 import asyncio
-import enum
 import time
 from dataclasses import dataclass
 
@@ -30,50 +30,11 @@ __all__ = ["SOF_REQUEST", "SOF_RESPONSE", "MAX_WORDS", "Op", "FrameStatus", "crc
            "Response", "ByteLink", "SerialLink", "LinkTimeoutError", "UartProtocol", "UartTransport",
            "BridgeModel", "BOARD_INFO_BASE", "BOARD_MAGIC", "WINDOW_BASE", "MMIO_BASE"]
 
-SOF_REQUEST = 0xA5
-SOF_RESPONSE = 0x5A
-MAX_WORDS = 256
-CRC8_POLY = 0x07
-
-# The bridge's 32-bit address map on the board (hw/board.py decodes it).
-MMIO_BASE = 0x0000_0000        # the EV-SSD registers (4 KiB)
-BOARD_INFO_BASE = 0x0F00_0000  # read-only board description (BOARD_INFO words below)
-WINDOW_BASE = 0x1000_0000      # the host-memory BRAM window; the device's DMA uses the same addresses
-BOARD_MAGIC = 0x44425645       # "EVBD" read as a little-endian word
-BOARD_INFO = ("magic", "window_base", "window_bytes", "clock_hz", "divisor", "version")
-
-
-class Op(enum.IntEnum):
-    PING = 0x00
-    READ = 0x01
-    WRITE = 0x02
-
-
-class FrameStatus(enum.IntEnum):
-    OK = 0x00
-    CRC_ERROR = 0x01
-    BAD_OPCODE = 0x02
-    TIMEOUT = 0x03
-
-
-def _crc_table():
-    table = []
-    for b in range(256):
-        crc = b
-        for _ in range(8):
-            crc = ((crc << 1) ^ CRC8_POLY) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
-        table.append(crc)
-    return table
-
-
-_CRC = _crc_table()
-
-
-def crc8(data: bytes, crc: int = 0) -> int:
-    """CRC-8, polynomial 0x07, init 0, no reflection, no final xor (CRC-8/SMBUS)."""
-    for b in data:
-        crc = _CRC[crc ^ b]
-    return crc
+# The frame constants, the CRC and the board's address map: one definition, shared with the
+# gateware (pure Python, no Amaranth).
+from evssd.hw.bridge_protocol import (BOARD_INFO, BOARD_INFO_BASE, BOARD_MAGIC, CRC8_POLY, MAX_WORDS,
+                                      MMIO_BASE, SOF_REQUEST, SOF_RESPONSE, WINDOW_BASE, FrameStatus, Op,
+                                      crc8)
 
 
 def encode_request(op: int, tag: int, addr: int, count: int = 1, strb: int = 0xF,

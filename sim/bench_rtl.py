@@ -35,7 +35,7 @@ def add_arguments(parser):
     parser.add_argument("--batches", type=ct.positive_int, default=3, help="batches per size in the latency sweep")
     parser.add_argument("--inflight", type=ct.positive_int, default=4, help="gathers in flight for throughput")
     parser.add_argument("--slots", type=ct.positive_int, default=None,
-                        help="reorder-buffer slots (default: hw.device.default_slots)")
+                        help="reorder-buffer slots (default: hw.regmap.default_slots)")
     parser.add_argument("--seed", type=ct.nonneg_int, default=1)
     parser.add_argument("--quick", action="store_true", help="small sweep (CI smoke run)")
 
@@ -78,7 +78,7 @@ def run(args) -> int:
                    **top_args)
         with open(report_path) as fh:
             report = json.load(fh)
-    from evssd.hw.device import default_slots
+    from evssd.hw.regmap import default_slots
     report["n_slots"] = args.slots or default_slots(params)
     report["bound"] = bound(params, args.row_bytes, args.t_r)
     for row in report["throughput"]:
