@@ -62,6 +62,8 @@ bench: $(VENV)/.stamp-dev
 	$(EVSSD) bench rtl
 	$(EVSSD) bench synth
 	$(EVSSD) bench dlrm
+	$(EVSSD) bench model
+	$(EVSSD) bench device
 
 bitstream: $(VENV)/.stamp-dev
 	$(EVSSD) synth --board ulx3s-85f
