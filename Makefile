@@ -8,7 +8,7 @@ EVSSD  := $(VENV)/bin/evssd
 # pytest workers: the machines have 2 cores
 JOBS   ?= 2
 
-.PHONY: demo test test-fast bench bitstream docs clean help
+.PHONY: demo test test-fast bench bitstream release docs clean help pyverbs
 
 help:
 	@echo "make demo       - set up .venv and run the main job on the device model"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-fast  - the suite without Verilator/synthesis tests"
 	@echo "make bench      - every benchmark (results/ + docs/benchmarks.md numbers)"
 	@echo "make bitstream  - full ULX3S-85F bitstream into bitstreams/ulx3s-85f/"
+	@echo "make release    - rebuild the committed bitstream only if its build digest is stale"
 	@echo "make docs       - regenerate docs/registers.md from hw/regmap.py"
 
 $(PY):
@@ -40,10 +41,18 @@ $(VENV)/.stamp-dev: pyproject.toml | $(PY)
 demo: $(VENV)/.stamp-run
 	$(EVSSD) demo
 
-test: $(VENV)/.stamp-dev
+# tests/test_serving_pyverbs_real.py checks the verbs stand-in against rdma-core's real pyverbs
+# (a Debian package for /usr/bin/python3, not on PyPI). Installed when apt-get exists and the
+# package is missing; if apt fails, that test fails and says how to install it.
+pyverbs:
+	@if command -v apt-get >/dev/null && ! dpkg -s python3-pyverbs >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pyverbs) \
+	    || echo "warning: could not install python3-pyverbs; its test will fail"; fi
+
+test: $(VENV)/.stamp-dev pyverbs
 	$(PY) -m pytest -n $(JOBS) --dist loadgroup -q --durations=15
 
-test-fast: $(VENV)/.stamp-dev
+test-fast: $(VENV)/.stamp-dev pyverbs
 	$(PY) -m pytest -n $(JOBS) -q -m "not rtl and not synth"
 
 bench: $(VENV)/.stamp-dev
@@ -53,9 +62,16 @@ bench: $(VENV)/.stamp-dev
 	$(EVSSD) bench rtl
 	$(EVSSD) bench synth
 	$(EVSSD) bench dlrm
+	$(EVSSD) bench model
+	$(EVSSD) bench device
 
 bitstream: $(VENV)/.stamp-dev
 	$(EVSSD) synth --board ulx3s-85f
+
+# The committed bitstream is current when its manifest's build digest (elaborated design without
+# source attributes + build options + tool versions) equals the tree's; otherwise rebuild it.
+release: $(VENV)/.stamp-dev
+	$(EVSSD) synth --release --board ulx3s-85f
 
 docs: $(VENV)/.stamp-run
 	$(EVSSD) regmap --write

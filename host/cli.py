@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -26,8 +27,10 @@ BENCHES = {
     "store": ("evssd.host.bench.store", "embedding store backends side by side: dram, file, evssd model, RocksDB"),
     "serve": ("evssd.host.bench.serve", "FlexEMR engine: multi- vs single-threaded, pooling, adaptive cache"),
     "rtl": ("evssd.sim.bench_rtl", "cycle-accurate RTL: lookups/cycle vs bound, read amplification, latency"),
+    "model": ("evssd.host.bench.model", "functional + timing model: wall-clock lookups/s through the driver (GATHER, GATHER_POOLED)"),
     "synth": ("evssd.host.bench.synth", "resource estimates for 1..8 channels and 64..512-bit widths (ECP5, UltraScale+)"),
     "dlrm": ("evssd.host.bench.dlrm", "TorchRec DLRM end to end: DRAM vs EV-SSD (fine-grained, EV-Cache, pipeline) vs block mode"),
+    "device": ("evssd.host.bench.device", "driver facade: per-call cost of the thread-safe Device.run vs a bare loop"),
 }
 
 
@@ -61,12 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn failures into one line: a bad argument exits 2 (argparse, or a
+    :class:`~evssd.host.cli_types.UsageError`), any other error exits 1 with its message;
+    ``EVSSD_DEBUG=1`` shows the traceback instead."""
+    from evssd.host.cli_types import UsageError
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = f"evssd {args.command}" + (f" {args.bench}" if getattr(args, "bench", None) else "")
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if os.environ.get("EVSSD_DEBUG"):
+            raise
+        print(f"{prog}: error: {type(exc).__name__}: {exc} (EVSSD_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

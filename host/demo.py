@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from evssd.hw.regmap import Params
+from evssd.host import cli_types as ct
 
 __all__ = ["add_arguments", "run", "make_tables", "golden_pooled_sum", "DemoFailed"]
 
@@ -54,16 +55,34 @@ def golden_pooled_sum(table: np.ndarray, indices: np.ndarray, offsets: np.ndarra
 def add_arguments(parser):
     parser.add_argument("--backend", choices=("model", "rtl"), default="model",
                         help="model: functional + timing model (default); rtl: the gateware in Verilator")
-    parser.add_argument("--tables", type=int, default=4, help="number of tables (default 4)")
-    parser.add_argument("--rows", type=int, default=None,
+    parser.add_argument("--tables", type=ct.int_range(1, 16, "a table count"), default=4, help="number of tables (default 4)")
+    parser.add_argument("--rows", type=ct.positive_int, default=None,
                         help="rows per table (default 100000 on model, 2000 on rtl)")
-    parser.add_argument("--dim", type=int, default=32, help="elements per row (default 32)")
-    parser.add_argument("--batches", type=int, default=None, help="batches (default 60 on model, 4 on rtl)")
-    parser.add_argument("--batch-size", type=int, default=None, help="bags per batch (default 256 on model, 16 on rtl)")
-    parser.add_argument("--pooling-factor", type=int, default=20, help="lookups per bag (default 20)")
-    parser.add_argument("--cache-fraction", type=float, default=0.01, help="EV-Cache budget per table (default 0.01)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dim", type=ct.positive_int, default=32, help="elements per row (default 32)")
+    parser.add_argument("--batches", type=ct.positive_int, default=None, help="batches (default 60 on model, 4 on rtl)")
+    parser.add_argument("--batch-size", type=ct.positive_int, default=None, help="bags per batch (default 256 on model, 16 on rtl)")
+    parser.add_argument("--pooling-factor", type=ct.positive_int, default=20, help="lookups per bag (default 20)")
+    parser.add_argument("--cache-fraction", type=ct.fraction, default=0.01, help="EV-Cache budget per table (default 0.01)")
+    parser.add_argument("--seed", type=ct.nonneg_int, default=1)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_fits(n_tables: int, rows: int, dim: int, params: Params) -> None:
+    """Refuse (:class:`~evssd.host.cli_types.UsageError`) a table set that the demo device cannot
+    hold, before any table is generated: rows must fit a page and the pages the flash."""
+    pages = 0
+    for t in range(n_tables):
+        itemsize = {"fp32": 4, "fp16": 2, "int8": 1}[DTYPES[t % len(DTYPES)]]
+        row_bytes = -(-dim * itemsize // 4) * 4
+        if row_bytes > min(params.page_size, params.max_row_bytes):
+            raise ct.UsageError(f"--dim {dim}: a {DTYPES[t % len(DTYPES)]} row of {row_bytes} bytes is "
+                                f"longer than the device's {min(params.page_size, params.max_row_bytes)}-byte "
+                                f"row limit")
+        pages += -(-rows // (params.page_size // row_bytes))
+    if pages > params.total_pages:
+        raise ct.UsageError(f"--tables {n_tables} --rows {rows} --dim {dim}: {pages:,} pages do not fit "
+                            f"the demo device's {params.total_pages:,} pages "
+                            f"({params.total_pages * params.page_size // 2**20} MiB)")
 
 
 def _mib(n: int) -> str:
@@ -89,6 +108,7 @@ def _run_model(args) -> int:
     n_batches = args.batches or 60
     batch_size = args.batch_size or 256
     params = Params(n_channels=4, page_size=4096, pages_per_channel=4096)
+    check_fits(args.tables, rows, args.dim, params)
     tables = make_tables(args.tables, rows, args.dim, args.seed)
     out = sys.stdout
     print("evssd demo: embedding lookups served from an EV-SSD", file=out)
@@ -203,6 +223,7 @@ def _run_rtl(args) -> int:
         "batches": args.batches or 4, "batch_size": args.batch_size or 16,
         "pooling_factor": args.pooling_factor, "cache_fraction": args.cache_fraction, "seed": args.seed,
     }
+    check_fits(cfg["tables"], cfg["rows"], cfg["dim"], Params(**RTL_PARAMS))
     print("evssd demo --backend rtl: building the EV-SSD gateware with Verilator (minutes on first run)...",
           file=sys.stderr)
     try:

@@ -26,6 +26,7 @@ from evssd.hw import regmap
 from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, Command, Completion, ElemType, Opcode,
                              Params, Status)
 from evssd.host.backends import open_transport
+from evssd.host.regfile import MMIOError
 from evssd.host.transport import Transport
 
 __all__ = ["AsyncDevice", "Device", "DeviceError", "DeviceClosedError", "DeviceMismatchError",
@@ -97,10 +98,42 @@ class CommandHandle:
     command: Command
     buffers: list[int] = field(default_factory=list)
     completion: Completion | None = None
+    #: (rows, row_bytes) of a gather's result; None for other commands
+    result_shape: tuple[int, int] | None = None
+    #: nobody waits for it any more: its buffers are freed when its completion is reaped
+    abandoned: bool = False
 
 
 _COROUTINE = types.CoroutineType
 _running_loop = asyncio._get_running_loop  # the loop running in this thread, or None
+
+
+def _op_name(opcode: int) -> str:
+    return Opcode(opcode).name if opcode in Opcode._value2member_map_ else f"opcode 0x{opcode:02x}"
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> int:
+    """``value`` as a Python int in ``lo..hi``, or an error naming ``name``: no float is
+    truncated and no value wraps into a hardware field."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} out of range {lo}..{hi}")
+    return value
+
+
+def _int_array(name: str, values) -> np.ndarray:
+    """A one-dimensional integer array, or an error naming ``name`` (floats, bools, objects and
+    other shapes are refused rather than converted)."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    return arr
 
 
 def _reg(name: str) -> int:
@@ -124,6 +157,7 @@ class AsyncDevice:
         self._inflight: dict[int, CommandHandle] = {}
         self._done: dict[int, CommandHandle] = {}
         self._reaping = False
+        self._submitting = False
         self.closed = False
 
     def _live(self):
@@ -141,8 +175,12 @@ class AsyncDevice:
         parameters differ.
         """
         for n, what in ((sq_entries, "sq_entries"), (cq_entries, "cq_entries")):
-            if n < 2 or n > 32768 or n & (n - 1):
+            n = _check_int(what, n, 2, 32768)
+            if n & (n - 1):
                 raise ValueError(f"{what}={n}: must be a power of two 2..32768")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 \
+                or timeout == float("inf"):
+            raise ValueError(f"timeout={timeout!r}: must be a positive number of seconds")
         magic = await transport.read32(_reg("ID_MAGIC"))
         if magic != regmap.MAGIC:
             raise DeviceMismatchError(f"{transport.name}: no EV-SSD here (ID magic 0x{magic:08x}, "
@@ -206,27 +244,37 @@ class AsyncDevice:
     async def read32(self, addr: int) -> int:
         """Raw MMIO read (expert use: registers are named in :mod:`evssd.hw.regmap`)."""
         self._live()
+        addr = _check_int("addr", addr, 0, 0xFFFF_FFFF)
+        if addr % 4:
+            raise ValueError(f"addr=0x{addr:x} is not 32-bit aligned")
         return await self.transport.read32(addr)
 
     async def write32(self, addr: int, value: int, strb: int = 0xF) -> None:
         """Raw MMIO write (expert use)."""
         self._live()
+        addr = _check_int("addr", addr, 0, 0xFFFF_FFFF)
+        if addr % 4:
+            raise ValueError(f"addr=0x{addr:x} is not 32-bit aligned")
+        value = _check_int("value", value, 0, 0xFFFF_FFFF)
+        strb = _check_int("strb", strb, 0, 0xF)
         await self.transport.write32(addr, value, strb)
 
     # ------------------------------------------------------------------ configuration
     async def set_timing(self, t_r: int | None = None, t_prog: int | None = None):
         self._live()
         if t_r is not None:
-            if not 0 <= t_r < (1 << 24):
-                raise ValueError(f"t_r={t_r} cycles out of range 0..2**24-1")
+            t_r = _check_int("t_r (cycles)", t_r, 0, (1 << 24) - 1)
+        if t_prog is not None:
+            t_prog = _check_int("t_prog (cycles)", t_prog, 0, (1 << 24) - 1)
+        if t_r is not None:
             await self.transport.write32(_reg("T_R"), t_r)
         if t_prog is not None:
-            if not 0 <= t_prog < (1 << 24):
-                raise ValueError(f"t_prog={t_prog} cycles out of range 0..2**24-1")
             await self.transport.write32(_reg("T_PROG"), t_prog)
 
     async def set_block_mode(self, on: bool):
         self._live()
+        if not isinstance(on, (bool, np.bool_, int, np.integer)) or on not in (0, 1):
+            raise TypeError(f"set_block_mode: on must be True or False, got {on!r}")
         bit = 1 << regmap.register("CTRL").field("block_mode").lsb
         self._ctrl = (self._ctrl | bit) if on else (self._ctrl & ~bit)
         await self.transport.write32(_reg("CTRL"), self._ctrl)
@@ -237,14 +285,28 @@ class AsyncDevice:
         self._live()
         p = self.params
         elem = elem_type(elem)
-        if not 0 <= table < p.max_tables:
+        if isinstance(table, (int, np.integer)) and not isinstance(table, bool) and \
+                not 0 <= table < p.max_tables:
             raise ValueError(f"table {table} out of range 0..{p.max_tables - 1}")
+        table = _check_int("table", table, 0, p.max_tables - 1)
+        row_bytes = _check_int(f"table {table}: row_bytes", row_bytes, 0, 1 << 32)
+        if not isinstance(enable, (bool, np.bool_, int, np.integer)) or enable not in (0, 1):
+            raise TypeError(f"table {table}: enable must be True or False, got {enable!r}")
         if row_bytes % 4 or not 4 <= row_bytes <= min(p.page_size, p.max_row_bytes):
             raise ValueError(f"table {table}: row_bytes={row_bytes} must be a multiple of 4 in "
                              f"4..{min(p.page_size, p.max_row_bytes)}")
         if row_bytes % elem.itemsize:
             raise ValueError(f"table {table}: row_bytes={row_bytes} is not a whole number of {elem.name} elements")
-        extents = [tuple(int(v) for v in e) for e in extents]
+        try:
+            extents = list(extents)
+        except TypeError:
+            raise TypeError(f"table {table}: extents must be a list of (first_index, n_rows, "
+                            f"start_lba), got {type(extents).__name__}") from None
+        for k, e in enumerate(extents):
+            if not isinstance(e, (tuple, list, np.ndarray)) or len(e) != 3:
+                raise ValueError(f"table {table} extent {k}: {e!r} is not (first_index, n_rows, start_lba)")
+            extents[k] = tuple(_check_int(f"table {table} extent {k} {what}", v, 0, 0xFFFF_FFFF)
+                               for what, v in zip(("first_index", "n_rows", "start_lba"), e))
         if len(extents) > p.max_extents:
             raise ValueError(f"table {table}: {len(extents)} extents, the device holds {p.max_extents}")
         rows_per_page = p.page_size // row_bytes
@@ -299,24 +361,73 @@ class AsyncDevice:
 
     # ------------------------------------------------------------------ commands
     async def submit(self, command: Command, buffers=()) -> CommandHandle:
-        """Place ``command`` in the submission ring and ring the doorbell."""
+        """Place ``command`` in the submission ring and ring the doorbell; the handle owns
+        ``buffers`` (host-memory addresses) from then on and frees them when it is finished.
+
+        All or nothing: if this raises, the command is not in flight and the caller still owns
+        ``buffers``, except when the doorbell write itself failed without a clear answer (a link
+        error): then the device may have seen the command, so it stays in flight, abandoned, and
+        its buffers are freed when its completion arrives.
+        """
         self._live()
+        if self._submitting:
+            raise RuntimeError(f"{self.transport.name}: submit() entered while another submission is "
+                               f"under way: drive one AsyncDevice from one task at a time (Device "
+                               f"does this for threads)")
+        self._submitting = True
+        try:
+            return await self._submit(command, buffers)
+        finally:
+            self._submitting = False
+
+    async def _submit(self, command: Command, buffers) -> CommandHandle:
+        deadline = time.monotonic() + self.timeout
         while len(self._inflight) >= self.sq_entries - 1:
-            await self._reap_or_wait()
-        command.cid = self._next_cid
-        self._next_cid = (self._next_cid + 1) & 0xFFFF
-        while command.cid in self._inflight or command.cid in self._done:
-            command.cid = self._next_cid
-            self._next_cid = (self._next_cid + 1) & 0xFFFF
-        handle = CommandHandle(command.cid, command, list(buffers))
-        self._inflight[command.cid] = handle
-        await self.transport.mem_write(self._sq_addr + self._sq_tail * COMMAND_BYTES, command.pack())
-        self._sq_tail = (self._sq_tail + 1) % self.sq_entries
-        await self.transport.write32(_reg("SQ_TAIL"), self._sq_tail)
+            if not await self._reap():
+                if time.monotonic() > deadline:
+                    raise DeviceTimeoutError(f"{self.transport.name}: submission ring full "
+                                             f"({len(self._inflight)} commands in flight) for "
+                                             f"{self.timeout} s")
+                await self.transport.wait()
+        cid = self._next_cid
+        while cid in self._inflight or cid in self._done:
+            cid = (cid + 1) & 0xFFFF
+        self._next_cid = (cid + 1) & 0xFFFF
+        command.cid = cid
+        packed = command.pack()
+        slot = self._sq_tail
+        await self.transport.mem_write(self._sq_addr + slot * COMMAND_BYTES, packed)
+        handle = CommandHandle(cid, command, list(buffers))
+        self._inflight[cid] = handle
+        self._sq_tail = (slot + 1) % self.sq_entries
+        try:
+            await self.transport.write32(_reg("SQ_TAIL"), self._sq_tail)
+        except MMIOError:  # refused: the device did not take the new tail
+            self._inflight.pop(cid)
+            self._sq_tail = slot
+            raise
+        except BaseException:
+            handle.abandoned = True
+            raise
         return handle
 
+    async def submit_raw(self, command: Command, buffers=()) -> Completion:
+        """Testing/expert API: submit ``command`` exactly as given (any opcode, table, sizes,
+        addresses; ``cid`` is assigned by the driver), wait for its completion and return it
+        without checking its status. Fields are checked only against their encoded widths.
+
+        ``buffers`` (host-memory addresses the command uses) stay the caller's when a
+        completion comes back; if it does not (timeout, link error), the driver takes them and
+        frees them when the completion arrives, so the caller must not free them then."""
+        self._live()
+        for name, bits in (("opcode", 8), ("table", 8), ("count", 32), ("n_bags", 32), ("lba", 32),
+                           ("src_addr", 64), ("offsets_addr", 64), ("dst_addr", 64), ("dst_bytes", 32)):
+            _check_int(f"command.{name}", getattr(command, name), 0, (1 << bits) - 1)
+        return await self._run(command, buffers)
+
     async def _reap(self) -> int:
-        """Move every posted completion to ``_done``; one CQ-head doorbell for the lot."""
+        """Move every posted completion to ``_done``; one CQ-head doorbell for the lot.
+        Completions of abandoned commands free their buffers here."""
         if self._reaping:
             return 0
         self._reaping = True
@@ -332,7 +443,10 @@ class AsyncDevice:
                 if handle is None:
                     raise RuntimeError(f"{self.transport.name}: completion for unknown cid {cpl.cid}: {cpl}")
                 handle.completion = cpl
-                self._done[cpl.cid] = handle
+                if handle.abandoned:
+                    self._free(handle.buffers)
+                else:
+                    self._done[cpl.cid] = handle
                 self._cq_head += 1
                 if self._cq_head == self.cq_entries:
                     self._cq_head = 0
@@ -349,42 +463,101 @@ class AsyncDevice:
             await self.transport.wait()
 
     async def wait_for(self, handle: CommandHandle) -> Completion:
+        """Wait (at most ``timeout`` seconds) for ``handle``'s completion and return it."""
+        self._check_handle(handle)
         deadline = time.monotonic() + self.timeout
         while handle.cid not in self._done:
+            if handle.abandoned:
+                raise RuntimeError(f"{self.transport.name}: command cid {handle.cid} was abandoned")
             if await self._reap():
                 continue
             if time.monotonic() > deadline:
                 raise DeviceTimeoutError(f"{self.transport.name}: command cid {handle.cid} "
-                                         f"({Opcode(handle.command.opcode).name}) not completed after "
+                                         f"({_op_name(handle.command.opcode)}) not completed after "
                                          f"{self.timeout} s")
             await self.transport.wait()
         self._done.pop(handle.cid)
         return handle.completion
 
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, CommandHandle):
+            raise TypeError(f"expected a CommandHandle from submit*, got {type(handle).__name__}")
+        if self._inflight.get(handle.cid) is not handle and self._done.get(handle.cid) is not handle:
+            raise ValueError(f"{self.transport.name}: command cid {handle.cid} is not in flight on this "
+                             f"device (finished already, or submitted to another device)")
+
+    def _abandon(self, handle: CommandHandle):
+        """Give up waiting for ``handle``: its buffers stay allocated while the device may still
+        write them, and are freed when its completion is reaped (or now, if it already was)."""
+        if handle.abandoned:
+            return
+        if self._done.pop(handle.cid, None) is not None or (handle.completion is not None and
+                                                             handle.cid not in self._inflight):
+            self._free(handle.buffers)
+            handle.buffers = []
+        handle.abandoned = True
+
+    def _free(self, buffers: list[int]):
+        for addr in buffers:
+            self.transport.free(addr)
+        buffers.clear()
+
+    def _release(self, buffers):
+        """Free ``buffers`` after a failed submission, except those an abandoned command holds
+        (the device may still use them; they are freed with its completion)."""
+        held = {a for h in self._inflight.values() if h.abandoned for a in h.buffers}
+        for addr in buffers:
+            if addr not in held:
+                self.transport.free(addr)
+
     async def _run(self, command: Command, buffers=()) -> Completion:
-        handle = await self.submit(command, buffers)
-        return await self.wait_for(handle)
+        """Submit one command and wait for it. ``buffers`` stay the caller's when it completes;
+        on any failure the driver takes them (freed now, or with a late completion)."""
+        try:
+            handle = await self.submit(command, buffers)
+        except BaseException:
+            self._release(buffers)
+            raise
+        try:
+            cpl = await self.wait_for(handle)
+        except BaseException:
+            self._abandon(handle)
+            raise
+        handle.buffers = []
+        return cpl
 
     async def _put(self, data: bytes) -> int:
         addr = self.transport.alloc(max(len(data), 1))
-        await self.transport.mem_write(addr, data)
+        try:
+            await self.transport.mem_write(addr, data)
+        except BaseException:
+            self.transport.free(addr)
+            raise
         return addr
 
     # ------------------------------------------------------------------ high-level operations
     async def nop(self) -> Completion:
-        cpl = await self._run(Command(opcode=Opcode.NOP))
-        self._check(cpl, Command(opcode=Opcode.NOP, cid=cpl.cid))
+        self._live()
+        cmd = Command(opcode=Opcode.NOP)
+        cpl = await self._run(cmd)
+        self._check(cpl, cmd)
         return cpl
 
     async def program_pages(self, lba: int, data) -> None:
-        """Write whole pages starting at ``lba`` (PROGRAM_PAGES)."""
+        """Write whole pages starting at ``lba`` (PROGRAM_PAGES). ``data``: any array whose
+        bytes are a whole number of pages."""
         self._live()
-        buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        lba = _check_int("lba", lba, 0, self.params.total_pages - 1)
+        arr = np.asarray(data)
+        if arr.dtype.hasobject:
+            raise TypeError(f"program_pages: data must be a numeric array, got dtype {arr.dtype}")
+        buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
         ps = self.params.page_size
         if buf.size == 0 or buf.size % ps:
-            raise ValueError(f"program_pages: {buf.size} bytes is not a whole number of {ps}-byte pages")
+            raise ValueError(f"program_pages: data is {buf.size} bytes, not a whole number of "
+                             f"{ps}-byte pages")
         n_pages = buf.size // ps
-        if lba < 0 or lba + n_pages > self.params.total_pages:
+        if lba + n_pages > self.params.total_pages:
             raise ValueError(f"program_pages: pages {lba}..{lba + n_pages - 1} beyond the flash "
                              f"({self.params.total_pages} pages)")
         # Chunk so one buffer stays small in host memory windows (e.g. a board's BRAM).
@@ -392,11 +565,10 @@ class AsyncDevice:
         for start in range(0, n_pages, chunk):
             n = min(chunk, n_pages - start)
             src = await self._put(buf[start * ps:(start + n) * ps].tobytes())
-            try:
-                cmd = Command(opcode=Opcode.PROGRAM_PAGES, count=n, lba=lba + start, src_addr=src)
-                self._check(await self._run(cmd), cmd)
-            finally:
-                self.transport.free(src)
+            cmd = Command(opcode=Opcode.PROGRAM_PAGES, count=n, lba=lba + start, src_addr=src)
+            cpl = await self._run(cmd, [src])  # on failure the driver has taken src
+            self.transport.free(src)
+            self._check(cpl, cmd)
 
     def _chunk_pages(self) -> int:
         return max(1, (self.transport.memory.size // 4) // self.params.page_size)
@@ -404,16 +576,20 @@ class AsyncDevice:
     async def read_pages(self, lba: int, n_pages: int) -> np.ndarray:
         """Raw pages (READ_PAGES) as a uint8 array ``[n_pages, page_size]``."""
         self._live()
+        total = self.params.total_pages
+        lba = _check_int("lba", lba, 0, total - 1)
+        n_pages = _check_int("n_pages", n_pages, 0, total - lba)
         ps = self.params.page_size
         out = np.empty((n_pages, ps), dtype=np.uint8)
         chunk = self._chunk_pages()
         for start in range(0, n_pages, chunk):
             n = min(chunk, n_pages - start)
             dst = self.transport.alloc(n * ps)
+            cmd = Command(opcode=Opcode.READ_PAGES, count=n, lba=lba + start, dst_addr=dst,
+                          dst_bytes=n * ps)
+            cpl = await self._run(cmd, [dst])  # on failure the driver has taken dst
             try:
-                cmd = Command(opcode=Opcode.READ_PAGES, count=n, lba=lba + start, dst_addr=dst,
-                              dst_bytes=n * ps)
-                self._check(await self._run(cmd), cmd)
+                self._check(cpl, cmd)
                 out[start:start + n] = np.frombuffer(await self.transport.mem_read(dst, n * ps),
                                                      dtype=np.uint8).reshape(n, ps)
             finally:
@@ -421,61 +597,146 @@ class AsyncDevice:
         return out
 
     @staticmethod
-    def _indices(indices) -> np.ndarray:
-        arr = np.asarray(indices)
-        if arr.ndim != 1:
-            raise ValueError(f"indices must be one-dimensional, got shape {arr.shape}")
-        if arr.size and arr.dtype.kind not in "iu":
-            raise TypeError(f"indices must be integers, got {arr.dtype}")
+    def _indices(indices, name: str = "indices") -> np.ndarray:
+        arr = _int_array(name, indices)
         if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF_FFFF):
             bad = int(np.flatnonzero((arr < 0) | (arr > 0xFFFF_FFFF))[0])
-            raise IndexError(f"index {arr[bad]} at position {bad} does not fit the device's 32-bit indices")
+            raise IndexError(f"{name}: index {arr[bad]} at position {bad} does not fit the device's "
+                             f"32-bit indices (0..2**32-1)")
         return arr.astype("<u4")
 
+    @staticmethod
+    def _offsets(offsets, n_indices: int) -> np.ndarray:
+        off = _int_array("offsets", offsets)
+        if off.size < 1:
+            raise ValueError("offsets must have B+1 >= 1 entries (FBGEMM layout), got none")
+        if off.size - 1 > 0xFFFF_FFFF:
+            raise ValueError(f"offsets: {off.size - 1} bags do not fit the device's 32-bit count")
+        if off[0] < 0:
+            raise ValueError(f"offsets[0]={off[0]} is negative")
+        down = off[1:] < off[:-1]
+        if down.any():  # with offsets[0] >= 0 this also rules out negatives
+            k = int(np.flatnonzero(down)[0])
+            raise ValueError(f"offsets must be non-decreasing: offsets[{k + 1}]={off[k + 1]} < "
+                             f"offsets[{k}]={off[k]}")
+        if off[-1] > n_indices:
+            raise ValueError(f"offsets[-1]={off[-1]} is past the {n_indices} indices")
+        return off.astype("<u4")
+
+    def _gather_table(self, table) -> TableConfig:
+        table = _check_int("table", table, 0, self.params.max_tables - 1)
+        return self._table(table)
+
+    async def _submit_with(self, make_command, parts: list[bytes], out_bytes: int) -> CommandHandle:
+        """Allocate and fill the input buffers, allocate the result buffer and submit; on any
+        failure free what was allocated (all or nothing)."""
+        owned = []
+        try:
+            for data in parts:
+                owned.append(await self._put(data))
+            owned.append(self.transport.alloc(max(out_bytes, 1)))
+            return await self.submit(make_command(*owned), owned)
+        except BaseException:
+            self._release(owned)
+            raise
+
     async def submit_gather(self, table: int, indices) -> CommandHandle:
+        """Start a GATHER (the caller must :meth:`finish` the handle)."""
         self._live()
-        cfg = self._table(table)
+        cfg = self._gather_table(table)
         idx = self._indices(indices)
         n = idx.size
-        src = await self._put(idx.tobytes())
-        dst = self.transport.alloc(max(n * cfg.row_bytes, 1))
-        cmd = Command(opcode=Opcode.GATHER, table=table, count=n, src_addr=src, dst_addr=dst,
-                      dst_bytes=n * cfg.row_bytes)
-        return await self.submit(cmd, [src, dst])
+        out_bytes = n * cfg.row_bytes
+        handle = await self._submit_with(
+            lambda src, dst: Command(opcode=Opcode.GATHER, table=cfg.table, count=n, src_addr=src,
+                                     dst_addr=dst, dst_bytes=out_bytes),
+            [idx.tobytes()], out_bytes)
+        handle.result_shape = (n, cfg.row_bytes)
+        return handle
 
     async def submit_gather_pooled(self, table: int, indices, offsets) -> CommandHandle:
+        """Start a GATHER_POOLED (the caller must :meth:`finish` the handle)."""
         self._live()
-        cfg = self._table(table)
+        cfg = self._gather_table(table)
         idx = self._indices(indices)
-        off = np.asarray(offsets)
-        if off.ndim != 1 or off.size < 1:
-            raise ValueError(f"offsets must be one-dimensional with B+1 >= 1 entries, got shape {off.shape}")
-        off = off.astype("<u4")
+        off = self._offsets(offsets, idx.size)
         n_bags = off.size - 1
-        src = await self._put(idx.tobytes())
-        offs = await self._put(off.tobytes())
         out_bytes = n_bags * cfg.pooled_row_bytes
-        dst = self.transport.alloc(max(out_bytes, 1))
-        cmd = Command(opcode=Opcode.GATHER_POOLED, table=table, count=idx.size, n_bags=n_bags,
-                      src_addr=src, offsets_addr=offs, dst_addr=dst, dst_bytes=out_bytes)
-        return await self.submit(cmd, [src, offs, dst])
+        handle = await self._submit_with(
+            lambda src, offs, dst: Command(opcode=Opcode.GATHER_POOLED, table=cfg.table, count=idx.size,
+                                           n_bags=n_bags, src_addr=src, offsets_addr=offs,
+                                           dst_addr=dst, dst_bytes=out_bytes),
+            [idx.tobytes(), off.tobytes()], out_bytes)
+        handle.result_shape = (n_bags, cfg.pooled_row_bytes)
+        return handle
 
     async def finish(self, handle: CommandHandle) -> np.ndarray:
-        """Wait for a gather command, return its rows (raw bytes, one row per line), free buffers."""
+        """Wait for a gather command, return its rows (raw bytes, one row per line), free buffers.
+
+        If waiting fails (timeout, link error, cancellation) the command is abandoned: its
+        buffers are freed when the device completes it, never while it may still write them."""
+        if not isinstance(handle, CommandHandle) or handle.result_shape is None:
+            raise TypeError(f"finish takes the handle of submit_gather/submit_gather_pooled, got "
+                            f"{handle!r}")
+        self._check_handle(handle)
         cmd = handle.command
-        cfg = self.tables.get(cmd.table)
         try:
             cpl = await self.wait_for(handle)
-            row = cfg.row_bytes if cmd.opcode == Opcode.GATHER else cfg.pooled_row_bytes
-            rows = cmd.count if cmd.opcode == Opcode.GATHER else cmd.n_bags
+        except BaseException:
+            self._abandon(handle)
+            raise
+        try:
+            rows, row = handle.result_shape
             result = np.frombuffer(await self.transport.mem_read(cmd.dst_addr, rows * row),
                                    dtype=np.uint8).reshape(rows, row).copy() if rows else \
                 np.zeros((0, row), dtype=np.uint8)
             self._check(cpl, cmd, result)
             return result
         finally:
-            for addr in handle.buffers:
-                self.transport.free(addr)
+            self._free(handle.buffers)
+
+    async def finish_all(self, handles) -> list[np.ndarray]:
+        """Finish every handle (even after one fails, so nothing stays in flight) and return
+        their results in order; the first error is raised after all are finished."""
+        out, error = [], None
+        for h in handles:
+            try:
+                out.append(await self.finish(h))
+            except BaseException as exc:
+                error = error or exc
+                out.append(None)
+        if error is not None:
+            raise error
+        return out
+
+    async def gather_many(self, requests) -> list[np.ndarray]:
+        """Several gathers overlapped on the device: ``requests`` is a list of
+        ``(table, indices)`` (GATHER) or ``(table, indices, offsets)`` (GATHER_POOLED).
+
+        All or nothing: every request is validated before the first is submitted, and if a
+        submission fails, the ones already submitted are finished (their buffers freed) before
+        the error is raised."""
+        self._live()
+        checked = []
+        for k, req in enumerate(requests):
+            if not isinstance(req, (tuple, list)) or len(req) not in (2, 3):
+                raise ValueError(f"requests[{k}] must be (table, indices) or (table, indices, offsets)")
+            cfg = self._gather_table(req[0])
+            idx = self._indices(req[1], f"requests[{k}] indices")
+            off = self._offsets(req[2], idx.size) if len(req) == 3 else None
+            checked.append((cfg.table, idx, off))
+        handles = []
+        try:
+            for table, idx, off in checked:
+                handles.append(await (self.submit_gather(table, idx) if off is None else
+                                      self.submit_gather_pooled(table, idx, off)))
+        except BaseException:
+            try:
+                await self.finish_all(handles)
+            except Exception:
+                pass
+            raise
+        return await self.finish_all(handles)
 
     async def gather(self, table: int, indices) -> np.ndarray:
         """One row per index, in request order, as raw bytes ``uint8[n, row_bytes]``."""
@@ -490,7 +751,11 @@ class AsyncDevice:
         """Interpret raw result bytes as elements of the table's (pooled) type."""
         cfg = self._table(table)
         dtype = cfg.elem.pooled_dtype if pooled else cfg.elem.numpy_dtype
-        return raw.view(np.dtype(dtype))
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
+            raise TypeError(f"view: raw must be the uint8[n, row_bytes] array a gather returned, "
+                            f"got {getattr(raw, 'dtype', type(raw).__name__)} "
+                            f"shape {getattr(raw, 'shape', None)}")
+        return np.ascontiguousarray(raw).view(np.dtype(dtype))
 
     @staticmethod
     def _check(cpl: Completion, cmd: Command, result=None):

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 from evssd.hw import regmap
+from evssd.host import cli_types as ct
 
 
 def add_arguments(parser):
-    parser.add_argument("--backend", default="model", help="model (default) or uart")
+    parser.add_argument("--backend", default="model", choices=("model", "uart"), help="model (default) or uart")
     parser.add_argument("--port", help="serial port for the uart backend (e.g. /dev/ttyUSB0)")
-    parser.add_argument("--baud", type=int, default=3_000_000, help="uart baud rate")
+    parser.add_argument("--baud", type=ct.positive_int, default=3_000_000, help="uart baud rate")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -18,8 +19,7 @@ def run(args) -> int:
     kwargs = {}
     if args.backend == "uart":
         if not args.port:
-            print("evssd info --backend uart needs --port", flush=True)
-            return 2
+            raise ct.UsageError("--backend uart needs --port (e.g. /dev/ttyUSB0)")
         kwargs = {"port": args.port, "baud": args.baud}
     with Device.open(args.backend, **kwargs) as dev:
         info = {

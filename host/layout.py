@@ -91,6 +91,16 @@ class TablePlacement:
     rows_per_page: int
     extents: list[Extent]
     crc32: list[int] = field(default_factory=list)  # per extent, of its page image
+    #: CRC-32 of the geometry (:meth:`seal`) when the pages were made (None: not planned here)
+    geometry_crc32: int | None = None
+
+    def seal(self) -> int:
+        """CRC-32 of everything that decides how the pages are read (name, slot, rows, dim,
+        element type, row size, extents): an edit of any of them after the pages were written
+        no longer matches."""
+        geometry = [self.name, self.table_id, self.rows, self.dim, self.elem, self.row_bytes,
+                    self.rows_per_page, [list(map(int, e)) for e in self.extents]]
+        return zlib.crc32(json.dumps(geometry, separators=(",", ":")).encode())
 
     @property
     def dtype(self) -> np.dtype:
@@ -196,6 +206,7 @@ class Layout:
         layout = cls(page_size, placed, base_lba=base_lba, capacity_pages=capacity_pages, arrays=arrays)
         for t in layout.tables:
             t.crc32 = [zlib.crc32(layout.extent_image(t, e)) for e in t.extents]
+            t.geometry_crc32 = t.seal()
         return layout
 
     # -- page images ----------------------------------------------------------------------------
@@ -281,7 +292,25 @@ class Layout:
 
     def verify(self, device, chunk_pages: int = 256) -> int:
         """READ_PAGES every extent and compare with the data (or, for a layout loaded from JSON,
-        with the stored CRC-32s). Raises :class:`LayoutError` naming table, extent and LBA."""
+        with the stored CRC-32s). Raises :class:`LayoutError` naming table, extent and LBA.
+
+        Before any page is read it checks that the geometry still agrees with itself and with
+        the seal taken when the pages were made, that the data (if held) has the layout's shape
+        and element type, and that the device's table slots are configured as the layout says."""
+        self.check_device(device)
+        _check_layout(self)
+        for t in self.tables:
+            if t.geometry_crc32 is not None and t.seal() != t.geometry_crc32:
+                raise LayoutError(f"table {t.name!r}: geometry (rows/dim/elem/row_bytes/extents) "
+                                  f"differs from the one its pages were written with")
+            arr = self._arrays.get(t.name)
+            if arr is not None:
+                if tuple(arr.shape) != (t.rows, t.dim):
+                    raise LayoutError(f"table {t.name!r}: data shape {tuple(arr.shape)} != layout "
+                                      f"({t.rows}, {t.dim})")
+                if _elem_of(t.name, arr.dtype) != t.elem:
+                    raise LayoutError(f"table {t.name!r}: data element type {arr.dtype} != layout elem {t.elem!r}")
+            _check_slot(device, t)
         n = 0
         for t in self.tables:
             for k, e in enumerate(t.extents):
@@ -326,24 +355,9 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Layout":
-        if d.get("format") != FORMAT:
-            raise LayoutError(f"not an evssd layout (format {d.get('format')!r})")
-        if d.get("version") != VERSION:
-            raise LayoutError(f"unsupported layout version {d.get('version')!r} (this reader knows {VERSION})")
-        tables = []
-        for td in d["tables"]:
-            elem = td["elem"]
-            if elem not in ELEMS:
-                raise LayoutError(f"table {td.get('name')!r}: unknown elem {elem!r}")
-            tables.append(TablePlacement(
-                td["name"], int(td["table_id"]), int(td["rows"]), int(td["dim"]), elem, int(td["row_bytes"]),
-                int(td["rows_per_page"]), [Extent(*map(int, e)) for e in td["extents"]],
-                [int(c) for c in td.get("crc32", [])]))
-        layout = cls(int(d["page_size"]), tables, base_lba=int(d.get("base_lba", 0)),
-                     capacity_pages=d.get("capacity_pages"))
-        if "end_lba" in d and layout.end_lba != d["end_lba"]:
-            raise LayoutError(f"layout end_lba {d['end_lba']} disagrees with its extents ({layout.end_lba})")
-        return layout
+        """A layout from its JSON form, checked against the schema (:func:`_parse_layout`):
+        every error names the field (``tables[1].dim``)."""
+        return _parse_layout(cls, d)
 
     @classmethod
     def from_json(cls, text: str) -> "Layout":
@@ -371,3 +385,158 @@ class Layout:
     def __repr__(self):
         return (f"Layout(page_size={self.page_size}, tables={[t.name for t in self.tables]}, "
                 f"lba={self.base_lba}..{self.end_lba})")
+
+
+# -- schema ------------------------------------------------------------------------------------
+# The JSON form, field by field. Each check names the field with its path, so a hand-edited or
+# truncated file says what is wrong instead of failing with KeyError/TypeError deep inside.
+
+_U32 = (1 << 32) - 1
+
+
+def _get(obj: dict, key: str, path: str, kind: str, *, lo: int | None = 0, hi: int | None = _U32,
+         required: bool = True, default=None):
+    where = f"{path}.{key}" if path else key
+    if key not in obj:
+        if required:
+            raise LayoutError(f"layout JSON: {where}: missing")
+        return default
+    v = obj[key]
+    if kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise LayoutError(f"layout JSON: {where}: expected an integer, got {type(v).__name__} {v!r}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise LayoutError(f"layout JSON: {where}: {v} out of range {lo}..{hi}")
+    elif kind == "str":
+        if not isinstance(v, str) or not v:
+            raise LayoutError(f"layout JSON: {where}: expected a non-empty string, got {v!r}")
+    elif kind == "list":
+        if not isinstance(v, list):
+            raise LayoutError(f"layout JSON: {where}: expected a list, got {type(v).__name__}")
+    elif kind == "int?":
+        if v is not None:
+            return _get(obj, key, path, "int", lo=lo, hi=hi)
+    return v
+
+
+def _parse_layout(cls, d) -> "Layout":
+    if not isinstance(d, dict):
+        raise LayoutError(f"layout JSON: expected an object at the top, got {type(d).__name__}")
+    if d.get("format") != FORMAT:
+        raise LayoutError(f"not an evssd layout (format {d.get('format')!r})")
+    if d.get("version") != VERSION:
+        raise LayoutError(f"unsupported layout version {d.get('version')!r} (this reader knows {VERSION})")
+    page_size = _get(d, "page_size", "", "int", lo=4)
+    base_lba = _get(d, "base_lba", "", "int", required=False, default=0)
+    capacity = _get(d, "capacity_pages", "", "int?", required=False)
+    tables = []
+    for k, td in enumerate(_get(d, "tables", "", "list")):
+        path = f"tables[{k}]"
+        if not isinstance(td, dict):
+            raise LayoutError(f"layout JSON: {path}: expected an object, got {type(td).__name__}")
+        name = _get(td, "name", path, "str")
+        path = f"tables[{k}] ({name!r})"
+        elem = _get(td, "elem", path, "str")
+        if elem not in ELEMS:
+            raise LayoutError(f"layout JSON: {path}.elem: unknown element type {elem!r} "
+                              f"(known: {', '.join(ELEMS)})")
+        extents = []
+        for j, e in enumerate(_get(td, "extents", path, "list")):
+            if (not isinstance(e, list) or len(e) != 3
+                    or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U32 for v in e)):
+                raise LayoutError(f"layout JSON: {path}.extents[{j}]: expected [first_index, n_rows, "
+                                  f"start_lba] of integers in 0..2**32-1, got {e!r}")
+            extents.append(Extent(*e))
+        crc = _get(td, "crc32", path, "list", required=False, default=[])
+        for j, c in enumerate(crc):
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= _U32:
+                raise LayoutError(f"layout JSON: {path}.crc32[{j}]: expected a 32-bit integer, got {c!r}")
+        tables.append(TablePlacement(
+            name, _get(td, "table_id", path, "int", hi=255), _get(td, "rows", path, "int", lo=1),
+            _get(td, "dim", path, "int", lo=1), elem, _get(td, "row_bytes", path, "int", lo=4),
+            _get(td, "rows_per_page", path, "int", lo=1), extents, list(crc),
+            _get(td, "geometry_crc32", path, "int")))
+    layout = cls(page_size, tables, base_lba=base_lba, capacity_pages=capacity)
+    _check_layout(layout)
+    if "end_lba" in d and layout.end_lba != d["end_lba"]:
+        raise LayoutError(f"layout JSON: end_lba: {d['end_lba']!r} disagrees with the extents "
+                          f"(which end at {layout.end_lba})")
+    for t in layout.tables:
+        if t.geometry_crc32 is not None and t.seal() != t.geometry_crc32:
+            raise LayoutError(f"layout JSON: table {t.name!r}: geometry (rows/dim/elem/row_bytes/extents) "
+                              f"was edited after its pages were written (geometry_crc32 does not match)")
+    return layout
+
+
+def _padded_row_bytes(elem: str, dim: int) -> int:
+    """Bytes of a row of ``dim`` ``elem`` elements, padded to whole 32-bit words (the one place
+    the schema reads an element's size)."""
+    return -(-dim * ELEMS[elem].itemsize // 4) * 4
+
+
+def _check_layout(layout: "Layout") -> None:
+    """The geometry agrees with itself: row size from dim and element type, rows per page from
+    the page size, extents covering the rows once, no two extents on the same pages."""
+    ps = layout.page_size
+    if ps < 4 or ps & (ps - 1):
+        raise LayoutError(f"layout: page_size {ps} is not a power of two >= 4")
+    names, ids, spans = set(), set(), []
+    for t in layout.tables:
+        where = f"table {t.name!r}"
+        if t.name in names:
+            raise LayoutError(f"{where}: name used twice")
+        if t.table_id in ids:
+            raise LayoutError(f"{where}: table_id {t.table_id} used twice")
+        names.add(t.name)
+        ids.add(t.table_id)
+        if t.elem not in ELEMS:
+            raise LayoutError(f"{where}: unknown elem {t.elem!r}")
+        want = _padded_row_bytes(t.elem, t.dim)
+        if t.row_bytes != want:
+            raise LayoutError(f"{where}: row_bytes {t.row_bytes} != {want} for dim {t.dim} x {t.elem}")
+        if t.row_bytes > ps:
+            raise LayoutError(f"{where}: row_bytes {t.row_bytes} > page_size {ps}")
+        if t.rows_per_page != ps // t.row_bytes:
+            raise LayoutError(f"{where}: rows_per_page {t.rows_per_page} != {ps // t.row_bytes} "
+                              f"(page_size {ps} // row_bytes {t.row_bytes})")
+        if not t.extents:
+            raise LayoutError(f"{where}: no extents")
+        nxt = 0
+        for j, e in enumerate(t.extents):
+            if e.first_index != nxt or e.n_rows < 1:
+                raise LayoutError(f"{where} extent {j}: {tuple(e)} does not continue the rows at {nxt} "
+                                  f"(extents must cover rows 0..{t.rows - 1} in order)")
+            nxt += e.n_rows
+            if e.start_lba < layout.base_lba:
+                raise LayoutError(f"{where} extent {j}: start_lba {e.start_lba} < base_lba {layout.base_lba}")
+            spans.append((e.start_lba, e.start_lba + t.extent_pages(e), t.name, j))
+        if nxt != t.rows:
+            raise LayoutError(f"{where}: extents hold {nxt} rows, rows is {t.rows}")
+        if t.crc32 and len(t.crc32) != len(t.extents):
+            raise LayoutError(f"{where}: {len(t.crc32)} crc32 values for {len(t.extents)} extents")
+    spans.sort()
+    for a, b in zip(spans, spans[1:]):
+        if b[0] < a[1]:
+            raise LayoutError(f"table {b[2]!r} extent {b[3]} (LBA {b[0]}..{b[1] - 1}) overlaps table {a[2]!r} "
+                              f"extent {a[3]} (LBA {a[0]}..{a[1] - 1})")
+    if layout.capacity_pages is not None and layout.end_lba > layout.capacity_pages:
+        raise LayoutError(f"layout: extents end at LBA {layout.end_lba}, beyond capacity_pages "
+                          f"{layout.capacity_pages}")
+
+
+def _check_slot(device, t: TablePlacement) -> None:
+    """The device's table slot holds what the layout says (when the device reports its slots,
+    as :class:`evssd.host.device.Device` does through ``tables``)."""
+    slots = getattr(device, "tables", None)
+    if not isinstance(slots, Mapping):
+        return
+    cfg = slots.get(t.table_id)
+    if cfg is None:
+        raise LayoutError(f"table {t.name!r}: slot {t.table_id} is not configured on the device "
+                          f"(call configure() first)")
+    elem = getattr(getattr(cfg, "elem", None), "name", str(getattr(cfg, "elem", ""))).lower()
+    got = (cfg.row_bytes, elem, [tuple(map(int, e)) for e in cfg.extents])
+    want = (t.row_bytes, t.elem, [tuple(e) for e in t.extents])
+    if got != want:
+        raise LayoutError(f"table {t.name!r}: the device's slot {t.table_id} holds row_bytes {got[0]}, "
+                          f"elem {got[1]}, extents {got[2]}; the layout says {want[0]}, {want[1]}, {want[2]}")

@@ -8,20 +8,36 @@ are bit-exact with the gateware (same translation, same status rules of
 
 The cycle counters advance by the estimate of :mod:`evssd.host.timing`; it is a model, checked
 against the RTL's cycle counts by ``evssd bench rtl``, not a measurement.
+
+A command is executed over arrays, not index by index: one numba pass translates its lookups
+(:func:`_plan`), GATHER rows are copied from the flash pages straight into the result buffer and
+GATHER_POOLED bags are pooled in place from the flash pages (``pooling.pool_into``). The flash is
+sparse (:class:`~evssd.host.sparse_flash.SparseFlash`): a model can advertise a large capacity
+(:data:`MODEL_PAGES_PER_CHANNEL` by default) and hold only the pages programmed.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from evssd.hw import regmap
 from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, NO_BAD_POSITION, Command, Completion,
                              ElemType, Opcode, Params, Status)
+from evssd.host.elements import DEVICE_ELEMS
+from evssd.host.pooling import describe_error, kernel_source, pool_into
 from evssd.host.regfile import BusResponse, MMIOError, RegisterFile
+from evssd.host.sparse_flash import SparseFlash
+from evssd.host.timing import TimingModel, result_schedule
 from evssd.host.transport import HostMemory, Transport
 
-__all__ = ["DeviceModel", "ModelTransport", "translate"]
+__all__ = ["DeviceModel", "ModelTransport", "translate", "translate_many", "MODEL_PAGES_PER_CHANNEL"]
 
 ALIGN = 64
+
+#: Flash pages per channel of a model opened without ``pages_per_channel``: 2**24 pages of 4 KiB
+#: per channel (64 GiB; 256 GiB with 4 channels), allocated sparsely (:mod:`evssd.host.sparse_flash`),
+#: so tables of any practical size fit at no memory cost beyond their own pages.
+MODEL_PAGES_PER_CHANNEL = 1 << 24
 
 
 class _Table:
@@ -31,6 +47,11 @@ class _Table:
         self.row_bytes, self.elem, self.enable, self.rows_per_page = 0, 0, False, 1
         self.extents = [(0, 0, 0)] * max_extents
 
+    @property
+    def extent_array(self) -> np.ndarray:
+        """The extents as an int64 ``[n, 3]`` array (first, rows, lba), slot order."""
+        return np.array(self.extents, np.int64).reshape(-1, 3)
+
 
 def translate(index: int, table: _Table, total_pages: int):
     """(status, lba, offset) of one index, as the ExtentTranslator computes it.
@@ -38,26 +59,91 @@ def translate(index: int, table: _Table, total_pages: int):
     Status 0 = ok, 1 = in no extent, 3 = page outside the flash. The first matching extent (in
     slot order) wins; extents do not overlap when written by the driver.
     """
-    for first, n_rows, lba0 in table.extents:
+    st, lba, off = translate_many(np.array([index], np.int64), table, total_pages)
+    return int(st[0]), int(lba[0]), int(off[0])
+
+
+def translate_many(indices: np.ndarray, table: _Table, total_pages: int):
+    """:func:`translate` over an array: (status uint8, lba int64, offset int64) arrays."""
+    idx = np.ascontiguousarray(indices, np.int64)
+    ext = table.extent_array
+    status = np.empty(idx.size, np.uint8)
+    lba = np.empty(idx.size, np.int64)
+    offset = np.empty(idx.size, np.int64)
+    _translate(idx, ext, max(1, table.rows_per_page), table.row_bytes, total_pages, status, lba, offset)
+    return status, lba, offset
+
+
+def _bad_summary(status: np.ndarray):
+    """(n_bad, position of the first bad entry or -1, worst Status) of a translation."""
+    n_bad, first, any_index = _count_bad(status)
+    worst = Status.OK if not n_bad else Status.BAD_INDEX if any_index else Status.BAD_LBA
+    return int(n_bad), int(first), worst
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_bad(status):
+    n, first, any_index = 0, -1, False
+    for k in range(status.shape[0]):
+        if status[k]:
+            if n == 0:
+                first = k
+            n += 1
+            any_index |= status[k] == 1
+    return n, first, any_index
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _translate_one(index, extents, rows_per_page, row_bytes, total_pages):
+    """The ExtentTranslator's rule for one index: (status, lba, offset), see :func:`translate`."""
+    for e in range(extents.shape[0]):
+        first, n_rows = extents[e, 0], extents[e, 1]
         if n_rows and first <= index < first + n_rows:
             rel = index - first
-            q = rel // table.rows_per_page
-            lba = lba0 + q
-            offset = (rel - q * table.rows_per_page) * table.row_bytes
-            if lba >= total_pages:
-                return 3, lba, offset
-            return 0, lba, offset
+            q = rel // rows_per_page
+            lba = extents[e, 2] + q
+            return (3 if lba >= total_pages else 0), lba, (rel - q * rows_per_page) * row_bytes
     return 1, 0, 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _translate(indices, extents, rows_per_page, row_bytes, total_pages, status, lba, offset):
+    """The ExtentTranslator over an index array (see :func:`translate`)."""
+    for k in range(indices.shape[0]):
+        status[k], lba[k], offset[k] = _translate_one(indices[k], extents, rows_per_page, row_bytes,
+                                                      total_pages)
+
+
+@numba.njit(cache=True, nogil=True)
+def _plan(indices, lo, hi, extents, rows_per_page, row_bytes, total_pages, n_channels,
+          status, pos, lba, offset, ch, page, good_before):
+    """One command's lookups ``indices[lo:hi]`` translated: ``status[k - lo]`` of each, the good
+    ones compacted in request order (position, lba, offset, channel, page), and
+    ``good_before[k - lo]`` = good lookups before position k (``hi - lo + 1`` entries).
+    Returns the number of good lookups."""
+    n = 0
+    for k in range(lo, hi):
+        st, l, o = _translate_one(np.int64(indices[k]), extents, rows_per_page, row_bytes, total_pages)
+        status[k - lo] = st
+        good_before[k - lo] = n
+        if st == 0:
+            pos[n], lba[n], offset[n] = k, l, o
+            ch[n], page[n] = l % n_channels, l // n_channels
+            n += 1
+    good_before[hi - lo] = n
+    return n
 
 
 class DeviceModel:
     """The device's state and command semantics."""
 
-    def __init__(self, params: Params, host: bytearray, host_base: int):
+    def __init__(self, params: Params, host: bytearray, host_base: int, *, n_slots: int | None = None):
         self.params = params
         self.regs = RegisterFile(params, on_write=self._on_write)
         self.host, self.host_base = host, host_base
-        self.flash = np.zeros((params.n_channels, params.pages_per_channel, params.page_size), np.uint8)
+        self._host_np = np.frombuffer(host, np.uint8)   # a view: host memory as an array
+        self._rows = np.empty(0, np.uint8)
+        self.flash = SparseFlash(params.total_pages, params.page_size)
         self.tables = [_Table(params.max_extents) for _ in range(params.max_tables)]
         self.sq_head = 0
         self.cq_tail = 0
@@ -65,8 +151,7 @@ class DeviceModel:
         self.cq_head = 0
         self.pending = False
         self.fatal = False
-        from evssd.host.timing import TimingModel
-        self.timing = TimingModel(params)
+        self.timing = TimingModel(params, n_slots=n_slots)
         self._set_counters()
 
     # ---------------------------------------------------------------- registers
@@ -85,13 +170,10 @@ class DeviceModel:
         f["cnt_cycles_lo"] = cyc & 0xFFFF_FFFF
         f["cnt_cycles_hi"] = (cyc >> 32) & 0xFFFF_FFFF
         f["cnt_busy_cycles"] = self.timing.busy_cycles & 0xFFFF_FFFF
-        for c in range(self.params.n_channels):
-            ch = self.timing.channels[c]
-            f["ch_rows"][c] = ch.rows & 0xFFFF_FFFF
-            f["ch_bytes"][c] = ch.bytes & 0xFFFF_FFFF
-            f["ch_tr_waits"][c] = ch.tr_waits & 0xFFFF_FFFF
-            f["ch_busy_cycles"][c] = ch.busy_cycles & 0xFFFF_FFFF
-            f["ch_programs"][c] = ch.programs & 0xFFFF_FFFF
+        t = self.timing
+        for name, arr in (("ch_rows", t.ch_rows), ("ch_bytes", t.ch_bytes), ("ch_tr_waits", t.ch_tr_waits),
+                          ("ch_busy_cycles", t.ch_busy_cycles), ("ch_programs", t.ch_programs)):
+            f[name][:self.params.n_channels] = (arr & 0xFFFF_FFFF).tolist()
 
     def _on_write(self, name, value):
         f = self.regs.fields
@@ -119,8 +201,9 @@ class DeviceModel:
         elif name == "cq_head_head":
             self.cq_head = value
         if name in ("sq_tail_tail", "cq_head_head", "ctrl_enable"):
-            self.run()
-        self._set_counters()
+            self.run()      # sets the counters
+        else:
+            self._set_counters()
 
     # ---------------------------------------------------------------- host memory
     def _host_slice(self, addr, n):
@@ -131,7 +214,7 @@ class DeviceModel:
 
     def _read_host(self, addr, n) -> bytes:
         off = self._host_slice(addr, n)
-        return bytes(self.host[off:off + n])
+        return self._host_np[off:off + n].tobytes()
 
     def _write_host(self, addr, data: bytes):
         off = self._host_slice(addr, len(data))
@@ -215,48 +298,67 @@ class DeviceModel:
             offsets = np.frombuffer(self._read_host(cmd.offsets_addr, 4 * (cmd.n_bags + 1)), "<u4").astype(np.int64)
             if np.any(np.diff(offsets) < 0) or offsets[-1] > cmd.count:
                 return Completion(cid=cmd.cid, status=Status.BAD_OFFSETS)
-        indices = np.frombuffer(self._read_host(cmd.src_addr, 4 * cmd.count), "<u4")
-        rows = np.zeros((cmd.count, table.row_bytes), np.uint8)
-        good = np.zeros(cmd.count, bool)
-        n_bad, first_bad, worst = 0, NO_BAD_POSITION, Status.OK
-        used = np.zeros(cmd.count, bool)
-        if pooled:
-            for b in range(cmd.n_bags):
-                used[offsets[b]:offsets[b + 1]] = True
+        src = self._host_slice(cmd.src_addr, 4 * cmd.count)
+        indices = self._host_np[src:src + 4 * cmd.count].view("<u4")
+        # Bags are contiguous slices of the index list, so the lookups a command makes are one
+        # range: all of them (GATHER) or offsets[0]..offsets[n_bags] (GATHER_POOLED).
+        lo, hi = (int(offsets[0]), int(offsets[-1])) if pooled else (0, cmd.count)
+        m = hi - lo
+        st = np.empty(m, np.uint8)
+        ok_pos, lba, offset, chs, pages = (np.empty(m, np.int64) for _ in range(5))
+        good_before = np.empty(m + 1, np.int64)
+        n_good = _plan(indices, lo, hi, table.extent_array, max(1, table.rows_per_page), table.row_bytes,
+                       p.total_pages, p.n_channels, st, ok_pos, lba, offset, chs, pages, good_before)
+        ok_pos, lba, offset, chs, pages = (a[:n_good] for a in (ok_pos, lba, offset, chs, pages))
+        n_bad, first, worst = _bad_summary(st)
+        first_bad = first + lo if n_bad else NO_BAD_POSITION
+        # The result goes straight into host memory (a bus error still lets the lookups run and
+        # is reported after them, like the RTL's result DMA failing).
+        dst_error = None
+        try:
+            dst = self._host_slice(cmd.dst_addr, out_bytes)
+            result = self._host_np[dst:dst + out_bytes]
+        except _BusError as exc:
+            dst_error = exc
+            result = np.empty(out_bytes, np.uint8)
+        if not pooled:   # one row per lookup; a bad lookup's row is zeros
+            rows = result.reshape(cmd.count, table.row_bytes)
+            if n_bad:
+                rows[np.flatnonzero(st) + lo] = 0
+            self.flash.gather(lba, offset, table.row_bytes, rows, ok_pos)
         else:
-            used[:] = True
-        locations = []
-        for pos in np.flatnonzero(used):
-            st, lba, offset = translate(int(indices[pos]), table, p.total_pages)
-            if st:
-                n_bad += 1
-                if first_bad == NO_BAD_POSITION:
-                    first_bad = int(pos)
-                kind = Status.BAD_INDEX if st == 1 else Status.BAD_LBA
-                if worst != Status.BAD_INDEX:
-                    worst = kind
-                continue
-            ch, page = lba % p.n_channels, lba // p.n_channels
-            rows[pos] = self.flash[ch, page, offset:offset + table.row_bytes]
-            good[pos] = True
-            locations.append((ch, page, offset))
-        self.timing.lookups(locations, table.row_bytes, out_bytes, self.regs.fields["ctrl_block_mode"])
-        self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + int(used.sum())) & 0xFFFF_FFFF
-        if pooled:
-            from evssd.host.pooling import pool_rows
+            el = DEVICE_ELEMS[elem.name.lower()]
             dim = table.row_bytes // elem.itemsize
-            out = np.zeros((cmd.n_bags, out_row), np.uint8)
-            for b in range(cmd.n_bags):
-                sel = np.arange(offsets[b], offsets[b + 1])
-                sel = sel[good[sel]]
-                elems = rows[sel].view(np.dtype(elem.numpy_dtype)).reshape(len(sel), dim)
-                out[b] = np.asarray(pool_rows(elems, elem)).view(np.uint8).reshape(-1)
-            result = out.tobytes()
-        else:
-            result = rows.tobytes()
-        if result:
-            self._write_host(cmd.dst_addr, result)
+            sums = result.view(el.pooled).reshape(cmd.n_bags, dim)
+            # the bags over the good lookups only (a bad lookup adds nothing)
+            good_offsets = good_before[offsets - lo]
+            ps, rb = p.page_size, table.row_bytes
+            if ps % rb == 0 and table.rows_per_page * rb <= ps:
+                # fused: pool straight from the flash pages, viewed as a matrix of rows
+                src, row_numbers = self.flash.rows(lba, offset, rb)
+            else:  # rows not aligned to the page grid: gather them first
+                src = self._scratch(n_good, rb)
+                row_numbers = np.arange(n_good, dtype=np.int64)
+                self.flash.gather(lba, offset, rb, src, row_numbers)
+            src = src.view(el.storage)
+            code = pool_into(kernel_source(src, el), el, row_numbers, good_offsets, sums)
+            if code != -1:  # cannot happen: every row number and offset is built above
+                raise AssertionError(describe_error(code, row_numbers, good_offsets, src.shape[0]))
+        unit_ends = offsets[1:] - 1 if pooled else np.arange(cmd.count)
+        self.timing.lookups(chs, pages, offset, table.row_bytes,
+                            result_schedule(ok_pos, unit_ends, out_row), self.regs.fields["ctrl_block_mode"])
+        self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + (hi - lo)) & 0xFFFF_FFFF
+        if dst_error is not None:
+            raise dst_error
         return Completion(n_bad=n_bad, first_bad=first_bad, cid=cmd.cid, status=worst)
+
+    def _scratch(self, n: int, row_bytes: int) -> np.ndarray:
+        """A reused ``[n, row_bytes]`` uint8 buffer for a pooled command's gathered rows (no
+        per-command allocation); its content is overwritten before use."""
+        size = n * row_bytes
+        if self._rows.size < size:
+            self._rows = np.empty(max(size, 2 * self._rows.size), np.uint8)
+        return self._rows[:size].reshape(n, row_bytes)
 
     def _pages(self, cmd: Command) -> Completion:
         p = self.params
@@ -265,16 +367,29 @@ class DeviceModel:
             return Completion(cid=cmd.cid, status=Status.RESULT_OVERFLOW)
         if cmd.lba + cmd.count > p.total_pages:
             return Completion(cid=cmd.cid, status=Status.BAD_LBA)
+        # Page by page like the RTL (a bus error on page k leaves pages before k done), in one
+        # vectorised step for the pages whose host memory is inside the window.
+        host_addr = cmd.src_addr if cmd.opcode == Opcode.PROGRAM_PAGES else cmd.dst_addr
+        n_ok = cmd.count
         for k in range(cmd.count):
-            lba = cmd.lba + k
-            ch, page = lba % p.n_channels, lba // p.n_channels
+            try:
+                self._host_slice(host_addr + k * ps, ps)
+            except _BusError:
+                n_ok = k
+                break
+        if n_ok:
+            lbas = range(cmd.lba, cmd.lba + n_ok)
             if cmd.opcode == Opcode.PROGRAM_PAGES:
-                data = self._read_host(cmd.src_addr + k * ps, ps)
-                self.flash[ch, page] = np.frombuffer(data, np.uint8)
-                self.timing.program(ch, page)
+                data = self._read_host(cmd.src_addr, n_ok * ps)
+                self.flash.program(cmd.lba, np.frombuffer(data, np.uint8).reshape(n_ok, ps))
+                for lba in lbas:
+                    self.timing.program(lba % p.n_channels, lba // p.n_channels)
             else:
-                self._write_host(cmd.dst_addr + k * ps, self.flash[ch, page].tobytes())
-                self.timing.read_page(ch, page)
+                self._write_host(cmd.dst_addr, self.flash.read(cmd.lba, n_ok).tobytes())
+                for lba in lbas:
+                    self.timing.read_page(lba % p.n_channels, lba // p.n_channels)
+        if n_ok < cmd.count:
+            raise _BusError(host_addr + n_ok * ps, ps)
         return Completion(cid=cmd.cid, status=Status.OK)
 
 
@@ -284,20 +399,25 @@ class _BusError(Exception):
 
 
 class ModelTransport(Transport):
-    """The functional model as a transport. ``params`` (or keyword overrides) picks the build."""
+    """The functional model as a transport. ``params`` (or keyword overrides) picks the build;
+    without ``pages_per_channel`` the flash is :data:`MODEL_PAGES_PER_CHANNEL` pages per channel
+    (sparse: memory follows the pages programmed). ``n_slots``: the reorder-buffer slots of the
+    build being modelled (default: :func:`evssd.host.timing.default_slots`), e.g. the RTL's
+    ``n_slots`` top argument when the model runs next to a non-default build."""
 
     name = "model"
 
     def __init__(self, params: Params | None = None, *, host_memory_bytes: int = 64 << 20,
-                 host_base: int = 0x1_0000_0000, **overrides):
+                 host_base: int = 0x1_0000_0000, n_slots: int | None = None, **overrides):
         if params is None:
+            overrides.setdefault("pages_per_channel", MODEL_PAGES_PER_CHANNEL)
             params = Params(**overrides)
         elif overrides:
             raise TypeError("give either params or keyword overrides, not both")
         self.params = params
         self.host = bytearray(host_memory_bytes)
         self.memory = HostMemory(host_base, host_memory_bytes)
-        self.device = DeviceModel(params, self.host, host_base)
+        self.device = DeviceModel(params, self.host, host_base, n_slots=n_slots)
 
     async def read32(self, addr: int) -> int:
         data, resp = self.device.regs.read(addr)
@@ -320,7 +440,7 @@ class ModelTransport(Transport):
         off = addr - self.memory.base
         if off < 0 or off + nbytes > len(self.host):
             raise ValueError(f"host read 0x{addr:x}+{nbytes} outside the window")
-        return bytes(self.host[off:off + nbytes])
+        return self.device._host_np[off:off + nbytes].tobytes()
 
     async def wait(self) -> None:
         # Commands run when the doorbell rings; nothing happens between polls.

@@ -11,15 +11,15 @@ cocotb test (a bit-level UART model, :mod:`evssd.sim.tb_board`):
   protocol: MMIO at bridge addresses ``0x0000_0000..0x0000_0FFF``, host memory in the board's
   BRAM window (base and size read from the board-info block at ``BOARD_INFO_BASE``).
 
-This module must not import Amaranth (the host library runs without it); the frame constants
-are repeated from :mod:`evssd.hw.uart` and a test checks both agree. :class:`BridgeModel` is the
+This module must not import Amaranth (the host library runs without it); the frame constants,
+the CRC and the address map come from the pure-Python :mod:`evssd.hw.bridge_protocol`, which the
+gateware uses too. :class:`BridgeModel` is the
 byte-level golden model of the gateware bridge.
 """
 from __future__ import annotations
 
 import abc
 import asyncio
-import enum
 import time
 from dataclasses import dataclass
 
@@ -30,50 +30,11 @@ __all__ = ["SOF_REQUEST", "SOF_RESPONSE", "MAX_WORDS", "Op", "FrameStatus", "crc
            "Response", "ByteLink", "SerialLink", "LinkTimeoutError", "UartProtocol", "UartTransport",
            "BridgeModel", "BOARD_INFO_BASE", "BOARD_MAGIC", "WINDOW_BASE", "MMIO_BASE"]
 
-SOF_REQUEST = 0xA5
-SOF_RESPONSE = 0x5A
-MAX_WORDS = 256
-CRC8_POLY = 0x07
-
-# The bridge's 32-bit address map on the board (hw/board.py decodes it).
-MMIO_BASE = 0x0000_0000        # the EV-SSD registers (4 KiB)
-BOARD_INFO_BASE = 0x0F00_0000  # read-only board description (BOARD_INFO words below)
-WINDOW_BASE = 0x1000_0000      # the host-memory BRAM window; the device's DMA uses the same addresses
-BOARD_MAGIC = 0x44425645       # "EVBD" read as a little-endian word
-BOARD_INFO = ("magic", "window_base", "window_bytes", "clock_hz", "divisor", "version")
-
-
-class Op(enum.IntEnum):
-    PING = 0x00
-    READ = 0x01
-    WRITE = 0x02
-
-
-class FrameStatus(enum.IntEnum):
-    OK = 0x00
-    CRC_ERROR = 0x01
-    BAD_OPCODE = 0x02
-    TIMEOUT = 0x03
-
-
-def _crc_table():
-    table = []
-    for b in range(256):
-        crc = b
-        for _ in range(8):
-            crc = ((crc << 1) ^ CRC8_POLY) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
-        table.append(crc)
-    return table
-
-
-_CRC = _crc_table()
-
-
-def crc8(data: bytes, crc: int = 0) -> int:
-    """CRC-8, polynomial 0x07, init 0, no reflection, no final xor (CRC-8/SMBUS)."""
-    for b in data:
-        crc = _CRC[crc ^ b]
-    return crc
+# The frame constants, the CRC and the board's address map: one definition, shared with the
+# gateware (pure Python, no Amaranth).
+from evssd.hw.bridge_protocol import (BOARD_INFO, BOARD_INFO_BASE, BOARD_MAGIC, CRC8_POLY, MAX_WORDS,
+                                      MMIO_BASE, SOF_REQUEST, SOF_RESPONSE, WINDOW_BASE, FrameStatus, Op,
+                                      crc8)
 
 
 def encode_request(op: int, tag: int, addr: int, count: int = 1, strb: int = 0xF,
@@ -124,7 +85,8 @@ class ByteLink(abc.ABC):
 
     @abc.abstractmethod
     async def drain(self) -> None:
-        """Drop received bytes until the line has been quiet for a while (resynchronise)."""
+        """Drop received bytes until the line has been quiet for a while (resynchronise); a line
+        that never goes quiet raises :class:`LinkTimeoutError` after the link's timeout."""
 
     @abc.abstractmethod
     async def pause(self) -> None:
@@ -183,11 +145,16 @@ class SerialLink(ByteLink):
         return bytes(out)
 
     async def drain(self) -> None:
+        deadline = time.monotonic() + self.timeout
         old = self._port.timeout
         self._port.timeout = min(0.05, self.timeout)
         try:
             while self._port.read(4096):
-                pass
+                if time.monotonic() >= deadline:
+                    raise LinkTimeoutError(f"{self.name}: the line did not go quiet within "
+                                           f"{self.timeout} s (continuous noise or a stuck line?)")
+        except (self._serial.SerialException, OSError) as exc:
+            raise TransportError(f"{self.name}: read failed: {exc}") from None
         finally:
             self._port.timeout = old
 
@@ -202,15 +169,17 @@ class UartProtocol:
     """Request/response frames over a :class:`ByteLink`.
 
     Frames the board answers with CRC_ERROR or TIMEOUT were not executed, so they are resent (up
-    to ``retries`` times). A response that is garbled or missing is resent only for reads (they
-    have no side effects); for writes it raises :class:`TransportError`.
+    to ``retries`` times). A response that is garbled or missing is resent only for READ and PING
+    (they have no side effects); for WRITE it raises :class:`TransportError`. Every wait is
+    bounded: byte reads by the link's timeout, the search for a response start by a byte count,
+    resynchronisation by the link's timeout, so a noisy or stuck line ends in an error.
     """
 
     def __init__(self, link: ByteLink, *, retries: int = 2):
         self.link = link
         self.retries = retries
         self._tag = 0
-        self.stats = {"frames": 0, "retries": 0, "crc_errors": 0}
+        self.stats = {"frames": 0, "retries": 0, "crc_errors": 0, "lost_responses": 0}
 
     async def _exchange(self, op: int, addr: int, count: int, strb: int, data: bytes) -> Response:
         self._tag = (self._tag + 1) & 0xFF
@@ -223,7 +192,7 @@ class UartProtocol:
             if b[0] == SOF_RESPONSE:
                 break
         else:
-            raise TransportError(f"{self.link.name}: no response start byte in the stream")
+            raise _Garbled(f"no response start byte in {4 * MAX_WORDS + 16} bytes (noisy line?)")
         head = await self.link.recv(3)
         r_op, r_tag, status = head
         if r_tag != tag or r_op != (op & 0xFF):
@@ -251,11 +220,14 @@ class UartProtocol:
                 self.stats["retries"] += 1
             try:
                 resp = await self._exchange(op, addr, count, strb, data)
-            except _Garbled as exc:
+            except (_Garbled, LinkTimeoutError) as exc:
+                # A garbled or lost response: a READ/PING is simply asked again.
                 last = exc
                 if op == Op.WRITE:
                     raise TransportError(f"{self.link.name}: WRITE at 0x{addr:08x}: {exc}; the write "
                                          f"may or may not have happened") from None
+                if isinstance(exc, LinkTimeoutError):
+                    self.stats["lost_responses"] += 1
                 continue
             if resp.status in (FrameStatus.CRC_ERROR, FrameStatus.TIMEOUT):
                 last = resp
@@ -265,8 +237,10 @@ class UartProtocol:
                                      f"{_status_name(resp.status)} to {Op(op).name} at 0x{addr:08x}")
             return resp
         what = (_status_name(last.status) if isinstance(last, Response) else str(last))
-        raise TransportError(f"{self.link.name}: {Op(op).name} at 0x{addr:08x} failed "
-                             f"{self.retries + 1} times (last: {what})")
+        # A link that stayed silent is still a timeout to the caller (LinkTimeoutError).
+        error = LinkTimeoutError if isinstance(last, LinkTimeoutError) else TransportError
+        raise error(f"{self.link.name}: {Op(op).name} at 0x{addr:08x} failed "
+                    f"{self.retries + 1} times (last: {what})")
 
     async def ping(self) -> None:
         await self.transact(Op.PING, 0)

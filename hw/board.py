@@ -33,6 +33,8 @@ from amaranth.lib.wiring import In, Out
 
 from .axi import AXI4LiteSignature, Resp
 from .axi_slice import AXIRegisterSlice
+from .bridge_protocol import (BOARD_INFO_BASE, BOARD_INFO_BYTES, BOARD_MAGIC, BOARD_VERSION, MMIO_BASE,
+                              WINDOW_BASE)  # noqa: F401 (re-exported: the board's address map)
 from .bram import AxiBram
 from .mmio import MMIOManager, ADDR_WIDTH
 from .regmap import Params
@@ -41,11 +43,6 @@ from .uart import UartAxiBridge, UartRx, UartTx
 __all__ = ["BoardCore", "BoardTop", "BridgeDecoder", "MMIO_BASE", "BOARD_INFO_BASE", "WINDOW_BASE",
            "BOARD_MAGIC", "BOARD_VERSION", "BOARD_PARAMS", "board_params", "pll_params"]
 
-MMIO_BASE = 0x0000_0000
-BOARD_INFO_BASE = 0x0F00_0000
-WINDOW_BASE = 0x1000_0000
-BOARD_MAGIC = 0x44425645  # "EVBD"
-BOARD_VERSION = 1
 
 # The ULX3S-85F build: 1 KiB pages, 32 pages (32 KiB of BRAM) per channel, 4 channels.
 BOARD_PARAMS = dict(n_channels=4, host_data_bits=64, ch_data_bits=64, page_size=1024, ways=2,
@@ -89,7 +86,7 @@ class BridgeDecoder(wiring.Component):
 
     def _select(self, addr):
         return (addr < (1 << ADDR_WIDTH),
-                (addr >= BOARD_INFO_BASE) & (addr < BOARD_INFO_BASE + 0x100),
+                (addr >= BOARD_INFO_BASE) & (addr < BOARD_INFO_BASE + BOARD_INFO_BYTES),
                 (addr >= WINDOW_BASE) & (addr < WINDOW_BASE + self.window_bytes))
 
     def elaborate(self, platform):

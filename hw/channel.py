@@ -61,8 +61,8 @@ hits): one more cycle from ``i_read``. A tR timer is loaded the cycle after its 
 claimed (with ``t_r - 1``: tR ends on the same cycle as if loaded at once).
 
 Timing (alone at the board parameters, ``evssd.hw.synth.estimate(..., fmax=True)``: yosys
-synth_ecp5 + nextpnr-ecp5 --85k --out-of-context): 126 MHz (116 before the accept and R-side
-decisions were flattened; nextpnr varies by +-10 MHz with placement); critical path: the R
+synth_ecp5 + nextpnr-ecp5 --85k --out-of-context): 126 MHz (nextpnr varies by +-10 MHz with
+placement); critical path: the R
 side's beat flags for the next beat (head slice mux -> beat-count compares -> flags register).
 About 1210 FFs, 920 LUT4, 195 carry cells, 42 LUT-RAM blocks. Every decision starts at most two
 LUT levels from registers: the accept decision (and which page register a miss claims) from the

@@ -28,18 +28,11 @@ from .ftl import ChannelDemux, LinearFTL
 from .merger import ResultMerger
 from .mmio import ADDR_WIDTH, MMIOManager
 from .queues import CommandQueue
-from .regmap import Params
+from .regmap import Params, default_slots
 from .skid_buffer import SkidBuffer
 from .translator import ExtentTranslator
 
 __all__ = ["EVSSD", "default_slots"]
-
-
-def default_slots(params: Params) -> int:
-    """ROB slots: enough for every way of every channel twice over (8..64)."""
-    want = max(8, 2 * params.ways * params.n_channels)
-    n = 1 << (want - 1).bit_length()
-    return min(n, 64)
 
 
 class EVSSD(wiring.Component):

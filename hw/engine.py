@@ -44,9 +44,7 @@ skip counts and the probe's answer are registers (a chunk reader makes no reques
 after one). Two-entry register slices (full rate, one cycle each) decouple the handshakes: the
 front's emissions -> translator/credits/side FIFO, side FIFO -> fork, fork -> merger ``i_desc``
 and FTL, each chunk reader's words -> front; the fork's per-command stats are taken a cycle
-late. Alone at the board parameters (yosys synth_ecp5 + nextpnr-ecp5 --out-of-context, 100 MHz
-target) the engine went from 87.2 to 97-109 MHz (placement varies run to run), and with the
-slices and flags from 94.5 to 121.6 MHz (one run each).
+late.
 """
 from __future__ import annotations
 
@@ -63,7 +61,7 @@ from . import translator as xlat_mod
 from .skid_buffer import SkidBuffer
 from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
-from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status, div_magic
+from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status
 
 __all__ = ["CommandEngine", "ChunkReader", "WidthConverter", "XLAT_TAG_WIDTH",
            "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
@@ -504,16 +502,7 @@ class CommandEngine(wiring.Component):
         pg_busy = Signal(n_ch)          # a program is outstanding in channel i
         pg_issue = Signal(n_ch)         # pulse: a program request was accepted by channel i
         pg_done_err = Signal()
-        if n_ch & (n_ch - 1) == 0:
-            lc = n_ch.bit_length() - 1
-            first_page = c.lba >> lc
-            first_ch = c.lba[:lc] if lc else Const(0, 1)
-        else:
-            dm = div_magic(n_ch)
-            q = Signal(32)
-            m.d.comb += q.eq((c.lba * dm.magic) >> dm.shift)
-            first_page = q
-            first_ch = (c.lba - q * n_ch)[:3]
+        first_ch, first_page = ftl_mod.lba_split(m, c.lba, n_ch, name="pg_first")
         m.submodules.pgconv = pgconv = WidthConverter(wh, wc)
         m.d.comb += [
             pgconv.i.payload.data.eq(self.i_pg_data.payload.data),

@@ -21,14 +21,14 @@ Interface (for the integrator)
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal
+from amaranth import Const, Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .channel import read_request_layout
 from .regmap import Params, div_magic
 
-__all__ = ["LinearFTL", "ChannelDemux", "request_layout", "response_layout", "ftl_model"]
+__all__ = ["LinearFTL", "ChannelDemux", "request_layout", "response_layout", "ftl_model", "lba_split"]
 
 
 def request_layout(tag_width: int) -> data.StructLayout:
@@ -41,8 +41,28 @@ def response_layout(tag_width: int) -> data.StructLayout:
 
 
 def ftl_model(params: Params, lba: int) -> tuple[int, int]:
-    """(channel, page) of an LBA."""
+    """(channel, page) of an LBA: the golden model of :func:`lba_split`."""
     return lba % params.n_channels, lba // params.n_channels
+
+
+def lba_split(m, lba, n_channels: int, *, name: str = "lba"):
+    """``(channel, page)`` of a 32-bit ``lba`` as Amaranth expressions: ``channel = lba %
+    n_channels``, ``page = lba // n_channels``, exact for every 32-bit lba. The one definition
+    of the LBA -> flash mapping in the gateware (the FTL's read path and the engine's PROGRAM
+    path both use it; :func:`ftl_model` is its golden model).
+
+    A power of two is a bit slice. 3, 5, 6, 7 multiply by the build-time reciprocal
+    (:func:`~evssd.hw.regmap.div_magic`) instead of a divider or a 2**32-entry table; yosys maps
+    the constant multiply to 5 MULT18X18D on ECP5 (138 cells in all for n = 3). The remainder is
+    ``lba - page * n``, of which only the low 3 bits are needed."""
+    n = n_channels
+    if n & (n - 1) == 0:
+        k = n.bit_length() - 1
+        return (lba[:k] if k else Const(0, 1)), lba >> k
+    dm = div_magic(n)
+    page = Signal(32, name=f"{name}_page")
+    m.d.comb += page.eq((lba * dm.magic) >> dm.shift)
+    return (lba[:3] - (page * n)[:3])[:3], page
 
 
 def _check(params, tag_width):
@@ -69,20 +89,8 @@ class LinearFTL(wiring.Component):
         lba = self.i_req.payload.lba
         page = Signal(32)
         channel = Signal(3)
-        if n & (n - 1) == 0:
-            # Power of two: the division is a bit slice.
-            k = n.bit_length() - 1
-            m.d.comb += [page.eq(lba >> k), channel.eq(lba[:k] if k else 0)]
-        else:
-            # 3, 5, 6, 7: multiply by the build-time reciprocal (exact for all 32-bit lba, see
-            # regmap.div_magic) instead of a divider or a 2**32-entry table; yosys maps the
-            # constant multiply to 5 MULT18X18D on ECP5 (138 cells in all for n = 3). The
-            # remainder is lba - page * n, of which only the low 3 bits are needed.
-            dm = div_magic(n)
-            m.d.comb += [
-                page.eq((lba * dm.magic) >> dm.shift),
-                channel.eq((lba[:3] - (page * n)[:3])[:3]),
-            ]
+        ch, pg = lba_split(m, lba, n)
+        m.d.comb += [page.eq(pg), channel.eq(ch)]
         # One output register; it refills in the cycle it drains, so one request per cycle.
         with m.If(~self.o_req.valid | self.o_req.ready):
             m.d.sync += [

@@ -77,46 +77,25 @@ one channel, rows already arriving at one beat per cycle; "beats" are ROB beats 
 Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB memory
 ``n_slots * 2**ceil(log2(ceil(max_row_bytes*8/Wc)))`` words of Wc bits (1 write, 1 read port);
 accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write
-port, two copies for the two readers); a packer of ``Wh + Wc`` bits. Default Params (4 channels, ch64/host64,
-max_row_bytes 512) with 16 slots, yosys synth_ecp5 + nextpnr-ecp5 --85k out of context
-(``synth.estimate(..., fmax=True)``): 3107 LUT4 + 247 CCU2C + 14 DPR16X4 (descriptor FIFO),
-2192 FF, 8 DP16KD, 105.7 MHz. Board params (``board.board_params()``: max_row_bytes 256), 16
-slots, same flow: 3110 LUT4 + 244 CCU2C, 2174 FF, 6 DP16KD, 116.1 MHz (was 93.9); with the
-registered input beat and the ROB's read register inside the block RAM (below): 2842 LUT4,
-2111 FF, 107-112 MHz (placement varies). Critical path: accumulator block RAM clock-to-out
-5.8 ns -> the forwarding mux -> stage R2's register, i.e. one LUT after the RAM. The channel beat chosen by the round-robin is registered before it
-is written to the ROB and marks its slot (in the whole device the arbitration plus the
-tag-indexed flag update was the critical path, 78.7 MHz). Each channel's beats also wait in a
-two-entry buffer, and the round-robin grant is a register decided a cycle ahead from the
-buffers' next levels (on the board, valid -> round-robin -> beat mux -> row state was the
-critical path at 68 MHz; alone with it: 112 MHz). Pipelining for it: the RAM read data
-of accumulate ops are registered (stage R2, the sum written meanwhile forwarded), output ops
-go into a FIFO before the packer (each RAM into a field of its own), a retired slot's
-flags clear from the registered ``o_free``, and the issue stage's facts about its op (first,
-last, the slot's done/err flags) are registers (was 3158 LUT4 + 271 CCU2C, 1403 FF, 65.8 MHz).
+port, two copies for the two readers); a packer of ``Wh + Wc`` bits. Measured numbers and the
+timing rounds that shaped the pipeline: docs/synthesis.md.
 
-Fourth round (the issue stage's decision ended at the descriptor FIFO's pointers through the
-output's back-pressure; the packer's shift waited on the DMA's ready): stage R never stalls.
-Output ops (the issue stage's GATHER reads and zeros, and the emitter's sums, which now go
-through stage R too, never in the same cycle) enter an output FIFO of ``OUT_FIFO_DEPTH``
-entries, and are credit-limited by a registered ``out_ok``, so no handshake behind the issue
-stage reaches its decision. Descriptors get their op counts and the issue stage's per-row
-flags before the FIFO (behind a register slice); behind it, two row entries (the current row
-and the next) are read through a head pointer, so retiring a row flips the pointer instead of
-loading a row, and each entry tracks its slot's done/err flags. The emitter takes a bag over one
-cycle after the handover, from copies of the bag's facts taken every cycle. The packer places input words at ``fill`` for both
-outcomes of the cycle's output and lets ``out_fire`` pick one last; its input ready is a
-register function and a register slice sits on ``o_data``. Board params, 16 slots, out of
-context: 3093 LUT4 + 263 CCU2C + 50 DPR16X4, 2768 FF, 6 DP16KD, 110.2 MHz (critical path now the
-adder's rounding carry chain).
-
-Fifth round (on the board the accumulator block RAM's 5.8 ns clock-to-out plus a 5 ns wire was
-the critical path at 89.4 MHz): the ROB and the two accumulator copies are
-:class:`~evssd.hw.block_ram.BlockRAM` s, DP16KD with the output register on (1.0 ns), read
-latency 2: the op's facts wait one cycle in stage Q. The accumulator reads are no longer
-write-transparent; stage R2 forwards the last three writes and the emitter waits two cycles
-more, and simulation ``Assert``s check both hazard rules. With 64-bit words the block RAMs are
-byte-sliced x9 tiles: 8 per memory, 24 in all (was 7).
+Pipeline (every decision starts from registers, so the merger closes 100 MHz on the board):
+each channel's beats wait in a two-entry buffer; the round-robin grant is a register decided a
+cycle ahead from the buffers' next levels, and the granted beat is registered before it is
+written to the ROB and marks its slot. The ROB and the two accumulator copies are
+:class:`~evssd.hw.block_ram.BlockRAM` s (DP16KD with the output register, read latency 2): an
+op's facts wait one cycle in stage Q; stage R2 registers the accumulator read data and forwards
+the last three writes (the reads are not write-transparent), the emitter waits two cycles more,
+and simulation ``Assert``s check both hazard rules. Output ops (the issue stage's GATHER reads
+and zeros, the emitter's sums, never in the same cycle) enter an output FIFO of
+``OUT_FIFO_DEPTH`` entries, credit-limited by a registered ``out_ok``: stage R never stalls and
+no handshake behind the issue stage reaches its decision. Descriptors get their op counts and
+per-row flags before the descriptor FIFO (behind a register slice); behind it, two row entries
+are read through a head pointer, so retiring a row flips the pointer, and each entry tracks its
+slot's done/err flags; a retired slot's flags clear from the registered ``o_free``. The packer
+places input words at ``fill`` for both outcomes of the cycle's output and lets ``out_fire``
+pick one last; a register slice sits on ``o_data``.
 """
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.hdl import Assert

@@ -21,7 +21,7 @@ __all__ = [
     "MAGIC", "REGMAP_VERSION", "REGMAP_HASH", "Access", "Field", "Register", "REGISTERS",
     "register", "port_name", "channel_addr", "all_addresses", "Params", "Opcode", "Status", "ElemType", "Command", "Completion",
     "COMMAND_BYTES", "COMPLETION_BYTES", "CHANNEL_BLOCK", "CHANNEL_STRIDE", "DivMagic",
-    "div_magic", "pooled_row_bytes", "NO_BAD_POSITION",
+    "div_magic", "pooled_row_bytes", "NO_BAD_POSITION", "default_slots",
 ]
 
 MAGIC = 0x45565344  # "EVSD" read as a little-endian word
@@ -501,6 +501,15 @@ class Params:
         if not isinstance(params, Params):
             raise TypeError(f"params must be regmap.Params, not {type(params).__name__}")
         return params
+
+
+def default_slots(params: Params) -> int:
+    """Reorder-buffer slots of the default build: the next power of two of twice the flash
+    ways (``ways * n_channels``), 8..64, so every page register can have a read in flight and
+    one queued behind it. Defined here (pure Python) because the device (``hw/device.py``) and
+    the host's timing model (``host/timing.py``) both size by it."""
+    want = max(8, 2 * params.ways * params.n_channels)
+    return min(1 << (want - 1).bit_length(), 64)
 
 
 def _content_hash() -> int:

@@ -1,11 +1,13 @@
 """Synthesis flows: the board bitstream (amaranth-boards + YoWASP) and resource estimates.
 
 - :func:`build_bitstream`: ``BoardTop`` -> yosys -> nextpnr-ecp5 -> ecppack in ``build_dir``,
-  then ``<out>/evssd.bit`` (compressed), ``manifest.json`` (git revision, gateware source hash,
+  then ``<out>/evssd.bit`` (compressed), ``manifest.json`` (git revision, build digest,
   regmap hash, parameters, tool versions, date, bitstream SHA-256) and ``report.json`` /
   ``report.md`` (LUT/FF/BRAM/DSP use and Fmax per clock from nextpnr's report JSON).
-- :func:`check_bitstream`: is the committed bitstream stale? (source hash in the manifest vs the
-  hash of the gateware sources now).
+- :func:`check_bitstream`: is the committed bitstream stale? (the build digest in the manifest
+  vs the digest of the default build now: :mod:`evssd.hw.build_plan`).
+- :func:`adopt_digest`: record the digest in an older manifest when the tree it was built from
+  provably elaborates to the same build plan; :func:`release`: check, rebuild when stale.
 - :func:`estimate`: yosys ``synth_ecp5`` / ``synth_xilinx -family xcup`` cell counts of one
   Amaranth component, and nextpnr-ecp5 ``--out-of-context`` Fmax.
 
@@ -23,66 +25,17 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import regmap
+from .build_plan import (BOARDS, YOSYS_AFTER_READ, SynthError, board_digest, board_spec, build_digest,
+                         describe_parts, file_digests, nextpnr_opts, prepare_board, tool_pins)
 
-__all__ = ["BOARDS", "SynthError", "toolchain_env", "source_hash", "tool_versions", "build_bitstream",
-           "check_bitstream", "estimate", "parse_nextpnr_report", "board_spec", "REPO"]
+__all__ = ["BOARDS", "SynthError", "toolchain_env", "tool_versions", "build_bitstream",
+           "check_bitstream", "adopt_digest", "release", "estimate", "parse_nextpnr_report",
+           "board_spec", "REPO"]
 
 REPO = Path(__file__).resolve().parent.parent
-HW_DIR = Path(__file__).resolve().parent
-
-
-class SynthError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class BoardSpec:
-    name: str
-    platform: str           # "module:Class"
-    description: str
-    clock_mhz: float = 100.0
-    baud: int = 115200
-    nextpnr_opts: str = ""      # extra nextpnr options of the default build
-    seed: int = 1               # nextpnr seed of the default build
-
-
-# nextpnr options of the board builds: a heavier timing weight and criticality exponent in the
-# analytic placer (placement estimate 53.3 -> 68.4 MHz on the same netlist, seed and 75 MHz
-# target; docs/synthesis.md), and `--tmg-ripup` (router2 rips up and re-routes the nets of
-# failing paths: on the gateware of git f1575c1 at 100 MHz it took seed 2 from 90.5 to 98.9 MHz
-# and seed 3 from 98.0 to 100.3 MHz, 11-15 min per build; docs/synthesis.md).
-TIMING_DRIVEN_PNR = "--placer-heap-timingweight 40 --placer-heap-critexp 4"
-BOARD_PNR = TIMING_DRIVEN_PNR + " --tmg-ripup"
-
-BOARDS = {
-    # The whole EV-SSD (gateware of git f1575c1) meets the 100 MHz target on the LFE5U-85F with
-    # the PLL at 100 MHz, BOARD_PNR and seed 3: 100.3 MHz (other seeds: docs/synthesis.md).
-    "ulx3s-85f": BoardSpec("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
-                           "Radiona ULX3S with a Lattice ECP5 LFE5U-85F (CABGA381, speed 6)",
-                           clock_mhz=100.0, nextpnr_opts=BOARD_PNR, seed=3),
-}
-
-
-# Every Amaranth FSM (its state register is named ``<fsm>_state``) is recoded one-hot: yosys
-# would keep Amaranth's binary encoding (it does not take a register with an init value as an
-# FSM on its own), and decoding a binary state sat in front of every FSM's next-state logic.
-# The init value of a recoded register is ignored (yosys warns); the sync reset, held while the
-# PLL locks, puts each FSM in its reset state before it runs. The gateware's Amaranth `Assert`s
-# (simulation checks: Verilator --assert, the Amaranth simulator) are removed first: yosys
-# would otherwise keep their conditions as logic (about 100 LUT4 in one flash channel).
-YOSYS_AFTER_READ = 'chformal -remove; setattr -set fsm_encoding "one-hot" w:*_state'
-
-
-def board_spec(name: str) -> BoardSpec:
-    try:
-        return BOARDS[name]
-    except KeyError:
-        known = ", ".join(f"{k} ({v.description})" for k, v in BOARDS.items())
-        raise SynthError(f"unsupported board {name!r}; supported boards: {known}") from None
 
 
 def _tool(name: str) -> str:
@@ -103,20 +56,6 @@ def toolchain_env() -> dict:
     env["ECPPACK"] = _tool("yowasp-ecppack")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
-
-
-def source_hash() -> str:
-    """SHA-256 over the gateware sources (``hw/*.py`` except this flow script: names and
-    contents, sorted by name)."""
-    h = hashlib.sha256()
-    for path in _sources():
-        h.update(path.name.encode() + b"\0")
-        h.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
-    return h.hexdigest()
-
-
-def _sources():
-    return sorted(p for p in HW_DIR.glob("*.py") if p.name != "synth.py")
 
 
 def _git(*args) -> str:
@@ -192,8 +131,8 @@ def _critical_path(report: dict) -> list:
 def _report_md(manifest: dict, rep: dict) -> str:
     lines = [f"# {manifest['board']} bitstream report", "",
              f"- built {manifest['date']} from git {manifest['git_rev']}"
-             f"{' (dirty)' if manifest.get('git_dirty') else ''}, gateware source hash "
-             f"`{manifest['source_hash'][:16]}`, regmap hash `0x{manifest['regmap_hash']:08x}`",
+             f"{' (dirty)' if manifest.get('git_dirty') else ''}, build digest "
+             f"`{manifest.get('build_digest', '?')[:16]}`, regmap hash `0x{manifest['regmap_hash']:08x}`",
              f"- device: {'EV-SSD' if manifest['device'] else 'MMIO manager only (EVSSD missing)'}, "
              f"clock {manifest['clock_hz'] / 1e6:.1f} MHz, UART {manifest['baud']} baud",
              f"- build time {manifest['build_seconds']:.0f} s (nextpnr seed {manifest.get('seed', 1)}, "
@@ -222,46 +161,26 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
                     baud: int | None = None, device: bool | None = None, seed: int | None = None,
                     router: str = "router2", nextpnr_extra: str | None = None,
                     log=print) -> dict:
-    """Build the board bitstream; returns the manifest (also written to ``out_dir``)."""
-    spec = board_spec(board)
-    if router not in ("router1", "router2"):
-        raise SynthError(f"router {router!r}: choose router1 or router2")
-    import importlib
-    from .board import BoardTop, board_params, _device_class
+    """Build the board bitstream; returns the manifest (also written to ``out_dir``).
 
-    clock_mhz = clock_mhz or spec.clock_mhz
-    if nextpnr_extra is None:
-        nextpnr_extra = spec.nextpnr_opts
-    if seed is None:
-        seed = spec.seed
-    baud = baud or spec.baud
+    The build runs the plan of :func:`~evssd.hw.build_plan.prepare_board` (no source
+    attributes), and the manifest records that plan's build digest."""
+    build = prepare_board(board, clock_mhz=clock_mhz, baud=baud, device=device, seed=seed,
+                          router=router, nextpnr_extra=nextpnr_extra)
+    name = build.name
     out = Path(out_dir or REPO / "bitstreams" / board)
     bdir = Path(build_dir or REPO / "build" / "synth" / board)
     bdir.mkdir(parents=True, exist_ok=True)
-    mod_name, cls_name = spec.platform.split(":")
-    try:
-        platform_cls = getattr(importlib.import_module(mod_name), cls_name)
-    except ImportError as exc:
-        raise SynthError(f"amaranth-boards is missing ({exc}): pip install 'evssd[synth]'") from None
-    platform = platform_cls()
-    params = board_params(clock_hz=int(round(clock_mhz * 1e6)))
-    has_device = _device_class() is not None if device is None else device
-    top = BoardTop(params, baud=baud, device=has_device)
+    parts = file_digests(build.plan.files)
+    tools = tool_pins()
     # the tree the gateware is elaborated from (HEAD may move while a build runs)
-    src_hash = source_hash()
     git_rev = _git("rev-parse", "HEAD")
     git_dirty = bool(_git("status", "--porcelain", "--", "hw"))
-    name = "evssd"
-    log(f"evssd synth: {board}, {'EV-SSD' if has_device else 'MMIO manager only'}, "
-        f"{clock_mhz} MHz, {baud} baud -> {bdir}")
+    log(f"evssd synth: {board}, {'EV-SSD' if build.device else 'MMIO manager only'}, "
+        f"{build.clock_mhz} MHz, {build.baud} baud -> {bdir}")
     t0 = time.monotonic()
-    nextpnr_opts = (f"--report {name}-report.json --timing-allow-fail --seed {seed} "
-                    f"--router {router} {nextpnr_extra}".strip())
-    plan = platform.prepare(top, name=name, nextpnr_opts=nextpnr_opts,
-                            ecppack_opts="--compress", script_after_read=YOSYS_AFTER_READ)
-    env = toolchain_env()
     try:
-        plan.execute_local(str(bdir), env=env)
+        build.plan.execute_local(str(bdir), env=toolchain_env())
     except subprocess.CalledProcessError as exc:
         tail = ""
         for suffix in (".tim", ".rpt"):
@@ -278,6 +197,7 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
     out.mkdir(parents=True, exist_ok=True)
     bit = (bdir / f"{name}.bit").read_bytes()
     (out / f"{name}.bit").write_bytes(bit)
+    params = build.params
     manifest = {
         "board": board,
         "bitstream": f"{name}.bit",
@@ -285,64 +205,214 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
         "bitstream_sha256": hashlib.sha256(bit).hexdigest(),
         "git_rev": git_rev,
         "git_dirty": git_dirty,
-        "source_hash": src_hash,
-        "source_files": [p.name for p in _sources()],
+        "build_digest": build_digest(parts, tools),
+        "digest_parts": parts,
+        "digest_tools": tools,
+        "emit_src": False,
         "regmap_hash": regmap.REGMAP_HASH,
         "regmap_version": list(regmap.REGMAP_VERSION),
         "build_id": params.build_id,
         "params": params.as_dict(),
-        "device": has_device,
+        "device": build.device,
         "clock_hz": params.clock_hz,
-        "baud": baud,
-        "uart_divisor": top.divisor,
-        "window_bytes": top.window_bytes,
-        "seed": seed,
-        "router": router,
-        "nextpnr_extra": nextpnr_extra,
+        "baud": build.baud,
+        "uart_divisor": build.top.divisor,
+        "window_bytes": build.top.window_bytes,
+        "seed": build.seed,
+        "router": build.router,
+        "nextpnr_extra": build.nextpnr_extra,
         "tools": tool_versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _now(),
         "build_seconds": round(seconds, 1),
         "summary": rep["summary"],
         "fmax": rep["fmax"],
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    _write_manifest(out, manifest)
     (out / "report.json").write_text(json.dumps(rep, indent=2, sort_keys=True) + "\n")
     (out / "report.md").write_text(_report_md(manifest, rep))
     return manifest
 
 
-def check_bitstream(board: str = "ulx3s-85f", out_dir: str | os.PathLike | None = None) -> tuple[bool, str]:
-    """(fresh?, message): the manifest's gateware source hash against the sources now."""
-    board_spec(board)
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_manifest(out: Path, manifest: dict):
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _load_manifest(board: str, out_dir) -> tuple[Path, dict | None, list]:
+    """(directory, manifest or None, problems with the bitstream file itself)."""
     out = Path(out_dir or REPO / "bitstreams" / board)
     path = out / "manifest.json"
     if not path.exists():
-        return False, f"{path}: no manifest: build with `evssd synth --board {board}`"
+        return out, None, [f"{path}: no manifest"]
     manifest = json.loads(path.read_text())
     bit = out / manifest.get("bitstream", "evssd.bit")
-    now = source_hash()
     problems = []
-    if manifest.get("source_hash") != now:
-        then = set(manifest.get("source_files", []))
-        files = {p.name for p in _sources()}
-        extra = ""
-        if then != files:
-            extra = f" (files added: {sorted(files - then)}, removed: {sorted(then - files)})"
-        problems.append(f"gateware sources changed since the build: source hash "
-                        f"{manifest.get('source_hash', '?')[:16]} in the manifest, {now[:16]} now{extra}")
-    if manifest.get("regmap_hash") != regmap.REGMAP_HASH:
-        problems.append(f"register map hash 0x{manifest.get('regmap_hash', 0):08x} in the manifest, "
-                        f"0x{regmap.REGMAP_HASH:08x} now")
-    if bit.exists():
-        if hashlib.sha256(bit.read_bytes()).hexdigest() != manifest.get("bitstream_sha256"):
-            problems.append(f"{bit.name} does not match the manifest's SHA-256")
-    else:
+    if not bit.exists():
         problems.append(f"{bit} is missing")
+    elif hashlib.sha256(bit.read_bytes()).hexdigest() != manifest.get("bitstream_sha256"):
+        problems.append(f"{bit.name} does not match the manifest's SHA-256")
+    return out, manifest, problems
+
+
+def _digest_differences(then_parts: dict, then_tools: dict, now: dict) -> list:
+    """Which plan files and tool versions differ between a manifest and a digest now."""
+    diffs = []
+    for f in sorted(set(then_parts) | set(now["parts"])):
+        if then_parts.get(f) != now["parts"].get(f):
+            diffs.append(describe_parts(f) + (" added" if f not in then_parts else
+                                              " removed" if f not in now["parts"] else " changed"))
+    for pkg in sorted(set(then_tools) | set(now["tools"])):
+        if then_tools.get(pkg) != now["tools"].get(pkg):
+            diffs.append(f"tool {pkg} {then_tools.get(pkg)} -> {now['tools'].get(pkg)}")
+    return diffs
+
+
+def check_bitstream(board: str = "ulx3s-85f", out_dir: str | os.PathLike | None = None, *,
+                    digest: dict | None = None) -> tuple[bool, str]:
+    """(fresh?, message): the manifest's build digest against the digest of the board's default
+    build of the tree now (``digest``: a precomputed :func:`board_digest`)."""
+    board_spec(board)
+    out, manifest, problems = _load_manifest(board, out_dir)
+    if manifest is None:
+        return False, f"{problems[0]}: build with `evssd synth --board {board}`"
+    if "build_digest" not in manifest:
+        problems.append("the manifest has no build digest (built before bitstreams were keyed by "
+                        "the elaborated design): `evssd synth --adopt` records it if the tree of "
+                        f"git {manifest.get('git_rev', '?')[:12]} elaborates to the same build plan")
+    else:
+        now = digest or board_digest(board)
+        if manifest["build_digest"] != now["build_digest"]:
+            diffs = _digest_differences(manifest.get("digest_parts", {}),
+                                        manifest.get("digest_tools", {}), now)
+            problems.append(f"build digest {manifest['build_digest'][:16]} in the manifest, "
+                            f"{now['build_digest'][:16]} now ({'; '.join(diffs) or 'see the manifest'})")
     if problems:
-        return False, f"{board} bitstream is stale: " + "; ".join(problems) + \
-            f". Rebuild: evssd synth --board {board}"
+        return False, (f"{board} bitstream is stale: " + "; ".join(problems) +
+                       f". Rebuild: evssd synth --board {board} (or make release)")
     return True, (f"{board} bitstream is current (built {manifest.get('date')} from git "
-                  f"{manifest.get('git_rev', '?')[:12]}, source hash {now[:16]})")
+                  f"{manifest.get('git_rev', '?')[:12]}, build digest {manifest['build_digest'][:16]})")
+
+
+# Run in a subprocess against the gateware of an older git revision (its hw/ unpacked as the
+# package evssd.hw): the file digests of that tree's board build plan, without source attributes.
+_OLD_TREE_PLAN = r'''
+import hashlib, importlib, json, sys
+opts = json.loads(sys.argv[1])
+from evssd.hw import board as B, synth as S
+if not B.__file__.startswith(sys.argv[2]):
+    raise SystemExit(f"imported {B.__file__}, not the tree in {sys.argv[2]}")
+mod, cls = opts["platform"].split(":")
+platform = getattr(importlib.import_module(mod), cls)()
+top = B.BoardTop(B.board_params(clock_hz=opts["clock_hz"]), baud=opts["baud"], device=opts["device"])
+plan = platform.prepare(top, name=opts["name"], nextpnr_opts=opts["nextpnr_opts"],
+                        ecppack_opts="--compress", script_after_read=S.YOSYS_AFTER_READ, emit_src=False)
+out = {}
+for n in sorted(plan.files):
+    c = plan.files[n]
+    out[n] = hashlib.sha256(c.encode() if isinstance(c, str) else c).hexdigest()
+print(json.dumps(out))
+'''
+
+
+def tree_plan_digests(rev: str, options: dict, *, timeout: float = 600) -> dict:
+    """File digests of the board build plan of the gateware at git ``rev`` (``options``: the
+    build options of :func:`board_digest`), elaborated in a subprocess from ``git archive``."""
+    import tarfile
+    import tempfile
+    import io
+    spec = board_spec(options["board"])
+    try:
+        tar = subprocess.run(["git", "archive", "--format=tar", rev, "hw"], cwd=REPO,
+                             capture_output=True, check=True, timeout=60).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SynthError(f"git archive {rev} hw failed: {exc.stderr.decode(errors='replace').strip()}") from None
+    with tempfile.TemporaryDirectory(prefix="evssd-tree-") as tmp:
+        pkg = Path(tmp) / "evssd"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+        with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+            tf.extractall(pkg, filter="data")
+        opts = {"platform": spec.platform, "clock_hz": options["clock_hz"], "baud": options["baud"],
+                "device": options["device"], "name": "evssd",
+                "nextpnr_opts": nextpnr_opts("evssd", options["seed"], options["router"],
+                                             options["nextpnr_extra"])}
+        env = dict(os.environ, PYTHONPATH=tmp, PYTHONHASHSEED="0")
+        res = subprocess.run([sys.executable, "-c", _OLD_TREE_PLAN, json.dumps(opts), str(pkg)],
+                             cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            tail = "\n".join((res.stdout + res.stderr).splitlines()[-15:])
+            raise SynthError(f"elaborating the gateware of git {rev} failed:\n{tail}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+_MANIFEST_OPTIONS = ("clock_hz", "baud", "device", "seed", "router", "nextpnr_extra")
+
+
+def adopt_digest(board: str = "ulx3s-85f", out_dir: str | os.PathLike | None = None, *,
+                 log=print) -> tuple[bool, str]:
+    """Record the build digest in a manifest written before builds were keyed by it, without a
+    rebuild, when that is provably right: the bitstream matches its manifest, was built from a
+    clean tree at ``git_rev`` with the board's default options, and the gateware at ``git_rev``
+    elaborates (without source attributes) to a build plan whose digest, with the tool versions
+    the manifest recorded, equals the digest of the default build of the tree now."""
+    board_spec(board)
+    out, manifest, problems = _load_manifest(board, out_dir)
+    if manifest is None or problems:
+        return False, "cannot adopt: " + "; ".join(problems)
+    rev = manifest.get("git_rev", "unknown")
+    if manifest.get("git_dirty") or rev == "unknown":
+        return False, f"cannot adopt: the bitstream was built from a tree git does not hold (git {rev}, dirty)"
+    now = board_digest(board)
+    differing = [k for k in _MANIFEST_OPTIONS if manifest.get(k) != now["options"][k]]
+    if differing:
+        return False, ("cannot adopt: built with " +
+                       ", ".join(f"{k}={manifest.get(k)!r}" for k in differing) + ", the default build has " +
+                       ", ".join(f"{k}={now['options'][k]!r}" for k in differing))
+    tools_then = manifest.get("digest_tools") or {
+        pkg: manifest.get("tools", {}).get(f"{pkg} (pip)", "unknown") for pkg in now["tools"]}
+    log(f"elaborating the gateware of git {rev[:12]} ...")
+    parts_then = tree_plan_digests(rev, now["options"])
+    then = build_digest(parts_then, tools_then)
+    if then != now["build_digest"]:
+        diffs = _digest_differences(parts_then, tools_then, now)
+        return False, (f"cannot adopt: the build of git {rev[:12]} has digest {then[:16]}, the tree "
+                       f"now {now['build_digest'][:16]} ({'; '.join(diffs)}): rebuild")
+    manifest.update({"build_digest": then, "digest_parts": parts_then, "digest_tools": tools_then,
+                     "emit_src": manifest.get("emit_src", True),
+                     "digest_adopted": {"date": _now(), "from_git_rev": rev,
+                                        "how": "evssd synth --adopt: the gateware at git_rev "
+                                               "elaborated without source attributes"}})
+    _write_manifest(out, manifest)
+    rep_path = out / "report.json"
+    if rep_path.exists():
+        (out / "report.md").write_text(_report_md(manifest, json.loads(rep_path.read_text())))
+    return True, (f"{board}: build digest {then[:16]} recorded (the gateware of git {rev[:12]} "
+                  f"and of the tree now elaborate to the same build plan)")
+
+
+def release(board: str = "ulx3s-85f", *, log=print) -> int:
+    """The release step: keep the committed bitstream if it is current, else rebuild it with the
+    board's defaults; 0 when it is current and meets every clock target afterwards."""
+    now = board_digest(board)
+    ok, msg = check_bitstream(board, digest=now)
+    log(msg)
+    if not ok:
+        manifest = build_bitstream(board, log=log)
+        ok, msg = check_bitstream(board, digest=now)
+        log(msg)
+        if not ok:
+            return 1
+    else:
+        manifest = json.loads((REPO / "bitstreams" / board / "manifest.json").read_text())
+    failed = [clk for clk, v in manifest.get("fmax", {}).items() if not v.get("pass")]
+    if failed:
+        log(f"{board}: timing not met on {', '.join(failed)}: try another seed (--seed) and set "
+            f"it as the board's default in hw/build_plan.py")
+        return 1
+    return 0
 
 
 # ------------------------------------------------------------------------------- estimates

@@ -26,39 +26,10 @@ from .axi import AXI4LiteSignature, Resp
 __all__ = ["UartRx", "UartTx", "UartAxiBridge", "crc8", "crc8_byte", "SOF_REQUEST", "SOF_RESPONSE",
            "Op", "FrameStatus", "MAX_WORDS"]
 
-# Frame constants. The host library must import without Amaranth, so evssd.host.uart keeps its
-# own copy; tests/hw/test_uart.py checks that both agree.
-SOF_REQUEST = 0xA5
-SOF_RESPONSE = 0x5A
-MAX_WORDS = 256          # words per frame: COUNT holds words - 1 in one byte
-CRC8_POLY = 0x07         # CRC-8 (x^8 + x^2 + x + 1), init 0, no reflection, no final xor
-
-
-class Op:
-    PING = 0x00
-    READ = 0x01
-    WRITE = 0x02
-
-
-class FrameStatus:
-    OK = 0x00
-    CRC_ERROR = 0x01     # checksum mismatch: nothing was executed
-    BAD_OPCODE = 0x02    # unknown opcode: nothing was executed
-    TIMEOUT = 0x03       # the line went idle in the middle of a frame: nothing was executed
-
-
-def crc8_byte(crc: int, byte: int) -> int:
-    """Python reference of the CRC-8 update the gateware builds."""
-    crc ^= byte
-    for _ in range(8):
-        crc = ((crc << 1) ^ CRC8_POLY) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
-    return crc
-
-
-def crc8(data: bytes, crc: int = 0) -> int:
-    for b in data:
-        crc = crc8_byte(crc, b)
-    return crc
+# The frame constants and the CRC's definition live in the pure-Python bridge_protocol, which
+# the host imports too.
+from .bridge_protocol import (CRC8_POLY, MAX_WORDS, SOF_REQUEST, SOF_RESPONSE, FrameStatus, Op, crc8,
+                              crc8_byte)
 
 
 def _crc8_next(crc, byte):

@@ -17,24 +17,26 @@ import os
 import sys
 import tempfile
 
+from evssd.host import cli_types as ct
+
 __all__ = ["add_arguments", "run", "bound"]
 
 
 def add_arguments(parser):
-    parser.add_argument("--channels", type=int, default=4, help="flash channels (default 4)")
-    parser.add_argument("--ways", type=int, default=4, help="page registers per channel (default 4)")
-    parser.add_argument("--host-bits", type=int, default=256, help="host DMA data width (default 256)")
-    parser.add_argument("--ch-bits", type=int, default=64, help="channel data width (default 64)")
-    parser.add_argument("--page-size", type=int, default=4096, help="flash page bytes (default 4096)")
-    parser.add_argument("--pages", type=int, default=64, help="pages per channel (default 64)")
-    parser.add_argument("--row-bytes", type=int, default=64, help="row size of the bench table (default 64)")
-    parser.add_argument("--t-r", type=int, default=1000, help="tR in cycles (default 1000)")
-    parser.add_argument("--sizes", default="64,128,256,512", help="batch sizes for the latency sweep")
-    parser.add_argument("--batches", type=int, default=3, help="batches per size in the latency sweep")
-    parser.add_argument("--inflight", type=int, default=4, help="gathers in flight for throughput")
-    parser.add_argument("--slots", type=int, default=None,
-                        help="reorder-buffer slots (default: hw.device.default_slots)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--channels", type=ct.int_range(1, 16, "a channel count"), default=4, help="flash channels (default 4)")
+    parser.add_argument("--ways", type=ct.positive_int, default=4, help="page registers per channel (default 4)")
+    parser.add_argument("--host-bits", type=ct.power_of_two, default=256, help="host DMA data width (default 256)")
+    parser.add_argument("--ch-bits", type=ct.power_of_two, default=64, help="channel data width (default 64)")
+    parser.add_argument("--page-size", type=ct.power_of_two, default=4096, help="flash page bytes (default 4096)")
+    parser.add_argument("--pages", type=ct.positive_int, default=64, help="pages per channel (default 64)")
+    parser.add_argument("--row-bytes", type=ct.positive_int, default=64, help="row size of the bench table (default 64)")
+    parser.add_argument("--t-r", type=ct.int_range(0, (1 << 24) - 1, "a tR in cycles"), default=1000, help="tR in cycles (default 1000)")
+    parser.add_argument("--sizes", default="64,128,256,512", type=ct.int_list(), help="batch sizes for the latency sweep")
+    parser.add_argument("--batches", type=ct.positive_int, default=3, help="batches per size in the latency sweep")
+    parser.add_argument("--inflight", type=ct.positive_int, default=4, help="gathers in flight for throughput")
+    parser.add_argument("--slots", type=ct.positive_int, default=None,
+                        help="reorder-buffer slots (default: hw.regmap.default_slots)")
+    parser.add_argument("--seed", type=ct.nonneg_int, default=1)
     parser.add_argument("--quick", action="store_true", help="small sweep (CI smoke run)")
 
 
@@ -76,7 +78,7 @@ def run(args) -> int:
                    **top_args)
         with open(report_path) as fh:
             report = json.load(fh)
-    from evssd.hw.device import default_slots
+    from evssd.hw.regmap import default_slots
     report["n_slots"] = args.slots or default_slots(params)
     report["bound"] = bound(params, args.row_bytes, args.t_r)
     for row in report["throughput"]:

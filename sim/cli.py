@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from evssd.hw.regmap import Params
+from evssd.host import cli_types as ct
 
 BENCHES = {
     "mmio": ("evssd.sim.tb_mmio", "mmio", "the driver opens the MMIO manager and checks registers"),
@@ -17,7 +18,7 @@ def add_arguments(parser):
     run = sub.add_parser("run", help="run a cocotb bench", description="Run a cocotb bench on Verilator.")
     run.add_argument("bench", choices=BENCHES, help="; ".join(f"{k}: {v[2]}" for k, v in BENCHES.items()))
     _params(run)
-    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--seed", type=ct.nonneg_int, default=None)
     run.add_argument("--waves", action="store_true", help="dump an FST waveform in the build directory")
     run.add_argument("--testcase", default=None, help="run only this cocotb test")
     ver = sub.add_parser("verilog", help="write the Verilog of a top", description="Write Verilog of a top.")
@@ -27,12 +28,12 @@ def add_arguments(parser):
 
 def _params(parser):
     d = Params()
-    parser.add_argument("--channels", type=int, default=d.n_channels)
-    parser.add_argument("--host-bits", type=int, default=d.host_data_bits)
-    parser.add_argument("--ch-bits", type=int, default=d.ch_data_bits)
-    parser.add_argument("--page-size", type=int, default=d.page_size)
-    parser.add_argument("--ways", type=int, default=d.ways)
-    parser.add_argument("--pages-per-channel", type=int, default=256)
+    parser.add_argument("--channels", type=ct.int_range(1, 16, "a channel count"), default=d.n_channels)
+    parser.add_argument("--host-bits", type=ct.power_of_two, default=d.host_data_bits)
+    parser.add_argument("--ch-bits", type=ct.power_of_two, default=d.ch_data_bits)
+    parser.add_argument("--page-size", type=ct.power_of_two, default=d.page_size)
+    parser.add_argument("--ways", type=ct.positive_int, default=d.ways)
+    parser.add_argument("--pages-per-channel", type=ct.positive_int, default=256)
 
 
 def _make(args) -> Params:

@@ -15,6 +15,7 @@ from cocotbext.axi import AxiBus, AxiRam
 
 from evssd.host.device import AsyncDevice
 from evssd.host.model import ModelTransport
+from evssd.hw.device import default_slots
 from evssd.hw.regmap import Opcode
 from evssd.sim.runner import load_meta
 from evssd.sim.transport import CocotbTransport, quiet_cocotbext_axi, start_clock_and_reset
@@ -50,8 +51,10 @@ async def bench(dut):
         rams[lba % p.n_channels].write((lba // p.n_channels) * p.page_size, page)
     await dev.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
     # The functional model runs the same lookups: its cycle estimate is compared with the RTL's.
-    model = await AsyncDevice.open(ModelTransport(p, host_memory_bytes=16 << 20), sq_entries=16,
-                                   cq_entries=16)
+    # (with the RTL build's reorder-buffer slots: a --slots build is not the default one)
+    n_slots = load_meta().get("top_args", {}).get("n_slots") or default_slots(p)
+    model = await AsyncDevice.open(ModelTransport(p, host_memory_bytes=16 << 20, n_slots=n_slots),
+                                   sq_entries=16, cq_entries=16)
     await model.set_timing(t_r=cfg["t_r"])
     flash = np.zeros((n_pages, p.page_size), np.uint8)
     for lba in range(n_pages):

@@ -79,10 +79,15 @@ class CocotbUartLink(ByteLink):
         return bytes(self.rxq.popleft() for _ in range(n))
 
     async def drain(self) -> None:
-        quiet = 0
+        quiet, waited = 0, 0
         while quiet < 3:
+            if waited >= self.timeout_ns:  # a line that never goes quiet must not hang the bench
+                self.rxq.clear()
+                raise LinkTimeoutError(f"{self.name}: the line did not go quiet within "
+                                       f"{self.timeout_ns} ns of simulated time")
             before = len(self.rxq)
             await Timer(20 * self.bit_ns, unit="ns")
+            waited += 20 * self.bit_ns
             quiet = quiet + 1 if len(self.rxq) == before else 0
         self.rxq.clear()
 

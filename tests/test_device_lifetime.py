@@ -169,3 +169,37 @@ def test_interrupted_call_leaves_nothing_running_on_the_loop():
     assert not [t for t in asyncio.all_tasks(dev._loop) if not t.done()]
     np.testing.assert_array_equal(dev.view(0, dev.gather(0, [7])), data[[7]])
     dev.close()
+
+
+def test_concurrent_submissions_on_one_async_device_are_refused_clearly():
+    from evssd.hw.regmap import Command, Opcode
+
+    class SlowModel(ModelTransport):
+        async def mem_write(self, addr, data):
+            await asyncio.sleep(0)  # a real link yields here
+            await super().mem_write(addr, data)
+
+    async def main():
+        from evssd.host.device import AsyncDevice
+        dev = await AsyncDevice.open(SlowModel(), sq_entries=8, cq_entries=8)
+        results = await asyncio.gather(dev.submit(Command(opcode=Opcode.NOP)),
+                                       dev.submit(Command(opcode=Opcode.NOP)), return_exceptions=True)
+        assert isinstance(results[1], RuntimeError) and "one task at a time" in str(results[1])
+        await dev.wait_for(results[0])
+        assert not dev._inflight and await dev.nop()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["dram", "file", "evssd"])
+def test_a_closed_store_says_it_is_closed(backend):
+    from evssd.host.store import EmbeddingStore, StoreClosedError
+    store = EmbeddingStore.from_arrays({"a": np.ones((100, 8), np.float32)}, backend)
+    assert store.gather("a", np.array([1]))[0, 0] == 1.0
+    store.close()
+    store.close()  # twice is harmless
+    calls = [lambda: store.gather("a", np.array([1, 2])),
+             lambda: store.pooled("a", np.array([1, 2]), np.array([0, 2])),
+             lambda: store.lookup_many({"a": (np.array([1]), np.array([0, 1]))})]
+    for call in calls:
+        with pytest.raises(StoreClosedError, match=f"the store is closed \\(its {backend} backend"):
+            call()

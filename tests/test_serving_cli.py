@@ -25,3 +25,49 @@ def test_bench_serve_small_run_writes_results(tmp_path, capsys):
     assert pooled["bytes_per_batch"] < rows["bytes_per_batch"]
     assert max(p["max_abs_err_vs_numpy"] for p in data["pooling"]) < 1e-4
     assert data["cache"]["adaptive"]["largest_batch_served"] >= data["cache"]["static"]["largest_batch_served"]
+    # the EV-SSD backend column: the same batches, the same answers
+    assert [p["backend"] for p in data["backends"]] == ["dram", "evssd"]
+    assert max(p["max_abs_err_vs_numpy"] for p in data["backends"]) < 1e-4
+    assert {p["threads"] for p in data["cpu_per_request"]} == {1, 2} and all(p["cpu_us_per_request"] > 0 for p in data["cpu_per_request"])
+
+
+def test_serve_config_gives_usable_addresses_for_separately_started_processes(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from evssd.host.serving.server import READY_PREFIX
+
+    path = tmp_path / "cluster.json"
+    assert main(["serve", "config", "--servers", "2", "--tables", "2", "--rows", "2000", "-o", str(path)]) == 0
+    cfg = json.loads(path.read_text())
+    ports = [s["port"] for s in cfg["servers"].values()]
+    assert all(p > 0 for p in ports) and len(set(ports)) == 2
+    procs = [subprocess.Popen([sys.executable, "-m", "evssd.host.serving.cli", "embeddings", "--config", str(path),
+                               "--server", s], stdout=subprocess.PIPE, text=True) for s in cfg["servers"]]
+    try:
+        for p, s in zip(procs, cfg["servers"]):
+            line = p.stdout.readline()             # bounded: the server exits on a bind error
+            assert line.startswith(READY_PREFIX), line
+            assert json.loads(line[len(READY_PREFIX):])["port"] == cfg["servers"][s]["port"]
+        capsys.readouterr()
+        assert main(["serve", "ranker", "--config", str(path), "--batches", "2", "--batch-size", "16"]) == 0
+        assert "2 batches of 16" in capsys.readouterr().out
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+            p.stdout.close()
+    # a config with port 0 is refused by the ranker with a clear message
+    cfg["servers"]["s0"]["port"] = 0
+    path.write_text(json.dumps(cfg))
+    assert main(["serve", "ranker", "--config", str(path), "--batches", "1"]) == 2
+    assert "servers ['s0'] have port 0" in capsys.readouterr().err
+
+
+def test_serve_config_base_port(tmp_path):
+    from evssd.host.serving.config import ConfigError, assign_ports, make_config
+    cfg = assign_ports(make_config(1, 100, 4, 3), base=7100)
+    assert [s["port"] for s in cfg["servers"].values()] == [7100, 7101, 7102]
+    import pytest
+    with pytest.raises(ConfigError, match="base port 65535 leaves no room for 3 servers"):
+        assign_ports(make_config(1, 100, 4, 3), base=65535)

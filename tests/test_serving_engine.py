@@ -11,7 +11,8 @@ from evssd.host.serving import protocol as P
 from evssd.host.serving.config import make_config, table_rows
 from evssd.host.serving.engine import Backpressure, Engine
 from evssd.host.serving.launcher import LocalCluster
-from evssd.host.serving.rdma import RdmaUnavailable, get_provider
+from evssd.host.serving.providers import get_provider
+from evssd.host.serving.rdma import RdmaUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,34 @@ def test_cli_reports_missing_rdma(monkeypatch, capsys, tmp_path):
     from evssd.host.cli import main
     from evssd.host.serving.config import save_config
     monkeypatch.setitem(sys.modules, "pyverbs", None)
-    path = save_config(make_config(1, 100, 4, 1), tmp_path / "c.json")
+    from evssd.host.serving.config import assign_ports
+    path = save_config(assign_ports(make_config(1, 100, 4, 1)), tmp_path / "c.json")
     assert main(["serve", "ranker", "--config", str(path), "--provider", "verbs"]) == 2
     assert "python3-pyverbs or use the tcp provider" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_concurrent_callers_on_one_connection(cluster, direct):
+    """Callers send on their own threads (direct) or through the I/O thread: every reply
+    reaches its own request, under credits, with migrations in between."""
+    with Engine(get_provider("tcp"), 2, credits=4, request_timeout=20, direct_send=direct) as eng:
+        conn = eng.connect("s0", *cluster.address("s0"))
+        errors = []
+
+        def caller(k):
+            try:
+                for i in range(40):
+                    want = b"%d-%d-" % (k, i) + b"z" * (i * 37)
+                    got = eng.request(conn, P.encode_request(P.Request(P.MsgType.ECHO, payload=want))).result(20)
+                    assert got == want
+            except Exception as exc:     # reported below with the caller's id
+                errors.append(f"caller {k}: {type(exc).__name__}: {exc}")
+        ths = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
+        for t in ths:
+            t.start()
+        for target in (1, 0, 1):
+            eng.migrate(conn, target)
+        for t in ths:
+            t.join(60)
+        assert not errors, errors
+        assert conn.completed >= 240 and not conn.pending

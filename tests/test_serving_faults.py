@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from evssd.host.serving.config import make_config
 from evssd.host.serving.engine import Engine, RequestTimeout
 from evssd.host.serving.launcher import LocalCluster
 from evssd.host.serving.ranker import Ranker, ServingError, local_pooled, synthetic_batch
-from evssd.host.serving.rdma import get_provider
+from evssd.host.serving.providers import get_provider
 
 # Fault tests stop and kill server processes on short timeouts: keep them on one pytest-xdist
 # worker so they never share the machine with another serving cluster's timing-sensitive run.
@@ -90,7 +91,7 @@ def test_replica_takes_over(fault):
                     sparse = _batch(c.config, seed)
                     _check(c.config, r.embeddings(sparse), sparse)
                 if fault == "kill":
-                    assert eng.connections["s0"].dead     # skipped as soon as it was seen dead
+                    assert r.conns["s0"].dead     # skipped as soon as it was seen dead (reconnects fail)
                 else:
                     assert r.retries >= 1                  # timed out, retried on the replica
                 before = r.retries
@@ -106,6 +107,54 @@ def test_replica_takes_over(fault):
             finally:
                 if fault == "stall":
                     c.resume("s0")
+
+
+@pytest.mark.parametrize("fetch", ["pooled", "rows"])
+def test_ranker_reconnects_to_a_restarted_server(fetch):
+    """No replica: while s1 is down its batches fail clearly; once it is back on the same
+    address the running ranker reconnects (backoff), re-reads its memory keys (new rkeys
+    after a restart, used by one-sided READs) and serves from it again."""
+    with LocalCluster(make_config(2, 2000, 8, 2)) as c:
+        with Engine(get_provider("tcp"), 2, request_timeout=2.0) as eng:
+            r = Ranker(c.config, eng, fetch=fetch, timeout=2.0, reconnect_backoff=(0.01, 0.05))
+            sparse = _batch(c.config)
+            _check(c.config, r.embeddings(sparse), sparse)
+            old_keys = {t: m["rkey"] for t, m in r.meta["s1"].items()}
+            c.kill("s1")
+            with pytest.raises(ServingError, match="every server failed: s1"):
+                r.embeddings(_batch(c.config, 1))
+            with pytest.raises(ServingError, match="s1: ConnectionLost.*reconnect failed|every server failed: s1"):
+                r.embeddings(_batch(c.config, 2))            # still down: a reconnect attempt fails
+            c.restart("s1")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and "s1" not in r.reconnect(force=True):
+                time.sleep(0.05)
+            assert not r.conns["s1"].dead and r.reconnects >= 1
+            assert {t: m["rkey"] for t, m in r.meta["s1"].items()} != old_keys
+            for seed in range(3, 6):
+                sparse = _batch(c.config, seed)
+                _check(c.config, r.embeddings(sparse), sparse)
+
+
+def test_replica_set_regains_a_restarted_primary():
+    with LocalCluster(make_config(2, 3000, 8, 3, replicas=1)) as c:
+        with Engine(get_provider("tcp"), 2, request_timeout=2.0) as eng:
+            r = Ranker(c.config, eng, timeout=2.0, reconnect_backoff=(0.01, 0.05))
+            c.kill("s0")
+            for seed in range(2):                          # the replica serves meanwhile
+                sparse = _batch(c.config, seed)
+                _check(c.config, r.embeddings(sparse), sparse)
+            c.restart("s0")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and r.conns["s0"].dead:
+                sparse = _batch(c.config, 7)
+                _check(c.config, r.embeddings(sparse), sparse)
+                time.sleep(0.02)
+            assert not r.conns["s0"].dead
+            served = eng.connections["s0"].completed
+            sparse = _batch(c.config, 8)
+            _check(c.config, r.embeddings(sparse), sparse)
+            assert eng.connections["s0"].completed > served   # primary again, not just connected
 
 
 # ------------------------------------------------------------------ network namespaces
@@ -161,3 +210,24 @@ def test_servers_in_network_namespaces_over_veth():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         for link in links:
             subprocess.run(["ip", "link", "del", link], capture_output=True)
+
+
+def test_soak_short_good_bad_clients_and_restarts():
+    """The soak run in short: every good batch is correct or a clear ServingError (no wrong
+    answer, no other exception, nothing past the retry bound), every bad-client kind was
+    turned away or cut off, every restarted server was rejoined by every ranker, and server
+    memory came back after the bad clients left."""
+    from evssd.host.serving.soak import run_soak
+    r = run_soak(phase_s=2.0, rows=3000, good=2)
+    for ph, p in r["phases"].items():
+        assert p["wrong"] == 0 and p["defects"] == 0, (ph, p, r["error_examples"])
+    assert r["phases"]["clean"]["ok"] > 0 and r["phases"]["bad clients"]["ok"] > 0
+    assert r["phases"]["chaos"]["ok"] > 0
+    assert r["max_batch_s"] <= r["latency_bound_s"], r["max_batch_s"]      # nothing hung
+    for kind, c in r["bad_clients"].items():
+        assert c["attempts"] >= 1 and c["refused_or_closed"] >= 1, (kind, c)
+    assert r["bad_clients"]["oversized"]["error_frames"] >= 1
+    assert len(r["restarts"]) >= 3 and all(x["recovery_s"] is not None for x in r["restarts"]), r["restarts"]
+    start, after = r["rss_kib"]["start"], r["rss_kib"]["after_bad_clients_left"]
+    for s in start:
+        assert after[s] <= start[s] + 32 * 1024, (s, start[s], after[s])

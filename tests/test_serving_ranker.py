@@ -8,7 +8,7 @@ from evssd.host.serving.engine import Engine
 from evssd.host.serving.launcher import LocalCluster
 from evssd.host.serving.ranker import (DLRM, BudgetExceeded, EmbeddingCache, Ranker, ServingError,
                                        dense_from_criteo, local_pooled, pool_bags, synthetic_batch)
-from evssd.host.serving.rdma import get_provider
+from evssd.host.serving.providers import get_provider
 
 from evssd.host.workload import shared_data_dir
 CRITEO = str(shared_data_dir() / "criteo_sample.txt")

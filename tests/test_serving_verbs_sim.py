@@ -19,7 +19,7 @@ from evssd.host.serving import protocol as P
 from evssd.host.serving.config import make_config, table_rows
 from evssd.host.serving.engine import Engine
 from evssd.host.serving.ranker import Ranker, local_pooled, synthetic_batch
-from evssd.host.serving.rdma import get_provider
+from evssd.host.serving.providers import get_provider
 
 
 def _fake_pyverbs():
@@ -41,15 +41,27 @@ def _fake_pyverbs():
                 return buf, addr - base
         raise RuntimeError(f"simulated NIC: bad address {addr:#x}+{n}")
 
+    class Device:
+        def __init__(self, name):
+            self.name = name
+
+    class PortAttr:
+        def __init__(self, lid):
+            self.lid = lid
+
+    class GID:
+        def __init__(self, val=None):
+            self.gid = val
+
     class Context:
         def __init__(self, name):
             self.name = name
 
         def query_port(self, port):
-            return types.SimpleNamespace(lid=1)
+            return PortAttr(1)
 
         def query_gid(self, port, index):
-            return types.SimpleNamespace(gid="fe80::1")
+            return GID("fe80:0000:0000:0000:0000:0000:0000:0001")
 
     class PD:
         def __init__(self, ctx):
@@ -90,8 +102,9 @@ def _fake_pyverbs():
         def __init__(self, **kw):
             self.__dict__.update(kw)
 
-    class QPInitAttr(QPCap):
-        pass
+    class QPInitAttr:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
 
     class QPAttr:
         def __init__(self, qp_state=None):
@@ -103,6 +116,7 @@ def _fake_pyverbs():
             self.cq = init.scq
             self.qp_num = next(qpns)
             self.recvs = deque()
+            self.rnr = deque()          # SENDs that found no receive posted (RNR, retried)
             self.dest = None
             self.state = "RESET"
             qps[self.qp_num] = self
@@ -121,7 +135,22 @@ def _fake_pyverbs():
             self.state = "RTS"
 
         def post_recv(self, wr):
-            self.recvs.append(wr)
+            with lock:
+                self.recvs.append(wr)
+                # rnr_retry = 7 retries for ever: a SEND that met an empty receive queue lands
+                # now; its sender sees the completion only then (its buffer stays owned)
+                while self.rnr and self.recvs:
+                    sender, swr = self.rnr.popleft()
+                    sender._deliver(self, swr)
+
+        def _deliver(self, peer, wr):
+            sge = wr.sg[0]
+            src, off = mem(sge.addr, sge.length)
+            rwr = peer.recvs.popleft()
+            dst, doff = mem(rwr.sg[0].addr, sge.length)
+            dst[doff:doff + sge.length] = src[off:off + sge.length]
+            peer.cq.q.append(WC(rwr.wr_id, e.IBV_WC_RECV, 0, sge.length))
+            self.cq.q.append(WC(wr.wr_id, e.IBV_WC_SEND))
 
         def post_send(self, wr):
             assert self.state == "RTS", "post_send before RTS"
@@ -130,11 +159,10 @@ def _fake_pyverbs():
                 src, off = mem(sge.addr, sge.length)
                 if wr.opcode == e.IBV_WR_SEND:
                     peer = qps[self.dest]
-                    rwr = peer.recvs.popleft()          # RNR: the test keeps receives posted
-                    dst, doff = mem(rwr.sg[0].addr, sge.length)
-                    dst[doff:doff + sge.length] = src[off:off + sge.length]
-                    peer.cq.q.append(WC(rwr.wr_id, e.IBV_WC_RECV, 0, sge.length))
-                    self.cq.q.append(WC(wr.wr_id, e.IBV_WC_SEND))
+                    if peer.recvs and not peer.rnr:
+                        self._deliver(peer, wr)
+                    else:                                # receiver not ready: RNR NAK, retried
+                        peer.rnr.append((self, wr))
                 else:                                    # RDMA READ: remote addr + rkey
                     mr = mrs.get(wr.rkey)
                     try:
@@ -171,12 +199,18 @@ def _fake_pyverbs():
         def __init__(self, **kw):
             self.__dict__.update(kw)
 
+    class GlobalRoute:
+        def __init__(self, dgid=None, sgid_index=0):
+            self.dgid, self.sgid_index = dgid, sgid_index
+            self.hop_limit = 1
+
     mods = {
-        "device": dict(get_device_list=lambda: [types.SimpleNamespace(name=b"simnic0")], Context=Context),
-        "enums": vars(e), "pd": dict(PD=PD), "mr": dict(MR=MR), "cq": dict(CQ=CQ),
+        "device": dict(get_device_list=lambda: [Device(b"simnic0")], Context=Context, Device=Device,
+                       PortAttr=PortAttr),
+        "enums": vars(e), "pd": dict(PD=PD), "mr": dict(MR=MR), "cq": dict(CQ=CQ, WC=WC),
         "qp": dict(QPCap=QPCap, QPInitAttr=QPInitAttr, QPAttr=QPAttr, QP=QP),
         "wr": dict(SGE=SGE, SendWR=SendWR, RecvWR=RecvWR),
-        "addr": dict(AHAttr=AHAttr, GID=str, GlobalRoute=AHAttr),
+        "addr": dict(AHAttr=AHAttr, GID=GID, GlobalRoute=GlobalRoute),
     }
     pkg = types.ModuleType("pyverbs")
     pkg.__path__ = []

@@ -407,16 +407,3 @@ def test_concurrent_callers(tmp_path, backend):
     s = store.stats()
     assert s["batches"] == 8 * 15 and s["cache_hit_rate"] > 0
     store.close()
-
-
-@pytest.mark.skipif(not HAVE_DEVICE, reason="evssd.host.device not available")
-def test_model_opened_for_the_user_is_sized_to_the_tables():
-    """Issue 15.4: 4 x 100k x 64 fp32 (100 MB) did not fit the model's default 64 MiB of flash."""
-    from evssd.host.store.evssd import _open_model_for
-    tables = {f"t{k}": np.empty((100_000, 64), np.float32) for k in range(4)}  # never written
-    dev = _open_model_for(tables, {})
-    try:
-        p = dev.params
-        assert p.n_channels * p.pages_per_channel * p.page_size >= 4 * 100_000 * 256
-    finally:
-        dev.close()

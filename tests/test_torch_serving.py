@@ -16,7 +16,7 @@ import evssd.torch as et  # noqa: E402
 from evssd.host.serving.config import ConfigError, table_rows  # noqa: E402
 from evssd.host.serving.engine import Engine  # noqa: E402
 from evssd.host.serving.launcher import LocalCluster  # noqa: E402
-from evssd.host.serving.rdma import get_provider  # noqa: E402
+from evssd.host.serving.providers import get_provider  # noqa: E402
 from evssd.host.serving.ranker import Ranker  # noqa: E402
 from evssd.host.serving.torchrec_checkpoint import CheckpointError  # noqa: E402
 from evssd.host.serving.torchrec_model import TorchRecDLRM, config_from_checkpoint  # noqa: E402

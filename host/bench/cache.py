@@ -47,6 +47,7 @@ import numpy as np
 from evssd.host.bench.common import write_results
 from evssd.host.cache import EVCache, bytes_per_entry
 from evssd.host import workload as wl
+from evssd.host import cli_types as ct
 
 NAME = "cache"
 EV_POLICIES = {"evcache": dict(admission="sketch"),
@@ -59,26 +60,26 @@ LABELS = {"evcache": "EV-Cache (sketch, default)", "evcache_filter": "EV-Cache (
 
 
 def add_arguments(parser):
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the table (default 1M)")
-    parser.add_argument("--dim", type=int, default=64, help="row length (default 64)")
-    parser.add_argument("--dtype", default="fp32", help="fp32, fp16, int8, int32 (default fp32)")
-    parser.add_argument("--batch-size", type=int, default=512, help="bags per batch (default 512)")
-    parser.add_argument("--pooling", type=int, default=20, help="lookups per bag (default 20)")
-    parser.add_argument("--batches", type=int, default=None,
+    parser.add_argument("--rows", type=ct.positive_int, default=1_000_000, help="rows in the table (default 1M)")
+    parser.add_argument("--dim", type=ct.positive_int, default=64, help="row length (default 64)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "int8", "int32"), help="fp32, fp16, int8, int32 (default fp32)")
+    parser.add_argument("--batch-size", type=ct.positive_int, default=512, help="bags per batch (default 512)")
+    parser.add_argument("--pooling", type=ct.positive_int, default=20, help="lookups per bag (default 20)")
+    parser.add_argument("--batches", type=ct.positive_int, default=None,
                         help="measured batches per trace (default 60; 20 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None,
+    parser.add_argument("--warmup", type=ct.nonneg_int, default=None,
                         help="batches before measuring (default 40; 10 with --quick)")
-    parser.add_argument("--budgets", default="0.5,1,2,5",
+    parser.add_argument("--budgets", default="0.5,1,2,5", type=ct.float_list(ct.percent),
                         help="cache budgets in %% of the table's bytes (default 0.5,1,2,5)")
-    parser.add_argument("--alphas", default="0.9,1.2", help="Zipf exponents of the zipf traces (default 0.9,1.2)")
-    parser.add_argument("--shift-every", type=int, default=20,
+    parser.add_argument("--alphas", default="0.9,1.2", type=ct.float_list(), help="Zipf exponents of the zipf traces (default 0.9,1.2)")
+    parser.add_argument("--shift-every", type=ct.positive_int, default=20,
                         help="batches between hot-set moves in the shift_scan trace (default 20)")
-    parser.add_argument("--scan-share", type=float, default=0.2,
+    parser.add_argument("--scan-share", type=ct.share, default=0.2,
                         help="share of each shift_scan batch that is a one-pass scan (default 0.2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats, best kept (default 3)")
-    parser.add_argument("--lru-keys", type=int, default=None,
+    parser.add_argument("--repeats", type=ct.positive_int, default=3, help="timing repeats, best kept (default 3)")
+    parser.add_argument("--lru-keys", type=ct.positive_int, default=None,
                         help="keys timed through theine and cachetools (default 200k; 50k with --quick)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=ct.nonneg_int, default=0)
     parser.add_argument("--quick", action="store_true", help="small run: 200k rows, 10 + 20 batches (~30 s of CPU)")
     parser.add_argument("--results-root", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
     parser.add_argument("--no-plot", action="store_true", help="JSON only")

@@ -40,29 +40,31 @@ import time
 
 import numpy as np
 
+from evssd.host import cli_types as ct
+
 PEERS = ["torchrec-dram", "evssd-dram", "evssd", "evssd-block"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tables", type=int, default=8, help="embedding tables, one feature each (default 8)")
-    parser.add_argument("--rows", type=int, default=100_000, help="rows per table (default 100000)")
-    parser.add_argument("--dim", type=int, default=32, help="embedding dimension (default 32)")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
-    parser.add_argument("--pooling-factor", type=int, default=20, help="lookups per bag (default 20)")
-    parser.add_argument("--batches", type=int, default=100, help="measured batches (default 100)")
-    parser.add_argument("--warmup", type=int, default=30, help="unmeasured warm-up batches (default 30)")
-    parser.add_argument("--cache-fraction", type=float, default=0.01,
+    parser.add_argument("--tables", type=ct.positive_int, default=8, help="embedding tables, one feature each (default 8)")
+    parser.add_argument("--rows", type=ct.positive_int, default=100_000, help="rows per table (default 100000)")
+    parser.add_argument("--dim", type=ct.positive_int, default=32, help="embedding dimension (default 32)")
+    parser.add_argument("--batch-size", type=ct.positive_int, default=256, help="samples per batch (default 256)")
+    parser.add_argument("--pooling-factor", type=ct.positive_int, default=20, help="lookups per bag (default 20)")
+    parser.add_argument("--batches", type=ct.positive_int, default=100, help="measured batches (default 100)")
+    parser.add_argument("--warmup", type=ct.nonneg_int, default=30, help="unmeasured warm-up batches (default 30)")
+    parser.add_argument("--cache-fraction", type=ct.fraction, default=0.01,
                         help="EV-Cache budget per table as a fraction of the table (default 0.01)")
-    parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
+    parser.add_argument("--depth", type=ct.positive_int, default=2, help="pipeline depth (default 2)")
     parser.add_argument("--dense-arch", default="128,32", help="DLRM dense arch layer sizes; the last is --dim")
     parser.add_argument("--over-arch", default="128,64,1", help="DLRM over arch layer sizes (default 128,64,1)")
-    parser.add_argument("--clock-mhz", type=float, default=None,
+    parser.add_argument("--clock-mhz", type=ct.positive_float, default=None,
                         help="device clock converting modelled cycles to seconds (default: the ULX3S-85F "
                              "build clock from hw/synth.py, 100 MHz)")
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list (default {','.join(PEERS)})")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--peers", default=",".join(PEERS), type=ct.choice_list(PEERS), help=f"comma list (default {','.join(PEERS)})")
+    parser.add_argument("--threads", type=ct.positive_int, default=1,
                         help="host compute threads: torch intra-op and numba (the store's pooling) (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=ct.nonneg_int, default=0)
     parser.add_argument("--results", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds: 4 tables x 20000 rows, batches of 64, 10 + 5 batches")

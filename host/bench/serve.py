@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from .common import percentiles, write_results
+from evssd.host import cli_types as ct
 
 __all__ = ["add_arguments", "run"]
 
@@ -35,18 +36,23 @@ CACHE_ALPHA = 0.2
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="~15 s: fewer points and batches")
-    parser.add_argument("--threads", type=int, default=4, help="I/O threads of the multi-threaded engine")
-    parser.add_argument("--clients", type=int, default=2, help="concurrent ranker loops sharing the engine")
-    parser.add_argument("--tables", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=50000)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--pooling", type=int, default=20, help="rows per bag")
-    parser.add_argument("--max-fanout", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=None,
+    parser.add_argument("--threads", type=ct.positive_int, default=4, help="I/O threads of the multi-threaded engine")
+    parser.add_argument("--clients", type=ct.positive_int, default=2, help="concurrent ranker loops sharing the engine")
+    parser.add_argument("--tables", type=ct.positive_int, default=4)
+    parser.add_argument("--rows", type=ct.positive_int, default=50000)
+    parser.add_argument("--dim", type=ct.positive_int, default=32)
+    parser.add_argument("--batch-size", type=ct.positive_int, default=256)
+    parser.add_argument("--pooling", type=ct.positive_int, default=20, help="rows per bag")
+    parser.add_argument("--max-fanout", type=ct.positive_int, default=8)
+    parser.add_argument("--reps", type=ct.positive_int, default=None,
                         help="repetitions per engine point, 1-thread and N-thread runs interleaved (median reported)")
-    parser.add_argument("--budget-mb", type=float, default=16.0, help="ranker memory budget (cache experiment)")
+    parser.add_argument("--budget-mb", type=ct.positive_float, default=16.0, help="ranker memory budget (cache experiment)")
     parser.add_argument("--out", default=None, help="results root (default: $EVSSD_RESULTS or ./results)")
+    parser.add_argument("--soak", type=ct.positive_float, default=None, metavar="PHASE_S",
+                        help="instead: the soak run (good rankers, bad clients, servers killed and "
+                             "restarted), PHASE_S seconds per phase; results under results/serve-soak/")
+    parser.add_argument("--backends", default="dram,evssd",
+                        help="embedding-server backends compared in the backend column (comma-separated)")
 
 
 # ------------------------------------------------------------------ helpers
@@ -67,7 +73,7 @@ def _wire_bytes(engine):
 def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalance_every=0, pin_thread=None):
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.ranker import Ranker, synthetic_batch
-    from evssd.host.serving.rdma import get_provider
+    from evssd.host.serving.providers import get_provider
 
     rng = np.random.default_rng(seed)
     work = [synthetic_batch(cfg, batch, pooling, rng)[1] for _ in range(min(batches, 8))]
@@ -103,7 +109,7 @@ def _engine_point(cfg, threads, clients, batches, batch, pooling, seed, rebalanc
 def _pooling_point(cfg, fetch, batches, batch, pooling, seed, multi=True):
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.ranker import Ranker, local_pooled, synthetic_batch
-    from evssd.host.serving.rdma import get_provider
+    from evssd.host.serving.providers import get_provider
 
     rng = np.random.default_rng(seed)
     with Engine(get_provider("tcp"), 2, credits=16, request_timeout=60, read_window=128) as eng:
@@ -126,7 +132,7 @@ def _pooling_point(cfg, fetch, batches, batch, pooling, seed, multi=True):
 def _cache_points(cfg, budget, sizes, batches, pooling, seed):
     from evssd.host.serving.engine import Engine
     from evssd.host.serving.ranker import BudgetExceeded, EmbeddingCache, Ranker, synthetic_batch
-    from evssd.host.serving.rdma import get_provider
+    from evssd.host.serving.providers import get_provider
 
     rows = {}
     static_rows = (budget // 2) // EmbeddingCache.bytes_per_row(cfg["dim"])
@@ -158,6 +164,81 @@ def _cache_points(cfg, budget, sizes, batches, pooling, seed):
     return rows
 
 
+def _backend_points(args, backends, batches, seed=11):
+    """The same shard map served by each backend (``dram``: rows in memory; ``evssd``: the
+    EV-SSD device model behind :class:`~evssd.host.store.EmbeddingStore`, its latency is the
+    model's wall-clock time on this host, not a hardware measurement)."""
+    from evssd.host.serving.config import make_config, table_rows
+    from evssd.host.serving.engine import Engine
+    from evssd.host.serving.launcher import LocalCluster
+    from evssd.host.serving.providers import get_provider
+    from evssd.host.serving.ranker import Ranker, local_pooled, synthetic_batch
+
+    cfg = make_config(args.tables, min(args.rows, 20000), args.dim, 2)
+    out = []
+    for backend in backends:
+        rng = np.random.default_rng(seed)
+        work = [synthetic_batch(cfg, args.batch_size, args.pooling, rng)[1] for _ in range(batches)]
+        t_start = time.perf_counter()
+        with LocalCluster(cfg, backend=backend, startup_timeout=300) as cluster:
+            startup = time.perf_counter() - t_start
+            ccfg = cluster.config
+            with Engine(get_provider("tcp"), 2, request_timeout=60) as eng:
+                r = Ranker(ccfg, eng, timeout=60)
+                r.embeddings(work[0])
+                golden = {t: table_rows(ccfg, t) for t in ccfg["tables"]}
+                lat, err = [], 0.0
+                for w in work:
+                    t1 = time.perf_counter()
+                    got = r.embeddings(w)
+                    lat.append(time.perf_counter() - t1)
+                    err = max(err, max(float(np.abs(g - x).max())
+                                       for g, x in zip(got, local_pooled(ccfg, w, golden))))
+                wall = sum(lat)            # batches back to back, the golden check excluded
+        out.append({"backend": backend, "samples_per_s": len(work) * args.batch_size / wall,
+                    **{k + "_ms": v * 1e3 for k, v in percentiles(lat).items()},
+                    "max_abs_err_vs_numpy": err, "startup_s": startup, "batches": len(work)})
+    return out
+
+
+def _cpu_points(cluster, thread_counts, clients, n_req, size=4096):
+    """CPU time per request of this (ranker) process per engine thread count, with
+    ``clients`` caller threads: on 2 shared cores the throughput gain of more I/O threads
+    cannot show, the CPU cost per request can (and the run is ready for a bigger machine)."""
+    import resource
+
+    from evssd.host.serving import protocol as P
+    from evssd.host.serving.engine import Engine
+    from evssd.host.serving.providers import get_provider
+
+    names = [n for n in cluster.config["servers"]][:max(thread_counts)]
+    payload = b"\xcd" * size
+    req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
+    out = []
+    for th in thread_counts:
+        with Engine(get_provider("tcp"), th, request_timeout=30) as eng:
+            conns = [eng.connect(n, *cluster.address(n)) for n in names]
+
+            def loop(k):
+                c = conns[k % len(conns)]
+                for _ in range(n_req // clients):
+                    assert eng.request(c, req).result(30) == payload
+            loop(0)
+            ths = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+        n = (n_req // clients) * clients
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        out.append({"threads": th, "clients": clients, "requests": n, "bytes": size,
+                    "cpu_us_per_request": cpu / n * 1e6, "wall_us_per_request": wall / n * 1e6,
+                    "requests_per_s": n / wall})
+    return out
+
+
 _ECHO_SERVER = r"""
 import socket, struct, sys
 srv = socket.create_server(("127.0.0.1", 0))
@@ -177,12 +258,27 @@ while True:
 """
 
 
+def _recv_frame(sock):
+    from evssd.host.serving import protocol as P
+    buf = bytearray()
+    while len(buf) < P.HEADER.size:
+        buf += sock.recv(P.HEADER.size - len(buf))
+    hdr = P.unpack_header(bytes(buf))
+    body = bytearray()
+    while len(body) < hdr.length:
+        k = sock.recv(hdr.length - len(body))
+        if not k:
+            raise ConnectionError("server closed")
+        body += k
+    return bytes(body)
+
+
 def _overhead_points(cluster, sizes, reps):
     import struct
 
     from evssd.host.serving import protocol as P
     from evssd.host.serving.engine import Engine
-    from evssd.host.serving.rdma import get_provider
+    from evssd.host.serving.providers import get_provider
 
     out = []
     proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
@@ -190,12 +286,20 @@ def _overhead_points(cluster, sizes, reps):
         port = int(proc.stdout.readline())
         bare = socket.create_connection(("127.0.0.1", port), timeout=10)
         bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # the same embedding server without the engine: a blocking client speaking the frame
+        # protocol (what the server's side of a round trip costs)
+        raw = socket.create_connection(cluster.address("s0"), timeout=10)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hello = b'{"recv_depth": 4}'
+        raw.sendall(P.pack_header(P.Op.HELLO, 0, len(hello)) + hello)
+        _recv_frame(raw)
         with Engine(get_provider("tcp"), 1, request_timeout=30) as eng:
             conn = eng.connect("s0", *cluster.address("s0"))
             for size in sizes:
                 payload = b"\xab" * size
                 req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
-                t_eng, t_bare = [], []
+                frame = P.pack_header(P.Op.SEND, 1, len(req)) + req
+                t_eng, t_bare, t_raw = [], [], []
                 for i in range(reps + 5):
                     t0 = time.perf_counter()
                     assert eng.request(conn, req).result(30) == payload
@@ -206,14 +310,21 @@ def _overhead_points(cluster, sizes, reps):
                     while got < need:
                         got += len(bare.recv(need - got))
                     t2 = time.perf_counter()
+                    raw.sendall(frame)
+                    assert P.decode_reply(_recv_frame(raw)) == payload
+                    t3 = time.perf_counter()
                     if i >= 5:
                         t_eng.append(t1 - t0)
                         t_bare.append(t2 - t1)
-                e, b = percentiles(t_eng), percentiles(t_bare)
+                        t_raw.append(t3 - t2)
+                e, b, rw = percentiles(t_eng), percentiles(t_bare), percentiles(t_raw)
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
                             "bare_p50_us": b["p50"] * 1e6, "bare_p99_us": b["p99"] * 1e6,
-                            "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6})
+                            "server_no_engine_p50_us": rw["p50"] * 1e6,
+                            "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6,
+                            "ratio_p50": e["p50"] / b["p50"]})
         bare.close()
+        raw.close()
     finally:
         proc.kill()
         proc.wait(5)
@@ -221,10 +332,64 @@ def _overhead_points(cluster, sizes, reps):
 
 
 # ------------------------------------------------------------------ main
+def _run_soak(args) -> int:
+    from evssd.host.serving.soak import run_soak
+
+    data = run_soak(phase_s=args.soak, rows=min(args.rows, 20000), dim=args.dim)
+    for ph, p in data["phases"].items():
+        print(f"soak {ph:12s}: {p['batches']:6d} batches, ok {p['ok']}, clear errors {p['errors']}, "
+              f"wrong {p['wrong']}, defects {p['defects']}, p50 {p['p50_ms'] or 0:.2f} ms, "
+              f"p99 {p['p99_ms'] or 0:.2f} ms, max {p['max_ms'] or 0:.1f} ms", flush=True)
+    for k, c in data["bad_clients"].items():
+        print(f"bad   {k:13s}: {c}")
+    for r in data["restarts"]:
+        print(f"restart {r['server']}: down {r['down_s']:.2f} s, all rankers back {r['recovery_s']} s after ready")
+    print(f"server RSS KiB: {data['rss_kib']}")
+    fig = _soak_figure(data)
+    cmd = f"evssd bench serve --soak {args.soak:g}"
+    path = write_results("serve-soak", data, fig, command=cmd, root=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _soak_figure(data):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ph = [k for k, v in data["phases"].items() if v["batches"]]
+    x = np.arange(len(ph))
+    a = ax[0]
+    a.bar(x - 0.2, [data["phases"][k]["p50_ms"] or 0 for k in ph], 0.4, label="p50")
+    a.bar(x + 0.2, [data["phases"][k]["p99_ms"] or 0 for k in ph], 0.4, label="p99")
+    a.set_xticks(x, ph, fontsize=8)
+    a.set_ylabel("good rankers' batch latency (ms)")
+    a.set_title("good clients: with and without bad ones")
+    a.legend(fontsize=8)
+    a = ax[1]
+    a.bar(x, [data["phases"][k]["ok"] for k in ph], label="correct")
+    a.bar(x, [data["phases"][k]["errors"] for k in ph], bottom=[data["phases"][k]["ok"] for k in ph],
+          label="clear error", color="tab:orange")
+    a.set_xticks(x, ph, fontsize=8)
+    a.set_ylabel("batches")
+    a.set_title("every batch: correct or a clear error")
+    a.legend(fontsize=8)
+    a = ax[2]
+    rs = data["restarts"]
+    a.bar(range(len(rs)), [r["recovery_s"] or 0 for r in rs], tick_label=[r["server"] for r in rs])
+    a.set_ylabel("s from restart ready to all rankers back")
+    a.set_title("recovery after kill + restart")
+    fig.tight_layout()
+    return fig
+
+
 def run(args) -> int:
     from evssd.host.serving.config import make_config
     from evssd.host.serving.launcher import LocalCluster
 
+    if args.soak is not None:
+        return _run_soak(args)
     quick = args.quick
     nfan = min(8, args.max_fanout)
     fanouts = [f for f in ([1, 2, 4, 8] if quick else range(1, 9)) if f <= nfan]
@@ -307,7 +472,22 @@ def run(args) -> int:
         data["overhead"] = ov
         for p in ov:
             print(f"rtt     {p['bytes']:6d} B: engine p50 {p['engine_p50_us']:7.1f} us, bare socket p50 "
-                  f"{p['bare_p50_us']:7.1f} us, overhead {p['overhead_p50_us']:7.1f} us", flush=True)
+                  f"{p['bare_p50_us']:7.1f} us, overhead {p['overhead_p50_us']:7.1f} us "
+                  f"({p['ratio_p50']:.2f}x); server without the engine {p['server_no_engine_p50_us']:7.1f} us",
+                  flush=True)
+        # 5. CPU per request per engine thread count
+        cpu = _cpu_points(cluster, sorted({1, 2, args.threads}), max(2, args.clients * 2), 400 if quick else 2000)
+        data["cpu_per_request"] = cpu
+        for p in cpu:
+            print(f"cpu     {p['threads']} I/O threads, {p['clients']} callers: {p['cpu_us_per_request']:6.1f} us CPU "
+                  f"per request, {p['requests_per_s']:8.0f} requests/s", flush=True)
+    # 6. backends behind the embedding servers (the same shard map and batches)
+    backends = [b for b in args.backends.split(",") if b]
+    data["backends"] = _backend_points(args, backends, 3 if quick else 10)
+    for p in data["backends"]:
+        print(f"backend {p['backend']:8s}: {p['samples_per_s']:9.0f} samples/s p50 {p['p50_ms']:7.2f} ms "
+              f"p99 {p['p99_ms']:7.2f} ms, max |err| vs numpy {p['max_abs_err_vs_numpy']:.1e} "
+              f"(startup {p['startup_s']:.1f} s)", flush=True)
     data["wall_s"] = time.perf_counter() - t_start
     data["loadavg_end"] = os.getloadavg()
     print(f"load average start {data['loadavg_start'][0]:.1f}, end {data['loadavg_end'][0]:.1f} "
@@ -324,7 +504,7 @@ def _figure(data, threads):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    fig, ax = plt.subplots(2, 3, figsize=(17, 8))
     a = ax[0, 0]
     for skew, ls in (("uniform", "-"), ("skewed", "--")):
         for th, c in ((1, "tab:gray"), (threads, "tab:blue")):
@@ -363,10 +543,23 @@ def _figure(data, threads):
     ov = data["overhead"]
     a.plot([p["bytes"] for p in ov], [p["engine_p50_us"] for p in ov], marker="o", label="engine (SEND/RECV)")
     a.plot([p["bytes"] for p in ov], [p["bare_p50_us"] for p in ov], marker="o", label="bare socket")
+    a.plot([p["bytes"] for p in ov], [p["server_no_engine_p50_us"] for p in ov], marker="o",
+           label="embedding server, blocking client (no engine)")
     a.set_xscale("log")
     a.set_xlabel("message bytes")
     a.set_ylabel("p50 round trip (us)")
     a.set_title("engine overhead")
     a.legend(fontsize=8)
+    a = ax[0, 2]
+    bk = data.get("backends", [])
+    a.bar([p["backend"] for p in bk], [p["samples_per_s"] for p in bk], color="tab:purple")
+    a.set_ylabel("samples/s")
+    a.set_title("embedding-server backend (evssd: device model, wall clock)")
+    a = ax[1, 2]
+    cpu = data.get("cpu_per_request", [])
+    a.bar([str(p["threads"]) for p in cpu], [p["cpu_us_per_request"] for p in cpu], color="tab:brown")
+    a.set_xlabel("engine I/O threads")
+    a.set_ylabel("ranker-process CPU us per request")
+    a.set_title("CPU per request (4 KiB ECHO)")
     fig.tight_layout()
     return fig

@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from evssd.host import cli_types as ct
+
 PEERS = ["dram", "file-page", "file-page-direct", "file-row+ev", "file-row-nocrc+ev", "file-row-direct+ev",
          "file-row+ev@d1",
          "file-row+lru", "evssd+ev", "evssd-pool", "evssd-block", "rocksdb+ev"]
@@ -79,33 +81,33 @@ _SPEC = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tables", type=int, default=4, help="number of tables (default 4)")
-    parser.add_argument("--rows", type=int, default=100_000, help="rows per table (default 100000)")
-    parser.add_argument("--dim", type=int, default=64, help="elements per row (default 64)")
+    parser.add_argument("--tables", type=ct.positive_int, default=4, help="number of tables (default 4)")
+    parser.add_argument("--rows", type=ct.positive_int, default=100_000, help="rows per table (default 100000)")
+    parser.add_argument("--dim", type=ct.positive_int, default=64, help="elements per row (default 64)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8", "int32"])
-    parser.add_argument("--batch-size", type=int, default=128, help="bags per table per batch (default 128)")
-    parser.add_argument("--pooling-factor", type=int, default=20, help="lookups per bag (default 20)")
-    parser.add_argument("--batches", type=int, default=300, help="measured batches (default 300)")
-    parser.add_argument("--warmup", type=int, default=30, help="unmeasured warm-up batches (default 30)")
-    parser.add_argument("--cache-fraction", type=float, default=0.01,
+    parser.add_argument("--batch-size", type=ct.positive_int, default=128, help="bags per table per batch (default 128)")
+    parser.add_argument("--pooling-factor", type=ct.positive_int, default=20, help="lookups per bag (default 20)")
+    parser.add_argument("--batches", type=ct.positive_int, default=300, help="measured batches (default 300)")
+    parser.add_argument("--warmup", type=ct.nonneg_int, default=30, help="unmeasured warm-up batches (default 30)")
+    parser.add_argument("--cache-fraction", type=ct.fraction, default=0.01,
                         help="per-table cache budget as a fraction of the table (default 0.01)")
-    parser.add_argument("--depth", type=int, default=2, help="pipeline depth (default 2)")
-    parser.add_argument("--max-seconds", type=float, default=6.0,
+    parser.add_argument("--depth", type=ct.positive_int, default=2, help="pipeline depth (default 2)")
+    parser.add_argument("--max-seconds", type=ct.positive_float, default=6.0,
                         help="stop a peer's measured phase after this long (default 6 s)")
-    parser.add_argument("--budget", type=float, default=80.0,
+    parser.add_argument("--budget", type=ct.positive_float, default=80.0,
                         help="whole-run time budget in seconds: the per-peer cap shrinks to fit (default 80)")
     parser.add_argument("--page-cache", choices=["warm", "cold"], default="warm",
                         help="before each file/rocksdb peer, read its files into the OS page cache (warm) or "
                              "drop their pages with posix_fadvise(DONTNEED) (cold; no root needed) (default warm)")
-    parser.add_argument("--rocksdb-block-cache-mib", type=float, default=8.0,
+    parser.add_argument("--rocksdb-block-cache-mib", type=ct.nonneg_float, default=8.0,
                         help="RocksDB's own block cache for the rocksdb peers, set explicitly because its "
                              "default differs between RocksDB versions (default 8 MiB; 0: RocksDB's default)")
-    parser.add_argument("--io-threads", type=int, default=8,
+    parser.add_argument("--io-threads", type=ct.positive_int, default=8,
                         help="reads in flight for the O_DIRECT peers (default 8)")
-    parser.add_argument("--peers", default=None,
+    parser.add_argument("--peers", default=None, type=ct.choice_list(PEERS + QUICK_PEERS),
                         help=f"comma list (default: {','.join(PEERS)}; with --quick: {','.join(QUICK_PEERS)})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clock-mhz", type=float, default=250.0,
+    parser.add_argument("--seed", type=ct.nonneg_int, default=0)
+    parser.add_argument("--clock-mhz", type=ct.positive_float, default=250.0,
                         help="device clock for converting modelled cycles to seconds when the device "
                              "does not report one (default 250, an assumption)")
     parser.add_argument("--workdir", default=None, help="where table files and RocksDB go (default: a temp dir)")
@@ -116,9 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the in-process comparison with FBGEMM's CPU TBE and nn.EmbeddingBag: 'default' "
                              "(fp32/fp16 x uniform/Meta x 1/2 threads at 128 bags, plus a batch-size sweep), "
                              "'full' (every cell at every batch size), 'none'")
-    parser.add_argument("--kernel-reps", type=int, default=7,
+    parser.add_argument("--kernel-reps", type=ct.positive_int, default=7,
                         help="rounds per kernel-peer cell; the minimum time is reported (default 7)")
-    parser.add_argument("--kernel-lookups", type=int, default=150_000,
+    parser.add_argument("--kernel-lookups", type=ct.positive_int, default=150_000,
                         help="lookups per round of a kernel-peer cell (default 150000)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from evssd.host import cli_types as ct
+
 CHANNELS = (1, 2, 4, 8)
 WIDTHS = (64, 128, 256, 512)
 
@@ -22,7 +24,7 @@ WIDTHS = (64, 128, 256, 512)
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="channels 1, 4 and widths 64, 256 only")
     parser.add_argument("--no-fmax", action="store_true", help="skip nextpnr out-of-context runs")
-    parser.add_argument("--families", default="ecp5,xcup", help="comma list of ecp5, xcup")
+    parser.add_argument("--families", default="ecp5,xcup", type=ct.choice_list(("ecp5", "xcup")), help="comma list of ecp5, xcup")
     parser.add_argument("--work-dir", default="build/bench-synth", help="yosys/nextpnr work directory")
     parser.add_argument("--results", default=None, help="results root (default results/)")
     parser.add_argument("--reuse", action="store_true",

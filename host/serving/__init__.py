@@ -8,7 +8,7 @@ Layers, bottom up:
 
 ``protocol``
     frames (magic, version, op, request id, length) and the request/reply messages.
-``rdma`` + ``tcp_provider`` / ``verbs_provider``
+``rdma`` + ``tcp_provider`` / ``verbs_provider`` (created by name in ``providers``)
     one verbs-shaped interface (registered memory regions with rkeys, RC queue pairs, one-sided
     READ, SEND/RECV, completion queues). ``verbs`` uses pyverbs and an RDMA NIC; ``tcp`` gives
     the same semantics over sockets (READs of registered memory are answered inside the

@@ -4,6 +4,7 @@
     evssd serve embeddings --config cluster.json --server s0 [--port 7001]
     evssd serve ranker --config cluster.json --batches 20 --batch-size 256 --threads 2
     evssd serve local --servers 4 --batches 20        # launch, rank, check against numpy, stop
+    evssd serve ray --address auto --servers 4        # servers and rankers as Ray actors
 """
 from __future__ import annotations
 
@@ -13,60 +14,82 @@ import time
 
 import numpy as np
 
+from evssd.host import cli_types as ct
+
 __all__ = ["add_arguments", "run"]
 
 
 def _common_ranker(p):
     p.add_argument("--provider", default="tcp", choices=["tcp", "verbs"], help="RDMA provider")
-    p.add_argument("--threads", type=int, default=2, help="engine I/O threads (1 = single-threaded baseline)")
-    p.add_argument("--credits", type=int, default=16, help="in-flight requests per connection")
+    p.add_argument("--threads", type=ct.positive_int, default=2, help="engine I/O threads (1 = single-threaded baseline)")
+    p.add_argument("--credits", type=ct.positive_int, default=16, help="in-flight requests per connection")
     p.add_argument("--fetch", default="pooled", choices=["pooled", "rows"],
                    help="pooled: servers pool their rows per bag; rows: one one-sided READ per row")
-    p.add_argument("--batches", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pooling", type=int, default=20, help="rows per bag")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--budget-mb", type=float, default=None, help="ranker memory budget (enables the adaptive cache)")
+    p.add_argument("--batches", type=ct.positive_int, default=10)
+    p.add_argument("--batch-size", type=ct.positive_int, default=128)
+    p.add_argument("--pooling", type=ct.positive_int, default=20, help="rows per bag")
+    p.add_argument("--top-k", type=ct.positive_int, default=5)
+    p.add_argument("--budget-mb", type=ct.positive_float, default=None, help="ranker memory budget (enables the adaptive cache)")
     p.add_argument("--static-cache", action="store_true", help="static cache instead of adaptive")
-    p.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
+    p.add_argument("--timeout", type=ct.positive_float, default=5.0, help="per-request timeout (s)")
     p.add_argument("--criteo", default=None,
                    help="Criteo CSV: dense features and categorical C1.. hashed into the tables (one row per bag)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=ct.nonneg_int, default=0)
 
 
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="serve_cmd", metavar="ROLE", required=True)
 
     p = sub.add_parser("config", help="write a generated cluster config (row-range shards)")
-    p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--tables", type=int, default=4)
-    p.add_argument("--rows", type=int, default=20000)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--replicas", type=int, default=0)
-    p.add_argument("--skew", type=str, default=None, help="comma-separated server weights, e.g. 4,1,1,1")
+    p.add_argument("--servers", type=ct.positive_int, default=2)
+    p.add_argument("--tables", type=ct.positive_int, default=4)
+    p.add_argument("--rows", type=ct.positive_int, default=20000)
+    p.add_argument("--dim", type=ct.positive_int, default=16)
+    p.add_argument("--replicas", type=ct.nonneg_int, default=0)
+    p.add_argument("--skew", type=ct.float_list(), default=None, help="comma-separated server weights, e.g. 4,1,1,1")
     p.add_argument("--torchrec", default=None, metavar="CKPT",
                    help="serve the tables of a TorchRec EBC state_dict file (torch extra); --dim only for INT8")
+    p.add_argument("--host", default="127.0.0.1", help="address of every server")
+    p.add_argument("--base-port", type=ct.int_range(1, 65535, "a TCP port"), default=None,
+                   help="ports base, base+1, ... (default: ports free on --host now)")
     p.add_argument("-o", "--output", required=True)
 
     p = sub.add_parser("embeddings", help="run one embedding server of a config")
     p.add_argument("--config", required=True)
     p.add_argument("--server", required=True, help="server name in the config")
     p.add_argument("--host", default=None, help="bind address (default: the config's)")
-    p.add_argument("--port", type=int, default=None, help="port (default: the config's; 0 = any)")
+    p.add_argument("--port", type=ct.port, default=None, help="port (default: the config's; 0 = any)")
     p.add_argument("--provider", default="tcp", choices=["tcp", "verbs"])
     p.add_argument("--backend", default="dram", help="EmbeddingStore backend: dram, file, ...")
-    p.add_argument("--credits", type=int, default=32, help="receives kept posted per connection")
+    p.add_argument("--credits", type=ct.positive_int, default=32, help="receives kept posted per connection")
 
     p = sub.add_parser("ranker", help="rank synthetic batches against running servers")
     p.add_argument("--config", required=True)
     _common_ranker(p)
 
+    p = sub.add_parser("ray", help="deploy servers and rankers on a Ray cluster (Ray: control plane only)")
+    p.add_argument("--address", default="local",
+                   help="Ray cluster address (auto, ray://..., host:port) or `local` to start Ray here")
+    p.add_argument("--config", default=None, help="cluster config (default: generated from the options below)")
+    p.add_argument("--servers", type=ct.positive_int, default=2)
+    p.add_argument("--tables", type=ct.positive_int, default=4)
+    p.add_argument("--rows", type=ct.positive_int, default=20000)
+    p.add_argument("--dim", type=ct.positive_int, default=16)
+    p.add_argument("--replicas", type=ct.nonneg_int, default=0)
+    p.add_argument("--backend", default="dram")
+    p.add_argument("--max-restarts", type=ct.int_range(-1, None, "a restart count (-1: unlimited)"), default=10, help="Ray restarts of a failed server (-1: unlimited)")
+    p.add_argument("--rankers", type=ct.positive_int, default=1, help="ranker actors to start")
+    p.add_argument("--batches", type=ct.positive_int, default=10)
+    p.add_argument("--batch-size", type=ct.positive_int, default=64)
+    p.add_argument("--publish", default=None, help="write the config with the published addresses here")
+    p.add_argument("--keep", action="store_true", help="keep serving after the rankers finish (until Ctrl-C)")
+
     p = sub.add_parser("local", help="launch a local cluster, rank batches, check against numpy, stop")
-    p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--tables", type=int, default=4)
-    p.add_argument("--rows", type=int, default=20000)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--replicas", type=int, default=0)
+    p.add_argument("--servers", type=ct.positive_int, default=2)
+    p.add_argument("--tables", type=ct.positive_int, default=4)
+    p.add_argument("--rows", type=ct.positive_int, default=20000)
+    p.add_argument("--dim", type=ct.positive_int, default=16)
+    p.add_argument("--replicas", type=ct.nonneg_int, default=0)
     p.add_argument("--backend", default="dram")
     _common_ranker(p)
 
@@ -74,7 +97,8 @@ def add_arguments(parser):
 def _rank(cfg, args, check: bool) -> int:
     from .engine import EngineError
     from .ranker import DLRM, ServingError, criteo_batches
-    from .rdma import RdmaUnavailable, get_provider
+    from .providers import get_provider
+    from .rdma import RdmaUnavailable
 
     try:
         provider = get_provider(args.provider)
@@ -128,8 +152,56 @@ def _rank_loop(cfg, args, check, provider, model, budget, criteo, rng):
     return 0
 
 
+def _ray(args) -> int:
+    from .config import load_config, make_config, save_config
+    from .ray_plane import RayDeployment, require_ray
+
+    try:
+        ray = require_ray()
+    except RuntimeError as exc:
+        print(f"evssd serve ray: {exc}", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config) if args.config else \
+        make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas)
+    owns = not ray.is_initialized()          # a caller already connected (tests) keeps its session
+    if owns:
+        ray.init(address=None if args.address == "local" else args.address, logging_level="ERROR")
+    try:
+        dep = RayDeployment(cfg, backend=args.backend, max_restarts=args.max_restarts).start()
+        try:
+            for s, info in dep.infos().items():
+                print(f"{s}: {info['host']}:{info['port']} pid {info['pid']} node {info['node_id'][:12]} "
+                      f"({dep.placement[s]})")
+            if args.publish:
+                save_config(dep.config(), args.publish)
+                print(f"published addresses in {args.publish}")
+            rankers = dep.start_rankers(args.rankers)
+            results = ray.get([r.run.remote(args.batches, args.batch_size) for r in rankers])
+            bad = 0
+            for i, res in enumerate(results):
+                lat = np.array(res["latency_s"]) * 1e3
+                p50 = f"{np.percentile(lat, 50):.2f}" if lat.size else "-"
+                print(f"ranker {i}: {res['ok']}/{args.batches} batches, p50 {p50} ms, "
+                      f"max |score - numpy| {res['max_abs_err']:.1e}, errors {len(res['errors'])}")
+                bad += len(res["errors"]) + (res["max_abs_err"] > 1e-4)
+            if args.keep:
+                print("serving; Ctrl-C stops")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+            return 1 if bad else 0
+        finally:
+            dep.shutdown()
+    finally:
+        if owns:
+            ray.shutdown()
+
+
 def run(args) -> int:
-    from .config import ConfigError, load_config, make_config, save_config
+    from .config import (ConfigError, assign_ports, load_config, make_config, save_config,
+                         unassigned_servers)
 
     try:
         if args.serve_cmd == "config":
@@ -138,13 +210,17 @@ def run(args) -> int:
                 from .torchrec_checkpoint import CheckpointError
                 from .torchrec_model import config_from_checkpoint
                 try:
-                    cfg = config_from_checkpoint(args.torchrec, args.servers, replicas=args.replicas, dim=args.dim)
+                    cfg = config_from_checkpoint(args.torchrec, args.servers, replicas=args.replicas, dim=args.dim,
+                                                 host=args.host)
                 except CheckpointError as exc:
                     raise ConfigError(str(exc)) from None
             else:
-                cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas, skew=skew)
+                cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas,
+                                  skew=skew, host=args.host)
+            assign_ports(cfg, args.base_port)
             save_config(cfg, args.output)
-            print(f"wrote {args.output}")
+            print(f"wrote {args.output}: " + ", ".join(f"{s} {i['host']}:{i['port']}"
+                                                       for s, i in cfg["servers"].items()))
             return 0
         if args.serve_cmd == "embeddings":
             from .rdma import RdmaUnavailable
@@ -157,7 +233,14 @@ def run(args) -> int:
                 print(f"evssd serve embeddings: {exc}", file=sys.stderr)
                 return 2
         if args.serve_cmd == "ranker":
-            return _rank(load_config(args.config), args, check=False)
+            cfg = load_config(args.config)
+            missing = unassigned_servers(cfg)
+            if missing:
+                raise ConfigError(f"servers {missing} have port 0 (any port), so a ranker cannot reach them: "
+                                  f"give them ports (`evssd serve config` does) or use the launcher's config")
+            return _rank(cfg, args, check=False)
+        if args.serve_cmd == "ray":
+            return _ray(args)
         if args.serve_cmd == "local":
             from .launcher import LocalCluster
             cfg = make_config(args.tables, args.rows, args.dim, args.servers, replicas=args.replicas)

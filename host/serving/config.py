@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ConfigError", "load_config", "validate_config", "make_config", "table_rows",
-           "server_shards", "save_config"]
+           "server_shards", "save_config", "assign_ports", "unassigned_servers"]
 
 _CHUNK = 4096
 
@@ -154,3 +154,38 @@ def make_config(n_tables: int = 4, rows: int = 20000, dim: int = 16, n_servers: 
             owners = [f"s{(i + k) % n_servers}" for k in range(replicas + 1)]
             cfg["shards"].append({"table": name, "rows": [lo, hi], "servers": owners})
     return validate_config(copy.deepcopy(cfg))
+
+
+def assign_ports(cfg: dict, base: int | None = None) -> dict:
+    """Give every server a usable port, in place: ``base``, ``base + 1``, ... or, without
+    ``base``, ports the kernel reports free on each server's host right now (all held open
+    together while choosing, so they are distinct). A port found free can be taken by another
+    program before the server starts; it then fails to bind with an error naming the port."""
+    import socket
+
+    names = list(cfg["servers"])
+    if base is not None:
+        if not 1 <= base <= 65535 - len(names) + 1:
+            raise ConfigError(f"base port {base} leaves no room for {len(names)} servers below 65536")
+        for i, s in enumerate(names):
+            cfg["servers"][s]["port"] = base + i
+        return cfg
+    held = []
+    try:
+        for s in names:
+            host = cfg["servers"][s]["host"]
+            try:
+                sock = socket.create_server((host, 0))
+            except OSError as exc:
+                raise ConfigError(f"server {s!r}: cannot find a free port on {host}: {exc}") from exc
+            held.append(sock)
+            cfg["servers"][s]["port"] = sock.getsockname()[1]
+    finally:
+        for sock in held:
+            sock.close()
+    return cfg
+
+
+def unassigned_servers(cfg: dict) -> list[str]:
+    """Servers whose port is 0 (bind anywhere): a ranker cannot find them from the config."""
+    return [s for s, info in cfg["servers"].items() if int(info["port"]) == 0]

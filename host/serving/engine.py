@@ -95,6 +95,8 @@ class Connection:
         self.pending: dict[int, _Op] = {}
         self.recv_bufs: dict[int, np.ndarray] = {}
         self.dead: str | None = None
+        # queue pairs whose send side callers may drive (posting is locked inside the provider)
+        self.direct_ok = bool(getattr(qp, "thread_safe_post", False))
         self.migrated = threading.Event()
         self.migrated.set()
         self._mark = 0
@@ -343,18 +345,28 @@ class _IoThread(threading.Thread):
         self.conns[conn] = 0          # keep ownership so later ops fail fast here
         conn.driver = self.idx
         err = ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}")
-        for op in list(conn.pending.values()):
-            self._finish(conn, op, exc=err)
-        conn.pending.clear()
+        self._fail_pending(conn, err)
         conn.qp.close()
+
+    @staticmethod
+    def _fail_pending(conn, err):
+        # popitem is atomic: an op a caller inserts meanwhile is failed by exactly one thread
+        # (here, or by the caller, which checks ``dead`` after inserting)
+        while conn.pending:
+            try:
+                _, op = conn.pending.popitem()
+            except KeyError:
+                break
+            _IoThread._finish(None, conn, op, exc=err)
 
     def _expire(self, now):
         for conn in list(self.conns):
             if not conn.pending:
                 continue
-            late = [op for op in conn.pending.values() if op.deadline < now]
+            late = [op for op in list(conn.pending.values()) if op.deadline < now]
             for op in late:
-                del conn.pending[op.req_id]
+                if conn.pending.pop(op.req_id, None) is None:
+                    continue
                 if op.kind == "rows":
                     base = op.req_id << _SUB_BITS
                     for i in range(op.done, op.next):
@@ -367,9 +379,7 @@ class _IoThread(threading.Thread):
     def _drop(self, conn, reason):
         self._unregister(conn)
         err = ConnectionLost(f"server {conn.name}: {reason}")
-        for op in list(conn.pending.values()):
-            self._finish(conn, op, exc=err)
-        conn.pending.clear()
+        self._fail_pending(conn, err)
         for op in self.held.pop(conn, []):
             self._finish(conn, op, exc=err)
         if not conn.dead:
@@ -382,7 +392,7 @@ class Engine:
 
     def __init__(self, provider: Provider, n_threads: int = 1, *, credits: int = 16,
                  request_timeout: float = 5.0, credit_timeout: float | None = None,
-                 max_message: int = 4 << 20, read_window: int = 64):
+                 max_message: int = 4 << 20, read_window: int = 64, direct_send: bool = True):
         if n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if credits < 1:
@@ -393,6 +403,7 @@ class Engine:
         self.credit_timeout = request_timeout if credit_timeout is None else credit_timeout
         self.max_message = max_message
         self.read_window = read_window
+        self.direct_send = direct_send
         self._ids = itertools.count(1)
         self.connections: dict[str, Connection] = {}
         self.threads = [_IoThread(self, i) for i in range(n_threads)]
@@ -453,8 +464,30 @@ class Engine:
             if thread.crashed or not thread.is_alive():
                 conn.credits.release()
                 raise EngineError(f"I/O thread {thread.idx} is not running: {thread.crashed or 'engine closed'}")
-            thread.post(("op", conn, op))
+            if (op.kind == "req" and self.direct_send and conn.direct_ok and conn.migrated.is_set()
+                    and conn.driver == conn.owner and not conn.dead):
+                self._send_direct(conn, thread, op)
+            else:
+                thread.post(("op", conn, op))
         return op.future
+
+    def _send_direct(self, conn, thread, op):
+        """The caller's thread posts and flushes the SEND itself (the queue pair's send side is
+        locked); only the reply crosses to the I/O thread, which owns the receive side. This
+        saves a thread hand-off per request. The op is in ``pending`` before its bytes leave,
+        so the reply always finds it."""
+        thread.ops += 1
+        conn.pending[op.req_id] = op
+        payload, op.payload = op.payload, None
+        try:
+            conn.qp.post_send(op.req_id, payload)
+            conn.qp.flush()
+        except (ConnectionError, OSError):
+            pass          # the queue pair failed: its FATAL completion fails the op on the I/O thread
+        if conn.dead and conn.pending.pop(op.req_id, None) is op:
+            thread._finish(conn, op, exc=ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}"))
+        elif conn.qp.wants_write():
+            thread.post(("noop", None))   # the socket is full: the I/O thread waits for writability
 
     def _new_op(self, kind, timeout):
         t = self.request_timeout if timeout is None else timeout

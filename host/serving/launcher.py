@@ -46,18 +46,10 @@ class LocalCluster:
         self.config_path = Path(self._dir.name) / "cluster.json"
 
     def start(self) -> "LocalCluster":
-        src = save_config(self.config, Path(self._dir.name) / "input.json")
+        self._src = save_config(self.config, Path(self._dir.name) / "input.json")
         try:
             for name in self.config["servers"]:
-                cmd = [self.python, "-m", "evssd.host.serving.cli", "embeddings", "--config", str(src),
-                       "--server", name, "--port", "0", "--provider", self.provider,
-                       "--backend", self.backend, "--credits", str(self.credits)]
-                if name in self.netns:
-                    ns, addr = self.netns[name]
-                    cmd = ["ip", "netns", "exec", ns] + cmd + ["--host", addr]
-                with open(Path(self._dir.name) / f"{name}.stderr", "w") as err:
-                    self.procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,
-                                                        text=True, bufsize=1)
+                self._spawn(name, 0)
             deadline = time.monotonic() + self.startup_timeout
             for name, proc in self.procs.items():
                 info = self._await_ready(name, proc, deadline)
@@ -68,6 +60,36 @@ class LocalCluster:
             raise
         save_config(self.config, self.config_path)
         return self
+
+    def _spawn(self, name, port):
+        cmd = [self.python, "-m", "evssd.host.serving.cli", "embeddings", "--config", str(self._src),
+               "--server", name, "--port", str(port), "--provider", self.provider,
+               "--backend", self.backend, "--credits", str(self.credits)]
+        if name in self.netns:
+            ns, addr = self.netns[name]
+            cmd = ["ip", "netns", "exec", ns] + cmd + ["--host", addr]
+        with open(Path(self._dir.name) / f"{name}.stderr", "w") as err:
+            self.procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,
+                                                text=True, bufsize=1)
+        return self.procs[name]
+
+    def restart(self, name) -> float:
+        """Start server ``name`` again on its address (after :meth:`kill`, or killing it
+        first); returns the seconds until it reported ready."""
+        old = self.procs.get(name)
+        if old is not None and old.poll() is None:
+            self.kill(name)
+        if old is not None and old.stdout:
+            old.stdout.close()
+        t0 = time.monotonic()
+        proc = self._spawn(name, self.config["servers"][name]["port"])
+        try:
+            self._await_ready(name, proc, t0 + self.startup_timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait(5)
+            raise
+        return time.monotonic() - t0
 
     def _await_ready(self, name, proc, deadline):
         while True:

@@ -298,7 +298,9 @@ class Ranker:
     def __init__(self, cfg: dict, engine: Engine, model: DLRM | None = None, *, fetch: str = "pooled",
                  budget_bytes: int | None = None, adaptive: bool = True, static_cache_rows: int = 0,
                  timeout: float = 5.0, suspect_seconds: float = 30.0, rebalance_every: int = 0,
-                 batch_messages: bool = True, pin_thread: int | None = None):
+                 batch_messages: bool = True, pin_thread: int | None = None,
+                 reconnect_backoff: tuple[float, float] = (0.05, 2.0), connect_timeout: float = 1.0,
+                 resolve=None):
         if fetch not in ("pooled", "rows"):
             raise ValueError(f"fetch must be 'pooled' or 'rows', got {fetch!r}")
         self.cfg = cfg
@@ -307,6 +309,16 @@ class Ranker:
         self.batch_messages = batch_messages
         self.pin_thread = pin_thread      # place every connection on one thread (placement-unaware)
         self.timeout = timeout
+        lo, hi = reconnect_backoff
+        if not 0 < lo <= hi:
+            raise ValueError(f"reconnect_backoff must be (first, max) with 0 < first <= max, got {reconnect_backoff!r}")
+        self.reconnect_backoff = (float(lo), float(hi))
+        self.connect_timeout = connect_timeout
+        # server name -> (host, port) where it is now (e.g. from a control plane); default: the config
+        self.resolve = resolve or (lambda s: (cfg["servers"][s]["host"], cfg["servers"][s]["port"]))
+        self._retry_at: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
+        self.reconnects = 0
         self.dim = cfg["dim"]
         self.tables = list(cfg["tables"])
         self.model = model or DLRM(13, self.dim, len(self.tables))
@@ -336,21 +348,62 @@ class Ranker:
             rows = self.cfg["tables"][t]["rows"]
             for sh in self.shards[t]:
                 weight[sh.servers[0]] += (sh.hi - sh.lo) / rows
+        self.weight = {s: max(w, 1e-3) for s, w in weight.items()}
         self.conns = {}
         self.meta = {}
         for s in sorted(weight, key=lambda s: -weight[s]):
-            scfg = self.cfg["servers"][s]
-            try:
-                conn = self.engine.connect(s, scfg["host"], scfg["port"], weight=max(weight[s], 1e-3),
-                                           timeout=self.timeout, thread=self.pin_thread)
-                self.conns[s] = conn
-                self.meta[s] = self.engine.request(conn, P.encode_request(P.Request(P.MsgType.META))
-                                                   ).result(self.timeout + 1)["tables"]
-            except (OSError, P.ProtocolError, EngineError, FutureTimeout) as exc:
-                # a server that is down at start is a dead connection: replicas take its shards,
-                # and a shard with no live server fails its batches with this reason
-                self.conns[s] = _Unreachable(s, f"{scfg['host']}:{scfg['port']}",
-                                             f"unreachable at start: {type(exc).__name__}: {exc}")
+            # a server that is down at start is a dead connection: replicas take its shards,
+            # a shard with no live server fails its batches with this reason, and
+            # :meth:`reconnect` brings the server back once it answers
+            self._open(s, self.timeout, "unreachable at start")
+
+    def _open(self, s, timeout, context) -> bool:
+        """Connect to server ``s`` and fetch its META (its memory keys: new after a restart)."""
+        try:
+            host, port = self.resolve(s)
+        except Exception as exc:     # the control plane does not know where the server is now
+            self.conns[s] = _Unreachable(s, "?", f"{context}: cannot resolve: {type(exc).__name__}: {exc}")
+            return False
+        try:
+            conn = self.engine.connect(s, host, port, weight=self.weight[s], timeout=timeout,
+                                       thread=self.pin_thread)
+        except (OSError, P.ProtocolError, EngineError) as exc:
+            self.conns[s] = _Unreachable(s, f"{host}:{port}", f"{context}: {type(exc).__name__}: {exc}")
+            return False
+        self.conns[s] = conn
+        try:
+            meta = self.engine.request(conn, P.encode_request(P.Request(P.MsgType.META)),
+                                       timeout=timeout).result(timeout + 1)
+            self.meta[s] = meta["tables"]
+        except (OSError, P.ProtocolError, P.RemoteError, EngineError, FutureTimeout) as exc:
+            self.engine.close_connection(conn)
+            self.conns[s] = _Unreachable(s, f"{host}:{port}", f"{context}: META failed: {type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def reconnect(self, force: bool = False) -> list[str]:
+        """Reconnect to servers whose connection died, each with exponential backoff (first
+        and largest delay from ``reconnect_backoff``); a server that answers gets a new
+        connection and its META (memory keys change when a server restarts) and rejoins its
+        shards' replica lists. Called before every batch; returns the servers that came back."""
+        now = time.monotonic()
+        back = []
+        for s, conn in list(self.conns.items()):
+            if not conn.dead or (not force and self._retry_at.get(s, 0.0) > now):
+                continue
+            if not isinstance(conn, _Unreachable):
+                self.engine.close_connection(conn)
+            if self._open(s, self.connect_timeout, "reconnect failed"):
+                self._retry_at.pop(s, None)
+                self._backoff.pop(s, None)
+                self.suspect.pop(s, None)
+                self.reconnects += 1
+                back.append(s)
+            else:
+                delay = self._backoff.get(s, self.reconnect_backoff[0])
+                self._retry_at[s] = time.monotonic() + delay
+                self._backoff[s] = min(2 * delay, self.reconnect_backoff[1])
+        return back
 
     # -------------------------------------------------------------- memory budget
     def batch_bytes(self, batch: int, nnz: int) -> int:
@@ -495,6 +548,7 @@ class Ranker:
             raise ServingError(f"unknown tables {sorted(unknown)}")
         nnz = sum(np.asarray(sparse[t][0]).size for t in self.tables)
         self._fit_budget(batch, nnz)
+        self.reconnect()
         if self.cache is not None:
             self.cache.new_batch()
         jobs, plan = [], []

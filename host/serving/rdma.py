@@ -17,6 +17,9 @@ readable when :meth:`QueuePair.progress` may produce completions, so one I/O thr
 many connections with ``selectors``. Posting never blocks: work requests queue on the queue
 pair, and the owner calls :meth:`QueuePair.flush` once per loop turn (one send for a burst) and
 again whenever the descriptor is writable while ``wants_write``.
+
+Providers are created by name through :mod:`.providers` (the registry), which imports this
+module and the implementations; this module imports neither.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = ["Opcode", "WorkCompletion", "MemoryRegion", "QueuePair", "Listener", "Provider",
-           "RdmaUnavailable", "get_provider", "PROVIDERS"]
+           "RdmaUnavailable", "HandshakeTimeout", "recv_exact_by"]
 
 
 class RdmaUnavailable(RuntimeError):
@@ -76,10 +79,49 @@ class QueuePair:
 
 
 class Listener:
+    """Accepting is split in two so a server keeps slow peers off its accept loop:
+    :meth:`accept_socket` only takes the next TCP connection (cheap, never waits on the peer);
+    :meth:`handshake` sets the queue pair up within a total ``deadline`` (time.monotonic), on
+    the connection's own thread; :meth:`refuse` turns a peer away with a reason it can read."""
     address: tuple[str, int]
 
-    def accept(self, timeout: float | None = None) -> QueuePair: raise NotImplementedError
+    def accept_socket(self, timeout: float | None = None): raise NotImplementedError
+    def handshake(self, sock, addr, deadline: float) -> QueuePair: raise NotImplementedError
+    def refuse(self, sock, reason: str) -> None: raise NotImplementedError
     def close(self) -> None: raise NotImplementedError
+
+    def accept(self, timeout: float | None = None, handshake_timeout: float = 5.0) -> QueuePair:
+        """Both steps in the caller's thread (clients and tests; servers split them)."""
+        import time
+        sock, addr = self.accept_socket(timeout)
+        return self.handshake(sock, addr, time.monotonic() + handshake_timeout)
+
+
+class HandshakeTimeout(TimeoutError):
+    """A peer did not complete connection set-up within its total deadline."""
+
+
+def recv_exact_by(sock, n: int, deadline: float, what: str = "handshake") -> bytearray:
+    """``n`` bytes from a blocking socket, all of them before ``deadline`` (time.monotonic):
+    a peer trickling one byte at a time cannot stretch the wait (the timeout is the time
+    left, not a per-byte timeout)."""
+    import time
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HandshakeTimeout(f"{what} not completed in time ({got} of {n} bytes received)")
+        sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:])
+        except TimeoutError:
+            raise HandshakeTimeout(f"{what} not completed in time ({got} of {n} bytes received)") from None
+        if k == 0:
+            raise ConnectionError(f"peer closed the connection during the {what}")
+        got += k
+    return buf
 
 
 class Provider:
@@ -89,17 +131,3 @@ class Provider:
     def connect(self, host: str, port: int, *, recv_depth: int = 32, timeout: float = 5.0,
                 blocking: bool = False) -> QueuePair: raise NotImplementedError
     def listen(self, host: str, port: int, *, recv_depth: int = 32) -> Listener: raise NotImplementedError
-
-
-PROVIDERS = ("tcp", "verbs")
-
-
-def get_provider(name: str, **kwargs) -> Provider:
-    """Instantiate a provider by name; ``verbs`` imports pyverbs only here."""
-    if name == "tcp":
-        from .tcp_provider import TcpProvider
-        return TcpProvider(**kwargs)
-    if name == "verbs":
-        from .verbs_provider import VerbsProvider
-        return VerbsProvider(**kwargs)
-    raise ValueError(f"unknown RDMA provider {name!r}; choose one of {PROVIDERS}")

@@ -23,27 +23,34 @@ version, length) gets an ERROR frame and the connection is closed: the stream ca
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import queue
 import signal
 import sys
 import tempfile
 import threading
+import time
 
 import numpy as np
 
 from . import protocol as P
 from .config import server_shards, table_rows
-from .rdma import Opcode, get_provider
+from .providers import get_provider
+from .rdma import Opcode
 
 __all__ = ["EmbeddingServer", "READY_PREFIX"]
 
 READY_PREFIX = "EVSSD-READY "
+_RELEASE_BYTES = 256 << 10     # after a message this large, its buffer's pages go back to the OS
 
 
 class EmbeddingServer:
     def __init__(self, cfg: dict, name: str, *, provider: str = "tcp", backend: str = "dram",
                  host: str | None = None, port: int | None = None, credits: int = 32,
-                 max_message: int = 4 << 20, store_path: str | None = None):
+                 max_message: int = 4 << 20, store_path: str | None = None,
+                 max_connections: int = 64, handshake_timeout: float = 5.0):
         from evssd.host.store import EmbeddingStore
 
         if name not in cfg["servers"]:
@@ -75,8 +82,18 @@ class EmbeddingServer:
         self.provider = get_provider(provider)
         self.mrs = {t: self.provider.reg_mr(a) for t, a in self.arrays.items()}
         scfg = cfg["servers"][name]
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if handshake_timeout <= 0:
+            raise ValueError(f"handshake_timeout must be > 0, got {handshake_timeout}")
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.active = 0
+        self.refused_busy = self.refused_handshakes = 0
+        self._conn_lock = threading.Lock()
+        # frames longer than one message are refused from their header, before buffering
         self.listener = self.provider.listen(host or scfg["host"], scfg["port"] if port is None else port,
-                                             recv_depth=credits)
+                                             recv_depth=credits, max_frame=max_message)
         self.address = self.listener.address
         self.credits = credits
         self.max_message = max_message
@@ -139,11 +156,32 @@ class EmbeddingServer:
             return P.encode_err(f"internal error: {type(exc).__name__}: {exc}")
 
     # -------------------------------------------------------------- connections
-    def _connection(self, qp):
-        bufs = {}
+    def _recv_buffer(self):
+        """A receive buffer of ``max_message`` bytes in its own anonymous mapping: untouched
+        pages cost no memory, and :meth:`_release` gives a large message's pages back."""
+        mm = mmap.mmap(-1, self.max_message)
+        return mm, np.frombuffer(mm, dtype=np.uint8)
+
+    @staticmethod
+    def _release(mm, nbytes):
+        if nbytes >= _RELEASE_BYTES and hasattr(mm, "madvise"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except OSError:
+                pass
+
+    def _connection(self, sock, addr):
+        """One peer, on its own thread: the handshake (total deadline), then requests."""
+        qp = None
         try:
+            try:
+                qp = self.listener.handshake(sock, addr, time.monotonic() + self.handshake_timeout)
+            except (OSError, P.ProtocolError, ValueError, KeyError):
+                self.refused_handshakes += 1
+                return        # a peer that failed or stalled its handshake; it was told why if it listens
+            maps, bufs = {}, {}
             for i in range(self.credits):
-                bufs[i] = np.empty(self.max_message, dtype=np.uint8)
+                maps[i], bufs[i] = self._recv_buffer()
                 qp.post_recv(i, bufs[i])
             while not self._stop.is_set():
                 qp.progress()
@@ -157,27 +195,47 @@ class EmbeddingServer:
                         reply = self.handle(buf[:wc.byte_len])
                     else:
                         reply = P.encode_err(wc.error or "receive failed")
+                    self._release(maps[wc.wr_id], wc.byte_len)
                     qp.post_recv(wc.wr_id, buf)
                     qp.post_send(wc.imm, reply)
         except (ConnectionError, OSError):
             pass
         finally:
-            qp.close()
+            if qp is not None:
+                qp.close()
+            with self._conn_lock:
+                self.active -= 1
 
     def serve_forever(self):
-        while not self._stop.is_set():
-            try:
-                qp = self.listener.accept(timeout=0.2)
-            except TimeoutError:
-                continue
-            except (OSError, P.ProtocolError, ValueError):
-                if self._stop.is_set():
-                    break
-                continue       # a peer that failed its handshake; it was told why
-            t = threading.Thread(target=self._connection, args=(qp,), daemon=True,
-                                 name=f"evssd-server-conn")
-            t.start()
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        """Accept loop: takes connections and hands each to its own thread at once (the
+        handshake runs there); beyond ``max_connections`` a peer is refused with a reason,
+        by a helper thread so a peer that does not read cannot stall accepting."""
+        refuser = _Refuser(self.listener)
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock, addr = self.listener.accept_socket(timeout=0.2)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    if self._stop.is_set():
+                        break
+                    time.sleep(0.01)      # e.g. out of file descriptors: do not spin
+                    continue
+                with self._conn_lock:
+                    full = self.active >= self.max_connections
+                    if not full:
+                        self.active += 1
+                if full:
+                    self.refused_busy += 1
+                    refuser.put(sock, f"server {self.name} busy: {self.max_connections} connections "
+                                      f"(its limit); try again later")
+                    continue
+                t = threading.Thread(target=self._connection, args=(sock, addr), daemon=True,
+                                     name="evssd-server-conn")
+                t.start()
+        finally:
+            refuser.close()
 
     def stop(self):
         self._stop.set()
@@ -190,8 +248,60 @@ class EmbeddingServer:
             self._tmp.cleanup()
 
 
+class _Refuser:
+    """Turns peers away off the accept path: one thread, a bounded queue (beyond it a peer
+    is just closed), each refusal lingering at most 0.2 s."""
+
+    def __init__(self, listener, depth: int = 64):
+        self.listener = listener
+        self.q: queue.Queue = queue.Queue(depth)
+        self.t = threading.Thread(target=self._run, daemon=True, name="evssd-server-refuse")
+        self.t.start()
+
+    def put(self, sock, reason):
+        try:
+            self.q.put_nowait((sock, reason))
+        except queue.Full:
+            sock.close()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            self.listener.refuse(*item)
+
+    def close(self):
+        while True:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].close()
+        self.q.put(None)
+        self.t.join(2)
+
+
+def limit_heap_retention() -> None:
+    """glibc keeps freed large blocks in the heap once its adaptive mmap threshold has grown
+    (it grows after the first multi-MiB free), so RSS never returns after 4 MiB messages.
+    Pinning the threshold makes every block >= 1 MiB its own mapping, unmapped on free (not
+    lower: the 256 KiB receive chunk of every message would then cost an mmap and a munmap).
+    No-op off glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    mallopt(M_TRIM_THRESHOLD, 1 << 20)
+
+
 def run_server(cfg: dict, name: str, **kw) -> int:
     """Process entry: build, announce readiness on stdout, serve until SIGTERM/SIGINT."""
+    limit_heap_retention()
     server = EmbeddingServer(cfg, name, **kw)
 
     def on_signal(signum, frame):

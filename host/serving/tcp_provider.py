@@ -22,14 +22,17 @@ import json
 import secrets
 import socket
 import threading
+import time
 from collections import deque
 
 from . import protocol as P
-from .rdma import (Listener, MemoryRegion, Opcode, Provider, QueuePair, WorkCompletion)
+from .rdma import (Listener, MemoryRegion, Opcode, Provider, QueuePair, WorkCompletion,
+                   recv_exact_by)
 
 __all__ = ["TcpProvider", "TcpQueuePair", "TcpListener"]
 
 _RECV_CHUNK = 1 << 18
+_MAX_HELLO = 4096          # a HELLO is a few bytes of JSON
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -77,18 +80,24 @@ class TcpProvider(Provider):
             raise
         return TcpQueuePair(self, sock, peer_credits, blocking=blocking, peer=f"{host}:{port}")
 
-    def listen(self, host, port, *, recv_depth=32):
-        return TcpListener(self, host, port, recv_depth)
+    def listen(self, host, port, *, recv_depth=32, max_frame=P.MAX_PAYLOAD):
+        """``max_frame``: the largest frame payload accepted from a peer; a longer SEND is
+        refused from its header (its body is discarded as it arrives, never buffered)."""
+        return TcpListener(self, host, port, recv_depth, max_frame)
 
 
 def _linger_close(sock: socket.socket, wait: float = 0.5) -> None:
-    """Half-close, drain what the peer still sends, then close: closing with unread data
-    would reset the connection and could destroy the ERROR frame that explains why."""
+    """Half-close, drain what the peer still sends (for at most ``wait`` s in total), then
+    close: closing with unread data would reset the connection and could destroy the ERROR
+    frame that explains why."""
+    deadline = time.monotonic() + wait
     try:
-        sock.setblocking(True)
         sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(wait)
-        for _ in range(64):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
             if not sock.recv(1 << 16):
                 break
     except OSError:
@@ -114,47 +123,62 @@ def _read_frame_blocking(sock):
 
 
 class TcpListener(Listener):
-    def __init__(self, provider: TcpProvider, host: str, port: int, recv_depth: int):
+    def __init__(self, provider: TcpProvider, host: str, port: int, recv_depth: int,
+                 max_frame: int = P.MAX_PAYLOAD):
         self.provider = provider
         self.recv_depth = recv_depth
-        self._sock = socket.create_server((host, port), reuse_port=False)
+        self.max_frame = max_frame
+        self._sock = socket.create_server((host, port), reuse_port=False, backlog=128)
         self.address = self._sock.getsockname()[:2]
 
-    def accept(self, timeout=None, handshake_timeout=5.0):
+    def accept_socket(self, timeout=None):
         self._sock.settimeout(timeout)
-        sock, addr = self._sock.accept()
-        sock.settimeout(handshake_timeout)
+        return self._sock.accept()
+
+    def handshake(self, sock, addr, deadline):
         try:
             _nodelay(sock)
             try:
-                hdr, body = _read_frame_blocking(sock)
+                hdr = P.unpack_header(recv_exact_by(sock, P.HEADER.size, deadline))
                 if hdr.op != P.Op.HELLO:
                     raise P.ProtocolError(f"expected HELLO, got op {hdr.op}")
-                json.loads(body)
+                if hdr.length > _MAX_HELLO:
+                    raise P.ProtocolError(f"HELLO of {hdr.length} bytes (limit {_MAX_HELLO})")
+                json.loads(bytes(recv_exact_by(sock, hdr.length, deadline)))
             except (P.ProtocolError, ValueError) as exc:
-                msg = str(exc).encode()
-                try:
-                    sock.sendall(P.pack_header(P.Op.ERROR, 0, len(msg)) + msg)
-                except OSError:
-                    pass
-                _linger_close(sock)
+                self.refuse(sock, str(exc), wait=0.2)
                 raise
             ack = json.dumps({"recv_depth": self.recv_depth}).encode()
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
             sock.sendall(P.pack_header(P.Op.HELLO_ACK, 0, len(ack)) + ack)
         except BaseException:
             sock.close()
             raise
         return TcpQueuePair(self.provider, sock, self.recv_depth, blocking=True,
-                            peer=f"{addr[0]}:{addr[1]}")
+                            peer=f"{addr[0]}:{addr[1]}", max_frame=self.max_frame)
+
+    def refuse(self, sock, reason, wait=0.2):
+        """Send an ERROR frame naming ``reason`` and close (lingering at most ``wait`` s so
+        the peer's unread HELLO does not turn the close into a reset that eats the frame)."""
+        msg = reason.encode()
+        try:
+            sock.settimeout(wait)
+            sock.sendall(P.pack_header(P.Op.ERROR, 0, len(msg)) + msg)
+        except OSError:
+            pass
+        _linger_close(sock, wait)
 
     def close(self):
         self._sock.close()
 
 
 class TcpQueuePair(QueuePair):
+    thread_safe_post = True     # posting and flushing hold the send lock: any thread may send
     def __init__(self, provider: TcpProvider, sock: socket.socket, peer_credits: int, *,
-                 blocking: bool, peer: str = "?"):
+                 blocking: bool, peer: str = "?", max_frame: int = P.MAX_PAYLOAD):
         self.provider = provider
+        self.max_frame = max_frame
+        self._skip = 0          # bytes of a refused (oversized) SEND still to discard
         self.peer = peer
         self.peer_credits = peer_credits
         self._sock = sock
@@ -163,6 +187,7 @@ class TcpQueuePair(QueuePair):
         sock.setblocking(blocking)
         self._fd = sock.fileno()
         self._rbuf = bytearray()
+        self._scratch: bytearray | None = None
         self._out: deque[memoryview] = deque()
         self._send_lock = threading.Lock()
         self._cork: list | None = None
@@ -256,39 +281,55 @@ class TcpQueuePair(QueuePair):
 
     # ------------------------------------------------------------------ progress
     def progress(self):
-        """Read what the socket holds (blocking mode: wait for it) and handle whole frames."""
+        """Read what the socket holds (blocking mode: wait for it) and handle whole frames.
+
+        Bytes land in a per-queue-pair scratch buffer (no allocation per receive); frames are
+        handled straight from it, and only a trailing partial frame is kept in ``_rbuf``."""
         if self.failed:
             return
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = bytearray(_RECV_CHUNK)
         try:
-            data = self._sock.recv(_RECV_CHUNK)
+            n = self._sock.recv_into(scratch)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._fail(f"receive failed: {exc}")
             return
-        if not data:
+        if not n:
             self._fail("peer closed the connection")
             return
-        self.bytes_recv += len(data)
+        self.bytes_recv += n
+        start = 0
+        if self._skip:
+            start = min(self._skip, n)
+            self._skip -= start
         rbuf = self._rbuf
-        rbuf += data
-        pos = 0
+        if rbuf:
+            rbuf += memoryview(scratch)[start:n]
+            src, end, pos = memoryview(rbuf), len(rbuf), 0
+        else:
+            src, end, pos = memoryview(scratch), n, start
         hs = P.HEADER.size
         if self._blocking:
             self._cork = []        # answers to a burst of READs go out in one send
         try:
-            while len(rbuf) - pos >= hs:
-                hdr = P.unpack_header(bytes(rbuf[pos:pos + hs]))
-                if len(rbuf) - pos - hs < hdr.length:
+            while end - pos >= hs:
+                hdr = P.unpack_header(src[pos:pos + hs])
+                if hdr.length > self.max_frame:
+                    self._refuse_frame(hdr)
+                    have = min(hdr.length, end - pos - hs)
+                    self._skip = hdr.length - have
+                    pos += hs + have
+                    continue
+                if end - pos - hs < hdr.length:
                     break
-                body = memoryview(rbuf)[pos + hs:pos + hs + hdr.length]
-                try:
-                    self._handle(hdr, body)
-                finally:
-                    body.release()
+                self._handle(hdr, src[pos + hs:pos + hs + hdr.length])
                 pos += hs + hdr.length
         except P.ProtocolError as exc:
             # The stream cannot be trusted past a bad header: say why, then close.
+            src.release()
             self._uncork()
             msg = str(exc).encode()
             try:
@@ -302,8 +343,25 @@ class TcpQueuePair(QueuePair):
             if self._cork is not None and not self.failed:
                 self._uncork()
             self._cork = None
-        if pos:
-            del rbuf[:pos]
+        src.release()
+        # keep only the partial frame; a large frame's buffer is let go, not just shrunk
+        if rbuf:
+            if pos == end:
+                self._rbuf = bytearray()
+            elif pos:
+                del rbuf[:pos]
+        elif pos < end:
+            self._rbuf = bytearray(memoryview(scratch)[pos:n])
+
+    def _refuse_frame(self, hdr):
+        """A frame longer than this side accepts: refused from its header, before any of its
+        body is buffered. A SEND gets an error completion at the sender and the connection
+        stays up (the body is discarded as it arrives); anything else is a broken peer."""
+        if hdr.op != P.Op.SEND:
+            raise P.ProtocolError(f"frame length {hdr.length} exceeds the {self.max_frame}-byte limit")
+        self._emit(P.Op.ERROR, hdr.req_id,
+                   f"message of {hdr.length} bytes exceeds the receiver's {self.max_frame}-byte "
+                   f"message limit".encode())
 
     def _uncork(self):
         cork, self._cork = self._cork, None

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 
 from . import protocol as P
-from .rdma import (Listener, MemoryRegion, Opcode, Provider, QueuePair, RdmaUnavailable,
+from .rdma import (Listener, MemoryRegion, Opcode, Provider, QueuePair, RdmaUnavailable, recv_exact_by,
                    WorkCompletion)
 
 __all__ = ["VerbsProvider", "load_pyverbs"]
@@ -124,7 +125,8 @@ class VerbsProvider(Provider):
             _recv_json(side)
         return VerbsQueuePair(self, qp, cq, remote["recv_depth"], f"{host}:{port}")
 
-    def listen(self, host, port, *, recv_depth=32):
+    def listen(self, host, port, *, recv_depth=32, max_frame=None):
+        # ``max_frame`` needs no check here: the NIC fails a SEND longer than the posted buffer
         return VerbsListener(self, host, port, recv_depth)
 
 
@@ -133,19 +135,20 @@ def _send_json(sock, obj):
     sock.sendall(struct.pack("<I", len(data)) + data)
 
 
-def _recv_json(sock):
-    n = struct.unpack("<I", _recv_exact(sock, 4))[0]
-    return json.loads(_recv_exact(sock, n))
+_MAX_SETUP = 1 << 16     # a set-up message is a few hundred bytes of JSON
 
 
-def _recv_exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("peer closed the set-up channel")
-        buf += chunk
-    return buf
+def _recv_json(sock, deadline=None):
+    """One length-prefixed JSON message of the set-up channel, complete before ``deadline``."""
+    if deadline is None:
+        deadline = time.monotonic() + (sock.gettimeout() or 5.0)
+    n = struct.unpack("<I", recv_exact_by(sock, 4, deadline, "RDMA set-up"))[0]
+    if n > _MAX_SETUP:
+        raise P.ProtocolError(f"set-up message of {n} bytes (limit {_MAX_SETUP})")
+    msg = json.loads(bytes(recv_exact_by(sock, n, deadline, "RDMA set-up")))
+    if isinstance(msg, dict) and "error" in msg:
+        raise P.ProtocolError(f"peer refused the connection: {msg['error']}")
+    return msg
 
 
 class VerbsListener(Listener):
@@ -155,17 +158,27 @@ class VerbsListener(Listener):
         self._sock = socket.create_server((host, port))
         self.address = self._sock.getsockname()[:2]
 
-    def accept(self, timeout=None):
+    def accept_socket(self, timeout=None):
         self._sock.settimeout(timeout)
-        side, addr = self._sock.accept()
-        with side:
-            remote = _recv_json(side)
+        return self._sock.accept()
+
+    def handshake(self, sock, addr, deadline):
+        with sock:
+            remote = _recv_json(sock, deadline)
             qp, cq, info = self.provider._new_qp(self.recv_depth)
-            _send_json(side, info)
+            _send_json(sock, info)
             self.provider._to_rts(qp, remote)
-            _recv_json(side)
-            _send_json(side, {"rts": True})
+            _recv_json(sock, deadline)
+            _send_json(sock, {"rts": True})
         return VerbsQueuePair(self.provider, qp, cq, remote["recv_depth"], f"{addr[0]}:{addr[1]}")
+
+    def refuse(self, sock, reason):
+        with sock:
+            try:
+                sock.settimeout(0.2)
+                _send_json(sock, {"error": reason})
+            except OSError:
+                pass
 
     def close(self):
         self._sock.close()

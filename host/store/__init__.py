@@ -11,7 +11,7 @@ from __future__ import annotations
 from evssd.host.store.backend import Backend
 from evssd.host.store.dedupe import dedupe
 from evssd.host.store.dram import DramBackend
-from evssd.host.store.errors import StoreError, StoreInputError, TableFileError
+from evssd.host.store.errors import StoreClosedError, StoreError, StoreInputError, TableFileError
 from evssd.host.store.evssd import EvssdBackend
 from evssd.host.store.file import FileBackend
 from evssd.host.store.lru import PlainLRU
@@ -22,7 +22,8 @@ from evssd.host.store.tablefile import (FILE_VERSION, TableFile, open_table_file
 from evssd.host.store.tables import DTYPES, RowwiseInt8, TableInfo, dtype_name, quantize_rowwise_int8
 
 __all__ = [
-    "EmbeddingStore", "TableInfo", "StoreError", "StoreInputError", "TableFileError", "BACKENDS",
+    "EmbeddingStore", "TableInfo", "StoreError", "StoreInputError", "TableFileError", "StoreClosedError",
+    "BACKENDS",
     "PlainLRU", "TableFile", "write_table_file", "open_table_file", "verify_table_file", "FILE_VERSION",
     "DTYPES", "pool_deduplicated", "RowwiseInt8", "quantize_rowwise_int8", "dtype_name", "dedupe",
     "Backend", "DramBackend", "FileBackend", "RocksDBBackend", "EvssdBackend",

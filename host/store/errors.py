@@ -1,7 +1,7 @@
 """The store's errors: every one names the table, the argument and the position at fault."""
 from __future__ import annotations
 
-__all__ = ["StoreError", "StoreInputError", "TableFileError"]
+__all__ = ["StoreError", "StoreInputError", "TableFileError", "StoreClosedError"]
 
 
 class StoreError(Exception):
@@ -16,3 +16,5 @@ class TableFileError(StoreError, ValueError):
     """A table file is corrupt, truncated or not a table file."""
 
 
+class StoreClosedError(StoreError, RuntimeError):
+    """The store was closed; every lookup after :meth:`EmbeddingStore.close` says so."""

@@ -20,27 +20,6 @@ def _device_runner(device):
     return getattr(device, "run", None)
 
 
-def _open_model_for(tables: Mapping[str, np.ndarray], layout_options: Mapping):
-    """The functional model with enough flash for ``tables`` (rows padded to 4 bytes, packed per
-    page as the layout packs them), so big tables do not hit the default 64 MiB."""
-    from evssd.host.device import Device
-    from evssd.hw.regmap import Params
-    base = Params()
-    page = layout_options.get("page_size", base.page_size) if isinstance(layout_options, Mapping) else base.page_size
-    pages = 0
-    for a in tables.values():
-        row_bytes = -(-a.shape[1] * a.dtype.itemsize // 4) * 4
-        per_page = max(1, page // row_bytes)
-        pages += -(-a.shape[0] // per_page) + 64  # + extents starting on fresh pages
-    per_channel = -(-pages // base.n_channels)
-    ppc = base.pages_per_channel
-    while ppc < per_channel:
-        ppc *= 2
-    if ppc == base.pages_per_channel:
-        return Device.open("model")
-    return Device.open("model", pages_per_channel=ppc)
-
-
 class EvssdBackend(Backend):
     """The EV-SSD through the driver. ``bytes_read`` counts result bytes returned by DMA."""
     name = "evssd"
@@ -66,13 +45,15 @@ class EvssdBackend(Backend):
     def create(cls, tables: Tables, *, device=None, layout_options: Mapping | None = None,
                device_pooling: bool = True) -> "EvssdBackend":
         """Place the tables (:meth:`evssd.host.layout.Layout.plan`) on ``device`` and write them;
-        without a device, open the functional model, sized to hold the tables."""
+        without a device, open the functional model (its flash is sparse and large enough for
+        any table set)."""
+        from evssd.host.device import Device
         from evssd.host.layout import Layout
         owns = device is None
         # host-pooled types (int8_rowwise) are placed as raw int8 bytes and only gathered
         placed = {n: (a if el.device is not None else a.view(np.int8)) for n, (a, el, _) in tables.items()}
         if owns:
-            device = _open_model_for(placed, layout_options or {})
+            device = Device.open("model")
         try:
             layout = Layout.plan(placed, device=device, **(layout_options or {}))
             layout.write(device)
@@ -117,26 +98,13 @@ class EvssdBackend(Backend):
         if aio is None or run is None or len(jobs) < 2 or any(len(j[2]) == 0 for j in jobs):
             return super().read_many(jobs)
 
-        async def go():
-            handles, out, error = [], [], None
-            for kind, info, idx, offs in jobs:
-                tid = self._ids[info.name].table_id
-                if kind == "rows":
-                    handles.append(await aio.submit_gather(tid, idx.astype(np.uint32)))
-                else:
-                    handles.append(await aio.submit_gather_pooled(tid, idx.astype(np.uint32),
-                                                                  offs.astype(np.uint32)))
-            for h in handles:  # finish every handle, even after an error, so buffers are freed
-                try:
-                    out.append(await aio.finish(h))
-                except Exception as exc:
-                    error = error or exc
-                    out.append(None)
-            if error is not None:
-                raise error
-            return out
-
-        raws = run(go())
+        requests = []
+        for kind, info, idx, offs in jobs:
+            tid = self._ids[info.name].table_id
+            requests.append((tid, idx.astype(np.uint32)) if kind == "rows" else
+                            (tid, idx.astype(np.uint32), offs.astype(np.uint32)))
+        # all or nothing: a table that fails leaves none of the others in flight
+        raws = run(aio.gather_many(requests))
         self._count(len(jobs), 0, 0)
         return [self._rows_view(info, raw, len(idx)) if kind == "rows"
                 else self._pooled_view(info, raw, len(offs) - 1, len(idx))

@@ -44,7 +44,7 @@ from evssd.host import pooling
 from evssd.host.store.backend import Backend
 from evssd.host.store.dedupe import dedupe
 from evssd.host.store.dram import DramBackend
-from evssd.host.store.errors import StoreError, StoreInputError
+from evssd.host.store.errors import StoreClosedError, StoreError, StoreInputError
 from evssd.host.store.evssd import EvssdBackend
 from evssd.host.store.file import FileBackend
 from evssd.host.store.lru import make_cache
@@ -248,7 +248,9 @@ class EmbeddingStore:
             raise
 
     def close(self) -> None:
-        """Close the backend (and remove the directory it created, if any). Idempotent."""
+        """Close the backend (and remove the directory it created, if any). Idempotent; every
+        lookup afterwards raises :class:`StoreClosedError`."""
+        self._closed = True
         self.backend.close()
 
     def __enter__(self):
@@ -261,6 +263,9 @@ class EmbeddingStore:
     # -- validation -----------------------------------------------------------------------------
 
     def _info(self, table) -> TableInfo:
+        if getattr(self, "_closed", False):
+            raise StoreClosedError(f"the store is closed (its {self.backend.name} backend was closed); "
+                                   f"open it again to look up {table!r}")
         info = self.tables.get(table)
         if info is None:
             raise StoreInputError(f"unknown table {table!r} (tables: {', '.join(map(repr, self.tables))})")

