@@ -75,6 +75,7 @@ import numba
 import numpy as np
 
 from evssd.host.elements import DEVICE_ELEMS
+from evssd.host.pooling import _prefetch
 
 __all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES", "ADMISSION_POLICIES", "DEFAULT_ADMISSION"]
 
@@ -304,6 +305,9 @@ def _push(s, prev, nxt, head):
     return s
 
 
+_AHEAD = 8  # lookups between a prefetch hint and its use (as the pooling kernels)
+
+
 @numba.njit(cache=True, nogil=True)
 def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, counters,
                    sketch, sample, max_protected, st):
@@ -316,7 +320,11 @@ def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, cou
     # independent, so the CPU overlaps their cache misses; only the recency updates are serial.
     # Lookups never move a hash entry, so the slots found first are still right in the last pass.
     slots = np.empty(n, dtype=np.int32)
+    m = htab.shape[0]
+    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
     for j in range(n):
+        if j + _AHEAD < n:             # hint the home slot of the key _AHEAD positions on
+            _prefetch(h2, _home(keys[j + _AHEAD], m), 0)
         pos = _find(keys[j], htab, kb)
         slots[j] = htab[pos] >> kb if pos >= 0 else -1
     # (counters and sketch in separate loops: one fused loop measured slower)
@@ -340,7 +348,11 @@ def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, cou
     phead = st[_PHEAD]
     psize = st[_PSIZE]
     hits = 0
+    rb = w * values.itemsize
     for j in range(n):
+        if j + _AHEAD < n and slots[j + _AHEAD] >= 0:   # the row copied _AHEAD lookups later
+            for off in range(0, rb, 64):
+                _prefetch(values, slots[j + _AHEAD], off)
         s = slots[j]
         if s >= 0:
             for t in range(w):
