@@ -305,12 +305,16 @@ def _push(s, prev, nxt, head):
     return s
 
 
+_NO_HIT = np.zeros(0, dtype=np.bool_)
 _AHEAD = 8  # lookups between a prefetch hint and its use (as the pooling kernels)
 
 
 @numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, counters,
-                   sketch, sample, max_protected, st):
+def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, prev, nxt, seg,
+                   counters, sketch, sample, max_protected, st):
+    # ``slots`` (int32, len(keys)) receives each key's cache slot or -1; ``copy``: also copy each
+    # hit row into ``out[j]`` (``lookup``) -- without it (``lookup_slots``) ``out`` is not read
+    # and ``hit`` is not written. Every other effect is the same either way.
     n = keys.shape[0]
     for j in range(n):             # validate the whole batch before touching any state
         k = keys[j]
@@ -319,7 +323,6 @@ def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, cou
     # Passes over the batch: the probes and the counter updates of different keys are
     # independent, so the CPU overlaps their cache misses; only the recency updates are serial.
     # Lookups never move a hash entry, so the slots found first are still right in the last pass.
-    slots = np.empty(n, dtype=np.int32)
     m = htab.shape[0]
     h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
     for j in range(n):
@@ -350,14 +353,16 @@ def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, cou
     hits = 0
     rb = w * values.itemsize
     for j in range(n):
-        if j + _AHEAD < n and slots[j + _AHEAD] >= 0:   # the row copied _AHEAD lookups later
-            for off in range(0, rb, 64):
-                _prefetch(values, slots[j + _AHEAD], off)
         s = slots[j]
+        if copy:
+            if j + _AHEAD < n and slots[j + _AHEAD] >= 0:   # the row copied _AHEAD lookups later
+                for off in range(0, rb, 64):
+                    _prefetch(values, slots[j + _AHEAD], off)
+            if s >= 0:
+                for t in range(w):
+                    out[j, t] = values[s, t]
+            hit[j] = s >= 0
         if s >= 0:
-            for t in range(w):
-                out[j, t] = values[s, t]
-            hit[j] = True
             hits += 1
             if seg[s]:
                 phead = _touch(s, prev, nxt, phead)
@@ -375,8 +380,6 @@ def _lookup_kernel(keys, out, hit, n_rows, htab, kb, values, prev, nxt, seg, cou
                     psize -= 1
             else:
                 head = _touch(s, prev, nxt, head)
-        else:
-            hit[j] = False
     st[_HEAD] = head
     st[_PHEAD] = phead
     st[_PSIZE] = psize
@@ -720,20 +723,57 @@ class EVCache:
         hit = np.empty(n, dtype=np.bool_)
         direct = out.flags.c_contiguous
         target = out if direct else np.empty_like(out, order="C")
+        slots = np.empty(n, dtype=np.int32)
         with self._lock:
-            bad = _lookup_kernel(keys, self._row_view(target), hit, self.n_rows, self._htab,
-                                 self._kb, self._values, self._prev, self._next, self._seg,
-                                 self._counters, self._sketch, self._sketch_sample,
-                                 self._max_protected, self._st)
-            if bad < 0 and self.decay_interval is not None \
-                    and self._st[_SINCE_DECAY] >= self.decay_interval:
-                _decay_kernel(self._counters)
-                self._st[_SINCE_DECAY] = 0
-        if bad >= 0:
-            self._bad_index(keys, bad)
+            self._run_lookup(keys, self._row_view(target), hit, slots, True)
         if not direct:
             out[hit] = target[hit]
         return hit
+
+    def lookup_slots(self, indices, slots: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`lookup` without the copy: returns each index's slot in :attr:`values` (int32,
+        -1 for a miss) and has exactly the effects of ``lookup`` (hit/miss counts, recency,
+        counters, sketch, decay). ``slots``: an int32 buffer of ``len(indices)`` to fill.
+
+        A slot stays valid until the next :meth:`admit`, :meth:`invalidate` or :meth:`clear`;
+        a caller that reads the rows later must hold :attr:`lock` from the lookup through the
+        read, or check :meth:`slot_keys` first."""
+        keys = self._keys(indices, "lookup")
+        n = keys.shape[0]
+        if slots is None:
+            slots = np.empty(n, dtype=np.int32)
+        elif not isinstance(slots, np.ndarray) or slots.dtype != np.int32 or slots.shape != (n,) \
+                or not slots.flags.c_contiguous or not slots.flags.writeable:
+            raise ValueError(f"EVCache {self.name!r}: slots must be a writeable contiguous int32 "
+                             f"array of shape ({n},), got {getattr(slots, 'dtype', type(slots).__name__)} "
+                             f"{getattr(slots, 'shape', '')}")
+        with self._lock:
+            self._run_lookup(keys, self._values[:0], _NO_HIT, slots, False)
+        return slots
+
+    def _run_lookup(self, keys, out, hit, slots, copy) -> None:
+        bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,
+                             self._kb, self._values, self._prev, self._next, self._seg,
+                             self._counters, self._sketch, self._sketch_sample,
+                             self._max_protected, self._st)
+        if bad < 0 and self.decay_interval is not None \
+                and self._st[_SINCE_DECAY] >= self.decay_interval:
+            _decay_kernel(self._counters)
+            self._st[_SINCE_DECAY] = 0
+        if bad >= 0:
+            self._bad_index(keys, bad)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The per-instance lock every public call holds (see :meth:`lookup_slots`)."""
+        return self._lock
+
+    @property
+    def slot_keys(self) -> np.ndarray:
+        """The row index each slot holds (-1: free), read-only view (to check slots)."""
+        v = self._slot_key.view()
+        v.flags.writeable = False
+        return v
 
     def admit(self, indices, rows: np.ndarray) -> int:
         """Offer rows fetched for misses; inserts those that pass the filter. Returns how many.

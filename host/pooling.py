@@ -49,7 +49,7 @@ from numba.extending import intrinsic, overload
 from evssd.host.elements import ELEMS, Elem
 
 __all__ = ["CANONICAL_NAN", "PoolingError", "fp32_add_bits", "fp16_to_fp32_bits", "canonicalize_nan",
-           "pool", "pool_into", "fma32", "fma32_model", "pool_rows", "pool_bags", "describe_error", "kernel_source",
+           "pool", "pool_into", "pool_two_sources", "fma32", "fma32_model", "pool_rows", "pool_bags", "describe_error", "kernel_source",
            "check_bags", "check_indices", "check_weights", "apply_mean"]
 
 CANONICAL_NAN = 0x7FC0_0000
@@ -430,6 +430,157 @@ def _rowwise_parallel(src, idx, offs, w, weighted, out):
     for b in numba.prange(offs.shape[0] - 1):
         _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb)
     return -1
+
+
+# Two-source kernels (the cache hit path): lookup k's row is ``uniq`` entry ``u = inv[k]``, held
+# in the cache's row storage at slot ``loc[u]`` (>= 0) or, for a miss, in row ``-1 - loc[u]`` of
+# the fetched-miss buffer. Same accumulate order and arithmetic as the bag loops above (the row
+# is read by the same _load/_loadf), so the result is the definition's bit for bit.
+
+
+@numba.njit(inline="always")
+def _prefetch2(csrc, msrc, inv, loc, k, n, rb):
+    ahead = k + PREFETCH_DISTANCE
+    if ahead < n:
+        la = loc[inv[ahead]]
+        if la >= 0:
+            for off in range(0, rb, 64):
+                _prefetch(csrc, la, off)
+        else:
+            for off in range(0, rb, 64):
+                _prefetch(msrc, -1 - la, off)
+
+
+@numba.njit(inline="always")
+def _bag_sum2(csrc, msrc, inv, loc, lo, hi, out, b, n, rb):
+    dim = out.shape[1]
+    z = _start(out)
+    for j in range(dim):
+        out[b, j] = z
+    for k in range(lo, hi):
+        _prefetch2(csrc, msrc, inv, loc, k, n, rb)
+        r = loc[inv[k]]
+        if r >= 0:
+            for j in range(dim):
+                out[b, j] += _load(csrc, r, j)
+        else:
+            r = -1 - r
+            for j in range(dim):
+                out[b, j] += _load(msrc, r, j)
+    _settle(out, b, lo == hi)
+
+
+@numba.njit(inline="always")
+def _bag_weighted2(csrc, msrc, inv, loc, w, lo, hi, out, b, n, rb):
+    dim = out.shape[1]
+    for j in range(dim):
+        out[b, j] = np.float32(-0.0)
+    for k in range(lo, hi):
+        _prefetch2(csrc, msrc, inv, loc, k, n, rb)
+        r = loc[inv[k]]
+        wk = w[k]
+        if r >= 0:
+            for j in range(dim):
+                out[b, j] = fma32(wk, _loadf(csrc, r, j), out[b, j])
+        else:
+            r = -1 - r
+            for j in range(dim):
+                out[b, j] = fma32(wk, _loadf(msrc, r, j), out[b, j])
+    _settle(out, b, lo == hi)
+
+
+@numba.njit(inline="always")
+def _bag_rowwise2(csrc, msrc, inv, loc, w, weighted, lo, hi, out, b, n, rb):
+    dim = out.shape[1]
+    for j in range(dim):
+        out[b, j] = np.float32(-0.0)
+    for k in range(lo, hi):
+        _prefetch2(csrc, msrc, inv, loc, k, n, rb)
+        r = loc[inv[k]]
+        src = csrc
+        if r < 0:
+            src = msrc
+            r = -1 - r
+        s = _h2f(np.uint32(src[r, 0]) | (np.uint32(src[r, 1]) << np.uint32(8)))
+        c = _h2f(np.uint32(src[r, 2]) | (np.uint32(src[r, 3]) << np.uint32(8)))
+        if weighted:
+            s = s * w[k]
+            c = c * w[k]
+        for j in range(dim):
+            out[b, j] = fma32(s, np.float32(src[r, 4 + j]), out[b, j] + c)
+    _settle(out, b, lo == hi)
+
+
+@numba.njit(inline="always")
+def _check2(n_c, n_m, inv, loc, offs):
+    """As :func:`_check` for the two-source kernels: ``k >= 0`` names lookup k whose inverse
+    index or location is out of range."""
+    n_bags = offs.shape[0] - 1
+    if offs[0] != 0:
+        return -2
+    for b in range(n_bags):
+        if offs[b + 1] < offs[b]:
+            return -3 - b
+    if offs[n_bags] != inv.shape[0]:
+        return -2 - n_bags
+    for k in range(inv.shape[0]):
+        u = inv[k]
+        if u < 0 or u >= loc.shape[0]:
+            return k
+        r = loc[u]
+        if r >= n_c or -1 - r >= n_m:
+            return k
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _sum2_kernel(csrc, msrc, inv, loc, offs, out):
+    code = _check2(csrc.shape[0], msrc.shape[0], inv, loc, offs)
+    if code != -1:
+        return code
+    n = inv.shape[0]
+    rb = csrc.shape[1] * csrc.itemsize
+    for b in range(offs.shape[0] - 1):
+        _bag_sum2(csrc, msrc, inv, loc, offs[b], offs[b + 1], out, b, n, rb)
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _weighted2_kernel(csrc, msrc, inv, loc, offs, w, out):
+    code = _check2(csrc.shape[0], msrc.shape[0], inv, loc, offs)
+    if code != -1:
+        return code
+    n = inv.shape[0]
+    rb = csrc.shape[1] * csrc.itemsize
+    for b in range(offs.shape[0] - 1):
+        _bag_weighted2(csrc, msrc, inv, loc, w, offs[b], offs[b + 1], out, b, n, rb)
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _pool2_rowwise_kernel(csrc, msrc, inv, loc, offs, w, weighted, out):
+    code = _check2(csrc.shape[0], msrc.shape[0], inv, loc, offs)
+    if code != -1:
+        return code
+    n = inv.shape[0]
+    rb = csrc.shape[1] * csrc.itemsize
+    for b in range(offs.shape[0] - 1):
+        _bag_rowwise2(csrc, msrc, inv, loc, w, weighted, offs[b], offs[b + 1], out, b, n, rb)
+    return -1
+
+
+def pool_two_sources(csrc, msrc, elem: Elem, inv, loc, offsets, out, weights=None) -> int:
+    """Pool bags whose rows live in two row matrices (both viewed by :func:`kernel_source`):
+    lookup k's row is ``csrc[loc[inv[k]]]`` when that is >= 0, else ``msrc[-1 - loc[inv[k]]]``
+    (the cache's row storage and the fetched misses). Same definition and output as
+    :func:`pool_into`; returns -1 or an error code (``k >= 0``: lookup k's ``inv``/``loc`` is
+    out of range), ``out`` untouched on error."""
+    if elem.extra:  # int8_rowwise
+        w = _NO_WEIGHTS if weights is None else weights
+        return _pool2_rowwise_kernel(csrc, msrc, inv, loc, offsets, w, weights is not None, out)
+    if weights is None:
+        return _sum2_kernel(csrc, msrc, inv, loc, offsets, out)
+    return _weighted2_kernel(csrc, msrc, inv, loc, offsets, weights, out)
 
 
 @numba.njit(cache=True, nogil=True)

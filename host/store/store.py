@@ -88,7 +88,7 @@ def _index_array(info, a, what: str) -> np.ndarray:
     return a
 
 
-_GATHER, _DIRECT, _DEVICE, _ROWS = "gather", "direct", "device", "rows"
+_GATHER, _DIRECT, _DEVICE, _ROWS, _SLOTS = "gather", "direct", "device", "rows", "slots"
 
 
 @dataclass
@@ -96,7 +96,9 @@ class _Plan:
     """One table lookup between its phases (prepare -> fetch -> finish); see :mod:`.pipeline`.
 
     ``kind``: ``direct`` pools straight from a table in memory; ``device`` lets the backend pool;
-    ``rows`` deduplicates, serves the cache, fetches the misses and pools the distinct rows."""
+    ``rows`` deduplicates, serves the cache, fetches the misses and pools the distinct rows;
+    ``slots`` (pooled lookups through an EV-Cache) deduplicates, takes the hits' cache slots
+    without copying their rows, fetches the misses and pools from both sources in one kernel."""
     info: TableInfo
     indices: np.ndarray          # validated int32/int64, request order
     offsets: np.ndarray | None   # validated [B+1] or None for gather
@@ -110,6 +112,7 @@ class _Plan:
     miss: np.ndarray | None = None      # positions in uniq not served by the cache
     fetched: np.ndarray | None = None
     pooled: np.ndarray | None = None    # result pooled by the backend (device pooling)
+    slots: np.ndarray | None = None     # int32 per distinct index: cache slot, -1 for a miss
 
 
 _AUTO = object()
@@ -319,8 +322,16 @@ class EmbeddingStore:
         if mode is not None and not self.caches and w is None and self.backend.pools(info):
             return _Plan(info, idx, offs, mode, _DEVICE, None, out)
         uniq, inv = dedupe(idx)
-        rows = np.empty((uniq.size, info.width), dtype=info.dtype)
         cache = self.caches.get(info.name)
+        if mode is not None and cache is not None and hasattr(cache, "lookup_slots") \
+                and not self.parallel:
+            with self._cache_locks[info.name]:
+                slots = cache.lookup_slots(uniq)
+            miss = np.flatnonzero(slots < 0)
+            if miss.size > 1:  # ascending row order for the backend (file offsets, device pages)
+                miss = miss[np.argsort(uniq[miss], kind="stable")]
+            return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots)
+        rows = np.empty((uniq.size, info.width), dtype=info.dtype)
         if cache is not None and uniq.size:
             with self._cache_locks[info.name]:
                 hit = np.asarray(cache.lookup(uniq, rows), dtype=bool)
@@ -355,7 +366,7 @@ class EmbeddingStore:
                     continue
                 jobs.append(("pooled", p.info, p.indices, p.offsets))
                 targets.append(p)
-            elif p.kind == _ROWS and p.miss.size:
+            elif p.kind in (_ROWS, _SLOTS) and p.miss.size:
                 jobs.append(("rows", p.info, p.uniq[p.miss], None))
                 targets.append(p)
         if not jobs:
@@ -403,6 +414,8 @@ class EmbeddingStore:
                 plan.out[...] = out
                 return plan.out
             return out
+        if plan.kind == _SLOTS:
+            return self._finish_slots(plan)
         if plan.fetched is not None:
             plan.rows[plan.miss] = plan.fetched
             cache = self.caches.get(info.name)
@@ -412,6 +425,44 @@ class EmbeddingStore:
         if plan.mode is None:
             return plan.rows[plan.inv]
         return self._pool(plan, plan.rows, plan.inv)
+
+    def _finish_slots(self, plan: _Plan) -> np.ndarray:
+        """Pool a ``slots`` plan: hits straight from the cache's row storage, misses from the
+        fetched rows, in one kernel; then admit the misses. Runs under the table's cache lock,
+        so no admission moves a row while it is read; a slot another batch's admission or an
+        invalidation reused since the lookup is re-read from the backend first."""
+        info = plan.info
+        cache = self.caches[info.name]
+        el = info.el
+        fetched = plan.fetched if plan.fetched is not None else np.empty((0, info.width), info.dtype)
+        fetched = np.ascontiguousarray(fetched)
+        loc = plan.slots
+        miss = plan.miss
+        loc[miss] = -1 - np.arange(miss.size, dtype=np.int32)
+        n_bags = plan.offsets.size - 1
+        out = plan.out
+        if out is None:
+            out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
+        with self._cache_locks[info.name]:
+            held = np.flatnonzero(loc >= 0)
+            stale = held[cache.slot_keys[loc[held]] != plan.uniq[held]] if held.size else held
+            if stale.size:  # rare: evicted or moved since the lookup, read them again
+                stale = stale[np.argsort(plan.uniq[stale], kind="stable")]
+                t0 = time.perf_counter()
+                with self._io_lock:
+                    again = self.backend.read_many([("rows", info, plan.uniq[stale], None)])[0]
+                with self._lock:
+                    self._io_s += time.perf_counter() - t0
+                loc[stale] = -1 - (fetched.shape[0] + np.arange(stale.size, dtype=np.int32))
+                fetched = np.concatenate([fetched, np.asarray(again, info.dtype)])
+            code = pooling.pool_two_sources(pooling.kernel_source(cache.values, el),
+                                            pooling.kernel_source(fetched, el), el, plan.inv, loc,
+                                            plan.offsets, out, plan.weights)
+            if miss.size:
+                cache.admit(plan.uniq[miss], fetched[:miss.size])
+        if code != -1:  # validated before: only a backend returning the wrong rows gets here
+            raise StoreError(f"table {info.name!r}: pooling over cache slots failed at lookup {code}")
+        return pooling.apply_mean(out, plan.offsets) if plan.mode == "mean" else out
 
     # -- public API -----------------------------------------------------------------------------
 
