@@ -1,0 +1,157 @@
+"""The EV-Cache hit path: ``EVCache.lookup_slots`` has exactly ``lookup``'s effects, the
+two-source pooling kernels equal the definition bit for bit, and the store's slot path stays
+right when another batch evicts or an invalidation moves the rows it planned to read."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evssd.host import pooling as P
+from evssd.host.cache import EVCache
+from evssd.host.elements import ELEMS
+from evssd.host.store import EmbeddingStore, RowwiseInt8
+
+
+def _state(cache: EVCache) -> tuple:
+    n = len(cache)
+    return (cache.stats, cache.keys_mru().tolist(), cache.keys_protected().tolist(),
+            cache._slot_key.tolist(), cache.values[:n].tobytes(), cache._counters.tobytes(),
+            cache._sketch.tobytes(), cache._st.tolist())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 40),
+       admission=st.sampled_from(["sketch", "filter"]), decay=st.sampled_from([None, 13]),
+       threshold=st.integers(0, 3), n_keys=st.sampled_from([30, 200]))
+def test_lookup_slots_has_the_effects_of_lookup(seed, capacity, admission, decay, threshold, n_keys):
+    rng = np.random.default_rng(seed)
+    dim = 3
+    table = rng.standard_normal((n_keys, dim)).astype(np.float32)
+    a, b = (EVCache(n_keys, dim, np.float32, capacity=capacity, admission=admission,
+                    decay_interval=decay, admit_threshold=threshold, name="t") for _ in range(2))
+    for step in range(25):
+        keys = rng.zipf(1.3, rng.integers(0, 40)) % n_keys
+        out = np.zeros((keys.size, dim), np.float32)
+        hit = a.lookup(keys, out)
+        buf = np.full(keys.size, 7, np.int32)
+        slots = b.lookup_slots(keys, buf)
+        assert slots is buf
+        assert (slots >= 0).tolist() == hit.tolist()
+        # the slot holds the key's row: the same bytes lookup copied out
+        assert np.array_equal(b.slot_keys[slots[hit]], keys[hit])
+        assert b.values[slots[hit]].tobytes() == out[hit].tobytes()
+        assert np.array_equal(out[hit], table[keys[hit]])
+        miss = keys[~hit]
+        a.admit(miss, table[miss])
+        b.admit(miss, table[miss])
+        if step % 7 == 6:
+            drop = rng.integers(0, n_keys, 3)
+            assert a.invalidate(drop) == b.invalidate(drop)
+        assert _state(a) == _state(b)
+    b.check_invariants()
+
+
+def test_lookup_slots_bad_input_changes_nothing():
+    cache = EVCache(50, 2, np.float32, capacity=8, admit_threshold=0, name="emb")
+    cache.admit([1, 2], np.ones((2, 2), np.float32))
+    before = _state(cache)
+    with pytest.raises(IndexError, match=r"'emb'.*index 50 at position 1"):
+        cache.lookup_slots([1, 50])
+    with pytest.raises(ValueError, match="slots must be a writeable contiguous int32"):
+        cache.lookup_slots([1, 2], np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        cache.lookup_slots([1, 2], np.zeros(3, np.int32))
+    assert _state(cache) == before
+    assert cache.lookup_slots([2, 3, 1]).tolist()[1] == -1
+    with pytest.raises(ValueError):
+        cache.slot_keys[0] = 5   # a read-only view
+
+
+def _rows(el, n, rng):
+    if el.name == "int8_rowwise":
+        q = np.empty((n, 4 + 5), np.uint8)
+        q[:, 0:2] = (rng.standard_normal(n) * 0.05).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        q[:, 2:4] = rng.standard_normal(n).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        q[:, 4:] = rng.integers(0, 256, (n, 5))
+        return q.view(el.storage)
+    if el.storage.kind == "f":
+        r = rng.standard_normal((n, 5)).astype(el.storage)
+        r[0] = -0.0
+        if n > 1:
+            r[1, 0] = np.nan
+        return r
+    info = np.iinfo(el.storage)
+    return rng.integers(info.min, info.max, (n, 5), endpoint=True).astype(el.storage)
+
+
+@pytest.mark.parametrize("elem", ["fp32", "fp16", "int8", "int32", "int8_rowwise"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_two_source_pooling_is_the_definition(elem, weighted):
+    el = ELEMS[elem]
+    rng = np.random.default_rng(len(elem) + weighted)
+    for trial in range(20):
+        n_u = int(rng.integers(1, 30))
+        rows = _rows(el, n_u, rng)                 # the distinct rows, in uniq order
+        held = rng.random(n_u) < 0.6
+        cap = n_u + 3
+        csrc = np.zeros((cap, rows.shape[1]), el.storage)
+        slot_of = rng.permutation(cap)[:n_u]
+        csrc[slot_of[held]] = rows[held]
+        miss = np.flatnonzero(~held)
+        rng.shuffle(miss)
+        msrc = np.ascontiguousarray(rows[miss])
+        loc = np.where(held, slot_of, 0).astype(np.int32)
+        loc[miss] = -1 - np.arange(miss.size)
+        n_bags = int(rng.integers(0, 6))
+        offs = np.concatenate([[0], np.cumsum(rng.integers(0, 6, n_bags))]).astype(np.int64)
+        inv = rng.integers(0, n_u, int(offs[-1])).astype(np.int64)
+        w = rng.choice(np.array([1.0, -0.5, 0.0, -0.0, 3.0, 1e-3], np.float32), inv.size) \
+            if weighted else None
+        want = P.pool(rows, el, inv, offs, per_sample_weights=w)
+        out = np.full_like(want, 99)
+        code = P.pool_two_sources(P.kernel_source(csrc, el), P.kernel_source(msrc, el), el, inv,
+                                  loc, offs, out, w)
+        assert code == -1
+        assert out.tobytes() == want.tobytes(), (elem, weighted, trial)
+    # a location outside either source is reported (lookup 0), out untouched
+    bad = loc.copy()
+    bad[inv[0] if inv.size else 0] = cap
+    if inv.size:
+        out = np.full_like(want, 99)
+        assert P.pool_two_sources(P.kernel_source(csrc, el), P.kernel_source(msrc, el), el, inv,
+                                  bad, offs, out, w) == 0
+        assert (out == 99).all()
+
+
+@pytest.mark.parametrize("disturb", ["evict", "invalidate"])
+def test_slots_reused_between_plan_and_finish_are_read_again(tmp_path, disturb):
+    """The pipeline plans batch i+1 before it finishes batch i: batch i's admissions (or an
+    invalidation) may reuse slots batch i+1 planned to read. The finish notices and re-reads."""
+    rng = np.random.default_rng(3)
+    tables = {"f": rng.standard_normal((400, 8)).astype(np.float32),
+              "q": RowwiseInt8(rng.integers(0, 256, (400, 4 + 8)).astype(np.uint8))}
+    with EmbeddingStore.from_arrays(tables, "file", path=tmp_path, cache_fraction=0.05) as store:
+        cache = store.caches["f"]
+        cap = cache.capacity
+        warm = np.arange(cap, dtype=np.int64)
+        for _ in range(3):  # fill the cache with rows 0..cap-1 (seen enough to be admitted)
+            store.pooled("f", warm, np.array([0, cap]))
+        assert cache.lookup_slots(warm).min() >= 0
+        idx = np.concatenate([warm, warm[::-1], [cap + 5]])
+        offs = np.array([0, 3, cap, idx.size])
+        plan = store._prepare("f", idx, offs, "sum")
+        assert plan.kind == "slots" and plan.miss.size == 1
+        if disturb == "evict":
+            other = np.arange(cap + 10, 3 * cap + 10, dtype=np.int64)
+            for _ in range(4):
+                store.pooled("f", other, np.array([0, other.size]))
+        else:
+            cache.invalidate(warm[: cap // 2])
+        held = plan.slots >= 0
+        assert (cache.slot_keys[plan.slots[held]] != plan.uniq[held]).any()  # really stale
+        got = store._finish(store._fetch(plan))
+        want = P.pool(tables["f"], "fp32", idx, offs)
+        assert got.tobytes() == want.tobytes()
+        cache.check_invariants()
