@@ -115,6 +115,22 @@ class _Plan:
     slots: np.ndarray | None = None     # int32 per distinct index: cache slot, -1 for a miss
 
 
+@numba.njit(cache=True, nogil=True)
+def _locate(loc, miss, slot_key, uniq, stale):
+    """Turn the cache slots of a ``slots`` plan into pooling locations: miss i (in fetch order)
+    is ``-1 - i``; a hit whose slot no longer holds its row is listed in ``stale`` (positions in
+    ``uniq``). Returns how many are stale."""
+    for i in range(miss.shape[0]):
+        loc[miss[i]] = -1 - i
+    n = 0
+    for u in range(loc.shape[0]):
+        s = loc[u]
+        if s >= 0 and slot_key[s] != uniq[u]:
+            stale[n] = u
+            n += 1
+    return n
+
+
 _AUTO = object()
 
 
@@ -438,14 +454,13 @@ class EmbeddingStore:
         fetched = np.ascontiguousarray(fetched)
         loc = plan.slots
         miss = plan.miss
-        loc[miss] = -1 - np.arange(miss.size, dtype=np.int32)
         n_bags = plan.offsets.size - 1
         out = plan.out
         if out is None:
             out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
         with self._cache_locks[info.name]:
-            held = np.flatnonzero(loc >= 0)
-            stale = held[cache.slot_keys[loc[held]] != plan.uniq[held]] if held.size else held
+            stale = np.empty(loc.size, np.int64)
+            stale = stale[:_locate(loc, miss, cache.slot_keys, plan.uniq, stale)]
             if stale.size:  # rare: evicted or moved since the lookup, read them again
                 stale = stale[np.argsort(plan.uniq[stale], kind="stable")]
                 t0 = time.perf_counter()
