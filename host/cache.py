@@ -352,8 +352,17 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, prev, 
     psize = st[_PSIZE]
     hits = 0
     rb = w * values.itemsize
+    cap = prev.shape[0]
+    p2 = prev.reshape((cap, 1))        # 2-D views for the prefetch hint
+    n2 = nxt.reshape((cap, 1))
+    g2 = seg.reshape((cap, 1))
     for j in range(n):
         s = slots[j]
+        if j + _AHEAD < n and slots[j + _AHEAD] >= 0:   # the links relinked _AHEAD lookups later
+            sa = slots[j + _AHEAD]
+            _prefetch(p2, sa, 0)
+            _prefetch(n2, sa, 0)
+            _prefetch(g2, sa, 0)
         if copy:
             if j + _AHEAD < n and slots[j + _AHEAD] >= 0:   # the row copied _AHEAD lookups later
                 for off in range(0, rb, 64):
