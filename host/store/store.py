@@ -23,7 +23,9 @@ Pooled results follow :mod:`evssd.host.pooling` bit for bit on every path, cache
 the pipeline or not. Without a cache, a table in host memory is pooled straight from the table by
 one fused gather+pool kernel; a backend that pools (the EV-SSD) pools the bags it can; every
 other lookup deduplicates its indices (:mod:`.dedupe`), serves what the cache holds, reads each
-distinct miss once, admits the misses to the cache and pools the distinct rows. Every input is
+distinct miss once, admits the misses to the cache and pools the distinct rows; a pooled lookup
+through an EV-Cache takes the hits' cache slots instead of copying their rows and pools from the
+cache's row storage and the fetched misses in one kernel (:func:`evssd.host.pooling.pool_two_sources`). Every input is
 validated before any I/O; errors name the table, the argument and the position.
 """
 from __future__ import annotations
