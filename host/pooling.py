@@ -31,7 +31,8 @@ above, as FBGEMM does.
 float32 first); an empty bag gives zeros. Weights and mean do not combine.
 
 The kernels (numba, nogil) read straight from a table (``src[indices[k]]``, the fused
-gather+pool of the dram path) or from a deduplicated row matrix (``src[inverse[k]]``); they check
+gather+pool of the dram path), from a deduplicated row matrix (``src[inverse[k]]``) or from two
+row matrices, the cache's storage and the fetched misses (:func:`pool_two_sources`); they check
 every index and offset before writing anything. :func:`pool_rows` / :func:`pool_bags` are the
 device-style helpers the functional model and the gateware tests use; :func:`fp32_add_bits` and
 :func:`fp16_to_fp32_bits` are bit-level models of the gateware's ``Fp32Adder`` and ``Fp16ToFp32``
