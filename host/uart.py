@@ -179,25 +179,36 @@ class UartProtocol:
         self.link = link
         self.retries = retries
         self._tag = 0
-        self.stats = {"frames": 0, "retries": 0, "crc_errors": 0, "lost_responses": 0}
+        self.stats = {"frames": 0, "retries": 0, "crc_errors": 0, "lost_responses": 0,
+                      "stale_responses": 0}
 
     async def _exchange(self, op: int, addr: int, count: int, strb: int, data: bytes) -> Response:
         self._tag = (self._tag + 1) & 0xFF
         tag = self._tag
         await self.link.send(encode_request(op, tag, addr, count, strb, data))
         self.stats["frames"] += 1
-        # Skip bytes until a response SOF (line noise, the tail of an older response).
-        for _ in range(4 * MAX_WORDS + 16):
-            b = await self.link.recv(1)
-            if b[0] == SOF_RESPONSE:
+        # Skip bytes until a response SOF (line noise, the tail of an older response) whose tag
+        # and op are this request's. A whole response with another tag is stale: the answer to
+        # an earlier frame the board reported late (e.g. a TIMEOUT for a frame that paused on the
+        # line, after which the host had already resent it). It cannot be this request's answer,
+        # so it is skipped, not taken as a failure of this request.
+        budget = 4 * MAX_WORDS + 16
+        while True:
+            for _ in range(budget):
+                budget -= 1
+                b = await self.link.recv(1)
+                if b[0] == SOF_RESPONSE:
+                    break
+            else:
+                raise _Garbled(f"no response start byte in {4 * MAX_WORDS + 16} bytes (noisy line?)")
+            head = await self.link.recv(3)
+            r_op, r_tag, status = head
+            if r_tag == tag and r_op == (op & 0xFF):
                 break
-        else:
-            raise _Garbled(f"no response start byte in {4 * MAX_WORDS + 16} bytes (noisy line?)")
-        head = await self.link.recv(3)
-        r_op, r_tag, status = head
-        if r_tag != tag or r_op != (op & 0xFF):
-            await self.link.drain()
-            raise _Garbled(f"response tag/op {r_tag}/{r_op} for request {tag}/{op}")
+            self.stats["stale_responses"] += 1
+            budget -= 3
+            if budget <= 0:
+                raise _Garbled(f"response tag/op {r_tag}/{r_op} for request {tag}/{op}")
         if status != FrameStatus.OK:
             tail = await self.link.recv(1)
             if crc8(head) != tail[0]:

@@ -13,7 +13,7 @@ from evssd.host.device import Device
 from evssd.host.model import ModelTransport
 from evssd.host.transport import TransportError
 from evssd.host.uart import (BOARD_INFO_BASE, BOARD_MAGIC, SOF_RESPONSE, WINDOW_BASE, BridgeModel,
-                             ByteLink, LinkTimeoutError, Op, UartTransport)
+                             ByteLink, FrameStatus, LinkTimeoutError, Op, Response, UartTransport)
 
 PARAMS = Params(n_channels=2, page_size=1024, pages_per_channel=32, max_row_bytes=256)
 
@@ -133,6 +133,41 @@ def test_a_lost_write_response_is_reported_not_guessed():
     with pytest.raises(TransportError, match="may or may not have happened"):
         asyncio.run(write())
     assert board.bus_writes == before + 1  # sent once: a WRITE is never repeated blindly
+
+
+class StaleLink(FaultyLink):
+    """Every answer comes after a stale one: a late TIMEOUT for the previous tag (a frame that
+    paused on the line and was resent) and, before reads, an old READ answer with data."""
+
+    def __init__(self, board):
+        super().__init__(board)
+        self.stale_sent = 0
+
+    async def send(self, data):
+        before = len(self.rx)
+        await super().send(data)
+        if len(self.rx) == before:
+            return
+        op, tag = self.rx[before + 1], self.rx[before + 2]
+        old = (tag - 1) & 0xFF
+        stale = Response(op, old, FrameStatus.TIMEOUT).encode()
+        if op == Op.READ:
+            stale += Response(Op.READ, old, FrameStatus.OK, bytes(range(8)), 0).encode()
+        self.rx[before:before] = stale
+        self.stale_sent += 1 + (op == Op.READ)
+
+
+def test_stale_answers_to_earlier_frames_are_skipped():
+    board = FakeBoard()
+    link = StaleLink(board)
+    transport = UartTransport(link=link)
+    with Device.open(transport, sq_entries=8, cq_entries=8, timeout=5.0) as dev:
+        writes = board.bus_writes
+        _load_and_check(dev, np.random.default_rng(4))
+        assert board.bus_writes > writes
+    assert link.stale_sent > 50
+    assert transport.proto.stats["stale_responses"] == link.stale_sent
+    assert transport.proto.stats["retries"] == 0      # nothing was resent: the answers came
 
 
 def test_a_silent_board_gives_a_clear_error_after_the_retries():
