@@ -282,18 +282,21 @@ class UartTransport(Transport):
     ``UartTransport(port="/dev/ttyUSB0", baud=115200)`` opens pyserial; ``UartTransport(link=...)``
     runs over any :class:`ByteLink` (the cocotb bench). The constructor answers quickly: it pings
     the board and reads the board-info block, raising :class:`TransportError` when nothing
-    answers within ``timeout`` seconds. Call :meth:`connect` yourself when constructing inside a
+    answers within ``link_timeout`` seconds (the wait for each answer; named apart from
+    :meth:`Device.open`'s ``timeout``, the wait for a command, so both pass through
+    ``Device.open("uart", ...)``). Call :meth:`connect` yourself when constructing inside a
     running event loop (cocotb): ``await UartTransport.create(link=...)``.
     """
 
     name = "uart"
 
     def __init__(self, port: str | None = None, baud: int = 115200, *, link: ByteLink | None = None,
-                 timeout: float = 1.0, poll: float = 0.001, retries: int = 2, connect: bool = True):
+                 link_timeout: float = 1.0, poll: float = 0.001, retries: int = 2,
+                 connect: bool = True):
         if link is None:
             if port is None:
                 raise ValueError("UartTransport needs port= (e.g. /dev/ttyUSB0) or link=")
-            link = SerialLink(port, baud, timeout=timeout, poll=poll)
+            link = SerialLink(port, baud, timeout=link_timeout, poll=poll)
         self.link = link
         self.name = link.name
         self.proto = UartProtocol(link, retries=retries)

@@ -242,7 +242,7 @@ def test_a_noisy_or_stuck_line_ends_in_an_error_not_a_hang(kind):
 
     def connect():
         try:
-            UartTransport(port=line.port, baud=115200, timeout=0.3, retries=1)
+            UartTransport(port=line.port, baud=115200, link_timeout=0.3, retries=1)
             result["error"] = None
         except Exception as exc:  # reported below
             result["error"] = exc

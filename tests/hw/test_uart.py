@@ -397,6 +397,7 @@ class PtyBoard:
         tty.setraw(self.slave)
         self.port = os.ttyname(self.slave)
         self.answer = answer
+        self._kick = False
         self._stop = False
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -414,9 +415,12 @@ class PtyBoard:
 
     def _write(self, addr, value, strb):
         if addr < 0x1000:
-            resp = self.model.device.regs.write(addr, value, strb)
-            self.model.device.run()
-            return resp
+            # The board's bridge answers a register write as soon as the AXI write completes;
+            # the device works on the command afterwards. So the model runs after the answer
+            # went out (``_serve``), not inside it: a first run that compiles the model must
+            # not look like a lost answer.
+            self._kick = True
+            return self.model.device.regs.write(addr, value, strb)
         if BOARD_INFO_BASE <= addr < BOARD_INFO_BASE + 0x100:
             return 2
         if WINDOW_BASE <= addr < WINDOW_BASE + self.window_bytes:
@@ -442,6 +446,9 @@ class PtyBoard:
             out = self.bridge.feed(data)
             if out and self.answer:
                 os.write(self.master, out)
+            if self._kick:
+                self._kick = False
+                self.model.device.run()
 
     def close(self):
         self._stop = True
@@ -456,7 +463,7 @@ def test_uart_transport_over_pty_runs_the_driver():
     params = Params(n_channels=2, page_size=1024, pages_per_channel=32, max_row_bytes=256)
     board = PtyBoard(params)
     try:
-        dev = Device.open("uart", port=board.port, baud=115200, timeout=5.0, sq_entries=8, cq_entries=8)
+        dev = Device.open("uart", port=board.port, baud=115200, timeout=60.0, link_timeout=10.0, sq_entries=8, cq_entries=8)
         try:
             assert dev.params == params
             assert dev.transport.info["window_bytes"] == 16384
@@ -487,8 +494,8 @@ def test_uart_port_that_does_not_answer_times_out():
     try:
         t0 = time.monotonic()
         with pytest.raises(TransportError, match="no answer within 0.3 s"):
-            UartTransport(port=board.port, baud=115200, timeout=0.3, retries=0)
-        assert time.monotonic() - t0 < 3.0
+            UartTransport(port=board.port, baud=115200, link_timeout=0.3, retries=0)
+        assert time.monotonic() - t0 < 30.0  # a hang guard, not a timing check
     finally:
         board.close()
 
@@ -496,7 +503,7 @@ def test_uart_port_that_does_not_answer_times_out():
 def test_uart_bad_port_and_missing_pyserial(monkeypatch):
     pytest.importorskip("serial")
     with pytest.raises(TransportError, match="cannot open the serial port"):
-        UartTransport(port="/dev/evssd-no-such-port", timeout=0.2)
+        UartTransport(port="/dev/evssd-no-such-port", link_timeout=0.2)
     with pytest.raises(ValueError, match="needs port="):
         UartTransport()
     monkeypatch.setitem(sys.modules, "serial", None)
