@@ -687,9 +687,11 @@ class AsyncDevice:
             raise
         try:
             rows, row = handle.result_shape
-            result = np.frombuffer(await self.transport.mem_read(cmd.dst_addr, rows * row),
-                                   dtype=np.uint8).reshape(rows, row).copy() if rows else \
-                np.zeros((0, row), dtype=np.uint8)
+            # The caller owns the result: one copy out of host memory (whose buffer is freed
+            # below and reused by the next command), straight into it.
+            result = np.empty((rows, row), dtype=np.uint8)
+            if rows:
+                await self.transport.mem_readinto(cmd.dst_addr, result)
             self._check(cpl, cmd, result)
             return result
         finally:

@@ -436,11 +436,21 @@ class ModelTransport(Transport):
             raise ValueError(f"host write 0x{addr:x}+{len(data)} outside the window")
         self.host[off:off + len(data)] = data
 
-    async def mem_read(self, addr: int, nbytes: int) -> bytes:
+    def _window(self, addr: int, nbytes: int) -> int:
         off = addr - self.memory.base
         if off < 0 or off + nbytes > len(self.host):
             raise ValueError(f"host read 0x{addr:x}+{nbytes} outside the window")
+        return off
+
+    async def mem_read(self, addr: int, nbytes: int) -> bytes:
+        off = self._window(addr, nbytes)
         return self.device._host_np[off:off + nbytes].tobytes()
+
+    async def mem_readinto(self, addr: int, out) -> None:
+        # one copy from the model's host memory into the caller's buffer (no bytes in between)
+        dst = np.frombuffer(memoryview(out).cast("B"), np.uint8)
+        off = self._window(addr, dst.size)
+        dst[:] = self.device._host_np[off:off + dst.size]
 
     async def wait(self) -> None:
         # Commands run when the doorbell rings; nothing happens between polls.

@@ -91,6 +91,17 @@ class Transport(abc.ABC):
     async def mem_read(self, addr: int, nbytes: int) -> bytes:
         """Read host memory the device wrote."""
 
+    async def mem_readinto(self, addr: int, out) -> None:
+        """Read ``len(out)`` bytes of host memory at ``addr`` into ``out`` (a writable, C-contiguous
+        buffer: a ``bytearray``, a ``memoryview`` or a uint8 array the caller owns).
+
+        The driver reads results through this, so a backend whose host memory is in-process (the
+        model) copies once, straight into the caller's array. This default goes through
+        :meth:`mem_read`, so a link that must fetch the bytes (UART, cocotb) needs nothing more.
+        """
+        dst = memoryview(out).cast("B")
+        dst[:] = await self.mem_read(addr, dst.nbytes)
+
     @abc.abstractmethod
     async def wait(self) -> None:
         """Let the device run until something may have changed (an interrupt or a poll interval)."""
