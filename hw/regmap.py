@@ -504,12 +504,20 @@ class Params:
 
 
 def default_slots(params: Params) -> int:
-    """Reorder-buffer slots of the default build: the next power of two of twice the flash
-    ways (``ways * n_channels``), 8..64, so every page register can have a read in flight and
-    one queued behind it. Defined here (pure Python) because the device (``hw/device.py``) and
-    the host's timing model (``host/timing.py``) both size by it."""
-    want = max(8, 2 * params.ways * params.n_channels)
-    return min(1 << (want - 1).bit_length(), 64)
+    """Reorder-buffer slots of the default build: the next power of two of
+    ``max(8, 2 * ways * n_channels, 4 * n_channels**2)``, at most 256 (the merger's limit).
+
+    Lookups retire in request order, so the slots are a window over the request stream that
+    moves at the pace of its most loaded channel. ``2 * ways * n_channels`` lets every page
+    register have a read in flight and one queued; random lookups also need the window to hold
+    enough per channel (``4 * n_channels``) that the busiest channel's share of it stays close
+    to the mean. The rule is the smallest that reaches >= 90% of the flash bound for every 1..8
+    x 1..8 build at tR 1000 and 2500 (``evssd bench rtl --sweep``, docs/benchmarks.md). Defined
+    here (pure Python) because the device (``hw/device.py``) and the host's timing model
+    (``host/timing.py``) both size by it."""
+    c, w = params.n_channels, params.ways
+    want = max(8, 2 * w * c, 4 * c * c)
+    return min(1 << (want - 1).bit_length(), 256)
 
 
 def _content_hash() -> int:

@@ -8,6 +8,12 @@
 
 Writes ``results/bench_rtl/bench_rtl.json`` and ``.png`` through
 :func:`evssd.host.bench.common.write_results`.
+
+``--sweep``: sustained throughput of the default build (reorder-buffer slots from
+:func:`evssd.hw.regmap.default_slots`) for every channels x ways in ``--sweep-channels`` x
+``--sweep-ways`` and every tR in ``--sweep-t-r`` on the timing model (fast, an estimate), and on
+the RTL for the ``--rtl-configs`` subset (cycle-accurate; each is a Verilator build), the model
+next to it on the same lookups. Writes ``results/bench_rtl_sweep/bench_rtl_sweep.json`` + ``.png``.
 """
 from __future__ import annotations
 
@@ -19,7 +25,11 @@ import tempfile
 
 from evssd.host import cli_types as ct
 
-__all__ = ["add_arguments", "run", "bound"]
+__all__ = ["add_arguments", "run", "bound", "bench_params", "throughput_batches", "model_throughput",
+           "sweep", "DEFAULT_RTL_CONFIGS"]
+
+#: builds the sweep runs on the RTL: the corners and the diagonal of 1..8 x 1..8 (channels x ways)
+DEFAULT_RTL_CONFIGS = "1x1,1x8,8x1,2x2,4x4,8x8,4x2,2x8"
 
 
 def add_arguments(parser):
@@ -38,6 +48,208 @@ def add_arguments(parser):
                         help="reorder-buffer slots (default: hw.regmap.default_slots)")
     parser.add_argument("--seed", type=ct.nonneg_int, default=1)
     parser.add_argument("--quick", action="store_true", help="small sweep (CI smoke run)")
+    sw = parser.add_argument_group("sweep of the default build's throughput (--sweep)")
+    sw.add_argument("--sweep", action="store_true",
+                    help="channels x ways x tR on the model, a subset on the RTL (see --rtl-configs)")
+    sw.add_argument("--sweep-channels", type=ct.int_list(), default="1,2,3,4,5,6,7,8",
+                    help="channel counts of the sweep (default 1..8)")
+    sw.add_argument("--sweep-ways", type=ct.int_list(), default="1,2,3,4,5,6,7,8",
+                    help="ways of the sweep (default 1..8)")
+    sw.add_argument("--sweep-t-r", type=ct.int_list(), default="1000,2500", help="tR values (default 1000,2500)")
+    sw.add_argument("--sweep-lookups", type=ct.positive_int, default=1024,
+                    help="lookups per gather of the sweep, --inflight in flight (default 1024: 4,096 "
+                         "lookups, so the ramp and the drain of the reorder window weigh little)")
+    sw.add_argument("--rtl-configs", type=_configs, default=DEFAULT_RTL_CONFIGS,
+                    help=f"CxW builds also run on the RTL, or 'none' (default {DEFAULT_RTL_CONFIGS})")
+
+
+def _configs(text: str) -> list[tuple[int, int]]:
+    """``"1x1,8x8"`` -> [(1, 1), (8, 8)]; ``"none"`` -> []."""
+    if text.strip().lower() == "none":
+        return []
+    out = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise ValueError(f"--rtl-configs: {item.strip()!r} is not CHANNELSxWAYS (e.g. 4x4)")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+_configs.__name__ = "a CxW list"   # argparse names the type in its error message
+
+
+def bench_params(channels: int, ways: int, *, host_bits: int = 256, ch_bits: int = 64,
+                 page_size: int = 4096, pages: int = 64):
+    """The build every `evssd bench rtl` run measures (one definition for the RTL and the sweep)."""
+    from evssd.hw.regmap import Params
+    return Params(n_channels=channels, ways=ways, host_data_bits=host_bits, ch_data_bits=ch_bits,
+                  page_size=page_size, pages_per_channel=pages, max_tables=2, max_extents=2,
+                  max_row_bytes=min(512, page_size))
+
+
+def throughput_batches(n_rows: int, lookups: int, inflight: int, seed: int) -> list:
+    """The ``inflight`` gathers of ``lookups`` random rows of the throughput measurement, the
+    same on the RTL (``tb_bench_rtl``) and in the model sweep."""
+    import numpy as np
+    rng = np.random.default_rng([seed, lookups, inflight])
+    return [rng.integers(0, n_rows, lookups) for _ in range(inflight)]
+
+
+def model_throughput(params, *, t_r: int, row_bytes: int = 64, lookups: int = 512, inflight: int = 4,
+                     seed: int = 1, n_slots: int | None = None) -> dict:
+    """The timing model's estimate of the throughput measurement (``inflight`` gathers submitted
+    together, then finished) on a fresh model of ``params``: lookups, cycles, lookups/cycle."""
+    import asyncio
+
+    from evssd.host.device import AsyncDevice
+    from evssd.host.model import ModelTransport
+
+    n_rows = params.total_pages * (params.page_size // row_bytes)
+
+    async def main():
+        dev = await AsyncDevice.open(ModelTransport(params, host_memory_bytes=16 << 20, n_slots=n_slots),
+                                     sq_entries=16, cq_entries=16)
+        try:
+            await dev.set_timing(t_r=t_r)
+            await dev.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
+            c0 = (await dev.counters())["cycles"]
+            handles = [await dev.submit_gather(0, idx)
+                       for idx in throughput_batches(n_rows, lookups, inflight, seed)]
+            for h in handles:
+                await dev.finish(h)
+            return (await dev.counters())["cycles"] - c0
+        finally:
+            await dev.close()
+
+    cycles = asyncio.run(main())
+    return {"lookups": lookups * inflight, "cycles": cycles, "lookups_per_cycle": lookups * inflight / cycles}
+
+
+def _run_rtl(params, cfg: dict, n_slots: int) -> dict:
+    """Run ``tb_bench_rtl`` on the build of ``params`` with ``n_slots``; returns its report."""
+    from evssd.sim import runner
+    with tempfile.TemporaryDirectory() as tmp:
+        report_path = os.path.join(tmp, "report.json")
+        runner.run("evssd.sim.tb_bench_rtl", "device", params, quiet=True,
+                   extra_env={"EVSSD_BENCH_RTL": json.dumps(cfg), "EVSSD_BENCH_RTL_REPORT": report_path},
+                   n_slots=n_slots)
+        with open(report_path) as fh:
+            return json.load(fh)
+
+
+def sweep(channels, ways, t_rs, rtl_configs, *, row_bytes: int = 64, lookups: int = 1024,
+          inflight: int = 4, seed: int = 1, log=print, on_progress=None) -> dict:
+    """Throughput of the default build (:func:`evssd.hw.regmap.default_slots`) as a fraction of
+    :func:`bound`: every channels x ways x tR on the model, ``rtl_configs`` on the RTL too.
+    ``on_progress(report)`` is called after the model part and after each RTL run (an RTL build
+    takes minutes: the caller can save what is done)."""
+    from evssd.hw.regmap import default_slots
+
+    report = {"row_bytes": row_bytes, "lookups": lookups, "inflight": inflight, "seed": seed,
+              "t_r": list(t_rs), "model": [], "rtl": []}
+    for c in channels:
+        for w in ways:
+            params = bench_params(c, w)
+            for t_r in t_rs:
+                m = model_throughput(params, t_r=t_r, row_bytes=row_bytes, lookups=lookups,
+                                     inflight=inflight, seed=seed)
+                b = bound(params, row_bytes, t_r)["bound"]
+                report["model"].append({"channels": c, "ways": w, "t_r": t_r, "n_slots": default_slots(params),
+                                        "bound": b, "fraction_of_bound": m["lookups_per_cycle"] / b, **m})
+    if on_progress:
+        on_progress(report)
+    for c, w in rtl_configs:
+        params = bench_params(c, w)
+        n_slots = default_slots(params)
+        for t_r in t_rs:
+            log(f"RTL {c}x{w} tR {t_r} ({n_slots} slots)...")
+            cfg = {"t_r": t_r, "row_bytes": row_bytes, "seed": seed, "inflight": inflight,
+                   "throughput_sizes": [lookups], "amp_lookups": 0, "latency_sizes": [],
+                   "latency_batches": 0}
+            tp = _run_rtl(params, cfg, n_slots)["throughput"][0]
+            b = bound(params, row_bytes, t_r)["bound"]
+            row = {"channels": c, "ways": w, "t_r": t_r, "n_slots": n_slots, "bound": b,
+                   "lookups": tp["lookups"], "cycles": tp["cycles"], "lookups_per_cycle": tp["lookups_per_cycle"],
+                   "fraction_of_bound": tp["lookups_per_cycle"] / b, "model_cycles": tp["model_cycles"],
+                   "model_over_rtl": tp["model_over_rtl"]}
+            report["rtl"].append(row)
+            log(f"  {row['fraction_of_bound']:.1%} of bound, model/RTL cycles {row['model_over_rtl']:.3f}")
+            if on_progress:
+                on_progress(report)
+    return report
+
+
+def _sweep_figure(report):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    t_rs = report["t_r"]
+    chans = sorted({r["channels"] for r in report["model"]})
+    ways = sorted({r["ways"] for r in report["model"]})
+    fig, axes = plt.subplots(1, len(t_rs) + 1, figsize=(5 * (len(t_rs) + 1), 4.2))
+    for ax, t_r in zip(axes, t_rs):
+        grid = np.full((len(chans), len(ways)), np.nan)
+        for r in report["model"]:
+            if r["t_r"] == t_r:
+                grid[chans.index(r["channels"]), ways.index(r["ways"])] = r["fraction_of_bound"]
+        im = ax.imshow(grid, vmin=0.5, vmax=1.05, cmap="viridis", origin="lower")
+        for i in range(len(chans)):
+            for j in range(len(ways)):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="w" if grid[i, j] < 0.8 else "k")
+        for r in report["rtl"]:
+            if r["t_r"] == t_r:
+                ax.add_patch(plt.Rectangle((ways.index(r["ways"]) - 0.5, chans.index(r["channels"]) - 0.5),
+                                           1, 1, fill=False, ec="r", lw=1.5))
+        ax.set_xticks(range(len(ways)), ways)
+        ax.set_yticks(range(len(chans)), chans)
+        ax.set_xlabel("ways")
+        ax.set_ylabel("channels")
+        ax.set_title(f"model: fraction of bound, tR={t_r}\n(red: also on the RTL)")
+    fig.colorbar(im, ax=axes[:len(t_rs)], shrink=0.8)
+    ax = axes[-1]
+    rtl = report["rtl"]
+    if rtl:
+        labels = [f"{r['channels']}x{r['ways']}\ntR{r['t_r']}" for r in rtl]
+        x = np.arange(len(rtl))
+        ax.bar(x - 0.2, [r["fraction_of_bound"] for r in rtl], 0.4, label="RTL (cycle-accurate)")
+        ax.bar(x + 0.2, [r["fraction_of_bound"] / r["model_over_rtl"] for r in rtl], 0.4,
+               label="model (estimate)")
+        ax.axhline(0.9, color="r", ls="--", label="90% of bound")
+        ax.set_xticks(x, labels, fontsize=6)
+        ax.set_ylabel("fraction of bound")
+        ax.legend(fontsize=7)
+    ax.set_title("default build: RTL vs model")
+    return fig
+
+
+def _run_sweep(args) -> int:
+    from evssd.host.bench.common import write_results
+    chans = [int(x) for x in args.sweep_channels.split(",")]
+    ways = [int(x) for x in args.sweep_ways.split(",")]
+    t_rs = [int(x) for x in args.sweep_t_r.split(",")]
+    command = " ".join(sys.argv)
+    report = sweep(chans, ways, t_rs, args.rtl_configs, row_bytes=args.row_bytes, lookups=args.sweep_lookups,
+                   inflight=args.inflight, seed=args.seed, log=lambda m: print(m, file=sys.stderr),
+                   on_progress=lambda r: write_results("bench_rtl_sweep", r, command=command))
+    fig = None
+    try:
+        fig = _sweep_figure(report)
+    except ImportError:
+        pass
+    path = write_results("bench_rtl_sweep", report, fig, command=command)
+    worst = min(report["model"], key=lambda r: r["fraction_of_bound"])
+    print(f"model: {len(report['model'])} builds x tR; worst {worst['fraction_of_bound']:.1%} of bound at "
+          f"{worst['channels']}x{worst['ways']} tR {worst['t_r']} ({worst['n_slots']} slots)")
+    for r in report["rtl"]:
+        print(f"RTL {r['channels']}x{r['ways']} tR {r['t_r']} ({r['n_slots']} slots): "
+              f"{r['lookups_per_cycle']:.4f} lookups/cycle = {r['fraction_of_bound']:.1%} of bound; "
+              f"model/RTL cycles {r['model_over_rtl']:.3f}")
+    print(f"wrote {path}")
+    return 0
 
 
 def bound(params, row_bytes: int, t_r: int) -> dict:
@@ -55,31 +267,23 @@ def bound(params, row_bytes: int, t_r: int) -> dict:
 
 
 def run(args) -> int:
+    if args.sweep:
+        return _run_sweep(args)
     from evssd.host.bench.common import write_results
-    from evssd.hw.regmap import Params
-    from evssd.sim import runner
+    from evssd.hw.regmap import default_slots
 
-    params = Params(n_channels=args.channels, ways=args.ways, host_data_bits=args.host_bits,
-                    ch_data_bits=args.ch_bits, page_size=args.page_size,
-                    pages_per_channel=args.pages, max_tables=2, max_extents=2,
-                    max_row_bytes=min(512, args.page_size))
+    params = bench_params(args.channels, args.ways, host_bits=args.host_bits, ch_bits=args.ch_bits,
+                          page_size=args.page_size, pages=args.pages)
     sizes = [int(s) for s in args.sizes.split(",")]
     cfg = {"t_r": args.t_r, "row_bytes": args.row_bytes, "seed": args.seed,
            "inflight": args.inflight, "throughput_sizes": [256, 512],
            "amp_lookups": 64, "latency_sizes": sizes, "latency_batches": args.batches}
     if args.quick:
         cfg.update(throughput_sizes=[64], amp_lookups=16, latency_sizes=sizes[:1], latency_batches=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        report_path = os.path.join(tmp, "report.json")
-        top_args = {} if args.slots is None else {"n_slots": args.slots}
-        print("building/running the EV-SSD in Verilator (build log: build/sim/*/build.log)...", file=sys.stderr)
-        runner.run("evssd.sim.tb_bench_rtl", "device", params, quiet=True,
-                   extra_env={"EVSSD_BENCH_RTL": json.dumps(cfg), "EVSSD_BENCH_RTL_REPORT": report_path},
-                   **top_args)
-        with open(report_path) as fh:
-            report = json.load(fh)
-    from evssd.hw.regmap import default_slots
-    report["n_slots"] = args.slots or default_slots(params)
+    n_slots = args.slots or default_slots(params)
+    print("building/running the EV-SSD in Verilator (build log: build/sim/*/build.log)...", file=sys.stderr)
+    report = _run_rtl(params, cfg, n_slots)
+    report["n_slots"] = n_slots
     report["bound"] = bound(params, args.row_bytes, args.t_r)
     for row in report["throughput"]:
         row["fraction_of_bound"] = row["lookups_per_cycle"] / report["bound"]["bound"]
