@@ -344,9 +344,13 @@ class DeviceModel:
             code = pool_into(kernel_source(src, el), el, row_numbers, good_offsets, sums)
             if code != -1:  # cannot happen: every row number and offset is built above
                 raise AssertionError(describe_error(code, row_numbers, good_offsets, src.shape[0]))
-        unit_ends = offsets[1:] - 1 if pooled else np.arange(cmd.count)
-        self.timing.lookups(chs, pages, offset, table.row_bytes,
-                            result_schedule(ok_pos, unit_ends, out_row), self.regs.fields["ctrl_block_mode"])
+        if pooled or n_bad:
+            unit_ends = offsets[1:] - 1 if pooled else np.arange(cmd.count)
+            out_after = result_schedule(ok_pos, unit_ends, out_row)
+        else:   # every GATHER row is ready when its own lookup retires: result_schedule's answer
+            out_after = np.full(m + 1, out_row, np.int64)
+            out_after[0] = 0
+        self.timing.lookups(chs, pages, offset, table.row_bytes, out_after, self.regs.fields["ctrl_block_mode"])
         self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + (hi - lo)) & 0xFFFF_FFFF
         if dst_error is not None:
             raise dst_error

@@ -114,3 +114,29 @@ def test_prefetching_gather_matches_a_dense_reference():
             want = padded[lbas[k] - 100, offs[k]:offs[k] + row_bytes]
             assert np.array_equal(out[pos[k]], want), (row_bytes, k)
         assert (out[0] == 0xAA).all()
+
+
+
+def test_gather_without_bad_lookups_times_like_result_schedule():
+    """The model skips :func:`result_schedule` for a GATHER without bad lookups (every row is
+    ready when its own lookup retires); its cycles must be those of the full rule."""
+    from evssd.host.model import translate_many
+    from evssd.host.timing import TimingModel, result_schedule
+
+    async def main():
+        t = ModelTransport(n_channels=3, ways=2, page_size=512, max_row_bytes=256, pages_per_channel=64)
+        dev = await AsyncDevice.open(t)
+        await dev.configure_table(0, 64, "fp32", [(0, 3 * 64 * 8, 0)])
+        idx = np.random.default_rng(4).integers(0, 3 * 64 * 8, 500)
+        c0 = (await dev.counters())["cycles"]
+        await dev.gather(0, idx)
+        cycles = (await dev.counters())["cycles"] - c0
+        st, lba, off = translate_many(idx, t.device.tables[0], t.params.total_pages)
+        assert not st.any()
+        ref = TimingModel(t.params, t_r=t.device.timing.t_r)
+        ref.cycles = ref.engine_free = c0
+        ref.lookups(lba % 3, lba // 3, off, 64, result_schedule(np.arange(500), np.arange(500), 64), False)
+        assert cycles == ref.cycles - c0 > 500
+        await dev.close()
+
+    asyncio.run(main())
