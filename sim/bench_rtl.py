@@ -96,7 +96,7 @@ def throughput_batches(n_rows: int, lookups: int, inflight: int, seed: int) -> l
     return [rng.integers(0, n_rows, lookups) for _ in range(inflight)]
 
 
-def model_throughput(params, *, t_r: int, row_bytes: int = 64, lookups: int = 512, inflight: int = 4,
+def model_throughput(params, *, t_r: int, row_bytes: int = 64, lookups: int = 1024, inflight: int = 4,
                      seed: int = 1, n_slots: int | None = None) -> dict:
     """The timing model's estimate of the throughput measurement (``inflight`` gathers submitted
     together, then finished) on a fresh model of ``params``: lookups, cycles, lookups/cycle."""
@@ -189,7 +189,10 @@ def _sweep_figure(report):
     t_rs = report["t_r"]
     chans = sorted({r["channels"] for r in report["model"]})
     ways = sorted({r["ways"] for r in report["model"]})
-    fig, axes = plt.subplots(1, len(t_rs) + 1, figsize=(5 * (len(t_rs) + 1), 4.2))
+    rtl = report["rtl"]
+    n_axes = len(t_rs) + bool(rtl)          # an RTL panel only when the sweep ran the RTL
+    fig, axes = plt.subplots(1, n_axes, figsize=(5 * n_axes, 4.2), squeeze=False)
+    axes = axes[0]
     for ax, t_r in zip(axes, t_rs):
         grid = np.full((len(chans), len(ways)), np.nan)
         for r in report["model"]:
@@ -208,11 +211,10 @@ def _sweep_figure(report):
         ax.set_yticks(range(len(chans)), chans)
         ax.set_xlabel("ways")
         ax.set_ylabel("channels")
-        ax.set_title(f"model: fraction of bound, tR={t_r}\n(red: also on the RTL)")
+        ax.set_title(f"model: fraction of bound, tR={t_r}" + ("\n(red: also on the RTL)" if rtl else ""))
     fig.colorbar(im, ax=axes[:len(t_rs)], shrink=0.8)
-    ax = axes[-1]
-    rtl = report["rtl"]
     if rtl:
+        ax = axes[-1]
         labels = [f"{r['channels']}x{r['ways']}\ntR{r['t_r']}" for r in rtl]
         x = np.arange(len(rtl))
         ax.bar(x - 0.2, [r["fraction_of_bound"] for r in rtl], 0.4, label="RTL (cycle-accurate)")
@@ -222,7 +224,7 @@ def _sweep_figure(report):
         ax.set_xticks(x, labels, fontsize=6)
         ax.set_ylabel("fraction of bound")
         ax.legend(fontsize=7)
-    ax.set_title("default build: RTL vs model")
+        ax.set_title("default build: RTL vs model")
     return fig
 
 
