@@ -94,9 +94,9 @@ _SKETCH_BYTES_PER_ENTRY = 8       # 16 four-bit counters per cached row (Caffein
 _SKETCH_SAMPLE_PER_ENTRY = 10     # halve the sketch after 10 x capacity counted keys
 # CLOCK reference counter ceiling per admission mode: a hit adds one up to this, a sweep of the
 # hand takes one off. 1 is classic second chance (the filter mode's LRU approximation); the
-# sketch mode's 3 lets a row reused several times survive that many sweeps, the role the
+# sketch mode's 7 lets a row reused several times survive that many sweeps, the role the
 # protected segment of a segmented LRU plays.
-_REF_MAX = {"sketch": 3, "filter": 1}
+_REF_MAX = {"sketch": 7, "filter": 1}
 ADMISSION_POLICIES = ("sketch", "filter")
 
 

@@ -16,7 +16,7 @@ from evssd.host.store import EmbeddingStore, RowwiseInt8
 
 def _state(cache: EVCache) -> tuple:
     n = len(cache)
-    return (cache.stats, cache.keys_mru().tolist(), cache.keys_protected().tolist(),
+    return (cache.stats, cache.keys_clock().tolist(), cache._ref.tolist(),
             cache._slot_key.tolist(), cache.values[:n].tobytes(), cache._counters.tobytes(),
             cache._sketch.tobytes(), cache._st.tolist())
 
