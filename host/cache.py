@@ -20,48 +20,52 @@ costs one call and no Python-level per-key work:
   passed the filter replaces the victim only if its estimate is strictly higher;
   otherwise it is counted as ``rejected_by_sketch`` and the victim stays (TinyLFU's rule: a row
   that is not more popular than what it would evict is not worth a write).
-* **Segmented LRU.** Row index -> cache slot through Robin Hood open addressing (linear probing;
+* **CLOCK.** Row index -> cache slot through Robin Hood open addressing (linear probing;
   a resident's probe distance is recomputed from its key; lookups stop early once they are
   further from home than the resident; deletion by backward shift, so there are no tombstones).
-  Recency: circular doubly linked lists in two ``int32`` arrays (``prev``/``next``), one per
-  segment. In sketch mode a new row enters *probation*; a hit there promotes it to *protected*
-  (at most 80% of the rows; over quota, protected's LRU moves back to probation's MRU); the
-  victim is probation's LRU. So a row that has been reused while cached is not pushed out by a
-  stream of newcomers that each passed the filter once. In ``"filter"`` mode there is only
-  probation: a plain LRU behind the 2-bit filter, the FlashEmbedding design as published. Rows
-  live in a preallocated ``values[capacity, dim]`` array; the kernels move them as 8/4/2/1-byte
-  words, so any table dtype works (fp32, fp16, int8, int32, ...).
+  Recency: one ``uint8`` reference counter per slot and a hand. A hit adds one to its slot's
+  counter, saturating at ``ref_max`` (7 in sketch mode, 1 -- classic second chance -- in filter
+  mode): one byte store to a slot the probe just found, independent of every other key, so a
+  batch's hits overlap in the CPU (a linked LRU list relinks each hit through its neighbours'
+  links, dependent loads that cannot be prefetched: ~60 ns per hit with a cold CPU cache). When a
+  full cache needs a victim, the hand walks the slots in order, taking one off each non-zero
+  counter, and stops at the first zero; a newcomer starts at 0 right behind the hand, so it has a
+  full turn to be reused. A row hit k times survives up to k sweeps (the protected segment's job
+  in a segmented LRU). Rows live in a preallocated ``values[capacity, dim]`` array; the kernels
+  move them as 8/4/2/1-byte words, so any table dtype works (fp32, fp16, int8, int32, ...).
 
 Why the sketch is the default: at equal rows it beats the plain 2-bit filter and W-TinyLFU
-(``theine``) on the Meta-calibrated trace at 0.5-2% and on Zipf and shifting-hot-set traces
-(``evssd bench cache``, docs/benchmarks.md); the filter alone admits anything seen twice and
-evicts by recency only, which loses hot rows to bursts of lukewarm ones at small budgets.
+(``theine``) on the Meta-calibrated trace at 1-2% and on the shifting-hot-set trace and is
+within its run-to-run spread elsewhere (``evssd bench cache``, docs/benchmarks.md); the filter
+alone admits anything seen twice and evicts by recency only, which loses hot rows to bursts of
+lukewarm ones at small budgets.
 
 Memory per entry (counted against the budget)::
 
     row_bytes                      the cached row (dim * itemsize)
-    + 17                           prev int32, next int32, slot->row key int64, segment uint8
+    + 9                            slot->row key int64, reference counter uint8
     + 8 / load_factor              hash slots per entry * (row index | slot, packed in one int64)
     + 8                            the sketch (sketch mode only; whole 64-byte blocks)
 
 plus ``ceil(n_rows / 4)`` bytes of admission counters and a small fixed part, both also charged
-to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 35`` bytes per entry in
-sketch mode (``+ 27`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
-88% (90%) as many rows as a budget of raw rows, minus what the counters take.
+to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 27`` bytes per entry in
+sketch mode (``+ 19`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
+90% (93%) as many rows as a budget of raw rows, minus what the counters take.
 
 Semantics, exactly (the test suite checks them against a pure-Python reference):
 
 * ``lookup(indices, out)`` walks the batch in order; for each index: bump its counter and (sketch
   mode) its sketch counters, halving the sketch when the sample is full; if cached, copy the row
-  into ``out[j]``, count a hit and update recency (protected: make it MRU; probation: promote it,
-  or in filter mode make it MRU); else count a miss. A row missing twice in one batch is two
-  misses (nothing is inserted by a lookup).
+  into ``out[j]``, count a hit and add one to its slot's reference counter (up to ``ref_max``);
+  else count a miss. A row missing twice in one batch is two misses (nothing is inserted by a
+  lookup).
 * ``admit(indices, rows)`` walks the batch in order; a row already cached is skipped (a duplicate
   in the batch, or admitted earlier); while the cache has a free slot, sketch mode inserts the row;
   otherwise a row whose counter is below the threshold is rejected; if the cache is full, the
-  victim is probation's LRU (protected's if probation is empty) and in sketch mode a candidate no
-  more frequent than the victim is rejected; otherwise the row goes in as probation's MRU,
-  evicting the victim.
+  hand sweeps to the victim (decrementing the counters it passes) and in sketch mode a candidate
+  no more frequent than the victim is rejected (the hand stays on the victim); otherwise the row
+  takes the victim's slot with counter 0 and the hand moves one slot on. ``invalidate`` moves
+  the last used slot into the freed one (slots stay dense) and puts a hand past the end at 0.
 
 Thread safety: the kernels release the GIL and each public call holds a per-instance lock, so
 calls from several threads serialise per table and different tables run in parallel.
@@ -477,8 +481,8 @@ class EVCache:
     ``decay_interval``: age the counters after this many looked-up keys (None: never).
     ``load_factor``: maximum fill of the Robin Hood table, in (0, 0.95].
     ``admission``: ``"sketch"`` (default: the 2-bit filter, then the frequency sketch compares the
-    candidate with the victim of a segmented LRU) or ``"filter"`` (the 2-bit filter over a plain
-    LRU, the published design). The sketch costs 8 bytes per row, charged to the budget.
+    candidate with the CLOCK victim) or ``"filter"`` (the 2-bit filter over CLOCK with one
+    reference bit, the published design's LRU approximated by second chance). The sketch costs 8 bytes per row, charged to the budget.
     """
 
     def __init__(self, n_rows: int, dim: int, dtype=np.float32, *, capacity: int | None = None,
@@ -692,8 +696,8 @@ class EVCache:
 
         ``rows[j]`` is the row of ``indices[j]``, shape ``(len(indices), dim)``, table dtype.
         Rows already cached (duplicates in the batch included) are skipped; rows whose counter
-        is below ``admit_threshold`` are rejected and counted; the rest go in as MRU, evicting
-        the LRU row when full.
+        is below ``admit_threshold`` are rejected and counted; the rest take a free slot or, when
+        full, the CLOCK victim's (see the module docstring).
         """
         keys = self._keys(indices, "admit")
         n = keys.shape[0]
@@ -833,11 +837,12 @@ class EVCache:
     # -- debug
 
     def check_invariants(self) -> None:
-        """Raise ``AssertionError`` unless the hash table, the list and the slots agree.
+        """Raise ``AssertionError`` unless the hash table, the slots and the CLOCK agree.
 
         Robin Hood: along the probe sequence a slot after an empty one has distance 0 and
-        distances grow by at most one per step; every resident is found by a lookup. List: ``size`` nodes, a single cycle through
-        the head, ``prev``/``next`` mutually inverse. Slots: ``0..size-1`` are used, each once.
+        distances grow by at most one per step; every resident is found by a lookup. Slots:
+        ``0..size-1`` are used, each once, the rest free (key -1, counter 0). CLOCK: the hand
+        is on a used slot (0 when empty), no counter above ``ref_max``.
         """
         m = self._htab.shape[0]
         mask = (1 << self._kb) - 1
