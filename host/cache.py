@@ -269,6 +269,7 @@ def _sketch_halve(sketch):
 
 _NO_HIT = np.zeros(0, dtype=np.bool_)
 _AHEAD = 8  # lookups between a prefetch hint and its use (as the pooling kernels)
+_SKETCH_PREFETCH_BYTES = 256 * 1024  # prefetch sketch blocks when the sketch exceeds this (~L2)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -309,8 +310,16 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
         c = counters[b]
         counters[b] = c + np.uint8((((c >> sh) & 3) != 3) << sh)   # saturating, branch-free
     if sketch.shape[0] > 0:
+        nb = sketch.shape[0] >> 3
+        s2 = sketch.reshape((nb, 8))   # one row per 64-byte block, for the prefetch hint
         adds = st[_SKETCH_ADDS]
+        # a sketch beyond the L2 cache: hint the block of the key _AHEAD on (one more hash per
+        # key; for a small sketch that is pure cost)
+        hint = sketch.shape[0] * 8 > _SKETCH_PREFETCH_BYTES
         for j in range(n):
+            if hint and j + _AHEAD < n:
+                base, _ = _sketch_cells(keys[j + _AHEAD], nb)
+                _prefetch(s2, base >> 3, 0)
             _sketch_increment(keys[j], sketch)
             adds += 1
             if adds >= sample:     # aging: halve every counter once `sample` keys were counted
