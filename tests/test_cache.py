@@ -545,3 +545,64 @@ def test_threads_share_one_cache_safely():
     assert s["hits"] + s["misses"] == s["lookups"] == 3 * 200 * 64
     assert s["admissions"] - s["evictions"] == s["size"] == 300
     cache.check_invariants()
+
+
+def test_no_memory_growth_across_batches():
+    """Per-batch work allocates only what the call returns: after a warm-up, 300 more batches of
+    lookups, admissions and invalidations leave traced memory where it was (within 64 KiB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    n_rows, dim = 20_000, 16
+    table = _table(n_rows, dim, np.float32)
+    cache = EVCache(n_rows, dim, np.float32, capacity=500)
+    out = np.zeros((512, dim), np.float32)
+    slots = np.empty(512, np.int32)
+
+    def batch():
+        keys = np.minimum(rng.zipf(1.2, 512), n_rows) - 1
+        hit = cache.lookup(keys, out)
+        cache.admit(keys[~hit], table[keys[~hit]])
+        cache.lookup_slots(keys, slots)
+        cache.invalidate(keys[:2])
+
+    for _ in range(50):
+        batch()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(300):
+            batch()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024, (before, after)
+    assert cache.stats["lookups"] == 2 * 350 * 512
+    cache.check_invariants()
+
+
+@pytest.mark.parametrize("admission", ["sketch", "filter"])
+@pytest.mark.parametrize("capacity", [1, 3, 16])
+@pytest.mark.parametrize("threshold", [0, 2])
+def test_back_to_back_batches_match_reference(admission, capacity, threshold):
+    """Deterministic companion of the property test: capacity 1 and small caches kept full by
+    batches with many duplicates, lookup then admit, batch after batch, in every admission mode;
+    kernels and reference agree after every batch (hits, slots, hand, references, counts)."""
+    rng = np.random.default_rng(capacity * 10 + threshold)
+    n_rows, dim = 60, 2
+    keyspace = np.arange(n_rows)
+    cache = EVCache(n_rows, dim, np.int32, capacity=capacity, admit_threshold=threshold,
+                    admission=admission)
+    ref = ReferenceCache(n_rows, capacity, threshold, None, admission)
+    for step in range(40):
+        keys = rng.zipf(1.4, 32) % n_rows if step % 2 else rng.integers(0, 3 * capacity + 2, 32)
+        rows = np.stack([keys, keys + 1], axis=1).astype(np.int32)
+        out = np.zeros((32, dim), np.int32)
+        hit = cache.lookup(keys, out)
+        rhit, _ = ref.lookup(keys)
+        assert hit.tolist() == rhit.tolist()
+        assert np.array_equal(out[hit], rows[hit])
+        cache.admit(keys[~hit], rows[~hit])
+        ref.admit(keys[~hit], rows[~hit])
+        _compare(cache, ref, keyspace)
+    assert len(cache) == capacity and cache.stats["evictions"] > 0
