@@ -88,8 +88,8 @@ DTYPE_ALIASES = {**{n: el.storage.type for n, el in DEVICE_ELEMS.items()},  # ho
 
 # state vector layout (int64): mutable scalars shared with the kernels
 (_HAND, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS,
- _REJECTED_SKETCH, _SKETCH_ADDS) = range(11)
-_N_STATE = 11
+ _REJECTED_SKETCH, _SKETCH_ADDS, _EPOCH) = range(12)
+_N_STATE = 12
 
 _EMPTY = np.int64(-1)
 _HASH_SLOT_BYTES = 8              # row index | cache slot << kb, one int64
@@ -392,6 +392,7 @@ def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, ref, slot_key
                 continue           # the victim is at least as frequent: keep it (hand stays)
             _delete_at(_find(slot_key[s], htab, kb), htab, kb)
             st[_EVICTIONS] += 1
+            st[_EPOCH] += 1        # a slot now holds another row
             hand += 1              # the newcomer is the last the hand reaches
             if hand == cap:
                 hand = 0
@@ -423,6 +424,7 @@ def _invalidate_kernel(keys, n_rows, htab, kb, values, ref, slot_key, st):
         s = htab[pos] >> kb
         _delete_at(pos, htab, kb)
         removed += 1
+        st[_EPOCH] += 1
         last = size - 1
         size -= 1
         if s != last:              # keep slots dense: move the last slot into the hole
@@ -694,6 +696,14 @@ class EVCache:
         return self._lock
 
     @property
+    def epoch(self) -> int:
+        """Counts the events that change which row a used slot holds (an eviction, an
+        invalidation, :meth:`clear`); lookups and admissions into free slots leave it alone. A
+        caller that read it before :meth:`lookup_slots` and reads the same value later knows
+        every slot it got still holds its row, without checking :attr:`slot_keys`."""
+        return int(self._st[_EPOCH])
+
+    @property
     def slot_keys(self) -> np.ndarray:
         """The row index each slot holds (-1: free), read-only view (to check slots)."""
         v = self._slot_key.view()
@@ -771,6 +781,7 @@ class EVCache:
             self._clear()
 
     def _clear(self) -> None:
+        self._st[_EPOCH] += 1
         self._htab.fill(-1)
         self._sketch.fill(0)
         self._st[_SKETCH_ADDS] = 0
