@@ -303,7 +303,10 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
             s = np.int32(-1)
         slots[j] = s
     # (counters and sketch in separate loops: one fused loop measured slower)
+    c2 = counters.reshape((counters.shape[0], 1))
     for j in range(n):
+        if j + _AHEAD < n:             # one byte per 4 rows: a large table's are beyond L2
+            _prefetch(c2, keys[j + _AHEAD] >> 2, 0)
         k = keys[j]
         b = k >> 2
         sh = (k & 3) * 2
