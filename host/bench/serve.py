@@ -299,10 +299,12 @@ def _overhead_points(cluster, sizes, reps):
                 payload = b"\xab" * size
                 req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
                 frame = P.pack_header(P.Op.SEND, 1, len(req)) + req
-                t_eng, t_bare, t_raw = [], [], []
+                t_eng, t_fut, t_bare, t_raw = [], [], [], []
                 for i in range(reps + 5):
-                    t0 = time.perf_counter()
+                    ta = time.perf_counter()
                     assert eng.request(conn, req).result(30) == payload
+                    t0 = time.perf_counter()
+                    assert eng.call(conn, req, timeout=30) == payload
                     t1 = time.perf_counter()
                     bare.sendall(struct.pack("<I", size) + payload)
                     got = 0
@@ -314,15 +316,19 @@ def _overhead_points(cluster, sizes, reps):
                     assert P.decode_reply(_recv_frame(raw)) == payload
                     t3 = time.perf_counter()
                     if i >= 5:
+                        t_fut.append(t0 - ta)
                         t_eng.append(t1 - t0)
                         t_bare.append(t2 - t1)
                         t_raw.append(t3 - t2)
-                e, b, rw = percentiles(t_eng), percentiles(t_bare), percentiles(t_raw)
+                e, f, b, rw = percentiles(t_eng), percentiles(t_fut), percentiles(t_bare), percentiles(t_raw)
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
+                            "engine_future_p50_us": f["p50"] * 1e6, "engine_future_p99_us": f["p99"] * 1e6,
                             "bare_p50_us": b["p50"] * 1e6, "bare_p99_us": b["p99"] * 1e6,
                             "server_no_engine_p50_us": rw["p50"] * 1e6,
+                            "server_no_engine_p99_us": rw["p99"] * 1e6,
                             "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6,
-                            "ratio_p50": e["p50"] / b["p50"]})
+                            "ratio_p50": e["p50"] / b["p50"],
+                            "ratio_server_no_engine_p50": e["p50"] / rw["p50"]})
         bare.close()
         raw.close()
     finally:
