@@ -554,8 +554,7 @@ class Engine:
         conn.pending[op.req_id] = op
         payload, op.payload = op.payload, None
         try:
-            conn.qp.post_send(op.req_id, payload)
-            conn.qp.flush()
+            conn.qp.send_now(op.req_id, payload)
         except (ConnectionError, OSError):
             pass          # the queue pair failed: its FATAL completion fails the op on the I/O thread
         if conn.dead and conn.pending.pop(op.req_id, None) is op:
@@ -578,8 +577,10 @@ class Engine:
             if poller is None:
                 poller = conn._poller = select.poll()
                 poller.register(qp.fileno(), select.POLLIN)
-            fut = op.future
-            while not fut.done() and not conn.dead and not getattr(qp, "failed", None):
+            # ``op`` leaves ``pending`` when a reader takes its reply (or the I/O thread fails
+            # it): a dict lookup per turn, not the future's lock
+            pending, rid = conn.pending, op.req_id
+            while rid in pending and not conn.dead and not getattr(qp, "failed", None):
                 if qp.wants_write():
                     qp.flush()
                 if not poller.poll(1 if qp.wants_write() else 10):
@@ -626,7 +627,7 @@ class Engine:
         op = self._new_op("req", timeout)
         op.payload = payload
         fut = self._submit(conn, op, sync=True)
-        if conn.caller_reads and not fut.done():
+        if conn.caller_reads and op.req_id in conn.pending:
             self._read_own_reply(conn, op)
         try:
             # the I/O thread fails the request at its deadline; the grace covers its tick
