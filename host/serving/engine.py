@@ -48,7 +48,7 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 import numpy as np
 
@@ -135,12 +135,13 @@ def _finish(conn, op, result=None, exc=None):
         op.credit = False
         conn.credits.release()
     conn.completed += 1
-    if op.future.done():
-        return
-    if exc is not None:
-        op.future.set_exception(exc)
-    else:
-        op.future.set_result(result)
+    try:
+        if exc is not None:
+            op.future.set_exception(exc)
+        else:
+            op.future.set_result(result)
+    except InvalidStateError:
+        pass                      # completed already (e.g. failed by a closing engine)
 
 
 def _recv_completion(conn, wc):
