@@ -642,13 +642,16 @@ class Engine:
             # ``op`` leaves ``pending`` when a reader takes its reply (or the I/O thread fails
             # it): a dict lookup per turn, not the future's lock
             pending, rid = conn.pending, op.req_id
+            ready = True     # try a read first: on a loaded host the reply is often there already
             while rid in pending and not conn.dead and not getattr(qp, "failed", None):
                 if qp.wants_write():
                     qp.flush()
-                if not poller.poll(1 if qp.wants_write() else 10):
-                    if time.monotonic() > op.deadline:
-                        break
-                    continue
+                if not ready:
+                    if not poller.poll(1 if qp.wants_write() else 10):
+                        if time.monotonic() > op.deadline:
+                            break
+                        continue
+                ready = False
                 qp.progress()
                 for wc in qp.poll_cq():
                     if wc.opcode == Opcode.RECV:
