@@ -279,7 +279,20 @@ def _recv_frame(sock):
     return bytes(body)
 
 
+def _proc_cpu(pid):
+    """CPU seconds (user + system) of process ``pid`` so far, from /proc; None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _overhead_points(cluster, sizes, reps):
+    """Round trips per size, four variants back to back in every iteration (see _RTT_NOTE);
+    wall clock percentiles, plus this thread's CPU per round trip of each variant and the
+    embedding server process's CPU per request it answered."""
     import struct
 
     from evssd.host.serving import protocol as P
@@ -306,26 +319,38 @@ def _overhead_points(cluster, sizes, reps):
                 req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
                 frame = P.pack_header(P.Op.SEND, 1, len(req)) + req
                 t_eng, t_fut, t_bare, t_raw = [], [], [], []
+                cpu = np.zeros(4)
+                srv0 = _proc_cpu(cluster.procs["s0"].pid)
                 for i in range(reps + 5):
+                    if i == 5:
+                        cpu[:] = 0
+                        srv0 = _proc_cpu(cluster.procs["s0"].pid)
+                    c0 = time.thread_time()
                     ta = time.perf_counter()
                     assert eng.request(conn, req).result(30) == payload
                     t0 = time.perf_counter()
+                    c1 = time.thread_time()
                     assert eng.call(conn, req, timeout=30) == payload
                     t1 = time.perf_counter()
+                    c2 = time.thread_time()
                     bare.sendall(struct.pack("<I", size) + payload)
                     got = 0
                     need = size + 4
                     while got < need:
                         got += len(bare.recv(need - got))
                     t2 = time.perf_counter()
+                    c3 = time.thread_time()
                     raw.sendall(frame)
                     assert P.decode_reply(_recv_frame(raw)) == payload
                     t3 = time.perf_counter()
+                    cpu += (c1 - c0, c2 - c1, c3 - c2, time.thread_time() - c3)
                     if i >= 5:
                         t_fut.append(t0 - ta)
                         t_eng.append(t1 - t0)
                         t_bare.append(t2 - t1)
                         t_raw.append(t3 - t2)
+                srv1 = _proc_cpu(cluster.procs["s0"].pid)
+                cpu_us = cpu / reps * 1e6
                 e, f, b, rw = percentiles(t_eng), percentiles(t_fut), percentiles(t_bare), percentiles(t_raw)
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
                             "engine_future_p50_us": f["p50"] * 1e6, "engine_future_p99_us": f["p99"] * 1e6,
@@ -334,7 +359,12 @@ def _overhead_points(cluster, sizes, reps):
                             "server_no_engine_p99_us": rw["p99"] * 1e6,
                             "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6,
                             "ratio_p50": e["p50"] / b["p50"],
-                            "ratio_server_no_engine_p50": e["p50"] / rw["p50"]})
+                            "ratio_server_no_engine_p50": e["p50"] / rw["p50"],
+                            "client_cpu_us": {"engine_future": cpu_us[0], "engine": cpu_us[1],
+                                              "bare": cpu_us[2], "server_no_engine": cpu_us[3]},
+                            # three requests per iteration reach the server (future, call, raw)
+                            "server_cpu_us_per_request": (None if srv0 is None or srv1 is None
+                                                          else (srv1 - srv0) / (3 * reps) * 1e6)})
         bare.close()
         raw.close()
     finally:
@@ -402,6 +432,11 @@ def _print_rtt(ov):
               f"{p['engine_future_p50_us']:7.1f} us, server without the engine {p['server_no_engine_p50_us']:7.1f} us, "
               f"bare echo {p['bare_p50_us']:7.1f} us; call/bare {p['ratio_p50']:.2f}x, "
               f"call/server-no-engine {p['ratio_server_no_engine_p50']:.2f}x", flush=True)
+        c = p["client_cpu_us"]
+        srv = p["server_cpu_us_per_request"]
+        print(f"        caller-thread CPU per round trip: call {c['engine']:.1f} us, future {c['engine_future']:.1f} us, "
+              f"blocking frame client {c['server_no_engine']:.1f} us, bare client {c['bare']:.1f} us; "
+              f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'}", flush=True)
 
 
 _RTT_NOTE = ("wall clock p50/p99 per round trip, one caller, every iteration runs the four variants "
