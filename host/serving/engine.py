@@ -77,6 +77,8 @@ class RequestTimeout(EngineError, TimeoutError):
 
 
 _SUB_BITS = 20      # read_rows: wr_id = op id << 20 | row position
+# completion opcodes as module constants (an enum attribute lookup per completion adds up)
+_RECV, _READ, _SEND, _FATAL = Opcode.RECV, Opcode.READ, Opcode.SEND, Opcode.FATAL
 
 
 class _Credits:
@@ -442,9 +444,10 @@ class _IoThread(threading.Thread):
 
     def _completion(self, conn, wc) -> bool:
         """Handle one work completion; False when the connection failed (stop handling)."""
-        if wc.opcode == Opcode.RECV:
+        opcode = wc.opcode
+        if opcode == _RECV:
             _recv_completion(conn, wc)
-        elif wc.opcode == Opcode.READ:
+        elif opcode == _READ:
             op = conn.pending.get(wc.wr_id >> _SUB_BITS)
             if op is None:
                 return True
@@ -462,11 +465,11 @@ class _IoThread(threading.Thread):
                 except (ConnectionError, OSError) as exc:
                     self._fatal(conn, str(exc))
                     return False
-        elif wc.opcode == Opcode.SEND:
+        elif opcode == _SEND:
             op = conn.pending.pop(wc.wr_id, None)
             if op is not None:
                 _finish(conn, op, exc=P.RemoteError(f"server {conn.name}: {wc.error}"))
-        elif wc.opcode == Opcode.FATAL:
+        elif opcode == _FATAL:
             self._fatal(conn, wc.error)
             return False
         return True
@@ -654,7 +657,7 @@ class Engine:
                 ready = False
                 qp.progress()
                 for wc in qp.poll_cq():
-                    if wc.opcode == Opcode.RECV:
+                    if wc.opcode == _RECV:
                         _recv_completion(conn, wc)
                     else:
                         conn.deferred.append(wc)

@@ -41,7 +41,7 @@ class Opcode(IntEnum):
     FATAL = 4
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkCompletion:
     wr_id: int
     opcode: Opcode
