@@ -47,6 +47,7 @@ _RELEASE_BYTES = 256 << 10     # after a message this large, its buffer's pages 
 # message types as module constants: an enum attribute lookup costs as much as a request's parsing
 _MULTI, _ECHO, _META, _GATHER, _POOLED = (P.MsgType.MULTI, P.MsgType.ECHO, P.MsgType.META,
                                           P.MsgType.GATHER, P.MsgType.POOLED)
+_RECV, _FATAL = Opcode.RECV, Opcode.FATAL
 
 
 class EmbeddingServer:
@@ -192,9 +193,9 @@ class EmbeddingServer:
             while not self._stop.is_set():
                 qp.progress()
                 for wc in qp.poll_cq():
-                    if wc.opcode == Opcode.FATAL:
+                    if wc.opcode == _FATAL:
                         return
-                    if wc.opcode != Opcode.RECV:
+                    if wc.opcode != _RECV:
                         continue
                     buf = bufs[wc.wr_id]
                     if wc.ok:
