@@ -4,7 +4,7 @@ the server bench (:mod:`evssd.sim.tb_rtl_server`) until the host closes the link
 ``python -m evssd.sim.rtl_child CONFIG_JSON``; started by
 :class:`evssd.sim.rtl_transport.RtlTransport`, which reads this process's output (the build and
 simulator log) when something fails. Exit status: 0 when the bench ended cleanly, 1 when the
-simulation failed, 2 when it could not be built or started.
+simulation failed (a cocotb failure), 2 when the build or the simulator process failed.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         print(f"rtl child: the simulation failed: {exc}", file=sys.stderr, flush=True)
         return 1
     except BaseException:
-        print("rtl child: the device could not be built or started:", file=sys.stderr)
+        print("rtl child: the build or the simulator failed:", file=sys.stderr)
         traceback.print_exc()
         return 2
     return 0

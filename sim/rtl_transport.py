@@ -10,7 +10,7 @@ request/response protocol of :mod:`evssd.sim.rtl_protocol` to it. Host memory li
 simulation (the bench's AxiRam); this side keeps only the allocator.
 
 Every wait is bounded: the start (build included) by ``start_timeout``, each request by
-``timeout``. When the simulator dies or stops answering, the call raises
+``link_timeout``. When the simulator dies or stops answering, the call raises
 :class:`~evssd.host.transport.TransportError` naming the cause and quoting the end of the
 simulator's log, and later calls fail at once. :meth:`RtlTransport.close` ends the simulation,
 reaps the child and removes the temporary directory; a transport that is never closed is cleaned
@@ -118,14 +118,15 @@ class RtlTransport(Transport):
     :data:`DEFAULT_PARAMS`). ``host_memory_bytes``: the host-memory window the device can DMA to.
     ``poll_cycles``: clock cycles per :meth:`wait` without an interrupt. ``stall``: probability
     of a random stall on every AXI channel of the host and flash memories (0: none), ``seed``
-    for it. ``timeout``: seconds for one request; ``start_timeout``: seconds for the build (a
+    for it. ``link_timeout``: seconds for one answer (apart from ``Device.open``'s command
+    ``timeout``); ``start_timeout``: seconds for the build (a
     cold Verilator build of the whole device takes minutes) and the start of the simulator.
     """
 
     name = "rtl"
 
     def __init__(self, params: Params | Mapping | None = None, *, host_memory_bytes: int = 4 << 20,
-                 poll_cycles: int = 32, stall: float = 0.0, seed: int = 0, timeout: float = 120.0,
+                 poll_cycles: int = 32, stall: float = 0.0, seed: int = 0, link_timeout: float = 120.0,
                  start_timeout: float = 1800.0):
         if params is None:
             params = DEFAULT_PARAMS
@@ -142,7 +143,7 @@ class RtlTransport(Transport):
             raise ValueError(f"stall={stall!r}: must be a probability in [0, 1)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer, got {seed!r}")
-        self.timeout = _positive("timeout", timeout)
+        self.link_timeout = _positive("link_timeout", link_timeout)
         start_timeout = _positive("start_timeout", start_timeout)
         self.params = params
         self._closed = False
@@ -164,7 +165,7 @@ class RtlTransport(Transport):
         try:
             listener.bind(path)
             listener.listen(1)
-            cfg = dict(options, socket=path, io_timeout=self.timeout, params=params.as_dict(),
+            cfg = dict(options, socket=path, io_timeout=self.link_timeout, params=params.as_dict(),
                        run_dir=child.tmp)
             with open(child.log_path, "wb") as log:
                 # Its own session: a Ctrl-C of the host does not reach it, and close() can end
@@ -185,7 +186,7 @@ class RtlTransport(Transport):
                     raise self._error(f"the simulator did not start within start_timeout={start_timeout} s")
         finally:
             listener.close()
-        conn.settimeout(self.timeout)
+        conn.settimeout(self.link_timeout)
         child.sock = conn
         try:
             status, _, n = RESPONSE.unpack(recv_exact(conn, RESPONSE.size))
@@ -214,29 +215,28 @@ class RtlTransport(Transport):
             status, value, n = RESPONSE.unpack(recv_exact(sock, RESPONSE.size))
             data = recv_exact(sock, n) if n else b""
         except TimeoutError:
-            raise self._broken(f"no answer to {op.name} within timeout={self.timeout} s") from None
+            # the link is given up: a late answer could be taken for a later request's
+            raise self._broken(f"no answer to {op.name} within link_timeout={self.link_timeout} s", 0.5) from None
         except (OSError, EOFError, ValueError) as exc:
-            raise self._broken(f"the link failed during {op.name} ({exc})") from None
+            raise self._broken(f"the link failed during {op.name} ({exc})", 30.0) from None
         if status == Status.MMIO_ERROR:
             raise MMIOError("read" if op == Op.READ32 else "write", addr, value)
         if status != Status.OK:
             raise TransportError(f"{self.name}: the simulator refused {op.name}: {data.decode(errors='replace')}")
         return value, data
 
-    def _broken(self, why: str) -> TransportError:
-        """The link is in an unknown state: give the child a moment to end (a dead simulator
-        closes the socket first), end it otherwise, and remember why."""
+    def _broken(self, why: str, grace: float) -> TransportError:
+        """The link is in an unknown state: give the child ``grace`` seconds to end by itself (a
+        simulator that closed the socket is gone, and its child then exits), end it otherwise,
+        and remember why."""
         child = self._child
-        if child.proc.poll() is None:
-            try:
-                child.proc.wait(2.0)
-            except subprocess.TimeoutExpired:
-                pass
-        state = child.exit_text()
-        if state == "still running":
+        try:
+            child.proc.wait(grace)
+        except subprocess.TimeoutExpired:
             child.kill()
-            state = "still running: stopped it"
-        self._failure = f"{why}; simulator process {state}"
+            self._failure = f"{why}; simulator process still running: stopped it"
+        else:
+            self._failure = f"{why}; simulator process {child.exit_text()}"
         return self._error(self._failure)
 
     def _check_window(self, addr: int, nbytes: int):
@@ -276,7 +276,7 @@ class RtlTransport(Transport):
         sock = self._child.sock
         if sock is not None and self._failure is None:
             try:
-                sock.settimeout(min(self.timeout, 10.0))
+                sock.settimeout(min(self.link_timeout, 10.0))
                 sock.sendall(encode_request(Op.CLOSE))
                 recv_exact(sock, RESPONSE.size)
             except (OSError, EOFError):
