@@ -11,7 +11,7 @@ canonicalisation; ``evssd.host.pooling.fma32_model`` is the numpy reference the 
 With ``i_c = -0.0`` it is a correctly rounded multiplier (``scale * w`` of weighted row-wise
 INT8 bags).
 
-Fixed latency :attr:`Fp32Fma.LATENCY` = 8 cycles, one operation per cycle, free-running
+Fixed latency :attr:`Fp32Fma.LATENCY` = 9 cycles, one operation per cycle, free-running
 (``i_valid`` only travels along to ``o_valid``).
 
 Algorithm (all exact until the single rounding in the last stage). The 48-bit product ``P`` of
@@ -29,8 +29,9 @@ to nearest even and pack as ``Fp32Adder`` does.
 
 Stages: 1 unpack/classify + the addend's offset, 2 four 12x12 partial products (DSP
 MULT18X18D) + the addend's shift amount and window anchor, 3 partial-product middle sum + the
-addend's alignment shift with sticky, 4 product assembly, 5 add/subtract, 6 leading-zero count
-+ shift limit, 7 normalising shift, 8 round and pack.
+addend's alignment shift with sticky, 4 product assembly, 5 add/subtract, 6a leading zeros of
+four 26-bit chunks, 6b their combination + the shift limit, 7 normalising shift, 8 round and
+pack. Cost and Fmax alone on ECP5: docs/synthesis.md.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
@@ -45,11 +46,13 @@ _PLSB = 26            # the product's lowest bit in the window
 _CLSB = 76            # the addend's lowest bit before its alignment shift
 _WIN = 101            # window bits: addend (< 2**100) + product (< 2**74) never carries past bit 100
 _ROUND = _WIN - 24    # lowest kept bit of a normalised result (leading one at bit 100)
+_LZ_CHUNK = 26        # the leading-zero count: per chunk in one stage, chunks combined in the next
+_LZ_CHUNKS = 4
 
 
 class Fp32Fma(wiring.Component):
     """Pipelined binary32 ``o_res = i_a * i_b + i_c``, one rounding, :attr:`LATENCY` cycles later."""
-    LATENCY = 8
+    LATENCY = 9
 
     i_a: In(32)
     i_b: In(32)
@@ -179,20 +182,40 @@ class Fp32Fma(wiring.Component):
         s5_isign = stage("s5_isign", s4_isign)
         s5_valid = stage("s5_valid", s4_valid)
 
-        # ---- stage 6: leading zeros and the shift limit ----
-        lz = _lzc(m, s5_S)
-        lim_neg = s5_lim < 0
-        s6_sh = stage("s6_sh", Mux(~lim_neg & (s5_lim < lz), s5_lim[:7], lz), 7)
-        s6_lim = stage("s6_lim", s5_lim)
+        # ---- stage 6a: leading zeros of each _LZ_CHUNK-bit chunk (MSB chunk first) ----
+        padded = Cat(Const(0, _LZ_CHUNKS * _LZ_CHUNK - _WIN), s5_S)   # zeros below bit 0
+        chunks = [padded[(_LZ_CHUNKS - 1 - k) * _LZ_CHUNK:(_LZ_CHUNKS - k) * _LZ_CHUNK]
+                  for k in range(_LZ_CHUNKS)]
+        s6a_lz = [stage(f"s6a_lz{k}", _lzc(m, ch)) for k, ch in enumerate(chunks)]
+        s6a_nz = [stage(f"s6a_nz{k}", ch != 0) for k, ch in enumerate(chunks)]
+        s6a_lim = stage("s6a_lim", s5_lim)
+        s6a_S = stage("s6a_S", s5_S)
+        s6a_sign = stage("s6a_sign", s5_sign)
+        s6a_sub = stage("s6a_sub", s5_sub)
+        s6a_nan = stage("s6a_nan", s5_nan)
+        s6a_inf = stage("s6a_inf", s5_inf)
+        s6a_isign = stage("s6a_isign", s5_isign)
+        s6a_valid = stage("s6a_valid", s5_valid)
+
+        # ---- stage 6b: leading zeros of the window and the shift limit ----
+        lz = Signal(range(_LZ_CHUNKS * _LZ_CHUNK + 1))
+        m.d.comb += lz.eq(_LZ_CHUNKS * _LZ_CHUNK)
+        for k in reversed(range(_LZ_CHUNKS)):   # the first non-zero chunk wins
+            with m.If(s6a_nz[k]):
+                m.d.comb += lz.eq(k * _LZ_CHUNK + s6a_lz[k])
+        lz_win = lz   # the padding is below the window's bit 0: it counts only when S == 0
+        lim_neg = s6a_lim < 0
+        s6_sh = stage("s6_sh", Mux(~lim_neg & (s6a_lim < lz_win), s6a_lim[:7], lz_win), 7)
+        s6_lim = stage("s6_lim", s6a_lim)
         s6_tiny = stage("s6_tiny", lim_neg)     # < 2**-152 with a zero addend: rounds to 0
-        s6_zero = stage("s6_zero", s5_S == 0)
-        s6_S = stage("s6_S", s5_S)
-        s6_sign = stage("s6_sign", s5_sign)
-        s6_sub = stage("s6_sub", s5_sub)
-        s6_nan = stage("s6_nan", s5_nan)
-        s6_inf = stage("s6_inf", s5_inf)
-        s6_isign = stage("s6_isign", s5_isign)
-        s6_valid = stage("s6_valid", s5_valid)
+        s6_zero = stage("s6_zero", ~Cat(*s6a_nz).any())
+        s6_S = stage("s6_S", s6a_S)
+        s6_sign = stage("s6_sign", s6a_sign)
+        s6_sub = stage("s6_sub", s6a_sub)
+        s6_nan = stage("s6_nan", s6a_nan)
+        s6_inf = stage("s6_inf", s6a_inf)
+        s6_isign = stage("s6_isign", s6a_isign)
+        s6_valid = stage("s6_valid", s6a_valid)
 
         # ---- stage 7: normalise ----
         s7_S = stage("s7_S", (s6_S << s6_sh)[:_WIN], _WIN)
