@@ -11,7 +11,7 @@ canonicalisation; ``evssd.host.pooling.fma32_model`` is the numpy reference the 
 With ``i_c = -0.0`` it is a correctly rounded multiplier (``scale * w`` of weighted row-wise
 INT8 bags).
 
-Fixed latency :attr:`Fp32Fma.LATENCY` = 9 cycles, one operation per cycle, free-running
+Fixed latency :attr:`Fp32Fma.LATENCY` = 10 cycles, one operation per cycle, free-running
 (``i_valid`` only travels along to ``o_valid``).
 
 Algorithm (all exact until the single rounding in the last stage). The 48-bit product ``P`` of
@@ -30,8 +30,8 @@ to nearest even and pack as ``Fp32Adder`` does.
 Stages: 1 unpack/classify + the addend's offset, 2 four 12x12 partial products (DSP
 MULT18X18D) + the addend's shift amount and window anchor, 3 partial-product middle sum + the
 addend's alignment shift with sticky, 4 product assembly, 5 add/subtract, 6a leading zeros of
-four 26-bit chunks, 6b their combination + the shift limit, 7 normalising shift, 8 round and
-pack. Cost and Fmax alone on ECP5: docs/synthesis.md.
+four 26-bit chunks, 6b their combination + the shift limit, 7 normalising shift, 8a rounding
+decision, 8b pack. Cost and Fmax alone on ECP5: docs/synthesis.md.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
@@ -52,7 +52,7 @@ _LZ_CHUNKS = 4
 
 class Fp32Fma(wiring.Component):
     """Pipelined binary32 ``o_res = i_a * i_b + i_c``, one rounding, :attr:`LATENCY` cycles later."""
-    LATENCY = 9
+    LATENCY = 10
 
     i_a: In(32)
     i_b: In(32)
@@ -229,25 +229,37 @@ class Fp32Fma(wiring.Component):
         s7_isign = stage("s7_isign", s6_isign)
         s7_valid = stage("s7_valid", s6_valid)
 
-        # ---- stage 8: round to nearest even, pack, specials ----
-        mant = s7_S[_ROUND:]
+        # ---- stage 8a: the rounding decision (guard, sticky, last kept bit) ----
         g = s7_S[_ROUND - 1]
         st = s7_S[:_ROUND - 1] != 0
-        up = g & (st | mant[0])
-        packed = Signal(34)
-        m.d.comb += packed.eq((s7_em1.as_unsigned()[:10] << 23) + mant + up)
-        overflow = packed >= 0x7F80_0000
-        with m.If(s7_nan):
+        s8_mant = stage("s8_mant", s7_S[_ROUND:])
+        s8_up = stage("s8_up", g & (st | s7_S[_ROUND]))
+        s8_em1 = stage("s8_em1", s7_em1.as_unsigned()[:8])     # >= 0 unless tiny
+        s8_big = stage("s8_big", s7_em1 >= 0xFF)                # overflows whatever the rounding
+        s8_tiny = stage("s8_tiny", s7_tiny)
+        s8_zero = stage("s8_zero", s7_zero)
+        s8_sign = stage("s8_sign", s7_sign)
+        s8_sub = stage("s8_sub", s7_sub)
+        s8_nan = stage("s8_nan", s7_nan)
+        s8_inf = stage("s8_inf", s7_inf)
+        s8_isign = stage("s8_isign", s7_isign)
+        s8_valid = stage("s8_valid", s7_valid)
+
+        # ---- stage 8b: pack (the rounding carry ripples into the exponent), specials ----
+        packed = Signal(32)
+        m.d.comb += packed.eq((s8_em1 << 23) + s8_mant + s8_up)
+        overflow = s8_big | packed[31] | (packed[23:31] == 0xFF)
+        with m.If(s8_nan):
             m.d.sync += self.o_res.eq(CANONICAL_NAN)
-        with m.Elif(s7_inf):
-            m.d.sync += self.o_res.eq(Cat(Const(0x7F80_0000, 31), s7_isign))
-        with m.Elif(s7_zero):
-            m.d.sync += self.o_res.eq(Cat(Const(0, 31), s7_sign & ~s7_sub))
-        with m.Elif(s7_tiny):
-            m.d.sync += self.o_res.eq(Cat(Const(0, 31), s7_sign))
+        with m.Elif(s8_inf):
+            m.d.sync += self.o_res.eq(Cat(Const(0x7F80_0000, 31), s8_isign))
+        with m.Elif(s8_zero):
+            m.d.sync += self.o_res.eq(Cat(Const(0, 31), s8_sign & ~s8_sub))
+        with m.Elif(s8_tiny):
+            m.d.sync += self.o_res.eq(Cat(Const(0, 31), s8_sign))
         with m.Elif(overflow):
-            m.d.sync += self.o_res.eq(Cat(Const(0x7F80_0000, 31), s7_sign))
+            m.d.sync += self.o_res.eq(Cat(Const(0x7F80_0000, 31), s8_sign))
         with m.Else():
-            m.d.sync += self.o_res.eq(Cat(packed[:31], s7_sign))
-        m.d.sync += self.o_valid.eq(s7_valid)
+            m.d.sync += self.o_res.eq(Cat(packed[:31], s8_sign))
+        m.d.sync += self.o_valid.eq(s8_valid)
         return m
