@@ -30,11 +30,15 @@ from evssd.host.regfile import MMIOError
 from evssd.host.transport import Transport
 
 __all__ = ["AsyncDevice", "Device", "DeviceError", "DeviceClosedError", "DeviceMismatchError",
-           "DeviceTimeoutError", "CommandHandle", "elem_type"]
+           "DeviceTimeoutError", "DeviceCapabilityError", "CommandHandle", "elem_type"]
 
 
 class DeviceMismatchError(RuntimeError):
     """The device is not an EV-SSD, or speaks a different register map than this driver."""
+
+
+class DeviceCapabilityError(ValueError):
+    """The device does not implement a pooling the caller asked for (its CAPS register)."""
 
 
 class DeviceClosedError(RuntimeError):
@@ -60,7 +64,8 @@ class DeviceError(RuntimeError):
         where = ""
         if completion.n_bad:
             where = f": {completion.n_bad} bad entries, first at position {completion.first_bad}"
-        table = f" table {command.table}" if command.opcode in (Opcode.GATHER, Opcode.GATHER_POOLED) else ""
+        table = f" table {command.table}" if command.opcode in (Opcode.GATHER, Opcode.GATHER_POOLED,
+                                                                 Opcode.GATHER_POOLED_WEIGHTED) else ""
         super().__init__(f"{op}{table} (cid {command.cid}) failed with {name}{where}")
 
 
@@ -71,10 +76,11 @@ def elem_type(elem) -> ElemType:
         try:
             return ElemType[elem.upper()]
         except KeyError:
-            raise ValueError(f"unknown element type {elem!r}; use fp32, fp16, int8 or int32") from None
+            raise ValueError(f"unknown element type {elem!r}; use fp32, fp16, int8, int32 or "
+                             f"int8_rowwise") from None
     dt = np.dtype(elem)
-    for e in ElemType:
-        if np.dtype(e.numpy_dtype) == dt:
+    for e in ElemType:  # INT8_ROWWISE rows are plain bytes: never inferred from a dtype
+        if e is not ElemType.INT8_ROWWISE and np.dtype(e.numpy_dtype) == dt:
             return e
     raise ValueError(f"no device element type for numpy dtype {dt}")
 
@@ -150,6 +156,7 @@ class AsyncDevice:
         self.timeout = timeout
         self.sq_entries, self.cq_entries = sq_entries, cq_entries
         self.tables: dict[int, TableConfig] = {}
+        self._caps: int | None = None   # the CAPS register, read on first use
         self._sq_tail = 0
         self._cq_head = 0
         self._phase = 1
@@ -297,6 +304,9 @@ class AsyncDevice:
                              f"4..{min(p.page_size, p.max_row_bytes)}")
         if row_bytes % elem.itemsize:
             raise ValueError(f"table {table}: row_bytes={row_bytes} is not a whole number of {elem.name} elements")
+        if elem is ElemType.INT8_ROWWISE and not await self.supports("int8_rowwise"):
+            raise DeviceCapabilityError(f"table {table}: {self.transport.name} does not pool INT8_ROWWISE "
+                                        f"tables (CAPS.int8_rowwise = 0); pool them on the host")
         try:
             extents = list(extents)
         except TypeError:
@@ -654,19 +664,43 @@ class AsyncDevice:
         handle.result_shape = (n, cfg.row_bytes)
         return handle
 
-    async def submit_gather_pooled(self, table: int, indices, offsets) -> CommandHandle:
-        """Start a GATHER_POOLED (the caller must :meth:`finish` the handle)."""
+    async def supports(self, capability: str) -> bool:
+        """Whether the device pools ``"int8_rowwise"`` tables / ``"weighted"`` bags (its CAPS
+        register, read once)."""
+        if self._caps is None:
+            self._caps = await self.transport.read32(_reg("CAPS"))
+        return bool(regmap.register("CAPS").field(capability).extract(self._caps))
+
+    async def submit_gather_pooled(self, table: int, indices, offsets, weights=None) -> CommandHandle:
+        """Start a GATHER_POOLED, or with ``weights`` (one float per index: TorchRec's weighted
+        KJT, FBGEMM's ``per_sample_weights``) a GATHER_POOLED_WEIGHTED whose sums are fp32 for
+        every element type (the caller must :meth:`finish` the handle)."""
         self._live()
         cfg = self._gather_table(table)
         idx = self._indices(indices)
         off = self._offsets(offsets, idx.size)
         n_bags = off.size - 1
         out_bytes = n_bags * cfg.pooled_row_bytes
-        handle = await self._submit_with(
-            lambda src, offs, dst: Command(opcode=Opcode.GATHER_POOLED, table=cfg.table, count=idx.size,
-                                           n_bags=n_bags, src_addr=src, offsets_addr=offs,
-                                           dst_addr=dst, dst_bytes=out_bytes),
-            [idx.tobytes(), off.tobytes()], out_bytes)
+        if weights is None:
+            handle = await self._submit_with(
+                lambda src, offs, dst: Command(opcode=Opcode.GATHER_POOLED, table=cfg.table, count=idx.size,
+                                               n_bags=n_bags, src_addr=src, offsets_addr=offs,
+                                               dst_addr=dst, dst_bytes=out_bytes),
+                [idx.tobytes(), off.tobytes()], out_bytes)
+        else:
+            from evssd.host.pooling import PoolingError, check_weights
+            try:
+                w = check_weights(weights, idx.size, "weights")
+            except PoolingError as exc:
+                raise ValueError(str(exc)) from None
+            if not await self.supports("weighted"):
+                raise DeviceCapabilityError(f"{self.transport.name} does not pool weighted bags "
+                                            f"(CAPS.weighted = 0); pool them on the host")
+            handle = await self._submit_with(
+                lambda src, offs, wts, dst: Command(
+                    opcode=Opcode.GATHER_POOLED_WEIGHTED, table=cfg.table, count=idx.size, n_bags=n_bags,
+                    src_addr=src, offsets_addr=offs, weights_addr=wts, dst_addr=dst, dst_bytes=out_bytes),
+                [idx.tobytes(), off.tobytes(), w.astype("<f4").tobytes()], out_bytes)
         handle.result_shape = (n_bags, cfg.pooled_row_bytes)
         return handle
 
@@ -744,10 +778,11 @@ class AsyncDevice:
         """One row per index, in request order, as raw bytes ``uint8[n, row_bytes]``."""
         return await self.finish(await self.submit_gather(table, indices))
 
-    async def gather_pooled(self, table: int, indices, offsets) -> np.ndarray:
+    async def gather_pooled(self, table: int, indices, offsets, weights=None) -> np.ndarray:
         """One summed row per bag (FBGEMM indices + offsets[B+1]) as raw bytes ``uint8[B, 4*dim]``
-        (int32 sums for int8/int32 tables, fp32 sums for fp16/fp32 tables)."""
-        return await self.finish(await self.submit_gather_pooled(table, indices, offsets))
+        (int32 sums for int8/int32 tables, fp32 sums for fp16/fp32/int8_rowwise tables and for
+        every weighted bag; the arithmetic is :mod:`evssd.host.pooling`'s)."""
+        return await self.finish(await self.submit_gather_pooled(table, indices, offsets, weights))
 
     def view(self, table: int, raw: np.ndarray, pooled: bool = False) -> np.ndarray:
         """Interpret raw result bytes as elements of the table's (pooled) type."""
@@ -943,8 +978,11 @@ class Device:
     def gather(self, table, indices):
         return self.run(self.aio.gather(table, indices))
 
-    def gather_pooled(self, table, indices, offsets):
-        return self.run(self.aio.gather_pooled(table, indices, offsets))
+    def gather_pooled(self, table, indices, offsets, weights=None):
+        return self.run(self.aio.gather_pooled(table, indices, offsets, weights))
+
+    def supports(self, capability):
+        return self.run(self.aio.supports(capability))
 
     def view(self, table, raw, pooled=False):
         return self.aio.view(table, raw, pooled)

@@ -4,9 +4,8 @@ The device's element types come from :class:`evssd.hw.regmap.ElemType` (the one 
 crosses the hardware/host line); every host module (store, layout, cache, pooling) reads its
 names, numpy dtypes and pooled dtypes from :data:`ELEMS` instead of keeping its own copy.
 
-On top of the device types the host knows formats the device does not pool (yet):
-
-``int8_rowwise``
+``int8_rowwise`` (the device's ``ElemType.INT8_ROWWISE``, kept out of :data:`DEVICE_ELEMS`
+because its rows are plain bytes that no dtype identifies)
     FBGEMM's row-wise quantized INT8 (``SparseType.INT8`` of the inference TBE
     ``IntNBitTableBatchedEmbeddingBagsCodegen``): each stored row is ``4 + dim`` bytes, an fp16
     scale, an fp16 bias, then ``dim`` uint8 codes; element ``j`` is ``scale * q[j] + bias``.
@@ -21,13 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evssd.hw.regmap import ElemType
+from evssd.hw.regmap import ROWWISE_HEADER_BYTES, ElemType
 
-__all__ = ["Elem", "ELEMS", "DEVICE_ELEMS", "elem_of_dtype", "ElemError", "INT8_ROWWISE",
-           "ROWWISE_HEADER_BYTES"]
-
-#: bytes in front of the codes of an ``int8_rowwise`` row: fp16 scale, fp16 bias
-ROWWISE_HEADER_BYTES = 4
+__all__ = ["Elem", "ELEMS", "DEVICE_ELEMS", "ELEM_OF_DEVICE", "elem_of_dtype", "ElemError",
+           "INT8_ROWWISE", "ROWWISE_HEADER_BYTES"]
 
 
 class ElemError(ValueError):
@@ -41,7 +37,7 @@ class Elem:
     code: int                    # table-file code (ElemType value for the device's types)
     storage: np.dtype            # dtype of the stored row array
     pooled: np.dtype             # dtype of pooled sums
-    device: ElemType | None      # the device's type, None when only the host pools it
+    device: ElemType | None      # the device's type
     extra: int = 0               # storage columns per row beyond ``dim`` (scale + bias bytes)
 
     def width(self, dim: int) -> int:
@@ -62,10 +58,16 @@ def _device_elem(e: ElemType) -> Elem:
 
 
 #: the device's element types, derived from ElemType
-DEVICE_ELEMS: dict[str, Elem] = {el.name: el for el in map(_device_elem, ElemType)}
+DEVICE_ELEMS: dict[str, Elem] = {el.name: el for el in map(_device_elem, ElemType)
+                                 if el.device is not ElemType.INT8_ROWWISE}
 
-INT8_ROWWISE = Elem("int8_rowwise", 16, np.dtype(np.uint8), np.dtype("<f4"), None,
-                    extra=ROWWISE_HEADER_BYTES)
+# table-file code 16 (older than the device type; kept so existing table files load)
+INT8_ROWWISE = Elem("int8_rowwise", 16, np.dtype(np.uint8), np.dtype("<f4"), ElemType.INT8_ROWWISE,
+                    extra=ElemType.INT8_ROWWISE.header_bytes)
+
+#: the host's entry of every device element type
+ELEM_OF_DEVICE: dict[ElemType, Elem] = {**{el.device: el for el in DEVICE_ELEMS.values()},
+                                        ElemType.INT8_ROWWISE: INT8_ROWWISE}
 
 #: every element type the host stores, by name
 ELEMS: dict[str, Elem] = {**DEVICE_ELEMS, INT8_ROWWISE.name: INT8_ROWWISE}

@@ -23,7 +23,7 @@ import numpy as np
 from evssd.hw import regmap
 from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, NO_BAD_POSITION, Command, Completion,
                              ElemType, Opcode, Params, Status)
-from evssd.host.elements import DEVICE_ELEMS
+from evssd.host.elements import ELEM_OF_DEVICE
 from evssd.host.pooling import describe_error, kernel_source, pool_into
 from evssd.host.regfile import BusResponse, MMIOError, RegisterFile
 from evssd.host.sparse_flash import SparseFlash
@@ -140,6 +140,8 @@ class DeviceModel:
     def __init__(self, params: Params, host: bytearray, host_base: int, *, n_slots: int | None = None):
         self.params = params
         self.regs = RegisterFile(params, on_write=self._on_write)
+        # the model pools every element type and weighted bags (host/pooling.py's definition)
+        self.regs.fields["caps_int8_rowwise"] = self.regs.fields["caps_weighted"] = 1
         self.host, self.host_base = host, host_base
         self._host_np = np.frombuffer(host, np.uint8)   # a view: host memory as an array
         self._rows = np.empty(0, np.uint8)
@@ -279,17 +281,21 @@ class DeviceModel:
             return ok
         addrs = {Opcode.GATHER: (cmd.src_addr, cmd.dst_addr),
                  Opcode.GATHER_POOLED: (cmd.src_addr, cmd.offsets_addr, cmd.dst_addr),
+                 Opcode.GATHER_POOLED_WEIGHTED: (cmd.src_addr, cmd.offsets_addr, cmd.weights_addr,
+                                                 cmd.dst_addr),
                  Opcode.PROGRAM_PAGES: (cmd.src_addr,),
                  Opcode.READ_PAGES: (cmd.dst_addr,)}[op]
         if any(a % ALIGN for a in addrs):
             return Completion(cid=cmd.cid, status=Status.BAD_ADDRESS)
         if op in (Opcode.PROGRAM_PAGES, Opcode.READ_PAGES):
             return self._pages(cmd)
-        if cmd.table >= p.max_tables or not self.tables[cmd.table].enable:
+        if cmd.table >= p.max_tables or not self.tables[cmd.table].enable \
+                or self.tables[cmd.table].elem not in ElemType._value2member_map_:
             return Completion(cid=cmd.cid, status=Status.TABLE_DISABLED)
         table = self.tables[cmd.table]
         elem = ElemType(table.elem)
-        pooled = op == Opcode.GATHER_POOLED
+        weighted = op == Opcode.GATHER_POOLED_WEIGHTED
+        pooled = weighted or op == Opcode.GATHER_POOLED
         out_row = regmap.pooled_row_bytes(table.row_bytes, elem) if pooled else table.row_bytes
         out_bytes = out_row * (cmd.n_bags if pooled else cmd.count)
         if out_bytes > cmd.dst_bytes:
@@ -327,9 +333,13 @@ class DeviceModel:
                 rows[np.flatnonzero(st) + lo] = 0
             self.flash.gather(lba, offset, table.row_bytes, rows, ok_pos)
         else:
-            el = DEVICE_ELEMS[elem.name.lower()]
-            dim = table.row_bytes // elem.itemsize
-            sums = result.view(el.pooled).reshape(cmd.n_bags, dim)
+            el = ELEM_OF_DEVICE[elem]
+            dim = (table.row_bytes - elem.header_bytes) // elem.itemsize
+            sums = result.view("<f4" if weighted else el.pooled).reshape(cmd.n_bags, dim)
+            weights = None
+            if weighted:  # one float32 per index; the good lookups' ones, in order
+                weights = np.ascontiguousarray(np.frombuffer(
+                    self._read_host(cmd.weights_addr, 4 * cmd.count), "<f4")[ok_pos])
             # the bags over the good lookups only (a bad lookup adds nothing)
             good_offsets = good_before[offsets - lo]
             ps, rb = p.page_size, table.row_bytes
@@ -341,7 +351,7 @@ class DeviceModel:
                 row_numbers = np.arange(n_good, dtype=np.int64)
                 self.flash.gather(lba, offset, rb, src, row_numbers)
             src = src.view(el.storage)
-            code = pool_into(kernel_source(src, el), el, row_numbers, good_offsets, sums)
+            code = pool_into(kernel_source(src, el), el, row_numbers, good_offsets, sums, weights)
             if code != -1:  # cannot happen: every row number and offset is built above
                 raise AssertionError(describe_error(code, row_numbers, good_offsets, src.shape[0]))
         if pooled or n_bad:

@@ -28,7 +28,7 @@ from .ftl import ChannelDemux, LinearFTL
 from .merger import ResultMerger
 from .mmio import ADDR_WIDTH, MMIOManager
 from .queues import CommandQueue
-from .regmap import Params, default_slots
+from .regmap import ElemType, Params, default_slots
 from .skid_buffer import SkidBuffer
 from .translator import ExtentTranslator
 
@@ -152,7 +152,9 @@ class EVSSD(wiring.Component):
         m.d.comb += [
             cfg.table.eq(regs.tbl_sel_table), cfg.extent.eq(regs.tbl_sel_extent),
             cfg.row_bytes.eq(regs.tbl_cfg_row_bytes), cfg.elem.eq(regs.tbl_cfg_elem),
-            cfg.enable.eq(regs.tbl_cfg_enable), cfg.rows_per_page.eq(regs.tbl_rows_per_page_rows),
+            # INT8_ROWWISE is not pooled by this merger yet (CAPS reads 0): such a table stays
+            # disabled, so its commands complete TABLE_DISABLED instead of summing as fp32
+            cfg.enable.eq(regs.tbl_cfg_enable & (regs.tbl_cfg_elem < ElemType.INT8_ROWWISE)), cfg.rows_per_page.eq(regs.tbl_rows_per_page_rows),
             cfg.magic.eq(Cat(regs.tbl_div_magic_magic, regs.tbl_div_shift_magic_hi)),
             cfg.shift.eq(regs.tbl_div_shift_shift),
             cfg.ext_first.eq(regs.ext_first), cfg.ext_rows.eq(regs.ext_rows),

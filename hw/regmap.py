@@ -21,7 +21,8 @@ __all__ = [
     "MAGIC", "REGMAP_VERSION", "REGMAP_HASH", "Access", "Field", "Register", "REGISTERS",
     "register", "port_name", "channel_addr", "all_addresses", "Params", "Opcode", "Status", "ElemType", "Command", "Completion",
     "COMMAND_BYTES", "COMPLETION_BYTES", "CHANNEL_BLOCK", "CHANNEL_STRIDE", "DivMagic",
-    "div_magic", "pooled_row_bytes", "NO_BAD_POSITION", "default_slots",
+    "div_magic", "pooled_row_bytes", "NO_BAD_POSITION", "default_slots", "ELEM_BITS",
+    "ROWWISE_HEADER_BYTES",
 ]
 
 MAGIC = 0x45565344  # "EVSD" read as a little-endian word
@@ -143,6 +144,10 @@ REGISTERS: tuple[Register, ...] = (
          Field("inflight", 8, 8, Access.RO, "Commands in flight."),
          Field("fatal", 31, 1, Access.RO,
                "A completion or command fetch got an AXI error; the device stopped fetching.")),
+    _reg("CAPS", 0x04C, "Pooling capabilities of this implementation (0: the command or element type is "
+         "refused, with BAD_OPCODE / TABLE_DISABLED).",
+         Field("int8_rowwise", 0, 1, Access.RO, "GATHER* on INT8_ROWWISE tables."),
+         Field("weighted", 1, 1, Access.RO, "GATHER_POOLED_WEIGHTED.")),
 
     # ---- 0x080 queues ----
     _rw("SQ_BASE_LO", 0x080, "Submission queue base address, bits 31:0 (64-byte aligned)."),
@@ -175,7 +180,7 @@ REGISTERS: tuple[Register, ...] = (
          Field("extent", 8, 8, Access.RW, "Extent slot.")),
     _reg("TBL_CFG", 0x104, "Staged table configuration.",
          Field("row_bytes", 0, 16, Access.RW, "Bytes per row, a multiple of 4, at most the page size."),
-         Field("elem", 16, 2, Access.RW, "Element type (ElemType)."),
+         Field("elem", 16, 3, Access.RW, "Element type (ElemType)."),
          Field("enable", 31, 1, Access.RW, "Table accepts lookups.")),
     _reg("TBL_ROWS_PER_PAGE", 0x108, "Staged rows per page (page_size // row_bytes).",
          Field("rows", 0, 16, Access.RW, "Rows per page.")),
@@ -258,6 +263,7 @@ class Opcode(enum.IntEnum):
     NOP = 0x00
     GATHER = 0x01          # one row per index, written in request order
     GATHER_POOLED = 0x02   # FBGEMM indices + offsets[B+1]; one summed row per bag
+    GATHER_POOLED_WEIGHTED = 0x03  # GATHER_POOLED with a float32 weight per index (fp32 sums)
     PROGRAM_PAGES = 0x10   # host memory -> flash pages
     READ_PAGES = 0x11      # flash pages -> host memory
 
@@ -289,29 +295,51 @@ class Status(enum.IntEnum):
 
 
 class ElemType(enum.IntEnum):
-    """Element type of a table's rows (2 bits)."""
+    """Element type of a table's rows (:data:`ELEM_BITS` bits).
+
+    INT8_ROWWISE is FBGEMM's row-wise quantized INT8: a row is an fp16 scale, an fp16 bias (the
+    :data:`ROWWISE_HEADER_BYTES` in front), then ``dim`` uint8 codes; element j is
+    ``scale * q[j] + bias`` and pooled sums are fp32 (the rule: ``evssd.host.pooling``)."""
     FP32 = 0
     FP16 = 1
     INT8 = 2
     INT32 = 3
+    INT8_ROWWISE = 4
 
     @property
     def itemsize(self) -> int:
-        return {ElemType.FP32: 4, ElemType.FP16: 2, ElemType.INT8: 1, ElemType.INT32: 4}[self]
+        return {ElemType.FP32: 4, ElemType.FP16: 2, ElemType.INT8: 1, ElemType.INT32: 4,
+                ElemType.INT8_ROWWISE: 1}[self]
 
     @property
     def numpy_dtype(self) -> str:
-        return {ElemType.FP32: "<f4", ElemType.FP16: "<f2", ElemType.INT8: "i1", ElemType.INT32: "<i4"}[self]
+        """dtype of the stored row bytes (INT8_ROWWISE: the whole row, header included, as uint8)."""
+        return {ElemType.FP32: "<f4", ElemType.FP16: "<f2", ElemType.INT8: "i1", ElemType.INT32: "<i4",
+                ElemType.INT8_ROWWISE: "u1"}[self]
+
+    @property
+    def header_bytes(self) -> int:
+        """Bytes in front of a row's elements (INT8_ROWWISE: scale and bias)."""
+        return ROWWISE_HEADER_BYTES if self is ElemType.INT8_ROWWISE else 0
 
     @property
     def pooled_dtype(self) -> str:
-        """Sums of fp16/fp32 rows are fp32; sums of int8/int32 rows are int32."""
-        return "<f4" if self in (ElemType.FP32, ElemType.FP16) else "<i4"
+        """Sums of fp16/fp32/int8_rowwise rows are fp32; sums of int8/int32 rows are int32."""
+        return "<i4" if self in (ElemType.INT8, ElemType.INT32) else "<f4"
+
+
+#: width of TBL_CFG.elem and of every element-type signal in the gateware
+ELEM_BITS = 3
+#: bytes in front of the codes of an INT8_ROWWISE row: fp16 scale, fp16 bias (FBGEMM's layout)
+ROWWISE_HEADER_BYTES = 4
+assert max(ElemType) < (1 << ELEM_BITS)
 
 
 def pooled_row_bytes(row_bytes: int, elem: ElemType) -> int:
-    """Bytes of one pooled output row: every element widens to 4 bytes."""
-    return (row_bytes // ElemType(elem).itemsize) * 4
+    """Bytes of one pooled output row: every element widens to 4 bytes (header bytes give none;
+    weighted sums are fp32, also 4 bytes an element)."""
+    elem = ElemType(elem)
+    return ((row_bytes - elem.header_bytes) // elem.itemsize) * 4
 
 
 NO_BAD_POSITION = 0xFFFF_FFFF
@@ -336,7 +364,8 @@ class Command:
     | 6-7   |       | offsets_addr | offsets (uint32[B+1]) (GATHER_POOLED) |
     | 8-9   |       | dst_addr     | result buffer |
     | 10    | 31:0  | dst_bytes    | result buffer size; the device never writes past it |
-    | 11-15 |       | reserved     | zero |
+    | 11-12 |       | weights_addr | per-index weights (float32[count]) (GATHER_POOLED_WEIGHTED) |
+    | 13-15 |       | reserved     | zero |
     """
     opcode: int
     table: int = 0
@@ -348,12 +377,14 @@ class Command:
     offsets_addr: int = 0
     dst_addr: int = 0
     dst_bytes: int = 0
+    weights_addr: int = 0
 
-    _FMT = "<BBHIIIQQQI20x"
+    _FMT = "<BBHIIIQQQIQ12x"
 
     def pack(self) -> bytes:
         return struct.pack(self._FMT, self.opcode, self.table, self.cid, self.count, self.n_bags,
-                           self.lba, self.src_addr, self.offsets_addr, self.dst_addr, self.dst_bytes)
+                           self.lba, self.src_addr, self.offsets_addr, self.dst_addr, self.dst_bytes,
+                           self.weights_addr)
 
     @classmethod
     def unpack(cls, data: bytes) -> "Command":

@@ -17,7 +17,8 @@ from evssd.host.device import AsyncDevice, DeviceError
 from evssd.host.pooling import pool_rows
 
 __all__ = ["GoldenTable", "place_tables", "SCENARIOS", "scenario_tables", "scenario_errors",
-           "scenario_inflight", "scenario_queue_wrap", "golden_pooled", "run_all"]
+           "scenario_inflight", "scenario_queue_wrap", "scenario_rowwise_weighted", "golden_pooled",
+           "run_all"]
 
 
 @dataclass
@@ -261,11 +262,72 @@ async def scenario_queue_wrap(dev: AsyncDevice, rng):
     _same_bits(await dev.gather(t.slot, idx), t.data[idx], "after queue wrap")
 
 
+def _rowwise_table(params, rng, slot: int, lba: int, rows: int = 40):
+    """A row-wise INT8 table (fp16 scale, fp16 bias, uint8 codes) in one extent from ``lba``."""
+    dim = int(min(params.max_row_bytes, params.page_size, 64)) - 4
+    data = np.empty((rows, dim + 4), np.uint8)
+    data[:, 0:2] = rng.normal(0, 0.05, rows).astype("<f2").view(np.uint8).reshape(rows, 2)
+    data[:, 2:4] = rng.normal(0, 1, rows).astype("<f2").view(np.uint8).reshape(rows, 2)
+    data[:, 4:] = rng.integers(0, 256, (rows, dim), dtype=np.uint8)
+    rpp = params.page_size // (dim + 4)
+    pages = {}
+    for p in range(-(-rows // rpp)):
+        page = np.zeros(params.page_size, np.uint8)
+        chunk = data[p * rpp:(p + 1) * rpp].reshape(-1)
+        page[:chunk.size] = chunk
+        pages[lba + p] = page
+    return GoldenTable(slot, ElemType.INT8_ROWWISE, data, dim + 4, [(0, rows, lba)]), pages
+
+
+async def scenario_rowwise_weighted(dev: AsyncDevice, rng):
+    """INT8_ROWWISE tables and GATHER_POOLED_WEIGHTED, bit for bit against host/pooling.py where
+    the device's CAPS says it pools them; where it does not (the gateware until its merger
+    does), the device refuses them: TABLE_DISABLED and BAD_OPCODE, nothing summed wrongly."""
+    from evssd.host.elements import ELEM_OF_DEVICE
+    from evssd.host.pooling import pool
+    tables, pages = place_tables(dev.params, rng, 1, max_rows=60)
+    t = tables[0]
+    q, qpages = _rowwise_table(dev.params, rng, 1, max(pages) + 1)
+    await load(dev, tables, {**pages, **qpages})
+    idx = rng.integers(0, t.rows, 24).astype(np.uint32)
+    qidx = rng.integers(0, q.rows, 24).astype(np.uint32)
+    offsets = _random_bags(rng, 24, 5)
+    w = rng.normal(0, 2, 24).astype(np.float32)
+    rowwise, weighted = await dev.supports("int8_rowwise"), await dev.supports("weighted")
+    if weighted:
+        want = pool(t.data, ELEM_OF_DEVICE[t.elem], idx.astype(np.int64), offsets.astype(np.int64),
+                    per_sample_weights=w)
+        _same_bits(dev.view(t.slot, await dev.gather_pooled(t.slot, idx, offsets, weights=w), True)
+                   .view("<f4"), want, "weighted GATHER_POOLED")
+    else:
+        cpl = await _raw(dev, Command(opcode=Opcode.GATHER_POOLED_WEIGHTED, table=t.slot, count=24, n_bags=5,
+                                      src_addr=await dev._put(idx.tobytes()),
+                                      offsets_addr=await dev._put(offsets.tobytes()),
+                                      weights_addr=await dev._put(w.tobytes()),
+                                      dst_addr=dev.transport.alloc(4096), dst_bytes=4096))
+        assert cpl.status == Status.BAD_OPCODE, cpl
+    if not rowwise:  # configure it as the driver would on a device that claimed support
+        dev._caps |= regmap.register("CAPS").field("int8_rowwise").mask
+    await dev.configure_table(q.slot, q.row_bytes, q.elem, q.extents)
+    if rowwise:
+        for wts in (None, w):
+            want = pool(q.data, ELEM_OF_DEVICE[q.elem], qidx.astype(np.int64), offsets.astype(np.int64),
+                        per_sample_weights=wts)
+            got = await dev.gather_pooled(q.slot, qidx, offsets, weights=wts)
+            _same_bits(got.view("<f4"), want, f"INT8_ROWWISE GATHER_POOLED weighted={wts is not None}")
+        _same_bits(await dev.gather(q.slot, qidx), q.data[qidx], "INT8_ROWWISE GATHER")
+    else:
+        await _expect_error(dev.gather_pooled(q.slot, qidx, offsets), Status.TABLE_DISABLED,
+                            "INT8_ROWWISE on a device without it")
+        dev._caps = None    # read CAPS again
+
+
 SCENARIOS = {
     "tables": scenario_tables,
     "errors": scenario_errors,
     "inflight": scenario_inflight,
     "queue_wrap": scenario_queue_wrap,
+    "rowwise_weighted": scenario_rowwise_weighted,
 }
 
 

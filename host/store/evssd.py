@@ -1,7 +1,8 @@
 """The ``evssd`` backend: the EV-SSD through :class:`evssd.host.device.Device` (any transport),
 tables placed by :mod:`evssd.host.layout`. Unweighted bags of the device's element types are
-pooled on the device (``GATHER_POOLED``); everything else is gathered (``GATHER``) and pooled on
-the host. A multi-table batch submits one command per table before waiting for any."""
+pooled on the device (``GATHER_POOLED``; int8_rowwise tables too when the device's CAPS says it
+pools them: their slots are then configured as INT8_ROWWISE); everything else is gathered
+(``GATHER``) and pooled on the host. A multi-table batch submits one command per table before waiting for any."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -10,6 +11,7 @@ import numpy as np
 
 from evssd.host.store.backend import Backend, Tables
 from evssd.host.store.tables import DTYPES, TableInfo
+from evssd.hw.regmap import pooled_row_bytes
 
 __all__ = ["EvssdBackend"]
 
@@ -33,6 +35,7 @@ class EvssdBackend(Backend):
         self.layout = layout
         self.owns_device = owns_device
         self._ids = {t.name: t for t in layout.tables}
+        self._rowwise_names: set[str] = set()   # int8_rowwise tables the device pools
 
     def read_rows(self, info, indices):
         if len(indices) == 0:
@@ -50,24 +53,34 @@ class EvssdBackend(Backend):
         from evssd.host.device import Device
         from evssd.host.layout import Layout
         owns = device is None
-        # host-pooled types (int8_rowwise) are placed as raw int8 bytes and only gathered
-        placed = {n: (a if el.device is not None else a.view(np.int8)) for n, (a, el, _) in tables.items()}
+        # int8_rowwise rows are placed as raw int8 bytes (no dtype names them)
+        placed = {n: (a.view(np.int8) if el.extra else a) for n, (a, el, _) in tables.items()}
         if owns:
             device = Device.open("model")
         try:
             layout = Layout.plan(placed, device=device, **(layout_options or {}))
             layout.write(device)
+            rowwise = [t for t in layout.tables if tables[t.name][1].extra]
+            if rowwise and device_pooling and device.supports("int8_rowwise"):
+                for t in rowwise:  # same pages; the slot now pools them as row-wise INT8
+                    device.configure_table(t.table_id, t.row_bytes, "int8_rowwise",
+                                           [tuple(e) for e in t.extents])
             layout.forget_data()  # the device holds the rows now; do not pin the arrays
         except BaseException:
             if owns:
                 device.close()
             raise
-        return cls(device, layout, owns_device=owns, device_pooling=device_pooling)
+        backend = cls(device, layout, owns_device=owns, device_pooling=device_pooling)
+        backend._rowwise_names = {t.name for t in rowwise} if device_pooling and rowwise and \
+            device.supports("int8_rowwise") else set()
+        return backend
 
     def table_infos(self) -> dict[str, TableInfo]:
         return {t.name: TableInfo(t.name, t.rows, t.dim, DTYPES[t.elem]) for t in self.layout.tables}
 
     def pools(self, info):
+        if info.el.extra:
+            return self.device_pooling and info.name in self._rowwise_names
         return self.device_pooling and info.el.device is not None
 
     def read_pooled(self, info, indices, offsets):
@@ -85,7 +98,8 @@ class EvssdBackend(Backend):
         return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(n, info.width)
 
     def _pooled_view(self, info, raw, n_bags, n):
-        width = self._ids[info.name].row_bytes // info.dtype.itemsize * 4  # pad elements widen too
+        # pad elements widen too; a row-wise INT8 header gives no output
+        width = pooled_row_bytes(self._ids[info.name].row_bytes, info.el.device)
         raw = np.asarray(raw, dtype=np.uint8).reshape(n_bags, width)
         self._count(0, n, raw.nbytes)
         return np.ascontiguousarray(raw[:, :info.dim * 4]).view(info.acc_dtype).reshape(n_bags, info.dim)
