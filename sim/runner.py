@@ -36,6 +36,7 @@ TOPS = {
     "mmio": ("evssd.hw.mmio", "MMIOManager"),
     "device": ("evssd.hw.device", "EVSSD"),
     "board": ("evssd.hw.board", "BoardCore"),
+    "ecpix5": ("evssd.hw.ecpix5", "Ecpix5Core"),
 }
 
 VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "-Wno-UNOPTFLAT", "-Wno-PINMISSING",

@@ -1,0 +1,25 @@
+"""L2 ECPIX-5: Ecpix5Core (UDP bridge + BRAM window + the EV-SSD, its channels behind the AXI
+arbiter on one DRAM port) in Verilator, driven by the real driver over UDP datagrams at the
+LiteEth raw-port seam, with cocotbext-axi's AxiRam where LiteDRAM's user port is on the board
+(sim/tb_ecpix5.py). The same scenarios as the ULX3S board test, plus the UDP link's own."""
+import pytest
+
+from evssd.hw.board import board_params
+from evssd.sim import runner
+
+pytestmark = pytest.mark.rtl
+
+# The ULX3S simulation build's device (32 KiB channels): 4 regions of 32 KiB, 17 address bits.
+ARGS = dict(window_bytes=16384, dram_addr_width=17)
+
+
+@pytest.mark.parametrize("testcase", ["identify_and_registers", "resent_writes_run_once"])
+def test_ecpix5_link(testcase):
+    # The link needs only the register side: the core around the MMIO manager alone builds fast.
+    runner.run("evssd.sim.tb_ecpix5", "ecpix5", board_params(clock_hz=0), testcase=testcase,
+               device=False, **ARGS)
+
+
+def test_ecpix5_gather_pooled():
+    runner.run("evssd.sim.tb_ecpix5", "ecpix5", board_params(clock_hz=0), testcase="gather_and_pooled",
+               device=True, **ARGS)
