@@ -3,7 +3,9 @@ at the same time (random bursts, AW and W in either order, random W gaps, random
 random slave stalls from tests/hw/axi_mem.AXI4Memory). Every read must return what that master
 wrote, every R and B must reach the master that asked with its own ID, and the slave's memory
 must hold each master's bytes in its region and nothing elsewhere."""
+import gc
 import random
+import warnings
 
 import pytest
 from amaranth.sim import Simulator
@@ -141,11 +143,14 @@ def test_masters_share_one_port(n, stall, seed):
     assert len(mem.aw_log) == 24 * n
 
 
-@pytest.mark.filterwarnings("ignore:.*created but never used")
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="region_bytes 1000"):
-        AXIArbiter(2, region_bytes=1000)
-    with pytest.raises(ValueError, match="do not fit out_addr_width 14"):
-        AXIArbiter(2, region_bytes=1 << 14, out_addr_width=14)
-    with pytest.raises(ValueError, match="n 0"):
-        AXIArbiter(0, region_bytes=4096)
+    # a rejected component is never elaborated: its "unused" warning at collection is noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="region_bytes 1000"):
+            AXIArbiter(2, region_bytes=1000)
+        with pytest.raises(ValueError, match="do not fit out_addr_width 14"):
+            AXIArbiter(2, region_bytes=1 << 14, out_addr_width=14)
+        with pytest.raises(ValueError, match="n 0"):
+            AXIArbiter(0, region_bytes=4096)
+        gc.collect()
