@@ -20,6 +20,20 @@ def test_ecpix5_link(testcase):
                device=False, **ARGS)
 
 
+def test_ecpix5_link_cycles(tmp_path):
+    """The link's cycle counts (docs/udp-protocol.md quotes them): deterministic in simulation;
+    the bounds catch a bridge that stalls per byte, not a slow machine."""
+    import json
+    out = tmp_path / "link.json"
+    runner.run("evssd.sim.tb_ecpix5", "ecpix5", board_params(clock_hz=0), testcase="link_throughput",
+               device=False, extra_env={"EVSSD_LINK_JSON": str(out)}, **ARGS)
+    r = json.loads(out.read_text())
+    frame_in, frame_out = 16 + 4 * r["words"], 16
+    assert frame_in + frame_out < r["write_1k_cycles"] < 16 * r["words"] + 200, r
+    assert 32 < r["ping_cycles"] < 200, r
+    assert frame_in < r["read_1k_cycles"] < 16 * r["words"] + 200, r
+
+
 def test_ecpix5_gather_pooled():
     runner.run("evssd.sim.tb_ecpix5", "ecpix5", board_params(clock_hz=0), testcase="gather_and_pooled",
                device=True, **ARGS)
