@@ -11,7 +11,7 @@ import enum
 
 __all__ = ["SOF_REQUEST", "SOF_RESPONSE", "MAX_WORDS", "CRC8_POLY", "Op", "FrameStatus", "crc8_byte",
            "crc8", "MMIO_BASE", "BOARD_INFO_BASE", "BOARD_INFO_BYTES", "WINDOW_BASE", "BOARD_MAGIC",
-           "BOARD_VERSION", "BOARD_INFO"]
+           "BOARD_VERSION", "BOARD_INFO", "DRAM_CTRL_BASE", "DRAM_CTRL_BYTES"]
 
 SOF_REQUEST = 0xA5
 SOF_RESPONSE = 0x5A
@@ -56,6 +56,8 @@ MMIO_BASE = 0x0000_0000        # the EV-SSD registers (4 KiB)
 BOARD_INFO_BASE = 0x0F00_0000  # read-only board description (BOARD_INFO words below)
 BOARD_INFO_BYTES = 0x100
 WINDOW_BASE = 0x1000_0000      # the host-memory BRAM window; the device's DMA uses the same addresses
+DRAM_CTRL_BASE = 0x0E00_0000   # ECPIX-5 only: LiteDRAM's control/status registers (DDR3 init, levelling)
+DRAM_CTRL_BYTES = 0x1_0000
 BOARD_MAGIC = 0x44425645       # "EVBD" read as a little-endian word
 BOARD_VERSION = 1
 BOARD_INFO = ("magic", "window_base", "window_bytes", "clock_hz", "divisor", "version")

@@ -9,15 +9,17 @@ payload level and puts a bus model (cocotbext-axi ``AxiRam``) on ``m_axi_dram``;
 
 Inside::
 
-    i_udp -> UdpAxiBridge -> BridgeDecoder -+-> [slice] -> EVSSD.s_axil (registers)
-    o_udp <-'                                +-> board-info ROM
-                                             +-> window.s_axil --.
+    i_udp -> UdpAxiBridge -> AXILiteSplit -> BridgeDecoder -+-> [slice] -> EVSSD.s_axil (registers)
+    o_udp <-'                   |                            +-> board-info ROM
+                                '-> m_dram_ctrl              +-> window.s_axil --.
     EVSSD.m_axi_host --> [slice] -----------------> window.s_axi --+- AxiBram (host memory)
     EVSSD.m_axi_ch[i] -> [slice] -> AXIArbiter.s_axi[i] -> m_axi_dram (channel i: region i)
 
 The address map behind the bridge is the ULX3S board's (:mod:`evssd.hw.bridge_protocol`), so the
 driver's :class:`~evssd.host.bridge_transport.BridgeTransport` serves both; the info block's
-``divisor`` word is 0 (no UART). Everything runs in one clock domain, the DRAM controller's user
+``divisor`` word is 0 (no UART). One window more, ``DRAM_CTRL_BASE``, reaches the DRAM
+controller's control/status registers (``m_dram_ctrl``; the board top converts it to LiteDRAM's
+Wishbone ``wb_ctrl``): the host initialises and levels the DDR3 through it. Everything runs in one clock domain, the DRAM controller's user
 clock (LiteDRAM's ``user_clk``), so no clock-domain crossing is needed between the channels and
 the controller; LiteEth crosses to its RGMII clocks itself. tR and the page registers stay in the
 channel controllers: the DRAM only holds the bytes.
@@ -28,12 +30,13 @@ from amaranth import Module, Signal, Cat, C
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4Signature
+from .axi import AXI4LiteSignature, AXI4Signature
 from .axi_arbiter import AXIArbiter
 from .axi_slice import AXIRegisterSlice
 from .board import BridgeDecoder, _Stretch, _device_class
 from .bram import AxiBram
-from .bridge_protocol import BOARD_MAGIC, BOARD_VERSION, WINDOW_BASE
+from .axil_split import AXILiteSplit
+from .bridge_protocol import BOARD_MAGIC, BOARD_VERSION, DRAM_CTRL_BASE, DRAM_CTRL_BYTES, WINDOW_BASE
 from .channel import channel_addr_width
 from .mmio import MMIOManager
 from .regmap import Params
@@ -42,7 +45,7 @@ from .udp_protocol import DEFAULT_PORT
 
 __all__ = ["Ecpix5Core", "ECPIX5_PARAMS", "ecpix5_params", "DRAM_BYTES", "region_bytes"]
 
-DRAM_BYTES = 512 << 20      # 2 x MT41K256M16 (x16, 4 Gbit each) on the ECPIX-5
+DRAM_BYTES = 512 << 20      # one MT41K256M16 (x16, 4 Gbit) on the ECPIX-5
 
 # 4 channels of 64 MiB (16,384 pages of 4 KiB) in the board's 512 MiB of DDR3; the channel bus is
 # 64 bits wide, the width of the LiteDRAM user port the core generator is asked for.
@@ -68,7 +71,8 @@ class Ecpix5Core(wiring.Component):
     ``m_axi_dram: Out(AXI4Signature(addr_width=dram_addr_width, data_width=ch_data_bits,
     id_width=1 + index bits))``, ``dram_ready: In(1)`` (the controller calibrated: LiteDRAM's
     ``init_done & ~init_error``; it only lights an LED, the controller itself holds its port
-    until then), ``leds: Out(4)`` = heartbeat, irq, busy, error.
+    until then), ``m_dram_ctrl: Out(AXI4LiteSignature(addr_width=16))`` (the controller's
+    registers), ``leds: Out(4)`` = heartbeat, irq, busy, error.
 
     ``window_bytes``: the BRAM host-memory window (power of two). ``dram_addr_width``: byte address
     bits of the DRAM port (29 for the board's 512 MiB; a simulation passes what its memory
@@ -104,6 +108,7 @@ class Ecpix5Core(wiring.Component):
             "m_axi_dram": Out(AXI4Signature(addr_width=self.dram_addr_width, data_width=params.ch_data_bits,
                                             id_width=1 + index_bits)),
             "dram_ready": In(1),
+            "m_dram_ctrl": Out(AXI4LiteSignature(addr_width=(DRAM_CTRL_BYTES - 1).bit_length(), data_width=32)),
             "leds": Out(4),
         })
 
@@ -118,7 +123,10 @@ class Ecpix5Core(wiring.Component):
         m.submodules.decoder = dec = BridgeDecoder(window_bytes=self.window_bytes, info=self.info_words)
         wiring.connect(m, wiring.flipped(self.i_udp), bridge.i_udp)
         wiring.connect(m, bridge.o_udp, wiring.flipped(self.o_udp))
-        wiring.connect(m, bridge.m_axil, dec.s_axil)
+        m.submodules.split = split = AXILiteSplit(base=DRAM_CTRL_BASE, size=DRAM_CTRL_BYTES)
+        wiring.connect(m, bridge.m_axil, split.s_axil)
+        wiring.connect(m, split.m_rest, dec.s_axil)
+        wiring.connect(m, split.m_window, wiring.flipped(self.m_dram_ctrl))
 
         def sliced(name, master):
             reg = m.submodules[f"{name}_slice"] = AXIRegisterSlice(master.signature)

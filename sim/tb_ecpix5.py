@@ -15,9 +15,10 @@ import random
 import cocotb
 import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
-from cocotbext.axi import AxiBus, AxiRam
+from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteRam, AxiRam
 
 from evssd.hw import regmap
+from evssd.hw.bridge_protocol import DRAM_CTRL_BASE, DRAM_CTRL_BYTES
 from evssd.hw.udp_protocol import FLAG_REPLAYED, Op, UdpStatus, decode_reply, encode_request
 from evssd.host.device import AsyncDevice
 from evssd.host.udp import DatagramLink, LinkTimeoutError, UdpTransport
@@ -151,6 +152,17 @@ async def identify_and_registers(dut):
         assert exc.resp == 2
     else:
         raise AssertionError("write to ID_MAGIC over UDP did not fail")
+    # the DRAM controller's register window: its own target, addresses relative to its base
+    ctrl = AxiLiteRam(AxiLiteBus.from_prefix(dut, "m_dram_ctrl", bus_separator="__"), dut.clk, dut.rst,
+                      size=DRAM_CTRL_BYTES)
+    quiet_cocotbext_axi()
+    words = bytes(rng.getrandbits(8) for _ in range(64))
+    assert await t.proto.write_words(DRAM_CTRL_BASE + 0x1000, words) == 0
+    assert ctrl.read(0x1000, 64) == words
+    ctrl.write(0x800, b"\x5a\xa5\x00\x01")
+    data, resp = await t.proto.read_words(DRAM_CTRL_BASE + 0x800, 1)
+    assert (data, resp) == (b"\x5a\xa5\x00\x01", 0)
+    assert await t.read32(regmap.register("EXT_LBA").addr) == 0xDEADBEEF   # the rest still decodes
     assert t.proto.stats["retransmissions"] == 0 and t.proto.stats["stale"] == 0
 
 
