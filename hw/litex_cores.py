@@ -82,7 +82,7 @@ def generate(kind: str, build_dir: str | Path, config: dict | None = None, *, ti
         key = _key(kind, config)
     except Exception as exc:  # PackageNotFoundError
         raise RuntimeError(f"the {kind} core needs the LiteX packages: pip install 'evssd[board]' ({exc})") from None
-    out = Path(build_dir) / f"{NAMES[kind]}-{key}"
+    out = Path(build_dir).resolve() / f"{NAMES[kind]}-{key}"
     verilog = out / "gateware" / f"{NAMES[kind]}.v"
     if verilog.exists():
         return verilog
@@ -94,7 +94,18 @@ def generate(kind: str, build_dir: str | Path, config: dict | None = None, *, ti
     if proc.returncode != 0 or not verilog.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise RuntimeError(f"generating {NAMES[kind]} failed (exit {proc.returncode}):\n{tail}")
+    verilog.write_text(_fix_inouts(verilog.read_text()))
     return verilog
+
+
+def _fix_inouts(text: str) -> str:
+    """The generators declare a pad that an I/O primitive drives both ways (``TRELLIS_IO``'s
+    ``B``, e.g. the DDR3 ``dq``/``dqs``) as an ``input`` of the core; make those ports ``inout``."""
+    import re
+    pads = set(re.findall(r"\.B\s*\(\s*(\w+)", text))
+    def fix(m):
+        return m.group(0).replace("input ", "inout ", 1) if m.group(2) in pads else m.group(0)
+    return re.sub(r"^(\s*input\s+wire\s*(?:\[\d+:\d+\])?\s*)(\w+)", fix, text, flags=re.M)
 
 
 def core_ports(verilog: str | Path, module: str) -> dict[str, tuple[str, int]]:

@@ -1,6 +1,9 @@
 """The seam between the ECPIX-5 core and the generated LiteX cores: LiteDRAM and LiteEth are
 generated (about a second each, in a child process) and every port the board top connects must
 exist with the direction and width the Amaranth side has (hw/ecpix5.py, hw/udp_bridge.py)."""
+import gc
+import warnings
+
 import pytest
 
 pytest.importorskip("litedram")
@@ -21,8 +24,12 @@ def cores(tmp_path_factory):
 
 def test_dram_user_port_matches_the_channel_port(cores):
     ports = cores["dram"]
-    core = Ecpix5Core(ecpix5_params(), dram_addr_width=(DRAM_BYTES - 1).bit_length())
-    sig = core.signature.members["m_axi_dram"].signature
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # only its signature is wanted: never elaborated
+        core = Ecpix5Core(ecpix5_params(), dram_addr_width=(DRAM_BYTES - 1).bit_length())
+        sig = core.signature.members["m_axi_dram"].signature
+        del core
+        gc.collect()
     for name, member in sig.members.items():
         if name in ("arprot", "awprot"):
             continue                               # LiteDRAM's AXI port has no protection bits
@@ -63,3 +70,23 @@ def test_generation_is_reused_and_bad_kind_named(tmp_path):
     assert generate("eth", tmp_path) == a and a.stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="core kind 'ddr'"):
         generate("ddr", tmp_path)
+
+
+def test_the_board_build_plan_holds_both_cores_and_the_clock_constraints():
+    """`evssd synth --board ecpix5-85f`'s plan (elaborated, not built): the generated cores are
+    in it, the RGMII receive clock and the oscillator are constrained, the DDR3 and RGMII pads
+    are placed, and a clock the DRAM controller does not run at is refused."""
+    pytest.importorskip("amaranth_boards")
+    from evssd.hw.build_plan import SynthError, prepare_board
+    build = prepare_board("ecpix5-85f", device=False)
+    files = build.plan.files
+    assert {"litedram_core.v", "liteeth_core.v"} <= set(files)
+    lpf = files["evssd.lpf"]
+    assert 'FREQUENCY PORT "eth_rgmii_0__rx_clk__io" 125.0 MHz;' in lpf
+    assert 'FREQUENCY PORT "clk100_0__io"' in lpf
+    for pad, site in (("ddr3_0__dq__io[0]", "T4"), ("ddr3_0__a__io[14]", "H1"), ("eth_rgmii_0__tx_data__io[3]", "A8")):
+        assert f'LOCATE COMP "{pad}" SITE "{site}";' in lpf, pad
+    assert "inout  wire   [15:0] ddram_dq" in files["litedram_core.v"]
+    assert build.params.clock_hz == 75_000_000 and build.top.divisor == 0
+    with pytest.raises(SynthError, match="75 MHz"):
+        prepare_board("ecpix5-85f", clock_mhz=100.0, device=False)
