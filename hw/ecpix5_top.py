@@ -115,5 +115,9 @@ def prepare(platform, build_dir, *, device: bool | None = None, **prepare_args) 
         path = generate(kind, build_dir)
         platform.add_file(path.name, path.read_text())
     top = Ecpix5Top(device=device)
+    # The one-hot FSM recoding of the EV-SSD's own FSMs (YOSYS_AFTER_READ) must not reach the
+    # LiteX cores: their state registers rely on init values in domains of their own.
+    script = prepare_args.pop("script_after_read", "")
+    script = "; ".join(filter(None, [script, "setattr -unset fsm_encoding litedram_core/w:* liteeth_core/w:*"]))
     prefs = f'FREQUENCY PORT "eth_rgmii_0__rx_clk__io" {RGMII_RX_MHZ} MHz;'
-    return top, platform.prepare(top, add_preferences=prefs, **prepare_args)
+    return top, platform.prepare(top, add_preferences=prefs, script_after_read=script, **prepare_args)

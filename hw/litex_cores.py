@@ -94,8 +94,20 @@ def generate(kind: str, build_dir: str | Path, config: dict | None = None, *, ti
     if proc.returncode != 0 or not verilog.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise RuntimeError(f"generating {NAMES[kind]} failed (exit {proc.returncode}):\n{tail}")
-    verilog.write_text(_fix_inouts(verilog.read_text()))
+    verilog.write_text(_fix_inouts(_drop_repeated_assigns(verilog.read_text())))
     return verilog
+
+
+def _drop_repeated_assigns(text: str) -> str:
+    """LiteX writes some ``assign`` statements twice in a row (the same driver twice); yosys then
+    reports multiple drivers. Keep one."""
+    out, prev = [], None
+    for line in text.splitlines(keepends=True):
+        if line.startswith("assign ") and line == prev:
+            continue
+        out.append(line)
+        prev = line
+    return "".join(out)
 
 
 def _fix_inouts(text: str) -> str:
