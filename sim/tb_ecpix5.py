@@ -53,6 +53,7 @@ class CocotbUdpLink(DatagramLink):
         self.name = f"cocotb-udp:{port}"
         self.rxq: collections.deque[bytes] = collections.deque()
         self.drop_next = 0          # answers to drop (a lost response)
+        self.recv_step = 16         # cycles between looks for an answer (1 when measuring)
         self.sent = 0
         u = _Port(dut, "i_udp")
         u.valid.value = 0
@@ -102,8 +103,8 @@ class CocotbUdpLink(DatagramLink):
         while not self.rxq:
             if waited >= self.timeout_cycles:
                 raise LinkTimeoutError(f"{self.name}: no answer within {self.timeout_cycles} cycles")
-            await ClockCycles(self.dut.clk, 16)
-            waited += 16
+            await ClockCycles(self.dut.clk, self.recv_step)
+            waited += self.recv_step
         return self.rxq.popleft()
 
     async def pause(self) -> None:
@@ -248,7 +249,7 @@ async def link_throughput(dut):
     not in the simulation, docs/udp-protocol.md adds them)."""
     import json
     meta, link, rng = await _setup(dut, 3)
-    link.gaps, link.stall = 0.0, 0.0
+    link.gaps, link.stall, link.recv_step = 0.0, 0.0, 1
     t = await UdpTransport.create(link=link)
     words = t.proto.max_words
     base = t.alloc(4 * words)
