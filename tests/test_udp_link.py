@@ -218,3 +218,18 @@ def test_bad_arguments_name_themselves():
         UdpTransport("no-such-host.invalid", 7788)
     with pytest.raises(ValueError, match="retries"):
         UdpProtocol(None, retries=-1)
+
+
+def test_evssd_info_over_udp(udp_board, capsys):
+    """`evssd info --backend udp --host ... --port ...` identifies a board over real sockets; bad
+    arguments are usage errors naming the argument."""
+    import json
+    from evssd.host.cli import main
+    b = udp_board()
+    assert main(["info", "--backend", "udp", "--host", "127.0.0.1", "--port", str(b.port), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backend"] == "udp" and info["params"]["n_channels"] == 2
+    assert main(["info", "--backend", "udp"]) == 2
+    assert "--backend udp needs --host" in capsys.readouterr().err
+    assert main(["info", "--backend", "udp", "--host", "127.0.0.1", "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
