@@ -15,11 +15,12 @@ from evssd.hw.udp_protocol import (FLAG_REPLAYED, MAGIC, MAX_WORDS, REQ_HEADER, 
 from evssd.host.device import Device
 from evssd.host.transport import TransportError
 from evssd.host.udp import LinkTimeoutError, UdpBridgeModel, UdpProtocol, UdpTransport
-from tests.test_uart_link import FakeBoard, _load_and_check
+from tests.board_model import ModelBoardBus
+from tests.test_uart_link import PARAMS, _load_and_check
 
 
 class UdpBoard:
-    """A UDP server thread on 127.0.0.1: the bridge model in front of a :class:`FakeBoard`.
+    """A UDP server thread on 127.0.0.1: the bridge model in front of the board-bus model (tests/board_model.py).
 
     Faults, each drawn per datagram from a seeded generator: ``drop_req`` (the request is lost),
     ``drop_rsp`` (the answer is lost after the request executed), ``dup_rsp`` (the answer is
@@ -28,7 +29,7 @@ class UdpBoard:
     """
 
     def __init__(self, *, seed=0, **faults):
-        self.board = FakeBoard()
+        self.board = ModelBoardBus(PARAMS)
         self.writes_by_seq: dict[int, int] = {}   # bus writes made for each WRITE request
         self.words_by_seq: dict[int, int] = {}    # words each WRITE request carries
         self.model = UdpBridgeModel(self.board._read, self._write)
