@@ -13,6 +13,7 @@ from evssd.hw.udp_protocol import (FLAG_REPLAYED, MAGIC, MAX_WORDS, REQ_HEADER, 
                                    UdpStatus, decode_reply, decode_request, encode_reply, encode_request,
                                    seq_newer)
 from evssd.host.device import Device
+from evssd.host.model import ModelTransport
 from evssd.host.transport import TransportError
 from evssd.host.udp import LinkTimeoutError, UdpBridgeModel, UdpProtocol, UdpTransport
 from tests.board_model import ModelBoardBus
@@ -29,7 +30,8 @@ class UdpBoard:
     """
 
     def __init__(self, *, seed=0, **faults):
-        self.board = ModelBoardBus(PARAMS)
+        # the bridge answers a register write before the device works on it (as the gateware does)
+        self.board = ModelBoardBus(PARAMS, run_on_write=False)
         self.writes_by_seq: dict[int, int] = {}   # bus writes made for each WRITE request
         self.words_by_seq: dict[int, int] = {}    # words each WRITE request carries
         self.model = UdpBridgeModel(self.board._read, self._write)
@@ -85,6 +87,7 @@ class UdpBoard:
                 out += [reply] * (2 if self._hit("dup_rsp") else 1)
             for d in out:
                 self.sock.sendto(d, peer)
+            self.board.run_pending()
 
     def close(self):
         self._stop.set()
@@ -92,8 +95,16 @@ class UdpBoard:
         self.sock.close()
 
 
+@pytest.fixture(scope="module")
+def warm_model():
+    """Run the scenario once on the model in this process first: the model's first run compiles
+    its kernels (seconds on a loaded machine), which is not what the link tests time out on."""
+    with Device.open(ModelTransport(PARAMS), sq_entries=8, cq_entries=8) as dev:
+        _load_and_check(dev, np.random.default_rng(0))
+
+
 @pytest.fixture
-def udp_board(request):
+def udp_board(request, warm_model):
     boards = []
 
     def make(**kw):
@@ -161,7 +172,8 @@ def test_bridge_model_replays_a_resent_write_and_refuses_an_older_one():
 
 def test_the_driver_runs_over_real_udp_sockets(udp_board):
     b = udp_board()
-    with Device.open("udp", host="127.0.0.1", port=b.port, sq_entries=8, cq_entries=8, timeout=5.0) as dev:
+    with Device.open("udp", host="127.0.0.1", port=b.port, link_timeout=1.0, sq_entries=8, cq_entries=8,
+                     timeout=5.0) as dev:
         _load_and_check(dev, np.random.default_rng(1))
         stats = dev.transport.proto.stats
     # (a slow first answer, e.g. while the model compiles, may be retransmitted: not asserted)
@@ -171,7 +183,7 @@ def test_the_driver_runs_over_real_udp_sockets(udp_board):
 
 def test_every_request_is_retried_and_no_write_runs_twice(udp_board):
     b = udp_board(seed=3, drop_req=0.08, drop_rsp=0.08, dup_rsp=0.1, late=0.05, junk=0.1)
-    transport = UdpTransport("127.0.0.1", b.port, link_timeout=0.05, retries=10)
+    transport = UdpTransport("127.0.0.1", b.port, link_timeout=0.1, retries=10)
     with Device.open(transport, sq_entries=8, cq_entries=8, timeout=5.0) as dev:
         _load_and_check(dev, np.random.default_rng(2))
     s = transport.proto.stats
