@@ -30,15 +30,17 @@ BACKENDS: dict[str, Backend] = {
                     "evssd.host.uart:UartTransport"),
     "udp": Backend("a board running the gateware behind the UDP bridge (ECPIX-5 Gigabit Ethernet)",
                    "evssd.host.udp:UdpTransport"),
+    "rtl": Backend("the whole device's RTL in Verilator, in a child process (cocotb bench serving a socket)",
+                   "evssd.sim.rtl_transport:RtlTransport"),
     "cocotb": Backend("the RTL in a cocotb test (cocotbext-axi bus models); only inside a cocotb test",
                       None,
                       "backend 'cocotb' only exists inside a cocotb test: build it there with "
-                      "evssd.sim.transport.CocotbTransport(dut); from the command line use --backend rtl"),
+                      "evssd.sim.transport.CocotbTransport(dut); outside a test use backend 'rtl' (the RTL in a child process)"),
 }
 
 
 def open_transport(backend: str, **kwargs) -> Transport:
-    """Make a transport by backend name (``model``, ``uart``, ``udp``); ``kwargs`` go to its constructor."""
+    """Make a transport by backend name (``model``, ``uart``, ``udp``, ``rtl``); ``kwargs`` go to its constructor."""
     entry = BACKENDS.get(backend) if isinstance(backend, str) else None
     if entry is None:
         known = ", ".join(f"{k} ({v.description})" for k, v in BACKENDS.items())

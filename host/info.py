@@ -9,8 +9,8 @@ from evssd.host import cli_types as ct
 
 
 def add_arguments(parser):
-    parser.add_argument("--backend", default="model", choices=("model", "uart", "udp"),
-                        help="model (default), uart or udp")
+    parser.add_argument("--backend", default="model", choices=("model", "uart", "udp", "rtl"),
+                        help="model (default), uart, udp, or rtl (the RTL in Verilator: the L2 tests' 4-channel build)")
     parser.add_argument("--port", help="serial port for the uart backend (e.g. /dev/ttyUSB0); "
                                        "UDP port for the udp backend (default 7788)")
     parser.add_argument("--host", help="the board's IP address for the udp backend")
