@@ -156,7 +156,9 @@ class HostDMA(wiring.Component):
             out = self.rd_data[i]
             m.d.comb += [
                 out.valid.eq(r_z[i] | (r_on[i] & axi.rvalid)),
-                out.payload.data.eq(axi.rdata),
+                # the zero-byte beat carries zeros, held while it waits (a stream's payload is
+                # stable until taken), not whatever the R channel shows
+                out.payload.data.eq(Mux(r_zero, 0, axi.rdata)),
                 out.payload.last.eq(r_last),
                 out.payload.err.eq(axi.rresp[1] & ~r_zero),
             ]
