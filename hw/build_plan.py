@@ -119,7 +119,7 @@ def prepare_board(board: str = "ulx3s-85f", *, clock_mhz: float | None = None,
     spec = board_spec(board)
     if router not in ("router1", "router2"):
         raise SynthError(f"router {router!r}: choose router1 or router2")
-    from .board import BoardTop, _device_class, board_params
+    from .boards.board import BoardTop, _device_class, board_params
 
     clock_mhz = clock_mhz or spec.clock_mhz
     nextpnr_extra = spec.nextpnr_opts if nextpnr_extra is None else nextpnr_extra

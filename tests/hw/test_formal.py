@@ -12,7 +12,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from evssd.hw import formal
-from evssd.hw.axi import AXI4LiteSignature, AXI4Signature
+from evssd.hw.lib.axi import AXI4LiteSignature, AXI4Signature
 
 pytestmark = pytest.mark.formal
 
@@ -26,17 +26,17 @@ def _run(tmp_path, harness, name, mode, depth):
 
 
 def _skid():
-    from evssd.hw.skid_buffer import SkidBuffer
+    from evssd.hw.lib.skid_buffer import SkidBuffer
     return formal.StreamHarness(SkidBuffer(16))
 
 
 def _ftl():
-    from evssd.hw.ftl import LinearFTL
+    from evssd.hw.device.ftl import LinearFTL
     return formal.StreamHarness(LinearFTL(formal.formal_params(n_channels=2), 4))
 
 
 def _demux():
-    from evssd.hw.ftl import ChannelDemux
+    from evssd.hw.device.ftl import ChannelDemux
     return formal.StreamHarness(ChannelDemux(formal.formal_params(n_channels=2), 4))
 
 

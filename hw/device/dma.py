@@ -29,8 +29,8 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.hdl import Assert
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4Signature, Burst
-from .regmap import Params
+from ..lib.axi import AXI4Signature, Burst
+from ..regmap import Params
 
 __all__ = ["HostDMA", "dma_cmd_layout", "dma_read_layout", "dma_write_layout", "DMA_DONE_LAYOUT"]
 

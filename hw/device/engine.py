@@ -1,6 +1,6 @@
 """Command engine: validates commands, streams index lists in, emits lookups, writes results.
 
-``CommandEngine(params, n_slots)`` sits between the queues (:mod:`evssd.hw.queues`), the host
+``CommandEngine(params, n_slots)`` sits between the queues (:mod:`evssd.hw.device.queues`), the host
 DMA, the translator, the FTL, the flash channels (programs) and the merger:
 
 ```
@@ -58,10 +58,10 @@ from . import channel as ch_mod
 from . import ftl as ftl_mod
 from . import merger as merger_mod
 from . import translator as xlat_mod
-from .skid_buffer import SkidBuffer
+from ..lib.skid_buffer import SkidBuffer
 from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
-from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status
+from ..regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status
 
 __all__ = ["CommandEngine", "ChunkReader", "WidthConverter", "XLAT_TAG_WIDTH",
            "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
