@@ -32,23 +32,9 @@ from amaranth.lib.wiring import In, Out
 from ..lib.axi import AXI4Signature, Burst
 from ..regmap import Params
 
-__all__ = ["HostDMA", "dma_cmd_layout", "dma_read_layout", "dma_write_layout", "DMA_DONE_LAYOUT"]
+from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 
-
-DMA_CMD_LAYOUT = data.StructLayout({"addr": 64, "bytes": 32})
-DMA_DONE_LAYOUT = data.StructLayout({"err": 1})
-
-
-def dma_cmd_layout():
-    return DMA_CMD_LAYOUT
-
-
-def dma_read_layout(data_bits: int):
-    return data.StructLayout({"data": data_bits, "last": 1, "err": 1})
-
-
-def dma_write_layout(data_bits: int):
-    return data.StructLayout({"data": data_bits, "last": 1})
+__all__ = ["HostDMA"]
 
 
 def _log2(x):

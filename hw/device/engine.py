@@ -48,7 +48,7 @@ late.
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Mux, Cat, Const, unsigned
+from amaranth import Module, Signal, Mux, Cat, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.hdl import Assert
@@ -59,11 +59,13 @@ from . import ftl as ftl_mod
 from . import merger as merger_mod
 from . import translator as xlat_mod
 from ..lib.skid_buffer import SkidBuffer
-from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
+from ..lib.chunk_reader import ChunkReader
+from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
+from ..lib.width_converter import WidthConverter
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
 from ..regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status
 
-__all__ = ["CommandEngine", "ChunkReader", "WidthConverter", "XLAT_TAG_WIDTH",
+__all__ = ["CommandEngine", "XLAT_TAG_WIDTH",
            "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
 
 XLAT_TAG_WIDTH = 1          # the engine keeps what each request is in its side FIFO
@@ -81,177 +83,6 @@ class Kind:
     PROBE = 1
     TOKEN = 2
     RAW = 3
-
-
-WORD_LAYOUT = data.StructLayout({"data": 32, "err": 1, "last": 1})   # last: of the list
-
-
-class ChunkReader(wiring.Component):
-    """Reads ``words`` 32-bit words from a 64-byte aligned ``addr`` (``start`` pulse, only while
-    ``idle``; ``addr`` and ``words`` are taken in the cycle after the pulse, which is registered,
-    so they must hold for that cycle) as DMA transfers of at most ``chunk_bytes``; a chunk is
-    requested only when the beat FIFO has room for all of it, so the DMA port never stalls on
-    this reader."""
-
-    def __init__(self, data_bits: int, chunk_bytes: int = READ_CHUNK_BYTES):
-        self.data_bits = data_bits
-        self.chunk_bytes = chunk_bytes
-        super().__init__({
-            "start": In(1), "addr": In(64), "words": In(32), "idle": Out(1),
-            "o_rd_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
-            "i_rd_data": In(stream.Signature(dma_read_layout(data_bits))),
-            "o_word": Out(stream.Signature(WORD_LAYOUT)),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        w = self.data_bits
-        bb = w // 8
-        wpb = bb // 4
-        chunk_beats = max(1, self.chunk_bytes // bb)
-        depth = 2 * chunk_beats
-        m.submodules.fifo = fifo = SyncFIFO(width=w + 1, depth=depth)
-
-        c_addr = Signal(64)
-        c_left = Signal(34)              # bytes still to request
-        outstanding = Signal(range(depth + 1))
-        words_left = Signal(32)
-        took = Signal()                  # a word was taken in the previous cycle (see below)
-        k = Signal(range(max(wpb, 2)))
-
-        # o_word leaves through a register slice: the consumers' decisions (offset compares,
-        # bag ends) then start from flip-flops, not from the beat FIFO's LUT RAM (63 MHz)
-        m.submodules.out_reg = out_reg = SkidBuffer(WORD_LAYOUT)
-        m.d.comb += self.idle.eq((c_left == 0) & (outstanding == 0) & (words_left == took) &
-                                 ~fifo.r_rdy & ~out_reg.o.valid)
-        # the start pulse is registered (its decoding fanned out into every counter's enable)
-        start = Signal()
-        m.d.sync += start.eq(self.start)
-        with m.If(start):
-            m.d.sync += [c_addr.eq(self.addr), c_left.eq(self.words << 2),
-                         words_left.eq(self.words), k.eq(0)]
-
-        # The request is planned from registers: the next chunk's size, whether any is left and
-        # whether the beat FIFO has room for a whole chunk are computed each cycle from the state
-        # one cycle old (the compares and sums in front of o_rd_cmd and the 64-bit address add
-        # were the engine's critical path). That state lags a request or a start by a cycle, so
-        # none is made in the cycle after one; chunks are many beats long, so the rate is kept.
-        n = Signal(range(self.chunk_bytes + 1))
-        beats = Signal(range(chunk_beats + 2))
-        more = Signal()
-        room = Signal()
-        hold = Signal()
-        next_n = Mux(c_left < self.chunk_bytes, c_left, self.chunk_bytes)
-        m.d.sync += [
-            n.eq(next_n),
-            beats.eq((next_n + bb - 1) >> (bb.bit_length() - 1)),
-            more.eq(c_left != 0),
-            room.eq(fifo.level + outstanding + chunk_beats <= depth),
-        ]
-        m.d.comb += [
-            self.o_rd_cmd.valid.eq(more & room & ~hold),
-            self.o_rd_cmd.payload.addr.eq(c_addr),
-            self.o_rd_cmd.payload.bytes.eq(n),
-        ]
-        issued = self.o_rd_cmd.valid & self.o_rd_cmd.ready
-        got = self.i_rd_data.valid & self.i_rd_data.ready
-        m.d.sync += hold.eq(issued | start)
-        with m.If(issued):
-            m.d.sync += [c_addr.eq(c_addr + n), c_left.eq(c_left - n)]
-        m.d.sync += outstanding.eq(outstanding + Mux(issued, beats, 0) - got)
-        m.d.comb += [
-            self.i_rd_data.ready.eq(fifo.w_rdy),
-            fifo.w_en.eq(self.i_rd_data.valid),
-            fifo.w_data.eq(Cat(self.i_rd_data.payload.data, self.i_rd_data.payload.err)),
-        ]
-
-        # `w_more`/`w_last` are words_left != 0 / == 1 kept as registers (the compares sat in
-        # front of the out slice's push and the FIFO's read enable); after a start they follow
-        # `words_left` one cycle late, while no beat can be there yet (requests begin two cycles
-        # after the start)
-        w_more = Signal()
-        w_last = Signal()
-        started = Signal()
-        m.d.sync += started.eq(start)
-        with m.If(started):
-            m.d.sync += [w_more.eq(words_left != 0), w_last.eq(words_left == 1)]
-        beat = fifo.r_data[:w]
-        o_word = out_reg.i
-        m.d.comb += [
-            o_word.valid.eq(fifo.r_rdy & w_more),
-            o_word.payload.data.eq(beat.word_select(k, 32) if wpb > 1 else beat[:32]),
-            o_word.payload.err.eq(fifo.r_data[w]),
-            o_word.payload.last.eq(w_last),
-        ]
-        wiring.connect(m, out_reg.o, wiring.flipped(self.o_word))
-        # `words_left` follows the words taken one cycle late (`took`: a word was taken in the
-        # previous cycle), so the take only drives a few flip-flops: the words really left are
-        # words_left - took.
-        m.d.sync += took.eq(o_word.valid & o_word.ready)
-        with m.If(took & ~start):
-            m.d.sync += words_left.eq(words_left - 1)
-        with m.If(o_word.valid & o_word.ready):
-            m.d.sync += [w_more.eq(~w_last),
-                         w_last.eq(Mux(took, words_left == 3, words_left == 2))]
-            with m.If((k == wpb - 1) | w_last):
-                m.d.comb += fifo.r_en.eq(1)
-                m.d.sync += k.eq(0)
-            with m.Else():
-                m.d.sync += k.eq(k + 1)
-        m.d.sync += [
-            Assert(started | (w_more == (words_left - took != 0)), "ChunkReader: w_more stale"),
-            Assert(started | (w_last == (words_left - took == 1)), "ChunkReader: w_last stale"),
-            Assert(~started | ~fifo.r_rdy, "ChunkReader: a beat right after the start"),
-        ]
-        return m
-
-
-class WidthConverter(wiring.Component):
-    """Stream of ``{data, err}`` from ``in_bits`` to ``out_bits`` (power-of-two ratio); the
-    first input beat's data comes out first (little-endian lanes)."""
-
-    def __init__(self, in_bits: int, out_bits: int):
-        self.in_bits, self.out_bits = in_bits, out_bits
-        super().__init__({
-            "i": In(stream.Signature(data.StructLayout({"data": in_bits, "err": 1}))),
-            "o": Out(stream.Signature(data.StructLayout({"data": out_bits, "err": 1}))),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        wi, wo = self.in_bits, self.out_bits
-        if wi == wo:
-            wiring.connect(m, wiring.flipped(self.i), wiring.flipped(self.o))
-        elif wi > wo:
-            r = wi // wo
-            k = Signal(range(r))
-            m.d.comb += [
-                self.o.valid.eq(self.i.valid),
-                self.o.payload.data.eq(self.i.payload.data.word_select(k, wo)),
-                self.o.payload.err.eq(self.i.payload.err),
-                self.i.ready.eq(self.o.ready & (k == r - 1)),
-            ]
-            with m.If(self.o.valid & self.o.ready):
-                m.d.sync += k.eq(Mux(k == r - 1, 0, k + 1))
-        else:
-            r = wo // wi
-            k = Signal(range(r))
-            buf = Signal(wo)
-            err = Signal()
-            full = Signal()
-            m.d.comb += [
-                self.o.valid.eq(full), self.o.payload.data.eq(buf), self.o.payload.err.eq(err),
-                self.i.ready.eq(~full),
-            ]
-            with m.If(self.o.valid & self.o.ready):
-                m.d.sync += [full.eq(0), err.eq(0)]
-            with m.If(self.i.valid & self.i.ready):
-                m.d.sync += [buf.word_select(k, wi).eq(self.i.payload.data),
-                             err.eq(err | self.i.payload.err),
-                             k.eq(Mux(k == r - 1, 0, k + 1))]
-                with m.If(k == r - 1):
-                    m.d.sync += full.eq(1)
-        return m
 
 
 class CommandEngine(wiring.Component):
@@ -347,8 +178,8 @@ class CommandEngine(wiring.Component):
         stats_layout = data.StructLayout({"n_bad": 32, "first_bad": 32, "status": 8, "err": 1})
         m.submodules.stats = stats = SyncFIFO(width=stats_layout.size, depth=p.max_inflight)
 
-        m.submodules.idx = idx = ChunkReader(wh)
-        m.submodules.off = off = ChunkReader(wh)
+        m.submodules.idx = idx = ChunkReader(wh, READ_CHUNK_BYTES)
+        m.submodules.off = off = ChunkReader(wh, READ_CHUNK_BYTES)
         wiring.connect(m, idx.o_rd_cmd, wiring.flipped(self.o_idx_cmd))
         wiring.connect(m, wiring.flipped(self.i_idx_data), idx.i_rd_data)
         wiring.connect(m, off.o_rd_cmd, wiring.flipped(self.o_off_cmd))

@@ -18,7 +18,9 @@ from amaranth.sim import Simulator
 
 from evssd.hw.lib.axi import AXI4Signature
 from evssd.hw.device.dma import HostDMA
-from evssd.hw.device.engine import ChunkReader, WidthConverter
+from evssd.hw.device.engine import READ_CHUNK_BYTES
+from evssd.hw.lib.chunk_reader import ChunkReader
+from evssd.hw.lib.width_converter import WidthConverter
 from evssd.hw.regmap import Params
 
 from .axi_mem import AXI4Memory
@@ -27,7 +29,8 @@ from .axi_mem import AXI4Memory
 class ReaderHarness(wiring.Component):
     def __init__(self, params):
         self.dma = HostDMA(params, n_read=2, n_write=1)
-        self.r = [ChunkReader(params.host_data_bits), ChunkReader(params.host_data_bits)]
+        self.r = [ChunkReader(params.host_data_bits, READ_CHUNK_BYTES),
+                  ChunkReader(params.host_data_bits, READ_CHUNK_BYTES)]
         super().__init__({"m_axi_host": Out(AXI4Signature(addr_width=64, data_width=params.host_data_bits))})
 
     def elaborate(self, platform):
