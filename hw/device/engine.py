@@ -14,8 +14,9 @@ translator o_resp + side FIFO (what each request was) -> fork:
    token   -> merger i_desc (empty bag)
    raw     -> READ_PAGES chunk: FTL + merger i_desc (a page is read as rows of CHUNK bytes)
    probe   -> back to the front
-result stage (commands in order): DMA-writes the merger's packed output to dst_addr in
-   RESULT_CHUNK pieces, waits for every B response, then posts the completion.
+result stage (commands in order, :class:`~evssd.hw.device.result_writer.ResultWriter`): DMA-writes
+   the merger's packed output to dst_addr in RESULT_CHUNK pieces, waits for every B response,
+   then posts the completion.
 ```
 
 Several commands are in flight (up to ``params.max_inflight``): the front moves to the next
@@ -63,14 +64,13 @@ from ..lib.chunk_reader import ChunkReader
 from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from ..lib.width_converter import WidthConverter
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
+from .result_writer import ORDER_LAYOUT, RESULT_CHUNK_BYTES, STATS_LAYOUT, ResultWriter
 from ..regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status
 
-__all__ = ["CommandEngine", "XLAT_TAG_WIDTH",
-           "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
+__all__ = ["CommandEngine", "XLAT_TAG_WIDTH", "READ_CHUNK_BYTES", "raw_chunk_bytes"]
 
 XLAT_TAG_WIDTH = 1          # the engine keeps what each request is in its side FIFO
 READ_CHUNK_BYTES = 128      # index/offset DMA reads
-RESULT_CHUNK_BYTES = 1024   # result DMA writes (a completion post waits at most one chunk)
 
 
 def raw_chunk_bytes(params: Params) -> int:
@@ -170,13 +170,8 @@ class CommandEngine(wiring.Component):
             side.r_en.eq(side_out.i.ready),
         ]
 
-        order_layout = data.StructLayout({
-            "cid": 16, "sq_head": 16, "status": 8, "has_output": 1, "out_bytes": 32,
-            "dst_addr": 64,
-        })
-        m.submodules.order = order = SyncFIFO(width=order_layout.size, depth=p.max_inflight)
-        stats_layout = data.StructLayout({"n_bad": 32, "first_bad": 32, "status": 8, "err": 1})
-        m.submodules.stats = stats = SyncFIFO(width=stats_layout.size, depth=p.max_inflight)
+        m.submodules.order = order = SyncFIFO(width=ORDER_LAYOUT.size, depth=p.max_inflight)
+        m.submodules.stats = stats = SyncFIFO(width=STATS_LAYOUT.size, depth=p.max_inflight)
 
         m.submodules.idx = idx = ChunkReader(wh, READ_CHUNK_BYTES)
         m.submodules.off = off = ChunkReader(wh, READ_CHUNK_BYTES)
@@ -285,7 +280,7 @@ class CommandEngine(wiring.Component):
         # The push is registered: the front's status decisions then end at flip-flops, not at
         # the FIFO's LUT-RAM write enable. The FIFO never fills (it has a place for each of the
         # max_inflight commands the front admits), so the late push loses nothing.
-        order_in = Signal(order_layout)
+        order_in = Signal(ORDER_LAYOUT)
         order_push = Signal()
         m.d.sync += [
             order_in.cid.eq(c.cid), order_in.sq_head.eq(cmd.sq_head),
@@ -787,7 +782,7 @@ class CommandEngine(wiring.Component):
                 m.d.comb += ws.eq(Status.BAD_INDEX)
         # The push is registered (the fork's consume decision into the FIFO's LUT RAM write
         # enable was the board's critical path, 13.7 ns); the result stage waits for the entry.
-        stats_in = Signal(stats_layout)
+        stats_in = Signal(STATS_LAYOUT)
         stats_push = Signal()
         m.d.sync += [stats_in.n_bad.eq(nb), stats_in.first_bad.eq(fb), stats_in.status.eq(ws),
                      stats_in.err.eq(ce), stats_push.eq(s_v & s_end)]
@@ -802,86 +797,19 @@ class CommandEngine(wiring.Component):
         m.d.sync += Assert(none_bad == (n_bad == 0), "engine: none_bad out of step")
 
         # ------------------------------------------------------------------ result stage
-        cur = Signal(order_layout)
-        left = Signal(32)
-        waddr = Signal(64)
-        chunk = Signal(range(RESULT_CHUNK_BYTES + 1))
-        beats_left = Signal(range(RESULT_CHUNK_BYTES // (wh // 8) + 2))
-        res_err = Signal()
-        cpl_status = Signal(8)
-        cpl_nbad = Signal(32)
-        cpl_fbad = Signal(32)
-        # registered, from `left` as it was a cycle ago: PLAN waits that cycle (the compare and
-        # the 64-bit address add in one cycle were the engine's critical path)
-        m.d.sync += chunk.eq(Mux(left < RESULT_CHUNK_BYTES, left, RESULT_CHUNK_BYTES))
-        st = Signal(stats_layout)
-        m.d.comb += st.eq(stats.r_data)
-        lbb = (wh // 8).bit_length() - 1
-
-        with m.FSM(name="result"):
-            with m.State("IDLE"):
-                with m.If(order.r_rdy):
-                    m.d.comb += order.r_en.eq(1)
-                    m.d.sync += [cur.eq(order.r_data), res_err.eq(0)]
-                    ent = data.View(order_layout, order.r_data)
-                    m.d.sync += [left.eq(ent.out_bytes), waddr.eq(ent.dst_addr),
-                                 cpl_status.eq(ent.status), cpl_nbad.eq(0),
-                                 cpl_fbad.eq(NO_BAD_POSITION)]
-                    with m.If(ent.has_output):
-                        m.next = "PLAN"
-                    with m.Else():
-                        m.next = "CPL"
-            with m.State("PLAN"):
-                m.next = "CMD"
-            with m.State("CMD"):
-                m.d.comb += [self.o_res_cmd.valid.eq(1), self.o_res_cmd.payload.addr.eq(waddr),
-                             self.o_res_cmd.payload.bytes.eq(chunk)]
-                with m.If(self.o_res_cmd.ready):
-                    m.d.sync += beats_left.eq((chunk + (wh // 8) - 1) >> lbb)
-                    m.next = "DATA"
-            with m.State("DATA"):
-                m.d.comb += [
-                    self.o_res_data.valid.eq(self.i_out.valid),
-                    self.o_res_data.payload.data.eq(self.i_out.payload.data),
-                    self.o_res_data.payload.last.eq(beats_left == 1),
-                    self.i_out.ready.eq(self.o_res_data.ready),
-                ]
-                with m.If(self.i_out.valid & self.i_out.ready):
-                    m.d.sync += beats_left.eq(beats_left - 1)
-                    with m.If(self.i_out.payload.last & self.i_out.payload.err):
-                        m.d.sync += res_err.eq(1)
-                    with m.If(beats_left == 1):
-                        m.next = "WAIT"
-            with m.State("WAIT"):
-                m.d.comb += self.i_res_done.ready.eq(1)
-                with m.If(self.i_res_done.valid):
-                    m.d.sync += [res_err.eq(res_err | self.i_res_done.payload.err),
-                                 left.eq(left - chunk), waddr.eq(waddr + chunk)]
-                    with m.If(left == chunk):
-                        m.next = "STATS"
-                    with m.Else():
-                        m.next = "PLAN"
-            with m.State("STATS"):
-                with m.If(stats.r_rdy):
-                    m.d.comb += stats.r_en.eq(1)
-                    with m.If(res_err | st.err):
-                        m.d.sync += cpl_status.eq(Status.BUS_ERROR)
-                    with m.Else():
-                        m.d.sync += [cpl_status.eq(st.status), cpl_nbad.eq(st.n_bad),
-                                     cpl_fbad.eq(st.first_bad)]
-                    m.next = "CPL"
-            with m.State("CPL"):
-                m.d.comb += [
-                    self.o_cpl.valid.eq(1),
-                    self.o_cpl.payload.n_bad.eq(cpl_nbad),
-                    self.o_cpl.payload.first_bad.eq(cpl_fbad),
-                    self.o_cpl.payload.sq_head.eq(cur.sq_head),
-                    self.o_cpl.payload.cid.eq(cur.cid),
-                    self.o_cpl.payload.status.eq(cpl_status),
-                ]
-                with m.If(self.o_cpl.ready):
-                    m.d.comb += [self.ev_complete.eq(1), self.ev_error.eq(cpl_status != 0)]
-                    m.next = "IDLE"
+        m.submodules.result = res = ResultWriter(p, RESULT_CHUNK_BYTES)
+        m.d.comb += [
+            res.i_order.valid.eq(order.r_rdy), res.i_order.payload.eq(order.r_data),
+            order.r_en.eq(res.i_order.ready),
+            res.i_stats.valid.eq(stats.r_rdy), res.i_stats.payload.eq(stats.r_data),
+            stats.r_en.eq(res.i_stats.ready),
+            self.ev_complete.eq(res.ev_complete), self.ev_error.eq(res.ev_error),
+        ]
+        wiring.connect(m, wiring.flipped(self.i_out), res.i_out)
+        wiring.connect(m, res.o_res_cmd, wiring.flipped(self.o_res_cmd))
+        wiring.connect(m, res.o_res_data, wiring.flipped(self.o_res_data))
+        wiring.connect(m, wiring.flipped(self.i_res_done), res.i_res_done)
+        wiring.connect(m, res.o_cpl, wiring.flipped(self.o_cpl))
 
         # the accept is counted a cycle late (the front's IDLE decision stays out of the adder)
         accepted = Signal()

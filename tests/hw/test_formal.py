@@ -40,6 +40,21 @@ def _demux():
     return formal.StreamHarness(ChannelDemux(formal.formal_params(n_channels=2), 4))
 
 
+def _width_up():
+    from evssd.hw.lib.width_converter import WidthConverter
+    return formal.StreamHarness(WidthConverter(8, 32))
+
+
+def _width_down():
+    from evssd.hw.lib.width_converter import WidthConverter
+    return formal.StreamHarness(WidthConverter(32, 8))
+
+
+def _result_writer():
+    from evssd.hw.device.result_writer import ResultWriter
+    return formal.StreamHarness(ResultWriter(formal.formal_params(), 16))
+
+
 # (name, harness factory, bmc depth, cover depth)
 CASES = [
     ("skid", _skid, 8, 6),
@@ -48,6 +63,9 @@ CASES = [
     ("mmio", formal.mmio_harness, 10, 8),
     ("dma", lambda: formal.dma_harness(min_bytes=1), 16, 12),
     ("channel", formal.channel_harness, 12, 22),
+    ("width_up", _width_up, 8, 8),
+    ("width_down", _width_down, 8, 8),
+    ("result", _result_writer, 12, 12),
 ]
 
 
