@@ -2,8 +2,9 @@
 
 1. :mod:`.mmio`: the AXI4-Lite register file (doorbells, configuration, statistics).
 2. :mod:`.queues`: submission-queue fetch and completion posting in host memory.
-3. :mod:`.engine`: command validation, index-list streaming, lookups out; its last stage,
-   :mod:`.result_writer`, writes results to host memory and posts completions in order.
+3. :mod:`.engine`: command validation, index-list streaming, lookups out; its stages
+   :mod:`.fork` (translator answers -> merger descriptors, FTL requests, per-command statistics)
+   and :mod:`.result_writer` (results to host memory, completions in order).
 4. :mod:`.translator`: embedding index -> (LBA, byte offset) through per-table extents.
 5. :mod:`.ftl`: LBA -> (channel, page) and the per-channel request demultiplexer.
 6. :mod:`.channel`: the flash channel controller (page registers, DDR-emulated NAND bank).

@@ -9,7 +9,8 @@ i_cmd -> front (one command at a time):
    -> result-size check -> (pooled) offsets pass 1: validate -> emit lookups in request order
    (index list and, pooled, offsets pass 2 stream in by DMA in 128-byte chunks, so both
    streams share the single-transfer DMA read engine without deadlock)
-translator o_resp + side FIFO (what each request was) -> fork:
+translator o_resp + side FIFO (what each request was) -> fork
+(:class:`~evssd.hw.device.fork.LookupFork`):
    lookup  -> merger i_desc (+ FTL when the index translated), per-command bad-index stats
    token   -> merger i_desc (empty bag)
    raw     -> READ_PAGES chunk: FTL + merger i_desc (a page is read as rows of CHUNK bytes)
@@ -64,25 +65,13 @@ from ..lib.chunk_reader import ChunkReader
 from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from ..lib.width_converter import WidthConverter
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
-from .result_writer import ORDER_LAYOUT, RESULT_CHUNK_BYTES, STATS_LAYOUT, ResultWriter
-from ..regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status
+from .fork import XLAT_TAG_WIDTH, Kind, LookupFork, raw_chunk_bytes, side_layout as fork_side_layout
+from .result_writer import ORDER_LAYOUT, RESULT_CHUNK_BYTES, ResultWriter
+from ..regmap import ElemType, Opcode, Params, Status
 
-__all__ = ["CommandEngine", "XLAT_TAG_WIDTH", "READ_CHUNK_BYTES", "raw_chunk_bytes"]
+__all__ = ["CommandEngine", "READ_CHUNK_BYTES"]
 
-XLAT_TAG_WIDTH = 1          # the engine keeps what each request is in its side FIFO
 READ_CHUNK_BYTES = 128      # index/offset DMA reads
-
-
-def raw_chunk_bytes(params: Params) -> int:
-    """READ_PAGES moves a page as rows of this size (largest power of two <= max_row_bytes)."""
-    return 1 << (params.max_row_bytes.bit_length() - 1)
-
-
-class Kind:
-    LOOKUP = 0
-    PROBE = 1
-    TOKEN = 2
-    RAW = 3
 
 
 class CommandEngine(wiring.Component):
@@ -152,12 +141,7 @@ class CommandEngine(wiring.Component):
         side_room = Signal()             # the side FIFO takes an entry
         alloc = Signal(max(T, 1))
 
-        side_layout = data.StructLayout({
-            "kind": 2, "slot": max(T, 1), "pos": 32, "offset": 16, "pooled": 1,
-            "bag_end": 1, "cmd_end": 1, "err": 1,
-            # the kind decoded once more for the fork's decisions (`kind` steers the payloads)
-            "need_desc": 1, "lookup": 1, "raw": 1,
-        })
+        side_layout = fork_side_layout(T)
         # The entries leave the LUT RAM through a register slice: the fork's decisions start
         # from flip-flops, and its consume decision only pops the slice (the FIFO is refilled
         # from the slice's registered ready). An entry waits there at least as long as the
@@ -171,7 +155,6 @@ class CommandEngine(wiring.Component):
         ]
 
         m.submodules.order = order = SyncFIFO(width=ORDER_LAYOUT.size, depth=p.max_inflight)
-        m.submodules.stats = stats = SyncFIFO(width=STATS_LAYOUT.size, depth=p.max_inflight)
 
         m.submodules.idx = idx = ChunkReader(wh, READ_CHUNK_BYTES)
         m.submodules.off = off = ChunkReader(wh, READ_CHUNK_BYTES)
@@ -680,131 +663,22 @@ class CommandEngine(wiring.Component):
             m.d.sync += pg_done_err.eq(1)
 
         # ------------------------------------------------------------------ fork
-        sd = Signal(side_layout)
-        m.d.comb += sd.eq(side_out.o.payload)
-        rsp = self.i_xlat.payload
-        # The side FIFO's entry is normally there long before its response (the translator
-        # takes 10+ cycles); waiting for it keeps any latency correct.
-        valid = self.i_xlat.valid & side_out.o.valid
-        desc_sent = Signal()
-        ftl_sent = Signal()
-        n_bad = Signal(32)
-        first_bad = Signal(32, init=NO_BAD_POSITION)
-        worst = Signal(8)
-        cmd_err = Signal()
-        is_bad = Signal()
-        m.d.comb += is_bad.eq(sd.lookup & (rsp.status != 0))
-
-        need_desc = Signal()
-        need_ftl = Signal()
-        m.d.comb += [
-            need_desc.eq(sd.need_desc),
-            need_ftl.eq((sd.lookup & (rsp.status == 0)) | sd.raw),
-        ]
-        # The descriptor and the FTL request leave through register slices: the merger's and
-        # the FTL's ready (their FIFO states) do not reach the fork's consume decision, which
-        # sees only the slices' registered ready.
-        m.submodules.desc_reg = desc_reg = SkidBuffer(self.o_desc.payload.shape())
-        m.submodules.ftl_reg = ftl_reg = SkidBuffer(self.o_ftl.payload.shape())
-        wiring.connect(m, desc_reg.o, wiring.flipped(self.o_desc))
-        wiring.connect(m, ftl_reg.o, wiring.flipped(self.o_ftl))
-        o_desc, o_ftl = desc_reg.i, ftl_reg.i
-        d = o_desc.payload
-        m.d.comb += [
-            d.slot.eq(sd.slot),
-            d.row_bytes.eq(Mux(sd.kind == Kind.RAW, raw_chunk, rsp.row_bytes)),
-            d.elem.eq(rsp.elem),
-            d.pooled.eq(sd.pooled),
-            d.bad.eq(is_bad),
-            d.bag_end.eq(sd.bag_end),
-            d.empty_bag.eq(sd.kind == Kind.TOKEN),
-            d.cmd_end.eq(sd.cmd_end),
-            o_desc.valid.eq(valid & need_desc & ~desc_sent),
-        ]
-        f = o_ftl.payload
-        with m.If(sd.kind == Kind.RAW):
-            m.d.comb += [f.lba.eq(sd.pos), f.offset.eq(sd.offset), f.row_bytes.eq(raw_chunk)]
-        with m.Else():
-            m.d.comb += [f.lba.eq(rsp.lba), f.offset.eq(rsp.offset), f.row_bytes.eq(rsp.row_bytes)]
-        m.d.comb += [f.tag.eq(sd.slot), o_ftl.valid.eq(valid & need_ftl & ~ftl_sent)]
-
-        desc_ok = Signal()
-        ftl_ok = Signal()
-        m.d.comb += [
-            desc_ok.eq(~need_desc | desc_sent | o_desc.ready),
-            ftl_ok.eq(~need_ftl | ftl_sent | o_ftl.ready),
-        ]
-        consume = Signal()
-        m.d.comb += consume.eq(valid & desc_ok & ftl_ok)
-        with m.If(consume):
-            m.d.sync += [desc_sent.eq(0), ftl_sent.eq(0)]
-        with m.Else():
-            with m.If(o_desc.valid & o_desc.ready):
-                m.d.sync += desc_sent.eq(1)
-            with m.If(o_ftl.valid & o_ftl.ready):
-                m.d.sync += ftl_sent.eq(1)
-        m.d.comb += [self.i_xlat.ready.eq(consume), side_out.o.ready.eq(consume)]
-
-        # registered: the front's PROBE_WAIT sees the probe's answer a cycle after the fork
-        # takes it (the consume decision stays out of the front's next state)
-        m.d.sync += [probe_status.eq(rsp.status), probe_row_bytes.eq(rsp.row_bytes),
-                     probe_elem.eq(rsp.elem), probe_done.eq(0)]
-        with m.If(consume & ~sd.need_desc):
-            m.d.sync += probe_done.eq(1)
-
-        # per-command stats, pushed at the command's last descriptor. What each taken
-        # descriptor contributes is registered first (the consume decision fanned out into all
-        # the counters' clock enables).
-        s_v = Signal()
-        s_bad = Signal()
-        s_bad_lba = Signal()
-        s_pos = Signal(32)
-        s_err = Signal()
-        s_end = Signal()
-        m.d.sync += [s_v.eq(consume & need_desc), s_bad.eq(is_bad),
-                     s_bad_lba.eq(rsp.status == xlat_mod.TranslateStatus.BAD_LBA),
-                     s_pos.eq(sd.pos), s_err.eq(sd.err & sd.lookup), s_end.eq(sd.cmd_end)]
-        # s_bad reaches about 70 loads: at most one LUT or the increment's carry chain behind it
-        # (the n_bad == 0 test is a register of its own; on the board s_bad -> a 5 ns wire ->
-        # four LUT levels into the stats was a critical path, 87.2 MHz).
-        none_bad = Signal(init=1)    # == (n_bad == 0)
-        nb = Signal(32)
-        fb = Signal(32)
-        ws = Signal(8)
-        ce = Signal()
-        m.d.comb += [nb.eq(n_bad + s_bad), fb.eq(Mux(s_bad & none_bad, s_pos, first_bad)),
-                     ws.eq(worst), ce.eq(cmd_err | s_err)]
-        with m.If(s_bad):
-            with m.If(s_bad_lba):
-                with m.If(worst != Status.BAD_INDEX):
-                    m.d.comb += ws.eq(Status.BAD_LBA)
-            with m.Else():
-                m.d.comb += ws.eq(Status.BAD_INDEX)
-        # The push is registered (the fork's consume decision into the FIFO's LUT RAM write
-        # enable was the board's critical path, 13.7 ns); the result stage waits for the entry.
-        stats_in = Signal(STATS_LAYOUT)
-        stats_push = Signal()
-        m.d.sync += [stats_in.n_bad.eq(nb), stats_in.first_bad.eq(fb), stats_in.status.eq(ws),
-                     stats_in.err.eq(ce), stats_push.eq(s_v & s_end)]
-        m.d.comb += [stats.w_data.eq(stats_in.as_value()), stats.w_en.eq(stats_push)]
-        with m.If(s_v):
-            with m.If(s_end):
-                m.d.sync += [n_bad.eq(0), first_bad.eq(NO_BAD_POSITION), worst.eq(0), cmd_err.eq(0),
-                             none_bad.eq(1)]
-            with m.Else():
-                m.d.sync += [n_bad.eq(nb), first_bad.eq(fb), worst.eq(ws), cmd_err.eq(ce),
-                             none_bad.eq(none_bad & ~s_bad)]
-        m.d.sync += Assert(none_bad == (n_bad == 0), "engine: none_bad out of step")
+        m.submodules.fork = fork = LookupFork(p, self.n_slots)
+        wiring.connect(m, side_out.o, fork.i_side)
+        wiring.connect(m, wiring.flipped(self.i_xlat), fork.i_xlat)
+        wiring.connect(m, fork.o_desc, wiring.flipped(self.o_desc))
+        wiring.connect(m, fork.o_ftl, wiring.flipped(self.o_ftl))
+        m.d.comb += [probe_done.eq(fork.probe_done), probe_status.eq(fork.probe_status),
+                     probe_row_bytes.eq(fork.probe_row_bytes), probe_elem.eq(fork.probe_elem)]
 
         # ------------------------------------------------------------------ result stage
         m.submodules.result = res = ResultWriter(p, RESULT_CHUNK_BYTES)
         m.d.comb += [
             res.i_order.valid.eq(order.r_rdy), res.i_order.payload.eq(order.r_data),
             order.r_en.eq(res.i_order.ready),
-            res.i_stats.valid.eq(stats.r_rdy), res.i_stats.payload.eq(stats.r_data),
-            stats.r_en.eq(res.i_stats.ready),
             self.ev_complete.eq(res.ev_complete), self.ev_error.eq(res.ev_error),
         ]
+        wiring.connect(m, fork.o_stats, res.i_stats)
         wiring.connect(m, wiring.flipped(self.i_out), res.i_out)
         wiring.connect(m, res.o_res_cmd, wiring.flipped(self.o_res_cmd))
         wiring.connect(m, res.o_res_data, wiring.flipped(self.o_res_data))

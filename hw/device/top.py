@@ -23,7 +23,8 @@ from amaranth.lib.wiring import In, Out
 from ..lib.axi import AXI4LiteSignature, AXI4Signature
 from .channel import FlashChannelController, channel_addr_width, read_request_layout
 from .dma import HostDMA
-from .engine import XLAT_TAG_WIDTH, CommandEngine
+from .engine import CommandEngine
+from .fork import XLAT_TAG_WIDTH
 from .ftl import ChannelDemux, LinearFTL
 from .merger import ResultMerger
 from .mmio import ADDR_WIDTH, MMIOManager

@@ -55,6 +55,17 @@ def _result_writer():
     return formal.StreamHarness(ResultWriter(formal.formal_params(), 16))
 
 
+def _fork():
+    from amaranth.hdl import Assume
+    from evssd.hw.device.fork import LookupFork
+
+    def drained(m, started, dut):
+        # the engine admits at most max_inflight commands, as many as the statistics FIFO holds
+        # (the fork asserts the push finds room): here, the result stage takes them at once
+        m.d.comb += Assume(dut.o_stats.ready)
+    return formal.StreamHarness(LookupFork(formal.formal_params(), 4), drained)
+
+
 # (name, harness factory, bmc depth, cover depth)
 CASES = [
     ("skid", _skid, 8, 6),
@@ -66,6 +77,7 @@ CASES = [
     ("width_up", _width_up, 8, 8),
     ("width_down", _width_down, 8, 8),
     ("result", _result_writer, 12, 12),
+    ("fork", _fork, 10, 10),
 ]
 
 
