@@ -10,48 +10,20 @@ import pytest
 
 from evssd.hw.regmap import Params
 from evssd.host.device import Device
-from evssd.host.model import ModelTransport
 from evssd.host.transport import TransportError
-from evssd.host.uart import (BOARD_INFO_BASE, BOARD_MAGIC, SOF_RESPONSE, WINDOW_BASE, BridgeModel,
-                             ByteLink, FrameStatus, LinkTimeoutError, Op, Response, UartTransport)
+from evssd.host.uart import (SOF_RESPONSE, ByteLink, FrameStatus, LinkTimeoutError, Op, Response,
+                             UartTransport)
+
+from .board_model import ModelBoardBus
 
 PARAMS = Params(n_channels=2, page_size=1024, pages_per_channel=32, max_row_bytes=256)
 
 
-class FakeBoard:
-    """The bridge golden model in front of the functional device model (no serial port)."""
+class FakeBoard(ModelBoardBus):
+    """The board's bus over the device model, with no serial port in between."""
 
     def __init__(self, params=PARAMS, window_bytes=16384):
-        self.model = ModelTransport(params, host_memory_bytes=window_bytes, host_base=WINDOW_BASE)
-        self.info = [BOARD_MAGIC, WINDOW_BASE, window_bytes, 0, 868, 1]
-        self.window_bytes = window_bytes
-        self.bridge = BridgeModel(self._read, self._write)
-        self.bus_writes = 0
-
-    def _read(self, addr):
-        if addr < 0x1000:
-            return self.model.device.regs.read(addr)
-        if BOARD_INFO_BASE <= addr < BOARD_INFO_BASE + 0x100:
-            i = (addr - BOARD_INFO_BASE) // 4
-            return (self.info[i] if i < len(self.info) else 0), 0
-        if WINDOW_BASE <= addr < WINDOW_BASE + self.window_bytes:
-            off = addr - WINDOW_BASE
-            return int.from_bytes(self.model.host[off:off + 4], "little"), 0
-        return 0, 3
-
-    def _write(self, addr, value, strb):
-        self.bus_writes += 1
-        if addr < 0x1000:
-            resp = self.model.device.regs.write(addr, value, strb)
-            self.model.device.run()
-            return resp
-        if WINDOW_BASE <= addr < WINDOW_BASE + self.window_bytes:
-            off = addr - WINDOW_BASE
-            for i in range(4):
-                if strb >> i & 1:
-                    self.model.host[off + i] = (value >> 8 * i) & 0xFF
-            return 0
-        return 2
+        super().__init__(params, window_bytes)
 
 
 class FaultyLink(ByteLink):

@@ -381,56 +381,25 @@ import numpy as np
 
 from evssd.hw.regmap import Params
 from evssd.host.transport import TransportError
-from evssd.host.uart import BOARD_INFO_BASE, BOARD_MAGIC, WINDOW_BASE, UartTransport
+from evssd.host.uart import UartTransport
+
+from ..board_model import ModelBoardBus
 
 
-class PtyBoard:
-    """A fake board on a pty: BridgeModel -> (ModelTransport registers | info ROM | window)."""
+class PtyBoard(ModelBoardBus):
+    """A fake board on a pty: the bridge model over the board's bus and the device model. The
+    model runs a command after the write's answer went out, as on the board."""
 
     def __init__(self, params, window_bytes=16384, answer=True):
-        from evssd.host.model import ModelTransport
-        self.model = ModelTransport(params, host_memory_bytes=window_bytes, host_base=WINDOW_BASE)
-        self.info = [BOARD_MAGIC, WINDOW_BASE, window_bytes, 0, 868, 1]
-        self.window_bytes = window_bytes
-        self.bridge = BridgeModel(self._read, self._write)
+        super().__init__(params, window_bytes, run_on_write=False)
         self.master, self.slave = os.openpty()
         import tty
         tty.setraw(self.slave)
         self.port = os.ttyname(self.slave)
         self.answer = answer
-        self._kick = False
         self._stop = False
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
-
-    def _read(self, addr):
-        if addr < 0x1000:
-            return self.model.device.regs.read(addr)
-        if BOARD_INFO_BASE <= addr < BOARD_INFO_BASE + 0x100:
-            i = (addr - BOARD_INFO_BASE) // 4
-            return (self.info[i] if i < len(self.info) else 0), 0
-        if WINDOW_BASE <= addr < WINDOW_BASE + self.window_bytes:
-            off = addr - WINDOW_BASE
-            return int.from_bytes(self.model.host[off:off + 4], "little"), 0
-        return 0, 3
-
-    def _write(self, addr, value, strb):
-        if addr < 0x1000:
-            # The board's bridge answers a register write as soon as the AXI write completes;
-            # the device works on the command afterwards. So the model runs after the answer
-            # went out (``_serve``), not inside it: a first run that compiles the model must
-            # not look like a lost answer.
-            self._kick = True
-            return self.model.device.regs.write(addr, value, strb)
-        if BOARD_INFO_BASE <= addr < BOARD_INFO_BASE + 0x100:
-            return 2
-        if WINDOW_BASE <= addr < WINDOW_BASE + self.window_bytes:
-            off = addr - WINDOW_BASE
-            for i in range(4):
-                if strb >> i & 1:
-                    self.model.host[off + i] = (value >> 8 * i) & 0xFF
-            return 0
-        return 3
 
     def _serve(self):
         while not self._stop:
@@ -447,9 +416,7 @@ class PtyBoard:
             out = self.bridge.feed(data)
             if out and self.answer:
                 os.write(self.master, out)
-            if self._kick:
-                self._kick = False
-                self.model.device.run()
+            self.run_pending()
 
     def close(self):
         self._stop = True
