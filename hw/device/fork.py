@@ -67,9 +67,13 @@ class LookupFork(wiring.Component):
     (result stage), ``probe_done``/``probe_status``/``probe_row_bytes``/``probe_elem`` (front)."""
 
     def __init__(self, params: Params, n_slots: int):
-        Params.require(params)
-        if n_slots < 2 or n_slots & (n_slots - 1) or n_slots > 256:
-            raise ValueError(f"n_slots {n_slots} must be a power of two 2..256")
+        try:
+            Params.require(params)
+            if n_slots < 2 or n_slots & (n_slots - 1) or n_slots > 256:
+                raise ValueError(f"n_slots {n_slots} must be a power of two 2..256")
+        except (TypeError, ValueError):
+            self._MustUse__silence = True   # a rejected object is not an unused elaboratable
+            raise
         self.params = params
         self.n_slots = n_slots
         self.slot_bits = T = n_slots.bit_length() - 1

@@ -42,11 +42,15 @@ class ResultWriter(wiring.Component):
     ``ev_complete``/``ev_error``: a completion with any/non-OK status is taken this cycle."""
 
     def __init__(self, params: Params, chunk_bytes: int = RESULT_CHUNK_BYTES):
-        Params.require(params)
-        bb = params.host_data_bits // 8
-        if chunk_bytes < bb or chunk_bytes & (chunk_bytes - 1):
-            raise ValueError(f"chunk_bytes {chunk_bytes} must be a power of two >= {bb} "
-                             f"(the host data width in bytes)")
+        try:
+            Params.require(params)
+            bb = params.host_data_bits // 8
+            if chunk_bytes < bb or chunk_bytes & (chunk_bytes - 1):
+                raise ValueError(f"chunk_bytes {chunk_bytes} must be a power of two >= {bb} "
+                                 f"(the host data width in bytes)")
+        except (TypeError, ValueError):
+            self._MustUse__silence = True   # a rejected object is not an unused elaboratable
+            raise
         self.params = params
         self.chunk_bytes = chunk_bytes
         wh = params.host_data_bits
