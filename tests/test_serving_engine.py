@@ -202,3 +202,167 @@ def test_concurrent_callers_on_one_connection(cluster, direct):
             t.join(60)
         assert not errors, errors
         assert conn.completed >= 240 and not conn.pending
+
+
+# ------------------------------------------------------------------ busy caller polls (Engine.call)
+def _echo(b):
+    return P.encode_request(P.Request(P.MsgType.ECHO, payload=b))
+
+
+def _credits_free(conn):
+    n = 0
+    while conn.credits.acquire(blocking=False):
+        n += 1
+    for _ in range(n):
+        conn.credits.release()
+    return n
+
+
+def test_call_mixed_with_futures_reads_and_migration(cluster):
+    """Synchronous callers (reading their own replies), future callers and one-sided READs
+    share one connection while it migrates between threads: every answer is its own request's
+    (checked against the table and the echoed bytes), nothing stays pending, every credit is
+    back, and callers did read replies themselves (the connection got parked)."""
+    cfg = cluster.config
+    t0 = table_rows(cfg, "t0")
+    with Engine(get_provider("tcp"), 2, credits=8, request_timeout=20) as eng:
+        conn = eng.connect("s0", *cluster.address("s0"))
+        m = _meta(eng, conn)["t0"]
+        lo, hi, first = m["ranges"][0]
+        rb = m["row_bytes"]
+        errors, stop = [], threading.Event()
+        parked_seen = []
+
+        def sync_caller(k):
+            rng = np.random.default_rng(k)
+            try:
+                for i in range(120):
+                    if rng.random() < 0.3:
+                        idx = rng.integers(lo, hi, int(rng.integers(1, 40)))
+                        got = eng.call(conn, P.encode_request(P.Request(P.MsgType.GATHER, "t0", idx)))
+                        np.testing.assert_array_equal(got, t0[idx])
+                    else:
+                        want = b"s%d-%d-" % (k, i) + bytes(rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8))
+                        assert eng.call(conn, _echo(want)) == want
+                    parked_seen.append(conn.parked)
+            except Exception as exc:
+                errors.append(f"sync {k}: {type(exc).__name__}: {exc}")
+
+        def future_caller(k):
+            try:
+                for i in range(60):
+                    want = b"f%d-%d" % (k, i)
+                    futs = [eng.request(conn, _echo(want + b"a")), eng.request(conn, _echo(want + b"b"))]
+                    assert [f.result(20) for f in futs] == [want + b"a", want + b"b"]
+            except Exception as exc:
+                errors.append(f"future {k}: {type(exc).__name__}: {exc}")
+
+        def reader():
+            rng = np.random.default_rng(99)
+            try:
+                for _ in range(40):
+                    idx = rng.integers(lo, hi, 16)
+                    raw = eng.read_rows(conn, m["rkey"], (idx - lo + first) * rb, rb).result(20)
+                    np.testing.assert_array_equal(raw.view(np.float32).reshape(-1, 8), t0[idx])
+            except Exception as exc:
+                errors.append(f"reader: {type(exc).__name__}: {exc}")
+
+        def mover():
+            k = 0
+            while not stop.is_set():
+                eng.migrate(conn, k % 2, timeout=20)
+                k += 1
+                stop.wait(0.01)
+
+        ths = ([threading.Thread(target=sync_caller, args=(k,)) for k in range(3)]
+               + [threading.Thread(target=future_caller, args=(k,)) for k in range(2)]
+               + [threading.Thread(target=reader)])
+        mv = threading.Thread(target=mover)
+        for t in ths + [mv]:
+            t.start()
+        for t in ths:
+            t.join(120)
+        stop.set()
+        mv.join(30)
+        assert not errors, errors
+        assert len(parked_seen) == 360
+        assert not conn.pending and not conn.deferred
+        assert _credits_free(conn) == conn.credits_total
+        # a lone synchronous caller afterwards: reads its own replies, the I/O thread parked
+        for i in range(2000):
+            assert eng.call(conn, _echo(b"%d" % i)) == b"%d" % i
+            if conn.parked:
+                break
+        assert conn.parked
+        for i in range(20):
+            assert eng.call(conn, _echo(b"p%d" % i)) == b"p%d" % i
+        # and a future on the parked connection is still answered (the I/O thread rearms)
+        assert eng.request(conn, _echo(b"async")).result(10) == b"async"
+
+
+def test_call_remote_error_and_bad_argument(cluster):
+    with Engine(get_provider("tcp"), 1, request_timeout=10) as eng:
+        conn = eng.connect("s1", *cluster.address("s1"))
+        with pytest.raises(P.RemoteError, match="holds no shard of table 'nope'"):
+            eng.call(conn, P.encode_request(P.Request(P.MsgType.GATHER, "nope", np.arange(2))))
+        with pytest.raises(ValueError, match="exceeds"):
+            eng.call(conn, b"x" * (P.MAX_PAYLOAD + 1))
+        assert eng.call(conn, _echo(b"still up")) == b"still up"
+        assert _credits_free(conn) == conn.credits_total
+
+
+def test_call_on_stalled_then_killed_server_fails_in_bounded_time():
+    """A caller reading its own reply gives up at the deadline (RequestTimeout from the I/O
+    thread, the connection stays usable), and a server that dies under a waiting caller fails
+    the call with ConnectionLost; neither hangs."""
+    from evssd.host.serving.engine import ConnectionLost, RequestTimeout
+    with LocalCluster(make_config(1, 500, 4, 1)) as c:
+        with Engine(get_provider("tcp"), 1, credits=4, request_timeout=0.5) as eng:
+            conn = eng.connect("s0", *c.address("s0"))
+            assert eng.call(conn, _echo(b"a")) == b"a"
+            c.stall("s0")
+            try:
+                with pytest.raises(RequestTimeout, match="did not answer"):
+                    eng.call(conn, _echo(b"late"))
+            finally:
+                c.resume("s0")
+            for i in range(10):                  # the late answer never answers these
+                assert eng.call(conn, _echo(b"n%d" % i), timeout=10) == b"n%d" % i
+            c.stall("s0")
+            killer = threading.Timer(0.2, c.kill, args=("s0",))
+            killer.start()
+            try:
+                with pytest.raises(ConnectionLost):
+                    eng.call(conn, _echo(b"dies"), timeout=10)
+            finally:
+                killer.join()
+            with pytest.raises(ConnectionLost):
+                eng.call(conn, _echo(b"after"))
+            assert not conn.pending
+
+
+def test_call_while_connection_closes(cluster):
+    """close_connection while a caller waits for its own reply: the call fails with
+    ConnectionLost, it does not hang."""
+    from evssd.host.serving.engine import ConnectionLost
+    with Engine(get_provider("tcp"), 1, request_timeout=10) as eng:
+        conn = eng.connect("s2", *cluster.address("s2"))
+        cluster.stall("s2")
+        try:
+            res = []
+
+            def caller():
+                try:
+                    res.append(eng.call(conn, _echo(b"x"), timeout=10))
+                except Exception as exc:
+                    res.append(exc)
+            t = threading.Thread(target=caller)
+            t.start()
+            while not conn.pending:
+                threading.Event().wait(0.001)
+            eng.close_connection(conn)
+            t.join(10)
+        finally:
+            cluster.resume("s2")
+        assert not t.is_alive()
+        assert len(res) == 1 and isinstance(res[0], ConnectionLost), res

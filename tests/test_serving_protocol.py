@@ -29,6 +29,34 @@ def test_header_errors(mutate, msg):
         P.unpack_header(mutate(raw))
 
 
+def test_headers_unpacked_in_place_from_a_stream_match_the_packed_fields():
+    """unpack_header_from reads frames at their offsets in a receive buffer (no slicing), with
+    the same checks as unpack_header; request types decode to their enum members."""
+    rng = np.random.default_rng(7)
+    fields = [(int(rng.choice([int(o) for o in P.Op])), int(rng.integers(0, 1 << 63)),
+               int(rng.integers(0, P.MAX_PAYLOAD + 1)), int(rng.integers(0, 1 << 16))) for _ in range(200)]
+    stream = bytearray(b"\x00" * 3)
+    offsets = []
+    for op, rid, n, fl in fields:
+        offsets.append(len(stream))
+        stream += P.pack_header(op, rid, n, fl) + bytes(int(rng.integers(0, 5)))
+    view = memoryview(stream)
+    for (op, rid, n, fl), at in zip(fields, offsets):
+        h = P.unpack_header_from(view, at)
+        assert (h.op, h.req_id, h.length, h.flags) == (op, rid, n, fl)
+        assert h == P.unpack_header(bytes(view[at:at + P.HEADER.size]))
+    bad = bytearray(stream)
+    bad[offsets[5] + 5] = 99
+    with pytest.raises(P.ProtocolError, match="unknown op 99"):
+        P.unpack_header_from(bad, offsets[5])
+    for t in P.MsgType:
+        if t in (P.MsgType.ECHO, P.MsgType.MULTI):
+            continue
+        assert P.decode_request(P.encode_request(P.Request(t, "t", np.arange(2), None))).type is t
+    with pytest.raises(P.ProtocolError, match="unknown request type 77"):
+        P.decode_request(struct.pack("<BBII", 77, 0, 0, 0))
+
+
 def test_request_round_trip():
     idx = np.array([5, 1, 99, 7], dtype=np.int64)
     off = np.array([0, 1, 4], dtype=np.int64)

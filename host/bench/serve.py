@@ -8,7 +8,8 @@
    per table) vs row-by-row one-sided READs (bytes on the wire per batch, batch latency);
 3. cache: adaptive vs static ranker cache under one memory budget (largest batch served,
    latency and hit rate per batch size);
-4. overhead: engine request round trip vs a bare blocking-socket round trip of the same size.
+4. overhead: engine request round trip vs a bare blocking-socket round trip of the same size
+   (``--only rtt`` runs just this, against one server, and writes results/serve-rtt/).
 
 All servers are real processes on 127.0.0.1 (tcp provider). One cluster of 8 servers holding
 full copies of every table serves every experiment; each experiment's shard map is a view over
@@ -51,6 +52,11 @@ def add_arguments(parser):
     parser.add_argument("--soak", type=ct.positive_float, default=None, metavar="PHASE_S",
                         help="instead: the soak run (good rankers, bad clients, servers killed and "
                              "restarted), PHASE_S seconds per phase; results under results/serve-soak/")
+    parser.add_argument("--only", choices=["rtt"], default=None,
+                        help="rtt: only the round-trip comparison (engine call / engine future / "
+                             "server without engine / bare echo), results under results/serve-rtt/")
+    parser.add_argument("--rtt-reps", type=ct.positive_int, default=None,
+                        help="round trips per size and variant (default 200, 50 with --quick, 2000 with --only rtt)")
     parser.add_argument("--backends", default="dram,evssd",
                         help="embedding-server backends compared in the backend column (comma-separated)")
 
@@ -273,7 +279,20 @@ def _recv_frame(sock):
     return bytes(body)
 
 
+def _proc_cpu(pid):
+    """CPU seconds (user + system) of process ``pid`` so far, from /proc; None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _overhead_points(cluster, sizes, reps):
+    """Round trips per size, four variants back to back in every iteration (see _RTT_NOTE);
+    wall clock percentiles, plus this thread's CPU per round trip of each variant and the
+    embedding server process's CPU per request it answered."""
     import struct
 
     from evssd.host.serving import protocol as P
@@ -299,30 +318,53 @@ def _overhead_points(cluster, sizes, reps):
                 payload = b"\xab" * size
                 req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
                 frame = P.pack_header(P.Op.SEND, 1, len(req)) + req
-                t_eng, t_bare, t_raw = [], [], []
+                t_eng, t_fut, t_bare, t_raw = [], [], [], []
+                cpu = np.zeros(4)
+                srv0 = _proc_cpu(cluster.procs["s0"].pid)
                 for i in range(reps + 5):
-                    t0 = time.perf_counter()
+                    if i == 5:
+                        cpu[:] = 0
+                        srv0 = _proc_cpu(cluster.procs["s0"].pid)
+                    c0 = time.thread_time()
+                    ta = time.perf_counter()
                     assert eng.request(conn, req).result(30) == payload
+                    t0 = time.perf_counter()
+                    c1 = time.thread_time()
+                    assert eng.call(conn, req, timeout=30) == payload
                     t1 = time.perf_counter()
+                    c2 = time.thread_time()
                     bare.sendall(struct.pack("<I", size) + payload)
                     got = 0
                     need = size + 4
                     while got < need:
                         got += len(bare.recv(need - got))
                     t2 = time.perf_counter()
+                    c3 = time.thread_time()
                     raw.sendall(frame)
                     assert P.decode_reply(_recv_frame(raw)) == payload
                     t3 = time.perf_counter()
+                    cpu += (c1 - c0, c2 - c1, c3 - c2, time.thread_time() - c3)
                     if i >= 5:
+                        t_fut.append(t0 - ta)
                         t_eng.append(t1 - t0)
                         t_bare.append(t2 - t1)
                         t_raw.append(t3 - t2)
-                e, b, rw = percentiles(t_eng), percentiles(t_bare), percentiles(t_raw)
+                srv1 = _proc_cpu(cluster.procs["s0"].pid)
+                cpu_us = cpu / reps * 1e6
+                e, f, b, rw = percentiles(t_eng), percentiles(t_fut), percentiles(t_bare), percentiles(t_raw)
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
+                            "engine_future_p50_us": f["p50"] * 1e6, "engine_future_p99_us": f["p99"] * 1e6,
                             "bare_p50_us": b["p50"] * 1e6, "bare_p99_us": b["p99"] * 1e6,
                             "server_no_engine_p50_us": rw["p50"] * 1e6,
+                            "server_no_engine_p99_us": rw["p99"] * 1e6,
                             "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6,
-                            "ratio_p50": e["p50"] / b["p50"]})
+                            "ratio_p50": e["p50"] / b["p50"],
+                            "ratio_server_no_engine_p50": e["p50"] / rw["p50"],
+                            "client_cpu_us": {"engine_future": cpu_us[0], "engine": cpu_us[1],
+                                              "bare": cpu_us[2], "server_no_engine": cpu_us[3]},
+                            # three requests per iteration reach the server (future, call, raw)
+                            "server_cpu_us_per_request": (None if srv0 is None or srv1 is None
+                                                          else (srv1 - srv0) / (3 * reps) * 1e6)})
         bare.close()
         raw.close()
     finally:
@@ -384,12 +426,72 @@ def _soak_figure(data):
     return fig
 
 
+def _print_rtt(ov):
+    for p in ov:
+        print(f"rtt     {p['bytes']:6d} B: engine call p50 {p['engine_p50_us']:7.1f} us, engine future "
+              f"{p['engine_future_p50_us']:7.1f} us, server without the engine {p['server_no_engine_p50_us']:7.1f} us, "
+              f"bare echo {p['bare_p50_us']:7.1f} us; call/bare {p['ratio_p50']:.2f}x, "
+              f"call/server-no-engine {p['ratio_server_no_engine_p50']:.2f}x", flush=True)
+        c = p["client_cpu_us"]
+        srv = p["server_cpu_us_per_request"]
+        print(f"        caller-thread CPU per round trip: call {c['engine']:.1f} us, future {c['engine_future']:.1f} us, "
+              f"blocking frame client {c['server_no_engine']:.1f} us, bare client {c['bare']:.1f} us; "
+              f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'}", flush=True)
+
+
+_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller, every iteration runs the four variants "
+             "back to back: engine_future = Engine.request(...).result() (the I/O thread reads the reply "
+             "and hands it over in a Future); engine = Engine.call (the caller reads its own reply); "
+             "server_no_engine = a blocking client speaking the frame protocol to the same embedding "
+             "server (ECHO request, header + body recv, decode_reply); bare = a minimal Python process "
+             "echoing 4-byte-length-prefixed messages (no frame protocol, no server code)")
+
+
+def _run_rtt(args) -> int:
+    from evssd.host.serving.config import make_config
+    from evssd.host.serving.launcher import LocalCluster
+
+    reps = args.rtt_reps or 2000
+    data = {"params": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
+            "note": _RTT_NOTE, "loadavg_start": os.getloadavg()}
+    with LocalCluster(make_config(1, 1000, args.dim, 1)) as cluster:
+        data["overhead"] = _overhead_points(cluster, [64, 4096, 65536], reps)
+    data["loadavg_end"] = os.getloadavg()
+    _print_rtt(data["overhead"])
+    print(f"load average start {data['loadavg_start'][0]:.1f}, end {data['loadavg_end'][0]:.1f} on {os.cpu_count()} cpus")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, a = plt.subplots(figsize=(6, 4))
+    _rtt_axes(a, data["overhead"])
+    fig.tight_layout()
+    cmd = "evssd bench serve --only rtt" + (f" --rtt-reps {args.rtt_reps}" if args.rtt_reps else "")
+    path = write_results("serve-rtt", data, fig, command=cmd, root=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _rtt_axes(a, ov):
+    a.plot([p["bytes"] for p in ov], [p["engine_p50_us"] for p in ov], marker="o", label="engine call (caller reads its reply)")
+    a.plot([p["bytes"] for p in ov], [p["engine_future_p50_us"] for p in ov], marker="o", label="engine request().result()")
+    a.plot([p["bytes"] for p in ov], [p["server_no_engine_p50_us"] for p in ov], marker="o",
+           label="embedding server, blocking client (no engine)")
+    a.plot([p["bytes"] for p in ov], [p["bare_p50_us"] for p in ov], marker="o", label="bare Python echo socket")
+    a.set_xscale("log")
+    a.set_xlabel("message bytes")
+    a.set_ylabel("p50 round trip (us)")
+    a.set_title("engine overhead")
+    a.legend(fontsize=8)
+
+
 def run(args) -> int:
     from evssd.host.serving.config import make_config
     from evssd.host.serving.launcher import LocalCluster
 
     if args.soak is not None:
         return _run_soak(args)
+    if args.only == "rtt":
+        return _run_rtt(args)
     quick = args.quick
     nfan = min(8, args.max_fanout)
     fanouts = [f for f in ([1, 2, 4, 8] if quick else range(1, 9)) if f <= nfan]
@@ -401,7 +503,7 @@ def run(args) -> int:
     full["shards"] = [{"table": t, "rows": [0, args.rows], "servers": list(full["servers"])}
                       for t in full["tables"]]
     data = {"params": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
-            "cpus_note": "servers, I/O threads and rankers share the machine's cores",
+            "cpus_note": "servers, I/O threads and rankers share the machine's cores", "rtt_note": _RTT_NOTE,
             "loadavg_start": os.getloadavg()}
     with LocalCluster(full) as cluster:
         ccfg = cluster.config
@@ -468,13 +570,9 @@ def run(args) -> int:
                             f"/hit {p['hit_rate']:.2f}" for p in c["points"])
             print(f"cache   {mode:8s}: largest batch served {c['largest_batch_served']:5d}; {pts}", flush=True)
         # 4. engine overhead vs bare socket
-        ov = _overhead_points(cluster, [64, 4096, 65536], 50 if quick else 200)
+        ov = _overhead_points(cluster, [64, 4096, 65536], args.rtt_reps or (50 if quick else 200))
         data["overhead"] = ov
-        for p in ov:
-            print(f"rtt     {p['bytes']:6d} B: engine p50 {p['engine_p50_us']:7.1f} us, bare socket p50 "
-                  f"{p['bare_p50_us']:7.1f} us, overhead {p['overhead_p50_us']:7.1f} us "
-                  f"({p['ratio_p50']:.2f}x); server without the engine {p['server_no_engine_p50_us']:7.1f} us",
-                  flush=True)
+        _print_rtt(ov)
         # 5. CPU per request per engine thread count
         cpu = _cpu_points(cluster, sorted({1, 2, args.threads}), max(2, args.clients * 2), 400 if quick else 2000)
         data["cpu_per_request"] = cpu
@@ -539,17 +637,7 @@ def _figure(data, threads):
     a.set_ylabel("mean batch latency (ms)")
     a.set_title(f"cache under a {data['cache']['budget_bytes'] >> 20} MiB budget (dotted: refused)")
     a.legend(fontsize=8)
-    a = ax[1, 1]
-    ov = data["overhead"]
-    a.plot([p["bytes"] for p in ov], [p["engine_p50_us"] for p in ov], marker="o", label="engine (SEND/RECV)")
-    a.plot([p["bytes"] for p in ov], [p["bare_p50_us"] for p in ov], marker="o", label="bare socket")
-    a.plot([p["bytes"] for p in ov], [p["server_no_engine_p50_us"] for p in ov], marker="o",
-           label="embedding server, blocking client (no engine)")
-    a.set_xscale("log")
-    a.set_xlabel("message bytes")
-    a.set_ylabel("p50 round trip (us)")
-    a.set_title("engine overhead")
-    a.legend(fontsize=8)
+    _rtt_axes(ax[1, 1], data["overhead"])
     a = ax[0, 2]
     bk = data.get("backends", [])
     a.bar([p["backend"] for p in bk], [p["samples_per_s"] for p in bk], color="tab:purple")

@@ -8,11 +8,22 @@ connection, each returning a :class:`concurrent.futures.Future`:
 * :meth:`Engine.read` / :meth:`Engine.read_rows` -- one-sided READs of a server's registered
   memory (``read_rows`` issues one READ per row with a bounded window: the row-by-row baseline).
 
+:meth:`Engine.call` is the synchronous form of :meth:`Engine.request`: the caller's thread
+sends and, when nobody else is reading the connection, reads its reply itself ("busy caller
+polls"), which saves the hand-off of the reply from an I/O thread to the caller.
+
 Threads and connections:
 
-* ``n_threads`` I/O threads; each owns a set of connections and is the only thread that touches
-  their queue pairs (posting, progress, completions), so no lock sits on the data path and a
-  connection is never driven by two threads. ``n_threads=1`` is the single-threaded baseline.
+* ``n_threads`` I/O threads; each owns a set of connections and drives their queue pairs
+  (posting, progress, completions). ``n_threads=1`` is the single-threaded baseline.
+* One reader per queue pair: whoever progresses a queue pair's receive side and takes its
+  completions holds the connection's ``rx_lock`` -- its I/O thread, or a caller inside
+  :meth:`Engine.call` that took the lock without waiting. An I/O thread that finds the lock
+  taken stops watching that socket ("parks" it) instead of spinning on it; whoever frees the
+  lock while requests are still pending wakes the I/O thread to watch it again. Completions a
+  caller cannot handle itself (READs, errors, a failed connection) go to the I/O thread, so
+  READ state and connection teardown stay on one thread. Callers also post and flush their
+  own SENDs when the provider's send side is locked (``thread_safe_post``).
 * Placement is mapping-aware: each connection carries a weight (its expected share of a batch's
   traffic, from the shard map) and goes to the thread with the least weight so far, so the
   fan-out of one batch spreads over the threads.
@@ -31,12 +42,14 @@ Threads and connections:
 from __future__ import annotations
 
 import itertools
+import queue
+import select
 import selectors
 import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 import numpy as np
 
@@ -64,16 +77,78 @@ class RequestTimeout(EngineError, TimeoutError):
 
 
 _SUB_BITS = 20      # read_rows: wr_id = op id << 20 | row position
+# completion opcodes as module constants (an enum attribute lookup per completion adds up)
+_RECV, _READ, _SEND, _FATAL = Opcode.RECV, Opcode.READ, Opcode.SEND, Opcode.FATAL
+
+
+class _Credits:
+    """A counting semaphore on a C-level queue of tokens. Taken and given back once per
+    request: ~0.2 us each, where ``threading.Semaphore`` (a Python ``Condition``) costs ~1.2."""
+    __slots__ = ("_q",)
+
+    def __init__(self, n: int):
+        self._q = queue.SimpleQueue()
+        for _ in range(n):
+            self._q.put(None)
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        try:
+            self._q.get(blocking, timeout)
+        except queue.Empty:
+            return False
+        return True
+
+    def release(self) -> None:
+        self._q.put(None)
+
+
+class _SyncResult:
+    """The completion of a request its caller waits for in :meth:`Engine.call`: the part of
+    the ``Future`` interface the engine uses, on two bare locks (a ``Future`` costs ~3 us of
+    ``Condition`` work per request). Never handed to user code."""
+    __slots__ = ("_gate", "_wait", "_done", "_result", "_exc")
+
+    def __init__(self):
+        self._gate = threading.Lock()      # taken by the one completion
+        self._wait = threading.Lock()      # held until completed
+        self._wait.acquire()
+        self._done = False
+        self._result = self._exc = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result):
+        self._set(result, None)
+
+    def set_exception(self, exc):
+        self._set(None, exc)
+
+    def _set(self, result, exc):
+        if not self._gate.acquire(blocking=False):
+            raise InvalidStateError("request completed already")
+        self._result, self._exc = result, exc
+        self._done = True
+        self._wait.release()
+
+    def result(self, timeout: float | None = None):
+        if not self._done:
+            if not self._wait.acquire(True, -1 if timeout is None else timeout):
+                raise TimeoutError("request not completed in time")
+            self._wait.release()           # stays open for any later look
+        if self._exc is not None:
+            raise self._exc
+        return self._result
 
 
 class _Op:
     __slots__ = ("kind", "req_id", "payload", "future", "deadline", "t0", "rkey", "offsets",
                  "length", "out", "next", "done", "n", "base", "credit")
 
-    def __init__(self, kind, req_id, deadline):
+    def __init__(self, kind, req_id, deadline, sync=False):
         self.kind = kind
         self.req_id = req_id
-        self.future = Future()
+        self.future = _SyncResult() if sync else Future()
         self.deadline = deadline
         self.t0 = time.perf_counter()
         self.credit = True
@@ -91,12 +166,19 @@ class Connection:
         self.driver = None       # the thread whose loop holds the queue pair now
         self.lock = threading.Lock()
         self.credits_total = credits
-        self.credits = threading.Semaphore(credits)
+        self.credits = _Credits(credits)
         self.pending: dict[int, _Op] = {}
         self.recv_bufs: dict[int, np.ndarray] = {}
         self.dead: str | None = None
         # queue pairs whose send side callers may drive (posting is locked inside the provider)
         self.direct_ok = bool(getattr(qp, "thread_safe_post", False))
+        # the one-reader lock (module docstring); callers may read replies on queue pairs with
+        # a pollable descriptor whose send side they may drive
+        self.rx_lock = threading.Lock()
+        self.caller_reads = self.direct_ok and not getattr(qp, "needs_polling", False)
+        self.parked = False          # its I/O thread stopped watching it: a caller reads it
+        self.deferred: deque = deque()   # completions a caller took but leaves to the I/O thread
+        self._poller = None
         self.migrated = threading.Event()
         self.migrated.set()
         self._mark = 0
@@ -108,6 +190,41 @@ class Connection:
 
     def __repr__(self):
         return f"Connection({self.name!r}, {self.qp.peer}, thread={self.owner})"
+
+
+def _finish(conn, op, result=None, exc=None):
+    """Complete ``op`` once (its credit back, its future set); any thread may call it."""
+    if op.credit:
+        op.credit = False
+        conn.credits.release()
+    conn.completed += 1
+    try:
+        if exc is not None:
+            op.future.set_exception(exc)
+        else:
+            op.future.set_result(result)
+    except InvalidStateError:
+        pass                      # completed already (e.g. failed by a closing engine)
+
+
+def _recv_completion(conn, wc):
+    """A reply arrived: complete its request and repost the receive buffer. Run by whoever
+    holds ``conn.rx_lock`` (the I/O thread or a caller reading its own reply)."""
+    buf = conn.recv_bufs[wc.wr_id]
+    op = conn.pending.pop(wc.imm, None)
+    if op is not None:
+        if not wc.ok:
+            _finish(conn, op, exc=P.ProtocolError(wc.error))
+        else:
+            try:
+                res = P.decode_reply(buf[:wc.byte_len])
+                if isinstance(res, np.ndarray):
+                    res = res.copy()
+                _finish(conn, op, res)
+            except (P.RemoteError, P.ProtocolError) as exc:
+                _finish(conn, op, exc=exc)
+    if not conn.dead:
+        conn.qp.post_recv(wc.wr_id, buf)
 
 
 class _IoThread(threading.Thread):
@@ -123,6 +240,7 @@ class _IoThread(threading.Thread):
         self.sel.register(self._wr, selectors.EVENT_READ, None)
         self.conns: dict[Connection, int] = {}     # adopted connection -> selector mask
         self.polled: list[Connection] = []         # providers without an fd (verbs)
+        self.parked: set[Connection] = set()       # adopted, unwatched: a caller holds rx_lock
         self.held: dict[Connection, list] = {}
         self.stop = False
         self.sleeping = True
@@ -158,7 +276,7 @@ class _IoThread(threading.Thread):
         next_expire = 0.0
         while not self.stop:
             self.sleeping = True
-            timeout = 0 if self.inbox else (0.001 if self.polled else 0.02)
+            timeout = 0 if self.inbox else (0.001 if self.polled else (0.005 if self.parked else 0.02))
             events = self.sel.select(timeout)
             self.sleeping = False
             for key, mask in events:
@@ -172,9 +290,15 @@ class _IoThread(threading.Thread):
                     continue
                 if mask & selectors.EVENT_WRITE:
                     conn.qp.flush()
-                if mask & selectors.EVENT_READ:
-                    conn.qp.progress()
-                self._completions(conn)
+                if not conn.rx_lock.acquire(blocking=False):
+                    self._park(conn)          # a caller is reading it: do not spin on its socket
+                    continue
+                try:
+                    if mask & selectors.EVENT_READ:
+                        conn.qp.progress()
+                    self._completions(conn)
+                finally:
+                    conn.rx_lock.release()
             while self.inbox:
                 self._handle(self.inbox.popleft())
             for conn in self.polled:
@@ -183,8 +307,18 @@ class _IoThread(threading.Thread):
             for conn, mask in list(self.conns.items()):
                 if conn.dead:
                     continue
+                while conn.deferred:
+                    if not self._completion(conn, conn.deferred.popleft()):
+                        break
+                if conn.dead:
+                    continue
                 if conn.qp.wants_write():
                     conn.qp.flush()        # what this turn posted, in one send
+                if conn in self.parked:
+                    # watch it again once no caller reads it and something still needs a reader
+                    if not conn.rx_lock.locked() and (conn.pending or conn.deferred or conn.qp.wants_write()):
+                        self._unpark(conn)
+                    continue
                 want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.qp.wants_write() else 0)
                 if want != mask and conn.qp.fileno() >= 0:
                     self.sel.modify(conn.qp, want, conn)
@@ -199,12 +333,12 @@ class _IoThread(threading.Thread):
         while self.inbox:                       # requests that never started fail, not hang
             item = self.inbox.popleft()
             if item[0] == "op":
-                self._finish(item[1], item[2], exc=err)
+                _finish(item[1], item[2], exc=err)
             elif item[0] == "close":
                 item[2].set()
         for conn, ops in self.held.items():
             for op in ops:
-                self._finish(conn, op, exc=err)
+                _finish(conn, op, exc=err)
         self.held.clear()
         self.sel.close()
         self._wr.close()
@@ -229,6 +363,7 @@ class _IoThread(threading.Thread):
         elif kind == "close":
             self._drop(conn, "closed by the application")
             item[2].set()
+        # "rearm" and "noop" only wake the loop: its end of turn looks at parked connections
 
     def _adopt(self, conn):
         # the one-driver invariant: a queue pair is in at most one thread's loop at a time
@@ -244,11 +379,32 @@ class _IoThread(threading.Thread):
                 self.sel.register(conn.qp, mask, conn)
             self.conns[conn] = mask
 
+    def _park(self, conn):
+        if conn in self.parked or conn.dead or conn not in self.conns:
+            return
+        try:
+            self.sel.unregister(conn.qp)
+        except (KeyError, ValueError):
+            pass
+        self.parked.add(conn)
+        self.conns[conn] = 0
+        conn.parked = True
+
+    def _unpark(self, conn):
+        self.parked.discard(conn)
+        conn.parked = False
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.qp.wants_write() else 0)
+        self.sel.register(conn.qp, want, conn)
+        self.conns[conn] = want
+
     def _unregister(self, conn):
         if conn.driver == self.idx:
             conn.driver = None
         mask = self.conns.pop(conn, None)
-        if conn in self.polled:
+        if conn in self.parked:
+            self.parked.discard(conn)
+            conn.parked = False
+        elif conn in self.polled:
             self.polled.remove(conn)
         elif mask is not None and not conn.dead:
             try:
@@ -259,7 +415,7 @@ class _IoThread(threading.Thread):
     # -------------------------------------------------------------- data path
     def _start(self, conn, op):
         if conn.dead:
-            self._finish(conn, op, exc=ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}"))
+            _finish(conn, op, exc=ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}"))
             return
         self.ops += 1
         conn.pending[op.req_id] = op
@@ -283,59 +439,40 @@ class _IoThread(threading.Thread):
 
     def _completions(self, conn):
         for wc in conn.qp.poll_cq():
-            if wc.opcode == Opcode.RECV:
-                buf = conn.recv_bufs[wc.wr_id]
-                op = conn.pending.pop(wc.imm, None)
-                if op is not None:
-                    if not wc.ok:
-                        self._finish(conn, op, exc=P.ProtocolError(wc.error))
-                    else:
-                        try:
-                            res = P.decode_reply(buf[:wc.byte_len])
-                            if isinstance(res, np.ndarray):
-                                res = res.copy()
-                            self._finish(conn, op, res)
-                        except (P.RemoteError, P.ProtocolError) as exc:
-                            self._finish(conn, op, exc=exc)
-                if not conn.dead:
-                    conn.qp.post_recv(wc.wr_id, buf)
-            elif wc.opcode == Opcode.READ:
-                op = conn.pending.get(wc.wr_id >> _SUB_BITS)
-                if op is None:
-                    continue
-                if not wc.ok:
-                    conn.pending.pop(op.req_id, None)
-                    self._finish(conn, op, exc=P.RemoteError(f"server {conn.name}: {wc.error}"))
-                    continue
-                op.done += 1
-                if op.done == op.n:
-                    conn.pending.pop(op.req_id, None)
-                    self._finish(conn, op, op.out)
-                else:
-                    try:
-                        self._issue_reads(conn, op)
-                    except (ConnectionError, OSError) as exc:
-                        self._fatal(conn, str(exc))
-                        return
-            elif wc.opcode == Opcode.SEND:
-                op = conn.pending.pop(wc.wr_id, None)
-                if op is not None:
-                    self._finish(conn, op, exc=P.RemoteError(f"server {conn.name}: {wc.error}"))
-            elif wc.opcode == Opcode.FATAL:
-                self._fatal(conn, wc.error)
+            if not self._completion(conn, wc):
                 return
 
-    def _finish(self, conn, op, result=None, exc=None):
-        if op.credit:
-            op.credit = False
-            conn.credits.release()
-        conn.completed += 1
-        if op.future.done():
-            return
-        if exc is not None:
-            op.future.set_exception(exc)
-        else:
-            op.future.set_result(result)
+    def _completion(self, conn, wc) -> bool:
+        """Handle one work completion; False when the connection failed (stop handling)."""
+        opcode = wc.opcode
+        if opcode == _RECV:
+            _recv_completion(conn, wc)
+        elif opcode == _READ:
+            op = conn.pending.get(wc.wr_id >> _SUB_BITS)
+            if op is None:
+                return True
+            if not wc.ok:
+                conn.pending.pop(op.req_id, None)
+                _finish(conn, op, exc=P.RemoteError(f"server {conn.name}: {wc.error}"))
+                return True
+            op.done += 1
+            if op.done == op.n:
+                conn.pending.pop(op.req_id, None)
+                _finish(conn, op, op.out)
+            else:
+                try:
+                    self._issue_reads(conn, op)
+                except (ConnectionError, OSError) as exc:
+                    self._fatal(conn, str(exc))
+                    return False
+        elif opcode == _SEND:
+            op = conn.pending.pop(wc.wr_id, None)
+            if op is not None:
+                _finish(conn, op, exc=P.RemoteError(f"server {conn.name}: {wc.error}"))
+        elif opcode == _FATAL:
+            self._fatal(conn, wc.error)
+            return False
+        return True
 
     def _fatal(self, conn, reason):
         if conn.dead:
@@ -357,7 +494,7 @@ class _IoThread(threading.Thread):
                 _, op = conn.pending.popitem()
             except KeyError:
                 break
-            _IoThread._finish(None, conn, op, exc=err)
+            _finish(conn, op, exc=err)
 
     def _expire(self, now):
         for conn in list(self.conns):
@@ -372,7 +509,7 @@ class _IoThread(threading.Thread):
                     for i in range(op.done, op.next):
                         conn.qp.forget_read(base | i)
                 waited = time.perf_counter() - op.t0
-                self._finish(conn, op, exc=RequestTimeout(
+                _finish(conn, op, exc=RequestTimeout(
                     f"server {conn.name} ({conn.qp.peer}) did not answer request {op.req_id} "
                     f"within {waited:.2f} s"))
 
@@ -381,7 +518,7 @@ class _IoThread(threading.Thread):
         err = ConnectionLost(f"server {conn.name}: {reason}")
         self._fail_pending(conn, err)
         for op in self.held.pop(conn, []):
-            self._finish(conn, op, exc=err)
+            _finish(conn, op, exc=err)
         if not conn.dead:
             conn.dead = reason
         conn.qp.close()
@@ -458,7 +595,7 @@ class Engine:
                 f"connection {conn.name}: {conn.credits_total} requests in flight"
                 + (f" and none completed within {self.credit_timeout:.2f} s" if block else ""))
 
-    def _submit(self, conn, op):
+    def _submit(self, conn, op, sync=False):
         with conn.lock:
             thread = self.threads[conn.owner]
             if thread.crashed or not thread.is_alive():
@@ -467,6 +604,8 @@ class Engine:
             if (op.kind == "req" and self.direct_send and conn.direct_ok and conn.migrated.is_set()
                     and conn.driver == conn.owner and not conn.dead):
                 self._send_direct(conn, thread, op)
+                if conn.parked and not sync:
+                    thread.post(("rearm", conn))   # nobody may read this reply: watch the socket again
             else:
                 thread.post(("op", conn, op))
         return op.future
@@ -480,18 +619,60 @@ class Engine:
         conn.pending[op.req_id] = op
         payload, op.payload = op.payload, None
         try:
-            conn.qp.post_send(op.req_id, payload)
-            conn.qp.flush()
+            conn.qp.send_now(op.req_id, payload)
         except (ConnectionError, OSError):
             pass          # the queue pair failed: its FATAL completion fails the op on the I/O thread
         if conn.dead and conn.pending.pop(op.req_id, None) is op:
-            thread._finish(conn, op, exc=ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}"))
+            _finish(conn, op, exc=ConnectionLost(f"server {conn.name} ({conn.qp.peer}): {conn.dead}"))
         elif conn.qp.wants_write():
             thread.post(("noop", None))   # the socket is full: the I/O thread waits for writability
 
-    def _new_op(self, kind, timeout):
+    def _read_own_reply(self, conn, op):
+        """Busy caller polls: read the connection until ``op`` completes, on the caller's
+        thread, if no other thread reads it now (``rx_lock`` taken without waiting; otherwise
+        the reader that holds it completes ``op``). Replies to other requests that arrive
+        meanwhile are completed here too; any other completion (READ, error, failure) is left
+        to the I/O thread. Gives up at the request's deadline (the I/O thread expires it)."""
+        if not conn.rx_lock.acquire(blocking=False):
+            return
+        handoff = False
+        qp = conn.qp
+        try:
+            poller = conn._poller
+            if poller is None:
+                poller = conn._poller = select.poll()
+                poller.register(qp.fileno(), select.POLLIN)
+            # ``op`` leaves ``pending`` when a reader takes its reply (or the I/O thread fails
+            # it): a dict lookup per turn, not the future's lock
+            pending, rid = conn.pending, op.req_id
+            ready = True     # try a read first: on a loaded host the reply is often there already
+            while rid in pending and not conn.dead and not getattr(qp, "failed", None):
+                if qp.wants_write():
+                    qp.flush()
+                if not ready:
+                    if not poller.poll(1 if qp.wants_write() else 10):
+                        if time.monotonic() > op.deadline:
+                            break
+                        continue
+                ready = False
+                qp.progress()
+                for wc in qp.poll_cq():
+                    if wc.opcode == _RECV:
+                        _recv_completion(conn, wc)
+                    else:
+                        conn.deferred.append(wc)
+                        handoff = True
+                if handoff:
+                    break
+        finally:
+            conn.rx_lock.release()
+        # after the release: a parked connection with work left needs its I/O thread again
+        if handoff or qp.wants_write() or (conn.parked and (conn.pending or conn.deferred)):
+            self.threads[conn.owner].post(("rearm", conn))
+
+    def _new_op(self, kind, timeout, sync=False):
         t = self.request_timeout if timeout is None else timeout
-        return _Op(kind, next(self._ids), time.monotonic() + t)
+        return _Op(kind, next(self._ids), time.monotonic() + t, sync)
 
     def request(self, conn: Connection, payload: bytes, *, timeout: float | None = None,
                 block: bool = True) -> Future:
@@ -502,6 +683,28 @@ class Engine:
         op = self._new_op("req", timeout)
         op.payload = payload
         return self._submit(conn, op)
+
+    def call(self, conn: Connection, payload: bytes, *, timeout: float | None = None,
+             block: bool = True):
+        """SEND ``payload`` and return the decoded reply (or raise what :meth:`request`'s
+        future would). The caller's thread reads its own reply when no other reader holds the
+        connection (see :meth:`_read_own_reply`); otherwise it waits like :meth:`request`."""
+        if len(payload) > P.MAX_PAYLOAD:
+            raise ValueError(f"request of {len(payload)} bytes exceeds {P.MAX_PAYLOAD}")
+        self._acquire(conn, block)
+        op = self._new_op("req", timeout, sync=True)
+        op.payload = payload
+        fut = self._submit(conn, op, sync=True)
+        if conn.caller_reads and op.req_id in conn.pending:
+            self._read_own_reply(conn, op)
+        try:
+            # the I/O thread fails the request at its deadline; the grace covers its tick
+            return fut.result(max(0.0, op.deadline - time.monotonic()) + 1.0)
+        except TimeoutError as exc:
+            if isinstance(exc, EngineError):
+                raise
+            raise RequestTimeout(f"server {conn.name} ({conn.qp.peer}): no answer to request "
+                                 f"{op.req_id} and no timeout from the engine") from None
 
     def read_rows(self, conn: Connection, rkey: int, offsets: np.ndarray, length: int, *,
                   out: np.ndarray | None = None, timeout: float | None = None,

@@ -19,12 +19,13 @@ import json
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
     "MAGIC", "VERSION", "HEADER", "MAX_PAYLOAD", "Op", "MsgType", "Status", "ProtocolError",
-    "VersionMismatch", "Header", "pack_header", "unpack_header", "pack_read_req",
+    "VersionMismatch", "Header", "pack_header", "unpack_header", "unpack_header_from", "pack_read_req",
     "unpack_read_req", "Request", "encode_request", "decode_request", "encode_ok_array",
     "encode_ok_json", "encode_err", "decode_reply", "RemoteError", "encode_multi", "decode_multi",
     "encode_ok_multi",
@@ -72,12 +73,16 @@ class RemoteError(RuntimeError):
     """The peer answered a request with an error message."""
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """A checked frame header (a tuple: built once per frame on the data path)."""
     op: int
     flags: int
     req_id: int
     length: int
+
+
+_OPS = frozenset(int(o) for o in Op)
+_new_header = Header._make
 
 
 def pack_header(op: int, req_id: int, length: int, flags: int = 0) -> bytes:
@@ -85,16 +90,21 @@ def pack_header(op: int, req_id: int, length: int, flags: int = 0) -> bytes:
 
 
 def unpack_header(buf) -> Header:
-    magic, version, op, flags, req_id, length = HEADER.unpack(buf)
+    return unpack_header_from(buf, 0)
+
+
+def unpack_header_from(buf, offset: int) -> Header:
+    """The header at ``offset`` of ``buf`` (no slice needed), checked field by field."""
+    magic, version, op, flags, req_id, length = HEADER.unpack_from(buf, offset)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}): not an evssd peer")
     if version != VERSION:
         raise VersionMismatch(f"protocol version mismatch: peer speaks v{version}, we speak v{VERSION}")
-    if op not in Op._value2member_map_:
+    if op not in _OPS:
         raise ProtocolError(f"unknown op {op}")
     if length > MAX_PAYLOAD:
         raise ProtocolError(f"frame length {length} exceeds the {MAX_PAYLOAD}-byte limit")
-    return Header(op, flags, req_id, length)
+    return _new_header((op, flags, req_id, length))
 
 
 def pack_read_req(rkey: int, offset: int, length: int) -> bytes:
@@ -135,15 +145,19 @@ def encode_request(req: Request) -> bytes:
                      idx.tobytes(), off.tobytes()))
 
 
+_MSG_TYPES = {int(m): m for m in MsgType}
+_ECHO = MsgType.ECHO
+
+
 def decode_request(buf) -> Request:
     buf = memoryview(buf)
     if len(buf) < _REQ.size:
         raise ProtocolError(f"request of {len(buf)} bytes is shorter than its {_REQ.size}-byte header")
     typ, name_len, n_idx, n_off = _REQ.unpack_from(buf)
-    if typ not in MsgType._value2member_map_:
+    typ = _MSG_TYPES.get(typ, typ)
+    if type(typ) is int:
         raise ProtocolError(f"unknown request type {typ}")
-    typ = MsgType(typ)
-    if typ == MsgType.ECHO:
+    if typ is _ECHO:
         if len(buf) != _REQ.size + n_idx:
             raise ProtocolError("ECHO length field does not match the message")
         return Request(typ, payload=bytes(buf[_REQ.size:]))

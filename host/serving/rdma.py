@@ -41,7 +41,7 @@ class Opcode(IntEnum):
     FATAL = 4
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkCompletion:
     wr_id: int
     opcode: Opcode
@@ -74,6 +74,12 @@ class QueuePair:
     def progress(self) -> None: raise NotImplementedError
     def poll_cq(self) -> list[WorkCompletion]: raise NotImplementedError
     def flush(self) -> None: raise NotImplementedError
+
+    def send_now(self, wr_id: int, data) -> None:
+        """``post_send`` then ``flush`` (a provider may do both in one step)."""
+        self.post_send(wr_id, data)
+        self.flush()
+
     def wants_write(self) -> bool: return False
     def close(self) -> None: raise NotImplementedError
 
