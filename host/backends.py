@@ -28,15 +28,17 @@ BACKENDS: dict[str, Backend] = {
                      "evssd.host.model:ModelTransport"),
     "uart": Backend("a board running the gateware behind the UART-to-AXI-Lite bridge (pyserial)",
                     "evssd.host.uart:UartTransport"),
+    "rtl": Backend("the whole device's RTL in Verilator, in a child process (cocotb bench serving a socket)",
+                   "evssd.sim.rtl_transport:RtlTransport"),
     "cocotb": Backend("the RTL in a cocotb test (cocotbext-axi bus models); only inside a cocotb test",
                       None,
                       "backend 'cocotb' only exists inside a cocotb test: build it there with "
-                      "evssd.sim.transport.CocotbTransport(dut); from the command line use --backend rtl"),
+                      "evssd.sim.transport.CocotbTransport(dut); outside a test use backend 'rtl' (the RTL in a child process)"),
 }
 
 
 def open_transport(backend: str, **kwargs) -> Transport:
-    """Make a transport by backend name (``model``, ``uart``); ``kwargs`` go to its constructor."""
+    """Make a transport by backend name (``model``, ``uart``, ``rtl``); ``kwargs`` go to its constructor."""
     entry = BACKENDS.get(backend) if isinstance(backend, str) else None
     if entry is None:
         known = ", ".join(f"{k} ({v.description})" for k, v in BACKENDS.items())

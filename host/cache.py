@@ -20,48 +20,52 @@ costs one call and no Python-level per-key work:
   passed the filter replaces the victim only if its estimate is strictly higher;
   otherwise it is counted as ``rejected_by_sketch`` and the victim stays (TinyLFU's rule: a row
   that is not more popular than what it would evict is not worth a write).
-* **Segmented LRU.** Row index -> cache slot through Robin Hood open addressing (linear probing;
+* **CLOCK.** Row index -> cache slot through Robin Hood open addressing (linear probing;
   a resident's probe distance is recomputed from its key; lookups stop early once they are
   further from home than the resident; deletion by backward shift, so there are no tombstones).
-  Recency: circular doubly linked lists in two ``int32`` arrays (``prev``/``next``), one per
-  segment. In sketch mode a new row enters *probation*; a hit there promotes it to *protected*
-  (at most 80% of the rows; over quota, protected's LRU moves back to probation's MRU); the
-  victim is probation's LRU. So a row that has been reused while cached is not pushed out by a
-  stream of newcomers that each passed the filter once. In ``"filter"`` mode there is only
-  probation: a plain LRU behind the 2-bit filter, the FlashEmbedding design as published. Rows
-  live in a preallocated ``values[capacity, dim]`` array; the kernels move them as 8/4/2/1-byte
-  words, so any table dtype works (fp32, fp16, int8, int32, ...).
+  Recency: one ``uint8`` reference counter per slot and a hand. A hit adds one to its slot's
+  counter, saturating at ``ref_max`` (7 in sketch mode, 1 -- classic second chance -- in filter
+  mode): one byte store to a slot the probe just found, independent of every other key, so a
+  batch's hits overlap in the CPU (a linked LRU list relinks each hit through its neighbours'
+  links, dependent loads that cannot be prefetched: ~60 ns per hit with a cold CPU cache). When a
+  full cache needs a victim, the hand walks the slots in order, taking one off each non-zero
+  counter, and stops at the first zero; a newcomer starts at 0 right behind the hand, so it has a
+  full turn to be reused. A row hit k times survives up to k sweeps (the protected segment's job
+  in a segmented LRU). Rows live in a preallocated ``values[capacity, dim]`` array; the kernels
+  move them as 8/4/2/1-byte words, so any table dtype works (fp32, fp16, int8, int32, ...).
 
 Why the sketch is the default: at equal rows it beats the plain 2-bit filter and W-TinyLFU
-(``theine``) on the Meta-calibrated trace at 0.5-2% and on Zipf and shifting-hot-set traces
-(``evssd bench cache``, docs/benchmarks.md); the filter alone admits anything seen twice and
-evicts by recency only, which loses hot rows to bursts of lukewarm ones at small budgets.
+(``theine``) on the Meta-calibrated trace at 1-2% and on the shifting-hot-set trace and is
+within its run-to-run spread elsewhere (``evssd bench cache``, docs/benchmarks.md); the filter
+alone admits anything seen twice and evicts by recency only, which loses hot rows to bursts of
+lukewarm ones at small budgets.
 
 Memory per entry (counted against the budget)::
 
     row_bytes                      the cached row (dim * itemsize)
-    + 17                           prev int32, next int32, slot->row key int64, segment uint8
+    + 9                            slot->row key int64, reference counter uint8
     + 8 / load_factor              hash slots per entry * (row index | slot, packed in one int64)
     + 8                            the sketch (sketch mode only; whole 64-byte blocks)
 
 plus ``ceil(n_rows / 4)`` bytes of admission counters and a small fixed part, both also charged
-to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 35`` bytes per entry in
-sketch mode (``+ 27`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
-88% (90%) as many rows as a budget of raw rows, minus what the counters take.
+to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 27`` bytes per entry in
+sketch mode (``+ 19`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
+90% (93%) as many rows as a budget of raw rows, minus what the counters take.
 
 Semantics, exactly (the test suite checks them against a pure-Python reference):
 
 * ``lookup(indices, out)`` walks the batch in order; for each index: bump its counter and (sketch
   mode) its sketch counters, halving the sketch when the sample is full; if cached, copy the row
-  into ``out[j]``, count a hit and update recency (protected: make it MRU; probation: promote it,
-  or in filter mode make it MRU); else count a miss. A row missing twice in one batch is two
-  misses (nothing is inserted by a lookup).
+  into ``out[j]``, count a hit and add one to its slot's reference counter (up to ``ref_max``);
+  else count a miss. A row missing twice in one batch is two misses (nothing is inserted by a
+  lookup).
 * ``admit(indices, rows)`` walks the batch in order; a row already cached is skipped (a duplicate
   in the batch, or admitted earlier); while the cache has a free slot, sketch mode inserts the row;
   otherwise a row whose counter is below the threshold is rejected; if the cache is full, the
-  victim is probation's LRU (protected's if probation is empty) and in sketch mode a candidate no
-  more frequent than the victim is rejected; otherwise the row goes in as probation's MRU,
-  evicting the victim.
+  hand sweeps to the victim (decrementing the counters it passes) and in sketch mode a candidate
+  no more frequent than the victim is rejected (the hand stays on the victim); otherwise the row
+  takes the victim's slot with counter 0 and the hand moves one slot on. ``invalidate`` moves
+  the last used slot into the freed one (slots stay dense) and puts a hand past the end at 0.
 
 Thread safety: the kernels release the GIL and each public call holds a per-instance lock, so
 calls from several threads serialise per table and different tables run in parallel.
@@ -83,16 +87,20 @@ DTYPE_ALIASES = {**{n: el.storage.type for n, el in DEVICE_ELEMS.items()},  # ho
                  "fp64": np.float64, "bf16": None}
 
 # state vector layout (int64): mutable scalars shared with the kernels
-(_HEAD, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS,
- _REJECTED_SKETCH, _SKETCH_ADDS, _PHEAD, _PSIZE) = range(13)
-_N_STATE = 13
+(_HAND, _SIZE, _HITS, _MISSES, _ADMISSIONS, _EVICTIONS, _REJECTED, _SINCE_DECAY, _LOOKUPS,
+ _REJECTED_SKETCH, _SKETCH_ADDS, _EPOCH) = range(12)
+_N_STATE = 12
 
 _EMPTY = np.int64(-1)
 _HASH_SLOT_BYTES = 8              # row index | cache slot << kb, one int64
-_ENTRY_META_BYTES = 4 + 4 + 8 + 1 # prev, next, slot -> key, segment
+_ENTRY_META_BYTES = 8 + 1        # slot -> key, reference counter
 _SKETCH_BYTES_PER_ENTRY = 8       # 16 four-bit counters per cached row (Caffeine's sizing)
 _SKETCH_SAMPLE_PER_ENTRY = 10     # halve the sketch after 10 x capacity counted keys
-_PROTECTED_SHARE = 0.8            # of the rows, in the protected segment (sketch mode)
+# CLOCK reference counter ceiling per admission mode: a hit adds one up to this, a sweep of the
+# hand takes one off. 1 is classic second chance (the filter mode's LRU approximation); the
+# sketch mode's 7 lets a row reused several times survive that many sweeps, the role the
+# protected segment of a segmented LRU plays.
+_REF_MAX = {"sketch": 7, "filter": 1}
 ADMISSION_POLICIES = ("sketch", "filter")
 
 
@@ -211,25 +219,6 @@ def _delete_at(pos, htab, kb):
 
 
 @numba.njit(cache=True, inline="always")
-def _touch(s, prev, nxt, head):
-    """Make slot ``s`` the MRU; returns the new head."""
-    if s == head:
-        return head
-    tail = prev[head]
-    if s == tail:
-        return s                   # circular list: the tail becomes the head by rotation
-    p = prev[s]
-    n = nxt[s]
-    nxt[p] = n
-    prev[n] = p
-    prev[s] = tail
-    nxt[s] = head
-    nxt[tail] = s
-    prev[head] = s
-    return s
-
-
-@numba.njit(cache=True, inline="always")
 def _mix(k):
     # splitmix64's finaliser: every output bit depends on every key bit, unlike _home's
     # multiply, so the sketch's counters are independent of the hash table's placement
@@ -278,40 +267,14 @@ def _sketch_halve(sketch):
         sketch[i] = (sketch[i] >> np.uint64(1)) & _NIBBLE_HALF
 
 
-@numba.njit(cache=True, inline="always")
-def _unlink(s, prev, nxt, head):
-    """Take slot ``s`` out of the circular list whose MRU is ``head``; returns the new head."""
-    n = nxt[s]
-    if n == s:
-        return -1
-    p = prev[s]
-    nxt[p] = n
-    prev[n] = p
-    return n if head == s else head
-
-
-@numba.njit(cache=True, inline="always")
-def _push(s, prev, nxt, head):
-    """Make slot ``s`` (in no list) the MRU of the list whose MRU is ``head``; returns ``s``."""
-    if head < 0:
-        prev[s] = s
-        nxt[s] = s
-    else:
-        tail = prev[head]
-        prev[s] = tail
-        nxt[s] = head
-        nxt[tail] = s
-        prev[head] = s
-    return s
-
-
 _NO_HIT = np.zeros(0, dtype=np.bool_)
 _AHEAD = 8  # lookups between a prefetch hint and its use (as the pooling kernels)
+_SKETCH_PREFETCH_BYTES = 256 * 1024  # prefetch sketch blocks when the sketch exceeds this (~L2)
 
 
 @numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, prev, nxt, seg,
-                   counters, sketch, sample, max_protected, st):
+def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, ref_max,
+                   counters, sketch, sample, st):
     # ``slots`` (int32, len(keys)) receives each key's cache slot or -1; ``copy``: also copy each
     # hit row into ``out[j]`` (``lookup``) -- without it (``lookup_slots``) ``out`` is not read
     # and ``hit`` is not written. Every other effect is the same either way.
@@ -321,77 +284,63 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, prev, 
         if k < 0 or k >= n_rows:
             return j
     # Passes over the batch: the probes and the counter updates of different keys are
-    # independent, so the CPU overlaps their cache misses; only the recency updates are serial.
-    # Lookups never move a hash entry, so the slots found first are still right in the last pass.
+    # independent, so the CPU overlaps their cache misses. Recency is a CLOCK reference counter
+    # per slot: a hit is one saturating byte increment, no list to relink, so no pass is serial.
     m = htab.shape[0]
     h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
+    hits = 0
+    rmax = np.uint8(ref_max)
     for j in range(n):
         if j + _AHEAD < n:             # hint the home slot of the key _AHEAD positions on
             _prefetch(h2, _home(keys[j + _AHEAD], m), 0)
         pos = _find(keys[j], htab, kb)
-        slots[j] = htab[pos] >> kb if pos >= 0 else -1
+        if pos >= 0:
+            s = np.int32(htab[pos] >> kb)
+            r = ref[s]
+            ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
+            hits += 1
+        else:
+            s = np.int32(-1)
+        slots[j] = s
     # (counters and sketch in separate loops: one fused loop measured slower)
+    c2 = counters.reshape((counters.shape[0], 1))
     for j in range(n):
+        if j + _AHEAD < n:             # one byte per 4 rows: a large table's are beyond L2
+            _prefetch(c2, keys[j + _AHEAD] >> 2, 0)
         k = keys[j]
         b = k >> 2
         sh = (k & 3) * 2
         c = counters[b]
         counters[b] = c + np.uint8((((c >> sh) & 3) != 3) << sh)   # saturating, branch-free
     if sketch.shape[0] > 0:
+        nb = sketch.shape[0] >> 3
+        s2 = sketch.reshape((nb, 8))   # one row per 64-byte block, for the prefetch hint
         adds = st[_SKETCH_ADDS]
+        # a sketch beyond the L2 cache: hint the block of the key _AHEAD on (one more hash per
+        # key; for a small sketch that is pure cost)
+        hint = sketch.shape[0] * 8 > _SKETCH_PREFETCH_BYTES
         for j in range(n):
+            if hint and j + _AHEAD < n:
+                base, _ = _sketch_cells(keys[j + _AHEAD], nb)
+                _prefetch(s2, base >> 3, 0)
             _sketch_increment(keys[j], sketch)
             adds += 1
             if adds >= sample:     # aging: halve every counter once `sample` keys were counted
                 _sketch_halve(sketch)
                 adds = adds >> 1
         st[_SKETCH_ADDS] = adds
-    w = values.shape[1]
-    head = st[_HEAD]
-    phead = st[_PHEAD]
-    psize = st[_PSIZE]
-    hits = 0
-    rb = w * values.itemsize
-    cap = prev.shape[0]
-    p2 = prev.reshape((cap, 1))        # 2-D views for the prefetch hint
-    n2 = nxt.reshape((cap, 1))
-    g2 = seg.reshape((cap, 1))
-    for j in range(n):
-        s = slots[j]
-        if j + _AHEAD < n and slots[j + _AHEAD] >= 0:   # the links relinked _AHEAD lookups later
-            sa = slots[j + _AHEAD]
-            _prefetch(p2, sa, 0)
-            _prefetch(n2, sa, 0)
-            _prefetch(g2, sa, 0)
-        if copy:
+    if copy:
+        w = values.shape[1]
+        rb = w * values.itemsize
+        for j in range(n):
             if j + _AHEAD < n and slots[j + _AHEAD] >= 0:   # the row copied _AHEAD lookups later
                 for off in range(0, rb, 64):
                     _prefetch(values, slots[j + _AHEAD], off)
+            s = slots[j]
             if s >= 0:
                 for t in range(w):
                     out[j, t] = values[s, t]
             hit[j] = s >= 0
-        if s >= 0:
-            hits += 1
-            if seg[s]:
-                phead = _touch(s, prev, nxt, phead)
-            elif max_protected > 0:
-                # a hit in probation promotes the row; the protected LRU moves down if over quota
-                head = _unlink(s, prev, nxt, head)
-                phead = _push(s, prev, nxt, phead)
-                seg[s] = 1
-                psize += 1
-                if psize > max_protected:
-                    d = prev[phead]
-                    phead = _unlink(d, prev, nxt, phead)
-                    head = _push(d, prev, nxt, head)
-                    seg[d] = 0
-                    psize -= 1
-            else:
-                head = _touch(s, prev, nxt, head)
-    st[_HEAD] = head
-    st[_PHEAD] = phead
-    st[_PSIZE] = psize
     st[_HITS] += hits
     st[_MISSES] += n - hits
     st[_LOOKUPS] += n
@@ -407,7 +356,7 @@ def _decay_kernel(counters):
 
 
 @numba.njit(cache=True, nogil=True)
-def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, prev, nxt, seg, slot_key,
+def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, ref, slot_key,
                   counters, sketch, st):
     n = keys.shape[0]
     for j in range(n):
@@ -417,9 +366,7 @@ def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, prev, nxt, se
     cap = values.shape[0]
     w = values.shape[1]
     use_sketch = sketch.shape[0] > 0
-    head = st[_HEAD]
-    phead = st[_PHEAD]
-    psize = st[_PSIZE]
+    hand = st[_HAND]
     size = st[_SIZE]
     for j in range(n):
         k = keys[j]
@@ -434,45 +381,43 @@ def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, prev, nxt, se
         if size < cap:
             s = size
             size += 1
-            head = _push(s, prev, nxt, head)
         else:
-            # the victim: probation's LRU (protected's LRU if probation is empty)
-            s = prev[head] if head >= 0 else prev[phead]
+            # the victim: the hand's next slot with a zero reference counter; the slots it
+            # passes lose one reference each (ends: every pass over a slot decrements it)
+            while ref[hand] > 0:
+                ref[hand] -= 1
+                hand += 1
+                if hand == cap:
+                    hand = 0
+            s = hand
             if use_sketch and _sketch_estimate(k, sketch) <= _sketch_estimate(slot_key[s], sketch):
                 st[_REJECTED_SKETCH] += 1
-                continue           # the victim is at least as frequent: keep it
+                continue           # the victim is at least as frequent: keep it (hand stays)
             _delete_at(_find(slot_key[s], htab, kb), htab, kb)
             st[_EVICTIONS] += 1
-            if seg[s]:
-                phead = _unlink(s, prev, nxt, phead)
-                psize -= 1
-                head = _push(s, prev, nxt, head)
-            else:
-                head = s           # probation's LRU becomes its MRU by rotation
-        seg[s] = 0
+            st[_EPOCH] += 1        # a slot now holds another row
+            hand += 1              # the newcomer is the last the hand reaches
+            if hand == cap:
+                hand = 0
+        ref[s] = 0
         slot_key[s] = k
         for t in range(w):
             values[s, t] = rows[j, t]
         _insert(k, s, htab, kb)
         st[_ADMISSIONS] += 1
-    st[_HEAD] = head
-    st[_PHEAD] = phead
-    st[_PSIZE] = psize
+    st[_HAND] = hand
     st[_SIZE] = size
     return -1
 
 
 @numba.njit(cache=True, nogil=True)
-def _invalidate_kernel(keys, n_rows, htab, kb, values, prev, nxt, seg, slot_key, st):
+def _invalidate_kernel(keys, n_rows, htab, kb, values, ref, slot_key, st):
     n = keys.shape[0]
     for j in range(n):
         k = keys[j]
         if k < 0 or k >= n_rows:
             return -(j + 1)
     w = values.shape[1]
-    head = st[_HEAD]
-    phead = st[_PHEAD]
-    psize = st[_PSIZE]
     size = st[_SIZE]
     removed = 0
     for j in range(n):
@@ -482,37 +427,20 @@ def _invalidate_kernel(keys, n_rows, htab, kb, values, prev, nxt, seg, slot_key,
         s = htab[pos] >> kb
         _delete_at(pos, htab, kb)
         removed += 1
-        if seg[s]:
-            phead = _unlink(s, prev, nxt, phead)
-            psize -= 1
-        else:
-            head = _unlink(s, prev, nxt, head)
+        st[_EPOCH] += 1
         last = size - 1
         size -= 1
         if s != last:              # keep slots dense: move the last slot into the hole
-            p = prev[last]
-            q = nxt[last]
-            if p == last:
-                prev[s] = s
-                nxt[s] = s
-            else:
-                prev[s] = p
-                nxt[s] = q
-                nxt[p] = s
-                prev[q] = s
-            if head == last:
-                head = s
-            if phead == last:
-                phead = s
-            seg[s] = seg[last]
+            ref[s] = ref[last]
             slot_key[s] = slot_key[last]
             for t in range(w):
                 values[s, t] = values[last, t]
             htab[_find(slot_key[s], htab, kb)] = slot_key[s] | (np.int64(s) << kb)
-    st[_HEAD] = head
-    st[_PHEAD] = phead
-    st[_PSIZE] = psize
+        slot_key[last] = -1
+        ref[last] = 0
     st[_SIZE] = size
+    if st[_HAND] >= size:          # the hand only ever points at a used slot (0 when empty)
+        st[_HAND] = 0
     return removed
 
 
@@ -567,8 +495,8 @@ class EVCache:
     ``decay_interval``: age the counters after this many looked-up keys (None: never).
     ``load_factor``: maximum fill of the Robin Hood table, in (0, 0.95].
     ``admission``: ``"sketch"`` (default: the 2-bit filter, then the frequency sketch compares the
-    candidate with the victim of a segmented LRU) or ``"filter"`` (the 2-bit filter over a plain
-    LRU, the published design). The sketch costs 8 bytes per row, charged to the budget.
+    candidate with the CLOCK victim) or ``"filter"`` (the 2-bit filter over CLOCK with one
+    reference bit, the published design's LRU approximated by second chance). The sketch costs 8 bytes per row, charged to the budget.
     """
 
     def __init__(self, n_rows: int, dim: int, dtype=np.float32, *, capacity: int | None = None,
@@ -652,19 +580,15 @@ class EVCache:
         m = self._hash_slots(cap)
 
         self._values = np.zeros((cap, self._words), dtype=self._word)
-        self._prev = np.zeros(cap, dtype=np.int32)
-        self._next = np.zeros(cap, dtype=np.int32)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
-        self._seg = np.zeros(cap, dtype=np.uint8)      # 1: protected segment
+        self._ref = np.zeros(cap, dtype=np.uint8)      # CLOCK reference counter per slot
+        self._ref_max = _REF_MAX[admission]
         self._htab = np.full(m, -1, dtype=np.int64)
         self._counters = np.zeros(counter_bytes, dtype=np.uint8)
         # the frequency sketch is empty (and never read) in "filter" mode
         self._sketch = np.zeros(_sketch_words(cap) if admission == "sketch" else 0, dtype=np.uint64)
         self._sketch_sample = _SKETCH_SAMPLE_PER_ENTRY * cap
-        self._max_protected = int(_PROTECTED_SHARE * cap) if admission == "sketch" else 0
         self._st = np.zeros(_N_STATE, dtype=np.int64)
-        self._st[_HEAD] = -1
-        self._st[_PHEAD] = -1
         # The kernels release the GIL (the store overlaps cache work with device I/O in another
         # thread); the lock keeps two callers from racing on one table's cache.
         self._lock = threading.Lock()
@@ -683,9 +607,7 @@ class EVCache:
     @property
     def memory_bytes(self) -> int:
         """Bytes held by every array of the cache (rows, links, hash table, counters, state)."""
-        return sum(a.nbytes for a in (self._values, self._prev, self._next, self._slot_key,
-                                      self._seg,
-                                      self._htab, self._counters, self._sketch,
+        return sum(a.nbytes for a in (self._values, self._slot_key, self._ref, self._htab, self._counters, self._sketch,
                                       self._st))
 
     # -- input checks (all before any state changes)
@@ -762,9 +684,8 @@ class EVCache:
 
     def _run_lookup(self, keys, out, hit, slots, copy) -> None:
         bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,
-                             self._kb, self._values, self._prev, self._next, self._seg,
-                             self._counters, self._sketch, self._sketch_sample,
-                             self._max_protected, self._st)
+                             self._kb, self._values, self._ref, self._ref_max,
+                             self._counters, self._sketch, self._sketch_sample, self._st)
         if bad < 0 and self.decay_interval is not None \
                 and self._st[_SINCE_DECAY] >= self.decay_interval:
             _decay_kernel(self._counters)
@@ -778,6 +699,14 @@ class EVCache:
         return self._lock
 
     @property
+    def epoch(self) -> int:
+        """Counts the events that change which row a used slot holds (an eviction, an
+        invalidation, :meth:`clear`); lookups and admissions into free slots leave it alone. A
+        caller that read it before :meth:`lookup_slots` and reads the same value later knows
+        every slot it got still holds its row, without checking :attr:`slot_keys`."""
+        return int(self._st[_EPOCH])
+
+    @property
     def slot_keys(self) -> np.ndarray:
         """The row index each slot holds (-1: free), read-only view (to check slots)."""
         v = self._slot_key.view()
@@ -789,8 +718,8 @@ class EVCache:
 
         ``rows[j]`` is the row of ``indices[j]``, shape ``(len(indices), dim)``, table dtype.
         Rows already cached (duplicates in the batch included) are skipped; rows whose counter
-        is below ``admit_threshold`` are rejected and counted; the rest go in as MRU, evicting
-        the LRU row when full.
+        is below ``admit_threshold`` are rejected and counted; the rest take a free slot or, when
+        full, the CLOCK victim's (see the module docstring).
         """
         keys = self._keys(indices, "admit")
         n = keys.shape[0]
@@ -803,8 +732,8 @@ class EVCache:
         with self._lock:
             before = int(self._st[_ADMISSIONS])
             bad = _admit_kernel(keys, self._row_view(rows), self.admit_threshold, self.n_rows,
-                                self._htab, self._kb, self._values, self._prev,
-                                self._next, self._seg, self._slot_key, self._counters,
+                                self._htab, self._kb, self._values, self._ref,
+                                self._slot_key, self._counters,
                                 self._sketch, self._st)
             admitted = int(self._st[_ADMISSIONS]) - before
         if bad >= 0:
@@ -817,7 +746,7 @@ class EVCache:
         keys = self._keys(indices, "invalidate")
         with self._lock:
             r = _invalidate_kernel(keys, self.n_rows, self._htab, self._kb, self._values,
-                                   self._prev, self._next, self._seg, self._slot_key, self._st)
+                                   self._ref, self._slot_key, self._st)
         if r < 0:
             self._bad_index(keys, -r - 1)
         return int(r)
@@ -855,37 +784,43 @@ class EVCache:
             self._clear()
 
     def _clear(self) -> None:
+        self._st[_EPOCH] += 1
         self._htab.fill(-1)
         self._sketch.fill(0)
         self._st[_SKETCH_ADDS] = 0
         self._slot_key.fill(-1)
+        self._ref.fill(0)
         self._counters.fill(0)
-        self._st[_HEAD] = -1
-        self._st[_PHEAD] = -1
-        self._st[_PSIZE] = 0
+        self._st[_HAND] = 0
         self._st[_SIZE] = 0
         self._st[_SINCE_DECAY] = 0
 
-    def _walk(self, head: int) -> list[int]:
-        """Slots of one circular list from its MRU on."""
-        out, s = [], head
-        while s >= 0:
-            out.append(s)
-            s = int(self._next[s])
-            if s == head or len(out) > self.capacity:
-                break
-        return out
+    def keys_clock(self) -> np.ndarray:
+        """Cached row indices in the order the CLOCK hand reaches them (from the hand on, slot
+        order, wrapping): with all reference counters zero, the next victims first (debug/tests)."""
+        n = len(self)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        order = (int(self._st[_HAND]) + np.arange(n)) % n
+        return self._slot_key[order].astype(np.int64)
 
-    def keys_mru(self) -> np.ndarray:
-        """Cached row indices from the last to the next evicted (walks the lists: debug/tests):
-        the protected segment from MRU to LRU, then probation from MRU to LRU; in ``"filter"``
-        mode everything is in probation, so this is plain MRU-to-LRU order."""
-        slots = self._walk(int(self._st[_PHEAD])) + self._walk(int(self._st[_HEAD]))
-        return self._slot_key[np.array(slots, dtype=np.int64)].astype(np.int64)
+    def references(self, indices) -> np.ndarray:
+        """The CLOCK reference counters (0..``ref_max``) of ``indices``; -1 for a row not cached.
+        Read-only introspection."""
+        keys = self._keys(indices, "references")
+        res = np.full(keys.shape[0], -1, dtype=np.int64)
+        with self._lock:
+            for j, k in enumerate(keys.tolist()):
+                if 0 <= k < self.n_rows:
+                    pos = _find(k, self._htab, self._kb)
+                    if pos >= 0:
+                        res[j] = self._ref[int(self._htab[pos]) >> self._kb]
+        return res
 
-    def keys_protected(self) -> np.ndarray:
-        """The rows of the protected segment, MRU first (empty in ``"filter"`` mode)."""
-        return self._slot_key[np.array(self._walk(int(self._st[_PHEAD])), dtype=np.int64)]
+    @property
+    def ref_max(self) -> int:
+        """The reference counter ceiling: 3 in ``"sketch"`` mode, 1 (second chance) in ``"filter"``."""
+        return self._ref_max
 
     @property
     def values(self) -> np.ndarray:
@@ -925,11 +860,12 @@ class EVCache:
     # -- debug
 
     def check_invariants(self) -> None:
-        """Raise ``AssertionError`` unless the hash table, the list and the slots agree.
+        """Raise ``AssertionError`` unless the hash table, the slots and the CLOCK agree.
 
         Robin Hood: along the probe sequence a slot after an empty one has distance 0 and
-        distances grow by at most one per step; every resident is found by a lookup. List: ``size`` nodes, a single cycle through
-        the head, ``prev``/``next`` mutually inverse. Slots: ``0..size-1`` are used, each once.
+        distances grow by at most one per step; every resident is found by a lookup. Slots:
+        ``0..size-1`` are used, each once, the rest free (key -1, counter 0). CLOCK: the hand
+        is on a used slot (0 when empty), no counter above ``ref_max``.
         """
         m = self._htab.shape[0]
         mask = (1 << self._kb) - 1
@@ -949,23 +885,7 @@ class EVCache:
                 f"Robin Hood order broken at slot {nxt}"
         assert np.array_equal(np.sort(slots_of), np.arange(size)), "cache slots are not 0..size-1 once each"
         assert np.array_equal(self._slot_key[slots_of], keys), "slot->key mismatch"
-        if size == 0:
-            assert self._st[_HEAD] == -1
-        psize = int(self._st[_PSIZE])
-        assert 0 <= psize <= self._max_protected, f"protected holds {psize} > {self._max_protected}"
-        for head, want, seg in ((int(self._st[_HEAD]), size - psize, 0),
-                                (int(self._st[_PHEAD]), psize, 1)):
-            if want == 0:
-                assert head == -1, f"empty segment {seg} has head {head}"
-                continue
-            assert 0 <= head < size
-            s, seen = head, 0
-            while True:
-                assert 0 <= s < size
-                assert self._prev[self._next[s]] == s, f"prev/next disagree at slot {s}"
-                assert self._seg[s] == seg, f"slot {s} in list {seg} is marked {self._seg[s]}"
-                s = int(self._next[s])
-                seen += 1
-                if s == head or seen > size:
-                    break
-            assert seen == want and s == head, f"list {seg} has {seen} nodes, expected {want}"
+        hand = int(self._st[_HAND])
+        assert (hand == 0) if size == 0 else (0 <= hand < size), f"hand {hand} with {size} rows"
+        assert int(self._ref[:size].max(initial=0)) <= self._ref_max, "reference counter over ref_max"
+        assert not self._ref[size:].any() and (self._slot_key[size:] == -1).all(), "free slot in use"

@@ -8,7 +8,8 @@ from evssd.host import cli_types as ct
 
 
 def add_arguments(parser):
-    parser.add_argument("--backend", default="model", choices=("model", "uart"), help="model (default) or uart")
+    parser.add_argument("--backend", default="model", choices=("model", "uart", "rtl"),
+                        help="model (default), uart, or rtl (the RTL in Verilator: the L2 tests' 4-channel build)")
     parser.add_argument("--port", help="serial port for the uart backend (e.g. /dev/ttyUSB0)")
     parser.add_argument("--baud", type=ct.positive_int, default=3_000_000, help="uart baud rate")
     parser.add_argument("--json", action="store_true", help="machine-readable output")

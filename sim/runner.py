@@ -159,11 +159,13 @@ def _failures(results_xml: Path) -> list[str]:
 
 def run(test_module: str, top: str, params: Params, *, testcase: str | list[str] | None = None,
         seed: int | None = None, extra_env: dict | None = None, waves: bool = False,
-        timescale=("1ns", "1ps"), quiet: bool = False, **top_args) -> Path:
+        timescale=("1ns", "1ps"), quiet: bool = False, run_dir: Path | None = None, **top_args) -> Path:
     """Build (if needed) and run cocotb ``test_module`` against ``top``; raise on failure.
 
     ``quiet``: send the Verilator and simulator output to ``build.log`` / ``sim.log`` in the build
     directory instead of the terminal (a failure still quotes the end of the simulator log).
+    ``run_dir``: where the simulator runs and writes its results XML (default: per process in
+    the build directory); the caller owns it and may remove it afterwards.
     Returns the results XML path.
     """
     configure_verilator()
@@ -187,7 +189,8 @@ def run(test_module: str, top: str, params: Params, *, testcase: str | list[str]
             log_file=(build_root() / key / "build.log") if quiet else None,
         )
     name = testcase if isinstance(testcase, str) else (testcase[0] if testcase else "all")
-    results = build.directory / f"results-{test_module.rsplit('.', 1)[-1]}-{name}-{os.getpid()}.xml"
+    out_dir = Path(run_dir) if run_dir is not None else build.directory
+    results = out_dir / f"results-{test_module.rsplit('.', 1)[-1]}-{name}-{os.getpid()}.xml"
     if results.exists():
         results.unlink()
     env = {
@@ -201,7 +204,7 @@ def run(test_module: str, top: str, params: Params, *, testcase: str | list[str]
             test_module=test_module,
             hdl_toplevel=build.toplevel,
             build_dir=build_dir,
-            test_dir=build.directory / f"run-{os.getpid()}",
+            test_dir=out_dir / f"run-{os.getpid()}",
             testcase=testcase,
             seed=seed,
             extra_env=env,

@@ -16,7 +16,7 @@ from evssd.host.store import EmbeddingStore, RowwiseInt8
 
 def _state(cache: EVCache) -> tuple:
     n = len(cache)
-    return (cache.stats, cache.keys_mru().tolist(), cache.keys_protected().tolist(),
+    return (cache.stats, cache.keys_clock().tolist(), cache._ref.tolist(),
             cache._slot_key.tolist(), cache.values[:n].tobytes(), cache._counters.tobytes(),
             cache._sketch.tobytes(), cache._st.tolist())
 
@@ -155,3 +155,25 @@ def test_slots_reused_between_plan_and_finish_are_read_again(tmp_path, disturb):
         want = P.pool(tables["f"], "fp32", idx, offs)
         assert got.tobytes() == want.tobytes()
         cache.check_invariants()
+
+
+def test_epoch_moves_exactly_when_a_used_slot_changes_rows():
+    """The store skips its stale-slot check when the epoch is unchanged: the epoch must move on
+    every eviction, invalidation and clear, and (so the skip is worth it) on nothing else."""
+    cache = EVCache(100, 2, np.float32, capacity=3, admission="filter", admit_threshold=0)
+    e = cache.epoch
+    cache.admit([1, 2, 3], np.ones((3, 2), np.float32))          # free slots only
+    cache.lookup_slots([1, 2, 3, 4])
+    cache.lookup([1, 5], np.zeros((2, 2), np.float32))
+    assert cache.epoch == e
+    cache.admit([4], np.ones((1, 2), np.float32))                # full: one eviction
+    assert cache.epoch == e + 1 and cache.stats["evictions"] == 1
+    assert cache.invalidate([99]) == 0 and cache.epoch == e + 1  # nothing cached: no change
+    assert cache.invalidate([4]) == 1 and cache.epoch == e + 2
+    cache.clear()
+    assert cache.epoch == e + 3
+    sk = EVCache(100, 2, np.float32, capacity=1, admission="sketch")
+    sk.admit([1], np.ones((1, 2), np.float32))
+    e = sk.epoch
+    sk.admit([2], np.ones((1, 2), np.float32))                   # rejected (filter): no change
+    assert sk.epoch == e and sk.stats["evictions"] == 0

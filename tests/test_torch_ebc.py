@@ -119,6 +119,70 @@ def test_weighted_kjt_equals_torchrec():
             ebc.close()
 
 
+def _vbe_kjt(configs, strides, B, rng, *, weighted=False, inverse=True):
+    """A KJT with a batch size per feature (``strides``) and inverse indices to a batch of B."""
+    rows = _rows(configs)
+    keys = sorted(rows, reverse=True)
+    lens = rng.integers(0, 5, sum(strides))
+    vals = rng.integers(0, min(rows.values()), int(lens.sum()))
+    inv = torch.from_numpy(np.stack([rng.integers(0, s, B) for s in strides]))
+    w = torch.from_numpy(rng.random(vals.size, dtype=np.float32) * 2 - 0.5) if weighted else None
+    return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(vals), lengths=torch.from_numpy(lens).to(torch.int32),
+                             weights=w, stride_per_key_per_rank=[[s] for s in strides],
+                             inverse_indices=(keys, inv) if inverse else None)
+
+
+@pytest.mark.parametrize("backend,opts,weighted", [
+    ("dram", {}, False), ("dram", {}, True),
+    ("evssd", {"cache_fraction": None}, False),     # pooled on the device model
+    ("evssd", {"cache_fraction": 0.05}, True),
+])
+def test_variable_batch_kjt_equals_torchrec(backend, opts, weighted):
+    """TorchRec's EBC takes a KJT with a batch size per feature (stride_per_key_per_rank) when it
+    carries inverse_indices: each feature's bags pooled, then expanded to the batch. So do we."""
+    rng = np.random.default_rng(8)
+    configs = _configs()
+    if weighted:
+        configs = [c for c in configs if c.pooling == PoolingType.SUM and c.data_type == DataType.FP32]
+    ref = _ref(configs, weighted=weighted)
+    ebc = et.EmbeddingBagCollection.from_torchrec(ref, backend=backend, **opts)
+    try:
+        n_keys = len(_rows(configs))
+        for strides, B in (([2, 3, 1, 4][:n_keys], 5), ([1] * n_keys, 3), ([3] * n_keys, 3)):
+            kjt = _vbe_kjt(configs, strides, B, rng, weighted=weighted)
+            with torch.no_grad():
+                want = ref(kjt)
+            assert want.values().shape[0] == B
+            _assert_same(ebc(kjt), want)
+        # a plain KJT with inverse indices (deduplicated bags) expands the same way
+        plain = _kjt(configs, 3, rng, weighted=weighted)
+        keys = plain.keys()
+        inv = torch.from_numpy(rng.integers(0, 3, (len(keys), 6)))
+        dedup = KeyedJaggedTensor(keys=keys, values=plain.values(), lengths=plain.lengths(),
+                                  weights=plain.weights_or_none(), inverse_indices=(keys, inv))
+        with torch.no_grad():
+            _assert_same(ebc(dedup), ref(dedup))
+        # bad inverse indices name the feature; nothing is lost
+        kjt = _vbe_kjt(configs, [2] * n_keys, 4, rng, weighted=weighted)
+        keys, inv = kjt.inverse_indices()
+        bad = inv.clone()
+        bad[0, 1] = 2
+        with pytest.raises(et.TorchFaceError, match=rf"feature '{keys[0]}': inverse index 2 out of range \[0, 2\)"):
+            ebc(KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=kjt.lengths(), weights=kjt.weights_or_none(),
+                                  stride_per_key_per_rank=[[2]] * n_keys, inverse_indices=(keys, bad)))
+        with pytest.raises(et.TorchFaceError, match=r"feature 'f0' has no row in the KeyedJaggedTensor's inverse"):
+            ebc(KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=kjt.lengths(), weights=kjt.weights_or_none(),
+                                  stride_per_key_per_rank=[[2]] * n_keys,
+                                  inverse_indices=([k for k in keys if k != "f0"], inv[[i for i, k in enumerate(keys)
+                                                                                           if k != "f0"]])))
+        with pytest.raises(et.TorchFaceError, match="variable batch size per feature needs inverse_indices"):
+            ebc(_vbe_kjt(configs, [2, 3, 1, 4][:n_keys], 5, rng, weighted=weighted, inverse=False))
+        with torch.no_grad():
+            _assert_same(ebc(kjt), ref(kjt))
+    finally:
+        ebc.close()
+
+
 def test_all_empty_bags_and_kjt_extra_keys():
     configs = _configs()
     ref = _ref(configs)

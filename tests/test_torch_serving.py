@@ -116,3 +116,26 @@ def test_serve_config_from_checkpoint_cli(tmp_path, capsys):
     bad.write_bytes(b"nope")
     assert main(["serve", "config", "--torchrec", str(bad), "-o", str(out)]) == 2
     assert "cannot read a TorchRec checkpoint" in capsys.readouterr().err
+
+
+def test_serve_local_ranks_with_a_torchrec_dlrm_cli(tmp_path, capsys):
+    """`--torchrec-dlrm FILE` puts a pickled TorchRec DLRM behind the ranker; the local run checks
+    its scores against the same DLRM on the all-in-memory bags."""
+    from evssd.host.cli import main
+    model, _ = _model()
+    path = tmp_path / "dlrm.pt"
+    torch.save(model, path)
+    args = ["serve", "local", "--tables", "3", "--dim", "8", "--rows", "400", "--servers", "2",
+            "--batches", "2", "--batch-size", "16", "--pooling", "4", "--torchrec-dlrm", str(path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"ranker model: TorchRec DLRM from {path}" in out
+    worst = float(out.split("max |score - numpy golden| = ")[1].split()[0])
+    assert worst <= 1e-4
+    # a DLRM that does not fit the cluster (4 tables here) is refused with what differs
+    assert main(args[:2] + ["--tables", "4"] + args[4:]) == 2
+    err = capsys.readouterr().err
+    assert "the DLRM has 3 sparse features of dim 8 and 13 dense features; the cluster serves 4 tables" in err
+    path.write_bytes(b"junk")
+    assert main(args) == 2
+    assert "cannot load a pickled model" in capsys.readouterr().err

@@ -35,6 +35,9 @@ def _common_ranker(p):
     p.add_argument("--criteo", default=None,
                    help="Criteo CSV: dense features and categorical C1.. hashed into the tables (one row per bag)")
     p.add_argument("--seed", type=ct.nonneg_int, default=0)
+    p.add_argument("--torchrec-dlrm", default=None, metavar="FILE",
+                   help="rank with a torchrec.models.dlrm.DLRM saved by torch.save(model, FILE) instead of the "
+                        "numpy DLRM (torch extra; a pickle: trusted files only)")
 
 
 def add_arguments(parser):
@@ -107,7 +110,12 @@ def _rank(cfg, args, check: bool) -> int:
         return 2
     rng = np.random.default_rng(args.seed)
     criteo = criteo_batches(cfg, args.criteo, args.batch_size) if args.criteo else None
-    model = DLRM(13, cfg["dim"], len(cfg["tables"]), seed=args.seed)
+    if args.torchrec_dlrm:
+        from .torchrec_model import load_torchrec_dlrm
+        model = load_torchrec_dlrm(args.torchrec_dlrm, cfg)
+        print(f"ranker model: TorchRec DLRM from {args.torchrec_dlrm}")
+    else:
+        model = DLRM(13, cfg["dim"], len(cfg["tables"]), seed=args.seed)
     budget = int(args.budget_mb * (1 << 20)) if args.budget_mb else None
     try:
         return _rank_loop(cfg, args, check, provider, model, budget, criteo, rng)

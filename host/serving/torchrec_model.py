@@ -21,7 +21,10 @@ import numpy as np
 from .config import ConfigError, make_config, validate_config
 from .torchrec_checkpoint import checkpoint_rows, checkpoint_tables
 
-__all__ = ["checkpoint_rows", "checkpoint_tables", "config_from_checkpoint", "TorchRecDLRM"]
+__all__ = ["checkpoint_rows", "checkpoint_tables", "config_from_checkpoint", "TorchRecDLRM", "load_torchrec_dlrm"]
+
+#: dense features per sample of the ranker's inputs (synthetic batches and Criteo rows)
+RANKER_DENSE = 13
 
 
 def config_from_checkpoint(path, n_servers: int = 2, *, prefix: str = "", replicas: int = 0,
@@ -90,3 +93,26 @@ class TorchRecDLRM:
         f = self.n_tables + 1
         return 4 * batch * (sum(widths) + f * f + f * self.dim)
 
+
+
+def load_torchrec_dlrm(path, cfg: dict) -> TorchRecDLRM:
+    """The ranker model of ``evssd serve ... --torchrec-dlrm``: a ``torchrec.models.dlrm.DLRM``
+    pickled by ``torch.save(model, path)``, checked against the cluster config (one sparse
+    feature per table, the tables' dim, 13 dense features). :class:`ConfigError` names what
+    does not fit."""
+    import torch
+    from torchrec.models.dlrm import DLRM
+    try:
+        model = torch.load(path, weights_only=False)
+    except Exception as exc:  # a missing file, a corrupt pickle, a class that no longer exists
+        raise ConfigError(f"--torchrec-dlrm {path}: cannot load a pickled model: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, DLRM):
+        raise ConfigError(f"--torchrec-dlrm {path}: holds a {type(model).__name__}, not a torchrec.models.dlrm.DLRM")
+    ranker_model = TorchRecDLRM(model)
+    want = (len(cfg["tables"]), cfg["dim"], RANKER_DENSE)
+    got = (ranker_model.n_tables, ranker_model.dim, ranker_model.n_dense)
+    if got != want:
+        raise ConfigError(f"--torchrec-dlrm {path}: the DLRM has {got[0]} sparse features of dim {got[1]} and "
+                          f"{got[2]} dense features; the cluster serves {want[0]} tables of dim {want[1]} and the "
+                          f"ranker feeds {want[2]} dense features")
+    return ranker_model

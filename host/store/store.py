@@ -115,16 +115,21 @@ class _Plan:
     fetched: np.ndarray | None = None
     pooled: np.ndarray | None = None    # result pooled by the backend (device pooling)
     slots: np.ndarray | None = None     # int32 per distinct index: cache slot, -1 for a miss
+    epoch: int = -1                     # the cache's epoch before the slots were looked up
 
 
 @numba.njit(cache=True, nogil=True)
-def _locate(loc, miss, slot_key, uniq, stale):
+def _locate(loc, miss, slot_key, uniq, stale, check):
     """Turn the cache slots of a ``slots`` plan into pooling locations: miss i (in fetch order)
-    is ``-1 - i``; a hit whose slot no longer holds its row is listed in ``stale`` (positions in
-    ``uniq``). Returns how many are stale."""
+    is ``-1 - i``; with ``check``, a hit whose slot no longer holds its row is listed in
+    ``stale`` (positions in ``uniq``). Returns how many are stale. (Without ``check`` -- the
+    cache's epoch is unchanged since the lookup -- no slot can be stale, and the pass that reads
+    every hit's slot key, a cache miss each on a large cache, is skipped.)"""
     for i in range(miss.shape[0]):
         loc[miss[i]] = -1 - i
     n = 0
+    if not check:
+        return 0
     for u in range(loc.shape[0]):
         s = loc[u]
         if s >= 0 and slot_key[s] != uniq[u]:
@@ -344,11 +349,13 @@ class EmbeddingStore:
         if mode is not None and cache is not None and hasattr(cache, "lookup_slots") \
                 and not self.parallel:
             with self._cache_locks[info.name]:
+                epoch = cache.epoch
                 slots = cache.lookup_slots(uniq)
             miss = np.flatnonzero(slots < 0)
             if miss.size > 1:  # ascending row order for the backend (file offsets, device pages)
                 miss = miss[np.argsort(uniq[miss], kind="stable")]
-            return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots)
+            return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
+                         epoch=epoch)
         rows = np.empty((uniq.size, info.width), dtype=info.dtype)
         if cache is not None and uniq.size:
             with self._cache_locks[info.name]:
@@ -462,7 +469,8 @@ class EmbeddingStore:
             out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
         with self._cache_locks[info.name]:
             stale = np.empty(loc.size, np.int64)
-            stale = stale[:_locate(loc, miss, cache.slot_keys, plan.uniq, stale)]
+            check = cache.epoch != plan.epoch   # an eviction or invalidation since the lookup
+            stale = stale[:_locate(loc, miss, cache.slot_keys, plan.uniq, stale, check)]
             if stale.size:  # rare: evicted or moved since the lookup, read them again
                 stale = stale[np.argsort(plan.uniq[stale], kind="stable")]
                 t0 = time.perf_counter()

@@ -75,7 +75,7 @@ class EmbeddingTables:
 
     ``arrays[name]``: fp32/fp16 ``[rows, dim]``, or FBGEMM's uint8 rows (``int8_rowwise``, and
     fp16/fp32 tables of a quantized EBC).
-    ``backend``: dram, file, rocksdb or evssd (``device=`` an open Device: the model or a board
+    ``backend``: dram, file, rocksdb or evssd (``device=`` an open Device: the model, the RTL or a board
     over uart; ``block_mode=True`` switches that device to whole-page reads). ``cache_fraction``: EV-Cache
     budget per table (default: the store's, 1% except dram). Other options go to
     :meth:`EmbeddingStore.from_arrays`. ``pack``: stack tables of one row format and pooling into

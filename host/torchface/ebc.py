@@ -32,13 +32,27 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def kjt_requests(kjt, feature_tables: list[tuple[str, str]], weighted: bool) -> tuple[list[FeatureRequest], int]:
-    """Split a KeyedJaggedTensor into per-feature requests (numpy views, no copies) for
-    ``feature_tables`` = [(feature, table)] in output order; returns (requests, batch size)."""
-    if kjt.variable_stride_per_key():
-        raise TorchFaceError("KeyedJaggedTensors with a variable batch size per feature are not supported")
+    """Split a KeyedJaggedTensor into per-feature requests for ``feature_tables`` = [(feature,
+    table)] in output order; returns (requests, batch size).
+
+    A plain KJT gives numpy views (no copies). A KJT with ``inverse_indices`` (TorchRec's
+    variable batch per feature, ``stride_per_key_per_rank``, or deduplicated bags) gives each
+    feature's bags expanded to the batch the inverse indices describe, bag ``b`` being the
+    feature's bag ``inverse[feature][b]``: the output TorchRec's EBC returns (it pools, then
+    index-selects, and pooling a bag twice gives the same bits).
+    """
     keys = kjt.keys()
     pos = {k: i for i, k in enumerate(keys)}
-    B = int(kjt.stride()) if keys else 0
+    inverse = kjt.inverse_indices_or_none()
+    if kjt.variable_stride_per_key() and inverse is None:
+        raise TorchFaceError("a KeyedJaggedTensor with a variable batch size per feature needs inverse_indices "
+                             "(as TorchRec's EmbeddingBagCollection does): they give the output's batch")
+    if inverse is None:
+        B = int(kjt.stride()) if keys else 0
+        strides = [B] * len(keys)
+    else:
+        strides = [int(s) for s in kjt.stride_per_key()] if keys else []
+    starts = np.concatenate([[0], np.cumsum(strides)]).astype(np.int64)
     values = _np(kjt.values())
     offsets = _np(kjt.offsets())
     w_all = None
@@ -47,16 +61,47 @@ def kjt_requests(kjt, feature_tables: list[tuple[str, str]], weighted: bool) -> 
         if w is None:
             raise TorchFaceError("this module is weighted (is_weighted=True): the KeyedJaggedTensor needs weights")
         w_all = _np(w)
+    inv_rows = None
+    if inverse is not None:
+        inv_keys, inv = inverse[0], _np(inverse[1])
+        if inv.ndim != 2 or inv.shape[0] != len(inv_keys) or inv.dtype.kind not in "iu":
+            raise TorchFaceError(f"inverse_indices must be (keys, an integer tensor [len(keys), batch]), got "
+                                 f"{len(inv_keys)} keys and a {inv.dtype} tensor of shape {tuple(inv.shape)}")
+        inv_rows = {k: inv[i] for i, k in enumerate(inv_keys)}
+        B = int(inv.shape[1])
     reqs = []
     for feature, table in feature_tables:
         p = pos.get(feature)
         if p is None:
             raise TorchFaceError(f"feature {feature!r} is not in the KeyedJaggedTensor (keys: {keys})")
-        o = offsets[p * B:(p + 1) * B + 1]
+        o = offsets[starts[p]:starts[p + 1] + 1]
         lo, hi = int(o[0]), int(o[-1])
-        reqs.append(FeatureRequest(feature, table, values[lo:hi], o - lo,
-                                   None if w_all is None else w_all[lo:hi]))
+        vals, offs = values[lo:hi], o - lo
+        w = None if w_all is None else w_all[lo:hi]
+        if inv_rows is not None:
+            vals, offs, w = _expand_bags(feature, inv_rows, vals, offs, w)
+        reqs.append(FeatureRequest(feature, table, vals, offs, w))
     return reqs, B
+
+
+def _expand_bags(feature, inv_rows, vals, offs, w):
+    """The bags ``inv_rows[feature]`` of one feature (indices, offsets, weights) as new arrays."""
+    sel = inv_rows.get(feature)
+    if sel is None:
+        raise TorchFaceError(f"feature {feature!r} has no row in the KeyedJaggedTensor's inverse_indices "
+                             f"(keys: {list(inv_rows)})")
+    sel = sel.astype(np.int64, copy=False)
+    n_bags = offs.size - 1
+    if sel.size and (sel.min() < 0 or sel.max() >= n_bags):
+        bad = int(sel[(sel < 0) | (sel >= n_bags)][0])
+        raise TorchFaceError(f"feature {feature!r}: inverse index {bad} out of range [0, {n_bags}) "
+                             f"(the feature's batch size)")
+    offs = offs.astype(np.int64, copy=False)
+    lengths = (offs[1:] - offs[:-1])[sel]
+    new_offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # position of every looked-up index in the feature's values: its bag's start + rank in the bag
+    src = np.repeat(offs[:-1][sel] - new_offs[:-1], lengths) + np.arange(int(new_offs[-1]), dtype=np.int64)
+    return vals[src], new_offs, None if w is None else w[src]
 
 
 class EmbeddingBagCollection(nn.Module):
