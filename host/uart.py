@@ -330,7 +330,7 @@ class UartTransport(BridgeTransport):
 
 
 class BridgeModel:
-    """Byte-level golden model of the gateware bridge (:class:`evssd.hw.uart.UartAxiBridge`).
+    """Byte-level golden model of the gateware bridge (:class:`evssd.hw.boards.uart.UartAxiBridge`).
 
     ``feed(bytes)`` returns the response bytes the bridge sends for complete frames; ``idle()``
     models the inter-byte timeout. ``bus_read(addr) -> (data, resp)`` and

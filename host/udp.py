@@ -14,7 +14,7 @@ against a board (real sockets) and against the RTL in a cocotb test (:mod:`evssd
   the same address map as the UART board).
 
 :class:`UdpBridgeModel` is the datagram-level golden model of the gateware bridge
-(:class:`evssd.hw.udp_bridge.UdpAxiBridge`). No Amaranth here: the datagram format comes from
+(:class:`evssd.hw.boards.udp_bridge.UdpAxiBridge`). No Amaranth here: the datagram format comes from
 the pure-Python :mod:`evssd.hw.udp_protocol`.
 """
 from __future__ import annotations
@@ -243,7 +243,7 @@ class UdpTransport(BridgeTransport):
 
 
 class UdpBridgeModel:
-    """Datagram-level golden model of :class:`evssd.hw.udp_bridge.UdpAxiBridge`.
+    """Datagram-level golden model of :class:`evssd.hw.boards.udp_bridge.UdpAxiBridge`.
 
     ``handle(datagram, error=False)`` returns the response datagram, or None when the bridge
     drops the datagram (not ours: short or wrong magic; or received with an Ethernet/IP error).

@@ -1,5 +1,5 @@
 """The board's UART-to-AXI-Lite bridge protocol and address map: the one definition that the
-gateware (:mod:`evssd.hw.uart`, :mod:`evssd.hw.board`) and the host (:mod:`evssd.host.uart`)
+gateware (:mod:`evssd.hw.boards.uart`, :mod:`evssd.hw.boards.board`) and the host (:mod:`evssd.host.uart`)
 both import.
 
 Pure Python, no Amaranth: the host library imports it at run time. The frame format is in
@@ -51,7 +51,7 @@ def crc8(data: bytes, crc: int = 0) -> int:
     return crc
 
 
-# The bridge's 32-bit address map on the board (hw/board.py decodes it).
+# The bridge's 32-bit address map on the board (hw/boards/board.py decodes it).
 MMIO_BASE = 0x0000_0000        # the EV-SSD registers (4 KiB)
 BOARD_INFO_BASE = 0x0F00_0000  # read-only board description (BOARD_INFO words below)
 BOARD_INFO_BYTES = 0x100

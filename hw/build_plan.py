@@ -52,7 +52,7 @@ BOARDS = {
                            "Radiona ULX3S with a Lattice ECP5 LFE5U-85F (CABGA381, speed 6)",
                            clock_mhz=100.0, nextpnr_opts=BOARD_PNR, seed=3),
     # DDR3 flash channels (LiteDRAM) and a UDP host link (LiteEth), both generated at build time
-    # (hw/litex_cores.py, hw/ecpix5_top.py); the clock is LiteDRAM's sys clock. No board was at
+    # (hw/boards/litex_cores.py, hw/boards/ecpix5_top.py); the clock is LiteDRAM's sys clock. No board was at
     # hand: docs/synthesis.md says what to check first on hardware.
     "ecpix5-85f": BoardSpec("ecpix5-85f", "amaranth_boards.ecpix5:ECPIX585Platform",
                             "LambdaConcept ECPIX-5 with a Lattice ECP5 LFE5UM5G-85F (CABGA554, speed 8), "
@@ -128,7 +128,7 @@ def prepare_board(board: str = "ulx3s-85f", *, clock_mhz: float | None = None,
     spec = board_spec(board)
     if router not in ("router1", "router2"):
         raise SynthError(f"router {router!r}: choose router1 or router2")
-    from .board import BoardTop, _device_class, board_params
+    from .boards.board import BoardTop, _device_class, board_params
 
     clock_mhz = clock_mhz or spec.clock_mhz
     nextpnr_extra = spec.nextpnr_opts if nextpnr_extra is None else nextpnr_extra
@@ -143,11 +143,11 @@ def prepare_board(board: str = "ulx3s-85f", *, clock_mhz: float | None = None,
     prepare_args = dict(name=DESIGN_NAME, nextpnr_opts=nextpnr_opts(DESIGN_NAME, seed, router, nextpnr_extra),
                         ecppack_opts="--compress", script_after_read=YOSYS_AFTER_READ, emit_src=False)
     if board == "ecpix5-85f":
-        from .ecpix5_top import prepare as prepare_ecpix5
-        from .litex_cores import SYS_CLK_HZ
+        from .boards.ecpix5_top import prepare as prepare_ecpix5
+        from .boards.litex_cores import SYS_CLK_HZ
         if int(round(clock_mhz * 1e6)) != SYS_CLK_HZ:
             raise SynthError(f"ecpix5-85f runs at LiteDRAM's sys clock, {SYS_CLK_HZ / 1e6:g} MHz "
-                             f"(hw/litex_cores.py), not {clock_mhz} MHz")
+                             f"(hw/boards/litex_cores.py), not {clock_mhz} MHz")
         top, plan = prepare_ecpix5(platform_cls(), REPO_BUILD / "litex", device=has_device, **prepare_args)
         params = top.params
     else:

@@ -506,7 +506,7 @@ class Params:
 def default_slots(params: Params) -> int:
     """Reorder-buffer slots of the default build: the next power of two of twice the flash
     ways (``ways * n_channels``), 8..64, so every page register can have a read in flight and
-    one queued behind it. Defined here (pure Python) because the device (``hw/device.py``) and
+    one queued behind it. Defined here (pure Python) because the device (``hw/device/top.py``) and
     the host's timing model (``host/timing.py``) both size by it."""
     want = max(8, 2 * params.ways * params.n_channels)
     return min(1 << (want - 1).bit_length(), 64)

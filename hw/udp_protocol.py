@@ -1,5 +1,5 @@
 """The board's UDP host-link protocol: datagram layout, opcodes, statuses. The one definition
-that the gateware (:mod:`evssd.hw.udp_bridge`) and the host (:mod:`evssd.host.udp`) both import.
+that the gateware (:mod:`evssd.hw.boards.udp_bridge`) and the host (:mod:`evssd.host.udp`) both import.
 
 Pure Python, no Amaranth: the host library imports it at run time. The specification with the
 reasoning is ``docs/udp-protocol.md``; the address map behind the bridge is the UART bridge's

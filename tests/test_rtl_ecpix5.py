@@ -4,7 +4,7 @@ LiteEth raw-port seam, with cocotbext-axi's AxiRam where LiteDRAM's user port is
 (sim/tb_ecpix5.py). The same scenarios as the ULX3S board test, plus the UDP link's own."""
 import pytest
 
-from evssd.hw.board import board_params
+from evssd.hw.boards.board import board_params
 from evssd.sim import runner
 
 pytestmark = pytest.mark.rtl

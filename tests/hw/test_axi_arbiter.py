@@ -10,7 +10,7 @@ import warnings
 import pytest
 from amaranth.sim import Simulator
 
-from evssd.hw.axi_arbiter import AXIArbiter
+from evssd.hw.lib.axi_arbiter import AXIArbiter
 from tests.hw.axi_mem import AXI4Memory
 
 BB = 8          # 64-bit data

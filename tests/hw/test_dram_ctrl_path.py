@@ -12,9 +12,9 @@ from amaranth import Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from evssd.hw.axil_split import AXILiteSplit
-from evssd.hw.axi import AXI4LiteSignature
-from evssd.hw.axil_wishbone import AXILiteToWishbone, WishboneSignature
+from evssd.hw.lib.axil_split import AXILiteSplit
+from evssd.hw.lib.axi import AXI4LiteSignature
+from evssd.hw.lib.axil_wishbone import AXILiteToWishbone, WishboneSignature
 from tests.hw.test_uart import LiteMemory, _handshake
 
 BASE, SIZE = 0x0E00_0000, 0x1_0000

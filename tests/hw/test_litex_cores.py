@@ -1,6 +1,6 @@
 """The seam between the ECPIX-5 core and the generated LiteX cores: LiteDRAM and LiteEth are
 generated (about a second each, in a child process) and every port the board top connects must
-exist with the direction and width the Amaranth side has (hw/ecpix5.py, hw/udp_bridge.py)."""
+exist with the direction and width the Amaranth side has (hw/boards/ecpix5.py, hw/boards/udp_bridge.py)."""
 import gc
 import warnings
 
@@ -11,9 +11,9 @@ pytest.importorskip("liteeth")
 
 from amaranth import Shape
 
-from evssd.hw.ecpix5 import DRAM_BYTES, Ecpix5Core, ecpix5_params
-from evssd.hw.litex_cores import core_ports, generate
-from evssd.hw.udp_bridge import UdpStreamSignature
+from evssd.hw.boards.ecpix5 import DRAM_BYTES, Ecpix5Core, ecpix5_params
+from evssd.hw.boards.litex_cores import core_ports, generate
+from evssd.hw.boards.udp_bridge import UdpStreamSignature
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import warnings
 import pytest
 from amaranth.sim import Simulator
 
-from evssd.hw.udp_bridge import UdpAxiBridge
+from evssd.hw.boards.udp_bridge import UdpAxiBridge
 from evssd.hw.udp_protocol import MAX_WORDS, Op, UdpStatus, decode_reply, encode_request
 from evssd.host.udp import UdpBridgeModel
 from tests.hw.test_uart import LiteMemory, _handshake

@@ -2,7 +2,7 @@
 
 :class:`UdpAxiBridge` sits on one raw UDP port of a LiteEth UDP/IP core (8 bits wide: the
 ``udpN_source_*`` / ``udpN_sink_*`` signals ``liteeth_gen`` exports for a ``mode: raw`` port) and
-masters the board's AXI4-Lite address map (:class:`evssd.hw.board.BridgeDecoder`), exactly as the
+masters the board's AXI4-Lite address map (:class:`evssd.hw.boards.board.BridgeDecoder`), exactly as the
 UART bridge does. The datagram format is :mod:`evssd.hw.udp_protocol` (``docs/udp-protocol.md``);
 the host side is :mod:`evssd.host.udp`, whose :class:`~evssd.host.udp.UdpBridgeModel` is this
 component's golden model in the tests.
@@ -20,8 +20,8 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4LiteSignature, Resp
-from .udp_protocol import DEFAULT_PORT, FLAG_REPLAYED, MAGIC, MAX_WORDS, REQ_HEADER, RSP_HEADER, Op, UdpStatus
+from ..lib.axi import AXI4LiteSignature, Resp
+from ..udp_protocol import DEFAULT_PORT, FLAG_REPLAYED, MAGIC, MAX_WORDS, REQ_HEADER, RSP_HEADER, Op, UdpStatus
 
 __all__ = ["UdpStreamSignature", "UdpAxiBridge"]
 

@@ -1,5 +1,5 @@
-"""The ECPIX-5-85F board top: :class:`~evssd.hw.ecpix5.Ecpix5Core` between the generated LiteDRAM
-and LiteEth cores (:mod:`evssd.hw.litex_cores`), on the pins of amaranth-boards'
+"""The ECPIX-5-85F board top: :class:`~evssd.hw.boards.ecpix5.Ecpix5Core` between the generated LiteDRAM
+and LiteEth cores (:mod:`evssd.hw.boards.litex_cores`), on the pins of amaranth-boards'
 ``ECPIX585Platform``.
 
 Clocks and resets: the 100 MHz oscillator feeds LiteDRAM's PLL; LiteDRAM's ``user_clk`` (75 MHz,
@@ -17,10 +17,10 @@ from __future__ import annotations
 from amaranth import ClockDomain, ClockSignal, Const, Instance, Module, ResetSignal, Signal
 from amaranth.lib import wiring
 
-from .axil_wishbone import AXILiteToWishbone
-from .bridge_protocol import DRAM_CTRL_BYTES
+from ..lib.axil_wishbone import AXILiteToWishbone
+from ..bridge_protocol import DRAM_CTRL_BYTES
 from .ecpix5 import DRAM_BYTES, Ecpix5Core, ecpix5_params
-from .regmap import Params
+from ..regmap import Params
 
 __all__ = ["Ecpix5Top", "RGMII_RX_MHZ"]
 

@@ -13,7 +13,7 @@ channels guarantee: their addresses are below ``channel_bytes``).
   handshake until that master's ``wlast`` beat; B returns by ``bid`` like R.
 
 Everything is combinational between a master and the slave except the grant registers: put an
-:class:`~evssd.hw.axi_slice.AXIRegisterSlice` on each side where timing needs it.
+:class:`~evssd.hw.lib.axi_slice.AXIRegisterSlice` on each side where timing needs it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One AXI4-Lite master, two targets: an address window and everything else.
 
-The ECPIX-5 board answers the ULX3S board's address map (:class:`~evssd.hw.board.BridgeDecoder`)
+The ECPIX-5 board answers the ULX3S board's address map (:class:`~evssd.hw.boards.board.BridgeDecoder`)
 and one more window, the DRAM controller's control/status registers
 (:data:`~evssd.hw.bridge_protocol.DRAM_CTRL_BASE`), through which the host initialises and
 levels the DDR3. :class:`AXILiteSplit` puts that window in front of the decoder without

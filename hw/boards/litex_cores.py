@@ -3,18 +3,18 @@
 - **LiteDRAM** (``litedram_core``): the DDR3 controller for the board's MT41K256M16 (x16, 512 MiB)
   with LiteDRAM's ``ECP5DDRPHY`` and its clock generator (PLL from the 100 MHz oscillator, the
   sys clock at :data:`SYS_CLK_HZ` = the EV-SSD's clock, DDR3 at 2x sys), the settings of LiteX's
-  own ECPIX-5 target; one 64-bit AXI4 user port (the channels' :class:`~evssd.hw.axi_arbiter.AXIArbiter`
+  own ECPIX-5 target; one 64-bit AXI4 user port (the channels' :class:`~evssd.hw.lib.axi_arbiter.AXIArbiter`
   output, ID width 3); no CPU: its control/status registers (``wb_ctrl``, Wishbone) are the path
   for DRAM initialisation and read levelling.
 - **LiteEth** (``liteeth_core``): UDP/IP with ``LiteEthECP5PHYRGMII``, a fixed MAC and IP
   address, ARP and ICMP answered in gateware, and one raw 8-bit UDP port listening on
-  :data:`~evssd.hw.udp_protocol.DEFAULT_PORT` (the :class:`~evssd.hw.udp_bridge.UdpAxiBridge`).
+  :data:`~evssd.hw.udp_protocol.DEFAULT_PORT` (the :class:`~evssd.hw.boards.udp_bridge.UdpAxiBridge`).
   ``liteeth_gen``'s own raw port listens on the port its *transmit* side names (the peer's port
   for a bridge that answers), so this module builds the core with the listening port fixed.
 
 :func:`generate` runs each generator in a child Python process (Migen and LiteX never enter the
 evssd process) and rewrites the output only when the configuration changed. ``python -m
-evssd.hw.litex_cores {dram,eth} CONFIG.json OUTDIR`` is that child.
+evssd.hw.boards.litex_cores {dram,eth} CONFIG.json OUTDIR`` is that child.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .udp_protocol import DEFAULT_PORT
+from ..udp_protocol import DEFAULT_PORT
 
 __all__ = ["SYS_CLK_HZ", "DRAM_CONFIG", "ETH_CONFIG", "generate", "core_ports"]
 
@@ -89,7 +89,7 @@ def generate(kind: str, build_dir: str | Path, config: dict | None = None, *, ti
     out.mkdir(parents=True, exist_ok=True)
     cfg = out / "config.json"
     cfg.write_text(json.dumps(config, indent=2, sort_keys=True))
-    proc = subprocess.run([sys.executable, "-m", "evssd.hw.litex_cores", kind, str(cfg), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "evssd.hw.boards.litex_cores", kind, str(cfg), str(out)],
                           capture_output=True, text=True, timeout=timeout, cwd=out)
     if proc.returncode != 0 or not verilog.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])

@@ -5,7 +5,7 @@
 (``i_udp``/``o_udp``, 8 bits, the signals ``liteeth_gen`` exports), the DRAM side is one AXI4
 user port of a LiteDRAM controller (``m_axi_dram``). A cocotb bench drives the UDP port at the
 payload level and puts a bus model (cocotbext-axi ``AxiRam``) on ``m_axi_dram``;
-:mod:`evssd.hw.ecpix5_top` wraps it with the generated cores for the board.
+:mod:`evssd.hw.boards.ecpix5_top` wraps it with the generated cores for the board.
 
 Inside::
 
@@ -30,18 +30,18 @@ from amaranth import Module, Signal, Cat, C
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4LiteSignature, AXI4Signature
-from .axi_arbiter import AXIArbiter
-from .axi_slice import AXIRegisterSlice
+from ..lib.axi import AXI4LiteSignature, AXI4Signature
+from ..lib.axi_arbiter import AXIArbiter
+from ..lib.axi_slice import AXIRegisterSlice
 from .board import BridgeDecoder, _Stretch, _device_class
 from .bram import AxiBram
-from .axil_split import AXILiteSplit
-from .bridge_protocol import BOARD_MAGIC, BOARD_VERSION, DRAM_CTRL_BASE, DRAM_CTRL_BYTES, WINDOW_BASE
-from .channel import channel_addr_width
-from .mmio import MMIOManager
-from .regmap import Params
+from ..lib.axil_split import AXILiteSplit
+from ..bridge_protocol import BOARD_MAGIC, BOARD_VERSION, DRAM_CTRL_BASE, DRAM_CTRL_BYTES, WINDOW_BASE
+from ..device.channel import channel_addr_width
+from ..device.mmio import MMIOManager
+from ..regmap import Params
 from .udp_bridge import UdpAxiBridge, UdpStreamSignature
-from .udp_protocol import DEFAULT_PORT
+from ..udp_protocol import DEFAULT_PORT
 
 __all__ = ["Ecpix5Core", "ECPIX5_PARAMS", "ecpix5_params", "DRAM_BYTES", "region_bytes"]
 
