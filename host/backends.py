@@ -28,6 +28,8 @@ BACKENDS: dict[str, Backend] = {
                      "evssd.host.model:ModelTransport"),
     "uart": Backend("a board running the gateware behind the UART-to-AXI-Lite bridge (pyserial)",
                     "evssd.host.uart:UartTransport"),
+    "udp": Backend("a board running the gateware behind the UDP bridge (ECPIX-5 Gigabit Ethernet)",
+                   "evssd.host.udp:UdpTransport"),
     "rtl": Backend("the whole device's RTL in Verilator, in a child process (cocotb bench serving a socket)",
                    "evssd.sim.rtl_transport:RtlTransport"),
     "cocotb": Backend("the RTL in a cocotb test (cocotbext-axi bus models); only inside a cocotb test",
@@ -38,7 +40,7 @@ BACKENDS: dict[str, Backend] = {
 
 
 def open_transport(backend: str, **kwargs) -> Transport:
-    """Make a transport by backend name (``model``, ``uart``, ``rtl``); ``kwargs`` go to its constructor."""
+    """Make a transport by backend name (``model``, ``uart``, ``udp``, ``rtl``); ``kwargs`` go to its constructor."""
     entry = BACKENDS.get(backend) if isinstance(backend, str) else None
     if entry is None:
         known = ", ".join(f"{k} ({v.description})" for k, v in BACKENDS.items())

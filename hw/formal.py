@@ -8,10 +8,10 @@ picks any value each cycle) except where a rule of the other side constrains it 
 - :func:`stream_rules`: a ``lib.stream`` handshake. Once ``valid`` is high it stays high, and the
   payload stays the same, until ``ready`` takes the beat. Assumed of the streams a component
   receives, asserted of the streams it sends.
-- :func:`axi_lite_slave_rules`: the AXI4-Lite slave side (:mod:`evssd.hw.mmio`): the master's
+- :func:`axi_lite_slave_rules`: the AXI4-Lite slave side (:mod:`evssd.hw.device.mmio`): the master's
   AW/W/AR follow the handshake rule (assumed); B and R follow it (asserted); a B only after an
   AW and a W were taken, an R only after an AR, never more responses than requests.
-- :func:`axi4_master_rules`: the AXI4 master side (:mod:`evssd.hw.dma` on the host port, the
+- :func:`axi4_master_rules`: the AXI4 master side (:mod:`evssd.hw.device.dma` on the host port, the
   flash channel controller on its flash port): AR/AW/W follow the handshake rule, bursts are INCR
   with ``SIZE`` = the bus width, never cross a 4 KiB boundary, W bursts pair with AWs in order and
   ``WLAST`` comes exactly on beat ``LEN + 1`` (the DMA also promises W only after its AW) (asserted); the slave answers in order, ``RLAST`` on beat
@@ -385,8 +385,8 @@ def formal_params(**overrides):
 
 def mmio_harness(params=None):
     """The MMIO manager's AXI4-Lite slave port; the register inputs (counters, status) are free."""
-    from .mmio import ADDR_WIDTH, MMIOManager
-    from .axi import Resp
+    from .device.mmio import ADDR_WIDTH, MMIOManager
+    from .lib.axi import Resp
 
     def rules(m, started, dut):
         bus = dut.s_axil
@@ -412,7 +412,7 @@ def _limit_commands(m, ports, max_bytes, min_bytes=0):
 
 def dma_harness(params=None, *, n_read=1, n_write=1, max_bytes=40, min_bytes=0):
     """The host DMA's AXI4 master port and its client streams."""
-    from .dma import HostDMA
+    from .device.dma import HostDMA
     params = params or formal_params()
     data_bytes = params.host_data_bits // 8
 
@@ -458,7 +458,7 @@ def channel_harness(params=None, *, tag_width=4, max_t=3):
     that keep its input contract (4-byte multiples, ``4 <= length``, ``offset + length <=
     page_size``, ``page < pages_per_channel``); tR and tPROG are assumed short and pages small (64
     bytes, 8 beats) so programs and reads finish within the depth."""
-    from .channel import FlashChannelController
+    from .device.channel import FlashChannelController
     params = params or formal_params(page_size=512, ch_data_bits=256, pages_per_channel=8)
     data_bytes = params.ch_data_bits // 8
 

@@ -544,7 +544,7 @@ def default_slots(params: Params) -> int:
     enough per channel (``4 * n_channels``) that the busiest channel's share of it stays close
     to the mean. The rule is the smallest that reaches >= 90% of the flash bound for every 1..8
     x 1..8 build at tR 1000 and 2500 (``evssd bench rtl --sweep``, docs/benchmarks.md). Defined
-    here (pure Python) because the device (``hw/device.py``) and the host's timing model
+    here (pure Python) because the device (``hw/device/top.py``) and the host's timing model
     (``host/timing.py``) both size by it."""
     c, w = params.n_channels, params.ways
     want = max(8, 2 * w * c, 4 * c * c)

@@ -301,7 +301,11 @@ def check_bitstream(board: str = "ulx3s-85f", out_dir: str | os.PathLike | None 
 _OLD_TREE_PLAN = r'''
 import hashlib, importlib, json, sys
 opts = json.loads(sys.argv[1])
-from evssd.hw import board as B, synth as S
+from evssd.hw import synth as S
+try:  # the board module's home since the hw/ folder layout (hw/boards/)
+    from evssd.hw.boards import board as B
+except ImportError:
+    from evssd.hw import board as B
 if not B.__file__.startswith(sys.argv[2]):
     raise SystemExit(f"imported {B.__file__}, not the tree in {sys.argv[2]}")
 mod, cls = opts["platform"].split(":")

@@ -33,9 +33,10 @@ META_ENV = "EVSSD_SIM_META"
 
 # name -> (module, factory) of the Amaranth top; factories take (params, **top_args).
 TOPS = {
-    "mmio": ("evssd.hw.mmio", "MMIOManager"),
-    "device": ("evssd.hw.device", "EVSSD"),
-    "board": ("evssd.hw.board", "BoardCore"),
+    "mmio": ("evssd.hw.device.mmio", "MMIOManager"),
+    "device": ("evssd.hw.device.top", "EVSSD"),
+    "board": ("evssd.hw.boards.board", "BoardCore"),
+    "ecpix5": ("evssd.hw.boards.ecpix5", "Ecpix5Core"),
 }
 
 VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "-Wno-UNOPTFLAT", "-Wno-PINMISSING",

@@ -15,7 +15,7 @@ from cocotbext.axi import AxiBus, AxiRam
 
 from evssd.host.device import AsyncDevice
 from evssd.host.model import ModelTransport
-from evssd.hw.device import default_slots
+from evssd.hw.regmap import default_slots
 from evssd.hw.regmap import Opcode
 from evssd.sim.bench_rtl import throughput_batches
 from evssd.sim.runner import load_meta

@@ -1,6 +1,6 @@
 """The ULX3S board's bus behind the UART bridge, over the functional device model.
 
-One definition of the board's address map as the tests see it (``hw/board.py`` is the gateware;
+One definition of the board's address map as the tests see it (``hw/boards/board.py`` is the gateware;
 ``hw/bridge_protocol.py`` the constants): registers below 0x1000, the read-only board-info ROM
 (writes answer SLVERR), the host-memory window, DECERR elsewhere. Used by the in-memory link tests
 (tests/test_uart_link.py) and the pty board (tests/hw/test_uart.py).

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from evssd.hw.board import board_params
+from evssd.hw.boards.board import board_params
 from evssd.sim import runner
 
 pytestmark = pytest.mark.rtl
 
-HAS_DEVICE = importlib.util.find_spec("evssd.hw.device") is not None
+HAS_DEVICE = importlib.util.find_spec("evssd.hw.device.top") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def test_board_link(testcase):
                **_args(False))
 
 
-@pytest.mark.skipif(not HAS_DEVICE, reason="hw/device.py (EVSSD) not in the tree yet")
+@pytest.mark.skipif(not HAS_DEVICE, reason="hw/device/top.py (EVSSD) not in the tree yet")
 def test_board_gather_pooled():
     runner.run("evssd.sim.tb_board", "board", board_params(clock_hz=0), testcase="gather_and_pooled",
                **_args(True))

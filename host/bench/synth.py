@@ -1,6 +1,6 @@
 """``evssd bench synth``: resource estimates of the EV-SSD core for ECP5 and UltraScale+.
 
-For each configuration the device (``hw/device.py`` ``EVSSD``) is elaborated and synthesized with
+For each configuration the device (``hw/device/top.py`` ``EVSSD``) is elaborated and synthesized with
 yosys ``synth_ecp5`` and ``synth_xilinx -family xcup -flatten -noiopad`` (YoWASP); a few
 configurations also go through ``nextpnr-ecp5 --85k --out-of-context`` for Fmax. Results go to
 ``results/synth/synth.json`` and ``synth.png`` (``evssd.host.bench.common.write_results``).
@@ -44,9 +44,9 @@ def configs(quick: bool):
 
 def _component(top: str, params):
     if top == "mmio":
-        from evssd.hw.mmio import MMIOManager
+        from evssd.hw.device.mmio import MMIOManager
         return MMIOManager(params)
-    from evssd.hw.device import EVSSD
+    from evssd.hw.device.top import EVSSD
     return EVSSD(params)
 
 
@@ -60,9 +60,9 @@ def run(args) -> int:
         return 2
     if args.top == "device":
         try:
-            import evssd.hw.device  # noqa: F401
+            import evssd.hw.device.top  # noqa: F401
         except ImportError as exc:
-            print(f"evssd bench synth: the EV-SSD top (hw/device.py) is not available: {exc}", file=sys.stderr)
+            print(f"evssd bench synth: the EV-SSD top (hw/device/top.py) is not available: {exc}", file=sys.stderr)
             return 2
     from evssd.host.bench.common import write_results
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())

@@ -87,12 +87,12 @@ class AXI4Memory:
         while True:
             ready = self._go() and len(self._ar) < self.max_outstanding
             ctx.set(bus.arready, ready)
-            _, _, valid, addr, length, size = await ctx.tick().sample(
-                bus.arvalid, bus.araddr, bus.arlen, bus.arsize)
+            _, _, valid, addr, length, size, rid = await ctx.tick().sample(
+                bus.arvalid, bus.araddr, bus.arlen, bus.arsize, bus.arid)
             if ready and valid:
                 self._check_burst("AR", addr, length, size)
                 self.ar_log.append((addr, length + 1))
-                self._ar.append([addr, length + 1, 0, self._cycle + self.latency])
+                self._ar.append([addr, length + 1, 0, self._cycle + self.latency, rid])
 
     async def _r_proc(self, ctx):
         bus = self.bus
@@ -102,7 +102,7 @@ class AXI4Memory:
                 ctx.set(bus.rvalid, 0)
                 await ctx.tick()
                 continue
-            addr, beats, idx, _ = burst
+            addr, beats, idx, _, rid = burst
             a = addr + idx * self.bb
             if self._is_err(a):
                 data, resp = 0, 0b10
@@ -112,7 +112,7 @@ class AXI4Memory:
             ctx.set(bus.rdata, data)
             ctx.set(bus.rresp, resp)
             ctx.set(bus.rlast, idx == beats - 1)
-            ctx.set(bus.rid, 0)
+            ctx.set(bus.rid, rid)   # the burst's ID comes back (AXI4; an arbiter routes by it)
             _, _, ready = await ctx.tick().sample(bus.rready)
             if ready:
                 burst[2] += 1
@@ -124,12 +124,12 @@ class AXI4Memory:
         while True:
             ready = self._go() and len(self._aw) < self.max_outstanding
             ctx.set(bus.awready, ready)
-            _, _, valid, addr, length, size = await ctx.tick().sample(
-                bus.awvalid, bus.awaddr, bus.awlen, bus.awsize)
+            _, _, valid, addr, length, size, wid = await ctx.tick().sample(
+                bus.awvalid, bus.awaddr, bus.awlen, bus.awsize, bus.awid)
             if ready and valid:
                 self._check_burst("AW", addr, length, size)
                 self.aw_log.append((addr, length + 1))
-                self._aw.append([addr, length + 1, 0, False])
+                self._aw.append([addr, length + 1, 0, False, wid])
 
     async def _w_proc(self, ctx):
         bus = self.bus
@@ -143,7 +143,7 @@ class AXI4Memory:
                 bus.wvalid, bus.wdata, bus.wstrb, bus.wlast)
             if not (ready and valid):
                 continue
-            addr, beats, idx, err = burst
+            addr, beats, idx, err, wid = burst
             a = addr + idx * self.bb
             if (idx == beats - 1) != bool(last):
                 raise ProtocolError(f"wlast={last} on beat {idx} of a {beats}-beat burst at {addr:#x}")
@@ -159,7 +159,7 @@ class AXI4Memory:
             burst[3] = err
             if burst[2] == beats:
                 self._aw.popleft()
-                self._b.append(0b10 if err else 0)
+                self._b.append((0b10 if err else 0, wid))
 
     async def _b_proc(self, ctx):
         bus = self.bus
@@ -169,8 +169,8 @@ class AXI4Memory:
                 await ctx.tick()
                 continue
             ctx.set(bus.bvalid, 1)
-            ctx.set(bus.bresp, self._b[0])
-            ctx.set(bus.bid, 0)
+            ctx.set(bus.bresp, self._b[0][0])
+            ctx.set(bus.bid, self._b[0][1])
             _, _, ready = await ctx.tick().sample(bus.bready)
             if ready:
                 self._b.popleft()

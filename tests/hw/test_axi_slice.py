@@ -6,8 +6,8 @@ import pytest
 from amaranth import Cat
 from amaranth.sim import Simulator
 
-from evssd.hw.axi import AXI4LiteSignature, AXI4Signature
-from evssd.hw.axi_slice import CHANNELS, AXIRegisterSlice
+from evssd.hw.lib.axi import AXI4LiteSignature, AXI4Signature
+from evssd.hw.lib.axi_slice import CHANNELS, AXIRegisterSlice
 
 
 def _run(sig, p_valid, p_ready, n=120, seed=1):

@@ -12,7 +12,7 @@ import pytest
 from amaranth.back import rtlil
 from amaranth.sim import Simulator
 
-from evssd.hw.block_ram import BlockRAM, DP16KDModel, dp16kd_layout
+from evssd.hw.lib.block_ram import BlockRAM, DP16KDModel, dp16kd_layout
 
 
 def _run(dut, width, depth, cycles, seed, addr_space=None):

@@ -10,7 +10,7 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
-from evssd.hw.bram import AxiBram
+from evssd.hw.boards.bram import AxiBram
 
 
 async def _handshake(ctx, cond, *samples):

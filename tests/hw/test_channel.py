@@ -8,7 +8,7 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
-from evssd.hw.channel import FlashChannelController, WayModel
+from evssd.hw.device.channel import FlashChannelController, WayModel
 from evssd.hw.regmap import Params
 
 from .axi_mem import AXI4Memory

@@ -6,7 +6,7 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
-from evssd.hw.dma import HostDMA
+from evssd.hw.device.dma import HostDMA
 from evssd.hw.regmap import Params
 
 from .axi_mem import AXI4Memory

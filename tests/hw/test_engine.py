@@ -16,9 +16,11 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
-from evssd.hw.axi import AXI4Signature
-from evssd.hw.dma import HostDMA
-from evssd.hw.engine import ChunkReader, WidthConverter
+from evssd.hw.lib.axi import AXI4Signature
+from evssd.hw.device.dma import HostDMA
+from evssd.hw.device.engine import READ_CHUNK_BYTES
+from evssd.hw.lib.chunk_reader import ChunkReader
+from evssd.hw.lib.width_converter import WidthConverter
 from evssd.hw.regmap import Params
 
 from .axi_mem import AXI4Memory
@@ -27,7 +29,8 @@ from .axi_mem import AXI4Memory
 class ReaderHarness(wiring.Component):
     def __init__(self, params):
         self.dma = HostDMA(params, n_read=2, n_write=1)
-        self.r = [ChunkReader(params.host_data_bits), ChunkReader(params.host_data_bits)]
+        self.r = [ChunkReader(params.host_data_bits, READ_CHUNK_BYTES),
+                  ChunkReader(params.host_data_bits, READ_CHUNK_BYTES)]
         super().__init__({"m_axi_host": Out(AXI4Signature(addr_width=64, data_width=params.host_data_bits))})
 
     def elaborate(self, platform):
@@ -160,7 +163,7 @@ def test_width_converter(wi, wo):
 @pytest.mark.parametrize("n,wh,wc", [(1, 64, 32), (2, 512, 512), (3, 128, 64), (5, 64, 256),
                                      (8, 256, 128), (8, 64, 512)])
 def test_device_elaborates(n, wh, wc):
-    from evssd.hw.device import EVSSD
+    from evssd.hw.device.top import EVSSD
     p = Params(n_channels=n, host_data_bits=wh, ch_data_bits=wc, page_size=1024, max_tables=4,
                max_extents=2, ways=2, max_row_bytes=256, pages_per_channel=64)
     dut = EVSSD(p)

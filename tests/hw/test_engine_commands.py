@@ -12,9 +12,9 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
-from evssd.hw.axi import AXI4Signature
-from evssd.hw.dma import HostDMA
-from evssd.hw.engine import CommandEngine
+from evssd.hw.lib.axi import AXI4Signature
+from evssd.hw.device.dma import HostDMA
+from evssd.hw.device.engine import CommandEngine
 from evssd.hw.regmap import (NO_BAD_POSITION, Command, ElemType, Opcode, Params, Status,
                              pooled_row_bytes)
 

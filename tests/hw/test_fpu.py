@@ -10,7 +10,7 @@ from amaranth.sim import Simulator
 
 from evssd.host.pooling import (CANONICAL_NAN, canonicalize_nan, fp16_to_fp32_bits,
                                 fp32_add_bits)
-from evssd.hw.fpu import Fp16ToFp32, Fp32Adder
+from evssd.hw.lib.fpu import Fp16ToFp32, Fp32Adder
 
 SPECIALS = np.array([
     0x0000_0000, 0x8000_0000,               # +-0

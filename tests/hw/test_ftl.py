@@ -8,8 +8,8 @@ from amaranth import Module
 from amaranth.lib import stream, wiring
 from amaranth.sim import Simulator
 
-from evssd.hw.channel import read_request_layout
-from evssd.hw.ftl import ChannelDemux, LinearFTL, ftl_model, request_layout
+from evssd.hw.device.channel import read_request_layout
+from evssd.hw.device.ftl import ChannelDemux, LinearFTL, ftl_model, request_layout
 from evssd.hw.regmap import Params
 
 from .streams import send

@@ -13,7 +13,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from evssd.host.pooling import pool_rows
-from evssd.hw.merger import ACCUM_HAZARD_CYCLES, ResultMerger
+from evssd.hw.device.merger import ACCUM_HAZARD_CYCLES, ResultMerger
 from evssd.hw.regmap import ElemType, Params, pooled_row_bytes
 
 

@@ -5,7 +5,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from evssd.hw import regmap
-from evssd.hw.mmio import MMIOManager
+from evssd.hw.device.mmio import MMIOManager
 from evssd.hw.regmap import Access, Params
 from evssd.host.regfile import BusResponse, RegisterFile
 

@@ -9,9 +9,9 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
-from evssd.hw.axi import AXI4Signature
-from evssd.hw.dma import HostDMA
-from evssd.hw.queues import (COMMAND_LAYOUT, COMPLETION_LAYOUT, CommandQueue)
+from evssd.hw.lib.axi import AXI4Signature
+from evssd.hw.device.dma import HostDMA
+from evssd.hw.device.queues import (COMMAND_LAYOUT, COMPLETION_LAYOUT, CommandQueue)
 from evssd.hw.regmap import Command, Completion, Params
 
 from .axi_mem import AXI4Memory

@@ -4,7 +4,7 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
-from evssd.hw.skid_buffer import SkidBuffer
+from evssd.hw.lib.skid_buffer import SkidBuffer
 
 
 def _run(p_valid, p_ready, n=300, seed=1):

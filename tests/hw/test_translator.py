@@ -8,7 +8,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from evssd.hw.regmap import Params, div_magic
-from evssd.hw.translator import (ExtentTranslator, LATENCY, OUTPUT_FIFO_DEPTH, TableEntry,
+from evssd.hw.device.translator import (ExtentTranslator, LATENCY, OUTPUT_FIFO_DEPTH, TableEntry,
                                  TranslateStatus, translate_model)
 
 from .streams import receive, send

@@ -11,8 +11,8 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
-from evssd.hw import uart as hw_uart
-from evssd.hw.uart import UartAxiBridge, UartRx, UartTx
+from evssd.hw.boards import uart as hw_uart
+from evssd.hw.boards.uart import UartAxiBridge, UartRx, UartTx
 from evssd.host import uart as host_uart
 from evssd.host.uart import BridgeModel, Op, encode_request
 
@@ -21,7 +21,8 @@ def test_one_protocol_definition():
     """The gateware, the board and the host take the frame constants, the CRC and the address
     map from evssd.hw.bridge_protocol; its table-driven CRC equals the bit-serial definition the
     gateware's XOR network is built from."""
-    from evssd.hw import board as hw_board, bridge_protocol as proto
+    from evssd.hw import bridge_protocol as proto
+    from evssd.hw.boards import board as hw_board
     for name in ("SOF_REQUEST", "SOF_RESPONSE", "MAX_WORDS", "CRC8_POLY", "Op", "FrameStatus", "crc8"):
         assert getattr(hw_uart, name) is getattr(proto, name), name
         assert getattr(host_uart, name) is getattr(proto, name), name

@@ -2,7 +2,7 @@
 
 ``AXIRegisterSlice(signature)`` has a slave port ``s`` (``In(signature)``) and a master port
 ``m`` (``Out(signature)``). Each of the five channels (AW, W, B, AR, R) passes through a
-two-entry :class:`~evssd.hw.skid_buffer.SkidBuffer` (``ready``/``valid`` are flip-flops and the
+two-entry :class:`~evssd.hw.lib.skid_buffer.SkidBuffer` (``ready``/``valid`` are flip-flops and the
 entry enables do not depend on ``valid``), so no valid, ready or payload path crosses it in the
 same cycle: a master's handshake logic and a slave's (e.g. a block RAM's read enable) are timed
 separately. Payloads are meaningful only while their ``valid`` is high. Every channel keeps full

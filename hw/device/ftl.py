@@ -26,7 +26,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .channel import read_request_layout
-from .regmap import Params, div_magic
+from ..regmap import Params, div_magic
 
 __all__ = ["LinearFTL", "ChannelDemux", "request_layout", "response_layout", "ftl_model", "lba_split"]
 

@@ -32,8 +32,8 @@ from amaranth import Module, Signal, Cat, Const, Mux
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
-from .regmap import COMMAND_BYTES, COMPLETION_BYTES, Params
+from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
+from ..regmap import COMMAND_BYTES, COMPLETION_BYTES, Params
 
 __all__ = ["CommandQueue", "COMMAND_FIELDS", "COMPLETION_FIELDS", "COMMAND_LAYOUT",
            "COMPLETION_LAYOUT", "FETCHED_LAYOUT", "CPL_REQUEST_LAYOUT"]

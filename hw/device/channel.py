@@ -82,8 +82,8 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4Signature, Burst
-from .regmap import Params
+from ..lib.axi import AXI4Signature, Burst
+from ..regmap import Params
 
 __all__ = [
     "FlashChannelController", "read_request_layout", "row_beat_layout", "prog_request_layout",

@@ -68,7 +68,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .regmap import Params
+from ..regmap import Params
 
 __all__ = [
     "TableConfigSignature", "ExtentTranslator", "TranslateStatus", "request_layout",

@@ -29,26 +29,12 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.hdl import Assert
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4Signature, Burst
-from .regmap import Params
+from ..lib.axi import AXI4Signature, Burst
+from ..regmap import Params
 
-__all__ = ["HostDMA", "dma_cmd_layout", "dma_read_layout", "dma_write_layout", "DMA_DONE_LAYOUT"]
+from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 
-
-DMA_CMD_LAYOUT = data.StructLayout({"addr": 64, "bytes": 32})
-DMA_DONE_LAYOUT = data.StructLayout({"err": 1})
-
-
-def dma_cmd_layout():
-    return DMA_CMD_LAYOUT
-
-
-def dma_read_layout(data_bits: int):
-    return data.StructLayout({"data": data_bits, "last": 1, "err": 1})
-
-
-def dma_write_layout(data_bits: int):
-    return data.StructLayout({"data": data_bits, "last": 1})
+__all__ = ["HostDMA"]
 
 
 def _log2(x):
@@ -156,7 +142,9 @@ class HostDMA(wiring.Component):
             out = self.rd_data[i]
             m.d.comb += [
                 out.valid.eq(r_z[i] | (r_on[i] & axi.rvalid)),
-                out.payload.data.eq(axi.rdata),
+                # the zero-byte beat carries zeros, held while it waits (a stream's payload is
+                # stable until taken), not whatever the R channel shows
+                out.payload.data.eq(Mux(r_zero, 0, axi.rdata)),
                 out.payload.last.eq(r_last),
                 out.payload.err.eq(axi.rresp[1] & ~r_zero),
             ]

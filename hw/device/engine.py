@@ -1,6 +1,6 @@
 """Command engine: validates commands, streams index lists in, emits lookups, writes results.
 
-``CommandEngine(params, n_slots)`` sits between the queues (:mod:`evssd.hw.queues`), the host
+``CommandEngine(params, n_slots)`` sits between the queues (:mod:`evssd.hw.device.queues`), the host
 DMA, the translator, the FTL, the flash channels (programs) and the merger:
 
 ```
@@ -9,13 +9,15 @@ i_cmd -> front (one command at a time):
    -> result-size check -> (pooled) offsets pass 1: validate -> emit lookups in request order
    (index list and, pooled, offsets pass 2 stream in by DMA in 128-byte chunks, so both
    streams share the single-transfer DMA read engine without deadlock)
-translator o_resp + side FIFO (what each request was) -> fork:
+translator o_resp + side FIFO (what each request was) -> fork
+(:class:`~evssd.hw.device.fork.LookupFork`):
    lookup  -> merger i_desc (+ FTL when the index translated), per-command bad-index stats
    token   -> merger i_desc (empty bag)
    raw     -> READ_PAGES chunk: FTL + merger i_desc (a page is read as rows of CHUNK bytes)
    probe   -> back to the front
-result stage (commands in order): DMA-writes the merger's packed output to dst_addr in
-   RESULT_CHUNK pieces, waits for every B response, then posts the completion.
+result stage (commands in order, :class:`~evssd.hw.device.result_writer.ResultWriter`): DMA-writes
+   the merger's packed output to dst_addr in RESULT_CHUNK pieces, waits for every B response,
+   then posts the completion.
 ```
 
 Several commands are in flight (up to ``params.max_inflight``): the front moves to the next
@@ -48,7 +50,7 @@ late.
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Mux, Cat, Const, unsigned
+from amaranth import Module, Signal, Mux, Cat, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.hdl import Assert
@@ -58,200 +60,18 @@ from . import channel as ch_mod
 from . import ftl as ftl_mod
 from . import merger as merger_mod
 from . import translator as xlat_mod
-from .skid_buffer import SkidBuffer
-from .dma import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
+from ..lib.skid_buffer import SkidBuffer
+from ..lib.chunk_reader import ChunkReader
+from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
+from ..lib.width_converter import WidthConverter
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
-from .regmap import NO_BAD_POSITION, ElemType, Opcode, Params, Status
+from .fork import XLAT_TAG_WIDTH, Kind, LookupFork, raw_chunk_bytes, side_layout as fork_side_layout
+from .result_writer import ORDER_LAYOUT, RESULT_CHUNK_BYTES, ResultWriter
+from ..regmap import ElemType, Opcode, Params, Status
 
-__all__ = ["CommandEngine", "ChunkReader", "WidthConverter", "XLAT_TAG_WIDTH",
-           "READ_CHUNK_BYTES", "RESULT_CHUNK_BYTES", "raw_chunk_bytes"]
+__all__ = ["CommandEngine", "READ_CHUNK_BYTES"]
 
-XLAT_TAG_WIDTH = 1          # the engine keeps what each request is in its side FIFO
 READ_CHUNK_BYTES = 128      # index/offset DMA reads
-RESULT_CHUNK_BYTES = 1024   # result DMA writes (a completion post waits at most one chunk)
-
-
-def raw_chunk_bytes(params: Params) -> int:
-    """READ_PAGES moves a page as rows of this size (largest power of two <= max_row_bytes)."""
-    return 1 << (params.max_row_bytes.bit_length() - 1)
-
-
-class Kind:
-    LOOKUP = 0
-    PROBE = 1
-    TOKEN = 2
-    RAW = 3
-
-
-WORD_LAYOUT = data.StructLayout({"data": 32, "err": 1, "last": 1})   # last: of the list
-
-
-class ChunkReader(wiring.Component):
-    """Reads ``words`` 32-bit words from a 64-byte aligned ``addr`` (``start`` pulse, only while
-    ``idle``; ``addr`` and ``words`` are taken in the cycle after the pulse, which is registered,
-    so they must hold for that cycle) as DMA transfers of at most ``chunk_bytes``; a chunk is
-    requested only when the beat FIFO has room for all of it, so the DMA port never stalls on
-    this reader."""
-
-    def __init__(self, data_bits: int, chunk_bytes: int = READ_CHUNK_BYTES):
-        self.data_bits = data_bits
-        self.chunk_bytes = chunk_bytes
-        super().__init__({
-            "start": In(1), "addr": In(64), "words": In(32), "idle": Out(1),
-            "o_rd_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
-            "i_rd_data": In(stream.Signature(dma_read_layout(data_bits))),
-            "o_word": Out(stream.Signature(WORD_LAYOUT)),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        w = self.data_bits
-        bb = w // 8
-        wpb = bb // 4
-        chunk_beats = max(1, self.chunk_bytes // bb)
-        depth = 2 * chunk_beats
-        m.submodules.fifo = fifo = SyncFIFO(width=w + 1, depth=depth)
-
-        c_addr = Signal(64)
-        c_left = Signal(34)              # bytes still to request
-        outstanding = Signal(range(depth + 1))
-        words_left = Signal(32)
-        took = Signal()                  # a word was taken in the previous cycle (see below)
-        k = Signal(range(max(wpb, 2)))
-
-        # o_word leaves through a register slice: the consumers' decisions (offset compares,
-        # bag ends) then start from flip-flops, not from the beat FIFO's LUT RAM (63 MHz)
-        m.submodules.out_reg = out_reg = SkidBuffer(WORD_LAYOUT)
-        m.d.comb += self.idle.eq((c_left == 0) & (outstanding == 0) & (words_left == took) &
-                                 ~fifo.r_rdy & ~out_reg.o.valid)
-        # the start pulse is registered (its decoding fanned out into every counter's enable)
-        start = Signal()
-        m.d.sync += start.eq(self.start)
-        with m.If(start):
-            m.d.sync += [c_addr.eq(self.addr), c_left.eq(self.words << 2),
-                         words_left.eq(self.words), k.eq(0)]
-
-        # The request is planned from registers: the next chunk's size, whether any is left and
-        # whether the beat FIFO has room for a whole chunk are computed each cycle from the state
-        # one cycle old (the compares and sums in front of o_rd_cmd and the 64-bit address add
-        # were the engine's critical path). That state lags a request or a start by a cycle, so
-        # none is made in the cycle after one; chunks are many beats long, so the rate is kept.
-        n = Signal(range(self.chunk_bytes + 1))
-        beats = Signal(range(chunk_beats + 2))
-        more = Signal()
-        room = Signal()
-        hold = Signal()
-        next_n = Mux(c_left < self.chunk_bytes, c_left, self.chunk_bytes)
-        m.d.sync += [
-            n.eq(next_n),
-            beats.eq((next_n + bb - 1) >> (bb.bit_length() - 1)),
-            more.eq(c_left != 0),
-            room.eq(fifo.level + outstanding + chunk_beats <= depth),
-        ]
-        m.d.comb += [
-            self.o_rd_cmd.valid.eq(more & room & ~hold),
-            self.o_rd_cmd.payload.addr.eq(c_addr),
-            self.o_rd_cmd.payload.bytes.eq(n),
-        ]
-        issued = self.o_rd_cmd.valid & self.o_rd_cmd.ready
-        got = self.i_rd_data.valid & self.i_rd_data.ready
-        m.d.sync += hold.eq(issued | start)
-        with m.If(issued):
-            m.d.sync += [c_addr.eq(c_addr + n), c_left.eq(c_left - n)]
-        m.d.sync += outstanding.eq(outstanding + Mux(issued, beats, 0) - got)
-        m.d.comb += [
-            self.i_rd_data.ready.eq(fifo.w_rdy),
-            fifo.w_en.eq(self.i_rd_data.valid),
-            fifo.w_data.eq(Cat(self.i_rd_data.payload.data, self.i_rd_data.payload.err)),
-        ]
-
-        # `w_more`/`w_last` are words_left != 0 / == 1 kept as registers (the compares sat in
-        # front of the out slice's push and the FIFO's read enable); after a start they follow
-        # `words_left` one cycle late, while no beat can be there yet (requests begin two cycles
-        # after the start)
-        w_more = Signal()
-        w_last = Signal()
-        started = Signal()
-        m.d.sync += started.eq(start)
-        with m.If(started):
-            m.d.sync += [w_more.eq(words_left != 0), w_last.eq(words_left == 1)]
-        beat = fifo.r_data[:w]
-        o_word = out_reg.i
-        m.d.comb += [
-            o_word.valid.eq(fifo.r_rdy & w_more),
-            o_word.payload.data.eq(beat.word_select(k, 32) if wpb > 1 else beat[:32]),
-            o_word.payload.err.eq(fifo.r_data[w]),
-            o_word.payload.last.eq(w_last),
-        ]
-        wiring.connect(m, out_reg.o, wiring.flipped(self.o_word))
-        # `words_left` follows the words taken one cycle late (`took`: a word was taken in the
-        # previous cycle), so the take only drives a few flip-flops: the words really left are
-        # words_left - took.
-        m.d.sync += took.eq(o_word.valid & o_word.ready)
-        with m.If(took & ~start):
-            m.d.sync += words_left.eq(words_left - 1)
-        with m.If(o_word.valid & o_word.ready):
-            m.d.sync += [w_more.eq(~w_last),
-                         w_last.eq(Mux(took, words_left == 3, words_left == 2))]
-            with m.If((k == wpb - 1) | w_last):
-                m.d.comb += fifo.r_en.eq(1)
-                m.d.sync += k.eq(0)
-            with m.Else():
-                m.d.sync += k.eq(k + 1)
-        m.d.sync += [
-            Assert(started | (w_more == (words_left - took != 0)), "ChunkReader: w_more stale"),
-            Assert(started | (w_last == (words_left - took == 1)), "ChunkReader: w_last stale"),
-            Assert(~started | ~fifo.r_rdy, "ChunkReader: a beat right after the start"),
-        ]
-        return m
-
-
-class WidthConverter(wiring.Component):
-    """Stream of ``{data, err}`` from ``in_bits`` to ``out_bits`` (power-of-two ratio); the
-    first input beat's data comes out first (little-endian lanes)."""
-
-    def __init__(self, in_bits: int, out_bits: int):
-        self.in_bits, self.out_bits = in_bits, out_bits
-        super().__init__({
-            "i": In(stream.Signature(data.StructLayout({"data": in_bits, "err": 1}))),
-            "o": Out(stream.Signature(data.StructLayout({"data": out_bits, "err": 1}))),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        wi, wo = self.in_bits, self.out_bits
-        if wi == wo:
-            wiring.connect(m, wiring.flipped(self.i), wiring.flipped(self.o))
-        elif wi > wo:
-            r = wi // wo
-            k = Signal(range(r))
-            m.d.comb += [
-                self.o.valid.eq(self.i.valid),
-                self.o.payload.data.eq(self.i.payload.data.word_select(k, wo)),
-                self.o.payload.err.eq(self.i.payload.err),
-                self.i.ready.eq(self.o.ready & (k == r - 1)),
-            ]
-            with m.If(self.o.valid & self.o.ready):
-                m.d.sync += k.eq(Mux(k == r - 1, 0, k + 1))
-        else:
-            r = wo // wi
-            k = Signal(range(r))
-            buf = Signal(wo)
-            err = Signal()
-            full = Signal()
-            m.d.comb += [
-                self.o.valid.eq(full), self.o.payload.data.eq(buf), self.o.payload.err.eq(err),
-                self.i.ready.eq(~full),
-            ]
-            with m.If(self.o.valid & self.o.ready):
-                m.d.sync += [full.eq(0), err.eq(0)]
-            with m.If(self.i.valid & self.i.ready):
-                m.d.sync += [buf.word_select(k, wi).eq(self.i.payload.data),
-                             err.eq(err | self.i.payload.err),
-                             k.eq(Mux(k == r - 1, 0, k + 1))]
-                with m.If(k == r - 1):
-                    m.d.sync += full.eq(1)
-        return m
 
 
 class CommandEngine(wiring.Component):
@@ -321,12 +141,7 @@ class CommandEngine(wiring.Component):
         side_room = Signal()             # the side FIFO takes an entry
         alloc = Signal(max(T, 1))
 
-        side_layout = data.StructLayout({
-            "kind": 2, "slot": max(T, 1), "pos": 32, "offset": 16, "pooled": 1,
-            "bag_end": 1, "cmd_end": 1, "err": 1,
-            # the kind decoded once more for the fork's decisions (`kind` steers the payloads)
-            "need_desc": 1, "lookup": 1, "raw": 1,
-        })
+        side_layout = fork_side_layout(T)
         # The entries leave the LUT RAM through a register slice: the fork's decisions start
         # from flip-flops, and its consume decision only pops the slice (the FIFO is refilled
         # from the slice's registered ready). An entry waits there at least as long as the
@@ -339,16 +154,10 @@ class CommandEngine(wiring.Component):
             side.r_en.eq(side_out.i.ready),
         ]
 
-        order_layout = data.StructLayout({
-            "cid": 16, "sq_head": 16, "status": 8, "has_output": 1, "out_bytes": 32,
-            "dst_addr": 64,
-        })
-        m.submodules.order = order = SyncFIFO(width=order_layout.size, depth=p.max_inflight)
-        stats_layout = data.StructLayout({"n_bad": 32, "first_bad": 32, "status": 8, "err": 1})
-        m.submodules.stats = stats = SyncFIFO(width=stats_layout.size, depth=p.max_inflight)
+        m.submodules.order = order = SyncFIFO(width=ORDER_LAYOUT.size, depth=p.max_inflight)
 
-        m.submodules.idx = idx = ChunkReader(wh)
-        m.submodules.off = off = ChunkReader(wh)
+        m.submodules.idx = idx = ChunkReader(wh, READ_CHUNK_BYTES)
+        m.submodules.off = off = ChunkReader(wh, READ_CHUNK_BYTES)
         wiring.connect(m, idx.o_rd_cmd, wiring.flipped(self.o_idx_cmd))
         wiring.connect(m, wiring.flipped(self.i_idx_data), idx.i_rd_data)
         wiring.connect(m, off.o_rd_cmd, wiring.flipped(self.o_off_cmd))
@@ -454,7 +263,7 @@ class CommandEngine(wiring.Component):
         # The push is registered: the front's status decisions then end at flip-flops, not at
         # the FIFO's LUT-RAM write enable. The FIFO never fills (it has a place for each of the
         # max_inflight commands the front admits), so the late push loses nothing.
-        order_in = Signal(order_layout)
+        order_in = Signal(ORDER_LAYOUT)
         order_push = Signal()
         m.d.sync += [
             order_in.cid.eq(c.cid), order_in.sq_head.eq(cmd.sq_head),
@@ -854,203 +663,27 @@ class CommandEngine(wiring.Component):
             m.d.sync += pg_done_err.eq(1)
 
         # ------------------------------------------------------------------ fork
-        sd = Signal(side_layout)
-        m.d.comb += sd.eq(side_out.o.payload)
-        rsp = self.i_xlat.payload
-        # The side FIFO's entry is normally there long before its response (the translator
-        # takes 10+ cycles); waiting for it keeps any latency correct.
-        valid = self.i_xlat.valid & side_out.o.valid
-        desc_sent = Signal()
-        ftl_sent = Signal()
-        n_bad = Signal(32)
-        first_bad = Signal(32, init=NO_BAD_POSITION)
-        worst = Signal(8)
-        cmd_err = Signal()
-        is_bad = Signal()
-        m.d.comb += is_bad.eq(sd.lookup & (rsp.status != 0))
-
-        need_desc = Signal()
-        need_ftl = Signal()
-        m.d.comb += [
-            need_desc.eq(sd.need_desc),
-            need_ftl.eq((sd.lookup & (rsp.status == 0)) | sd.raw),
-        ]
-        # The descriptor and the FTL request leave through register slices: the merger's and
-        # the FTL's ready (their FIFO states) do not reach the fork's consume decision, which
-        # sees only the slices' registered ready.
-        m.submodules.desc_reg = desc_reg = SkidBuffer(self.o_desc.payload.shape())
-        m.submodules.ftl_reg = ftl_reg = SkidBuffer(self.o_ftl.payload.shape())
-        wiring.connect(m, desc_reg.o, wiring.flipped(self.o_desc))
-        wiring.connect(m, ftl_reg.o, wiring.flipped(self.o_ftl))
-        o_desc, o_ftl = desc_reg.i, ftl_reg.i
-        d = o_desc.payload
-        m.d.comb += [
-            d.slot.eq(sd.slot),
-            d.row_bytes.eq(Mux(sd.kind == Kind.RAW, raw_chunk, rsp.row_bytes)),
-            d.elem.eq(rsp.elem),
-            d.pooled.eq(sd.pooled),
-            d.bad.eq(is_bad),
-            d.bag_end.eq(sd.bag_end),
-            d.empty_bag.eq(sd.kind == Kind.TOKEN),
-            d.cmd_end.eq(sd.cmd_end),
-            o_desc.valid.eq(valid & need_desc & ~desc_sent),
-        ]
-        f = o_ftl.payload
-        with m.If(sd.kind == Kind.RAW):
-            m.d.comb += [f.lba.eq(sd.pos), f.offset.eq(sd.offset), f.row_bytes.eq(raw_chunk)]
-        with m.Else():
-            m.d.comb += [f.lba.eq(rsp.lba), f.offset.eq(rsp.offset), f.row_bytes.eq(rsp.row_bytes)]
-        m.d.comb += [f.tag.eq(sd.slot), o_ftl.valid.eq(valid & need_ftl & ~ftl_sent)]
-
-        desc_ok = Signal()
-        ftl_ok = Signal()
-        m.d.comb += [
-            desc_ok.eq(~need_desc | desc_sent | o_desc.ready),
-            ftl_ok.eq(~need_ftl | ftl_sent | o_ftl.ready),
-        ]
-        consume = Signal()
-        m.d.comb += consume.eq(valid & desc_ok & ftl_ok)
-        with m.If(consume):
-            m.d.sync += [desc_sent.eq(0), ftl_sent.eq(0)]
-        with m.Else():
-            with m.If(o_desc.valid & o_desc.ready):
-                m.d.sync += desc_sent.eq(1)
-            with m.If(o_ftl.valid & o_ftl.ready):
-                m.d.sync += ftl_sent.eq(1)
-        m.d.comb += [self.i_xlat.ready.eq(consume), side_out.o.ready.eq(consume)]
-
-        # registered: the front's PROBE_WAIT sees the probe's answer a cycle after the fork
-        # takes it (the consume decision stays out of the front's next state)
-        m.d.sync += [probe_status.eq(rsp.status), probe_row_bytes.eq(rsp.row_bytes),
-                     probe_elem.eq(rsp.elem), probe_done.eq(0)]
-        with m.If(consume & ~sd.need_desc):
-            m.d.sync += probe_done.eq(1)
-
-        # per-command stats, pushed at the command's last descriptor. What each taken
-        # descriptor contributes is registered first (the consume decision fanned out into all
-        # the counters' clock enables).
-        s_v = Signal()
-        s_bad = Signal()
-        s_bad_lba = Signal()
-        s_pos = Signal(32)
-        s_err = Signal()
-        s_end = Signal()
-        m.d.sync += [s_v.eq(consume & need_desc), s_bad.eq(is_bad),
-                     s_bad_lba.eq(rsp.status == xlat_mod.TranslateStatus.BAD_LBA),
-                     s_pos.eq(sd.pos), s_err.eq(sd.err & sd.lookup), s_end.eq(sd.cmd_end)]
-        # s_bad reaches about 70 loads: at most one LUT or the increment's carry chain behind it
-        # (the n_bad == 0 test is a register of its own; on the board s_bad -> a 5 ns wire ->
-        # four LUT levels into the stats was a critical path, 87.2 MHz).
-        none_bad = Signal(init=1)    # == (n_bad == 0)
-        nb = Signal(32)
-        fb = Signal(32)
-        ws = Signal(8)
-        ce = Signal()
-        m.d.comb += [nb.eq(n_bad + s_bad), fb.eq(Mux(s_bad & none_bad, s_pos, first_bad)),
-                     ws.eq(worst), ce.eq(cmd_err | s_err)]
-        with m.If(s_bad):
-            with m.If(s_bad_lba):
-                with m.If(worst != Status.BAD_INDEX):
-                    m.d.comb += ws.eq(Status.BAD_LBA)
-            with m.Else():
-                m.d.comb += ws.eq(Status.BAD_INDEX)
-        # The push is registered (the fork's consume decision into the FIFO's LUT RAM write
-        # enable was the board's critical path, 13.7 ns); the result stage waits for the entry.
-        stats_in = Signal(stats_layout)
-        stats_push = Signal()
-        m.d.sync += [stats_in.n_bad.eq(nb), stats_in.first_bad.eq(fb), stats_in.status.eq(ws),
-                     stats_in.err.eq(ce), stats_push.eq(s_v & s_end)]
-        m.d.comb += [stats.w_data.eq(stats_in.as_value()), stats.w_en.eq(stats_push)]
-        with m.If(s_v):
-            with m.If(s_end):
-                m.d.sync += [n_bad.eq(0), first_bad.eq(NO_BAD_POSITION), worst.eq(0), cmd_err.eq(0),
-                             none_bad.eq(1)]
-            with m.Else():
-                m.d.sync += [n_bad.eq(nb), first_bad.eq(fb), worst.eq(ws), cmd_err.eq(ce),
-                             none_bad.eq(none_bad & ~s_bad)]
-        m.d.sync += Assert(none_bad == (n_bad == 0), "engine: none_bad out of step")
+        m.submodules.fork = fork = LookupFork(p, self.n_slots)
+        wiring.connect(m, side_out.o, fork.i_side)
+        wiring.connect(m, wiring.flipped(self.i_xlat), fork.i_xlat)
+        wiring.connect(m, fork.o_desc, wiring.flipped(self.o_desc))
+        wiring.connect(m, fork.o_ftl, wiring.flipped(self.o_ftl))
+        m.d.comb += [probe_done.eq(fork.probe_done), probe_status.eq(fork.probe_status),
+                     probe_row_bytes.eq(fork.probe_row_bytes), probe_elem.eq(fork.probe_elem)]
 
         # ------------------------------------------------------------------ result stage
-        cur = Signal(order_layout)
-        left = Signal(32)
-        waddr = Signal(64)
-        chunk = Signal(range(RESULT_CHUNK_BYTES + 1))
-        beats_left = Signal(range(RESULT_CHUNK_BYTES // (wh // 8) + 2))
-        res_err = Signal()
-        cpl_status = Signal(8)
-        cpl_nbad = Signal(32)
-        cpl_fbad = Signal(32)
-        # registered, from `left` as it was a cycle ago: PLAN waits that cycle (the compare and
-        # the 64-bit address add in one cycle were the engine's critical path)
-        m.d.sync += chunk.eq(Mux(left < RESULT_CHUNK_BYTES, left, RESULT_CHUNK_BYTES))
-        st = Signal(stats_layout)
-        m.d.comb += st.eq(stats.r_data)
-        lbb = (wh // 8).bit_length() - 1
-
-        with m.FSM(name="result"):
-            with m.State("IDLE"):
-                with m.If(order.r_rdy):
-                    m.d.comb += order.r_en.eq(1)
-                    m.d.sync += [cur.eq(order.r_data), res_err.eq(0)]
-                    ent = data.View(order_layout, order.r_data)
-                    m.d.sync += [left.eq(ent.out_bytes), waddr.eq(ent.dst_addr),
-                                 cpl_status.eq(ent.status), cpl_nbad.eq(0),
-                                 cpl_fbad.eq(NO_BAD_POSITION)]
-                    with m.If(ent.has_output):
-                        m.next = "PLAN"
-                    with m.Else():
-                        m.next = "CPL"
-            with m.State("PLAN"):
-                m.next = "CMD"
-            with m.State("CMD"):
-                m.d.comb += [self.o_res_cmd.valid.eq(1), self.o_res_cmd.payload.addr.eq(waddr),
-                             self.o_res_cmd.payload.bytes.eq(chunk)]
-                with m.If(self.o_res_cmd.ready):
-                    m.d.sync += beats_left.eq((chunk + (wh // 8) - 1) >> lbb)
-                    m.next = "DATA"
-            with m.State("DATA"):
-                m.d.comb += [
-                    self.o_res_data.valid.eq(self.i_out.valid),
-                    self.o_res_data.payload.data.eq(self.i_out.payload.data),
-                    self.o_res_data.payload.last.eq(beats_left == 1),
-                    self.i_out.ready.eq(self.o_res_data.ready),
-                ]
-                with m.If(self.i_out.valid & self.i_out.ready):
-                    m.d.sync += beats_left.eq(beats_left - 1)
-                    with m.If(self.i_out.payload.last & self.i_out.payload.err):
-                        m.d.sync += res_err.eq(1)
-                    with m.If(beats_left == 1):
-                        m.next = "WAIT"
-            with m.State("WAIT"):
-                m.d.comb += self.i_res_done.ready.eq(1)
-                with m.If(self.i_res_done.valid):
-                    m.d.sync += [res_err.eq(res_err | self.i_res_done.payload.err),
-                                 left.eq(left - chunk), waddr.eq(waddr + chunk)]
-                    with m.If(left == chunk):
-                        m.next = "STATS"
-                    with m.Else():
-                        m.next = "PLAN"
-            with m.State("STATS"):
-                with m.If(stats.r_rdy):
-                    m.d.comb += stats.r_en.eq(1)
-                    with m.If(res_err | st.err):
-                        m.d.sync += cpl_status.eq(Status.BUS_ERROR)
-                    with m.Else():
-                        m.d.sync += [cpl_status.eq(st.status), cpl_nbad.eq(st.n_bad),
-                                     cpl_fbad.eq(st.first_bad)]
-                    m.next = "CPL"
-            with m.State("CPL"):
-                m.d.comb += [
-                    self.o_cpl.valid.eq(1),
-                    self.o_cpl.payload.n_bad.eq(cpl_nbad),
-                    self.o_cpl.payload.first_bad.eq(cpl_fbad),
-                    self.o_cpl.payload.sq_head.eq(cur.sq_head),
-                    self.o_cpl.payload.cid.eq(cur.cid),
-                    self.o_cpl.payload.status.eq(cpl_status),
-                ]
-                with m.If(self.o_cpl.ready):
-                    m.d.comb += [self.ev_complete.eq(1), self.ev_error.eq(cpl_status != 0)]
-                    m.next = "IDLE"
+        m.submodules.result = res = ResultWriter(p, RESULT_CHUNK_BYTES)
+        m.d.comb += [
+            res.i_order.valid.eq(order.r_rdy), res.i_order.payload.eq(order.r_data),
+            order.r_en.eq(res.i_order.ready),
+            self.ev_complete.eq(res.ev_complete), self.ev_error.eq(res.ev_error),
+        ]
+        wiring.connect(m, fork.o_stats, res.i_stats)
+        wiring.connect(m, wiring.flipped(self.i_out), res.i_out)
+        wiring.connect(m, res.o_res_cmd, wiring.flipped(self.o_res_cmd))
+        wiring.connect(m, res.o_res_data, wiring.flipped(self.o_res_data))
+        wiring.connect(m, wiring.flipped(self.i_res_done), res.i_res_done)
+        wiring.connect(m, res.o_cpl, wiring.flipped(self.o_cpl))
 
         # the accept is counted a cycle late (the front's IDLE decision stays out of the adder)
         accepted = Signal()

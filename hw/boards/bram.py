@@ -1,6 +1,6 @@
 """Block-RAM AXI4 slave: the board's flash channels and its host-memory window.
 
-:class:`AxiBram` serves one AXI4 slave port ``s_axi`` from a :class:`~evssd.hw.block_ram.BlockRAM`
+:class:`AxiBram` serves one AXI4 slave port ``s_axi`` from a :class:`~evssd.hw.lib.block_ram.BlockRAM`
 (one write port, one read port through the array and output registers: ECP5 DP16KD with the
 output register on, Xilinx RAMB in simple dual-port mode; a write and a read each cycle). Bursts: INCR and FIXED (WRAP is treated as INCR), narrow
 transfers (``size`` below the bus width) with strobes, one beat per cycle on W and on R (with
@@ -20,8 +20,8 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In
 from amaranth.utils import exact_log2
 
-from .axi import AXI4Signature, AXI4LiteSignature, Burst, Resp
-from .block_ram import BlockRAM
+from ..lib.axi import AXI4Signature, AXI4LiteSignature, Burst, Resp
+from ..lib.block_ram import BlockRAM
 
 __all__ = ["AxiBram"]
 
@@ -32,7 +32,7 @@ class AxiBram(wiring.Component):
     Ports: ``s_axi: In(AXI4Signature(addr_width, data_width, id_width))`` and, with
     ``lite_port``, ``s_axil: In(AXI4LiteSignature(addr_width=lite_addr_width, data_width=32))``.
     ``init``: optional initial contents as bytes (little-endian words). ``primitive``: the
-    :class:`~evssd.hw.block_ram.BlockRAM` implementation (``None``: chosen from the platform).
+    :class:`~evssd.hw.lib.block_ram.BlockRAM` implementation (``None``: chosen from the platform).
     """
 
     def __init__(self, *, size: int, data_width: int = 64, addr_width: int = 32, id_width: int = 4,
@@ -72,7 +72,7 @@ class AxiBram(wiring.Component):
         axi = self.s_axi
 
         # The memory's read runs through two registers (the array's and the output register,
-        # which on ECP5 is the DP16KD's own; hw/block_ram.py), each advancing with its enable.
+        # which on ECP5 is the DP16KD's own; hw/lib/block_ram.py), each advancing with its enable.
         m.submodules.mem = mem = BlockRAM(width=self.data_width, depth=depth, init=self._words(),
                                           primitive=self.primitive)
         rd_addr = mem.r_addr

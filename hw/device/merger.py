@@ -1,6 +1,6 @@
 """EV Merger: the reorder buffer (ROB) and the in-order retirement of rows and pooled bags.
 
-Interface note for the integrator (hw/engine.py, hw/device.py). Widths: ``Wc = ch_data_bits``,
+Interface note for the integrator (hw/device/engine.py, hw/device/top.py). Widths: ``Wc = ch_data_bits``,
 ``Wh = host_data_bits``, ``T = log2(n_slots)``.
 
 ``ResultMerger(params: Params, n_slots: int)``; ``n_slots`` is a power of two, 2..256.
@@ -84,7 +84,7 @@ Pipeline (every decision starts from registers, so the merger closes 100 MHz on 
 each channel's beats wait in a two-entry buffer; the round-robin grant is a register decided a
 cycle ahead from the buffers' next levels, and the granted beat is registered before it is
 written to the ROB and marks its slot. The ROB and the two accumulator copies are
-:class:`~evssd.hw.block_ram.BlockRAM` s (DP16KD with the output register, read latency 2): an
+:class:`~evssd.hw.lib.block_ram.BlockRAM` s (DP16KD with the output register, read latency 2): an
 op's facts wait one cycle in stage Q; stage R2 registers the accumulator read data and forwards
 the last three writes (the reads are not write-transparent), the emitter waits two cycles more,
 and simulation ``Assert``s check both hazard rules. Output ops (the issue stage's GATHER reads
@@ -103,10 +103,10 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .fpu import Fp16ToFp32, Fp32Adder
-from .regmap import ElemType, Params
-from .block_ram import BlockRAM
-from .skid_buffer import SkidBuffer
+from ..lib.fpu import Fp16ToFp32, Fp32Adder
+from ..regmap import ElemType, Params
+from ..lib.block_ram import BlockRAM
+from ..lib.skid_buffer import SkidBuffer
 
 __all__ = ["ResultMerger", "WordPacker", "row_layout", "desc_layout", "out_layout",
            "ACCUM_HAZARD_CYCLES"]

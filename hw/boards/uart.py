@@ -21,14 +21,14 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4LiteSignature, Resp
+from ..lib.axi import AXI4LiteSignature, Resp
 
 __all__ = ["UartRx", "UartTx", "UartAxiBridge", "crc8", "crc8_byte", "SOF_REQUEST", "SOF_RESPONSE",
            "Op", "FrameStatus", "MAX_WORDS"]
 
 # The frame constants and the CRC's definition live in the pure-Python bridge_protocol, which
 # the host imports too.
-from .bridge_protocol import (CRC8_POLY, MAX_WORDS, SOF_REQUEST, SOF_RESPONSE, FrameStatus, Op, crc8,
+from ..bridge_protocol import (CRC8_POLY, MAX_WORDS, SOF_REQUEST, SOF_RESPONSE, FrameStatus, Op, crc8,
                               crc8_byte)
 
 

@@ -12,7 +12,7 @@ Inside :class:`BoardCore`::
     EVSSD.m_axi_host --> [slice] ---------------------------> window.s_axi ---+- AxiBram (host memory)
     EVSSD.m_axi_ch[i] -> [slice] ---------------------------> AxiBram (flash channel i)
 
-``[slice]`` is an :class:`~evssd.hw.axi_slice.AXIRegisterSlice` (one register stage on each AXI
+``[slice]`` is an :class:`~evssd.hw.lib.axi_slice.AXIRegisterSlice` (one register stage on each AXI
 channel), so no combinational path runs between the device and the board's memories.
 
 The bridge's 32-bit address map (``evssd.host.uart`` has the same constants):
@@ -31,13 +31,13 @@ from amaranth.lib import wiring
 from amaranth.lib.cdc import ResetSynchronizer
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4LiteSignature, Resp
-from .axi_slice import AXIRegisterSlice
-from .bridge_protocol import (BOARD_INFO_BASE, BOARD_INFO_BYTES, BOARD_MAGIC, BOARD_VERSION, MMIO_BASE,
+from ..lib.axi import AXI4LiteSignature, Resp
+from ..lib.axi_slice import AXIRegisterSlice
+from ..bridge_protocol import (BOARD_INFO_BASE, BOARD_INFO_BYTES, BOARD_MAGIC, BOARD_VERSION, MMIO_BASE,
                               WINDOW_BASE)  # noqa: F401 (re-exported: the board's address map)
 from .bram import AxiBram
-from .mmio import MMIOManager, ADDR_WIDTH
-from .regmap import Params
+from ..device.mmio import MMIOManager, ADDR_WIDTH
+from ..regmap import Params
 from .uart import UartAxiBridge, UartRx, UartTx
 
 __all__ = ["BoardCore", "BoardTop", "BridgeDecoder", "MMIO_BASE", "BOARD_INFO_BASE", "WINDOW_BASE",
@@ -58,7 +58,7 @@ def _device_class():
     """The whole EV-SSD when it is in the tree; the MMIO manager alone otherwise (the board then
     identifies itself but cannot run commands)."""
     try:
-        from .device import EVSSD
+        from ..device.top import EVSSD
         return EVSSD
     except ImportError:
         return None
@@ -267,7 +267,7 @@ class BoardCore(wiring.Component):
         self.stretch = max(hz // 8, 64)
         cls = _device_class() if device is not False else None
         if device and cls is None:
-            raise RuntimeError("hw/device.py (EVSSD) is not available in this tree")
+            raise RuntimeError("hw/device/top.py (EVSSD) is not available in this tree")
         self.device_class = cls
         super().__init__({
             "uart_rx": In(1, init=1),

@@ -20,16 +20,17 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .axi import AXI4LiteSignature, AXI4Signature
+from ..lib.axi import AXI4LiteSignature, AXI4Signature
 from .channel import FlashChannelController, channel_addr_width, read_request_layout
 from .dma import HostDMA
-from .engine import XLAT_TAG_WIDTH, CommandEngine
+from .engine import CommandEngine
+from .fork import XLAT_TAG_WIDTH
 from .ftl import ChannelDemux, LinearFTL
 from .merger import ResultMerger
 from .mmio import ADDR_WIDTH, MMIOManager
 from .queues import CommandQueue
-from .regmap import ElemType, Params, default_slots
-from .skid_buffer import SkidBuffer
+from ..regmap import ElemType, Params, default_slots
+from ..lib.skid_buffer import SkidBuffer
 from .translator import ExtentTranslator
 
 __all__ = ["EVSSD", "default_slots"]

@@ -22,9 +22,9 @@ from amaranth import Module, Signal, Cat, Const, Mux
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from . import regmap
-from .axi import AXI4LiteSignature, Resp
-from .regmap import Access, Params, port_name
+from .. import regmap
+from ..lib.axi import AXI4LiteSignature, Resp
+from ..regmap import Access, Params, port_name
 
 __all__ = ["MMIOManager", "RegisterSignature", "port_name", "ADDR_WIDTH"]
 

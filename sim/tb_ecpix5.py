@@ -1,0 +1,276 @@
+"""cocotb bench: the real driver runs the ECPIX-5 core over UDP datagrams, DRAM in a bus model.
+
+:class:`CocotbUdpLink` is a :class:`~evssd.host.udp.DatagramLink` on the core's raw UDP port
+(``i_udp``/``o_udp``: the signals LiteEth's UDP core would drive), so the host's
+:class:`~evssd.host.udp.UdpTransport` and the driver run unchanged; a cocotbext-axi ``AxiRam``
+on ``m_axi_dram`` stands where LiteDRAM's AXI user port is on the board, with random stalls on
+every channel. Timeouts are in simulated time, so a core that does not answer fails fast.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import random
+
+import cocotb
+import numpy as np
+from cocotb.triggers import ClockCycles, RisingEdge
+from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteRam, AxiRam
+
+from evssd.hw import regmap
+from evssd.hw.bridge_protocol import DRAM_CTRL_BASE, DRAM_CTRL_BYTES
+from evssd.hw.udp_protocol import FLAG_REPLAYED, Op, UdpStatus, decode_reply, encode_request
+from evssd.host.device import AsyncDevice
+from evssd.host.udp import DatagramLink, LinkTimeoutError, UdpTransport
+from evssd.host.uart import BOARD_INFO_BASE, BOARD_MAGIC, WINDOW_BASE
+from evssd.sim.runner import load_meta
+from evssd.sim.transport import quiet_cocotbext_axi, random_pause, start_clock_and_reset
+
+PERIOD_NS = 10
+HOST_IP = 0xC0A8_0102       # 192.168.1.2, the host's address the core must answer to
+HOST_PORT = 50123
+
+
+class _Port:
+    """The flattened signals of one UDP stream port (``i_udp__valid`` ...) as attributes."""
+
+    def __init__(self, dut, prefix):
+        self._dut, self._prefix = dut, prefix
+
+    def __getattr__(self, name):
+        return getattr(self._dut, f"{self._prefix}__{name}")
+
+
+class CocotbUdpLink(DatagramLink):
+    """Sends request datagrams into ``dut.i_udp`` (random idle cycles between bytes) and collects
+    response datagrams from ``dut.o_udp`` (random ready stalls), checking their addressing."""
+
+    def __init__(self, dut, *, port: int, rng: random.Random, timeout_cycles: int = 20000,
+                 poll_cycles: int = 200, gaps: float = 0.1, stall: float = 0.2):
+        self.dut, self.port, self.rng = dut, port, rng
+        self.timeout_cycles, self.poll_cycles = timeout_cycles, poll_cycles
+        self.gaps, self.stall = gaps, stall
+        self.name = f"cocotb-udp:{port}"
+        self.rxq: collections.deque[bytes] = collections.deque()
+        self.drop_next = 0          # answers to drop (a lost response)
+        self.recv_step = 16         # cycles between looks for an answer (1 when measuring)
+        self.sent = 0
+        u = _Port(dut, "i_udp")
+        u.valid.value = 0
+        u.ip_address.value = HOST_IP
+        u.src_port.value = HOST_PORT
+        u.dst_port.value = port
+        u.error.value = 0
+        self._task = cocotb.start_soon(self._receiver())
+
+    async def _receiver(self):
+        o, clk = _Port(self.dut, "o_udp"), self.dut.clk
+        cur = bytearray()
+        while True:
+            o.ready.value = int(self.rng.random() >= self.stall)
+            await RisingEdge(clk)
+            if int(o.valid.value) and int(o.ready.value):
+                cur.append(int(o.data.value))
+                if int(o.last.value):
+                    assert int(o.ip_address.value) == HOST_IP, hex(int(o.ip_address.value))
+                    assert int(o.dst_port.value) == HOST_PORT and int(o.src_port.value) == self.port
+                    assert int(o.length.value) == len(cur), (int(o.length.value), len(cur))
+                    if self.drop_next:
+                        self.drop_next -= 1
+                    else:
+                        self.rxq.append(bytes(cur))
+                    cur = bytearray()
+
+    async def send(self, datagram: bytes) -> None:
+        u, clk = _Port(self.dut, "i_udp"), self.dut.clk
+        u.length.value = len(datagram)
+        for i, b in enumerate(datagram):
+            while self.rng.random() < self.gaps:
+                u.valid.value = 0
+                await RisingEdge(clk)
+            u.valid.value = 1
+            u.data.value = b
+            u.last.value = int(i == len(datagram) - 1)
+            while True:
+                await RisingEdge(clk)
+                if int(u.ready.value):
+                    break
+        u.valid.value = 0
+        self.sent += 1
+
+    async def recv(self) -> bytes:
+        waited = 0
+        while not self.rxq:
+            if waited >= self.timeout_cycles:
+                raise LinkTimeoutError(f"{self.name}: no answer within {self.timeout_cycles} cycles")
+            await ClockCycles(self.dut.clk, self.recv_step)
+            waited += self.recv_step
+        return self.rxq.popleft()
+
+    async def pause(self) -> None:
+        await ClockCycles(self.dut.clk, self.poll_cycles)
+
+
+async def _setup(dut, seed_offset=0):
+    meta = load_meta()
+    quiet_cocotbext_axi()
+    rng = random.Random(int(os.environ.get("EVSSD_SEED", "7")) + seed_offset)
+    await start_clock_and_reset(dut, period_ns=PERIOD_NS)
+    dut.dram_ready.value = 1
+    link = CocotbUdpLink(dut, port=meta["top_args"].get("udp_port", 7788), rng=rng)
+    return meta, link, rng
+
+
+async def _raw(link: CocotbUdpLink, datagram: bytes):
+    await link.send(datagram)
+    return decode_reply(await link.recv())
+
+
+@cocotb.test()
+async def identify_and_registers(dut):
+    """Board info, the driver identifies the device, registers and the window round-trip, errors
+    travel back."""
+    meta, link, rng = await _setup(dut)
+    params = meta["params"]
+    t = await UdpTransport.create(link=link)
+    assert t.info["magic"] == BOARD_MAGIC and t.info["divisor"] == 0
+    assert t.memory.base == WINDOW_BASE and t.memory.size == meta["top_args"]["window_bytes"]
+    dev = await AsyncDevice.open(t, expect=params, sq_entries=16, cq_entries=16, timeout=3600)
+    assert dev.params == params
+    await t.write32(regmap.register("EXT_LBA").addr, 0xDEADBEEF)
+    assert await t.read32(regmap.register("EXT_LBA").addr) == 0xDEADBEEF
+    base = t.alloc(2048)
+    blob = bytes(rng.getrandbits(8) for _ in range(1500))    # > one datagram's 1 KiB of words
+    await t.mem_write(base + 3, blob)
+    assert await t.mem_read(base + 3, len(blob)) == blob
+    data, resp = await t.proto.read_words(0x2000_0000, 1)
+    assert resp == 3, resp
+    assert await t.proto.write_words(BOARD_INFO_BASE, b"\0\0\0\0") == 2
+    from evssd.host.regfile import MMIOError
+    try:
+        await t.write32(regmap.register("ID_MAGIC").addr, 0)
+    except MMIOError as exc:
+        assert exc.resp == 2
+    else:
+        raise AssertionError("write to ID_MAGIC over UDP did not fail")
+    # the DRAM controller's register window: its own target, addresses relative to its base
+    ctrl = AxiLiteRam(AxiLiteBus.from_prefix(dut, "m_dram_ctrl", bus_separator="__"), dut.clk, dut.rst,
+                      size=DRAM_CTRL_BYTES)
+    quiet_cocotbext_axi()
+    words = bytes(rng.getrandbits(8) for _ in range(64))
+    assert await t.proto.write_words(DRAM_CTRL_BASE + 0x1000, words) == 0
+    assert ctrl.read(0x1000, 64) == words
+    ctrl.write(0x800, b"\x5a\xa5\x00\x01")
+    data, resp = await t.proto.read_words(DRAM_CTRL_BASE + 0x800, 1)
+    assert (data, resp) == (b"\x5a\xa5\x00\x01", 0)
+    assert await t.read32(regmap.register("EXT_LBA").addr) == 0xDEADBEEF   # the rest still decodes
+    assert t.proto.stats["retransmissions"] == 0 and t.proto.stats["stale"] == 0
+
+
+@cocotb.test()
+async def resent_writes_run_once(dut):
+    """A resent WRITE is answered REPLAYED and not executed again; an older one is refused STALE;
+    a lost answer is retransmitted by the protocol and replayed by the board; bad datagrams are
+    refused or dropped and the bridge keeps working."""
+    meta, link, rng = await _setup(dut, 1)
+    t = await UdpTransport.create(link=link)
+    reg = regmap.register("EXT_FIRST").addr
+    seq = t.proto._seq + 100
+    w1 = encode_request(Op.WRITE, seq + 1, reg, 1, 0xF, (0x1111_1111).to_bytes(4, "little"))
+    w2 = encode_request(Op.WRITE, seq + 2, reg, 1, 0xF, (0x2222_2222).to_bytes(4, "little"))
+    assert (await _raw(link, w1)).flags == 0
+    assert (await _raw(link, w2)).flags == 0
+    r = await _raw(link, w2)                                    # resent: answered, not run again
+    assert r.status == UdpStatus.OK and r.flags == FLAG_REPLAYED
+    r = await _raw(link, w1)                                    # older: refused
+    assert r.status == UdpStatus.STALE
+    t.proto._seq = seq + 2
+    assert await t.read32(reg) == 0x2222_2222, "a stale WRITE was executed"
+    # a lost answer: the protocol sends the same datagram again, the board replays it
+    link.drop_next = 1
+    await t.write32(reg, 0x3333_3333)
+    assert t.proto.stats["retransmissions"] == 1 and t.proto.stats["replayed"] == 1
+    assert await t.read32(reg) == 0x3333_3333
+    # refused and dropped datagrams
+    bad = bytearray(encode_request(Op.READ, seq + 900, reg, 1))
+    bad[2] = 0x37
+    assert (await _raw(link, bytes(bad))).status == UdpStatus.BAD_OPCODE
+    assert (await _raw(link, encode_request(Op.READ, seq + 901, reg, 2) + b"\0")).status == UdpStatus.BAD_LENGTH
+    assert (await _raw(link, encode_request(Op.WRITE, seq + 902, reg, 2, data=bytes(8))[:-3])).status \
+        == UdpStatus.BAD_LENGTH
+    await link.send(b"\x00\x00" + encode_request(Op.PING, seq + 903)[2:])   # not ours: no answer
+    await ClockCycles(dut.clk, 500)
+    assert not link.rxq
+    t.proto._seq = seq + 1000
+    assert await t.read32(reg) == 0x3333_3333
+
+
+@cocotb.test()
+async def gather_and_pooled(dut):
+    """With the whole device and its channels in the DRAM model: program pages, GATHER and
+    GATHER_POOLED against numpy, random stalls on the DRAM port."""
+    meta, link, rng = await _setup(dut, 2)
+    if not meta["top_args"].get("device", False):
+        raise AssertionError("gather_and_pooled needs the core built with device=True")
+    from evssd.sim.scenarios import _random_bags, _same_bits, golden_pooled, load, place_tables
+    params = meta["params"]
+    ram = AxiRam(AxiBus.from_prefix(dut, "m_axi_dram", bus_separator="__"), dut.clk, dut.rst,
+                 size=1 << meta["top_args"]["dram_addr_width"])
+    quiet_cocotbext_axi()
+    for ch in (ram.read_if.r_channel, ram.read_if.ar_channel, ram.write_if.aw_channel,
+               ram.write_if.w_channel, ram.write_if.b_channel):
+        ch.set_pause_generator(random_pause(rng, 0.3))
+    nprng = np.random.default_rng(int(os.environ.get("EVSSD_SEED", "5")))
+    t = await UdpTransport.create(link=link)
+    dev = await AsyncDevice.open(t, expect=params, sq_entries=8, cq_entries=8, timeout=3600)
+    await dev.set_timing(t_r=50, t_prog=50)
+    tables, pages = place_tables(params, nprng, 2, max_rows=24)
+    await load(dev, tables, pages)
+    # every channel's pages are in its own DRAM region
+    region = 1 << max(12, (params.channel_bytes - 1).bit_length())
+    used = [c for c in range(params.n_channels) if any(ram.read(c * region, params.page_size))]
+    assert len(used) >= 2, used
+    for tb in tables:
+        idx = nprng.integers(0, tb.rows, 12).astype(np.uint32)
+        idx[6:8] = idx[0]
+        raw = await dev.gather(tb.slot, idx)
+        _same_bits(raw, tb.data[idx].view(np.uint8).reshape(len(idx), tb.row_bytes),
+                   f"GATHER table {tb.slot}")
+        offsets = _random_bags(nprng, len(idx), 4)
+        raw = await dev.gather_pooled(tb.slot, idx, offsets)
+        _same_bits(raw, golden_pooled(tb, idx, offsets), f"GATHER_POOLED table {tb.slot} ({tb.elem.name})")
+
+
+@cocotb.test()
+async def link_throughput(dut):
+    """Cycle counts of the UDP link at the raw-port seam (no idle cycles, no back-pressure): a PING
+    round trip, and READ/WRITE of a full datagram (256 words) from/to the host-memory window.
+    Written as JSON to $EVSSD_LINK_JSON (cycle-accurate; the Ethernet MAC/PHY and the wire are
+    not in the simulation, docs/udp-protocol.md adds them)."""
+    import json
+    meta, link, rng = await _setup(dut, 3)
+    link.gaps, link.stall, link.recv_step = 0.0, 0.0, 1
+    t = await UdpTransport.create(link=link)
+    words = t.proto.max_words
+    base = t.alloc(4 * words)
+
+    async def cycles(coro):
+        start = cocotb.utils.get_sim_time("ns")
+        await coro
+        return round((cocotb.utils.get_sim_time("ns") - start) / PERIOD_NS)
+
+    blob = bytes(rng.getrandbits(8) for _ in range(4 * words))
+    out = {
+        "ping_cycles": await cycles(t.proto.ping()),
+        "write_1k_cycles": await cycles(t.proto.write_words(base, blob)),
+        "read_1k_cycles": await cycles(t.proto.read_words(base, words)),
+        "read32_cycles": await cycles(t.read32(regmap.register("ID_MAGIC").addr)),
+        "words": words,
+    }
+    data, resp = await t.proto.read_words(base, words)
+    assert data == blob and resp == 0
+    path = os.environ.get("EVSSD_LINK_JSON")
+    if path:
+        with open(path, "w") as fh:
+            json.dump(out, fh, indent=2)
+    dut._log.warning(f"UDP link: {out}")
