@@ -8,7 +8,9 @@
 4. :mod:`.translator`: embedding index -> (LBA, byte offset) through per-table extents.
 5. :mod:`.ftl`: LBA -> (channel, page) and the per-channel request demultiplexer.
 6. :mod:`.channel`: the flash channel controller (page registers, DDR-emulated NAND bank).
-7. :mod:`.merger`: reorder buffer, in-order retirement of rows and pooled bags.
+7. :mod:`.merger`: reorder buffer, in-order retirement of rows and pooled bags;
+   :mod:`.rowwise_lane` is the row-wise INT8 pooling step it is to call (built and tested, not
+   instantiated yet: row-wise and weighted commands are refused by the RTL until then).
 8. :mod:`.dma`: the host AXI4 master shared by the queues and the engine.
 
 :mod:`.top` (:class:`~evssd.hw.device.top.EVSSD`) wires them together.

@@ -11,7 +11,7 @@ import numpy as np
 from amaranth.sim import Simulator
 
 from evssd.host.pooling import CANONICAL_NAN, canonicalize_nan, fma32, fma32_model
-from evssd.hw.fma import Fp32Fma
+from evssd.hw.lib.fma import Fp32Fma
 
 SPECIALS = np.array([
     0x0000_0000, 0x8000_0000,                       # +-0

@@ -2,7 +2,7 @@
 import numpy as np
 from amaranth.sim import Simulator
 
-from evssd.hw.int_to_fp import Int32ToFp32
+from evssd.hw.lib.int_to_fp import Int32ToFp32
 
 
 def run(xs, stall_seed=None):

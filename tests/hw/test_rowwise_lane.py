@@ -6,7 +6,7 @@ from amaranth.sim import Simulator
 
 from evssd.host.elements import ELEMS
 from evssd.host.pooling import canonicalize_nan, fma32_model, fp16_to_fp32_bits, fp32_add_bits, pool
-from evssd.hw.rowwise_lane import RowwiseLane
+from evssd.hw.device.rowwise_lane import RowwiseLane
 
 L = RowwiseLane.LATENCY
 

@@ -2,7 +2,7 @@
 
 ``RowwiseLane``: ``o_acc = fma(i_scale, float32(i_q), i_acc + i_bias)`` with the host definition
 (``evssd.host.pooling``, int8_rowwise): ``i_acc + i_bias`` by an :class:`~evssd.hw.fpu.Fp32Adder`
-(one rounding), the uint8 code widened to fp32 exactly, then one :class:`~evssd.hw.fma.Fp32Fma`
+(one rounding), the uint8 code widened to fp32 exactly, then one :class:`~evssd.hw.lib.fma.Fp32Fma`
 (one rounding); NaNs come out canonical. ``i_scale``/``i_bias`` are fp32: the row's fp16 scale
 and bias widened by :class:`~evssd.hw.fpu.Fp16ToFp32`, and for a weighted bag first multiplied
 by the lookup's weight (``Fp32Fma(scale, w, -0.0)``: ``scale*w`` rounded to fp32 once, as the
@@ -18,8 +18,8 @@ from amaranth import Cat, Const, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .fma import Fp32Fma
-from .fpu import Fp32Adder
+from ..lib.fma import Fp32Fma
+from ..lib.fpu import Fp32Adder
 
 __all__ = ["RowwiseLane", "u8_to_fp32"]
 
