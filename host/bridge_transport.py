@@ -12,6 +12,7 @@ No Amaranth, no pyserial, no sockets here: the host library imports this at run 
 from __future__ import annotations
 
 import abc
+import asyncio
 
 from evssd.hw.bridge_protocol import BOARD_INFO, BOARD_INFO_BASE, BOARD_MAGIC, MMIO_BASE
 from evssd.host.regfile import MMIOError
@@ -54,6 +55,28 @@ class BridgeTransport(Transport):
 
     proto: BridgeProtocol
     info: dict[str, int]
+
+    def _attach(self, link, proto: BridgeProtocol, connect: bool) -> None:
+        """Take ``link`` and the protocol over it; with ``connect``, identify the board now on a
+        private event loop, closing the link when that fails (constructors answer quickly)."""
+        self.link, self.name, self.proto = link, link.name, proto
+        self.info = {}
+        if connect:
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(self.connect())
+            except BaseException:
+                loop.run_until_complete(link.close())
+                raise
+            finally:
+                loop.close()
+
+    @classmethod
+    async def create(cls, *, link, **options) -> "BridgeTransport":
+        """Construct over ``link`` inside a running event loop (a cocotb bench) and connect."""
+        t = cls(link=link, connect=False, **options)
+        await t.connect()
+        return t
 
     async def connect(self) -> None:
         await self.proto.ping()

@@ -305,25 +305,7 @@ class UartTransport(BridgeTransport):
             if port is None:
                 raise ValueError("UartTransport needs port= (e.g. /dev/ttyUSB0) or link=")
             link = SerialLink(port, baud, timeout=link_timeout, poll=poll)
-        self.link = link
-        self.name = link.name
-        self.proto = UartProtocol(link, retries=retries)
-        self.info: dict[str, int] = {}
-        if connect:
-            loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self.connect())
-            except BaseException:
-                loop.run_until_complete(link.close())
-                raise
-            finally:
-                loop.close()
-
-    @classmethod
-    async def create(cls, *, link: ByteLink, retries: int = 2) -> "UartTransport":
-        t = cls(link=link, retries=retries, connect=False)
-        await t.connect()
-        return t
+        self._attach(link, UartProtocol(link, retries=retries), connect)
 
     # MMIO, the window and connect() are BridgeTransport's (the address map is the same on every
     # board link).

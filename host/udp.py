@@ -221,25 +221,7 @@ class UdpTransport(BridgeTransport):
             if host is None:
                 raise ValueError("UdpTransport needs host= (the board's IP address) or link=")
             link = UdpSocketLink(host, port, timeout=link_timeout, poll=poll)
-        self.link = link
-        self.name = link.name
-        self.proto = UdpProtocol(link, retries=retries)
-        self.info: dict[str, int] = {}
-        if connect:
-            loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self.connect())
-            except BaseException:
-                loop.run_until_complete(link.close())
-                raise
-            finally:
-                loop.close()
-
-    @classmethod
-    async def create(cls, *, link: DatagramLink, retries: int = 4) -> "UdpTransport":
-        t = cls(link=link, retries=retries, connect=False)
-        await t.connect()
-        return t
+        self._attach(link, UdpProtocol(link, retries=retries), connect)
 
 
 class UdpBridgeModel:

@@ -15,7 +15,7 @@ from amaranth.sim import Simulator
 from evssd.hw.lib.axil_split import AXILiteSplit
 from evssd.hw.lib.axi import AXI4LiteSignature
 from evssd.hw.lib.axil_wishbone import AXILiteToWishbone, WishboneSignature
-from tests.hw.test_uart import LiteMemory, _handshake
+from .axil_models import LiteMemory, handshake
 
 BASE, SIZE = 0x0E00_0000, 0x1_0000
 ERR_WORD = 0x3000 >> 2       # Wishbone answers err here
@@ -90,7 +90,7 @@ def test_window_reaches_wishbone_the_rest_passes(seed, stall):
                         w = True
                         ctx.set(s.wvalid, 0)
                 ctx.set(s.bready, 1)
-                resp, = await _handshake(ctx, s.bvalid, s.bresp)
+                resp, = await handshake(ctx, s.bvalid, s.bresp)
                 ctx.set(s.bready, 0)
                 assert resp == want, (hex(addr), resp, want)
                 seen.add(("w", inside, want))
@@ -102,10 +102,10 @@ def test_window_reaches_wishbone_the_rest_passes(seed, stall):
                     want = model_rest.read(addr)
                 ctx.set(s.araddr, addr)
                 ctx.set(s.arvalid, 1)
-                await _handshake(ctx, s.arready)
+                await handshake(ctx, s.arready)
                 ctx.set(s.arvalid, 0)
                 ctx.set(s.rready, 1)
-                data, resp = await _handshake(ctx, s.rvalid, s.rdata, s.rresp)
+                data, resp = await handshake(ctx, s.rvalid, s.rdata, s.rresp)
                 ctx.set(s.rready, 0)
                 assert resp == want[1] and (resp or data == want[0]), (hex(addr), data, resp, want)
                 seen.add(("r", inside, want[1]))
@@ -147,13 +147,13 @@ def test_window_reaches_wishbone_the_rest_passes(seed, stall):
                 ctx.set(rest.rdata, data)
                 ctx.set(rest.rresp, resp)
                 ctx.set(rest.rvalid, 1)
-                await _handshake(ctx, rest.rready)
+                await handshake(ctx, rest.rready)
                 ctx.set(rest.rvalid, 0)
             elif awv:
                 assert wv, "the split forwards AW and W together"
                 ctx.set(rest.bresp, rest_mem.write(awaddr, wdata, wstrb))
                 ctx.set(rest.bvalid, 1)
-                await _handshake(ctx, rest.bready)
+                await handshake(ctx, rest.bready)
                 ctx.set(rest.bvalid, 0)
 
     sim = Simulator(dut)

@@ -16,6 +16,8 @@ from evssd.hw.boards.uart import UartAxiBridge, UartRx, UartTx
 from evssd.host import uart as host_uart
 from evssd.host.uart import BridgeModel, Op, encode_request
 
+from .axil_models import LiteMemory, handshake, axil_slave
+
 
 def test_one_protocol_definition():
     """The gateware, the board and the host take the frame constants, the CRC and the address
@@ -45,15 +47,6 @@ def test_bad_divisor():
         UartRx(2)
     with pytest.raises(ValueError, match="idle_timeout 3"):
         UartAxiBridge(idle_timeout=3)
-
-
-async def _handshake(ctx, cond, *samples):
-    """Tick until ``cond`` is high at an edge; the samples taken at that edge. (A plain loop, not
-    ``until()``: background testbenches are closed mid-wait when the simulation ends.)"""
-    while True:
-        _, _, c, *vals = await ctx.tick().sample(cond, *samples)
-        if c:
-            return vals
 
 
 @pytest.mark.parametrize("divisor,seed", [(4, 1), (7, 2), (16, 3)])
@@ -220,33 +213,6 @@ def test_tx_rx_loopback():
 # ---------------------------------------------------------------------------------------------
 # Bridge
 
-class LiteMemory:
-    """Word memory behind the bridge's AXI4-Lite master: [0, 0x1000) is RAM, 0x4000_0000.. answers
-    SLVERR, 0x8000_0000.. DECERR (reads return 0)."""
-
-    def __init__(self):
-        self.words = {}
-
-    def read(self, addr):
-        if addr >= 0x8000_0000:
-            return 0, 3
-        if addr >= 0x4000_0000:
-            return 0, 2
-        return self.words.get(addr & 0xFFC, 0), 0
-
-    def write(self, addr, value, strb):
-        if addr >= 0x8000_0000:
-            return 3
-        if addr >= 0x4000_0000:
-            return 2
-        old = self.words.get(addr & 0xFFC, 0)
-        for i in range(4):
-            if strb >> i & 1:
-                old = (old & ~(0xFF << 8 * i)) | (value & (0xFF << 8 * i))
-        self.words[addr & 0xFFC] = old
-        return 0
-
-
 def _random_frame(rng, tag):
     """(bytes, truncated?) for one random request frame."""
     kind = rng.choices(["ping", "read", "write", "badcrc", "badop", "trunc", "err"],
@@ -321,39 +287,7 @@ def test_bridge_random_frames(seed, stall):
             if valid and ready:
                 out.append(payload)
 
-    async def axi_write(ctx):
-        while True:
-            await ctx.tick().repeat(rng.choice([1, 1, 2, 5]) if stall else 1)
-            ctx.set(bus.awready, 1)
-            addr, = await _handshake(ctx, bus.awvalid, bus.awaddr)
-            ctx.set(bus.awready, 0)
-            if stall:
-                await ctx.tick().repeat(rng.choice([1, 3]))
-            ctx.set(bus.wready, 1)
-            data, strb = await _handshake(ctx, bus.wvalid, bus.wdata, bus.wstrb)
-            ctx.set(bus.wready, 0)
-            resp = hw_mem.write(addr, data, strb)
-            if stall:
-                await ctx.tick().repeat(rng.choice([1, 2, 4]))
-            ctx.set(bus.bresp, resp)
-            ctx.set(bus.bvalid, 1)
-            await _handshake(ctx, bus.bready)
-            ctx.set(bus.bvalid, 0)
-
-    async def axi_read(ctx):
-        while True:
-            await ctx.tick().repeat(rng.choice([1, 1, 2, 5]) if stall else 1)
-            ctx.set(bus.arready, 1)
-            addr, = await _handshake(ctx, bus.arvalid, bus.araddr)
-            ctx.set(bus.arready, 0)
-            data, resp = hw_mem.read(addr)
-            if stall:
-                await ctx.tick().repeat(rng.choice([1, 2, 6]))
-            ctx.set(bus.rdata, data)
-            ctx.set(bus.rresp, resp)
-            ctx.set(bus.rvalid, 1)
-            await _handshake(ctx, bus.rready)
-            ctx.set(bus.rvalid, 0)
+    axi_write, axi_read = axil_slave(bus, hw_mem, rng, stall)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)

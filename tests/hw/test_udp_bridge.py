@@ -16,7 +16,7 @@ from amaranth.sim import Simulator
 from evssd.hw.boards.udp_bridge import UdpAxiBridge
 from evssd.hw.udp_protocol import MAX_WORDS, Op, UdpStatus, decode_reply, encode_request
 from evssd.host.udp import UdpBridgeModel
-from tests.hw.test_uart import LiteMemory, _handshake
+from .axil_models import LiteMemory, handshake, axil_slave
 
 PORT = 7788
 
@@ -103,7 +103,7 @@ def test_bridge_random_datagrams(seed, stall):
                 ctx.set(rx.data, b)
                 ctx.set(rx.last, j == len(d) - 1)
                 ctx.set(rx.error, j == damaged_at)
-                await _handshake(ctx, rx.ready)
+                await handshake(ctx, rx.ready)
             ctx.set(rx.valid, 0)
             ctx.set(rx.error, 0)
             reply = model.handle(d, error) if dport == PORT else None
@@ -130,37 +130,7 @@ def test_bridge_random_datagrams(seed, stall):
                     got.append((bytes(cur), (ip, dst, src, length)))
                     cur.clear()
 
-    async def axi_write(ctx):
-        while True:
-            await ctx.tick().repeat(rng.choice([1, 1, 2, 5]) if stall else 1)
-            ctx.set(bus.awready, 1)
-            addr, = await _handshake(ctx, bus.awvalid, bus.awaddr)
-            ctx.set(bus.awready, 0)
-            if stall:
-                await ctx.tick().repeat(rng.choice([1, 3]))
-            ctx.set(bus.wready, 1)
-            data, strb = await _handshake(ctx, bus.wvalid, bus.wdata, bus.wstrb)
-            ctx.set(bus.wready, 0)
-            resp = hw_mem.write(addr, data, strb)
-            ctx.set(bus.bresp, resp)
-            ctx.set(bus.bvalid, 1)
-            await _handshake(ctx, bus.bready)
-            ctx.set(bus.bvalid, 0)
-
-    async def axi_read(ctx):
-        while True:
-            await ctx.tick().repeat(rng.choice([1, 1, 2, 5]) if stall else 1)
-            ctx.set(bus.arready, 1)
-            addr, = await _handshake(ctx, bus.arvalid, bus.araddr)
-            ctx.set(bus.arready, 0)
-            data, resp = hw_mem.read(addr)
-            if stall:
-                await ctx.tick().repeat(rng.choice([1, 2, 6]))
-            ctx.set(bus.rdata, data)
-            ctx.set(bus.rresp, resp)
-            ctx.set(bus.rvalid, 1)
-            await _handshake(ctx, bus.rready)
-            ctx.set(bus.rvalid, 0)
+    axi_write, axi_read = axil_slave(bus, hw_mem, rng, stall)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
