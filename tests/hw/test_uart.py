@@ -16,7 +16,7 @@ from evssd.hw.boards.uart import UartAxiBridge, UartRx, UartTx
 from evssd.host import uart as host_uart
 from evssd.host.uart import BridgeModel, Op, encode_request
 
-from .axil_models import LiteMemory, handshake, axil_slave
+from .axil_models import LiteMemory, axil_slave
 
 
 def test_one_protocol_definition():
