@@ -363,7 +363,9 @@ def test_read_intake(name):
         # the consumer finishes each read some cycles after taking it (drops its reference)
         r = random.Random(2)
         inflight = []
-        while len(out) < len(reads) or inflight:
+        for cyc in range(20_000):
+            if len(out) == len(reads) and not inflight:
+                break
             take = r.random() >= 0.3
             ctx.set(intake.o_pend.ready, take)
             fin = inflight and r.random() < 0.5
@@ -375,6 +377,7 @@ def test_read_intake(name):
             if take and valid:
                 out.append(pl)
                 inflight.append(pl.rq.way)
+        assert cyc < 19_999, f"hang: {len(out)}/{len(reads)} reads out, {len(inflight)} in flight"
     sim_run(top, sink, background=(source, hold, watch))
     assert not held, "i_read taken while a program was waiting"
     assert claims == want_miss
@@ -402,7 +405,7 @@ def test_channel_programmer(name):
     progs = [(rng.choice([bad, *range(params.pages_per_channel)]), rng.randbytes(ps))
              for _ in range(5)]
     progs.append((bad, rng.randbytes(ps)))
-    dones, inval, fenced, ran_idle = [], [], [], []
+    dones, done_out, inval, fenced, ran_idle = [], [], [], [], []
     t_prog = 9
 
     async def driver(ctx):
@@ -422,7 +425,7 @@ def test_channel_programmer(name):
             beats = [{"data": int.from_bytes(data[b * B:(b + 1) * B], "little")}
                      for b in range(ps // B)]
             await send(ctx, dut.i_prog_data, beats, r, 0.3)
-            while len(dones) < len(inval):
+            while len(done_out) < len(inval):
                 await ctx.tick()
 
     async def watch(ctx):
@@ -434,9 +437,8 @@ def test_channel_programmer(name):
                 ran_idle.append(1)
 
     async def sink(ctx):
-        out = []
-        await receive(ctx, dut.o_prog_done, len(progs), random.Random(2), 0.3, out)
-        dones.extend(bool(x.err) for x in out)
+        await receive(ctx, dut.o_prog_done, len(progs), random.Random(2), 0.3, done_out)
+        dones.extend(bool(x.err) for x in done_out)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
