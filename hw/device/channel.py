@@ -140,17 +140,24 @@ class FlashChannelController(wiring.Component):
             "cnt_rows": Out(32), "cnt_bytes": Out(32), "cnt_tr_waits": Out(32),
             "cnt_busy": Out(32), "cnt_programs": Out(32),
         })
+        # the stages (made here so that checks can name their joins: hw/formal.py)
+        g = self.geometry
+        self.ways = PageRegisters(g, checks=checks)
+        self.intake = ReadIntake(g, checks=checks)
+        self.issuer = BurstIssuer(g, checks=checks)
+        self.realigner = RowRealigner(g, checks=checks)
+        self.programmer = ChannelProgrammer(g, checks=checks)
 
     def elaborate(self, platform):
         m = Module()
         g = self.geometry
         B = self.beat_bytes
         axi = self.m_axi
-        m.submodules.ways = ways = PageRegisters(g, checks=self.checks)
-        m.submodules.intake = intake = ReadIntake(g, checks=self.checks)
-        m.submodules.issuer = issuer = BurstIssuer(g, checks=self.checks)
-        m.submodules.realigner = realigner = RowRealigner(g, checks=self.checks)
-        m.submodules.programmer = prog = ChannelProgrammer(g, checks=self.checks)
+        m.submodules.ways = ways = self.ways
+        m.submodules.intake = intake = self.intake
+        m.submodules.issuer = issuer = self.issuer
+        m.submodules.realigner = realigner = self.realigner
+        m.submodules.programmer = prog = self.programmer
 
         # the AXI port: AR from the issuer, R to the realigner, AW/W/B from the programmer
         for name in axi.signature.members:
