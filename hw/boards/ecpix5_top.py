@@ -110,9 +110,11 @@ def prepare(platform, build_dir, *, device: bool | None = None, **prepare_args) 
     top elaborated; ``prepare_args`` go to ``platform.prepare`` (nextpnr options, the yosys
     script). The RGMII receive clock gets its 125 MHz constraint here; the PLL's outputs carry
     their frequencies on the instance."""
-    from .litex_cores import generate
+    from .litex_cores import check_dram_data, generate
     for kind in ("dram", "eth"):
         path = generate(kind, build_dir)
+        if kind == "dram":
+            check_dram_data(path)       # the host's DDR3 bring-up data belong to this core
         platform.add_file(path.name, path.read_text())
     top = Ecpix5Top(device=device)
     # The one-hot FSM recoding of the EV-SSD's own FSMs (YOSYS_AFTER_READ) must not reach the
