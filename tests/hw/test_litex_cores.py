@@ -147,3 +147,21 @@ def test_the_board_build_plan_holds_both_cores_and_the_clock_constraints():
     assert build.params.clock_hz == 75_000_000 and build.top.divisor == 0
     with pytest.raises(SynthError, match="75 MHz"):
         prepare_board("ecpix5-85f", clock_mhz=100.0, device=False)
+
+
+def test_a_fresh_generation_keeps_the_board_digest(monkeypatch, tmp_path):
+    """`evssd synth --check` compares build digests; the plan's files, the generated cores
+    included, must not change when the cores are generated again from scratch (the bug: the
+    date, the git revision and the hierarchy order in LiteX's comments made every generation
+    stale). Two plans from two empty generation directories (device=False: the cores are what
+    is compared, the EV-SSD's elaboration is covered elsewhere)."""
+    pytest.importorskip("amaranth_boards")
+    from evssd.hw import build_plan
+    parts = []
+    for d in ("one", "two"):
+        monkeypatch.setattr(build_plan, "REPO_BUILD", tmp_path / d)
+        build = build_plan.prepare_board("ecpix5-85f", device=False)
+        parts.append(build_plan.file_digests(build.plan.files))
+        assert (tmp_path / d / "litex").is_dir()
+    assert parts[0] == parts[1]
+    assert build_plan.build_digest(parts[0], {}) == build_plan.build_digest(parts[1], {})
