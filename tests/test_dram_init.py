@@ -21,7 +21,7 @@ DATA = load_dram_data()
 
 
 def run(coro):
-    return asyncio.new_event_loop().run_until_complete(coro)
+    return asyncio.run(coro)
 
 
 def bring_up(model, data=DATA):
