@@ -13,7 +13,10 @@ control/status registers through the bridge window at ``DRAM_CTRL_BASE``
    (the PHY's ``rdly_dq_bitslip``/``rdly_dq_inc`` steps), write a pseudo-random burst to a test
    row through the DFII, read it back, and count the setting as passing when the lane's bytes
    match for two patterns and the DQS burst detector saw the read; per bitslip the widest run of
-   passing delays wins, and the lane is left at the centre of the widest run of all;
+   passing delays wins, and the lane is left at the centre of the widest run of all. On the
+   ECP5 a lane's ``dly_sel`` bit also holds its DQSBUFM's PAUSE: a lane is selected only around
+   each step, then all lanes' PAUSE lines are toggled once to resynchronise the DQS buffers (as
+   LiteX's ``liblitedram`` does for this PHY), and bursts are read with nothing selected;
 3. hardware control, ``ddrctrl_init_done = 1``: LiteDRAM opens its user port.
 
 A lane with no passing setting ends in :class:`DramInitError` naming the lane and showing the
@@ -317,38 +320,42 @@ class _ReadLeveller:
         seen = await self.ctrl.read("ddrphy_burstdet_seen")
         return ok and bool(seen >> lane & 1)
 
-    async def _set(self, bitslip: int, delay: int) -> None:
+    async def _step(self, lane: int, reg: str) -> None:
+        """One strobe of a PHY delay/bitslip register for ``lane``: selected (its PAUSE held) only
+        around the strobe, then every lane's PAUSE toggled to resynchronise the DQS buffers."""
         ctrl = self.ctrl
-        await ctrl.write(("ddrphy_rdly_dq_bitslip_rst", 1))
+        await ctrl.write(("ddrphy_dly_sel", 1 << lane), (reg, 1))
+        await ctrl.select_lane(None)
+        await ctrl.write(("ddrphy_dly_sel", (1 << self.d.lanes) - 1))
+        await ctrl.select_lane(None)
+
+    async def _set(self, lane: int, bitslip: int, delay: int) -> None:
+        await self._step(lane, "ddrphy_rdly_dq_bitslip_rst")
         for _ in range(bitslip):
-            await ctrl.write(("ddrphy_rdly_dq_bitslip", 1))
-        await ctrl.write(("ddrphy_rdly_dq_rst", 1))
+            await self._step(lane, "ddrphy_rdly_dq_bitslip")
+        await self._step(lane, "ddrphy_rdly_dq_rst")
         for _ in range(delay):
-            await ctrl.write(("ddrphy_rdly_dq_inc", 1))
+            await self._step(lane, "ddrphy_rdly_dq_inc")
 
     async def level(self, lane: int) -> LaneResult:
-        ctrl = self.ctrl
-        await ctrl.select_lane(lane)
         try:
-            result = await self._level(lane)
+            return await self._level(lane)
         except BaseException:
             try:
-                await ctrl.select_lane(None)
+                await self.ctrl.select_lane(None)
             except Exception:
                 pass        # the original error says more
             raise
-        await ctrl.select_lane(None)
-        return result
 
     async def _level(self, lane: int) -> LaneResult:
-        ctrl, phy = self.ctrl, self.d.phy
+        phy = self.d.phy
         scan = []
         for bitslip in range(phy["bitslips"]):
-            await self._set(bitslip, 0)
+            await self._set(lane, bitslip, 0)
             row = []
             for delay in range(phy["delays"]):
                 if delay:
-                    await ctrl.write(("ddrphy_rdly_dq_inc", 1))
+                    await self._step(lane, "ddrphy_rdly_dq_inc")
                 row.append(await self._passes(lane))
             scan.append(row)
         runs = [widest_run(row) for row in scan]
@@ -363,7 +370,7 @@ class _ReadLeveller:
                 f"{phy['delays']} delays, 1 = pattern read back and DQS burst seen): {scan_text(scan)}")
         first, last = runs[best]
         delay = (first + last) // 2
-        await self._set(best, delay)
+        await self._set(lane, best, delay)
         if not await self._passes(lane):
             raise DramInitError(f"DDR3 read levelling: lane {lane} fails at the chosen bitslip {best} "
                                 f"delay {delay} (window {first}..{last}); scan: {scan_text(scan)}")

@@ -318,7 +318,7 @@ async def dram_bring_up(dut):
     data = load_dram_data()
     dram = Ddr3PhyModel(data, {0: {1: range(2, 7)}, 1: {3: range(0, 4)}}, seed=9)
     meta, link, rng, _ = await _setup(dut, 4, dram=dram)
-    link.gaps = link.stall = 0.0               # ~1,700 requests: the link's own stalls are tested above
+    link.gaps = link.stall = 0.0               # ~2,200 requests: the link's own stalls are tested above
     t = await UdpTransport.create(link=link)
     assert dram.violations == [], dram.violations
     assert [(r.bitslip, r.delay) for r in t.dram.lanes] == [(1, 4), (3, 1)], t.dram.summary()

@@ -8,7 +8,9 @@ does (storage registers read back; ``command_issue``, ``rdly_*`` and ``burstdet_
 write; multi-word registers hold their most significant word first), and records what the host
 did: control writes, DFI commands with their phase, address and bank, and the host's waits.
 
-The read path is the part calibration is about. Per byte lane the model is given, for each bitslip
+The read path is the part calibration is about. As on the ECP5, a lane's ``dly_sel`` bit is also
+its DQS buffer's PAUSE: a new delay or bitslip takes effect when the lane's PAUSE is released, and
+a burst read while it is held comes back as noise with no burst detected. Per byte lane the model is given, for each bitslip
 setting (steps after ``rdly_dq_bitslip_rst``), the read delays (steps after ``rdly_dq_rst``) at
 which the lane captures correctly; at a delay that captures for another bitslip the lane's bytes
 come back shifted by the bitslip difference in beats, elsewhere they are noise. The DQS burst
@@ -52,6 +54,7 @@ class Ddr3PhyModel(CsrBus):
         self.delays, self.bitslips = phy["delays"], phy["bitslips"]
         self.rdly = [0] * data.lanes
         self.slip = [self.bitslips - 1] * data.lanes                    # BitSlip's reset value
+        self.applied = [(0, self.bitslips - 1)] * data.lanes            # (rdly, slip) at the last PAUSE release
         self.open_rows: dict[int, int] = {}
         self.mem: dict[tuple, list] = {}
         self.log: list[tuple] = []
@@ -85,7 +88,12 @@ class Ddr3PhyModel(CsrBus):
         if r["access"] == "ro":
             return                      # LiteX ignores writes to status registers
         shift = 32 * (r["words"] - 1 - i)
+        old = self.values[name]
         self.values[name] = (self.values[name] & ~(0xFFFF_FFFF << shift)) | ((value & 0xFFFF_FFFF) << shift)
+        if name == "ddrphy_dly_sel":
+            for lane in range(self.d.lanes):
+                if old >> lane & 1 and not self.values[name] >> lane & 1:
+                    self.applied[lane] = (self.rdly[lane], self.slip[lane])
         if name == "sdram_dfii_control":
             self.log.append(("control", value))
         if i == r["words"] - 1 and any(name.endswith(p) for p in PULSES):
@@ -168,10 +176,12 @@ class Ddr3PhyModel(CsrBus):
         out = [0] * n
         for lane in range(self.d.lanes):
             good = self.windows[lane]
-            slip, rdly = self.host_bitslip(lane), self.rdly[lane]
-            if rdly in self.burst[lane]:
+            rdly, hw_slip = self.applied[lane]
+            slip = (hw_slip - (self.bitslips - 1)) % self.bitslips
+            paused = self.lane_selected(lane)
+            if rdly in self.burst[lane] and not paused:
                 self.values["ddrphy_burstdet_seen"] |= 1 << lane
-            captures = [b for b, ds in good.items() if rdly in ds]
+            captures = [] if paused else [b for b, ds in good.items() if rdly in ds]
             for beat in range(total):
                 if slip in captures:
                     v = byte(lane, beat)
