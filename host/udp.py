@@ -220,7 +220,8 @@ class UdpTransport(BridgeTransport):
     Then the DDR3 (the flash channels' memory): ``dram_init="auto"`` (default) reads LiteDRAM's
     ``init_done`` and, when it is 0 (a freshly configured board), runs the DDR3 initialisation and
     read levelling (:func:`evssd.host.dram_init.init_dram`, about 2,200 requests: well under a
-    second on Gigabit Ethernet); ``True`` runs it whatever the board says, ``False`` never does.
+    second on Gigabit Ethernet); ``True`` runs it whatever the board says (the DRAM's contents, i.e.
+    the emulated flash, are lost: the chip is reset), ``False`` never does.
     The outcome is in :attr:`dram` (a :class:`~evssd.host.dram_init.DramInitResult`); a failure
     is a :class:`~evssd.host.dram_init.DramInitError` naming the lane, and the transport is closed.
     ``dram_data``: the LiteDRAM core's bring-up data (default: the committed copy of the build's).
