@@ -18,7 +18,7 @@ The page-register state is :class:`~.page_registers.PageRegisters`'s: ``way_*`` 
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Cat, Const, Mux
+from amaranth import Module, Signal, Cat, Mux
 from amaranth.hdl import Assert
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
