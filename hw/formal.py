@@ -473,6 +473,10 @@ def channel_harness(params=None, *, tag_width=4, max_t=3):
                          Assume(rq.page < params.pages_per_channel)]
         with m.If(dut.i_prog.valid):
             m.d.comb += Assume(dut.i_prog.payload.page < params.pages_per_channel)
+        # the joins between the controller's stages keep the stream rule too
+        for name, port in (("j_pend", dut.intake.o_pend), ("j_req", dut.issuer.o_req),
+                           ("j_r", dut.realigner.i_r), ("j_row", dut.realigner.o_row)):
+            stream_rules(m, started, port, check=Assert, name=name)
         hs = axi4_master_rules(m, started, dut.m_axi, name="flash", data_bytes=data_bytes)
         m.d.comb += [
             Cover(hs["r_done"], "a flash read burst completes"),

@@ -66,6 +66,34 @@ def _fork():
     return formal.StreamHarness(LookupFork(formal.formal_params(), 4), drained)
 
 
+def _channel_stage(cls, checks=True):
+    """A stage of the flash channel controller alone, its stream ports under the stream rule
+    (the intake's and issuer's own assertions relate their registers to page-register state,
+    which is a free input here: those two run without them). The realigner's descriptors must
+    be planned ones: its joins are checked inside the whole controller (``channel``)."""
+    def make():
+        from evssd.hw.device.channel_plan import ChannelGeometry
+        g = ChannelGeometry(formal.formal_params(page_size=512, ch_data_bits=256,
+                                                 pages_per_channel=8), 4)
+        return formal.StreamHarness(cls()(g, checks=checks))
+    return make
+
+
+def _issuer_cls():
+    from evssd.hw.device.burst_issuer import BurstIssuer
+    return BurstIssuer
+
+
+def _intake_cls():
+    from evssd.hw.device.read_intake import ReadIntake
+    return ReadIntake
+
+
+def _programmer_cls():
+    from evssd.hw.device.channel_programmer import ChannelProgrammer
+    return ChannelProgrammer
+
+
 # (name, harness factory, bmc depth, cover depth)
 CASES = [
     ("skid", _skid, 8, 6),
@@ -78,6 +106,9 @@ CASES = [
     ("width_down", _width_down, 8, 8),
     ("result", _result_writer, 12, 12),
     ("fork", _fork, 10, 10),
+    ("ch_issuer", _channel_stage(_issuer_cls, checks=False), 10, 8),
+    ("ch_intake", _channel_stage(_intake_cls, checks=False), 10, 8),
+    ("ch_programmer", _channel_stage(_programmer_cls), 10, 12),
 ]
 
 
