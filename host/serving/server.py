@@ -187,9 +187,13 @@ class EmbeddingServer:
                 self.refused_handshakes += 1
                 return        # a peer that failed or stalled its handshake; it was told why if it listens
             maps, bufs = {}, {}
-            for i in range(self.credits):
-                maps[i], bufs[i] = self._recv_buffer()
-                qp.post_recv(i, bufs[i])
+            set_responder = getattr(qp, "set_responder", None)
+            if set_responder is not None:
+                set_responder(self.handle)     # requests answered inline: no receive buffers
+            else:
+                for i in range(self.credits):
+                    maps[i], bufs[i] = self._recv_buffer()
+                    qp.post_recv(i, bufs[i])
             while not self._stop.is_set():
                 qp.progress()
                 for wc in qp.poll_cq():
