@@ -14,6 +14,12 @@ burst -- and again on writability, so an I/O thread never blocks behind a slow p
 should be reading) and
 ``blocking=True`` (a server's per-connection thread: ``progress`` blocks in ``recv``, sends go out
 with ``sendall``). Both release the GIL in the socket calls.
+
+Two round-trip fast paths beyond the verbs vocabulary, one per side, each taking the common case
+(one whole frame in one receive) without the general frame loop and leaving everything else to
+it: :meth:`TcpQueuePair.exchange` (a caller sends a SEND and reads until its answer, on its own
+thread) and :meth:`TcpQueuePair.set_responder` (a server answers each SEND inline, no posted
+receive taken: such a queue pair never refuses a SEND for want of a receive).
 """
 from __future__ import annotations
 
