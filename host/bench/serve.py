@@ -305,6 +305,9 @@ def _overhead_points(cluster, sizes, reps):
         port = int(proc.stdout.readline())
         bare = socket.create_connection(("127.0.0.1", port), timeout=10)
         bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # plain blocking sockets for the two baselines: with a timeout, Python polls before
+        # every send and receive, two system calls more per round trip than the floor
+        bare.settimeout(None)
         # the same embedding server without the engine: a blocking client speaking the frame
         # protocol (what the server's side of a round trip costs)
         raw = socket.create_connection(cluster.address("s0"), timeout=10)
@@ -312,7 +315,12 @@ def _overhead_points(cluster, sizes, reps):
         hello = b'{"recv_depth": 4}'
         raw.sendall(P.pack_header(P.Op.HELLO, 0, len(hello)) + hello)
         _recv_frame(raw)
+        raw.settimeout(None)
         with Engine(get_provider("tcp"), 1, request_timeout=30) as eng:
+            # one connection per engine variant: the I/O thread reads the future variant's
+            # replies, the caller reads the call variant's; sharing one connection would time
+            # the hand-over of its socket between them in every iteration instead
+            conn_fut = eng.connect("s0-future", *cluster.address("s0"))
             conn = eng.connect("s0", *cluster.address("s0"))
             for size in sizes:
                 payload = b"\xab" * size
@@ -327,7 +335,7 @@ def _overhead_points(cluster, sizes, reps):
                         srv0 = _proc_cpu(cluster.procs["s0"].pid)
                     c0 = time.thread_time()
                     ta = time.perf_counter()
-                    assert eng.request(conn, req).result(30) == payload
+                    assert eng.request(conn_fut, req).result(30) == payload
                     t0 = time.perf_counter()
                     c1 = time.thread_time()
                     assert eng.call(conn, req, timeout=30) == payload
@@ -439,12 +447,18 @@ def _print_rtt(ov):
               f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'}", flush=True)
 
 
-_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller, every iteration runs the four variants "
-             "back to back: engine_future = Engine.request(...).result() (the I/O thread reads the reply "
-             "and hands it over in a Future); engine = Engine.call (the caller reads its own reply); "
-             "server_no_engine = a blocking client speaking the frame protocol to the same embedding "
-             "server (ECHO request, header + body recv, decode_reply); bare = a minimal Python process "
-             "echoing 4-byte-length-prefixed messages (no frame protocol, no server code)")
+_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller thread, every iteration runs the four "
+             "variants back to back, all on loopback with TCP_NODELAY: engine_future = "
+             "Engine.request(...).result() (the I/O thread reads the reply and hands it over in a "
+             "Future); engine = Engine.call (the caller sends and reads its own reply; its own "
+             "connection, so the I/O thread's socket watching of the future variant does not "
+             "interleave with it); server_no_engine = a plain blocking-socket client speaking the "
+             "frame protocol to the same embedding server (ECHO request in one sendall, header + "
+             "body recv, decode_reply); bare = a plain blocking-socket client and a minimal Python "
+             "process echoing 4-byte-length-prefixed messages (no frame protocol, no server code). "
+             "cpu_per_request: CPU of this process per 4 KiB ECHO through Engine.request futures "
+             "(the ranker's path) per I/O thread count, 2x --clients caller threads, one server per "
+             "connection")
 
 
 def _run_rtt(args) -> int:
@@ -454,21 +468,41 @@ def _run_rtt(args) -> int:
     reps = args.rtt_reps or 2000
     data = {"params": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
             "note": _RTT_NOTE, "loadavg_start": os.getloadavg()}
-    with LocalCluster(make_config(1, 1000, args.dim, 1)) as cluster:
+    threads = sorted({1, 2, args.threads})
+    # one server per connection of the CPU-per-request points; the round trips use s0
+    with LocalCluster(make_config(1, 1000, args.dim, max(threads))) as cluster:
         data["overhead"] = _overhead_points(cluster, [64, 4096, 65536], reps)
+        _print_rtt(data["overhead"])
+        data["cpu_per_request"] = _cpu_points(cluster, threads, max(2, args.clients * 2),
+                                              400 if args.quick else 2000)
+        _print_cpu(data["cpu_per_request"])
     data["loadavg_end"] = os.getloadavg()
-    _print_rtt(data["overhead"])
     print(f"load average start {data['loadavg_start'][0]:.1f}, end {data['loadavg_end'][0]:.1f} on {os.cpu_count()} cpus")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, a = plt.subplots(figsize=(6, 4))
-    _rtt_axes(a, data["overhead"])
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    _rtt_axes(ax[0], data["overhead"])
+    _cpu_axes(ax[1], data["cpu_per_request"])
     fig.tight_layout()
-    cmd = "evssd bench serve --only rtt" + (f" --rtt-reps {args.rtt_reps}" if args.rtt_reps else "")
+    cmd = ("evssd bench serve --only rtt" + (f" --rtt-reps {args.rtt_reps}" if args.rtt_reps else "")
+           + (" --quick" if args.quick else ""))
     path = write_results("serve-rtt", data, fig, command=cmd, root=args.out)
     print(f"wrote {path}")
     return 0
+
+
+def _print_cpu(cpu):
+    for p in cpu:
+        print(f"cpu     {p['threads']} I/O threads, {p['clients']} callers: {p['cpu_us_per_request']:6.1f} us CPU "
+              f"per request, {p['requests_per_s']:8.0f} requests/s", flush=True)
+
+
+def _cpu_axes(a, cpu):
+    a.bar([str(p["threads"]) for p in cpu], [p["cpu_us_per_request"] for p in cpu], color="tab:brown")
+    a.set_xlabel("engine I/O threads")
+    a.set_ylabel("ranker-process CPU us per request")
+    a.set_title("CPU per request (4 KiB ECHO, futures)")
 
 
 def _rtt_axes(a, ov):
@@ -576,9 +610,7 @@ def run(args) -> int:
         # 5. CPU per request per engine thread count
         cpu = _cpu_points(cluster, sorted({1, 2, args.threads}), max(2, args.clients * 2), 400 if quick else 2000)
         data["cpu_per_request"] = cpu
-        for p in cpu:
-            print(f"cpu     {p['threads']} I/O threads, {p['clients']} callers: {p['cpu_us_per_request']:6.1f} us CPU "
-                  f"per request, {p['requests_per_s']:8.0f} requests/s", flush=True)
+        _print_cpu(cpu)
     # 6. backends behind the embedding servers (the same shard map and batches)
     backends = [b for b in args.backends.split(",") if b]
     data["backends"] = _backend_points(args, backends, 3 if quick else 10)
@@ -643,11 +675,6 @@ def _figure(data, threads):
     a.bar([p["backend"] for p in bk], [p["samples_per_s"] for p in bk], color="tab:purple")
     a.set_ylabel("samples/s")
     a.set_title("embedding-server backend (evssd: device model, wall clock)")
-    a = ax[1, 2]
-    cpu = data.get("cpu_per_request", [])
-    a.bar([str(p["threads"]) for p in cpu], [p["cpu_us_per_request"] for p in cpu], color="tab:brown")
-    a.set_xlabel("engine I/O threads")
-    a.set_ylabel("ranker-process CPU us per request")
-    a.set_title("CPU per request (4 KiB ECHO)")
+    _cpu_axes(ax[1, 2], data.get("cpu_per_request", []))
     fig.tight_layout()
     return fig
