@@ -81,18 +81,22 @@ class RequestTimeout(EngineError, TimeoutError):
 _SUB_BITS = 20      # read_rows: wr_id = op id << 20 | row position
 # completion opcodes as module constants (an enum attribute lookup per completion adds up)
 _RECV, _READ, _SEND, _FATAL = Opcode.RECV, Opcode.READ, Opcode.SEND, Opcode.FATAL
+_MAX_PAYLOAD = P.MAX_PAYLOAD
 _FALLBACK = object()    # _call_direct: the fast path does not apply, take the general one
 
 
 class _Credits:
     """A counting semaphore on a C-level queue of tokens. Taken and given back once per
     request: ~0.2 us each, where ``threading.Semaphore`` (a Python ``Condition``) costs ~1.2."""
-    __slots__ = ("_q",)
+    __slots__ = ("_q", "take", "give")
 
     def __init__(self, n: int):
         self._q = queue.SimpleQueue()
         for _ in range(n):
             self._q.put(None)
+        # the fast path's pair, C calls with no Python frame: take() raises queue.Empty
+        # when no credit is free, give(None) returns one
+        self.take, self.give = self._q.get_nowait, self._q.put
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         try:
@@ -697,7 +701,7 @@ class Engine:
         future would). When no other thread reads the connection, the caller's thread sends
         and reads its own reply (:meth:`_call_direct`); otherwise it waits like
         :meth:`request`."""
-        if len(payload) > P.MAX_PAYLOAD:
+        if len(payload) > _MAX_PAYLOAD:
             raise ValueError(f"request of {len(payload)} bytes exceeds {P.MAX_PAYLOAD}")
         if conn.exchange_ok and conn.rx_lock.acquire(False):
             res = self._call_direct(conn, payload, timeout)
@@ -731,8 +735,12 @@ class Engine:
         got = None
         handoff = False
         try:
-            if (conn.dead or conn.deferred or conn.driver != conn.owner or not conn.migrated.is_set()
-                    or not conn.credits.acquire(False)):
+            if conn.dead or conn.deferred or conn.driver != conn.owner or not conn.migrated.is_set():
+                return _FALLBACK
+            credits = conn.credits
+            try:
+                credits.take()
+            except queue.Empty:
                 return _FALLBACK
             rid = next(self._ids)
             wait = self.request_timeout if timeout is None else timeout
@@ -741,7 +749,7 @@ class Engine:
             except (ConnectionError, OSError):
                 pass                      # the queue pair failed: reported below
             finally:
-                conn.credits.release()
+                credits.give(None)
                 conn.completed += 1
             for wc in qp.poll_cq():
                 if wc.opcode == _RECV:

@@ -49,6 +49,7 @@ _MAX_HELLO = 4096          # a HELLO is a few bytes of JSON
 _POLL_R, _POLL_RW = select.POLLIN, select.POLLIN | select.POLLOUT
 _HS = P.HEADER.size
 _HEADER_UNPACK = P.HEADER.unpack_from
+_HEADER_PACK = P.HEADER.pack
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -215,7 +216,8 @@ class TcpQueuePair(QueuePair):
         self._catch = -1                        # exchange(): the request id whose answer it takes
         self._caught = None
         self._in_rbuf = False                   # the frames being handled live in _rbuf
-        self._poller = None
+        self._poller = None                     # exchange(): a poll object on this socket
+        self._poll_mask = 0
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.failed: str | None = None
@@ -291,8 +293,7 @@ class TcpQueuePair(QueuePair):
             return
         if self.failed:
             raise ConnectionError(f"queue pair to {self.peer} failed: {self.failed}")
-        hdr = P.pack_header(_SEND, wr_id, n)
-        frame = b"".join((hdr, data)) if n else hdr
+        frame = b"".join((_HEADER_PACK(P.MAGIC, P.VERSION, _SEND, 0, wr_id, n), data))
         with self._send_lock:
             self.bytes_sent += len(frame)
             if self._out:                      # keep the order: behind what is queued
@@ -335,11 +336,13 @@ class TcpQueuePair(QueuePair):
         poller = self._poller
         if poller is None:
             poller = self._poller = select.poll()
+            poller.register(self._fd, _POLL_R)
+            self._poll_mask = _POLL_R
         scratch = self._scratch
         if scratch is None:
             scratch = self._scratch = bytearray(_RECV_CHUNK)
         self._catch, self._caught = wr_id, None
-        mask = 0
+        mask = self._poll_mask
         try:
             while True:
                 # wait first, read second: a read that finds nothing raises (BlockingIOError),
@@ -349,7 +352,7 @@ class TcpQueuePair(QueuePair):
                 want = _POLL_RW if self._out else _POLL_R
                 if want != mask:
                     poller.register(self._fd, want)
-                    mask = want
+                    mask = self._poll_mask = want
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
