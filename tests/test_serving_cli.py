@@ -32,7 +32,7 @@ def test_bench_serve_small_run_writes_results(tmp_path, capsys):
 
 
 def test_bench_serve_rtt_only_writes_all_four_variants(tmp_path, capsys):
-    rc = main(["bench", "serve", "--only", "rtt", "--rtt-reps", "20", "--quick", "--threads", "2",
+    rc = main(["bench", "serve", "--only", "rtt", "--rtt-reps", "20", "--rtt-block", "5", "--quick", "--threads", "2",
                "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "serve-rtt" / "serve-rtt.json").read_text())

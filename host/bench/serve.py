@@ -55,6 +55,8 @@ def add_arguments(parser):
     parser.add_argument("--only", choices=["rtt"], default=None,
                         help="rtt: only the round-trip comparison (engine call / engine future / "
                              "server without engine / bare echo), results under results/serve-rtt/")
+    parser.add_argument("--rtt-block", type=ct.positive_int, default=1,
+                        help="round trips of one variant in a row before the next variant's turn (rtt comparison)")
     parser.add_argument("--rtt-reps", type=ct.positive_int, default=None,
                         help="round trips per size and variant (default 200, 50 with --quick, 2000 with --only rtt)")
     parser.add_argument("--backends", default="dram,evssd",
@@ -289,8 +291,8 @@ def _proc_cpu(pid):
         return None
 
 
-def _overhead_points(cluster, sizes, reps):
-    """Round trips per size, four variants back to back in every iteration (see _RTT_NOTE);
+def _overhead_points(cluster, sizes, reps, block=1):
+    """Round trips per size, four variants taking turns in blocks (see _RTT_NOTE);
     wall clock percentiles, plus this thread's CPU per round trip of each variant and the
     embedding server process's CPU per request it answered."""
     import struct
@@ -326,37 +328,40 @@ def _overhead_points(cluster, sizes, reps):
                 payload = b"\xab" * size
                 req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
                 frame = P.pack_header(P.Op.SEND, 1, len(req)) + req
-                t_eng, t_fut, t_bare, t_raw = [], [], [], []
-                cpu = np.zeros(4)
-                srv0 = _proc_cpu(cluster.procs["s0"].pid)
-                for i in range(reps + 5):
-                    if i == 5:
-                        cpu[:] = 0
-                        srv0 = _proc_cpu(cluster.procs["s0"].pid)
-                    c0 = time.thread_time()
-                    ta = time.perf_counter()
+
+                def future():
                     assert eng.request(conn_fut, req).result(30) == payload
-                    t0 = time.perf_counter()
-                    c1 = time.thread_time()
+
+                def call():
                     assert eng.call(conn, req, timeout=30) == payload
-                    t1 = time.perf_counter()
-                    c2 = time.thread_time()
+
+                def bare_echo():
                     bare.sendall(struct.pack("<I", size) + payload)
                     got = 0
-                    need = size + 4
-                    while got < need:
-                        got += len(bare.recv(need - got))
-                    t2 = time.perf_counter()
-                    c3 = time.thread_time()
+                    while got < size + 4:
+                        got += len(bare.recv(size + 4 - got))
+
+                def server_no_engine():
                     raw.sendall(frame)
                     assert P.decode_reply(_recv_frame(raw)) == payload
-                    t3 = time.perf_counter()
-                    cpu += (c1 - c0, c2 - c1, c3 - c2, time.thread_time() - c3)
-                    if i >= 5:
-                        t_fut.append(t0 - ta)
-                        t_eng.append(t1 - t0)
-                        t_bare.append(t2 - t1)
-                        t_raw.append(t3 - t2)
+                variants = (future, call, bare_echo, server_no_engine)
+                times = [[] for _ in variants]
+                cpu = np.zeros(len(variants))
+                for v in variants:                       # warm-up
+                    for _ in range(5):
+                        v()
+                srv0 = _proc_cpu(cluster.procs["s0"].pid)
+                for blk in range(-(-reps // block)):
+                    n = min(block, reps - blk * block)
+                    for k, v in enumerate(variants):
+                        ts = times[k]
+                        c0 = time.thread_time()
+                        for _ in range(n):
+                            t0 = time.perf_counter()
+                            v()
+                            ts.append(time.perf_counter() - t0)
+                        cpu[k] += time.thread_time() - c0
+                t_fut, t_eng, t_bare, t_raw = times
                 srv1 = _proc_cpu(cluster.procs["s0"].pid)
                 cpu_us = cpu / reps * 1e6
                 e, f, b, rw = percentiles(t_eng), percentiles(t_fut), percentiles(t_bare), percentiles(t_raw)
@@ -370,7 +375,7 @@ def _overhead_points(cluster, sizes, reps):
                             "ratio_server_no_engine_p50": e["p50"] / rw["p50"],
                             "client_cpu_us": {"engine_future": cpu_us[0], "engine": cpu_us[1],
                                               "bare": cpu_us[2], "server_no_engine": cpu_us[3]},
-                            # three requests per iteration reach the server (future, call, raw)
+                            # three requests per round reach the server (future, call, raw)
                             "server_cpu_us_per_request": (None if srv0 is None or srv1 is None
                                                           else (srv1 - srv0) / (3 * reps) * 1e6)})
         bare.close()
@@ -447,8 +452,11 @@ def _print_rtt(ov):
               f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'}", flush=True)
 
 
-_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller thread, every iteration runs the four "
-             "variants back to back, all on loopback with TCP_NODELAY: engine_future = "
+_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller thread, the four variants take turns "
+             "in blocks of --rtt-block round trips (1: every round trip follows one of the previous "
+             "variant, as a caller mixing kinds of requests sees; 50: back-to-back round trips of "
+             "one kind, both ends of the pair stay hot), so background load hits all alike; all "
+             "on loopback with TCP_NODELAY: engine_future = "
              "Engine.request(...).result() (the I/O thread reads the reply and hands it over in a "
              "Future); engine = Engine.call (the caller sends and reads its own reply; its own "
              "connection, so the I/O thread's socket watching of the future variant does not "
@@ -471,7 +479,7 @@ def _run_rtt(args) -> int:
     threads = sorted({1, 2, args.threads})
     # one server per connection of the CPU-per-request points; the round trips use s0
     with LocalCluster(make_config(1, 1000, args.dim, max(threads))) as cluster:
-        data["overhead"] = _overhead_points(cluster, [64, 4096, 65536], reps)
+        data["overhead"] = _overhead_points(cluster, [64, 4096, 65536], reps, args.rtt_block)
         _print_rtt(data["overhead"])
         data["cpu_per_request"] = _cpu_points(cluster, threads, max(2, args.clients * 2),
                                               400 if args.quick else 2000)
@@ -486,7 +494,7 @@ def _run_rtt(args) -> int:
     _cpu_axes(ax[1], data["cpu_per_request"])
     fig.tight_layout()
     cmd = ("evssd bench serve --only rtt" + (f" --rtt-reps {args.rtt_reps}" if args.rtt_reps else "")
-           + (" --quick" if args.quick else ""))
+           + (f" --rtt-block {args.rtt_block}" if args.rtt_block != 1 else "") + (" --quick" if args.quick else ""))
     path = write_results("serve-rtt", data, fig, command=cmd, root=args.out)
     print(f"wrote {path}")
     return 0
@@ -604,7 +612,7 @@ def run(args) -> int:
                             f"/hit {p['hit_rate']:.2f}" for p in c["points"])
             print(f"cache   {mode:8s}: largest batch served {c['largest_batch_served']:5d}; {pts}", flush=True)
         # 4. engine overhead vs bare socket
-        ov = _overhead_points(cluster, [64, 4096, 65536], args.rtt_reps or (50 if quick else 200))
+        ov = _overhead_points(cluster, [64, 4096, 65536], args.rtt_reps or (50 if quick else 200), args.rtt_block)
         data["overhead"] = ov
         _print_rtt(ov)
         # 5. CPU per request per engine thread count
