@@ -224,3 +224,39 @@ def test_without_responder_a_send_with_no_posted_receive_is_refused():
     finally:
         qp.close()
         b.close()
+
+
+def test_serve_loop_answers_until_the_peer_leaves_or_stop(server_pair):
+    """``serve``: the server's loop, fast path and general path in one stream (a lone request,
+    a burst with a READ, a split request), then the peer's close ends it with the reason."""
+    qp, peer, seen = server_pair
+    mr = qp.provider.reg_mr(np.arange(32, dtype=np.uint8))
+    stop = threading.Event()
+    t = threading.Thread(target=qp.serve, args=(stop,))
+    t.start()
+    peer.sendall(_frame(P.Op.SEND, 1, b"alone"))
+    assert _read_frame(peer) == (P.Header(P.Op.SEND, 0, 1, 7), b"<alone>")
+    peer.sendall(_frame(P.Op.SEND, 2, b"a") + _frame(P.Op.READ_REQ, 3, P.pack_read_req(mr.rkey, 4, 2))
+                 + _frame(P.Op.SEND, 4, b"b"))
+    assert [_read_frame(peer) for _ in range(3)] == [(P.Header(P.Op.SEND, 0, 2, 3), b"<a>"),
+                                                    (P.Header(P.Op.READ_RESP, 0, 3, 2), bytes([4, 5])),
+                                                    (P.Header(P.Op.SEND, 0, 4, 3), b"<b>")]
+    split = _frame(P.Op.SEND, 5, b"split")
+    peer.sendall(split[:7])
+    time.sleep(0.02)
+    peer.sendall(split[7:])
+    assert _read_frame(peer) == (P.Header(P.Op.SEND, 0, 5, 7), b"<split>")
+    assert seen == [b"alone", b"a", b"b", b"split"]
+    stop.set()                                        # looked at after the next receive
+    peer.sendall(_frame(P.Op.SEND, 6, b"last"))
+    assert _read_frame(peer) == (P.Header(P.Op.SEND, 0, 6, 6), b"<last>")
+    t.join(5)
+    assert not t.is_alive() and not qp.failed
+    # a second loop ends when the peer leaves
+    t = threading.Thread(target=qp.serve, args=(threading.Event(),))
+    t.start()
+    peer.shutdown(socket.SHUT_WR)
+    t.join(5)
+    assert not t.is_alive() and "peer closed" in qp.failed
+    with socket.socket() as s, pytest.raises(ValueError, match="serve needs a responder"):
+        TcpQueuePair(TcpProvider(), s, 4, blocking=True).serve(stop)

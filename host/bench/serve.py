@@ -351,6 +351,7 @@ def _overhead_points(cluster, sizes, reps, block=1):
                     for _ in range(5):
                         v()
                 srv0 = _proc_cpu(cluster.procs["s0"].pid)
+                echo0 = _proc_cpu(proc.pid)
                 for blk in range(-(-reps // block)):
                     n = min(block, reps - blk * block)
                     for k, v in enumerate(variants):
@@ -363,6 +364,7 @@ def _overhead_points(cluster, sizes, reps, block=1):
                         cpu[k] += time.thread_time() - c0
                 t_fut, t_eng, t_bare, t_raw = times
                 srv1 = _proc_cpu(cluster.procs["s0"].pid)
+                echo1 = _proc_cpu(proc.pid)
                 cpu_us = cpu / reps * 1e6
                 e, f, b, rw = percentiles(t_eng), percentiles(t_fut), percentiles(t_bare), percentiles(t_raw)
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
@@ -377,7 +379,9 @@ def _overhead_points(cluster, sizes, reps, block=1):
                                               "bare": cpu_us[2], "server_no_engine": cpu_us[3]},
                             # three requests per round reach the server (future, call, raw)
                             "server_cpu_us_per_request": (None if srv0 is None or srv1 is None
-                                                          else (srv1 - srv0) / (3 * reps) * 1e6)})
+                                                          else (srv1 - srv0) / (3 * reps) * 1e6),
+                            "bare_server_cpu_us_per_request": (None if echo0 is None or echo1 is None
+                                                               else (echo1 - echo0) / reps * 1e6)})
         bare.close()
         raw.close()
     finally:
@@ -449,7 +453,9 @@ def _print_rtt(ov):
         srv = p["server_cpu_us_per_request"]
         print(f"        caller-thread CPU per round trip: call {c['engine']:.1f} us, future {c['engine_future']:.1f} us, "
               f"blocking frame client {c['server_no_engine']:.1f} us, bare client {c['bare']:.1f} us; "
-              f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'}", flush=True)
+              f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'} (echo process "
+              f"{'n/a' if p['bare_server_cpu_us_per_request'] is None else '%.1f us' % p['bare_server_cpu_us_per_request']})",
+              flush=True)
 
 
 _RTT_NOTE = ("wall clock p50/p99 per round trip, one caller thread, the four variants take turns "

@@ -190,10 +190,11 @@ class EmbeddingServer:
             set_responder = getattr(qp, "set_responder", None)
             if set_responder is not None:
                 set_responder(self.handle)     # requests answered inline: no receive buffers
-            else:
-                for i in range(self.credits):
-                    maps[i], bufs[i] = self._recv_buffer()
-                    qp.post_recv(i, bufs[i])
+                qp.serve(self._stop)
+                return
+            for i in range(self.credits):
+                maps[i], bufs[i] = self._recv_buffer()
+                qp.post_recv(i, bufs[i])
             while not self._stop.is_set():
                 qp.progress()
                 for wc in qp.poll_cq():

@@ -320,6 +320,31 @@ class TcpQueuePair(QueuePair):
             raise ValueError("set_responder needs a blocking queue pair (a server's connection)")
         self._responder = fn
 
+    def serve(self, stop) -> None:
+        """A server connection's loop once a responder is set: receive and answer until the
+        peer leaves or the queue pair fails (``failed`` says why), or ``stop`` (an Event, looked
+        at after each receive) is set. What :meth:`progress` in a loop does, with the common
+        case -- one whole SEND in one receive -- answered straight from the receive."""
+        if self._responder is None:
+            raise ValueError("serve needs a responder (set_responder)")
+        if self._scratch is None:
+            self._scratch = bytearray(_RECV_CHUNK)
+        recv_into, scratch, is_set = self._sock.recv_into, self._scratch, stop.is_set
+        while not is_set() and not self.failed:
+            try:
+                n = recv_into(scratch)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self._fail(f"receive failed: {exc}")
+                return
+            if not n:
+                self._fail("peer closed the connection")
+                return
+            self.bytes_recv += n
+            if self._rbuf or self._skip or not self._answer_one(n):
+                self._consume(n)
+
     def exchange(self, wr_id, data, deadline: float):
         """SEND ``data`` and read this queue pair until the peer answers ``wr_id`` or
         ``deadline`` (``time.monotonic``) passes: a synchronous request on the caller's thread.
