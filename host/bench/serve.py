@@ -282,7 +282,17 @@ def _recv_frame(sock):
 
 
 def _proc_cpu(pid):
-    """CPU seconds (user + system) of process ``pid`` so far, from /proc; None elsewhere."""
+    """CPU seconds of process ``pid`` so far, from /proc; None elsewhere. The scheduler's
+    nanosecond run time of its live threads where the kernel keeps it (schedstat), else
+    user + system time in clock ticks (10 ms: too coarse for a few thousand requests)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total * 1e-9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
