@@ -334,6 +334,26 @@ def test_lone_caller_round_trip_skips_the_general_path(cluster, monkeypatch):
         assert _credits_free(conn) == conn.credits_total
 
 
+def test_replies_own_their_arrays_after_later_messages(cluster):
+    """Arrays in a reply (alone or in a MULTI's list) stay intact when later replies reuse the
+    receive buffers: the caller's own read (call) and the I/O thread's (futures) alike."""
+    t0 = table_rows(cluster.config, "t0")
+    with Engine(get_provider("tcp"), 1, credits=2, request_timeout=10) as eng:
+        conn = eng.connect("s0", *cluster.address("s0"))
+        lo, hi, _ = _meta(eng, conn)["t0"]["ranges"][0]
+        rng = np.random.default_rng(11)
+        kept = []
+        for i in range(12):
+            idx = [rng.integers(lo, hi, 5) for _ in range(2)]
+            msg = P.encode_multi([P.encode_request(P.Request(P.MsgType.GATHER, "t0", x)) for x in idx])
+            got = eng.call(conn, msg) if i % 2 else eng.request(conn, msg).result(10)
+            kept.append((idx, got))
+        for idx, got in kept:                 # checked after all the later messages
+            assert len(got) == 2
+            for x, g in zip(idx, got):
+                np.testing.assert_array_equal(g, t0[x])
+
+
 def test_migrations_issued_before_the_first_adoption(cluster):
     """Migrations issued right after connect(), before any I/O thread adopted the connection,
     wait for that adoption: one thread drives the connection at a time (an I/O thread asserts

@@ -218,6 +218,16 @@ def _finish(conn, op, result=None, exc=None):
         pass                      # completed already (e.g. failed by a closing engine)
 
 
+def _owned(res):
+    """A decoded reply that owns its memory: arrays (alone or in a MULTI reply's list) are
+    views of the receive buffer, which the next message overwrites."""
+    if type(res) is np.ndarray:
+        return res.copy()
+    if type(res) is list:
+        return [r.copy() if type(r) is np.ndarray else r for r in res]
+    return res
+
+
 def _recv_completion(conn, wc):
     """A reply arrived: complete its request and repost the receive buffer. Run by whoever
     holds ``conn.rx_lock`` (the I/O thread or a caller reading its own reply)."""
@@ -228,10 +238,7 @@ def _recv_completion(conn, wc):
             _finish(conn, op, exc=P.ProtocolError(wc.error))
         else:
             try:
-                res = P.decode_reply(buf[:wc.byte_len])
-                if isinstance(res, np.ndarray):
-                    res = res.copy()
-                _finish(conn, op, res)
+                _finish(conn, op, _owned(P.decode_reply(buf[:wc.byte_len])))
             except (P.RemoteError, P.ProtocolError) as exc:
                 _finish(conn, op, exc=exc)
     if not conn.dead:
@@ -758,8 +765,7 @@ class Engine:
                     conn.deferred.append(wc)
                     handoff = True
             if got is not None and got[0]:
-                res = P.decode_reply(got[1])      # decoded while the buffer is still ours
-                return res.copy() if type(res) is np.ndarray else res
+                return _owned(P.decode_reply(got[1]))   # decoded while the buffer is ours
         finally:
             conn.rx_lock.release()
             if handoff or (conn.parked and (conn.pending or conn.deferred)) or qp.wants_write():

@@ -342,8 +342,7 @@ class TcpQueuePair(QueuePair):
                 self._fail("peer closed the connection")
                 return
             self.bytes_recv += n
-            if self._rbuf or self._skip or not self._answer_one(n):
-                self._consume(n)
+            self._consume(n)          # one whole SEND: answered by _answer_one, first thing
 
     def exchange(self, wr_id, data, deadline: float):
         """SEND ``data`` and read this queue pair until the peer answers ``wr_id`` or
