@@ -323,7 +323,7 @@ class TcpQueuePair(QueuePair):
     def serve(self, stop) -> None:
         """A server connection's loop once a responder is set: receive and answer until the
         peer leaves or the queue pair fails (``failed`` says why), or ``stop`` (an Event, looked
-        at after each receive) is set. What :meth:`progress` in a loop does, with the common
+        at before each receive: a loop waiting in its receive ends after the next one) is set. What :meth:`progress` in a loop does, with the common
         case -- one whole SEND in one receive -- answered straight from the receive."""
         if self._responder is None:
             raise ValueError("serve needs a responder (set_responder)")
