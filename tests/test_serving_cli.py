@@ -32,7 +32,8 @@ def test_bench_serve_small_run_writes_results(tmp_path, capsys):
 
 
 def test_bench_serve_rtt_only_writes_all_four_variants(tmp_path, capsys):
-    rc = main(["bench", "serve", "--only", "rtt", "--rtt-reps", "20", "--out", str(tmp_path)])
+    rc = main(["bench", "serve", "--only", "rtt", "--rtt-reps", "20", "--rtt-block", "5", "--quick", "--threads", "2",
+               "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "serve-rtt" / "serve-rtt.json").read_text())
     assert (tmp_path / "serve-rtt" / "serve-rtt.png").exists()
@@ -41,7 +42,11 @@ def test_bench_serve_rtt_only_writes_all_four_variants(tmp_path, capsys):
         for k in ("engine_p50_us", "engine_future_p50_us", "server_no_engine_p50_us", "bare_p50_us"):
             assert p[k] > 0, (k, p)
     assert "Engine.call" in data["note"]
-    assert "call/bare" in capsys.readouterr().out
+    # CPU per request per I/O thread count, in the same run
+    assert [p["threads"] for p in data["cpu_per_request"]] == [1, 2]
+    assert all(p["requests"] == 400 and p["cpu_us_per_request"] > 0 for p in data["cpu_per_request"])
+    out = capsys.readouterr().out
+    assert "call/bare" in out and "2 I/O threads" in out
 
 
 def test_serve_config_gives_usable_addresses_for_separately_started_processes(tmp_path, capsys):

@@ -300,6 +300,75 @@ def test_call_mixed_with_futures_reads_and_migration(cluster):
         assert eng.request(conn, _echo(b"async")).result(10) == b"async"
 
 
+def test_lone_caller_round_trip_skips_the_general_path(cluster, monkeypatch):
+    """A caller alone on its connection: each call is one exchange on its own thread, with no
+    operation record and no future (the general path is made to fail here), answers checked
+    against the table; every credit comes back. With no credit free it takes the general
+    path (Backpressure at once with block=False), and then the fast one again."""
+    t0 = table_rows(cluster.config, "t0")
+    with Engine(get_provider("tcp"), 1, credits=4, request_timeout=10) as eng:
+        conn = eng.connect("s1", *cluster.address("s1"))
+        lo, hi, _ = _meta(eng, conn)["t0"]["ranges"][0]
+
+        def general(*args, **kw):
+            raise AssertionError("call took the general path")
+        monkeypatch.setattr(eng, "_submit", general)
+        rng = np.random.default_rng(5)
+        for i in range(60):
+            if i % 3 == 0:
+                idx = rng.integers(lo, hi, int(rng.integers(1, 50)))
+                np.testing.assert_array_equal(
+                    eng.call(conn, P.encode_request(P.Request(P.MsgType.GATHER, "t0", idx))), t0[idx])
+            else:
+                want = bytes(rng.integers(0, 256, int(rng.integers(0, 20000)), dtype=np.uint8))
+                assert eng.call(conn, _echo(want)) == want
+        assert _credits_free(conn) == conn.credits_total and not conn.pending
+        monkeypatch.undo()
+        held = [conn.credits.acquire(blocking=False) for _ in range(conn.credits_total)]
+        assert all(held)
+        with pytest.raises(Backpressure, match="4 requests in flight"):
+            eng.call(conn, _echo(b"no credit"), block=False)
+        for _ in held:
+            conn.credits.release()
+        assert eng.call(conn, _echo(b"back")) == b"back"
+        assert _credits_free(conn) == conn.credits_total
+
+
+def test_replies_own_their_arrays_after_later_messages(cluster):
+    """Arrays in a reply (alone or in a MULTI's list) stay intact when later replies reuse the
+    receive buffers: the caller's own read (call) and the I/O thread's (futures) alike."""
+    t0 = table_rows(cluster.config, "t0")
+    with Engine(get_provider("tcp"), 1, credits=2, request_timeout=10) as eng:
+        conn = eng.connect("s0", *cluster.address("s0"))
+        lo, hi, _ = _meta(eng, conn)["t0"]["ranges"][0]
+        rng = np.random.default_rng(11)
+        kept = []
+        for i in range(12):
+            idx = [rng.integers(lo, hi, 5) for _ in range(2)]
+            msg = P.encode_multi([P.encode_request(P.Request(P.MsgType.GATHER, "t0", x)) for x in idx])
+            got = eng.call(conn, msg) if i % 2 else eng.request(conn, msg).result(10)
+            kept.append((idx, got))
+        for idx, got in kept:                 # checked after all the later messages
+            assert len(got) == 2
+            for x, g in zip(idx, got):
+                np.testing.assert_array_equal(g, t0[x])
+
+
+def test_migrations_issued_before_the_first_adoption(cluster):
+    """Migrations issued right after connect(), before any I/O thread adopted the connection,
+    wait for that adoption: one thread drives the connection at a time (an I/O thread asserts
+    it), none fails, and requests are answered."""
+    with Engine(get_provider("tcp"), 3, request_timeout=10) as eng:
+        for i in range(25):
+            conn = eng.connect(f"m{i}", *cluster.address("s0"), thread=0)
+            eng.migrate(conn, 1, timeout=10)
+            eng.migrate(conn, 2, timeout=10)
+            assert conn.migrated.is_set() and conn.driver == conn.owner == 2
+            assert eng.call(conn, _echo(b"%d" % i)) == b"%d" % i
+        assert [t.crashed for t in eng.threads] == [None] * 3
+        assert all(t.is_alive() for t in eng.threads)
+
+
 def test_call_remote_error_and_bad_argument(cluster):
     with Engine(get_provider("tcp"), 1, request_timeout=10) as eng:
         conn = eng.connect("s1", *cluster.address("s1"))
@@ -358,7 +427,8 @@ def test_call_while_connection_closes(cluster):
                     res.append(exc)
             t = threading.Thread(target=caller)
             t.start()
-            while not conn.pending:
+            # the caller waits: its request pending (general path) or its read under way
+            while not (conn.pending or conn.rx_lock.locked()):
                 threading.Event().wait(0.001)
             eng.close_connection(conn)
             t.join(10)

@@ -188,14 +188,28 @@ def test_memory_returns_to_baseline_after_large_messages():
             conn = eng.connect("warm", *c.address("s0"))
             assert _echo(eng, conn, b"w") == b"w"
         base = _rss_kib(pid)
-        for round_ in range(2):
-            with Engine(get_provider("tcp"), 2, request_timeout=30) as eng:
-                conns = [eng.connect(f"c{i}", *c.address("s0")) for i in range(4)]
-                futs = [eng.request(cn, P.encode_request(P.Request(P.MsgType.ECHO, payload=payload)))
-                        for _ in range(3) for cn in conns]
-                for f in futs:
-                    assert f.result(30) == payload
-                peak = _rss_kib(pid)
+        # the peak is sampled while messages are in flight: the server lets a message's memory
+        # go as soon as it is answered, so a look afterwards could miss it
+        peaks, sampling = [base], threading.Event()
+
+        def sample():
+            while not sampling.is_set():
+                peaks.append(_rss_kib(pid))
+                sampling.wait(0.0005)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            for round_ in range(2):
+                with Engine(get_provider("tcp"), 2, request_timeout=30) as eng:
+                    conns = [eng.connect(f"c{i}", *c.address("s0")) for i in range(4)]
+                    futs = [eng.request(cn, P.encode_request(P.Request(P.MsgType.ECHO, payload=payload)))
+                            for _ in range(3) for cn in conns]
+                    for f in futs:
+                        assert f.result(30) == payload
+        finally:
+            sampling.set()
+            sampler.join()
+        peak = max(peaks)
         deadline = time.monotonic() + 10       # connection threads exit once they see the close
         while time.monotonic() < deadline and _rss_kib(pid) > base + 24 * 1024:
             time.sleep(0.05)

@@ -55,6 +55,8 @@ def add_arguments(parser):
     parser.add_argument("--only", choices=["rtt"], default=None,
                         help="rtt: only the round-trip comparison (engine call / engine future / "
                              "server without engine / bare echo), results under results/serve-rtt/")
+    parser.add_argument("--rtt-block", type=ct.positive_int, default=1,
+                        help="round trips of one variant in a row before the next variant's turn (rtt comparison)")
     parser.add_argument("--rtt-reps", type=ct.positive_int, default=None,
                         help="round trips per size and variant (default 200, 50 with --quick, 2000 with --only rtt)")
     parser.add_argument("--backends", default="dram,evssd",
@@ -280,7 +282,17 @@ def _recv_frame(sock):
 
 
 def _proc_cpu(pid):
-    """CPU seconds (user + system) of process ``pid`` so far, from /proc; None elsewhere."""
+    """CPU seconds of process ``pid`` so far, from /proc; None elsewhere. The scheduler's
+    nanosecond run time of its live threads where the kernel keeps it (schedstat), else
+    user + system time in clock ticks (10 ms: too coarse for a few thousand requests)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total * 1e-9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -289,8 +301,8 @@ def _proc_cpu(pid):
         return None
 
 
-def _overhead_points(cluster, sizes, reps):
-    """Round trips per size, four variants back to back in every iteration (see _RTT_NOTE);
+def _overhead_points(cluster, sizes, reps, block=1):
+    """Round trips per size, four variants taking turns in blocks (see _RTT_NOTE);
     wall clock percentiles, plus this thread's CPU per round trip of each variant and the
     embedding server process's CPU per request it answered."""
     import struct
@@ -305,6 +317,9 @@ def _overhead_points(cluster, sizes, reps):
         port = int(proc.stdout.readline())
         bare = socket.create_connection(("127.0.0.1", port), timeout=10)
         bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # plain blocking sockets for the two baselines: with a timeout, Python polls before
+        # every send and receive, two system calls more per round trip than the floor
+        bare.settimeout(None)
         # the same embedding server without the engine: a blocking client speaking the frame
         # protocol (what the server's side of a round trip costs)
         raw = socket.create_connection(cluster.address("s0"), timeout=10)
@@ -312,44 +327,54 @@ def _overhead_points(cluster, sizes, reps):
         hello = b'{"recv_depth": 4}'
         raw.sendall(P.pack_header(P.Op.HELLO, 0, len(hello)) + hello)
         _recv_frame(raw)
+        raw.settimeout(None)
         with Engine(get_provider("tcp"), 1, request_timeout=30) as eng:
+            # one connection per engine variant: the I/O thread reads the future variant's
+            # replies, the caller reads the call variant's; sharing one connection would time
+            # the hand-over of its socket between them in every iteration instead
+            conn_fut = eng.connect("s0-future", *cluster.address("s0"))
             conn = eng.connect("s0", *cluster.address("s0"))
             for size in sizes:
                 payload = b"\xab" * size
                 req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
                 frame = P.pack_header(P.Op.SEND, 1, len(req)) + req
-                t_eng, t_fut, t_bare, t_raw = [], [], [], []
-                cpu = np.zeros(4)
-                srv0 = _proc_cpu(cluster.procs["s0"].pid)
-                for i in range(reps + 5):
-                    if i == 5:
-                        cpu[:] = 0
-                        srv0 = _proc_cpu(cluster.procs["s0"].pid)
-                    c0 = time.thread_time()
-                    ta = time.perf_counter()
-                    assert eng.request(conn, req).result(30) == payload
-                    t0 = time.perf_counter()
-                    c1 = time.thread_time()
+
+                def future():
+                    assert eng.request(conn_fut, req).result(30) == payload
+
+                def call():
                     assert eng.call(conn, req, timeout=30) == payload
-                    t1 = time.perf_counter()
-                    c2 = time.thread_time()
+
+                def bare_echo():
                     bare.sendall(struct.pack("<I", size) + payload)
                     got = 0
-                    need = size + 4
-                    while got < need:
-                        got += len(bare.recv(need - got))
-                    t2 = time.perf_counter()
-                    c3 = time.thread_time()
+                    while got < size + 4:
+                        got += len(bare.recv(size + 4 - got))
+
+                def server_no_engine():
                     raw.sendall(frame)
                     assert P.decode_reply(_recv_frame(raw)) == payload
-                    t3 = time.perf_counter()
-                    cpu += (c1 - c0, c2 - c1, c3 - c2, time.thread_time() - c3)
-                    if i >= 5:
-                        t_fut.append(t0 - ta)
-                        t_eng.append(t1 - t0)
-                        t_bare.append(t2 - t1)
-                        t_raw.append(t3 - t2)
+                variants = (future, call, bare_echo, server_no_engine)
+                times = [[] for _ in variants]
+                cpu = np.zeros(len(variants))
+                for v in variants:                       # warm-up
+                    for _ in range(5):
+                        v()
+                srv0 = _proc_cpu(cluster.procs["s0"].pid)
+                echo0 = _proc_cpu(proc.pid)
+                for blk in range(-(-reps // block)):
+                    n = min(block, reps - blk * block)
+                    for k, v in enumerate(variants):
+                        ts = times[k]
+                        c0 = time.thread_time()
+                        for _ in range(n):
+                            t0 = time.perf_counter()
+                            v()
+                            ts.append(time.perf_counter() - t0)
+                        cpu[k] += time.thread_time() - c0
+                t_fut, t_eng, t_bare, t_raw = times
                 srv1 = _proc_cpu(cluster.procs["s0"].pid)
+                echo1 = _proc_cpu(proc.pid)
                 cpu_us = cpu / reps * 1e6
                 e, f, b, rw = percentiles(t_eng), percentiles(t_fut), percentiles(t_bare), percentiles(t_raw)
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
@@ -362,9 +387,11 @@ def _overhead_points(cluster, sizes, reps):
                             "ratio_server_no_engine_p50": e["p50"] / rw["p50"],
                             "client_cpu_us": {"engine_future": cpu_us[0], "engine": cpu_us[1],
                                               "bare": cpu_us[2], "server_no_engine": cpu_us[3]},
-                            # three requests per iteration reach the server (future, call, raw)
+                            # three requests per round reach the server (future, call, raw)
                             "server_cpu_us_per_request": (None if srv0 is None or srv1 is None
-                                                          else (srv1 - srv0) / (3 * reps) * 1e6)})
+                                                          else (srv1 - srv0) / (3 * reps) * 1e6),
+                            "bare_server_cpu_us_per_request": (None if echo0 is None or echo1 is None
+                                                               else (echo1 - echo0) / reps * 1e6)})
         bare.close()
         raw.close()
     finally:
@@ -436,15 +463,26 @@ def _print_rtt(ov):
         srv = p["server_cpu_us_per_request"]
         print(f"        caller-thread CPU per round trip: call {c['engine']:.1f} us, future {c['engine_future']:.1f} us, "
               f"blocking frame client {c['server_no_engine']:.1f} us, bare client {c['bare']:.1f} us; "
-              f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'}", flush=True)
+              f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'} (echo process "
+              f"{'n/a' if p['bare_server_cpu_us_per_request'] is None else '%.1f us' % p['bare_server_cpu_us_per_request']})",
+              flush=True)
 
 
-_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller, every iteration runs the four variants "
-             "back to back: engine_future = Engine.request(...).result() (the I/O thread reads the reply "
-             "and hands it over in a Future); engine = Engine.call (the caller reads its own reply); "
-             "server_no_engine = a blocking client speaking the frame protocol to the same embedding "
-             "server (ECHO request, header + body recv, decode_reply); bare = a minimal Python process "
-             "echoing 4-byte-length-prefixed messages (no frame protocol, no server code)")
+_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller thread, the four variants take turns "
+             "in blocks of --rtt-block round trips (1: every round trip follows one of the previous "
+             "variant, as a caller mixing kinds of requests sees; 50: back-to-back round trips of "
+             "one kind, both ends of the pair stay hot), so background load hits all alike; all "
+             "on loopback with TCP_NODELAY: engine_future = "
+             "Engine.request(...).result() (the I/O thread reads the reply and hands it over in a "
+             "Future); engine = Engine.call (the caller sends and reads its own reply; its own "
+             "connection, so the I/O thread's socket watching of the future variant does not "
+             "interleave with it); server_no_engine = a plain blocking-socket client speaking the "
+             "frame protocol to the same embedding server (ECHO request in one sendall, header + "
+             "body recv, decode_reply); bare = a plain blocking-socket client and a minimal Python "
+             "process echoing 4-byte-length-prefixed messages (no frame protocol, no server code). "
+             "cpu_per_request: CPU of this process per 4 KiB ECHO through Engine.request futures "
+             "(the ranker's path) per I/O thread count, 2x --clients caller threads, one server per "
+             "connection")
 
 
 def _run_rtt(args) -> int:
@@ -454,21 +492,41 @@ def _run_rtt(args) -> int:
     reps = args.rtt_reps or 2000
     data = {"params": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
             "note": _RTT_NOTE, "loadavg_start": os.getloadavg()}
-    with LocalCluster(make_config(1, 1000, args.dim, 1)) as cluster:
-        data["overhead"] = _overhead_points(cluster, [64, 4096, 65536], reps)
+    threads = sorted({1, 2, args.threads})
+    # one server per connection of the CPU-per-request points; the round trips use s0
+    with LocalCluster(make_config(1, 1000, args.dim, max(threads))) as cluster:
+        data["overhead"] = _overhead_points(cluster, [64, 4096, 65536], reps, args.rtt_block)
+        _print_rtt(data["overhead"])
+        data["cpu_per_request"] = _cpu_points(cluster, threads, max(2, args.clients * 2),
+                                              400 if args.quick else 2000)
+        _print_cpu(data["cpu_per_request"])
     data["loadavg_end"] = os.getloadavg()
-    _print_rtt(data["overhead"])
     print(f"load average start {data['loadavg_start'][0]:.1f}, end {data['loadavg_end'][0]:.1f} on {os.cpu_count()} cpus")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, a = plt.subplots(figsize=(6, 4))
-    _rtt_axes(a, data["overhead"])
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    _rtt_axes(ax[0], data["overhead"])
+    _cpu_axes(ax[1], data["cpu_per_request"])
     fig.tight_layout()
-    cmd = "evssd bench serve --only rtt" + (f" --rtt-reps {args.rtt_reps}" if args.rtt_reps else "")
+    cmd = ("evssd bench serve --only rtt" + (f" --rtt-reps {args.rtt_reps}" if args.rtt_reps else "")
+           + (f" --rtt-block {args.rtt_block}" if args.rtt_block != 1 else "") + (" --quick" if args.quick else ""))
     path = write_results("serve-rtt", data, fig, command=cmd, root=args.out)
     print(f"wrote {path}")
     return 0
+
+
+def _print_cpu(cpu):
+    for p in cpu:
+        print(f"cpu     {p['threads']} I/O threads, {p['clients']} callers: {p['cpu_us_per_request']:6.1f} us CPU "
+              f"per request, {p['requests_per_s']:8.0f} requests/s", flush=True)
+
+
+def _cpu_axes(a, cpu):
+    a.bar([str(p["threads"]) for p in cpu], [p["cpu_us_per_request"] for p in cpu], color="tab:brown")
+    a.set_xlabel("engine I/O threads")
+    a.set_ylabel("ranker-process CPU us per request")
+    a.set_title("CPU per request (4 KiB ECHO, futures)")
 
 
 def _rtt_axes(a, ov):
@@ -570,15 +628,13 @@ def run(args) -> int:
                             f"/hit {p['hit_rate']:.2f}" for p in c["points"])
             print(f"cache   {mode:8s}: largest batch served {c['largest_batch_served']:5d}; {pts}", flush=True)
         # 4. engine overhead vs bare socket
-        ov = _overhead_points(cluster, [64, 4096, 65536], args.rtt_reps or (50 if quick else 200))
+        ov = _overhead_points(cluster, [64, 4096, 65536], args.rtt_reps or (50 if quick else 200), args.rtt_block)
         data["overhead"] = ov
         _print_rtt(ov)
         # 5. CPU per request per engine thread count
         cpu = _cpu_points(cluster, sorted({1, 2, args.threads}), max(2, args.clients * 2), 400 if quick else 2000)
         data["cpu_per_request"] = cpu
-        for p in cpu:
-            print(f"cpu     {p['threads']} I/O threads, {p['clients']} callers: {p['cpu_us_per_request']:6.1f} us CPU "
-                  f"per request, {p['requests_per_s']:8.0f} requests/s", flush=True)
+        _print_cpu(cpu)
     # 6. backends behind the embedding servers (the same shard map and batches)
     backends = [b for b in args.backends.split(",") if b]
     data["backends"] = _backend_points(args, backends, 3 if quick else 10)
@@ -643,11 +699,6 @@ def _figure(data, threads):
     a.bar([p["backend"] for p in bk], [p["samples_per_s"] for p in bk], color="tab:purple")
     a.set_ylabel("samples/s")
     a.set_title("embedding-server backend (evssd: device model, wall clock)")
-    a = ax[1, 2]
-    cpu = data.get("cpu_per_request", [])
-    a.bar([str(p["threads"]) for p in cpu], [p["cpu_us_per_request"] for p in cpu], color="tab:brown")
-    a.set_xlabel("engine I/O threads")
-    a.set_ylabel("ranker-process CPU us per request")
-    a.set_title("CPU per request (4 KiB ECHO)")
+    _cpu_axes(ax[1, 2], data.get("cpu_per_request", []))
     fig.tight_layout()
     return fig

@@ -10,7 +10,9 @@ connection, each returning a :class:`concurrent.futures.Future`:
 
 :meth:`Engine.call` is the synchronous form of :meth:`Engine.request`: the caller's thread
 sends and, when nobody else is reading the connection, reads its reply itself ("busy caller
-polls"), which saves the hand-off of the reply from an I/O thread to the caller.
+polls"), which saves the hand-off of the reply from an I/O thread to the caller. On a queue pair
+with ``exchange`` (tcp) that is one send and one read with no operation record and no future:
+the round trip of a lone caller costs about what a blocking socket client's does.
 
 Threads and connections:
 
@@ -79,17 +81,22 @@ class RequestTimeout(EngineError, TimeoutError):
 _SUB_BITS = 20      # read_rows: wr_id = op id << 20 | row position
 # completion opcodes as module constants (an enum attribute lookup per completion adds up)
 _RECV, _READ, _SEND, _FATAL = Opcode.RECV, Opcode.READ, Opcode.SEND, Opcode.FATAL
+_MAX_PAYLOAD = P.MAX_PAYLOAD
+_FALLBACK = object()    # _call_direct: the fast path does not apply, take the general one
 
 
 class _Credits:
     """A counting semaphore on a C-level queue of tokens. Taken and given back once per
     request: ~0.2 us each, where ``threading.Semaphore`` (a Python ``Condition``) costs ~1.2."""
-    __slots__ = ("_q",)
+    __slots__ = ("_q", "take", "give")
 
     def __init__(self, n: int):
         self._q = queue.SimpleQueue()
         for _ in range(n):
             self._q.put(None)
+        # the fast path's pair, C calls with no Python frame: take() raises queue.Empty
+        # when no credit is free, give(None) returns one
+        self.take, self.give = self._q.get_nowait, self._q.put
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         try:
@@ -176,11 +183,15 @@ class Connection:
         # a pollable descriptor whose send side they may drive
         self.rx_lock = threading.Lock()
         self.caller_reads = self.direct_ok and not getattr(qp, "needs_polling", False)
+        # Engine.call's fast path: the queue pair can send and await one answer on the caller's thread
+        self.exchange_ok = engine.direct_send and self.caller_reads and hasattr(qp, "exchange")
         self.parked = False          # its I/O thread stopped watching it: a caller reads it
         self.deferred: deque = deque()   # completions a caller took but leaves to the I/O thread
         self._poller = None
+        # set while one I/O thread has adopted the queue pair and no migration is under way;
+        # clear until the first adoption, so a migration right after connect() waits for it
+        # (the first adoption setting it under a migration would let two threads adopt)
         self.migrated = threading.Event()
-        self.migrated.set()
         self._mark = 0
         self.completed = 0
 
@@ -207,6 +218,16 @@ def _finish(conn, op, result=None, exc=None):
         pass                      # completed already (e.g. failed by a closing engine)
 
 
+def _owned(res):
+    """A decoded reply that owns its memory: arrays (alone or in a MULTI reply's list) are
+    views of the receive buffer, which the next message overwrites."""
+    if type(res) is np.ndarray:
+        return res.copy()
+    if type(res) is list:
+        return [r.copy() if type(r) is np.ndarray else r for r in res]
+    return res
+
+
 def _recv_completion(conn, wc):
     """A reply arrived: complete its request and repost the receive buffer. Run by whoever
     holds ``conn.rx_lock`` (the I/O thread or a caller reading its own reply)."""
@@ -217,10 +238,7 @@ def _recv_completion(conn, wc):
             _finish(conn, op, exc=P.ProtocolError(wc.error))
         else:
             try:
-                res = P.decode_reply(buf[:wc.byte_len])
-                if isinstance(res, np.ndarray):
-                    res = res.copy()
-                _finish(conn, op, res)
+                _finish(conn, op, _owned(P.decode_reply(buf[:wc.byte_len])))
             except (P.RemoteError, P.ProtocolError) as exc:
                 _finish(conn, op, exc=exc)
     if not conn.dead:
@@ -687,10 +705,15 @@ class Engine:
     def call(self, conn: Connection, payload: bytes, *, timeout: float | None = None,
              block: bool = True):
         """SEND ``payload`` and return the decoded reply (or raise what :meth:`request`'s
-        future would). The caller's thread reads its own reply when no other reader holds the
-        connection (see :meth:`_read_own_reply`); otherwise it waits like :meth:`request`."""
-        if len(payload) > P.MAX_PAYLOAD:
+        future would). When no other thread reads the connection, the caller's thread sends
+        and reads its own reply (:meth:`_call_direct`); otherwise it waits like
+        :meth:`request`."""
+        if len(payload) > _MAX_PAYLOAD:
             raise ValueError(f"request of {len(payload)} bytes exceeds {P.MAX_PAYLOAD}")
+        if conn.exchange_ok and conn.rx_lock.acquire(False):
+            res = self._call_direct(conn, payload, timeout)
+            if res is not _FALLBACK:
+                return res
         self._acquire(conn, block)
         op = self._new_op("req", timeout, sync=True)
         op.payload = payload
@@ -705,6 +728,54 @@ class Engine:
                 raise
             raise RequestTimeout(f"server {conn.name} ({conn.qp.peer}): no answer to request "
                                  f"{op.req_id} and no timeout from the engine") from None
+
+    def _call_direct(self, conn, payload, timeout):
+        """The fast path of :meth:`call`, entered holding ``conn.rx_lock`` (released here): one
+        :meth:`~.tcp_provider.TcpQueuePair.exchange` on the caller's thread -- send, then read
+        until the answer -- with no operation record, no future and no other thread involved.
+        The request holds a credit while in flight, like any other. Replies to other requests
+        read meanwhile are completed here; other completions (READs, errors, a failed
+        connection) go to the I/O thread, as in :meth:`_read_own_reply`. Returns
+        ``_FALLBACK`` (nothing sent) when the connection is not in a state for it: failed,
+        being migrated, completions waiting for its I/O thread, or no credit free now."""
+        qp = conn.qp
+        got = None
+        handoff = False
+        try:
+            if conn.dead or conn.deferred or conn.driver != conn.owner or not conn.migrated.is_set():
+                return _FALLBACK
+            credits = conn.credits
+            try:
+                credits.take()
+            except queue.Empty:
+                return _FALLBACK
+            rid = next(self._ids)
+            wait = self.request_timeout if timeout is None else timeout
+            try:
+                got = qp.exchange(rid, payload, time.monotonic() + wait)
+            except (ConnectionError, OSError):
+                pass                      # the queue pair failed: reported below
+            finally:
+                credits.give(None)
+                conn.completed += 1
+            for wc in qp.poll_cq():
+                if wc.opcode == _RECV:
+                    _recv_completion(conn, wc)
+                else:
+                    conn.deferred.append(wc)
+                    handoff = True
+            if got is not None and got[0]:
+                return _owned(P.decode_reply(got[1]))   # decoded while the buffer is ours
+        finally:
+            conn.rx_lock.release()
+            if handoff or (conn.parked and (conn.pending or conn.deferred)) or qp.wants_write():
+                self.threads[conn.owner].post(("rearm", conn))
+        if got is not None:
+            raise P.RemoteError(f"server {conn.name}: {got[1]}")
+        if conn.dead or qp.failed:
+            raise ConnectionLost(f"server {conn.name} ({qp.peer}): {conn.dead or qp.failed}")
+        raise RequestTimeout(f"server {conn.name} ({qp.peer}) did not answer request {rid} "
+                             f"within {wait:.2f} s")
 
     def read_rows(self, conn: Connection, rkey: int, offsets: np.ndarray, length: int, *,
                   out: np.ndarray | None = None, timeout: float | None = None,

@@ -242,25 +242,28 @@ def encode_err(message: str) -> bytes:
     return _REP.pack(Status.ERR, 2, 0, 0) + message.encode()
 
 
+_OK, _ERR, _REP_SIZE = int(Status.OK), int(Status.ERR), _REP.size
+
+
 def decode_reply(buf):
     """Return a float32 array, a JSON object or bytes; raise :class:`RemoteError` on ERR."""
     buf = memoryview(buf)
     if len(buf) < _REP.size:
         raise ProtocolError(f"reply of {len(buf)} bytes is shorter than its header")
     status, kind, rows, cols = _REP.unpack_from(buf)
-    body = buf[_REP.size:]
-    if status == Status.ERR:
-        raise RemoteError(bytes(body).decode(errors="replace"))
-    if status != Status.OK:
+    body = buf[_REP_SIZE:]
+    if status != _OK:
+        if status == _ERR:
+            raise RemoteError(bytes(body).decode(errors="replace"))
         raise ProtocolError(f"unknown reply status {status}")
+    if kind == 2:
+        return bytes(body)
     if kind == 0:
         if len(body) != rows * cols * 4:
             raise ProtocolError(f"array reply of {len(body)} bytes does not hold {rows}x{cols} float32")
         return np.frombuffer(body, dtype="<f4").reshape(rows, cols)
     if kind == 1:
         return json.loads(bytes(body))
-    if kind == 2:
-        return bytes(body)
     if kind == 3:
         # one result per sub-request; a failed sub-request is its RemoteError, not raised
         out = []

@@ -187,6 +187,11 @@ class EmbeddingServer:
                 self.refused_handshakes += 1
                 return        # a peer that failed or stalled its handshake; it was told why if it listens
             maps, bufs = {}, {}
+            set_responder = getattr(qp, "set_responder", None)
+            if set_responder is not None:
+                set_responder(self.handle)     # requests answered inline: no receive buffers
+                qp.serve(self._stop)
+                return
             for i in range(self.credits):
                 maps[i], bufs[i] = self._recv_buffer()
                 qp.post_recv(i, bufs[i])

@@ -14,12 +14,19 @@ burst -- and again on writability, so an I/O thread never blocks behind a slow p
 should be reading) and
 ``blocking=True`` (a server's per-connection thread: ``progress`` blocks in ``recv``, sends go out
 with ``sendall``). Both release the GIL in the socket calls.
+
+Two round-trip fast paths beyond the verbs vocabulary, one per side, each taking the common case
+(one whole frame in one receive) without the general frame loop and leaving everything else to
+it: :meth:`TcpQueuePair.exchange` (a caller sends a SEND and reads until its answer, on its own
+thread) and :meth:`TcpQueuePair.set_responder` (a server answers each SEND inline, no posted
+receive taken: such a queue pair never refuses a SEND for want of a receive).
 """
 from __future__ import annotations
 
 import itertools
 import json
 import secrets
+import select
 import socket
 import threading
 import time
@@ -33,11 +40,16 @@ __all__ = ["TcpProvider", "TcpQueuePair", "TcpListener"]
 
 _RECV_CHUNK = 1 << 18
 _SMALL_FRAME = 16 << 10    # a blocking send of a frame up to this size is one joined buffer
+_CORK_MAX = 1 << 20        # answers to one receive held back for one send: at most this much
 # ops and statuses as plain ints: an enum attribute lookup costs ~0.15 us, several per frame
 _SEND, _READ_REQ, _READ_RESP, _ERROR = (int(P.Op.SEND), int(P.Op.READ_REQ), int(P.Op.READ_RESP),
                                         int(P.Op.ERROR))
 _ST_ERR = int(P.Status.ERR)
 _MAX_HELLO = 4096          # a HELLO is a few bytes of JSON
+_POLL_R, _POLL_RW = select.POLLIN, select.POLLIN | select.POLLOUT
+_HS = P.HEADER.size
+_HEADER_UNPACK = P.HEADER.unpack_from
+_HEADER_PACK = P.HEADER.pack
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -196,9 +208,16 @@ class TcpQueuePair(QueuePair):
         self._out: deque[memoryview] = deque()
         self._send_lock = threading.Lock()
         self._cork: list | None = None
+        self._cork_bytes = 0
         self._recvs: deque = deque()            # (wr_id, buffer) posted receives, FIFO
         self._reads: dict[int, tuple] = {}     # wr_id -> (local view, length)
         self._cq: deque[WorkCompletion] = deque()
+        self._responder = None                  # set_responder: SENDs answered inline
+        self._catch = -1                        # exchange(): the request id whose answer it takes
+        self._caught = None
+        self._in_rbuf = False                   # the frames being handled live in _rbuf
+        self._poller = None                     # exchange(): a poll object on this socket
+        self._poll_mask = 0
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.failed: str | None = None
@@ -214,10 +233,15 @@ class TcpQueuePair(QueuePair):
         with self._send_lock:
             self.bytes_sent += len(hdr) + len(payload)
             if self._blocking:
-                if self._cork is not None:        # inside progress(): one send at the end
-                    self._cork.append(hdr)
+                cork = self._cork
+                if cork is not None:        # inside progress(): one send at the end
+                    cork.append(hdr)
                     if payload:
-                        self._cork.append(payload)
+                        cork.append(payload)
+                    self._cork_bytes += len(hdr) + len(payload)
+                    if self._cork_bytes > _CORK_MAX:    # a long burst: send what it has so far
+                        self._uncork()
+                        self._cork = []
                     return
                 if len(payload) <= _SMALL_FRAME:
                     self._send_one(b"".join((hdr, payload)) if len(payload) else hdr)
@@ -269,8 +293,7 @@ class TcpQueuePair(QueuePair):
             return
         if self.failed:
             raise ConnectionError(f"queue pair to {self.peer} failed: {self.failed}")
-        hdr = P.pack_header(_SEND, wr_id, n)
-        frame = b"".join((hdr, data)) if n else hdr
+        frame = b"".join((_HEADER_PACK(P.MAGIC, P.VERSION, _SEND, 0, wr_id, n), data))
         with self._send_lock:
             self.bytes_sent += len(frame)
             if self._out:                      # keep the order: behind what is queued
@@ -286,6 +309,100 @@ class TcpQueuePair(QueuePair):
                 return
             if k < len(frame):
                 self._out.append(memoryview(frame)[k:])
+
+    def set_responder(self, fn) -> None:
+        """Answer every incoming SEND inline: ``fn(body)`` (a memoryview valid only during the
+        call) returns the reply, sent back as a SEND under the same request id. The SEND takes
+        no posted receive and makes no completion: the server's loop skips the copy into a
+        receive buffer and the completion round. Blocking mode only (a server's connection
+        thread); the replies to one burst of requests leave in one send, as other answers do."""
+        if not self._blocking:
+            raise ValueError("set_responder needs a blocking queue pair (a server's connection)")
+        self._responder = fn
+
+    def serve(self, stop) -> None:
+        """A server connection's loop once a responder is set: receive and answer until the
+        peer leaves or the queue pair fails (``failed`` says why), or ``stop`` (an Event, looked
+        at before each receive: a loop waiting in its receive ends after the next one) is set. What :meth:`progress` in a loop does, with the common
+        case -- one whole SEND in one receive -- answered straight from the receive."""
+        if self._responder is None:
+            raise ValueError("serve needs a responder (set_responder)")
+        if self._scratch is None:
+            self._scratch = bytearray(_RECV_CHUNK)
+        recv_into, scratch, is_set = self._sock.recv_into, self._scratch, stop.is_set
+        while not is_set() and not self.failed:
+            try:
+                n = recv_into(scratch)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self._fail(f"receive failed: {exc}")
+                return
+            if not n:
+                self._fail("peer closed the connection")
+                return
+            self.bytes_recv += n
+            self._consume(n)          # one whole SEND: answered by _answer_one, first thing
+
+    def exchange(self, wr_id, data, deadline: float):
+        """SEND ``data`` and read this queue pair until the peer answers ``wr_id`` or
+        ``deadline`` (``time.monotonic``) passes: a synchronous request on the caller's thread.
+
+        Returns ``(True, body)`` for the answering SEND (``body``: a memoryview valid until the
+        next :meth:`progress`; it takes no posted receive), ``(False, message)`` when the peer
+        refused the SEND with an ERROR frame, or ``None`` when the deadline passed or the queue
+        pair failed (``failed`` says why). Every other frame read meanwhile is handled as
+        :meth:`progress` handles it (completions in the CQ). Non-blocking mode; the caller
+        must be the only reader of this queue pair while it runs."""
+        if self._blocking:
+            raise ValueError("exchange needs a non-blocking queue pair")
+        self.send_now(wr_id, data)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._fd, _POLL_R)
+            self._poll_mask = _POLL_R
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = bytearray(_RECV_CHUNK)
+        self._catch, self._caught = wr_id, None
+        mask = self._poll_mask
+        try:
+            while True:
+                # wait first, read second: a read that finds nothing raises (BlockingIOError),
+                # and on an idle host the answer is rarely there as soon as the send returns
+                if self.failed:           # e.g. closed by another thread while we waited
+                    return None
+                want = _POLL_RW if self._out else _POLL_R
+                if want != mask:
+                    poller.register(self._fd, want)
+                    mask = self._poll_mask = want
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if not poller.poll(min(left, 0.05) * 1e3):
+                    continue
+                if self._out:
+                    self.flush()
+                fresh = not self._rbuf and not self._skip
+                n = self._recv()
+                if not n:
+                    if self.failed:
+                        return None
+                    continue
+                if fresh and n >= _HS:
+                    # the common case: the read holds exactly our whole answer
+                    magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
+                    if (req_id == wr_id and op == _SEND and length == n - _HS and magic == P.MAGIC
+                            and version == P.VERSION):
+                        return True, memoryview(scratch)[_HS:n]
+                self._consume(n)
+                if self._caught is not None:
+                    return self._caught
+                if self.failed:
+                    return None
+        finally:
+            self._catch, self._caught = -1, None
 
     def post_recv(self, wr_id, buf):
         self._recvs.append((wr_id, memoryview(buf).cast("B")))
@@ -330,32 +447,47 @@ class TcpQueuePair(QueuePair):
 
         Bytes land in a per-queue-pair scratch buffer (no allocation per receive); frames are
         handled straight from it, and only a trailing partial frame is kept in ``_rbuf``."""
+        n = self._recv()
+        if n:
+            self._consume(n)
+
+    def _recv(self) -> int:
+        """One receive into the scratch buffer: the byte count, or 0 when nothing was there
+        or the queue pair failed (``failed`` says why)."""
         if self.failed:
-            return
+            return 0
         scratch = self._scratch
         if scratch is None:
             scratch = self._scratch = bytearray(_RECV_CHUNK)
         try:
             n = self._sock.recv_into(scratch)
         except (BlockingIOError, InterruptedError):
-            return
+            return 0
         except OSError as exc:
             self._fail(f"receive failed: {exc}")
-            return
+            return 0
         if not n:
             self._fail("peer closed the connection")
-            return
+            return 0
         self.bytes_recv += n
+        return n
+
+    def _consume(self, n):
+        """Handle the ``n`` bytes just received into the scratch buffer."""
+        scratch = self._scratch
         start = 0
         if self._skip:
             start = min(self._skip, n)
             self._skip -= start
         rbuf = self._rbuf
+        if not rbuf and not start and self._responder is not None and self._answer_one(n):
+            return
         if rbuf:
             rbuf += memoryview(scratch)[start:n]
             src, end, pos = memoryview(rbuf), len(rbuf), 0
         else:
             src, end, pos = memoryview(scratch), n, start
+        self._in_rbuf = bool(rbuf)
         hs = P.HEADER.size
         if self._blocking:
             self._cork = []        # answers to a burst of READs go out in one send
@@ -398,6 +530,29 @@ class TcpQueuePair(QueuePair):
         elif pos < end:
             self._rbuf = bytearray(memoryview(scratch)[pos:n])
 
+    def _answer_one(self, n) -> bool:
+        """The server's common case: the receive holds exactly one whole SEND. Answer it with
+        one joined send, without the general frame loop; False (nothing done) otherwise."""
+        if n < _HS:
+            return False
+        scratch = self._scratch
+        magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
+        if (length != n - _HS or op != _SEND or magic != P.MAGIC or version != P.VERSION
+                or length > self.max_frame):
+            return False
+        reply = self._responder(memoryview(scratch)[_HS:n])
+        hdr = P.pack_header(_SEND, req_id, len(reply))
+        try:
+            with self._send_lock:
+                self.bytes_sent += _HS + len(reply)
+                if len(reply) <= _SMALL_FRAME:
+                    self._send_one(hdr + reply)
+                else:
+                    self._send_vec([hdr, reply])
+        except ConnectionError:
+            pass                  # _fail() recorded it; the FATAL completion tells the owner
+        return True
+
     def _refuse_frame(self, hdr):
         """A frame longer than this side accepts: refused from its header, before any of its
         body is buffered. A SEND gets an error completion at the sender and the connection
@@ -410,15 +565,28 @@ class TcpQueuePair(QueuePair):
 
     def _uncork(self):
         cork, self._cork = self._cork, None
+        self._cork_bytes = 0
         if cork:
             try:
-                self._send_vec(cork)
+                if len(cork) <= 2 and sum(map(len, cork)) <= _SMALL_FRAME:
+                    self._send_one(b"".join(cork))     # one answer: one joined buffer
+                else:
+                    self._send_vec(cork)
             except ConnectionError:
                 pass               # _fail() recorded it; the FATAL completion tells the owner
 
     def _handle(self, hdr, body):
         op = hdr.op
         if op == _SEND:
+            if self._responder is not None:
+                # no view of _rbuf may outlive the call: progress() trims _rbuf afterwards
+                self._emit(_SEND, hdr.req_id, self._responder(bytes(body) if self._in_rbuf else body))
+                return
+            if hdr.req_id == self._catch:
+                # a view of the scratch buffer (valid until the next receive); a frame put
+                # together in _rbuf is copied, since _rbuf is trimmed when progress() ends
+                self._caught = (True, bytes(body) if self._in_rbuf else body)
+                return
             if not self._recvs:
                 self._emit(P.Op.ERROR, hdr.req_id,
                            b"receiver not ready: no receive posted (in-flight limit exceeded)")
@@ -459,7 +627,9 @@ class TcpQueuePair(QueuePair):
                 self._cq.append(WorkCompletion(hdr.req_id, Opcode.READ, True, length))
         elif op == _ERROR:
             msg = bytes(body).decode(errors="replace")
-            if hdr.req_id == 0:
+            if hdr.req_id == self._catch:
+                self._caught = (False, msg)
+            elif hdr.req_id == 0:
                 self._fail(f"peer reported: {msg}")
             elif self._reads.pop(hdr.req_id, None) is not None:
                 self._cq.append(WorkCompletion(hdr.req_id, Opcode.READ, False, 0, 0, msg))
@@ -473,6 +643,8 @@ class TcpQueuePair(QueuePair):
 
     def poll_cq(self):
         cq = self._cq
+        if not cq:
+            return ()
         out = list(cq)
         cq.clear()
         return out
