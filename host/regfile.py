@@ -40,12 +40,15 @@ class RegisterFile:
 
     ``fields[name]`` holds RW/WO field values and RO inputs (per-channel RO fields are lists),
     keyed by the same port names the gateware uses (:func:`evssd.hw.device.mmio.port_name` rule).
-    ``on_write(name, value)`` is called for W1T bits written as 1 and for WO doorbells.
+    ``on_write(name, value)`` is called for W1T bits written as 1 and for WO doorbells;
+    ``before_read()``, if given, before every read (a model can bring its RO inputs up to date
+    only when someone looks).
     """
 
-    def __init__(self, params: Params, on_write=None):
+    def __init__(self, params: Params, on_write=None, before_read=None):
         self.params = params
         self.on_write = on_write or (lambda name, value: None)
+        self.before_read = before_read
         self._decode = {addr: _Slot(reg, ch) for addr, reg, ch in regmap.all_addresses(params.n_channels)}
         self.fields: dict[str, object] = {}
         for reg in regmap.REGISTERS:
@@ -62,6 +65,8 @@ class RegisterFile:
 
     def read(self, addr: int) -> tuple[int, int]:
         """(data, response) of a 32-bit read."""
+        if self.before_read is not None:
+            self.before_read()
         slot = self._decode.get(addr & ~3 & 0xFFF) if addr < 0x1000 else None
         if slot is None:
             return 0, BusResponse.DECERR
