@@ -612,7 +612,9 @@ class AsyncDevice:
     @staticmethod
     def _indices(indices, name: str = "indices") -> np.ndarray:
         arr = _int_array(name, indices)
-        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF_FFFF):
+        # every value is in 0..2**32-1 exactly when the OR of all of them is (one pass)
+        if arr.size and (arr.dtype.kind == "i" or arr.dtype.itemsize > 4) \
+                and int(np.bitwise_or.reduce(arr)) >> 32:
             bad = int(np.flatnonzero((arr < 0) | (arr > 0xFFFF_FFFF))[0])
             raise IndexError(f"{name}: index {arr[bad]} at position {bad} does not fit the device's "
                              f"32-bit indices (0..2**32-1)")

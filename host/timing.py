@@ -197,14 +197,15 @@ class TimingModel:
 
     def _schedule(self, chs, pages, offsets, t0: int, pipeline: int, row_bytes: int, block_mode: bool,
                   out_after, retire, carry):
-        r = _schedule(np.ascontiguousarray(chs, np.int64), np.ascontiguousarray(pages, np.int64),
-                      np.ascontiguousarray(offsets, np.int64), int(t0), int(pipeline), int(row_bytes),
-                      bool(block_mode), self.params.page_size, self.beat_bytes, self.n_slots, int(self.t_r),
-                      self.way_page, self.way_ready, self.way_free, self.way_last, self.bus_free,
-                      self.last_start, self.ch_rows, self.ch_bytes, self.ch_tr_waits, self.ch_busy_cycles,
-                      self._use, retire, carry, np.ascontiguousarray(out_after, np.int64),
-                      self.params.host_data_bits // 8)
-        return tuple(int(v) for v in r)
+        p = self.params
+        issue, use, end, out_t = _schedule(
+            np.ascontiguousarray(chs, np.int64), np.ascontiguousarray(pages, np.int64),
+            np.ascontiguousarray(offsets, np.int64), int(t0), int(pipeline), int(row_bytes),
+            bool(block_mode), p.page_size, p.ch_data_bits >> 3, self.n_slots, int(self.t_r),
+            self.way_page, self.way_ready, self.way_free, self.way_last, self.bus_free,
+            self.last_start, self.ch_rows, self.ch_bytes, self.ch_tr_waits, self.ch_busy_cycles,
+            self._use, retire, carry, np.ascontiguousarray(out_after, np.int64), p.host_data_bits >> 3)
+        return int(issue), int(use), int(end), int(out_t)
 
     def lookups(self, chs, pages, offsets, row_bytes: int, out_after, block_mode: bool) -> int:
         """Advance the clock by one GATHER/GATHER_POOLED command; returns its cycles.
