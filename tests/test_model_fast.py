@@ -196,6 +196,7 @@ def test_bench_model_smoke(tmp_path, monkeypatch):
     assert bench.run(args) == 0
     import json
     report = json.loads((tmp_path / "bench_model" / "bench_model.json").read_text())
+    assert len(report["load_average_before"]) == len(report["load_average_after"]) == 3
     for kind in ("gather_pooled", "gather"):
         r = report["kinds"][kind]
         assert r["bit_exact"] is True and r["lookups"] == 2 * 2 * 16 * 20
