@@ -61,9 +61,13 @@ def add_arguments(parser):
                          "lookups, so the ramp and the drain of the reorder window weigh little)")
     sw.add_argument("--rtl-configs", type=_configs, default=DEFAULT_RTL_CONFIGS,
                     help=f"CxW builds also run on the RTL, or 'none' (default {DEFAULT_RTL_CONFIGS})")
-    parser.add_argument("--cxx-opt", choices=["-O0", "-O1", "-O2", "-Os"], default=None,
-                        help="C++ optimisation of the Verilator build (default: Verilator's -Os); "
-                             "-O0 compiles the 8-channel builds ~3x faster, for short runs")
+    parser.add_argument("--cxx-opt", choices=["O0", "O1", "O2", "Os"], default=None,
+                        help="C++ optimisation (-O...) of the Verilator build (default: Verilator's "
+                             "-Os); O0 compiles the 8-channel builds ~3x faster, for short runs")
+
+
+def _cxx_opt(args) -> str | None:
+    return None if args.cxx_opt is None else f"-{args.cxx_opt}"
 
 
 def _configs(text: str) -> list[tuple[int, int]]:
@@ -241,7 +245,7 @@ def _run_sweep(args) -> int:
     report = sweep(chans, ways, t_rs, args.rtl_configs, row_bytes=args.row_bytes, lookups=args.sweep_lookups,
                    inflight=args.inflight, seed=args.seed, log=lambda m: print(m, file=sys.stderr),
                    on_progress=lambda r: write_results("bench_rtl_sweep", r, command=command),
-                   cxx_opt=args.cxx_opt)
+                   cxx_opt=_cxx_opt(args))
     fig = None
     try:
         fig = _sweep_figure(report)
@@ -289,7 +293,7 @@ def run(args) -> int:
         cfg.update(throughput_sizes=[64], amp_lookups=16, latency_sizes=sizes[:1], latency_batches=1)
     n_slots = args.slots or default_slots(params)
     print("building/running the EV-SSD in Verilator (build log: build/sim/*/build.log)...", file=sys.stderr)
-    report = _run_rtl(params, cfg, n_slots, args.cxx_opt)
+    report = _run_rtl(params, cfg, n_slots, _cxx_opt(args))
     report["n_slots"] = n_slots
     report["bound"] = bound(params, args.row_bytes, args.t_r)
     for row in report["throughput"]:
