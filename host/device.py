@@ -108,6 +108,9 @@ class CommandHandle:
     result_shape: tuple[int, int] | None = None
     #: nobody waits for it any more: its buffers are freed when its completion is reaped
     abandoned: bool = False
+    #: the caller's result array the device writes directly (``Transport.map_buffer``); None
+    #: when the result is copied out of host memory
+    result: np.ndarray | None = None
 
 
 _COROUTINE = types.CoroutineType
@@ -609,7 +612,9 @@ class AsyncDevice:
     @staticmethod
     def _indices(indices, name: str = "indices") -> np.ndarray:
         arr = _int_array(name, indices)
-        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF_FFFF):
+        # every value is in 0..2**32-1 exactly when the OR of all of them is (one pass)
+        if arr.size and (arr.dtype.kind == "i" or arr.dtype.itemsize > 4) \
+                and int(np.bitwise_or.reduce(arr)) >> 32:
             bad = int(np.flatnonzero((arr < 0) | (arr > 0xFFFF_FFFF))[0])
             raise IndexError(f"{name}: index {arr[bad]} at position {bad} does not fit the device's "
                              f"32-bit indices (0..2**32-1)")
@@ -637,18 +642,31 @@ class AsyncDevice:
         table = _check_int("table", table, 0, self.params.max_tables - 1)
         return self._table(table)
 
-    async def _submit_with(self, make_command, parts: list[bytes], out_bytes: int) -> CommandHandle:
-        """Allocate and fill the input buffers, allocate the result buffer and submit; on any
-        failure free what was allocated (all or nothing)."""
+    async def _submit_with(self, make_command, parts: list[bytes], shape: tuple[int, int]) -> CommandHandle:
+        """Allocate and fill the input buffers, give the device a destination for the ``shape``
+        (rows, row bytes) result and submit; on any failure free what was allocated (all or
+        nothing). The destination is the caller's result array itself where the transport can
+        map it (:meth:`Transport.map_buffer`), else a host-memory buffer :meth:`finish` copies."""
         owned = []
+        result = None
         try:
             for data in parts:
                 owned.append(await self._put(data))
-            owned.append(self.transport.alloc(max(out_bytes, 1)))
-            return await self.submit(make_command(*owned), owned)
+            out_bytes = shape[0] * shape[1]
+            dst = None
+            if out_bytes:
+                result = np.empty(shape, np.uint8)
+                dst = self.transport.map_buffer(result)
+                if dst is None:
+                    result = None
+            owned.append(self.transport.alloc(max(out_bytes, 1)) if dst is None else dst)
+            handle = await self.submit(make_command(*owned), owned)
         except BaseException:
             self._release(owned)
             raise
+        handle.result_shape = shape
+        handle.result = result
+        return handle
 
     async def submit_gather(self, table: int, indices) -> CommandHandle:
         """Start a GATHER (the caller must :meth:`finish` the handle)."""
@@ -657,12 +675,10 @@ class AsyncDevice:
         idx = self._indices(indices)
         n = idx.size
         out_bytes = n * cfg.row_bytes
-        handle = await self._submit_with(
+        return await self._submit_with(
             lambda src, dst: Command(opcode=Opcode.GATHER, table=cfg.table, count=n, src_addr=src,
                                      dst_addr=dst, dst_bytes=out_bytes),
-            [idx.tobytes()], out_bytes)
-        handle.result_shape = (n, cfg.row_bytes)
-        return handle
+            [idx.tobytes()], (n, cfg.row_bytes))
 
     async def supports(self, capability: str) -> bool:
         """Whether the device pools ``"int8_rowwise"`` tables / ``"weighted"`` bags (its CAPS
@@ -686,7 +702,7 @@ class AsyncDevice:
                 lambda src, offs, dst: Command(opcode=Opcode.GATHER_POOLED, table=cfg.table, count=idx.size,
                                                n_bags=n_bags, src_addr=src, offsets_addr=offs,
                                                dst_addr=dst, dst_bytes=out_bytes),
-                [idx.tobytes(), off.tobytes()], out_bytes)
+                [idx.tobytes(), off.tobytes()], (n_bags, cfg.pooled_row_bytes))
         else:
             from evssd.host.pooling import PoolingError, check_weights
             try:
@@ -700,8 +716,7 @@ class AsyncDevice:
                 lambda src, offs, wts, dst: Command(
                     opcode=Opcode.GATHER_POOLED_WEIGHTED, table=cfg.table, count=idx.size, n_bags=n_bags,
                     src_addr=src, offsets_addr=offs, weights_addr=wts, dst_addr=dst, dst_bytes=out_bytes),
-                [idx.tobytes(), off.tobytes(), w.astype("<f4").tobytes()], out_bytes)
-        handle.result_shape = (n_bags, cfg.pooled_row_bytes)
+                [idx.tobytes(), off.tobytes(), w.astype("<f4").tobytes()], (n_bags, cfg.pooled_row_bytes))
         return handle
 
     async def finish(self, handle: CommandHandle) -> np.ndarray:
@@ -720,16 +735,19 @@ class AsyncDevice:
             self._abandon(handle)
             raise
         try:
-            rows, row = handle.result_shape
-            # The caller owns the result: one copy out of host memory (whose buffer is freed
-            # below and reused by the next command), straight into it.
-            result = np.empty((rows, row), dtype=np.uint8)
-            if rows:
-                await self.transport.mem_readinto(cmd.dst_addr, result)
+            result = handle.result
+            if result is None:
+                # The caller owns the result: one copy out of host memory (whose buffer is freed
+                # below and reused by the next command), straight into it.
+                result = np.empty(handle.result_shape, dtype=np.uint8)
+                if result.size:
+                    await self.transport.mem_readinto(cmd.dst_addr, result)
+            # else the device wrote it in place; the mapping ends below, before the caller has it
             self._check(cpl, cmd, result)
             return result
         finally:
             self._free(handle.buffers)
+            handle.result = None
 
     async def finish_all(self, handles) -> list[np.ndarray]:
         """Finish every handle (even after one fails, so nothing stays in flight) and return

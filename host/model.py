@@ -17,6 +17,8 @@ sparse (:class:`~evssd.host.sparse_flash.SparseFlash`): a model can advertise a 
 """
 from __future__ import annotations
 
+import bisect
+
 import numba
 import numpy as np
 
@@ -41,16 +43,21 @@ MODEL_PAGES_PER_CHANNEL = 1 << 24
 
 
 class _Table:
-    __slots__ = ("row_bytes", "elem", "enable", "rows_per_page", "extents")
+    __slots__ = ("row_bytes", "elem", "enable", "rows_per_page", "extent_array")
 
     def __init__(self, max_extents: int):
         self.row_bytes, self.elem, self.enable, self.rows_per_page = 0, 0, False, 1
-        self.extents = [(0, 0, 0)] * max_extents
+        #: the extents as an int64 ``[n, 3]`` array (first, rows, lba), slot order
+        self.extent_array = np.zeros((max_extents, 3), np.int64)
 
     @property
-    def extent_array(self) -> np.ndarray:
-        """The extents as an int64 ``[n, 3]`` array (first, rows, lba), slot order."""
-        return np.array(self.extents, np.int64).reshape(-1, 3)
+    def extents(self) -> list[tuple[int, int, int]]:
+        """The extents as tuples (a copy: write them with the setter or into ``extent_array``)."""
+        return [tuple(int(v) for v in e) for e in self.extent_array]
+
+    @extents.setter
+    def extents(self, value) -> None:
+        self.extent_array = np.array(value, np.int64).reshape(-1, 3)
 
 
 def translate(index: int, table: _Table, total_pages: int):
@@ -72,13 +79,6 @@ def translate_many(indices: np.ndarray, table: _Table, total_pages: int):
     offset = np.empty(idx.size, np.int64)
     _translate(idx, ext, max(1, table.rows_per_page), table.row_bytes, total_pages, status, lba, offset)
     return status, lba, offset
-
-
-def _bad_summary(status: np.ndarray):
-    """(n_bad, position of the first bad entry or -1, worst Status) of a translation."""
-    n_bad, first, any_index = _count_bad(status)
-    worst = Status.OK if not n_bad else Status.BAD_INDEX if any_index else Status.BAD_LBA
-    return int(n_bad), int(first), worst
 
 
 @numba.njit(cache=True, nogil=True)
@@ -134,16 +134,28 @@ def _plan(indices, lo, hi, extents, rows_per_page, row_bytes, total_pages, n_cha
     return n
 
 
+#: the host-memory addresses each opcode reads or writes (all must be 64-byte aligned)
+_ADDRESS_FIELDS = {Opcode.GATHER: ("src_addr", "dst_addr"),
+                   Opcode.GATHER_POOLED: ("src_addr", "offsets_addr", "dst_addr"),
+                   Opcode.GATHER_POOLED_WEIGHTED: ("src_addr", "offsets_addr", "weights_addr", "dst_addr"),
+                   Opcode.PROGRAM_PAGES: ("src_addr",),
+                   Opcode.READ_PAGES: ("dst_addr",)}
+
+
 class DeviceModel:
     """The device's state and command semantics."""
 
     def __init__(self, params: Params, host: bytearray, host_base: int, *, n_slots: int | None = None):
         self.params = params
-        self.regs = RegisterFile(params, on_write=self._on_write)
+        self.regs = RegisterFile(params, on_write=self._on_write, before_read=self._sync_counters)
         # the model pools every element type and weighted bags (host/pooling.py's definition)
         self.regs.fields["caps_int8_rowwise"] = self.regs.fields["caps_weighted"] = 1
         self.host, self.host_base = host, host_base
         self._host_np = np.frombuffer(host, np.uint8)   # a view: host memory as an array
+        # mapped buffers: start address -> flat uint8 view; starts sorted; the next address
+        self._maps: dict[int, np.ndarray] = {}
+        self._map_starts: list[int] = []
+        self._map_next = -(-(host_base + len(host)) // 4096) * 4096 + 4096
         self._rows = np.empty(0, np.uint8)
         self.flash = SparseFlash(params.total_pages, params.page_size)
         self.tables = [_Table(params.max_extents) for _ in range(params.max_tables)]
@@ -154,13 +166,18 @@ class DeviceModel:
         self.pending = False
         self.fatal = False
         self.timing = TimingModel(params, n_slots=n_slots)
-        self._set_counters()
+        self._counters_stale = True     # the RO registers are brought up to date on a read
 
     # ---------------------------------------------------------------- registers
     def _f(self, name):
         return self.regs.fields[name]
 
+    def _sync_counters(self):
+        if self._counters_stale:
+            self._set_counters()
+
     def _set_counters(self):
+        self._counters_stale = False
         f = self.regs.fields
         f["sq_head_head"] = self.sq_head
         f["cq_tail_tail"] = self.cq_tail
@@ -199,28 +216,61 @@ class DeviceModel:
         elif name == "tbl_commit_extent":
             t, e = f["tbl_sel_table"], f["tbl_sel_extent"]
             if t < self.params.max_tables and e < self.params.max_extents:
-                self.tables[t].extents[e] = (f["ext_first"], f["ext_rows"], f["ext_lba"])
+                self.tables[t].extent_array[e] = (f["ext_first"], f["ext_rows"], f["ext_lba"])
         elif name == "cq_head_head":
             self.cq_head = value
         if name in ("sq_tail_tail", "cq_head_head", "ctrl_enable"):
-            self.run()      # sets the counters
-        else:
-            self._set_counters()
+            self.run()
+        self._counters_stale = True
 
     # ---------------------------------------------------------------- host memory
-    def _host_slice(self, addr, n):
+    # The device reaches host memory through one address space: the window (``host``) and the
+    # buffers mapped into it with :meth:`map_buffer` (like user pages pinned for DMA).
+
+    def _host_view(self, addr: int, n: int) -> np.ndarray:
+        """The ``n`` bytes of host memory at ``addr`` as a writable uint8 view (of the window or
+        of one mapped buffer); :class:`_BusError` when they are not all inside one of them."""
         off = addr - self.host_base
-        if off < 0 or off + n > len(self.host):
-            raise _BusError(addr, n)
-        return off
+        if 0 <= off and off + n <= self._host_np.size:
+            return self._host_np[off:off + n]
+        i = bisect.bisect_right(self._map_starts, addr) - 1
+        if i >= 0 and n >= 0:
+            start = self._map_starts[i]
+            buf = self._maps[start]
+            off = addr - start
+            if off + n <= buf.size:
+                return buf[off:off + n]
+        raise _BusError(addr, n)
 
     def _read_host(self, addr, n) -> bytes:
-        off = self._host_slice(addr, n)
-        return self._host_np[off:off + n].tobytes()
+        return self._host_view(addr, n).tobytes()
 
     def _write_host(self, addr, data: bytes):
-        off = self._host_slice(addr, len(data))
-        self.host[off:off + len(data)] = data
+        self._host_view(addr, len(data))[:] = np.frombuffer(data, np.uint8)
+
+    def map_buffer(self, buf: np.ndarray) -> int:
+        """Map ``buf`` (a C-contiguous array; its bytes, not a copy) into the device's view of
+        host memory and return its address: 64-byte aligned, above the window, never given out
+        twice (a stale address is a bus error, not another buffer)."""
+        if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous or not buf.flags.writeable:
+            raise ValueError(f"map_buffer: buf must be a writable C-contiguous numpy array, got "
+                             f"{type(buf).__name__}")
+        flat = buf.reshape(-1).view(np.uint8)
+        addr = self._map_next
+        if flat.size < 1 or addr + flat.size > 1 << 64:
+            raise ValueError(f"map_buffer: cannot map {flat.size} bytes at 0x{addr:x}")
+        # a gap after every buffer: no access range runs from one buffer into the next
+        self._map_next = addr + -(-flat.size // ALIGN) * ALIGN + ALIGN
+        self._maps[addr] = flat
+        self._map_starts.append(addr)          # addresses only grow: the list stays sorted
+        return addr
+
+    def unmap_buffer(self, addr: int) -> bool:
+        """Remove the mapping made at ``addr``; False when ``addr`` is none (nothing changes)."""
+        if self._maps.pop(addr, None) is None:
+            return False
+        del self._map_starts[bisect.bisect_left(self._map_starts, addr)]
+        return True
 
     # ---------------------------------------------------------------- queues
     def run(self):
@@ -255,7 +305,7 @@ class DeviceModel:
             f["cnt_commands"] = (f["cnt_commands"] + 1) & 0xFFFF_FFFF
             if cpl.status != Status.OK:
                 f["cnt_errors"] = (f["cnt_errors"] + 1) & 0xFFFF_FFFF
-        self._set_counters()
+        self._counters_stale = True
 
     @property
     def irq(self) -> bool:
@@ -270,79 +320,73 @@ class DeviceModel:
 
     def _execute(self, cmd: Command) -> Completion:
         p = self.params
-        self.timing.t_r = self.regs.fields["t_r_cycles"]
-        self.timing.t_prog = self.regs.fields["t_prog_cycles"]
-        ok = Completion(cid=cmd.cid, status=Status.OK)
+        f = self.regs.fields
+        self.timing.t_r = f["t_r_cycles"]
+        self.timing.t_prog = f["t_prog_cycles"]
         op = cmd.opcode
-        if op not in Opcode._value2member_map_:
+        fields = _ADDRESS_FIELDS.get(op)
+        if fields is None:
+            if op == Opcode.NOP:
+                self.timing.nop()
+                return Completion(cid=cmd.cid, status=Status.OK)
             return Completion(cid=cmd.cid, status=Status.BAD_OPCODE)
-        if op == Opcode.NOP:
-            self.timing.nop()
-            return ok
-        addrs = {Opcode.GATHER: (cmd.src_addr, cmd.dst_addr),
-                 Opcode.GATHER_POOLED: (cmd.src_addr, cmd.offsets_addr, cmd.dst_addr),
-                 Opcode.GATHER_POOLED_WEIGHTED: (cmd.src_addr, cmd.offsets_addr, cmd.weights_addr,
-                                                 cmd.dst_addr),
-                 Opcode.PROGRAM_PAGES: (cmd.src_addr,),
-                 Opcode.READ_PAGES: (cmd.dst_addr,)}[op]
-        if any(a % ALIGN for a in addrs):
-            return Completion(cid=cmd.cid, status=Status.BAD_ADDRESS)
-        if op in (Opcode.PROGRAM_PAGES, Opcode.READ_PAGES):
+        for name in fields:
+            if getattr(cmd, name) % ALIGN:
+                return Completion(cid=cmd.cid, status=Status.BAD_ADDRESS)
+        if op == Opcode.PROGRAM_PAGES or op == Opcode.READ_PAGES:
             return self._pages(cmd)
-        if cmd.table >= p.max_tables or not self.tables[cmd.table].enable \
-                or self.tables[cmd.table].elem not in ElemType._value2member_map_:
+        table = self.tables[cmd.table] if cmd.table < p.max_tables else None
+        if table is None or not table.enable or table.elem not in ElemType._value2member_map_:
             return Completion(cid=cmd.cid, status=Status.TABLE_DISABLED)
-        table = self.tables[cmd.table]
         elem = ElemType(table.elem)
         weighted = op == Opcode.GATHER_POOLED_WEIGHTED
         pooled = weighted or op == Opcode.GATHER_POOLED
-        out_row = regmap.pooled_row_bytes(table.row_bytes, elem) if pooled else table.row_bytes
+        rb = table.row_bytes
+        out_row = regmap.pooled_row_bytes(rb, elem) if pooled else rb
         out_bytes = out_row * (cmd.n_bags if pooled else cmd.count)
         if out_bytes > cmd.dst_bytes:
             return Completion(cid=cmd.cid, status=Status.RESULT_OVERFLOW)
         if pooled:
-            offsets = np.frombuffer(self._read_host(cmd.offsets_addr, 4 * (cmd.n_bags + 1)), "<u4").astype(np.int64)
-            if np.any(np.diff(offsets) < 0) or offsets[-1] > cmd.count:
+            offsets = self._host_view(cmd.offsets_addr, 4 * (cmd.n_bags + 1)).view("<u4").astype(np.int64)
+            if np.any(offsets[1:] < offsets[:-1]) or offsets[-1] > cmd.count:
                 return Completion(cid=cmd.cid, status=Status.BAD_OFFSETS)
-        src = self._host_slice(cmd.src_addr, 4 * cmd.count)
-        indices = self._host_np[src:src + 4 * cmd.count].view("<u4")
+        indices = self._host_view(cmd.src_addr, 4 * cmd.count).view("<u4")
         # Bags are contiguous slices of the index list, so the lookups a command makes are one
         # range: all of them (GATHER) or offsets[0]..offsets[n_bags] (GATHER_POOLED).
         lo, hi = (int(offsets[0]), int(offsets[-1])) if pooled else (0, cmd.count)
         m = hi - lo
         st = np.empty(m, np.uint8)
-        ok_pos, lba, offset, chs, pages = (np.empty(m, np.int64) for _ in range(5))
+        plan = np.empty((5, m), np.int64)        # position, lba, offset, channel, page
         good_before = np.empty(m + 1, np.int64)
-        n_good = _plan(indices, lo, hi, table.extent_array, max(1, table.rows_per_page), table.row_bytes,
-                       p.total_pages, p.n_channels, st, ok_pos, lba, offset, chs, pages, good_before)
-        ok_pos, lba, offset, chs, pages = (a[:n_good] for a in (ok_pos, lba, offset, chs, pages))
-        n_bad, first, worst = _bad_summary(st)
-        first_bad = first + lo if n_bad else NO_BAD_POSITION
+        n_good = _plan(indices, lo, hi, table.extent_array, max(1, table.rows_per_page), rb,
+                       p.total_pages, p.n_channels, st, plan[0], plan[1], plan[2], plan[3], plan[4],
+                       good_before)
+        ok_pos, lba, offset, chs, pages = plan[:, :n_good]
+        n_bad = m - n_good
         # The result goes straight into host memory (a bus error still lets the lookups run and
         # is reported after them, like the RTL's result DMA failing).
         dst_error = None
         try:
-            dst = self._host_slice(cmd.dst_addr, out_bytes)
-            result = self._host_np[dst:dst + out_bytes]
+            result = self._host_view(cmd.dst_addr, out_bytes)
         except _BusError as exc:
             dst_error = exc
             result = np.empty(out_bytes, np.uint8)
         if not pooled:   # one row per lookup; a bad lookup's row is zeros
-            rows = result.reshape(cmd.count, table.row_bytes)
+            rows = result.reshape(cmd.count, rb)
             if n_bad:
                 rows[np.flatnonzero(st) + lo] = 0
-            self.flash.gather(lba, offset, table.row_bytes, rows, ok_pos)
+            self.flash.gather(lba, offset, rb, rows, ok_pos)
         else:
             el = ELEM_OF_DEVICE[elem]
-            dim = (table.row_bytes - elem.header_bytes) // elem.itemsize
+            dim = (rb - elem.header_bytes) // elem.itemsize
             sums = result.view("<f4" if weighted else el.pooled).reshape(cmd.n_bags, dim)
             weights = None
             if weighted:  # one float32 per index; the good lookups' ones, in order
-                weights = np.ascontiguousarray(np.frombuffer(
-                    self._read_host(cmd.weights_addr, 4 * cmd.count), "<f4")[ok_pos])
+                weights = np.ascontiguousarray(
+                    self._host_view(cmd.weights_addr, 4 * cmd.count).view("<f4")[ok_pos])
             # the bags over the good lookups only (a bad lookup adds nothing)
             good_offsets = good_before[offsets - lo]
-            ps, rb = p.page_size, table.row_bytes
+            ps = p.page_size
             if ps % rb == 0 and table.rows_per_page * rb <= ps:
                 # fused: pool straight from the flash pages, viewed as a matrix of rows
                 src, row_numbers = self.flash.rows(lba, offset, rb)
@@ -360,11 +404,15 @@ class DeviceModel:
         else:   # every GATHER row is ready when its own lookup retires: result_schedule's answer
             out_after = np.full(m + 1, out_row, np.int64)
             out_after[0] = 0
-        self.timing.lookups(chs, pages, offset, table.row_bytes, out_after, self.regs.fields["ctrl_block_mode"])
-        self.regs.fields["cnt_lookups"] = (self.regs.fields["cnt_lookups"] + (hi - lo)) & 0xFFFF_FFFF
+        self.timing.lookups(chs, pages, offset, rb, out_after, f["ctrl_block_mode"])
+        f["cnt_lookups"] = (f["cnt_lookups"] + m) & 0xFFFF_FFFF
         if dst_error is not None:
             raise dst_error
-        return Completion(n_bad=n_bad, first_bad=first_bad, cid=cmd.cid, status=worst)
+        if not n_bad:
+            return Completion(n_bad=0, first_bad=NO_BAD_POSITION, cid=cmd.cid, status=Status.OK)
+        _, first, any_index = _count_bad(st)
+        return Completion(n_bad=n_bad, first_bad=int(first) + lo, cid=cmd.cid,
+                          status=Status.BAD_INDEX if any_index else Status.BAD_LBA)
 
     def _scratch(self, n: int, row_bytes: int) -> np.ndarray:
         """A reused ``[n, row_bytes]`` uint8 buffer for a pooled command's gathered rows (no
@@ -387,7 +435,7 @@ class DeviceModel:
         n_ok = cmd.count
         for k in range(cmd.count):
             try:
-                self._host_slice(host_addr + k * ps, ps)
+                self._host_view(host_addr + k * ps, ps)
             except _BusError:
                 n_ok = k
                 break
@@ -444,27 +492,32 @@ class ModelTransport(Transport):
         if resp != BusResponse.OKAY:
             raise MMIOError("write", addr, resp)
 
-    async def mem_write(self, addr: int, data: bytes) -> None:
-        off = addr - self.memory.base
-        if off < 0 or off + len(data) > len(self.host):
-            raise ValueError(f"host write 0x{addr:x}+{len(data)} outside the window")
-        self.host[off:off + len(data)] = data
+    def _view(self, addr: int, nbytes: int, what: str) -> np.ndarray:
+        try:
+            return self.device._host_view(addr, nbytes)
+        except _BusError:
+            raise ValueError(f"host {what} 0x{addr:x}+{nbytes} outside the window and the mapped "
+                             f"buffers") from None
 
-    def _window(self, addr: int, nbytes: int) -> int:
-        off = addr - self.memory.base
-        if off < 0 or off + nbytes > len(self.host):
-            raise ValueError(f"host read 0x{addr:x}+{nbytes} outside the window")
-        return off
+    async def mem_write(self, addr: int, data: bytes) -> None:
+        src = np.frombuffer(data, np.uint8)
+        self._view(addr, src.size, "write")[:] = src
 
     async def mem_read(self, addr: int, nbytes: int) -> bytes:
-        off = self._window(addr, nbytes)
-        return self.device._host_np[off:off + nbytes].tobytes()
+        return self._view(addr, nbytes, "read").tobytes()
 
     async def mem_readinto(self, addr: int, out) -> None:
         # one copy from the model's host memory into the caller's buffer (no bytes in between)
         dst = np.frombuffer(memoryview(out).cast("B"), np.uint8)
-        off = self._window(addr, dst.size)
-        dst[:] = self.device._host_np[off:off + dst.size]
+        dst[:] = self._view(addr, dst.size, "read")
+
+    def map_buffer(self, buf: np.ndarray) -> int:
+        # host memory is in this process: the device model writes into buf itself
+        return self.device.map_buffer(buf)
+
+    def free(self, addr: int) -> None:
+        if not self.device.unmap_buffer(addr):
+            self.memory.free(addr)
 
     async def wait(self) -> None:
         # Commands run when the doorbell rings; nothing happens between polls.

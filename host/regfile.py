@@ -40,14 +40,21 @@ class RegisterFile:
 
     ``fields[name]`` holds RW/WO field values and RO inputs (per-channel RO fields are lists),
     keyed by the same port names the gateware uses (:func:`evssd.hw.device.mmio.port_name` rule).
-    ``on_write(name, value)`` is called for W1T bits written as 1 and for WO doorbells.
+    ``on_write(name, value)`` is called for W1T bits written as 1 and for WO doorbells;
+    ``before_read()``, if given, before every read (a model can bring its RO inputs up to date
+    only when someone looks).
     """
 
-    def __init__(self, params: Params, on_write=None):
+    def __init__(self, params: Params, on_write=None, before_read=None):
         self.params = params
         self.on_write = on_write or (lambda name, value: None)
+        self.before_read = before_read
         self._decode = {addr: _Slot(reg, ch) for addr, reg, ch in regmap.all_addresses(params.n_channels)}
         self.fields: dict[str, object] = {}
+        # per register address: its writable fields as (port name, lsb, all-ones, access)
+        self._writes = {reg.addr: [(self.port_name(reg, f), f.lsb, (1 << f.width) - 1, f.access)
+                                   for f in reg.fields if f.access is not Access.RO]
+                        for reg in regmap.REGISTERS}
         for reg in regmap.REGISTERS:
             if reg.addr < 0x040:
                 continue
@@ -62,6 +69,8 @@ class RegisterFile:
 
     def read(self, addr: int) -> tuple[int, int]:
         """(data, response) of a 32-bit read."""
+        if self.before_read is not None:
+            self.before_read()
         slot = self._decode.get(addr & ~3 & 0xFFF) if addr < 0x1000 else None
         if slot is None:
             return 0, BusResponse.DECERR
@@ -83,26 +92,26 @@ class RegisterFile:
         slot = self._decode.get(addr & ~3 & 0xFFF) if addr < 0x1000 else None
         if slot is None:
             return BusResponse.DECERR
-        reg = slot.reg
-        writable = [f for f in reg.fields if f.access is not Access.RO]
-        if not writable:
+        plan = self._writes[slot.reg.addr]
+        if not plan:
             return BusResponse.SLVERR
-        byte_mask = 0
-        for lane in range(4):
-            if strb >> lane & 1:
-                byte_mask |= 0xFF << (8 * lane)
+        byte_mask = _BYTE_MASKS[strb & 0xF]
+        fields = self.fields
         events = []
-        for fld in writable:
-            name = self.port_name(reg, fld)
-            keep = fld.extract(byte_mask)
-            new = fld.extract(data)
-            if fld.access is Access.W1T:
+        for name, lsb, ones, access in plan:
+            keep = (byte_mask >> lsb) & ones
+            new = (data >> lsb) & ones
+            if access is Access.W1T:
                 if new & keep:
                     events.append((name, 1))
                 continue
-            self.fields[name] = (new & keep) | (self.fields[name] & ~keep & ((1 << fld.width) - 1))
-            if fld.access is Access.WO and keep:
-                events.append((name, self.fields[name]))
+            fields[name] = (new & keep) | (fields[name] & ~keep & ones)
+            if access is Access.WO and keep:
+                events.append((name, fields[name]))
         for name, value in events:
             self.on_write(name, value)
         return BusResponse.OKAY
+
+
+#: the bits each of the 16 byte-strobe patterns lets through
+_BYTE_MASKS = tuple(sum(0xFF << (8 * lane) for lane in range(4) if strb >> lane & 1) for strb in range(16))

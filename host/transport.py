@@ -102,6 +102,19 @@ class Transport(abc.ABC):
         dst = memoryview(out).cast("B")
         dst[:] = await self.mem_read(addr, dst.nbytes)
 
+    def map_buffer(self, buf) -> int | None:
+        """Make ``buf`` (a writable, C-contiguous numpy array the driver allocated for the
+        caller) device-visible host memory and return its address, so the device writes a result
+        straight into it, like a driver pinning the caller's pages for DMA; :meth:`free` of the
+        address ends the mapping. None (this default) when the device cannot reach the caller's
+        memory (a board, a simulator in another process): the driver then gives the device a
+        buffer of :attr:`memory` and copies the result out with :meth:`mem_readinto`.
+
+        The driver maps a buffer only for one command and hands it to the caller only after the
+        command completed and the mapping ended, so the device never writes memory the caller
+        uses."""
+        return None
+
     @abc.abstractmethod
     async def wait(self) -> None:
         """Let the device run until something may have changed (an interrupt or a poll interval)."""
@@ -110,6 +123,7 @@ class Transport(abc.ABC):
         return self.memory.alloc(nbytes)
 
     def free(self, addr: int) -> None:
+        """Release an :meth:`alloc` (or a :meth:`map_buffer` mapping, where a transport has them)."""
         self.memory.free(addr)
 
     async def close(self) -> None:

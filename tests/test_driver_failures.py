@@ -19,10 +19,14 @@ PARAMS = Params(n_channels=2, page_size=1024, pages_per_channel=64)
 class FaultyModel(ModelTransport):
     """The model with injectable faults on the doorbell and on host-memory writes."""
 
-    def __init__(self, *a, **kw):
+    def __init__(self, *a, map_results=True, **kw):
         super().__init__(*a, **kw)
         self.doorbell_fault = None   # None, "refuse" (MMIOError), "link" (TransportError), "lose"
         self.mem_write_fault = False
+        self.map_results = map_results   # False: results go through host memory, like a board's
+
+    def map_buffer(self, buf):
+        return super().map_buffer(buf) if self.map_results else None
 
     async def write32(self, addr, value, strb=0xF):
         if addr == SQ_TAIL and self.doorbell_fault:
@@ -41,8 +45,8 @@ class FaultyModel(ModelTransport):
         await super().mem_write(addr, data)
 
 
-def _device(host_memory_bytes=64 << 10, **kw):
-    transport = FaultyModel(PARAMS, host_memory_bytes=host_memory_bytes)
+def _device(host_memory_bytes=64 << 10, map_results=True, **kw):
+    transport = FaultyModel(PARAMS, host_memory_bytes=host_memory_bytes, map_results=map_results)
     dev = Device.open(transport, sq_entries=8, cq_entries=8, **kw)
     rng = np.random.default_rng(5)
     data = rng.standard_normal((300, 16)).astype(np.float32)  # 64-byte rows, 16 a page
@@ -56,7 +60,7 @@ def _device(host_memory_bytes=64 << 10, **kw):
 def _state(dev):
     aio = dev.aio
     return dev.transport.memory.free_bytes, len(dev.transport.memory._used), len(aio._inflight), \
-        len(aio._done)
+        len(aio._done), len(dev.transport.device._maps)
 
 
 def _ordinary_requests_work(dev, data):
@@ -66,15 +70,18 @@ def _ordinary_requests_work(dev, data):
     np.testing.assert_allclose(pooled, [data[[0, 299]].sum(0), data[[17, 17]].sum(0)], rtol=1e-6)
 
 
-def test_refused_submissions_free_everything_repeatedly():
-    dev, transport, data = _device()
+@pytest.mark.parametrize("map_results", [False, True], ids=["copied", "mapped"])
+def test_refused_submissions_free_everything_repeatedly(map_results):
+    dev, transport, data = _device(map_results=map_results)
     start = _state(dev)
-    too_many = np.zeros(1000, np.uint32)  # indices fit (4 kB), the 64 kB result does not
+    # copied: the indices fit (4 kB), the 64 kB result does not; mapped (the result is the
+    # caller's array, outside host memory): the 68 kB of indices do not
+    too_many = np.zeros(17_000 if map_results else 1000, np.uint32)
     for _ in range(40):
         with pytest.raises(MemoryError, match="cannot fit"):
             dev.gather(0, too_many)
         with pytest.raises(MemoryError, match="cannot fit"):
-            dev.gather_pooled(0, too_many, np.arange(1001, dtype=np.uint32))
+            dev.gather_pooled(0, too_many, np.arange(too_many.size + 1, dtype=np.uint32))
         with pytest.raises(MemoryError, match="cannot fit"):
             dev.run(dev.aio.gather_many([(0, [1, 2]), (0, too_many)]))
         assert _state(dev) == start
@@ -101,14 +108,18 @@ def test_failed_submission_returns_buffers_and_slot(fault):
     assert _state(dev) == start
 
 
-def test_lost_doorbell_times_out_and_frees_buffers_only_with_the_late_completion():
-    dev, transport, data = _device(timeout=0.2)
+@pytest.mark.parametrize("map_results", [False, True], ids=["copied", "mapped"])
+def test_lost_doorbell_times_out_and_frees_buffers_only_with_the_late_completion(map_results):
+    dev, transport, data = _device(timeout=0.2, map_results=map_results)
     start = _state(dev)
     transport.doorbell_fault = "lose"
     with pytest.raises(DeviceTimeoutError, match="not completed after 0.2 s"):
         dev.gather(0, [5, 6])
-    # The device may still write the result buffer: it stays allocated, the slot stays in use.
-    assert _state(dev)[1] == start[1] + 2 and len(dev.aio._inflight) == 1
+    # The device may still write the result buffer: it stays allocated (or mapped), the slot
+    # stays in use.
+    held = _state(dev)
+    assert (held[1], held[4]) == ((start[1] + 1, start[4] + 1) if map_results else (start[1] + 2, start[4]))
+    assert len(dev.aio._inflight) == 1
     _ordinary_requests_work(dev, data)  # the next doorbell also carries the lost command
     assert _state(dev) == start
 
@@ -286,7 +297,8 @@ def test_store_multi_table_batch_that_fails_for_one_table_leaves_nothing_in_flig
     AsyncDevice.gather_many: a table whose result does not fit leaves no other command in
     flight, and the store keeps serving."""
     from evssd.host.store import EmbeddingStore
-    transport = FaultyModel(PARAMS, host_memory_bytes=64 << 10)
+    # results through host memory (a board's path): the one that cannot fit a large result
+    transport = FaultyModel(PARAMS, host_memory_bytes=64 << 10, map_results=False)
     dev = Device.open(transport, sq_entries=8, cq_entries=8)
     rng = np.random.default_rng(1)
     tables = {"a": rng.standard_normal((200, 8)).astype(np.float32),

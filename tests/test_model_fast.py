@@ -123,7 +123,7 @@ def test_commands_match_the_per_index_reference(elem, row_bytes):
         # an extent running past the flash (BAD_LBA), which the driver refuses to write: set it in
         # the model's table registers directly
         extents[2] = (5000, 1000, params.total_pages - 2)
-        dev.transport.device.tables[1].extents[2] = extents[2]
+        dev.transport.device.tables[1].extent_array[2] = extents[2]
         table = _Table(8)
         table.row_bytes, table.rows_per_page = row_bytes, params.page_size // row_bytes
         table.extents = extents + [(0, 0, 0)] * 5
@@ -196,6 +196,7 @@ def test_bench_model_smoke(tmp_path, monkeypatch):
     assert bench.run(args) == 0
     import json
     report = json.loads((tmp_path / "bench_model" / "bench_model.json").read_text())
+    assert len(report["load_average_before"]) == len(report["load_average_after"]) == 3
     for kind in ("gather_pooled", "gather"):
         r = report["kinds"][kind]
         assert r["bit_exact"] is True and r["lookups"] == 2 * 2 * 16 * 20

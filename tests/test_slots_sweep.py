@@ -72,3 +72,20 @@ def test_rtl_configs_argument():
     bench_rtl.add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--sweep", "--rtl-configs", "4"])
+
+
+def test_cxx_opt_argument_and_runner_check():
+    """`--cxx-opt O0` reaches the runner as -O0; the runner refuses anything but one -O flag
+    before it builds anything."""
+    from evssd.hw.regmap import Params
+    from evssd.sim import runner
+
+    parser = argparse.ArgumentParser()
+    bench_rtl.add_arguments(parser)
+    assert bench_rtl._cxx_opt(parser.parse_args(["--cxx-opt", "O0"])) == "-O0"
+    assert bench_rtl._cxx_opt(parser.parse_args([])) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cxx-opt", "O9"])
+    for bad in ("O0", "-O0 -g", "-O9", "-march=native"):
+        with pytest.raises(ValueError, match="cxx_opt must be one of"):
+            runner.run("evssd.sim.tb_bench_rtl", "device", Params(), cxx_opt=bad)

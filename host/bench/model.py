@@ -7,13 +7,15 @@ GATHER_POOLED (one command per table per batch, submitted together like the stor
 tables are programmed through PROGRAM_PAGES into the model's sparse flash, sized to them.
 
 Reported per command kind: wall-clock lookups/s (a measurement of the simulator, single thread;
-also per CPU-second and for the fastest batch, since the machine may be shared),
+also per CPU-second and for the fastest batch, since the machine may be shared, with the load
+average before and after),
 the modelled device cycles per lookup (a model estimate), and a check of the pooled results
 against :func:`evssd.host.pooling.pool_bags` on the host copy of the tables (bit for bit).
 Writes ``results/bench_model/bench_model.json`` (+ ``.png``).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -72,7 +74,8 @@ def measure(tables: int = 4, rows: int = 100_000, dim: int = 64, bags: int = 128
                 await dev.program_pages(lba, np.ascontiguousarray(pages))
             for t in layout.tables:
                 await dev.configure_table(t.table_id, t.row_bytes, t.elem, [tuple(e) for e in t.extents])
-            report = {"params": transport.params.as_dict(), "tables": tables, "rows": rows, "dim": dim,
+            report = {"load_average_before": os.getloadavg(),
+                      "params": transport.params.as_dict(), "tables": tables, "rows": rows, "dim": dim,
                       "bags": bags, "pooling": pooling, "batches": batches,
                       "program_seconds": time.perf_counter() - t0,
                       "flash_bytes_held": transport.device.flash.nbytes, "kinds": {}}
@@ -117,6 +120,7 @@ def measure(tables: int = 4, rows: int = 100_000, dim: int = 64, bags: int = 128
                     "best_batch_lookups_per_second": 1 / best,
                     "model_cycles": cycles, "model_cycles_per_lookup": cycles / lookups,
                     "bit_exact": exact}
+            report["load_average_after"] = os.getloadavg()
             return report
         finally:
             await dev.close()
@@ -155,5 +159,8 @@ def run(args) -> int:
               f"{v['lookups_per_second'] / 1e6:.2f} M lookups/s ({v['lookups_per_cpu_second'] / 1e6:.2f} M "
               f"per CPU second, fastest batch {v['best_batch_lookups_per_second'] / 1e6:.2f} M/s); model {v['model_cycles_per_lookup']:.2f} "
               f"cycles/lookup (estimate); bit-exact vs pooling.pool_bags: {v['bit_exact']}")
+    print(f"load average (1, 5, 15 min) before {report['load_average_before']}, after "
+          f"{report['load_average_after']}: the other jobs on the machine (wall clock counts them, "
+          f"CPU seconds do not)")
     print(f"wrote {path}")
     return 0 if all(v["bit_exact"] for v in report["kinds"].values()) else 1
