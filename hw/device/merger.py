@@ -20,13 +20,16 @@ Ports (all ``lib.stream`` unless noted; payloads are ``lib.data.StructLayout``):
     ``valid`` up (so rows complete, and retire, early).
 
 ``i_desc``: ``In(stream.Signature(desc_layout(n_slots)))``, one per lookup **in request order**,
-    plus one token per empty bag: ``{slot: T, row_bytes: 16, elem: 2, pooled: 1, bad: 1,
-    bag_end: 1, empty_bag: 1, cmd_end: 1}``.
+    plus one token per empty bag: ``{slot: T, row_bytes: 16, elem: 3, pooled: 1, weighted: 1,
+    weight: 32, bad: 1, bag_end: 1, empty_bag: 1, cmd_end: 1}``.
     - ``row_bytes``: the table's row size, a multiple of 4, 4..max_row_bytes (also on tokens).
       Out of range values never hang the merger but give wrong data (larger rows wrap inside
       their slot; a 0-byte row adds no bytes, so a command of only such rows has no ``last``).
-    - ``elem``: ``regmap.ElemType`` (only used when ``pooled``).
+    - ``elem``: ``regmap.ElemType`` (only used when ``pooled``). INT8_ROWWISE needs
+      ``ResultMerger.supports_rowwise(params)`` (``ch_data_bits <= 128``).
     - ``pooled``: 0 = GATHER (row bytes copied), 1 = GATHER_POOLED (summed per bag).
+    - ``weighted``/``weight``: GATHER_POOLED_WEIGHTED, the lookup's fp32 weight (bits); the
+      same for every lookup of a bag in ``weighted`` (one command).
     - ``bad``: the lookup has a slot but no data will ever arrive for it (bad index).
     - ``bag_end``: last lookup of a bag (pooled only): the bag's sum is emitted after it.
     - ``empty_bag``: a token for a bag with no lookups (``slot`` ignored, no slot is freed;
@@ -59,8 +62,11 @@ Retirement semantics (bit-exact with ``evssd.host.pooling.pool_rows``):
     acc = ((-0.0 + r0) + r1) + ... (so a one-row bag returns r0, -0.0 included), subnormals
     kept, every NaN result is the canonical quiet NaN 0x7FC00000 (a NaN in a one-row bag too).
     fp16: each element widened exactly to fp32, then summed as fp32. int8: sign-extended, int32
-    wrapping sums. int32: wrapping sums. Bad/err rows are skipped; a bag with no good rows (or an
-    empty bag) is +0 zeros.
+    wrapping sums. int32: wrapping sums. INT8_ROWWISE (fp16 scale, fp16 bias, uint8 codes):
+    ``acc = fma(scale, float32(q), acc + bias)`` per element from -0.0. Weighted: ``acc =
+    fma(w, float32(x), acc)`` from -0.0, fp32 for every type (int8/int32 rounded to fp32 first);
+    weighted INT8_ROWWISE uses ``scale*w`` and ``bias*w``, each rounded to fp32. Bad/err rows are
+    skipped; a bag with no good rows (or an empty bag) is +0 zeros.
 
 Throughput (measured in tests/hw/test_merger.py and with the same harness, no back-pressure,
 one channel, rows already arriving at one beat per cycle; "beats" are ROB beats of Wc bits):
@@ -72,9 +78,15 @@ one channel, rows already arriving at one beat per cycle; "beats" are ROB beats 
     - Rows shorter than ``ACCUM_HAZARD_CYCLES`` (8) beats: one pooled row per 8 cycles within a
       bag (the adder latency; sums stay strictly sequential, so no reassociation is possible).
     - Wc > Wh: output-bound at one host beat per cycle (ch256/host64 gather: 0.996 host beats/cycle).
+    - Weighted and INT8_ROWWISE bags: one op per cycle like int8 (a row-wise row takes one more
+      op, its header), but a bag's rows start at most every ``FMA_HAZARD_CYCLES`` (29) cycles,
+      and a row of the adder path starts only ``FMA_PATH_LATENCY - Fp32Adder.LATENCY`` (20)
+      cycles after the last FMA-path op (the two paths share the accumulator's write port).
     One ROB write per cycle is shared by all channels.
 
-Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB memory
+Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); for the FMA path
+K RowwiseLanes (an Fp32Adder + an Fp32Fma each), K Int32ToFp32 and two shared Fp32Fma for the
+per-op products; ROB memory
 ``n_slots * 2**ceil(log2(ceil(max_row_bytes*8/Wc)))`` words of Wc bits (1 write, 1 read port);
 accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write
 port, two copies for the two readers); a packer of ``Wh + Wc`` bits. Measured numbers and the
@@ -276,7 +288,11 @@ class ResultMerger(wiring.Component):
     ``ch_data_bits`` wide) with a done/err bit per slot. The issue stage walks the descriptors
     in order and sends one op per cycle: a ROB beat read (GATHER), zeros (bad/err GATHER rows)
     or an accumulate (pooled row: ``K = ch_data_bits/32`` elements widened to 32-bit lanes and
-    summed into the accumulator memory by ``K`` Fp32Adders or int32 adders). At a bag's end it
+    summed into the accumulator memory by ``K`` Fp32Adders or int32 adders, or for weighted and
+    INT8_ROWWISE bags by the FMA path: ``K`` RowwiseLanes behind two shared Fp32Fma that form
+    ``scale*w`` and ``bias*w`` per op). An INT8_ROWWISE row starts with a header op that reads
+    beat 0 (stage R2 keeps its scale and bias for the row's ops); its element op ``j >= 1``
+    sums codes ``K(j-1)..`` (from byte 4) into accumulator word ``j``. At a bag's end it
     hands the bag to the emitter, which reads the sums (or sends zeros for a bag without good
     rows) from one accumulator bank while the next bag sums into the other. Output ops go
     through a :class:`WordPacker` to ``host_data_bits``. A pooled row starts at least
