@@ -46,6 +46,9 @@ def run(args) -> int:
             "flash_bytes": dev.params.total_pages * dev.params.page_size,
             "counters": dev.counters(),
         }
+        dram = getattr(dev.transport, "dram", None)       # the udp backend's DDR3 bring-up
+        if dram is not None:
+            info["dram"] = dram.summary()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -54,6 +57,8 @@ def run(args) -> int:
     for k, v in info["params"].items():
         print(f"  {k:18s} {v}")
     print(f"  {'flash':18s} {info['flash_bytes'] / 2**20:.0f} MiB")
+    if "dram" in info:
+        print(f"  {info['dram']}")
     c = info["counters"]
     print(f"  commands {c['commands']}, lookups {c['lookups']}, errors {c['errors']}, cycles {c['cycles']}")
     return 0

@@ -11,7 +11,8 @@ against a board (real sockets) and against the RTL in a cocotb test (:mod:`evssd
   WRITE included, is retried safely: unlike the UART link, a lost answer never leaves a write
   "may or may not have happened".
 - :class:`UdpTransport`: the driver's transport (:class:`~evssd.host.bridge_transport.BridgeTransport`:
-  the same address map as the UART board).
+  the same address map as the UART board). Opening it brings the board's DDR3 up when the board
+  says it is not calibrated yet (:mod:`evssd.host.dram_init`; ``dram_init=``).
 
 :class:`UdpBridgeModel` is the datagram-level golden model of the gateware bridge
 (:class:`evssd.hw.boards.udp_bridge.UdpAxiBridge`). No Amaranth here: the datagram format comes from
@@ -51,6 +52,10 @@ class DatagramLink(abc.ABC):
     @abc.abstractmethod
     async def pause(self) -> None:
         """Let time pass (the driver's poll interval)."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` in the board's time (the DDR3 bring-up's waits)."""
+        await asyncio.sleep(seconds)
 
     async def close(self) -> None:
         pass
@@ -211,17 +216,44 @@ class UdpTransport(BridgeTransport):
     runs over any :class:`DatagramLink` (the cocotb bench: ``await UdpTransport.create(link=...)``).
     The constructor pings the board and reads its info block, raising :class:`TransportError`
     when nothing answers within ``(retries + 1) * link_timeout`` seconds.
+
+    Then the DDR3 (the flash channels' memory): ``dram_init="auto"`` (default) reads LiteDRAM's
+    ``init_done`` and, when it is 0 (a freshly configured board), runs the DDR3 initialisation and
+    read levelling (:func:`evssd.host.dram_init.init_dram`, about 2,200 requests: well under a
+    second on Gigabit Ethernet); ``True`` runs it whatever the board says (the DRAM's contents, i.e.
+    the emulated flash, are lost: the chip is reset), ``False`` never does.
+    The outcome is in :attr:`dram` (a :class:`~evssd.host.dram_init.DramInitResult`); a failure
+    is a :class:`~evssd.host.dram_init.DramInitError` naming the lane, and the transport is closed.
+    ``dram_data``: the LiteDRAM core's bring-up data (default: the committed copy of the build's).
     """
 
     name = "udp"
 
     def __init__(self, host: str | None = None, port: int = DEFAULT_PORT, *, link: DatagramLink | None = None,
-                 link_timeout: float = 0.2, poll: float = 0.0005, retries: int = 4, connect: bool = True):
+                 link_timeout: float = 0.2, poll: float = 0.0005, retries: int = 4, connect: bool = True,
+                 dram_init: bool | str = "auto", dram_data=None):
+        if dram_init not in ("auto", True, False):
+            raise ValueError(f"dram_init={dram_init!r}: choose 'auto' (when the board is not calibrated), "
+                             f"True (always) or False (never)")
+        self.dram_init, self._dram_data, self.dram = dram_init, dram_data, None
         if link is None:
             if host is None:
                 raise ValueError("UdpTransport needs host= (the board's IP address) or link=")
             link = UdpSocketLink(host, port, timeout=link_timeout, poll=poll)
         self._attach(link, UdpProtocol(link, retries=retries), connect)
+
+    async def connect(self) -> None:
+        await super().connect()
+        if self.dram_init is False:
+            return
+        from evssd.host.dram_init import (BridgeCsrBus, DramController, DramInitResult, dram_ready, init_dram,
+                                          load_dram_data)
+        data = self._dram_data if hasattr(self._dram_data, "registers") else load_dram_data(self._dram_data)
+        ctrl = DramController(BridgeCsrBus(self.proto, self.name), data)
+        if self.dram_init == "auto" and await dram_ready(ctrl):
+            self.dram = DramInitResult([], ran=False)
+            return
+        self.dram = await init_dram(ctrl, sleep=self.link.sleep)
 
 
 class UdpBridgeModel:

@@ -5,6 +5,11 @@
 :class:`~evssd.host.udp.UdpTransport` and the driver run unchanged; a cocotbext-axi ``AxiRam``
 on ``m_axi_dram`` stands where LiteDRAM's AXI user port is on the board, with random stalls on
 every channel. Timeouts are in simulated time, so a core that does not answer fails fast.
+
+LiteDRAM's control registers (``m_dram_ctrl``) are an ``AxiLiteRam`` that says "calibrated"
+(``ddrctrl_init_done = 1``), or, in ``dram_bring_up``, the register-level mock of the DFII, the
+ECP5 PHY and a DDR3 chip (tests/dram_model.py): the transport's DDR3 initialisation and read
+levelling then run over the real bridge.
 """
 from __future__ import annotations
 
@@ -15,12 +20,13 @@ import random
 import cocotb
 import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
-from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteRam, AxiRam
+from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteRam, AxiLiteSlave, AxiRam
 
 from evssd.hw import regmap
 from evssd.hw.bridge_protocol import DRAM_CTRL_BASE, DRAM_CTRL_BYTES
 from evssd.hw.udp_protocol import FLAG_REPLAYED, Op, UdpStatus, decode_reply, encode_request
 from evssd.host.device import AsyncDevice
+from evssd.host.dram_init import load_dram_data
 from evssd.host.udp import DatagramLink, LinkTimeoutError, UdpTransport
 from evssd.host.uart import BOARD_INFO_BASE, BOARD_MAGIC, WINDOW_BASE
 from evssd.sim.runner import load_meta
@@ -110,15 +116,42 @@ class CocotbUdpLink(DatagramLink):
     async def pause(self) -> None:
         await ClockCycles(self.dut.clk, self.poll_cycles)
 
+    async def sleep(self, seconds: float) -> None:
+        await ClockCycles(self.dut.clk, max(1, int(seconds * 1e9 / PERIOD_NS)))
 
-async def _setup(dut, seed_offset=0):
+
+class _CsrTarget:
+    """cocotbext-axi's slave target interface over the DRAM-controller mock's registers."""
+
+    def __init__(self, model):
+        self.model = model
+
+    async def read(self, address, length):
+        return b"".join(self.model.read_word(address + i).to_bytes(4, "little") for i in range(0, length, 4))
+
+    async def write(self, address, data):
+        for i in range(0, len(data), 4):
+            self.model.write_word(address + i, int.from_bytes(data[i:i + 4], "little"))
+
+
+async def _setup(dut, seed_offset=0, dram=None):
+    """Clock, reset, the UDP link; ``m_dram_ctrl`` gets ``dram`` (a tests/dram_model.py mock) or a
+    RAM that reads "calibrated". Returns (meta, link, rng, the DRAM-control slave)."""
     meta = load_meta()
     quiet_cocotbext_axi()
     rng = random.Random(int(os.environ.get("EVSSD_SEED", "7")) + seed_offset)
+    bus = AxiLiteBus.from_prefix(dut, "m_dram_ctrl", bus_separator="__")
+    if dram is None:
+        ctrl = AxiLiteRam(bus, dut.clk, dut.rst, size=DRAM_CTRL_BYTES)
+        addr, _ = load_dram_data().reg("ddrctrl_init_done")
+        ctrl.write(addr, (1).to_bytes(4, "little"))
+    else:
+        ctrl = AxiLiteSlave(bus, dut.clk, dut.rst, target=_CsrTarget(dram))
+    quiet_cocotbext_axi()
     await start_clock_and_reset(dut, period_ns=PERIOD_NS)
     dut.dram_ready.value = 1
     link = CocotbUdpLink(dut, port=meta["top_args"].get("udp_port", 7788), rng=rng)
-    return meta, link, rng
+    return meta, link, rng, ctrl
 
 
 async def _raw(link: CocotbUdpLink, datagram: bytes):
@@ -130,9 +163,10 @@ async def _raw(link: CocotbUdpLink, datagram: bytes):
 async def identify_and_registers(dut):
     """Board info, the driver identifies the device, registers and the window round-trip, errors
     travel back."""
-    meta, link, rng = await _setup(dut)
+    meta, link, rng, ctrl = await _setup(dut)
     params = meta["params"]
     t = await UdpTransport.create(link=link)
+    assert t.dram is not None and not t.dram.ran          # the RAM says "calibrated": left alone
     assert t.info["magic"] == BOARD_MAGIC and t.info["divisor"] == 0
     assert t.memory.base == WINDOW_BASE and t.memory.size == meta["top_args"]["window_bytes"]
     dev = await AsyncDevice.open(t, expect=params, sq_entries=16, cq_entries=16, timeout=3600)
@@ -154,9 +188,6 @@ async def identify_and_registers(dut):
     else:
         raise AssertionError("write to ID_MAGIC over UDP did not fail")
     # the DRAM controller's register window: its own target, addresses relative to its base
-    ctrl = AxiLiteRam(AxiLiteBus.from_prefix(dut, "m_dram_ctrl", bus_separator="__"), dut.clk, dut.rst,
-                      size=DRAM_CTRL_BYTES)
-    quiet_cocotbext_axi()
     words = bytes(rng.getrandbits(8) for _ in range(64))
     assert await t.proto.write_words(DRAM_CTRL_BASE + 0x1000, words) == 0
     assert ctrl.read(0x1000, 64) == words
@@ -172,7 +203,7 @@ async def resent_writes_run_once(dut):
     """A resent WRITE is answered REPLAYED and not executed again; an older one is refused STALE;
     a lost answer is retransmitted by the protocol and replayed by the board; bad datagrams are
     refused or dropped and the bridge keeps working."""
-    meta, link, rng = await _setup(dut, 1)
+    meta, link, rng, _ = await _setup(dut, 1)
     t = await UdpTransport.create(link=link)
     reg = regmap.register("EXT_FIRST").addr
     seq = t.proto._seq + 100
@@ -209,7 +240,7 @@ async def resent_writes_run_once(dut):
 async def gather_and_pooled(dut):
     """With the whole device and its channels in the DRAM model: program pages, GATHER and
     GATHER_POOLED against numpy, random stalls on the DRAM port."""
-    meta, link, rng = await _setup(dut, 2)
+    meta, link, rng, _ = await _setup(dut, 2)
     if not meta["top_args"].get("device", False):
         raise AssertionError("gather_and_pooled needs the core built with device=True")
     from evssd.sim.scenarios import _random_bags, _same_bits, golden_pooled, load, place_tables
@@ -248,7 +279,7 @@ async def link_throughput(dut):
     Written as JSON to $EVSSD_LINK_JSON (cycle-accurate; the Ethernet MAC/PHY and the wire are
     not in the simulation, docs/udp-protocol.md adds them)."""
     import json
-    meta, link, rng = await _setup(dut, 3)
+    meta, link, rng, _ = await _setup(dut, 3)
     link.gaps, link.stall, link.recv_step = 0.0, 0.0, 1
     t = await UdpTransport.create(link=link)
     words = t.proto.max_words
@@ -274,3 +305,25 @@ async def link_throughput(dut):
         with open(path, "w") as fh:
             json.dump(out, fh, indent=2)
     dut._log.warning(f"UDP link: {out}")
+
+
+@cocotb.test()
+async def dram_bring_up(dut):
+    """The DDR3 initialisation and read levelling of an uncalibrated board, run by the transport
+    over the real UDP bridge and AXI-Lite split into the DRAM-controller mock: the generated
+    init sequence in order, each lane at the centre of its window, then init done."""
+    import sys
+    sys.path.insert(0, os.environ["EVSSD_REPO"])          # the repository, for tests/dram_model.py
+    from tests.dram_model import Ddr3PhyModel
+    data = load_dram_data()
+    dram = Ddr3PhyModel(data, {0: {1: range(2, 7)}, 1: {3: range(0, 4)}}, seed=9)
+    meta, link, rng, _ = await _setup(dut, 4, dram=dram)
+    link.gaps = link.stall = 0.0               # ~2,200 requests: the link's own stalls are tested above
+    t = await UdpTransport.create(link=link)
+    assert dram.violations == [], dram.violations
+    assert [(r.bitslip, r.delay) for r in t.dram.lanes] == [(1, 4), (3, 1)], t.dram.summary()
+    assert dram.values["ddrctrl_init_done"] == 1 and dram.values["sdram_dfii_control"] == data.control["sel"]
+    steps = dram.init_steps()
+    want = [("control" if s["kind"] == "control" else "command", s["value"]) for s in data.init_sequence]
+    assert [st[:2] for st in steps[1:1 + len(want)]] == want, steps
+    assert t.proto.stats["retransmissions"] == 0

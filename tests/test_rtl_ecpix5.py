@@ -20,6 +20,15 @@ def test_ecpix5_link(testcase):
                device=False, **ARGS)
 
 
+def test_ecpix5_dram_bring_up():
+    """The transport's DDR3 initialisation and read levelling (evssd.host.dram_init) through the
+    RTL bridge and AXI-Lite split into the register-level mock of the DRAM controller
+    (tests/dram_model.py; no board here)."""
+    from pathlib import Path
+    runner.run("evssd.sim.tb_ecpix5", "ecpix5", board_params(clock_hz=0), testcase="dram_bring_up",
+               device=False, extra_env={"EVSSD_REPO": str(Path(__file__).resolve().parents[1])}, **ARGS)
+
+
 def test_ecpix5_link_cycles(tmp_path):
     """The link's cycle counts (docs/udp-protocol.md quotes them): deterministic in simulation;
     the bounds catch a bridge that stalls per byte, not a slow machine."""

@@ -13,10 +13,12 @@ from evssd.hw.udp_protocol import (FLAG_REPLAYED, MAGIC, MAX_WORDS, REQ_HEADER, 
                                    UdpStatus, decode_reply, decode_request, encode_reply, encode_request,
                                    seq_newer)
 from evssd.host.device import Device
+from evssd.host.dram_init import DramInitError, load_dram_data
 from evssd.host.model import ModelTransport
 from evssd.host.transport import TransportError
 from evssd.host.udp import LinkTimeoutError, UdpBridgeModel, UdpProtocol, UdpTransport
 from tests.board_model import ModelBoardBus
+from tests.dram_model import Ddr3PhyModel, DramWindow
 from tests.test_uart_link import PARAMS, _load_and_check
 
 
@@ -27,14 +29,17 @@ class UdpBoard:
     ``drop_rsp`` (the answer is lost after the request executed), ``dup_rsp`` (the answer is
     sent twice), ``late`` (the answer is held back and sent before the next answer, i.e. it
     arrives after the host's retransmission), ``junk`` (a foreign datagram precedes the answer).
+    ``dram``: the DRAM controller's registers (tests/dram_model.py; default: a calibrated one).
     """
 
-    def __init__(self, *, seed=0, **faults):
+    def __init__(self, *, seed=0, dram=None, **faults):
         # the bridge answers a register write before the device works on it (as the gateware does)
         self.board = ModelBoardBus(PARAMS, run_on_write=False)
+        self.dram = dram or Ddr3PhyModel(load_dram_data(), {}, calibrated=True)
+        self.bus = DramWindow(self.board._read, self.board._write, self.dram)
         self.writes_by_seq: dict[int, int] = {}   # bus writes made for each WRITE request
         self.words_by_seq: dict[int, int] = {}    # words each WRITE request carries
-        self.model = UdpBridgeModel(self.board._read, self._write)
+        self.model = UdpBridgeModel(self.bus.read, self._write)
         self.faults = {k: 0.0 for k in ("drop_req", "drop_rsp", "dup_rsp", "late", "junk")}
         self.faults.update(faults)
         self.rng = np.random.default_rng(seed)
@@ -51,7 +56,7 @@ class UdpBoard:
 
     def _write(self, addr, value, strb):
         self.writes_by_seq[self._seq] = self.writes_by_seq.get(self._seq, 0) + 1
-        return self.board._write(addr, value, strb)
+        return self.bus.write(addr, value, strb)
 
     def _hit(self, name):
         if self.rng.random() < self.faults[name]:
@@ -246,3 +251,31 @@ def test_evssd_info_over_udp(udp_board, capsys):
     assert "--backend udp needs --host" in capsys.readouterr().err
     assert main(["info", "--backend", "udp", "--host", "127.0.0.1", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_an_uncalibrated_board_gets_its_ddr3_brought_up_on_open(udp_board, capsys):
+    """A freshly configured ECPIX-5 reports ``init_done = 0``: opening the udp backend runs the DDR3
+    initialisation and read levelling (evssd.host.dram_init; here against the register-level mock,
+    tests/dram_model.py), then the device works; a calibrated board is left alone; a lane that
+    never reads back fails the open with an error naming it."""
+    import json
+    from evssd.host.cli import main
+    dram = Ddr3PhyModel(load_dram_data(), {0: {2: range(1, 6)}, 1: {0: range(4, 8)}}, seed=5)
+    b = udp_board(dram=dram)
+    with Device.open("udp", host="127.0.0.1", port=b.port, link_timeout=1.0, sq_entries=8, cq_entries=8,
+                     timeout=5.0) as dev:
+        assert [(r.lane, r.bitslip, r.delay) for r in dev.transport.dram.lanes] == [(0, 2, 3), (1, 0, 5)]
+        _load_and_check(dev, np.random.default_rng(4))
+    assert dram.values["ddrctrl_init_done"] == 1 and dram.violations == [] and dram.rdly == [3, 5]
+    assert b.writes_by_seq == b.words_by_seq          # the bring-up's writes, each executed once
+    writes = dram.writes
+    assert main(["info", "--backend", "udp", "--host", "127.0.0.1", "--port", str(b.port), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dram"] == "DDR3 already calibrated (ddrctrl_init_done = 1): " \
+                                                          "not initialised again"
+    assert dram.writes == writes
+    bad = udp_board(dram=Ddr3PhyModel(load_dram_data(), {0: {0: range(8)}, 1: {}}))
+    with pytest.raises(DramInitError, match="no passing read delay on lane 1"):
+        UdpTransport("127.0.0.1", bad.port, link_timeout=1.0)
+    assert bad.dram.values["ddrctrl_init_error"] == 1
+    with pytest.raises(ValueError, match="dram_init='yes'"):
+        UdpTransport("127.0.0.1", b.port, dram_init="yes")

@@ -8,7 +8,12 @@ clock, so the channels reach the controller without a clock-domain crossing; Lit
 the RGMII clocks itself. The reset button resets LiteDRAM (and so everything).
 
 The LiteX cores bring their own I/O primitives (TRELLIS_IO, DDR registers, delays), so their pads
-are requested raw (``dir="-"``) and wired straight to the instances. LEDs (RGB LED 0..3, green):
+are requested raw (``dir="-"``) and wired straight to the instances. LiteDRAM's ``ddram_reset_n`` and
+``ddram_cs_n`` outputs stay unconnected: the DDR3 chip's RESET# and CS# are not FPGA pins in any
+ECPIX-5 pin list (amaranth-boards' ``ddr3`` resource, litex-boards' ECPIX-5 platform in all its
+history, microwatt's ECPIX-5 constraints), and LiteX's own ECPIX-5 target, the known-good
+reference, works on hardware without driving either (presumably the board ties them; its
+schematic was not at hand to check: docs/synthesis.md). LEDs (RGB LED 0..3, green):
 heartbeat (blinks once the DDR3 is calibrated), irq, busy, error; RGB LED 0 red: DRAM
 calibration failed; blue: the LiteDRAM PLL is locked.
 """
@@ -110,9 +115,11 @@ def prepare(platform, build_dir, *, device: bool | None = None, **prepare_args) 
     top elaborated; ``prepare_args`` go to ``platform.prepare`` (nextpnr options, the yosys
     script). The RGMII receive clock gets its 125 MHz constraint here; the PLL's outputs carry
     their frequencies on the instance."""
-    from .litex_cores import generate
+    from .litex_cores import check_dram_data, generate
     for kind in ("dram", "eth"):
         path = generate(kind, build_dir)
+        if kind == "dram":
+            check_dram_data(path)       # the host's DDR3 bring-up data belong to this core
         platform.add_file(path.name, path.read_text())
     top = Ecpix5Top(device=device)
     # The one-hot FSM recoding of the EV-SSD's own FSMs (YOSYS_AFTER_READ) must not reach the

@@ -15,18 +15,36 @@
 :func:`generate` runs each generator in a child Python process (Migen and LiteX never enter the
 evssd process) and rewrites the output only when the configuration changed. ``python -m
 evssd.hw.boards.litex_cores {dram,eth} CONFIG.json OUTDIR`` is that child.
+
+The generated Verilog is part of the board's build digest, so it must be a function of the
+configuration and the generator versions alone. LiteX writes three things that are not: a
+header with the date and the git revision of whatever repository its package sits in, and a
+hierarchy tree in a comment whose order follows Python's string hashing (it changes from run to
+run). The child runs with ``PYTHONHASHSEED=0``, and :func:`normalise_verilog` removes every
+comment from the generated files (yosys never reads them), so two generations give the same
+bytes (tests/hw/test_litex_cores.py).
+
+The LiteDRAM child also writes :data:`DRAM_DATA`: what the host needs to bring the DDR3 up
+without a CPU (:mod:`evssd.host.dram_init`): the control/status register map of the generated
+core (its ``csr.json``), LiteDRAM's own DDR3 init sequence and mode-register values
+(``litedram.init``, the data its generated ``sdram_phy.h`` is written from) and the PHY's
+levelling parameters. A copy is committed beside this file (:data:`COMMITTED_DRAM_DATA`) for the
+host; :func:`check_dram_data` refuses a board build whose generated data differ from it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from ..udp_protocol import DEFAULT_PORT
 
-__all__ = ["SYS_CLK_HZ", "DRAM_CONFIG", "ETH_CONFIG", "generate", "core_ports"]
+__all__ = ["SYS_CLK_HZ", "DRAM_CONFIG", "ETH_CONFIG", "DRAM_DATA", "COMMITTED_DRAM_DATA", "generate",
+           "normalise_verilog", "check_dram_data", "core_ports"]
 
 SYS_CLK_HZ = 75_000_000     # LiteX's ECPIX-5 target runs its DDR3 controller here
 DEVICE = "LFE5UM5G-85F-8BG554I"
@@ -64,11 +82,21 @@ ETH_CONFIG = {
 
 NAMES = {"dram": "litedram_core", "eth": "liteeth_core"}
 
+# The generators' child runs with a fixed string-hash seed (LiteX orders some output by it).
+GENERATOR_ENV = {"PYTHONHASHSEED": "0"}
+# Bumped whenever the post-processing of the generated Verilog changes: it is part of the cache key,
+# so a core generated and post-processed by an older evssd is generated again.
+POSTPROCESS_VERSION = 2
+
+DRAM_DATA = "evssd_dram.json"           # written by the LiteDRAM child next to csr.json
+COMMITTED_DRAM_DATA = Path(__file__).with_name("ecpix5_dram.json")   # the host's copy
+
 
 def _key(kind: str, config: dict) -> str:
     from importlib.metadata import version
     pkg = {"dram": "litedram", "eth": "liteeth"}[kind]
-    text = json.dumps({"config": config, "version": version(pkg), "litex": version("litex")}, sort_keys=True)
+    text = json.dumps({"config": config, "version": version(pkg), "litex": version("litex"),
+                       "post": POSTPROCESS_VERSION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -90,12 +118,50 @@ def generate(kind: str, build_dir: str | Path, config: dict | None = None, *, ti
     cfg = out / "config.json"
     cfg.write_text(json.dumps(config, indent=2, sort_keys=True))
     proc = subprocess.run([sys.executable, "-m", "evssd.hw.boards.litex_cores", kind, str(cfg), str(out)],
-                          capture_output=True, text=True, timeout=timeout, cwd=out)
+                          capture_output=True, text=True, timeout=timeout, cwd=out,
+                          env={**os.environ, **GENERATOR_ENV})
     if proc.returncode != 0 or not verilog.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise RuntimeError(f"generating {NAMES[kind]} failed (exit {proc.returncode}):\n{tail}")
-    verilog.write_text(_fix_inouts(_drop_repeated_assigns(verilog.read_text())))
+    verilog.write_text(normalise_verilog(verilog.read_text()))
     return verilog
+
+
+def normalise_verilog(text: str) -> str:
+    """The generated Verilog as the build uses it: comments removed (LiteX's header carries the
+    date and a git revision, its hierarchy comment an order that varies between runs), trailing
+    blanks and runs of empty lines dropped, and the two fixes below applied."""
+    return _fix_inouts(_drop_repeated_assigns(_strip_comments(text)))
+
+
+_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|/\*.*?\*/|//[^\n]*', re.S)
+
+
+def _strip_comments(text: str) -> str:
+    """Remove ``/* */`` and ``//`` comments outside string literals; then trailing blanks and
+    repeated empty lines."""
+    text = _TOKEN.sub(lambda m: m.group(0) if m.group(0).startswith('"') else "", text)
+    lines = [line.rstrip() for line in text.splitlines()]
+    out = []
+    for line in lines:
+        if line or (out and out[-1]):
+            out.append(line)
+    return "\n".join(out).strip("\n") + "\n"
+
+
+def check_dram_data(verilog: str | Path) -> Path:
+    """The DDR3 data (:data:`DRAM_DATA`) written with a generated LiteDRAM core (``verilog``, as
+    :func:`generate` returns it) must equal the committed copy the host reads; returns its path.
+    A difference means the host would initialise the board's DRAM with another core's registers
+    or mode-register values: refused, with the command that updates the copy."""
+    generated = Path(verilog).resolve().parent.parent / DRAM_DATA
+    if not generated.exists():
+        raise RuntimeError(f"{generated} is missing: the LiteDRAM core was generated without its DDR3 data")
+    if not COMMITTED_DRAM_DATA.exists() or generated.read_text() != COMMITTED_DRAM_DATA.read_text():
+        raise RuntimeError(f"the DDR3 initialisation data of the generated LiteDRAM core ({generated}) differ "
+                           f"from the committed copy the host reads ({COMMITTED_DRAM_DATA}); if the core's "
+                           f"configuration changed on purpose: cp {generated} {COMMITTED_DRAM_DATA}")
+    return generated
 
 
 def _drop_repeated_assigns(text: str) -> str:
@@ -142,7 +208,62 @@ def _gen_dram(config: dict, out: Path):
     # the generator reads YAML; JSON is YAML, None spelled as the generator expects
     yml.write_text(json.dumps(config).replace("null", '"None"'))
     sys.argv = ["litedram_gen", str(yml), "--output-dir", str(out), "--name", NAMES["dram"]]
+    socs = []
+
+    class KeepSoC(gen.Builder):
+        """``litedram_gen``'s builder, keeping the SoC it builds (its DRAM settings are wanted)."""
+
+        def __init__(self, soc, *args, **kwargs):
+            socs.append(soc)
+            super().__init__(soc, *args, **kwargs)
+
+    gen.Builder = KeepSoC
     gen.main()
+    data = _dram_data(socs[0], json.loads((out / "csr.json").read_text()), config)
+    (out / DRAM_DATA).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _dram_data(soc, csr: dict, config: dict) -> dict:
+    """The host's DDR3 bring-up data of a generated LiteDRAM core (see the module docstring)."""
+    from litedram.init import get_sdram_phy_init_sequence, get_sdram_phy_py_header
+    settings = soc.sdram.controller.settings
+    phy, timing, geom = settings.phy, settings.timing, settings.geom
+    # LiteDRAM's Python header defines the DFII control and command bits (dfii_control_cke = 0x02 ...)
+    consts = {}
+    for m in re.finditer(r"^(dfii_(?:control|command)_\w+)\s*=\s*(0x[0-9a-fA-F]+|\d+)\s*$",
+                         get_sdram_phy_py_header(phy, timing), re.M):
+        consts[m.group(1)] = int(m.group(2), 0)
+    steps = []
+    sequence, _ = get_sdram_phy_init_sequence(phy, timing)
+    for comment, address, bank, expr, delay in sequence:
+        names = [n.strip().lower() for n in expr.split("|")]
+        kind = "control" if all(n.startswith("dfii_control_") for n in names) else "command"
+        value = 0
+        for n in names:
+            value |= consts[n]
+        steps.append({"comment": comment, "address": address, "bank": bank, "kind": kind, "value": value,
+                      "delay_cycles": delay})
+
+    def plain(v):
+        return int(v.reset.value) if hasattr(v, "reset") else int(v)
+
+    return {
+        "format": 1,
+        "module": config["sdram_module"],
+        "sys_clk_hz": int(config["sys_clk_freq"]),
+        "csr_data_width": csr["constants"]["config_csr_data_width"],
+        "registers": {name: {"addr": r["addr"], "words": r["size"], "access": r["type"]}
+                      for name, r in csr["csr_registers"].items()},
+        "dfii_control": {k[len("dfii_control_"):]: v for k, v in consts.items() if k.startswith("dfii_control_")},
+        "dfii_command": {k[len("dfii_command_"):]: v for k, v in consts.items() if k.startswith("dfii_command_")},
+        "init_sequence": steps,
+        "phy": {"type": phy.phytype, "memtype": phy.memtype, "nphases": phy.nphases,
+                "rdphase": plain(phy.rdphase), "wrphase": plain(phy.wrphase), "databits": phy.databits,
+                "dfi_databits": phy.dfi_databits, "strobes": phy.strobes, "delays": phy.delays,
+                "bitslips": phy.bitslips, "read_leveling": bool(phy.read_leveling),
+                "write_leveling": bool(phy.write_leveling), "cl": phy.cl, "cwl": phy.cwl},
+        "geometry": {"bankbits": geom.bankbits, "rowbits": geom.rowbits, "colbits": geom.colbits},
+    }
 
 
 def _gen_eth(config: dict, out: Path):
