@@ -281,8 +281,9 @@ def _rowwise_table(params, rng, slot: int, lba: int, rows: int = 40):
 
 async def scenario_rowwise_weighted(dev: AsyncDevice, rng):
     """INT8_ROWWISE tables and GATHER_POOLED_WEIGHTED, bit for bit against host/pooling.py where
-    the device's CAPS says it pools them; where it does not (the gateware until its merger
-    does), the device refuses them: TABLE_DISABLED and BAD_OPCODE, nothing summed wrongly."""
+    the device's CAPS says it pools them; where it does not (row-wise INT8 on a channel bus wider
+    than 128 bits, or gateware older than the merger's FMA path), the device refuses them:
+    TABLE_DISABLED and BAD_OPCODE, nothing summed wrongly."""
     from evssd.host.elements import ELEM_OF_DEVICE
     from evssd.host.pooling import pool
     tables, pages = place_tables(dev.params, rng, 1, max_rows=60)

@@ -369,5 +369,10 @@ async def shared_scenarios(dut):
     quiet_cocotbext_axi()
     dev = await AsyncDevice.open(transport, expect=p, sq_entries=8, cq_entries=8, timeout=600.0)
     await dev.set_timing(t_r=50, t_prog=100)
+    # this gateware pools weighted bags, and row-wise INT8 where its merger can: the
+    # rowwise_weighted scenario then checks sums bit for bit, not refusals
+    from evssd.hw.device.merger import ResultMerger
+    assert await dev.supports("weighted"), "CAPS.weighted reads 0"
+    assert await dev.supports("int8_rowwise") == ResultMerger.supports_rowwise(p), "CAPS.int8_rowwise"
     for name, scenario in scenarios.SCENARIOS.items():
         await scenario(dev, np.random.default_rng([seed, len(name)]))

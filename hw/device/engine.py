@@ -62,12 +62,13 @@ from . import merger as merger_mod
 from . import translator as xlat_mod
 from ..lib.skid_buffer import SkidBuffer
 from ..lib.chunk_reader import ChunkReader
+from ..lib.stream_zip import StreamZip
 from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from ..lib.width_converter import WidthConverter
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
 from .fork import XLAT_TAG_WIDTH, Kind, LookupFork, raw_chunk_bytes, side_layout as fork_side_layout
 from .result_writer import ORDER_LAYOUT, RESULT_CHUNK_BYTES, ResultWriter
-from ..regmap import ElemType, Opcode, Params, Status
+from ..regmap import ELEM_BITS, ROWWISE_HEADER_BYTES, ElemType, Opcode, Params, Status
 
 __all__ = ["CommandEngine", "READ_CHUNK_BYTES"]
 
@@ -79,7 +80,8 @@ class CommandEngine(wiring.Component):
 
     - ``i_cmd`` (queues ``o_cmd``), ``o_cpl`` (queues ``i_cpl``).
     - DMA: read ports ``o_idx_cmd``/``i_idx_data`` (index lists), ``o_off_cmd``/``i_off_data``
-      (offsets), ``o_pg_cmd``/``i_pg_data`` (page data); write port ``o_res_cmd``/
+      (offsets), ``o_pg_cmd``/``i_pg_data`` (page data), ``o_wgt_cmd``/``i_wgt_data`` (the
+      per-lookup weights of GATHER_POOLED_WEIGHTED); write port ``o_res_cmd``/
       ``o_res_data``/``i_res_done`` (results).
     - ``o_xlat``/``i_xlat``: translator ``i_req``/``o_resp`` (tag width :data:`XLAT_TAG_WIDTH`).
     - ``o_ftl``: FTL ``i_req`` (tag = ROB slot).
@@ -109,6 +111,8 @@ class CommandEngine(wiring.Component):
             "i_off_data": In(stream.Signature(dma_read_layout(wh))),
             "o_pg_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
             "i_pg_data": In(stream.Signature(dma_read_layout(wh))),
+            "o_wgt_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
+            "i_wgt_data": In(stream.Signature(dma_read_layout(wh))),
             "o_res_cmd": Out(stream.Signature(DMA_CMD_LAYOUT)),
             "o_res_data": Out(stream.Signature(dma_write_layout(wh))),
             "i_res_done": In(stream.Signature(DMA_DONE_LAYOUT)),
@@ -162,6 +166,11 @@ class CommandEngine(wiring.Component):
         wiring.connect(m, wiring.flipped(self.i_idx_data), idx.i_rd_data)
         wiring.connect(m, off.o_rd_cmd, wiring.flipped(self.o_off_cmd))
         wiring.connect(m, wiring.flipped(self.i_off_data), off.i_rd_data)
+        # GATHER_POOLED_WEIGHTED: the weights list (one fp32 per index) is read alongside the
+        # index list, word for word; the front takes an index word only with its weight word
+        m.submodules.wgt = wgt = ChunkReader(wh, READ_CHUNK_BYTES)
+        wiring.connect(m, wgt.o_rd_cmd, wiring.flipped(self.o_wgt_cmd))
+        wiring.connect(m, wiring.flipped(self.i_wgt_data), wgt.i_rd_data)
 
         # ------------------------------------------------------------------ front
         cmd = Signal(FETCHED_LAYOUT)
@@ -185,10 +194,11 @@ class CommandEngine(wiring.Component):
         probe_done = Signal()      # pulse from the fork (registered, with the answer)
         probe_status = Signal(2)
         probe_row_bytes = Signal(16)
-        probe_elem = Signal(2)
+        probe_elem = Signal(ELEM_BITS)
         row_bytes = Signal(16)
-        elem = Signal(2)
+        elem = Signal(ELEM_BITS)
         pooled = Signal()
+        weighted = Signal()
         out_row = Signal(16)
         out_n = Signal(32)
         out_bytes = Signal(48)
@@ -212,10 +222,23 @@ class CommandEngine(wiring.Component):
         em_layout = data.StructLayout({"table": 8, "index": 32, "side": side_layout,
                                        "needs_slot": 1})
         m.submodules.em_reg = emq = SkidBuffer(em_layout)
+        # The index list as the front sees it: for a weighted command an index word is there
+        # only with its weight word (both leave their readers' register slices), and taking it
+        # takes both. The front drives `iw_ready` where it takes index words.
+        m.submodules.iw_zip = iw = StreamZip(idx.o_word.payload.shape(), wgt.o_word.payload.shape())
+        wiring.connect(m, idx.o_word, iw.i_a)
+        wiring.connect(m, wgt.o_word, iw.i_b)
+        iw_valid = iw.o.valid
+        iw_ready = iw.o.ready
+        iw_err = Signal()
+        m.d.comb += [iw.pair.eq(weighted),
+                     iw_err.eq(iw.o.payload.a.err | (weighted & iw.o.payload.b.err))]
+        m.d.sync += Assert(~(weighted & iw_valid) | (iw.o.payload.b.last == iw.o.payload.a.last),
+                           "engine: weight and index lists out of step")
         m.d.comb += [
             emq.i.valid.eq(em_valid),
             emq.i.payload.table.eq(c.table),
-            emq.i.payload.index.eq(idx.o_word.payload.data),
+            emq.i.payload.index.eq(iw.o.payload.a.data),
             emq.i.payload.side.eq(em_side),
             emq.i.payload.needs_slot.eq(em_needs_slot),
             fire.eq(emq.i.valid & emq.i.ready),
@@ -280,14 +303,17 @@ class CommandEngine(wiring.Component):
         a_dst = c.dst_addr[:6] != 0
         known_op = Signal()
         misaligned = Signal()
+        a_wgt = c.weights_addr[:6] != 0
         m.d.comb += known_op.eq((op == Opcode.NOP) | (op == Opcode.GATHER) |
                                 (op == Opcode.GATHER_POOLED) | (op == Opcode.PROGRAM_PAGES) |
-                                (op == Opcode.READ_PAGES))
+                                (op == Opcode.READ_PAGES) | (op == Opcode.GATHER_POOLED_WEIGHTED))
         with m.Switch(op):
             with m.Case(Opcode.GATHER):
                 m.d.comb += misaligned.eq(a_src | a_dst)
             with m.Case(Opcode.GATHER_POOLED):
                 m.d.comb += misaligned.eq(a_src | a_off | a_dst)
+            with m.Case(Opcode.GATHER_POOLED_WEIGHTED):
+                m.d.comb += misaligned.eq(a_src | a_off | a_wgt | a_dst)
             with m.Case(Opcode.PROGRAM_PAGES):
                 m.d.comb += misaligned.eq(a_src)
             with m.Case(Opcode.READ_PAGES):
@@ -342,25 +368,26 @@ class CommandEngine(wiring.Component):
         pre_left = Signal(32)            # P_PRE: words to skip (bag_end_pos - pos)
         pre_done = Signal()              # pre_left == 0
         idx_done = Signal()              # the index list's last word was taken (pos == count)
-        idx_pop = idx.o_word.valid & idx.o_word.ready
+        idx_pop = iw_valid & iw_ready
         with m.If(idx.start):
             m.d.sync += idx_done.eq(chk.count_zero)
-        with m.Elif(idx_pop & idx.o_word.payload.last):
+        with m.Elif(idx_pop & iw.o.payload.a.last):
             m.d.sync += idx_done.eq(1)
         m.d.sync += [
-            Assert(~idx.o_word.valid | (idx.o_word.payload.last == (pos == count_m1)),
+            Assert(~iw_valid | (iw.o.payload.a.last == (pos == count_m1)),
                    "engine: index word's last flag"),
         ]
 
         def emit_lookup(*, pooled, bag_end, cmd_end):
             """Offer the index list's next word to the translator as a lookup (at `pos`)."""
             m.d.comb += [
-                em_valid.eq(idx.o_word.valid),
+                em_valid.eq(iw_valid),
                 em_needs_slot.eq(1),
                 em_side.kind.eq(Kind.LOOKUP), em_side.pos.eq(pos), em_side.pooled.eq(pooled),
                 em_side.bag_end.eq(bag_end), em_side.cmd_end.eq(cmd_end),
-                em_side.err.eq(idx.o_word.payload.err),
-                idx.o_word.ready.eq(emq.i.ready), pos_inc.eq(fire),
+                em_side.err.eq(iw_err),
+                em_side.weighted.eq(weighted), em_side.weight.eq(iw.o.payload.b.data),
+                iw_ready.eq(emq.i.ready), pos_inc.eq(fire),
             ]
 
         def skip_indices_until(done, next_state):
@@ -368,7 +395,7 @@ class CommandEngine(wiring.Component):
             with m.If(done):
                 m.next = next_state
             with m.Else():
-                m.d.comb += [idx.o_word.ready.eq(1), pos_inc.eq(idx.o_word.valid)]
+                m.d.comb += [iw_ready.eq(1), pos_inc.eq(iw_valid)]
 
         # registered from `inflight` a cycle old: an accept is at least three cycles back when the
         # front is in IDLE again, and a completion in the last cycle only delays the next accept
@@ -377,6 +404,8 @@ class CommandEngine(wiring.Component):
 
         # the readers take these in the cycle after their start pulse (the command holds)
         m.d.comb += [idx.addr.eq(c.src_addr), idx.words.eq(c.count),
+                     wgt.addr.eq(c.weights_addr), wgt.words.eq(c.count),
+                     wgt.start.eq(idx.start & weighted),
                      off.addr.eq(c.offsets_addr), off.words.eq(c.n_bags + 1)]
 
         # bag == n_bags, registered: `bag` moves in P_BAG only, and P_BAG_END comes between it
@@ -397,7 +426,9 @@ class CommandEngine(wiring.Component):
                              chk.count_zero.eq(c.count == 0)]
                 m.next = "DECODE"
             with m.State("DECODE"):
-                m.d.sync += [pooled.eq(op == Opcode.GATHER_POOLED), pos.eq(0), bag.eq(0),
+                m.d.sync += [pooled.eq((op == Opcode.GATHER_POOLED) |
+                                       (op == Opcode.GATHER_POOLED_WEIGHTED)),
+                             weighted.eq(op == Opcode.GATHER_POOLED_WEIGHTED), pos.eq(0), bag.eq(0),
                              count_m1.eq(c.count - 1),
                              off_bad.eq(0), off_err.eq(0), pg_k.eq(0), pg_err.eq(0),
                              raw_k.eq(0), raw_j.eq(0)]
@@ -453,6 +484,9 @@ class CommandEngine(wiring.Component):
                         m.d.sync += out_row.eq(Mux(pooled, row_bytes << 1, row_bytes))
                     with m.Case(ElemType.INT8):
                         m.d.sync += out_row.eq(Mux(pooled, row_bytes << 2, row_bytes))
+                    with m.Case(ElemType.INT8_ROWWISE):
+                        m.d.sync += out_row.eq(Mux(pooled, (row_bytes - ROWWISE_HEADER_BYTES) << 2,
+                                                   row_bytes))
                     with m.Default():
                         m.d.sync += out_row.eq(row_bytes)
                 m.d.sync += out_n.eq(Mux(pooled, c.n_bags, c.count))
@@ -512,7 +546,7 @@ class CommandEngine(wiring.Component):
                 with m.Else():
                     m.next = "G_EMIT"
             with m.State("G_EMIT"):
-                last = idx.o_word.payload.last
+                last = iw.o.payload.a.last
                 emit_lookup(pooled=0, bag_end=0, cmd_end=last)
                 with m.If(fire & last):
                     m.next = "IDLE"

@@ -27,7 +27,7 @@ from amaranth.hdl import Assert
 from amaranth.lib.wiring import In, Out
 
 from ..lib.skid_buffer import SkidBuffer
-from ..regmap import NO_BAD_POSITION, Params, Status
+from ..regmap import ELEM_BITS, NO_BAD_POSITION, Params, Status
 from .ftl import request_layout as ftl_request_layout
 from .merger import desc_layout
 from .result_writer import STATS_LAYOUT
@@ -56,6 +56,7 @@ def side_layout(slot_bits: int) -> data.StructLayout:
     return data.StructLayout({
         "kind": 2, "slot": max(slot_bits, 1), "pos": 32, "offset": 16, "pooled": 1,
         "bag_end": 1, "cmd_end": 1, "err": 1,
+        "weighted": 1, "weight": 32,     # GATHER_POOLED_WEIGHTED: the lookup's fp32 weight
         # the kind decoded once more for the fork's decisions (`kind` steers the payloads)
         "need_desc": 1, "lookup": 1, "raw": 1,
     })
@@ -84,7 +85,7 @@ class LookupFork(wiring.Component):
             "o_ftl": Out(stream.Signature(ftl_request_layout(T))),
             "o_stats": Out(stream.Signature(STATS_LAYOUT)),
             "probe_done": Out(1), "probe_status": Out(2), "probe_row_bytes": Out(16),
-            "probe_elem": Out(2),
+            "probe_elem": Out(ELEM_BITS),
         })
 
     def elaborate(self, platform):
@@ -131,6 +132,7 @@ class LookupFork(wiring.Component):
             d.row_bytes.eq(Mux(sd.kind == Kind.RAW, raw_chunk, rsp.row_bytes)),
             d.elem.eq(rsp.elem),
             d.pooled.eq(sd.pooled),
+            d.weighted.eq(sd.weighted), d.weight.eq(sd.weight),
             d.bad.eq(is_bad),
             d.bag_end.eq(sd.bag_end),
             d.empty_bag.eq(sd.kind == Kind.TOKEN),

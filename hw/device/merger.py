@@ -20,13 +20,16 @@ Ports (all ``lib.stream`` unless noted; payloads are ``lib.data.StructLayout``):
     ``valid`` up (so rows complete, and retire, early).
 
 ``i_desc``: ``In(stream.Signature(desc_layout(n_slots)))``, one per lookup **in request order**,
-    plus one token per empty bag: ``{slot: T, row_bytes: 16, elem: 2, pooled: 1, bad: 1,
-    bag_end: 1, empty_bag: 1, cmd_end: 1}``.
+    plus one token per empty bag: ``{slot: T, row_bytes: 16, elem: 3, pooled: 1, weighted: 1,
+    weight: 32, bad: 1, bag_end: 1, empty_bag: 1, cmd_end: 1}``.
     - ``row_bytes``: the table's row size, a multiple of 4, 4..max_row_bytes (also on tokens).
       Out of range values never hang the merger but give wrong data (larger rows wrap inside
       their slot; a 0-byte row adds no bytes, so a command of only such rows has no ``last``).
-    - ``elem``: ``regmap.ElemType`` (only used when ``pooled``).
+    - ``elem``: ``regmap.ElemType`` (only used when ``pooled``). INT8_ROWWISE needs
+      ``ResultMerger.supports_rowwise(params)`` (``ch_data_bits <= 128``).
     - ``pooled``: 0 = GATHER (row bytes copied), 1 = GATHER_POOLED (summed per bag).
+    - ``weighted``/``weight``: GATHER_POOLED_WEIGHTED, the lookup's fp32 weight (bits); the
+      same for every lookup of a bag in ``weighted`` (one command).
     - ``bad``: the lookup has a slot but no data will ever arrive for it (bad index).
     - ``bag_end``: last lookup of a bag (pooled only): the bag's sum is emitted after it.
     - ``empty_bag``: a token for a bag with no lookups (``slot`` ignored, no slot is freed;
@@ -59,8 +62,11 @@ Retirement semantics (bit-exact with ``evssd.host.pooling.pool_rows``):
     acc = ((-0.0 + r0) + r1) + ... (so a one-row bag returns r0, -0.0 included), subnormals
     kept, every NaN result is the canonical quiet NaN 0x7FC00000 (a NaN in a one-row bag too).
     fp16: each element widened exactly to fp32, then summed as fp32. int8: sign-extended, int32
-    wrapping sums. int32: wrapping sums. Bad/err rows are skipped; a bag with no good rows (or an
-    empty bag) is +0 zeros.
+    wrapping sums. int32: wrapping sums. INT8_ROWWISE (fp16 scale, fp16 bias, uint8 codes):
+    ``acc = fma(scale, float32(q), acc + bias)`` per element from -0.0. Weighted: ``acc =
+    fma(w, float32(x), acc)`` from -0.0, fp32 for every type (int8/int32 rounded to fp32 first);
+    weighted INT8_ROWWISE uses ``scale*w`` and ``bias*w``, each rounded to fp32. Bad/err rows are
+    skipped; a bag with no good rows (or an empty bag) is +0 zeros.
 
 Throughput (measured in tests/hw/test_merger.py and with the same harness, no back-pressure,
 one channel, rows already arriving at one beat per cycle; "beats" are ROB beats of Wc bits):
@@ -72,9 +78,15 @@ one channel, rows already arriving at one beat per cycle; "beats" are ROB beats 
     - Rows shorter than ``ACCUM_HAZARD_CYCLES`` (8) beats: one pooled row per 8 cycles within a
       bag (the adder latency; sums stay strictly sequential, so no reassociation is possible).
     - Wc > Wh: output-bound at one host beat per cycle (ch256/host64 gather: 0.996 host beats/cycle).
+    - Weighted and INT8_ROWWISE bags: one op per cycle like int8 (a row-wise row takes one more
+      op, its header), but a bag's rows start at most every ``FMA_HAZARD_CYCLES`` (29) cycles,
+      and a row of the adder path starts only ``FMA_PATH_LATENCY - Fp32Adder.LATENCY`` (20)
+      cycles after the last FMA-path op (the two paths share the accumulator's write port).
     One ROB write per cycle is shared by all channels.
 
-Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); ROB memory
+Resources: ``K = Wc/32`` Fp32Adders (+K int32 adders, K fp16 converters); for the FMA path
+K RowwiseLanes (an Fp32Adder + an Fp32Fma each), K Int32ToFp32 and two shared Fp32Fma for the
+per-op products; ROB memory
 ``n_slots * 2**ceil(log2(ceil(max_row_bytes*8/Wc)))`` words of Wc bits (1 write, 1 read port);
 accumulator memory 2 banks of ``2**ceil(log2(ceil(max_row_bytes/K)))`` words of Wc bits (1 write
 port, two copies for the two readers); a packer of ``Wh + Wc`` bits. Measured numbers and the
@@ -103,18 +115,26 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from ..lib.fma import Fp32Fma
 from ..lib.fpu import Fp16ToFp32, Fp32Adder
-from ..regmap import ElemType, Params
+from ..lib.int_to_fp import Int32ToFp32
+from ..regmap import ELEM_BITS, ROWWISE_HEADER_BYTES, ElemType, Params
+from .rowwise_lane import RowwiseLane
 from ..lib.block_ram import BlockRAM
 from ..lib.skid_buffer import SkidBuffer
 
 __all__ = ["ResultMerger", "WordPacker", "row_layout", "desc_layout", "out_layout",
-           "ACCUM_HAZARD_CYCLES"]
+           "ACCUM_HAZARD_CYCLES", "FMA_PATH_LATENCY", "FMA_HAZARD_CYCLES"]
 
 # Cycles from issuing an accumulate op on acc[j] to the first cycle a new op on acc[j] may issue:
 # issue -> Q -> R (memory data) -> R2 -> W (operands) -> adder (LATENCY) -> write, which stage
 # R2 forwards to an op issued up to two cycles before it.
 ACCUM_HAZARD_CYCLES = Fp32Adder.LATENCY + 2
+# Weighted and row-wise INT8 bags take the FMA path from stage W to the accumulator write: the
+# per-op products scale*w and bias*w (Fp32Fma, the element's int->fp conversion alongside),
+# then a RowwiseLane. Its rows are one op longer (the header op, see ResultMerger), hence + 1.
+FMA_PATH_LATENCY = Fp32Fma.LATENCY + RowwiseLane.LATENCY
+FMA_HAZARD_CYCLES = FMA_PATH_LATENCY + 3
 
 
 def _slot_bits(n_slots: int) -> int:
@@ -150,8 +170,10 @@ def desc_layout(n_slots: int) -> data.StructLayout:
     return data.StructLayout({
         "slot": unsigned(_slot_bits(n_slots)),
         "row_bytes": unsigned(16),
-        "elem": unsigned(2),
+        "elem": unsigned(ELEM_BITS),
         "pooled": unsigned(1),
+        "weighted": unsigned(1),
+        "weight": unsigned(32),
         "bad": unsigned(1),
         "bag_end": unsigned(1),
         "empty_bag": unsigned(1),
@@ -266,7 +288,11 @@ class ResultMerger(wiring.Component):
     ``ch_data_bits`` wide) with a done/err bit per slot. The issue stage walks the descriptors
     in order and sends one op per cycle: a ROB beat read (GATHER), zeros (bad/err GATHER rows)
     or an accumulate (pooled row: ``K = ch_data_bits/32`` elements widened to 32-bit lanes and
-    summed into the accumulator memory by ``K`` Fp32Adders or int32 adders). At a bag's end it
+    summed into the accumulator memory by ``K`` Fp32Adders or int32 adders, or for weighted and
+    INT8_ROWWISE bags by the FMA path: ``K`` RowwiseLanes behind two shared Fp32Fma that form
+    ``scale*w`` and ``bias*w`` per op). An INT8_ROWWISE row starts with a header op that reads
+    beat 0 (stage R2 keeps its scale and bias for the row's ops); its element op ``j >= 1``
+    sums codes ``K(j-1)..`` (from byte 4) into accumulator word ``j``. At a bag's end it
     hands the bag to the emitter, which reads the sums (or sends zeros for a bag without good
     rows) from one accumulator bank while the next bag sums into the other. Output ops go
     through a :class:`WordPacker` to ``host_data_bits``. A pooled row starts at least
@@ -300,6 +326,12 @@ class ResultMerger(wiring.Component):
     def n_slots(self) -> int:
         return self._n_slots
 
+    @staticmethod
+    def supports_rowwise(params: Params) -> bool:
+        """INT8_ROWWISE bags need the 4 header bytes to be whole ops of K bytes (K <= 4, i.e.
+        ``ch_data_bits <= 128``); wider channels leave the type to the host (CAPS bit 0)."""
+        return params.ch_data_bits // 32 <= ROWWISE_HEADER_BYTES
+
     def elaborate(self, platform):
         m = Module()
         p = self._p
@@ -311,6 +343,10 @@ class ResultMerger(wiring.Component):
         beat_bits = _log2_ceil(-(-p.max_row_bytes * 8 // Wc))
         max_ops = -(-p.max_row_bytes // K)     # int8 rows: one element per byte
         L = Fp32Adder.LATENCY
+        LF = FMA_PATH_LATENCY
+        # an INT8_ROWWISE row's element op j >= 1 reads the int8 op at j - 1 + 4/K (its codes
+        # start at byte 4); its header op (j = 0) reads beat 0
+        hoff = ROWWISE_HEADER_BYTES // K - 1 if K <= ROWWISE_HEADER_BYTES else 0
 
         # Block RAMs with the output register on (read latency 2; on the ECP5 the data leave the
         # RAM 1.0 ns after the clock instead of 5.8 ns). The read enables are always on: nothing
@@ -428,8 +464,8 @@ class ResultMerger(wiring.Component):
         bag_first = Signal(init=1)       # no good row in the current bag yet
         row_first = Signal()
         acc_bank = Signal()              # accumulator bank of the bag being summed
-        cooldown = Signal(range(ACCUM_HAZARD_CYCLES))
-        cooldown_next = Signal(range(ACCUM_HAZARD_CYCLES))
+        cooldown = Signal(range(FMA_HAZARD_CYCLES))
+        cooldown_next = Signal(range(FMA_HAZARD_CYCLES))
         sticky_err = Signal()
         em_busy = Signal()               # the emitter still has ops of a finished bag to send
         handed = Signal()                # a bag was handed over last cycle (emitter loads now)
@@ -453,6 +489,8 @@ class ResultMerger(wiring.Component):
             "bad_or_empty": unsigned(1),
             "pooled_or_empty": unsigned(1),   # no ops when bad or err (with gather = 0)
             "goes_emit": unsigned(1),    # the bag ends with it: the emitter takes it over
+            "hdr": unsigned(1),          # a pooled INT8_ROWWISE row: op 0 reads scale and bias
+            "fma": unsigned(1),          # pooled through the FMA path (weighted or row-wise)
         })
         d_new = desc_in.o.payload
         ish = Signal(2)                  # log2(itemsize); GATHER moves 32-bit words
@@ -462,11 +500,18 @@ class ResultMerger(wiring.Component):
             with m.Switch(d_new.elem):
                 with m.Case(ElemType.FP16):
                     m.d.comb += ish.eq(1)
-                with m.Case(ElemType.INT8):
+                with m.Case(ElemType.INT8, ElemType.INT8_ROWWISE):
                     m.d.comb += ish.eq(0)
                 with m.Default():
                     m.d.comb += ish.eq(2)
         x_new = Signal(xl)
+        hdr_new = Signal()
+        m.d.comb += [
+            hdr_new.eq(d_new.pooled & (d_new.elem == ElemType.INT8_ROWWISE) &
+                       (d_new.row_bytes > ROWWISE_HEADER_BYTES)),
+            x_new.hdr.eq(hdr_new),
+            x_new.fma.eq(d_new.pooled & (d_new.weighted | (d_new.elem == ElemType.INT8_ROWWISE))),
+        ]
         m.d.comb += [
             x_new.desc.eq(d_new), x_new.sub_shift.eq(2 - ish),
             x_new.gather.eq(~d_new.pooled & ~d_new.empty_bag),
@@ -480,12 +525,15 @@ class ResultMerger(wiring.Component):
             for sh in range(3):
                 with m.Case(sh):
                     n_elems = d_new.row_bytes >> sh
+                    if sh == 0:          # a row-wise row's codes follow its header
+                        n_elems = Mux(hdr_new, d_new.row_bytes - ROWWISE_HEADER_BYTES, n_elems)
                     m.d.comb += [
                         # a 0-byte row (a broken table config) still takes one op of no words,
                         # so the issue stage cannot wait forever for an op count of zero
-                        x_new.n_ops.eq(Mux(n_elems == 0, 1, (n_elems + K - 1) >> log2K)),
+                        x_new.n_ops.eq(Mux(n_elems == 0, 1,
+                                           ((n_elems + K - 1) >> log2K) + (hdr_new if sh == 0 else 0))),
                         x_new.last_cnt.eq(Mux(n_elems == 0, 0, ((n_elems - 1) & (K - 1)) + 1)),
-                        x_new.one_op.eq(n_elems <= K),
+                        x_new.one_op.eq((n_elems <= K) & (~hdr_new if sh == 0 else 1)),
                     ]
         m.submodules.desc_fifo = dfifo = SyncFIFOBuffered(width=xl.size, depth=self.desc_depth)
         m.d.comb += [
@@ -533,8 +581,10 @@ class ResultMerger(wiring.Component):
             # GATHER output must not overtake a bag the emitter is still sending
             m.d.comb += [op_valid.eq((~first_op | c_bad | slot_done) & ~em_blocked),
                          op_kind.eq(Mux(c_bad | slot_err, _OP_ZERO, _OP_READ))]
+        plain_ok = Signal(init=1)        # == (fma_recent == 0): see the accumulator write port
         with m.Elif(have & c_accum & ~slot_err):
-            m.d.comb += [op_valid.eq(~first_op | (slot_done & cd_ok & (~goes_emit | ~em_blocked))),
+            m.d.comb += [op_valid.eq(~first_op | (slot_done & cd_ok & (~goes_emit | ~em_blocked) &
+                                                  (cur_x.fma | plain_ok))),
                          op_kind.eq(_OP_ACCUM)]
         op_cmd_last = cur.cmd_end & last_op & ~cur.pooled
         noop_step = (have & c_pooled_or_empty & ~(c_accum & ~slot_err) & row_ok &
@@ -600,16 +650,20 @@ class ResultMerger(wiring.Component):
 
         # a row ends with its last op (j back to 0, first_op set) or takes no op at all, so a
         # new head always starts at j == 0 with first_op set
+        # jr == j + hoff: a row-wise row's ROB op index, a register (no adder on the RAM address)
+        jr = Signal(range(max_ops + hoff + 1), init=hoff)
         with m.If(fire):
             m.d.sync += [j.eq(Mux(last_op, 0, j + 1)), first_op.eq(last_op),
-                         later_last.eq(j + 2 == n_ops)]
+                         later_last.eq(j + 2 == n_ops), jr.eq(Mux(last_op, hoff, jr + 1))]
+        m.d.sync += Assert(jr == j + hoff, "merger: jr out of step")
         m.d.sync += Assert(~have | (last_op == (j == n_ops - 1)) | (n_ops == 0),
                            "merger: last_op out of step")
 
         is_accum = op_kind == _OP_ACCUM
         accum_start = fire & is_accum & first_op
         with m.If(accum_start):
-            m.d.comb += cooldown_next.eq(ACCUM_HAZARD_CYCLES - 1)
+            m.d.comb += cooldown_next.eq(Mux(cur_x.fma, FMA_HAZARD_CYCLES - 1,
+                                             ACCUM_HAZARD_CYCLES - 1))
         with m.Elif(cooldown != 0):
             m.d.comb += cooldown_next.eq(cooldown - 1)
         m.d.sync += cooldown.eq(cooldown_next)
@@ -621,6 +675,18 @@ class ResultMerger(wiring.Component):
         m.d.sync += Assert(cd_ok == ((cooldown == 0) | bag_first), "merger: cd_ok out of step")
         with m.If(handover):
             m.d.sync += [bag_first.eq(1), acc_bank.eq(~acc_bank)]
+        # The accumulator has one write port for both paths: an adder-path op issued
+        # LF - L cycles after an FMA-path op would write in the same cycle, so an adder-path row
+        # starts only when no FMA-path op was issued in the last LF - L cycles (rows of a bag
+        # share a path; an FMA row after an adder row writes later than all of it).
+        fma_recent = Signal(range(LF - L + 1))
+        fma_fire = fire & is_accum & cur_x.fma
+        with m.If(fma_fire):
+            m.d.sync += fma_recent.eq(LF - L)
+        with m.Elif(fma_recent != 0):
+            m.d.sync += fma_recent.eq(fma_recent - 1)
+        m.d.sync += plain_ok.eq(~fma_fire & (fma_recent <= 1))
+        m.d.sync += Assert(plain_ok == (fma_recent == 0), "merger: plain_ok out of step")
         with m.If((fire & op_cmd_last) | (handover & cur.cmd_end)):
             m.d.sync += sticky_err.eq(0)
         with m.Elif(row_err_now):
@@ -630,7 +696,8 @@ class ResultMerger(wiring.Component):
         def acc_addr(jj, bank):
             return Cat(jj[:acc_jbits], bank) if acc_jbits else bank
         rob_beat = Signal(max(beat_bits, 1))
-        m.d.comb += rob_beat.eq(j >> sub_shift)
+        rj = Mux(cur_x.hdr, jr, j)       # the op's index into the ROB row
+        m.d.comb += rob_beat.eq(rj >> sub_shift)
         m.d.comb += [
             rob.r_addr.eq(Cat(rob_beat[:beat_bits], cur.slot) if beat_bits else cur.slot),
             acc_r.r_addr.eq(acc_addr(j, acc_bank)),
@@ -648,7 +715,7 @@ class ResultMerger(wiring.Component):
         em_zero = Signal()
         em_cmd_last = Signal()
         em_err = Signal()
-        em_wait = Signal(range(ACCUM_HAZARD_CYCLES + 2))
+        em_wait = Signal(range(FMA_HAZARD_CYCLES + 2))
         em_last = em_j == em_n - 1
         # the issue stage sends no output op while the emitter is busy (GATHER waits for
         # ~em_busy), so at most one output op enters stage R per cycle, in order
@@ -662,14 +729,17 @@ class ResultMerger(wiring.Component):
         h_zero = Signal()
         h_cmd_last = Signal()
         h_err = Signal()
+        h_hdr = Signal()
         m.d.sync += [
+            h_hdr.eq(cur_x.hdr),
             handed.eq(handover), h_bank.eq(acc_bank), h_n.eq(n_ops), h_last_cnt.eq(last_cnt),
             h_zero.eq(bag_first & ~accum_start), h_cmd_last.eq(cur.cmd_end),
             h_err.eq(sticky_err | row_err_now),
         ]
         with m.If(handed):
             m.d.sync += [
-                em_busy.eq(1), em_bank.eq(h_bank), em_j.eq(0), em_n.eq(h_n),
+                # a row-wise bag's sums start at word 1 (op 0 is the header op)
+                em_busy.eq(1), em_bank.eq(h_bank), em_j.eq(h_hdr), em_n.eq(h_n),
                 em_last_cnt.eq(h_last_cnt), em_zero.eq(h_zero),
                 em_cmd_last.eq(h_cmd_last), em_err.eq(h_err),
                 # the cooldown the handover cycle set, one cycle on, + 2: stage R2 puts each
@@ -707,13 +777,21 @@ class ResultMerger(wiring.Component):
         q_first = Signal()
         q_addr = Signal(acc_jbits + 1)
         q_sub = Signal(2)
-        q_elem = Signal(2)
+        q_elem = Signal(ELEM_BITS)
+        q_hdr = Signal()                 # a header op: stage R2 takes the row's scale and bias
+        q_fma = Signal()
+        q_rowwise = Signal()
+        q_weighted = Signal()
+        q_weight = Signal(32)
+        hdr_op = cur_x.hdr & first_op
         m.d.sync += [
-            q_accum.eq(fire & cur.pooled), q_out.eq(out_fire), q_is_sum.eq(em_fire),
+            q_accum.eq(fire & cur.pooled & ~hdr_op), q_out.eq(out_fire), q_is_sum.eq(em_fire),
             q_first.eq(Mux(first_op, bag_first, row_first)),
             q_addr.eq(acc_addr(j, acc_bank)),
-            q_sub.eq(j & ((1 << sub_shift) - 1)),
+            q_sub.eq(rj & ((1 << sub_shift) - 1)),
             q_elem.eq(cur.elem),
+            q_hdr.eq(fire & hdr_op), q_fma.eq(cur_x.fma), q_rowwise.eq(cur_x.hdr),
+            q_weighted.eq(cur.weighted), q_weight.eq(cur.weight),
         ]
         with m.If(em_fire):
             m.d.sync += [
@@ -735,8 +813,9 @@ class ResultMerger(wiring.Component):
             m.d.sync += r.eq(q)
             return r
         (r_accum, r_out, r_is_sum, r_zero, r_count, r_last, r_err, r_first, r_addr, r_sub,
-         r_elem) = map(stage_r, (q_accum, q_out, q_is_sum, q_zero, q_count, q_last, q_err,
-                                 q_first, q_addr, q_sub, q_elem))
+         r_elem, r_hdr, r_fma, r_rowwise, r_weighted, r_weight) = map(
+            stage_r, (q_accum, q_out, q_is_sum, q_zero, q_count, q_last, q_err, q_first, q_addr,
+                      q_sub, q_elem, q_hdr, q_fma, q_rowwise, q_weighted, q_weight))
 
         # output FIFO: the block RAM read data go straight into it (zeroing and the choice
         # between the two RAMs come after it; each RAM has a field of its own)
@@ -797,7 +876,12 @@ class ResultMerger(wiring.Component):
         r2_first = Signal()
         r2_addr = Signal(acc_jbits + 1)
         r2_sub = Signal(2)
-        r2_elem = Signal(2)
+        r2_elem = Signal(ELEM_BITS)
+        r2_hdr = Signal()
+        r2_fma = Signal()
+        r2_rowwise = Signal()
+        r2_weighted = Signal()
+        r2_weight = Signal(32)
         r2_rd = Signal(Wc)
         r2_acc = Signal(Wc)
         w1_addr = Signal.like(acc_w_addr)
@@ -815,7 +899,8 @@ class ResultMerger(wiring.Component):
         fwd0 = acc_w_en & (acc_w_addr == r_addr)
         m.d.sync += [
             r2_valid.eq(r_accum), r2_first.eq(r_first), r2_addr.eq(r_addr), r2_sub.eq(r_sub),
-            r2_elem.eq(r_elem),
+            r2_elem.eq(r_elem), r2_hdr.eq(r_hdr), r2_fma.eq(r_fma), r2_rowwise.eq(r_rowwise),
+            r2_weighted.eq(r_weighted), r2_weight.eq(r_weight),
             r2_int.eq((r_elem == ElemType.INT8) | (r_elem == ElemType.INT32)),
             r2_rd.eq(rob.r_data),
             r2_acc.eq(Mux(fwd0, acc_w_data, Mux(fwd1, w1_data, Mux(fwd2, w2_data, acc_r.r_data)))),
@@ -828,7 +913,31 @@ class ResultMerger(wiring.Component):
         w_a = [Signal(32, name=f"w_a{i}") for i in range(K)]
         w_b = [Signal(32, name=f"w_b{i}") for i in range(K)]
         m.d.sync += [w_valid.eq(r2_valid), w_j.eq(r2_addr), w_int.eq(r2_int)]
-        ident = Mux(r2_int, 0, 0x8000_0000)  # -0.0 is the fp identity: -0 + x == x, +-0 included
+        # -0.0 is the fp identity: -0 + x == x, +-0 included (FMA-path sums are fp32 for every type)
+        ident = Mux(r2_int & ~r2_fma, 0, 0x8000_0000)
+        # a row-wise row's scale and bias, from its header op (bytes 0..3 of the row)
+        row_scale = Signal(32)
+        row_bias = Signal(32)
+        m.submodules.h2f_scale = h2f_scale = Fp16ToFp32()
+        m.submodules.h2f_bias = h2f_bias = Fp16ToFp32()
+        m.d.comb += [h2f_scale.i_h.eq(r2_rd[0:16]), h2f_bias.i_h.eq(r2_rd[16:32])]
+        with m.If(r2_hdr):
+            m.d.sync += [row_scale.eq(h2f_scale.o_f), row_bias.eq(h2f_bias.o_f)]
+        # the FMA path's per-op operands: (scale, bias, w) = (row scale, row bias, weight or
+        # 1.0) for row-wise rows, (1.0, -, w) for weighted ones
+        w_fma = Signal()
+        w_conv = Signal()                # the element is an integer (int8, int32, uint8 code)
+        w_rowwise = Signal()
+        w_scale = Signal(32)
+        w_bias = Signal(32)
+        w_w = Signal(32)
+        m.d.sync += [
+            w_fma.eq(r2_fma), w_rowwise.eq(r2_rowwise),
+            w_conv.eq(r2_int | (r2_elem == ElemType.INT8_ROWWISE)),
+            w_scale.eq(Mux(r2_rowwise, row_scale, 0x3F80_0000)),
+            w_bias.eq(row_bias),
+            w_w.eq(Mux(r2_weighted, r2_weight, 0x3F80_0000)),
+        ]
         rd = r2_rd
         for i in range(K):
             h2f = Fp16ToFp32()
@@ -850,13 +959,17 @@ class ResultMerger(wiring.Component):
                     m.d.comb += lane.eq(h2f.o_f)
                 with m.Case(ElemType.INT8):
                     m.d.comb += lane.eq(byte_sel.as_signed())
+                with m.Case(ElemType.INT8_ROWWISE):
+                    m.d.comb += lane.eq(byte_sel)
                 with m.Default():
                     m.d.comb += lane.eq(rd[32 * i:32 * (i + 1)])
             m.d.sync += [w_b[i].eq(lane),
                          w_a[i].eq(Mux(r2_first, ident, r2_acc[32 * i:32 * (i + 1)]))]
 
         # ---------------- adders: K lanes, fp32 or int32, fixed latency L ----------------
-        pipe_valid = [w_valid]
+        a_valid = Signal()
+        m.d.comb += a_valid.eq(w_valid & ~w_fma)
+        pipe_valid = [a_valid]
         pipe_j = [w_j]
         pipe_int = [w_int]
         for s in range(L):
@@ -868,7 +981,7 @@ class ResultMerger(wiring.Component):
         for i in range(K):
             add = Fp32Adder()
             m.submodules[f"add{i}"] = add
-            m.d.comb += [add.i_a.eq(w_a[i]), add.i_b.eq(w_b[i]), add.i_valid.eq(w_valid)]
+            m.d.comb += [add.i_a.eq(w_a[i]), add.i_b.eq(w_b[i]), add.i_valid.eq(a_valid)]
             isum = [Signal(32, name=f"isum{i}_0")]
             m.d.sync += isum[0].eq(w_a[i] + w_b[i])    # wraps at 32 bits
             for s in range(1, L):
@@ -876,7 +989,57 @@ class ResultMerger(wiring.Component):
                 m.d.sync += nxt.eq(isum[-1])
                 isum.append(nxt)
             sums.append(Mux(pipe_int[L], isum[-1], add.o_sum))
-        m.d.comb += [acc_w_addr.eq(pipe_j[L]), acc_w_data.eq(Cat(*sums)), acc_w_en.eq(pipe_valid[L])]
+
+        # ---------------- FMA path: weighted and row-wise bags, LF cycles ----------------
+        # Stage W -> the products scale*w and bias*w (two Fp32Fma shared by the lanes; each
+        # rounded once, as the definition says) while each lane's element converts to fp32
+        # (Int32ToFp32 for integers) and waits with the accumulator -> per lane a RowwiseLane:
+        # fma(scale*w, x, acc + bias*w). A weighted row of another type uses bias -0.0
+        # (acc + -0.0 == acc), so the lane computes fma(w, x, acc).
+        PM = Fp32Fma.LATENCY
+        f_valid = [Signal(name="f_valid0")]
+        f_j = [Signal(acc_jbits + 1, name="f_j0")]
+        m.d.comb += [f_valid[0].eq(w_valid & w_fma), f_j[0].eq(w_j)]
+        for s in range(1, LF + 1):
+            v, jj = Signal(name=f"f_valid{s}"), Signal(acc_jbits + 1, name=f"f_j{s}")
+            m.d.sync += [v.eq(f_valid[-1]), jj.eq(f_j[-1])]
+            f_valid.append(v); f_j.append(jj)
+
+        def delay(value, n, name):
+            for k in range(n):
+                nxt = Signal.like(value, name=f"{name}_d{k + 1}")
+                m.d.sync += nxt.eq(value)
+                value = nxt
+            return value
+        m.submodules.pm_scale = pm_scale = Fp32Fma()
+        m.submodules.pm_bias = pm_bias = Fp32Fma()
+        for pm, x in ((pm_scale, w_scale), (pm_bias, w_bias)):
+            m.d.comb += [pm.i_a.eq(x), pm.i_b.eq(w_w), pm.i_c.eq(0x8000_0000),
+                         pm.i_valid.eq(f_valid[0])]
+        f_rowwise = delay(w_rowwise, PM, "f_rowwise")
+        lane_bias = Mux(f_rowwise, pm_bias.o_res, 0x8000_0000)
+        conv_d = delay(w_conv, Int32ToFp32.LATENCY, "f_conv")
+        lanes_out = []
+        for i in range(K):
+            i2f = Int32ToFp32()
+            m.submodules[f"i2f{i}"] = i2f
+            m.d.comb += [i2f.i_x.eq(w_b[i]), i2f.i_valid.eq(f_valid[0])]
+            raw = delay(w_b[i], Int32ToFp32.LATENCY, f"f_raw{i}")
+            xf = Signal(32, name=f"f_x{i}")
+            m.d.sync += xf.eq(Mux(conv_d, i2f.o_f, raw))
+            x_in = delay(xf, PM - Int32ToFp32.LATENCY - 1, f"f_x{i}")
+            acc_in = delay(w_a[i], PM, f"f_acc{i}")
+            lane = RowwiseLane()
+            m.submodules[f"lane{i}"] = lane
+            m.d.comb += [lane.i_acc.eq(acc_in), lane.i_x.eq(x_in), lane.i_scale.eq(pm_scale.o_res),
+                         lane.i_bias.eq(lane_bias), lane.i_valid.eq(f_valid[PM])]
+            lanes_out.append(lane.o_acc)
+        m.d.sync += Assert(~(pipe_valid[L] & f_valid[LF]), "merger: two accumulator writes")
+        m.d.comb += [
+            acc_w_addr.eq(Mux(f_valid[LF], f_j[LF], pipe_j[L])),
+            acc_w_data.eq(Mux(f_valid[LF], Cat(*lanes_out), Cat(*sums))),
+            acc_w_en.eq(pipe_valid[L] | f_valid[LF]),
+        ]
 
         # The hazard rules, checked in simulation: no accumulator read meets a sum still to be
         # written that it does not get (the emitter: none at all; an accumulate op: none later
@@ -884,9 +1047,10 @@ class ResultMerger(wiring.Component):
         # to their writes: stage Q 3 + L, R 2 + L, R2 1 + L, W and adder stage s: L - s.
         in_flight = [(q_accum, q_addr, 3 + L), (r_accum, r_addr, 2 + L), (r2_valid, r2_addr, 1 + L)]
         in_flight += [(pipe_valid[s], pipe_j[s], L - s) for s in range(L + 1)]
+        in_flight += [(f_valid[s], f_j[s], LF - s) for s in range(LF + 1)]
         em_read = acc_addr(em_j, em_bank)
         acc_read = acc_addr(j, acc_bank)
-        uses_acc = fire & is_accum & ~Mux(first_op, bag_first, row_first)
+        uses_acc = fire & is_accum & ~hdr_op & ~Mux(first_op, bag_first, row_first)
         for v, a, to_write in in_flight:
             m.d.sync += Assert(~(em_fire & ~em_zero & v & (a == em_read)),
                                "merger: the emitter reads a sum still to be written")

@@ -42,7 +42,7 @@ __all__ = ["CommandQueue", "COMMAND_FIELDS", "COMPLETION_FIELDS", "COMMAND_LAYOU
 COMMAND_FIELDS = (
     ("opcode", 8), ("table", 8), ("cid", 16), ("count", 32), ("n_bags", 32), ("lba", 32),
     ("src_addr", 64), ("offsets_addr", 64), ("dst_addr", 64), ("dst_bytes", 32),
-    ("reserved", 160),
+    ("weights_addr", 64), ("reserved", 96),
 )
 COMPLETION_FIELDS = (
     ("n_bad", 32), ("first_bad", 32), ("sq_head", 16), ("reserved0", 16), ("cid", 16),

@@ -73,7 +73,7 @@ class EVSSD(wiring.Component):
 
         m.submodules.mmio = mmio = MMIOManager(p)
         m.submodules.queues = q = CommandQueue(p)
-        m.submodules.dma = dma = HostDMA(p, n_read=4, n_write=2)
+        m.submodules.dma = dma = HostDMA(p, n_read=5, n_write=2)
         m.submodules.engine = eng = CommandEngine(p, self.n_slots)
         m.submodules.translator = xl = ExtentTranslator(p, XLAT_TAG_WIDTH)
         m.submodules.ftl = ftl = LinearFTL(p, T)
@@ -128,6 +128,8 @@ class EVSSD(wiring.Component):
         registered("off_data_reg", dma.rd_data[2], eng.i_off_data)
         registered("pg_cmd_reg", eng.o_pg_cmd, dma.rd_cmd[3])
         registered("pg_data_reg", dma.rd_data[3], eng.i_pg_data)
+        registered("wgt_cmd_reg", eng.o_wgt_cmd, dma.rd_cmd[4])
+        registered("wgt_data_reg", dma.rd_data[4], eng.i_wgt_data)
         registered("q_wr_cmd_reg", q.o_wr_cmd, dma.wr_cmd[0])
         registered("q_wr_data_reg", q.o_wr_data, dma.wr_data[0])
         registered("q_wr_done_reg", dma.wr_done[0], q.i_wr_done)
@@ -149,13 +151,16 @@ class EVSSD(wiring.Component):
         wiring.connect(m, mg.o_free, eng.i_free)
         wiring.connect(m, mg.o_data, eng.i_out)
 
+        rowwise = ResultMerger.supports_rowwise(p)
+        max_elem = ElemType.INT8_ROWWISE if rowwise else ElemType.INT32
+        m.d.comb += [regs.caps_int8_rowwise.eq(rowwise), regs.caps_weighted.eq(1)]
         cfg = xl.cfg
         m.d.comb += [
             cfg.table.eq(regs.tbl_sel_table), cfg.extent.eq(regs.tbl_sel_extent),
             cfg.row_bytes.eq(regs.tbl_cfg_row_bytes), cfg.elem.eq(regs.tbl_cfg_elem),
-            # INT8_ROWWISE is not pooled by this merger yet (CAPS reads 0): such a table stays
-            # disabled, so its commands complete TABLE_DISABLED instead of summing as fp32
-            cfg.enable.eq(regs.tbl_cfg_enable & (regs.tbl_cfg_elem < ElemType.INT8_ROWWISE)), cfg.rows_per_page.eq(regs.tbl_rows_per_page_rows),
+            # an element type this merger does not pool (CAPS says which) leaves its table
+            # disabled: its commands complete TABLE_DISABLED instead of summing wrongly
+            cfg.enable.eq(regs.tbl_cfg_enable & (regs.tbl_cfg_elem <= max_elem)), cfg.rows_per_page.eq(regs.tbl_rows_per_page_rows),
             cfg.magic.eq(Cat(regs.tbl_div_magic_magic, regs.tbl_div_shift_magic_hi)),
             cfg.shift.eq(regs.tbl_div_shift_shift),
             cfg.ext_first.eq(regs.ext_first), cfg.ext_rows.eq(regs.ext_rows),

@@ -13,7 +13,7 @@ Interface (for the integrator)
   ``table``              8    TBL_SEL.table: slot the commits write
   ``extent``             8    TBL_SEL.extent: extent slot ``commit_extent`` writes
   ``row_bytes``         16    TBL_CFG.row_bytes
-  ``elem``               2    TBL_CFG.elem (ElemType)
+  ``elem``               3    TBL_CFG.elem (ElemType)
   ``enable``             1    TBL_CFG.enable
   ``rows_per_page``     16    TBL_ROWS_PER_PAGE.rows
   ``magic``             33    Cat(TBL_DIV_MAGIC.magic, TBL_DIV_SHIFT.magic_hi)
@@ -32,7 +32,7 @@ Interface (for the integrator)
 - ``i_req: In(stream.Signature(request_layout(tag_width)))``:
   ``{table: 8, index: 32, tag: tag_width}``.
 - ``o_resp: Out(stream.Signature(response_layout(tag_width)))``:
-  ``{lba: 32, offset: 16, row_bytes: 16, elem: 2, status: 2, tag: tag_width}``.
+  ``{lba: 32, offset: 16, row_bytes: 16, elem: 3, status: 2, tag: tag_width}``.
   Responses come out in request order, one per request, ``tag`` echoed.
 
 ``status`` (:class:`TranslateStatus`): 0 OK; 1 NO_EXTENT (index in no extent: ``lba = offset =
@@ -68,7 +68,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..regmap import Params
+from ..regmap import ELEM_BITS, Params
 
 __all__ = [
     "TableConfigSignature", "ExtentTranslator", "TranslateStatus", "request_layout",
@@ -95,7 +95,7 @@ class TableConfigSignature(wiring.Signature):
     def __init__(self):
         super().__init__({
             "table": Out(8), "extent": Out(8),
-            "row_bytes": Out(16), "elem": Out(2), "enable": Out(1), "rows_per_page": Out(16),
+            "row_bytes": Out(16), "elem": Out(ELEM_BITS), "enable": Out(1), "rows_per_page": Out(16),
             "magic": Out(33), "shift": Out(6),
             "ext_first": Out(32), "ext_rows": Out(32), "ext_lba": Out(32),
             "commit_table": Out(1), "commit_extent": Out(1),
@@ -107,7 +107,7 @@ def request_layout(tag_width: int) -> data.StructLayout:
 
 
 def response_layout(tag_width: int) -> data.StructLayout:
-    return data.StructLayout({"lba": 32, "offset": 16, "row_bytes": 16, "elem": 2, "status": 2,
+    return data.StructLayout({"lba": 32, "offset": 16, "row_bytes": 16, "elem": ELEM_BITS, "status": 2,
                               "tag": tag_width})
 
 
@@ -116,7 +116,7 @@ def response_layout(tag_width: int) -> data.StructLayout:
 # the write port's 96-bit granularity.
 _SLOT = 96
 _CFG_LAYOUT = data.StructLayout({
-    "row_bytes": 16, "elem": 2, "enable": 1, "rows_per_page": 16, "magic": 33, "shift": 6,
+    "row_bytes": 16, "elem": ELEM_BITS, "enable": 1, "rows_per_page": 16, "magic": 33, "shift": 6,
 })
 _EXT_LAYOUT = data.StructLayout({"first": 32, "rows": 32, "lba": 32})
 assert _CFG_LAYOUT.size <= _SLOT and _EXT_LAYOUT.size == _SLOT
@@ -294,7 +294,7 @@ class ExtentTranslator(wiring.Component):
 
         v2, tag2, st2 = Signal(), reg(tw, "tag2"), reg(2, "st2")
         d2, lba2 = reg(32, "d2"), reg(32, "lba2")
-        rb2, el2, rpp2, mg2, sh2 = (reg(16, "rb2"), reg(2, "el2"), reg(16, "rpp2"),
+        rb2, el2, rpp2, mg2, sh2 = (reg(16, "rb2"), reg(ELEM_BITS, "el2"), reg(16, "rpp2"),
                                     reg(33, "mg2"), reg(6, "sh2"))
         m.d.sync += [
             v2.eq(v1), tag2.eq(tag1), d2.eq(sel_d), lba2.eq(sel_lba),
@@ -312,7 +312,7 @@ class ExtentTranslator(wiring.Component):
         # the 65-bit sum of the whole product after the DSPs did not fit in one cycle)
         v2b, tag2b, st2b, d2b, lba2b = (Signal(), reg(tw, "tag2b"), reg(2, "st2b"),
                                         reg(32, "d2b"), reg(32, "lba2b"))
-        rb2b, el2b, rpp2b, sh2b = reg(16, "rb2b"), reg(2, "el2b"), reg(16, "rpp2b"), reg(6, "sh2b")
+        rb2b, el2b, rpp2b, sh2b = reg(16, "rb2b"), reg(ELEM_BITS, "el2b"), reg(16, "rpp2b"), reg(6, "sh2b")
         pp = [reg(33, f"pp{k}") for k in range(4)]
         m.d.sync += [
             v2b.eq(v2), tag2b.eq(tag2), st2b.eq(st2), d2b.eq(d2), lba2b.eq(lba2),
@@ -326,7 +326,7 @@ class ExtentTranslator(wiring.Component):
         # in one cycle was an 11.2 ns carry chain on the board.)
         v2c, tag2c, st2c, d2c, lba2c = (Signal(), reg(tw, "tag2c"), reg(2, "st2c"),
                                         reg(32, "d2c"), reg(32, "lba2c"))
-        rb2c, el2c, rpp2c, sh2c = reg(16, "rb2c"), reg(2, "el2c"), reg(16, "rpp2c"), reg(6, "sh2c")
+        rb2c, el2c, rpp2c, sh2c = reg(16, "rb2c"), reg(ELEM_BITS, "el2c"), reg(16, "rpp2c"), reg(6, "sh2c")
         outer2c, mid2c = reg(65, "outer2c"), reg(34, "mid2c")
         m.d.sync += [
             v2c.eq(v2b), tag2c.eq(tag2b), st2c.eq(st2b), d2c.eq(d2b), lba2c.eq(lba2b),
@@ -337,7 +337,7 @@ class ExtentTranslator(wiring.Component):
         # S2c -> S3: the product
         v3, tag3, st3, d3, lba3 = (Signal(), reg(tw, "tag3"), reg(2, "st3"), reg(32, "d3"),
                                    reg(32, "lba3"))
-        rb3, el3, rpp3, sh3 = reg(16, "rb3"), reg(2, "el3"), reg(16, "rpp3"), reg(6, "sh3")
+        rb3, el3, rpp3, sh3 = reg(16, "rb3"), reg(ELEM_BITS, "el3"), reg(16, "rpp3"), reg(6, "sh3")
         prod3 = reg(65, "prod3")
         m.d.sync += [
             v3.eq(v2c), tag3.eq(tag2c), st3.eq(st2c), d3.eq(d2c), lba3.eq(lba2c),
@@ -349,7 +349,7 @@ class ExtentTranslator(wiring.Component):
         # one cycle)
         v3b, tag3b, st3b, d3b, lba3b = (Signal(), reg(tw, "tag3b"), reg(2, "st3b"),
                                         reg(16, "d3b"), reg(32, "lba3b"))
-        rb3b, el3b, rpp3b = reg(16, "rb3b"), reg(2, "el3b"), reg(16, "rpp3b")
+        rb3b, el3b, rpp3b = reg(16, "rb3b"), reg(ELEM_BITS, "el3b"), reg(16, "rpp3b")
         q3 = reg(65, "q3")
         m.d.sync += [
             v3b.eq(v3), tag3b.eq(tag3), st3b.eq(st3), d3b.eq(d3[:16]), lba3b.eq(lba3),
@@ -359,7 +359,7 @@ class ExtentTranslator(wiring.Component):
 
         # S3b -> S4: quotient and LBA (kept wide so an extent past 2**32 still reads as BAD_LBA)
         v4, tag4, st4, d4 = Signal(), reg(tw, "tag4"), reg(2, "st4"), reg(16, "d4")
-        rb4, el4, rpp4 = reg(16, "rb4"), reg(2, "el4"), reg(16, "rpp4")
+        rb4, el4, rpp4 = reg(16, "rb4"), reg(ELEM_BITS, "el4"), reg(16, "rpp4")
         q4, lba4 = reg(16, "q4"), reg(66, "lba4")
         m.d.sync += [
             v4.eq(v3b), tag4.eq(tag3b), st4.eq(st3b), d4.eq(d3b),
@@ -370,7 +370,7 @@ class ExtentTranslator(wiring.Component):
         # S4 -> S4b: q * rows_per_page (a DSP with no registers of its own; the subtraction
         # after it did not fit in the same cycle on the board)
         v4b, tag4b, st4b, d4b, rb4b, el4b = (Signal(), reg(tw, "tag4b"), reg(2, "st4b"),
-                                             reg(16, "d4b"), reg(16, "rb4b"), reg(2, "el4b"))
+                                             reg(16, "d4b"), reg(16, "rb4b"), reg(ELEM_BITS, "el4b"))
         qr4b, lba4b = reg(16, "qr4b"), reg(32, "lba4b")
         m.d.sync += [
             v4b.eq(v4), tag4b.eq(tag4), d4b.eq(d4), rb4b.eq(rb4), el4b.eq(el4),
@@ -381,7 +381,7 @@ class ExtentTranslator(wiring.Component):
 
         # S4b -> S5: remainder (only its low 16 bits matter: the offset is 16 bits)
         v5, tag5, st5, rb5, el5, rem5, lba5 = (Signal(), reg(tw, "tag5"), reg(2, "st5"),
-                                              reg(16, "rb5"), reg(2, "el5"), reg(16, "rem5"),
+                                              reg(16, "rb5"), reg(ELEM_BITS, "el5"), reg(16, "rem5"),
                                               reg(32, "lba5"))
         m.d.sync += [
             v5.eq(v4b), tag5.eq(tag4b), rb5.eq(rb4b), el5.eq(el4b), st5.eq(st4b),
@@ -390,7 +390,7 @@ class ExtentTranslator(wiring.Component):
 
         # S5 -> S5b: remainder * row_bytes = the byte offset in the page
         v5b, tag5b, st5b, rb5b, el5b = (Signal(), reg(tw, "tag5b"), reg(2, "st5b"),
-                                        reg(16, "rb5b"), reg(2, "el5b"))
+                                        reg(16, "rb5b"), reg(ELEM_BITS, "el5b"))
         off5b, lba5b = reg(16, "off5b"), reg(32, "lba5b")
         m.d.sync += [
             v5b.eq(v5), tag5b.eq(tag5), st5b.eq(st5), rb5b.eq(rb5), el5b.eq(el5),

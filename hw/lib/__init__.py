@@ -10,6 +10,7 @@
 - :mod:`.width_converter`: a ``{data, err}`` stream between power-of-two widths.
 - :mod:`.dma_stream`: the stream layouts of a host-DMA client (command, read/write beats, done).
 - :mod:`.chunk_reader`: a word list from host memory through a DMA client, in chunks.
+- :mod:`.stream_zip`: two streams taken in lockstep (or the first alone).
 - :mod:`.axi_arbiter`: several AXI4 masters onto one slave port, each in its own address region.
 - :mod:`.axil_split`: one AXI4-Lite master onto two slaves by address.
 - :mod:`.axil_wishbone`: AXI4-Lite to a Wishbone slave (LiteX cores' control registers).

@@ -94,6 +94,20 @@ def _programmer_cls():
     return ChannelProgrammer
 
 
+def _zip():
+    from amaranth.hdl import Cover
+    from evssd.hw.lib.stream_zip import StreamZip
+
+    def pair_between_items(m, started, dut):
+        # the engine changes `pair` only between commands, never under an offered item
+        held = formal._past(m, dut.o.valid & ~dut.o.ready, "zip_held")
+        p_pair = formal._past(m, dut.pair, "zip_p_pair")
+        m.d.comb += [formal.Assume(~(started & held) | (dut.pair == p_pair), "pair_stable"),
+                     Cover(dut.o.valid & dut.o.ready & dut.pair, "zip_pair_taken"),
+                     Cover(dut.o.valid & dut.o.ready & ~dut.pair & dut.i_b.valid, "zip_a_alone")]
+    return formal.StreamHarness(StreamZip(8, 4), pair_between_items)
+
+
 # (name, harness factory, bmc depth, cover depth)
 CASES = [
     ("skid", _skid, 8, 6),
@@ -109,6 +123,7 @@ CASES = [
     ("ch_issuer", _channel_stage(_issuer_cls, checks=False), 10, 8),
     ("ch_intake", _channel_stage(_intake_cls, checks=False), 10, 8),
     ("ch_programmer", _channel_stage(_programmer_cls), 10, 12),
+    ("zip", _zip, 8, 6),
 ]
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from evssd.host.pooling import pool_rows
+from evssd.host.elements import ELEM_OF_DEVICE
+from evssd.host.pooling import pool, pool_rows
 from evssd.hw.device.merger import ACCUM_HAZARD_CYCLES, ResultMerger
 from evssd.hw.regmap import ElemType, Params, pooled_row_bytes
 
@@ -22,6 +23,7 @@ class Lookup:
     row: bytes | None          # None: bad index (no data ever arrives)
     err: bool = False          # the channel flags the row with err
     bag_end: bool = False
+    weight: int = 0x3F80_0000  # fp32 bits (used by weighted commands)
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Cmd:
     elem: ElemType
     row_bytes: int
     bags: list = field(default_factory=list)   # GATHER: one "bag" holding all lookups
+    weighted: bool = False
 
 
 def merge_golden(cmd: Cmd) -> tuple[bytes, bool]:
@@ -44,9 +47,18 @@ def merge_golden(cmd: Cmd) -> tuple[bytes, bool]:
     dt = np.dtype(cmd.elem.numpy_dtype)
     dim = cmd.row_bytes // dt.itemsize
     for bag in cmd.bags:
-        rows = [np.frombuffer(lk.row, dtype=dt) for lk in bag if lk.row is not None and not lk.err]
-        mat = np.stack(rows) if rows else np.zeros((0, dim), dtype=dt)
-        out += pool_rows(mat, cmd.elem).tobytes()
+        good = [lk for lk in bag if lk.row is not None and not lk.err]
+        rows = [np.frombuffer(lk.row, dtype=dt) for lk in good]
+        if not cmd.weighted and cmd.elem != ElemType.INT8_ROWWISE:
+            mat = np.stack(rows) if rows else np.zeros((0, dim), dtype=dt)
+            out += pool_rows(mat, cmd.elem).tobytes()
+        elif not rows:
+            out += bytes(pooled_row_bytes(cmd.row_bytes, cmd.elem))
+        else:
+            w = (np.array([lk.weight for lk in good], np.uint32).view(np.float32)
+                 if cmd.weighted else None)
+            out += pool(np.stack(rows), ELEM_OF_DEVICE[cmd.elem], np.arange(len(rows)),
+                        np.array([0, len(rows)]), per_sample_weights=w)[0].tobytes()
     return bytes(out), err
 
 
@@ -69,23 +81,48 @@ def random_row(rng, elem, row_bytes):
         v = (rng.standard_normal(n) * 2.0 ** rng.integers(-6, 6, n)).astype("<f2").view("<u2")
         v = np.where(rng.random(n) < 0.15, rng.choice(F16_SPECIALS, n), v)
         return v.astype("<u2").tobytes()
+    if elem == ElemType.INT8_ROWWISE:    # fp16 scale and bias (specials too), uint8 codes
+        hb = (rng.standard_normal(2) * 2.0 ** rng.integers(-8, 4, 2)).astype("<f2").view("<u2")
+        hb = np.where(rng.random(2) < 0.1, rng.choice(F16_SPECIALS, 2), hb).astype("<u2")
+        return hb.tobytes() + rng.integers(0, 256, row_bytes - 4, dtype=np.uint8).tobytes()
     return rng.integers(0, 256, row_bytes, dtype=np.uint8).tobytes()   # int8/int32: full range
 
 
-def random_cmds(rng, params, n_cmds, p_bad=0.15, p_err=0.05):
+W_SPECIALS = np.array([0, 0x8000_0000, 0x3F80_0000, 0xBF80_0000, 0x7F80_0000, 0x7FC0_0000,
+                       0x0000_0001, 0x7F7F_FFFF], dtype=np.uint32)
+
+
+def random_weight(rng) -> int:
+    if rng.random() < 0.1:
+        return int(rng.choice(W_SPECIALS))
+    return int(np.float32(rng.standard_normal() * 2.0 ** rng.integers(-6, 6)).view(np.uint32))
+
+
+def random_cmds(rng, params, n_cmds, p_bad=0.15, p_err=0.05, p_fma=0.0):
+    """Random commands; ``p_fma``: the share of pooled commands that are weighted or row-wise
+    INT8 (row-wise only where the merger supports it)."""
+    rowwise_ok = params.ch_data_bits // 32 <= 4
     cmds = []
     for _ in range(n_cmds):
         pooled = bool(rng.random() < 0.6)
         elem = ElemType(int(rng.integers(0, 4)))
+        weighted = False
+        if pooled and rng.random() < p_fma:
+            weighted = bool(rng.random() < 0.6) or not rowwise_ok
+            if rowwise_ok and rng.random() < 0.5:
+                elem = ElemType.INT8_ROWWISE
         row_bytes = 4 * int(rng.integers(1, params.max_row_bytes // 4 + 1))
         if rng.random() < 0.3:           # short rows stress the accumulator hazard
             row_bytes = 4 * int(rng.integers(1, 3))
-        cmd = Cmd(pooled, elem, row_bytes)
+        if elem == ElemType.INT8_ROWWISE:
+            row_bytes = max(row_bytes, 8)    # a header and at least one code
+        cmd = Cmd(pooled, elem, row_bytes, weighted=weighted)
 
         def lookup():
             if rng.random() < p_bad:
-                return Lookup(None)
-            return Lookup(random_row(rng, elem, row_bytes), err=bool(rng.random() < p_err))
+                return Lookup(None, weight=random_weight(rng))
+            return Lookup(random_row(rng, elem, row_bytes), err=bool(rng.random() < p_err),
+                          weight=random_weight(rng))
         if pooled:
             for _ in range(int(rng.integers(1, 5))):
                 bag = [lookup() for _ in range(int(rng.choice([0, 1, 2, 3, 5])))]
@@ -108,7 +145,8 @@ def descriptors(cmds):
                 items.append((dict(empty_bag=0, bag_end=int(cmd.pooled and k == len(bag) - 1)), lk))
         for k, (d, lk) in enumerate(items):
             d.update(row_bytes=cmd.row_bytes, elem=int(cmd.elem), pooled=int(cmd.pooled),
-                     bad=int(lk is not None and lk.row is None), cmd_end=int(k == len(items) - 1))
+                     bad=int(lk is not None and lk.row is None), cmd_end=int(k == len(items) - 1),
+                     weighted=int(cmd.weighted), weight=lk.weight if lk is not None else 0)
             out.append((d, lk, ci))
     return out
 
@@ -408,3 +446,26 @@ def test_descriptors_do_not_wait_for_rows():
     sim.add_testbench(tb)
     sim.run()
     assert out == [0x1111_1111 * (s + 1) for s in range(n_slots)]
+
+
+FMA_CONFIGS = [
+    # weighted and row-wise INT8 bags mixed with the other commands (the two accumulator write
+    # paths share one port), random back-pressure everywhere
+    pytest.param(64, 64, 4, 64, 8, 30, id="ch64-host64"),
+    pytest.param(32, 128, 2, 32, 4, 16, id="ch32-host128"),
+    pytest.param(128, 64, 2, 64, 4, 16, id="ch128-host64"),
+    pytest.param(256, 64, 2, 128, 4, 8, id="ch256-host64-weighted-only"),
+]
+
+
+@pytest.mark.parametrize("ch_bits, host_bits, n_ch, max_row, n_slots, n_cmds", FMA_CONFIGS)
+def test_random_weighted_and_rowwise(ch_bits, host_bits, n_ch, max_row, n_slots, n_cmds):
+    params = Params(n_channels=n_ch, ch_data_bits=ch_bits, host_data_bits=host_bits,
+                    max_row_bytes=max_row, page_size=512)
+    assert ResultMerger.supports_rowwise(params) == (ch_bits <= 128)
+    rng = np.random.default_rng(ch_bits * 7 + host_bits)
+    cmds = random_cmds(rng, params, n_cmds=n_cmds, p_fma=0.7)
+    assert any(c.weighted for c in cmds)
+    assert (ch_bits > 128) or any(c.elem == ElemType.INT8_ROWWISE and c.pooled for c in cmds)
+    results, freed, allocated, _ = run_merger(params, n_slots, cmds, seed=ch_bits + 3)
+    check(params, n_slots, cmds, results, freed, allocated)

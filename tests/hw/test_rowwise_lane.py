@@ -11,6 +11,11 @@ from evssd.hw.device.rowwise_lane import RowwiseLane
 L = RowwiseLane.LATENCY
 
 
+def f32(q) -> int:
+    """The lane's element input: a uint8 code widened to fp32 (exact)."""
+    return int(np.float32(q).view(np.uint32))
+
+
 def run(steps):
     """``steps``: list of (acc, q, scale, bias) uint32/int tuples, acc None = the previous
     output (a bag chain: the next step waits for it). Returns every output."""
@@ -21,7 +26,7 @@ def run(steps):
         prev = None
         for acc, q, s, c in steps:
             ctx.set(dut.i_acc, prev if acc is None else int(acc))
-            ctx.set(dut.i_q, int(q)); ctx.set(dut.i_scale, int(s)); ctx.set(dut.i_bias, int(c))
+            ctx.set(dut.i_x, f32(q)); ctx.set(dut.i_scale, int(s)); ctx.set(dut.i_bias, int(c))
             ctx.set(dut.i_valid, 1)
             await ctx.tick()
             ctx.set(dut.i_valid, 0)
@@ -48,7 +53,7 @@ def run_stream(acc, q, s, c):
         n = len(acc)
         for t in range(n + L):
             if t < n:
-                ctx.set(dut.i_acc, int(acc[t])); ctx.set(dut.i_q, int(q[t]))
+                ctx.set(dut.i_acc, int(acc[t])); ctx.set(dut.i_x, f32(q[t]))
                 ctx.set(dut.i_scale, int(s[t])); ctx.set(dut.i_bias, int(c[t])); ctx.set(dut.i_valid, 1)
             else:
                 ctx.set(dut.i_valid, 0)
