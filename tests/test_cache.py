@@ -74,10 +74,11 @@ class ReferenceCache:
         hit, rows = [], []
         for k in map(int, keys):
             self.counters[k] = min(3, self.counters[k] + 1)
-            if self.sketch is not None:
+            s = self.slots.index(k) if k in self.row else None
+            # the sketch counts every key but a hit whose reference counter is at the ceiling
+            if self.sketch is not None and (s is None or self.refs[s] < self.ref_max):
                 self.sketch.add(k)
-            if k in self.row:
-                s = self.slots.index(k)
+            if s is not None:
                 self.refs[s] = min(self.ref_max, self.refs[s] + 1)
                 hit.append(True)
                 rows.append(self.row[k])
