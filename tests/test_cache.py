@@ -515,6 +515,9 @@ def test_bench_cache_smoke(tmp_path):
     # hot set = half the capacity, 95% of keys: every hot key hits once the cache is warm
     assert data["throughput"]["hot_set"]["evcache"]["hit_rate"] > 0.9
     assert set(data["throughput"]) == {"meta_calibrated", "meta_distinct", "hot_set"}
+    for row in data["throughput"].values():  # the copying and the slot protocol: same effects
+        for k in ("evcache", "evcache_filter"):
+            assert row[f"{k}_slots"]["hit_rate"] == row[k]["hit_rate"] and row[f"{k}_slots"]["keys_per_cpu_s"] > 0
     assert data["peak_rss_mib"] > 10
 
 
