@@ -13,8 +13,12 @@ costs one call and no Python-level per-key work:
 * **Frequency sketch** (``admission="sketch"``, the default). A count-min sketch of 4-bit
   counters, 8 bytes per cached row (one ``uint64`` word of 16 counters; a key's four counters lie
   in one 64-byte block, chosen by a splitmix64 hash independent of the hash table's). Every
-  looked-up key increments its counters (saturating at 15); after ``10 x capacity`` counted keys
-  every counter is halved, so the sketch estimates recent frequency. A free slot takes any
+  looked-up key increments its counters (saturating at 15) -- except a hit on a row whose CLOCK
+  reference counter is already at its ceiling: that row is as protected as CLOCK can make it, its
+  frequency only matters again once the hand has taken its references away, and skipping it
+  spares the sketch line (a cache miss per key when other tables' rows evicted the sketch) for
+  most hits on hot rows. After ``10 x capacity`` counted keys every counter is halved, so the
+  sketch estimates recent frequency. A free slot takes any
   candidate (the filter protects residents; with room there is none to protect: without this, a
   large cache stays part empty for rows seen once). When the cache is full, a candidate that
   passed the filter replaces the victim only if its estimate is strictly higher;
@@ -55,7 +59,8 @@ sketch mode (``+ 19`` in filter mode): for a 64-dim fp32 table (256-byte rows) t
 Semantics, exactly (the test suite checks them against a pure-Python reference):
 
 * ``lookup(indices, out)`` walks the batch in order; for each index: bump its counter and (sketch
-  mode) its sketch counters, halving the sketch when the sample is full; if cached, copy the row
+  mode, unless it is cached with its reference counter at ``ref_max``) its sketch counters,
+  halving the sketch when the sample is full; if cached, copy the row
   into ``out[j]``, count a hit and add one to its slot's reference counter (up to ``ref_max``);
   else count a miss. A row missing twice in one batch is two misses (nothing is inserted by a
   lookup).
@@ -290,18 +295,29 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
     h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
     hits = 0
     rmax = np.uint8(ref_max)
+    # the keys the sketch counts, in batch order: all but hits on a slot whose reference
+    # counter was already at ref_max (appended without a branch: the next key overwrites a
+    # skipped one)
+    counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
+    n_counted = 0
     for j in range(n):
         if j + _AHEAD < n:             # hint the home slot of the key _AHEAD positions on
             _prefetch(h2, _home(keys[j + _AHEAD], m), 0)
-        pos = _find(keys[j], htab, kb)
+        k = keys[j]
+        pos = _find(k, htab, kb)
+        full = False
         if pos >= 0:
             s = np.int32(htab[pos] >> kb)
             r = ref[s]
+            full = r >= rmax
             ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
             hits += 1
         else:
             s = np.int32(-1)
         slots[j] = s
+        if counted.shape[0] > 0:
+            counted[n_counted] = k
+            n_counted += np.int64(not full)
     # (counters and sketch in separate loops: one fused loop measured slower)
     c2 = counters.reshape((counters.shape[0], 1))
     for j in range(n):
@@ -319,11 +335,11 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
         # a sketch beyond the L2 cache: hint the block of the key _AHEAD on (one more hash per
         # key; for a small sketch that is pure cost)
         hint = sketch.shape[0] * 8 > _SKETCH_PREFETCH_BYTES
-        for j in range(n):
-            if hint and j + _AHEAD < n:
-                base, _ = _sketch_cells(keys[j + _AHEAD], nb)
+        for j in range(n_counted):
+            if hint and j + _AHEAD < n_counted:
+                base, _ = _sketch_cells(counted[j + _AHEAD], nb)
                 _prefetch(s2, base >> 3, 0)
-            _sketch_increment(keys[j], sketch)
+            _sketch_increment(counted[j], sketch)
             adds += 1
             if adds >= sample:     # aging: halve every counter once `sample` keys were counted
                 _sketch_halve(sketch)
@@ -819,7 +835,7 @@ class EVCache:
 
     @property
     def ref_max(self) -> int:
-        """The reference counter ceiling: 3 in ``"sketch"`` mode, 1 (second chance) in ``"filter"``."""
+        """The reference counter ceiling: 7 in ``"sketch"`` mode, 1 (second chance) in ``"filter"``."""
         return self._ref_max
 
     @property

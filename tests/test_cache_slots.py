@@ -125,10 +125,13 @@ def test_two_source_pooling_is_the_definition(elem, weighted):
         assert (out == 99).all()
 
 
+@pytest.mark.parametrize("all_hits", [False, True])
 @pytest.mark.parametrize("disturb", ["evict", "invalidate"])
-def test_slots_reused_between_plan_and_finish_are_read_again(tmp_path, disturb):
+def test_slots_reused_between_plan_and_finish_are_read_again(tmp_path, disturb, all_hits):
     """The pipeline plans batch i+1 before it finishes batch i: batch i's admissions (or an
-    invalidation) may reuse slots batch i+1 planned to read. The finish notices and re-reads."""
+    invalidation) may reuse slots batch i+1 planned to read. The finish notices and re-reads
+    (``all_hits``: a batch the cache served whole, which otherwise pools straight from the
+    cache's rows)."""
     rng = np.random.default_rng(3)
     tables = {"f": rng.standard_normal((400, 8)).astype(np.float32),
               "q": RowwiseInt8(rng.integers(0, 256, (400, 4 + 8)).astype(np.uint8))}
@@ -139,10 +142,10 @@ def test_slots_reused_between_plan_and_finish_are_read_again(tmp_path, disturb):
         for _ in range(3):  # fill the cache with rows 0..cap-1 (seen enough to be admitted)
             store.pooled("f", warm, np.array([0, cap]))
         assert cache.lookup_slots(warm).min() >= 0
-        idx = np.concatenate([warm, warm[::-1], [cap + 5]])
+        idx = np.concatenate([warm, warm[::-1]] + ([] if all_hits else [[cap + 5]]))
         offs = np.array([0, 3, cap, idx.size])
         plan = store._prepare("f", idx, offs, "sum")
-        assert plan.kind == "slots" and plan.miss.size == 1
+        assert plan.kind == "slots" and plan.miss.size == (0 if all_hits else 1)
         if disturb == "evict":
             other = np.arange(cap + 10, 3 * cap + 10, dtype=np.int64)
             for _ in range(4):
@@ -177,3 +180,43 @@ def test_epoch_moves_exactly_when_a_used_slot_changes_rows():
     e = sk.epoch
     sk.admit([2], np.ones((1, 2), np.float32))                   # rejected (filter): no change
     assert sk.epoch == e and sk.stats["evictions"] == 0
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("elem", ["fp32", "fp16", "int8_rowwise"])
+def test_all_hit_batches_pool_from_the_cache_rows(tmp_path, elem, parallel):
+    """A batch whose distinct rows are all cached pools straight from the cache's row storage
+    (no fetch, no admission): the definition's bits, sum, mean and weighted, with nothing read
+    from the backend."""
+    rng = np.random.default_rng(11)
+    n, dim = 300, 9
+    if elem == "int8_rowwise":
+        t = rng.integers(0, 256, (n, 4 + dim)).astype(np.uint8)
+        t[:, 0:4] = rng.standard_normal((n, 2)).astype(np.float16).view(np.uint8)  # scale, bias
+    else:
+        t = rng.standard_normal((n, dim)).astype(np.float32 if elem == "fp32" else np.float16)
+    src = RowwiseInt8(t) if elem == "int8_rowwise" else t
+    with EmbeddingStore.from_arrays({"t": src}, "file", path=tmp_path, cache_fraction=1.0,
+                                    parallel=parallel) as store:
+        cache = store.caches["t"]
+        hot = rng.choice(n, 60, replace=False)
+        for _ in range(2):
+            store.pooled("t", hot, np.array([0, hot.size]))
+        assert cache.contains(hot).all()
+        reads = store.stats()["rows_read"]
+        idx = rng.choice(hot, 40 * 20)
+        offs = np.concatenate([[0], np.sort(rng.integers(0, idx.size, 39)), [idx.size]])
+        w = rng.standard_normal(idx.size).astype(np.float32)
+        plan = store._prepare("t", idx, offs, "sum")
+        assert plan.kind == "slots" and plan.miss.size == 0
+        got = store._finish(store._fetch(plan))
+        assert got.tobytes() == P.pool(t, elem, idx, offs).tobytes()
+        assert store.pooled("t", idx, offs, "mean").tobytes() == P.pool(t, elem, idx, offs, mode="mean").tobytes()
+        assert store.pooled("t", idx, offs, per_sample_weights=w).tobytes() == \
+            P.pool(t, elem, idx, offs, per_sample_weights=w).tobytes()
+        out = np.empty((40, dim), np.float32)
+        assert store.pooled("t", idx, offs, out=out) is out and out.tobytes() == P.pool(t, elem, idx, offs).tobytes()
+        assert store.stats()["rows_read"] == reads
+        hits = cache.stats["hits"]
+        store.pooled("t", idx, offs)
+        assert cache.stats["hits"] == hits + np.unique(idx).size

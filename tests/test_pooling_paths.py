@@ -97,6 +97,10 @@ PATHS = {
     "dram+lru": ("dram", {"cache_fraction": 0.3, "cache": "lru"}),
     "file-row": ("file", {"cache_fraction": None}),
     "file-row+ev": ("file", {"cache_fraction": 0.3}),
+    # a cache holding the whole table: the second round is all hits, pooled from the cache's
+    # rows by the dram path's kernel (serial, and parallel over bags)
+    "file-row+ev-all": ("file", {"cache_fraction": 1.0}),
+    "file-row+ev-all-par": ("file", {"cache_fraction": 1.0, "parallel": True}),
     "file-page+lru": ("file", {"cache_fraction": 0.3, "cache": "lru", "file_mode": "page"}),
     "rocksdb": ("rocksdb", {"cache_fraction": None}),
     "rocksdb+ev": ("rocksdb", {"cache_fraction": 0.3}),

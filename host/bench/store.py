@@ -114,10 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", default=None, help="results root (default $EVSSD_RESULTS or ./results)")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds: 2 tables x 20000 rows, 30 batches, 4 peers")
-    parser.add_argument("--kernel-peers", choices=["default", "full", "none"], default="default",
+    parser.add_argument("--kernel-peers", choices=["default", "full", "cache", "none"], default="default",
                         help="the in-process comparison with FBGEMM's CPU TBE and nn.EmbeddingBag: 'default' "
                              "(fp32/fp16 x uniform/Meta x 1/2 threads at 128 bags, plus a batch-size sweep), "
-                             "'full' (every cell at every batch size), 'none'")
+                             "'full' (every cell at every batch size), 'cache' (only the EV-Cache hit path "
+                             "and the evssd host stack), 'none'; the hit path runs in every mode but 'none'")
     parser.add_argument("--kernel-reps", type=ct.positive_int, default=7,
                         help="rounds per kernel-peer cell; the minimum time is reported (default 7)")
     parser.add_argument("--kernel-lookups", type=ct.positive_int, default=150_000,
@@ -392,6 +393,8 @@ def _kernel_peers(args, cfg) -> dict | None:
     if args.kernel_peers == "full":
         cells = [(e, t, th, b) for e in ("fp32", "fp16") for t in ("uniform", "meta") for th in (1, 2)
                  for b in (16, 128, 1024, 4096)]
+    elif args.kernel_peers == "cache":
+        cells = []
     else:
         cells = store_peers.DEFAULT_CELLS
     print(f"  kernel peers: {cfg['tables']} tables x {cfg['rows']} rows x {cfg['dim']}, SUM, "

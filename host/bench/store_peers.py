@@ -132,11 +132,13 @@ class _Ours:
         return [out[n] for n in self.names]
 
 
-def _time(fn, prepared) -> float:
-    t0 = time.perf_counter()
+def _time(fn, prepared) -> tuple[float, float]:
+    """(wall, CPU) seconds per batch; CPU is the process's (every thread's) time, which a loaded
+    machine disturbs less than the wall clock."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for p in prepared:
         fn(p)
-    return (time.perf_counter() - t0) / len(prepared)
+    return (time.perf_counter() - t0) / len(prepared), (time.process_time() - c0) / len(prepared)
 
 
 def _compare(ours, peer):
@@ -160,21 +162,28 @@ def _cell(runners, batches, reps, threads):
         _time(r, prepared[k][:2])
     rss0 = _rss()
     times = {k: [] for k in runners}
+    cpu = {k: [] for k in runners}
     for _ in range(reps):
         for k, r in runners.items():
-            times[k].append(_time(r, prepared[k]))
+            t, c = _time(r, prepared[k])
+            times[k].append(t)
+            cpu[k].append(c)
     rss1 = _rss()
     lookups = sum(len(i) for i, _ in batches[0])
     res = {"lookups_per_batch": lookups, "rss_growth_bytes": rss1 - rss0, "peers": {}}
     for k in runners:
         t = float(np.min(times[k]))
+        c = max(float(np.min(cpu[k])), 1e-9)
         res["peers"][k] = {"us_per_batch": t * 1e6, "us_per_batch_median": float(np.median(times[k])) * 1e6,
-                           "lookups_per_s": lookups / t, "ns_per_lookup": t / lookups * 1e9}
+                           "lookups_per_s": lookups / t, "ns_per_lookup": t / lookups * 1e9,
+                           "cpu_us_per_batch": c * 1e6, "lookups_per_cpu_s": lookups / c}
         if k != "ours":
             same, diff = _compare(outs["ours"], outs[k])
             res["peers"][k].update(outputs_bit_identical=same, max_abs_diff=diff)
     ours = res["peers"]["ours"]["lookups_per_s"]
     res["ratios"] = {k: ours / v["lookups_per_s"] for k, v in res["peers"].items() if k != "ours"}
+    ours_cpu = res["peers"]["ours"]["lookups_per_cpu_s"]
+    res["ratios_cpu"] = {k: ours_cpu / v["lookups_per_cpu_s"] for k, v in res["peers"].items() if k != "ours"}
     return res
 
 
@@ -184,18 +193,18 @@ DEFAULT_CELLS = ([(e, t, th, 128) for e in ("fp32", "fp16") for t in ("uniform",
                  + [("fp32", t, 1, b) for t in ("uniform", "meta") for b in (16, 1024, 4096)])
 
 
-def run_peers(cfg: dict, cells=DEFAULT_CELLS, log=print) -> dict:
-    """Kernel peers (dram vs nn.EmbeddingBag vs FBGEMM) on ``cells``, then the cache-hit and
-    evssd host-stack comparisons. ``cfg``: tables, rows, dim, pooling_factor, seed, reps,
-    lookups_per_cell (batches per cell = lookups_per_cell // lookups per batch, at least 2)."""
+#: (elem, trace, threads) cells of the EV-Cache hit path: every element type, trace and thread count
+HIT_PATH_CELLS = [(e, t, th) for e in ("fp32", "fp16") for t in ("uniform", "meta") for th in (1, 2)]
+
+
+def run_peers(cfg: dict, cells=DEFAULT_CELLS, log=print, hit_cells=HIT_PATH_CELLS) -> dict:
+    """Kernel peers (dram vs nn.EmbeddingBag vs FBGEMM) on ``cells``, then the cache-hit
+    (``hit_cells``) and evssd host-stack comparisons. ``cfg``: tables, rows, dim, pooling_factor,
+    seed, reps, lookups_per_cell (batches per cell = lookups_per_cell // lookups per batch, at
+    least 2)."""
     from evssd.host.store import EmbeddingStore
     out = {"cells": [], "peak_rss_bytes": None}
-    tables_by_elem = {}
-    for elem in sorted({c[0] for c in cells}):
-        rng = np.random.default_rng(cfg["seed"])
-        dt = np.float32 if elem == "fp32" else np.float16
-        tables_by_elem[elem] = {f"t{k}": rng.standard_normal((cfg["rows"], cfg["dim"]), dtype=np.float32).astype(dt)
-                                for k in range(cfg["tables"])}
+    tables_by_elem = {elem: _tables(cfg, elem) for elem in sorted({c[0] for c in cells})}
     for elem, tables in tables_by_elem.items():
         store = EmbeddingStore.from_arrays(tables, "dram")
         runners = {"ours": _Ours(store), "fbgemm_tbe": _Fbgemm(tables, elem), "nn_embeddingbag": _TorchBags(tables)}
@@ -215,50 +224,80 @@ def run_peers(cfg: dict, cells=DEFAULT_CELLS, log=print) -> dict:
                 f"-> {r['ratios']['nn_embeddingbag']:.2f}x | bit-identical to FBGEMM "
                 f"{p['fbgemm_tbe']['outputs_bit_identical']} | RSS growth {r['rss_growth_bytes'] / 2**20:.1f} MiB")
         del runners, store
-    out["cache_paths"] = _cache_paths(cfg, tables_by_elem.get("fp32"), log)
+    out["cache_paths"] = _cache_paths(cfg, tables_by_elem, log, hit_cells)
     out["peak_rss_bytes"] = _peak_rss()
     return out
 
 
-def _cache_paths(cfg, tables, log) -> dict:
-    """The EV-Cache hit path (file backend, a cache holding the working set) and the evssd
-    backend's host stack at 1% on the Meta trace, each against dram and FBGEMM, 1 thread."""
+def _tables(cfg, elem):
+    rng = np.random.default_rng(cfg["seed"])
+    dt = np.float32 if elem == "fp32" else np.float16
+    return {f"t{k}": rng.standard_normal((cfg["rows"], cfg["dim"]), dtype=np.float32).astype(dt)
+            for k in range(cfg["tables"])}
+
+
+def _hit_batches(trace, cfg, n):
+    """The hit path's batches and the working set to warm the cache with, per table: uniform
+    indices over 25% of the rows, or the Meta-calibrated batches themselves."""
+    bags, pf, T = 128, cfg["pooling_factor"], cfg["tables"]
+    if trace == "uniform":
+        hot = max(1, cfg["rows"] // 4)
+        rng = np.random.default_rng(cfg["seed"] + 5)
+        offs = np.arange(bags + 1, dtype=np.int64) * pf
+        batches = [[(rng.integers(0, hot, bags * pf), offs) for _ in range(T)] for _ in range(n)]
+        return batches, [np.arange(hot)] * T
+    batches = _batches("meta", T, cfg["rows"], bags, pf, n, cfg["seed"] + 5)
+    return batches, [np.unique(np.concatenate([b[t][0] for b in batches])) for t in range(T)]
+
+
+def _cache_paths(cfg, tables_by_elem, log, cells=HIT_PATH_CELLS) -> dict:
+    """The EV-Cache hit path (file backend, a cache holding the working set) on ``cells``
+    (elem, trace, threads), each side by side with the dram store and FBGEMM, and the evssd
+    backend's host stack at 1% on the Meta trace (fp32, 1 thread). ``tables_by_elem``: the
+    kernel peers' tables, reused (others are made)."""
     import numba
     import torch
     import tempfile
     from evssd.host.store import EmbeddingStore
-    if tables is None:
-        return {}
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    res = {}
+    res = {"hit_path": []}
     bags, pf, T = 128, cfg["pooling_factor"], cfg["tables"]
     n = max(4, cfg["lookups_per_cell"] // (T * bags * pf))
-    # hit path: indices from a working set of 25% of the rows, the EV-Cache sized to the table
-    hot = max(1, cfg["rows"] // 4)
-    rng = np.random.default_rng(cfg["seed"] + 5)
-    offs = np.arange(bags + 1, dtype=np.int64) * pf
-    batches = [[(rng.integers(0, hot, bags * pf), offs) for _ in range(T)] for _ in range(n)]
-    with tempfile.TemporaryDirectory(prefix="evssd-bench-hit-") as d:
-        fstore = EmbeddingStore.from_arrays(tables, "file", path=d, cache_fraction=1.0)
-        warm = {name: np.arange(hot) for name in tables}
-        for _ in range(2):  # the admission filter lets a row in on its second touch
-            fstore.lookup_many({k: (v, np.array([0, v.size])) for k, v in warm.items()})
-        dstore = EmbeddingStore.from_arrays(tables, "dram")
-        runners = {"ours": _Ours(fstore), "dram": _Ours(dstore), "fbgemm_tbe": _Fbgemm(tables, "fp32")}
-        s0 = fstore.stats()
-        r = _cell(runners, batches, cfg["reps"], 1)
-        s1 = fstore.stats()
-        hits = sum(c["hits"] for c in s1["caches"].values()) - sum(c["hits"] for c in s0["caches"].values())
-        miss = sum(c["misses"] for c in s1["caches"].values()) - sum(c["misses"] for c in s0["caches"].values())
-        r["hit_rate"] = hits / max(1, hits + miss)
-        res["evcache_hit_path"] = r
-        log(f"  EV-Cache hit path (file + EV-Cache holding the working set, hit rate {r['hit_rate']:.3f}): "
-            f"{r['peers']['ours']['lookups_per_s'] / 1e6:.1f} M/s -> {r['ratios']['fbgemm_tbe']:.2f}x FBGEMM, "
-            f"{r['ratios']['dram']:.2f}x dram")
-        fstore.close()
-        dstore.close()
-    res["evssd_host_stack"] = _evssd_host_stack(cfg, tables, log)
+    for elem in sorted({c[0] for c in cells}, reverse=True):
+        tabs = tables_by_elem.get(elem) or _tables(cfg, elem)
+        names = list(tabs)
+        with tempfile.TemporaryDirectory(prefix="evssd-bench-hit-") as d:
+            fstore = EmbeddingStore.from_arrays(tabs, "file", path=d, cache_fraction=1.0)
+            dstore = EmbeddingStore.from_arrays(tabs, "dram")
+            runners = {"ours": _Ours(fstore), "dram": _Ours(dstore), "fbgemm_tbe": _Fbgemm(tabs, elem)}
+            for (e, trace, threads) in cells:
+                if e != elem:
+                    continue
+                batches, working = _hit_batches(trace, cfg, n)
+                for _ in range(2):  # the admission filter lets a row in on its second touch
+                    fstore.lookup_many({k: (w, np.array([0, w.size])) for k, w in zip(names, working)})
+                s0 = fstore.stats()
+                r = _cell(runners, batches, cfg["reps"], threads)
+                s1 = fstore.stats()
+                hits = sum(c["hits"] for c in s1["caches"].values()) - sum(c["hits"] for c in s0["caches"].values())
+                miss = sum(c["misses"] for c in s1["caches"].values()) - sum(c["misses"] for c in s0["caches"].values())
+                r.update(elem=elem, trace=trace, threads=threads, bags=bags, batches=n,
+                         hit_rate=hits / max(1, hits + miss))
+                res["hit_path"].append(r)
+                log(f"  EV-Cache hit path {elem} {trace:7s} {threads}T (file + EV-Cache holding the working set, "
+                    f"hit rate {r['hit_rate']:.3f}): {r['peers']['ours']['lookups_per_s'] / 1e6:.1f} M/s -> "
+                    f"{r['ratios']['fbgemm_tbe']:.2f}x FBGEMM, {r['ratios']['dram']:.2f}x dram (wall); per CPU-second "
+                    f"{r['peers']['ours']['lookups_per_cpu_s'] / 1e6:.1f} M/s -> {r['ratios_cpu']['fbgemm_tbe']:.2f}x "
+                    f"FBGEMM, {r['ratios_cpu']['dram']:.2f}x dram; bit-identical to FBGEMM "
+                    f"{r['peers']['fbgemm_tbe']['outputs_bit_identical']}")
+            fstore.close()
+            dstore.close()
+            del runners
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    first = [r for r in res["hit_path"] if (r["elem"], r["trace"], r["threads"]) == ("fp32", "uniform", 1)]
+    if first:  # the cell earlier runs reported under this name
+        res["evcache_hit_path"] = first[0]
+    res["evssd_host_stack"] = _evssd_host_stack(cfg, tables_by_elem.get("fp32") or _tables(cfg, "fp32"), log)
     return res
 
 
@@ -340,14 +379,16 @@ def figure(peers: dict):
 
 def main(argv=None) -> int:
     """``python -m evssd.host.bench.store_peers CONFIG.json OUT.json``: run :func:`run_peers`
-    with the config's ``cells`` (a list of [elem, trace, threads, bags]) and write the results."""
+    with the config's ``cells`` (a list of [elem, trace, threads, bags]) and ``hit_cells`` (a list
+    of [elem, trace, threads]; default :data:`HIT_PATH_CELLS`) and write the results."""
     import json
     import sys
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         cfg = json.load(f)
     cells = [tuple(c) for c in cfg.pop("cells")]
-    res = run_peers(cfg, cells, log=lambda m: print(m, flush=True))
+    hit_cells = [tuple(c) for c in cfg.pop("hit_cells", HIT_PATH_CELLS)]
+    res = run_peers(cfg, cells, log=lambda m: print(m, flush=True), hit_cells=hit_cells)
     with open(argv[1], "w") as f:
         json.dump(res, f)
     return 0

@@ -346,8 +346,7 @@ class EmbeddingStore:
             return _Plan(info, idx, offs, mode, _DEVICE, None, out)
         uniq, inv = dedupe(idx)
         cache = self.caches.get(info.name)
-        if mode is not None and cache is not None and hasattr(cache, "lookup_slots") \
-                and not self.parallel:
+        if mode is not None and cache is not None and hasattr(cache, "lookup_slots"):
             with self._cache_locks[info.name]:
                 epoch = cache.epoch
                 slots = cache.lookup_slots(uniq)
@@ -459,14 +458,27 @@ class EmbeddingStore:
         info = plan.info
         cache = self.caches[info.name]
         el = info.el
-        fetched = plan.fetched if plan.fetched is not None else np.empty((0, info.width), info.dtype)
-        fetched = np.ascontiguousarray(fetched)
         loc = plan.slots
         miss = plan.miss
         n_bags = plan.offsets.size - 1
         out = plan.out
         if out is None:
             out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
+        if not miss.size:
+            # every distinct row was a hit: pool straight from the cache's row storage with each
+            # lookup's slot (the dram path's kernel, parallel over bags if asked), unless an
+            # eviction or invalidation since the lookup may have moved a row
+            slot_of = loc[plan.inv]
+            parallel = self.parallel and n_bags >= 16 and numba.get_num_threads() > 1
+            with self._cache_locks[info.name]:
+                if cache.epoch == plan.epoch:
+                    code = pooling.pool_into(pooling.kernel_source(cache.values, el), el, slot_of,
+                                             plan.offsets, out, plan.weights, parallel)
+                    if code != -1:  # validated before: a slot outside the cache cannot happen
+                        raise StoreError(f"table {info.name!r}: pooling over cache slots failed ({code})")
+                    return pooling.apply_mean(out, plan.offsets) if plan.mode == "mean" else out
+        fetched = plan.fetched if plan.fetched is not None else np.empty((0, info.width), info.dtype)
+        fetched = np.ascontiguousarray(fetched)
         with self._cache_locks[info.name]:
             stale = np.empty(loc.size, np.int64)
             check = cache.epoch != plan.epoch   # an eviction or invalidation since the lookup
