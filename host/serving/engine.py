@@ -245,6 +245,19 @@ def _recv_completion(conn, wc):
         conn.qp.post_recv(wc.wr_id, buf)
 
 
+def _drain_completions(conn, qp) -> bool:
+    """Take every completion of ``qp``: replies complete their requests here; anything else is
+    deferred to the connection's I/O thread. True when something was deferred (a hand-off)."""
+    handoff = False
+    for wc in qp.poll_cq():
+        if wc.opcode == _RECV:
+            _recv_completion(conn, wc)
+        else:
+            conn.deferred.append(wc)
+            handoff = True
+    return handoff
+
+
 class _IoThread(threading.Thread):
     def __init__(self, engine, idx):
         super().__init__(name=f"evssd-io-{idx}", daemon=True)
@@ -674,12 +687,7 @@ class Engine:
                         continue
                 ready = False
                 qp.progress()
-                for wc in qp.poll_cq():
-                    if wc.opcode == _RECV:
-                        _recv_completion(conn, wc)
-                    else:
-                        conn.deferred.append(wc)
-                        handoff = True
+                handoff = _drain_completions(conn, qp)
                 if handoff:
                     break
         finally:
@@ -758,12 +766,7 @@ class Engine:
             finally:
                 credits.give(None)
                 conn.completed += 1
-            for wc in qp.poll_cq():
-                if wc.opcode == _RECV:
-                    _recv_completion(conn, wc)
-                else:
-                    conn.deferred.append(wc)
-                    handoff = True
+            handoff = _drain_completions(conn, qp)
             if got is not None and got[0]:
                 return _owned(P.decode_reply(got[1]))   # decoded while the buffer is ours
         finally:
