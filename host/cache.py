@@ -278,6 +278,40 @@ _SKETCH_PREFETCH_BYTES = 256 * 1024  # prefetch sketch blocks when the sketch ex
 
 
 @numba.njit(cache=True, nogil=True)
+def _count_passes(keys, n, counted, n_counted, counters, sketch, sample, st):
+    """The frequency passes of a lookup batch: bump the 2-bit admission counter of each of
+    ``keys[:n]``, then add each of ``counted[:n_counted]`` to the sketch (halving it when the
+    sample is full). Separate loops over the batch, each with its own prefetch hints: one fused
+    loop measured slower."""
+    c2 = counters.reshape((counters.shape[0], 1))
+    for j in range(n):
+        if j + _AHEAD < n:             # one byte per 4 rows: a large table's are beyond L2
+            _prefetch(c2, keys[j + _AHEAD] >> 2, 0)
+        k = keys[j]
+        b = k >> 2
+        sh = (k & 3) * 2
+        c = counters[b]
+        counters[b] = c + np.uint8((((c >> sh) & 3) != 3) << sh)   # saturating, branch-free
+    if sketch.shape[0] > 0:
+        nb = sketch.shape[0] >> 3
+        s2 = sketch.reshape((nb, 8))   # one row per 64-byte block, for the prefetch hint
+        adds = st[_SKETCH_ADDS]
+        # a sketch beyond the L2 cache: hint the block of the key _AHEAD on (one more hash per
+        # key; for a small sketch that is pure cost)
+        hint = sketch.shape[0] * 8 > _SKETCH_PREFETCH_BYTES
+        for j in range(n_counted):
+            if hint and j + _AHEAD < n_counted:
+                base, _ = _sketch_cells(counted[j + _AHEAD], nb)
+                _prefetch(s2, base >> 3, 0)
+            _sketch_increment(counted[j], sketch)
+            adds += 1
+            if adds >= sample:     # aging: halve every counter once `sample` keys were counted
+                _sketch_halve(sketch)
+                adds = adds >> 1
+        st[_SKETCH_ADDS] = adds
+
+
+@numba.njit(cache=True, nogil=True)
 def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, ref_max,
                    counters, sketch, sample, st):
     # ``slots`` (int32, len(keys)) receives each key's cache slot or -1; ``copy``: also copy each
@@ -318,33 +352,7 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
         if counted.shape[0] > 0:
             counted[n_counted] = k
             n_counted += np.int64(not full)
-    # (counters and sketch in separate loops: one fused loop measured slower)
-    c2 = counters.reshape((counters.shape[0], 1))
-    for j in range(n):
-        if j + _AHEAD < n:             # one byte per 4 rows: a large table's are beyond L2
-            _prefetch(c2, keys[j + _AHEAD] >> 2, 0)
-        k = keys[j]
-        b = k >> 2
-        sh = (k & 3) * 2
-        c = counters[b]
-        counters[b] = c + np.uint8((((c >> sh) & 3) != 3) << sh)   # saturating, branch-free
-    if sketch.shape[0] > 0:
-        nb = sketch.shape[0] >> 3
-        s2 = sketch.reshape((nb, 8))   # one row per 64-byte block, for the prefetch hint
-        adds = st[_SKETCH_ADDS]
-        # a sketch beyond the L2 cache: hint the block of the key _AHEAD on (one more hash per
-        # key; for a small sketch that is pure cost)
-        hint = sketch.shape[0] * 8 > _SKETCH_PREFETCH_BYTES
-        for j in range(n_counted):
-            if hint and j + _AHEAD < n_counted:
-                base, _ = _sketch_cells(counted[j + _AHEAD], nb)
-                _prefetch(s2, base >> 3, 0)
-            _sketch_increment(counted[j], sketch)
-            adds += 1
-            if adds >= sample:     # aging: halve every counter once `sample` keys were counted
-                _sketch_halve(sketch)
-                adds = adds >> 1
-        st[_SKETCH_ADDS] = adds
+    _count_passes(keys, n, counted, n_counted, counters, sketch, sample, st)
     if copy:
         w = values.shape[1]
         rb = w * values.itemsize
@@ -362,6 +370,76 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
     st[_LOOKUPS] += n
     st[_SINCE_DECAY] += n
     return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_dedupe_kernel(idx, uniq, inv, slots, slot_of, n_rows, htab, kb, ref, ref_max,
+                          counters, sketch, sample, st):
+    # ``lookup_slots(uniq)`` where ``uniq`` are ``idx``'s distinct keys in first-occurrence
+    # order, found in the same pass: a batch-local open-addressing table (as
+    # evssd.host.store.dedupe) gives each lookup its distinct key, and a key seen for the first
+    # time is probed in the cache at once, so the batch is read once and no Python runs between
+    # the dedupe and the lookup. Fills uniq/inv/slots (per distinct key)/slot_of (per lookup:
+    # slots[inv]); returns the number of distinct keys, or -1 - j for a bad key at position j
+    # (nothing changed).
+    n = idx.shape[0]
+    for j in range(n):             # validate the whole batch before touching any state
+        k = idx[j]
+        if k < 0 or k >= n_rows:
+            return -1 - j
+    lm = 16
+    while lm <= 2 * n:
+        lm *= 2
+    lkeys = np.full(lm, -1, dtype=np.int64)
+    lpos = np.empty(lm, dtype=np.int32)
+    lmask = np.uint64(lm - 1)
+    m = htab.shape[0]
+    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
+    hits = 0
+    rmax = np.uint8(ref_max)
+    counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
+    n_counted = 0
+    n_u = 0
+    for j in range(n):
+        if j + _AHEAD < n:             # hint the cache's home slot of the key _AHEAD on
+            _prefetch(h2, _home(np.int64(idx[j + _AHEAD]), m), 0)
+        x = np.int64(idx[j])
+        q = np.int64(((np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & lmask)
+        while True:
+            kk = lkeys[q]
+            if kk == x:
+                u = lpos[q]
+                break
+            if kk == -1:               # first occurrence: probe the cache now
+                lkeys[q] = x
+                lpos[q] = n_u
+                u = np.int32(n_u)
+                uniq[n_u] = x
+                pos = _find(x, htab, kb)
+                full = False
+                if pos >= 0:
+                    s = np.int32(htab[pos] >> kb)
+                    r = ref[s]
+                    full = r >= rmax
+                    ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
+                    hits += 1
+                else:
+                    s = np.int32(-1)
+                slots[n_u] = s
+                if counted.shape[0] > 0:
+                    counted[n_counted] = x
+                    n_counted += np.int64(not full)
+                n_u += 1
+                break
+            q = np.int64((np.uint64(q) + np.uint64(1)) & lmask)
+        inv[j] = u
+        slot_of[j] = slots[u]
+    _count_passes(uniq, n_u, counted, n_counted, counters, sketch, sample, st)
+    st[_HITS] += hits
+    st[_MISSES] += n_u - hits
+    st[_LOOKUPS] += n_u
+    st[_SINCE_DECAY] += n_u
+    return n_u
 
 
 @numba.njit(cache=True, nogil=True)
@@ -698,16 +776,48 @@ class EVCache:
             self._run_lookup(keys, self._values[:0], _NO_HIT, slots, False)
         return slots
 
+    def lookup_dedupe(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """Deduplicate a batch and look up its distinct indices in one pass: returns ``(uniq,
+        inv, slots, slot_of, misses)`` with ``uniq`` the distinct indices in first-occurrence
+        order (int64), ``indices == uniq[inv]`` (``inv`` int64), ``slots`` each distinct
+        index's slot (int32, -1 for a miss), ``slot_of == slots[inv]`` (int32, per lookup) and
+        ``misses`` the number of -1 slots. Exactly the effects of ``lookup_slots(uniq)`` (the
+        cache counts distinct indices); the slots' validity is as for :meth:`lookup_slots`.
+        ``indices``: int32 or int64 (used as they are), or any integer array."""
+        arr = indices if isinstance(indices, np.ndarray) and indices.ndim == 1 \
+            and indices.dtype in (np.int32, np.int64) and indices.flags.c_contiguous \
+            else self._keys(indices, "lookup")
+        n = arr.shape[0]
+        uniq = np.empty(n, dtype=np.int64)
+        inv = np.empty(n, dtype=np.int64)
+        slots = np.empty(n, dtype=np.int32)
+        slot_of = np.empty(n, dtype=np.int32)
+        with self._lock:
+            hits0 = self._st[_HITS]
+            n_u = _lookup_dedupe_kernel(arr, uniq, inv, slots, slot_of, self.n_rows, self._htab,
+                                        self._kb, self._ref, self._ref_max, self._counters,
+                                        self._sketch, self._sketch_sample, self._st)
+            if n_u >= 0:
+                misses = n_u - int(self._st[_HITS] - hits0)
+                self._maybe_decay()
+        if n_u < 0:
+            self._bad_index(arr, -1 - n_u)
+        return uniq[:n_u], inv, slots[:n_u], slot_of, misses
+
     def _run_lookup(self, keys, out, hit, slots, copy) -> None:
         bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,
                              self._kb, self._values, self._ref, self._ref_max,
                              self._counters, self._sketch, self._sketch_sample, self._st)
-        if bad < 0 and self.decay_interval is not None \
-                and self._st[_SINCE_DECAY] >= self.decay_interval:
-            _decay_kernel(self._counters)
-            self._st[_SINCE_DECAY] = 0
+        if bad < 0:
+            self._maybe_decay()
         if bad >= 0:
             self._bad_index(keys, bad)
+
+    def _maybe_decay(self) -> None:
+        # the counters age at the end of a lookup batch once decay_interval keys accumulated
+        if self.decay_interval is not None and self._st[_SINCE_DECAY] >= self.decay_interval:
+            _decay_kernel(self._counters)
+            self._st[_SINCE_DECAY] = 0
 
     @property
     def lock(self) -> threading.Lock:

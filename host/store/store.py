@@ -53,6 +53,7 @@ from evssd.host.store.lru import make_cache
 from evssd.host.store.rocksdb import RocksDBBackend
 from evssd.host.store.tablefile import open_table_file
 from evssd.host.store.tables import TableInfo, check_table, check_table_name, table_info
+from evssd.host.store.tablethreads import TableThreads
 
 __all__ = ["EmbeddingStore", "BACKENDS", "pool_deduplicated"]
 
@@ -116,6 +117,7 @@ class _Plan:
     pooled: np.ndarray | None = None    # result pooled by the backend (device pooling)
     slots: np.ndarray | None = None     # int32 per distinct index: cache slot, -1 for a miss
     epoch: int = -1                     # the cache's epoch before the slots were looked up
+    slot_of: np.ndarray | None = None   # int32 per lookup: slots[inv]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -139,6 +141,7 @@ def _locate(loc, miss, slot_key, uniq, stale, check):
 
 
 _AUTO = object()
+_NO_MISS = np.zeros(0, dtype=np.int64)  # an all-hit plan's misses (never written)
 
 
 class EmbeddingStore:
@@ -177,6 +180,21 @@ class EmbeddingStore:
         self._lock = threading.Lock()
         self._cache_locks = {name: threading.Lock() for name in self.caches}
         self._io_lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
+        self._threads = TableThreads()
+
+    def _table_threads(self, n_tables: int) -> int:
+        """Threads for a batch's per-table work: with ``parallel`` and caches, one per numba
+        thread (the tables' caches and kernels are independent); else 1. A table store without
+        a cache (dram) keeps pooling each table's bags on numba's threads."""
+        if not self.parallel or not self.caches or n_tables < 2:
+            return 1
+        return numba.get_num_threads()
+
+    def _bag_parallel(self, n_bags: int) -> bool:
+        """Pool one table's bags on numba's threads? Not inside a table thread (the tables
+        already share the cores)."""
+        return self.parallel and n_bags >= 16 and numba.get_num_threads() > 1 \
+            and not self._threads.on_worker
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -277,6 +295,7 @@ class EmbeddingStore:
         """Close the backend (and remove the directory it created, if any). Idempotent; every
         lookup afterwards raises :class:`StoreClosedError`."""
         self._closed = True
+        self._threads.close()
         self.backend.close()
 
     def __enter__(self):
@@ -344,17 +363,21 @@ class EmbeddingStore:
             return _Plan(info, idx, None, None, _GATHER, None, None)
         if mode is not None and not self.caches and w is None and self.backend.pools(info):
             return _Plan(info, idx, offs, mode, _DEVICE, None, out)
-        uniq, inv = dedupe(idx)
         cache = self.caches.get(info.name)
-        if mode is not None and cache is not None and hasattr(cache, "lookup_slots"):
+        if mode is not None and cache is not None and hasattr(cache, "lookup_dedupe"):
+            # dedupe and cache lookup in one pass over the batch (EVCache.lookup_dedupe)
             with self._cache_locks[info.name]:
                 epoch = cache.epoch
-                slots = cache.lookup_slots(uniq)
-            miss = np.flatnonzero(slots < 0)
-            if miss.size > 1:  # ascending row order for the backend (file offsets, device pages)
-                miss = miss[np.argsort(uniq[miss], kind="stable")]
+                uniq, inv, slots, slot_of, n_miss = cache.lookup_dedupe(idx)
+            if n_miss:
+                miss = np.flatnonzero(slots < 0)
+                if miss.size > 1:  # ascending row order for the backend (file offsets, device pages)
+                    miss = miss[np.argsort(uniq[miss], kind="stable")]
+            else:
+                miss = _NO_MISS
             return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
-                         epoch=epoch)
+                         epoch=epoch, slot_of=slot_of)
+        uniq, inv = dedupe(idx)
         rows = np.empty((uniq.size, info.width), dtype=info.dtype)
         if cache is not None and uniq.size:
             with self._cache_locks[info.name]:
@@ -413,7 +436,7 @@ class EmbeddingStore:
         out = plan.out
         if out is None:
             out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
-        parallel = self.parallel and n_bags >= 16 and numba.get_num_threads() > 1
+        parallel = self._bag_parallel(n_bags)
         code = pooling.pool_into(pooling.kernel_source(src, info.el), info.el, idx, plan.offsets, out,
                                  plan.weights, parallel)
         if code != -1:  # validated before: only a backend returning the wrong rows gets here
@@ -468,8 +491,8 @@ class EmbeddingStore:
             # every distinct row was a hit: pool straight from the cache's row storage with each
             # lookup's slot (the dram path's kernel, parallel over bags if asked), unless an
             # eviction or invalidation since the lookup may have moved a row
-            slot_of = loc[plan.inv]
-            parallel = self.parallel and n_bags >= 16 and numba.get_num_threads() > 1
+            slot_of = plan.slot_of if plan.slot_of is not None else loc[plan.inv]
+            parallel = self._bag_parallel(n_bags)
             with self._cache_locks[info.name]:
                 if cache.epoch == plan.epoch:
                     code = pooling.pool_into(pooling.kernel_source(cache.values, el), el, slot_of,
@@ -533,7 +556,9 @@ class EmbeddingStore:
         plans = self._prepare_many(requests, mode, out)
         self._count_batch()
         self._fetch_many(plans)
-        return {name: self._finish(p) for name, p in plans.items()}
+        names = list(plans)
+        res = self._threads.map(lambda n: self._finish(plans[n]), names, self._table_threads(len(names)))
+        return dict(zip(names, res))
 
     def _prepare_many(self, requests, mode, out=None):
         if mode not in (None, "sum", "mean"):
@@ -555,7 +580,9 @@ class EmbeddingStore:
                 idx, offs, w = self._check(info, req[0], req[1], req[2] if len(req) == 3 else None, mode)
                 o = self._check_out(info, out.get(name), offs.size - 1, w is not None, mode) if out else None
                 checked.append((info, idx, offs, w, o))
-        return {info.name: self._plan(info, idx, offs, w, mode, o) for info, idx, offs, w, o in checked}
+        plans = self._threads.map(lambda c: self._plan(c[0], c[1], c[2], c[3], mode, c[4]), checked,
+                                  self._table_threads(len(checked)))
+        return {c[0].name: p for c, p in zip(checked, plans)}
 
     def _count_batch(self) -> None:
         with self._lock:
