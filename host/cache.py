@@ -376,12 +376,12 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
 def _lookup_dedupe_kernel(idx, uniq, inv, slots, slot_of, n_rows, htab, kb, ref, ref_max,
                           counters, sketch, sample, st):
     # ``lookup_slots(uniq)`` where ``uniq`` are ``idx``'s distinct keys in first-occurrence
-    # order, found in the same pass: a batch-local open-addressing table (as
-    # evssd.host.store.dedupe) gives each lookup its distinct key, and a key seen for the first
-    # time is probed in the cache at once, so the batch is read once and no Python runs between
-    # the dedupe and the lookup. Fills uniq/inv/slots (per distinct key)/slot_of (per lookup:
-    # slots[inv]); returns the number of distinct keys, or -1 - j for a bad key at position j
-    # (nothing changed).
+    # order, in one call: a batch-local open-addressing pass (as evssd.host.store.dedupe) finds
+    # the distinct keys, the cache pass probes them, ``slot_of = slots[inv]`` and the frequency
+    # passes follow, with no Python in between. (Probing each key as the dedupe pass first meets
+    # it measured slower: the probe then sits behind an unpredictable branch, and fewer cache
+    # misses overlap.) Fills uniq/inv/slots (per distinct key)/slot_of (per lookup); returns
+    # the number of distinct keys, or -1 - j for a bad key at position j (nothing changed).
     n = idx.shape[0]
     for j in range(n):             # validate the whole batch before touching any state
         k = idx[j]
@@ -393,47 +393,49 @@ def _lookup_dedupe_kernel(idx, uniq, inv, slots, slot_of, n_rows, htab, kb, ref,
     lkeys = np.full(lm, -1, dtype=np.int64)
     lpos = np.empty(lm, dtype=np.int32)
     lmask = np.uint64(lm - 1)
-    m = htab.shape[0]
-    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
-    hits = 0
-    rmax = np.uint8(ref_max)
-    counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
-    n_counted = 0
     n_u = 0
     for j in range(n):
-        if j + _AHEAD < n:             # hint the cache's home slot of the key _AHEAD on
-            _prefetch(h2, _home(np.int64(idx[j + _AHEAD]), m), 0)
         x = np.int64(idx[j])
         q = np.int64(((np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & lmask)
         while True:
             kk = lkeys[q]
             if kk == x:
-                u = lpos[q]
+                inv[j] = lpos[q]
                 break
-            if kk == -1:               # first occurrence: probe the cache now
+            if kk == -1:
                 lkeys[q] = x
                 lpos[q] = n_u
-                u = np.int32(n_u)
                 uniq[n_u] = x
-                pos = _find(x, htab, kb)
-                full = False
-                if pos >= 0:
-                    s = np.int32(htab[pos] >> kb)
-                    r = ref[s]
-                    full = r >= rmax
-                    ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
-                    hits += 1
-                else:
-                    s = np.int32(-1)
-                slots[n_u] = s
-                if counted.shape[0] > 0:
-                    counted[n_counted] = x
-                    n_counted += np.int64(not full)
+                inv[j] = n_u
                 n_u += 1
                 break
             q = np.int64((np.uint64(q) + np.uint64(1)) & lmask)
-        inv[j] = u
-        slot_of[j] = slots[u]
+    m = htab.shape[0]
+    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
+    hits = 0
+    rmax = np.uint8(ref_max)
+    counted = np.empty(n_u if sketch.shape[0] > 0 else 0, dtype=np.int64)
+    n_counted = 0
+    for j in range(n_u):               # as _lookup_kernel's probe pass
+        if j + _AHEAD < n_u:
+            _prefetch(h2, _home(uniq[j + _AHEAD], m), 0)
+        k = uniq[j]
+        pos = _find(k, htab, kb)
+        full = False
+        if pos >= 0:
+            s = np.int32(htab[pos] >> kb)
+            r = ref[s]
+            full = r >= rmax
+            ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
+            hits += 1
+        else:
+            s = np.int32(-1)
+        slots[j] = s
+        if counted.shape[0] > 0:
+            counted[n_counted] = k
+            n_counted += np.int64(not full)
+    for j in range(n):
+        slot_of[j] = slots[inv[j]]
     _count_passes(uniq, n_u, counted, n_counted, counters, sketch, sample, st)
     st[_HITS] += hits
     st[_MISSES] += n_u - hits

@@ -553,14 +553,32 @@ class EmbeddingStore:
         ``mode=None`` gathers (offsets ignored). ``out``: optional ``{table: array}`` to pool into
         (see :meth:`pooled`). Every request is validated before the first I/O.
         """
-        plans = self._prepare_many(requests, mode, out)
+        checked = self._check_many(requests, mode, out)
         self._count_batch()
-        self._fetch_many(plans)
-        names = list(plans)
-        res = self._threads.map(lambda n: self._finish(plans[n]), names, self._table_threads(len(names)))
-        return dict(zip(names, res))
+        threads = self._table_threads(len(checked))
+
+        def plan(c):  # a table that needs no I/O (e.g. every row cached) finishes at once
+            p = self._plan(c[0], c[1], c[2], c[3], mode, c[4])
+            return p, (None if self._needs_io(p) else self._finish(p))
+
+        first = self._threads.map(plan, checked, threads)
+        pending = {c[0].name: p for c, (p, r) in zip(checked, first) if r is None}
+        self._fetch_many(pending)
+        rest = dict(zip(pending, self._threads.map(lambda n: self._finish(pending[n]), list(pending), threads)))
+        return {c[0].name: rest[c[0].name] if r is None else r for c, (_, r) in zip(checked, first)}
+
+    @staticmethod
+    def _needs_io(plan: _Plan) -> bool:
+        return plan.kind == _DEVICE or (plan.kind in (_ROWS, _SLOTS) and plan.miss.size > 0)
 
     def _prepare_many(self, requests, mode, out=None):
+        checked = self._check_many(requests, mode, out)
+        plans = self._threads.map(lambda c: self._plan(c[0], c[1], c[2], c[3], mode, c[4]), checked,
+                                  self._table_threads(len(checked)))
+        return {c[0].name: p for c, p in zip(checked, plans)}
+
+    def _check_many(self, requests, mode, out=None) -> list[tuple]:
+        """Every request of a batch validated: (info, indices, offsets, weights, out) per table."""
         if mode not in (None, "sum", "mean"):
             raise StoreInputError(f"pooling mode must be 'sum', 'mean' or None, got {mode!r}")
         if out is not None:
@@ -580,9 +598,7 @@ class EmbeddingStore:
                 idx, offs, w = self._check(info, req[0], req[1], req[2] if len(req) == 3 else None, mode)
                 o = self._check_out(info, out.get(name), offs.size - 1, w is not None, mode) if out else None
                 checked.append((info, idx, offs, w, o))
-        plans = self._threads.map(lambda c: self._plan(c[0], c[1], c[2], c[3], mode, c[4]), checked,
-                                  self._table_threads(len(checked)))
-        return {c[0].name: p for c, p in zip(checked, plans)}
+        return checked
 
     def _count_batch(self) -> None:
         with self._lock:
