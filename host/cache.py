@@ -713,6 +713,7 @@ class EVCache:
         m = self.n_rows if self.direct_index else self._hash_slots(cap)
 
         self._values = np.zeros((cap, self._words), dtype=self._word)
+        self._values_view = self._values.view(self.dtype).reshape(cap, self.dim)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
         self._ref = np.zeros(cap, dtype=np.uint8)      # CLOCK reference counter per slot
         self._ref_max = _REF_MAX[admission]
@@ -834,10 +835,9 @@ class EVCache:
             and indices.dtype in (np.int32, np.int64) and indices.flags.c_contiguous \
             else self._keys(indices, "lookup")
         n = arr.shape[0]
-        uniq = np.empty(n, dtype=np.int64)
-        inv = np.empty(n, dtype=np.int64)
-        slots = np.empty(n, dtype=np.int32)
-        slot_of = np.empty(n, dtype=np.int32)
+        b64 = np.empty(2 * n, dtype=np.int64)      # two allocations, not four: this runs per batch
+        b32 = np.empty(2 * n, dtype=np.int32)
+        uniq, inv, slots, slot_of = b64[:n], b64[n:], b32[:n], b32[n:]
         with self._lock:
             hits0 = self._st[_HITS]
             n_u = _lookup_dedupe_kernel(arr, uniq, inv, slots, slot_of, self.n_rows, self._htab,
@@ -997,7 +997,7 @@ class EVCache:
     @property
     def values(self) -> np.ndarray:
         """The preallocated row store, ``(capacity, dim)`` of the table dtype (a view)."""
-        return self._values.view(self.dtype).reshape(self.capacity, self.dim)
+        return self._values_view
 
     def __len__(self) -> int:
         return int(self._st[_SIZE])
