@@ -107,13 +107,13 @@ class AxiLiteExecutor(wiring.Component):
             with m.State("RD_R"):
                 with m.If(bus.rvalid):
                     m.d.sync += [rword.eq(bus.rdata), rsp.eq(bus.rresp)]
-                    m.next = "RD_NOTE"
-            with m.State("RD_NOTE"):
-                note_resp()
-                m.next = "RD_OUT"
+                    m.next = "RD_OUT"
             with m.State("RD_OUT"):
+                # the response is noted once, as the word is taken (the taker's ready comes
+                # from its state register)
                 m.d.comb += self.o_rdata.valid.eq(1)
                 with m.If(self.o_rdata.ready):
+                    note_resp()
                     m.d.sync += [addr.eq(addr + 4), xidx.eq(xidx + 1)]
                     with m.If(xlast):
                         m.next = "DONE"
