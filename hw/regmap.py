@@ -22,7 +22,7 @@ __all__ = [
     "register", "port_name", "channel_addr", "all_addresses", "Params", "Opcode", "Status", "ElemType", "Command", "Completion",
     "COMMAND_BYTES", "COMPLETION_BYTES", "CHANNEL_BLOCK", "CHANNEL_STRIDE", "DivMagic",
     "div_magic", "pooled_row_bytes", "NO_BAD_POSITION", "default_slots", "ELEM_BITS",
-    "ROWWISE_HEADER_BYTES",
+    "ROWWISE_HEADER_BYTES", "require_tag_width",
 ]
 
 MAGIC = 0x45565344  # "EVSD" read as a little-endian word
@@ -438,6 +438,14 @@ assert struct.calcsize(Command._FMT) == COMMAND_BYTES
 # 32-bit x. The host computes the constants once per table (off the hot path); the translator
 # multiplies. Using shift = 32 + ceil(log2 d) and magic = ceil(2**shift / d) (33 bits) is exact
 # for all x < 2**32 (Granlund-Montgomery).
+
+def require_tag_width(tag_width) -> int:
+    """The one check of a stream tag width (the translator's, the FTL's and the channel's
+    requests carry a tag of 1..32 bits); returns it, raises ValueError naming the bad value."""
+    if isinstance(tag_width, bool) or not isinstance(tag_width, int) or not 1 <= tag_width <= 32:
+        raise ValueError(f"tag_width {tag_width!r} must be 1..32")
+    return tag_width
+
 
 @dataclass(frozen=True)
 class DivMagic:
