@@ -399,10 +399,19 @@ class ResultMerger(wiring.Component):
         hp = Signal()
         wp = Signal()
         have = Signal()                  # == ent_full[hp]
-        x_in = xl(dfifo.r_data)
+        # The FIFO's read data is block RAM output (5.6 ns clock-to-out on ECP5, no output
+        # register): a register slice behind it lets the entries' slot-flag lookup (a
+        # `n_slots`:1 mux by the incoming slot) start from flip-flops.
+        m.submodules.desc_out = desc_out = SkidBuffer(xl)
+        m.d.comb += [
+            desc_out.i.payload.eq(dfifo.r_data),
+            desc_out.i.valid.eq(dfifo.r_rdy),
+            dfifo.r_en.eq(desc_out.i.ready),
+        ]
+        x_in = desc_out.o.payload
         w_free = ~ent_full.bit_select(wp, 1)
-        push = dfifo.r_rdy & w_free
-        m.d.comb += dfifo.r_en.eq(w_free)
+        push = desc_out.o.valid & w_free
+        m.d.comb += desc_out.o.ready.eq(w_free)
         cur_x = Signal(xl)
         m.d.comb += cur_x.eq(Mux(hp, ent[1], ent[0]))
         cur = cur_x.desc
