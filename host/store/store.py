@@ -151,7 +151,9 @@ class EmbeddingStore:
     table held in memory (``dram``) is pooled straight from the table by one fused kernel
     (parallel over bags with ``parallel=True``); a backend that pools (the EV-SSD)
     pools unweighted bags of the device's element types itself; every other lookup deduplicates,
-    serves the cache, fetches the distinct misses once and pools on the host.
+    serves the cache, fetches the distinct misses once and pools on the host. With caches and
+    ``parallel=True``, the tables of a :meth:`lookup_many` batch run on threads (each table's
+    dedupe, cache lookup and pooling on one; :class:`.tablethreads.TableThreads`).
 
     Safe to call from several threads: each table's cache has its own lock (held for the
     lookup and for the admission, not across the I/O), and the calls into a backend that is
@@ -161,8 +163,9 @@ class EmbeddingStore:
     def __init__(self, tables: Mapping[str, TableInfo], backend: Backend, *,
                  cache_fraction: float | None = 0.01, cache="evcache", parallel: bool = False):
         self.tables: dict[str, TableInfo] = dict(tables)
-        #: pool with numba's threads (prange over bags, ``numba.set_num_threads``): worth it on
-        #: idle cores and big batches, harmful on a loaded machine, so opt-in
+        #: use ``numba.get_num_threads()`` threads: a cached batch's tables side by side, else
+        #: one table's bags (prange); worth it on idle cores and big batches, harmful on a loaded
+        #: machine, so opt-in
         self.parallel = bool(parallel)
         self.backend = backend
         self.cache_fraction = cache_fraction
@@ -209,7 +212,8 @@ class EmbeddingStore:
         ``cache_fraction``: per-table cache budget as a fraction of the table (None: no cache);
         the default is 0.01 for every backend but ``dram``, which has nothing to cache.
         ``cache``: "evcache" (EV-Cache), "lru" (:class:`PlainLRU`) or ``f(TableInfo, fraction)``.
-        ``parallel``: pool each table's bags on numba's threads (results are the same bits).
+        ``parallel``: use numba's threads -- with caches, a batch's tables side by side, else
+        each table's bags (results are the same bits).
         ``options`` go to the backend's ``create`` (an unknown one is an error naming it):
 
         - ``file``: ``path`` (directory, created; default a temporary one removed by
