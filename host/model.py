@@ -94,23 +94,50 @@ def _count_bad(status):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _translate_one(index, extents, rows_per_page, row_bytes, total_pages):
-    """The ExtentTranslator's rule for one index: (status, lba, offset), see :func:`translate`."""
+def _log2(n):
+    """log2 of ``n`` when it is a power of two, else -1 (then the kernels divide)."""
+    s = 0
+    while (1 << s) < n:
+        s += 1
+    return s if (1 << s) == n else -1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _div(a, d, shift):
+    """``a // d`` for ``a >= 0``: a shift when ``d == 1 << shift`` (64-bit divisions cost tens of
+    cycles; table geometries are mostly powers of two), else a division."""
+    return a >> shift if shift >= 0 else a // d
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _translate_one(index, extents, rows_per_page, rpp_shift, row_bytes, total_pages):
+    """The ExtentTranslator's rule for one index: (status, lba, offset), see :func:`translate`.
+    ``rpp_shift``: :func:`_log2` of ``rows_per_page``."""
     for e in range(extents.shape[0]):
         first, n_rows = extents[e, 0], extents[e, 1]
         if n_rows and first <= index < first + n_rows:
             rel = index - first
-            q = rel // rows_per_page
+            q = _div(rel, rows_per_page, rpp_shift)
             lba = extents[e, 2] + q
             return (3 if lba >= total_pages else 0), lba, (rel - q * rows_per_page) * row_bytes
     return 1, 0, 0
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _used_extents(extents):
+    """``extents`` without its trailing empty slots (they match no index)."""
+    n = extents.shape[0]
+    while n and extents[n - 1, 1] == 0:
+        n -= 1
+    return extents[:n]
+
+
 @numba.njit(cache=True, nogil=True)
 def _translate(indices, extents, rows_per_page, row_bytes, total_pages, status, lba, offset):
     """The ExtentTranslator over an index array (see :func:`translate`)."""
+    ext, rpp_shift = _used_extents(extents), _log2(rows_per_page)
     for k in range(indices.shape[0]):
-        status[k], lba[k], offset[k] = _translate_one(indices[k], extents, rows_per_page, row_bytes,
+        status[k], lba[k], offset[k] = _translate_one(indices[k], ext, rows_per_page, rpp_shift, row_bytes,
                                                       total_pages)
 
 
@@ -121,14 +148,16 @@ def _plan(indices, lo, hi, extents, rows_per_page, row_bytes, total_pages, n_cha
     ones compacted in request order (position, lba, offset, channel, page), and
     ``good_before[k - lo]`` = good lookups before position k (``hi - lo + 1`` entries).
     Returns the number of good lookups."""
+    ext, rpp_shift, ch_shift = _used_extents(extents), _log2(rows_per_page), _log2(n_channels)
     n = 0
     for k in range(lo, hi):
-        st, l, o = _translate_one(np.int64(indices[k]), extents, rows_per_page, row_bytes, total_pages)
+        st, l, o = _translate_one(np.int64(indices[k]), ext, rows_per_page, rpp_shift, row_bytes, total_pages)
         status[k - lo] = st
         good_before[k - lo] = n
         if st == 0:
+            q = _div(l, n_channels, ch_shift)
             pos[n], lba[n], offset[n] = k, l, o
-            ch[n], page[n] = l % n_channels, l // n_channels
+            ch[n], page[n] = l - q * n_channels, q
             n += 1
     good_before[hi - lo] = n
     return n
