@@ -18,6 +18,7 @@ sparse (:class:`~evssd.host.sparse_flash.SparseFlash`): a model can advertise a 
 from __future__ import annotations
 
 import bisect
+import functools
 
 import numba
 import numpy as np
@@ -227,6 +228,13 @@ def _offsets_ok(offsets, count):
 _NO_OFFSETS = np.zeros(1, np.uint32)        # a GATHER's (unused) offsets
 _NO_ROWS = np.zeros((0, 1), np.uint8)       # a pooled command's (unused) GATHER rows
 
+@functools.lru_cache(maxsize=256)
+def _geometry(row_bytes: int, elem: int):
+    """(ElemType, pooled row bytes, elements per row) of a table (per command: memoised)."""
+    e = ElemType(elem)
+    return e, regmap.pooled_row_bytes(row_bytes, e), (row_bytes - e.header_bytes) // e.itemsize
+
+
 #: the host-memory addresses each opcode reads or writes (all must be 64-byte aligned)
 _ADDRESS_FIELDS = {Opcode.GATHER: ("src_addr", "dst_addr"),
                    Opcode.GATHER_POOLED: ("src_addr", "offsets_addr", "dst_addr"),
@@ -433,11 +441,11 @@ class DeviceModel:
         table = self.tables[cmd.table] if cmd.table < p.max_tables else None
         if table is None or not table.enable or table.elem not in ElemType._value2member_map_:
             return Completion(cid=cmd.cid, status=Status.TABLE_DISABLED)
-        elem = ElemType(table.elem)
         weighted = op == Opcode.GATHER_POOLED_WEIGHTED
         pooled = weighted or op == Opcode.GATHER_POOLED
         rb = table.row_bytes
-        out_row = regmap.pooled_row_bytes(rb, elem) if pooled else rb
+        elem, pooled_row, dim = _geometry(rb, table.elem)
+        out_row = pooled_row if pooled else rb
         out_bytes = out_row * (cmd.n_bags if pooled else cmd.count)
         if out_bytes > cmd.dst_bytes:
             return Completion(cid=cmd.cid, status=Status.RESULT_OVERFLOW)
@@ -475,7 +483,6 @@ class DeviceModel:
                                  t.host_bytes, t._chan, t._ways, t._retire, t._clk)
         if pooled:
             el = ELEM_OF_DEVICE[elem]
-            dim = (rb - elem.header_bytes) // elem.itemsize
             sums = result.view("<f4" if weighted else el.pooled).reshape(cmd.n_bags, dim)
             weights = None
             if weighted:  # one float32 per index; the good lookups' ones, in order
