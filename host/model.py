@@ -9,9 +9,13 @@ are bit-exact with the gateware (same translation, same status rules of
 The cycle counters advance by the estimate of :mod:`evssd.host.timing`; it is a model, checked
 against the RTL's cycle counts by ``evssd bench rtl``, not a measurement.
 
-A command is executed over arrays, not index by index: one numba pass translates its lookups
-(:func:`_plan`), GATHER rows are copied from the flash pages straight into the result buffer and
-GATHER_POOLED bags are pooled in place from the flash pages (``pooling.pool_into``). The flash is
+A command is executed over arrays, not index by index, in one numba call
+(:func:`_lookup_command`): it translates the lookups (:func:`_plan`), copies GATHER rows from
+the flash pages straight into the result buffer (or finds the flash rows a GATHER_POOLED pools
+in place with ``pooling.pool_into``), and advances the timing model
+(:func:`evssd.host.timing.run_lookups`), on a work array reused from command to command. The
+per-command Python around it is kept small: a command costs tens of microseconds before its
+first lookup (docs/benchmarks.md, "Device model"). The flash is
 sparse (:class:`~evssd.host.sparse_flash.SparseFlash`): a model can advertise a large capacity
 (:data:`MODEL_PAGES_PER_CHANNEL` by default) and hold only the pages programmed.
 """

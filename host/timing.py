@@ -21,10 +21,12 @@ the model next to the RTL on the same lookups, with the RTL build's ``n_slots``;
 4 x 4 and 8 x 8 builds with 64 and 256 slots, docs/benchmarks.md). Commands run back to back; channel state carries
 over between commands.
 
-The schedule of one command is a numba kernel (:func:`_schedule`) over the command's lookup
-arrays; the channel state lives in numpy arrays (:class:`TimingModel` attributes) so it carries
-over from one command to the next. ``tests/timing_reference.py`` keeps the per-row Python
-definition the kernel is checked against, cycle for cycle.
+The schedule of one command is a numba kernel (:func:`_schedule`, one read per
+:func:`_channel_read`) over the command's lookup arrays; the state lives in three numpy arrays
+(channels, page registers, clock; :class:`TimingModel` exposes views of them by name) so it
+carries over from one command to the next and a whole command is one call,
+:func:`run_lookups`, which the device model calls from its own kernel. ``tests/timing_reference.py``
+keeps the per-row Python definition the kernel is checked against, cycle for cycle.
 """
 from __future__ import annotations
 
