@@ -5,6 +5,9 @@ It follows the RTL's structure lookup by lookup, in request order:
 - the command engine issues one lookup per cycle, but only while a reorder-buffer slot is free
   (``n_slots``, as :func:`evssd.hw.regmap.default_slots` picks it); a slot frees when its row
   retires;
+- reads pass the FTL demux in request order, one per cycle, into a channel only while it holds
+  fewer than :func:`evssd.hw.regmap.channel_accept_depth` reads not yet accepted (its read
+  queue and the intake stage): a full channel holds back the lookups behind it;
 - each flash channel has ``ways`` page registers with LRU replacement. A read whose page is open
   skips tR; a miss takes the least recently used register once that register's previous data
   phase is over, then waits tR. Misses start in request order per channel;
@@ -33,7 +36,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from evssd.hw.regmap import Params, default_slots  # one definition for the RTL and the model
+from evssd.hw.regmap import Params, channel_accept_depth, default_slots  # one definition for the RTL and the model
 
 __all__ = ["TimingModel", "run_lookups", "result_schedule", "default_slots", "COMMAND_OVERHEAD", "LOOKUP_PIPELINE",
            "AXI_READ_LATENCY", "MERGER_LATENCY", "RESULT_TAIL"]
@@ -46,24 +49,26 @@ RESULT_TAIL = 103         # last result beat -> completion seen by the driver (w
                           # CQ entry, the driver's polling)
 
 
-# Per-channel state (``TimingModel._chan`` columns) and per-way state (``TimingModel._ways``
-# planes): one array each, so a kernel takes two arguments for all of it and a channel's state
-# sits in one or two cache lines.
-BUS_FREE, LAST_START, ROWS, BYTES, TR_WAITS, BUSY, PROGRAMS = range(7)
+# Per-channel state (``TimingModel._chan`` columns, then the channel's ring of accept cycles,
+# ``accept_depth`` columns) and per-way state (``TimingModel._ways`` planes): one array each, so
+# a kernel takes two arguments for all of it and a channel's state sits in a few cache lines.
+BUS_FREE, LAST_START, ROWS, BYTES, TR_WAITS, BUSY, PROGRAMS, ACC_POS = range(8)
 N_CHAN_FIELDS = 8
 PAGE, READY, FREE, LAST = range(4)
 # The clock (``TimingModel._clk``): the device's counters and what carries over between commands.
-CYCLES, ENGINE_FREE, BUSY_CYCLES, USE, RING, ISSUED, LAST_RETIRE, OUT_T = range(8)
-N_CLK_FIELDS = 8
+CYCLES, ENGINE_FREE, BUSY_CYCLES, USE, RING, ISSUED, LAST_RETIRE, OUT_T, PREV_AT = range(9)
+N_CLK_FIELDS = 9
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _channel_read(chan, ways, c, page, at, beats, t_r, use):
-    """One read on channel ``c`` reaching it at cycle ``at``: returns the cycle its data phase
-    ends. A page register holding the page (at most one does) skips tR; a miss takes the least
-    recently used register once its last data phase is over (misses start in request order per
-    channel) and waits tR; then the data phase of ``beats`` beats, in request order on the
-    channel bus, after the AXI read latency. Updates the channel's state and counters."""
+    """One read entering channel ``c`` at cycle ``at``: returns the cycle its data phase ends.
+    A page register holding the page (at most one does) skips tR; a miss takes the least
+    recently used register once its last data phase is over and waits tR; reads are accepted
+    in request order per channel (a hit once it is there, a miss once it takes its register:
+    ``LAST_START``, the channel's last accept, also written into its ring of accept cycles);
+    then the data phase of ``beats`` beats, in request order on the channel bus, after the AXI
+    read latency. Updates the channel's state and counters."""
     # The register holding the page and the least recently used one, then hit or miss, all as
     # selects: branches on random pages mispredict (1.3x on the issue-15 trace).
     n_ways = ways.shape[2]
@@ -79,10 +84,14 @@ def _channel_read(chan, ways, c, page, at, beats, t_r, use):
     hit = w >= 0
     w = w if hit else lru
     old_ready = ways[c, READY, w]
-    last_start = chan[c, LAST_START]
-    start = max(max(at, ways[c, FREE, w]), last_start)
+    start = max(at, chan[c, LAST_START])                   # accepted in request order
+    start = start if hit else max(start, ways[c, FREE, w])
     ready = max(old_ready, at) if hit else start + t_r
-    chan[c, LAST_START] = last_start if hit else start
+    chan[c, LAST_START] = start
+    q = chan[c, ACC_POS]
+    chan[c, N_CHAN_FIELDS + q] = start
+    q += 1
+    chan[c, ACC_POS] = 0 if q == chan.shape[1] - N_CHAN_FIELDS else q
     ways[c, PAGE, w] = page
     ways[c, READY, w] = old_ready if hit else ready
     chan[c, TR_WAITS] += 0 if hit else 1
@@ -101,8 +110,11 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
               t_r, chan, ways, retire, clk, out_after):
     """Reads in request order from cycle ``t0``: lookup k issues at ``t0 + k`` once the slot of
     the lookup ``n_slots`` earlier (in this command or a previous one: slots are shared) has
-    retired, and reaches its channel ``pipeline`` cycles later (:func:`_channel_read`). Rows
-    retire in order (after the previous command's), one channel beat per cycle.
+    retired, and reaches the FTL demux ``pipeline`` cycles later. Reads enter their channels in
+    request order, one per cycle, and a channel takes a read only while fewer than its accept
+    depth (the ring of accept cycles in ``chan``, :func:`evssd.hw.regmap.channel_accept_depth`)
+    wait to be accepted (:func:`_channel_read`). Rows retire in order (after the previous
+    command's), one channel beat per cycle.
 
     Results: ``out_after[0]`` bytes are ready at ``t0``, ``out_after[k + 1]`` when lookup k
     retires; they go out in order (after the previous command's), packed, at ``host_bytes`` per
@@ -111,7 +123,8 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
     ``retire`` (``n_slots`` entries) is a ring of the retirement cycles of the last ``n_slots``
     lookups; ``clk[RING]``, ``clk[ISSUED]`` (lookups so far, capped at ``n_slots``),
     ``clk[LAST_RETIRE]`` and ``clk[OUT_T]`` (last result beat) carry the slots, the merger and
-    the result stream from one command to the next, ``clk[USE]`` the LRU stamp. The state
+    the result stream from one command to the next, ``clk[PREV_AT]`` (the last read's entry into
+    its channel) the demux, ``clk[USE]`` the LRU stamp. The state
     arrays are updated in place. Returns (issue cycle of the last lookup, cycle the last read's
     data ends, cycle the last result beat goes out).
     """
@@ -131,6 +144,7 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
     sent = out_after[0]                          # result bytes handed to the host so far
     sent_beats = (sent + host_bytes - 1) >> hshift
     out_t = max(t0, clk[OUT_T]) + sent_beats
+    prev_at = clk[PREV_AT]
     bytes_moved = 0
     for k in range(chs.shape[0]):
         issue = t0 + k
@@ -145,7 +159,10 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
             beats = ((off + row_bytes + beat_bytes - 1) >> shift) - (off >> shift)
         use += 1
         c = np.uint64(chs[k])   # unsigned: no negative-index fix-up on every access
-        end = _channel_read(chan, ways, c, pages[k], issue + pipeline, beats, t_r, use)
+        # in order through the demux, and only into room in the channel's accept queue
+        at = max(max(issue + pipeline, prev_at + 1), chan[c, N_CHAN_FIELDS + chan[c, ACC_POS]] + 1)
+        prev_at = at
+        end = _channel_read(chan, ways, c, pages[k], at, beats, t_r, use)
         chan[c, BYTES] += beats << shift
         last_retire = max(last_retire + row_beats, end + MERGER_LATENCY)
         retire[ring] = last_retire
@@ -158,6 +175,9 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
             out_t = max(out_t, last_retire) + beats - sent_beats
             sent_beats = beats
     clk[RING], clk[ISSUED], clk[USE], clk[LAST_RETIRE], clk[OUT_T] = ring, issued, use, last_retire, out_t
+    clk[PREV_AT] = prev_at
+    if chs.shape[0]:                             # the last lookup has left for its channel
+        issue = max(issue, prev_at - pipeline)
     return issue, end, out_t
 
 
@@ -197,14 +217,18 @@ class TimingModel:
     of one state array, ``_chan``; the page registers likewise of ``_ways``, the clock of ``_clk``).
     """
 
-    def __init__(self, params: Params, t_r: int = 1000, t_prog: int = 10000, n_slots: int | None = None):
+    def __init__(self, params: Params, t_r: int = 1000, t_prog: int = 10000, n_slots: int | None = None,
+                 read_queue: int | None = None):
         self.params = params
         self.t_r, self.t_prog = t_r, t_prog
         self.n_slots = default_slots(params) if n_slots is None else int(n_slots)
         if self.n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {self.n_slots}")
+        if read_queue is not None and read_queue < 0:
+            raise ValueError(f"read_queue must be >= 0, got {read_queue}")
+        self.accept_depth = channel_accept_depth(params, self.n_slots, read_queue)
         c, w = params.n_channels, params.ways
-        self._chan = np.zeros((c, N_CHAN_FIELDS), np.int64)
+        self._chan = np.zeros((c, N_CHAN_FIELDS + self.accept_depth), np.int64)
         self._ways = np.zeros((c, 4, w), np.int64)
         self._ways[:, PAGE] = -1
         self._ways[:, LAST] = -1
@@ -215,6 +239,7 @@ class TimingModel:
         self.ch_rows, self.ch_bytes = self._chan[:, ROWS], self._chan[:, BYTES]
         self.ch_tr_waits, self.ch_busy_cycles = self._chan[:, TR_WAITS], self._chan[:, BUSY]
         self.ch_programs = self._chan[:, PROGRAMS]
+        self.acc_ring, self.acc_pos = self._chan[:, N_CHAN_FIELDS:], self._chan[:, ACC_POS]
         self._retire = np.zeros(self.n_slots, np.int64)
         self.overlap = False       # set by the device model: the previous command is still in flight
         # build constants, as the kernels take them
@@ -270,7 +295,7 @@ class TimingModel:
         # one read outside the lookup path: no slot, no retirement, no result stream (a scratch
         # clock whose carried fields are thrown away; only the LRU stamp is kept)
         clk = np.zeros(N_CLK_FIELDS, np.int64)
-        clk[USE], clk[LAST_RETIRE], clk[OUT_T] = self._use, t, t
+        clk[USE], clk[LAST_RETIRE], clk[OUT_T], clk[PREV_AT] = self._use, t, t, t - 1
         _, end, _ = _schedule(np.array([c], np.int64), np.array([page], np.int64), np.zeros(1, np.int64), t, 0,
                               self.page_size, True, self.page_size, self.beat_bytes, self.host_bytes,
                               int(self.t_r), self._chan, self._ways, np.zeros(self.n_slots, np.int64), clk,
