@@ -28,7 +28,7 @@ __all__ = [
     "VersionMismatch", "Header", "pack_header", "unpack_header", "unpack_header_from", "pack_read_req",
     "unpack_read_req", "Request", "encode_request", "decode_request", "encode_ok_array",
     "encode_ok_json", "encode_err", "decode_reply", "RemoteError", "encode_multi", "decode_multi",
-    "encode_ok_multi",
+    "encode_ok_multi", "echo_reply",
 ]
 
 MAGIC = 0x44535645          # b"EVSD" read as a little-endian u32
@@ -240,6 +240,25 @@ def encode_ok_bytes(data: bytes) -> bytes:
 
 def encode_err(message: str) -> bytes:
     return _REP.pack(Status.ERR, 2, 0, 0) + message.encode()
+
+
+_OK_BYTES = encode_ok_bytes(b"")
+_ECHO_INT = int(MsgType.ECHO)
+
+
+def echo_reply(buf) -> bytes:
+    """The encoded reply to an encoded ECHO request: its payload back, as
+    ``encode_ok_bytes(decode_request(buf).payload)`` would make it, with no request object and
+    one copy (an echo server's whole work per request)."""
+    n = len(buf)
+    if n < _REQ.size:
+        raise ProtocolError(f"request of {n} bytes is shorter than its {_REQ.size}-byte header")
+    typ, _, length, _ = _REQ.unpack_from(buf)
+    if typ != _ECHO_INT:
+        raise ProtocolError(f"not an ECHO request (type {typ})")
+    if n != _REQ.size + length:
+        raise ProtocolError("ECHO length field does not match the message")
+    return b"".join((_OK_BYTES, buf[_REQ.size:]))
 
 
 _OK, _ERR, _REP_SIZE = int(Status.OK), int(Status.ERR), _REP.size
