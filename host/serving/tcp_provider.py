@@ -8,12 +8,15 @@ lands in the local buffer of its read. A SEND that finds no posted receive is re
 ERROR frame (the RNR NAK of RC transport), so the sender gets an error completion rather than
 silent loss.
 
-Two modes: ``blocking=False`` (the engine: sockets non-blocking, posts only queue frames and
-the owning thread calls :meth:`TcpQueuePair.flush` once per loop turn -- one ``sendmsg`` for a
-burst -- and again on writability, so an I/O thread never blocks behind a slow peer while it
-should be reading) and
-``blocking=True`` (a server's per-connection thread: ``progress`` blocks in ``recv``, sends go out
-with ``sendall``). Both release the GIL in the socket calls.
+Two modes: ``blocking=False`` (the engine: every send and receive is non-blocking, posts only
+queue frames and the owning thread calls :meth:`TcpQueuePair.flush` once per loop turn -- one
+``sendmsg`` for a burst -- and again on writability, so an I/O thread never blocks behind a slow
+peer while it should be reading) and ``blocking=True`` (a server's per-connection thread:
+``progress`` blocks in ``recv``, sends go out with ``sendall``). Both release the GIL in the
+socket calls. The engine's socket itself stays in blocking mode and its non-blocking calls pass
+``MSG_DONTWAIT``: so the one call that should wait -- :meth:`TcpQueuePair.exchange` reading its
+answer -- is a single blocking ``recv`` (bounded by ``SO_RCVTIMEO``), as a plain blocking client's
+is, with no ``poll`` before it.
 
 Two round-trip fast paths beyond the verbs vocabulary, one per side, each taking the common case
 (one whole frame in one receive) without the general frame loop and leaving everything else to
@@ -28,6 +31,7 @@ import json
 import secrets
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -50,6 +54,11 @@ _POLL_R, _POLL_RW = select.POLLIN, select.POLLIN | select.POLLOUT
 _HS = P.HEADER.size
 _HEADER_UNPACK = P.HEADER.unpack_from
 _HEADER_PACK = P.HEADER.pack
+_DONTWAIT = socket.MSG_DONTWAIT
+# exchange(): a blocking receive returns at least this often (s) to look at its deadline
+_RECV_SLICE = 0.05
+_RCVTIMEO = struct.pack("ll", 0, int(_RECV_SLICE * 1e6))
+_MAGIC, _VERSION = P.MAGIC, P.VERSION
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -200,8 +209,12 @@ class TcpQueuePair(QueuePair):
         self.peer_credits = peer_credits
         self._sock = sock
         self._blocking = blocking
+        # blocking file mode in both modes; the engine's non-blocking calls pass MSG_DONTWAIT
+        # (see the module docstring) and its blocking receive wakes every _RECV_SLICE
         sock.settimeout(None)
-        sock.setblocking(blocking)
+        self._nb = 0 if blocking else _DONTWAIT
+        if not blocking:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
         self._fd = sock.fileno()
         self._rbuf = bytearray()
         self._scratch: bytearray | None = None
@@ -217,7 +230,6 @@ class TcpQueuePair(QueuePair):
         self._caught = None
         self._in_rbuf = False                   # the frames being handled live in _rbuf
         self._poller = None                     # exchange(): a poll object on this socket
-        self._poll_mask = 0
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.failed: str | None = None
@@ -301,7 +313,7 @@ class TcpQueuePair(QueuePair):
                 self._flush_locked()
                 return
             try:
-                k = self._sock.send(frame)
+                k = self._sock.send(frame, _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 k = 0
             except OSError as exc:
@@ -353,56 +365,68 @@ class TcpQueuePair(QueuePair):
         refused the SEND with an ERROR frame, or ``None`` when the deadline passed or the queue
         pair failed (``failed`` says why). Every other frame read meanwhile is handled as
         :meth:`progress` handles it (completions in the CQ). Non-blocking mode; the caller
-        must be the only reader of this queue pair while it runs."""
+        must be the only reader of this queue pair while it runs.
+
+        The common case costs what a blocking client's round trip does: one ``send`` of header
+        and payload joined, one blocking ``recv_into`` the scratch buffer that holds exactly the
+        answer, its header checked in place. Only while frames wait in the send queue (the
+        socket was full) does it ``poll`` for writability as well."""
         if self._blocking:
             raise ValueError("exchange needs a non-blocking queue pair")
         self.send_now(wr_id, data)
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(self._fd, _POLL_R)
-            self._poll_mask = _POLL_R
         scratch = self._scratch
         if scratch is None:
             scratch = self._scratch = bytearray(_RECV_CHUNK)
+        recv_into = self._sock.recv_into
+        monotonic = time.monotonic
         self._catch, self._caught = wr_id, None
-        mask = self._poll_mask
         try:
             while True:
-                # wait first, read second: a read that finds nothing raises (BlockingIOError),
-                # and on an idle host the answer is rarely there as soon as the send returns
                 if self.failed:           # e.g. closed by another thread while we waited
                     return None
-                want = _POLL_RW if self._out else _POLL_R
-                if want != mask:
-                    poller.register(self._fd, want)
-                    mask = self._poll_mask = want
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if monotonic() >= deadline:
                     return None
-                if not poller.poll(min(left, 0.05) * 1e3):
-                    continue
                 if self._out:
+                    # our frame is not all out: wait for writability too, then flush
+                    if not self._wait_rw(deadline):
+                        continue
                     self.flush()
+                    flags = _DONTWAIT
+                else:
+                    flags = 0             # block (at most _RECV_SLICE, SO_RCVTIMEO)
                 fresh = not self._rbuf and not self._skip
-                n = self._recv()
+                try:
+                    n = recv_into(scratch, 0, flags)
+                except (BlockingIOError, InterruptedError):
+                    continue              # the slice ended (or nothing yet): look at the deadline
+                except OSError as exc:
+                    self._fail(f"receive failed: {exc}")
+                    return None
                 if not n:
-                    if self.failed:
-                        return None
-                    continue
+                    self._fail("peer closed the connection")
+                    return None
+                self.bytes_recv += n
                 if fresh and n >= _HS:
                     # the common case: the read holds exactly our whole answer
                     magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
-                    if (req_id == wr_id and op == _SEND and length == n - _HS and magic == P.MAGIC
-                            and version == P.VERSION):
+                    if (req_id == wr_id and op == _SEND and length == n - _HS and magic == _MAGIC
+                            and version == _VERSION):
                         return True, memoryview(scratch)[_HS:n]
                 self._consume(n)
                 if self._caught is not None:
                     return self._caught
-                if self.failed:
-                    return None
         finally:
             self._catch, self._caught = -1, None
+
+    def _wait_rw(self, deadline) -> bool:
+        """Poll this socket for readability or writability until at most ``deadline`` (or one
+        ``_RECV_SLICE``); True when it is ready."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._fd, _POLL_RW)
+        left = min(deadline - time.monotonic(), _RECV_SLICE)
+        return left > 0 and bool(poller.poll(left * 1e3))
 
     def post_recv(self, wr_id, buf):
         self._recvs.append((wr_id, memoryview(buf).cast("B")))
@@ -426,7 +450,7 @@ class TcpQueuePair(QueuePair):
         try:
             while out:
                 batch = list(itertools.islice(out, 0, 512))
-                n = self._sock.sendmsg(batch)
+                n = self._sock.sendmsg(batch, (), self._nb)
                 while n and out:
                     head = out[0]
                     if n >= head.nbytes:
@@ -460,7 +484,7 @@ class TcpQueuePair(QueuePair):
         if scratch is None:
             scratch = self._scratch = bytearray(_RECV_CHUNK)
         try:
-            n = self._sock.recv_into(scratch)
+            n = self._sock.recv_into(scratch, 0, self._nb)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
@@ -668,6 +692,10 @@ class TcpQueuePair(QueuePair):
     def close(self):
         if not self.failed:
             self.failed = "closed locally"
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)   # wakes a thread blocked in exchange()'s receive
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:
