@@ -335,13 +335,19 @@ class TcpQueuePair(QueuePair):
     def serve(self, stop) -> None:
         """A server connection's loop once a responder is set: receive and answer until the
         peer leaves or the queue pair fails (``failed`` says why), or ``stop`` (an Event, looked
-        at before each receive: a loop waiting in its receive ends after the next one) is set. What :meth:`progress` in a loop does, with the common
-        case -- one whole SEND in one receive -- answered straight from the receive."""
-        if self._responder is None:
+        at before each receive: a loop waiting in its receive ends after the next one) is set.
+        What :meth:`progress` in a loop does, with the common case -- one whole SEND in one
+        receive -- answered inline: its header checked in place in the scratch buffer, the
+        responder called on a view of it, header and reply joined into one ``sendall``."""
+        respond = self._responder
+        if respond is None:
             raise ValueError("serve needs a responder (set_responder)")
         if self._scratch is None:
             self._scratch = bytearray(_RECV_CHUNK)
-        recv_into, scratch, is_set = self._sock.recv_into, self._scratch, stop.is_set
+        sock, scratch, is_set = self._sock, self._scratch, stop.is_set
+        recv_into, sendall, send_lock = sock.recv_into, sock.sendall, self._send_lock
+        view = memoryview(scratch)
+        max_frame = self.max_frame
         while not is_set() and not self.failed:
             try:
                 n = recv_into(scratch)
@@ -354,7 +360,30 @@ class TcpQueuePair(QueuePair):
                 self._fail("peer closed the connection")
                 return
             self.bytes_recv += n
-            self._consume(n)          # one whole SEND: answered by _answer_one, first thing
+            if n >= _HS and not self._rbuf and not self._skip:
+                magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
+                if (length == n - _HS and op == _SEND and magic == _MAGIC and version == _VERSION
+                        and length <= max_frame):
+                    reply = respond(view[_HS:n])
+                    m = len(reply)
+                    if m <= _SMALL_FRAME:
+                        frame = b"".join((_HEADER_PACK(_MAGIC, _VERSION, _SEND, 0, req_id, m), reply))
+                        with send_lock:
+                            self.bytes_sent += _HS + m
+                            try:
+                                sendall(frame)
+                            except OSError as exc:
+                                self._fail(f"send failed: {exc}")
+                                return
+                    else:
+                        with send_lock:
+                            self.bytes_sent += _HS + m
+                            try:
+                                self._send_vec([_HEADER_PACK(_MAGIC, _VERSION, _SEND, 0, req_id, m), reply])
+                            except ConnectionError:
+                                return            # _fail() recorded why
+                    continue
+            self._consume(n)
 
     def exchange(self, wr_id, data, deadline: float):
         """SEND ``data`` and read this queue pair until the peer answers ``wr_id`` or
