@@ -261,15 +261,17 @@ def echo_reply(buf) -> bytes:
     return b"".join((_OK_BYTES, buf[_REQ.size:]))
 
 
-_OK, _ERR, _REP_SIZE = int(Status.OK), int(Status.ERR), _REP.size
+_OK, _ERR, _REP_SIZE, _REP_UNPACK = int(Status.OK), int(Status.ERR), _REP.size, _REP.unpack_from
 
 
 def decode_reply(buf):
     """Return a float32 array, a JSON object or bytes; raise :class:`RemoteError` on ERR."""
-    buf = memoryview(buf)
-    if len(buf) < _REP.size:
+    if len(buf) < _REP_SIZE:
         raise ProtocolError(f"reply of {len(buf)} bytes is shorter than its header")
-    status, kind, rows, cols = _REP.unpack_from(buf)
+    status, kind, rows, cols = _REP_UNPACK(buf)
+    if kind == 2 and status == _OK:
+        return bytes(buf[_REP_SIZE:])      # bytes (ECHO): no view needed
+    buf = memoryview(buf)
     body = buf[_REP_SIZE:]
     if status != _OK:
         if status == _ERR:

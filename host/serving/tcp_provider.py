@@ -218,6 +218,7 @@ class TcpQueuePair(QueuePair):
         self._fd = sock.fileno()
         self._rbuf = bytearray()
         self._scratch: bytearray | None = None
+        self._scratch_view: memoryview | None = None
         self._out: deque[memoryview] = deque()
         self._send_lock = threading.Lock()
         self._cork: list | None = None
@@ -305,9 +306,10 @@ class TcpQueuePair(QueuePair):
             return
         if self.failed:
             raise ConnectionError(f"queue pair to {self.peer} failed: {self.failed}")
-        frame = b"".join((_HEADER_PACK(P.MAGIC, P.VERSION, _SEND, 0, wr_id, n), data))
+        frame = b"".join((_HEADER_PACK(_MAGIC, _VERSION, _SEND, 0, wr_id, n), data))
+        n += _HS
         with self._send_lock:
-            self.bytes_sent += len(frame)
+            self.bytes_sent += n
             if self._out:                      # keep the order: behind what is queued
                 self._out.append(memoryview(frame))
                 self._flush_locked()
@@ -319,7 +321,7 @@ class TcpQueuePair(QueuePair):
             except OSError as exc:
                 self._fail(f"send failed: {exc}")
                 return
-            if k < len(frame):
+            if k != n:                         # the socket is full: the rest waits for the owner
                 self._out.append(memoryview(frame)[k:])
 
     def set_responder(self, fn) -> None:
@@ -343,7 +345,7 @@ class TcpQueuePair(QueuePair):
         if respond is None:
             raise ValueError("serve needs a responder (set_responder)")
         if self._scratch is None:
-            self._scratch = bytearray(_RECV_CHUNK)
+            self._alloc_scratch()
         sock, scratch, is_set = self._sock, self._scratch, stop.is_set
         recv_into, sendall, send_lock = sock.recv_into, sock.sendall, self._send_lock
         view = memoryview(scratch)
@@ -405,11 +407,43 @@ class TcpQueuePair(QueuePair):
         self.send_now(wr_id, data)
         scratch = self._scratch
         if scratch is None:
-            scratch = self._scratch = bytearray(_RECV_CHUNK)
+            scratch = self._alloc_scratch()
+        n = 0
+        if not self._out and not self._rbuf and not self._skip and not self.failed:
+            # the common case first, without the loop's bookkeeping: one blocking receive
+            # (at most _RECV_SLICE) that holds exactly our whole answer
+            try:
+                n = self._sock.recv_into(scratch)
+            except (BlockingIOError, InterruptedError):
+                n = 0                     # the slice ended: the loop looks at the deadline
+            except OSError as exc:
+                self._fail(f"receive failed: {exc}")
+                return None
+            else:
+                if not n:
+                    self._fail("peer closed the connection")
+                    return None
+                self.bytes_recv += n
+                if n >= _HS:
+                    magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
+                    if (req_id == wr_id and op == _SEND and length == n - _HS and magic == _MAGIC
+                            and version == _VERSION):
+                        return True, self._scratch_view[_HS:n]
+        return self._exchange_loop(wr_id, n, deadline)
+
+    def _exchange_loop(self, wr_id, n, deadline):
+        """The rest of :meth:`exchange`: handle the ``n`` bytes already received (any frames,
+        in order) and keep reading until the answer to ``wr_id``, an ERROR for it, the
+        deadline or a failure."""
+        scratch = self._scratch
         recv_into = self._sock.recv_into
         monotonic = time.monotonic
         self._catch, self._caught = wr_id, None
         try:
+            if n:
+                self._consume(n)
+                if self._caught is not None:
+                    return self._caught
             while True:
                 if self.failed:           # e.g. closed by another thread while we waited
                     return None
@@ -436,7 +470,7 @@ class TcpQueuePair(QueuePair):
                     return None
                 self.bytes_recv += n
                 if fresh and n >= _HS:
-                    # the common case: the read holds exactly our whole answer
+                    # the read holds exactly our whole answer
                     magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
                     if (req_id == wr_id and op == _SEND and length == n - _HS and magic == _MAGIC
                             and version == _VERSION):
@@ -511,7 +545,7 @@ class TcpQueuePair(QueuePair):
             return 0
         scratch = self._scratch
         if scratch is None:
-            scratch = self._scratch = bytearray(_RECV_CHUNK)
+            scratch = self._alloc_scratch()
         try:
             n = self._sock.recv_into(scratch, 0, self._nb)
         except (BlockingIOError, InterruptedError):
@@ -524,6 +558,12 @@ class TcpQueuePair(QueuePair):
             return 0
         self.bytes_recv += n
         return n
+
+    def _alloc_scratch(self) -> bytearray:
+        """The receive buffer every receive of this queue pair lands in (and a view of it)."""
+        self._scratch = bytearray(_RECV_CHUNK)
+        self._scratch_view = memoryview(self._scratch)
+        return self._scratch
 
     def _consume(self, n):
         """Handle the ``n`` bytes just received into the scratch buffer."""
