@@ -244,6 +244,7 @@ def encode_err(message: str) -> bytes:
 
 _OK_BYTES = encode_ok_bytes(b"")
 _ECHO_INT = int(MsgType.ECHO)
+_REQ_SIZE, _REQ_UNPACK = _REQ.size, _REQ.unpack_from
 
 
 def echo_reply(buf) -> bytes:
@@ -251,14 +252,14 @@ def echo_reply(buf) -> bytes:
     ``encode_ok_bytes(decode_request(buf).payload)`` would make it, with no request object and
     one copy (an echo server's whole work per request)."""
     n = len(buf)
-    if n < _REQ.size:
-        raise ProtocolError(f"request of {n} bytes is shorter than its {_REQ.size}-byte header")
-    typ, _, length, _ = _REQ.unpack_from(buf)
-    if typ != _ECHO_INT:
-        raise ProtocolError(f"not an ECHO request (type {typ})")
-    if n != _REQ.size + length:
+    if n >= _REQ_SIZE:
+        typ, _, length, _ = _REQ_UNPACK(buf)
+        if typ == _ECHO_INT and n == _REQ_SIZE + length:
+            return b"".join((_OK_BYTES, buf[_REQ_SIZE:]))
+        if typ != _ECHO_INT:
+            raise ProtocolError(f"not an ECHO request (type {typ})")
         raise ProtocolError("ECHO length field does not match the message")
-    return b"".join((_OK_BYTES, buf[_REQ.size:]))
+    raise ProtocolError(f"request of {n} bytes is shorter than its {_REQ_SIZE}-byte header")
 
 
 _OK, _ERR, _REP_SIZE, _REP_UNPACK = int(Status.OK), int(Status.ERR), _REP.size, _REP.unpack_from
