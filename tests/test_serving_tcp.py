@@ -267,3 +267,40 @@ def test_serve_loop_answers_until_the_peer_leaves_or_stop(server_pair):
     assert not t.is_alive() and "peer closed" in qp.failed
     with socket.socket() as s, pytest.raises(ValueError, match="serve needs a responder"):
         TcpQueuePair(TcpProvider(), s, 4, blocking=True).serve(stop)
+
+
+def test_exchange_of_a_request_larger_than_the_socket_buffer(client_pair):
+    """The request does not fit the socket: exchange waits for writability and flushes the
+    rest itself (the peer answers only after reading all of it), the answer arrives whole."""
+    qp, peer = client_pair
+    payload = np.random.default_rng(3).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
+    seen = []
+
+    def slow_peer():
+        hdr = P.unpack_header(_exact(peer, P.HEADER.size))
+        got = bytearray()
+        while len(got) < hdr.length:
+            got += peer.recv(min(1 << 16, hdr.length - len(got)))
+            time.sleep(0.0005)
+        seen.append(bytes(got) == payload)
+        peer.sendall(_frame(P.Op.SEND, hdr.req_id, b"all %d" % len(got)))
+    t = threading.Thread(target=slow_peer)
+    t.start()
+    got = qp.exchange(21, payload, time.monotonic() + 30)
+    t.join(30)
+    assert seen == [True] and got[0] is True and bytes(got[1]) == b"all %d" % len(payload)
+    assert not qp.wants_write() and qp.bytes_sent == P.HEADER.size + len(payload)
+
+
+def test_close_wakes_a_caller_blocked_in_exchange(client_pair):
+    """A caller waits in exchange()'s blocking receive; close() from another thread ends the
+    wait (None, the queue pair failed) long before the request's 30 s deadline."""
+    qp, peer = client_pair
+    res = []
+    t = threading.Thread(target=lambda: res.append(qp.exchange(30, b"q", time.monotonic() + 30)))
+    t.start()
+    _read_frame(peer)                                 # the request left: the caller waits now
+    time.sleep(0.05)
+    qp.close()
+    t.join(10)
+    assert not t.is_alive() and res == [None] and qp.failed == "closed locally"
