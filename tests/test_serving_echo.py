@@ -150,14 +150,15 @@ def test_echo_server_keeps_the_message_server_limits(echo_factory):
         hdr, body = _read_frame(s)
         assert hdr.op == P.Op.ERROR and b"bad magic" in body
     # the connection cap: the third peer is refused with a reason
+    deadline = time.monotonic() + 10
+    while srv.active and time.monotonic() < deadline:       # the first peer's thread ends
+        time.sleep(0.01)
+    assert srv.active == 0
     with socket.create_connection(srv.address, timeout=10) as a, \
             socket.create_connection(srv.address, timeout=10) as b:
         for s in (a, b):
             _hello(s)
             assert _read_frame(s)[0].op == P.Op.HELLO_ACK
-        deadline = time.monotonic() + 10
-        while srv.active > 2 and time.monotonic() < deadline:   # the first peer's thread ends
-            time.sleep(0.01)
         with socket.create_connection(srv.address, timeout=10) as c:
             _hello(c)
             hdr, body = _read_frame(c)

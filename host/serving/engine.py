@@ -777,8 +777,8 @@ class Engine:
                 wcs = qp.poll_cq()        # taken while we are the reader (rx_lock)
                 if wcs:
                     handoff = _defer_completions(conn, wcs)
-            if got is not None and got[0]:
-                res = _decode_reply(got[1])   # decoded while the buffer is ours
+            if got is not None and type(got) is not str:
+                res = _decode_reply(got)      # decoded while the buffer is ours
                 return res if type(res) is bytes else _owned(res)
         finally:
             conn.rx_lock.release()
@@ -786,7 +786,7 @@ class Engine:
             if handoff or (conn.parked and (conn.pending or conn.deferred)) or qp.wants_write():
                 self.threads[conn.owner].post(("rearm", conn))
         if got is not None:
-            raise P.RemoteError(f"server {conn.name}: {got[1]}")
+            raise P.RemoteError(f"server {conn.name}: {got}")
         if conn.dead or qp.failed:
             raise ConnectionLost(f"server {conn.name} ({qp.peer}): {conn.dead or qp.failed}")
         raise RequestTimeout(f"server {conn.name} ({qp.peer}) did not answer request {rid} "

@@ -396,43 +396,64 @@ class TcpQueuePair(QueuePair):
         """SEND ``data`` and read this queue pair until the peer answers ``wr_id`` or
         ``deadline`` (``time.monotonic``) passes: a synchronous request on the caller's thread.
 
-        Returns ``(True, body)`` for the answering SEND (``body``: a memoryview valid until the
-        next :meth:`progress`; it takes no posted receive), ``(False, message)`` when the peer
-        refused the SEND with an ERROR frame, or ``None`` when the deadline passed or the queue
-        pair failed (``failed`` says why). Every other frame read meanwhile is handled as
-        :meth:`progress` handles it (completions in the CQ). Non-blocking mode; the caller
-        must be the only reader of this queue pair while it runs.
+        Returns the body of the answering SEND (a memoryview valid until the next receive, or
+        bytes; it takes no posted receive), the peer's message (a ``str``) when it refused the
+        SEND with an ERROR frame, or ``None`` when the deadline passed or the queue pair failed
+        (``failed`` says why). Every other frame read meanwhile is handled as :meth:`progress`
+        handles it (completions in the CQ). Non-blocking mode; the caller must be the only
+        reader of this queue pair while it runs.
 
         The common case costs what a blocking client's round trip does: one ``send`` of header
         and payload joined, one blocking ``recv_into`` the scratch buffer that holds exactly the
         answer, its header checked in place. Only while frames wait in the send queue (the
         socket was full) does it ``poll`` for writability as well."""
-        if self._blocking:
-            raise ValueError("exchange needs a non-blocking queue pair")
-        self.send_now(wr_id, data)
+        n = len(data)
+        if n > _SMALL_FRAME or self._blocking or self._out or self._rbuf or self._skip or self.failed:
+            if self._blocking:
+                raise ValueError("exchange needs a non-blocking queue pair")
+            self.send_now(wr_id, data)
+            return self._exchange_loop(wr_id, 0, deadline)
+        # the common case, nothing queued or half read: send_now's small-frame path inline
+        frame = b"".join((_WORDS_PACK(_SEND_WORD, wr_id, n), data))
+        n += _HS
+        sock = self._sock
+        with self._send_lock:
+            self.bytes_sent += n
+            if self._out:                      # another thread queued meanwhile: keep the order
+                self._out.append(memoryview(frame))
+                self._flush_locked()
+            else:
+                try:
+                    k = sock.send(frame, _DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    k = 0
+                except OSError as exc:
+                    self._fail(f"send failed: {exc}")
+                    return None
+                if k != n:                     # the socket is full: exchange_loop flushes
+                    self._out.append(memoryview(frame)[k:])
+        if self._out:
+            return self._exchange_loop(wr_id, 0, deadline)
         scratch = self._scratch
         if scratch is None:
             scratch = self._alloc_scratch()
-        n = 0
-        if not self._out and not self._rbuf and not self._skip and not self.failed:
-            # the common case first, without the loop's bookkeeping: one blocking receive
-            # (at most _RECV_SLICE) that holds exactly our whole answer
-            try:
-                n = self._sock.recv_into(scratch)
-            except (BlockingIOError, InterruptedError):
-                n = 0                     # the slice ended: the loop looks at the deadline
-            except OSError as exc:
-                self._fail(f"receive failed: {exc}")
+        # one blocking receive (at most _RECV_SLICE) that holds exactly our whole answer
+        try:
+            n = sock.recv_into(scratch)
+        except (BlockingIOError, InterruptedError):
+            n = 0                         # the slice ended: the loop looks at the deadline
+        except OSError as exc:
+            self._fail(f"receive failed: {exc}")
+            return None
+        else:
+            if not n:
+                self._fail("peer closed the connection")
                 return None
-            else:
-                if not n:
-                    self._fail("peer closed the connection")
-                    return None
-                self.bytes_recv += n
-                if n >= _HS:
-                    word, req_id, length = _WORDS_UNPACK(scratch, 0)
-                    if req_id == wr_id and word == _SEND_WORD and length == n - _HS:
-                        return True, self._scratch_view[_HS:n]
+            self.bytes_recv += n
+            if n >= _HS:
+                word, req_id, length = _WORDS_UNPACK(scratch, 0)
+                if req_id == wr_id and word == _SEND_WORD and length == n - _HS:
+                    return self._scratch_view[_HS:n]
         return self._exchange_loop(wr_id, n, deadline)
 
     def _exchange_loop(self, wr_id, n, deadline):
@@ -440,6 +461,8 @@ class TcpQueuePair(QueuePair):
         in order) and keep reading until the answer to ``wr_id``, an ERROR for it, the
         deadline or a failure."""
         scratch = self._scratch
+        if scratch is None:
+            scratch = self._alloc_scratch()
         recv_into = self._sock.recv_into
         monotonic = time.monotonic
         self._catch, self._caught = wr_id, None
@@ -478,7 +501,7 @@ class TcpQueuePair(QueuePair):
                     magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
                     if (req_id == wr_id and op == _SEND and length == n - _HS and magic == _MAGIC
                             and version == _VERSION):
-                        return True, memoryview(scratch)[_HS:n]
+                        return memoryview(scratch)[_HS:n]
                 self._consume(n)
                 if self._caught is not None:
                     return self._caught
@@ -682,7 +705,7 @@ class TcpQueuePair(QueuePair):
             if hdr.req_id == self._catch:
                 # a view of the scratch buffer (valid until the next receive); a frame put
                 # together in _rbuf is copied, since _rbuf is trimmed when progress() ends
-                self._caught = (True, bytes(body) if self._in_rbuf else body)
+                self._caught = bytes(body) if self._in_rbuf else body
                 return
             if not self._recvs:
                 self._emit(P.Op.ERROR, hdr.req_id,
@@ -725,7 +748,7 @@ class TcpQueuePair(QueuePair):
         elif op == _ERROR:
             msg = bytes(body).decode(errors="replace")
             if hdr.req_id == self._catch:
-                self._caught = (False, msg)
+                self._caught = msg
             elif hdr.req_id == 0:
                 self._fail(f"peer reported: {msg}")
             elif self._reads.pop(hdr.req_id, None) is not None:
