@@ -53,7 +53,6 @@ _MAX_HELLO = 4096          # a HELLO is a few bytes of JSON
 _POLL_R, _POLL_RW = select.POLLIN, select.POLLIN | select.POLLOUT
 _HS = P.HEADER.size
 _HEADER_UNPACK = P.HEADER.unpack_from
-_HEADER_PACK = P.HEADER.pack
 _DONTWAIT = socket.MSG_DONTWAIT
 # exchange(): a blocking receive returns at least this often (s) to look at its deadline
 _RECV_SLICE = 0.05
