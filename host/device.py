@@ -650,7 +650,7 @@ class AsyncDevice:
             bad = int(np.flatnonzero((arr < 0) | (arr > 0xFFFF_FFFF))[0])
             raise IndexError(f"{name}: index {arr[bad]} at position {bad} does not fit the device's "
                              f"32-bit indices (0..2**32-1)")
-        return arr.astype("<u4")
+        return arr.astype("<u4", copy=False)  # staging copies the bytes (tobytes)
 
     @staticmethod
     def _offsets(offsets, n_indices: int) -> np.ndarray:
