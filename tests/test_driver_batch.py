@@ -2,6 +2,8 @@
 is staged first and handed over with one doorbell write, batches larger than the ring go in
 turns, results land in the caller's ``out`` arrays on both result paths (mapped and copied), and
 every failure leaves nothing allocated and nothing in flight."""
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,57 @@ def test_submit_gather_out_receives_the_rows():
     np.testing.assert_array_equal(out.view(np.float32), data[[7, 0, 299]])
     with pytest.raises(ValueError, match=r"out must be a writeable C-contiguous uint8 array of shape \(1, 64\)"):
         dev.run(dev.aio.submit_gather(0, [1], out=out))
+
+
+class SuspendingModel(FaultyModel):
+    """The model whose host-memory reads suspend on a future of the running loop first (like a
+    link that waits for its answer), and may fail after the suspension."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.fail_reads = False
+
+    async def mem_read(self, addr, nbytes):
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(fut.set_result, None)
+        await fut
+        await asyncio.sleep(0)
+        if self.fail_reads:
+            raise TransportError("read timed out")
+        return await super().mem_read(addr, nbytes)
+
+
+def test_inline_runs_finish_in_place_over_the_model_and_continue_on_the_loop_when_they_suspend():
+    import asyncio as aio_mod
+    model = Device.open("model")
+    assert model._inline  # the model opened by name: no task per call
+    model.close()
+    transport = SuspendingModel(PARAMS, host_memory_bytes=64 << 10, map_results=False)
+    dev = Device.open(transport, sq_entries=8, cq_entries=8)
+    assert not dev._inline
+    dev._inline = True  # the inline path over a transport that does suspend
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((300, 16)).astype(np.float32)
+    pages = np.zeros((-(-300 // 16), 1024), np.uint8)
+    pages.reshape(-1)[:data.nbytes] = data.view(np.uint8).reshape(-1)
+    dev.program_pages(0, pages)
+    dev.configure_table(0, 64, "fp32", [(0, 300, 0)])
+    start = _state(dev)
+    for _ in range(3):
+        got = dev.run(dev.aio.gather_many([(0, [4, 5]), (0, [299])]))
+        np.testing.assert_array_equal(got[0].view(np.float32), data[[4, 5]])
+        np.testing.assert_array_equal(got[1].view(np.float32), data[[299]])
+        assert _state(dev) == start
+    # an error after the suspension reaches the caller; nothing is left on the loop
+    transport.fail_reads = True
+    with pytest.raises(TransportError, match="read timed out"):
+        dev.gather(0, [1])
+    assert not [t for t in aio_mod.all_tasks(dev._loop) if not t.done()]
+    transport.fail_reads = False
+    _ordinary_requests_work(dev, data)
+    # refused from inside a coroutine running on the device, on either path
+    async def nested():
+        return dev.run(dev.aio.nop())
+    with pytest.raises(RuntimeError, match="await the coroutine instead"):
+        dev.run(nested())
+    dev.close()
