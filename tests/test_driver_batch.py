@@ -200,3 +200,20 @@ def test_inline_runs_finish_in_place_over_the_model_and_continue_on_the_loop_whe
     with pytest.raises(RuntimeError, match="await the coroutine instead"):
         dev.run(nested())
     dev.close()
+
+
+def test_failure_in_a_later_ring_load_finishes_the_earlier_ones_and_frees_everything():
+    dev, transport, data = _device(sq_entries=4, map_results=False)  # 3 commands a doorbell
+    start = _state(dev)
+    before = dev.counters()["commands"]
+    reqs = [(k % 3, [k, k + 1]) for k in range(5)] + [(0, np.zeros(1500, np.uint32)), (1, [9])]
+    with pytest.raises(MemoryError, match="cannot fit"):  # the 6th result does not fit
+        dev.run(dev.aio.gather_many(reqs))
+    # the first ring load ran and was finished; nothing of the second reached the device
+    assert dev.counters()["commands"] == before + 3
+    assert transport.doorbells == [3]
+    assert _state(dev) == start
+    got = dev.run(dev.aio.gather_many(reqs[:5] + reqs[6:]))
+    for (t, idx), res in zip(reqs[:5] + reqs[6:], got):
+        np.testing.assert_array_equal(res.view(np.float32), data[idx])
+    assert _state(dev) == start
