@@ -145,7 +145,8 @@ _ADDRESS_FIELDS = {Opcode.GATHER: ("src_addr", "dst_addr"),
 class DeviceModel:
     """The device's state and command semantics."""
 
-    def __init__(self, params: Params, host: bytearray, host_base: int, *, n_slots: int | None = None):
+    def __init__(self, params: Params, host: bytearray, host_base: int, *, n_slots: int | None = None,
+                 read_queue: int | None = None):
         self.params = params
         self.regs = RegisterFile(params, on_write=self._on_write, before_read=self._sync_counters)
         # the model pools every element type and weighted bags (host/pooling.py's definition)
@@ -165,7 +166,7 @@ class DeviceModel:
         self.cq_head = 0
         self.pending = False
         self.fatal = False
-        self.timing = TimingModel(params, n_slots=n_slots)
+        self.timing = TimingModel(params, n_slots=n_slots, read_queue=read_queue)
         self._counters_stale = True     # the RO registers are brought up to date on a read
 
     # ---------------------------------------------------------------- registers
@@ -465,12 +466,14 @@ class ModelTransport(Transport):
     without ``pages_per_channel`` the flash is :data:`MODEL_PAGES_PER_CHANNEL` pages per channel
     (sparse: memory follows the pages programmed). ``n_slots``: the reorder-buffer slots of the
     build being modelled (default: :func:`evssd.host.timing.default_slots`), e.g. the RTL's
-    ``n_slots`` top argument when the model runs next to a non-default build."""
+    ``n_slots`` top argument when the model runs next to a non-default build; ``read_queue``
+    likewise (default: :func:`evssd.hw.regmap.default_read_queue`)."""
 
     name = "model"
 
     def __init__(self, params: Params | None = None, *, host_memory_bytes: int = 64 << 20,
-                 host_base: int = 0x1_0000_0000, n_slots: int | None = None, **overrides):
+                 host_base: int = 0x1_0000_0000, n_slots: int | None = None,
+                 read_queue: int | None = None, **overrides):
         if params is None:
             overrides.setdefault("pages_per_channel", MODEL_PAGES_PER_CHANNEL)
             params = Params(**overrides)
@@ -479,7 +482,7 @@ class ModelTransport(Transport):
         self.params = params
         self.host = bytearray(host_memory_bytes)
         self.memory = HostMemory(host_base, host_memory_bytes)
-        self.device = DeviceModel(params, self.host, host_base, n_slots=n_slots)
+        self.device = DeviceModel(params, self.host, host_base, n_slots=n_slots, read_queue=read_queue)
 
     async def read32(self, addr: int) -> int:
         data, resp = self.device.regs.read(addr)

@@ -5,6 +5,9 @@ It follows the RTL's structure lookup by lookup, in request order:
 - the command engine issues one lookup per cycle, but only while a reorder-buffer slot is free
   (``n_slots``, as :func:`evssd.hw.regmap.default_slots` picks it); a slot frees when its row
   retires;
+- reads pass the FTL demux in request order, one per cycle, into a channel only while it holds
+  fewer than :func:`evssd.hw.regmap.channel_accept_depth` reads not yet accepted (its read
+  queue and the intake stage): a full channel holds back the lookups behind it;
 - each flash channel has ``ways`` page registers with LRU replacement. A read whose page is open
   skips tR; a miss takes the least recently used register once that register's previous data
   phase is over, then waits tR. Misses start in request order per channel;
@@ -31,7 +34,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from evssd.hw.regmap import Params, default_slots  # one definition for the RTL and the model
+from evssd.hw.regmap import Params, channel_accept_depth, default_slots  # one definition for the RTL and the model
 
 __all__ = ["TimingModel", "result_schedule", "default_slots", "COMMAND_OVERHEAD", "LOOKUP_PIPELINE",
            "AXI_READ_LATENCY", "MERGER_LATENCY", "RESULT_TAIL"]
@@ -46,15 +49,21 @@ RESULT_TAIL = 103         # last result beat -> completion seen by the driver (w
 
 @numba.njit(cache=True, nogil=True)
 def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_size, beat_bytes, n_slots,
-              t_r, way_page, way_ready, way_free, way_last, bus_free, last_start,
+              t_r, way_page, way_ready, way_free, way_last, bus_free, last_start, acc_ring, acc_pos,
               ch_rows, ch_bytes, ch_tr_waits, ch_busy, use, retire, carry, out_after, host_bytes):
     """Reads in request order from cycle ``t0``: lookup k issues at ``t0 + k`` once the slot of
     the lookup ``n_slots`` earlier (in this command or a previous one: slots are shared) has
     retired, and reaches its channel ``pipeline`` cycles later.
 
+    Reads enter their channels in request order, one per cycle (the FTL demux), and a channel
+    takes a read only while fewer than ``acc_ring.shape[1]`` of its reads wait to be accepted
+    (:func:`evssd.hw.regmap.channel_accept_depth`): ``acc_ring`` is a per-channel ring of the
+    accept cycles of its last reads, ``acc_pos`` its position. Reads are accepted in request
+    order per channel: a hit once it is there, a miss once it takes its register.
+
     Each read: a page register holding the page (LRU over ``ways``) skips tR; a miss takes the
-    least recently used register once its last data phase is over (misses start in request
-    order per channel) and waits tR; then the data phase, in request order on the channel bus,
+    least recently used register once its last data phase is over (``last_start``: the
+    channel's last accept) and waits tR; then the data phase, in request order on the channel bus,
     after the AXI read latency. Rows retire in order (after the previous command's), one
     channel beat per cycle.
 
@@ -64,13 +73,14 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
 
     ``retire`` (``n_slots`` entries) is a ring of the retirement cycles of the last ``n_slots``
     lookups; ``carry`` = [ring position, lookups so far (capped at ``n_slots``), last retirement,
-    last result beat] carries the slots, the merger and the result stream from one command to
-    the next. The state arrays are updated in place. Returns (issue cycle of the last lookup,
+    last result beat, the last read's arrival at its channel] carries the slots, the merger, the
+    result stream and the demux from one command to the next. The state arrays are updated in place. Returns (issue cycle of the last lookup,
     LRU stamp, cycle the last read's data ends, cycle the last result beat goes out).
     """
     row_beats = max(1, (row_bytes + beat_bytes - 1) // beat_bytes)
     page_beats = (page_size + beat_bytes - 1) // beat_bytes
     n_ways = way_page.shape[1]
+    depth = acc_ring.shape[1]
     shift = 0                                    # beat_bytes is a power of two: shifts, not divisions
     while (1 << shift) < beat_bytes:
         shift += 1
@@ -84,6 +94,7 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
     sent = out_after[0]                          # result bytes handed to the host so far
     sent_beats = (sent + host_bytes - 1) >> hshift
     out_t = max(t0, carry[3]) + sent_beats
+    prev_at = carry[4]
     for k in range(chs.shape[0]):
         issue = t0 + k
         if issued >= n_slots:
@@ -96,7 +107,11 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
             off = offsets[k]
             beats = ((off + row_bytes + beat_bytes - 1) >> shift) - (off >> shift)
         use += 1
-        c, page, at = chs[k], pages[k], issue + pipeline
+        c, page = chs[k], pages[k]
+        # in order through the demux, and only into room in the channel's accept queue
+        q = acc_pos[c]
+        at = max(max(issue + pipeline, prev_at + 1), acc_ring[c, q] + 1)
+        prev_at = at
         # The register holding the page (at most one does) and the least recently used one, then
         # hit or miss, all as selects: branches on random pages mispredict (1.3x on the issue-15
         # trace).
@@ -112,9 +127,13 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
         hit = w >= 0
         w = w if hit else lru
         old_ready = way_ready[c, w]
-        start = max(max(at, way_free[c, w]), last_start[c])
+        start = max(at, last_start[c])                       # accepted in request order
+        start = start if hit else max(start, way_free[c, w])
         ready = max(old_ready, at) if hit else start + t_r
-        last_start[c] = last_start[c] if hit else start
+        last_start[c] = start
+        acc_ring[c, q] = start
+        q += 1
+        acc_pos[c] = 0 if q == depth else q
         way_page[c, w] = page
         way_ready[c, w] = old_ready if hit else ready
         ch_tr_waits[c] += 0 if hit else 1
@@ -135,7 +154,9 @@ def _schedule(chs, pages, offsets, t0, pipeline, row_bytes, block_mode, page_siz
             beats = (sent + host_bytes - 1) >> hshift
             out_t = max(out_t, last_retire) + beats - sent_beats
             sent_beats = beats
-    carry[0], carry[1], carry[2], carry[3] = ring, issued, last_retire, out_t
+    carry[0], carry[1], carry[2], carry[3], carry[4] = ring, issued, last_retire, out_t, prev_at
+    if chs.shape[0]:                             # the last lookup has left for its channel
+        issue = max(issue, prev_at - pipeline)
     return issue, use, end, out_t
 
 
@@ -156,12 +177,16 @@ class TimingModel:
     ``ch_programs``) are int64 arrays indexed by channel, like the RTL's counter registers.
     """
 
-    def __init__(self, params: Params, t_r: int = 1000, t_prog: int = 10000, n_slots: int | None = None):
+    def __init__(self, params: Params, t_r: int = 1000, t_prog: int = 10000, n_slots: int | None = None,
+                 read_queue: int | None = None):
         self.params = params
         self.t_r, self.t_prog = t_r, t_prog
         self.n_slots = default_slots(params) if n_slots is None else int(n_slots)
         if self.n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {self.n_slots}")
+        if read_queue is not None and read_queue < 0:
+            raise ValueError(f"read_queue must be >= 0, got {read_queue}")
+        self.accept_depth = channel_accept_depth(params, self.n_slots, read_queue)
         c, w = params.n_channels, params.ways
         self.way_page = np.full((c, w), -1, np.int64)
         self.way_ready = np.zeros((c, w), np.int64)
@@ -169,13 +194,15 @@ class TimingModel:
         self.way_last = np.full((c, w), -1, np.int64)
         self.bus_free = np.zeros(c, np.int64)
         self.last_start = np.zeros(c, np.int64)
+        self.acc_ring = np.zeros((c, self.accept_depth), np.int64)   # see _schedule
+        self.acc_pos = np.zeros(c, np.int64)
         self.ch_rows = np.zeros(c, np.int64)
         self.ch_bytes = np.zeros(c, np.int64)
         self.ch_tr_waits = np.zeros(c, np.int64)
         self.ch_busy_cycles = np.zeros(c, np.int64)
         self.ch_programs = np.zeros(c, np.int64)
         self._retire = np.zeros(self.n_slots, np.int64)
-        self._carry = np.zeros(4, np.int64)     # see _schedule
+        self._carry = np.zeros(5, np.int64)     # see _schedule
         self.cycles = 0            # completion time of the latest command
         self.engine_free = 0       # the engine issued the previous command's last lookup
         self.overlap = False       # set by the device model: the previous command is still in flight
@@ -203,7 +230,7 @@ class TimingModel:
             np.ascontiguousarray(offsets, np.int64), int(t0), int(pipeline), int(row_bytes),
             bool(block_mode), p.page_size, p.ch_data_bits >> 3, self.n_slots, int(self.t_r),
             self.way_page, self.way_ready, self.way_free, self.way_last, self.bus_free,
-            self.last_start, self.ch_rows, self.ch_bytes, self.ch_tr_waits, self.ch_busy_cycles,
+            self.last_start, self.acc_ring, self.acc_pos, self.ch_rows, self.ch_bytes, self.ch_tr_waits, self.ch_busy_cycles,
             self._use, retire, carry, np.ascontiguousarray(out_after, np.int64), p.host_data_bits >> 3)
         return int(issue), int(use), int(end), int(out_t)
 
@@ -244,7 +271,7 @@ class TimingModel:
         # one read outside the lookup path: no slot, no retirement, no result stream
         _, self._use, end, _ = self._schedule(np.array([c]), np.array([page]), np.zeros(1, np.int64), t, 0,
                                               self.params.page_size, True, np.zeros(2, np.int64),
-                                              np.zeros(self.n_slots, np.int64), np.array([0, 0, t, t]))
+                                              np.zeros(self.n_slots, np.int64), np.array([0, 0, t, t, t - 1]))
         self.busy_cycles += end - self.cycles
         self.cycles = self.engine_free = end
 

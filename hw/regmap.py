@@ -21,8 +21,9 @@ __all__ = [
     "MAGIC", "REGMAP_VERSION", "REGMAP_HASH", "Access", "Field", "Register", "REGISTERS",
     "register", "port_name", "channel_addr", "all_addresses", "Params", "Opcode", "Status", "ElemType", "Command", "Completion",
     "COMMAND_BYTES", "COMPLETION_BYTES", "CHANNEL_BLOCK", "CHANNEL_STRIDE", "DivMagic",
-    "div_magic", "pooled_row_bytes", "NO_BAD_POSITION", "default_slots", "ELEM_BITS",
-    "ROWWISE_HEADER_BYTES",
+    "div_magic", "pooled_row_bytes", "NO_BAD_POSITION", "default_slots", "default_read_queue",
+    "channel_accept_depth", "READ_INTAKE_ENTRIES", "ELEM_BITS",
+    "ROWWISE_HEADER_BYTES", "require_tag_width",
 ]
 
 MAGIC = 0x45565344  # "EVSD" read as a little-endian word
@@ -439,6 +440,14 @@ assert struct.calcsize(Command._FMT) == COMMAND_BYTES
 # multiplies. Using shift = 32 + ceil(log2 d) and magic = ceil(2**shift / d) (33 bits) is exact
 # for all x < 2**32 (Granlund-Montgomery).
 
+def require_tag_width(tag_width) -> int:
+    """The one check of a stream tag width (the translator's, the FTL's and the channel's
+    requests carry a tag of 1..32 bits); returns it, raises ValueError naming the bad value."""
+    if isinstance(tag_width, bool) or not isinstance(tag_width, int) or not 1 <= tag_width <= 32:
+        raise ValueError(f"tag_width {tag_width!r} must be 1..32")
+    return tag_width
+
+
 @dataclass(frozen=True)
 class DivMagic:
     magic: int   # up to 33 bits
@@ -549,6 +558,43 @@ def default_slots(params: Params) -> int:
     c, w = params.n_channels, params.ways
     want = max(8, 2 * w * c, 4 * c * c)
     return min(1 << (want - 1).bit_length(), 256)
+
+
+#: reads a channel holds in front of its page-register decision besides its read queue: the
+#: head and the spare of :class:`~evssd.hw.device.read_intake.ReadIntake`'s request stage
+READ_INTAKE_ENTRIES = 2
+
+
+def default_read_queue(params: Params, n_slots: int | None = None) -> int:
+    """Entries of the per-channel read queue between the FTL demux and each channel
+    (``hw/device/top.py``) in the default build: ``max(2 * ways, n_slots // n_channels)``
+    (``n_slots``: the build's reorder-buffer slots, :func:`default_slots` unless given).
+
+    The demux passes lookups in request order, so a lookup for a channel with no room holds
+    back every lookup behind it while the other channels run dry; a channel takes a read into
+    its page-register decision only once a register is free (a way serves one tR and data
+    phase at a time), so the reads of the reorder window wait in this queue. ``n_slots //
+    n_channels`` holds a channel's mean share of the window (a channel never has more than
+    ``n_slots`` reads outstanding); ``2 * ways`` (the old rule: every register a read in flight
+    and one queued) only matters for builds with fewer slots than the default. With the old rule
+    alone 8 x 1 reached 77% of the flash bound on the RTL (issue 18.3); with this one the
+    timing model, which models the queue (:func:`channel_accept_depth`), gives the same cycles
+    as without any limit for every 1..8 x 1..8 default build (docs/benchmarks.md). Defined here
+    (pure Python) because the device and the host's timing model (``host/timing.py``) both size
+    by it."""
+    if n_slots is None:
+        n_slots = default_slots(params)
+    return max(2 * params.ways, n_slots // params.n_channels)
+
+
+def channel_accept_depth(params: Params, n_slots: int | None = None,
+                         read_queue: int | None = None) -> int:
+    """Reads one channel holds waiting for its page-register decision: the read queue
+    (:func:`default_read_queue` unless given) and :data:`READ_INTAKE_ENTRIES`. The timing model
+    lets a read into its channel only while fewer than this many wait there."""
+    if read_queue is None:
+        read_queue = default_read_queue(params, n_slots)
+    return read_queue + READ_INTAKE_ENTRIES
 
 
 def _content_hash() -> int:

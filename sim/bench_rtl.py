@@ -46,6 +46,9 @@ def add_arguments(parser):
     parser.add_argument("--inflight", type=ct.positive_int, default=4, help="gathers in flight for throughput")
     parser.add_argument("--slots", type=ct.positive_int, default=None,
                         help="reorder-buffer slots (default: hw.regmap.default_slots)")
+    parser.add_argument("--read-queue", type=ct.nonneg_int, default=None,
+                        help="per-channel read queue entries of the build, RTL and model (default: "
+                             "hw.regmap.default_read_queue; e.g. 2 for the old 1-way queue)")
     parser.add_argument("--seed", type=ct.nonneg_int, default=1)
     parser.add_argument("--quick", action="store_true", help="small sweep (CI smoke run)")
     sw = parser.add_argument_group("sweep of the default build's throughput (--sweep)")
@@ -104,9 +107,10 @@ def throughput_batches(n_rows: int, lookups: int, inflight: int, seed: int) -> l
 
 
 def model_throughput(params, *, t_r: int, row_bytes: int = 64, lookups: int = 1024, inflight: int = 4,
-                     seed: int = 1, n_slots: int | None = None) -> dict:
+                     seed: int = 1, n_slots: int | None = None, read_queue: int | None = None) -> dict:
     """The timing model's estimate of the throughput measurement (``inflight`` gathers submitted
-    together, then finished) on a fresh model of ``params``: lookups, cycles, lookups/cycle."""
+    together, then finished) on a fresh model of ``params`` (``n_slots``, ``read_queue``: of a
+    non-default build): lookups, cycles, lookups/cycle."""
     import asyncio
 
     from evssd.host.device import AsyncDevice
@@ -115,7 +119,8 @@ def model_throughput(params, *, t_r: int, row_bytes: int = 64, lookups: int = 10
     n_rows = params.total_pages * (params.page_size // row_bytes)
 
     async def main():
-        dev = await AsyncDevice.open(ModelTransport(params, host_memory_bytes=16 << 20, n_slots=n_slots),
+        dev = await AsyncDevice.open(ModelTransport(params, host_memory_bytes=16 << 20, n_slots=n_slots,
+                                                    read_queue=read_queue),
                                      sq_entries=16, cq_entries=16)
         try:
             await dev.set_timing(t_r=t_r)
@@ -133,37 +138,47 @@ def model_throughput(params, *, t_r: int, row_bytes: int = 64, lookups: int = 10
     return {"lookups": lookups * inflight, "cycles": cycles, "lookups_per_cycle": lookups * inflight / cycles}
 
 
-def _run_rtl(params, cfg: dict, n_slots: int, cxx_opt: str | None = None) -> dict:
-    """Run ``tb_bench_rtl`` on the build of ``params`` with ``n_slots`` (C++ compiled with
-    ``cxx_opt``, see :func:`evssd.sim.runner.run`); returns its report."""
+def _run_rtl(params, cfg: dict, n_slots: int, cxx_opt: str | None = None,
+             read_queue: int | None = None) -> dict:
+    """Run ``tb_bench_rtl`` on the build of ``params`` with ``n_slots`` (and ``read_queue``
+    entries per channel unless None: the default build's; C++ compiled with ``cxx_opt``, see
+    :func:`evssd.sim.runner.run`); returns its report."""
     from evssd.sim import runner
+    # a default read queue is not a top argument: the default build keeps its build directory
+    extra = {} if read_queue is None else {"read_queue": read_queue}
     with tempfile.TemporaryDirectory() as tmp:
         report_path = os.path.join(tmp, "report.json")
         runner.run("evssd.sim.tb_bench_rtl", "device", params, quiet=True, cxx_opt=cxx_opt,
                    extra_env={"EVSSD_BENCH_RTL": json.dumps(cfg), "EVSSD_BENCH_RTL_REPORT": report_path},
-                   n_slots=n_slots)
+                   n_slots=n_slots, **extra)
         with open(report_path) as fh:
             return json.load(fh)
 
 
 def sweep(channels, ways, t_rs, rtl_configs, *, row_bytes: int = 64, lookups: int = 1024,
-          inflight: int = 4, seed: int = 1, log=print, on_progress=None, cxx_opt: str | None = None) -> dict:
-    """Throughput of the default build (:func:`evssd.hw.regmap.default_slots`) as a fraction of
+          inflight: int = 4, seed: int = 1, log=print, on_progress=None, cxx_opt: str | None = None,
+          read_queue: int | None = None) -> dict:
+    """Throughput of the default build (:func:`evssd.hw.regmap.default_slots`,
+    :func:`evssd.hw.regmap.default_read_queue` unless ``read_queue`` is given) as a fraction of
     :func:`bound`: every channels x ways x tR on the model, ``rtl_configs`` on the RTL too.
     ``on_progress(report)`` is called after the model part and after each RTL run (an RTL build
     takes minutes: the caller can save what is done)."""
-    from evssd.hw.regmap import default_slots
+    from evssd.hw.regmap import default_read_queue, default_slots
+
+    def queue(params):
+        return default_read_queue(params) if read_queue is None else read_queue
 
     report = {"row_bytes": row_bytes, "lookups": lookups, "inflight": inflight, "seed": seed,
-              "t_r": list(t_rs), "model": [], "rtl": []}
+              "t_r": list(t_rs), "read_queue": read_queue, "model": [], "rtl": []}
     for c in channels:
         for w in ways:
             params = bench_params(c, w)
             for t_r in t_rs:
                 m = model_throughput(params, t_r=t_r, row_bytes=row_bytes, lookups=lookups,
-                                     inflight=inflight, seed=seed)
+                                     inflight=inflight, seed=seed, read_queue=read_queue)
                 b = bound(params, row_bytes, t_r)["bound"]
                 report["model"].append({"channels": c, "ways": w, "t_r": t_r, "n_slots": default_slots(params),
+                                        "read_queue": queue(params),
                                         "bound": b, "fraction_of_bound": m["lookups_per_cycle"] / b, **m})
     if on_progress:
         on_progress(report)
@@ -175,9 +190,10 @@ def sweep(channels, ways, t_rs, rtl_configs, *, row_bytes: int = 64, lookups: in
             cfg = {"t_r": t_r, "row_bytes": row_bytes, "seed": seed, "inflight": inflight,
                    "throughput_sizes": [lookups], "amp_lookups": 0, "latency_sizes": [],
                    "latency_batches": 0}
-            tp = _run_rtl(params, cfg, n_slots, cxx_opt)["throughput"][0]
+            tp = _run_rtl(params, cfg, n_slots, cxx_opt, read_queue)["throughput"][0]
             b = bound(params, row_bytes, t_r)["bound"]
-            row = {"channels": c, "ways": w, "t_r": t_r, "n_slots": n_slots, "bound": b,
+            row = {"channels": c, "ways": w, "t_r": t_r, "n_slots": n_slots, "read_queue": queue(params),
+                   "bound": b,
                    "lookups": tp["lookups"], "cycles": tp["cycles"], "lookups_per_cycle": tp["lookups_per_cycle"],
                    "fraction_of_bound": tp["lookups_per_cycle"] / b, "model_cycles": tp["model_cycles"],
                    "model_over_rtl": tp["model_over_rtl"]}
@@ -245,7 +261,7 @@ def _run_sweep(args) -> int:
     report = sweep(chans, ways, t_rs, args.rtl_configs, row_bytes=args.row_bytes, lookups=args.sweep_lookups,
                    inflight=args.inflight, seed=args.seed, log=lambda m: print(m, file=sys.stderr),
                    on_progress=lambda r: write_results("bench_rtl_sweep", r, command=command),
-                   cxx_opt=_cxx_opt(args))
+                   cxx_opt=_cxx_opt(args), read_queue=args.read_queue)
     fig = None
     try:
         fig = _sweep_figure(report)
@@ -256,7 +272,7 @@ def _run_sweep(args) -> int:
     print(f"model: {len(report['model'])} builds x tR; worst {worst['fraction_of_bound']:.1%} of bound at "
           f"{worst['channels']}x{worst['ways']} tR {worst['t_r']} ({worst['n_slots']} slots)")
     for r in report["rtl"]:
-        print(f"RTL {r['channels']}x{r['ways']} tR {r['t_r']} ({r['n_slots']} slots): "
+        print(f"RTL {r['channels']}x{r['ways']} tR {r['t_r']} ({r['n_slots']} slots, read queue {r['read_queue']}): "
               f"{r['lookups_per_cycle']:.4f} lookups/cycle = {r['fraction_of_bound']:.1%} of bound; "
               f"model/RTL cycles {r['model_over_rtl']:.3f}")
     print(f"wrote {path}")
@@ -293,7 +309,7 @@ def run(args) -> int:
         cfg.update(throughput_sizes=[64], amp_lookups=16, latency_sizes=sizes[:1], latency_batches=1)
     n_slots = args.slots or default_slots(params)
     print("building/running the EV-SSD in Verilator (build log: build/sim/*/build.log)...", file=sys.stderr)
-    report = _run_rtl(params, cfg, n_slots, _cxx_opt(args))
+    report = _run_rtl(params, cfg, n_slots, _cxx_opt(args), args.read_queue)
     report["n_slots"] = n_slots
     report["bound"] = bound(params, args.row_bytes, args.t_r)
     for row in report["throughput"]:

@@ -53,8 +53,10 @@ async def bench(dut):
     await dev.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
     # The functional model runs the same lookups: its cycle estimate is compared with the RTL's.
     # (with the RTL build's reorder-buffer slots: a --slots build is not the default one)
-    n_slots = load_meta().get("top_args", {}).get("n_slots") or default_slots(p)
-    model = await AsyncDevice.open(ModelTransport(p, host_memory_bytes=16 << 20, n_slots=n_slots),
+    top_args = load_meta().get("top_args", {})
+    n_slots = top_args.get("n_slots") or default_slots(p)
+    model = await AsyncDevice.open(ModelTransport(p, host_memory_bytes=16 << 20, n_slots=n_slots,
+                                                  read_queue=top_args.get("read_queue")),
                                    sq_entries=16, cq_entries=16)
     await model.set_timing(t_r=cfg["t_r"])
     flash = np.zeros((n_pages, p.page_size), np.uint8)

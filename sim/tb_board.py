@@ -8,16 +8,14 @@ bit times, so a board that does not answer fails fast in simulation too.
 from __future__ import annotations
 
 import collections
-import os
 
 import cocotb
-import numpy as np
 from cocotb.triggers import ClockCycles, FallingEdge, Timer
 
 from evssd.hw import regmap
-from evssd.host.device import AsyncDevice
-from evssd.host.uart import (BOARD_INFO_BASE, BOARD_MAGIC, FrameStatus, LinkTimeoutError, Op, ByteLink,
-                             UartTransport, WINDOW_BASE, crc8, encode_request)
+from evssd.host.uart import (BOARD_MAGIC, FrameStatus, LinkTimeoutError, Op, ByteLink, UartTransport,
+                             crc8, encode_request)
+from evssd.sim.board_scenarios import BOARD_SCENARIOS, Board
 from evssd.sim.runner import load_meta
 from evssd.sim.transport import start_clock_and_reset
 
@@ -108,35 +106,22 @@ async def _raw_exchange(link: CocotbUartLink, frame: bytes, n_reply: int) -> byt
     return await link.recv(n_reply)
 
 
-@cocotb.test()
-async def identify_and_registers(dut):
-    """Board info, then the driver identifies the device over the UART framing."""
-    meta, link = await _setup(dut)
-    params = meta["params"]
-    t = await UartTransport.create(link=link)
-    assert t.info["magic"] == BOARD_MAGIC
-    assert t.memory.base == WINDOW_BASE and t.memory.size == meta["top_args"].get("window_bytes", 16384)
-    dev = await AsyncDevice.open(t, expect=params, sq_entries=16, cq_entries=16, timeout=3600)
-    assert dev.params == params
-    # Register round trip through bridge -> decoder -> MMIO manager.
-    await t.write32(regmap.register("EXT_LBA").addr, 0xDEADBEEF)
-    assert await t.read32(regmap.register("EXT_LBA").addr) == 0xDEADBEEF
-    # Window round trip with unaligned head/tail (strobed partial words).
-    base = t.alloc(256)
-    blob = bytes(range(7, 7 + 201))
-    await t.mem_write(base + 3, blob)
-    assert await t.mem_read(base + 3, len(blob)) == blob
-    # Errors travel back: unmapped bridge address -> DECERR, ROM write -> SLVERR.
-    data, resp = await t.proto.read_words(0x2000_0000, 1)
-    assert resp == 3, resp
-    assert await t.proto.write_words(BOARD_INFO_BASE, b"\0\0\0\0") == 2
-    from evssd.host.regfile import MMIOError
-    try:
-        await t.write32(regmap.register("ID_MAGIC").addr, 0)
-    except MMIOError as exc:
-        assert exc.resp == 2
-    else:
-        raise AssertionError("write to ID_MAGIC over UART did not fail")
+def _shared(name, scenario):
+    """The shared board scenario ``name`` as a cocotb test of this bench."""
+    async def run(dut):
+        meta, link = await _setup(dut)
+        t = await UartTransport.create(link=link)
+        await scenario.body(Board("UART", t, meta["params"],
+                                  meta["top_args"].get("window_bytes", 16384),
+                                  meta["top_args"].get("device", False)))
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = scenario.body.__doc__
+    return cocotb.test(run)
+
+
+# every shared scenario (sim/board_scenarios.py) is a test of this bench, under its own name
+for _name, _scenario in BOARD_SCENARIOS.items():
+    globals()[_name] = _shared(_name, _scenario)
 
 
 @cocotb.test()
@@ -187,29 +172,3 @@ async def no_answer_times_out(dut):
     link.timeout_ns = 400 * 10 * link.bit_ns
     t = await UartTransport.create(link=link)
     assert t.info["magic"] == BOARD_MAGIC
-
-
-@cocotb.test()
-async def gather_and_pooled(dut):
-    """With the whole device: program pages, GATHER and GATHER_POOLED against numpy."""
-    meta, link = await _setup(dut)
-    if not meta["top_args"].get("device", False):
-        dut._log.warning("EVSSD not in this tree: gather test skipped")
-        return
-    from evssd.sim.scenarios import _random_bags, _same_bits, golden_pooled, load, place_tables
-    params = meta["params"]
-    rng = np.random.default_rng(int(os.environ.get("EVSSD_SEED", "5")))
-    t = await UartTransport.create(link=link)
-    dev = await AsyncDevice.open(t, expect=params, sq_entries=8, cq_entries=8, timeout=3600)
-    await dev.set_timing(t_r=50, t_prog=50)
-    tables, pages = place_tables(params, rng, 2, max_rows=24)
-    await load(dev, tables, pages)
-    for tb in tables:
-        idx = rng.integers(0, tb.rows, 12).astype(np.uint32)
-        idx[6:8] = idx[0]
-        raw = await dev.gather(tb.slot, idx)
-        _same_bits(raw, tb.data[idx].view(np.uint8).reshape(len(idx), tb.row_bytes),
-                   f"GATHER table {tb.slot}")
-        offsets = _random_bags(rng, len(idx), 4)
-        raw = await dev.gather_pooled(tb.slot, idx, offsets)
-        _same_bits(raw, golden_pooled(tb, idx, offsets), f"GATHER_POOLED table {tb.slot} ({tb.elem.name})")

@@ -18,17 +18,15 @@ import os
 import random
 
 import cocotb
-import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteRam, AxiLiteSlave, AxiRam
 
 from evssd.hw import regmap
 from evssd.hw.bridge_protocol import DRAM_CTRL_BASE, DRAM_CTRL_BYTES
 from evssd.hw.udp_protocol import FLAG_REPLAYED, Op, UdpStatus, decode_reply, encode_request
-from evssd.host.device import AsyncDevice
 from evssd.host.dram_init import load_dram_data
 from evssd.host.udp import DatagramLink, LinkTimeoutError, UdpTransport
-from evssd.host.uart import BOARD_INFO_BASE, BOARD_MAGIC, WINDOW_BASE
+from evssd.sim.board_scenarios import BOARD_SCENARIOS, Board
 from evssd.sim.runner import load_meta
 from evssd.sim.transport import quiet_cocotbext_axi, random_pause, start_clock_and_reset
 
@@ -159,34 +157,12 @@ async def _raw(link: CocotbUdpLink, datagram: bytes):
     return decode_reply(await link.recv())
 
 
-@cocotb.test()
-async def identify_and_registers(dut):
-    """Board info, the driver identifies the device, registers and the window round-trip, errors
-    travel back."""
-    meta, link, rng, ctrl = await _setup(dut)
-    params = meta["params"]
-    t = await UdpTransport.create(link=link)
+async def _udp_identify(board: Board, ctrl):
+    """identify_and_registers' ECPIX-5 part: the DRAM controller left alone, its register
+    window, and a clean link."""
+    t, rng = board.transport, board.rng
     assert t.dram is not None and not t.dram.ran          # the RAM says "calibrated": left alone
-    assert t.info["magic"] == BOARD_MAGIC and t.info["divisor"] == 0
-    assert t.memory.base == WINDOW_BASE and t.memory.size == meta["top_args"]["window_bytes"]
-    dev = await AsyncDevice.open(t, expect=params, sq_entries=16, cq_entries=16, timeout=3600)
-    assert dev.params == params
-    await t.write32(regmap.register("EXT_LBA").addr, 0xDEADBEEF)
-    assert await t.read32(regmap.register("EXT_LBA").addr) == 0xDEADBEEF
-    base = t.alloc(2048)
-    blob = bytes(rng.getrandbits(8) for _ in range(1500))    # > one datagram's 1 KiB of words
-    await t.mem_write(base + 3, blob)
-    assert await t.mem_read(base + 3, len(blob)) == blob
-    data, resp = await t.proto.read_words(0x2000_0000, 1)
-    assert resp == 3, resp
-    assert await t.proto.write_words(BOARD_INFO_BASE, b"\0\0\0\0") == 2
-    from evssd.host.regfile import MMIOError
-    try:
-        await t.write32(regmap.register("ID_MAGIC").addr, 0)
-    except MMIOError as exc:
-        assert exc.resp == 2
-    else:
-        raise AssertionError("write to ID_MAGIC over UDP did not fail")
+    assert t.info["divisor"] == 0
     # the DRAM controller's register window: its own target, addresses relative to its base
     words = bytes(rng.getrandbits(8) for _ in range(64))
     assert await t.proto.write_words(DRAM_CTRL_BASE + 0x1000, words) == 0
@@ -196,6 +172,48 @@ async def identify_and_registers(dut):
     assert (data, resp) == (b"\x5a\xa5\x00\x01", 0)
     assert await t.read32(regmap.register("EXT_LBA").addr) == 0xDEADBEEF   # the rest still decodes
     assert t.proto.stats["retransmissions"] == 0 and t.proto.stats["stale"] == 0
+
+
+def _dram_ram(dut, meta, rng):
+    """The AxiRam where LiteDRAM's user port is, random stalls on every channel."""
+    ram = AxiRam(AxiBus.from_prefix(dut, "m_axi_dram", bus_separator="__"), dut.clk, dut.rst,
+                 size=1 << meta["top_args"]["dram_addr_width"])
+    quiet_cocotbext_axi()
+    for ch in (ram.read_if.r_channel, ram.read_if.ar_channel, ram.write_if.aw_channel,
+               ram.write_if.w_channel, ram.write_if.b_channel):
+        ch.set_pause_generator(random_pause(rng, 0.3))
+    return ram
+
+
+def _shared(name, scenario, seed_offset):
+    """The shared board scenario ``name`` as a cocotb test of this bench (the DRAM port in an
+    AxiRam when the device is built; the ECPIX-5's own checks after the shared body)."""
+    async def run(dut):
+        meta, link, rng, ctrl = await _setup(dut, seed_offset)
+        params, device = meta["params"], meta["top_args"].get("device", False)
+        ram = _dram_ram(dut, meta, rng) if device else None
+
+        async def channels_in_own_regions():
+            # every channel's pages are in its own DRAM region
+            region = 1 << max(12, (params.channel_bytes - 1).bit_length())
+            used = [c for c in range(params.n_channels) if any(ram.read(c * region, params.page_size))]
+            assert len(used) >= 2, used
+
+        t = await UdpTransport.create(link=link)
+        board = Board("UDP", t, params, meta["top_args"]["window_bytes"], device, blob_bytes=1500,
+                      after_load=channels_in_own_regions if device else None, rng=rng)
+        await scenario.body(board)      # 1500 bytes: more than one datagram's 1 KiB of words
+        if name == "identify_and_registers":
+            await _udp_identify(board, ctrl)
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = scenario.body.__doc__
+    return cocotb.test(run)
+
+
+# every shared scenario (sim/board_scenarios.py) is a test of this bench, under its own name
+_SEED_OFFSETS = {"identify_and_registers": 0, "gather_and_pooled": 2}   # 1, 3, 4: the tests below
+for _i, (_name, _scenario) in enumerate(BOARD_SCENARIOS.items()):
+    globals()[_name] = _shared(_name, _scenario, _SEED_OFFSETS.get(_name, 10 + _i))
 
 
 @cocotb.test()
@@ -234,42 +252,6 @@ async def resent_writes_run_once(dut):
     assert not link.rxq
     t.proto._seq = seq + 1000
     assert await t.read32(reg) == 0x3333_3333
-
-
-@cocotb.test()
-async def gather_and_pooled(dut):
-    """With the whole device and its channels in the DRAM model: program pages, GATHER and
-    GATHER_POOLED against numpy, random stalls on the DRAM port."""
-    meta, link, rng, _ = await _setup(dut, 2)
-    if not meta["top_args"].get("device", False):
-        raise AssertionError("gather_and_pooled needs the core built with device=True")
-    from evssd.sim.scenarios import _random_bags, _same_bits, golden_pooled, load, place_tables
-    params = meta["params"]
-    ram = AxiRam(AxiBus.from_prefix(dut, "m_axi_dram", bus_separator="__"), dut.clk, dut.rst,
-                 size=1 << meta["top_args"]["dram_addr_width"])
-    quiet_cocotbext_axi()
-    for ch in (ram.read_if.r_channel, ram.read_if.ar_channel, ram.write_if.aw_channel,
-               ram.write_if.w_channel, ram.write_if.b_channel):
-        ch.set_pause_generator(random_pause(rng, 0.3))
-    nprng = np.random.default_rng(int(os.environ.get("EVSSD_SEED", "5")))
-    t = await UdpTransport.create(link=link)
-    dev = await AsyncDevice.open(t, expect=params, sq_entries=8, cq_entries=8, timeout=3600)
-    await dev.set_timing(t_r=50, t_prog=50)
-    tables, pages = place_tables(params, nprng, 2, max_rows=24)
-    await load(dev, tables, pages)
-    # every channel's pages are in its own DRAM region
-    region = 1 << max(12, (params.channel_bytes - 1).bit_length())
-    used = [c for c in range(params.n_channels) if any(ram.read(c * region, params.page_size))]
-    assert len(used) >= 2, used
-    for tb in tables:
-        idx = nprng.integers(0, tb.rows, 12).astype(np.uint32)
-        idx[6:8] = idx[0]
-        raw = await dev.gather(tb.slot, idx)
-        _same_bits(raw, tb.data[idx].view(np.uint8).reshape(len(idx), tb.row_bytes),
-                   f"GATHER table {tb.slot}")
-        offsets = _random_bags(nprng, len(idx), 4)
-        raw = await dev.gather_pooled(tb.slot, idx, offsets)
-        _same_bits(raw, golden_pooled(tb, idx, offsets), f"GATHER_POOLED table {tb.slot} ({tb.elem.name})")
 
 
 @cocotb.test()

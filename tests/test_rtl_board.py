@@ -7,6 +7,7 @@ import pytest
 
 from evssd.hw.boards.board import board_params
 from evssd.sim import runner
+from evssd.sim.board_scenarios import scenario_names
 
 pytestmark = pytest.mark.rtl
 
@@ -27,8 +28,9 @@ def _args(device):
     return dict(divisor=4, window_bytes=16384, device=device)
 
 
-@pytest.mark.parametrize("testcase", ["identify_and_registers", "bad_checksum_then_usable",
-                                      "no_answer_times_out"])
+# the shared board scenarios (sim/board_scenarios.py, on the ECPIX-5 too) and the UART's own
+@pytest.mark.parametrize("testcase", scenario_names(device=False) + ["bad_checksum_then_usable",
+                                                                     "no_answer_times_out"])
 def test_board_link(testcase):
     # The link tests need only the register side: the board around the MMIO manager alone builds
     # in seconds; the whole device is exercised by test_board_gather_pooled.
@@ -37,6 +39,7 @@ def test_board_link(testcase):
 
 
 @pytest.mark.skipif(not HAS_DEVICE, reason="hw/device/top.py (EVSSD) not in the tree yet")
-def test_board_gather_pooled():
-    runner.run("evssd.sim.tb_board", "board", board_params(clock_hz=0), testcase="gather_and_pooled",
+@pytest.mark.parametrize("testcase", scenario_names(device=True))
+def test_board_gather_pooled(testcase):
+    runner.run("evssd.sim.tb_board", "board", board_params(clock_hz=0), testcase=testcase,
                **_args(True))

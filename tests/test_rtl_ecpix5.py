@@ -1,11 +1,13 @@
 """L2 ECPIX-5: Ecpix5Core (UDP bridge + BRAM window + the EV-SSD, its channels behind the AXI
 arbiter on one DRAM port) in Verilator, driven by the real driver over UDP datagrams at the
 LiteEth raw-port seam, with cocotbext-axi's AxiRam where LiteDRAM's user port is on the board
-(sim/tb_ecpix5.py). The same scenarios as the ULX3S board test, plus the UDP link's own."""
+(sim/tb_ecpix5.py). The ULX3S board test's scenarios (one body each, sim/board_scenarios.py), plus
+the UDP link's own."""
 import pytest
 
 from evssd.hw.boards.board import board_params
 from evssd.sim import runner
+from evssd.sim.board_scenarios import scenario_names
 
 pytestmark = pytest.mark.rtl
 
@@ -13,7 +15,7 @@ pytestmark = pytest.mark.rtl
 ARGS = dict(window_bytes=16384, dram_addr_width=17)
 
 
-@pytest.mark.parametrize("testcase", ["identify_and_registers", "resent_writes_run_once"])
+@pytest.mark.parametrize("testcase", scenario_names(device=False) + ["resent_writes_run_once"])
 def test_ecpix5_link(testcase):
     # The link needs only the register side: the core around the MMIO manager alone builds fast.
     runner.run("evssd.sim.tb_ecpix5", "ecpix5", board_params(clock_hz=0), testcase=testcase,
@@ -43,8 +45,9 @@ def test_ecpix5_link_cycles(tmp_path):
     assert frame_in < r["read_1k_cycles"] < 24 * r["words"] + 200, r
 
 
-def test_ecpix5_gather_pooled():
+@pytest.mark.parametrize("testcase", scenario_names(device=True))
+def test_ecpix5_gather_pooled(testcase):
     # Two channels (two masters on the arbiter; tests/hw/test_axi_arbiter.py has 3 and 4): the
     # whole device's Verilator build is most of this test's cost, and it halves with the channels.
     runner.run("evssd.sim.tb_ecpix5", "ecpix5", board_params(clock_hz=0, n_channels=2),
-               testcase="gather_and_pooled", device=True, **ARGS)
+               testcase=testcase, device=True, **ARGS)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from evssd.hw.regmap import Params, default_slots
+from evssd.hw.regmap import Params, default_read_queue, default_slots
 from evssd.sim import bench_rtl
 
 
@@ -38,6 +38,18 @@ def test_fewer_slots_than_the_default_lose_throughput_on_the_model():
     assert few < 0.85 * default
 
 
+def test_short_read_queue_holds_back_one_way_builds_on_the_model():
+    """Issue 18.3 on the model: with the old one-way read queue (2 entries) a full channel holds
+    back the lookups for the others (8 x 1: 77% of the bound, as the RTL measured); the default
+    queue (hw.regmap.default_read_queue, 32 here) gives the same cycles as one that never fills."""
+    params = bench_rtl.bench_params(8, 1)
+    old = bench_rtl.model_throughput(params, t_r=1000, read_queue=2)
+    default = bench_rtl.model_throughput(params, t_r=1000)
+    unlimited = bench_rtl.model_throughput(params, t_r=1000, read_queue=4096)
+    assert old["lookups_per_cycle"] < 0.8 * bench_rtl.bound(params, 64, 1000)["bound"]
+    assert default["cycles"] == unlimited["cycles"] < 0.85 * old["cycles"]
+
+
 def test_throughput_batches_are_reproducible():
     a = bench_rtl.throughput_batches(1000, 16, 3, seed=1)
     b = bench_rtl.throughput_batches(1000, 16, 3, seed=1)
@@ -53,10 +65,11 @@ def test_sweep_cli_on_the_model(tmp_path, monkeypatch):
                               "--sweep-t-r", "1000,2500", "--sweep-lookups", "64", "--rtl-configs", "none"])
     assert bench_rtl.run(args) == 0
     report = json.loads((tmp_path / "bench_rtl_sweep" / "bench_rtl_sweep.json").read_text())
-    assert report["rtl"] == [] and len(report["model"]) == 2 * 2 * 2
+    assert report["rtl"] == [] and len(report["model"]) == 2 * 2 * 2 and report["read_queue"] is None
     for r in report["model"]:
         params = bench_rtl.bench_params(r["channels"], r["ways"])
         assert r["n_slots"] == default_slots(params) and r["lookups"] == 256
+        assert r["read_queue"] == default_read_queue(params)
         assert r["lookups_per_cycle"] == pytest.approx(r["lookups"] / r["cycles"])
         assert r["fraction_of_bound"] == pytest.approx(r["lookups_per_cycle"] / bench_rtl.bound(params, 64, r["t_r"])["bound"])
     assert (tmp_path / "bench_rtl_sweep" / "bench_rtl_sweep.png").stat().st_size > 0
@@ -72,6 +85,10 @@ def test_rtl_configs_argument():
     bench_rtl.add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--sweep", "--rtl-configs", "4"])
+    assert parser.parse_args(["--read-queue", "2"]).read_queue == 2
+    assert parser.parse_args([]).read_queue is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--read-queue", "-1"])
 
 
 def test_cxx_opt_argument_and_runner_check():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evssd.hw.regmap import Params
+from evssd.hw.regmap import Params, channel_accept_depth
 from evssd.host.timing import (AXI_READ_LATENCY, COMMAND_OVERHEAD, LOOKUP_PIPELINE, MERGER_LATENCY,
                                RESULT_TAIL, default_slots)
 
@@ -25,7 +25,8 @@ class _Way:
 class ChannelState:
     ways: list
     bus_free: int = 0
-    last_start: int = 0
+    last_start: int = 0  # the last read's accept (a hit: when it arrives; a miss: its tR start)
+    accepts: list = None  # accept cycle of every read so far (in request order)
     rows: int = 0
     bytes: int = 0
     tr_waits: int = 0
@@ -34,11 +35,17 @@ class ChannelState:
 
 
 class ReferenceTimingModel:
-    def __init__(self, params: Params, t_r: int = 1000, t_prog: int = 10000, n_slots: int | None = None):
+    def __init__(self, params: Params, t_r: int = 1000, t_prog: int = 10000, n_slots: int | None = None,
+                 read_queue: int | None = None):
         self.params = params
         self.t_r, self.t_prog = t_r, t_prog
         self.n_slots = n_slots or default_slots(params)
-        self.channels = [ChannelState([_Way() for _ in range(params.ways)]) for _ in range(params.n_channels)]
+        # reads a channel holds waiting for its page-register decision (its read queue and the
+        # intake's request stage): a read enters only when the one this many earlier was accepted
+        self.accept_depth = channel_accept_depth(params, self.n_slots, read_queue)
+        self.channels = [ChannelState([_Way() for _ in range(params.ways)], accepts=[])
+                         for _ in range(params.n_channels)]
+        self._prev_at = 0          # the last lookup's arrival at its channel (the demux is in order)
         self.cycles = 0            # completion time of the latest command
         self.engine_free = 0       # the engine issued the previous command's last lookup
         self.overlap = False       # set by the device model: the previous command is still in flight
@@ -61,20 +68,31 @@ class ReferenceTimingModel:
         bb = self.beat_bytes
         return (offset + length + bb - 1) // bb - offset // bb
 
+    def _arrival(self, c: int, at: int) -> int:
+        """When a read for channel ``c`` that could arrive at ``at`` gets into the channel: once
+        the read ``accept_depth`` earlier on the channel has been accepted."""
+        accepts = self.channels[c].accepts
+        if len(accepts) >= self.accept_depth:
+            at = max(at, accepts[-self.accept_depth] + 1)
+        return at
+
     def _read(self, c: int, page: int, issue: int, beats: int) -> int:
-        """Schedule one read on channel ``c``; returns the cycle its last beat arrives."""
+        """Schedule one read on channel ``c`` that arrives at ``issue``; returns the cycle its
+        last beat arrives. Reads are accepted in request order per channel."""
         ch = self.channels[c]
         self._use += 1
         way = next((w for w in ch.ways if w.page == page), None)
         if way is not None:
+            accept = max(issue, ch.last_start)
             ready = max(way.ready, issue)
         else:
             way = min(ch.ways, key=lambda w: w.last_use)
-            start = max(issue, way.free_at, ch.last_start)
-            ch.last_start = start
-            ready = start + self.t_r
+            accept = max(issue, way.free_at, ch.last_start)
+            ready = accept + self.t_r
             way.page, way.ready = page, ready
             ch.tr_waits += 1
+        ch.last_start = accept
+        ch.accepts.append(accept)
         way.last_use = self._use
         data_start = max(ready, ch.bus_free) + AXI_READ_LATENCY
         end = data_start + beats
@@ -107,7 +125,10 @@ class ReferenceTimingModel:
             if len(self._retired) >= self.n_slots:   # the slot of the lookup n_slots earlier
                 issue = max(issue, self._retired[-self.n_slots] + 1)
             beats = self._beats(0, ps) if block_mode else self._beats(offset, row_bytes)
-            end = self._read(c, page, issue + LOOKUP_PIPELINE, beats)
+            # in request order through the demux, one a cycle, into room in the channel
+            at = self._arrival(c, max(issue + LOOKUP_PIPELINE, self._prev_at + 1))
+            self._prev_at = at
+            end = self._read(c, page, at, beats)
             last_retire = max(last_retire + row_beats, end + MERGER_LATENCY)
             retire[k] = last_retire
             self._retired.append(last_retire)
@@ -124,6 +145,9 @@ class ReferenceTimingModel:
             out_t = max(out_t, ready) + (-(-sent // hb) - before)
         self._out_t = out_t
         end = max(out_t, t0 + len(locations)) + RESULT_TAIL
+        # the engine has issued the last lookup once it has left for its channel
+        if locations:
+            issue = max(issue, self._prev_at - LOOKUP_PIPELINE)
         self.engine_free = issue + 1
         self.busy_cycles += end - max(start, self.cycles)
         self.cycles = max(self.cycles, end)
@@ -145,7 +169,7 @@ class ReferenceTimingModel:
     def read_page(self, c: int, page: int):
         beats = self._beats(0, self.params.page_size)
         t = self.cycles + COMMAND_OVERHEAD
-        end = self._read(c, page, t, beats)
+        end = self._read(c, page, self._arrival(c, t), beats)
         self.busy_cycles += end - self.cycles
         self.cycles = self.engine_free = end
 

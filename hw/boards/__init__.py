@@ -8,4 +8,5 @@
   simulated seam) and :mod:`.ecpix5_top` (the ECPIX-5-85F top with the generated LiteDRAM and
   LiteEth cores from :mod:`.litex_cores`).
 - :mod:`.udp_bridge`: the UDP-datagram-to-AXI-Lite bridge on LiteEth's raw UDP port.
+- :mod:`.axil_executor`: the AXI4-Lite execution of a checked request, shared by both bridges.
 """

@@ -5,7 +5,9 @@
   is still unread replaces it and pulses ``overrun``.
 - :class:`UartTx`: byte stream -> serial line.
 - :class:`UartAxiBridge`: parses request frames from the byte stream, checks their CRC-8, runs
-  them as AXI4-Lite transactions on ``m_axil`` and answers with a response frame. The frame
+  them as AXI4-Lite transactions on ``m_axil`` (through the
+  :class:`~evssd.hw.boards.axil_executor.AxiLiteExecutor` the UDP bridge shares) and answers
+  with a response frame. The frame
   format is in ``docs/uart-protocol.md``; the host side is :mod:`evssd.host.uart` (whose encoder
   and decoder are the golden model of this bridge in the tests).
 
@@ -22,6 +24,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..lib.axi import AXI4LiteSignature, Resp
+from .axil_executor import AxiLiteExecutor
 
 __all__ = ["UartRx", "UartTx", "UartAxiBridge", "crc8", "crc8_byte", "SOF_REQUEST", "SOF_RESPONSE",
            "Op", "FrameStatus", "MAX_WORDS"]
@@ -229,25 +232,16 @@ class UartAxiBridge(wiring.Component):
         with m.If(wr_pend):
             m.d.sync += widx.eq(widx + 1)
 
-        # ---- execution
-        addr = Signal(32)
-        xidx = Signal(8)
-        xlast = Signal()         # xidx == count, a cycle late (a word takes >= 4 cycles)
-        m.d.sync += xlast.eq(xidx == count)
+        # ---- execution: the shared executor, fed from the checked request and the buffer
+        m.submodules.exe = exe = AxiLiteExecutor()
+        wiring.connect(m, exe.m_axil, wiring.flipped(bus))
+        m.d.comb += [rbuf.addr.eq(exe.wbuf_addr), exe.wbuf_data.eq(rbuf.data),
+                     exe.i_cmd.payload.write.eq(op_write), exe.i_cmd.payload.addr.eq(hdr_addr),
+                     exe.i_cmd.payload.n_words_m1.eq(count), exe.i_cmd.payload.strb.eq(strb)]
         # data registers: no reset (a gate less in front of them; only read once loaded)
         rword = Signal(32, reset_less=True)
-        wdata = Signal(32, reset_less=True)
-        rsp = Signal(2)          # the last AXI response, registered
         resp = Signal(2)         # first non-OKAY response of the frame
-        got_err = Signal()
-        arv = Signal()
-        awv = Signal()
-        wv = Signal()
         send_idx = Signal(2)
-        m.d.comb += rbuf.addr.eq(xidx)
-        m.d.comb += [bus.araddr.eq(addr), bus.awaddr.eq(addr), bus.wdata.eq(wdata), bus.wstrb.eq(strb),
-                     bus.arvalid.eq(arv), bus.awvalid.eq(awv), bus.wvalid.eq(wv),
-                     bus.rready.eq(1), bus.bready.eq(1)]
 
         # ---- response bytes: a holding register in front of o_tx
         tx_v = Signal()
@@ -268,18 +262,11 @@ class UartAxiBridge(wiring.Component):
 
         # ---- pulses and activity, registered
         crc_err_p = Signal()
-        bus_err_p = Signal()
         timeout_p = Signal()
         active = Signal()
-        m.d.sync += [crc_err_p.eq(0), bus_err_p.eq(0), timeout_p.eq(0)]
-        m.d.comb += [self.crc_error.eq(crc_err_p), self.bus_error.eq(bus_err_p),
+        m.d.sync += [crc_err_p.eq(0), timeout_p.eq(0)]
+        m.d.comb += [self.crc_error.eq(crc_err_p), self.bus_error.eq(exe.bus_error),
                      self.timeout.eq(timeout_p), self.active.eq(active)]
-
-        def note_resp():
-            with m.If((rsp != Resp.OKAY) & ~got_err):
-                m.d.sync += [resp.eq(rsp), got_err.eq(1)]
-            with m.If(rsp != Resp.OKAY):
-                m.d.sync += bus_err_p.eq(1)
 
         # ---- inter-byte timeout inside a frame: `to_q` is (idle == idle_timeout), registered
         in_frame = Signal()
@@ -342,7 +329,7 @@ class UartAxiBridge(wiring.Component):
                         m.d.sync += [fstatus.eq(FrameStatus.BAD_OPCODE), fail.eq(1)]
                     with m.Else():
                         m.d.sync += [fstatus.eq(FrameStatus.OK), fail.eq(0)]
-                    m.d.sync += [resp.eq(Resp.OKAY), got_err.eq(0), xidx.eq(0), addr.eq(hdr_addr)]
+                    m.d.sync += resp.eq(Resp.OKAY)
                     m.next = "R_SOF"
 
             # ---- response header: SOF, OP, TAG, FSTATUS
@@ -361,62 +348,29 @@ class UartAxiBridge(wiring.Component):
                 with send(fstatus):
                     with m.If(fail):
                         m.next = "R_CRC"
-                    with m.Elif(op_read):
-                        m.d.sync += arv.eq(1)
-                        m.next = "RD_AR"
-                    with m.Elif(op_write):
-                        m.next = "WR_FETCH"
+                    with m.Elif(op_read | op_write):
+                        m.next = "X_CMD"
                     with m.Else():
                         m.next = "R_RESP"
 
-            # ---- READ: one AXI4-Lite read per word, bytes sent as they come
-            with m.State("RD_AR"):
-                with m.If(bus.arready):
-                    m.d.sync += arv.eq(0)
-                    m.next = "RD_R"
-            with m.State("RD_R"):
-                with m.If(bus.rvalid):
-                    m.d.sync += [rword.eq(bus.rdata), rsp.eq(bus.rresp), send_idx.eq(0)]
-                    m.next = "RD_NOTE"
-            with m.State("RD_NOTE"):
-                note_resp()
-                m.next = "RD_SEND"
+            # ---- READ/WRITE: the executor runs the words; READ words are sent as they come
+            with m.State("X_CMD"):
+                m.d.comb += exe.i_cmd.valid.eq(1)
+                with m.If(exe.i_cmd.ready):
+                    m.next = "X_RUN"
+            with m.State("X_RUN"):
+                m.d.comb += [exe.o_rdata.ready.eq(1), exe.o_done.ready.eq(1)]
+                with m.If(exe.o_rdata.valid):
+                    m.d.sync += [rword.eq(exe.o_rdata.payload.data), send_idx.eq(0)]
+                    m.next = "RD_SEND"
+                with m.If(exe.o_done.valid):
+                    m.d.sync += resp.eq(exe.o_done.payload.resp)
+                    m.next = "R_RESP"
             with m.State("RD_SEND"):
                 with send(rword[:8]):
                     m.d.sync += [rword.eq(rword >> 8), send_idx.eq(send_idx + 1)]
                     with m.If(send_idx == 3):
-                        m.d.sync += [addr.eq(addr + 4), xidx.eq(xidx + 1)]
-                        with m.If(xlast):
-                            m.next = "R_RESP"
-                        with m.Else():
-                            m.d.sync += arv.eq(1)
-                            m.next = "RD_AR"
-
-            # ---- WRITE: words from the buffer, one AXI4-Lite write each
-            with m.State("WR_FETCH"):
-                # the buffer reads word `xidx` this cycle
-                m.next = "WR_LATCH"
-            with m.State("WR_LATCH"):
-                m.d.sync += [wdata.eq(rbuf.data), awv.eq(1), wv.eq(1)]
-                m.next = "WR_AW"
-            with m.State("WR_AW"):
-                with m.If(bus.awready):
-                    m.d.sync += awv.eq(0)
-                with m.If(bus.wready):
-                    m.d.sync += wv.eq(0)
-                with m.If((~awv | bus.awready) & (~wv | bus.wready)):
-                    m.next = "WR_B"
-            with m.State("WR_B"):
-                with m.If(bus.bvalid):
-                    m.d.sync += rsp.eq(bus.bresp)
-                    m.next = "WR_NOTE"
-            with m.State("WR_NOTE"):
-                note_resp()
-                m.d.sync += [addr.eq(addr + 4), xidx.eq(xidx + 1)]
-                with m.If(xlast):
-                    m.next = "R_RESP"
-                with m.Else():
-                    m.next = "WR_FETCH"
+                        m.next = "X_RUN"
 
             # ---- response tail: RESP, CRC
             with m.State("R_RESP"):

@@ -2,8 +2,8 @@
 
 :class:`UdpAxiBridge` sits on one raw UDP port of a LiteEth UDP/IP core (8 bits wide: the
 ``udpN_source_*`` / ``udpN_sink_*`` signals ``liteeth_gen`` exports for a ``mode: raw`` port) and
-masters the board's AXI4-Lite address map (:class:`evssd.hw.boards.board.BridgeDecoder`), exactly as the
-UART bridge does. The datagram format is :mod:`evssd.hw.udp_protocol` (``docs/udp-protocol.md``);
+masters the board's AXI4-Lite address map (:class:`evssd.hw.boards.board.BridgeDecoder`) through
+the :class:`~evssd.hw.boards.axil_executor.AxiLiteExecutor` the UART bridge uses too. The datagram format is :mod:`evssd.hw.udp_protocol` (``docs/udp-protocol.md``);
 the host side is :mod:`evssd.host.udp`, whose :class:`~evssd.host.udp.UdpBridgeModel` is this
 component's golden model in the tests.
 
@@ -21,6 +21,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..lib.axi import AXI4LiteSignature, Resp
+from .axil_executor import AxiLiteExecutor
 from ..udp_protocol import DEFAULT_PORT, FLAG_REPLAYED, MAGIC, MAX_WORDS, REQ_HEADER, RSP_HEADER, Op, UdpStatus
 
 __all__ = ["UdpStreamSignature", "UdpAxiBridge"]
@@ -103,12 +104,11 @@ class UdpAxiBridge(wiring.Component):
         status = Signal(8)
         flags = Signal(8)
         resp = Signal(2)             # first non-OKAY AXI response of the request
-        got_err = Signal()
         rsp_words = Signal(range(MAX_WORDS + 1))
         rsp_len = Signal(16)
 
         # ---- pulses
-        for name in ("dropped", "refused", "replayed", "bus_error"):
+        for name in ("dropped", "refused", "replayed"):
             p = Signal(name=f"{name}_p")
             m.d.sync += p.eq(0)
             m.d.comb += getattr(self, name).eq(p)
@@ -121,28 +121,21 @@ class UdpAxiBridge(wiring.Component):
         fields = [(magic, 0, 2), (op, 2, 1), (strb, 3, 1), (seq, 4, 4), (hdr_addr, 8, 4), (count, 12, 2)]
         data_pos = pos - REQ_HEADER
 
-        # ---- execution
-        addr = Signal(32)
-        xidx = Signal(range(MAX_WORDS + 1))
-        rsp = Signal(2)
-        wdata = Signal(32, reset_less=True)
-        arv, awv, wv = Signal(), Signal(), Signal()
-        m.d.comb += [bus.araddr.eq(addr), bus.awaddr.eq(addr), bus.wdata.eq(wdata), bus.wstrb.eq(strb),
-                     bus.arvalid.eq(arv), bus.awvalid.eq(awv), bus.wvalid.eq(wv),
-                     bus.rready.eq(1), bus.bready.eq(1)]
-
-        def note(r):
-            with m.If((r != Resp.OKAY) & ~got_err):
-                m.d.sync += [resp.eq(r), got_err.eq(1)]
-            with m.If(r != Resp.OKAY):
-                m.d.sync += self._bus_error_p.eq(1)
-
         # ---- checks, registered in CHECK, acted on in DECIDE
         ours = Signal()
         op_ok = Signal()
         len_ok = Signal()
         is_read, is_write, is_ping = Signal(), Signal(), Signal()
         dist = Signal(32)            # seq - last_seq (serial-number arithmetic)
+
+        # ---- execution: the shared executor, fed from the checked request and the buffer
+        m.submodules.exe = exe = AxiLiteExecutor()
+        wiring.connect(m, exe.m_axil, wiring.flipped(bus))
+        m.d.comb += [rbuf.addr.eq(exe.wbuf_addr), exe.wbuf_data.eq(rbuf.data),
+                     self.bus_error.eq(exe.bus_error),
+                     exe.i_cmd.payload.write.eq(is_write), exe.i_cmd.payload.addr.eq(hdr_addr),
+                     exe.i_cmd.payload.n_words_m1.eq(count - 1), exe.i_cmd.payload.strb.eq(strb)]
+
 
         # ---- sending
         spos = Signal(16)
@@ -193,8 +186,7 @@ class UdpAxiBridge(wiring.Component):
                     len_ok.eq(Mux(op == Op.PING, count == 0, (count >= 1) & (count <= MAX_WORDS))
                               & (n_bytes == REQ_HEADER + n_data)),
                     dist.eq(seq - last_seq),
-                    resp.eq(Resp.OKAY), got_err.eq(0), flags.eq(0), rsp_words.eq(0),
-                    xidx.eq(0), addr.eq(hdr_addr),
+                    resp.eq(Resp.OKAY), flags.eq(0), rsp_words.eq(0),
                 ]
                 m.next = "DECIDE"
             with m.State("DECIDE"):
@@ -211,8 +203,8 @@ class UdpAxiBridge(wiring.Component):
                     m.d.sync += [status.eq(UdpStatus.OK), last_seq.eq(seq), last_resp.eq(0)]
                     m.next = "SEND"
                 with m.Elif(is_read):
-                    m.d.sync += [status.eq(UdpStatus.OK), arv.eq(1)]
-                    m.next = "RD_AR"
+                    m.d.sync += status.eq(UdpStatus.OK)
+                    m.next = "X_CMD"
                 with m.Elif(dist == 0):
                     m.d.sync += [status.eq(UdpStatus.OK), resp.eq(last_resp), flags.eq(FLAG_REPLAYED),
                                  self._replayed_p.eq(1)]
@@ -222,56 +214,27 @@ class UdpAxiBridge(wiring.Component):
                     m.next = "SEND"
                 with m.Else():
                     m.d.sync += status.eq(UdpStatus.OK)
-                    m.next = "WR_FETCH"
+                    m.next = "X_CMD"
 
-            # ---- READ: one AXI4-Lite read per word, into the buffer
-            with m.State("RD_AR"):
-                with m.If(bus.arready):
-                    m.d.sync += arv.eq(0)
-                    m.next = "RD_R"
-            with m.State("RD_R"):
-                with m.If(bus.rvalid):
-                    m.d.comb += [wbuf.addr.eq(xidx), wbuf.data.eq(bus.rdata), wbuf.en.eq(1)]
-                    m.d.sync += [rsp.eq(bus.rresp), xidx.eq(xidx + 1), addr.eq(addr + 4)]
-                    m.next = "RD_NOTE"
-            with m.State("RD_NOTE"):
-                note(rsp)
-                with m.If(xidx == count):
-                    m.d.sync += rsp_words.eq(count)
+            # ---- READ/WRITE: the executor runs the words; READ words go into the buffer
+            with m.State("X_CMD"):
+                m.d.comb += exe.i_cmd.valid.eq(1)
+                with m.If(exe.i_cmd.ready):
+                    m.next = "X_RUN"
+            with m.State("X_RUN"):
+                m.d.comb += [exe.o_rdata.ready.eq(1), exe.o_done.ready.eq(1)]
+                with m.If(exe.o_rdata.valid):
+                    m.d.comb += [wbuf.addr.eq(exe.o_rdata.payload.index),
+                                 wbuf.data.eq(exe.o_rdata.payload.data), wbuf.en.eq(1)]
+                with m.If(exe.o_done.valid):
+                    m.d.sync += resp.eq(exe.o_done.payload.resp)
+                    with m.If(is_read):
+                        m.d.sync += rsp_words.eq(count)
+                    with m.Else():
+                        # the request is executed: remember it, so a resend is answered, not
+                        # run again
+                        m.d.sync += [last_seq.eq(seq), last_resp.eq(exe.o_done.payload.resp)]
                     m.next = "SEND"
-                with m.Else():
-                    m.d.sync += arv.eq(1)
-                    m.next = "RD_AR"
-
-            # ---- WRITE: words from the buffer, one AXI4-Lite write each
-            with m.State("WR_FETCH"):
-                m.d.comb += rbuf.addr.eq(xidx)
-                m.next = "WR_LATCH"
-            with m.State("WR_LATCH"):
-                m.d.comb += rbuf.addr.eq(xidx)
-                m.d.sync += [wdata.eq(rbuf.data), awv.eq(1), wv.eq(1)]
-                m.next = "WR_AW"
-            with m.State("WR_AW"):
-                with m.If(bus.awready):
-                    m.d.sync += awv.eq(0)
-                with m.If(bus.wready):
-                    m.d.sync += wv.eq(0)
-                with m.If((~awv | bus.awready) & (~wv | bus.wready)):
-                    m.next = "WR_B"
-            with m.State("WR_B"):
-                with m.If(bus.bvalid):
-                    m.d.sync += [rsp.eq(bus.bresp), xidx.eq(xidx + 1), addr.eq(addr + 4)]
-                    m.next = "WR_NOTE"
-            with m.State("WR_NOTE"):
-                note(rsp)
-                with m.If(xidx == count):
-                    m.next = "WR_DONE"
-                with m.Else():
-                    m.next = "WR_FETCH"
-            with m.State("WR_DONE"):
-                # the request is executed: remember it, so a resend is answered, not run again
-                m.d.sync += [last_seq.eq(seq), last_resp.eq(resp)]
-                m.next = "SEND"
 
             # ---- the response: header, then the buffer's words, one byte per cycle
             with m.State("SEND"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from amaranth import Cat
 from amaranth.lib import data
 
-from ..regmap import Params
+from ..regmap import Params, require_tag_width
 
 __all__ = ["ChannelGeometry", "flags_at", "FLAG_LAYOUT", "channel_addr_width"]
 
@@ -46,8 +46,7 @@ class ChannelGeometry:
 
     def __init__(self, params: Params, tag_width: int):
         Params.require(params)
-        if not 1 <= tag_width <= 32:
-            raise ValueError(f"tag_width {tag_width} must be 1..32")
+        require_tag_width(tag_width)
         self.params = params
         self.tag_width = tag_width
         B = self.beat_bytes = params.ch_data_bits // 8

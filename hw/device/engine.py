@@ -24,8 +24,9 @@ Several commands are in flight (up to ``params.max_inflight``): the front moves 
 command as soon as the previous one's lookups are emitted, while its rows are still in the
 channels and the merger. ROB slots are credits: allocated in order, returned in order by the
 merger's ``o_free``. PROGRAM_PAGES waits until it is the only command in flight (so reads before
-it see the old data and reads after it the new), then moves each page: host DMA ->
-width conversion -> ``o_prog[ch]``/``o_prog_data[ch]`` -> ``i_prog_done[ch]``.
+it see the old data and reads after it the new), then hands it to the page programmer
+(:class:`~evssd.hw.device.page_programmer.PageProgrammer`: host DMA -> width conversion ->
+``o_prog[ch]``/``o_prog_data[ch]`` -> ``i_prog_done[ch]``) and completes with its answer.
 
 Status rules follow the functional model (:mod:`evssd.host.model`): BAD_OPCODE; BAD_ADDRESS
 (src/offsets/dst not 64-byte aligned, per opcode); pages: RESULT_OVERFLOW, BAD_LBA
@@ -64,8 +65,8 @@ from ..lib.skid_buffer import SkidBuffer
 from ..lib.chunk_reader import ChunkReader
 from ..lib.stream_zip import StreamZip
 from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
-from ..lib.width_converter import WidthConverter
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
+from .page_programmer import PageProgrammer
 from .fork import XLAT_TAG_WIDTH, Kind, LookupFork, raw_chunk_bytes, side_layout as fork_side_layout
 from .result_writer import ORDER_LAYOUT, RESULT_CHUNK_BYTES, ResultWriter
 from ..regmap import ELEM_BITS, ROWWISE_HEADER_BYTES, ElemType, Opcode, Params, Status
@@ -328,21 +329,17 @@ class CommandEngine(wiring.Component):
                                         "lba_bad": 1, "count_zero": 1, "result_overflow": 1,
                                         "table_off": 1}))
 
-        # PROGRAM_PAGES state
-        pg_k = Signal(32)
-        pg_ch = Signal(range(n_ch))
-        pg_page = Signal(32)
-        pg_beats = Signal(range(ps // (wc // 8) + 1))
-        pg_err = Signal()
-        pg_busy = Signal(n_ch)          # a program is outstanding in channel i
-        pg_issue = Signal(n_ch)         # pulse: a program request was accepted by channel i
-        pg_done_err = Signal()
-        first_ch, first_page = ftl_mod.lba_split(m, c.lba, n_ch, name="pg_first")
-        m.submodules.pgconv = pgconv = WidthConverter(wh, wc)
-        m.d.comb += [
-            pgconv.i.payload.data.eq(self.i_pg_data.payload.data),
-            pgconv.i.payload.err.eq(self.i_pg_data.payload.err),
-        ]
+        # PROGRAM_PAGES: the page programmer moves the pages; the front hands it the command
+        # once it is the only one in flight and completes with its answer
+        m.submodules.programmer = prog = PageProgrammer(p)
+        wiring.connect(m, prog.o_pg_cmd, wiring.flipped(self.o_pg_cmd))
+        wiring.connect(m, wiring.flipped(self.i_pg_data), prog.i_pg_data)
+        for i in range(n_ch):
+            wiring.connect(m, prog.o_prog[i], wiring.flipped(self.o_prog[i]))
+            wiring.connect(m, prog.o_prog_data[i], wiring.flipped(self.o_prog_data[i]))
+            wiring.connect(m, wiring.flipped(self.i_prog_done[i]), prog.i_prog_done[i])
+        m.d.comb += [prog.i_job.payload.src_addr.eq(c.src_addr), prog.i_job.payload.lba.eq(c.lba),
+                     prog.i_job.payload.count.eq(c.count)]
 
         # raw (READ_PAGES) chunk position
         raw_k = Signal(32)
@@ -430,7 +427,7 @@ class CommandEngine(wiring.Component):
                                        (op == Opcode.GATHER_POOLED_WEIGHTED)),
                              weighted.eq(op == Opcode.GATHER_POOLED_WEIGHTED), pos.eq(0), bag.eq(0),
                              count_m1.eq(c.count - 1),
-                             off_bad.eq(0), off_err.eq(0), pg_k.eq(0), pg_err.eq(0),
+                             off_bad.eq(0), off_err.eq(0),
                              raw_k.eq(0), raw_j.eq(0)]
                 with m.If(~chk.known_op):
                     finish(m, Status.BAD_OPCODE)
@@ -620,54 +617,14 @@ class CommandEngine(wiring.Component):
 
             # ---------------- PROGRAM_PAGES
             with m.State("PG_DRAIN"):
-                with m.If(inflight == 1):
-                    m.d.sync += [pg_ch.eq(first_ch), pg_page.eq(first_page)]
-                    m.next = "PG_REQ"
-            with m.State("PG_REQ"):
-                # a channel takes its next page only after its previous program is done; the
-                # other channels' programs (tPROG each) overlap with this one
-                for i in range(n_ch):
-                    with m.If((pg_ch == i) & ~pg_busy[i]):
-                        m.d.comb += self.o_prog[i].valid.eq(1)
-                        with m.If(self.o_prog[i].ready):
-                            m.d.comb += pg_issue[i].eq(1)
-                            m.next = "PG_DMA"
-            with m.State("PG_DMA"):
-                m.d.comb += [self.o_pg_cmd.valid.eq(1),
-                             self.o_pg_cmd.payload.addr.eq(c.src_addr + pg_k * ps),
-                             self.o_pg_cmd.payload.bytes.eq(ps)]
-                with m.If(self.o_pg_cmd.ready):
-                    m.d.sync += pg_beats.eq(ps // (wc // 8))
-                    m.next = "PG_DATA"
-            with m.State("PG_DATA"):
-                m.d.comb += [pgconv.i.valid.eq(self.i_pg_data.valid),
-                             self.i_pg_data.ready.eq(pgconv.i.ready)]
-                with m.If(self.i_pg_data.valid & self.i_pg_data.ready & self.i_pg_data.payload.err):
-                    m.d.sync += pg_err.eq(1)
-                for i in range(n_ch):
-                    with m.If(pg_ch == i):
-                        m.d.comb += [self.o_prog_data[i].valid.eq(pgconv.o.valid),
-                                     pgconv.o.ready.eq(self.o_prog_data[i].ready)]
-                with m.If(pgconv.o.valid & pgconv.o.ready):
-                    m.d.sync += pg_beats.eq(pg_beats - 1)
-                    with m.If(pg_beats == 1):
-                        m.next = "PG_NEXT"
-            with m.State("PG_NEXT"):
-                # the next page's channel and position, a cycle after the last beat (the data
-                # handshake stays out of these registers' enables)
-                m.d.sync += pg_k.eq(pg_k + 1)
-                with m.If(pg_ch == n_ch - 1):
-                    m.d.sync += [pg_ch.eq(0), pg_page.eq(pg_page + 1)]
-                with m.Else():
-                    m.d.sync += pg_ch.eq(pg_ch + 1)
-                with m.If(pg_k == count_m1):
-                    m.next = "PG_END"
-                with m.Else():
-                    m.next = "PG_REQ"
-            with m.State("PG_END"):
-                # the command completes when every channel has finished its last program
-                with m.If(pg_busy == 0):
-                    finish(m, Mux(pg_err | pg_done_err, Status.BUS_ERROR, Status.OK))
+                # the job is handed over in the cycle the command is the only one in flight
+                m.d.comb += prog.i_job.valid.eq(inflight == 1)
+                with m.If(prog.i_job.valid & prog.i_job.ready):
+                    m.next = "PG_WAIT"
+            with m.State("PG_WAIT"):
+                m.d.comb += prog.o_done.ready.eq(1)
+                with m.If(prog.o_done.valid):
+                    finish(m, Mux(prog.o_done.payload.err, Status.BUS_ERROR, Status.OK))
 
         m.d.sync += [
             Assert(~front_fsm.ongoing("P_PRE") | (pre_done == (pos == bag_end_pos)),
@@ -677,24 +634,6 @@ class CommandEngine(wiring.Component):
             Assert(~(front_fsm.ongoing("P_TOKEN") | front_fsm.ongoing("P_LOOK")) |
                    (is_last_bag == (bag == c.n_bags)), "engine: is_last_bag stale"),
         ]
-
-        # the program payloads go to every channel (only the selected one sees valid)
-        for i in range(n_ch):
-            m.d.comb += [self.o_prog[i].payload.page.eq(pg_page),
-                         self.o_prog_data[i].payload.data.eq(pgconv.o.payload.data)]
-
-        # program completions are taken in any state: one outstanding program per channel
-        for i in range(n_ch):
-            m.d.comb += self.i_prog_done[i].ready.eq(1)
-            with m.If(pg_issue[i]):
-                m.d.sync += pg_busy[i].eq(1)
-            with m.Elif(self.i_prog_done[i].valid):
-                m.d.sync += pg_busy[i].eq(0)
-        done_errs = [self.i_prog_done[i].valid & self.i_prog_done[i].payload.err for i in range(n_ch)]
-        with m.If(self.i_cmd.valid & self.i_cmd.ready):
-            m.d.sync += pg_done_err.eq(0)
-        with m.Elif(Cat(*done_errs).any()):
-            m.d.sync += pg_done_err.eq(1)
 
         # ------------------------------------------------------------------ fork
         m.submodules.fork = fork = LookupFork(p, self.n_slots)

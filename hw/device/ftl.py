@@ -26,7 +26,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .channel import read_request_layout
-from ..regmap import Params, div_magic
+from ..regmap import Params, div_magic, require_tag_width
 
 __all__ = ["LinearFTL", "ChannelDemux", "request_layout", "response_layout", "ftl_model", "lba_split"]
 
@@ -67,8 +67,7 @@ def lba_split(m, lba, n_channels: int, *, name: str = "lba"):
 
 def _check(params, tag_width):
     Params.require(params)
-    if not 1 <= tag_width <= 32:
-        raise ValueError(f"tag_width {tag_width} must be 1..32")
+    require_tag_width(tag_width)
 
 
 class LinearFTL(wiring.Component):

@@ -120,6 +120,8 @@ from ..lib.fpu import Fp16ToFp32, Fp32Adder
 from ..lib.int_to_fp import Int32ToFp32
 from ..regmap import ELEM_BITS, ROWWISE_HEADER_BYTES, ElemType, Params
 from .rowwise_lane import RowwiseLane
+from .merger_intake import RowIntake
+from .merger_packer import WordPacker
 from ..lib.block_ram import BlockRAM
 from ..lib.skid_buffer import SkidBuffer
 
@@ -145,14 +147,6 @@ def _slot_bits(n_slots: int) -> int:
 
 def _log2_ceil(n: int) -> int:
     return (n - 1).bit_length()
-
-
-def _or_all(values):
-    values = list(values)
-    out = values[0]
-    for v in values[1:]:
-        out = out | v
-    return out
 
 
 def row_layout(params: Params, n_slots: int) -> data.StructLayout:
@@ -188,92 +182,6 @@ def out_layout(params: Params) -> data.StructLayout:
         "last": unsigned(1),
         "err": unsigned(1),
     })
-
-
-class WordPacker(wiring.Component):
-    """Packs groups of 1..``in_words`` 32-bit words into ``out_words``-word beats.
-
-    ``i_words``: ``{data: 32*in_words, count: 1..in_words valid words from word 0, last, err}``;
-    ``o_beat``: ``{data: 32*out_words, last, err}``. Words are contiguous across inputs; the beat
-    holding the word of an input with ``last`` is emitted with ``last`` (zero-padded past it).
-    The buffer holds ``out_words + in_words`` words, so input flows every cycle when the output
-    does (one input per cycle when in_words <= out_words, one beat per cycle otherwise).
-    """
-
-    def __init__(self, in_words: int, out_words: int):
-        self._k = in_words
-        self._h = out_words
-        super().__init__({
-            "i_words": In(stream.Signature(data.StructLayout({
-                "data": unsigned(32 * in_words), "count": range(in_words + 1),
-                "last": unsigned(1), "err": unsigned(1)}))),
-            "o_beat": Out(stream.Signature(data.StructLayout({
-                "data": unsigned(32 * out_words), "last": unsigned(1), "err": unsigned(1)}))),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        K, H = self._k, self._h
-        C = K + H
-        buf = Signal(32 * C)            # words at index >= fill are always zero
-        fill = Signal(range(C + 1))
-        end_pending = Signal()          # the command's last word is in buf
-        end_err = Signal()
-        o, i = self.o_beat, self.i_words
-
-        m.d.comb += [
-            o.valid.eq((fill >= H) | (end_pending & (fill != 0))),
-            o.payload.data.eq(buf[:32 * H]),
-            o.payload.last.eq(end_pending & (fill <= H)),
-            o.payload.err.eq(end_err & end_pending & (fill <= H)),
-        ]
-        out_fire = o.valid & o.ready
-        # The input's words are placed at `fill` (a register) in both outcomes of this cycle's
-        # output, and `out_fire` only picks one of them at the end: with a beat out, the words
-        # move down by H. The input is taken when fill <= H whether or not a beat goes out, so
-        # `i.ready` comes from registers (a beat only leaves with fewer than H words at the
-        # command's end, which stops input until it is sent).
-        # the words to add, zero unless taken (`placed` is zero for fill > H, the other
-        # condition of `take`): the gating is in the first LUT level, not after the placement
-        masked = Signal(32 * K)
-        offered = i.valid & ~end_pending
-        for w in range(K):
-            m.d.comb += masked[32 * w:32 * (w + 1)].eq(
-                Mux(offered & (i.payload.count > w), i.payload.data[32 * w:32 * (w + 1)], 0))
-        placed = Signal(32 * (H + K))
-        with m.Switch(fill):
-            for f in range(H + 1):
-                with m.Case(f):
-                    m.d.comb += placed.eq(masked << (32 * f))
-        take = Signal()
-        in_ok = Signal(init=1)           # == ~end_pending & (fill <= H), a register of its own
-        m.d.comb += [
-            i.ready.eq(in_ok),
-            take.eq(i.valid & in_ok),
-        ]
-        m.d.sync += Assert(in_ok == (~end_pending & (fill <= H)), "packer: in_ok out of step")
-        both = buf | placed                         # H + K == C words
-        count = i.payload.count
-        stay_fill = fill + Mux(take, count, 0)
-        out_fill = Mux(fill > H, fill - H, 0) + Mux(take, count, 0)
-        # an end with no words at all has no beat to carry `last`: dropping it keeps the
-        # packer from waiting forever for a beat it cannot send
-        # (both outcomes again: out_fire picks one last)
-        ends_stay = take & i.payload.last & ((count != 0) | (fill != 0))
-        ends_out = take & i.payload.last & ((count != 0) | (fill > H))
-        pend_stay = end_pending | ends_stay
-        pend_out = (end_pending & ~o.payload.last) | ends_out
-        err_stay = Mux(ends_stay, i.payload.err, end_err)
-        err_out = Mux(ends_out, i.payload.err, end_err & ~o.payload.last)
-        with m.If(out_fire):
-            m.d.sync += [buf.eq(both >> (32 * H)), fill.eq(out_fill),
-                         end_pending.eq(pend_out), end_err.eq(err_out),
-                         in_ok.eq(~pend_out & (out_fill <= H))]
-        with m.Else():
-            m.d.sync += [buf.eq(both), fill.eq(stay_fill),
-                         end_pending.eq(pend_stay), end_err.eq(err_stay),
-                         in_ok.eq(~pend_stay & (stay_fill <= H))]
-        return m
 
 
 # op kinds of the retirement pipeline
@@ -376,76 +284,14 @@ class ResultMerger(wiring.Component):
         errf = Signal(n_slots)
 
         # ---------------- channel beats -> ROB ----------------
-        # Each channel's beats wait in a two-entry buffer, and the grant (one-hot, at most one
-        # channel per cycle) is a register decided a cycle ahead from the buffers' levels for
-        # the next cycle: a channel is granted only when its buffer will hold a beat, so the
-        # granted beat is always there. The round-robin thus ends at the grant register instead
-        # of steering the beat mux, the buffers' ready and the row state in the same cycle
-        # (valid -> round-robin -> beat.last -> rr was the board's critical path, 14.6 ns).
-        # Finish a started row before switching channels (while its channel keeps it coming):
-        # rows then complete, and retire, in about their arrival order instead of all late.
-        n_ch = p.n_channels
-        bufs = []
-        for c in range(n_ch):
-            buf = SkidBuffer(row_layout(p, n_slots))
-            m.submodules[f"in_buf{c}"] = buf
-            wiring.connect(m, wiring.flipped(self.i_row[c]), buf.i)
-            bufs.append(buf)
-        grant = Signal(n_ch)             # one-hot: the channel whose buffered beat is taken now
-        last_grant = Signal(n_ch, init=1)  # the latest grant: the round-robin starts after it
-        levels = [Signal(2, name=f"in_level{c}") for c in range(n_ch)]
-        beat = Signal(row_layout(p, n_slots))
-        beat_idx = [Signal(max(beat_bits, 1), name=f"beat_idx{c}") for c in range(n_ch)]
-        cur_idx = Signal(max(beat_bits, 1))
-        avail_next = Signal(n_ch)        # buffer c holds a beat next cycle
-        for c in range(n_ch):
-            buf = bufs[c]
-            push = buf.i.valid & buf.i.ready
-            level_next = Signal(2, name=f"in_level_next{c}")
-            m.d.comb += [
-                buf.o.ready.eq(grant[c]),
-                level_next.eq(levels[c] + push - grant[c]),
-                # == (level_next != 0), from the input's valid rather than the push: the buffer
-                # takes a beat whenever it holds at most one (the push fans out to its entries)
-                avail_next[c].eq((levels[c] == 2) | ((levels[c] == 1) & (~grant[c] | buf.i.valid)) |
-                                 ((levels[c] == 0) & buf.i.valid)),
-            ]
-            m.d.sync += Assert((levels[c] == 2) | buf.i.ready, "merger: input buffer level")
-            # (checked at the clock edge in simulation; combinational checks see delta cycles)
-            m.d.sync += Assert(~grant[c] | buf.o.valid, "merger granted an empty channel buffer")
-            m.d.sync += levels[c].eq(level_next)
-            with m.If(grant[c]):
-                m.d.sync += beat_idx[c].eq(Mux(buf.o.payload.last, 0, beat_idx[c] + 1))
-        # the granted beat: an AND-OR over the channels (the grant is one-hot)
-        m.d.comb += [
-            beat.eq(_or_all(buf.o.payload.as_value() & grant[c].replicate(len(beat.as_value()))
-                            for c, buf in enumerate(bufs))),
-            cur_idx.eq(_or_all(beat_idx[c] & grant[c].replicate(len(cur_idx))
-                               for c in range(n_ch))),
-        ]
-        # next grant: stay on the granted channel mid-row while it has a beat, else the first
-        # channel with a beat after the latest grant
-        after = Signal(n_ch)
-        recent = Mux(grant.any(), grant, last_grant)
-        m.d.comb += after.eq(Cat(recent[-1], recent[:-1]) if n_ch > 1 else recent)
-        rr_pick = Signal(n_ch)
-        for start in range(n_ch):
-            with m.If(after[start]):
-                for k in reversed(range(n_ch)):
-                    c = (start + k) % n_ch
-                    with m.If(avail_next[c]):
-                        m.d.comb += rr_pick.eq(1 << c)
-        stay = grant.any() & ~beat.last & (grant & avail_next).any()
-        m.d.sync += grant.eq(Mux(stay, grant, rr_pick))
-        with m.If(grant.any()):
-            m.d.sync += last_grant.eq(grant)
-        # The taken beat is registered before it is written and marks its slot: the tag-indexed
-        # flag updates do not fit in the same cycle as the beat mux. The slot flags and the ROB
-        # write move together.
-        in_beat = Signal(row_layout(p, n_slots))
-        in_valid = Signal()
-        in_idx = Signal(max(beat_bits, 1))
-        m.d.sync += [in_valid.eq(grant.any()), in_beat.eq(beat), in_idx.eq(cur_idx)]
+        # RowIntake: one registered beat per cycle from the channels (round-robin, rows kept
+        # whole); the beat is written to the ROB and marks its slot's flags in the same cycle
+        m.submodules.intake = intake = RowIntake(p, n_slots, row_layout(p, n_slots))
+        for c in range(p.n_channels):
+            wiring.connect(m, wiring.flipped(self.i_row[c]), intake.i_row[c])
+        in_beat = intake.o_beat.payload.beat
+        in_valid = intake.o_beat.valid
+        in_idx = intake.o_beat.payload.idx
         m.d.comb += [
             rob.w_addr.eq(Cat(in_idx[:beat_bits], in_beat.tag) if beat_bits else in_beat.tag),
             rob.w_data.eq(in_beat.data),
@@ -553,10 +399,19 @@ class ResultMerger(wiring.Component):
         hp = Signal()
         wp = Signal()
         have = Signal()                  # == ent_full[hp]
-        x_in = xl(dfifo.r_data)
+        # The FIFO's read data is block RAM output (5.6 ns clock-to-out on ECP5, no output
+        # register): a register slice behind it lets the entries' slot-flag lookup (a
+        # `n_slots`:1 mux by the incoming slot) start from flip-flops.
+        m.submodules.desc_out = desc_out = SkidBuffer(xl)
+        m.d.comb += [
+            desc_out.i.payload.eq(dfifo.r_data),
+            desc_out.i.valid.eq(dfifo.r_rdy),
+            dfifo.r_en.eq(desc_out.i.ready),
+        ]
+        x_in = desc_out.o.payload
         w_free = ~ent_full.bit_select(wp, 1)
-        push = dfifo.r_rdy & w_free
-        m.d.comb += dfifo.r_en.eq(w_free)
+        push = desc_out.o.valid & w_free
+        m.d.comb += desc_out.o.ready.eq(w_free)
         cur_x = Signal(xl)
         m.d.comb += cur_x.eq(Mux(hp, ent[1], ent[0]))
         cur = cur_x.desc

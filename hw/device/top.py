@@ -29,7 +29,7 @@ from .ftl import ChannelDemux, LinearFTL
 from .merger import ResultMerger
 from .mmio import ADDR_WIDTH, MMIOManager
 from .queues import CommandQueue
-from ..regmap import ElemType, Params, default_slots
+from ..regmap import ElemType, Params, default_read_queue, default_slots
 from ..lib.skid_buffer import SkidBuffer
 from .translator import ExtentTranslator
 
@@ -44,13 +44,14 @@ class EVSSD(wiring.Component):
         if n_slots < 2 or n_slots & (n_slots - 1) or n_slots > 256:
             raise ValueError(f"n_slots {n_slots} must be a power of two 2..256")
         if read_queue is None:
-            read_queue = 2 * params.ways
+            read_queue = default_read_queue(params, n_slots)
         if read_queue < 0:
             raise ValueError(f"read_queue {read_queue} must be >= 0")
         self.params = params
         self.n_slots = n_slots
         # Per-channel queue between the FTL demux and each channel: without it a channel whose
         # page registers are all busy holds back requests for every other channel (head-of-line).
+        # Its depth (hw/regmap.py default_read_queue) is also the timing model's.
         self.read_queue = read_queue
         members = {
             "s_axil": In(AXI4LiteSignature(addr_width=ADDR_WIDTH, data_width=32)),

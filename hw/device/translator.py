@@ -68,7 +68,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..regmap import ELEM_BITS, Params
+from ..regmap import ELEM_BITS, Params, require_tag_width
 
 __all__ = [
     "TableConfigSignature", "ExtentTranslator", "TranslateStatus", "request_layout",
@@ -170,8 +170,7 @@ class ExtentTranslator(wiring.Component):
 
     def __init__(self, params: Params, tag_width: int):
         Params.require(params)
-        if not 1 <= tag_width <= 32:
-            raise ValueError(f"tag_width {tag_width} must be 1..32")
+        require_tag_width(tag_width)
         self.params = params
         self.tag_width = tag_width
         super().__init__({

@@ -249,3 +249,16 @@ def test_translator_rejects_bad_parameters():
         ExtentTranslator(Params(), 0)
     with pytest.raises(TypeError):
         ExtentTranslator({}, 4)
+
+
+@pytest.mark.parametrize("bad", [0, 33, -1, True, 4.0, "8"])
+def test_tag_width_checked_once_everywhere(bad):
+    """The translator, the FTL and the channel geometry share regmap.require_tag_width."""
+    from evssd.hw.device.channel_plan import ChannelGeometry
+    from evssd.hw.device.ftl import LinearFTL
+    from evssd.hw.regmap import require_tag_width
+    for make in (lambda: require_tag_width(bad), lambda: ExtentTranslator(Params(), bad),
+                 lambda: LinearFTL(Params(), bad), lambda: ChannelGeometry(Params(), bad)):
+        with pytest.raises(ValueError, match=f"tag_width {bad!r} must be 1..32"):
+            make()
+    assert require_tag_width(32) == 32 and ChannelGeometry(Params(), 1).tag_width == 1
