@@ -26,7 +26,10 @@ costs one call and no Python-level per-key work:
   that is not more popular than what it would evict is not worth a write).
 * **CLOCK.** Row index -> cache slot through Robin Hood open addressing (linear probing;
   a resident's probe distance is recomputed from its key; lookups stop early once they are
-  further from home than the resident; deletion by backward shift, so there are no tombstones).
+  further from home than the resident; deletion by backward shift, so there are no tombstones)
+  -- or, for a cache holding at least ``load_factor`` of the table's rows, where one int64 per
+  table row costs no more than the hash table, a direct index (entry k: row k's slot or -1): a
+  lookup is one load instead of a probe into a table far larger than the CPU cache.
   Recency: one ``uint8`` reference counter per slot and a hand. A hit adds one to its slot's
   counter, saturating at ``ref_max`` (7 in sketch mode, 1 -- classic second chance -- in filter
   mode): one byte store to a slot the probe just found, independent of every other key, so a
@@ -52,7 +55,8 @@ Memory per entry (counted against the budget)::
     + 8                            the sketch (sketch mode only; whole 64-byte blocks)
 
 plus ``ceil(n_rows / 4)`` bytes of admission counters and a small fixed part, both also charged
-to the budget. With the default ``load_factor`` 0.8 that is ``row_bytes + 27`` bytes per entry in
+to the budget. The index is the smaller of the hash table and the direct index (``8 * n_rows``
+bytes); a budget buys the largest capacity whose arrays, with the index in use, fit. With the default ``load_factor`` 0.8 that is ``row_bytes + 27`` bytes per entry in
 sketch mode (``+ 19`` in filter mode): for a 64-dim fp32 table (256-byte rows) the cache holds
 90% (93%) as many rows as a budget of raw rows, minus what the counters take.
 
@@ -114,8 +118,10 @@ DEFAULT_ADMISSION = "sketch"
 
 def bytes_per_entry(row_bytes: int, load_factor: float = 0.8,
                     admission: str = DEFAULT_ADMISSION) -> float:
-    """Bytes one cached row costs: the row, its list links and key, its share of the hash table
-    and, with ``admission="sketch"``, its share of the frequency sketch."""
+    """Bytes one cached row costs with the hash index: the row, its key and reference counter,
+    its share of the hash table and, with ``admission="sketch"``, its share of the frequency
+    sketch. (A cache holding most of its table's rows uses a direct index of ``8 * n_rows``
+    bytes instead when that is smaller; see the module docstring.)"""
     sketch = _SKETCH_BYTES_PER_ENTRY if admission == "sketch" else 0
     return row_bytes + _ENTRY_META_BYTES + _HASH_SLOT_BYTES / load_factor + sketch
 
@@ -152,6 +158,8 @@ def _dist(pos, k, m):
 def _find(k, htab, kb):
     """Position of row ``k`` in the hash table, or -1. An entry packs ``row | slot << kb`` in one
     int64 (-1: empty), so a probe reads one word and a hit needs no second array."""
+    if kb == 0:                    # a direct index: entry k is row k's slot or -1
+        return k if htab[k] >= 0 else -1
     m = htab.shape[0]
     mask = (np.int64(1) << kb) - 1
     pos = _home(k, m)
@@ -183,6 +191,9 @@ def _find(k, htab, kb):
 
 @numba.njit(cache=True)
 def _insert(k, v, htab, kb):
+    if kb == 0:
+        htab[k] = v
+        return
     m = htab.shape[0]
     mask = (np.int64(1) << kb) - 1
     pos = _home(k, m)
@@ -206,6 +217,9 @@ def _insert(k, v, htab, kb):
 
 @numba.njit(cache=True)
 def _delete_at(pos, htab, kb):
+    if kb == 0:
+        htab[pos] = -1
+        return
     m = htab.shape[0]
     mask = (np.int64(1) << kb) - 1
     nxt = pos + 1
@@ -221,6 +235,18 @@ def _delete_at(pos, htab, kb):
         if nxt == m:
             nxt = 0
     htab[pos] = -1
+
+
+@numba.njit(cache=True, inline="always")
+def _index_pos(k, m, kb):
+    """Where row ``k``'s index entry is (or its probe starts), for the prefetch hint."""
+    return np.int64(k) if kb == 0 else _home(k, m)
+
+
+@numba.njit(cache=True, inline="always")
+def _entry(k, s, kb):
+    """The index entry of row ``k`` held in slot ``s``."""
+    return np.int64(s) if kb == 0 else k | (np.int64(s) << kb)
 
 
 @numba.njit(cache=True, inline="always")
@@ -278,47 +304,11 @@ _SKETCH_PREFETCH_BYTES = 256 * 1024  # prefetch sketch blocks when the sketch ex
 
 
 @numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, ref_max,
-                   counters, sketch, sample, st):
-    # ``slots`` (int32, len(keys)) receives each key's cache slot or -1; ``copy``: also copy each
-    # hit row into ``out[j]`` (``lookup``) -- without it (``lookup_slots``) ``out`` is not read
-    # and ``hit`` is not written. Every other effect is the same either way.
-    n = keys.shape[0]
-    for j in range(n):             # validate the whole batch before touching any state
-        k = keys[j]
-        if k < 0 or k >= n_rows:
-            return j
-    # Passes over the batch: the probes and the counter updates of different keys are
-    # independent, so the CPU overlaps their cache misses. Recency is a CLOCK reference counter
-    # per slot: a hit is one saturating byte increment, no list to relink, so no pass is serial.
-    m = htab.shape[0]
-    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
-    hits = 0
-    rmax = np.uint8(ref_max)
-    # the keys the sketch counts, in batch order: all but hits on a slot whose reference
-    # counter was already at ref_max (appended without a branch: the next key overwrites a
-    # skipped one)
-    counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
-    n_counted = 0
-    for j in range(n):
-        if j + _AHEAD < n:             # hint the home slot of the key _AHEAD positions on
-            _prefetch(h2, _home(keys[j + _AHEAD], m), 0)
-        k = keys[j]
-        pos = _find(k, htab, kb)
-        full = False
-        if pos >= 0:
-            s = np.int32(htab[pos] >> kb)
-            r = ref[s]
-            full = r >= rmax
-            ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
-            hits += 1
-        else:
-            s = np.int32(-1)
-        slots[j] = s
-        if counted.shape[0] > 0:
-            counted[n_counted] = k
-            n_counted += np.int64(not full)
-    # (counters and sketch in separate loops: one fused loop measured slower)
+def _count_passes(keys, n, counted, n_counted, counters, sketch, sample, st):
+    """The frequency passes of a lookup batch: bump the 2-bit admission counter of each of
+    ``keys[:n]``, then add each of ``counted[:n_counted]`` to the sketch (halving it when the
+    sample is full). Separate loops over the batch, each with its own prefetch hints: one fused
+    loop measured slower."""
     c2 = counters.reshape((counters.shape[0], 1))
     for j in range(n):
         if j + _AHEAD < n:             # one byte per 4 rows: a large table's are beyond L2
@@ -345,6 +335,50 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
                 _sketch_halve(sketch)
                 adds = adds >> 1
         st[_SKETCH_ADDS] = adds
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, ref_max,
+                   counters, sketch, sample, st):
+    # ``slots`` (int32, len(keys)) receives each key's cache slot or -1; ``copy``: also copy each
+    # hit row into ``out[j]`` (``lookup``) -- without it (``lookup_slots``) ``out`` is not read
+    # and ``hit`` is not written. Every other effect is the same either way.
+    n = keys.shape[0]
+    for j in range(n):             # validate the whole batch before touching any state
+        k = keys[j]
+        if k < 0 or k >= n_rows:
+            return j
+    # Passes over the batch: the probes and the counter updates of different keys are
+    # independent, so the CPU overlaps their cache misses. Recency is a CLOCK reference counter
+    # per slot: a hit is one saturating byte increment, no list to relink, so no pass is serial.
+    m = htab.shape[0]
+    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
+    hits = 0
+    rmax = np.uint8(ref_max)
+    # the keys the sketch counts, in batch order: all but hits on a slot whose reference
+    # counter was already at ref_max (appended without a branch: the next key overwrites a
+    # skipped one)
+    counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
+    n_counted = 0
+    for j in range(n):
+        if j + _AHEAD < n:             # hint the home slot of the key _AHEAD positions on
+            _prefetch(h2, _index_pos(keys[j + _AHEAD], m, kb), 0)
+        k = keys[j]
+        pos = _find(k, htab, kb)
+        full = False
+        if pos >= 0:
+            s = np.int32(htab[pos] >> kb)
+            r = ref[s]
+            full = r >= rmax
+            ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
+            hits += 1
+        else:
+            s = np.int32(-1)
+        slots[j] = s
+        if counted.shape[0] > 0:
+            counted[n_counted] = k
+            n_counted += np.int64(not full)
+    _count_passes(keys, n, counted, n_counted, counters, sketch, sample, st)
     if copy:
         w = values.shape[1]
         rb = w * values.itemsize
@@ -362,6 +396,78 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
     st[_LOOKUPS] += n
     st[_SINCE_DECAY] += n
     return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_dedupe_kernel(idx, uniq, inv, slots, slot_of, n_rows, htab, kb, ref, ref_max,
+                          counters, sketch, sample, st):
+    # ``lookup_slots(uniq)`` where ``uniq`` are ``idx``'s distinct keys in first-occurrence
+    # order, in one call: a batch-local open-addressing pass (as evssd.host.store.dedupe) finds
+    # the distinct keys, the cache pass probes them, ``slot_of = slots[inv]`` and the frequency
+    # passes follow, with no Python in between. (Probing each key as the dedupe pass first meets
+    # it measured slower: the probe then sits behind an unpredictable branch, and fewer cache
+    # misses overlap.) Fills uniq/inv/slots (per distinct key)/slot_of (per lookup); returns
+    # the number of distinct keys, or -1 - j for a bad key at position j (nothing changed).
+    n = idx.shape[0]
+    for j in range(n):             # validate the whole batch before touching any state
+        k = idx[j]
+        if k < 0 or k >= n_rows:
+            return -1 - j
+    lm = 16
+    while lm <= 2 * n:
+        lm *= 2
+    lkeys = np.full(lm, -1, dtype=np.int64)
+    lpos = np.empty(lm, dtype=np.int32)
+    lmask = np.uint64(lm - 1)
+    n_u = 0
+    for j in range(n):
+        x = np.int64(idx[j])
+        q = np.int64(((np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & lmask)
+        while True:
+            kk = lkeys[q]
+            if kk == x:
+                inv[j] = lpos[q]
+                break
+            if kk == -1:
+                lkeys[q] = x
+                lpos[q] = n_u
+                uniq[n_u] = x
+                inv[j] = n_u
+                n_u += 1
+                break
+            q = np.int64((np.uint64(q) + np.uint64(1)) & lmask)
+    m = htab.shape[0]
+    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
+    hits = 0
+    rmax = np.uint8(ref_max)
+    counted = np.empty(n_u if sketch.shape[0] > 0 else 0, dtype=np.int64)
+    n_counted = 0
+    for j in range(n_u):               # as _lookup_kernel's probe pass
+        if j + _AHEAD < n_u:
+            _prefetch(h2, _index_pos(uniq[j + _AHEAD], m, kb), 0)
+        k = uniq[j]
+        pos = _find(k, htab, kb)
+        full = False
+        if pos >= 0:
+            s = np.int32(htab[pos] >> kb)
+            r = ref[s]
+            full = r >= rmax
+            ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
+            hits += 1
+        else:
+            s = np.int32(-1)
+        slots[j] = s
+        if counted.shape[0] > 0:
+            counted[n_counted] = k
+            n_counted += np.int64(not full)
+    for j in range(n):
+        slot_of[j] = slots[inv[j]]
+    _count_passes(uniq, n_u, counted, n_counted, counters, sketch, sample, st)
+    st[_HITS] += hits
+    st[_MISSES] += n_u - hits
+    st[_LOOKUPS] += n_u
+    st[_SINCE_DECAY] += n_u
+    return n_u
 
 
 @numba.njit(cache=True, nogil=True)
@@ -451,7 +557,7 @@ def _invalidate_kernel(keys, n_rows, htab, kb, values, ref, slot_key, st):
             slot_key[s] = slot_key[last]
             for t in range(w):
                 values[s, t] = values[last, t]
-            htab[_find(slot_key[s], htab, kb)] = slot_key[s] | (np.int64(s) << kb)
+            htab[_find(slot_key[s], htab, kb)] = _entry(slot_key[s], s, kb)
         slot_key[last] = -1
         ref[last] = 0
     st[_SIZE] = size
@@ -576,9 +682,16 @@ class EVCache:
                 budget = int(budget_bytes)
             self.budget_bytes = budget
             per_entry = bytes_per_entry(self.row_bytes, self.load_factor, admission)
-            cap = int((budget - fixed_bytes) // per_entry)
-            while cap > 0 and self._layout_bytes(cap) + fixed_bytes > budget:
-                cap -= 1
+            # the largest capacity whose layout fits (the layout grows with the capacity; the
+            # index is the smaller of the hash table and the direct index, see _index_bytes)
+            lo, hi = 0, self.n_rows
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._layout_bytes(mid) + fixed_bytes <= budget:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            cap = lo
             if cap < 1:
                 raise ValueError(
                     f"EVCache {self.name!r}: budget of {budget} bytes holds no row: one entry costs "
@@ -587,15 +700,20 @@ class EVCache:
         cap = min(cap, self.n_rows)
         if cap >= 2**31 - 1:
             raise ValueError(f"EVCache {self.name!r}: capacity {cap} exceeds the int32 slot range")
-        # hash entries pack row | slot << kb; kb leaves 2**kb - 1 (an empty entry, masked) unused
-        self._kb = max(1, self.n_rows.bit_length())
-        if cap >= 1 << (63 - self._kb):
+        # The index maps a row to its slot. A hash table's entries pack row | slot << kb (kb
+        # leaves 2**kb - 1, an empty entry masked, unused); when a direct index (one int64 per
+        # table row: the slot or -1) takes no more memory -- a cache of >= load_factor of the
+        # table's rows -- it is used instead, marked by kb = 0: a lookup is one load, no probe.
+        self.direct_index = self._direct(cap)
+        self._kb = 0 if self.direct_index else max(1, self.n_rows.bit_length())
+        if not self.direct_index and cap >= 1 << (63 - self._kb):
             raise ValueError(f"EVCache {self.name!r}: capacity {cap} with {self.n_rows} table rows "
                              f"exceeds the packed hash entry ({self._kb} row bits + slot bits <= 63)")
         self.capacity = cap
-        m = self._hash_slots(cap)
+        m = self.n_rows if self.direct_index else self._hash_slots(cap)
 
         self._values = np.zeros((cap, self._words), dtype=self._word)
+        self._values_view = self._values.view(self.dtype).reshape(cap, self.dim)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
         self._ref = np.zeros(cap, dtype=np.uint8)      # CLOCK reference counter per slot
         self._ref_max = _REF_MAX[admission]
@@ -615,10 +733,17 @@ class EVCache:
         # at least one empty slot (probes end), and at least the 4 slots _find's window reads
         return max(cap + 1, 4, math.ceil(cap / self.load_factor))
 
+    def _direct(self, cap: int) -> bool:
+        """A direct index (8 bytes per table row) for ``cap`` rows when it is no larger than the
+        hash table (8 bytes per hash slot)."""
+        return self.n_rows <= self._hash_slots(cap)
+
+    def _index_bytes(self, cap: int) -> int:
+        return _HASH_SLOT_BYTES * min(self.n_rows, self._hash_slots(cap))
+
     def _layout_bytes(self, cap: int) -> int:
         sketch = 8 * _sketch_words(cap) if self.admission == "sketch" else 0
-        return cap * (self.row_bytes + _ENTRY_META_BYTES) + self._hash_slots(cap) * _HASH_SLOT_BYTES \
-            + sketch
+        return cap * (self.row_bytes + _ENTRY_META_BYTES) + self._index_bytes(cap) + sketch
 
     @property
     def memory_bytes(self) -> int:
@@ -698,16 +823,47 @@ class EVCache:
             self._run_lookup(keys, self._values[:0], _NO_HIT, slots, False)
         return slots
 
+    def lookup_dedupe(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """Deduplicate a batch and look up its distinct indices in one pass: returns ``(uniq,
+        inv, slots, slot_of, misses)`` with ``uniq`` the distinct indices in first-occurrence
+        order (int64), ``indices == uniq[inv]`` (``inv`` int64), ``slots`` each distinct
+        index's slot (int32, -1 for a miss), ``slot_of == slots[inv]`` (int32, per lookup) and
+        ``misses`` the number of -1 slots. Exactly the effects of ``lookup_slots(uniq)`` (the
+        cache counts distinct indices); the slots' validity is as for :meth:`lookup_slots`.
+        ``indices``: int32 or int64 (used as they are), or any integer array."""
+        arr = indices if isinstance(indices, np.ndarray) and indices.ndim == 1 \
+            and indices.dtype in (np.int32, np.int64) and indices.flags.c_contiguous \
+            else self._keys(indices, "lookup")
+        n = arr.shape[0]
+        b64 = np.empty(2 * n, dtype=np.int64)      # two allocations, not four: this runs per batch
+        b32 = np.empty(2 * n, dtype=np.int32)
+        uniq, inv, slots, slot_of = b64[:n], b64[n:], b32[:n], b32[n:]
+        with self._lock:
+            hits0 = self._st[_HITS]
+            n_u = _lookup_dedupe_kernel(arr, uniq, inv, slots, slot_of, self.n_rows, self._htab,
+                                        self._kb, self._ref, self._ref_max, self._counters,
+                                        self._sketch, self._sketch_sample, self._st)
+            if n_u >= 0:
+                misses = n_u - int(self._st[_HITS] - hits0)
+                self._maybe_decay()
+        if n_u < 0:
+            self._bad_index(arr, -1 - n_u)
+        return uniq[:n_u], inv, slots[:n_u], slot_of, misses
+
     def _run_lookup(self, keys, out, hit, slots, copy) -> None:
         bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,
                              self._kb, self._values, self._ref, self._ref_max,
                              self._counters, self._sketch, self._sketch_sample, self._st)
-        if bad < 0 and self.decay_interval is not None \
-                and self._st[_SINCE_DECAY] >= self.decay_interval:
-            _decay_kernel(self._counters)
-            self._st[_SINCE_DECAY] = 0
+        if bad < 0:
+            self._maybe_decay()
         if bad >= 0:
             self._bad_index(keys, bad)
+
+    def _maybe_decay(self) -> None:
+        # the counters age at the end of a lookup batch once decay_interval keys accumulated
+        if self.decay_interval is not None and self._st[_SINCE_DECAY] >= self.decay_interval:
+            _decay_kernel(self._counters)
+            self._st[_SINCE_DECAY] = 0
 
     @property
     def lock(self) -> threading.Lock:
@@ -841,7 +997,7 @@ class EVCache:
     @property
     def values(self) -> np.ndarray:
         """The preallocated row store, ``(capacity, dim)`` of the table dtype (a view)."""
-        return self._values.view(self.dtype).reshape(self.capacity, self.dim)
+        return self._values_view
 
     def __len__(self) -> int:
         return int(self._st[_SIZE])
@@ -876,10 +1032,10 @@ class EVCache:
     # -- debug
 
     def check_invariants(self) -> None:
-        """Raise ``AssertionError`` unless the hash table, the slots and the CLOCK agree.
+        """Raise ``AssertionError`` unless the index, the slots and the CLOCK agree.
 
-        Robin Hood: along the probe sequence a slot after an empty one has distance 0 and
-        distances grow by at most one per step; every resident is found by a lookup. Slots:
+        Index: every resident is found at its entry. Robin Hood (hash index): along the probe sequence a slot after an empty one has distance 0 and
+        distances grow by at most one per step. Slots:
         ``0..size-1`` are used, each once, the rest free (key -1, counter 0). CLOCK: the hand
         is on a used slot (0 when empty), no counter above ``ref_max``.
         """
@@ -887,12 +1043,16 @@ class EVCache:
         mask = (1 << self._kb) - 1
         size = len(self)
         occ = np.flatnonzero(self._htab != -1)
-        keys = self._htab[occ] & mask
-        slots_of = self._htab[occ] >> self._kb
-        assert occ.size == size, f"hash holds {occ.size} keys, size is {size}"
+        if self.direct_index:
+            assert m == self.n_rows and self._kb == 0, "direct index: one entry per table row"
+            keys, slots_of = occ, self._htab[occ]
+        else:
+            keys = self._htab[occ] & mask
+            slots_of = self._htab[occ] >> self._kb
+        assert occ.size == size, f"index holds {occ.size} keys, size is {size}"
         for pos, k in zip(occ.tolist(), keys.tolist()):
             assert _find(k, self._htab, self._kb) == pos, f"key {k} at {pos} not found"
-        for pos in range(m):
+        for pos in range(0 if self.direct_index else m):
             nxt = (pos + 1) % m
             if self._htab[nxt] == -1:
                 continue

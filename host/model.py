@@ -9,15 +9,20 @@ are bit-exact with the gateware (same translation, same status rules of
 The cycle counters advance by the estimate of :mod:`evssd.host.timing`; it is a model, checked
 against the RTL's cycle counts by ``evssd bench rtl``, not a measurement.
 
-A command is executed over arrays, not index by index: one numba pass translates its lookups
-(:func:`_plan`), GATHER rows are copied from the flash pages straight into the result buffer and
-GATHER_POOLED bags are pooled in place from the flash pages (``pooling.pool_into``). The flash is
+A command is executed over arrays, not index by index, in one numba call
+(:func:`_lookup_command`): it translates the lookups (:func:`_plan`), copies GATHER rows from
+the flash pages straight into the result buffer (or finds the flash rows a GATHER_POOLED pools
+in place with ``pooling.pool_into``), and advances the timing model
+(:func:`evssd.host.timing.run_lookups`), on a work array reused from command to command. The
+per-command Python around it is kept small: a command costs tens of microseconds before its
+first lookup (docs/benchmarks.md, "Device model"). The flash is
 sparse (:class:`~evssd.host.sparse_flash.SparseFlash`): a model can advertise a large capacity
 (:data:`MODEL_PAGES_PER_CHANNEL` by default) and hold only the pages programmed.
 """
 from __future__ import annotations
 
 import bisect
+import functools
 
 import numba
 import numpy as np
@@ -28,8 +33,8 @@ from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, NO_BAD_POSITION, C
 from evssd.host.elements import ELEM_OF_DEVICE
 from evssd.host.pooling import describe_error, kernel_source, pool_into
 from evssd.host.regfile import BusResponse, MMIOError, RegisterFile
-from evssd.host.sparse_flash import SparseFlash
-from evssd.host.timing import TimingModel, result_schedule
+from evssd.host.sparse_flash import SparseFlash, gather_rows, slot_of
+from evssd.host.timing import TimingModel, run_lookups
 from evssd.host.transport import HostMemory, Transport
 
 __all__ = ["DeviceModel", "ModelTransport", "translate", "translate_many", "MODEL_PAGES_PER_CHANNEL"]
@@ -94,23 +99,50 @@ def _count_bad(status):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _translate_one(index, extents, rows_per_page, row_bytes, total_pages):
-    """The ExtentTranslator's rule for one index: (status, lba, offset), see :func:`translate`."""
+def _log2(n):
+    """log2 of ``n`` when it is a power of two, else -1 (then the kernels divide)."""
+    s = 0
+    while (1 << s) < n:
+        s += 1
+    return s if (1 << s) == n else -1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _div(a, d, shift):
+    """``a // d`` for ``a >= 0``: a shift when ``d == 1 << shift`` (64-bit divisions cost tens of
+    cycles; table geometries are mostly powers of two), else a division."""
+    return a >> shift if shift >= 0 else a // d
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _translate_one(index, extents, rows_per_page, rpp_shift, row_bytes, total_pages):
+    """The ExtentTranslator's rule for one index: (status, lba, offset), see :func:`translate`.
+    ``rpp_shift``: :func:`_log2` of ``rows_per_page``."""
     for e in range(extents.shape[0]):
         first, n_rows = extents[e, 0], extents[e, 1]
         if n_rows and first <= index < first + n_rows:
             rel = index - first
-            q = rel // rows_per_page
+            q = _div(rel, rows_per_page, rpp_shift)
             lba = extents[e, 2] + q
             return (3 if lba >= total_pages else 0), lba, (rel - q * rows_per_page) * row_bytes
     return 1, 0, 0
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _used_extents(extents):
+    """``extents`` without its trailing empty slots (they match no index)."""
+    n = extents.shape[0]
+    while n and extents[n - 1, 1] == 0:
+        n -= 1
+    return extents[:n]
+
+
 @numba.njit(cache=True, nogil=True)
 def _translate(indices, extents, rows_per_page, row_bytes, total_pages, status, lba, offset):
     """The ExtentTranslator over an index array (see :func:`translate`)."""
+    ext, rpp_shift = _used_extents(extents), _log2(rows_per_page)
     for k in range(indices.shape[0]):
-        status[k], lba[k], offset[k] = _translate_one(indices[k], extents, rows_per_page, row_bytes,
+        status[k], lba[k], offset[k] = _translate_one(indices[k], ext, rows_per_page, rpp_shift, row_bytes,
                                                       total_pages)
 
 
@@ -121,17 +153,90 @@ def _plan(indices, lo, hi, extents, rows_per_page, row_bytes, total_pages, n_cha
     ones compacted in request order (position, lba, offset, channel, page), and
     ``good_before[k - lo]`` = good lookups before position k (``hi - lo + 1`` entries).
     Returns the number of good lookups."""
+    ext, rpp_shift, ch_shift = _used_extents(extents), _log2(rows_per_page), _log2(n_channels)
     n = 0
     for k in range(lo, hi):
-        st, l, o = _translate_one(np.int64(indices[k]), extents, rows_per_page, row_bytes, total_pages)
+        st, l, o = _translate_one(np.int64(indices[k]), ext, rows_per_page, rpp_shift, row_bytes, total_pages)
         status[k - lo] = st
         good_before[k - lo] = n
         if st == 0:
+            q = _div(l, n_channels, ch_shift)
             pos[n], lba[n], offset[n] = k, l, o
-            ch[n], page[n] = l % n_channels, l // n_channels
+            ch[n], page[n] = l - q * n_channels, q
             n += 1
     good_before[hi - lo] = n
     return n
+
+
+# rows of the per-command work array (``DeviceModel._work``): the good lookups compacted in
+# request order, then per-lookup-position counts
+_POS, _LBA, _OFF, _CH, _PAGE, _ROW, _GOOD_BEFORE, _OUT_AFTER, _BAGS = range(9)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_command(indices, lo, hi, offsets, out_row, extents, rows_per_page, row_bytes, total_pages,
+                    n_channels, mode, work, status, flash_dir, flash_leaves, flash_pool, rows,
+                    block_mode, overlap, t_r, page_size, beat_bytes, host_bytes, chan, ways, retire, clk):
+    """One GATHER / GATHER_POOLED command's lookups ``indices[lo:hi]`` in one call: translated
+    (:func:`_plan` into ``work`` and ``status``), their rows handled per ``mode``, and the timing
+    model advanced (:func:`evssd.host.timing.run_lookups`).
+
+    ``mode`` 0 (GATHER): ``rows`` [count, row_bytes] gets each lookup's row (a bad lookup's row
+    zeros); a result unit per lookup. ``mode`` 1 (pooled, rows on the page grid): ``work[_ROW]``
+    gets each good lookup's row number in the flash pool viewed as rows, for pooling in place.
+    ``mode`` 2 (pooled, rows off the grid): nothing (the caller gathers them). Pooled: a result
+    unit of ``out_row`` bytes per bag of ``offsets``, ready when its last good lookup retires
+    (:func:`evssd.host.timing.result_schedule`'s rule); ``work[_BAGS]`` gets the bags' offsets
+    over the good lookups. ``work`` has at least ``max(m, n_bags) + 1`` columns. Returns the
+    number of good lookups."""
+    m = hi - lo
+    n = _plan(indices, lo, hi, extents, rows_per_page, row_bytes, total_pages, n_channels, status,
+              work[_POS], work[_LBA], work[_OFF], work[_CH], work[_PAGE], work[_GOOD_BEFORE])
+    good_before = work[_GOOD_BEFORE]
+    out_after = work[_OUT_AFTER, :n + 1]
+    out_after[:] = 0
+    if mode == 0:
+        # row p is ready when the last good lookup at or before p retires
+        for p in range(m):
+            out_after[good_before[p + 1]] += out_row
+        if n < m:
+            for p in range(m):
+                if status[p]:
+                    rows[p, :] = 0
+        gather_rows(flash_dir, flash_leaves, flash_pool, work[_LBA, :n], work[_OFF, :n], row_bytes, rows,
+                    work[_POS, :n])
+    else:
+        for b in range(offsets.shape[0] - 1):
+            out_after[good_before[offsets[b + 1] - lo]] += out_row
+        for b in range(offsets.shape[0]):       # the bags over the good lookups
+            work[_BAGS, b] = good_before[offsets[b] - lo]
+        if mode == 1:
+            per_page = page_size // row_bytes
+            for k in range(n):
+                work[_ROW, k] = (slot_of(flash_dir, flash_leaves, work[_LBA, k]) * per_page
+                                 + work[_OFF, k] // row_bytes)
+    run_lookups(work[_CH, :n], work[_PAGE, :n], work[_OFF, :n], out_after, row_bytes, block_mode, overlap,
+                t_r, page_size, beat_bytes, host_bytes, chan, ways, retire, clk)
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _offsets_ok(offsets, count):
+    """A command's offsets are non-decreasing and end at or before ``count`` (else BAD_OFFSETS)."""
+    for b in range(offsets.shape[0] - 1):
+        if offsets[b + 1] < offsets[b]:
+            return False
+    return offsets[offsets.shape[0] - 1] <= count
+
+
+_NO_OFFSETS = np.zeros(1, np.uint32)        # a GATHER's (unused) offsets
+_NO_ROWS = np.zeros((0, 1), np.uint8)       # a pooled command's (unused) GATHER rows
+
+@functools.lru_cache(maxsize=256)
+def _geometry(row_bytes: int, elem: int):
+    """(ElemType, pooled row bytes, elements per row) of a table (per command: memoised)."""
+    e = ElemType(elem)
+    return e, regmap.pooled_row_bytes(row_bytes, e), (row_bytes - e.header_bytes) // e.itemsize
 
 
 #: the host-memory addresses each opcode reads or writes (all must be 64-byte aligned)
@@ -158,6 +263,8 @@ class DeviceModel:
         self._map_starts: list[int] = []
         self._map_next = -(-(host_base + len(host)) // 4096) * 4096 + 4096
         self._rows = np.empty(0, np.uint8)
+        self._work = np.empty((_BAGS + 1, 0), np.int64)
+        self._status = np.empty(0, np.uint8)
         self.flash = SparseFlash(params.total_pages, params.page_size)
         self.tables = [_Table(params.max_extents) for _ in range(params.max_tables)]
         self.sq_head = 0
@@ -322,7 +429,7 @@ class DeviceModel:
     def _execute(self, cmd: Command) -> Completion:
         p = self.params
         f = self.regs.fields
-        self.timing.t_r = f["t_r_cycles"]
+        self.timing.t_r = f["t_r_cycles"]        # (lookups take the register value directly)
         self.timing.t_prog = f["t_prog_cycles"]
         op = cmd.opcode
         fields = _ADDRESS_FIELDS.get(op)
@@ -339,31 +446,27 @@ class DeviceModel:
         table = self.tables[cmd.table] if cmd.table < p.max_tables else None
         if table is None or not table.enable or table.elem not in ElemType._value2member_map_:
             return Completion(cid=cmd.cid, status=Status.TABLE_DISABLED)
-        elem = ElemType(table.elem)
         weighted = op == Opcode.GATHER_POOLED_WEIGHTED
         pooled = weighted or op == Opcode.GATHER_POOLED
         rb = table.row_bytes
-        out_row = regmap.pooled_row_bytes(rb, elem) if pooled else rb
+        elem, pooled_row, dim = _geometry(rb, table.elem)
+        out_row = pooled_row if pooled else rb
         out_bytes = out_row * (cmd.n_bags if pooled else cmd.count)
         if out_bytes > cmd.dst_bytes:
             return Completion(cid=cmd.cid, status=Status.RESULT_OVERFLOW)
         if pooled:
-            offsets = self._host_view(cmd.offsets_addr, 4 * (cmd.n_bags + 1)).view("<u4").astype(np.int64)
-            if np.any(offsets[1:] < offsets[:-1]) or offsets[-1] > cmd.count:
+            offsets = self._host_view(cmd.offsets_addr, 4 * (cmd.n_bags + 1)).view("<u4")
+            if not _offsets_ok(offsets, cmd.count):
                 return Completion(cid=cmd.cid, status=Status.BAD_OFFSETS)
+        else:
+            offsets = _NO_OFFSETS
         indices = self._host_view(cmd.src_addr, 4 * cmd.count).view("<u4")
         # Bags are contiguous slices of the index list, so the lookups a command makes are one
         # range: all of them (GATHER) or offsets[0]..offsets[n_bags] (GATHER_POOLED).
         lo, hi = (int(offsets[0]), int(offsets[-1])) if pooled else (0, cmd.count)
         m = hi - lo
-        st = np.empty(m, np.uint8)
-        plan = np.empty((5, m), np.int64)        # position, lba, offset, channel, page
-        good_before = np.empty(m + 1, np.int64)
-        n_good = _plan(indices, lo, hi, table.extent_array, max(1, table.rows_per_page), rb,
-                       p.total_pages, p.n_channels, st, plan[0], plan[1], plan[2], plan[3], plan[4],
-                       good_before)
-        ok_pos, lba, offset, chs, pages = plan[:, :n_good]
-        n_bad = m - n_good
+        work = self._work_for(max(m, cmd.n_bags) + 1)
+        status = self._status[:m]
         # The result goes straight into host memory (a bus error still lets the lookups run and
         # is reported after them, like the RTL's result DMA failing).
         dst_error = None
@@ -372,48 +475,53 @@ class DeviceModel:
         except _BusError as exc:
             dst_error = exc
             result = np.empty(out_bytes, np.uint8)
-        if not pooled:   # one row per lookup; a bad lookup's row is zeros
-            rows = result.reshape(cmd.count, rb)
-            if n_bad:
-                rows[np.flatnonzero(st) + lo] = 0
-            self.flash.gather(lba, offset, rb, rows, ok_pos)
-        else:
+        ps = p.page_size
+        if not pooled:    # one row per lookup; a bad lookup's row is zeros
+            mode, rows = 0, result.reshape(cmd.count, rb)
+        else:             # pool straight from the flash pages when rows sit on the page grid
+            mode, rows = (1 if ps % rb == 0 and table.rows_per_page * rb <= ps else 2), _NO_ROWS
+        t = self.timing
+        n_good = _lookup_command(indices, lo, hi, offsets, out_row, table.extent_array,
+                                 max(1, table.rows_per_page), rb, p.total_pages, p.n_channels, mode, work,
+                                 status, self.flash._dir, self.flash._leaves, self.flash._pool, rows,
+                                 bool(f["ctrl_block_mode"]), t.overlap, f["t_r_cycles"], ps, t.beat_bytes,
+                                 t.host_bytes, t._chan, t._ways, t._retire, t._clk)
+        if pooled:
             el = ELEM_OF_DEVICE[elem]
-            dim = (rb - elem.header_bytes) // elem.itemsize
             sums = result.view("<f4" if weighted else el.pooled).reshape(cmd.n_bags, dim)
             weights = None
             if weighted:  # one float32 per index; the good lookups' ones, in order
                 weights = np.ascontiguousarray(
-                    self._host_view(cmd.weights_addr, 4 * cmd.count).view("<f4")[ok_pos])
-            # the bags over the good lookups only (a bad lookup adds nothing)
-            good_offsets = good_before[offsets - lo]
-            ps = p.page_size
-            if ps % rb == 0 and table.rows_per_page * rb <= ps:
-                # fused: pool straight from the flash pages, viewed as a matrix of rows
-                src, row_numbers = self.flash.rows(lba, offset, rb)
-            else:  # rows not aligned to the page grid: gather them first
+                    self._host_view(cmd.weights_addr, 4 * cmd.count).view("<f4")[work[_POS, :n_good]])
+            good_offsets = work[_BAGS, :cmd.n_bags + 1]     # the bags over the good lookups only
+            if mode == 1:   # the flash pages viewed as a matrix of rows
+                src, row_numbers = self.flash.row_matrix(rb), work[_ROW, :n_good]
+            else:           # rows not aligned to the page grid: gather them first
                 src = self._scratch(n_good, rb)
                 row_numbers = np.arange(n_good, dtype=np.int64)
-                self.flash.gather(lba, offset, rb, src, row_numbers)
+                self.flash.gather(work[_LBA, :n_good], work[_OFF, :n_good], rb, src, row_numbers)
             src = src.view(el.storage)
             code = pool_into(kernel_source(src, el), el, row_numbers, good_offsets, sums, weights)
             if code != -1:  # cannot happen: every row number and offset is built above
                 raise AssertionError(describe_error(code, row_numbers, good_offsets, src.shape[0]))
-        if pooled or n_bad:
-            unit_ends = offsets[1:] - 1 if pooled else np.arange(cmd.count)
-            out_after = result_schedule(ok_pos, unit_ends, out_row)
-        else:   # every GATHER row is ready when its own lookup retires: result_schedule's answer
-            out_after = np.full(m + 1, out_row, np.int64)
-            out_after[0] = 0
-        self.timing.lookups(chs, pages, offset, rb, out_after, f["ctrl_block_mode"])
         f["cnt_lookups"] = (f["cnt_lookups"] + m) & 0xFFFF_FFFF
         if dst_error is not None:
             raise dst_error
+        n_bad = m - n_good
         if not n_bad:
             return Completion(n_bad=0, first_bad=NO_BAD_POSITION, cid=cmd.cid, status=Status.OK)
-        _, first, any_index = _count_bad(st)
+        _, first, any_index = _count_bad(status)
         return Completion(n_bad=n_bad, first_bad=int(first) + lo, cid=cmd.cid,
                           status=Status.BAD_INDEX if any_index else Status.BAD_LBA)
+
+    def _work_for(self, n: int) -> np.ndarray:
+        """The reused per-command work array of :func:`_lookup_command` with at least ``n``
+        columns, and the status array beside it (grown by doubling: no per-command allocation)."""
+        if self._work.shape[1] < n:
+            cap = max(n, 2 * self._work.shape[1])
+            self._work = np.empty((_BAGS + 1, cap), np.int64)
+            self._status = np.empty(cap, np.uint8)
+        return self._work
 
     def _scratch(self, n: int, row_bytes: int) -> np.ndarray:
         """A reused ``[n, row_bytes]`` uint8 buffer for a pooled command's gathered rows (no

@@ -18,18 +18,23 @@ import numpy as np
 
 from evssd.host.prefetch import prefetch
 
-__all__ = ["SparseFlash", "LEAF_PAGES"]
+__all__ = ["SparseFlash", "LEAF_PAGES", "slot_of", "gather_rows"]
 
 LEAF_PAGES = 4096
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def slot_of(directory, leaves, lba):
+    """The pool slot of page ``lba`` (0, the erased page, where it was never programmed)."""
+    leaf = directory[lba // LEAF_PAGES]
+    return 0 if leaf < 0 else leaves[leaf, lba % LEAF_PAGES]
 
 
 @numba.njit(cache=True, nogil=True)
 def _slots(directory, leaves, lbas, out):
     """``out[k]`` = pool slot of ``lbas[k]`` (0 where never programmed)."""
     for k in range(lbas.shape[0]):
-        lba = lbas[k]
-        leaf = directory[lba // LEAF_PAGES]
-        out[k] = 0 if leaf < 0 else leaves[leaf, lba % LEAF_PAGES]
+        out[k] = slot_of(directory, leaves, lbas[k])
 
 
 #: rows ahead whose cache lines :func:`_copy_rows` prefetches before copying the current one
@@ -49,9 +54,7 @@ def _copy_rows(directory, leaves, pool, lbas, offsets, row_units, out, pos):
     line = max(1, 64 // pool.itemsize)           # units per 64-byte cache line
     slots = np.empty(n_rows, np.int64)
     for k in range(n_rows):
-        lba = lbas[k]
-        leaf = directory[lba // LEAF_PAGES]
-        slots[k] = 0 if leaf < 0 else leaves[leaf, lba % LEAF_PAGES]
+        slots[k] = slot_of(directory, leaves, lbas[k])
     for k in range(n_rows):
         a = k + PREFETCH_ROWS
         if a < n_rows:
@@ -67,7 +70,7 @@ def _copy_rows(directory, leaves, pool, lbas, offsets, row_units, out, pos):
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather_rows(directory, leaves, pool, lbas, offsets, row_bytes, out, pos):
+def gather_rows(directory, leaves, pool, lbas, offsets, row_bytes, out, pos):
     """:func:`_copy_rows` in bytes (``pool``, ``out``: uint8 matrices, ``offsets`` in bytes),
     as 32-bit words when the row size and every offset allow it (4x fewer loads)."""
     words = row_bytes % 4 == 0 and pool.shape[1] % 4 == 0 and out.shape[1] % 4 == 0
@@ -161,11 +164,15 @@ class SparseFlash:
         below ``page_size`` (rows on the page's row grid). ``matrix`` is a view, valid until the
         next :meth:`program`.
         """
-        per_page = self.page_size // row_bytes
+        matrix = self.row_matrix(row_bytes)
+        return matrix, self.slots(lbas) * (self.page_size // row_bytes) + np.asarray(offsets, np.int64) // row_bytes
+
+    def row_matrix(self, row_bytes: int) -> np.ndarray:
+        """The pool viewed as rows of ``row_bytes`` (:meth:`rows`' matrix; row number of the row
+        at (lba, offset) = ``slot * (page_size // row_bytes) + offset // row_bytes``)."""
         if self.page_size % row_bytes:
             raise ValueError(f"row_bytes {row_bytes} does not divide the page size {self.page_size}")
-        matrix = self._pool.reshape(-1, row_bytes)
-        return matrix, self.slots(lbas) * per_page + np.asarray(offsets, np.int64) // row_bytes
+        return self._pool.reshape(-1, row_bytes)
 
     def gather(self, lbas, offsets, row_bytes: int, out: np.ndarray, pos) -> None:
         """Copy the ``row_bytes`` bytes at (``lbas[k]``, ``offsets[k]``) into ``out[pos[k]]``.
@@ -176,6 +183,6 @@ class SparseFlash:
         if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 2
                 and out.flags.c_contiguous and out.flags.writeable):
             raise ValueError("gather: out must be a writable C-contiguous uint8 matrix")
-        _gather_rows(self._dir, self._leaves, self._pool, np.ascontiguousarray(lbas, np.int64),
+        gather_rows(self._dir, self._leaves, self._pool, np.ascontiguousarray(lbas, np.int64),
                      np.ascontiguousarray(offsets, np.int64), int(row_bytes), out,
                      np.ascontiguousarray(pos, np.int64))

@@ -126,6 +126,35 @@ def axi_lite_slave_rules(m, started, bus, *, name="axil", width=6):
     return {"aw": aw, "w": w, "b": b, "ar": ar, "r": r}
 
 
+def axi_lite_master_rules(m, started, bus, *, name="axil_m", width=6, prot=True):
+    """AXI4-Lite rules around a master's port ``bus`` (the master's view: ``awvalid`` is an
+    output): the master holds AW, W and AR with their payloads until taken (asserted); the slave
+    holds B and R until taken and answers only what was asked (assumed). ``prot=False`` for a
+    master that leaves AxPROT undriven (0 in a design; a free input in a harness). Returns the
+    handshake signals for the harness's covers."""
+    aw = bus.awvalid & bus.awready
+    w = bus.wvalid & bus.wready
+    b = bus.bvalid & bus.bready
+    ar = bus.arvalid & bus.arready
+    r = bus.rvalid & bus.rready
+    aw_pay = [bus.awaddr, bus.awprot] if prot else [bus.awaddr]
+    ar_pay = [bus.araddr, bus.arprot] if prot else [bus.araddr]
+    _hold_rule(m, started, bus.awvalid, bus.awready, aw_pay, Assert, f"{name}_aw")
+    _hold_rule(m, started, bus.wvalid, bus.wready, [bus.wdata, bus.wstrb], Assert, f"{name}_w")
+    _hold_rule(m, started, bus.arvalid, bus.arready, ar_pay, Assert, f"{name}_ar")
+    _hold_rule(m, started, bus.bvalid, bus.bready, [bus.bresp], Assume, f"{name}_b")
+    _hold_rule(m, started, bus.rvalid, bus.rready, [bus.rdata, bus.rresp], Assume, f"{name}_r")
+    aw_out = _counter(m, width, aw, b, f"{name}_aw_out")
+    w_out = _counter(m, width, w, b, f"{name}_w_out")
+    ar_out = _counter(m, width, ar, r, f"{name}_ar_out")
+    m.d.comb += [
+        Assume(~bus.bvalid | ((aw_out != 0) & (w_out != 0)), f"{name}_b_only_for_a_write"),
+        Assume(~bus.rvalid | (ar_out != 0), f"{name}_r_only_for_a_read"),
+        Assume(aw_out < 2 ** width - 2), Assume(w_out < 2 ** width - 2), Assume(ar_out < 2 ** width - 2),
+    ]
+    return {"aw": aw, "w": w, "b": b, "ar": ar, "r": r}
+
+
 class _LenQueue:
     """A small in-order queue of burst lengths kept by a checker (registers, ``depth`` entries)."""
 
@@ -322,7 +351,9 @@ def run_sby(harness, name: str, work_dir, *, mode: str = "bmc", depth: int = 20,
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     # every port of the component is a port of the design: the undriven ones are free inputs
+    # (an ``always_ready`` stream's ready is a constant, not a port)
     ports = [Value.cast(v) for _, _, v in harness.dut.signature.flatten(harness.dut)]
+    ports = [v for v in ports if not isinstance(v, Const)]
     (work / f"{name}.il").write_text(rtlil.convert(harness, name=name, ports=ports))
     sby = work / f"{name}_{mode}.sby"
     sby.write_text("\n".join([

@@ -186,17 +186,22 @@ ops = st.lists(
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(capacity=st.integers(1, 12), threshold=st.integers(0, 3), dtype=st.sampled_from(DTYPES),
        dim=st.sampled_from([1, 3, 4, 8]), decay=st.sampled_from([None, 7, 50]),
-       admission=st.sampled_from(["sketch", "filter"]), wide=st.booleans(), ops=ops)
-def test_matches_reference(capacity, threshold, dtype, dim, decay, admission, wide, ops):
+       admission=st.sampled_from(["sketch", "filter"]), wide=st.booleans(), direct=st.booleans(),
+       ops=ops)
+def test_matches_reference(capacity, threshold, dtype, dim, decay, admission, wide, direct, ops):
     # 40 distinct rows, either 0..39 or spread over a table of a million rows (other hash slots
-    # and sketch blocks)
+    # and sketch blocks); ``direct``: a load factor low enough that the direct index (one entry
+    # per table row) is no larger than the hash table, so the cache uses it (same semantics)
     n_rows = 10**6 if wide else 40
+    direct = direct and not wide
     keyspace = np.random.default_rng(capacity).choice(n_rows, 40, replace=False) if wide \
         else np.arange(40)
     table = _table(40, dim, dtype)
     row_of = {int(k): table[i] for i, k in enumerate(keyspace)}
     cache = EVCache(n_rows, dim, dtype, capacity=capacity, admit_threshold=threshold,
-                    decay_interval=decay, admission=admission, name="emb")
+                    decay_interval=decay, admission=admission, name="emb",
+                    load_factor=0.02 if direct else 0.8)
+    assert cache.direct_index == direct
     ref = ReferenceCache(n_rows, capacity, threshold, decay, admission)
     for op, ids in ops:
         keys = keyspace[np.array(ids, dtype=np.int64)]
@@ -457,6 +462,44 @@ def test_non_contiguous_out_and_empty_batch():
     assert not big[1].any() and not big[:, 1::2].any()
     assert cache.lookup(np.array([], np.int64), np.zeros((0, 3), np.float16)).shape == (0,)
     assert cache.admit(np.array([], np.int64), np.zeros((0, 3), np.float16)) == 0
+
+
+def test_direct_index_when_it_is_no_larger_and_budget_counts_it():
+    """The index is whichever is smaller, the hash table (8 bytes per hash slot) or the direct
+    index (8 bytes per table row), and a budget pays for the one in use: the capacity is the
+    largest whose arrays fit."""
+    n_rows, dim = 10_000, 16
+    for frac in (0.01, 0.3, 0.7, 0.8, 0.9, 1.0):
+        for admission in ("sketch", "filter"):
+            c = EVCache(n_rows, dim, np.float32, budget_fraction=frac, admission=admission)
+            budget = int(frac * n_rows * dim * 4)
+            hash_bytes = 8 * max(c.capacity + 1, 4, -(-c.capacity * 10 // 8))
+            assert c.direct_index == (8 * n_rows <= hash_bytes), (frac, admission)
+            assert c._htab.nbytes == min(8 * n_rows, hash_bytes)
+            assert c.memory_bytes <= budget
+            bigger = c._layout_bytes(c.capacity + 1) + (n_rows + 3) // 4 + 12 * 8
+            assert c.capacity == n_rows or bigger > budget      # the largest that fits
+    # a whole-table budget for 64-wide fp32 rows holds ~90% of the rows: the direct index; for
+    # 16-wide rows the per-row costs leave ~70%, below the 80% where the index sizes cross
+    full = EVCache(n_rows, 64, np.float32, budget_fraction=1.0)
+    assert full.direct_index and full.capacity > 0.85 * n_rows
+    assert not EVCache(n_rows, 16, np.float32, budget_fraction=1.0).direct_index
+    assert not EVCache(n_rows, dim, np.float32).direct_index   # the default 1%: hashed
+    # a direct-index cache works like the hashed one: fill, evict, invalidate, look up
+    rows = np.arange(n_rows * dim, dtype=np.float32).reshape(n_rows, dim)
+    for c in (EVCache(200, dim, np.float32, capacity=180, admit_threshold=0),
+              EVCache(200, dim, np.float32, capacity=180, admit_threshold=0, load_factor=0.95)):
+        assert c.direct_index == (c.load_factor == 0.8)
+        keys = np.arange(200)
+        c.admit(keys, rows[:200])
+        assert len(c) == 180 and c.stats["rejected_by_sketch"] + c.stats["evictions"] == 20
+        c.check_invariants()
+        held = int(c.contains(keys[:50]).sum())
+        assert held > 0 and c.invalidate(keys[:50]) == held and not c.contains(keys[:50]).any()
+        c.check_invariants()
+        out = np.zeros((200, dim), np.float32)
+        hit = c.lookup(keys, out)
+        assert np.array_equal(out[hit], rows[:200][hit]) and hit.sum() == len(c)
 
 
 def test_tiny_caches_have_room_for_the_probe_window():

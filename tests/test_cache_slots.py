@@ -220,3 +220,61 @@ def test_all_hit_batches_pool_from_the_cache_rows(tmp_path, elem, parallel):
         hits = cache.stats["hits"]
         store.pooled("t", idx, offs)
         assert cache.stats["hits"] == hits + np.unique(idx).size
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 40),
+       admission=st.sampled_from(["sketch", "filter"]), decay=st.sampled_from([None, 13]),
+       threshold=st.integers(0, 3), n_keys=st.sampled_from([30, 200]),
+       itype=st.sampled_from([np.int32, np.int64, np.uint16]))
+def test_lookup_dedupe_is_dedupe_then_lookup_slots(seed, capacity, admission, decay, threshold,
+                                                   n_keys, itype):
+    """The fused pass returns what ``dedupe`` + ``lookup_slots(uniq)`` return and leaves the
+    cache in the same state (recency, counters, sketch, its aging, stats)."""
+    from evssd.host.store.dedupe import dedupe
+    rng = np.random.default_rng(seed)
+    dim = 3
+    table = rng.standard_normal((n_keys, dim)).astype(np.float32)
+    a, b = (EVCache(n_keys, dim, np.float32, capacity=capacity, admission=admission,
+                    decay_interval=decay, admit_threshold=threshold, name="t") for _ in range(2))
+    a._sketch_sample = b._sketch_sample = 37     # halve the sketch within a batch now and then
+    for step in range(25):
+        keys = (rng.zipf(1.3, rng.integers(0, 60)) % n_keys).astype(itype)
+        uniq_a, inv_a = dedupe(keys.astype(np.int64))
+        slots_a = a.lookup_slots(uniq_a)
+        uniq, inv, slots, slot_of, misses = b.lookup_dedupe(keys)
+        assert uniq.dtype == np.int64 and inv.dtype == np.int64
+        assert slots.dtype == np.int32 and slot_of.dtype == np.int32
+        assert uniq.tolist() == uniq_a.tolist() and inv.tolist() == inv_a.tolist()
+        assert slots.tolist() == slots_a.tolist()
+        assert slot_of.tolist() == slots[inv].tolist()
+        assert misses == int((slots < 0).sum())
+        assert np.array_equal(uniq[inv], keys.astype(np.int64))
+        miss = uniq[slots < 0]
+        a.admit(miss, table[miss])
+        b.admit(miss, table[miss])
+        if step % 7 == 6:
+            drop = rng.integers(0, n_keys, 3)
+            assert a.invalidate(drop) == b.invalidate(drop)
+        assert _state(a) == _state(b)
+    b.check_invariants()
+
+
+def test_lookup_dedupe_bad_input_changes_nothing():
+    cache = EVCache(50, 2, np.float32, capacity=8, admit_threshold=0, name="emb")
+    cache.admit([1, 2], np.ones((2, 2), np.float32))
+    before = _state(cache)
+    for bad in ([1, 2, 50], np.array([3, -1], np.int32)):
+        with pytest.raises(IndexError, match=r"'emb'.*at position"):
+            cache.lookup_dedupe(bad)
+    with pytest.raises(TypeError, match="integers"):
+        cache.lookup_dedupe(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        cache.lookup_dedupe(np.zeros((2, 2), np.int64))
+    assert _state(cache) == before
+    uniq, inv, slots, slot_of, misses = cache.lookup_dedupe(np.zeros(0, np.int64))
+    assert uniq.size == inv.size == slots.size == slot_of.size == misses == 0
+    uniq, inv, slots, slot_of, misses = cache.lookup_dedupe([2, 7, 2, 1, 7])
+    assert uniq.tolist() == [2, 7, 1] and inv.tolist() == [0, 1, 0, 2, 1] and misses == 1
+    assert slots[1] == -1 and slot_of.tolist() == slots[inv].tolist()
+    assert cache.stats["hits"] == 2 and cache.stats["misses"] == 1

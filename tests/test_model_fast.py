@@ -9,6 +9,7 @@ from evssd.host.device import Device, DeviceError
 from evssd.host.model import MODEL_PAGES_PER_CHANNEL, ModelTransport, _Table, translate_many
 from evssd.host.pooling import pool_rows
 from evssd.host.sparse_flash import LEAF_PAGES, SparseFlash
+from evssd.hw import regmap
 from evssd.hw.regmap import NO_BAD_POSITION, ElemType, Params, Status
 
 
@@ -203,3 +204,52 @@ def test_bench_model_smoke(tmp_path, monkeypatch):
         assert r["model_cycles"] > 0
     with pytest.raises(ValueError, match="rows must be a positive integer"):
         bench.measure(rows=0)
+
+
+@pytest.mark.parametrize("row_bytes", [64, 12])
+def test_command_cycles_match_the_timing_model_with_result_schedule(row_bytes):
+    """The model runs a command's translation, rows and timing in one kernel: its cycles and
+    channel counters must be those of :meth:`TimingModel.lookups` fed the translated good lookups
+    and :func:`result_schedule`'s units (GATHER rows, pooled bags with empty bags, a bag range
+    not starting at 0, bad lookups among them, block mode on and off), command after command."""
+    from evssd.host.timing import TimingModel, result_schedule
+
+    rng = np.random.default_rng(row_bytes)
+    params = Params(n_channels=3, ways=2, pages_per_channel=64, page_size=1024, max_row_bytes=256)
+    with Device.open(ModelTransport(params, host_memory_bytes=8 << 20)) as dev:
+        dev.configure_table(0, row_bytes, "fp32", [(0, 2000, 0), (3000, 500, 150)])
+        model = dev.transport.device
+        ref = TimingModel(params, t_r=model.timing.t_r, n_slots=model.timing.n_slots)
+        ref.cycles = ref.engine_free = dev.counters()["cycles"]
+        for trial in range(30):
+            block = trial % 5 == 4
+            dev.set_block_mode(block)
+            n = int(rng.integers(0, 400))
+            idx = rng.choice(np.r_[0:2000, 3000:3500], n)
+            if n and trial % 2:
+                idx[rng.integers(0, n, 5)] = 2500           # in no extent
+            pooled = trial % 3 != 0
+            if pooled:
+                cuts = np.sort(rng.integers(0, n + 1, int(rng.integers(0, 30))))
+                offsets = np.concatenate([[min(cuts[0], 2) if cuts.size else 0], cuts, [n]])
+                offsets = np.maximum.accumulate(offsets)
+                lo, hi = int(offsets[0]), int(offsets[-1])
+                ends = offsets[1:] - 1
+            else:
+                lo, hi = 0, n
+                ends = np.arange(n)
+            c0 = dev.counters()
+            try:
+                dev.gather_pooled(0, idx, offsets) if pooled else dev.gather(0, idx)
+            except DeviceError as exc:
+                assert exc.status == Status.BAD_INDEX
+            c1 = dev.counters()
+            st, lba, off = translate_many(idx[lo:hi], model.tables[0], params.total_pages)
+            good = np.flatnonzero(st == 0)
+            lba, off = lba[good], off[good]
+            unit = regmap.pooled_row_bytes(row_bytes, ElemType.FP32) if pooled else row_bytes
+            ref.lookups(lba % 3, lba // 3, off, row_bytes, result_schedule(good + lo, ends, unit), block)
+            assert c1["cycles"] == ref.cycles > c0["cycles"] + hi - lo, trial
+            for name, arr in (("tr_waits", ref.ch_tr_waits), ("busy_cycles", ref.ch_busy_cycles),
+                              ("rows", ref.ch_rows), ("bytes", ref.ch_bytes)):
+                assert [ch[name] for ch in c1["channels"]] == arr.tolist(), (trial, name)

@@ -1,6 +1,8 @@
 """`evssd serve` and `evssd bench serve` end to end (real server subprocesses on loopback)."""
 import json
 
+import pytest
+
 from evssd.host.cli import main
 
 
@@ -31,7 +33,7 @@ def test_bench_serve_small_run_writes_results(tmp_path, capsys):
     assert {p["threads"] for p in data["cpu_per_request"]} == {1, 2} and all(p["cpu_us_per_request"] > 0 for p in data["cpu_per_request"])
 
 
-def test_bench_serve_rtt_only_writes_all_four_variants(tmp_path, capsys):
+def test_bench_serve_rtt_only_writes_all_five_variants(tmp_path, capsys):
     rc = main(["bench", "serve", "--only", "rtt", "--rtt-reps", "20", "--rtt-block", "5", "--quick", "--threads", "2",
                "--out", str(tmp_path)])
     assert rc == 0
@@ -39,14 +41,17 @@ def test_bench_serve_rtt_only_writes_all_four_variants(tmp_path, capsys):
     assert (tmp_path / "serve-rtt" / "serve-rtt.png").exists()
     assert [p["bytes"] for p in data["overhead"]] == [64, 4096, 65536]
     for p in data["overhead"]:        # every variant answered (the bench asserts each echo's bytes)
-        for k in ("engine_p50_us", "engine_future_p50_us", "server_no_engine_p50_us", "bare_p50_us"):
+        for k in ("engine_echo_p50_us", "engine_p50_us", "engine_future_p50_us", "server_no_engine_p50_us",
+                  "bare_p50_us"):
             assert p[k] > 0, (k, p)
-    assert "Engine.call" in data["note"]
+        assert p["ratio_echo_p50"] == pytest.approx(p["engine_echo_p50_us"] / p["bare_p50_us"])
+        assert set(p["client_cpu_us"]) == {"engine_echo", "engine", "engine_future", "bare", "server_no_engine"}
+    assert "Engine.call" in data["note"] and "evssd serve echo" in data["note"]
     # CPU per request per I/O thread count, in the same run
     assert [p["threads"] for p in data["cpu_per_request"]] == [1, 2]
     assert all(p["requests"] == 400 and p["cpu_us_per_request"] > 0 for p in data["cpu_per_request"])
     out = capsys.readouterr().out
-    assert "call/bare" in out and "2 I/O threads" in out
+    assert "engine echo/bare" in out and "call/bare" in out and "2 I/O threads" in out
 
 
 def test_serve_config_gives_usable_addresses_for_separately_started_processes(tmp_path, capsys):

@@ -178,7 +178,7 @@ def test_connections_migrate_while_batches_run(cluster, tables):
 def test_servers_on_other_store_backends(backend):
     """Servers keep their shards on the file backend or the EV-SSD (model) through EmbeddingStore."""
     cfg = make_config(2, 1500, 8, 2)
-    with LocalCluster(cfg, backend=backend) as c:
+    with LocalCluster(cfg, backend=backend, startup_timeout=120) as c:  # numba compiles at start: slow under load
         model = DLRM(13, 8, 2, seed=1)
         rng = np.random.default_rng(2)
         with Engine(get_provider("tcp"), 2, request_timeout=30) as eng:

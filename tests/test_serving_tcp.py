@@ -53,7 +53,7 @@ def test_exchange_takes_its_answer_among_other_frames(client_pair):
     # staged before the request leaves: an answer to another request, ours, and half of a third
     peer.sendall(_frame(P.Op.SEND, 5, b"other") + _frame(P.Op.SEND, 9, b"mine") + tail[:13])
     got = qp.exchange(9, b"request nine", time.monotonic() + 5)
-    assert got[0] is True and bytes(got[1]) == b"mine"
+    assert bytes(got) == b"mine"
     hdr, body = _read_frame(peer)                     # what went out: one SEND frame
     assert (hdr.op, hdr.req_id, body) == (P.Op.SEND, 9, b"request nine")
     wcs = qp.poll_cq()                                # the other answer: the general path
@@ -81,7 +81,7 @@ def test_exchange_assembles_an_answer_that_trickles_in(client_pair):
     t.start()
     got = qp.exchange(3, b"q", time.monotonic() + 10)
     t.join()
-    assert got[0] is True and bytes(got[1]) == bytes(range(256)) * 40
+    assert bytes(got) == bytes(range(256)) * 40
     assert not qp._rbuf                               # nothing left over for the next read
 
 
@@ -89,7 +89,7 @@ def test_exchange_reports_a_refusal_a_deadline_and_a_closed_peer(client_pair):
     qp, peer = client_pair
     # an ERROR frame for another request is that request's failed SEND; ours is returned
     peer.sendall(_frame(P.Op.ERROR, 4, b"not yours") + _frame(P.Op.ERROR, 8, b"too long"))
-    assert qp.exchange(8, b"x", time.monotonic() + 5) == (False, "too long")
+    assert qp.exchange(8, b"x", time.monotonic() + 5) == "too long"
     wcs = qp.poll_cq()
     assert [(w.opcode, w.wr_id, w.ok, w.error) for w in wcs] == [(Opcode.SEND, 4, False, "not yours")]
     # no answer: back at the deadline, the queue pair still usable
@@ -98,7 +98,7 @@ def test_exchange_reports_a_refusal_a_deadline_and_a_closed_peer(client_pair):
     assert 0.1 <= time.monotonic() - t0 < 2 and not qp.failed
     peer.sendall(_frame(P.Op.SEND, 10, b"late") + _frame(P.Op.SEND, 11, b"on time"))
     qp.post_recv(0, np.zeros(16, np.uint8))
-    assert bytes(qp.exchange(11, b"z", time.monotonic() + 5)[1]) == b"on time"
+    assert bytes(qp.exchange(11, b"z", time.monotonic() + 5)) == b"on time"
     assert [w.imm for w in qp.poll_cq()] == [10]      # the late one went the general way
     # the peer goes away while we wait: None at once, with the reason, and a FATAL completion
     def close_peer():
@@ -267,3 +267,40 @@ def test_serve_loop_answers_until_the_peer_leaves_or_stop(server_pair):
     assert not t.is_alive() and "peer closed" in qp.failed
     with socket.socket() as s, pytest.raises(ValueError, match="serve needs a responder"):
         TcpQueuePair(TcpProvider(), s, 4, blocking=True).serve(stop)
+
+
+def test_exchange_of_a_request_larger_than_the_socket_buffer(client_pair):
+    """The request does not fit the socket: exchange waits for writability and flushes the
+    rest itself (the peer answers only after reading all of it), the answer arrives whole."""
+    qp, peer = client_pair
+    payload = np.random.default_rng(3).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
+    seen = []
+
+    def slow_peer():
+        hdr = P.unpack_header(_exact(peer, P.HEADER.size))
+        got = bytearray()
+        while len(got) < hdr.length:
+            got += peer.recv(min(1 << 16, hdr.length - len(got)))
+            time.sleep(0.0005)
+        seen.append(bytes(got) == payload)
+        peer.sendall(_frame(P.Op.SEND, hdr.req_id, b"all %d" % len(got)))
+    t = threading.Thread(target=slow_peer)
+    t.start()
+    got = qp.exchange(21, payload, time.monotonic() + 30)
+    t.join(30)
+    assert seen == [True] and bytes(got) == b"all %d" % len(payload)
+    assert not qp.wants_write() and qp.bytes_sent == P.HEADER.size + len(payload)
+
+
+def test_close_wakes_a_caller_blocked_in_exchange(client_pair):
+    """A caller waits in exchange()'s blocking receive; close() from another thread ends the
+    wait (None, the queue pair failed) long before the request's 30 s deadline."""
+    qp, peer = client_pair
+    res = []
+    t = threading.Thread(target=lambda: res.append(qp.exchange(30, b"q", time.monotonic() + 30)))
+    t.start()
+    _read_frame(peer)                                 # the request left: the caller waits now
+    time.sleep(0.05)
+    qp.close()
+    t.join(10)
+    assert not t.is_alive() and res == [None] and qp.failed == "closed locally"

@@ -53,7 +53,7 @@ def add_arguments(parser):
                         help="instead: the soak run (good rankers, bad clients, servers killed and "
                              "restarted), PHASE_S seconds per phase; results under results/serve-soak/")
     parser.add_argument("--only", choices=["rtt"], default=None,
-                        help="rtt: only the round-trip comparison (engine call / engine future / "
+                        help="rtt: only the round-trip comparison (engine echo / engine call / engine future / "
                              "server without engine / bare echo), results under results/serve-rtt/")
     parser.add_argument("--rtt-block", type=ct.positive_int, default=1,
                         help="round trips of one variant in a row before the next variant's turn (rtt comparison)")
@@ -301,10 +301,45 @@ def _proc_cpu(pid):
         return None
 
 
+def _spawn_engine_echo():
+    """``evssd serve echo`` as a process (the engine's server end with an echoing handler):
+    returns the process and its address once it reported ready."""
+    import json
+    import select
+
+    from evssd.host.serving.message_server import READY_PREFIX
+
+    proc = subprocess.Popen([sys.executable, "-m", "evssd.host.serving.cli", "echo"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError("the engine echo server did not report ready within 60 s")
+            if not select.select([proc.stdout], [], [], left)[0]:
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the engine echo server exited before ready (code {proc.wait(5)})")
+            if line.startswith(READY_PREFIX):
+                info = json.loads(line[len(READY_PREFIX):])
+                return proc, (info["host"], info["port"])
+    except BaseException:
+        proc.kill()
+        proc.wait(5)
+        raise
+
+
+def _stop(proc):
+    proc.kill()
+    proc.wait(5)
+
+
 def _overhead_points(cluster, sizes, reps, block=1):
-    """Round trips per size, four variants taking turns in blocks (see _RTT_NOTE);
+    """Round trips per size, five variants taking turns in blocks (see _RTT_NOTE);
     wall clock percentiles, plus this thread's CPU per round trip of each variant and the
-    embedding server process's CPU per request it answered."""
+    server processes' CPU per request they answered."""
     import struct
 
     from evssd.host.serving import protocol as P
@@ -313,8 +348,10 @@ def _overhead_points(cluster, sizes, reps, block=1):
 
     out = []
     proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    eproc = None
     try:
         port = int(proc.stdout.readline())
+        eproc, echo_addr = _spawn_engine_echo()
         bare = socket.create_connection(("127.0.0.1", port), timeout=10)
         bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # plain blocking sockets for the two baselines: with a timeout, Python polls before
@@ -330,10 +367,11 @@ def _overhead_points(cluster, sizes, reps, block=1):
         raw.settimeout(None)
         with Engine(get_provider("tcp"), 1, request_timeout=30) as eng:
             # one connection per engine variant: the I/O thread reads the future variant's
-            # replies, the caller reads the call variant's; sharing one connection would time
+            # replies, the caller reads the call variants'; sharing one connection would time
             # the hand-over of its socket between them in every iteration instead
             conn_fut = eng.connect("s0-future", *cluster.address("s0"))
             conn = eng.connect("s0", *cluster.address("s0"))
+            conn_echo = eng.connect("echo", *echo_addr)
             for size in sizes:
                 payload = b"\xab" * size
                 req = P.encode_request(P.Request(P.MsgType.ECHO, payload=payload))
@@ -345,6 +383,9 @@ def _overhead_points(cluster, sizes, reps, block=1):
                 def call():
                     assert eng.call(conn, req, timeout=30) == payload
 
+                def engine_echo():
+                    assert eng.call(conn_echo, req, timeout=30) == payload
+
                 def bare_echo():
                     bare.sendall(struct.pack("<I", size) + payload)
                     got = 0
@@ -354,14 +395,14 @@ def _overhead_points(cluster, sizes, reps, block=1):
                 def server_no_engine():
                     raw.sendall(frame)
                     assert P.decode_reply(_recv_frame(raw)) == payload
-                variants = (future, call, bare_echo, server_no_engine)
+                variants = (future, call, engine_echo, bare_echo, server_no_engine)
                 times = [[] for _ in variants]
                 cpu = np.zeros(len(variants))
                 for v in variants:                       # warm-up
                     for _ in range(5):
                         v()
-                srv0 = _proc_cpu(cluster.procs["s0"].pid)
-                echo0 = _proc_cpu(proc.pid)
+                pids = (cluster.procs["s0"].pid, eproc.pid, proc.pid)
+                srv0 = [_proc_cpu(pid) for pid in pids]
                 for blk in range(-(-reps // block)):
                     n = min(block, reps - blk * block)
                     for k, v in enumerate(variants):
@@ -372,31 +413,36 @@ def _overhead_points(cluster, sizes, reps, block=1):
                             v()
                             ts.append(time.perf_counter() - t0)
                         cpu[k] += time.thread_time() - c0
-                t_fut, t_eng, t_bare, t_raw = times
-                srv1 = _proc_cpu(cluster.procs["s0"].pid)
-                echo1 = _proc_cpu(proc.pid)
+                srv1 = [_proc_cpu(pid) for pid in pids]
+                # three requests per round reach the embedding server (future, call, raw)
+                srv_us = [None if a is None or b is None else (b - a) / (k * reps) * 1e6
+                          for a, b, k in zip(srv0, srv1, (3, 1, 1))]
+                t_fut, t_eng, t_echo, t_bare, t_raw = times
                 cpu_us = cpu / reps * 1e6
-                e, f, b, rw = percentiles(t_eng), percentiles(t_fut), percentiles(t_bare), percentiles(t_raw)
+                e, f, ee, b, rw = (percentiles(t_eng), percentiles(t_fut), percentiles(t_echo),
+                                   percentiles(t_bare), percentiles(t_raw))
                 out.append({"bytes": size, "engine_p50_us": e["p50"] * 1e6, "engine_p99_us": e["p99"] * 1e6,
                             "engine_future_p50_us": f["p50"] * 1e6, "engine_future_p99_us": f["p99"] * 1e6,
+                            "engine_echo_p50_us": ee["p50"] * 1e6, "engine_echo_p99_us": ee["p99"] * 1e6,
                             "bare_p50_us": b["p50"] * 1e6, "bare_p99_us": b["p99"] * 1e6,
                             "server_no_engine_p50_us": rw["p50"] * 1e6,
                             "server_no_engine_p99_us": rw["p99"] * 1e6,
-                            "overhead_p50_us": (e["p50"] - b["p50"]) * 1e6,
+                            "overhead_p50_us": (ee["p50"] - b["p50"]) * 1e6,
+                            "ratio_echo_p50": ee["p50"] / b["p50"],
                             "ratio_p50": e["p50"] / b["p50"],
                             "ratio_server_no_engine_p50": e["p50"] / rw["p50"],
                             "client_cpu_us": {"engine_future": cpu_us[0], "engine": cpu_us[1],
-                                              "bare": cpu_us[2], "server_no_engine": cpu_us[3]},
-                            # three requests per round reach the server (future, call, raw)
-                            "server_cpu_us_per_request": (None if srv0 is None or srv1 is None
-                                                          else (srv1 - srv0) / (3 * reps) * 1e6),
-                            "bare_server_cpu_us_per_request": (None if echo0 is None or echo1 is None
-                                                               else (echo1 - echo0) / reps * 1e6)})
+                                              "engine_echo": cpu_us[2], "bare": cpu_us[3],
+                                              "server_no_engine": cpu_us[4]},
+                            "server_cpu_us_per_request": srv_us[0],
+                            "engine_echo_server_cpu_us_per_request": srv_us[1],
+                            "bare_server_cpu_us_per_request": srv_us[2]})
         bare.close()
         raw.close()
     finally:
-        proc.kill()
-        proc.wait(5)
+        _stop(proc)
+        if eproc is not None:
+            _stop(eproc)
     return out
 
 
@@ -454,25 +500,30 @@ def _soak_figure(data):
 
 
 def _print_rtt(ov):
+    def us(x):
+        return "n/a" if x is None else f"{x:.1f} us"
     for p in ov:
-        print(f"rtt     {p['bytes']:6d} B: engine call p50 {p['engine_p50_us']:7.1f} us, engine future "
-              f"{p['engine_future_p50_us']:7.1f} us, server without the engine {p['server_no_engine_p50_us']:7.1f} us, "
-              f"bare echo {p['bare_p50_us']:7.1f} us; call/bare {p['ratio_p50']:.2f}x, "
-              f"call/server-no-engine {p['ratio_server_no_engine_p50']:.2f}x", flush=True)
-        c = p["client_cpu_us"]
-        srv = p["server_cpu_us_per_request"]
-        print(f"        caller-thread CPU per round trip: call {c['engine']:.1f} us, future {c['engine_future']:.1f} us, "
-              f"blocking frame client {c['server_no_engine']:.1f} us, bare client {c['bare']:.1f} us; "
-              f"server CPU per request {'n/a' if srv is None else f'{srv:.1f} us'} (echo process "
-              f"{'n/a' if p['bare_server_cpu_us_per_request'] is None else '%.1f us' % p['bare_server_cpu_us_per_request']})",
+        print(f"rtt     {p['bytes']:6d} B: engine echo p50 {p['engine_echo_p50_us']:7.1f} us, bare echo "
+              f"{p['bare_p50_us']:7.1f} us: engine echo/bare {p['ratio_echo_p50']:.2f}x", flush=True)
+        print(f"        embedding server: engine call {p['engine_p50_us']:7.1f} us, engine future "
+              f"{p['engine_future_p50_us']:7.1f} us, without the engine {p['server_no_engine_p50_us']:7.1f} us; "
+              f"call/bare {p['ratio_p50']:.2f}x, call/server-no-engine {p['ratio_server_no_engine_p50']:.2f}x",
               flush=True)
+        c = p["client_cpu_us"]
+        print(f"        caller-thread CPU per round trip: engine echo {c['engine_echo']:.1f} us, bare client "
+              f"{c['bare']:.1f} us, call {c['engine']:.1f} us, future {c['engine_future']:.1f} us, blocking frame "
+              f"client {c['server_no_engine']:.1f} us; server CPU per request: engine echo "
+              f"{us(p['engine_echo_server_cpu_us_per_request'])}, bare echo {us(p['bare_server_cpu_us_per_request'])}, "
+              f"embedding server {us(p['server_cpu_us_per_request'])}", flush=True)
 
 
-_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller thread, the four variants take turns "
+_RTT_NOTE = ("wall clock p50/p99 per round trip, one caller thread, the five variants take turns "
              "in blocks of --rtt-block round trips (1: every round trip follows one of the previous "
              "variant, as a caller mixing kinds of requests sees; 50: back-to-back round trips of "
              "one kind, both ends of the pair stay hot), so background load hits all alike; all "
-             "on loopback with TCP_NODELAY: engine_future = "
+             "on loopback with TCP_NODELAY: engine_echo = Engine.call to an engine server whose handler "
+             "only echoes (`evssd serve echo`, its own process: the engine's client and server ends "
+             "and nothing else, the apples-to-apples match of bare); engine_future = "
              "Engine.request(...).result() (the I/O thread reads the reply and hands it over in a "
              "Future); engine = Engine.call (the caller sends and reads its own reply; its own "
              "connection, so the I/O thread's socket watching of the future variant does not "
@@ -530,7 +581,10 @@ def _cpu_axes(a, cpu):
 
 
 def _rtt_axes(a, ov):
-    a.plot([p["bytes"] for p in ov], [p["engine_p50_us"] for p in ov], marker="o", label="engine call (caller reads its reply)")
+    a.plot([p["bytes"] for p in ov], [p["engine_echo_p50_us"] for p in ov], marker="o", lw=2,
+           label="engine echo (engine client + engine server, echo handler)")
+    a.plot([p["bytes"] for p in ov], [p["engine_p50_us"] for p in ov], marker="o",
+           label="engine call to the embedding server")
     a.plot([p["bytes"] for p in ov], [p["engine_future_p50_us"] for p in ov], marker="o", label="engine request().result()")
     a.plot([p["bytes"] for p in ov], [p["server_no_engine_p50_us"] for p in ov], marker="o",
            label="embedding server, blocking client (no engine)")

@@ -2,6 +2,7 @@
 
     evssd serve config --servers 4 --tables 8 --rows 100000 -o cluster.json
     evssd serve embeddings --config cluster.json --server s0 [--port 7001]
+    evssd serve echo [--port 7001]                    # an engine server that only echoes (rtt bench)
     evssd serve ranker --config cluster.json --batches 20 --batch-size 256 --threads 2
     evssd serve local --servers 4 --batches 20        # launch, rank, check against numpy, stop
     evssd serve ray --address auto --servers 4        # servers and rankers as Ray actors
@@ -65,6 +66,11 @@ def add_arguments(parser):
     p.add_argument("--provider", default="tcp", choices=["tcp", "verbs"])
     p.add_argument("--backend", default="dram", help="EmbeddingStore backend: dram, file, ...")
     p.add_argument("--credits", type=ct.positive_int, default=32, help="receives kept posted per connection")
+
+    p = sub.add_parser("echo", help="run an engine server that answers ECHO requests only (round-trip floor)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address")
+    p.add_argument("--port", type=ct.port, default=0, help="port (0 = any; the READY line names it)")
+    p.add_argument("--provider", default="tcp", choices=["tcp", "verbs"])
 
     p = sub.add_parser("ranker", help="rank synthetic batches against running servers")
     p.add_argument("--config", required=True)
@@ -239,6 +245,14 @@ def run(args) -> int:
                                   host=args.host, port=args.port, credits=args.credits)
             except RdmaUnavailable as exc:
                 print(f"evssd serve embeddings: {exc}", file=sys.stderr)
+                return 2
+        if args.serve_cmd == "echo":
+            from .message_server import run_echo_server
+            from .rdma import RdmaUnavailable
+            try:
+                return run_echo_server(args.host, args.port, provider=args.provider)
+            except RdmaUnavailable as exc:
+                print(f"evssd serve echo: {exc}", file=sys.stderr)
                 return 2
         if args.serve_cmd == "ranker":
             cfg = load_config(args.config)

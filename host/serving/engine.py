@@ -82,6 +82,8 @@ _SUB_BITS = 20      # read_rows: wr_id = op id << 20 | row position
 # completion opcodes as module constants (an enum attribute lookup per completion adds up)
 _RECV, _READ, _SEND, _FATAL = Opcode.RECV, Opcode.READ, Opcode.SEND, Opcode.FATAL
 _MAX_PAYLOAD = P.MAX_PAYLOAD
+_monotonic = time.monotonic
+_decode_reply = P.decode_reply
 _FALLBACK = object()    # _call_direct: the fast path does not apply, take the general one
 
 
@@ -248,8 +250,14 @@ def _recv_completion(conn, wc):
 def _drain_completions(conn, qp) -> bool:
     """Take every completion of ``qp``: replies complete their requests here; anything else is
     deferred to the connection's I/O thread. True when something was deferred (a hand-off)."""
+    wcs = qp.poll_cq()
+    return bool(wcs) and _defer_completions(conn, wcs)
+
+
+def _defer_completions(conn, wcs) -> bool:
+    """:func:`_drain_completions` of completions already taken from the queue pair."""
     handoff = False
-    for wc in qp.poll_cq():
+    for wc in wcs:
         if wc.opcode == _RECV:
             _recv_completion(conn, wc)
         else:
@@ -760,21 +768,25 @@ class Engine:
             rid = next(self._ids)
             wait = self.request_timeout if timeout is None else timeout
             try:
-                got = qp.exchange(rid, payload, time.monotonic() + wait)
+                got = qp.exchange(rid, payload, _monotonic() + wait)
             except (ConnectionError, OSError):
                 pass                      # the queue pair failed: reported below
             finally:
                 credits.give(None)
                 conn.completed += 1
-            handoff = _drain_completions(conn, qp)
-            if got is not None and got[0]:
-                return _owned(P.decode_reply(got[1]))   # decoded while the buffer is ours
+                wcs = qp.poll_cq()        # taken while we are the reader (rx_lock)
+                if wcs:
+                    handoff = _defer_completions(conn, wcs)
+            if got is not None and type(got) is not str:
+                res = _decode_reply(got)      # decoded while the buffer is ours
+                return res if type(res) is bytes else _owned(res)
         finally:
             conn.rx_lock.release()
+            # after the release: a parked connection with work left needs its I/O thread again
             if handoff or (conn.parked and (conn.pending or conn.deferred)) or qp.wants_write():
                 self.threads[conn.owner].post(("rearm", conn))
         if got is not None:
-            raise P.RemoteError(f"server {conn.name}: {got[1]}")
+            raise P.RemoteError(f"server {conn.name}: {got}")
         if conn.dead or qp.failed:
             raise ConnectionLost(f"server {conn.name} ({qp.peer}): {conn.dead or qp.failed}")
         raise RequestTimeout(f"server {conn.name} ({qp.peer}) did not answer request {rid} "

@@ -28,7 +28,7 @@ __all__ = [
     "VersionMismatch", "Header", "pack_header", "unpack_header", "unpack_header_from", "pack_read_req",
     "unpack_read_req", "Request", "encode_request", "decode_request", "encode_ok_array",
     "encode_ok_json", "encode_err", "decode_reply", "RemoteError", "encode_multi", "decode_multi",
-    "encode_ok_multi",
+    "encode_ok_multi", "echo_reply",
 ]
 
 MAGIC = 0x44535645          # b"EVSD" read as a little-endian u32
@@ -242,15 +242,37 @@ def encode_err(message: str) -> bytes:
     return _REP.pack(Status.ERR, 2, 0, 0) + message.encode()
 
 
-_OK, _ERR, _REP_SIZE = int(Status.OK), int(Status.ERR), _REP.size
+_OK_BYTES = encode_ok_bytes(b"")
+_ECHO_INT = int(MsgType.ECHO)
+_REQ_SIZE, _REQ_UNPACK = _REQ.size, _REQ.unpack_from
+
+
+def echo_reply(buf) -> bytes:
+    """The encoded reply to an encoded ECHO request: its payload back, as
+    ``encode_ok_bytes(decode_request(buf).payload)`` would make it, with no request object and
+    one copy (an echo server's whole work per request)."""
+    n = len(buf)
+    if n >= _REQ_SIZE:
+        typ, _, length, _ = _REQ_UNPACK(buf)
+        if typ == _ECHO_INT and n == _REQ_SIZE + length:
+            return b"".join((_OK_BYTES, buf[_REQ_SIZE:]))
+        if typ != _ECHO_INT:
+            raise ProtocolError(f"not an ECHO request (type {typ})")
+        raise ProtocolError("ECHO length field does not match the message")
+    raise ProtocolError(f"request of {n} bytes is shorter than its {_REQ_SIZE}-byte header")
+
+
+_OK, _ERR, _REP_SIZE, _REP_UNPACK = int(Status.OK), int(Status.ERR), _REP.size, _REP.unpack_from
 
 
 def decode_reply(buf):
     """Return a float32 array, a JSON object or bytes; raise :class:`RemoteError` on ERR."""
-    buf = memoryview(buf)
-    if len(buf) < _REP.size:
+    if len(buf) < _REP_SIZE:
         raise ProtocolError(f"reply of {len(buf)} bytes is shorter than its header")
-    status, kind, rows, cols = _REP.unpack_from(buf)
+    status, kind, rows, cols = _REP_UNPACK(buf)
+    if kind == 2 and status == _OK:
+        return bytes(buf[_REP_SIZE:])      # bytes (ECHO): no view needed
+    buf = memoryview(buf)
     body = buf[_REP_SIZE:]
     if status != _OK:
         if status == _ERR:

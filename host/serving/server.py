@@ -24,33 +24,25 @@ version, length) gets an ERROR frame and the connection is closed: the stream ca
 from __future__ import annotations
 
 import ctypes
-import json
-import mmap
-import queue
-import signal
-import sys
 import tempfile
 import threading
-import time
 
 import numpy as np
 
 from . import protocol as P
 from .config import server_shards, table_rows
+from .message_server import READY_PREFIX, MessageServer, serve_until_signalled
 from .providers import get_provider
-from .rdma import Opcode
 
 __all__ = ["EmbeddingServer", "READY_PREFIX"]
 
-READY_PREFIX = "EVSSD-READY "
-_RELEASE_BYTES = 256 << 10     # after a message this large, its buffer's pages go back to the OS
 # message types as module constants: an enum attribute lookup costs as much as a request's parsing
 _MULTI, _ECHO, _META, _GATHER, _POOLED = (P.MsgType.MULTI, P.MsgType.ECHO, P.MsgType.META,
                                           P.MsgType.GATHER, P.MsgType.POOLED)
-_RECV, _FATAL = Opcode.RECV, Opcode.FATAL
+_ECHO_INT = int(_ECHO)
 
 
-class EmbeddingServer:
+class EmbeddingServer(MessageServer):
     def __init__(self, cfg: dict, name: str, *, provider: str = "tcp", backend: str = "dram",
                  host: str | None = None, port: int | None = None, credits: int = 32,
                  max_message: int = 4 << 20, store_path: str | None = None,
@@ -83,26 +75,12 @@ class EmbeddingServer:
             self.store.gather(t, np.zeros(1, dtype=np.int64))
             self.store.pooled(t, np.zeros(2, dtype=np.int64), np.array([0, 0, 2]), mode="sum")
         self._store_lock = threading.Lock()
-        self.provider = get_provider(provider)
-        self.mrs = {t: self.provider.reg_mr(a) for t, a in self.arrays.items()}
+        provider = get_provider(provider)
+        self.mrs = {t: provider.reg_mr(a) for t, a in self.arrays.items()}
         scfg = cfg["servers"][name]
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
-        if handshake_timeout <= 0:
-            raise ValueError(f"handshake_timeout must be > 0, got {handshake_timeout}")
-        self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
-        self.active = 0
-        self.refused_busy = self.refused_handshakes = 0
-        self._conn_lock = threading.Lock()
-        # frames longer than one message are refused from their header, before buffering
-        self.listener = self.provider.listen(host or scfg["host"], scfg["port"] if port is None else port,
-                                             recv_depth=credits, max_frame=max_message)
-        self.address = self.listener.address
-        self.credits = credits
-        self.max_message = max_message
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        super().__init__(provider, host or scfg["host"], scfg["port"] if port is None else port, name=name,
+                         credits=credits, max_message=max_message, max_connections=max_connections,
+                         handshake_timeout=handshake_timeout)
         self.requests = 0
 
     # -------------------------------------------------------------- request handling
@@ -135,12 +113,12 @@ class EmbeddingServer:
         self.requests += 1
         try:
             data = memoryview(data).cast("B")     # its items are ints: cheap type checks below
+            if len(data) and data[0] == _ECHO_INT:
+                return P.echo_reply(data)
             if len(data) and data[0] == _MULTI:
                 return P.encode_ok_multi([self.handle(sub) for sub in P.decode_multi(data)])
             req = P.decode_request(data)
             typ = req.type
-            if typ is _ECHO:
-                return P.encode_ok_bytes(req.payload)
             if typ is _META:
                 return P.encode_ok_json(self.meta())
             local = self._local(req)
@@ -162,137 +140,11 @@ class EmbeddingServer:
         except Exception as exc:  # a server bug must not kill the connection silently
             return P.encode_err(f"internal error: {type(exc).__name__}: {exc}")
 
-    # -------------------------------------------------------------- connections
-    def _recv_buffer(self):
-        """A receive buffer of ``max_message`` bytes in its own anonymous mapping: untouched
-        pages cost no memory, and :meth:`_release` gives a large message's pages back."""
-        mm = mmap.mmap(-1, self.max_message)
-        return mm, np.frombuffer(mm, dtype=np.uint8)
-
-    @staticmethod
-    def _release(mm, nbytes):
-        if nbytes >= _RELEASE_BYTES and hasattr(mm, "madvise"):
-            try:
-                mm.madvise(mmap.MADV_DONTNEED)
-            except OSError:
-                pass
-
-    def _connection(self, sock, addr):
-        """One peer, on its own thread: the handshake (total deadline), then requests."""
-        qp = None
-        try:
-            try:
-                qp = self.listener.handshake(sock, addr, time.monotonic() + self.handshake_timeout)
-            except (OSError, P.ProtocolError, ValueError, KeyError):
-                self.refused_handshakes += 1
-                return        # a peer that failed or stalled its handshake; it was told why if it listens
-            maps, bufs = {}, {}
-            set_responder = getattr(qp, "set_responder", None)
-            if set_responder is not None:
-                set_responder(self.handle)     # requests answered inline: no receive buffers
-                qp.serve(self._stop)
-                return
-            for i in range(self.credits):
-                maps[i], bufs[i] = self._recv_buffer()
-                qp.post_recv(i, bufs[i])
-            while not self._stop.is_set():
-                qp.progress()
-                for wc in qp.poll_cq():
-                    if wc.opcode == _FATAL:
-                        return
-                    if wc.opcode != _RECV:
-                        continue
-                    buf = bufs[wc.wr_id]
-                    if wc.ok:
-                        reply = self.handle(buf[:wc.byte_len])
-                    else:
-                        reply = P.encode_err(wc.error or "receive failed")
-                    self._release(maps[wc.wr_id], wc.byte_len)
-                    qp.post_recv(wc.wr_id, buf)
-                    qp.post_send(wc.imm, reply)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            if qp is not None:
-                qp.close()
-            with self._conn_lock:
-                self.active -= 1
-
-    def serve_forever(self):
-        """Accept loop: takes connections and hands each to its own thread at once (the
-        handshake runs there); beyond ``max_connections`` a peer is refused with a reason,
-        by a helper thread so a peer that does not read cannot stall accepting."""
-        refuser = _Refuser(self.listener)
-        try:
-            while not self._stop.is_set():
-                try:
-                    sock, addr = self.listener.accept_socket(timeout=0.2)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    if self._stop.is_set():
-                        break
-                    time.sleep(0.01)      # e.g. out of file descriptors: do not spin
-                    continue
-                with self._conn_lock:
-                    full = self.active >= self.max_connections
-                    if not full:
-                        self.active += 1
-                if full:
-                    self.refused_busy += 1
-                    refuser.put(sock, f"server {self.name} busy: {self.max_connections} connections "
-                                      f"(its limit); try again later")
-                    continue
-                t = threading.Thread(target=self._connection, args=(sock, addr), daemon=True,
-                                     name="evssd-server-conn")
-                t.start()
-        finally:
-            refuser.close()
-
-    def stop(self):
-        self._stop.set()
-
     def close(self):
-        self.stop()
-        self.listener.close()
+        super().close()
         self.store.close()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-
-class _Refuser:
-    """Turns peers away off the accept path: one thread, a bounded queue (beyond it a peer
-    is just closed), each refusal lingering at most 0.2 s."""
-
-    def __init__(self, listener, depth: int = 64):
-        self.listener = listener
-        self.q: queue.Queue = queue.Queue(depth)
-        self.t = threading.Thread(target=self._run, daemon=True, name="evssd-server-refuse")
-        self.t.start()
-
-    def put(self, sock, reason):
-        try:
-            self.q.put_nowait((sock, reason))
-        except queue.Full:
-            sock.close()
-
-    def _run(self):
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            self.listener.refuse(*item)
-
-    def close(self):
-        while True:
-            try:
-                item = self.q.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[0].close()
-        self.q.put(None)
-        self.t.join(2)
 
 
 def limit_heap_retention() -> None:
@@ -315,17 +167,4 @@ def run_server(cfg: dict, name: str, **kw) -> int:
     """Process entry: build, announce readiness on stdout, serve until SIGTERM/SIGINT."""
     limit_heap_retention()
     server = EmbeddingServer(cfg, name, **kw)
-
-    def on_signal(signum, frame):
-        server.stop()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    host, port = server.address
-    sys.stdout.write(READY_PREFIX + json.dumps({"server": name, "host": host, "port": port,
-                                                "tables": server.ranges}) + "\n")
-    sys.stdout.flush()
-    try:
-        server.serve_forever()
-    finally:
-        server.close()
-    return 0
+    return serve_until_signalled(server, {"server": name, "tables": server.ranges})

@@ -8,12 +8,15 @@ lands in the local buffer of its read. A SEND that finds no posted receive is re
 ERROR frame (the RNR NAK of RC transport), so the sender gets an error completion rather than
 silent loss.
 
-Two modes: ``blocking=False`` (the engine: sockets non-blocking, posts only queue frames and
-the owning thread calls :meth:`TcpQueuePair.flush` once per loop turn -- one ``sendmsg`` for a
-burst -- and again on writability, so an I/O thread never blocks behind a slow peer while it
-should be reading) and
-``blocking=True`` (a server's per-connection thread: ``progress`` blocks in ``recv``, sends go out
-with ``sendall``). Both release the GIL in the socket calls.
+Two modes: ``blocking=False`` (the engine: every send and receive is non-blocking, posts only
+queue frames and the owning thread calls :meth:`TcpQueuePair.flush` once per loop turn -- one
+``sendmsg`` for a burst -- and again on writability, so an I/O thread never blocks behind a slow
+peer while it should be reading) and ``blocking=True`` (a server's per-connection thread:
+``progress`` blocks in ``recv``, sends go out with ``sendall``). Both release the GIL in the
+socket calls. The engine's socket itself stays in blocking mode and its non-blocking calls pass
+``MSG_DONTWAIT``: so the one call that should wait -- :meth:`TcpQueuePair.exchange` reading its
+answer -- is a single blocking ``recv`` (bounded by ``SO_RCVTIMEO``), as a plain blocking client's
+is, with no ``poll`` before it.
 
 Two round-trip fast paths beyond the verbs vocabulary, one per side, each taking the common case
 (one whole frame in one receive) without the general frame loop and leaving everything else to
@@ -28,6 +31,7 @@ import json
 import secrets
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -49,7 +53,17 @@ _MAX_HELLO = 4096          # a HELLO is a few bytes of JSON
 _POLL_R, _POLL_RW = select.POLLIN, select.POLLIN | select.POLLOUT
 _HS = P.HEADER.size
 _HEADER_UNPACK = P.HEADER.unpack_from
-_HEADER_PACK = P.HEADER.pack
+_DONTWAIT = socket.MSG_DONTWAIT
+# exchange(): a blocking receive returns at least this often (s) to look at its deadline
+_RECV_SLICE = 0.05
+_RCVTIMEO = struct.pack("ll", 0, int(_RECV_SLICE * 1e6))
+_MAGIC, _VERSION = P.MAGIC, P.VERSION
+# the header read as (magic | version | op | flags, request id, length): the fast paths check a
+# SEND's first 8 bytes with one comparison and build its header from one word
+_WORDS = struct.Struct("<QQI")
+assert _WORDS.size == P.HEADER.size
+_WORDS_UNPACK, _WORDS_PACK = _WORDS.unpack_from, _WORDS.pack
+_SEND_WORD = _WORDS.unpack(P.pack_header(P.Op.SEND, 0, 0))[0]
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -200,11 +214,16 @@ class TcpQueuePair(QueuePair):
         self.peer_credits = peer_credits
         self._sock = sock
         self._blocking = blocking
+        # blocking file mode in both modes; the engine's non-blocking calls pass MSG_DONTWAIT
+        # (see the module docstring) and its blocking receive wakes every _RECV_SLICE
         sock.settimeout(None)
-        sock.setblocking(blocking)
+        self._nb = 0 if blocking else _DONTWAIT
+        if not blocking:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
         self._fd = sock.fileno()
         self._rbuf = bytearray()
         self._scratch: bytearray | None = None
+        self._scratch_view: memoryview | None = None
         self._out: deque[memoryview] = deque()
         self._send_lock = threading.Lock()
         self._cork: list | None = None
@@ -217,7 +236,6 @@ class TcpQueuePair(QueuePair):
         self._caught = None
         self._in_rbuf = False                   # the frames being handled live in _rbuf
         self._poller = None                     # exchange(): a poll object on this socket
-        self._poll_mask = 0
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.failed: str | None = None
@@ -293,21 +311,22 @@ class TcpQueuePair(QueuePair):
             return
         if self.failed:
             raise ConnectionError(f"queue pair to {self.peer} failed: {self.failed}")
-        frame = b"".join((_HEADER_PACK(P.MAGIC, P.VERSION, _SEND, 0, wr_id, n), data))
+        frame = b"".join((_WORDS_PACK(_SEND_WORD, wr_id, n), data))
+        n += _HS
         with self._send_lock:
-            self.bytes_sent += len(frame)
+            self.bytes_sent += n
             if self._out:                      # keep the order: behind what is queued
                 self._out.append(memoryview(frame))
                 self._flush_locked()
                 return
             try:
-                k = self._sock.send(frame)
+                k = self._sock.send(frame, _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 k = 0
             except OSError as exc:
                 self._fail(f"send failed: {exc}")
                 return
-            if k < len(frame):
+            if k != n:                         # the socket is full: the rest waits for the owner
                 self._out.append(memoryview(frame)[k:])
 
     def set_responder(self, fn) -> None:
@@ -323,13 +342,19 @@ class TcpQueuePair(QueuePair):
     def serve(self, stop) -> None:
         """A server connection's loop once a responder is set: receive and answer until the
         peer leaves or the queue pair fails (``failed`` says why), or ``stop`` (an Event, looked
-        at before each receive: a loop waiting in its receive ends after the next one) is set. What :meth:`progress` in a loop does, with the common
-        case -- one whole SEND in one receive -- answered straight from the receive."""
-        if self._responder is None:
+        at before each receive: a loop waiting in its receive ends after the next one) is set.
+        What :meth:`progress` in a loop does, with the common case -- one whole SEND in one
+        receive -- answered inline: its header checked in place in the scratch buffer, the
+        responder called on a view of it, header and reply joined into one ``sendall``."""
+        respond = self._responder
+        if respond is None:
             raise ValueError("serve needs a responder (set_responder)")
         if self._scratch is None:
-            self._scratch = bytearray(_RECV_CHUNK)
-        recv_into, scratch, is_set = self._sock.recv_into, self._scratch, stop.is_set
+            self._alloc_scratch()
+        sock, scratch, is_set = self._sock, self._scratch, stop.is_set
+        recv_into, sendall, send_lock = sock.recv_into, sock.sendall, self._send_lock
+        view = memoryview(scratch)
+        max_frame = self.max_frame
         while not is_set() and not self.failed:
             try:
                 n = recv_into(scratch)
@@ -342,67 +367,155 @@ class TcpQueuePair(QueuePair):
                 self._fail("peer closed the connection")
                 return
             self.bytes_recv += n
-            self._consume(n)          # one whole SEND: answered by _answer_one, first thing
+            if n >= _HS and not self._rbuf and not self._skip:
+                word, req_id, length = _WORDS_UNPACK(scratch, 0)
+                if word == _SEND_WORD and length == n - _HS and length <= max_frame:
+                    reply = respond(view[_HS:n])
+                    m = len(reply)
+                    if m <= _SMALL_FRAME:
+                        frame = b"".join((_WORDS_PACK(_SEND_WORD, req_id, m), reply))
+                        with send_lock:
+                            self.bytes_sent += _HS + m
+                            try:
+                                sendall(frame)
+                            except OSError as exc:
+                                self._fail(f"send failed: {exc}")
+                                return
+                    else:
+                        with send_lock:
+                            self.bytes_sent += _HS + m
+                            try:
+                                self._send_vec([_WORDS_PACK(_SEND_WORD, req_id, m), reply])
+                            except ConnectionError:
+                                return            # _fail() recorded why
+                    continue
+            self._consume(n)
 
     def exchange(self, wr_id, data, deadline: float):
         """SEND ``data`` and read this queue pair until the peer answers ``wr_id`` or
         ``deadline`` (``time.monotonic``) passes: a synchronous request on the caller's thread.
 
-        Returns ``(True, body)`` for the answering SEND (``body``: a memoryview valid until the
-        next :meth:`progress`; it takes no posted receive), ``(False, message)`` when the peer
-        refused the SEND with an ERROR frame, or ``None`` when the deadline passed or the queue
-        pair failed (``failed`` says why). Every other frame read meanwhile is handled as
-        :meth:`progress` handles it (completions in the CQ). Non-blocking mode; the caller
-        must be the only reader of this queue pair while it runs."""
-        if self._blocking:
-            raise ValueError("exchange needs a non-blocking queue pair")
-        self.send_now(wr_id, data)
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(self._fd, _POLL_R)
-            self._poll_mask = _POLL_R
+        Returns the body of the answering SEND (a memoryview valid until the next receive, or
+        bytes; it takes no posted receive), the peer's message (a ``str``) when it refused the
+        SEND with an ERROR frame, or ``None`` when the deadline passed or the queue pair failed
+        (``failed`` says why). Every other frame read meanwhile is handled as :meth:`progress`
+        handles it (completions in the CQ). Non-blocking mode; the caller must be the only
+        reader of this queue pair while it runs.
+
+        The common case costs what a blocking client's round trip does: one ``send`` of header
+        and payload joined, one blocking ``recv_into`` the scratch buffer that holds exactly the
+        answer, its header checked in place. Only while frames wait in the send queue (the
+        socket was full) does it ``poll`` for writability as well."""
+        n = len(data)
+        if n > _SMALL_FRAME or self._blocking or self._out or self._rbuf or self._skip or self.failed:
+            if self._blocking:
+                raise ValueError("exchange needs a non-blocking queue pair")
+            self.send_now(wr_id, data)
+            return self._exchange_loop(wr_id, 0, deadline)
+        # the common case, nothing queued or half read: send_now's small-frame path inline
+        frame = b"".join((_WORDS_PACK(_SEND_WORD, wr_id, n), data))
+        n += _HS
+        sock = self._sock
+        with self._send_lock:
+            self.bytes_sent += n
+            if self._out:                      # another thread queued meanwhile: keep the order
+                self._out.append(memoryview(frame))
+                self._flush_locked()
+            else:
+                try:
+                    k = sock.send(frame, _DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    k = 0
+                except OSError as exc:
+                    self._fail(f"send failed: {exc}")
+                    return None
+                if k != n:                     # the socket is full: exchange_loop flushes
+                    self._out.append(memoryview(frame)[k:])
+        if self._out:
+            return self._exchange_loop(wr_id, 0, deadline)
         scratch = self._scratch
         if scratch is None:
-            scratch = self._scratch = bytearray(_RECV_CHUNK)
-        self._catch, self._caught = wr_id, None
-        mask = self._poll_mask
+            scratch = self._alloc_scratch()
+        # one blocking receive (at most _RECV_SLICE) that holds exactly our whole answer
         try:
-            while True:
-                # wait first, read second: a read that finds nothing raises (BlockingIOError),
-                # and on an idle host the answer is rarely there as soon as the send returns
-                if self.failed:           # e.g. closed by another thread while we waited
-                    return None
-                want = _POLL_RW if self._out else _POLL_R
-                if want != mask:
-                    poller.register(self._fd, want)
-                    mask = self._poll_mask = want
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                if not poller.poll(min(left, 0.05) * 1e3):
-                    continue
-                if self._out:
-                    self.flush()
-                fresh = not self._rbuf and not self._skip
-                n = self._recv()
-                if not n:
-                    if self.failed:
-                        return None
-                    continue
-                if fresh and n >= _HS:
-                    # the common case: the read holds exactly our whole answer
-                    magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
-                    if (req_id == wr_id and op == _SEND and length == n - _HS and magic == P.MAGIC
-                            and version == P.VERSION):
-                        return True, memoryview(scratch)[_HS:n]
+            n = sock.recv_into(scratch)
+        except (BlockingIOError, InterruptedError):
+            n = 0                         # the slice ended: the loop looks at the deadline
+        except OSError as exc:
+            self._fail(f"receive failed: {exc}")
+            return None
+        else:
+            if not n:
+                self._fail("peer closed the connection")
+                return None
+            self.bytes_recv += n
+            if n >= _HS:
+                word, req_id, length = _WORDS_UNPACK(scratch, 0)
+                if req_id == wr_id and word == _SEND_WORD and length == n - _HS:
+                    return self._scratch_view[_HS:n]
+        return self._exchange_loop(wr_id, n, deadline)
+
+    def _exchange_loop(self, wr_id, n, deadline):
+        """The rest of :meth:`exchange`: handle the ``n`` bytes already received (any frames,
+        in order) and keep reading until the answer to ``wr_id``, an ERROR for it, the
+        deadline or a failure."""
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._alloc_scratch()
+        recv_into = self._sock.recv_into
+        monotonic = time.monotonic
+        self._catch, self._caught = wr_id, None
+        try:
+            if n:
                 self._consume(n)
                 if self._caught is not None:
                     return self._caught
-                if self.failed:
+            while True:
+                if self.failed:           # e.g. closed by another thread while we waited
                     return None
+                if monotonic() >= deadline:
+                    return None
+                if self._out:
+                    # our frame is not all out: wait for writability too, then flush
+                    if not self._wait_rw(deadline):
+                        continue
+                    self.flush()
+                    flags = _DONTWAIT
+                else:
+                    flags = 0             # block (at most _RECV_SLICE, SO_RCVTIMEO)
+                fresh = not self._rbuf and not self._skip
+                try:
+                    n = recv_into(scratch, 0, flags)
+                except (BlockingIOError, InterruptedError):
+                    continue              # the slice ended (or nothing yet): look at the deadline
+                except OSError as exc:
+                    self._fail(f"receive failed: {exc}")
+                    return None
+                if not n:
+                    self._fail("peer closed the connection")
+                    return None
+                self.bytes_recv += n
+                if fresh and n >= _HS:
+                    # the read holds exactly our whole answer
+                    magic, version, op, _, req_id, length = _HEADER_UNPACK(scratch, 0)
+                    if (req_id == wr_id and op == _SEND and length == n - _HS and magic == _MAGIC
+                            and version == _VERSION):
+                        return memoryview(scratch)[_HS:n]
+                self._consume(n)
+                if self._caught is not None:
+                    return self._caught
         finally:
             self._catch, self._caught = -1, None
+
+    def _wait_rw(self, deadline) -> bool:
+        """Poll this socket for readability or writability until at most ``deadline`` (or one
+        ``_RECV_SLICE``); True when it is ready."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._fd, _POLL_RW)
+        left = min(deadline - time.monotonic(), _RECV_SLICE)
+        return left > 0 and bool(poller.poll(left * 1e3))
 
     def post_recv(self, wr_id, buf):
         self._recvs.append((wr_id, memoryview(buf).cast("B")))
@@ -426,7 +539,7 @@ class TcpQueuePair(QueuePair):
         try:
             while out:
                 batch = list(itertools.islice(out, 0, 512))
-                n = self._sock.sendmsg(batch)
+                n = self._sock.sendmsg(batch, (), self._nb)
                 while n and out:
                     head = out[0]
                     if n >= head.nbytes:
@@ -458,9 +571,9 @@ class TcpQueuePair(QueuePair):
             return 0
         scratch = self._scratch
         if scratch is None:
-            scratch = self._scratch = bytearray(_RECV_CHUNK)
+            scratch = self._alloc_scratch()
         try:
-            n = self._sock.recv_into(scratch)
+            n = self._sock.recv_into(scratch, 0, self._nb)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
@@ -471,6 +584,12 @@ class TcpQueuePair(QueuePair):
             return 0
         self.bytes_recv += n
         return n
+
+    def _alloc_scratch(self) -> bytearray:
+        """The receive buffer every receive of this queue pair lands in (and a view of it)."""
+        self._scratch = bytearray(_RECV_CHUNK)
+        self._scratch_view = memoryview(self._scratch)
+        return self._scratch
 
     def _consume(self, n):
         """Handle the ``n`` bytes just received into the scratch buffer."""
@@ -585,7 +704,7 @@ class TcpQueuePair(QueuePair):
             if hdr.req_id == self._catch:
                 # a view of the scratch buffer (valid until the next receive); a frame put
                 # together in _rbuf is copied, since _rbuf is trimmed when progress() ends
-                self._caught = (True, bytes(body) if self._in_rbuf else body)
+                self._caught = bytes(body) if self._in_rbuf else body
                 return
             if not self._recvs:
                 self._emit(P.Op.ERROR, hdr.req_id,
@@ -628,7 +747,7 @@ class TcpQueuePair(QueuePair):
         elif op == _ERROR:
             msg = bytes(body).decode(errors="replace")
             if hdr.req_id == self._catch:
-                self._caught = (False, msg)
+                self._caught = msg
             elif hdr.req_id == 0:
                 self._fail(f"peer reported: {msg}")
             elif self._reads.pop(hdr.req_id, None) is not None:
@@ -668,6 +787,10 @@ class TcpQueuePair(QueuePair):
     def close(self):
         if not self.failed:
             self.failed = "closed locally"
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)   # wakes a thread blocked in exchange()'s receive
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:

@@ -54,6 +54,7 @@ from evssd.host.store.misses import miss_order
 from evssd.host.store.rocksdb import RocksDBBackend
 from evssd.host.store.tablefile import open_table_file
 from evssd.host.store.tables import TableInfo, check_table, check_table_name, table_info
+from evssd.host.store.tablethreads import TableThreads
 
 __all__ = ["EmbeddingStore", "BACKENDS", "pool_deduplicated"]
 
@@ -117,6 +118,7 @@ class _Plan:
     pooled: np.ndarray | None = None    # result pooled by the backend (device pooling)
     slots: np.ndarray | None = None     # int32 per distinct index: cache slot, -1 for a miss
     epoch: int = -1                     # the cache's epoch before the slots were looked up
+    slot_of: np.ndarray | None = None   # int32 per lookup: slots[inv]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -140,6 +142,7 @@ def _locate(loc, miss, slot_key, uniq, stale, check):
 
 
 _AUTO = object()
+_NO_MISS = np.zeros(0, dtype=np.int64)  # an all-hit plan's misses (never written)
 
 
 class EmbeddingStore:
@@ -149,7 +152,9 @@ class EmbeddingStore:
     table held in memory (``dram``) is pooled straight from the table by one fused kernel
     (parallel over bags with ``parallel=True``); a backend that pools (the EV-SSD)
     pools unweighted bags of the device's element types itself; every other lookup deduplicates,
-    serves the cache, fetches the distinct misses once and pools on the host.
+    serves the cache, fetches the distinct misses once and pools on the host. With caches and
+    ``parallel=True``, the tables of a :meth:`lookup_many` batch run on threads (each table's
+    dedupe, cache lookup and pooling on one; :class:`.tablethreads.TableThreads`).
 
     Safe to call from several threads: each table's cache has its own lock (held for the
     lookup and for the admission, not across the I/O), and the calls into a backend that is
@@ -159,8 +164,9 @@ class EmbeddingStore:
     def __init__(self, tables: Mapping[str, TableInfo], backend: Backend, *,
                  cache_fraction: float | None = 0.01, cache="evcache", parallel: bool = False):
         self.tables: dict[str, TableInfo] = dict(tables)
-        #: pool with numba's threads (prange over bags, ``numba.set_num_threads``): worth it on
-        #: idle cores and big batches, harmful on a loaded machine, so opt-in
+        #: use ``numba.get_num_threads()`` threads: a cached batch's tables side by side, else
+        #: one table's bags (prange); worth it on idle cores and big batches, harmful on a loaded
+        #: machine, so opt-in
         self.parallel = bool(parallel)
         self.backend = backend
         self.cache_fraction = cache_fraction
@@ -178,6 +184,21 @@ class EmbeddingStore:
         self._lock = threading.Lock()
         self._cache_locks = {name: threading.Lock() for name in self.caches}
         self._io_lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
+        self._threads = TableThreads()
+
+    def _table_threads(self, n_tables: int) -> int:
+        """Threads for a batch's per-table work: with ``parallel`` and caches, one per numba
+        thread (the tables' caches and kernels are independent); else 1. A table store without
+        a cache (dram) keeps pooling each table's bags on numba's threads."""
+        if not self.parallel or not self.caches or n_tables < 2:
+            return 1
+        return numba.get_num_threads()
+
+    def _bag_parallel(self, n_bags: int) -> bool:
+        """Pool one table's bags on numba's threads? Not inside a table thread (the tables
+        already share the cores)."""
+        return self.parallel and n_bags >= 16 and numba.get_num_threads() > 1 \
+            and not self._threads.on_worker
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -192,7 +213,8 @@ class EmbeddingStore:
         ``cache_fraction``: per-table cache budget as a fraction of the table (None: no cache);
         the default is 0.01 for every backend but ``dram``, which has nothing to cache.
         ``cache``: "evcache" (EV-Cache), "lru" (:class:`PlainLRU`) or ``f(TableInfo, fraction)``.
-        ``parallel``: pool each table's bags on numba's threads (results are the same bits).
+        ``parallel``: use numba's threads -- with caches, a batch's tables side by side, else
+        each table's bags (results are the same bits).
         ``options`` go to the backend's ``create`` (an unknown one is an error naming it):
 
         - ``file``: ``path`` (directory, created; default a temporary one removed by
@@ -278,6 +300,7 @@ class EmbeddingStore:
         """Close the backend (and remove the directory it created, if any). Idempotent; every
         lookup afterwards raises :class:`StoreClosedError`."""
         self._closed = True
+        self._threads.close()
         self.backend.close()
 
     def __enter__(self):
@@ -345,15 +368,17 @@ class EmbeddingStore:
             return _Plan(info, idx, None, None, _GATHER, None, None)
         if mode is not None and not self.caches and w is None and self.backend.pools(info):
             return _Plan(info, idx, offs, mode, _DEVICE, None, out)
-        uniq, inv = dedupe(idx)
         cache = self.caches.get(info.name)
-        if mode is not None and cache is not None and hasattr(cache, "lookup_slots"):
+        if mode is not None and cache is not None and hasattr(cache, "lookup_dedupe"):
+            # dedupe and cache lookup in one pass over the batch (EVCache.lookup_dedupe)
             with self._cache_locks[info.name]:
                 epoch = cache.epoch
-                slots = cache.lookup_slots(uniq)
-            miss = miss_order(uniq, slots)  # ascending row order for the backend
+                uniq, inv, slots, slot_of, n_miss = cache.lookup_dedupe(idx)
+            # ascending row order for the backend (file offsets, device pages)
+            miss = miss_order(uniq, slots) if n_miss else _NO_MISS
             return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
-                         epoch=epoch)
+                         epoch=epoch, slot_of=slot_of)
+        uniq, inv = dedupe(idx)
         rows = np.empty((uniq.size, info.width), dtype=info.dtype)
         if cache is not None and uniq.size:
             with self._cache_locks[info.name]:
@@ -412,7 +437,7 @@ class EmbeddingStore:
         out = plan.out
         if out is None:
             out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
-        parallel = self.parallel and n_bags >= 16 and numba.get_num_threads() > 1
+        parallel = self._bag_parallel(n_bags)
         code = pooling.pool_into(pooling.kernel_source(src, info.el), info.el, idx, plan.offsets, out,
                                  plan.weights, parallel)
         if code != -1:  # validated before: only a backend returning the wrong rows gets here
@@ -467,8 +492,8 @@ class EmbeddingStore:
             # every distinct row was a hit: pool straight from the cache's row storage with each
             # lookup's slot (the dram path's kernel, parallel over bags if asked), unless an
             # eviction or invalidation since the lookup may have moved a row
-            slot_of = loc[plan.inv]
-            parallel = self.parallel and n_bags >= 16 and numba.get_num_threads() > 1
+            slot_of = plan.slot_of if plan.slot_of is not None else loc[plan.inv]
+            parallel = self._bag_parallel(n_bags)
             with self._cache_locks[info.name]:
                 if cache.epoch == plan.epoch:
                     code = pooling.pool_into(pooling.kernel_source(cache.values, el), el, slot_of,
@@ -529,12 +554,32 @@ class EmbeddingStore:
         ``mode=None`` gathers (offsets ignored). ``out``: optional ``{table: array}`` to pool into
         (see :meth:`pooled`). Every request is validated before the first I/O.
         """
-        plans = self._prepare_many(requests, mode, out)
+        checked = self._check_many(requests, mode, out)
         self._count_batch()
-        self._fetch_many(plans)
-        return {name: self._finish(p) for name, p in plans.items()}
+        threads = self._table_threads(len(checked))
+
+        def plan(c):  # a table that needs no I/O (e.g. every row cached) finishes at once
+            p = self._plan(c[0], c[1], c[2], c[3], mode, c[4])
+            return p, (None if self._needs_io(p) else self._finish(p))
+
+        first = self._threads.map(plan, checked, threads)
+        pending = {c[0].name: p for c, (p, r) in zip(checked, first) if r is None}
+        self._fetch_many(pending)
+        rest = dict(zip(pending, self._threads.map(lambda n: self._finish(pending[n]), list(pending), threads)))
+        return {c[0].name: rest[c[0].name] if r is None else r for c, (_, r) in zip(checked, first)}
+
+    @staticmethod
+    def _needs_io(plan: _Plan) -> bool:
+        return plan.kind == _DEVICE or (plan.kind in (_ROWS, _SLOTS) and plan.miss.size > 0)
 
     def _prepare_many(self, requests, mode, out=None):
+        checked = self._check_many(requests, mode, out)
+        plans = self._threads.map(lambda c: self._plan(c[0], c[1], c[2], c[3], mode, c[4]), checked,
+                                  self._table_threads(len(checked)))
+        return {c[0].name: p for c, p in zip(checked, plans)}
+
+    def _check_many(self, requests, mode, out=None) -> list[tuple]:
+        """Every request of a batch validated: (info, indices, offsets, weights, out) per table."""
         if mode not in (None, "sum", "mean"):
             raise StoreInputError(f"pooling mode must be 'sum', 'mean' or None, got {mode!r}")
         if out is not None:
@@ -554,7 +599,7 @@ class EmbeddingStore:
                 idx, offs, w = self._check(info, req[0], req[1], req[2] if len(req) == 3 else None, mode)
                 o = self._check_out(info, out.get(name), offs.size - 1, w is not None, mode) if out else None
                 checked.append((info, idx, offs, w, o))
-        return {info.name: self._plan(info, idx, offs, w, mode, o) for info, idx, offs, w, o in checked}
+        return checked
 
     def _count_batch(self) -> None:
         with self._lock:

@@ -108,6 +108,61 @@ def _zip():
     return formal.StreamHarness(StreamZip(8, 4), pair_between_items)
 
 
+def _page_programmer():
+    from amaranth.hdl import Assume
+    from evssd.hw.device.page_programmer import PageProgrammer
+
+    def completions_answer_programs(m, started, dut):
+        # a channel reports a program done only for a program it was given
+        for i, (req, done) in enumerate(zip(dut.o_prog, dut.i_prog_done)):
+            out = formal._counter(m, 4, req.valid & req.ready, done.valid & done.ready,
+                                  f"prog{i}_out")
+            m.d.comb += [Assume(~done.valid | (out != 0)), Assume(out < 12)]
+    # 512-byte pages of 256-bit beats: a whole page program (16 beats) fits in the cover depth
+    p = formal.formal_params(n_channels=2, page_size=512, host_data_bits=256, ch_data_bits=256)
+    return formal.StreamHarness(PageProgrammer(p),
+                                completions_answer_programs)
+
+
+def _axil_executor():
+    from amaranth.hdl import Cover
+    from evssd.hw.boards.axil_executor import AxiLiteExecutor
+
+    def master(m, started, dut):
+        hs = formal.axi_lite_master_rules(m, started, dut.m_axil, prot=False)
+        m.d.comb += [Cover(hs["b"], "exec_write_answered"), Cover(hs["r"], "exec_read_answered")]
+    return formal.StreamHarness(AxiLiteExecutor(), master)
+
+
+def _word_packer():
+    from amaranth.hdl import Assert, Cover
+    from evssd.hw.device.merger_packer import WordPacker
+
+    def rules(m, started, dut):
+        # The input under the stream rule. The output holds valid and data until taken; its
+        # `last` (and `err` with it) may rise while the beat waits: a command end of zero words
+        # arriving behind a full beat makes that beat the command's last (documented in
+        # WordPacker; the merger's output slice takes the beat as it is when it is taken).
+        formal.stream_rules(m, started, dut.i_words, check=formal.Assume, name="i_words")
+        o = dut.o_beat
+        formal._hold_rule(m, started, o.valid, o.ready, o.payload.data, formal.Assert, "o_beat")
+        p_wait = formal._past(m, o.valid & ~o.ready, "o_beat_p_wait")
+        p_last = formal._past(m, o.payload.last, "o_beat_p_last")
+        p_err = formal._past(m, o.payload.err, "o_beat_p_err")
+        with m.If(started & p_wait):
+            m.d.comb += [Assert(~p_last | o.payload.last, "chk_o_beat_last_kept"),
+                         Assert(~p_err | o.payload.err, "chk_o_beat_err_kept")]
+        m.d.comb += Cover(o.valid & o.ready & o.payload.last, "o_beat_last_taken")
+    return formal.Harness(WordPacker(2, 4), rules)
+
+
+def _row_intake():
+    from evssd.hw.device.merger import row_layout
+    from evssd.hw.device.merger_intake import RowIntake
+    p = formal.formal_params(n_channels=2)
+    return formal.StreamHarness(RowIntake(p, 4, row_layout(p, 4)))
+
+
 # (name, harness factory, bmc depth, cover depth)
 CASES = [
     ("skid", _skid, 8, 6),
@@ -124,6 +179,10 @@ CASES = [
     ("ch_intake", _channel_stage(_intake_cls, checks=False), 10, 8),
     ("ch_programmer", _channel_stage(_programmer_cls), 10, 12),
     ("zip", _zip, 8, 6),
+    ("page_programmer", _page_programmer, 12, 26),
+    ("axil_executor", _axil_executor, 10, 14),
+    ("word_packer", _word_packer, 8, 10),
+    ("row_intake", _row_intake, 8, 6),
 ]
 
 
