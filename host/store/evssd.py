@@ -91,10 +91,13 @@ class EvssdBackend(Backend):
         self._count(1, 0, 0)
         return self._pooled_view(info, raw, len(offsets) - 1, len(indices))
 
-    def _rows_view(self, info, raw, n):
+    def _rows_view(self, info, raw, n, count: bool = True):
         row_bytes = self._ids[info.name].row_bytes  # padded to a multiple of 4 by the layout
         raw = np.asarray(raw, dtype=np.uint8).reshape(n, row_bytes)
-        self._count(0, n, raw.nbytes)
+        if count:
+            self._count(0, n, raw.nbytes)
+        if row_bytes == info.row_bytes:  # no padding: the driver's array is the rows (no copy)
+            return raw.view(info.dtype).reshape(n, info.width)
         return np.ascontiguousarray(raw[:, :info.row_bytes]).view(info.dtype).reshape(n, info.width)
 
     def _pooled_view(self, info, raw, n_bags, n):
@@ -117,12 +120,19 @@ class EvssdBackend(Backend):
             tid = self._ids[info.name].table_id
             requests.append((tid, idx.astype(np.uint32)) if kind == "rows" else
                             (tid, idx.astype(np.uint32), offs.astype(np.uint32)))
-        # all or nothing: a table that fails leaves none of the others in flight
+        # all or nothing: a table that fails leaves none of the others in flight; the driver
+        # hands the batch to the device with one doorbell
         raws = run(aio.gather_many(requests))
-        self._count(len(jobs), 0, 0)
-        return [self._rows_view(info, raw, len(idx)) if kind == "rows"
-                else self._pooled_view(info, raw, len(offs) - 1, len(idx))
-                for (kind, info, idx, offs), raw in zip(jobs, raws)]
+        out, rows, nbytes = [], 0, 0
+        for (kind, info, idx, offs), raw in zip(jobs, raws):
+            if kind == "rows":
+                out.append(self._rows_view(info, raw, len(idx), count=False))
+                rows += len(idx)
+                nbytes += raw.nbytes
+            else:
+                out.append(self._pooled_view(info, raw, len(offs) - 1, len(idx)))
+        self._count(len(jobs), rows, nbytes)
+        return out
 
     def close(self):
         if self.owns_device:

@@ -50,6 +50,7 @@ from evssd.host.store.errors import StoreClosedError, StoreError, StoreInputErro
 from evssd.host.store.evssd import EvssdBackend
 from evssd.host.store.file import FileBackend
 from evssd.host.store.lru import make_cache
+from evssd.host.store.misses import miss_order
 from evssd.host.store.rocksdb import RocksDBBackend
 from evssd.host.store.tablefile import open_table_file
 from evssd.host.store.tables import TableInfo, check_table, check_table_name, table_info
@@ -373,12 +374,8 @@ class EmbeddingStore:
             with self._cache_locks[info.name]:
                 epoch = cache.epoch
                 uniq, inv, slots, slot_of, n_miss = cache.lookup_dedupe(idx)
-            if n_miss:
-                miss = np.flatnonzero(slots < 0)
-                if miss.size > 1:  # ascending row order for the backend (file offsets, device pages)
-                    miss = miss[np.argsort(uniq[miss], kind="stable")]
-            else:
-                miss = _NO_MISS
+            # ascending row order for the backend (file offsets, device pages)
+            miss = miss_order(uniq, slots) if n_miss else _NO_MISS
             return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
                          epoch=epoch, slot_of=slot_of)
         uniq, inv = dedupe(idx)
