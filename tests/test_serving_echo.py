@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evssd.host.serving import protocol as P
+from tests.frame_client import read_frame, send_hello
 from evssd.host.serving.engine import Engine
 from evssd.host.serving.message_server import READY_PREFIX, EchoServer
 from evssd.host.serving.providers import get_provider
@@ -110,44 +111,22 @@ def test_echo_server_answers_many_callers_at_once(echo_factory):
     assert errors == []
 
 
-def _hello(sock):
-    body = json.dumps({"recv_depth": 4}).encode()
-    sock.sendall(P.pack_header(P.Op.HELLO, 0, len(body)) + body)
-
-
-def _read_frame(sock):
-    buf = b""
-    while len(buf) < P.HEADER.size:
-        k = sock.recv(P.HEADER.size - len(buf))
-        if not k:
-            raise ConnectionError("closed")
-        buf += k
-    hdr = P.unpack_header(buf)
-    body = b""
-    while len(body) < hdr.length:
-        k = sock.recv(hdr.length - len(body))
-        if not k:
-            raise ConnectionError("closed")
-        body += k
-    return hdr, body
-
-
 def test_echo_server_keeps_the_message_server_limits(echo_factory):
     srv = echo_factory(max_message=1000, max_connections=2)
     with socket.create_connection(srv.address, timeout=10) as s:
-        _hello(s)
-        assert _read_frame(s)[0].op == P.Op.HELLO_ACK
+        send_hello(s)
+        assert read_frame(s)[0].op == P.Op.HELLO_ACK
         # a SEND longer than max_message: refused from its header, the connection survives
         s.sendall(P.pack_header(P.Op.SEND, 5, 5000) + b"\0" * 5000)
-        hdr, body = _read_frame(s)
+        hdr, body = read_frame(s)
         assert (hdr.op, hdr.req_id) == (P.Op.ERROR, 5) and b"exceeds the receiver's 1000-byte" in body
         req = P.encode_request(P.Request(P.MsgType.ECHO, payload=b"ok"))
         s.sendall(P.pack_header(P.Op.SEND, 6, len(req)) + req)
-        hdr, body = _read_frame(s)
+        hdr, body = read_frame(s)
         assert (hdr.op, hdr.req_id) == (P.Op.SEND, 6) and P.decode_reply(body) == b"ok"
         # a frame with a bad magic: an ERROR frame naming it, then the server closes
         s.sendall(b"\xff" * P.HEADER.size)
-        hdr, body = _read_frame(s)
+        hdr, body = read_frame(s)
         assert hdr.op == P.Op.ERROR and b"bad magic" in body
     # the connection cap: the third peer is refused with a reason
     deadline = time.monotonic() + 10
@@ -157,11 +136,11 @@ def test_echo_server_keeps_the_message_server_limits(echo_factory):
     with socket.create_connection(srv.address, timeout=10) as a, \
             socket.create_connection(srv.address, timeout=10) as b:
         for s in (a, b):
-            _hello(s)
-            assert _read_frame(s)[0].op == P.Op.HELLO_ACK
+            send_hello(s)
+            assert read_frame(s)[0].op == P.Op.HELLO_ACK
         with socket.create_connection(srv.address, timeout=10) as c:
-            _hello(c)
-            hdr, body = _read_frame(c)
+            send_hello(c)
+            hdr, body = read_frame(c)
             assert hdr.op == P.Op.ERROR and b"busy: 2 connections" in body
     assert srv.refused_busy == 1
 

@@ -2,7 +2,6 @@
 path, a connection cap refuses with a reason, oversized frames are refused from their header,
 and a server's memory returns to its baseline after 4 MiB messages. Every wait is bounded;
 nothing asserts on elapsed time."""
-import json
 import socket
 import threading
 import time
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from evssd.host.serving import protocol as P
+from tests.frame_client import read_frame, send_hello
 from evssd.host.serving.config import make_config
 from evssd.host.serving.engine import Engine
 from evssd.host.serving.launcher import LocalCluster
@@ -36,28 +36,6 @@ def server_factory():
         srv.stop()
         t.join(5)
         srv.close()
-
-
-def _hello(sock, depth=4):
-    body = json.dumps({"recv_depth": depth}).encode()
-    sock.sendall(P.pack_header(P.Op.HELLO, 0, len(body)) + body)
-
-
-def _read_frame(sock):
-    buf = b""
-    while len(buf) < P.HEADER.size:
-        k = sock.recv(P.HEADER.size - len(buf))
-        if not k:
-            raise ConnectionError("closed")
-        buf += k
-    hdr = P.unpack_header(buf)
-    body = b""
-    while len(body) < hdr.length:
-        k = sock.recv(hdr.length - len(body))
-        if not k:
-            raise ConnectionError("closed")
-        body += k
-    return hdr, body
 
 
 def _echo(eng, conn, payload):
@@ -149,26 +127,26 @@ def test_connection_cap_refuses_with_a_reason_and_frees_slots(server_factory):
 def test_oversized_send_refused_from_its_header_connection_survives(server_factory):
     srv = server_factory(max_message=1 << 20)
     sock = socket.create_connection(srv.address, timeout=10)
-    _hello(sock)
-    hdr, _ = _read_frame(sock)
+    send_hello(sock)
+    hdr, _ = read_frame(sock)
     assert hdr.op == P.Op.HELLO_ACK
     big = 3 << 20
     sock.sendall(P.pack_header(P.Op.SEND, 77, big))
-    hdr, body = _read_frame(sock)                  # refused before the body is sent at all
+    hdr, body = read_frame(sock)                  # refused before the body is sent at all
     assert (hdr.op, hdr.req_id) == (P.Op.ERROR, 77)
     assert b"3145728 bytes exceeds the receiver's 1048576-byte message limit" in body
     sock.sendall(b"\0" * big)                       # discarded as it arrives
     msg = P.encode_request(P.Request(P.MsgType.ECHO, payload=b"still here"))
     sock.sendall(P.pack_header(P.Op.SEND, 78, len(msg)) + msg)
-    hdr, body = _read_frame(sock)
+    hdr, body = read_frame(sock)
     assert (hdr.op, hdr.req_id) == (P.Op.SEND, 78)
     assert P.decode_reply(body) == b"still here"
     # a non-SEND frame over the limit is a broken peer: ERROR, then the connection closes
     sock.sendall(P.pack_header(P.Op.READ_REQ, 79, 2 << 20))
-    hdr, body = _read_frame(sock)
+    hdr, body = read_frame(sock)
     assert hdr.op == P.Op.ERROR and b"exceeds the 1048576-byte limit" in body
     with pytest.raises(ConnectionError):
-        _read_frame(sock)
+        read_frame(sock)
     sock.close()
 
 
