@@ -365,7 +365,12 @@ def test_uart_transport_over_pty_runs_the_driver():
     params = Params(n_channels=2, page_size=1024, pages_per_channel=32, max_row_bytes=256)
     board = PtyBoard(params)
     try:
-        dev = Device.open("uart", port=board.port, baud=115200, timeout=60.0, link_timeout=10.0, sq_entries=8, cq_entries=8)
+        # The board model runs each command in its serving thread right after the doorbell's
+        # answer, so the first GATHER's numba compile (tens of seconds on a loaded 2-core CI
+        # machine) keeps the next answer waiting: the link timeout is a hang guard, not a
+        # latency bound.
+        dev = Device.open("uart", port=board.port, baud=115200, timeout=180.0, link_timeout=120.0,
+                          sq_entries=8, cq_entries=8)
         try:
             assert dev.params == params
             assert dev.transport.info["window_bytes"] == 16384
