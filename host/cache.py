@@ -337,28 +337,14 @@ def _count_passes(keys, n, counted, n_counted, counters, sketch, sample, st):
         st[_SKETCH_ADDS] = adds
 
 
-@numba.njit(cache=True, nogil=True)
-def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, ref_max,
-                   counters, sketch, sample, st):
-    # ``slots`` (int32, len(keys)) receives each key's cache slot or -1; ``copy``: also copy each
-    # hit row into ``out[j]`` (``lookup``) -- without it (``lookup_slots``) ``out`` is not read
-    # and ``hit`` is not written. Every other effect is the same either way.
-    n = keys.shape[0]
-    for j in range(n):             # validate the whole batch before touching any state
-        k = keys[j]
-        if k < 0 or k >= n_rows:
-            return j
-    # Passes over the batch: the probes and the counter updates of different keys are
-    # independent, so the CPU overlaps their cache misses. Recency is a CLOCK reference counter
-    # per slot: a hit is one saturating byte increment, no list to relink, so no pass is serial.
+@numba.njit(cache=True, inline="always")
+def _probe_pass(keys, n, htab, kb, h2, ref, rmax, slots, counted):
+    """The probe pass of a lookup over ``keys[:n]``: each key's slot (or -1) into ``slots``, a
+    saturating reference increment per hit, and the keys the sketch counts appended to
+    ``counted`` (all but hits on a slot already at ``rmax``; without a branch: the next key
+    overwrites a skipped one). Returns (hits, number counted)."""
     m = htab.shape[0]
-    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
     hits = 0
-    rmax = np.uint8(ref_max)
-    # the keys the sketch counts, in batch order: all but hits on a slot whose reference
-    # counter was already at ref_max (appended without a branch: the next key overwrites a
-    # skipped one)
-    counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
     n_counted = 0
     for j in range(n):
         if j + _AHEAD < n:             # hint the home slot of the key _AHEAD positions on
@@ -378,6 +364,29 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
         if counted.shape[0] > 0:
             counted[n_counted] = k
             n_counted += np.int64(not full)
+    return hits, n_counted
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, ref_max,
+                   counters, sketch, sample, st):
+    # ``slots`` (int32, len(keys)) receives each key's cache slot or -1; ``copy``: also copy each
+    # hit row into ``out[j]`` (``lookup``) -- without it (``lookup_slots``) ``out`` is not read
+    # and ``hit`` is not written. Every other effect is the same either way.
+    n = keys.shape[0]
+    for j in range(n):             # validate the whole batch before touching any state
+        k = keys[j]
+        if k < 0 or k >= n_rows:
+            return j
+    # Passes over the batch: the probes and the counter updates of different keys are
+    # independent, so the CPU overlaps their cache misses. Recency is a CLOCK reference counter
+    # per slot: a hit is one saturating byte increment, no list to relink, so no pass is serial.
+    m = htab.shape[0]
+    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
+    rmax = np.uint8(ref_max)
+    # the keys the sketch counts, in batch order (see _probe_pass)
+    counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
+    hits, n_counted = _probe_pass(keys, n, htab, kb, h2, ref, rmax, slots, counted)
     _count_passes(keys, n, counted, n_counted, counters, sketch, sample, st)
     if copy:
         w = values.shape[1]
@@ -438,28 +447,9 @@ def _lookup_dedupe_kernel(idx, uniq, inv, slots, slot_of, n_rows, htab, kb, ref,
             q = np.int64((np.uint64(q) + np.uint64(1)) & lmask)
     m = htab.shape[0]
     h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
-    hits = 0
     rmax = np.uint8(ref_max)
     counted = np.empty(n_u if sketch.shape[0] > 0 else 0, dtype=np.int64)
-    n_counted = 0
-    for j in range(n_u):               # as _lookup_kernel's probe pass
-        if j + _AHEAD < n_u:
-            _prefetch(h2, _index_pos(uniq[j + _AHEAD], m, kb), 0)
-        k = uniq[j]
-        pos = _find(k, htab, kb)
-        full = False
-        if pos >= 0:
-            s = np.int32(htab[pos] >> kb)
-            r = ref[s]
-            full = r >= rmax
-            ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
-            hits += 1
-        else:
-            s = np.int32(-1)
-        slots[j] = s
-        if counted.shape[0] > 0:
-            counted[n_counted] = k
-            n_counted += np.int64(not full)
+    hits, n_counted = _probe_pass(uniq, n_u, htab, kb, h2, ref, rmax, slots, counted)
     for j in range(n):
         slot_of[j] = slots[inv[j]]
     _count_passes(uniq, n_u, counted, n_counted, counters, sketch, sample, st)
