@@ -575,13 +575,12 @@ def default_read_queue(params: Params, n_slots: int | None = None) -> int:
     its page-register decision only once a register is free (a way serves one tR and data
     phase at a time), so the reads of the reorder window wait in this queue. ``n_slots //
     n_channels`` holds a channel's mean share of the window (a channel never has more than
-    ``n_slots`` reads outstanding); ``2 * ways`` (the old rule: every register a read in flight
-    and one queued) only matters for builds with fewer slots than the default. With the old rule
-    alone 8 x 1 reached 77% of the flash bound on the RTL (issue 18.3); with this one the
-    timing model, which models the queue (:func:`channel_accept_depth`), gives the same cycles
-    as without any limit for every 1..8 x 1..8 default build (docs/benchmarks.md). Defined here
-    (pure Python) because the device and the host's timing model (``host/timing.py``) both size
-    by it."""
+    ``n_slots`` reads outstanding); ``2 * ways`` (every register a read in flight and one
+    queued) only matters for builds with fewer slots than the default. In the timing model,
+    which models the queue (:func:`channel_accept_depth`), every 1..8 x 1..8 default build takes
+    the cycles it takes with no limit, except 4 x 1 and 5 x 1 (0.1% more; docs/benchmarks.md).
+    Defined here (pure Python) because the device and the host's timing model
+    (``host/timing.py``) both size by it."""
     if n_slots is None:
         n_slots = default_slots(params)
     return max(2 * params.ways, n_slots // params.n_channels)
