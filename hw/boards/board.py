@@ -40,7 +40,7 @@ from ..device.mmio import MMIOManager, ADDR_WIDTH
 from ..regmap import Params
 from .uart import UartAxiBridge, UartRx, UartTx
 
-__all__ = ["BoardCore", "BoardTop", "BridgeDecoder", "MMIO_BASE", "BOARD_INFO_BASE", "WINDOW_BASE",
+__all__ = ["BoardCore", "BoardTop", "BridgeDecoder", "attach_device", "register_sliced", "MMIO_BASE", "BOARD_INFO_BASE", "WINDOW_BASE",
            "BOARD_MAGIC", "BOARD_VERSION", "BOARD_PARAMS", "board_params", "pll_params"]
 
 
@@ -239,6 +239,49 @@ class _Stretch:
         return count != 0
 
 
+
+def register_sliced(m: Module, name: str, master):
+    """``master`` (an AXI or AXI-Lite interface) through an :class:`AXIRegisterSlice` added to
+    ``m`` as ``<name>_slice``; returns the slice's master side. Every link between the device
+    and a board's memories goes through one, so the device's handshake logic and the memories'
+    enables are timed separately."""
+    reg = m.submodules[f"{name}_slice"] = AXIRegisterSlice(master.signature)
+    wiring.connect(m, master, reg.s)
+    return reg.m
+
+
+def attach_device(m: Module, dec: "BridgeDecoder", p: Params, device_class, window_bytes: int):
+    """The part both boards share behind their bridge's :class:`BridgeDecoder`: the EV-SSD
+    (``device_class``) with its registers and its host-memory port through register slices to
+    the decoder and to an :class:`AxiBram` window of ``window_bytes``, or, when
+    ``device_class`` is None, the MMIO manager alone with a window only the bridge reaches.
+
+    Returns ``(device, irq, activity)``: the device (None without one), its interrupt (0
+    without one) and a signal that is high while it starts an AXI read or write on its
+    host or channel ports (the board's activity LED). The caller connects the device's
+    ``m_axi_ch<c>`` ports to its flash (through :func:`register_sliced`)."""
+    if device_class is None:
+        m.submodules.device = mmio = MMIOManager(p)
+        wiring.connect(m, dec.m_mmio, mmio.s_axil)
+        m.submodules.window = win = AxiBram(size=window_bytes, data_width=p.host_data_bits,
+                                            addr_width=64, lite_port=True)
+        wiring.connect(m, dec.m_window, win.s_axil)
+        return None, C(0, 1), C(0, 1)
+    m.submodules.device = dev = device_class(p)
+    wiring.connect(m, register_sliced(m, "mmio", dec.m_mmio), dev.s_axil)
+    host_sig = dev.signature.members["m_axi_host"].signature
+    m.submodules.window = win = AxiBram(
+        size=window_bytes, data_width=host_sig.data_width, addr_width=host_sig.addr_width,
+        id_width=host_sig.id_width, lite_port=True)
+    wiring.connect(m, register_sliced(m, "host", dev.m_axi_host), win.s_axi)
+    wiring.connect(m, dec.m_window, win.s_axil)
+    activity = dev.m_axi_host.arvalid | dev.m_axi_host.awvalid
+    for c in range(p.n_channels):
+        port = getattr(dev, f"m_axi_ch{c}")
+        activity = activity | port.arvalid | port.awvalid
+    return dev, dev.irq, activity
+
+
 class BoardCore(wiring.Component):
     """The EV-SSD with BRAM flash channels, a BRAM host window and the UART bridge.
 
@@ -292,38 +335,16 @@ class BoardCore(wiring.Component):
         wiring.connect(m, bridge.o_tx, tx.i_data)
         wiring.connect(m, bridge.m_axil, dec.s_axil)
 
-        irq = C(0, 1)
-        activity = bridge.active
-        if self.device_class is not None:
-            m.submodules.device = dev = self.device_class(p)
-            # A register slice on every link between the device and the board: the device's
-            # handshake logic and the block RAMs' enables are timed separately.
-            def sliced(name, master):
-                reg = m.submodules[f"{name}_slice"] = AXIRegisterSlice(master.signature)
-                wiring.connect(m, master, reg.s)
-                return reg.m
-            wiring.connect(m, sliced("mmio", dec.m_mmio), dev.s_axil)
-            host_sig = dev.signature.members["m_axi_host"].signature
-            m.submodules.window = win = AxiBram(
-                size=self.window_bytes, data_width=host_sig.data_width, addr_width=host_sig.addr_width,
-                id_width=host_sig.id_width, lite_port=True)
-            wiring.connect(m, sliced("host", dev.m_axi_host), win.s_axi)
-            activity = activity | dev.m_axi_host.arvalid | dev.m_axi_host.awvalid
+        dev, irq, activity = attach_device(m, dec, p, self.device_class, self.window_bytes)
+        activity = activity | bridge.active
+        if dev is not None:
             for c in range(p.n_channels):
-                port = getattr(dev, f"m_axi_ch{c}")
                 sig = dev.signature.members[f"m_axi_ch{c}"].signature
                 flash = AxiBram(size=p.channel_bytes, data_width=sig.data_width,
                                 addr_width=sig.addr_width, id_width=sig.id_width)
                 m.submodules[f"flash{c}"] = flash
-                wiring.connect(m, sliced(f"ch{c}", port), flash.s_axi)
-                activity = activity | port.arvalid | port.awvalid
-            irq = dev.irq
-        else:
-            m.submodules.device = mmio = MMIOManager(p)
-            wiring.connect(m, dec.m_mmio, mmio.s_axil)
-            m.submodules.window = win = AxiBram(size=self.window_bytes, data_width=p.host_data_bits,
-                                                addr_width=64, lite_port=True)
-        wiring.connect(m, dec.m_window, win.s_axil)
+                wiring.connect(m, register_sliced(m, f"ch{c}", getattr(dev, f"m_axi_ch{c}")),
+                               flash.s_axi)
 
         beat = Signal(self.heartbeat_bits)
         m.d.sync += beat.eq(beat + 1)

@@ -26,19 +26,16 @@ channel controllers: the DRAM only holds the bytes.
 """
 from __future__ import annotations
 
-from amaranth import Module, Signal, Cat, C
+from amaranth import Module, Signal, Cat
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..lib.axi import AXI4LiteSignature, AXI4Signature
 from ..lib.axi_arbiter import AXIArbiter
-from ..lib.axi_slice import AXIRegisterSlice
-from .board import BridgeDecoder, _Stretch, _device_class
-from .bram import AxiBram
+from .board import BridgeDecoder, _Stretch, _device_class, attach_device, register_sliced
 from ..lib.axil_split import AXILiteSplit
 from ..bridge_protocol import BOARD_MAGIC, BOARD_VERSION, DRAM_CTRL_BASE, DRAM_CTRL_BYTES, WINDOW_BASE
 from ..device.channel import channel_addr_width
-from ..device.mmio import MMIOManager
 from ..regmap import Params
 from .udp_bridge import UdpAxiBridge, UdpStreamSignature
 from ..udp_protocol import DEFAULT_PORT
@@ -128,36 +125,16 @@ class Ecpix5Core(wiring.Component):
         wiring.connect(m, split.m_rest, dec.s_axil)
         wiring.connect(m, split.m_window, wiring.flipped(self.m_dram_ctrl))
 
-        def sliced(name, master):
-            reg = m.submodules[f"{name}_slice"] = AXIRegisterSlice(master.signature)
-            wiring.connect(m, master, reg.s)
-            return reg.m
-
-        irq = C(0, 1)
-        activity = bridge.active
-        if self.device_class is not None:
-            m.submodules.device = dev = self.device_class(p)
-            wiring.connect(m, sliced("mmio", dec.m_mmio), dev.s_axil)
-            host_sig = dev.signature.members["m_axi_host"].signature
-            m.submodules.window = win = AxiBram(
-                size=self.window_bytes, data_width=host_sig.data_width, addr_width=host_sig.addr_width,
-                id_width=host_sig.id_width, lite_port=True)
-            wiring.connect(m, sliced("host", dev.m_axi_host), win.s_axi)
+        dev, irq, activity = attach_device(m, dec, p, self.device_class, self.window_bytes)
+        activity = activity | bridge.active
+        if dev is not None:
             m.submodules.arbiter = arb = AXIArbiter(
                 p.n_channels, region_bytes=self.region_bytes, data_width=p.ch_data_bits,
                 in_addr_width=channel_addr_width(p), out_addr_width=self.dram_addr_width, id_width=1)
             for c in range(p.n_channels):
-                port = getattr(dev, f"m_axi_ch{c}")
-                wiring.connect(m, sliced(f"ch{c}", port), arb.port(c))
-                activity = activity | port.arvalid | port.awvalid
-            wiring.connect(m, sliced("dram", arb.m_axi), wiring.flipped(self.m_axi_dram))
-            irq = dev.irq
-        else:
-            m.submodules.device = mmio = MMIOManager(p)
-            wiring.connect(m, dec.m_mmio, mmio.s_axil)
-            m.submodules.window = win = AxiBram(size=self.window_bytes, data_width=p.host_data_bits,
-                                                addr_width=64, lite_port=True)
-        wiring.connect(m, dec.m_window, win.s_axil)
+                wiring.connect(m, register_sliced(m, f"ch{c}", getattr(dev, f"m_axi_ch{c}")),
+                               arb.port(c))
+            wiring.connect(m, register_sliced(m, "dram", arb.m_axi), wiring.flipped(self.m_axi_dram))
 
         beat = Signal(self.heartbeat_bits)
         m.d.sync += beat.eq(beat + 1)
