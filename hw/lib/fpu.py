@@ -143,10 +143,13 @@ class Fp32Adder(wiring.Component):
         s3_nan = Signal()
         s3_inf = Signal()
         s3_valid = Signal()
-        s3_em1 = Signal(8)               # e - 1: the largest normalising shift
-        s3_em1_big = Signal()            # e - 1 >= _W: the shift is never clamped
+        # The normalising shift may not take the exponent below 1, so it is at most e - 1. A
+        # one at bit _W - 1 - (e - 1) of the leading-zero count's input stops the count there:
+        # the count is then min(leading zeros, e - 1) with no compare after it (for e - 1 >= _W
+        # no bit is set and the shift is never clamped).
+        s3_stop = Signal(_W)
         m.d.sync += [
-            s3_em1.eq(s2_e - 1), s3_em1_big.eq(s2_e > _W),
+            s3_stop.eq(Cat(*(s2_e == _W - i for i in range(_W)))),
             s3_S.eq(Mux(s2_sub, s2_X - s2_Y, s2_X + s2_Y)),
             s3_sign.eq(s2_sign), s3_sub.eq(s2_sub), s3_e.eq(s2_e),
             s3_nan.eq(s2_nan), s3_inf.eq(s2_inf), s3_valid.eq(s2_valid),
@@ -154,8 +157,7 @@ class Fp32Adder(wiring.Component):
 
         # ---- stage 4: leading-zero count and the normalising shift amount (never below
         # exponent 1: what remains unnormalised is a subnormal) ----
-        lz = _lzc(m, s3_S[:_W])
-        e_m1 = s3_em1
+        lz = _lzc(m, s3_S[:_W] | s3_stop)
         s4_S = Signal(_W + 1)
         s4_sh = Signal(range(_W + 1))
         s4_e = Signal(8)
@@ -167,7 +169,7 @@ class Fp32Adder(wiring.Component):
         s4_valid = Signal()
         m.d.sync += [
             s4_S.eq(s3_S),
-            s4_sh.eq(Mux(~s3_em1_big & (lz > e_m1[:5]), e_m1, lz)),
+            s4_sh.eq(lz),
             s4_e.eq(s3_e),
             s4_zero.eq(s3_S == 0),
             s4_sign.eq(s3_sign), s4_sub.eq(s3_sub),

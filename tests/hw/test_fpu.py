@@ -115,6 +115,26 @@ def test_adder_rtl_random():
     assert np.array_equal(ref, numpy_add(a, b))
 
 
+def test_adder_rtl_clamped_normalisation():
+    """Cancellation at the bottom of the exponent range, where the normalising shift is clamped
+    at e - 1 and the result is subnormal or just normal: exponents 1..30, opposite signs,
+    nearby significands."""
+    rng = np.random.default_rng(77)
+    n = 4_000
+    e = rng.integers(1, 31, n).astype(np.uint32)
+    a = (e << 23) | rng.integers(0, 1 << 23, n).astype(np.uint32)
+    de = rng.integers(0, 3, n).astype(np.uint32)
+    b = 0x8000_0000 | (np.maximum(e, de + 1) - de) << 23 | (a & 0x7F_FF00) | rng.integers(0, 256, n).astype(np.uint32)
+    a = np.where(rng.random(n) < 0.5, a ^ 0x8000_0000, a).astype(np.uint32)
+    b = np.where(a >> 31 == b >> 31, b ^ 0x8000_0000, b).astype(np.uint32)
+    ref = fp32_add_bits(a, b)
+    assert (((ref >> 23) & 0xFF) == 0).sum() > n // 10, "the vectors reach subnormal results"
+    got = run_adder(a, b)
+    bad = np.nonzero(got != ref)[0]
+    assert bad.size == 0, [(hex(a[i]), hex(b[i]), hex(ref[i]), hex(got[i])) for i in bad[:5]]
+    assert np.array_equal(ref, numpy_add(a, b))
+
+
 def test_adder_rtl_with_bubbles():
     a, b = vectors(2_000, seed=99)
     assert np.array_equal(run_adder(a, b, stall_seed=5), numpy_add(a, b))
