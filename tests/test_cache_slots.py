@@ -298,8 +298,7 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
                                                    n_keys, elem, weighted, itype):
     """``lookup_pool`` on one cache, ``lookup_dedupe`` then the definition's pooling on its twin:
     the same returns, the same cache state after every batch (index included: the direct
-    index's in-batch marks leave no trace), the definition's bits when every row hit, ``out``
-    untouched otherwise. Direct and hash indexes both occur (a cache of >= 80% of its table's
+    index's in-batch marks leave no trace), the definition's bits exactly when every row hit. Direct and hash indexes both occur (a cache of >= 80% of its table's
     rows takes the direct index)."""
     rng = np.random.default_rng(seed)
     dim = 3
@@ -312,9 +311,12 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
     a, b = (EVCache(n_keys, dim, el.storage, capacity=capacity, admission=admission,
                     decay_interval=decay, admit_threshold=threshold, name="t") for _ in range(2))
     a._sketch_sample = b._sketch_sample = 37     # halve the sketch within a batch now and then
-    pooled_any = False
     for step in range(25):
         keys = (rng.zipf(1.3, rng.integers(0, 60)) % n_keys).astype(itype)
+        cached = np.flatnonzero(a.contains(np.arange(n_keys)))
+        all_cached = step % 3 == 2 and cached.size > 0
+        if all_cached:          # a batch of cached rows only: pooled in the lookup's call
+            keys = rng.choice(cached, rng.integers(1, 60)).astype(itype)
         offs = np.concatenate([[0], np.sort(rng.integers(0, keys.size + 1, rng.integers(0, 6))),
                                [keys.size]]).astype(np.int64)
         w = rng.standard_normal(keys.size).astype(np.float32) if weighted else None
@@ -322,13 +324,12 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
         ref = a.lookup_dedupe(keys)
         got = b.lookup_pool(keys, offs, out, el, w)
         assert [x.tolist() for x in got[1:5]] == [x.tolist() for x in ref[:4]] and got[5] == ref[4]
+        assert got[0] == (ref[4] == 0) and (got[0] or not all_cached)
         if got[0]:
-            pooled_any = True
-            assert ref[4] == 0
             want = P.pool(table, el, keys, offs, per_sample_weights=w)
             assert out.tobytes() == want.tobytes()
         else:
-            assert ref[4] > 0 and (out == 7).all()
+            assert ref[4] > 0
         miss = ref[0][ref[2] < 0]
         a.admit(miss, table[miss])
         b.admit(miss, table[miss])
@@ -337,8 +338,6 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
             assert a.invalidate(drop) == b.invalidate(drop)
         assert _state(a) == _state(b)
     b.check_invariants()
-    if capacity >= n_keys:      # every row cached: later batches are all hits
-        assert pooled_any
 
 
 def test_lookup_pool_bad_input_changes_nothing():
