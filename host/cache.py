@@ -460,12 +460,21 @@ def _dedupe_hashed(idx, n, uniq, inv, slots, slot_of, htab, kb, ref, rmax, count
     return n_u, hits, n_counted
 
 
+@numba.njit(cache=True)
+def _split(buf, n):
+    """A lookup's four result arrays in one int64 buffer of >= 3n: uniq (int64), inv (int64),
+    slots (int32), slot_of (int32)."""
+    b32 = buf[2 * n:3 * n].view(np.int32)
+    return buf[:n], buf[n:2 * n], b32[:n], b32[n:]
+
+
 @numba.njit(cache=True, nogil=True)
-def _lookup_pool_kernel(idx, offs, uniq, inv, slots, slot_of, n_rows, htab, kb, ref, ref_max,
-                        counters, sketch, sample, st, src, w, out):
+def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters, sketch, sample,
+                        st, src, w, out):
     """``lookup_slots(uniq)`` where ``uniq`` are ``idx``'s distinct keys in first-occurrence
-    order -- fills uniq/inv/slots (per distinct key)/slot_of (per lookup), then the frequency
-    passes and the stats -- and, with ``out`` (not None), the bags ``offs`` pooled from the
+    order -- fills uniq/inv/slots (per distinct key)/slot_of (per lookup) in ``buf`` (int64, at
+    least 3 * len(idx): see ``_split``), then the frequency passes and the stats -- and, with
+    ``out`` (not None), the bags ``offs`` pooled from the
     cache rows ``src`` by the pooling definition (evssd.host.pooling._add_row; ``w``: weights
     or None) when every distinct key hit. Returns (distinct keys, or -1 - j for a bad key at
     position j; whether ``out`` holds the bags; -1, or the pooling check's code for bad
@@ -476,6 +485,7 @@ def _lookup_pool_kernel(idx, offs, uniq, inv, slots, slot_of, n_rows, htab, kb, 
     prefetched; a miss stops the pooling (``out`` then holds partial bags). Over a hash index
     the batch-local dedupe and the probe pass come first, the pooling after."""
     n = idx.shape[0]
+    uniq, inv, slots, slot_of = _split(buf, n)
     if out is not None:
         code = _check_bags(n_rows, idx, offs)
         if code <= -2:
@@ -823,6 +833,7 @@ class EVCache:
         self._sketch_sample = _SKETCH_SAMPLE_PER_ENTRY * cap
         self._st = np.zeros(_N_STATE, dtype=np.int64)
         self._sources = {}      # the row store as the pooling kernels read it, per element type
+        self._scratch = np.empty(0, dtype=np.int64)   # 24 bytes per lookup of the largest pooled batch
         # The kernels release the GIL (the store overlaps cache work with device I/O in another
         # thread); the lock keeps two callers from racing on one table's cache.
         self._lock = threading.Lock()
@@ -937,9 +948,9 @@ class EVCache:
         """:meth:`lookup_dedupe`, and when every distinct index hit, the bags pooled straight
         from the cache rows into ``out`` in the same call, under the lock (no row can move
         between the lookup and the read). Returns ``(pooled, uniq, inv, slots, slot_of,
-        misses)``: ``pooled`` says whether ``out`` holds the bags (then ``misses`` is 0);
-        otherwise ``out``'s contents are unspecified and the rest is what :meth:`lookup_dedupe`
-        returns.
+        misses)``: ``pooled`` says whether ``out`` holds the bags (then the rest is ``None``
+        and 0: no one reads them, so they stay in a scratch buffer of the cache's); otherwise
+        ``out``'s contents are unspecified and the rest is what :meth:`lookup_dedupe` returns.
 
         ``offsets``: FBGEMM's B+1 bag offsets (int32/int64); ``elem``: the table's
         :class:`evssd.host.elements.Elem` (fp32, fp16, int8, int32: pooled by
@@ -977,26 +988,38 @@ class EVCache:
 
     def _lookup_pool(self, arr, offs, weights, out, elem=None) -> tuple:
         n = arr.shape[0]
-        buf = np.empty(3 * n, dtype=np.int64)      # one allocation: this runs per batch
-        b32 = buf[2 * n:].view(np.int32)
-        uniq, inv, slots, slot_of = buf[:n], buf[n:2 * n], b32[:n], b32[n:]
-        src = self._values if out is None else self._sources.get(elem.name)
-        if src is None:
-            src = self._sources[elem.name] = kernel_source(self._values_view, elem)
+        if out is None:
+            src = self._values
+        else:
+            src = self._sources.get(elem.name)
+            if src is None:
+                src = self._sources[elem.name] = kernel_source(self._values_view, elem)
         with self._lock:
+            # the results go to a buffer of their own, except a pooled batch's, which no one
+            # reads: they stay in the cache's scratch buffer (one allocation less per batch)
+            if out is None:
+                buf = np.empty(3 * n, dtype=np.int64)
+            else:
+                if self._scratch.shape[0] < 3 * n:
+                    self._scratch = np.empty(3 * n, dtype=np.int64)
+                buf = self._scratch
             hits0 = self._st[_HITS]
             n_u, pooled, code = _lookup_pool_kernel(
-                arr, offs, uniq, inv, slots, slot_of, self.n_rows, self._htab, self._kb, self._ref,
-                self._ref_max, self._counters, self._sketch, self._sketch_sample, self._st,
-                src, weights, out)
+                arr, offs, buf, self.n_rows, self._htab, self._kb, self._ref, self._ref_max,
+                self._counters, self._sketch, self._sketch_sample, self._st, src, weights, out)
             if code == -1 and n_u >= 0:
                 misses = n_u - int(self._st[_HITS] - hits0)
                 self._maybe_decay()
+                if not pooled and buf is self._scratch:
+                    buf = buf[:3 * n].copy()
         if code != -1:
             raise ValueError(f"EVCache {self.name!r}: {describe_error(code, arr, offs, self.n_rows)}")
         if n_u < 0:
             self._bad_index(arr, -1 - n_u)
-        return pooled, uniq[:n_u], inv, slots[:n_u], slot_of, misses
+        if pooled:
+            return True, None, None, None, None, 0
+        uniq, inv, slots, slot_of = _split(buf, n)
+        return False, uniq[:n_u], inv, slots[:n_u], slot_of, misses
 
     def _run_lookup(self, keys, out, hit, slots, copy) -> None:
         bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,
