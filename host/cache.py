@@ -834,6 +834,7 @@ class EVCache:
         self._st = np.zeros(_N_STATE, dtype=np.int64)
         self._sources = {}      # the row store as the pooling kernels read it, per element type
         self._scratch = np.empty(0, dtype=np.int64)   # 24 bytes per lookup of the largest pooled batch
+        self._last_pooled = True
         # The kernels release the GIL (the store overlaps cache work with device I/O in another
         # thread); the lock keeps two callers from racing on one table's cache.
         self._lock = threading.Lock()
@@ -996,8 +997,10 @@ class EVCache:
                 src = self._sources[elem.name] = kernel_source(self._values_view, elem)
         with self._lock:
             # the results go to a buffer of their own, except a pooled batch's, which no one
-            # reads: they stay in the cache's scratch buffer (one allocation less per batch)
-            if out is None:
+            # reads: they stay in the cache's scratch buffer (one allocation less per batch).
+            # Whether a batch will pool is guessed from the last one (a wrong guess costs a
+            # copy), so a cache that mostly misses allocates as lookup_dedupe does.
+            if out is None or not self._last_pooled:
                 buf = np.empty(3 * n, dtype=np.int64)
             else:
                 if self._scratch.shape[0] < 3 * n:
@@ -1012,14 +1015,16 @@ class EVCache:
                 self._maybe_decay()
                 if not pooled and buf is self._scratch:
                     buf = buf[:3 * n].copy()
+                if out is not None:
+                    self._last_pooled = pooled
         if code != -1:
             raise ValueError(f"EVCache {self.name!r}: {describe_error(code, arr, offs, self.n_rows)}")
         if n_u < 0:
             self._bad_index(arr, -1 - n_u)
         if pooled:
             return True, None, None, None, None, 0
-        uniq, inv, slots, slot_of = _split(buf, n)
-        return False, uniq[:n_u], inv, slots[:n_u], slot_of, misses
+        b32 = buf[2 * n:3 * n].view(np.int32)     # the layout of _split
+        return False, buf[:n_u], buf[n:2 * n], b32[:n_u], b32[n:], misses
 
     def _run_lookup(self, keys, out, hit, slots, copy) -> None:
         bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,
