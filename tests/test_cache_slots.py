@@ -22,6 +22,17 @@ def _state(cache: EVCache) -> tuple:
             cache._sketch.tobytes(), cache._st.tolist(), cache._htab.tobytes())
 
 
+def _admit_to_twins(a: EVCache, b: EVCache, miss, table, rng, step: int) -> None:
+    """The same admissions (and every 7th step three invalidations) on twin caches, which must
+    then be in the same state."""
+    a.admit(miss, table[miss])
+    b.admit(miss, table[miss])
+    if step % 7 == 6:
+        drop = rng.integers(0, table.shape[0], 3)
+        assert a.invalidate(drop) == b.invalidate(drop)
+    assert _state(a) == _state(b)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 40),
        admission=st.sampled_from(["sketch", "filter"]), decay=st.sampled_from([None, 13]),
@@ -45,12 +56,7 @@ def test_lookup_slots_has_the_effects_of_lookup(seed, capacity, admission, decay
         assert b.values[slots[hit]].tobytes() == out[hit].tobytes()
         assert np.array_equal(out[hit], table[keys[hit]])
         miss = keys[~hit]
-        a.admit(miss, table[miss])
-        b.admit(miss, table[miss])
-        if step % 7 == 6:
-            drop = rng.integers(0, n_keys, 3)
-            assert a.invalidate(drop) == b.invalidate(drop)
-        assert _state(a) == _state(b)
+        _admit_to_twins(a, b, miss, table, rng, step)
     b.check_invariants()
 
 
@@ -259,12 +265,7 @@ def test_lookup_dedupe_is_dedupe_then_lookup_slots(seed, capacity, admission, de
         assert misses == int((slots < 0).sum())
         assert np.array_equal(uniq[inv], keys.astype(np.int64))
         miss = uniq[slots < 0]
-        a.admit(miss, table[miss])
-        b.admit(miss, table[miss])
-        if step % 7 == 6:
-            drop = rng.integers(0, n_keys, 3)
-            assert a.invalidate(drop) == b.invalidate(drop)
-        assert _state(a) == _state(b)
+        _admit_to_twins(a, b, miss, table, rng, step)
     b.check_invariants()
 
 
@@ -331,12 +332,7 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
             want = P.pool(table, el, keys, offs, per_sample_weights=w)
             assert out.tobytes() == want.tobytes()
         miss = ref[0][ref[2] < 0]
-        a.admit(miss, table[miss])
-        b.admit(miss, table[miss])
-        if step % 7 == 6:
-            drop = rng.integers(0, n_keys, 3)
-            assert a.invalidate(drop) == b.invalidate(drop)
-        assert _state(a) == _state(b)
+        _admit_to_twins(a, b, miss, table, rng, step)
     b.check_invariants()
 
 
