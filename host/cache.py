@@ -486,14 +486,17 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
     the batch-local dedupe and the probe pass come first, the pooling after."""
     n = idx.shape[0]
     uniq, inv, slots, slot_of = _split(buf, n)
-    if out is not None:
+    if out is not None:            # offsets and keys checked before any state changes
         code = _check_bags(n_rows, idx, offs)
         if code <= -2:
             return 0, False, code
-    for j in range(n):             # validate the whole batch before touching any state
-        k = idx[j]
-        if k < 0 or k >= n_rows:
-            return -1 - j, False, -1
+        if code >= 0:
+            return -1 - code, False, -1
+    else:
+        for j in range(n):         # validate the whole batch before touching any state
+            k = idx[j]
+            if k < 0 or k >= n_rows:
+                return -1 - j, False, -1
     rmax = np.uint8(ref_max)
     counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
     sk = counted.shape[0] > 0
