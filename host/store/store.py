@@ -25,7 +25,9 @@ one fused gather+pool kernel; a backend that pools (the EV-SSD) pools the bags i
 other lookup deduplicates its indices (:mod:`.dedupe`), serves what the cache holds, reads each
 distinct miss once, admits the misses to the cache and pools the distinct rows; a pooled lookup
 through an EV-Cache takes the hits' cache slots instead of copying their rows and pools from the
-cache's row storage and the fetched misses in one kernel (:func:`evssd.host.pooling.pool_two_sources`). Every input is
+cache's row storage and the fetched misses in one kernel (:func:`evssd.host.pooling.pool_two_sources`);
+a table whose rows were all cached is pooled from the cache's rows in the lookup's own call
+(:meth:`evssd.host.cache.EVCache.lookup_pool`). Every input is
 validated before any I/O; errors name the table, the argument and the position.
 """
 from __future__ import annotations
