@@ -88,7 +88,8 @@ import numba
 import numpy as np
 
 from evssd.host.elements import DEVICE_ELEMS
-from evssd.host.pooling import _prefetch
+from evssd.host.pooling import (_add_row, _bag_sum, _bag_weighted, _check as _check_bags, _prefetch,
+                              _settle, _start, describe_error, kernel_source)
 
 __all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES", "ADMISSION_POLICIES", "DEFAULT_ADMISSION"]
 
@@ -299,6 +300,9 @@ def _sketch_halve(sketch):
 
 
 _NO_HIT = np.zeros(0, dtype=np.bool_)
+_ONE_BAG = np.zeros(1, dtype=np.int64)   # the offsets lookup_dedupe passes (no pooling)
+_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+_F32 = np.dtype(np.float32)
 _AHEAD = 8  # lookups between a prefetch hint and its use (as the pooling kernels)
 _SKETCH_PREFETCH_BYTES = 256 * 1024  # prefetch sketch blocks when the sketch exceeds this (~L2)
 
@@ -407,21 +411,25 @@ def _lookup_kernel(keys, out, hit, slots, copy, n_rows, htab, kb, values, ref, r
     return -1
 
 
-@numba.njit(cache=True, nogil=True)
-def _lookup_dedupe_kernel(idx, uniq, inv, slots, slot_of, n_rows, htab, kb, ref, ref_max,
-                          counters, sketch, sample, st):
-    # ``lookup_slots(uniq)`` where ``uniq`` are ``idx``'s distinct keys in first-occurrence
-    # order, in one call: a batch-local open-addressing pass (as evssd.host.store.dedupe) finds
-    # the distinct keys, the cache pass probes them, ``slot_of = slots[inv]`` and the frequency
-    # passes follow, with no Python in between. (Probing each key as the dedupe pass first meets
-    # it measured slower: the probe then sits behind an unpredictable branch, and fewer cache
-    # misses overlap.) Fills uniq/inv/slots (per distinct key)/slot_of (per lookup); returns
-    # the number of distinct keys, or -1 - j for a bad key at position j (nothing changed).
-    n = idx.shape[0]
-    for j in range(n):             # validate the whole batch before touching any state
-        k = idx[j]
-        if k < 0 or k >= n_rows:
-            return -1 - j
+# The direct index during a lookup (see _lookup_pool_kernel): a row's first hit in the batch sets
+# bit 62 of its entry and keeps its distinct number above bit 32 (the slot stays in the low 32
+# bits); its first miss writes -2 - (distinct number). One load then gives the slot and whether
+# (and as which distinct key) the row was met before in the batch, with no batch-local table.
+# The kernel ends by writing every met row's entry back (its slot or -1), so nothing of it
+# outlasts the call; a reader without the lock (``contains``) sees an entry >= 0 for a cached
+# row and < 0 otherwise throughout.
+_SEEN = np.int64(1) << 62
+_LOW32 = np.int64(0xFFFFFFFF)
+_DIRECT_MAX_BATCH = 1 << 30     # distinct numbers fit in bits 32..61
+
+
+@numba.njit(cache=True, inline="always")
+def _dedupe_hashed(idx, n, uniq, inv, slots, slot_of, htab, kb, ref, rmax, counted):
+    """The dedupe and probe passes for a hash index: a batch-local open-addressing pass (as
+    evssd.host.store.dedupe) finds the distinct keys, then ``_probe_pass`` probes them.
+    (Probing each key as the dedupe pass first meets it measured slower: the probe then sits
+    behind an unpredictable branch, and fewer cache misses overlap.) Returns (distinct keys,
+    hits, number counted)."""
     lm = 16
     while lm <= 2 * n:
         lm *= 2
@@ -445,19 +453,133 @@ def _lookup_dedupe_kernel(idx, uniq, inv, slots, slot_of, n_rows, htab, kb, ref,
                 n_u += 1
                 break
             q = np.int64((np.uint64(q) + np.uint64(1)) & lmask)
-    m = htab.shape[0]
-    h2 = htab.reshape((m, 1))          # 2-D view for the prefetch hint
-    rmax = np.uint8(ref_max)
-    counted = np.empty(n_u if sketch.shape[0] > 0 else 0, dtype=np.int64)
+    h2 = htab.reshape((htab.shape[0], 1))          # 2-D view for the prefetch hint
     hits, n_counted = _probe_pass(uniq, n_u, htab, kb, h2, ref, rmax, slots, counted)
     for j in range(n):
         slot_of[j] = slots[inv[j]]
+    return n_u, hits, n_counted
+
+
+@numba.njit(cache=True)
+def _split(buf, n):
+    """A lookup's four result arrays in one int64 buffer of >= 3n: uniq (int64), inv (int64),
+    slots (int32), slot_of (int32)."""
+    b32 = buf[2 * n:3 * n].view(np.int32)
+    return buf[:n], buf[n:2 * n], b32[:n], b32[n:]
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters, sketch, sample,
+                        st, src, w, out):
+    """``lookup_slots(uniq)`` where ``uniq`` are ``idx``'s distinct keys in first-occurrence
+    order -- fills uniq/inv/slots (per distinct key)/slot_of (per lookup) in ``buf`` (int64, at
+    least 3 * len(idx): see ``_split``), then the frequency passes and the stats -- and, with
+    ``out`` (not None), the bags ``offs`` pooled from the
+    cache rows ``src`` by the pooling definition (evssd.host.pooling._add_row; ``w``: weights
+    or None) when every distinct key hit. Returns (distinct keys, or -1 - j for a bad key at
+    position j; whether ``out`` holds the bags; -1, or the pooling check's code for bad
+    ``offs``). On an error nothing changed.
+
+    Over a direct index it is one pass in bag order (see ``_SEEN``): probe, mark, recency and
+    the row's term, the index entry ``2 * _AHEAD`` lookups ahead and the row ``_AHEAD`` ahead
+    prefetched; a miss stops the pooling (``out`` then holds partial bags). Over a hash index
+    the batch-local dedupe and the probe pass come first, the pooling after."""
+    n = idx.shape[0]
+    uniq, inv, slots, slot_of = _split(buf, n)
+    if out is not None:            # offsets and keys checked before any state changes
+        code = _check_bags(n_rows, idx, offs)
+        if code <= -2:
+            return 0, False, code
+        if code >= 0:
+            return -1 - code, False, -1
+    else:
+        for j in range(n):         # validate the whole batch before touching any state
+            k = idx[j]
+            if k < 0 or k >= n_rows:
+                return -1 - j, False, -1
+    rmax = np.uint8(ref_max)
+    counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
+    sk = counted.shape[0] > 0
+    pooled = out is not None
+    if kb == 0 and n < _DIRECT_MAX_BATCH:
+        h2 = htab.reshape((htab.shape[0], 1))
+        rb = src.shape[1] * src.itemsize
+        n_u = 0
+        hits = 0
+        n_counted = 0
+        n_bags = offs.shape[0] - 1 if out is not None else 1
+        for b in range(n_bags):
+            lo = offs[b] if out is not None else 0
+            hi = offs[b + 1] if out is not None else n
+            if out is not None:
+                z = _start(out)
+                for t in range(out.shape[1]):
+                    out[b, t] = z
+            for j in range(lo, hi):
+                if j + 2 * _AHEAD < n:
+                    _prefetch(h2, idx[j + 2 * _AHEAD], 0)
+                if out is not None and j + _AHEAD < n:
+                    ea = htab[idx[j + _AHEAD]]
+                    if ea >= 0:        # a hit (marked or not): its slot is in the low bits
+                        for off in range(0, rb, 64):
+                            _prefetch(src, ea & _LOW32, off)
+                k = np.int64(idx[j])
+                e = htab[k]
+                if e >= _SEEN:                 # a hit met before in this batch
+                    u = (e >> 32) & np.int64(0x3FFFFFFF)
+                    s = np.int32(e & _LOW32)
+                elif e >= 0:                   # the first hit on this row
+                    u = np.int64(n_u)
+                    n_u += 1
+                    s = np.int32(e)
+                    htab[k] = e | _SEEN | (u << 32)
+                    uniq[u] = k
+                    slots[u] = s
+                    r = ref[s]
+                    ref[s] = r + np.uint8(r < rmax)      # saturating, branch-free
+                    hits += 1
+                    if sk:
+                        counted[n_counted] = k
+                        n_counted += np.int64(r < rmax)
+                elif e == -1:                  # the first miss on this row
+                    u = np.int64(n_u)
+                    n_u += 1
+                    s = np.int32(-1)
+                    htab[k] = -2 - u
+                    uniq[u] = k
+                    slots[u] = s
+                    pooled = False
+                    if sk:
+                        counted[n_counted] = k
+                        n_counted += 1
+                else:                          # a miss met before in this batch
+                    u = -2 - e
+                    s = np.int32(-1)
+                inv[j] = u
+                slot_of[j] = s
+                if out is not None and pooled:
+                    _add_row(out, b, src, s, w, j)
+            if out is not None and pooled:
+                _settle(out, b, lo == hi)
+        for u in range(n_u):               # every met row's entry back to its slot or -1
+            htab[uniq[u]] = slots[u]
+    else:
+        n_u, hits, n_counted = _dedupe_hashed(idx, n, uniq, inv, slots, slot_of, htab, kb, ref,
+                                              rmax, counted)
+        if out is not None and hits == n_u:
+            rb = src.shape[1] * src.itemsize
+            for b in range(offs.shape[0] - 1):
+                if w is None:
+                    _bag_sum(src, slot_of, offs[b], offs[b + 1], out, b, n, rb)
+                else:
+                    _bag_weighted(src, slot_of, w, offs[b], offs[b + 1], out, b, n, rb)
+        pooled = out is not None and hits == n_u
     _count_passes(uniq, n_u, counted, n_counted, counters, sketch, sample, st)
     st[_HITS] += hits
     st[_MISSES] += n_u - hits
     st[_LOOKUPS] += n_u
     st[_SINCE_DECAY] += n_u
-    return n_u
+    return n_u, pooled, -1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -713,6 +835,9 @@ class EVCache:
         self._sketch = np.zeros(_sketch_words(cap) if admission == "sketch" else 0, dtype=np.uint64)
         self._sketch_sample = _SKETCH_SAMPLE_PER_ENTRY * cap
         self._st = np.zeros(_N_STATE, dtype=np.int64)
+        self._sources = {}      # the row store as the pooling kernels read it, per element type
+        self._scratch = np.empty(0, dtype=np.int64)   # 24 bytes per lookup of the largest pooled batch
+        self._last_pooled = True
         # The kernels release the GIL (the store overlaps cache work with device I/O in another
         # thread); the lock keeps two callers from racing on one table's cache.
         self._lock = threading.Lock()
@@ -821,24 +946,88 @@ class EVCache:
         ``misses`` the number of -1 slots. Exactly the effects of ``lookup_slots(uniq)`` (the
         cache counts distinct indices); the slots' validity is as for :meth:`lookup_slots`.
         ``indices``: int32 or int64 (used as they are), or any integer array."""
-        arr = indices if isinstance(indices, np.ndarray) and indices.ndim == 1 \
-            and indices.dtype in (np.int32, np.int64) and indices.flags.c_contiguous \
-            else self._keys(indices, "lookup")
+        return self._lookup_pool(self._batch_keys(indices), _ONE_BAG, None, None)[1:]
+
+    def lookup_pool(self, indices, offsets, out: np.ndarray, elem, weights=None) -> tuple:
+        """:meth:`lookup_dedupe`, and when every distinct index hit, the bags pooled straight
+        from the cache rows into ``out`` in the same call, under the lock (no row can move
+        between the lookup and the read). Returns ``(pooled, uniq, inv, slots, slot_of,
+        misses)``: ``pooled`` says whether ``out`` holds the bags (then the rest is ``None``
+        and 0: no one reads them, so they stay in a scratch buffer of the cache's); otherwise
+        ``out``'s contents are unspecified and the rest is what :meth:`lookup_dedupe` returns.
+
+        ``offsets``: FBGEMM's B+1 bag offsets (int32/int64); ``elem``: the table's
+        :class:`evssd.host.elements.Elem` (fp32, fp16, int8, int32: pooled by
+        :mod:`evssd.host.pooling`'s definition; int8_rowwise is not taken); ``out``: a
+        C-contiguous ``(B, dim)`` array of ``elem``'s pooled dtype, or float32 with ``weights``
+        (float32, one per index). A bad index or offset raises before anything changes."""
+        arr = self._batch_keys(indices)
+        offs = offsets
+        if not isinstance(offs, np.ndarray) or offs.ndim != 1 or offs.dtype not in _INDEX_DTYPES \
+                or offs.size < 1 or not offs.flags.c_contiguous:
+            raise ValueError(f"EVCache {self.name!r}: offsets must be a contiguous 1-D int32/int64 "
+                             f"array of B+1 >= 1 entries, got {getattr(offs, 'dtype', type(offs).__name__)} "
+                             f"{getattr(offs, 'shape', '')}")
+        if elem.extra or elem.storage != self.dtype:
+            raise ValueError(f"EVCache {self.name!r}: lookup_pool pools fp32/fp16/int8/int32 rows of "
+                             f"the table dtype {self.dtype}, not {elem.name}")
+        dtype = _F32 if weights is not None else elem.pooled
+        if not isinstance(out, np.ndarray) or out.shape != (offs.size - 1, self.dim) or out.dtype != dtype \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"EVCache {self.name!r}: out must be a writeable C-contiguous {dtype} "
+                             f"array of shape ({offs.size - 1}, {self.dim})")
+        if weights is not None and (not isinstance(weights, np.ndarray) or weights.dtype != _F32
+                                    or weights.shape != arr.shape or not weights.flags.c_contiguous):
+            raise ValueError(f"EVCache {self.name!r}: weights must be a contiguous float32 array of "
+                             f"shape ({arr.shape[0]},)")
+        return self._lookup_pool(arr, offs, weights, out, elem)
+
+    def _batch_keys(self, indices) -> np.ndarray:
+        """A batch's keys: int32/int64 contiguous arrays as they are, anything else checked and
+        converted (:meth:`_keys`)."""
+        if isinstance(indices, np.ndarray) and indices.ndim == 1 and indices.dtype in _INDEX_DTYPES \
+                and indices.flags.c_contiguous:
+            return indices
+        return self._keys(indices, "lookup")
+
+    def _lookup_pool(self, arr, offs, weights, out, elem=None) -> tuple:
         n = arr.shape[0]
-        b64 = np.empty(2 * n, dtype=np.int64)      # two allocations, not four: this runs per batch
-        b32 = np.empty(2 * n, dtype=np.int32)
-        uniq, inv, slots, slot_of = b64[:n], b64[n:], b32[:n], b32[n:]
+        if out is None:
+            src = self._values
+        else:
+            src = self._sources.get(elem.name)
+            if src is None:
+                src = self._sources[elem.name] = kernel_source(self._values_view, elem)
         with self._lock:
+            # the results go to a buffer of their own, except a pooled batch's, which no one
+            # reads: they stay in the cache's scratch buffer (one allocation less per batch).
+            # Whether a batch will pool is guessed from the last one (a wrong guess costs a
+            # copy), so a cache that mostly misses allocates as lookup_dedupe does.
+            if out is None or not self._last_pooled:
+                buf = np.empty(3 * n, dtype=np.int64)
+            else:
+                if self._scratch.shape[0] < 3 * n:
+                    self._scratch = np.empty(3 * n, dtype=np.int64)
+                buf = self._scratch
             hits0 = self._st[_HITS]
-            n_u = _lookup_dedupe_kernel(arr, uniq, inv, slots, slot_of, self.n_rows, self._htab,
-                                        self._kb, self._ref, self._ref_max, self._counters,
-                                        self._sketch, self._sketch_sample, self._st)
-            if n_u >= 0:
+            n_u, pooled, code = _lookup_pool_kernel(
+                arr, offs, buf, self.n_rows, self._htab, self._kb, self._ref, self._ref_max,
+                self._counters, self._sketch, self._sketch_sample, self._st, src, weights, out)
+            if code == -1 and n_u >= 0:
                 misses = n_u - int(self._st[_HITS] - hits0)
                 self._maybe_decay()
+                if not pooled and buf is self._scratch:
+                    buf = buf[:3 * n].copy()
+                if out is not None:
+                    self._last_pooled = pooled
+        if code != -1:
+            raise ValueError(f"EVCache {self.name!r}: {describe_error(code, arr, offs, self.n_rows)}")
         if n_u < 0:
             self._bad_index(arr, -1 - n_u)
-        return uniq[:n_u], inv, slots[:n_u], slot_of, misses
+        if pooled:
+            return True, None, None, None, None, 0
+        b32 = buf[2 * n:3 * n].view(np.int32)     # the layout of _split
+        return False, buf[:n_u], buf[n:2 * n], b32[:n_u], b32[n:], misses
 
     def _run_lookup(self, keys, out, hit, slots, copy) -> None:
         bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,

@@ -282,6 +282,29 @@ def _ol_settle(out, b, empty):
     return settle_int
 
 
+def _add_row(out, b, src, r, w, k):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(_add_row, inline="always")
+def _ol_add_row(out, b, src, r, w, k):
+    """Lookup k's term of bag b: row ``r`` of ``src`` added to ``out[b]`` by the definition --
+    ``out[b] += row`` (``w`` None) or ``out[b] = fma(w[k], row, out[b])`` (one rounding) --
+    for a loop that resolves its rows itself (the EV-Cache's fused lookup); the bag starts
+    at :func:`_start` and ends with :func:`_settle`. fp32/fp16/int8/int32 rows."""
+    if isinstance(w, types.NoneType):
+        def add(out, b, src, r, w, k):
+            for j in range(out.shape[1]):
+                out[b, j] += _load(src, r, j)
+        return add
+
+    def add_weighted(out, b, src, r, w, k):
+        wk = w[k]
+        for j in range(out.shape[1]):
+            out[b, j] = fma32(wk, _loadf(src, r, j), out[b, j])
+    return add_weighted
+
+
 @numba.njit(inline="always")
 def _check(n_src, idx, offs):
     """-1 when every offset and index is good, else the error code :func:`describe_error`

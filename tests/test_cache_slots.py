@@ -1,6 +1,7 @@
 """The EV-Cache hit path: ``EVCache.lookup_slots`` has exactly ``lookup``'s effects, the
 two-source pooling kernels equal the definition bit for bit, and the store's slot path stays
-right when another batch evicts or an invalidation moves the rows it planned to read."""
+right when another batch evicts or an invalidation moves the rows it planned to read;
+``EVCache.lookup_dedupe`` and ``lookup_pool`` are ``dedupe`` + ``lookup_slots`` (+ pooling)."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,18 @@ def _state(cache: EVCache) -> tuple:
     n = len(cache)
     return (cache.stats, cache.keys_clock().tolist(), cache._ref.tolist(),
             cache._slot_key.tolist(), cache.values[:n].tobytes(), cache._counters.tobytes(),
-            cache._sketch.tobytes(), cache._st.tolist())
+            cache._sketch.tobytes(), cache._st.tolist(), cache._htab.tobytes())
+
+
+def _admit_to_twins(a: EVCache, b: EVCache, miss, table, rng, step: int) -> None:
+    """The same admissions (and every 7th step three invalidations) on twin caches, which must
+    then be in the same state."""
+    a.admit(miss, table[miss])
+    b.admit(miss, table[miss])
+    if step % 7 == 6:
+        drop = rng.integers(0, table.shape[0], 3)
+        assert a.invalidate(drop) == b.invalidate(drop)
+    assert _state(a) == _state(b)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -44,12 +56,7 @@ def test_lookup_slots_has_the_effects_of_lookup(seed, capacity, admission, decay
         assert b.values[slots[hit]].tobytes() == out[hit].tobytes()
         assert np.array_equal(out[hit], table[keys[hit]])
         miss = keys[~hit]
-        a.admit(miss, table[miss])
-        b.admit(miss, table[miss])
-        if step % 7 == 6:
-            drop = rng.integers(0, n_keys, 3)
-            assert a.invalidate(drop) == b.invalidate(drop)
-        assert _state(a) == _state(b)
+        _admit_to_twins(a, b, miss, table, rng, step)
     b.check_invariants()
 
 
@@ -131,7 +138,8 @@ def test_slots_reused_between_plan_and_finish_are_read_again(tmp_path, disturb, 
     """The pipeline plans batch i+1 before it finishes batch i: batch i's admissions (or an
     invalidation) may reuse slots batch i+1 planned to read. The finish notices and re-reads
     (``all_hits``: a batch the cache served whole, which otherwise pools straight from the
-    cache's rows)."""
+    cache's rows; bag-parallel pooling keeps it out of the lookup's own call, which could not
+    go stale)."""
     rng = np.random.default_rng(3)
     tables = {"f": rng.standard_normal((400, 8)).astype(np.float32),
               "q": RowwiseInt8(rng.integers(0, 256, (400, 4 + 8)).astype(np.uint8))}
@@ -144,6 +152,7 @@ def test_slots_reused_between_plan_and_finish_are_read_again(tmp_path, disturb, 
         assert cache.lookup_slots(warm).min() >= 0
         idx = np.concatenate([warm, warm[::-1]] + ([] if all_hits else [[cap + 5]]))
         offs = np.array([0, 3, cap, idx.size])
+        store._bag_parallel = lambda n_bags: True   # the two-phase path, pooled on numba's threads
         plan = store._prepare("f", idx, offs, "sum")
         assert plan.kind == "slots" and plan.miss.size == (0 if all_hits else 1)
         if disturb == "evict":
@@ -208,7 +217,12 @@ def test_all_hit_batches_pool_from_the_cache_rows(tmp_path, elem, parallel):
         offs = np.concatenate([[0], np.sort(rng.integers(0, idx.size, 39)), [idx.size]])
         w = rng.standard_normal(idx.size).astype(np.float32)
         plan = store._prepare("t", idx, offs, "sum")
-        assert plan.kind == "slots" and plan.miss.size == 0
+        # fp32/fp16 bags pooled serially are pooled in the lookup's call (EVCache.lookup_pool);
+        # the rest take the cache slots and pool them in the finish
+        if elem == "int8_rowwise" or store._bag_parallel(40):
+            assert plan.kind == "slots" and plan.miss.size == 0
+        else:
+            assert plan.kind == "cached" and plan.pooled.tobytes() == P.pool(t, elem, idx, offs).tobytes()
         got = store._finish(store._fetch(plan))
         assert got.tobytes() == P.pool(t, elem, idx, offs).tobytes()
         assert store.pooled("t", idx, offs, "mean").tobytes() == P.pool(t, elem, idx, offs, mode="mean").tobytes()
@@ -251,12 +265,7 @@ def test_lookup_dedupe_is_dedupe_then_lookup_slots(seed, capacity, admission, de
         assert misses == int((slots < 0).sum())
         assert np.array_equal(uniq[inv], keys.astype(np.int64))
         miss = uniq[slots < 0]
-        a.admit(miss, table[miss])
-        b.admit(miss, table[miss])
-        if step % 7 == 6:
-            drop = rng.integers(0, n_keys, 3)
-            assert a.invalidate(drop) == b.invalidate(drop)
-        assert _state(a) == _state(b)
+        _admit_to_twins(a, b, miss, table, rng, step)
     b.check_invariants()
 
 
@@ -278,3 +287,78 @@ def test_lookup_dedupe_bad_input_changes_nothing():
     assert uniq.tolist() == [2, 7, 1] and inv.tolist() == [0, 1, 0, 2, 1] and misses == 1
     assert slots[1] == -1 and slot_of.tolist() == slots[inv].tolist()
     assert cache.stats["hits"] == 2 and cache.stats["misses"] == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 40),
+       admission=st.sampled_from(["sketch", "filter"]), decay=st.sampled_from([None, 13]),
+       threshold=st.integers(0, 3), n_keys=st.sampled_from([24, 30, 200]),
+       elem=st.sampled_from(["fp32", "fp16", "int8", "int32"]), weighted=st.booleans(),
+       itype=st.sampled_from([np.int32, np.int64]))
+def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, decay, threshold,
+                                                   n_keys, elem, weighted, itype):
+    """``lookup_pool`` on one cache, ``lookup_dedupe`` then the definition's pooling on its twin:
+    the same returns, the same cache state after every batch (index included: the direct
+    index's in-batch marks leave no trace), the definition's bits exactly when every row hit. Direct and hash indexes both occur (a cache of >= 80% of its table's
+    rows takes the direct index)."""
+    rng = np.random.default_rng(seed)
+    dim = 3
+    el = ELEMS[elem]
+    if elem in ("int8", "int32"):
+        table = rng.integers(-100, 100, (n_keys, dim)).astype(el.storage)
+    else:
+        table = rng.standard_normal((n_keys, dim)).astype(el.storage)
+        table[rng.random(table.shape) < 0.05] = np.nan
+    a, b = (EVCache(n_keys, dim, el.storage, capacity=capacity, admission=admission,
+                    decay_interval=decay, admit_threshold=threshold, name="t") for _ in range(2))
+    a._sketch_sample = b._sketch_sample = 37     # halve the sketch within a batch now and then
+    for step in range(25):
+        keys = (rng.zipf(1.3, rng.integers(0, 60)) % n_keys).astype(itype)
+        cached = np.flatnonzero(a.contains(np.arange(n_keys)))
+        all_cached = step % 3 == 2 and cached.size > 0
+        if all_cached:          # a batch of cached rows only: pooled in the lookup's call
+            keys = rng.choice(cached, rng.integers(1, 60)).astype(itype)
+        offs = np.concatenate([[0], np.sort(rng.integers(0, keys.size + 1, rng.integers(0, 6))),
+                               [keys.size]]).astype(np.int64)
+        w = rng.standard_normal(keys.size).astype(np.float32) if weighted else None
+        out = np.full((offs.size - 1, dim), 7, np.float32 if weighted else el.pooled)
+        ref = a.lookup_dedupe(keys)
+        got = b.lookup_pool(keys, offs, out, el, w)
+        assert got[0] == (ref[4] == 0) and (got[0] or not all_cached)
+        if not got[0]:
+            assert [x.tolist() for x in got[1:5]] == [x.tolist() for x in ref[:4]] and got[5] == ref[4]
+        else:
+            assert got[1:] == (None, None, None, None, 0)
+            want = P.pool(table, el, keys, offs, per_sample_weights=w)
+            assert out.tobytes() == want.tobytes()
+        miss = ref[0][ref[2] < 0]
+        _admit_to_twins(a, b, miss, table, rng, step)
+    b.check_invariants()
+
+
+def test_lookup_pool_bad_input_changes_nothing():
+    el = ELEMS["fp32"]
+    for capacity in (8, 50):    # hash index, direct index
+        cache = EVCache(50, 2, np.float32, capacity=capacity, admit_threshold=0, name="emb")
+        cache.admit([1, 2], np.ones((2, 2), np.float32))
+        before = _state(cache)
+        out = np.zeros((2, 2), np.float32)
+        with pytest.raises(IndexError, match=r"'emb'.*position 2"):
+            cache.lookup_pool(np.array([1, 2, 50]), np.array([0, 1, 3]), out, el)
+        with pytest.raises(ValueError, match=r"'emb'.*offsets\[-1\] = 2 must equal len"):
+            cache.lookup_pool(np.array([1, 2, 1]), np.array([0, 1, 2]), out, el)
+        with pytest.raises(ValueError, match=r"'emb'.*not monotonic at position 2"):
+            cache.lookup_pool(np.array([1, 2, 1]), np.array([0, 2, 1, 3]), np.zeros((3, 2), np.float32), el)
+        with pytest.raises(ValueError, match="out must be"):
+            cache.lookup_pool(np.array([1, 2]), np.array([0, 1, 2]), np.zeros((2, 2), np.float64), el)
+        with pytest.raises(ValueError, match="weights must be"):
+            cache.lookup_pool(np.array([1, 2]), np.array([0, 1, 2]), out, el, np.ones(3, np.float32))
+        with pytest.raises(ValueError, match="int8_rowwise"):
+            cache.lookup_pool(np.array([1, 2]), np.array([0, 1, 2]), out, ELEMS["int8_rowwise"])
+        assert _state(cache) == before and (out == 0).all()
+        assert cache.lookup_pool(np.array([2, 1, 2]), np.array([0, 1, 3]), out, el)[0]
+        assert out.tolist() == [[1, 1], [2, 2]]
+        pooled, uniq, inv, slots, slot_of, misses = cache.lookup_pool(np.array([2, 3, 2]),
+                                                                      np.array([0, 1, 3]), out, el)
+        assert not pooled and misses == 1 and uniq.tolist() == [2, 3] and inv.tolist() == [0, 1, 0]
+        assert slots[1] == -1 and slot_of.tolist() == slots[inv].tolist()

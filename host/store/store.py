@@ -25,7 +25,9 @@ one fused gather+pool kernel; a backend that pools (the EV-SSD) pools the bags i
 other lookup deduplicates its indices (:mod:`.dedupe`), serves what the cache holds, reads each
 distinct miss once, admits the misses to the cache and pools the distinct rows; a pooled lookup
 through an EV-Cache takes the hits' cache slots instead of copying their rows and pools from the
-cache's row storage and the fetched misses in one kernel (:func:`evssd.host.pooling.pool_two_sources`). Every input is
+cache's row storage and the fetched misses in one kernel (:func:`evssd.host.pooling.pool_two_sources`);
+a table whose rows were all cached is pooled from the cache's rows in the lookup's own call
+(:meth:`evssd.host.cache.EVCache.lookup_pool`). Every input is
 validated before any I/O; errors name the table, the argument and the position.
 """
 from __future__ import annotations
@@ -92,7 +94,7 @@ def _index_array(info, a, what: str) -> np.ndarray:
     return a
 
 
-_GATHER, _DIRECT, _DEVICE, _ROWS, _SLOTS = "gather", "direct", "device", "rows", "slots"
+_GATHER, _DIRECT, _DEVICE, _ROWS, _SLOTS, _CACHED = "gather", "direct", "device", "rows", "slots", "cached"
 
 
 @dataclass
@@ -102,7 +104,8 @@ class _Plan:
     ``kind``: ``direct`` pools straight from a table in memory; ``device`` lets the backend pool;
     ``rows`` deduplicates, serves the cache, fetches the misses and pools the distinct rows;
     ``slots`` (pooled lookups through an EV-Cache) deduplicates, takes the hits' cache slots
-    without copying their rows, fetches the misses and pools from both sources in one kernel."""
+    without copying their rows, fetches the misses and pools from both sources in one kernel;
+    ``cached``: every row was in the EV-Cache, which pooled the bags in the lookup's call."""
     info: TableInfo
     indices: np.ndarray          # validated int32/int64, request order
     offsets: np.ndarray | None   # validated [B+1] or None for gather
@@ -115,7 +118,7 @@ class _Plan:
     rows: np.ndarray | None = None      # [len(uniq), width] being filled
     miss: np.ndarray | None = None      # positions in uniq not served by the cache
     fetched: np.ndarray | None = None
-    pooled: np.ndarray | None = None    # result pooled by the backend (device pooling)
+    pooled: np.ndarray | None = None    # result pooled by the backend or the cache
     slots: np.ndarray | None = None     # int32 per distinct index: cache slot, -1 for a miss
     epoch: int = -1                     # the cache's epoch before the slots were looked up
     slot_of: np.ndarray | None = None   # int32 per lookup: slots[inv]
@@ -371,9 +374,19 @@ class EmbeddingStore:
         cache = self.caches.get(info.name)
         if mode is not None and cache is not None and hasattr(cache, "lookup_dedupe"):
             # dedupe and cache lookup in one pass over the batch (EVCache.lookup_dedupe)
+            n_bags = offs.size - 1
+            fuse = hasattr(cache, "lookup_pool") and not info.el.extra and not self._bag_parallel(n_bags)
+            if fuse:   # an all-hit batch is pooled from the cache rows in the lookup's call
+                dst = out if out is not None else \
+                    np.empty((n_bags, info.dim), np.float32 if w is not None else info.acc_dtype)
             with self._cache_locks[info.name]:
                 epoch = cache.epoch
-                uniq, inv, slots, slot_of, n_miss = cache.lookup_dedupe(idx)
+                if fuse:
+                    pooled, uniq, inv, slots, slot_of, n_miss = cache.lookup_pool(idx, offs, dst, info.el, w)
+                    if pooled:
+                        return _Plan(info, idx, offs, mode, _CACHED, w, out, pooled=dst)
+                else:
+                    uniq, inv, slots, slot_of, n_miss = cache.lookup_dedupe(idx)
             # ascending row order for the backend (file offsets, device pages)
             miss = miss_order(uniq, slots) if n_miss else _NO_MISS
             return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
@@ -464,6 +477,8 @@ class EmbeddingStore:
             return out
         if plan.kind == _SLOTS:
             return self._finish_slots(plan)
+        if plan.kind == _CACHED:
+            return pooling.apply_mean(plan.pooled, plan.offsets) if plan.mode == "mean" else plan.pooled
         if plan.fetched is not None:
             plan.rows[plan.miss] = plan.fetched
             cache = self.caches.get(info.name)
