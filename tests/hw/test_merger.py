@@ -6,6 +6,9 @@ own request order, channels interleaving), drives ``i_desc`` with random idle cy
 ``o_data.ready`` at random. The expected byte stream comes from :func:`merge_golden`, which uses
 ``evssd.host.pooling.pool_rows`` (the host model's arithmetic).
 """
+import json
+import os
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,7 +155,10 @@ def descriptors(cmds):
 
 
 def run_merger(params, n_slots, cmds, *, seed=0, p_valid=0.6, p_ready=0.6, max_cycles=200_000):
-    """Simulate; return (per-command list of (bytes, err)), freed slots, allocated slots, cycles."""
+    """Simulate; return (per-command list of (bytes, err)), freed slots, allocated slots, state.
+
+    ``state``: ``cycles`` (first input cycle to the last output beat) and ``trace`` (a CRC-32 of
+    every output beat and freed slot with its cycle number: equal traces mean equal timing)."""
     dut = ResultMerger(params, n_slots)
     rng = np.random.default_rng(seed)
     Wc, Wh = params.ch_data_bits, params.host_data_bits
@@ -163,6 +169,7 @@ def run_merger(params, n_slots, cmds, *, seed=0, p_valid=0.6, p_ready=0.6, max_c
     results = []
     freed, allocated = [], []
     state = {"cycles": 0, "out_beats": 0}
+    events = []
     # different idle probabilities per channel reorder the rows across channels
     ch_p = [p_valid * (0.5 + 0.5 * rng.random()) if p_valid < 1 else 1.0 for _ in range(n_ch)]
 
@@ -226,6 +233,7 @@ def run_merger(params, n_slots, cmds, *, seed=0, p_valid=0.6, p_ready=0.6, max_c
                 cur_desc = None
             o_valid, o_ready, o_data, o_last, o_err, f_valid, f_slot = v[i + 2:]
             if o_valid and o_ready:
+                events.append((state["cycles"], int(o_data), int(o_last), int(o_err)))
                 state["out_beats"] += 1
                 cur_out += int(o_data).to_bytes(host_bytes, "little")
                 if o_last:
@@ -234,6 +242,7 @@ def run_merger(params, n_slots, cmds, *, seed=0, p_valid=0.6, p_ready=0.6, max_c
                 else:
                     assert not o_err, "err only on the last beat"
             if f_valid:
+                events.append((state["cycles"], "free", int(f_slot)))
                 freed.append(int(f_slot))
                 free_slots.append(int(f_slot))
         # nothing trails the last command
@@ -246,6 +255,7 @@ def run_merger(params, n_slots, cmds, *, seed=0, p_valid=0.6, p_ready=0.6, max_c
     sim.add_clock(1e-8)
     sim.add_testbench(tb)
     sim.run()
+    state["trace"] = zlib.crc32(repr(events).encode())
     return results, freed, allocated, state
 
 
@@ -269,6 +279,44 @@ def check(params, n_slots, cmds, results, freed, allocated):
     assert freed == allocated
 
 
+# Cycle-exact regression: (cycles from the first input to the last output, CRC-32 of the timed
+# output trace) per test case, recorded before the merger was split into components. A change
+# that moves any output or freed slot by a cycle fails here. MERGER_CYCLES_RECORD=<file> appends
+# the measured values to <file> instead of checking them (for a deliberate timing change).
+CYCLES = {
+    "random-64-64-4-64-8-40": [1463, 371082550],
+    "random-64-256-3-96-8-40": [1971, 2871272857],
+    "random-256-64-2-128-4-40": [2507, 3951111041],
+    "random-32-128-2-32-4-40": [1926, 2276413020],
+    "random-512-128-2-256-4-10": [414, 4012581767],
+    "random-32-512-8-64-2-15": [1294, 1686552844],
+    "tput-gather": [785, 3904868477],
+    "tput-bags8": [796, 756004155],
+    "tput-bags1": [625, 342238357],
+    "special-values": [103, 3721725638],
+    "zero-byte-rows": [["free", 7], ["free", 8], ["free", 9], ["out", 15]],
+    "desc-no-wait": [22, 24, 26, 28],
+    "fma-64-64-4-64-8-30": [1892, 335881640],
+    "fma-32-128-2-32-4-16": [1068, 2795766390],
+    "fma-128-64-2-64-4-16": [1038, 3375643341],
+    "fma-256-64-2-128-4-8": [473, 2594344403],
+}
+
+
+def check_cycles(key, measured):
+    record = os.environ.get("MERGER_CYCLES_RECORD")
+    if record:
+        with open(record, "a") as f:
+            f.write(json.dumps([key, measured]) + "\n")
+        return
+    assert key in CYCLES, f"no recorded cycles for {key}"
+    assert CYCLES[key] == measured, f"{key}: {measured}, recorded {CYCLES[key]}"
+
+
+def timing(state):
+    return [state["cycles"], state["trace"]]
+
+
 CONFIGS = [
     # (ch_data_bits, host_data_bits, n_channels, max_row_bytes, n_slots, commands)
     pytest.param(64, 64, 4, 64, 8, 40, id="ch64-host64"),
@@ -287,8 +335,9 @@ def test_random_backpressure(ch_bits, host_bits, n_ch, max_row, n_slots, n_cmds)
                     max_row_bytes=max_row, page_size=512)
     rng = np.random.default_rng(ch_bits * 1000 + host_bits)
     cmds = random_cmds(rng, params, n_cmds=n_cmds)
-    results, freed, allocated, _ = run_merger(params, n_slots, cmds, seed=ch_bits + host_bits)
+    results, freed, allocated, st = run_merger(params, n_slots, cmds, seed=ch_bits + host_bits)
     check(params, n_slots, cmds, results, freed, allocated)
+    check_cycles(f"random-{ch_bits}-{host_bits}-{n_ch}-{max_row}-{n_slots}-{n_cmds}", timing(st))
 
 
 def test_rejects_bad_parameters():
@@ -300,10 +349,11 @@ def test_rejects_bad_parameters():
         ResultMerger({"ch_data_bits": 64}, 8)
 
 
-def _throughput(params, n_slots, cmd):
+def _throughput(params, n_slots, cmd, key):
     results, freed, allocated, state = run_merger(params, n_slots, [cmd], seed=1,
                                                   p_valid=1.0, p_ready=1.0)
     check(params, n_slots, [cmd], results, freed, allocated)
+    check_cycles(key, timing(state))
     in_beats = sum(-(-cmd.row_bytes * 8 // params.ch_data_bits) for bag in cmd.bags for _ in bag)
     return in_beats, state
 
@@ -320,17 +370,18 @@ def test_throughput_gather_and_pooled_fp32():
     rng = np.random.default_rng(7)
     n = 96
     rows = [Lookup(random_row(rng, ElemType.FP32, 64)) for _ in range(n)]
-    beats, st = _throughput(params, 16, Cmd(False, ElemType.FP32, 64, [rows]))
+    beats, st = _throughput(params, 16, Cmd(False, ElemType.FP32, 64, [rows]), "tput-gather")
     rate = beats / st["cycles"]
     print(f"GATHER 64B rows, ch64/host64: {beats} beats in {st['cycles']} cycles = {rate:.3f}")
     assert rate > 0.95
     k = 8
     bags = [rows[i:i + k] for i in range(0, n, k)]
-    beats, st = _throughput(params, 16, Cmd(True, ElemType.FP32, 64, bags))
+    beats, st = _throughput(params, 16, Cmd(True, ElemType.FP32, 64, bags), "tput-bags8")
     rate = beats / st["cycles"]
     print(f"POOLED fp32 64B rows, bags of {k}: {beats} beats in {st['cycles']} cycles = {rate:.3f}")
     assert rate > 0.95
-    beats, st = _throughput(params, 16, Cmd(True, ElemType.FP32, 64, [[r] for r in rows[:32]]))
+    beats, st = _throughput(params, 16, Cmd(True, ElemType.FP32, 64, [[r] for r in rows[:32]]),
+                            "tput-bags1")
     rate = beats / st["cycles"]
     print(f"POOLED fp32 64B rows, bags of 1: {beats} beats in {st['cycles']} cycles = {rate:.3f}")
     assert 0.38 < rate < 0.5
@@ -356,8 +407,9 @@ def test_special_values_pooled():
         Cmd(True, ElemType.FP16, 4, [[Lookup(np.array([0x0001, 0xFC00], "<u2").tobytes())]]),
         Cmd(False, ElemType.FP32, 8, [[Lookup(None), Lookup(f32(1, 2))]]),
     ]
-    results, freed, allocated, _ = run_merger(params, 4, cmds, seed=3)
+    results, freed, allocated, st = run_merger(params, 4, cmds, seed=3)
     check(params, 4, cmds, results, freed, allocated)
+    check_cycles("special-values", timing(st))
     words = [np.frombuffer(r, "<u4") for r, _ in results]
     assert list(words[0][:16]) == [NEG0, 0, 0x7FC0_0000, INF,
                                    1, 0x8000_0001, 0x7FC0_0000, 0x3F80_0000,
@@ -375,9 +427,10 @@ def test_zero_byte_rows_do_not_hang():
     params = Params(n_channels=1, ch_data_bits=64, host_data_bits=64, max_row_bytes=16,
                     page_size=512)
     dut = ResultMerger(params, 4)
-    out, freed = [], []
+    out, freed, when = [], [], []
 
     async def tb(ctx):
+        cycle = 0
         descs = [dict(slot=0, row_bytes=0, bad=1, cmd_end=1),
                  dict(slot=1, row_bytes=0, bad=1, cmd_end=0),
                  dict(slot=2, row_bytes=8, bad=1, cmd_end=1)]
@@ -386,7 +439,10 @@ def test_zero_byte_rows_do_not_hang():
             ctx.set(dut.i_desc.payload, dict(d, elem=0, pooled=0, bag_end=0, empty_bag=0))
             ctx.set(dut.i_desc.valid, 1)
             for _ in range(50):          # bounded: a hang fails instead of stalling pytest
-                _, _, rdy = await ctx.tick().sample(dut.i_desc.ready)
+                _, _, rdy, fv = await ctx.tick().sample(dut.i_desc.ready, dut.o_free.valid)
+                cycle += 1
+                if fv:
+                    when.append(("free", cycle))
                 if rdy:
                     break
             else:
@@ -396,10 +452,13 @@ def test_zero_byte_rows_do_not_hang():
             _, _, ov, od, ol, fv, fs = await ctx.tick().sample(
                 dut.o_data.valid, dut.o_data.payload.data, dut.o_data.payload.last,
                 dut.o_free.valid, dut.o_free.payload)
+            cycle += 1
             if ov:
                 out.append((od, ol))
+                when.append(("out", cycle))
             if fv:
                 freed.append(fs)
+                when.append(("free", cycle))
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
@@ -407,6 +466,7 @@ def test_zero_byte_rows_do_not_hang():
     sim.run()
     assert out == [(0, 1)]           # the 8-byte bad row of the second command: zeros, last
     assert freed[-2:] == [1, 2]      # (slot 0 was freed while the descriptors went in)
+    check_cycles("zero-byte-rows", when)
 
 
 def test_descriptors_do_not_wait_for_rows():
@@ -418,15 +478,17 @@ def test_descriptors_do_not_wait_for_rows():
     dut = ResultMerger(params, n_slots)
     depth = dut.desc_depth
     assert depth >= n_slots
-    out = []
+    out, when = [], []
 
     async def tb(ctx):
+        cycle = 0
         ctx.set(dut.o_data.ready, 1)
         ctx.set(dut.i_desc.valid, 1)
         for k in range(depth):
             ctx.set(dut.i_desc.payload, dict(slot=k % n_slots, row_bytes=8, elem=0, pooled=0,
                                              bad=0, bag_end=0, empty_bag=0, cmd_end=1))
             _, _, rdy = await ctx.tick().sample(dut.i_desc.ready)
+            cycle += 1
             assert rdy, f"descriptor {k} waited for a row"
         ctx.set(dut.i_desc.valid, 0)
         # rows of slots 3, 2, 1, 0 on alternating channels, newest first
@@ -434,18 +496,25 @@ def test_descriptors_do_not_wait_for_rows():
             c = slot % 2
             ctx.set(dut.i_row[c].payload, dict(data=0x1111_1111 * (slot + 1), last=1, err=0, tag=slot))
             ctx.set(dut.i_row[c].valid, 1)
-            await ctx.tick().until(dut.i_row[c].ready)
+            while True:
+                _, _, rdy = await ctx.tick().sample(dut.i_row[c].ready)
+                cycle += 1
+                if rdy:
+                    break
             ctx.set(dut.i_row[c].valid, 0)
         for _ in range(30):
             _, _, ov, od = await ctx.tick().sample(dut.o_data.valid, dut.o_data.payload.data)
+            cycle += 1
             if ov:
                 out.append(od)
+                when.append(cycle)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(tb)
     sim.run()
     assert out == [0x1111_1111 * (s + 1) for s in range(n_slots)]
+    check_cycles("desc-no-wait", when)
 
 
 FMA_CONFIGS = [
@@ -467,5 +536,6 @@ def test_random_weighted_and_rowwise(ch_bits, host_bits, n_ch, max_row, n_slots,
     cmds = random_cmds(rng, params, n_cmds=n_cmds, p_fma=0.7)
     assert any(c.weighted for c in cmds)
     assert (ch_bits > 128) or any(c.elem == ElemType.INT8_ROWWISE and c.pooled for c in cmds)
-    results, freed, allocated, _ = run_merger(params, n_slots, cmds, seed=ch_bits + 3)
+    results, freed, allocated, st = run_merger(params, n_slots, cmds, seed=ch_bits + 3)
     check(params, n_slots, cmds, results, freed, allocated)
+    check_cycles(f"fma-{ch_bits}-{host_bits}-{n_ch}-{max_row}-{n_slots}-{n_cmds}", timing(st))
