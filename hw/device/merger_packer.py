@@ -8,7 +8,13 @@ from amaranth.hdl import Assert
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["WordPacker"]
+__all__ = ["WordPacker", "words_layout"]
+
+
+def words_layout(words: int) -> data.StructLayout:
+    """A group of ``count`` (0..``words``) 32-bit words from word 0 of ``data``."""
+    return data.StructLayout({"data": unsigned(32 * words), "count": range(words + 1),
+                              "last": unsigned(1), "err": unsigned(1)})
 
 
 class WordPacker(wiring.Component):
@@ -25,9 +31,7 @@ class WordPacker(wiring.Component):
         self._k = in_words
         self._h = out_words
         super().__init__({
-            "i_words": In(stream.Signature(data.StructLayout({
-                "data": unsigned(32 * in_words), "count": range(in_words + 1),
-                "last": unsigned(1), "err": unsigned(1)}))),
+            "i_words": In(stream.Signature(words_layout(in_words))),
             "o_beat": Out(stream.Signature(data.StructLayout({
                 "data": unsigned(32 * out_words), "last": unsigned(1), "err": unsigned(1)}))),
         })

@@ -304,6 +304,7 @@ CYCLES = {
 
 
 def check_cycles(key, measured):
+    measured = json.loads(json.dumps(measured))     # tuples as lists, as recorded
     record = os.environ.get("MERGER_CYCLES_RECORD")
     if record:
         with open(record, "a") as f:

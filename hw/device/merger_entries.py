@@ -1,0 +1,114 @@
+"""Merger row entries: the current and the next lookup, and whether each one's row has arrived.
+
+``RowEntries(geometry)`` keeps a done flag and an err flag per ROB slot and the two oldest
+descriptors (``merger_layouts.entry_layout``) from ``i_entry``. ``o_head`` is the oldest one;
+``o_done`` / ``o_err`` say whether its slot's row has fully arrived / had an error. ``i_beat``
+(the row intake's registered beats) sets a slot's flags (``last`` sets done, ``err`` sets err);
+``i_free`` (the merger's registered ``o_free``) clears them. ``o_head.ready`` retires the head:
+it must be high only while ``o_head.valid`` is (the issue stage retires the row it works on).
+
+Why two entries read through a head pointer: retiring a row only flips the pointer and a few
+flags, so the late retire decision loads nothing wide, and the head's fields come from registers
+early in the cycle. Entries load from ``i_entry`` whenever free, and each entry follows its own
+slot's flags (the flags' next values, computed for the slot it holds or is loading), so the
+head's flags never wait on the retire decision either. The flags clear one cycle after the slot
+retires, from the registered ``o_free`` (decoding the retire decision itself was on the critical
+path); the engine reuses a slot only after ``o_free``, so no beat or descriptor of the slot's
+next use sees stale flags, and a set never meets a clear.
+"""
+from amaranth import Module, Mux, Signal, unsigned
+from amaranth.hdl import Assert
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .merger_intake import beat_index_bits
+from .merger_layouts import MergerGeometry, entry_layout, row_layout
+
+__all__ = ["RowEntries"]
+
+
+class RowEntries(wiring.Component):
+    """The head descriptor and the next one, with their slots' done/err flags (see the module
+    docstring)."""
+
+    def __init__(self, geometry: MergerGeometry):
+        self._g = geometry
+        p = geometry.params
+        xl = entry_layout(geometry)
+        beat = data.StructLayout({"beat": row_layout(p, geometry.n_slots),
+                                  "idx": unsigned(max(beat_index_bits(p), 1))})
+        super().__init__({
+            "i_entry": In(stream.Signature(xl)),
+            "i_beat": In(stream.Signature(beat, always_ready=True)),
+            "i_free": In(stream.Signature(unsigned(geometry.tb), always_ready=True)),
+            "o_head": Out(stream.Signature(xl)),
+            "o_done": Out(1),
+            "o_err": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._g
+        xl = entry_layout(g)
+        done = Signal(g.n_slots)
+        errf = Signal(g.n_slots)
+        ent = [Signal(xl, name=f"row{k}") for k in range(2)]
+        ent_full = Signal(2)
+        ent_done = Signal(2)
+        ent_err = Signal(2)
+        hp = Signal()
+        wp = Signal()
+        have = Signal()                  # == ent_full[hp]
+        x_in = self.i_entry.payload
+        w_free = ~ent_full.bit_select(wp, 1)
+        push = self.i_entry.valid & w_free
+        pop = self.o_head.ready          # (only with o_head.valid)
+        m.d.comb += [
+            self.i_entry.ready.eq(w_free),
+            self.o_head.valid.eq(have),
+            self.o_head.payload.eq(Mux(hp, ent[1], ent[0])),
+            self.o_done.eq(Mux(hp, ent_done[1], ent_done[0])),
+            self.o_err.eq(Mux(hp, ent_err[1], ent_err[0])),
+        ]
+        m.d.sync += Assert(~pop | have, "merger: a row retired with no head")
+        m.d.sync += [wp.eq(wp ^ push), hp.eq(hp ^ pop)]
+        for k in range(2):
+            with m.If(push & (wp == k)):
+                m.d.sync += ent_full[k].eq(1)
+            with m.Elif(pop & (hp == k)):
+                m.d.sync += ent_full[k].eq(0)
+        other_full = Mux(hp, ent_full[0], ent_full[1])
+        m.d.sync += have.eq(Mux(pop, other_full | (push & (wp != hp)), have | (push & (wp == hp))))
+        m.d.sync += Assert(have == ent_full.bit_select(hp, 1), "merger: have out of step")
+
+        in_beat = self.i_beat.payload.beat
+        free = self.i_free
+        done_set = self.i_beat.valid & in_beat.last
+        errf_set = self.i_beat.valid & in_beat.err
+        with m.If(free.valid):
+            m.d.sync += [done.bit_select(free.payload, 1).eq(0),
+                         errf.bit_select(free.payload, 1).eq(0)]
+        with m.If(done_set):
+            m.d.sync += done.bit_select(in_beat.tag, 1).eq(1)
+        with m.If(errf_set):
+            m.d.sync += errf.bit_select(in_beat.tag, 1).eq(1)
+
+        def flag_next(flags, set_now, slot):
+            """The value ``flags[slot]`` has next cycle (the updates above, for one slot)."""
+            cleared = free.valid & (free.payload == slot)
+            return (flags.bit_select(slot, 1) & ~cleared) | (set_now & (in_beat.tag == slot))
+
+        # each entry's slot flags follow its slot; a free entry at `wp` loads the incoming one
+        for k in range(2):
+            load = ~ent_full[k] & (wp == k)
+            with m.If(load):
+                m.d.sync += ent[k].eq(x_in)
+            slot = Mux(load, x_in.desc.slot, ent[k].desc.slot)
+            m.d.sync += [ent_done[k].eq(flag_next(done, done_set, slot)),
+                         ent_err[k].eq(flag_next(errf, errf_set, slot))]
+        head_slot = self.o_head.payload.desc.slot
+        m.d.sync += [
+            Assert(~have | (self.o_done == done.bit_select(head_slot, 1)), "merger: slot_done"),
+            Assert(~have | (self.o_err == errf.bit_select(head_slot, 1)), "merger: slot_err"),
+        ]
+        return m
