@@ -5,12 +5,18 @@ promises (rows kept whole per channel with their beat indices; words packed cont
 """
 import numpy as np
 import pytest
+from amaranth.lib import data
 from amaranth.sim import Simulator
 
 from evssd.hw.device.merger import row_layout
+from evssd.hw.device.merger_descq import DescriptorQueue
+from evssd.hw.device.merger_entries import RowEntries
 from evssd.hw.device.merger_intake import RowIntake
+from evssd.hw.device.merger_layouts import MergerGeometry, entry_layout
 from evssd.hw.device.merger_packer import WordPacker
-from evssd.hw.regmap import Params
+from evssd.hw.regmap import ROWWISE_HEADER_BYTES, ElemType, Params
+
+from .streams import receive, send
 
 
 @pytest.mark.parametrize("n_ch, ch_bits, max_row", [(3, 64, 64), (1, 32, 32), (4, 128, 512)])
@@ -129,3 +135,149 @@ def test_word_packer_random(k, h):
     sim.add_testbench(tb)
     sim.run()
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The components between the intake and the packer. Shared: the merger's geometry and the
+# golden op-count rule of a descriptor (what DescriptorQueue precomputes and IssueStage walks).
+
+def _geometry(ch_bits, max_row, n_slots=4, host_bits=64):
+    return MergerGeometry(Params(n_channels=1, ch_data_bits=ch_bits, host_data_bits=host_bits,
+                                 max_row_bytes=max_row, page_size=512), n_slots)
+
+
+def entry_golden(d: dict, K: int) -> dict:
+    """The entry fields of descriptor ``d``: every element widens to one 32-bit lane, so an op
+    takes K elements (GATHER: K words), an INT8_ROWWISE row one more op for its header."""
+    pooled, elem, rb = d["pooled"], ElemType(d["elem"]), d["row_bytes"]
+    hdr = bool(pooled and elem == ElemType.INT8_ROWWISE and rb > ROWWISE_HEADER_BYTES)
+    itemsize = 4 if not pooled else {ElemType.FP16: 2, ElemType.INT8: 1,
+                                     ElemType.INT8_ROWWISE: 1}.get(elem, 4)
+    n_elems = rb // itemsize - (ROWWISE_HEADER_BYTES if hdr else 0)
+    return dict(
+        desc=d, hdr=int(hdr), sub_shift={4: 0, 2: 1, 1: 2}[itemsize],
+        n_ops=1 if n_elems == 0 else -(-n_elems // K) + hdr,
+        last_cnt=0 if n_elems == 0 else (n_elems - 1) % K + 1,
+        one_op=int(n_elems <= K and not hdr),
+        fma=int(bool(pooled and (d["weighted"] or elem == ElemType.INT8_ROWWISE))),
+        gather=int(not pooled and not d["empty_bag"]),
+        accum=int(pooled and not d["empty_bag"] and not d["bad"]),
+        bad_or_empty=int(d["bad"] or d["empty_bag"]),
+        pooled_or_empty=int(pooled or d["empty_bag"]),
+        goes_emit=int(bool(d["empty_bag"] or (pooled and d["bag_end"]))))
+
+
+def random_desc(rng, g, slot=0):
+    elem = int(rng.integers(0, 5))
+    rb = 4 * int(rng.integers(0, g.params.max_row_bytes // 4 + 1))
+    return dict(slot=slot, row_bytes=rb, elem=elem, pooled=int(rng.random() < 0.6),
+                weighted=int(rng.random() < 0.3), weight=int(rng.integers(0, 1 << 32)),
+                bad=int(rng.random() < 0.2), bag_end=int(rng.random() < 0.4),
+                empty_bag=int(rng.random() < 0.15), cmd_end=int(rng.random() < 0.3))
+
+
+def _as_dict(view, layout):
+    """A simulator struct value as plain ints (nested structs as dicts)."""
+    out = {}
+    for name, field in layout:
+        v = getattr(view, name)
+        out[name] = _as_dict(v, field.shape) if isinstance(field.shape, data.StructLayout) else int(v)
+    return out
+
+
+def _run(dut, *testbenches):
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    for tb in testbenches:
+        sim.add_testbench(tb)
+    sim.run()
+
+
+@pytest.mark.parametrize("ch_bits, max_row, n_slots", [(64, 64, 8), (32, 32, 2), (128, 512, 4)])
+def test_descriptor_queue_random(ch_bits, max_row, n_slots):
+    g = _geometry(ch_bits, max_row, n_slots)
+    dut = DescriptorQueue(g, max(4, 2 * n_slots))
+    rng = np.random.default_rng(ch_bits + max_row)
+    descs = [random_desc(rng, g, slot=int(rng.integers(0, n_slots))) for _ in range(300)]
+    got = []
+
+    async def source(ctx):
+        await send(ctx, dut.i_desc, descs, rng, idle=0.3)
+
+    async def sink(ctx):
+        await receive(ctx, dut.o_entry, len(descs), rng, stall=0.5, out=got)
+
+    _run(dut, source, sink)
+    xl = entry_layout(g)
+    assert [_as_dict(e, xl) for e in got] == [entry_golden(d, g.K) for d in descs]
+
+
+@pytest.mark.parametrize("n_slots", [2, 8])
+def test_row_entries_random(n_slots):
+    """The head follows i_entry in order; its done/err flags follow the beats (set) and the
+    frees (cleared one cycle after the head retires, as the issue stage's registered o_free).
+    The testbench plays the engine and the channels: a slot is reused as soon as it is freed,
+    and its row's beats (err on any of them, ``last`` on the final one) follow at random."""
+    g = _geometry(64, 64, n_slots=n_slots)
+    dut = RowEntries(g)
+    rng = np.random.default_rng(5 + n_slots)
+    n = 300
+    sent, heads = [], []
+    pool = list(range(n_slots))          # slots free for a new lookup
+    beats_left = {}                      # slot in use -> beats of its row still to come
+
+    async def source(ctx):
+        cur = None
+        while len(sent) < n:
+            if cur is None and pool and rng.random() < 0.7:
+                slot = pool.pop(int(rng.integers(0, len(pool))))
+                cur = entry_golden(random_desc(rng, g, slot=slot), g.K)
+                beats_left[slot] = int(rng.integers(0, 4)) if not cur["desc"]["bad"] else 0
+                ctx.set(dut.i_entry.payload, cur)
+            ctx.set(dut.i_entry.valid, cur is not None)
+            _, _, ready = await ctx.tick().sample(dut.i_entry.ready)
+            if cur is not None and ready:
+                sent.append(cur)
+                cur = None
+        ctx.set(dut.i_entry.valid, 0)
+
+    async def tb(ctx):
+        done, err = [0] * n_slots, [0] * n_slots
+        free = None
+        for cycle in range(40 * n):
+            if len(heads) == n:
+                break
+            # a beat of a row still arriving (never of the slot being freed)
+            arriving = [s for s, left in beats_left.items() if left and s != free]
+            beat = bool(arriving) and rng.random() < 0.6
+            tag = int(rng.choice(arriving)) if beat else 0
+            last = int(beat and beats_left[tag] == 1)
+            berr = int(beat and rng.random() < 0.15)
+            ctx.set(dut.i_beat.valid, beat)
+            ctx.set(dut.i_beat.payload, dict(beat=dict(data=0, last=last, err=berr, tag=tag), idx=0))
+            ctx.set(dut.i_free.valid, free is not None)
+            ctx.set(dut.i_free.payload, free or 0)
+            valid, head, o_done, o_err = (ctx.get(dut.o_head.valid), ctx.get(dut.o_head.payload),
+                                          ctx.get(dut.o_done), ctx.get(dut.o_err))
+            pop = bool(valid and rng.random() < 0.5)
+            ctx.set(dut.o_head.ready, pop)
+            if valid:
+                slot = int(head.desc.slot)
+                assert (o_done, o_err) == (done[slot], err[slot]), f"cycle {cycle}: flags"
+            await ctx.tick()
+            if free is not None:
+                done[free] = err[free] = 0
+                beats_left.pop(free, None)
+                pool.append(free)
+            if beat:
+                done[tag] |= last
+                err[tag] |= berr
+                beats_left[tag] -= 1
+            free = None
+            if pop:
+                heads.append(_as_dict(head, entry_layout(g)))
+                free = int(head.desc.slot)
+        assert len(heads) == n, "row entries hung"
+
+    _run(dut, source, tb)
+    assert heads == sent
