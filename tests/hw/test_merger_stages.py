@@ -8,11 +8,14 @@ import pytest
 from amaranth.lib import data
 from amaranth.sim import Simulator
 
-from evssd.hw.device.merger import row_layout
+from evssd.hw.device.merger import desc_layout, row_layout
 from evssd.hw.device.merger_descq import DescriptorQueue
 from evssd.hw.device.merger_entries import RowEntries
 from evssd.hw.device.merger_intake import RowIntake
-from evssd.hw.device.merger_layouts import MergerGeometry, entry_layout
+from evssd.hw.device.merger_issue import IssueStage
+from evssd.hw.device.merger_layouts import (ACCUM_HAZARD_CYCLES, FMA_HAZARD_CYCLES,
+                                            FMA_PATH_LATENCY, MergerGeometry, entry_layout)
+from evssd.hw.lib.fpu import Fp32Adder
 from evssd.hw.device.merger_packer import WordPacker
 from evssd.hw.regmap import ROWWISE_HEADER_BYTES, ElemType, Params
 
@@ -155,7 +158,7 @@ def entry_golden(d: dict, K: int) -> dict:
                                      ElemType.INT8_ROWWISE: 1}.get(elem, 4)
     n_elems = rb // itemsize - (ROWWISE_HEADER_BYTES if hdr else 0)
     return dict(
-        desc=d, hdr=int(hdr), sub_shift={4: 0, 2: 1, 1: 2}[itemsize],
+        desc={k: d[k] for k, _ in desc_layout(2)}, hdr=int(hdr), sub_shift={4: 0, 2: 1, 1: 2}[itemsize],
         n_ops=1 if n_elems == 0 else -(-n_elems // K) + hdr,
         last_cnt=0 if n_elems == 0 else (n_elems - 1) % K + 1,
         one_op=int(n_elems <= K and not hdr),
@@ -281,3 +284,171 @@ def test_row_entries_random(n_slots):
 
     _run(dut, source, tb)
     assert heads == sent
+
+
+def random_commands(rng, g, n_cmds):
+    """Descriptors of whole commands in request order (GATHER lookups, or pooled bags with
+    empty-bag tokens), each with the testbench's facts: ``err`` (the row arrives with err) and
+    ``delay`` (cycles from becoming the head to the row's arrival)."""
+    rowwise_ok = g.K <= ROWWISE_HEADER_BYTES
+    descs = []
+    for _ in range(n_cmds):
+        pooled = int(rng.random() < 0.6)
+        elem = int(rng.integers(0, 5 if pooled and rowwise_ok else 4))
+        weighted = int(pooled and rng.random() < 0.3)
+        rb = 4 * int(rng.integers(0 if not pooled else 1, g.params.max_row_bytes // 4 + 1))
+        if elem == ElemType.INT8_ROWWISE:
+            rb = max(rb, 8)
+        if pooled:
+            bags = [int(rng.choice([0, 1, 2, 3])) for _ in range(int(rng.integers(1, 4)))]
+        else:
+            bags = [int(rng.integers(1, 5))]
+        items = []
+        for n in bags:
+            if pooled and n == 0:
+                items.append(dict(empty_bag=1, bag_end=0, bad=0))
+            for k in range(n):
+                items.append(dict(empty_bag=0, bag_end=int(pooled and k == n - 1),
+                                  bad=int(rng.random() < 0.15)))
+        for k, it in enumerate(items):
+            it.update(row_bytes=rb, elem=elem, pooled=pooled, weighted=weighted,
+                      weight=int(rng.integers(0, 1 << 32)), cmd_end=int(k == len(items) - 1),
+                      slot=0, err=int(not it["bad"] and not it["empty_bag"] and rng.random() < 0.1),
+                      delay=int(rng.integers(0, 25)))
+            descs.append(it)
+    return descs
+
+
+def issue_golden(g, descs):
+    """(ops, bags, frees) the issue stage sends for ``descs`` (with their slots): each op as
+    the fields it promises, in order."""
+    ops, bags, frees = [], [], []
+    bank, bag_good, cmd_err = 0, False, False
+    for d in descs:
+        x = entry_golden(d, g.K)
+        n, last_cnt = x["n_ops"], x["last_cnt"]
+        cmd_err |= bool(d["err"])
+        good = x["accum"] and not d["err"]
+        if x["gather"]:
+            for j in range(n):
+                ops.append(dict(kind="out", zero=int(bool(d["bad"] or d["err"])),
+                                count=last_cnt if j == n - 1 else g.K,
+                                last=int(d["cmd_end"] and j == n - 1),
+                                rob=(d["slot"] << g.beat_bits) | j,
+                                err=int(cmd_err) if d["cmd_end"] and j == n - 1 else None))
+        elif good:
+            mask = (1 << x["sub_shift"]) - 1
+            for j in range(n):
+                rj = j + g.hoff if x["hdr"] else j
+                ops.append(dict(kind="hdr" if x["hdr"] and j == 0 else "accum",
+                                rob=(d["slot"] << g.beat_bits) | (rj >> x["sub_shift"]),
+                                addr=(bank << g.acc_jbits) | j, sub=rj & mask,
+                                first=int(not bag_good), elem=d["elem"], fma=x["fma"],
+                                rowwise=x["hdr"], weighted=d["weighted"], weight=d["weight"],
+                                row_start=j == 0))
+            bag_good = True
+        if not d["empty_bag"]:
+            frees.append(d["slot"])
+        if x["goes_emit"]:
+            bags.append(dict(bank=bank, n=n, last_cnt=last_cnt, zero=int(not bag_good),
+                             cmd_last=d["cmd_end"], hdr=x["hdr"],
+                             err=int(cmd_err) if d["cmd_end"] else None))
+            bank ^= 1
+            bag_good = False
+        if d["cmd_end"]:
+            cmd_err = False
+    return ops, bags, frees
+
+
+@pytest.mark.parametrize("ch_bits, max_row", [(64, 64), (32, 32), (128, 64)])
+def test_issue_stage_random(ch_bits, max_row):
+    """Ops, bag handovers and frees in request order against a golden walk of the rows, under
+    random row arrival, emitter busy times and output credits; and the rules the stages behind
+    rely on: pooled rows of a bag start the hazard distance apart and never stall, adder rows
+    keep off the FMA path's write cycles, no output op without a credit or while the emitter
+    is busy."""
+    g = _geometry(ch_bits, max_row, n_slots=4)
+    dut = IssueStage(g)
+    rng = np.random.default_rng(ch_bits * 3 + max_row)
+    descs = random_commands(rng, g, 60)
+    for k, d in enumerate(descs):          # slots in turn: at most n_slots rows in flight
+        d["slot"] = k % g.n_slots
+    exp_ops, exp_bags, exp_frees = issue_golden(g, descs)
+    ops, bags, frees = [], [], []
+    L, LF = Fp32Adder.LATENCY, FMA_PATH_LATENCY
+
+    async def tb(ctx):
+        pos, head_since, busy_until = 0, 0, -1
+        row_start, last_fma, bag_row_start, in_row = None, -100, None, False
+        for cycle in range(100 * len(descs)):
+            if pos == len(descs) and len(frees) == len(exp_frees):
+                break
+            have = pos < len(descs)
+            d = descs[pos] if have else descs[-1]
+            arrived = have and not d["bad"] and not d["empty_bag"] and \
+                cycle >= head_since + d["delay"]
+            busy = cycle <= busy_until
+            ok = bool(rng.random() < 0.7)
+            ctx.set(dut.i_row.valid, have)
+            ctx.set(dut.i_row.payload, entry_golden(d, g.K))
+            ctx.set(dut.i_done, arrived)
+            ctx.set(dut.i_err, arrived and d["err"])
+            ctx.set(dut.i_emit_busy, busy)
+            ctx.set(dut.i_out_ok, ok)
+            (ov, op, rob, acc, used, bv, bag, fv, fs, pop) = (
+                ctx.get(dut.o_op.valid), ctx.get(dut.o_op.payload), ctx.get(dut.o_rob_addr),
+                ctx.get(dut.o_acc_addr), ctx.get(dut.o_acc_used), ctx.get(dut.o_bag.valid),
+                ctx.get(dut.o_bag.payload), ctx.get(dut.o_free.valid), ctx.get(dut.o_free.payload),
+                ctx.get(dut.i_row.ready))
+            if fv:
+                frees.append(int(fs))
+            assert not pop or have, "ready without a row"
+            if ov:
+                if op.out:
+                    assert ok and not busy, f"cycle {cycle}: output op without credit / while busy"
+                    ops.append(dict(kind="out", zero=int(op.zero), count=int(op.count),
+                                    last=int(op.last), rob=int(rob),
+                                    err=int(op.err) if op.last else None))
+                else:
+                    kind = "hdr" if op.hdr else "accum"
+                    assert int(used) == int(kind == "accum" and not op.first)
+                    assert kind == "hdr" or int(acc) == int(op.addr)
+                    start = not in_row
+                    ops.append(dict(kind=kind, rob=int(rob), addr=int(op.addr), sub=int(op.sub),
+                                    first=int(op.first), elem=int(op.elem), fma=int(op.fma),
+                                    rowwise=int(op.rowwise), weighted=int(op.weighted),
+                                    weight=int(op.weight), row_start=start))
+                    if start:
+                        if bag_row_start is not None:
+                            gap = FMA_HAZARD_CYCLES if op.fma else ACCUM_HAZARD_CYCLES
+                            assert cycle - bag_row_start >= gap, f"cycle {cycle}: hazard"
+                        if not op.fma:
+                            assert cycle - last_fma > LF - L, f"cycle {cycle}: write port"
+                        bag_row_start = cycle
+                    elif in_row:
+                        assert cycle == row_start + 1, f"cycle {cycle}: a started row stalled"
+                    row_start, in_row = cycle, not pop
+                    if op.fma:
+                        last_fma = cycle
+            else:
+                assert not in_row, f"cycle {cycle}: a started pooled row stalled"
+            if bv:
+                assert not busy, f"cycle {cycle}: bag handed over to a busy emitter"
+                bags.append(dict(bank=int(bag.bank), n=int(bag.n), last_cnt=int(bag.last_cnt),
+                                 zero=int(bag.zero), cmd_last=int(bag.cmd_last), hdr=int(bag.hdr),
+                                 err=int(bag.err) if bag.cmd_last else None))
+                busy_until = cycle + 1 + int(rng.integers(0, 8))
+                bag_row_start = None
+            await ctx.tick()
+            if pop:
+                pos += 1
+                head_since = cycle + 1 + int(rng.integers(0, 3)) * (rng.random() < 0.3)
+        assert pos == len(descs), "issue stage hung"
+        await ctx.tick()
+        if ctx.get(dut.o_free.valid):
+            frees.append(int(ctx.get(dut.o_free.payload)))
+
+    _run(dut, tb)
+    assert ops == exp_ops
+    assert bags == exp_bags
+    assert frees == exp_frees
