@@ -5,18 +5,23 @@ promises (rows kept whole per channel with their beat indices; words packed cont
 """
 import numpy as np
 import pytest
+from amaranth import Shape
 from amaranth.lib import data
 from amaranth.sim import Simulator
 
-from evssd.hw.device.merger import desc_layout, row_layout
+from evssd.hw.device.merger import ResultMerger, desc_layout, row_layout
 from evssd.hw.device.merger_descq import DescriptorQueue
+from evssd.hw.device.merger_emitter import BagEmitter
 from evssd.hw.device.merger_entries import RowEntries
 from evssd.hw.device.merger_intake import RowIntake
 from evssd.hw.device.merger_issue import IssueStage
 from evssd.hw.device.merger_layouts import (ACCUM_HAZARD_CYCLES, FMA_HAZARD_CYCLES,
-                                            FMA_PATH_LATENCY, MergerGeometry, entry_layout)
+                                            FMA_PATH_LATENCY, MergerGeometry, emit_op_layout,
+                                            entry_layout, issue_op_layout, stage_op_layout)
+from evssd.hw.device.merger_outq import OutputQueue
+from evssd.hw.device.merger_read_stages import ReadStages
 from evssd.hw.lib.fpu import Fp32Adder
-from evssd.hw.device.merger_packer import WordPacker
+from evssd.hw.device.merger_packer import WordPacker, words_layout
 from evssd.hw.regmap import ROWWISE_HEADER_BYTES, ElemType, Params
 
 from .streams import receive, send
@@ -452,3 +457,144 @@ def test_issue_stage_random(ch_bits, max_row):
     assert ops == exp_ops
     assert bags == exp_bags
     assert frees == exp_frees
+
+
+@pytest.mark.parametrize("ch_bits, max_row", [(64, 64), (32, 32), (512, 256)])
+def test_bag_emitter_random(ch_bits, max_row):
+    """Each bag's words in order (row-wise bags from word 1), count/last/err on the last word,
+    the read address of each; the first sum waits the cooldown + 2 after the take-over, zeros
+    go at once, and an op goes in every cycle it may (a credit, the wait over)."""
+    g = _geometry(ch_bits, max_row)
+    dut = BagEmitter(g)
+    rng = np.random.default_rng(ch_bits + 1)
+    bags = []
+    for _ in range(60):
+        n = int(rng.integers(1, g.max_ops + 1))
+        bags.append(dict(bank=int(rng.integers(0, 2)), n=n, last_cnt=int(rng.integers(1, g.K + 1)),
+                         zero=int(rng.random() < 0.3), cmd_last=int(rng.random() < 0.5),
+                         err=int(rng.random() < 0.3), hdr=int(n >= 2 and rng.random() < 0.3)))
+    expected = [dict(zero=b["zero"], count=b["last_cnt"] if j == b["n"] - 1 else g.K,
+                     last=int(b["cmd_last"] and j == b["n"] - 1), err=int(b["err"] and j == b["n"] - 1),
+                     addr=(b["bank"] << g.acc_jbits) | j)
+                for b in bags for j in range(b["hdr"], b["n"])]
+    got = []
+
+    async def tb(ctx):
+        pending = list(bags)
+        handed, busy, cur, j, wait = False, False, None, 0, 0
+        for cycle in range(50 * len(expected) + 100):
+            if not pending and not busy and not handed:
+                break
+            ok = bool(rng.random() < 0.6)
+            cooldown = int(rng.integers(0, FMA_HAZARD_CYCLES))
+            give = bool(pending) and not (busy or handed) and rng.random() < 0.4
+            ctx.set(dut.i_ok, ok)
+            ctx.set(dut.i_cooldown, cooldown)
+            ctx.set(dut.i_bag.valid, give)
+            ctx.set(dut.i_bag.payload, pending[0] if give else bags[0])
+            fire = busy and (cur["zero"] or wait == 0) and ok
+            assert ctx.get(dut.o_busy) == (busy or handed), f"cycle {cycle}: busy"
+            assert ctx.get(dut.o_op.valid) == fire, f"cycle {cycle}: op"
+            if fire:
+                op = ctx.get(dut.o_op.payload)
+                got.append(dict(zero=int(op.zero), count=int(op.count), last=int(op.last),
+                                err=int(op.err), addr=int(ctx.get(dut.o_read_addr))))
+            await ctx.tick()
+            if handed:
+                cur, busy, j, wait = taken, True, taken["hdr"], cooldown + 2
+            else:
+                wait = max(wait - 1, 0)
+                if fire:
+                    j += 1
+                    busy = j < cur["n"]
+            handed = give
+            if give:
+                taken = pending.pop(0)
+        assert not pending and not busy, "emitter hung"
+
+    _run(dut, tb)
+    assert got == expected
+
+
+def test_read_stages_random():
+    """Stage Q holds the cycle's op one cycle later (the emitter's output facts over the issue
+    stage's), stage R the same one cycle after that."""
+    g = _geometry(64, 64)
+    dut = ReadStages(g)
+    rng = np.random.default_rng(11)
+    il, el, sl = issue_op_layout(g), emit_op_layout(g), stage_op_layout(g)
+
+    def rand(layout):
+        return {k: int(rng.integers(0, 1 << Shape.cast(f.shape).width)) for k, f in layout}
+
+    async def tb(ctx):
+        history = []
+        for cycle in range(500):
+            iss, em = rand(il), rand(el)
+            iv = bool(rng.random() < 0.5)
+            ev = bool(rng.random() < 0.4) and not (iv and iss["out"])
+            ctx.set(dut.i_issue.valid, iv)
+            ctx.set(dut.i_issue.payload, iss)
+            ctx.set(dut.i_emit.valid, ev)
+            ctx.set(dut.i_emit.payload, em)
+            out = (iv and iss["out"]) or ev
+            assert ctx.get(dut.o_out_fire) == out
+            q = dict(iss, accum=int(iv and iss["accum"]), hdr=int(iv and iss["hdr"]),
+                     out=int(out), is_sum=int(ev))
+            if ev:
+                q.update(em)
+            history.append(q)
+            if cycle >= 2:
+                assert _as_dict(ctx.get(dut.o_q), sl) == history[-2], f"cycle {cycle}: stage Q"
+                assert _as_dict(ctx.get(dut.o_r), sl) == history[-3], f"cycle {cycle}: stage R"
+            await ctx.tick()
+
+    _run(dut, tb)
+
+
+@pytest.mark.parametrize("ch_bits", [64, 256])
+def test_output_queue_random(ch_bits):
+    """Output ops fired under the credit (``o_ok``) and arriving in stage R two cycles later
+    come out in order as zeros, the ROB beat or the accumulator word, under random
+    back-pressure; the queue never overflows (its simulation Assert)."""
+    g = _geometry(ch_bits, 64)
+    depth = ResultMerger.OUT_FIFO_DEPTH
+    dut = OutputQueue(g, depth)
+    rng = np.random.default_rng(ch_bits + 7)
+    n = 400
+    expected, got = [], []
+
+    async def source(ctx):
+        fired = [None, None]             # the ops in stages Q and R
+        sent = 0
+        for cycle in range(40 * n):
+            if sent == n and fired == [None, None]:
+                break
+            fire = sent < n and ctx.get(dut.o_ok) and rng.random() < 0.8
+            op = None
+            if fire:
+                op = dict(zero=int(rng.random() < 0.2), is_sum=int(rng.random() < 0.5),
+                          count=int(rng.integers(0, g.K + 1)), last=int(rng.random() < 0.2),
+                          err=int(rng.random() < 0.2),
+                          rob=int.from_bytes(rng.bytes(g.Wc // 8), "little"),
+                          acc=int.from_bytes(rng.bytes(g.Wc // 8), "little"))
+                sent += 1
+            r = fired[1]
+            ctx.set(dut.i_fire, fire)
+            ctx.set(dut.i_r, dict(out=int(r is not None), **({k: r[k] for k in (
+                "zero", "is_sum", "count", "last", "err")} if r else {})))
+            ctx.set(dut.i_rob_data, r["rob"] if r else 0)
+            ctx.set(dut.i_acc_data, r["acc"] if r else 0)
+            if r:
+                data = 0 if r["zero"] else (r["acc"] if r["is_sum"] else r["rob"])
+                expected.append(dict(data=data, count=r["count"], last=r["last"], err=r["err"]))
+            fired = [op, fired[0]]
+            await ctx.tick()
+        assert sent == n
+        ctx.set(dut.i_r.out, 0)
+
+    async def sink(ctx):
+        await receive(ctx, dut.o_words, n, rng, stall=0.5, out=got)
+
+    _run(dut, source, sink)
+    assert [_as_dict(w, words_layout(g.K)) for w in got] == expected
