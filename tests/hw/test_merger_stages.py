@@ -9,6 +9,7 @@ from amaranth import Shape
 from amaranth.lib import data
 from amaranth.sim import Simulator
 
+from evssd.hw.device.merger_accum import AccumulatorPath
 from evssd.hw.device.merger import ResultMerger, desc_layout, row_layout
 from evssd.hw.device.merger_descq import DescriptorQueue
 from evssd.hw.device.merger_emitter import BagEmitter
@@ -25,6 +26,7 @@ from evssd.hw.device.merger_packer import WordPacker, words_layout
 from evssd.hw.regmap import ROWWISE_HEADER_BYTES, ElemType, Params
 
 from .streams import receive, send
+from .test_merger import Cmd, Lookup, merge_golden, random_row, random_weight
 
 
 @pytest.mark.parametrize("n_ch, ch_bits, max_row", [(3, 64, 64), (1, 32, 32), (4, 128, 512)])
@@ -598,3 +600,80 @@ def test_output_queue_random(ch_bits):
 
     _run(dut, source, sink)
     assert [_as_dict(w, words_layout(g.K)) for w in got] == expected
+
+
+@pytest.mark.parametrize("ch_bits, max_row", [(64, 64), (32, 32), (128, 64), (256, 128)])
+def test_accumulator_path_random(ch_bits, max_row):
+    """Bags of random rows summed by accumulate ops as the issue stage sends them (rows of a bag
+    the hazard distance apart plus random gaps, a row's ops back to back, the two banks in
+    turn, each bag read back through the emitter's port while the next one sums): every sum
+    equals ``evssd.host.pooling``'s, for every element type, weighted and row-wise INT8 too."""
+    g = _geometry(ch_bits, max_row)
+    dut = AccumulatorPath(g)
+    rng = np.random.default_rng(ch_bits * 5 + max_row)
+    L, LF = Fp32Adder.LATENCY, FMA_PATH_LATENCY
+    cb = g.Wc // 8
+    issue, reads = {}, {}                # cycle -> op; cycle -> (bag, word)
+    bags, t, last_fma, bank_free = [], 0, -100, [0, 0]
+    for b in range(14):
+        weighted = int(rng.random() < 0.3)
+        rowwise = g.K <= ROWWISE_HEADER_BYTES and rng.random() < 0.25
+        elem = ElemType.INT8_ROWWISE if rowwise else ElemType(int(rng.integers(0, 4)))
+        rb = 4 * int(rng.integers(1, max_row // 4 + 1))
+        rb = max(rb, 8) if rowwise else rb
+        rows = [Lookup(random_row(rng, elem, rb), weight=random_weight(rng))
+                for _ in range(int(rng.integers(1, 4)))]
+        x = entry_golden(dict(slot=0, row_bytes=rb, elem=int(elem), pooled=1, weighted=weighted,
+                              weight=0, bad=0, bag_end=1, empty_bag=0, cmd_end=1), g.K)
+        bank, mask = b % 2, (1 << x["sub_shift"]) - 1
+        t = max(t, bank_free[bank]) if x["fma"] else max(t, bank_free[bank], last_fma + LF - L + 1)
+        for r, lk in enumerate(rows):
+            start = t
+            for j in range(x["n_ops"]):
+                rj = j + g.hoff if x["hdr"] else j
+                padded = lk.row + rng.bytes(-len(lk.row) % cb)
+                beat = rj >> x["sub_shift"]
+                issue[t] = dict(accum=int(not (x["hdr"] and j == 0)), hdr=int(x["hdr"] and j == 0),
+                                first=int(r == 0), addr=(bank << g.acc_jbits) | j, sub=rj & mask,
+                                elem=int(elem), fma=x["fma"], rowwise=x["hdr"], weighted=weighted,
+                                weight=lk.weight,
+                                data=int.from_bytes(padded[beat * cb:(beat + 1) * cb], "little"))
+                if x["fma"]:
+                    last_fma = t
+                t += 1
+            gap = FMA_HAZARD_CYCLES if x["fma"] else ACCUM_HAZARD_CYCLES
+            t = max(t, start + gap + int(rng.integers(0, 3)))
+        # the emitter reads the bag once its last sums are written; the bag after next (same
+        # bank) starts after those reads
+        r0 = max(t + LF + 2, max(reads, default=0) + 1)      # one bag at a time
+        words = range(x["hdr"], x["n_ops"])
+        for k, j in enumerate(words):
+            reads[r0 + k] = (b, (bank << g.acc_jbits) | j)
+        bank_free[bank] = r0 + len(words) + 1
+        exp, _ = merge_golden(Cmd(True, elem, rb, [rows], weighted=bool(weighted)))
+        bags.append(dict(expected=exp, got=b"", info=(elem.name, weighted, rb, len(rows))))
+    end = max(reads) + 4
+
+    async def tb(ctx):
+        pipe = [None, None]              # the ops issued one and two cycles ago (stages Q, R)
+        read_pipe = [None, None]
+        for cycle in range(end):
+            op = issue.get(cycle)
+            ctx.set(dut.i_read_addr, op["addr"] if op else 0)
+            ctx.set(dut.i_read_used, bool(op and op["accum"] and not op["first"]))
+            q, r = pipe
+            ctx.set(dut.i_q, dict(accum=q["accum"], addr=q["addr"]) if q else dict(accum=0))
+            ctx.set(dut.i_r, {k: v for k, v in r.items() if k != "data"} if r else dict(accum=0))
+            ctx.set(dut.i_rob_data, r["data"] if r else 0)
+            rd = reads.get(cycle)
+            ctx.set(dut.i_emit_addr, rd[1] if rd else 0)
+            ctx.set(dut.i_emit_used, rd is not None)
+            if read_pipe[1] is not None:
+                bags[read_pipe[1][0]]["got"] += ctx.get(dut.o_emit_data).to_bytes(cb, "little")
+            pipe = [op, q]
+            read_pipe = [rd, read_pipe[0]]
+            await ctx.tick()
+
+    _run(dut, tb)
+    for b, bag in enumerate(bags):
+        assert bag["got"][:len(bag["expected"])] == bag["expected"], f"bag {b} {bag['info']}"
