@@ -163,6 +163,37 @@ def _row_intake():
     return formal.StreamHarness(RowIntake(p, 4, row_layout(p, 4)))
 
 
+def _merger_geometry():
+    from evssd.hw.device.merger_layouts import MergerGeometry
+    return MergerGeometry(formal.formal_params(ch_data_bits=32, max_row_bytes=32), 4)
+
+
+def _descriptor_queue():
+    from evssd.hw.device.merger_descq import DescriptorQueue
+    return formal.StreamHarness(DescriptorQueue(_merger_geometry(), 4))
+
+
+def _row_entries():
+    from evssd.hw.device.merger_entries import RowEntries
+
+    def retire_only_the_head(m, started, dut):
+        # the issue stage retires only a head it has (RowEntries asserts it in simulation)
+        m.d.comb += formal.Assume(~dut.o_head.ready | dut.o_head.valid, "retire_head")
+    return formal.StreamHarness(RowEntries(_merger_geometry()), retire_only_the_head)
+
+
+def _output_queue():
+    from evssd.hw.device.merger_outq import OutputQueue
+
+    def credits(m, started, dut):
+        # an output op fires only with a credit and reaches stage R two cycles later
+        f1 = formal._past(m, dut.i_fire, "oq_fire1")
+        f2 = formal._past(m, f1, "oq_fire2")
+        m.d.comb += [formal.Assume(~dut.i_fire | dut.o_ok, "fire_with_credit"),
+                     formal.Assume(dut.i_r.out == f2, "stage_r_follows_fire")]
+    return formal.StreamHarness(OutputQueue(_merger_geometry(), 4), credits)
+
+
 # (name, harness factory, bmc depth, cover depth)
 CASES = [
     ("skid", _skid, 8, 6),
@@ -183,6 +214,9 @@ CASES = [
     ("axil_executor", _axil_executor, 10, 14),
     ("word_packer", _word_packer, 8, 10),
     ("row_intake", _row_intake, 8, 6),
+    ("merger_descq", _descriptor_queue, 10, 10),
+    ("merger_entries", _row_entries, 8, 8),
+    ("merger_outq", _output_queue, 10, 10),
 ]
 
 
