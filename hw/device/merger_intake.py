@@ -10,8 +10,7 @@ Why the shape: each channel's beats wait in a two-entry :class:`SkidBuffer`, and
 (one-hot, at most one channel per cycle) is a register decided a cycle ahead from the buffers'
 levels for the next cycle: a channel is granted only when its buffer will hold a beat, so the
 granted beat is always there. The round-robin thus ends at the grant register instead of
-steering the beat mux, the buffers' ready and the row state in the same cycle (valid ->
-round-robin -> beat.last -> rr was the board's critical path, 14.6 ns). A started row is
+steering the beat mux, the buffers' ready and the row state in the same cycle. A started row is
 finished before switching channels (while its channel keeps it coming): rows then complete, and
 retire, in about their arrival order instead of all late.
 """

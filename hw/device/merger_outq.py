@@ -10,8 +10,8 @@ ops already on their way. ``o_ok`` (a register) allows an output op to fire in t
 when, with one more fired now (``i_fire``: an output op enters stage Q), there is still room
 for it; the ops between firing and the FIFO count as pending. The block RAM read data go
 straight into the queue: the zeroing and the choice between the two RAMs come after it. Stage O
-registers the op before the FIFO's LUT RAM (a plain register the placer can put by the block
-RAMs; their clock-to-out plus the wire to the LUT RAM did not fit in a 10 ns cycle on the board).
+registers the op before the FIFO's LUT RAM: a plain register the placer can put by the block
+RAMs, so their clock-to-out and the wire to the LUT RAM are not in one cycle.
 """
 from amaranth import Module, Mux, Signal, unsigned
 from amaranth.hdl import Assert

@@ -7,10 +7,10 @@ passes them to stage R's registers (``o_r``) with the RAMs' output registers, wh
 data are. ``o_out_fire`` is high in the cycle an output op enters (it takes an output credit).
 
 Why no handshake: every stage from here on is credit-limited or hazard-free, so nothing stalls
-and nothing behind the issue stage reaches its decision in the same cycle (a stall of stage R by
-the output made the issue decision wait on the packer's ready, and fanned out to every register
-of stage R and the RAM read enables). The facts of an emitter op come from the emitter, the rest
-(and the accumulate facts, which an output op ignores) from the issue stage's op.
+and nothing behind the issue stage reaches its decision in the same cycle (a stall here would
+make the issue decision wait on the packer's ready and fan out to every register of stage R and
+to the RAM read enables). The facts of an emitter op come from the emitter, the rest (and the
+accumulate facts, which an output op ignores) from the issue stage's op.
 """
 from amaranth import Module, Mux
 from amaranth.hdl import Assert
