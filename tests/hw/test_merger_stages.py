@@ -1,7 +1,11 @@
-"""L1 tests of the ResultMerger's split-out stages: RowIntake and WordPacker.
+"""L1 tests of the ResultMerger's components: RowIntake, DescriptorQueue, RowEntries,
+IssueStage, BagEmitter, ReadStages, AccumulatorPath, OutputQueue and WordPacker.
 
-Random stimulus with random valid/ready; the golden models are the data movement each stage
-promises (rows kept whole per channel with their beat indices; words packed contiguously).
+Random stimulus with random valid/ready (or random idle cycles and credits where a port has no
+ready); the golden models are what each component promises: rows kept whole per channel with
+their beat indices, the op-count rule of a descriptor, the head rows in order with their slots'
+flags, the ops of a walk through the rows (and the hazard rules), a bag's words, the stages'
+delays, sums equal to ``evssd.host.pooling``'s, output ops in order, words packed contiguously.
 """
 import numpy as np
 import pytest
