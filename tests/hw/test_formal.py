@@ -194,6 +194,48 @@ def _output_queue():
     return formal.StreamHarness(OutputQueue(_merger_geometry(), 4), credits)
 
 
+def _issue_stage():
+    from evssd.hw.device.merger_issue import IssueStage
+
+    def planned_rows(m, started, dut):
+        # rows as the DescriptorQueue plans them: at least one op, one_op for exactly one
+        # and the head's flags as RowEntries keeps them: once its row is done (all beats in),
+        # done and err stay until the row retires
+        x = dut.i_row.payload
+        held = formal._past(m, dut.i_row.valid & ~dut.i_row.ready, "iss_held")
+        p_done = formal._past(m, dut.i_done, "iss_p_done")
+        p_err = formal._past(m, dut.i_err, "iss_p_err")
+        d = x.desc
+        m.d.comb += [formal.Assume(x.n_ops != 0, "n_ops"),
+                     formal.Assume(x.one_op == (x.n_ops == 1), "one_op"),
+                     formal.Assume(x.gather == (~d.pooled & ~d.empty_bag), "gather"),
+                     formal.Assume(x.accum == (d.pooled & ~d.empty_bag & ~d.bad), "accum"),
+                     formal.Assume(x.bad_or_empty == (d.bad | d.empty_bag), "bad_or_empty"),
+                     formal.Assume(x.pooled_or_empty == (d.pooled | d.empty_bag), "pooled_or_empty"),
+                     formal.Assume(x.goes_emit == (d.empty_bag | (d.pooled & d.bag_end)), "goes_emit"),
+                     formal.Assume(~x.hdr | (d.pooled & (x.n_ops > 1)), "hdr"),
+                     formal.Assume(~(started & held & p_done) |
+                                   (dut.i_done & (dut.i_err == p_err)), "flags_kept")]
+    return formal.StreamHarness(IssueStage(_merger_geometry()), planned_rows)
+
+
+def _bag_emitter():
+    from evssd.hw.device.merger_emitter import BagEmitter
+
+    def one_bag_at_a_time(m, started, dut):
+        m.d.comb += formal.Assume(~dut.i_bag.valid | ~dut.o_busy, "bag_when_free")
+    return formal.StreamHarness(BagEmitter(_merger_geometry()), one_bag_at_a_time)
+
+
+def _read_stages():
+    from evssd.hw.device.merger_read_stages import ReadStages
+
+    def one_output_op(m, started, dut):
+        iss = dut.i_issue
+        m.d.comb += formal.Assume(~(iss.valid & iss.payload.out & dut.i_emit.valid), "one_out")
+    return formal.StreamHarness(ReadStages(_merger_geometry()), one_output_op)
+
+
 # (name, harness factory, bmc depth, cover depth)
 CASES = [
     ("skid", _skid, 8, 6),
@@ -217,6 +259,9 @@ CASES = [
     ("merger_descq", _descriptor_queue, 10, 10),
     ("merger_entries", _row_entries, 8, 8),
     ("merger_outq", _output_queue, 10, 10),
+    ("merger_issue", _issue_stage, 10, 8),
+    ("merger_emitter", _bag_emitter, 10, 8),
+    ("merger_read_stages", _read_stages, 6, 4),
 ]
 
 
