@@ -265,6 +265,13 @@ class ExtentTranslator(wiring.Component):
         word = Signal.like(rp.data, reset_less=True)
         m.d.sync += [v1b.eq(v1), idx1b.eq(idx1), tag1b.eq(tag1), ok1b.eq(ok1), word.eq(rp.data)]
         v1, idx1, tag1, ok1 = v1b, idx1b, tag1b, ok1b
+        # each extent's end (first + rows, 33 bits) is added up here, from the word as it is
+        # read, so that the range compare behind it is two compares side by side instead of a
+        # subtraction followed by a compare
+        ends = [reg(33, f"end_r{e}") for e in range(n_ext)]
+        for e in range(n_ext):
+            ext_rd = data.View(_EXT_LAYOUT, rp.data[_SLOT * (1 + e):_SLOT * (2 + e)])
+            m.d.sync += ends[e].eq(ext_rd.first + ext_rd.rows)
 
         # S1b -> S1c: parallel range compare over every extent (registered per extent)
         tcfg_w = data.View(_CFG_LAYOUT, word[:_CFG_LAYOUT.size])
@@ -278,8 +285,8 @@ class ExtentTranslator(wiring.Component):
         for e in range(n_ext):
             diff = Signal(33, name=f"diff{e}")
             m.d.comb += diff.eq(idx1 - exts[e].first)
-            # diff[32] is the borrow: index < first
-            m.d.sync += [hits[e].eq(~diff[32] & (diff[:32] < exts[e].rows)),
+            # first <= index < first + rows (diff[32] is the borrow: index < first)
+            m.d.sync += [hits[e].eq(~diff[32] & (idx1 < ends[e])),
                          diffs[e].eq(diff[:32]), lbas[e].eq(exts[e].lba)]
         v1, tag1, ok1 = v1c, tag1c, ok1c
 
