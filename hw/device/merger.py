@@ -79,8 +79,8 @@ one channel, rows already arriving at one beat per cycle; "beats" are ROB beats 
       bag (the adder latency; sums stay strictly sequential, so no reassociation is possible).
     - Wc > Wh: output-bound at one host beat per cycle (ch256/host64 gather: 0.996 host beats/cycle).
     - Weighted and INT8_ROWWISE bags: one op per cycle like int8 (a row-wise row takes one more
-      op, its header), but a bag's rows start at most every ``FMA_HAZARD_CYCLES`` (29) cycles,
-      and a row of the adder path starts only ``FMA_PATH_LATENCY - Fp32Adder.LATENCY`` (20)
+      op, its header), but a bag's rows start at most every ``FMA_HAZARD_CYCLES`` (31) cycles,
+      and a row of the adder path starts only ``FMA_PATH_LATENCY - Fp32Adder.LATENCY`` (22)
       cycles after the last FMA-path op (the two paths share the accumulator's write port).
     One ROB write per cycle is shared by all channels.
 

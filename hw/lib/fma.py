@@ -11,7 +11,7 @@ canonicalisation; ``evssd.host.pooling.fma32_model`` is the numpy reference the 
 With ``i_c = -0.0`` it is a correctly rounded multiplier (``scale * w`` of weighted row-wise
 INT8 bags).
 
-Fixed latency :attr:`Fp32Fma.LATENCY` = 10 cycles, one operation per cycle, free-running
+Fixed latency :attr:`Fp32Fma.LATENCY` = 11 cycles, one operation per cycle, free-running
 (``i_valid`` only travels along to ``o_valid``).
 
 Algorithm (all exact until the single rounding in the last stage). The 48-bit product ``P`` of
@@ -29,7 +29,8 @@ to nearest even and pack as ``Fp32Adder`` does.
 
 Stages: 1 unpack/classify + the addend's offset, 2 four 12x12 partial products (DSP
 MULT18X18D) + the addend's shift amount and window anchor, 3 partial-product middle sum + the
-addend's alignment shift with sticky, 4 product assembly, 5 add/subtract, 6a leading zeros of
+addend's alignment shift with sticky, 4 product assembly, 5a add/subtract of the window's low 50
+bits, 5b of the rest with their carries, 6a leading zeros of
 four 26-bit chunks, 6b their combination + the shift limit, 7 normalising shift, 8a rounding
 decision, 8b pack. Cost and Fmax alone on ECP5: docs/synthesis.md.
 """
@@ -48,11 +49,12 @@ _WIN = 101            # window bits: addend (< 2**100) + product (< 2**74) never
 _ROUND = _WIN - 24    # lowest kept bit of a normalised result (leading one at bit 100)
 _LZ_CHUNK = 26        # the leading-zero count: per chunk in one stage, chunks combined in the next
 _LZ_CHUNKS = 4
+_SPLIT = 50           # window bits added in stage 5a; the rest, with 5a's carries, in 5b
 
 
 class Fp32Fma(wiring.Component):
     """Pipelined binary32 ``o_res = i_a * i_b + i_c``, one rounding, :attr:`LATENCY` cycles later."""
-    LATENCY = 10
+    LATENCY = 11
 
     i_a: In(32)
     i_b: In(32)
@@ -166,21 +168,56 @@ class Fp32Fma(wiring.Component):
         s4_isign = stage("s4_isign", s3_isign)
         s4_valid = stage("s4_valid", s3_valid)
 
-        # ---- stage 5: add or subtract (both differences, so no negation follows) ----
+        # ---- stages 5a, 5b: add or subtract (both differences, so no negation follows), the
+        # low _SPLIT bits of the window in 5a and the rest with 5a's carries in 5b: a 101-bit
+        # carry chain and the selection behind it did not fit in one 10 ns cycle on the board ----
         X = Cat(Const(0, _PLSB), s4_P)                       # 74 bits
         sub = s4_sp ^ s4_sc
-        d_xy = Signal(_WIN + 1)
-        d_yx = Signal(_WIN + 1)
-        m.d.comb += [d_xy.eq(X - s4_Y), d_yx.eq(s4_Y - X)]
-        neg = d_xy[_WIN]                                      # X < Y
-        s5_S = stage("s5_S", Mux(sub, Mux(neg, d_yx[:_WIN], d_xy[:_WIN]), X + s4_Y), _WIN)
-        s5_sign = stage("s5_sign", Mux(sub & neg, s4_sc, s4_sp))
-        s5_sub = stage("s5_sub", sub)
-        s5_lim = stage("s5_lim", s4_lim)
-        s5_nan = stage("s5_nan", s4_nan)
-        s5_inf = stage("s5_inf", s4_inf)
-        s5_isign = stage("s5_isign", s4_isign)
-        s5_valid = stage("s5_valid", s4_valid)
+        hi_w = _WIN - _SPLIT
+        lo_add = Signal(_SPLIT + 1)
+        lo_xy = Signal(_SPLIT + 1)                            # bit _SPLIT: the borrow
+        lo_yx = Signal(_SPLIT + 1)
+        m.d.comb += [lo_add.eq(X[:_SPLIT] + s4_Y[:_SPLIT]),
+                     lo_xy.eq(X[:_SPLIT] - s4_Y[:_SPLIT]),
+                     lo_yx.eq(s4_Y[:_SPLIT] - X[:_SPLIT])]
+        s5a_add = stage("s5a_add", lo_add)
+        s5a_xy = stage("s5a_xy", lo_xy)
+        s5a_yx = stage("s5a_yx", lo_yx)
+        s5a_Xh = stage("s5a_Xh", X[_SPLIT:])
+        s5a_Yh = stage("s5a_Yh", s4_Y[_SPLIT:])
+        s5a_sp = stage("s5a_sp", s4_sp)
+        s5a_sc = stage("s5a_sc", s4_sc)
+        s5a_sub = stage("s5a_sub", sub)
+        s5a_lim = stage("s5a_lim", s4_lim)
+        s5a_nan = stage("s5a_nan", s4_nan)
+        s5a_inf = stage("s5a_inf", s4_inf)
+        s5a_isign = stage("s5a_isign", s4_isign)
+        s5a_valid = stage("s5a_valid", s4_valid)
+
+        def add_carry(a, b, cin):
+            # a + b + cin in one carry chain (cin rides in below bit 0: cin + cin carries cin)
+            t = Signal(hi_w + 2)
+            m.d.comb += t.eq(Cat(cin, a) + Cat(cin, b))
+            return t[1:]                                   # hi_w bits and the carry out
+
+        xh = Cat(s5a_Xh, Const(0, hi_w - len(s5a_Xh)))
+        yh = s5a_Yh
+        hi_add = add_carry(xh, yh, s5a_add[_SPLIT])
+        # a - b - borrow = a + ~b + (1 - borrow); its carry out is 1 unless the result is negative
+        hi_xy = add_carry(xh, ~yh, ~s5a_xy[_SPLIT])
+        hi_yx = add_carry(yh, ~xh, ~s5a_yx[_SPLIT])
+        neg = ~hi_xy[hi_w]                                    # X < Y
+        d_xy = Cat(s5a_xy[:_SPLIT], hi_xy[:hi_w])
+        d_yx = Cat(s5a_yx[:_SPLIT], hi_yx[:hi_w])
+        d_add = Cat(s5a_add[:_SPLIT], hi_add[:hi_w])
+        s5_S = stage("s5_S", Mux(s5a_sub, Mux(neg, d_yx, d_xy), d_add), _WIN)
+        s5_sign = stage("s5_sign", Mux(s5a_sub & neg, s5a_sc, s5a_sp))
+        s5_sub = stage("s5_sub", s5a_sub)
+        s5_lim = stage("s5_lim", s5a_lim)
+        s5_nan = stage("s5_nan", s5a_nan)
+        s5_inf = stage("s5_inf", s5a_inf)
+        s5_isign = stage("s5_isign", s5a_isign)
+        s5_valid = stage("s5_valid", s5a_valid)
 
         # ---- stage 6a: leading zeros of each _LZ_CHUNK-bit chunk (MSB chunk first) ----
         padded = Cat(Const(0, _LZ_CHUNKS * _LZ_CHUNK - _WIN), s5_S)   # zeros below bit 0
