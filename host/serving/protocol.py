@@ -271,7 +271,8 @@ def decode_reply(buf):
         raise ProtocolError(f"reply of {len(buf)} bytes is shorter than its header")
     status, kind, rows, cols = _REP_UNPACK(buf)
     if kind == 2 and status == _OK:
-        return bytes(buf[_REP_SIZE:])      # bytes (ECHO): no view needed
+        body = buf[_REP_SIZE:]             # bytes (ECHO): no view needed
+        return body.tobytes() if type(body) is memoryview else bytes(body)
     buf = memoryview(buf)
     body = buf[_REP_SIZE:]
     if status != _OK:

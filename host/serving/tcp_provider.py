@@ -374,13 +374,15 @@ class TcpQueuePair(QueuePair):
                     m = len(reply)
                     if m <= _SMALL_FRAME:
                         frame = b"".join((_WORDS_PACK(_SEND_WORD, req_id, m), reply))
-                        with send_lock:
+                        send_lock.acquire()    # not `with`: half the cost on this path
+                        try:
                             self.bytes_sent += _HS + m
-                            try:
-                                sendall(frame)
-                            except OSError as exc:
-                                self._fail(f"send failed: {exc}")
-                                return
+                            sendall(frame)
+                        except OSError as exc:
+                            self._fail(f"send failed: {exc}")
+                            return
+                        finally:
+                            send_lock.release()
                     else:
                         with send_lock:
                             self.bytes_sent += _HS + m
@@ -407,19 +409,21 @@ class TcpQueuePair(QueuePair):
         answer, its header checked in place. Only while frames wait in the send queue (the
         socket was full) does it ``poll`` for writability as well."""
         n = len(data)
-        if n > _SMALL_FRAME or self._blocking or self._out or self._rbuf or self._skip or self.failed:
+        if n > _SMALL_FRAME or self._blocking or self._rbuf or self._skip or self.failed:
             if self._blocking:
                 raise ValueError("exchange needs a non-blocking queue pair")
             self.send_now(wr_id, data)
             return self._exchange_loop(wr_id, 0, deadline)
-        # the common case, nothing queued or half read: send_now's small-frame path inline
+        # the common case, nothing half read: send_now's small-frame path inline (a frame
+        # queued by another thread is looked for under the send lock)
         frame = b"".join((_WORDS_PACK(_SEND_WORD, wr_id, n), data))
         n += _HS
-        sock = self._sock
-        with self._send_lock:
+        sock, out, lock = self._sock, self._out, self._send_lock
+        lock.acquire()                         # not `with`: half the cost on this path
+        try:
             self.bytes_sent += n
-            if self._out:                      # another thread queued meanwhile: keep the order
-                self._out.append(memoryview(frame))
+            if out:                            # another thread queued: keep the order
+                out.append(memoryview(frame))
                 self._flush_locked()
             else:
                 try:
@@ -430,8 +434,10 @@ class TcpQueuePair(QueuePair):
                     self._fail(f"send failed: {exc}")
                     return None
                 if k != n:                     # the socket is full: exchange_loop flushes
-                    self._out.append(memoryview(frame)[k:])
-        if self._out:
+                    out.append(memoryview(frame)[k:])
+        finally:
+            lock.release()
+        if out:
             return self._exchange_loop(wr_id, 0, deadline)
         scratch = self._scratch
         if scratch is None:
