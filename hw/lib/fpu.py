@@ -200,10 +200,17 @@ class Fp32Adder(wiring.Component):
         g = s5_S[2]
         rs = s5_S[:2] != 0
         up = g & (rs | mant[0])
-        packed = Signal(33)
-        m.d.comb += packed.eq((s5_em1 << 23) + mant + up)
-        # packed >= 0x7F80_0000, from bits instead of a second carry chain
-        overflow = (packed[31:] != 0) | (packed[23:31] == 0xFF)
+        # one carry chain: the rounding increment rides in below bit 0 (up + up carries up)
+        packed_c = Signal(34)
+        m.d.comb += packed_c.eq(Cat(up, s5_em1 << 23) + Cat(up, mant))
+        packed = packed_c[1:]
+        # Overflow to infinity, worked out beside the chain from the unrounded fields: the
+        # exponent field is e - 1 + the hidden bit (compared with constants, no adder). When
+        # only the rounding carries it to 0xFF the fraction is 0, so `packed` is already
+        # infinity and needs no override.
+        hidden = mant[23]
+        em1 = s5_em1
+        overflow = em1[8] | Mux(hidden, em1[1:8] == 0x7F, em1[:8] == 0xFF)
         with m.If(s5_nan):
             m.d.sync += self.o_sum.eq(CANONICAL_NAN)
         with m.Elif(s5_inf | overflow):

@@ -135,6 +135,27 @@ def test_adder_rtl_clamped_normalisation():
     assert np.array_equal(ref, numpy_add(a, b))
 
 
+def test_adder_rtl_rounding_into_overflow():
+    """Sums at the top of the range, where rounding carries into the exponent field and the
+    result becomes infinity (or stays the largest finite value): operands near +-max finite and
+    addends from one ulp down to far below half an ulp."""
+    rng = np.random.default_rng(5)
+    n = 3_000
+    a = (0x7F7F_FF00 | rng.integers(0, 256, n)).astype(np.uint32)
+    a = np.where(rng.random(n) < 0.3, np.uint32(0x7F7F_FFFF), a).astype(np.uint32)
+    eb = rng.integers(100, 255, n).astype(np.uint32)
+    b = (eb << 23) | rng.integers(0, 1 << 23, n).astype(np.uint32)
+    sign = (rng.random(n) < 0.5).astype(np.uint32) << 31
+    a, b = a | sign, b | sign                  # same signs: the magnitude grows
+    ref = fp32_add_bits(a, b)
+    inf = (ref & 0x7FFF_FFFF) == 0x7F80_0000
+    assert inf.sum() > n // 10 and (~inf).sum() > n // 10, "both outcomes are reached"
+    got = run_adder(a, b)
+    bad = np.nonzero(got != ref)[0]
+    assert bad.size == 0, [(hex(a[i]), hex(b[i]), hex(ref[i]), hex(got[i])) for i in bad[:5]]
+    assert np.array_equal(ref, numpy_add(a, b))
+
+
 def test_adder_rtl_with_bubbles():
     a, b = vectors(2_000, seed=99)
     assert np.array_equal(run_adder(a, b, stall_seed=5), numpy_add(a, b))
