@@ -44,7 +44,7 @@ def add_arguments(parser):
                         help="release step: keep the committed bitstream if current, else rebuild it; "
                              "exit 1 unless it is current and meets timing")
     parser.add_argument("--list", action="store_true", help="list the supported boards")
-    parser.add_argument("--clock-mhz", type=ct.positive_float, default=None, help=f"design clock in MHz (default: the board's, {defaults}; the target is 100)")
+    parser.add_argument("--clock-mhz", type=ct.positive_float, default=None, help=f"design clock in MHz (default: the board's, {defaults}; the design's target is 100)")
     parser.add_argument("--baud", type=ct.positive_int, default=None, help="UART baud rate (default 115200)")
     parser.add_argument("--out", default=None, help="output directory (default bitstreams/<board>/)")
     parser.add_argument("--build-dir", default=None, help="work directory (default build/synth/<board>/)")
