@@ -100,38 +100,12 @@ def _counter(m, width, inc, dec, name):
     return cnt
 
 
-def axi_lite_slave_rules(m, started, bus, *, name="axil", width=6):
-    """AXI4-Lite rules around a slave's port ``bus`` (the slave's view: ``awvalid`` is an input).
-    Returns the handshake signals for the harness's covers."""
-    aw = bus.awvalid & bus.awready
-    w = bus.wvalid & bus.wready
-    b = bus.bvalid & bus.bready
-    ar = bus.arvalid & bus.arready
-    r = bus.rvalid & bus.rready
-    _hold_rule(m, started, bus.awvalid, bus.awready, [bus.awaddr, bus.awprot], Assume, f"{name}_aw")
-    _hold_rule(m, started, bus.wvalid, bus.wready, [bus.wdata, bus.wstrb], Assume, f"{name}_w")
-    _hold_rule(m, started, bus.arvalid, bus.arready, [bus.araddr, bus.arprot], Assume, f"{name}_ar")
-    _hold_rule(m, started, bus.bvalid, bus.bready, [bus.bresp], Assert, f"{name}_b")
-    _hold_rule(m, started, bus.rvalid, bus.rready, [bus.rdata, bus.rresp], Assert, f"{name}_r")
-    # requests taken minus responses given (before this cycle's handshakes)
-    aw_out = _counter(m, width, aw, b, f"{name}_aw_out")
-    w_out = _counter(m, width, w, b, f"{name}_w_out")
-    ar_out = _counter(m, width, ar, r, f"{name}_ar_out")
-    m.d.comb += [
-        Assert(~bus.bvalid | ((aw_out != 0) & (w_out != 0)), f"{name}_b_only_for_a_write"),
-        Assert(~bus.rvalid | (ar_out != 0), f"{name}_r_only_for_a_read"),
-        # keep the counters in range (the depth is far below 2**width)
-        Assume(aw_out < 2 ** width - 2), Assume(w_out < 2 ** width - 2), Assume(ar_out < 2 ** width - 2),
-    ]
-    return {"aw": aw, "w": w, "b": b, "ar": ar, "r": r}
-
-
-def axi_lite_master_rules(m, started, bus, *, name="axil_m", width=6, prot=True):
-    """AXI4-Lite rules around a master's port ``bus`` (the master's view: ``awvalid`` is an
-    output): the master holds AW, W and AR with their payloads until taken (asserted); the slave
-    holds B and R until taken and answers only what was asked (assumed). ``prot=False`` for a
-    master that leaves AxPROT undriven (0 in a design; a free input in a harness). Returns the
-    handshake signals for the harness's covers."""
+def _axi_lite_rules(m, started, bus, name, width, prot, master):
+    """The AXI4-Lite rules around one port: the master holds AW, W and AR with their payloads
+    until taken, the slave holds B and R until taken and answers only what was asked. The side
+    under check (``master``: the port's master, else its slave) gets its rules asserted, the
+    other side's are assumed."""
+    own, other = (Assert, Assume) if master else (Assume, Assert)
     aw = bus.awvalid & bus.awready
     w = bus.wvalid & bus.wready
     b = bus.bvalid & bus.bready
@@ -139,20 +113,37 @@ def axi_lite_master_rules(m, started, bus, *, name="axil_m", width=6, prot=True)
     r = bus.rvalid & bus.rready
     aw_pay = [bus.awaddr, bus.awprot] if prot else [bus.awaddr]
     ar_pay = [bus.araddr, bus.arprot] if prot else [bus.araddr]
-    _hold_rule(m, started, bus.awvalid, bus.awready, aw_pay, Assert, f"{name}_aw")
-    _hold_rule(m, started, bus.wvalid, bus.wready, [bus.wdata, bus.wstrb], Assert, f"{name}_w")
-    _hold_rule(m, started, bus.arvalid, bus.arready, ar_pay, Assert, f"{name}_ar")
-    _hold_rule(m, started, bus.bvalid, bus.bready, [bus.bresp], Assume, f"{name}_b")
-    _hold_rule(m, started, bus.rvalid, bus.rready, [bus.rdata, bus.rresp], Assume, f"{name}_r")
+    _hold_rule(m, started, bus.awvalid, bus.awready, aw_pay, own, f"{name}_aw")
+    _hold_rule(m, started, bus.wvalid, bus.wready, [bus.wdata, bus.wstrb], own, f"{name}_w")
+    _hold_rule(m, started, bus.arvalid, bus.arready, ar_pay, own, f"{name}_ar")
+    _hold_rule(m, started, bus.bvalid, bus.bready, [bus.bresp], other, f"{name}_b")
+    _hold_rule(m, started, bus.rvalid, bus.rready, [bus.rdata, bus.rresp], other, f"{name}_r")
+    # requests taken minus responses given (before this cycle's handshakes)
     aw_out = _counter(m, width, aw, b, f"{name}_aw_out")
     w_out = _counter(m, width, w, b, f"{name}_w_out")
     ar_out = _counter(m, width, ar, r, f"{name}_ar_out")
     m.d.comb += [
-        Assume(~bus.bvalid | ((aw_out != 0) & (w_out != 0)), f"{name}_b_only_for_a_write"),
-        Assume(~bus.rvalid | (ar_out != 0), f"{name}_r_only_for_a_read"),
+        other(~bus.bvalid | ((aw_out != 0) & (w_out != 0)), f"{name}_b_only_for_a_write"),
+        other(~bus.rvalid | (ar_out != 0), f"{name}_r_only_for_a_read"),
+        # keep the counters in range (the depth is far below 2**width)
         Assume(aw_out < 2 ** width - 2), Assume(w_out < 2 ** width - 2), Assume(ar_out < 2 ** width - 2),
     ]
     return {"aw": aw, "w": w, "b": b, "ar": ar, "r": r}
+
+
+def axi_lite_slave_rules(m, started, bus, *, name="axil", width=6):
+    """AXI4-Lite rules around a slave's port ``bus`` (the slave's view: ``awvalid`` is an input):
+    the slave's are asserted, the master's assumed. Returns the handshake signals for the
+    harness's covers."""
+    return _axi_lite_rules(m, started, bus, name, width, True, master=False)
+
+
+def axi_lite_master_rules(m, started, bus, *, name="axil_m", width=6, prot=True):
+    """AXI4-Lite rules around a master's port ``bus`` (the master's view: ``awvalid`` is an
+    output): the master's are asserted, the slave's assumed. ``prot=False`` for a master that
+    leaves AxPROT undriven (0 in a design; a free input in a harness). Returns the handshake
+    signals for the harness's covers."""
+    return _axi_lite_rules(m, started, bus, name, width, prot, master=True)
 
 
 class _LenQueue:
