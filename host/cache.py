@@ -87,6 +87,7 @@ import threading
 import numba
 import numpy as np
 
+from evssd.host.dedupe import dedupe_into
 from evssd.host.elements import DEVICE_ELEMS
 from evssd.host.pooling import (_add_row, _bag_sum, _bag_weighted, _check as _check_bags, _prefetch,
                               _settle, _start, describe_error, kernel_source)
@@ -425,34 +426,12 @@ _DIRECT_MAX_BATCH = 1 << 30     # distinct numbers fit in bits 32..61
 
 @numba.njit(cache=True, inline="always")
 def _dedupe_hashed(idx, n, uniq, inv, slots, slot_of, htab, kb, ref, rmax, counted):
-    """The dedupe and probe passes for a hash index: a batch-local open-addressing pass (as
-    evssd.host.store.dedupe) finds the distinct keys, then ``_probe_pass`` probes them.
-    (Probing each key as the dedupe pass first meets it measured slower: the probe then sits
-    behind an unpredictable branch, and fewer cache misses overlap.) Returns (distinct keys,
-    hits, number counted)."""
-    lm = 16
-    while lm <= 2 * n:
-        lm *= 2
-    lkeys = np.full(lm, -1, dtype=np.int64)
-    lpos = np.empty(lm, dtype=np.int32)
-    lmask = np.uint64(lm - 1)
-    n_u = 0
-    for j in range(n):
-        x = np.int64(idx[j])
-        q = np.int64(((np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & lmask)
-        while True:
-            kk = lkeys[q]
-            if kk == x:
-                inv[j] = lpos[q]
-                break
-            if kk == -1:
-                lkeys[q] = x
-                lpos[q] = n_u
-                uniq[n_u] = x
-                inv[j] = n_u
-                n_u += 1
-                break
-            q = np.int64((np.uint64(q) + np.uint64(1)) & lmask)
+    """The dedupe and probe passes for a hash index: the batch's distinct keys
+    (:func:`evssd.host.dedupe.dedupe_into`), then ``_probe_pass`` probes them. (Probing each key
+    as the dedupe pass first meets it measured slower: the probe then sits behind an
+    unpredictable branch, and fewer cache misses overlap.) Returns (distinct keys, hits, number
+    counted)."""
+    n_u = dedupe_into(idx[:n], uniq, inv)
     h2 = htab.reshape((htab.shape[0], 1))          # 2-D view for the prefetch hint
     hits, n_counted = _probe_pass(uniq, n_u, htab, kb, h2, ref, rmax, slots, counted)
     for j in range(n):

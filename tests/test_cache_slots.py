@@ -245,7 +245,7 @@ def test_lookup_dedupe_is_dedupe_then_lookup_slots(seed, capacity, admission, de
                                                    n_keys, itype):
     """The fused pass returns what ``dedupe`` + ``lookup_slots(uniq)`` return and leaves the
     cache in the same state (recency, counters, sketch, its aging, stats)."""
-    from evssd.host.store.dedupe import dedupe
+    from evssd.host.dedupe import dedupe
     rng = np.random.default_rng(seed)
     dim = 3
     table = rng.standard_normal((n_keys, dim)).astype(np.float32)

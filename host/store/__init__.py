@@ -1,15 +1,16 @@
 """The embedding store: one lookup API (:class:`EmbeddingStore`) over interchangeable backends.
 
 One module per idea: :mod:`.tables` (what a table is), :mod:`.tablefile` (the on-disk format),
-:mod:`.lru` (the plain-LRU peer and the cache factory), :mod:`.dedupe`, :mod:`.backend` (the
+:mod:`.lru` (the plain-LRU peer and the cache factory), :mod:`.backend` (the
 interface) and one module per backend (:mod:`.dram`, :mod:`.file`, :mod:`.rocksdb`,
 :mod:`.evssd`), and :mod:`.store` (the store itself). The pooling definition and its kernels are
-:mod:`evssd.host.pooling`.
+:mod:`evssd.host.pooling`; the batch deduplication both the store and the EV-Cache use is
+:mod:`evssd.host.dedupe`.
 """
 from __future__ import annotations
 
 from evssd.host.store.backend import Backend
-from evssd.host.store.dedupe import dedupe
+from evssd.host.dedupe import dedupe
 from evssd.host.store.dram import DramBackend
 from evssd.host.store.errors import StoreClosedError, StoreError, StoreInputError, TableFileError
 from evssd.host.store.evssd import EvssdBackend

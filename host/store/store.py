@@ -22,7 +22,7 @@ table, 1% by default for every backend but ``dram``) or a plain LRU (:class:`.lr
 Pooled results follow :mod:`evssd.host.pooling` bit for bit on every path, cache on or off, in
 the pipeline or not. Without a cache, a table in host memory is pooled straight from the table by
 one fused gather+pool kernel; a backend that pools (the EV-SSD) pools the bags it can; every
-other lookup deduplicates its indices (:mod:`.dedupe`), serves what the cache holds, reads each
+other lookup deduplicates its indices (:mod:`evssd.host.dedupe`), serves what the cache holds, reads each
 distinct miss once, admits the misses to the cache and pools the distinct rows; a pooled lookup
 through an EV-Cache takes the hits' cache slots instead of copying their rows and pools from the
 cache's row storage and the fetched misses in one kernel (:func:`evssd.host.pooling.pool_two_sources`);
@@ -46,7 +46,7 @@ import numpy as np
 
 from evssd.host import pooling
 from evssd.host.store.backend import Backend
-from evssd.host.store.dedupe import dedupe
+from evssd.host.dedupe import dedupe
 from evssd.host.store.dram import DramBackend
 from evssd.host.store.errors import StoreClosedError, StoreError, StoreInputError
 from evssd.host.store.evssd import EvssdBackend

@@ -8,24 +8,26 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["dedupe"]
+__all__ = ["dedupe", "dedupe_into"]
 
 
 @numba.njit(cache=True, nogil=True)
-def _dedupe_kernel(idx, keys, uniq, inv):
-    """Open addressing over ``keys`` (power-of-two size > 2 * len(idx), any contents): fills
-    ``uniq`` with the distinct indices in first-occurrence order and ``inv`` with each lookup's
-    position in it; returns the number of distinct indices."""
-    m = keys.shape[0]
-    for s in range(m):
-        keys[s] = -1
-    mask = np.uint64(m - 1)
+def dedupe_into(idx, uniq, inv):
+    """Fills ``uniq`` with the distinct indices of ``idx`` in first-occurrence order and ``inv``
+    with each lookup's position in it; returns the number of distinct indices. Open addressing
+    over a table of the smallest power of two above ``2 * len(idx)`` (at least 16). Callable
+    from other kernels (the EV-Cache's lookup uses it for its hash index)."""
+    n = idx.shape[0]
+    m = 16
+    while m <= 2 * n:
+        m *= 2
+    keys = np.full(m, -1, dtype=np.int64)
     pos = np.empty(m, dtype=np.int32)
+    mask = np.uint64(m - 1)
     n_u = 0
-    for k in range(idx.shape[0]):
+    for k in range(n):
         x = np.int64(idx[k])
-        h = (np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-        s = np.int64(h & mask)
+        s = np.int64(((np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & mask)
         while True:
             kk = keys[s]
             if kk == x:
@@ -38,17 +40,14 @@ def _dedupe_kernel(idx, keys, uniq, inv):
                 inv[k] = n_u
                 n_u += 1
                 break
-            s = (s + 1) & (m - 1)
+            s = np.int64((np.uint64(s) + np.uint64(1)) & mask)
     return n_u
 
 
 def dedupe(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct indices in first-occurrence order, inverse) of a validated index array."""
     n = idx.shape[0]
-    m = 1 << max(4, (2 * n).bit_length())
-    keys = np.empty(m, dtype=np.int64)
     uniq = np.empty(n, dtype=np.int64)
     inv = np.empty(n, dtype=np.int64)
-    n_u = _dedupe_kernel(idx, keys, uniq, inv)
+    n_u = dedupe_into(idx, uniq, inv)
     return uniq[:n_u], inv
-
