@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evssd.host.serving import protocol as P
-from tests.frame_client import read_frame, send_hello
+from tests.frame_client import read_frame, send_hello, servers_in_threads
 from evssd.host.serving.engine import Engine
 from evssd.host.serving.message_server import READY_PREFIX, EchoServer
 from evssd.host.serving.providers import get_provider
@@ -52,19 +52,8 @@ def test_echo_reply_rejects_malformed_requests(bad, why):
 
 @pytest.fixture
 def echo_factory():
-    made = []
-
-    def make(**kw):
-        srv = EchoServer(get_provider("tcp"), "127.0.0.1", 0, name="echo", **kw)
-        t = threading.Thread(target=srv.serve_forever, daemon=True)
-        t.start()
-        made.append((srv, t))
-        return srv
-    yield make
-    for srv, t in made:
-        srv.stop()
-        t.join(5)
-        srv.close()
+    yield from servers_in_threads(
+        lambda **kw: EchoServer(get_provider("tcp"), "127.0.0.1", 0, name="echo", **kw))
 
 
 def test_engine_call_and_request_through_the_echo_server(echo_factory):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from evssd.host.serving import protocol as P
-from tests.frame_client import read_frame, send_hello
+from tests.frame_client import read_frame, send_hello, servers_in_threads
 from evssd.host.serving.config import make_config
 from evssd.host.serving.engine import Engine
 from evssd.host.serving.launcher import LocalCluster
@@ -22,20 +22,8 @@ pytestmark = pytest.mark.xdist_group("serving-faults")
 
 @pytest.fixture
 def server_factory():
-    made = []
-
-    def make(**kw):
-        cfg = make_config(1, 500, 4, 1)
-        srv = EmbeddingServer(cfg, "s0", port=0, **kw)
-        t = threading.Thread(target=srv.serve_forever, daemon=True)
-        t.start()
-        made.append((srv, t))
-        return srv
-    yield make
-    for srv, t in made:
-        srv.stop()
-        t.join(5)
-        srv.close()
+    yield from servers_in_threads(
+        lambda **kw: EmbeddingServer(make_config(1, 500, 4, 1), "s0", port=0, **kw))
 
 
 def _echo(eng, conn, payload):

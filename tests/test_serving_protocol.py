@@ -9,6 +9,7 @@ import pytest
 from evssd.host.serving import protocol as P
 from evssd.host.serving.config import ConfigError, make_config, table_rows, validate_config
 from evssd.host.serving.launcher import LocalCluster
+from tests.frame_client import read_frame
 
 
 def test_header_round_trip():
@@ -131,22 +132,9 @@ def _frame(op, req_id, payload, version=P.VERSION, magic=P.MAGIC):
     return struct.pack("<IBBHQI", magic, version, op, 0, req_id, len(payload)) + payload
 
 
-def _read_frame(sock):
-    def exact(n):
-        b = b""
-        while len(b) < n:
-            c = sock.recv(n - len(b))
-            if not c:
-                raise ConnectionError("closed")
-            b += c
-        return b
-    h = P.unpack_header(exact(P.HEADER.size))
-    return h, exact(h.length)
-
-
 def _hello(sock):
     sock.sendall(_frame(P.Op.HELLO, 0, json.dumps({"recv_depth": 4}).encode()))
-    h, body = _read_frame(sock)
+    h, body = read_frame(sock)
     assert h.op == P.Op.HELLO_ACK
     return json.loads(body)
 
@@ -176,7 +164,7 @@ def test_bad_magic_after_handshake_closes_with_error(cluster):
     with socket.create_connection(cluster.address("s0"), timeout=10) as s:
         _hello(s)
         s.sendall(_frame(P.Op.SEND, 5, b"xx", magic=0x12345678))
-        h, body = _read_frame(s)
+        h, body = read_frame(s)
         assert h.op == P.Op.ERROR and b"bad magic" in body
         assert s.recv(4096) == b""
 
@@ -192,20 +180,20 @@ def test_bad_requests_get_errors_and_connection_stays_usable(cluster):
         ]
         for i, (payload, msg) in enumerate(cases, 1):
             s.sendall(_frame(P.Op.SEND, i, payload))
-            h, body = _read_frame(s)
+            h, body = read_frame(s)
             assert h.op == P.Op.SEND and h.req_id == i
             with pytest.raises(P.RemoteError, match=msg):
                 P.decode_reply(body)
         # the same connection still serves a good request, bit-exact
         s.sendall(_frame(P.Op.SEND, 9, P.encode_request(P.Request(P.MsgType.GATHER, "t1", np.array([7, 3])))))
-        h, body = _read_frame(s)
+        h, body = read_frame(s)
         np.testing.assert_array_equal(P.decode_reply(body), table_rows(cluster.config, "t1")[[7, 3]])
         # MULTI: each sub-request answered on its own, a bad one does not spoil the others
         multi = P.encode_multi([P.encode_request(P.Request(P.MsgType.GATHER, "t0", np.array([2]))),
                                 P.encode_request(P.Request(P.MsgType.GATHER, "t0", np.array([-1]))),
                                 P.encode_request(P.Request(P.MsgType.POOLED, "t1", np.array([1, 2, 3]), np.array([0, 1, 3])))])
         s.sendall(_frame(P.Op.SEND, 11, multi))
-        h, body = _read_frame(s)
+        h, body = read_frame(s)
         res = P.decode_reply(body)
         t0, t1 = table_rows(cluster.config, "t0"), table_rows(cluster.config, "t1")
         np.testing.assert_array_equal(res[0], t0[[2]])
@@ -213,7 +201,7 @@ def test_bad_requests_get_errors_and_connection_stays_usable(cluster):
         np.testing.assert_allclose(res[2], np.stack([t1[1], t1[2] + t1[3]]), rtol=1e-6)
         # a one-sided READ outside the region is refused, the connection stays
         s.sendall(_frame(P.Op.READ_REQ, 10, P.pack_read_req(0xDEAD, 0, 4)))
-        h, body = _read_frame(s)
+        h, body = read_frame(s)
         assert h.op == P.Op.READ_RESP and h.flags == P.Status.ERR and b"unknown rkey" in body
 
 
@@ -228,7 +216,7 @@ def test_send_without_posted_receive_is_refused_not_dropped(cluster):
         s.sendall(b"".join(_frame(P.Op.SEND, i + 1, payload) for i in range(n)))
         answered = set()
         for _ in range(n):
-            h, body = _read_frame(s)
+            h, body = read_frame(s)
             assert h.op in (P.Op.SEND, P.Op.ERROR)
             if h.op == P.Op.ERROR:
                 assert b"no receive posted" in body
