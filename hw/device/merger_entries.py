@@ -103,9 +103,13 @@ class RowEntries(wiring.Component):
             load = ~ent_full[k] & (wp == k)
             with m.If(load):
                 m.d.sync += ent[k].eq(x_in)
-            slot = Mux(load, x_in.desc.slot, ent[k].desc.slot)
-            m.d.sync += [ent_done[k].eq(flag_next(done, done_set, slot)),
-                         ent_err[k].eq(flag_next(errf, errf_set, slot))]
+            # both slots' flags are looked up in parallel and `load` (late: it waits on the
+            # descriptor queue's valid) only picks one of the two
+            held, incoming = ent[k].desc.slot, x_in.desc.slot
+            m.d.sync += [ent_done[k].eq(Mux(load, flag_next(done, done_set, incoming),
+                                            flag_next(done, done_set, held))),
+                         ent_err[k].eq(Mux(load, flag_next(errf, errf_set, incoming),
+                                           flag_next(errf, errf_set, held)))]
         head_slot = self.o_head.payload.desc.slot
         m.d.sync += [
             Assert(~have | (self.o_done == done.bit_select(head_slot, 1)), "merger: slot_done"),
