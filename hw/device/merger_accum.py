@@ -19,8 +19,8 @@ R (``i_r``, with the ROB's read data on ``i_rob_data``) goes through:
   the FMA path for weighted and INT8_ROWWISE bags (``FMA_PATH_LATENCY`` cycles): two shared
   Fp32Fma form ``scale*w`` and ``bias*w`` (each rounded once, as the definition says) while each
   lane's element converts to fp32 (Int32ToFp32 for integers), then per lane a RowwiseLane:
-  ``fma(scale*w, x, acc + bias*w)``; a weighted row of another type uses bias -0.0
-  (``acc + -0.0 == acc``), so the lane computes ``fma(w, x, acc)``;
+  ``fma(scale*w, x, acc + bias*w)``; a weighted row of another type feeds the bias FMA -0.0 and
+  1.0, so its bias is -0.0 (``acc + -0.0 == acc``) and the lane computes ``fma(w, x, acc)``;
 - the write of the sums back into the word (one write port for both paths: the issue stage
   keeps them from writing in the same cycle).
 
@@ -114,7 +114,13 @@ class AccumulatorPath(wiring.Component):
             fwd1.eq(acc_w_en & (acc_w_addr == q.addr)),
             fwd2.eq(w1_en & (w1_addr == q.addr)),
         ]
-        fwd0 = acc_w_en & (acc_w_addr == r.addr)
+        # the write of the next cycle is known a cycle early (both pipelines advance every
+        # cycle), so the forward to stage R is a register too: the select of the wide r2_acc
+        # mux does not wait on a compare behind the write-address mux
+        fwd0 = Signal()
+        w_next_en = Signal()
+        w_next_addr = Signal.like(acc_w_addr)
+        m.d.sync += fwd0.eq(w_next_en & (w_next_addr == q.addr))
         m.d.sync += [
             r2_valid.eq(r.accum), r2_first.eq(r.first), r2_addr.eq(r.addr), r2_sub.eq(r.sub),
             r2_elem.eq(r.elem), r2_hdr.eq(r.hdr), r2_fma.eq(r.fma), r2_rowwise.eq(r.rowwise),
@@ -145,16 +151,19 @@ class AccumulatorPath(wiring.Component):
         # 1.0) for row-wise rows, (1.0, -, w) for weighted ones
         w_fma = Signal()
         w_conv = Signal()                # the element is an integer (int8, int32, uint8 code)
-        w_rowwise = Signal()
         w_scale = Signal(32)
         w_bias = Signal(32)
         w_w = Signal(32)
+        w_bw = Signal(32)                # the bias product's weight: 1.0 unless row-wise
         m.d.sync += [
-            w_fma.eq(r2_fma), w_rowwise.eq(r2_rowwise),
+            w_fma.eq(r2_fma),
             w_conv.eq(r2_int | (r2_elem == ElemType.INT8_ROWWISE)),
             w_scale.eq(Mux(r2_rowwise, row_scale, 0x3F80_0000)),
-            w_bias.eq(row_bias),
+            # not row-wise, the bias product is fma(-0.0, 1.0, -0.0) = -0.0, the adder's identity:
+            # the lanes take it with no select behind the FMA
+            w_bias.eq(Mux(r2_rowwise, row_bias, 0x8000_0000)),
             w_w.eq(Mux(r2_weighted, r2_weight, 0x3F80_0000)),
+            w_bw.eq(Mux(r2_rowwise & r2_weighted, r2_weight, 0x3F80_0000)),
         ]
         rd = r2_rd
         for i in range(K):
@@ -226,11 +235,9 @@ class AccumulatorPath(wiring.Component):
             return value
         m.submodules.pm_scale = pm_scale = Fp32Fma()
         m.submodules.pm_bias = pm_bias = Fp32Fma()
-        for pm, x in ((pm_scale, w_scale), (pm_bias, w_bias)):
-            m.d.comb += [pm.i_a.eq(x), pm.i_b.eq(w_w), pm.i_c.eq(0x8000_0000),
+        for pm, x, w in ((pm_scale, w_scale, w_w), (pm_bias, w_bias, w_bw)):
+            m.d.comb += [pm.i_a.eq(x), pm.i_b.eq(w), pm.i_c.eq(0x8000_0000),
                          pm.i_valid.eq(f_valid[0])]
-        f_rowwise = delay(w_rowwise, PM, "f_rowwise")
-        lane_bias = Mux(f_rowwise, pm_bias.o_res, 0x8000_0000)
         conv_d = delay(w_conv, Int32ToFp32.LATENCY, "f_conv")
         lanes_out = []
         for i in range(K):
@@ -245,14 +252,15 @@ class AccumulatorPath(wiring.Component):
             lane = RowwiseLane()
             m.submodules[f"lane{i}"] = lane
             m.d.comb += [lane.i_acc.eq(acc_in), lane.i_x.eq(x_in), lane.i_scale.eq(pm_scale.o_res),
-                         lane.i_bias.eq(lane_bias), lane.i_valid.eq(f_valid[PM])]
+                         lane.i_bias.eq(pm_bias.o_res), lane.i_valid.eq(f_valid[PM])]
             lanes_out.append(lane.o_acc)
         m.d.sync += Assert(~(pipe_valid[L] & f_valid[LF]), "merger: two accumulator writes")
         m.d.comb += [
-            acc_w_addr.eq(Mux(f_valid[LF], f_j[LF], pipe_j[L])),
+            w_next_addr.eq(Mux(f_valid[LF - 1], f_j[LF - 1], pipe_j[L - 1])),
+            w_next_en.eq(pipe_valid[L - 1] | f_valid[LF - 1]),
             acc_w_data.eq(Mux(f_valid[LF], Cat(*lanes_out), Cat(*sums))),
-            acc_w_en.eq(pipe_valid[L] | f_valid[LF]),
         ]
+        m.d.sync += [acc_w_addr.eq(w_next_addr), acc_w_en.eq(w_next_en)]
 
         # The hazard rules. The ops in flight and the cycles to their writes: stage Q 3 + L,
         # R 2 + L, R2 1 + L, W and adder stage s: L - s.
