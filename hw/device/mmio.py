@@ -109,8 +109,21 @@ class MMIOManager(wiring.Component):
         with m.If(b_valid & bus.bready):
             m.d.sync += b_valid.eq(0)
 
+        # The address decode is a register loaded every cycle from aw_addr (one bit per register
+        # address and the response), valid the cycle after the address arrived: the write and
+        # its response then wait on no compare (the decode behind do_write was a long path).
+        addresses = list(regmap.all_addresses(p.n_channels))
+        aw_hit = Signal(len(addresses))
+        aw_resp = Signal(2)
+        dec_valid = Signal()
+        m.d.sync += [dec_valid.eq(aw_full), aw_resp.eq(Resp.DECERR)]
+        for i, (addr, reg, ch) in enumerate(addresses):
+            writable = any(f.access is not Access.RO for f in reg.fields)
+            with m.If(aw_addr[2:] == addr >> 2):
+                m.d.sync += aw_resp.eq(Resp.OKAY if writable else Resp.SLVERR)
+            m.d.sync += aw_hit[i].eq(aw_addr[2:] == addr >> 2)
         do_write = Signal()
-        m.d.comb += do_write.eq(aw_full & w_full & ~b_valid)
+        m.d.comb += do_write.eq(aw_full & dec_valid & w_full & ~b_valid)
 
         # Pulses default low every cycle.
         for reg in _device_registers():
@@ -121,13 +134,11 @@ class MMIOManager(wiring.Component):
                     m.d.sync += getattr(regs, port_name(reg, fld) + "_written").eq(0)
 
         with m.If(do_write):
-            m.d.sync += [aw_full.eq(0), w_full.eq(0), b_valid.eq(1), b_resp.eq(Resp.DECERR)]
-            with m.Switch(aw_addr[2:]):
-                for addr, reg, ch in regmap.all_addresses(p.n_channels):
-                    with m.Case(addr >> 2):
-                        writable = [f for f in reg.fields if f.access is not Access.RO]
-                        m.d.sync += b_resp.eq(Resp.OKAY if writable else Resp.SLVERR)
-                        for fld in writable:
+            m.d.sync += [aw_full.eq(0), w_full.eq(0), b_valid.eq(1), b_resp.eq(aw_resp)]
+            for i, (addr, reg, ch) in enumerate(addresses):
+                with m.If(aw_hit[i]):
+                    for fld in reg.fields:
+                        if fld.access is not Access.RO:
                             self._write_field(m, reg, fld, w_data, w_strb)
 
         # ---------------- read channel ----------------
