@@ -62,7 +62,8 @@ from . import ftl as ftl_mod
 from . import merger as merger_mod
 from . import translator as xlat_mod
 from ..lib.skid_buffer import SkidBuffer
-from ..lib.chunk_reader import ChunkReader
+from ..lib.register_stage import RegisterStage
+from ..lib.chunk_reader import WORD_LAYOUT, ChunkReader
 from ..lib.stream_zip import StreamZip
 from ..lib.dma_stream import DMA_CMD_LAYOUT, DMA_DONE_LAYOUT, dma_read_layout, dma_write_layout
 from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
@@ -177,19 +178,23 @@ class CommandEngine(wiring.Component):
         cmd = Signal(FETCHED_LAYOUT)
         c = cmd.cmd
 
-        # Offset words pass one more register stage that also compares them with the command's
-        # index count: the front FSM's next state then depends on registered flags, not on a
-        # 32-bit compare-and-clamp chain (the engine's critical path).
+        # Offset words pass two more register stages. The first holds the word in flip-flops
+        # (the reader's output comes through its skid buffer's read-pointer mux); between it and
+        # the second the word is compared with the command's index count and clamped, so the
+        # front FSM's next state depends on registered flags, not on a 32-bit compare-and-clamp
+        # chain.
+        m.submodules.off_word = offw = RegisterStage(WORD_LAYOUT)
+        wiring.connect(m, off.o_word, offw.i)
+        word = offw.o.payload
         offq_layout = data.StructLayout({"data": 32, "err": 1, "gt_count": 1, "clamp": 32})
         m.submodules.off_reg = offq = SkidBuffer(offq_layout)
         m.d.comb += [
-            offq.i.valid.eq(off.o_word.valid),
-            offq.i.payload.data.eq(off.o_word.payload.data),
-            offq.i.payload.err.eq(off.o_word.payload.err),
-            offq.i.payload.gt_count.eq(off.o_word.payload.data > c.count),
-            offq.i.payload.clamp.eq(Mux(off.o_word.payload.data > c.count, c.count,
-                                        off.o_word.payload.data)),
-            off.o_word.ready.eq(offq.i.ready),
+            offq.i.valid.eq(offw.o.valid),
+            offq.i.payload.data.eq(word.data),
+            offq.i.payload.err.eq(word.err),
+            offq.i.payload.gt_count.eq(word.data > c.count),
+            offq.i.payload.clamp.eq(Mux(word.data > c.count, c.count, word.data)),
+            offw.o.ready.eq(offq.i.ready),
         ]
         off_word = offq.o
         probe_done = Signal()      # pulse from the fork (registered, with the answer)

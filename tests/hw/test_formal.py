@@ -30,6 +30,11 @@ def _skid():
     return formal.StreamHarness(SkidBuffer(16))
 
 
+def _register_stage():
+    from evssd.hw.lib.register_stage import RegisterStage
+    return formal.StreamHarness(RegisterStage(16))
+
+
 def _ftl():
     from evssd.hw.device.ftl import LinearFTL
     return formal.StreamHarness(LinearFTL(formal.formal_params(n_channels=2), 4))
@@ -239,6 +244,7 @@ def _read_stages():
 # (name, harness factory, bmc depth, cover depth)
 CASES = [
     ("skid", _skid, 8, 6),
+    ("register_stage", _register_stage, 8, 6),
     ("ftl", _ftl, 8, 8),
     ("demux", _demux, 8, 8),
     ("mmio", formal.mmio_harness, 10, 8),

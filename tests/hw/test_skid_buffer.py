@@ -1,14 +1,16 @@
-"""SkidBuffer: every beat passes once, in order, under random valid/ready stalls; full rate."""
+"""SkidBuffer and RegisterStage: every beat passes once, in order, under random valid/ready
+stalls; full rate."""
 import random
 
 import pytest
 from amaranth.sim import Simulator
 
+from evssd.hw.lib.register_stage import RegisterStage
 from evssd.hw.lib.skid_buffer import SkidBuffer
 
 
-def _run(p_valid, p_ready, n=300, seed=1):
-    dut = SkidBuffer(16)
+def _run(p_valid, p_ready, n=300, seed=1, cls=SkidBuffer):
+    dut = cls(16)
     rng = random.Random(seed)
     sent = [rng.randrange(1 << 16) for _ in range(n)]
     got = []
@@ -52,3 +54,15 @@ def test_skid_buffer_full_rate():
     sent, got, cycles = _run(1.0, 1.0)
     assert got == sent
     assert cycles <= len(sent) + 3
+
+
+@pytest.mark.parametrize("p_valid,p_ready", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.4), (0.6, 0.6)])
+def test_register_stage_order(p_valid, p_ready):
+    sent, got, cycles = _run(p_valid, p_ready, seed=2, cls=RegisterStage)
+    assert got == sent
+
+
+def test_register_stage_full_rate():
+    sent, got, cycles = _run(1.0, 1.0, cls=RegisterStage)
+    assert got == sent
+    assert cycles <= len(sent) + 2
