@@ -89,8 +89,10 @@ def board_spec(name: str) -> BoardSpec:
 
 def nextpnr_opts(name: str, seed: int, router: str, extra: str) -> str:
     """The nextpnr command-line options of a board build (they land in the plan's build script)."""
-    return (f"--report {name}-report.json --timing-allow-fail --seed {seed} "
-            f"--router {router} {extra}".strip())
+    # --detailed-timing-report: every endpoint's routed arrival time in the report, so the
+    # report lists every register that misses its clock (hw/synth.py slow_endpoints)
+    return (f"--report {name}-report.json --detailed-timing-report --timing-allow-fail "
+            f"--seed {seed} --router {router} {extra}".strip())
 
 
 def tool_pins() -> dict:

@@ -109,7 +109,37 @@ def parse_nextpnr_report(report: dict, log_text: str = "") -> dict:
         "MULT18X18D": util.get("MULT18X18D", {}).get("used"),
     }
     crit = _critical_path(report)
-    return {"utilization": util, "fmax": fmax, "summary": summary, "critical_path": crit}
+    return {"utilization": util, "fmax": fmax, "summary": summary, "critical_path": crit,
+            "slow_endpoints": slow_endpoints(report, fmax)}
+
+
+# a flip-flop's cell name is its register's plus yosys' bit suffix; a packed cell's carries a
+# nextpnr suffix ($CCU2_COMB0, ...); amaranth's own $<n> name suffixes stay
+_REG_SUFFIX = re.compile(r"(_TRELLIS_FF_Q(_\d+)?|\$[A-Za-z][A-Za-z0-9_]*)$")
+
+
+def slow_endpoints(report: dict, fmax: dict, *, limit: int = 40) -> list:
+    """Registers whose routed arrival time misses their clock's period, worst first: one entry
+    per register (its pins grouped) from the per-endpoint arrival times nextpnr writes with
+    ``--detailed-timing-report``. Unlike ``critical_paths`` (the single worst path per clock) it
+    lists every register a build fails on, so one build shows all the paths left to cut."""
+    periods = {clk: 1e3 / v["target_mhz"] for clk, v in fmax.items() if v.get("target_mhz")}
+    worst: dict = {}
+    for net in report.get("detailed_net_timings", []):
+        for ep in net.get("endpoints", []):
+            clk = ep.get("event", "").split(" ", 1)[-1]
+            period = periods.get(clk)
+            arrival = float(ep.get("delay", [0.0, 0.0])[1])
+            if period is None or arrival <= period:
+                continue
+            reg = _REG_SUFFIX.sub("", ep.get("cell", "?"))
+            w = worst.setdefault(reg, {"register": reg, "clock": clk, "arrival_ns": 0.0,
+                                       "slack_ns": 0.0, "pins": 0})
+            w["pins"] += 1
+            if arrival > w["arrival_ns"]:
+                w["arrival_ns"] = round(arrival, 3)
+                w["slack_ns"] = round(period - arrival, 3)
+    return sorted(worst.values(), key=lambda w: w["slack_ns"])[:limit]
 
 
 def _critical_path(report: dict) -> list:
@@ -151,6 +181,13 @@ def _report_md(manifest: dict, rep: dict) -> str:
         for cp in rep["critical_path"]:
             lines.append(f"- {cp['from']} -> {cp['to']}: {cp['delay_ns']} ns over {cp['segments']} "
                          f"segments, `{cp['start_cell']}` -> `{cp['end_cell']}`")
+    if rep.get("slow_endpoints"):
+        lines += ["", "Registers that miss their clock (routed arrival, worst first; nextpnr "
+                  "`--detailed-timing-report`):", "",
+                  "| register | clock | arrival ns | slack ns | pins |", "| --- | --- | ---: | ---: | ---: |"]
+        for w in rep["slow_endpoints"]:
+            lines.append(f"| `{w['register']}` | `{w['clock']}` | {w['arrival_ns']:.2f} | "
+                         f"{w['slack_ns']:.2f} | {w['pins']} |")
     return "\n".join(lines) + "\n"
 
 

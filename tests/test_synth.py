@@ -191,6 +191,28 @@ def test_parse_nextpnr_report():
     out = parse_nextpnr_report(rep, "Info: Max frequency for clock 'clk': 87.50 MHz (FAIL at 100.00 MHz)\n")
     assert out["summary"]["LUT4"] == 10 and out["summary"]["DP16KD"] == 2
     assert out["fmax"]["clk"] == {"achieved_mhz": 87.5, "target_mhz": 100.0, "pass": False}
+    assert out["slow_endpoints"] == []
+
+
+def test_slow_endpoints_group_pins_by_register():
+    """Every register whose routed arrival misses its clock's period, one entry per register
+    (its flip-flops' bit suffixes and nextpnr's cell suffixes dropped), worst first."""
+    from evssd.hw.synth import parse_nextpnr_report
+
+    def ep(cell, arrival, clk="$glbnet$clk"):
+        return {"cell": cell, "port": "DI", "event": f"posedge {clk}", "delay": [1.0, arrival]}
+    rep = {"fmax": {"$glbnet$clk": {"achieved": 85.0, "constraint": 100.0},
+                    "$glbnet$eth": {"achieved": 130.0, "constraint": 125.0}},
+           "detailed_net_timings": [
+               {"net": "a", "endpoints": [ep("core.x.s7_S_TRELLIS_FF_Q_3", 10.9),
+                                          ep("core.x.s7_S_TRELLIS_FF_Q", 10.2),
+                                          ep("core.lane1$270.s1_d_TRELLIS_FF_Q_1", 11.4)]},
+               {"net": "b", "endpoints": [ep("core.ok_TRELLIS_FF_Q", 9.9),
+                                          ep("core.fast", 7.9, "$glbnet$eth"),
+                                          ep("core.sum$CCU2_COMB0", 10.5)]}]}
+    out = parse_nextpnr_report(rep)["slow_endpoints"]
+    assert [(w["register"], w["pins"], w["arrival_ns"], w["slack_ns"]) for w in out] == [
+        ("core.lane1$270.s1_d", 1, 11.4, -1.4), ("core.x.s7_S", 2, 10.9, -0.9), ("core.sum", 1, 10.5, -0.5)]
 
 
 @pytest.mark.synth
