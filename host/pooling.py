@@ -614,6 +614,15 @@ def _pool2_rowwise_kernel(csrc, msrc, inv, loc, offs, w, weighted, out):
     return -1
 
 
+@numba.njit(cache=True, nogil=True)
+def pool2_into(csrc, msrc, inv, loc, offs, w, out):
+    """:func:`pool_two_sources` of fp32/fp16/int8/int32 rows (``w``: float32 weights or None),
+    callable from other kernels (the EV-Cache pools and admits a batch's misses in one call)."""
+    if w is None:
+        return _sum2_kernel(csrc, msrc, inv, loc, offs, out)
+    return _weighted2_kernel(csrc, msrc, inv, loc, offs, w, out)
+
+
 def pool_two_sources(csrc, msrc, elem: Elem, inv, loc, offsets, out, weights=None) -> int:
     """Pool bags whose rows live in two row matrices (both viewed by :func:`kernel_source`):
     lookup k's row is ``csrc[loc[inv[k]]]`` when that is >= 0, else ``msrc[-1 - loc[inv[k]]]``
@@ -623,9 +632,7 @@ def pool_two_sources(csrc, msrc, elem: Elem, inv, loc, offsets, out, weights=Non
     if elem.extra:  # int8_rowwise
         w = _NO_WEIGHTS if weights is None else weights
         return _pool2_rowwise_kernel(csrc, msrc, inv, loc, offsets, w, weights is not None, out)
-    if weights is None:
-        return _sum2_kernel(csrc, msrc, inv, loc, offsets, out)
-    return _weighted2_kernel(csrc, msrc, inv, loc, offsets, weights, out)
+    return pool2_into(csrc, msrc, inv, loc, offsets, weights, out)
 
 
 @numba.njit(cache=True, nogil=True)
