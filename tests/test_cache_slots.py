@@ -290,6 +290,22 @@ def test_lookup_dedupe_bad_input_changes_nothing():
     assert cache.stats["hits"] == 2 and cache.stats["misses"] == 1
 
 
+def _table_and_twins(seed, n_keys: int, elem: str, **cache_args):
+    """(rng, element type, a random 3-wide table of ``elem`` with NaNs among float rows, twin
+    EV-Caches over it whose sketch halves within a batch now and then)."""
+    rng = np.random.default_rng(seed)
+    dim = 3
+    el = ELEMS[elem]
+    if el.name in ("int8", "int32"):
+        table = rng.integers(-100, 100, (n_keys, dim)).astype(el.storage)
+    else:
+        table = rng.standard_normal((n_keys, dim)).astype(el.storage)
+        table[rng.random(table.shape) < 0.05] = np.nan
+    a, b = (EVCache(n_keys, dim, el.storage, name="t", **cache_args) for _ in range(2))
+    a._sketch_sample = b._sketch_sample = 37
+    return rng, el, table, a, b
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 40),
        admission=st.sampled_from(["sketch", "filter"]), decay=st.sampled_from([None, 13]),
@@ -302,17 +318,9 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
     the same returns, the same cache state after every batch (index included: the direct
     index's in-batch marks leave no trace), the definition's bits exactly when every row hit. Direct and hash indexes both occur (a cache of >= 80% of its table's
     rows takes the direct index)."""
-    rng = np.random.default_rng(seed)
-    dim = 3
-    el = ELEMS[elem]
-    if elem in ("int8", "int32"):
-        table = rng.integers(-100, 100, (n_keys, dim)).astype(el.storage)
-    else:
-        table = rng.standard_normal((n_keys, dim)).astype(el.storage)
-        table[rng.random(table.shape) < 0.05] = np.nan
-    a, b = (EVCache(n_keys, dim, el.storage, capacity=capacity, admission=admission,
-                    decay_interval=decay, admit_threshold=threshold, name="t") for _ in range(2))
-    a._sketch_sample = b._sketch_sample = 37     # halve the sketch within a batch now and then
+    rng, el, table, a, b = _table_and_twins(seed, n_keys, elem, capacity=capacity, admission=admission,
+                                            decay_interval=decay, admit_threshold=threshold)
+    dim = a.dim
     for step in range(25):
         keys = (rng.zipf(1.3, rng.integers(0, 60)) % n_keys).astype(itype)
         cached = np.flatnonzero(a.contains(np.arange(n_keys)))
@@ -375,17 +383,9 @@ def test_pool_admit_is_pool_two_sources_then_admit(seed, capacity, admission, de
     """``pool_admit`` on one cache, the two-source pooling then ``admit`` on its twin: the same
     bits in ``out`` (the definition's), the same locations and the same cache state after every
     batch (direct and hash indexes; the misses in ``lookup_dedupe``'s ascending order)."""
-    rng = np.random.default_rng(seed)
-    dim = 3
-    el = ELEMS[elem]
-    if elem in ("int8", "int32"):
-        table = rng.integers(-100, 100, (n_keys, dim)).astype(el.storage)
-    else:
-        table = rng.standard_normal((n_keys, dim)).astype(el.storage)
-        table[rng.random(table.shape) < 0.05] = np.nan
-    a, b = (EVCache(n_keys, dim, el.storage, capacity=capacity, admission=admission,
-                    decay_interval=decay, admit_threshold=threshold, name="t") for _ in range(2))
-    a._sketch_sample = b._sketch_sample = 37
+    rng, el, table, a, b = _table_and_twins(seed, n_keys, elem, capacity=capacity, admission=admission,
+                                            decay_interval=decay, admit_threshold=threshold)
+    dim = a.dim
     for step in range(25):
         keys = (rng.zipf(1.3, rng.integers(0, 60)) % n_keys).astype(np.int64)
         offs = np.concatenate([[0], np.sort(rng.integers(0, keys.size + 1, rng.integers(0, 6))),
