@@ -90,8 +90,9 @@ import numpy as np
 from evssd.host.dedupe import dedupe_into
 from evssd.host.misses import miss_order_into
 from evssd.host.elements import DEVICE_ELEMS
-from evssd.host.pooling import (pool2_into, _add_row, _bag_sum, _bag_weighted, _check as _check_bags, _prefetch,
-                              _settle, _start, describe_error, kernel_source)
+from evssd.host.pooling import (pool2_into, _add_row, _bag_row, _bag_sum, _bag_weighted,
+                                _check as _check_bags, _prefetch, _settle, _start, describe_error,
+                                kernel_source)
 
 __all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES", "ADMISSION_POLICIES", "DEFAULT_ADMISSION"]
 
@@ -491,13 +492,14 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
         hits = 0
         n_counted = 0
         n_bags = offs.shape[0] - 1 if out is not None else 1
+        acc = _bag_row(out)        # a bag sums here, then goes to out[b] (pooling._bag_row)
         for b in range(n_bags):
             lo = offs[b] if out is not None else 0
             hi = offs[b + 1] if out is not None else n
             if out is not None:
                 z = _start(out)
                 for t in range(out.shape[1]):
-                    out[b, t] = z
+                    acc[0, t] = z
             for j in range(lo, hi):
                 if j + 2 * _AHEAD < n:
                     _prefetch(h2, idx[j + 2 * _AHEAD], 0)
@@ -541,8 +543,10 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
                 inv[j] = u
                 slot_of[j] = s
                 if out is not None and pooled:
-                    _add_row(out, b, src, s, w, j)
+                    _add_row(acc, 0, src, s, w, j)
             if out is not None and pooled:
+                for t in range(out.shape[1]):
+                    out[b, t] = acc[0, t]
                 _settle(out, b, lo == hi)
         for u in range(n_u):               # every met row's entry back to its slot or -1
             htab[uniq[u]] = slots[u]
