@@ -88,9 +88,11 @@ import numba
 import numpy as np
 
 from evssd.host.dedupe import dedupe_into
+from evssd.host.misses import miss_order_into
 from evssd.host.elements import DEVICE_ELEMS
-from evssd.host.pooling import (_add_row, _bag_sum, _bag_weighted, _check as _check_bags, _prefetch,
-                              _settle, _start, describe_error, kernel_source)
+from evssd.host.pooling import (pool2_into, _add_row, _bag_row, _bag_sum, _bag_weighted,
+                                _check as _check_bags, _prefetch, _settle, _start, describe_error,
+                                kernel_source)
 
 __all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES", "ADMISSION_POLICIES", "DEFAULT_ADMISSION"]
 
@@ -302,6 +304,8 @@ def _sketch_halve(sketch):
 
 _NO_HIT = np.zeros(0, dtype=np.bool_)
 _ONE_BAG = np.zeros(1, dtype=np.int64)   # the offsets lookup_dedupe passes (no pooling)
+_NO_MISS = np.zeros(0, dtype=np.int64)   # a pooled batch's miss list (never written)
+_NO_MISS.flags.writeable = False
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _F32 = np.dtype(np.float32)
 _AHEAD = 8  # lookups between a prefetch hint and its use (as the pooling kernels)
@@ -441,10 +445,10 @@ def _dedupe_hashed(idx, n, uniq, inv, slots, slot_of, htab, kb, ref, rmax, count
 
 @numba.njit(cache=True)
 def _split(buf, n):
-    """A lookup's four result arrays in one int64 buffer of >= 3n: uniq (int64), inv (int64),
-    slots (int32), slot_of (int32)."""
+    """A lookup's five result arrays in one int64 buffer of >= 4n: uniq (int64), inv (int64),
+    slots (int32), slot_of (int32), the miss list (int64)."""
     b32 = buf[2 * n:3 * n].view(np.int32)
-    return buf[:n], buf[n:2 * n], b32[:n], b32[n:]
+    return buf[:n], buf[n:2 * n], b32[:n], b32[n:], buf[3 * n:4 * n]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -452,30 +456,31 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
                         st, src, w, out):
     """``lookup_slots(uniq)`` where ``uniq`` are ``idx``'s distinct keys in first-occurrence
     order -- fills uniq/inv/slots (per distinct key)/slot_of (per lookup) in ``buf`` (int64, at
-    least 3 * len(idx): see ``_split``), then the frequency passes and the stats -- and, with
+    least 4 * len(idx): see ``_split``), then the frequency passes and the stats, and unless the
+    bags were pooled the miss list (:func:`evssd.host.misses.miss_order_into`) -- and, with
     ``out`` (not None), the bags ``offs`` pooled from the
     cache rows ``src`` by the pooling definition (evssd.host.pooling._add_row; ``w``: weights
     or None) when every distinct key hit. Returns (distinct keys, or -1 - j for a bad key at
     position j; whether ``out`` holds the bags; -1, or the pooling check's code for bad
-    ``offs``). On an error nothing changed.
+    ``offs``; the length of the miss list). On an error nothing changed.
 
     Over a direct index it is one pass in bag order (see ``_SEEN``): probe, mark, recency and
     the row's term, the index entry ``2 * _AHEAD`` lookups ahead and the row ``_AHEAD`` ahead
     prefetched; a miss stops the pooling (``out`` then holds partial bags). Over a hash index
     the batch-local dedupe and the probe pass come first, the pooling after."""
     n = idx.shape[0]
-    uniq, inv, slots, slot_of = _split(buf, n)
+    uniq, inv, slots, slot_of, miss = _split(buf, n)
     if out is not None:            # offsets and keys checked before any state changes
         code = _check_bags(n_rows, idx, offs)
         if code <= -2:
-            return 0, False, code
+            return 0, False, code, 0
         if code >= 0:
-            return -1 - code, False, -1
+            return -1 - code, False, -1, 0
     else:
         for j in range(n):         # validate the whole batch before touching any state
             k = idx[j]
             if k < 0 or k >= n_rows:
-                return -1 - j, False, -1
+                return -1 - j, False, -1, 0
     rmax = np.uint8(ref_max)
     counted = np.empty(n if sketch.shape[0] > 0 else 0, dtype=np.int64)
     sk = counted.shape[0] > 0
@@ -487,13 +492,14 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
         hits = 0
         n_counted = 0
         n_bags = offs.shape[0] - 1 if out is not None else 1
+        acc = _bag_row(out)        # a bag sums here, then goes to out[b] (pooling._bag_row)
         for b in range(n_bags):
             lo = offs[b] if out is not None else 0
             hi = offs[b + 1] if out is not None else n
             if out is not None:
                 z = _start(out)
                 for t in range(out.shape[1]):
-                    out[b, t] = z
+                    acc[0, t] = z
             for j in range(lo, hi):
                 if j + 2 * _AHEAD < n:
                     _prefetch(h2, idx[j + 2 * _AHEAD], 0)
@@ -537,8 +543,10 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
                 inv[j] = u
                 slot_of[j] = s
                 if out is not None and pooled:
-                    _add_row(out, b, src, s, w, j)
+                    _add_row(acc, 0, src, s, w, j)
             if out is not None and pooled:
+                for t in range(out.shape[1]):
+                    out[b, t] = acc[0, t]
                 _settle(out, b, lo == hi)
         for u in range(n_u):               # every met row's entry back to its slot or -1
             htab[uniq[u]] = slots[u]
@@ -558,7 +566,10 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
     st[_MISSES] += n_u - hits
     st[_LOOKUPS] += n_u
     st[_SINCE_DECAY] += n_u
-    return n_u, pooled, -1
+    n_miss = 0
+    if not pooled and hits < n_u:
+        n_miss = miss_order_into(uniq, slots, n_u, miss)
+    return n_u, pooled, -1, n_miss
 
 
 @numba.njit(cache=True, nogil=True)
@@ -621,6 +632,28 @@ def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, ref, slot_key
     st[_HAND] = hand
     st[_SIZE] = size
     return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _pool_admit_kernel(csrc, msrc, rows, uniq, inv, loc, miss, offs, w, out, threshold, n_rows,
+                       htab, kb, values, ref, slot_key, counters, sketch, st):
+    """The end of a pooled lookup whose misses were fetched, in one call: miss i (``miss[i]``,
+    a position in ``uniq``) becomes location ``-1 - i`` in ``loc``; the bags are pooled from the
+    cache rows ``csrc`` and the fetched rows ``msrc`` (:func:`evssd.host.pooling.pool2_into`);
+    then ``uniq[miss]`` with ``rows[:len(miss)]`` are admitted (``_admit_kernel``). Returns
+    (-1, or the pooling's error code: then nothing was admitted; -1, or the position of a bad
+    key in the miss list)."""
+    n_miss = miss.shape[0]
+    for i in range(n_miss):
+        loc[miss[i]] = -1 - i
+    code = pool2_into(csrc, msrc, inv, loc, offs, w, out)
+    if code != -1 or n_miss == 0:
+        return code, -1
+    keys = np.empty(n_miss, dtype=np.int64)
+    for i in range(n_miss):
+        keys[i] = uniq[miss[i]]
+    return -1, _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, ref, slot_key,
+                             counters, sketch, st)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -815,7 +848,7 @@ class EVCache:
         self._sketch_sample = _SKETCH_SAMPLE_PER_ENTRY * cap
         self._st = np.zeros(_N_STATE, dtype=np.int64)
         self._sources = {}      # the row store as the pooling kernels read it, per element type
-        self._scratch = np.empty(0, dtype=np.int64)   # 24 bytes per lookup of the largest pooled batch
+        self._scratch = np.empty(0, dtype=np.int64)   # 32 bytes per lookup of the largest pooled batch
         self._last_pooled = True
         # The kernels release the GIL (the store overlaps cache work with device I/O in another
         # thread); the lock keeps two callers from racing on one table's cache.
@@ -917,12 +950,13 @@ class EVCache:
             self._run_lookup(keys, self._values[:0], _NO_HIT, slots, False)
         return slots
 
-    def lookup_dedupe(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    def lookup_dedupe(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Deduplicate a batch and look up its distinct indices in one pass: returns ``(uniq,
         inv, slots, slot_of, misses)`` with ``uniq`` the distinct indices in first-occurrence
         order (int64), ``indices == uniq[inv]`` (``inv`` int64), ``slots`` each distinct
         index's slot (int32, -1 for a miss), ``slot_of == slots[inv]`` (int32, per lookup) and
-        ``misses`` the number of -1 slots. Exactly the effects of ``lookup_slots(uniq)`` (the
+        ``misses`` the positions in ``uniq`` of the -1 slots in ascending index order (int64: the
+        order a backend reads them in; :func:`evssd.host.misses.miss_order`). Exactly the effects of ``lookup_slots(uniq)`` (the
         cache counts distinct indices); the slots' validity is as for :meth:`lookup_slots`.
         ``indices``: int32 or int64 (used as they are), or any integer array."""
         return self._lookup_pool(self._batch_keys(indices), _ONE_BAG, None, None)[1:]
@@ -932,7 +966,7 @@ class EVCache:
         from the cache rows into ``out`` in the same call, under the lock (no row can move
         between the lookup and the read). Returns ``(pooled, uniq, inv, slots, slot_of,
         misses)``: ``pooled`` says whether ``out`` holds the bags (then the rest is ``None``
-        and 0: no one reads them, so they stay in a scratch buffer of the cache's); otherwise
+        and an empty miss list: no one reads them, so they stay in a scratch buffer of the cache's); otherwise
         ``out``'s contents are unspecified and the rest is what :meth:`lookup_dedupe` returns.
 
         ``offsets``: FBGEMM's B+1 bag offsets (int32/int64); ``elem``: the table's
@@ -983,20 +1017,18 @@ class EVCache:
             # Whether a batch will pool is guessed from the last one (a wrong guess costs a
             # copy), so a cache that mostly misses allocates as lookup_dedupe does.
             if out is None or not self._last_pooled:
-                buf = np.empty(3 * n, dtype=np.int64)
+                buf = np.empty(4 * n, dtype=np.int64)
             else:
-                if self._scratch.shape[0] < 3 * n:
-                    self._scratch = np.empty(3 * n, dtype=np.int64)
+                if self._scratch.shape[0] < 4 * n:
+                    self._scratch = np.empty(4 * n, dtype=np.int64)
                 buf = self._scratch
-            hits0 = self._st[_HITS]
-            n_u, pooled, code = _lookup_pool_kernel(
+            n_u, pooled, code, n_miss = _lookup_pool_kernel(
                 arr, offs, buf, self.n_rows, self._htab, self._kb, self._ref, self._ref_max,
                 self._counters, self._sketch, self._sketch_sample, self._st, src, weights, out)
             if code == -1 and n_u >= 0:
-                misses = n_u - int(self._st[_HITS] - hits0)
                 self._maybe_decay()
                 if not pooled and buf is self._scratch:
-                    buf = buf[:3 * n].copy()
+                    buf = buf[:4 * n].copy()
                 if out is not None:
                     self._last_pooled = pooled
         if code != -1:
@@ -1004,9 +1036,9 @@ class EVCache:
         if n_u < 0:
             self._bad_index(arr, -1 - n_u)
         if pooled:
-            return True, None, None, None, None, 0
+            return True, None, None, None, None, _NO_MISS
         b32 = buf[2 * n:3 * n].view(np.int32)     # the layout of _split
-        return False, buf[:n_u], buf[n:2 * n], b32[:n_u], b32[n:], misses
+        return False, buf[:n_u], buf[n:2 * n], b32[:n_u], b32[n:], buf[3 * n:3 * n + n_miss]
 
     def _run_lookup(self, keys, out, hit, slots, copy) -> None:
         bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,
@@ -1069,6 +1101,39 @@ class EVCache:
         if bad >= 0:
             self._bad_index(keys, bad)
         return admitted
+
+    def pool_admit(self, fetched: np.ndarray, elem, uniq, inv, loc, miss, offsets, out,
+                   weights=None) -> int:
+        """Finish a pooled lookup (:meth:`lookup_pool`/:meth:`lookup_dedupe`) whose misses were
+        read, in one call under the lock: ``fetched[i]`` is the row of ``uniq[miss[i]]``;
+        ``loc`` (the lookup's ``slots``, int32) gets ``-1 - i`` for miss i; the bags are pooled
+        into ``out`` from the cache rows and ``fetched`` exactly as
+        :func:`evssd.host.pooling.pool_two_sources`; then the misses are offered for admission
+        as :meth:`admit` offers them. Only while every slot still holds the row the lookup found
+        (:attr:`epoch` unchanged). ``elem``: fp32/fp16/int8/int32 of the table dtype; ``out`` and
+        ``weights`` as for ``pool_two_sources``. Returns -1, or the pooling's error code
+        (:func:`evssd.host.pooling.describe_error`; then nothing was admitted)."""
+        if elem.extra or elem.storage != self.dtype:
+            raise ValueError(f"EVCache {self.name!r}: pool_admit pools fp32/fp16/int8/int32 rows of "
+                             f"the table dtype {self.dtype}, not {elem.name}")
+        if not isinstance(fetched, np.ndarray) or fetched.dtype != self.dtype or fetched.ndim != 2 \
+                or fetched.shape[1] != self.dim or fetched.shape[0] < miss.shape[0]:
+            raise ValueError(f"EVCache {self.name!r}: fetched must be a ({miss.shape[0]}, {self.dim}) "
+                             f"{self.dtype} array, got {getattr(fetched, 'dtype', type(fetched).__name__)} "
+                             f"{getattr(fetched, 'shape', '')}")
+        fetched = np.ascontiguousarray(fetched)
+        src = self._sources.get(elem.name)
+        if src is None:
+            src = self._sources[elem.name] = kernel_source(self._values_view, elem)
+        with self._lock:
+            code, bad = _pool_admit_kernel(src, kernel_source(fetched, elem), self._row_view(fetched),
+                                           uniq, inv, loc, miss, offsets, weights, out,
+                                           self.admit_threshold, self.n_rows, self._htab, self._kb,
+                                           self._values, self._ref, self._slot_key, self._counters,
+                                           self._sketch, self._st)
+        if bad >= 0:
+            self._bad_index(uniq[miss], bad)
+        return code
 
     def invalidate(self, indices) -> int:
         """Drop ``indices`` from the cache (e.g. after the table was rewritten). Returns how many

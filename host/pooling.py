@@ -256,6 +256,20 @@ def _ol_start(out):
     return lambda out: np.int32(0)
 
 
+def _bag_row(out):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_bag_row, inline="always")
+def _ol_bag_row(out):
+    """A kernel's own [1, dim] row of ``out``'s dtype for a bag to sum in before it is stored
+    to ``out[b]``: no store to ``out`` can then alias a source row, so the compiler keeps the
+    sums in registers (the additions and their order are the same). ``out`` None: an empty row."""
+    if isinstance(out, types.NoneType):
+        return lambda out: np.empty((1, 0), np.float32)
+    return lambda out: np.empty((1, out.shape[1]), out.dtype)
+
+
 def _settle(out, b, empty):  # pragma: no cover
     raise NotImplementedError
 
@@ -467,11 +481,12 @@ def _rowwise_parallel(src, idx, offs, w, weighted, out):
 
 
 @numba.njit(inline="always")
-def _bag_sum2(csrc, msrc, inv, loc, lo, hi, out, b, n, rb):
+def _bag_sum2(csrc, msrc, inv, loc, lo, hi, out, b, n, rb, acc):
+    # the bag sums in ``acc`` (:func:`_bag_row`) and is stored to ``out[b]`` at its end
     dim = out.shape[1]
     z = _start(out)
     for j in range(dim):
-        out[b, j] = z
+        acc[0, j] = z
     for k in range(lo, hi):
         ahead = k + PREFETCH_DISTANCE
         if ahead < n:
@@ -485,19 +500,22 @@ def _bag_sum2(csrc, msrc, inv, loc, lo, hi, out, b, n, rb):
         r = loc[inv[k]]
         if r >= 0:
             for j in range(dim):
-                out[b, j] += _load(csrc, r, j)
+                acc[0, j] += _load(csrc, r, j)
         else:
             r = -1 - r
             for j in range(dim):
-                out[b, j] += _load(msrc, r, j)
+                acc[0, j] += _load(msrc, r, j)
+    for j in range(dim):
+        out[b, j] = acc[0, j]
     _settle(out, b, lo == hi)
 
 
 @numba.njit(inline="always")
-def _bag_weighted2(csrc, msrc, inv, loc, w, lo, hi, out, b, n, rb):
+def _bag_weighted2(csrc, msrc, inv, loc, w, lo, hi, out, b, n, rb, acc):
+    # as _bag_sum2, with one fma per element
     dim = out.shape[1]
     for j in range(dim):
-        out[b, j] = np.float32(-0.0)
+        acc[0, j] = np.float32(-0.0)
     for k in range(lo, hi):
         ahead = k + PREFETCH_DISTANCE
         if ahead < n:
@@ -512,11 +530,13 @@ def _bag_weighted2(csrc, msrc, inv, loc, w, lo, hi, out, b, n, rb):
         wk = w[k]
         if r >= 0:
             for j in range(dim):
-                out[b, j] = fma32(wk, _loadf(csrc, r, j), out[b, j])
+                acc[0, j] = fma32(wk, _loadf(csrc, r, j), acc[0, j])
         else:
             r = -1 - r
             for j in range(dim):
-                out[b, j] = fma32(wk, _loadf(msrc, r, j), out[b, j])
+                acc[0, j] = fma32(wk, _loadf(msrc, r, j), acc[0, j])
+    for j in range(dim):
+        out[b, j] = acc[0, j]
     _settle(out, b, lo == hi)
 
 
@@ -585,8 +605,9 @@ def _sum2_kernel(csrc, msrc, inv, loc, offs, out):
         return code
     n = inv.shape[0]
     rb = csrc.shape[1] * csrc.itemsize
+    acc = _bag_row(out)
     for b in range(offs.shape[0] - 1):
-        _bag_sum2(csrc, msrc, inv, loc, offs[b], offs[b + 1], out, b, n, rb)
+        _bag_sum2(csrc, msrc, inv, loc, offs[b], offs[b + 1], out, b, n, rb, acc)
     return -1
 
 
@@ -597,8 +618,9 @@ def _weighted2_kernel(csrc, msrc, inv, loc, offs, w, out):
         return code
     n = inv.shape[0]
     rb = csrc.shape[1] * csrc.itemsize
+    acc = _bag_row(out)
     for b in range(offs.shape[0] - 1):
-        _bag_weighted2(csrc, msrc, inv, loc, w, offs[b], offs[b + 1], out, b, n, rb)
+        _bag_weighted2(csrc, msrc, inv, loc, w, offs[b], offs[b + 1], out, b, n, rb, acc)
     return -1
 
 
@@ -614,6 +636,15 @@ def _pool2_rowwise_kernel(csrc, msrc, inv, loc, offs, w, weighted, out):
     return -1
 
 
+@numba.njit(cache=True, nogil=True)
+def pool2_into(csrc, msrc, inv, loc, offs, w, out):
+    """:func:`pool_two_sources` of fp32/fp16/int8/int32 rows (``w``: float32 weights or None),
+    callable from other kernels (the EV-Cache pools and admits a batch's misses in one call)."""
+    if w is None:
+        return _sum2_kernel(csrc, msrc, inv, loc, offs, out)
+    return _weighted2_kernel(csrc, msrc, inv, loc, offs, w, out)
+
+
 def pool_two_sources(csrc, msrc, elem: Elem, inv, loc, offsets, out, weights=None) -> int:
     """Pool bags whose rows live in two row matrices (both viewed by :func:`kernel_source`):
     lookup k's row is ``csrc[loc[inv[k]]]`` when that is >= 0, else ``msrc[-1 - loc[inv[k]]]``
@@ -623,9 +654,7 @@ def pool_two_sources(csrc, msrc, elem: Elem, inv, loc, offsets, out, weights=Non
     if elem.extra:  # int8_rowwise
         w = _NO_WEIGHTS if weights is None else weights
         return _pool2_rowwise_kernel(csrc, msrc, inv, loc, offsets, w, weights is not None, out)
-    if weights is None:
-        return _sum2_kernel(csrc, msrc, inv, loc, offsets, out)
-    return _weighted2_kernel(csrc, msrc, inv, loc, offsets, weights, out)
+    return pool2_into(csrc, msrc, inv, loc, offsets, weights, out)
 
 
 @numba.njit(cache=True, nogil=True)

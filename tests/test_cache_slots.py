@@ -262,7 +262,8 @@ def test_lookup_dedupe_is_dedupe_then_lookup_slots(seed, capacity, admission, de
         assert uniq.tolist() == uniq_a.tolist() and inv.tolist() == inv_a.tolist()
         assert slots.tolist() == slots_a.tolist()
         assert slot_of.tolist() == slots[inv].tolist()
-        assert misses == int((slots < 0).sum())
+        assert misses.dtype == np.int64
+        assert misses.tolist() == sorted(np.flatnonzero(slots < 0).tolist(), key=lambda u: uniq[u])
         assert np.array_equal(uniq[inv], keys.astype(np.int64))
         miss = uniq[slots < 0]
         _admit_to_twins(a, b, miss, table, rng, step)
@@ -282,11 +283,27 @@ def test_lookup_dedupe_bad_input_changes_nothing():
         cache.lookup_dedupe(np.zeros((2, 2), np.int64))
     assert _state(cache) == before
     uniq, inv, slots, slot_of, misses = cache.lookup_dedupe(np.zeros(0, np.int64))
-    assert uniq.size == inv.size == slots.size == slot_of.size == misses == 0
+    assert uniq.size == inv.size == slots.size == slot_of.size == misses.size == 0
     uniq, inv, slots, slot_of, misses = cache.lookup_dedupe([2, 7, 2, 1, 7])
-    assert uniq.tolist() == [2, 7, 1] and inv.tolist() == [0, 1, 0, 2, 1] and misses == 1
+    assert uniq.tolist() == [2, 7, 1] and inv.tolist() == [0, 1, 0, 2, 1] and misses.tolist() == [1]
     assert slots[1] == -1 and slot_of.tolist() == slots[inv].tolist()
     assert cache.stats["hits"] == 2 and cache.stats["misses"] == 1
+
+
+def _table_and_twins(seed, n_keys: int, elem: str, **cache_args):
+    """(rng, element type, a random 3-wide table of ``elem`` with NaNs among float rows, twin
+    EV-Caches over it whose sketch halves within a batch now and then)."""
+    rng = np.random.default_rng(seed)
+    dim = 3
+    el = ELEMS[elem]
+    if el.name in ("int8", "int32"):
+        table = rng.integers(-100, 100, (n_keys, dim)).astype(el.storage)
+    else:
+        table = rng.standard_normal((n_keys, dim)).astype(el.storage)
+        table[rng.random(table.shape) < 0.05] = np.nan
+    a, b = (EVCache(n_keys, dim, el.storage, name="t", **cache_args) for _ in range(2))
+    a._sketch_sample = b._sketch_sample = 37
+    return rng, el, table, a, b
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -301,17 +318,9 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
     the same returns, the same cache state after every batch (index included: the direct
     index's in-batch marks leave no trace), the definition's bits exactly when every row hit. Direct and hash indexes both occur (a cache of >= 80% of its table's
     rows takes the direct index)."""
-    rng = np.random.default_rng(seed)
-    dim = 3
-    el = ELEMS[elem]
-    if elem in ("int8", "int32"):
-        table = rng.integers(-100, 100, (n_keys, dim)).astype(el.storage)
-    else:
-        table = rng.standard_normal((n_keys, dim)).astype(el.storage)
-        table[rng.random(table.shape) < 0.05] = np.nan
-    a, b = (EVCache(n_keys, dim, el.storage, capacity=capacity, admission=admission,
-                    decay_interval=decay, admit_threshold=threshold, name="t") for _ in range(2))
-    a._sketch_sample = b._sketch_sample = 37     # halve the sketch within a batch now and then
+    rng, el, table, a, b = _table_and_twins(seed, n_keys, elem, capacity=capacity, admission=admission,
+                                            decay_interval=decay, admit_threshold=threshold)
+    dim = a.dim
     for step in range(25):
         keys = (rng.zipf(1.3, rng.integers(0, 60)) % n_keys).astype(itype)
         cached = np.flatnonzero(a.contains(np.arange(n_keys)))
@@ -324,11 +333,11 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
         out = np.full((offs.size - 1, dim), 7, np.float32 if weighted else el.pooled)
         ref = a.lookup_dedupe(keys)
         got = b.lookup_pool(keys, offs, out, el, w)
-        assert got[0] == (ref[4] == 0) and (got[0] or not all_cached)
+        assert got[0] == (ref[4].size == 0) and (got[0] or not all_cached)
         if not got[0]:
-            assert [x.tolist() for x in got[1:5]] == [x.tolist() for x in ref[:4]] and got[5] == ref[4]
+            assert [x.tolist() for x in got[1:]] == [x.tolist() for x in ref]
         else:
-            assert got[1:] == (None, None, None, None, 0)
+            assert got[1:5] == (None, None, None, None) and got[5].size == 0
             want = P.pool(table, el, keys, offs, per_sample_weights=w)
             assert out.tobytes() == want.tobytes()
         miss = ref[0][ref[2] < 0]
@@ -360,5 +369,65 @@ def test_lookup_pool_bad_input_changes_nothing():
         assert out.tolist() == [[1, 1], [2, 2]]
         pooled, uniq, inv, slots, slot_of, misses = cache.lookup_pool(np.array([2, 3, 2]),
                                                                       np.array([0, 1, 3]), out, el)
-        assert not pooled and misses == 1 and uniq.tolist() == [2, 3] and inv.tolist() == [0, 1, 0]
+        assert not pooled and misses.tolist() == [1] and uniq.tolist() == [2, 3] and inv.tolist() == [0, 1, 0]
         assert slots[1] == -1 and slot_of.tolist() == slots[inv].tolist()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 40),
+       admission=st.sampled_from(["sketch", "filter"]), decay=st.sampled_from([None, 13]),
+       threshold=st.integers(0, 3), n_keys=st.sampled_from([24, 30, 200]),
+       elem=st.sampled_from(["fp32", "fp16", "int8", "int32"]), weighted=st.booleans())
+def test_pool_admit_is_pool_two_sources_then_admit(seed, capacity, admission, decay, threshold,
+                                                   n_keys, elem, weighted):
+    """``pool_admit`` on one cache, the two-source pooling then ``admit`` on its twin: the same
+    bits in ``out`` (the definition's), the same locations and the same cache state after every
+    batch (direct and hash indexes; the misses in ``lookup_dedupe``'s ascending order)."""
+    rng, el, table, a, b = _table_and_twins(seed, n_keys, elem, capacity=capacity, admission=admission,
+                                            decay_interval=decay, admit_threshold=threshold)
+    dim = a.dim
+    for step in range(25):
+        keys = (rng.zipf(1.3, rng.integers(0, 60)) % n_keys).astype(np.int64)
+        offs = np.concatenate([[0], np.sort(rng.integers(0, keys.size + 1, rng.integers(0, 6))),
+                               [keys.size]]).astype(np.int64)
+        w = rng.standard_normal(keys.size).astype(np.float32) if weighted else None
+        dtype = np.float32 if weighted else el.pooled
+        ua, ia, la, _, ma = a.lookup_dedupe(keys)
+        ub, ib, lb, _, mb = b.lookup_dedupe(keys)
+        assert ma.tolist() == mb.tolist()
+        assert np.all(np.diff(ua[ma]) > 0)
+        fetched = table[ua[ma]]
+        want = np.full((offs.size - 1, dim), 7, dtype)
+        la[ma] = -1 - np.arange(ma.size, dtype=np.int32)
+        assert P.pool_two_sources(P.kernel_source(a.values, el), P.kernel_source(fetched, el), el, ia,
+                                  la, offs, want, w) == -1
+        if ma.size:
+            a.admit(ua[ma], fetched)
+        got = np.full((offs.size - 1, dim), 7, dtype)
+        assert b.pool_admit(fetched, el, ub, ib, lb, mb, offs, got, w) == -1
+        assert got.tobytes() == want.tobytes()
+        assert got.tobytes() == P.pool(table, el, keys, offs, per_sample_weights=w).tobytes()
+        assert lb.tolist() == la.tolist()
+        assert _state(a) == _state(b)
+    b.check_invariants()
+
+
+def test_pool_admit_bad_input_changes_nothing():
+    el = ELEMS["fp32"]
+    cache = EVCache(50, 2, np.float32, capacity=8, admit_threshold=0, name="emb")
+    cache.admit([1, 2], np.ones((2, 2), np.float32))
+    uniq, inv, slots, _, miss = cache.lookup_dedupe(np.array([1, 3, 4, 1]))
+    before = _state(cache)
+    out = np.zeros((2, 2), np.float32)
+    offs = np.array([0, 2, 4])
+    for bad in (np.ones((1, 2), np.float32), np.ones((2, 3), np.float32), np.ones((2, 2), np.float64)):
+        with pytest.raises(ValueError, match=r"'emb'.*fetched must be"):
+            cache.pool_admit(bad, el, uniq, inv, slots, miss, offs, out)
+    with pytest.raises(ValueError, match="int8_rowwise"):
+        cache.pool_admit(np.ones((2, 2), np.float32), ELEMS["int8_rowwise"], uniq, inv, slots, miss, offs, out)
+    # offsets that do not cover the batch: the pooling's error code, nothing admitted
+    assert cache.pool_admit(np.ones((2, 2), np.float32), el, uniq, inv, slots, miss, np.array([0, 2, 3]),
+                            out) == -4
+    assert _state(cache) == before and (out == 0).all()
+    assert cache.pool_admit(np.full((2, 2), 2, np.float32), el, uniq, inv, slots, miss, offs, out) == -1
+    assert out.tolist() == [[3, 3], [3, 3]] and cache.contains([3, 4]).all()

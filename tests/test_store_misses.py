@@ -1,9 +1,9 @@
-"""The miss list (:func:`evssd.host.store.misses.miss_order`) against numpy's definition on
+"""The miss list (:func:`evssd.host.misses.miss_order`) against numpy's definition on
 random inputs, including rows beyond 2**31 (numpy's path) and empty and all-hit lists."""
 import numpy as np
 import pytest
 
-from evssd.host.store.misses import miss_order
+from evssd.host.misses import miss_order
 
 
 def _reference(uniq, slots):

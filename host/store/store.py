@@ -52,7 +52,6 @@ from evssd.host.store.errors import StoreClosedError, StoreError, StoreInputErro
 from evssd.host.store.evssd import EvssdBackend
 from evssd.host.store.file import FileBackend
 from evssd.host.store.lru import make_cache
-from evssd.host.store.misses import miss_order
 from evssd.host.store.rocksdb import RocksDBBackend
 from evssd.host.store.tablefile import open_table_file
 from evssd.host.store.tables import TableInfo, check_table, check_table_name, table_info
@@ -145,7 +144,6 @@ def _locate(loc, miss, slot_key, uniq, stale, check):
 
 
 _AUTO = object()
-_NO_MISS = np.zeros(0, dtype=np.int64)  # an all-hit plan's misses (never written)
 
 
 class EmbeddingStore:
@@ -382,13 +380,11 @@ class EmbeddingStore:
             with self._cache_locks[info.name]:
                 epoch = cache.epoch
                 if fuse:
-                    pooled, uniq, inv, slots, slot_of, n_miss = cache.lookup_pool(idx, offs, dst, info.el, w)
+                    pooled, uniq, inv, slots, slot_of, miss = cache.lookup_pool(idx, offs, dst, info.el, w)
                     if pooled:
                         return _Plan(info, idx, offs, mode, _CACHED, w, out, pooled=dst)
-                else:
-                    uniq, inv, slots, slot_of, n_miss = cache.lookup_dedupe(idx)
-            # ascending row order for the backend (file offsets, device pages)
-            miss = miss_order(uniq, slots) if n_miss else _NO_MISS
+                else:   # the misses come in ascending row order (file offsets, device pages)
+                    uniq, inv, slots, slot_of, miss = cache.lookup_dedupe(idx)
             return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
                          epoch=epoch, slot_of=slot_of)
         uniq, inv = dedupe(idx)
@@ -519,6 +515,13 @@ class EmbeddingStore:
         fetched = plan.fetched if plan.fetched is not None else np.empty((0, info.width), info.dtype)
         fetched = np.ascontiguousarray(fetched)
         with self._cache_locks[info.name]:
+            if cache.epoch == plan.epoch and not el.extra and hasattr(cache, "pool_admit"):
+                # no slot moved since the lookup: pool and admit in the cache's one call
+                code = cache.pool_admit(fetched, el, plan.uniq, plan.inv, loc, miss, plan.offsets, out,
+                                        plan.weights)
+                if code != -1:
+                    raise StoreError(f"table {info.name!r}: pooling over cache slots failed at lookup {code}")
+                return pooling.apply_mean(out, plan.offsets) if plan.mode == "mean" else out
             stale = np.empty(loc.size, np.int64)
             check = cache.epoch != plan.epoch   # an eviction or invalidation since the lookup
             stale = stale[:_locate(loc, miss, cache.slot_keys, plan.uniq, stale, check)]
