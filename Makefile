@@ -69,9 +69,11 @@ bitstream: $(VENV)/.stamp-dev
 	$(EVSSD) synth --board ulx3s-85f
 
 # The committed bitstream is current when its manifest's build digest (elaborated design without
-# source attributes + build options + tool versions) equals the tree's; otherwise rebuild it.
+# source attributes + build options + tool versions) equals the tree's; otherwise rebuild it
+# (each board; the ECPIX-5 build also generates LiteDRAM and LiteEth, about 30 minutes).
 release: $(VENV)/.stamp-dev
 	$(EVSSD) synth --release --board ulx3s-85f
+	$(EVSSD) synth --release --board ecpix5-85f
 
 docs: $(VENV)/.stamp-run
 	$(EVSSD) regmap --write
