@@ -188,7 +188,7 @@ class FlashChannelController(wiring.Component):
             issuer.way_ready.eq(ways.ready), issuer.way_loading.eq(ways.loading),
             ways.t_r.eq(self.t_r),
             ways.claim.eq(intake.claim), ways.claim_page.eq(intake.claim_page),
-            ways.touch.eq(intake.accept), ways.touch_way.eq(intake.use_way),
+            ways.touch.eq(intake.use_vec & intake.accept.replicate(g.ways)),
             ways.done.eq(realigner.done), ways.done_way.eq(realigner.done_way),
             ways.invalidate.eq(prog.invalidate), ways.invalidate_page.eq(prog.invalidate_page),
         ]

@@ -40,8 +40,9 @@ that command's result buffer may hold rows (never bytes outside it). On the vali
 nothing is read past the check and nothing is written.
 
 Timing: the state machines branch on registered facts, not on compares and sums made in the
-same cycle. Checks get states of their own (CHECK, PROBE_CHECK, SIZE_SUM/SIZE_CMP: four cycles
-per command; P_BAG_END per bag, PLAN per result chunk); the completion-order push, slot credits,
+same cycle. Checks get states of their own (CHECK, PROBE_CHECK, SIZE_CMP; the result size is a
+radix-4 multiply, SIZE_MUL, one cycle per two bits of the row's output bytes; P_BAG_END per bag,
+PLAN per result chunk); the completion-order push, slot credits,
 the chunk readers' request plans and word counts (``last`` travels with each index word), the
 skip counts and the probe's answer are registers (a chunk reader makes no request in the cycle
 after one). Two-entry register slices (full rate, one cycle each) decouple the handshakes: the
@@ -206,10 +207,9 @@ class CommandEngine(wiring.Component):
         pooled = Signal()
         weighted = Signal()
         out_row = Signal(16)
-        out_n = Signal(32)
         out_bytes = Signal(48)
-        size_lo = Signal(32)
-        size_hi = Signal(32)
+        mul_n = Signal(48)          # out_n << 2k at step k of the size multiply
+        mul_n3 = Signal(48)         # 3 * out_n << 2k
         pos = Signal(32)
         bag = Signal(32)            # bags whose end offset was read
         bag_end_pos = Signal(32)
@@ -479,8 +479,7 @@ class CommandEngine(wiring.Component):
                 with m.Else():
                     m.next = "SIZE"
             with m.State("SIZE"):
-                # the multiply's operands are registered first (select -> DSP -> adders did not
-                # fit in one cycle)
+                # the result's size is out_row * n: both operands (and 3n) registered first
                 with m.Switch(elem):
                     with m.Case(ElemType.FP16):
                         m.d.sync += out_row.eq(Mux(pooled, row_bytes << 1, row_bytes))
@@ -491,15 +490,24 @@ class CommandEngine(wiring.Component):
                                                    row_bytes))
                     with m.Default():
                         m.d.sync += out_row.eq(row_bytes)
-                m.d.sync += out_n.eq(Mux(pooled, c.n_bags, c.count))
+                n = Mux(pooled, c.n_bags, c.count)
+                m.d.sync += [mul_n.eq(n), mul_n3.eq(n + (n << 1)), out_bytes.eq(0)]
                 m.next = "SIZE_MUL"
             with m.State("SIZE_MUL"):
-                # 16 x 32 bits as two 16 x 16 products (one DSP each), summed in the next state
-                m.d.sync += [size_lo.eq(out_row * out_n[:16]), size_hi.eq(out_row * out_n[16:])]
-                m.next = "SIZE_SUM"
-            with m.State("SIZE_SUM"):
-                m.d.sync += out_bytes.eq(size_lo + (size_hi << 16))
-                m.next = "SIZE_CMP"
+                # out_bytes = out_row * out_n, two bits of out_row a cycle (radix 4: add 0, n,
+                # 2n or 3n, shifted), until the rest of out_row is zero: one 48-bit addition
+                # behind a 4:1 select a cycle. (A DSP multiply between registers needed ~10.8
+                # ns routed on ECP5: the slowest cell of the board at 100 MHz.)
+                with m.Switch(out_row[:2]):
+                    with m.Case(1):
+                        m.d.sync += out_bytes.eq(out_bytes + mul_n)
+                    with m.Case(2):
+                        m.d.sync += out_bytes.eq(out_bytes + (mul_n << 1))
+                    with m.Case(3):
+                        m.d.sync += out_bytes.eq(out_bytes + mul_n3)
+                m.d.sync += [out_row.eq(out_row >> 2), mul_n.eq(mul_n << 2), mul_n3.eq(mul_n3 << 2)]
+                with m.If(out_row[2:] == 0):
+                    m.next = "SIZE_CMP"
             with m.State("SIZE_CMP"):
                 m.d.sync += chk.result_overflow.eq(out_bytes > c.dst_bytes)
                 m.next = "SIZE_CHECK"

@@ -9,8 +9,9 @@ state they change and shows it as registers (plus the LRU one-hot, one LUT level
 - ``claim`` (one-hot or zero) with ``claim_page``: that register takes the page; its timer is
   loaded a cycle later (``loading``) with ``t_r - 1``, so tR ends on the same cycle as if loaded
   at once while the claim's fan-out stays small.
-- ``touch`` / ``touch_way``: a read was accepted on that register: it becomes the most recently
-  used, and its reference count goes up.
+- ``touch`` (one-hot or zero): a read was accepted on that register: it becomes the most
+  recently used, and its reference count goes up. One-hot, so each register's update is one
+  gate of the intake's accept and its own bit (no way-number decode behind the accept).
 - ``done`` / ``done_way``: a read using that register has finished; the reference is dropped a
   cycle later (from registers: a late drop only delays an LRU replacement by a cycle).
 - ``invalidate`` / ``invalidate_page``: a program started: a register holding the page is emptied.
@@ -40,7 +41,7 @@ class PageRegisters(wiring.Component):
         super().__init__({
             "t_r": In(24),
             "claim": In(ways), "claim_page": In(g.page_bits),
-            "touch": In(1), "touch_way": In(range(ways)),
+            "touch": In(ways),
             "done": In(1), "done_way": In(range(ways)),
             "invalidate": In(1), "invalidate_page": In(g.page_bits),
             "valid": Out(ways), "page": Out(data.ArrayLayout(g.page_bits, ways)),
@@ -89,21 +90,22 @@ class PageRegisters(wiring.Component):
             if self.checks:
                 m.d.sync += Assert(way_ready[w] == (way_timer[w] == 0),
                                    "channel: way_ready out of step")
-        with m.If(self.touch):
-            for i in range(ways):
-                for j in range(ways):
-                    if i == j:
-                        continue
-                    with m.If(self.touch_way == i):
-                        m.d.sync += more_recent[i][j].eq(1)
-                    with m.Elif(self.touch_way == j):
-                        m.d.sync += more_recent[i][j].eq(0)
+        for i in range(ways):
+            for j in range(ways):
+                if i == j:
+                    continue
+                with m.If(self.touch[i]):
+                    m.d.sync += more_recent[i][j].eq(1)
+                with m.Elif(self.touch[j]):
+                    m.d.sync += more_recent[i][j].eq(0)
 
+        if self.checks:
+            m.d.sync += Assert((self.touch & (self.touch - 1)) == 0, "channel: touch not one-hot")
         done_d = Signal()
         done_way = Signal.like(self.done_way)
         m.d.sync += [done_d.eq(self.done), done_way.eq(self.done_way)]
         for w in range(ways):
-            inc = self.touch & (self.touch_way == w)
+            inc = self.touch[w]
             dec = done_d & (done_way == w)
             with m.If(inc & ~dec):
                 m.d.sync += [way_ref[w].eq(way_ref[w] + 1), way_ref_zero[w].eq(0)]

@@ -14,7 +14,7 @@ out in request order.
   ``busy``: the stage holds a read (a program may not start).
 
 The page-register state is :class:`~.page_registers.PageRegisters`'s: ``way_*`` in, ``claim``,
-``accept``/``use_way`` out. ``block_mode`` is constant while reads are in flight.
+``accept``/``use_way`` (and ``use_vec``, the same way one-hot) out. ``block_mode`` is constant while reads are in flight.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class ReadIntake(wiring.Component):
             "way_valid": In(ways), "way_page": In(data.ArrayLayout(g.page_bits, ways)),
             "way_lru": In(ways), "way_ref_zero": In(ways),
             "claim": Out(ways), "claim_page": Out(g.page_bits),
-            "accept": Out(1), "use_way": Out(range(ways)), "busy": Out(1),
+            "accept": Out(1), "use_way": Out(range(ways)), "use_vec": Out(ways), "busy": Out(1),
         })
 
     def elaborate(self, platform):
@@ -136,6 +136,9 @@ class ReadIntake(wiring.Component):
         m.d.comb += lru_free.eq((lru_vec & self.way_ref_zero).any())
         use_way = self.use_way
         m.d.comb += use_way.eq(Mux(hit, hit_way, lru_way))
+        # the same way one-hot, straight from registers (a page is in at most one register,
+        # and the LRU vector is one-hot)
+        m.d.comb += self.use_vec.eq(Mux(hit, hit_vec, lru_vec))
 
         # (`keep`: the decision stays two LUT levels deep instead of being re-balanced)
         can = Signal(attrs={"keep": 1})    # the head could go if it has a page register
@@ -190,4 +193,5 @@ class ReadIntake(wiring.Component):
             check(~staged_valid | (hit_vec[w] == hh), "channel: head hit bit out of step")
             check(~spare_valid | (spare_hit[w] == hs), "channel: spare hit bit out of step")
         check(~spare_valid | staged_valid, "channel: spare without head")
+        check(~accept | (self.use_vec == (1 << use_way)), "channel: use_vec is not use_way's bit")
         return m

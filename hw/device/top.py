@@ -148,7 +148,9 @@ class EVSSD(wiring.Component):
         registered("xlat_resp_reg", xl.o_resp, eng.i_xlat)
         registered("ftl_req_reg", eng.o_ftl, ftl.i_req)
         wiring.connect(m, ftl.o_req, demux.i_req)
-        wiring.connect(m, eng.o_desc, mg.i_desc)
+        # The merger works out each descriptor's op count in front of its own input slice, so
+        # the link from the engine's fork (across the chip) gets a slice of its own.
+        registered("desc_reg", eng.o_desc, mg.i_desc)
         wiring.connect(m, mg.o_free, eng.i_free)
         wiring.connect(m, mg.o_data, eng.i_out)
 

@@ -295,8 +295,7 @@ def test_page_registers(ways):
                 pending_refs[done] -= 1
             ctx.set(dut.claim, claim)
             ctx.set(dut.claim_page, cpage)
-            ctx.set(dut.touch, touch is not None)
-            ctx.set(dut.touch_way, touch or 0)
+            ctx.set(dut.touch, 0 if touch is None else 1 << touch)
             ctx.set(dut.done, done is not None)
             ctx.set(dut.done_way, done or 0)
             ctx.set(dut.invalidate, inval is not None)
@@ -329,7 +328,7 @@ def test_read_intake(name):
         intake.run.eq(1), intake.way_valid.eq(regs.valid), intake.way_page.eq(regs.page),
         intake.way_lru.eq(regs.lru), intake.way_ref_zero.eq(regs.ref_zero),
         regs.claim.eq(intake.claim), regs.claim_page.eq(intake.claim_page),
-        regs.touch.eq(intake.accept), regs.touch_way.eq(intake.use_way), regs.t_r.eq(3),
+        regs.touch.eq(intake.use_vec & intake.accept.replicate(g.ways)), regs.t_r.eq(3),
     ]
     pages = rng.sample(range(params.pages_per_channel), min(params.pages_per_channel, g.ways + 2))
     reads = []
