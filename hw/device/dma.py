@@ -64,13 +64,19 @@ class HostDMA(wiring.Component):
         })
 
     # Beats of the next burst starting at beat-aligned `addr` with `remain` beats left.
-    def _burst_beats(self, m, addr, remain, name):
+    def _burst_cap(self, m, addr, name):
+        """The longest burst from ``addr``: to the next 4 KiB boundary, at most 256 beats."""
         bb = self.params.host_data_bits // 8
         to_4k = Signal(range(4096 // bb + 1), name=f"{name}_to_4k")
         m.d.comb += to_4k.eq((4096 - addr[:12]) >> _log2(bb))
-        beats = Signal(9, name=f"{name}_beats")
         cap = Signal(9, name=f"{name}_cap")
         m.d.comb += cap.eq(Mux(to_4k < 256, to_4k, 256))
+        return cap
+
+    def _burst_beats(self, m, addr, remain, name):
+        """The next burst's length: the cap from ``addr``, at most ``remain``."""
+        cap = self._burst_cap(m, addr, name)
+        beats = Signal(9, name=f"{name}_beats")
         m.d.comb += beats.eq(Mux(remain < cap, remain, cap))
         return beats
 
@@ -199,11 +205,18 @@ class HostDMA(wiring.Component):
                 with m.If(w_sel == i):
                     m.d.sync += w_on[i].eq(1)
 
+        # The next burst's length in two register steps from the address and the beats left
+        # (the bytes to the 4 KiB boundary, then the smaller of that and what is left); an AW
+        # waits two cycles after a change of either (a fire or a new command).
         aw_beats = Signal(9)
         aw_ok = Signal()
         aw_fire = Signal()
-        m.d.sync += [aw_beats.eq(self._burst_beats(m, aw_addr, aw_remain, "aw")),
-                     aw_ok.eq((aw_remain != 0) & ~aw_fire & ~w_load)]
+        aw_changed = Signal()
+        aw_cap = Signal(9)
+        m.d.sync += [aw_cap.eq(self._burst_cap(m, aw_addr, "aw")),
+                     aw_beats.eq(Mux(aw_remain < aw_cap, aw_remain, aw_cap)),
+                     aw_changed.eq(aw_fire | w_load),
+                     aw_ok.eq((aw_remain != 0) & ~aw_fire & ~w_load & ~aw_changed)]
         # Each accepted AW's length waits here for its W burst: W takes wlast from a register
         # instead of recomputing the burst length from its start address (that chain ran into
         # wvalid/wready and the clients' handshakes).

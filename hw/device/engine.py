@@ -189,12 +189,16 @@ class CommandEngine(wiring.Component):
         word = offw.o.payload
         offq_layout = data.StructLayout({"data": 32, "err": 1, "gt_count": 1, "clamp": 32})
         m.submodules.off_reg = offq = SkidBuffer(offq_layout)
+        # word > count from two 16-bit halves compared side by side (half the carry chain)
+        hi_gt, hi_eq = word.data[16:] > c.count[16:], word.data[16:] == c.count[16:]
+        gt_count = Signal()
+        m.d.comb += gt_count.eq(hi_gt | (hi_eq & (word.data[:16] > c.count[:16])))
         m.d.comb += [
             offq.i.valid.eq(offw.o.valid),
             offq.i.payload.data.eq(word.data),
             offq.i.payload.err.eq(word.err),
-            offq.i.payload.gt_count.eq(word.data > c.count),
-            offq.i.payload.clamp.eq(Mux(word.data > c.count, c.count, word.data)),
+            offq.i.payload.gt_count.eq(gt_count),
+            offq.i.payload.clamp.eq(Mux(gt_count, c.count, word.data)),
             offw.o.ready.eq(offq.i.ready),
         ]
         off_word = offq.o

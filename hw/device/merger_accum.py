@@ -136,6 +136,14 @@ class AccumulatorPath(wiring.Component):
         w_j = Signal(acc_jbits + 1)
         w_a = [Signal(32, name=f"w_a{i}") for i in range(K)]
         w_b = [Signal(32, name=f"w_b{i}") for i in range(K)]
+        # Each consumer of the operands has its own copy (the fp adder: w_a/w_b; the int32
+        # adder: wi_a/wi_b; the FMA path: wf_a/wf_b), so no operand register drives all three.
+        # Each copy is what its consumer needs and differs from the others where the others'
+        # rows do not matter to it (else the synthesizer would merge equal registers back).
+        wi_a = [Signal(32, name=f"wi_a{i}") for i in range(K)]
+        wi_b = [Signal(32, name=f"wi_b{i}") for i in range(K)]
+        wf_a = [Signal(32, name=f"wf_a{i}") for i in range(K)]
+        wf_b = [Signal(32, name=f"wf_b{i}") for i in range(K)]
         m.d.sync += [w_valid.eq(r2_valid), w_j.eq(r2_addr), w_int.eq(r2_int)]
         # -0.0 is the fp identity: -0 + x == x, +-0 included (FMA-path sums are fp32 for every type)
         ident = Mux(r2_int & ~r2_fma, 0, 0x8000_0000)
@@ -190,8 +198,11 @@ class AccumulatorPath(wiring.Component):
                     m.d.comb += lane.eq(byte_sel)
                 with m.Default():
                     m.d.comb += lane.eq(rd[32 * i:32 * (i + 1)])
-            m.d.sync += [w_b[i].eq(lane),
-                         w_a[i].eq(Mux(r2_first, ident, r2_acc[32 * i:32 * (i + 1)]))]
+            acc_i = r2_acc[32 * i:32 * (i + 1)]
+            m.d.sync += [w_b[i].eq(lane), w_a[i].eq(Mux(r2_first, ident, acc_i)),
+                         wi_a[i].eq(Mux(r2_first, 0, acc_i)), wi_b[i].eq(Mux(r2_int, lane, 0)),
+                         wf_a[i].eq(Mux(r2_first, 0x8000_0000, acc_i)),
+                         wf_b[i].eq(Mux(r2_fma, lane, 0))]
 
         # ---------------- adders: K lanes, fp32 or int32, fixed latency L ----------------
         a_valid = Signal()
@@ -210,7 +221,7 @@ class AccumulatorPath(wiring.Component):
             m.submodules[f"add{i}"] = add
             m.d.comb += [add.i_a.eq(w_a[i]), add.i_b.eq(w_b[i]), add.i_valid.eq(a_valid)]
             isum = [Signal(32, name=f"isum{i}_0")]
-            m.d.sync += isum[0].eq(w_a[i] + w_b[i])    # wraps at 32 bits
+            m.d.sync += isum[0].eq(wi_a[i] + wi_b[i])    # wraps at 32 bits
             for s in range(1, L):
                 nxt = Signal(32, name=f"isum{i}_{s}")
                 m.d.sync += nxt.eq(isum[-1])
@@ -243,12 +254,12 @@ class AccumulatorPath(wiring.Component):
         for i in range(K):
             i2f = Int32ToFp32()
             m.submodules[f"i2f{i}"] = i2f
-            m.d.comb += [i2f.i_x.eq(w_b[i]), i2f.i_valid.eq(f_valid[0])]
-            raw = delay(w_b[i], Int32ToFp32.LATENCY, f"f_raw{i}")
+            m.d.comb += [i2f.i_x.eq(wf_b[i]), i2f.i_valid.eq(f_valid[0])]
+            raw = delay(wf_b[i], Int32ToFp32.LATENCY, f"f_raw{i}")
             xf = Signal(32, name=f"f_x{i}")
             m.d.sync += xf.eq(Mux(conv_d, i2f.o_f, raw))
             x_in = delay(xf, PM - Int32ToFp32.LATENCY - 1, f"f_x{i}")
-            acc_in = delay(w_a[i], PM, f"f_acc{i}")
+            acc_in = delay(wf_a[i], PM, f"f_acc{i}")
             lane = RowwiseLane()
             m.submodules[f"lane{i}"] = lane
             m.d.comb += [lane.i_acc.eq(acc_in), lane.i_x.eq(x_in), lane.i_scale.eq(pm_scale.o_res),

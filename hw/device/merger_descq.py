@@ -10,8 +10,8 @@ up while the merger waits for an older row (that would leave at most two lookups
 descriptors wait in a FIFO of ``depth`` entries (lookups are credit-limited to ``n_slots``; the
 rest of the depth absorbs empty-bag tokens). A register slice in front of the FIFO keeps the
 engine's fork off the FIFO's state (``i_desc.ready`` is a register and never waits for rows). The
-op counts are computed before the FIFO, so the issue stage loads them without arithmetic, in two
-steps around that slice, so that each side of it has at most one carry chain. The
+op counts are computed before the FIFO, so the issue stage loads them without arithmetic, in
+front of that slice (one carry chain), so that the FIFO's write data come from its registers. The
 FIFO's read data is block RAM output (5.6 ns clock-to-out on ECP5, no output register): a
 register slice behind it lets the row entries' slot-flag lookup start from flip-flops.
 """
@@ -43,24 +43,24 @@ class DescriptorQueue(wiring.Component):
         g = self._g
         K, log2K = g.K, g.log2K
         xl = entry_layout(g)
-        # The op count and flags are worked out in two steps, one on each side of the `desc_in`
-        # register slice, so that each side has at most one carry chain: in front of it the
-        # flags and narrow fields, and the constant the op count adds to `row_bytes`; behind it
-        # the op count, `(row_bytes + addend) >> (ish + log2K)`, one addition. (The op count is
-        # ceil(n_elems / K) with n_elems = row_bytes >> ish, plus the row-wise header op: for
-        # ish = 0 that is (row_bytes - 4 + K - 1 + K*hdr) >> log2K, and for ish > 0
-        # (row_bytes >> ish) + K - 1 >> log2K = (row_bytes + ((K - 1) << ish)) >>
-        # (ish + log2K), since the bits shifted out cannot carry past a multiple of K.)
+        # The op count and flags are worked out in front of the `desc_in` register slice, so
+        # that behind it the FIFO's write data come straight from registers (block RAM data
+        # inputs need their setup early). The op count is ceil(n_elems / K) with n_elems =
+        # row_bytes >> ish, plus the row-wise header op: for ish = 0 that is
+        # (row_bytes - 4 + K - 1 + K*hdr) >> log2K, and for ish > 0 (row_bytes >> ish) + K - 1
+        # >> log2K = (row_bytes + ((K - 1) << ish)) >> (ish + log2K), since the bits shifted out
+        # cannot carry past a multiple of K. The sums for every ish (and both header cases) are
+        # formed side by side from row_bytes, and the element size only selects one: one carry
+        # chain between the engine's slice and this one.
         dl = desc_layout(g.n_slots)
         sum_bits = dl.members["row_bytes"].width + 1
         pl = data.StructLayout({
             "desc": dl,
             "ish": unsigned(2),          # log2(itemsize); GATHER moves 32-bit words
             "hdr": unsigned(1),          # a pooled INT8_ROWWISE row: op 0 reads scale and bias
-            "zero": unsigned(1),         # no elements (a 0-byte row: a broken table config)
             "one_op": unsigned(1),
             "last_cnt": range(K + 1),
-            "addend": unsigned(sum_bits),
+            "n_ops": xl.members["n_ops"],
         })
         m.submodules.desc_in = desc_in = SkidBuffer(pl)
         d_in = self.i_desc.payload
@@ -85,25 +85,29 @@ class DescriptorQueue(wiring.Component):
         rb_over_4 = (rb[3:] != 0) | (rb[2] & (rb[1] | rb[0]))     # row_bytes > 4, no carry chain
         hdr_in = d_in.pooled & (d_in.elem == ElemType.INT8_ROWWISE) & rb_over_4
         m.d.comb += pre.hdr.eq(hdr_in)
+        def ops(addend, sh):
+            total = Signal(sum_bits, name=f"ops_sum{sh}_{addend}")
+            m.d.comb += total.eq(rb + addend)
+            return total >> (sh + log2K)
+        ops_by_ish = [Mux(hdr_in, ops((2 * K - ROWWISE_HEADER_BYTES - 1) % (1 << sum_bits), 0),
+                          ops(K - 1, 0)),
+                      ops((K - 1) << 1, 1), ops((K - 1) << 2, 2)]
         with m.Switch(pre.ish):
             for sh in range(3):
                 with m.Case(sh):
                     n_low = rb >> sh                      # elements of the row (before the header)
-                    zero = n_low == 0                     # with a header the row has > 4 bytes
+                    # no elements (a 0-byte row: a broken table config); a header implies > 4 bytes
+                    zero = n_low == 0
                     # the last op's element count, ((n_elems - 1) mod K) + 1, from the low bits
                     first = ROWWISE_HEADER_BYTES + 1 if sh == 0 else 1
                     low = (n_low[:log2K] - Mux(hdr_in, first, 1))[:log2K] if log2K else C(0, 1)
                     at_most_k = ((n_low >> log2K) == 0) | (n_low == K)   # n_elems <= K
-                    if sh == 0:
-                        addend = Mux(hdr_in, (2 * K - ROWWISE_HEADER_BYTES - 1) % (1 << sum_bits),
-                                     K - 1)
-                    else:
-                        addend = C((K - 1) << sh, sum_bits)
+                    # a 0-byte row still takes one op of no words, so the issue stage cannot
+                    # wait forever for an op count of zero
                     m.d.comb += [
-                        pre.zero.eq(zero),
                         pre.last_cnt.eq(Mux(zero, 0, low + 1)),
                         pre.one_op.eq(at_most_k & ~hdr_in),
-                        pre.addend.eq(addend),
+                        pre.n_ops.eq(Mux(zero, 1, ops_by_ish[sh])),
                     ]
         q = desc_in.o.payload
         d_new = q.desc
@@ -120,14 +124,7 @@ class DescriptorQueue(wiring.Component):
             x_new.pooled_or_empty.eq(d_new.pooled | d_new.empty_bag),
             x_new.goes_emit.eq(d_new.empty_bag | (d_new.pooled & d_new.bag_end)),
         ]
-        ops_sum = Signal(sum_bits)
-        m.d.comb += ops_sum.eq(d_new.row_bytes + q.addend)
-        # a 0-byte row still takes one op of no words, so the issue stage cannot wait forever
-        # for an op count of zero
-        with m.Switch(q.ish):
-            for sh in range(3):
-                with m.Case(sh):
-                    m.d.comb += x_new.n_ops.eq(Mux(q.zero, 1, ops_sum >> (sh + log2K)))
+        m.d.comb += x_new.n_ops.eq(q.n_ops)
         m.submodules.desc_fifo = dfifo = SyncFIFOBuffered(width=xl.size, depth=self.depth)
         m.d.comb += [
             dfifo.w_data.eq(x_new),

@@ -18,6 +18,9 @@ Bus behaviour:
 """
 from __future__ import annotations
 
+import functools
+import operator
+
 from amaranth import Module, Signal, Cat, Const, Mux
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
@@ -153,7 +156,6 @@ class MMIOManager(wiring.Component):
         rd_addr = Signal(ADDR_WIDTH)     # the address offered, registered every cycle
         rd_taken = Signal()              # stage 0: rd_addr holds the read's address
         rd_pending = Signal()            # stage 1: the group words hold its words
-        rd_group = Signal(ADDR_WIDTH - 5)
         rd_mapped = Signal()
         r_valid = Signal()
         r_data = Signal(32)
@@ -171,7 +173,12 @@ class MMIOManager(wiring.Component):
         # The address decode and the group words load every cycle from rd_addr (no clock
         # enable: the AR handshake drove ~270 of them, and the address comes from a register of
         # its own rather than the bus slice's mux); stage 1 uses those loaded in stage 0.
-        m.d.sync += [rd_group.eq(rd_addr[5:ADDR_WIDTH]), rd_mapped.eq(0)]
+        # stage 1 picks the group by a one-hot of registers (an AND-OR over the group words,
+        # no decode of the group number in front of the 32-bit select)
+        rd_pick = {g: Signal(name=f"rd_pick{g:02x}") for g in groups}
+        m.d.sync += rd_mapped.eq(0)
+        for g in groups:
+            m.d.sync += rd_pick[g].eq(rd_addr[5:ADDR_WIDTH] == g)
         with m.Switch(rd_addr[2:ADDR_WIDTH]):
             for addr, reg, ch in regmap.all_addresses(p.n_channels):
                 with m.Case(addr >> 2):
@@ -183,12 +190,11 @@ class MMIOManager(wiring.Component):
                     with m.Case(low):
                         m.d.sync += group_word[g].eq(self._read_value(reg, ch))
         with m.If(rd_pending):
-            m.d.sync += [r_valid.eq(1), r_data.eq(0),
+            m.d.sync += [r_valid.eq(1),
                          r_resp.eq(Mux(rd_mapped, Resp.OKAY, Resp.DECERR))]
-            with m.Switch(rd_group):
-                for g in groups:
-                    with m.Case(g):
-                        m.d.sync += r_data.eq(Mux(rd_mapped, group_word[g], 0))
+            # an unmapped address's group words are all 0 (no case of their switch matched)
+            m.d.sync += r_data.eq(functools.reduce(
+                operator.or_, [group_word[g] & rd_pick[g].replicate(32) for g in groups]))
         return m
 
     def _write_field(self, m, reg, fld, data, strb):

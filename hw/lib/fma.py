@@ -27,12 +27,12 @@ computed so the magnitude needs no negation), leading-zero count, a normalising 
 limited so the biased exponent stays >= 1 (what remains unnormalised is a subnormal), round
 to nearest even and pack as ``Fp32Adder`` does.
 
-Stages: 1 unpack/classify + the addend's offset, 2 four 12x12 partial products (DSP
+Stages: 1 unpack/classify + the exponent sums that place the addend, 2 four 12x12 partial products (DSP
 MULT18X18D) + the addend's shift amount and window anchor, 3 partial-product middle sum + the
 addend's alignment shift with sticky, 4 product assembly, 5a add/subtract of the window's low 50
 bits, 5b of the rest with their carries, 6a leading zeros of
-four 26-bit chunks, 6b their combination + the shift limit, 7 normalising shift, 8a rounding
-decision, 8b pack. Cost and Fmax alone on ECP5: docs/synthesis.md.
+four 26-bit chunks, 6b their combination + the shift limit, 7 normalising shift by multiples of 16, 8a the rest of
+the shift on the kept bits and guard + the rounding decision, 8b pack. Cost and Fmax alone on ECP5: docs/synthesis.md.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
@@ -50,6 +50,8 @@ _ROUND = _WIN - 24    # lowest kept bit of a normalised result (leading one at b
 _LZ_CHUNK = 26        # the leading-zero count: per chunk in one stage, chunks combined in the next
 _LZ_CHUNKS = 4
 _SPLIT = 50           # window bits added in stage 5a; the rest, with 5a's carries, in 5b
+_ECK = (300 + _PLSB - 150) - _CLSB   # (eaf + ebf) - (ecf + _ECK) = _CLSB - the addend's offset
+_FINE = 4             # the normalising shift: by multiples of 2**_FINE in stage 7, the rest in 8a
 
 
 class Fp32Fma(wiring.Component):
@@ -93,12 +95,15 @@ class Fp32Fma(wiring.Component):
         # 2**(ec-150), the window's lowest bit weighs 2**(ea+eb-300-_PLSB)
         eaf_s, ebf_s, ecf_s = Signal(signed(11)), Signal(signed(11)), Signal(signed(11))
         m.d.comb += [eaf_s.eq(eaf), ebf_s.eq(ebf), ecf_s.eq(ecf)]
-        pos = Signal(signed(11))
-        m.d.comb += pos.eq(ecf_s - eaf_s - ebf_s + (300 + _PLSB - 150))
+        # the offset is pos = ecf - (eaf + ebf) + (300 + _PLSB - 150); stage 2 needs only
+        # _CLSB - pos = (eaf + ebf) - (ecf + _ECK), so stage 1 holds the two sums (one carry
+        # chain each, side by side) and stage 2 subtracts them once
+        eck = Signal(signed(11))
+        m.d.comb += eck.eq(ecf_s + _ECK)
         s1_ma = stage("s1_ma", Cat(fa, ea != 0))
         s1_mb = stage("s1_mb", Cat(fb, eb != 0))
         s1_mc = stage("s1_mc", Cat(fc, ec != 0))
-        s1_pos = stage("s1_pos", pos)
+        s1_eck = stage("s1_eck", eck)
         s1_eab = stage("s1_eab", eaf_s + ebf_s, signed(11))
         s1_ecf = stage("s1_ecf", ecf_s, signed(11))
         s1_pzero = stage("s1_pzero", a_zero | b_zero)
@@ -117,15 +122,19 @@ class Fp32Fma(wiring.Component):
         s2_lh = stage("s2_lh", al * bh, 24)
         s2_hl = stage("s2_hl", ah * bl, 24)
         s2_hh = stage("s2_hh", ah * bh, 24)
-        # anchored to the addend when it lies above the window's top (or the product is 0)
-        c_based = s1_cnz & (s1_pzero | (s1_pos > _CLSB))
+        # d = _CLSB - pos: the addend's right shift when 0 <= d <= 127; d < 0 puts it above the
+        # window's top (anchored to the addend, or the product is 0: shift 0), d > 127 below
+        d = Signal(signed(12))
+        m.d.comb += d.eq(s1_eab - s1_eck)
+        above = d[-1]
+        c_based = s1_cnz & (s1_pzero | above)
         sh = Signal(7)
-        with m.If(c_based | (s1_pos > _CLSB)):
+        with m.If(c_based | above):
             m.d.comb += sh.eq(0)
-        with m.Elif(s1_pos < _CLSB - 127):
+        with m.Elif(d[7:] != 0):
             m.d.comb += sh.eq(127)
         with m.Else():
-            m.d.comb += sh.eq(_CLSB - s1_pos)
+            m.d.comb += sh.eq(d[:7])
         # lim = the largest normalising left shift that keeps the biased exponent >= 1: with
         # the window's lowest bit weighing 2**w, a leading one at bit _WIN-1-shift has biased
         # exponent w + _WIN + 126 - shift = lim + 1 - shift. Anchored to the addend
@@ -254,8 +263,9 @@ class Fp32Fma(wiring.Component):
         s6_isign = stage("s6_isign", s6a_isign)
         s6_valid = stage("s6_valid", s6a_valid)
 
-        # ---- stage 7: normalise ----
-        s7_S = stage("s7_S", (s6_S << s6_sh)[:_WIN], _WIN)
+        # ---- stage 7: normalise, coarse part (multiples of 2**_FINE) ----
+        s7_S = stage("s7_S", (s6_S << Cat(Const(0, _FINE), s6_sh[_FINE:]))[:_WIN], _WIN)
+        s7_fine = stage("s7_fine", s6_sh[:_FINE])
         s7_em1 = stage("s7_em1", s6_lim - s6_sh, signed(11))   # biased exponent - 1
         s7_tiny = stage("s7_tiny", s6_tiny)
         s7_zero = stage("s7_zero", s6_zero)
@@ -266,11 +276,21 @@ class Fp32Fma(wiring.Component):
         s7_isign = stage("s7_isign", s6_isign)
         s7_valid = stage("s7_valid", s6_valid)
 
-        # ---- stage 8a: the rounding decision (guard, sticky, last kept bit) ----
-        g = s7_S[_ROUND - 1]
-        st = s7_S[:_ROUND - 1] != 0
-        s8_mant = stage("s8_mant", s7_S[_ROUND:])
-        s8_up = stage("s8_up", g & (st | s7_S[_ROUND]))
+        # ---- stage 8a: the fine part of the shift on the kept bits and the guard, and the
+        # rounding decision (guard, sticky, last kept bit). Bits below _ROUND - 2**_FINE end
+        # below the guard whatever the fine shift; of the 2**_FINE - 1 above them, bit j does
+        # when j + fine < _ROUND - 1. ----
+        span = (1 << _FINE) - 1
+        top = s7_S[_ROUND - 1 - span:]                      # 24 kept + guard + span bits
+        kept = Signal(len(top))
+        m.d.comb += kept.eq(top << s7_fine)
+        g = kept[span]
+        base = _ROUND - 1 - span
+        st_lo = s7_S[:base] != 0
+        st_mid = Cat(*[s7_S[base + k] & (s7_fine < span - k) for k in range(span)]).any()
+        mant = kept[span + 1:span + 25]
+        s8_mant = stage("s8_mant", mant)
+        s8_up = stage("s8_up", g & (st_lo | st_mid | mant[0]))
         s8_em1 = stage("s8_em1", s7_em1.as_unsigned()[:8])     # >= 0 unless tiny
         s8_big = stage("s8_big", s7_em1 >= 0xFF)                # overflows whatever the rounding
         s8_tiny = stage("s8_tiny", s7_tiny)
