@@ -137,9 +137,11 @@ class AccumulatorPath(wiring.Component):
         w_a = [Signal(32, name=f"w_a{i}") for i in range(K)]
         w_b = [Signal(32, name=f"w_b{i}") for i in range(K)]
         # Each consumer of the operands has its own copy (the fp adder: w_a/w_b; the int32
-        # adder: wi_a/wi_b; the FMA path: wf_a/wf_b), so no operand register drives all three.
-        # Each copy is what its consumer needs and differs from the others where the others'
-        # rows do not matter to it (else the synthesizer would merge equal registers back).
+        # adder: wi_a/wi_b; the FMA path: wf_a, wf_b for the int-to-float converters and w_b
+        # for the other types), so no operand register drives all of them. Each copy is what
+        # its consumer needs, from the fewest inputs (the integer copies skip the fp16
+        # widening), and differs from the others where the others' rows do not matter to it
+        # (else the synthesizer would merge equal registers back).
         wi_a = [Signal(32, name=f"wi_a{i}") for i in range(K)]
         wi_b = [Signal(32, name=f"wi_b{i}") for i in range(K)]
         wf_a = [Signal(32, name=f"wf_a{i}") for i in range(K)]
@@ -189,6 +191,10 @@ class AccumulatorPath(wiring.Component):
                         m.d.comb += byte_sel.eq(rd[(Wc // 4) * s + 8 * i:][:8])
             m.d.comb += h2f.i_h.eq(half_sel)
             lane = Signal(32, name=f"lane{i}")
+            word = rd[32 * i:32 * (i + 1)]
+            lane_int = Mux(r2_elem == ElemType.INT8, byte_sel.as_signed(), word)
+            lane_conv = Mux(r2_elem == ElemType.INT8, byte_sel.as_signed(),
+                            Mux(r2_elem == ElemType.INT8_ROWWISE, byte_sel, word))
             with m.Switch(r2_elem):
                 with m.Case(ElemType.FP16):
                     m.d.comb += lane.eq(h2f.o_f)
@@ -200,9 +206,9 @@ class AccumulatorPath(wiring.Component):
                     m.d.comb += lane.eq(rd[32 * i:32 * (i + 1)])
             acc_i = r2_acc[32 * i:32 * (i + 1)]
             m.d.sync += [w_b[i].eq(lane), w_a[i].eq(Mux(r2_first, ident, acc_i)),
-                         wi_a[i].eq(Mux(r2_first, 0, acc_i)), wi_b[i].eq(Mux(r2_int, lane, 0)),
+                         wi_a[i].eq(Mux(r2_first, 0, acc_i)), wi_b[i].eq(lane_int),
                          wf_a[i].eq(Mux(r2_first, 0x8000_0000, acc_i)),
-                         wf_b[i].eq(Mux(r2_fma, lane, 0))]
+                         wf_b[i].eq(lane_conv)]
 
         # ---------------- adders: K lanes, fp32 or int32, fixed latency L ----------------
         a_valid = Signal()
@@ -255,7 +261,7 @@ class AccumulatorPath(wiring.Component):
             i2f = Int32ToFp32()
             m.submodules[f"i2f{i}"] = i2f
             m.d.comb += [i2f.i_x.eq(wf_b[i]), i2f.i_valid.eq(f_valid[0])]
-            raw = delay(wf_b[i], Int32ToFp32.LATENCY, f"f_raw{i}")
+            raw = delay(w_b[i], Int32ToFp32.LATENCY, f"f_raw{i}")
             xf = Signal(32, name=f"f_x{i}")
             m.d.sync += xf.eq(Mux(conv_d, i2f.o_f, raw))
             x_in = delay(xf, PM - Int32ToFp32.LATENCY - 1, f"f_x{i}")

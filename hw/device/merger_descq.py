@@ -13,13 +13,15 @@ engine's fork off the FIFO's state (``i_desc.ready`` is a register and never wai
 op counts are computed before the FIFO, so the issue stage loads them without arithmetic, in
 front of that slice (one carry chain), so that the FIFO's write data come from its registers. The
 FIFO's read data is block RAM output (5.6 ns clock-to-out on ECP5, no output register): a
-register slice behind it lets the row entries' slot-flag lookup start from flip-flops.
+register stage behind it lets the row entries' slot-flag lookup start from flip-flops (a
+:class:`RegisterStage`, no read-pointer mux: the entries' ready is a register's select).
 """
 from amaranth import C, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from ..lib.register_stage import RegisterStage
 from ..lib.skid_buffer import SkidBuffer
 from ..regmap import ROWWISE_HEADER_BYTES, ElemType
 from .merger_layouts import MergerGeometry, desc_layout, entry_layout
@@ -131,7 +133,7 @@ class DescriptorQueue(wiring.Component):
             dfifo.w_en.eq(desc_in.o.valid),
             desc_in.o.ready.eq(dfifo.w_rdy),
         ]
-        m.submodules.desc_out = desc_out = SkidBuffer(xl)
+        m.submodules.desc_out = desc_out = RegisterStage(xl)
         m.d.comb += [
             desc_out.i.payload.eq(dfifo.r_data),
             desc_out.i.valid.eq(dfifo.r_rdy),

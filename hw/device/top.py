@@ -30,6 +30,7 @@ from .merger import ResultMerger
 from .mmio import ADDR_WIDTH, MMIOManager
 from .queues import CommandQueue
 from ..regmap import ElemType, Params, default_read_queue, default_slots
+from ..lib.register_stage import RegisterStage
 from ..lib.skid_buffer import SkidBuffer
 from .translator import ExtentTranslator
 
@@ -149,8 +150,12 @@ class EVSSD(wiring.Component):
         registered("ftl_req_reg", eng.o_ftl, ftl.i_req)
         wiring.connect(m, ftl.o_req, demux.i_req)
         # The merger works out each descriptor's op count in front of its own input slice, so
-        # the link from the engine's fork (across the chip) gets a slice of its own.
-        registered("desc_reg", eng.o_desc, mg.i_desc)
+        # the link from the engine's fork (across the chip) gets a register stage of its own:
+        # the op count's adders then start from flip-flops (the merger's input ready is a
+        # register, so the stage's combinational ready is early).
+        m.submodules.desc_reg = desc_reg = RegisterStage(eng.o_desc.payload.shape())
+        wiring.connect(m, eng.o_desc, desc_reg.i)
+        wiring.connect(m, desc_reg.o, mg.i_desc)
         wiring.connect(m, mg.o_free, eng.i_free)
         wiring.connect(m, mg.o_data, eng.i_out)
 
