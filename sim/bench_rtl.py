@@ -51,6 +51,9 @@ def add_arguments(parser):
                              "hw.regmap.default_read_queue; e.g. 2 for the old 1-way queue)")
     parser.add_argument("--seed", type=ct.nonneg_int, default=1)
     parser.add_argument("--quick", action="store_true", help="small sweep (CI smoke run)")
+    parser.add_argument("--legacy-draw", action="store_true",
+                        help="model only (no Verilator): the measurement's cycles with the lookups "
+                             "drawn as before git 27335a6 and as now, side by side")
     sw = parser.add_argument_group("sweep of the default build's throughput (--sweep)")
     sw.add_argument("--sweep", action="store_true",
                     help="channels x ways x tR on the model, a subset on the RTL (see --rtl-configs)")
@@ -293,9 +296,83 @@ def bound(params, row_bytes: int, t_r: int) -> dict:
             "bound_device": min(1.0, channel_bw, flash, merger, host)}
 
 
+def model_replay(params, *, draw: str, t_r: int, row_bytes: int = 64, inflight: int = 4,
+                 seed: int = 1, sizes=(64, 128, 256, 512), batches: int = 3,
+                 n_slots: int | None = None, read_queue: int | None = None) -> dict:
+    """The timing model's cycles for the whole measurement (sustained 4 x 256 and 4 x 512, then
+    the latency batches) with the lookups drawn ``draw="current"`` (the sustained runs from
+    :func:`throughput_batches`, as ``tb_bench_rtl`` draws them since git 27335a6) or
+    ``draw="legacy"`` (everything from the one generator that first wrote the flash pages, as the
+    bench drew before: the same ``seed`` then meant other rows). Runs in seconds; it tells a
+    change of the device from a change of the bench's lookups."""
+    import asyncio
+
+    import numpy as np
+
+    from evssd.host.device import AsyncDevice
+    from evssd.host.model import ModelTransport
+
+    if draw not in ("legacy", "current"):
+        raise ValueError(f"draw must be 'legacy' or 'current', not {draw!r}")
+    n_rows = params.total_pages * (params.page_size // row_bytes)
+
+    async def main():
+        rng = np.random.default_rng(seed)
+        for _ in range(params.total_pages):      # the flash pages' contents, as tb_bench_rtl
+            rng.integers(0, 256, params.page_size, dtype=np.uint8)
+        dev = await AsyncDevice.open(ModelTransport(params, host_memory_bytes=16 << 20, n_slots=n_slots,
+                                                    read_queue=read_queue), sq_entries=16, cq_entries=16)
+        try:
+            await dev.set_timing(t_r=t_r)
+            await dev.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
+
+            async def cycles(gathers):
+                c0 = (await dev.counters())["cycles"]
+                handles = [await dev.submit_gather(0, idx) for idx in gathers]
+                for h in handles:
+                    await dev.finish(h)
+                return (await dev.counters())["cycles"] - c0
+
+            out = {"draw": draw, "throughput": [], "latency_p50": {}}
+            for n in (256, 512):
+                gathers = ([rng.integers(0, n_rows, n) for _ in range(inflight)] if draw == "legacy"
+                           else throughput_batches(n_rows, n, inflight, seed))
+                out["throughput"].append({"lookups": n * inflight, "cycles": await cycles(gathers)})
+            rng.integers(0, n_rows, 64)             # the amplification rows (RTL only)
+            for size in sizes:
+                samples = [await cycles([rng.integers(0, n_rows, size)]) for _ in range(batches)]
+                out["latency_p50"][str(size)] = float(np.percentile(samples, 50))
+            return out
+        finally:
+            await dev.close()
+
+    return asyncio.run(main())
+
+
+def _run_legacy_draw(args) -> int:
+    from evssd.host.bench.common import write_results
+    params = bench_params(args.channels, args.ways, host_bits=args.host_bits, ch_bits=args.ch_bits,
+                          page_size=args.page_size, pages=args.pages)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    report = {"n_slots": args.slots, "read_queue": args.read_queue, "t_r": args.t_r, "runs": []}
+    for draw in ("legacy", "current"):
+        r = model_replay(params, draw=draw, t_r=args.t_r, row_bytes=args.row_bytes,
+                         inflight=args.inflight, seed=args.seed, sizes=sizes, batches=args.batches,
+                         n_slots=args.slots, read_queue=args.read_queue)
+        report["runs"].append(r)
+        tp = ", ".join(f"{t['lookups']} lookups {t['cycles']} cycles" for t in r["throughput"])
+        lat = " / ".join(f"{v:.0f}" for v in r["latency_p50"].values())
+        print(f"model, {draw} draw: {tp}; latency p50 {lat} cycles")
+    path = write_results("bench_rtl_legacy_draw", report, command="evssd bench rtl --legacy-draw")
+    print(f"wrote {path}")
+    return 0
+
+
 def run(args) -> int:
     if args.sweep:
         return _run_sweep(args)
+    if args.legacy_draw:
+        return _run_legacy_draw(args)
     from evssd.host.bench.common import write_results
     from evssd.hw.regmap import default_slots
 

@@ -106,3 +106,18 @@ def test_cxx_opt_argument_and_runner_check():
     for bad in ("O0", "-O0 -g", "-O9", "-march=native"):
         with pytest.raises(ValueError, match="cxx_opt must be one of"):
             runner.run("evssd.sim.tb_bench_rtl", "device", Params(), cxx_opt=bad)
+
+
+def test_model_replay_tells_the_draws_apart():
+    """`evssd bench rtl --legacy-draw`: the current draw's sustained runs are exactly the model
+    measurement of `model_throughput`; the legacy draw measures other rows (so other cycles)."""
+    params = bench_rtl.bench_params(4, 4)
+    cur = bench_rtl.model_replay(params, draw="current", t_r=1000, sizes=(64,), batches=1)
+    old = bench_rtl.model_replay(params, draw="legacy", t_r=1000, sizes=(64,), batches=1)
+    assert [t["lookups"] for t in cur["throughput"]] == [1024, 2048]
+    first = bench_rtl.model_throughput(params, t_r=1000, lookups=256)
+    assert cur["throughput"][0]["cycles"] == first["cycles"]
+    assert old["throughput"][0]["cycles"] != cur["throughput"][0]["cycles"]
+    assert set(old["latency_p50"]) == {"64"} and old["latency_p50"]["64"] > 0
+    with pytest.raises(ValueError, match="draw"):
+        bench_rtl.model_replay(params, draw="other", t_r=1000)
