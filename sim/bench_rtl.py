@@ -26,7 +26,7 @@ import tempfile
 from evssd.host import cli_types as ct
 
 __all__ = ["add_arguments", "run", "bound", "bench_params", "throughput_batches", "model_throughput",
-           "sweep", "DEFAULT_RTL_CONFIGS"]
+           "gather_cycles", "model_replay", "sweep", "DEFAULT_RTL_CONFIGS"]
 
 #: builds the sweep runs on the RTL: the corners and the diagonal of 1..8 x 1..8 (channels x ways)
 DEFAULT_RTL_CONFIGS = "1x1,1x8,8x1,2x2,4x4,8x8,4x2,2x8"
@@ -109,6 +109,16 @@ def throughput_batches(n_rows: int, lookups: int, inflight: int, seed: int) -> l
     return [rng.integers(0, n_rows, lookups) for _ in range(inflight)]
 
 
+async def gather_cycles(dev, gathers) -> int:
+    """Cycles ``dev`` (a device model) takes for ``gathers`` (index arrays of table 0), submitted
+    together and then finished, as the RTL measurement runs them."""
+    c0 = (await dev.counters())["cycles"]
+    handles = [await dev.submit_gather(0, idx) for idx in gathers]
+    for h in handles:
+        await dev.finish(h)
+    return (await dev.counters())["cycles"] - c0
+
+
 def model_throughput(params, *, t_r: int, row_bytes: int = 64, lookups: int = 1024, inflight: int = 4,
                      seed: int = 1, n_slots: int | None = None, read_queue: int | None = None) -> dict:
     """The timing model's estimate of the throughput measurement (``inflight`` gathers submitted
@@ -128,12 +138,7 @@ def model_throughput(params, *, t_r: int, row_bytes: int = 64, lookups: int = 10
         try:
             await dev.set_timing(t_r=t_r)
             await dev.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
-            c0 = (await dev.counters())["cycles"]
-            handles = [await dev.submit_gather(0, idx)
-                       for idx in throughput_batches(n_rows, lookups, inflight, seed)]
-            for h in handles:
-                await dev.finish(h)
-            return (await dev.counters())["cycles"] - c0
+            return await gather_cycles(dev, throughput_batches(n_rows, lookups, inflight, seed))
         finally:
             await dev.close()
 
@@ -326,12 +331,8 @@ def model_replay(params, *, draw: str, t_r: int, row_bytes: int = 64, inflight: 
             await dev.set_timing(t_r=t_r)
             await dev.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
 
-            async def cycles(gathers):
-                c0 = (await dev.counters())["cycles"]
-                handles = [await dev.submit_gather(0, idx) for idx in gathers]
-                for h in handles:
-                    await dev.finish(h)
-                return (await dev.counters())["cycles"] - c0
+            def cycles(gathers):
+                return gather_cycles(dev, gathers)
 
             out = {"draw": draw, "throughput": [], "latency_p50": {}}
             for n in (256, 512):

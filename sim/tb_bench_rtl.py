@@ -17,7 +17,7 @@ from evssd.host.device import AsyncDevice
 from evssd.host.model import ModelTransport
 from evssd.hw.regmap import default_slots
 from evssd.hw.regmap import Opcode
-from evssd.sim.bench_rtl import throughput_batches
+from evssd.sim.bench_rtl import gather_cycles, throughput_batches
 from evssd.sim.runner import load_meta
 from evssd.sim.transport import CocotbTransport, quiet_cocotbext_axi, start_clock_and_reset
 
@@ -66,13 +66,9 @@ async def bench(dut):
     await model.program_pages(0, flash)
     await model.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
 
-    async def model_cycles(batches):
+    def model_cycles(batches):
         """The model's estimate for the same commands, submitted together like on the RTL."""
-        c0 = (await model.counters())["cycles"]
-        handles = [await model.submit_gather(0, idx) for idx in batches]
-        for h in handles:
-            await model.finish(h)
-        return (await model.counters())["cycles"] - c0
+        return gather_cycles(model, batches)
 
     report = {"params": p.as_dict(), "t_r": cfg["t_r"], "row_bytes": row_bytes, "throughput": [],
               "amplification": {}, "latency": {}}
