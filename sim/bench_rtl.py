@@ -331,17 +331,15 @@ def model_replay(params, *, draw: str, t_r: int, row_bytes: int = 64, inflight: 
             await dev.set_timing(t_r=t_r)
             await dev.configure_table(0, row_bytes, "fp32", [(0, n_rows, 0)])
 
-            def cycles(gathers):
-                return gather_cycles(dev, gathers)
-
             out = {"draw": draw, "throughput": [], "latency_p50": {}}
             for n in (256, 512):
                 gathers = ([rng.integers(0, n_rows, n) for _ in range(inflight)] if draw == "legacy"
                            else throughput_batches(n_rows, n, inflight, seed))
-                out["throughput"].append({"lookups": n * inflight, "cycles": await cycles(gathers)})
+                out["throughput"].append({"lookups": n * inflight,
+                                          "cycles": await gather_cycles(dev, gathers)})
             rng.integers(0, n_rows, 64)             # the amplification rows (RTL only)
             for size in sizes:
-                samples = [await cycles([rng.integers(0, n_rows, size)]) for _ in range(batches)]
+                samples = [await gather_cycles(dev, [rng.integers(0, n_rows, size)]) for _ in range(batches)]
                 out["latency_p50"][str(size)] = float(np.percentile(samples, 50))
             return out
         finally:

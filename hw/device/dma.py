@@ -206,8 +206,8 @@ class HostDMA(wiring.Component):
                     m.d.sync += w_on[i].eq(1)
 
         # The next burst's length in two register steps from the address and the beats left
-        # (the bytes to the 4 KiB boundary, then the smaller of that and what is left); an AW
-        # waits two cycles after a change of either (a fire or a new command).
+        # (the bytes to the 4 KiB boundary, then the smaller of that and what is left), so no AW
+        # is offered in the two cycles after either changes (a fire or a new command).
         aw_beats = Signal(9)
         aw_ok = Signal()
         aw_fire = Signal()

@@ -212,8 +212,8 @@ class CommandEngine(wiring.Component):
         weighted = Signal()
         out_row = Signal(16)
         out_bytes = Signal(48)
-        mul_n = Signal(48)          # out_n << 2k at step k of the size multiply
-        mul_n3 = Signal(48)         # 3 * out_n << 2k
+        mul_n = Signal(48)          # n << 2k at step k of the size multiply (n: rows or bags)
+        mul_n3 = Signal(48)         # 3n << 2k
         pos = Signal(32)
         bag = Signal(32)            # bags whose end offset was read
         bag_end_pos = Signal(32)
@@ -498,7 +498,7 @@ class CommandEngine(wiring.Component):
                 m.d.sync += [mul_n.eq(n), mul_n3.eq(n + (n << 1)), out_bytes.eq(0)]
                 m.next = "SIZE_MUL"
             with m.State("SIZE_MUL"):
-                # out_bytes = out_row * out_n, two bits of out_row a cycle (radix 4: add 0, n,
+                # out_bytes = out_row * n, two bits of out_row a cycle (radix 4: add 0, n,
                 # 2n or 3n, shifted), until the rest of out_row is zero: one 48-bit addition
                 # behind a 4:1 select a cycle. (A DSP multiply between registers needed ~10.8
                 # ns routed on ECP5: the slowest cell of the board at 100 MHz.)

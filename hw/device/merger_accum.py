@@ -203,7 +203,7 @@ class AccumulatorPath(wiring.Component):
                 with m.Case(ElemType.INT8_ROWWISE):
                     m.d.comb += lane.eq(byte_sel)
                 with m.Default():
-                    m.d.comb += lane.eq(rd[32 * i:32 * (i + 1)])
+                    m.d.comb += lane.eq(word)
             acc_i = r2_acc[32 * i:32 * (i + 1)]
             m.d.sync += [w_b[i].eq(lane), w_a[i].eq(Mux(r2_first, ident, acc_i)),
                          wi_a[i].eq(Mux(r2_first, 0, acc_i)), wi_b[i].eq(lane_int),

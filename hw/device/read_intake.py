@@ -14,7 +14,8 @@ out in request order.
   ``busy``: the stage holds a read (a program may not start).
 
 The page-register state is :class:`~.page_registers.PageRegisters`'s: ``way_*`` in, ``claim``,
-``accept``/``use_way`` (and ``use_vec``, the same way one-hot) out. ``block_mode`` is constant while reads are in flight.
+``accept``/``use_way`` (and ``use_vec``, the same way one-hot) out. ``block_mode`` is constant
+while reads are in flight.
 """
 from __future__ import annotations
 

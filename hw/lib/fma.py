@@ -27,12 +27,13 @@ computed so the magnitude needs no negation), leading-zero count, a normalising 
 limited so the biased exponent stays >= 1 (what remains unnormalised is a subnormal), round
 to nearest even and pack as ``Fp32Adder`` does.
 
-Stages: 1 unpack/classify + the exponent sums that place the addend, 2 four 12x12 partial products (DSP
-MULT18X18D) + the addend's shift amount and window anchor, 3 partial-product middle sum + the
-addend's alignment shift with sticky, 4 product assembly, 5a add/subtract of the window's low 50
-bits, 5b of the rest with their carries, 6a leading zeros of
-four 26-bit chunks, 6b their combination + the shift limit, 7 normalising shift by multiples of 16, 8a the rest of
-the shift on the kept bits and guard + the rounding decision, 8b pack. Cost and Fmax alone on ECP5: docs/synthesis.md.
+Stages: 1 unpack/classify + the exponent sums that place the addend, 2 four 12x12 partial
+products (DSP MULT18X18D) + the addend's shift amount and window anchor, 3 partial-product middle
+sum + the addend's alignment shift with sticky, 4 product assembly, 5a add/subtract of the
+window's low 50 bits, 5b of the rest with their carries, 6a leading zeros of four 26-bit chunks,
+6b their combination + the shift limit, 7 normalising shift by multiples of 16, 8a the rest of
+the shift on the kept bits and guard + the rounding decision, 8b pack. Cost and Fmax alone on
+ECP5: docs/synthesis.md.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
