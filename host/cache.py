@@ -18,7 +18,10 @@ costs one call and no Python-level per-key work:
   frequency only matters again once the hand has taken its references away, and skipping it
   spares the sketch line (a cache miss per key when other tables' rows evicted the sketch) for
   most hits on hot rows. After ``10 x capacity`` counted keys every counter is halved, so the
-  sketch estimates recent frequency. A free slot takes any
+  sketch estimates recent frequency. Counting starts once the cache is half full and then goes
+  on until :meth:`EVCache.clear` (Caffeine starts its sketch at the same point): until then no
+  admission reads it -- a free slot takes any candidate -- and a cache with room to spare, such as
+  one holding its whole working set, pays no sketch line per lookup. A free slot takes any
   candidate (the filter protects residents; with room there is none to protect: without this, a
   large cache stays part empty for rows seen once). When the cache is full, a candidate that
   passed the filter replaces the victim only if its estimate is strictly higher;
@@ -303,6 +306,7 @@ def _sketch_halve(sketch):
 
 
 _NO_HIT = np.zeros(0, dtype=np.bool_)
+_NO_SKETCH = np.zeros(0, dtype=np.uint64)   # what lookups count into before the sketch starts
 _ONE_BAG = np.zeros(1, dtype=np.int64)   # the offsets lookup_dedupe passes (no pooling)
 _NO_MISS = np.zeros(0, dtype=np.int64)   # a pooled batch's miss list (never written)
 _NO_MISS.flags.writeable = False
@@ -846,6 +850,7 @@ class EVCache:
         # the frequency sketch is empty (and never read) in "filter" mode
         self._sketch = np.zeros(_sketch_words(cap) if admission == "sketch" else 0, dtype=np.uint64)
         self._sketch_sample = _SKETCH_SAMPLE_PER_ENTRY * cap
+        self._counting = _NO_SKETCH    # what lookups count into: the sketch once half full
         self._st = np.zeros(_N_STATE, dtype=np.int64)
         self._sources = {}      # the row store as the pooling kernels read it, per element type
         self._scratch = np.empty(0, dtype=np.int64)   # 32 bytes per lookup of the largest pooled batch
@@ -1024,7 +1029,7 @@ class EVCache:
                 buf = self._scratch
             n_u, pooled, code, n_miss = _lookup_pool_kernel(
                 arr, offs, buf, self.n_rows, self._htab, self._kb, self._ref, self._ref_max,
-                self._counters, self._sketch, self._sketch_sample, self._st, src, weights, out)
+                self._counters, self._counting, self._sketch_sample, self._st, src, weights, out)
             if code == -1 and n_u >= 0:
                 self._maybe_decay()
                 if not pooled and buf is self._scratch:
@@ -1043,11 +1048,16 @@ class EVCache:
     def _run_lookup(self, keys, out, hit, slots, copy) -> None:
         bad = _lookup_kernel(keys, out, hit, slots, copy, self.n_rows, self._htab,
                              self._kb, self._values, self._ref, self._ref_max,
-                             self._counters, self._sketch, self._sketch_sample, self._st)
+                             self._counters, self._counting, self._sketch_sample, self._st)
         if bad < 0:
             self._maybe_decay()
         if bad >= 0:
             self._bad_index(keys, bad)
+
+    def _start_counting(self) -> None:
+        # under the lock, after an admission: from half full on, lookups count into the sketch
+        if self._counting is _NO_SKETCH and self._sketch.size and 2 * self._st[_SIZE] >= self.capacity:
+            self._counting = self._sketch
 
     def _maybe_decay(self) -> None:
         # the counters age at the end of a lookup batch once decay_interval keys accumulated
@@ -1098,6 +1108,7 @@ class EVCache:
                                 self._slot_key, self._counters,
                                 self._sketch, self._st)
             admitted = int(self._st[_ADMISSIONS]) - before
+            self._start_counting()
         if bad >= 0:
             self._bad_index(keys, bad)
         return admitted
@@ -1131,6 +1142,7 @@ class EVCache:
                                            self.admit_threshold, self.n_rows, self._htab, self._kb,
                                            self._values, self._ref, self._slot_key, self._counters,
                                            self._sketch, self._st)
+            self._start_counting()
         if bad >= 0:
             self._bad_index(uniq[miss], bad)
         return code
@@ -1182,6 +1194,7 @@ class EVCache:
         self._st[_EPOCH] += 1
         self._htab.fill(-1)
         self._sketch.fill(0)
+        self._counting = _NO_SKETCH
         self._st[_SKETCH_ADDS] = 0
         self._slot_key.fill(-1)
         self._ref.fill(0)

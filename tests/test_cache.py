@@ -61,6 +61,7 @@ class ReferenceCache:
         self.admission = admission
         self.ref_max = 7 if admission == "sketch" else 1
         self.sketch = ReferenceSketch(capacity) if admission == "sketch" else None
+        self.counting = False                # lookups count into the sketch once half full
         self.since_decay = 0
         self.counters = np.zeros(n_rows, dtype=np.uint8)
         self.slots: list[int] = []           # slot -> key
@@ -76,7 +77,7 @@ class ReferenceCache:
             self.counters[k] = min(3, self.counters[k] + 1)
             s = self.slots.index(k) if k in self.row else None
             # the sketch counts every key but a hit whose reference counter is at the ceiling
-            if self.sketch is not None and (s is None or self.refs[s] < self.ref_max):
+            if self.counting and (s is None or self.refs[s] < self.ref_max):
                 self.sketch.add(k)
             if s is not None:
                 self.refs[s] = min(self.ref_max, self.refs[s] + 1)
@@ -120,6 +121,8 @@ class ReferenceCache:
                 self.hand = (self.hand + 1) % self.capacity
             self.row[k] = row.copy()
             self.admissions += 1
+        if self.sketch is not None and 2 * len(self.slots) >= self.capacity:
+            self.counting = True
 
     def invalidate(self, keys):
         n = 0
@@ -329,14 +332,16 @@ def test_sketch_admission_compares_candidate_with_victim_and_protects_reused_row
 
     serve([1, 2, 3, 4, 5])         # free slots take rows on first sight (nothing to displace)
     assert cache.keys_clock().tolist() == [1, 2, 3, 4, 5] and cache.stats["rejected_by_filter"] == 0
-    assert serve([1, 2, 3, 4, 5]).all()           # each hit sets a reference
-    assert cache.references(np.array([1, 2, 3, 4, 5])).tolist() == [1] * 5
+    # the sketch counts from half full on: the lookups of the empty cache left it at zero
+    assert cache.frequencies(np.array([1, 2, 3, 4, 5])).tolist() == [0] * 5
+    assert serve([1, 2, 3, 4, 5]).all() and serve([1, 2, 3, 4, 5]).all()   # each hit, a reference
+    assert cache.references(np.array([1, 2, 3, 4, 5])).tolist() == [2] * 5
     assert cache.frequencies(np.array([1, 2, 3, 4, 5])).tolist() == [2] * 5
     serve([9])                     # full, seen once: the 2-bit filter turns it away
     assert cache.stats["rejected_by_filter"] == 1 and not cache.contains(np.array([9]))[0]
-    assert cache.references(np.array([1])).tolist() == [1]          # no sweep for a rejection
-    serve([9])                     # passes the filter: the hand sweeps a full turn (references
-    # 1 -> 0) back to 1, the victim; 9 is no more frequent than 1, so 1 stays
+    assert cache.references(np.array([1])).tolist() == [2]          # no sweep for a rejection
+    serve([9])                     # passes the filter: the hand sweeps two full turns (references
+    # 2 -> 0) back to 1, the victim; 9 is no more frequent than 1, so 1 stays
     assert cache.frequencies(np.array([9, 1])).tolist() == [2, 2]
     assert cache.stats["rejected_by_sketch"] == 1 and not cache.contains(np.array([9]))[0]
     assert cache.references(np.array([1, 2, 3, 4, 5])).tolist() == [0] * 5
