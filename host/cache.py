@@ -93,7 +93,7 @@ import numpy as np
 from evssd.host.dedupe import dedupe_into
 from evssd.host.misses import miss_order_into
 from evssd.host.elements import DEVICE_ELEMS
-from evssd.host.pooling import (pool2_into, _add_row, _bag_row, _bag_sum, _bag_weighted,
+from evssd.host.pooling import (pool2_into, _add_row, _bag, _bag_row,
                                 _check as _check_bags, _prefetch, _settle, _start, describe_error,
                                 kernel_source)
 
@@ -559,11 +559,9 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
                                               rmax, counted)
         if out is not None and hits == n_u:
             rb = src.shape[1] * src.itemsize
+            acc = _bag_row(out)
             for b in range(offs.shape[0] - 1):
-                if w is None:
-                    _bag_sum(src, slot_of, offs[b], offs[b + 1], out, b, n, rb)
-                else:
-                    _bag_weighted(src, slot_of, w, offs[b], offs[b + 1], out, b, n, rb)
+                _bag(src, slot_of, w, offs[b], offs[b + 1], out, b, n, rb, acc)
         pooled = out is not None and hits == n_u
     _count_passes(uniq, n_u, counted, n_counted, counters, sketch, sample, st)
     st[_HITS] += hits

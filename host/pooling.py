@@ -154,8 +154,10 @@ def _prefetch(typingctx, arr, r, off):
 
 
 #: lookups ahead whose rows are prefetched: random rows come from DRAM, and the out-of-order
-#: window alone keeps too few of them in flight (measured: 2.8x faster on 4 x 100k x 64 fp32)
-PREFETCH_DISTANCE = 8
+#: window alone keeps too few of them in flight (measured: 2.8x faster on 4 x 100k x 64 fp32).
+#: 16 rather than 8: the same at 128 bags, 10-20% faster from 1,024 bags on (more rows in flight
+#: once a batch's rows no longer fit the CPU caches); 32 loses on uniform rows
+PREFETCH_DISTANCE = 16
 
 
 # The prefetch is written out in each bag loop instead of a helper taking the arrays: numba
@@ -339,49 +341,36 @@ def _check(n_src, idx, offs):
 
 
 @numba.njit(inline="always")
-def _bag_sum(src, idx, lo, hi, out, b, n, rb):
-    dim = out.shape[1]
+def _bag(src, idx, w, lo, hi, out, b, n, rb, acc):
+    """Bag b over ``src[idx[lo:hi]]`` (fp32/fp16/int8/int32 rows; ``w`` None or the weights, as
+    :func:`_add_row`), summed in ``acc`` (:func:`_bag_row`) and stored to ``out[b]`` at its end:
+    no store to ``out`` can alias a source row, so the sums stay in registers (measured on the
+    Meta trace, 128 bags: 13.6 -> 9.0 ns per lookup). The row ``PREFETCH_DISTANCE`` lookups on
+    is prefetched (indices were checked before any bag is pooled)."""
     z = _start(out)
-    for j in range(dim):
-        out[b, j] = z
+    for j in range(out.shape[1]):
+        acc[0, j] = z
     for k in range(lo, hi):
         ahead = k + PREFETCH_DISTANCE
-        if ahead < n:  # indices were checked before any bag is pooled
+        if ahead < n:
             ra = idx[ahead]
             for off in range(0, rb, 64):
                 _prefetch(src, ra, off)
-        r = idx[k]
-        for j in range(dim):
-            out[b, j] += _load(src, r, j)
+        _add_row(acc, 0, src, idx[k], w, k)
+    for j in range(out.shape[1]):
+        out[b, j] = acc[0, j]
     _settle(out, b, lo == hi)
 
 
 @numba.njit(inline="always")
-def _bag_weighted(src, idx, w, lo, hi, out, b, n, rb):
+def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b, n, rb, acc):
+    """Bag b of row-wise INT8 rows (scale and bias in each row's first 4 bytes), as :func:`_bag`."""
     dim = out.shape[1]
     for j in range(dim):
-        out[b, j] = np.float32(-0.0)
+        acc[0, j] = np.float32(-0.0)
     for k in range(lo, hi):
         ahead = k + PREFETCH_DISTANCE
-        if ahead < n:  # indices were checked before any bag is pooled
-            ra = idx[ahead]
-            for off in range(0, rb, 64):
-                _prefetch(src, ra, off)
-        r = idx[k]
-        wk = w[k]
-        for j in range(dim):
-            out[b, j] = fma32(wk, _loadf(src, r, j), out[b, j])
-    _settle(out, b, lo == hi)
-
-
-@numba.njit(inline="always")
-def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b, n, rb):
-    dim = out.shape[1]
-    for j in range(dim):
-        out[b, j] = np.float32(-0.0)
-    for k in range(lo, hi):
-        ahead = k + PREFETCH_DISTANCE
-        if ahead < n:  # indices were checked before any bag is pooled
+        if ahead < n:
             ra = idx[ahead]
             for off in range(0, rb, 64):
                 _prefetch(src, ra, off)
@@ -392,57 +381,43 @@ def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b, n, rb):
             s = s * w[k]
             c = c * w[k]
         for j in range(dim):
-            out[b, j] = fma32(s, np.float32(src[r, 4 + j]), out[b, j] + c)
+            acc[0, j] = fma32(s, np.float32(src[r, 4 + j]), acc[0, j] + c)
+    for j in range(dim):
+        out[b, j] = acc[0, j]
     _settle(out, b, lo == hi)
+
+
+#: bags per task of the parallel kernels (each task has its own accumulator row)
+_CHUNK = 16
 
 
 # One kernel per (arithmetic, serial/parallel); numba specialises each on the array dtypes.
 
 @numba.njit(cache=True, nogil=True)
-def _sum_serial(src, idx, offs, out):
+def _pool_serial(src, idx, offs, w, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
     n = idx.shape[0]
     rb = src.shape[1] * src.itemsize
+    acc = _bag_row(out)
     for b in range(offs.shape[0] - 1):
-        _bag_sum(src, idx, offs[b], offs[b + 1], out, b, n, rb)
+        _bag(src, idx, w, offs[b], offs[b + 1], out, b, n, rb, acc)
     return -1
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _sum_parallel(src, idx, offs, out):
+def _pool_parallel(src, idx, offs, w, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
     n = idx.shape[0]
     rb = src.shape[1] * src.itemsize
-    for b in numba.prange(offs.shape[0] - 1):
-        _bag_sum(src, idx, offs[b], offs[b + 1], out, b, n, rb)
-    return -1
-
-
-@numba.njit(cache=True, nogil=True)
-def _weighted_serial(src, idx, offs, w, out):
-    code = _check(src.shape[0], idx, offs)
-    if code != -1:
-        return code
-    n = idx.shape[0]
-    rb = src.shape[1] * src.itemsize
-    for b in range(offs.shape[0] - 1):
-        _bag_weighted(src, idx, w, offs[b], offs[b + 1], out, b, n, rb)
-    return -1
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _weighted_parallel(src, idx, offs, w, out):
-    code = _check(src.shape[0], idx, offs)
-    if code != -1:
-        return code
-    n = idx.shape[0]
-    rb = src.shape[1] * src.itemsize
-    for b in numba.prange(offs.shape[0] - 1):
-        _bag_weighted(src, idx, w, offs[b], offs[b + 1], out, b, n, rb)
+    n_bags = offs.shape[0] - 1
+    for c in numba.prange((n_bags + _CHUNK - 1) // _CHUNK):
+        acc = _bag_row(out)
+        for b in range(c * _CHUNK, min(n_bags, (c + 1) * _CHUNK)):
+            _bag(src, idx, w, offs[b], offs[b + 1], out, b, n, rb, acc)
     return -1
 
 
@@ -453,8 +428,9 @@ def _rowwise_serial(src, idx, offs, w, weighted, out):
         return code
     n = idx.shape[0]
     rb = src.shape[1] * src.itemsize
+    acc = _bag_row(out)
     for b in range(offs.shape[0] - 1):
-        _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb)
+        _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb, acc)
     return -1
 
 
@@ -465,8 +441,11 @@ def _rowwise_parallel(src, idx, offs, w, weighted, out):
         return code
     n = idx.shape[0]
     rb = src.shape[1] * src.itemsize
-    for b in numba.prange(offs.shape[0] - 1):
-        _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb)
+    n_bags = offs.shape[0] - 1
+    for c in numba.prange((n_bags + _CHUNK - 1) // _CHUNK):
+        acc = _bag_row(out)
+        for b in range(c * _CHUNK, min(n_bags, (c + 1) * _CHUNK)):
+            _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb, acc)
     return -1
 
 
@@ -647,9 +626,7 @@ def pool_into(src, elem: Elem, indices, offsets, out, weights=None, parallel: bo
         w = _NO_WEIGHTS if weights is None else weights
         kern = _rowwise_parallel if parallel else _rowwise_serial
         return kern(src, indices, offsets, w, weights is not None, out)
-    if weights is None:
-        return (_sum_parallel if parallel else _sum_serial)(src, indices, offsets, out)
-    return (_weighted_parallel if parallel else _weighted_serial)(src, indices, offsets, weights, out)
+    return (_pool_parallel if parallel else _pool_serial)(src, indices, offsets, weights, out)
 
 
 def describe_error(code: int, indices, offsets, n_src: int) -> str:
