@@ -57,7 +57,7 @@ from evssd.host.store.tablefile import open_table_file
 from evssd.host.store.tables import TableInfo, check_table, check_table_name, table_info
 from evssd.host.store.tablethreads import TableThreads
 
-__all__ = ["EmbeddingStore", "BACKENDS", "pool_deduplicated"]
+__all__ = ["EmbeddingStore", "BACKENDS", "BAG_PARALLEL_MIN_LOOKUPS", "pool_deduplicated"]
 
 def pool_deduplicated(rows: np.ndarray, inv: np.ndarray, offsets: np.ndarray, mode: str = "sum",
                       elem: str | None = None, per_sample_weights=None) -> np.ndarray:
@@ -67,6 +67,13 @@ def pool_deduplicated(rows: np.ndarray, inv: np.ndarray, offsets: np.ndarray, mo
     el = ELEMS[elem] if elem else elem_of_dtype(rows.dtype)
     return pooling.pool(rows, el, inv, offsets, per_sample_weights=per_sample_weights, mode=mode)
 
+
+#: with ``parallel=True``, one table's bags are pooled on numba's threads only from this many
+#: lookups on: starting a parallel region costs ~30-40 us when numba's OpenMP threads sleep
+#: between regions (OMP_WAIT_POLICY=PASSIVE, which a process sharing libgomp with torch needs),
+#: a 128-bag table's whole pooling; from ~10k lookups (512 bags of 20) it pays (measured on 2
+#: cores: 0.81x at 2,560 lookups, 1.23x at 10,240, 1.96x at 82k)
+BAG_PARALLEL_MIN_LOOKUPS = 8192
 
 #: the backends ``from_arrays`` can build, by name
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (DramBackend, FileBackend, RocksDBBackend, EvssdBackend)}
@@ -150,12 +157,13 @@ class EmbeddingStore:
     """Gather and pooled lookups over one backend, each table optionally fronted by a cache.
 
     Pooled results follow :mod:`evssd.host.pooling` bit for bit on every path. Without a cache, a
-    table held in memory (``dram``) is pooled straight from the table by one fused kernel
-    (parallel over bags with ``parallel=True``); a backend that pools (the EV-SSD)
-    pools unweighted bags of the device's element types itself; every other lookup deduplicates,
-    serves the cache, fetches the distinct misses once and pools on the host. With caches and
-    ``parallel=True``, the tables of a :meth:`lookup_many` batch run on threads (each table's
-    dedupe, cache lookup and pooling on one; :class:`.tablethreads.TableThreads`).
+    table held in memory (``dram``) is pooled straight from the table by one fused kernel; a
+    backend that pools (the EV-SSD) pools unweighted bags of the device's element types itself;
+    every other lookup deduplicates, serves the cache, fetches the distinct misses once and
+    pools on the host. With ``parallel=True``, the tables of a :meth:`lookup_many` batch run on
+    threads (each table's dedupe, cache lookup and pooling on one;
+    :class:`.tablethreads.TableThreads`), and a single table's bags are pooled on numba's
+    threads when the table has enough lookups to pay for a parallel region.
 
     Safe to call from several threads: each table's cache has its own lock (held for the
     lookup and for the admission, not across the I/O), and the calls into a backend that is
@@ -165,9 +173,8 @@ class EmbeddingStore:
     def __init__(self, tables: Mapping[str, TableInfo], backend: Backend, *,
                  cache_fraction: float | None = 0.01, cache="evcache", parallel: bool = False):
         self.tables: dict[str, TableInfo] = dict(tables)
-        #: use ``numba.get_num_threads()`` threads: a cached batch's tables side by side, else
-        #: one table's bags (prange); worth it on idle cores and big batches, harmful on a loaded
-        #: machine, so opt-in
+        #: use ``numba.get_num_threads()`` threads: a batch's tables side by side, else one large
+        #: table's bags (prange); worth it on idle cores, harmful on a loaded machine, so opt-in
         self.parallel = bool(parallel)
         self.backend = backend
         self.cache_fraction = cache_fraction
@@ -188,17 +195,19 @@ class EmbeddingStore:
         self._threads = TableThreads()
 
     def _table_threads(self, n_tables: int) -> int:
-        """Threads for a batch's per-table work: with ``parallel`` and caches, one per numba
-        thread (the tables' caches and kernels are independent); else 1. A table store without
-        a cache (dram) keeps pooling each table's bags on numba's threads."""
-        if not self.parallel or not self.caches or n_tables < 2:
+        """Threads for a batch's per-table work: with ``parallel``, one per numba thread (the
+        tables' caches and kernels are independent, and the kernels release the GIL); else 1.
+        One hand-off per worker per batch, where pooling each table's bags on numba's threads
+        costs a parallel region per table."""
+        if not self.parallel or n_tables < 2:
             return 1
         return numba.get_num_threads()
 
-    def _bag_parallel(self, n_bags: int) -> bool:
-        """Pool one table's bags on numba's threads? Not inside a table thread (the tables
+    def _bag_parallel(self, n_lookups: int) -> bool:
+        """Pool one table's bags on numba's threads? Only for a table with at least
+        :data:`BAG_PARALLEL_MIN_LOOKUPS` lookups, and not inside a table thread (the tables
         already share the cores)."""
-        return self.parallel and n_bags >= 16 and numba.get_num_threads() > 1 \
+        return self.parallel and n_lookups >= BAG_PARALLEL_MIN_LOOKUPS and numba.get_num_threads() > 1 \
             and not self._threads.on_worker
 
     # -- construction ---------------------------------------------------------------------------
@@ -373,7 +382,7 @@ class EmbeddingStore:
         if mode is not None and cache is not None and hasattr(cache, "lookup_dedupe"):
             # dedupe and cache lookup in one pass over the batch (EVCache.lookup_dedupe)
             n_bags = offs.size - 1
-            fuse = hasattr(cache, "lookup_pool") and not info.el.extra and not self._bag_parallel(n_bags)
+            fuse = hasattr(cache, "lookup_pool") and not info.el.extra and not self._bag_parallel(idx.size)
             if fuse:   # an all-hit batch is pooled from the cache rows in the lookup's call
                 dst = out if out is not None else \
                     np.empty((n_bags, info.dim), np.float32 if w is not None else info.acc_dtype)
@@ -446,7 +455,7 @@ class EmbeddingStore:
         out = plan.out
         if out is None:
             out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
-        parallel = self._bag_parallel(n_bags)
+        parallel = self._bag_parallel(idx.size)
         code = pooling.pool_into(pooling.kernel_source(src, info.el), info.el, idx, plan.offsets, out,
                                  plan.weights, parallel)
         if code != -1:  # validated before: only a backend returning the wrong rows gets here
@@ -504,7 +513,7 @@ class EmbeddingStore:
             # lookup's slot (the dram path's kernel, parallel over bags if asked), unless an
             # eviction or invalidation since the lookup may have moved a row
             slot_of = plan.slot_of if plan.slot_of is not None else loc[plan.inv]
-            parallel = self._bag_parallel(n_bags)
+            parallel = self._bag_parallel(slot_of.size)
             with self._cache_locks[info.name]:
                 if cache.epoch == plan.epoch:
                     code = pooling.pool_into(pooling.kernel_source(cache.values, el), el, slot_of,
