@@ -344,9 +344,10 @@ def _check(n_src, idx, offs):
 def _bag(src, idx, w, lo, hi, out, b, n, rb, acc):
     """Bag b over ``src[idx[lo:hi]]`` (fp32/fp16/int8/int32 rows; ``w`` None or the weights, as
     :func:`_add_row`), summed in ``acc`` (:func:`_bag_row`) and stored to ``out[b]`` at its end:
-    no store to ``out`` can alias a source row, so the sums stay in registers (measured on the
-    Meta trace, 128 bags: 13.6 -> 9.0 ns per lookup). The row ``PREFETCH_DISTANCE`` lookups on
-    is prefetched (indices were checked before any bag is pooled)."""
+    no store to ``out`` can alias a source row, so the compiler keeps the sums out of ``out``.
+    The row ``PREFETCH_DISTANCE`` lookups on is prefetched (indices were checked before any bag
+    is pooled). For a loop of its own over a row width known when it is compiled, see
+    :func:`_bag_loop`."""
     z = _start(out)
     for j in range(out.shape[1]):
         acc[0, j] = z
@@ -360,6 +361,69 @@ def _bag(src, idx, w, lo, hi, out, b, n, rb, acc):
     for j in range(out.shape[1]):
         out[b, j] = acc[0, j]
     _settle(out, b, lo == hi)
+
+
+def _bag_loop(dim: int):
+    """Bags ``b0..b1-1`` of a one-table kernel, each as :func:`_bag`, with the row width ``dim``
+    a constant of the compiled loop (0: the width of ``out``, known only when it runs). With a
+    constant width the compiler unrolls the row and keeps the bag's sums in vector registers
+    across its lookups instead of reloading them per lookup (measured, 64 fp32: Meta trace 4,096
+    bags 16.0 -> 11.6 ns per lookup, uniform 128 bags 15.0 -> 11.4). Same additions in the same
+    order: the same bits."""
+    @numba.njit(inline="always")
+    def loop(src, idx, offs, w, out, b0, b1):
+        d = dim if dim else out.shape[1]
+        n = idx.shape[0]
+        rb = d * src.itemsize          # the row's bytes (a constant with the width)
+        acc = np.empty((1, d), out.dtype)
+        z = _start(out)
+        for b in range(b0, b1):
+            lo = offs[b]
+            hi = offs[b + 1]
+            for j in range(d):
+                acc[0, j] = z
+            for k in range(lo, hi):
+                ahead = k + PREFETCH_DISTANCE
+                if ahead < n:
+                    ra = idx[ahead]
+                    for off in range(0, rb, 64):
+                        _prefetch(src, ra, off)
+                r = idx[k]
+                if w is None:
+                    for j in range(d):
+                        acc[0, j] += _load(src, r, j)
+                else:
+                    wk = w[k]
+                    for j in range(d):
+                        acc[0, j] = fma32(wk, _loadf(src, r, j), acc[0, j])
+            for j in range(d):
+                out[b, j] = acc[0, j]
+            _settle(out, b, lo == hi)
+    return loop
+
+
+_bags_any = _bag_loop(0)
+_bags_16 = _bag_loop(16)
+_bags_32 = _bag_loop(32)
+_bags_64 = _bag_loop(64)
+_bags_128 = _bag_loop(128)
+
+
+@numba.njit(inline="always")
+def _bags(src, idx, offs, w, out, b0, b1):
+    """Bags ``b0..b1-1`` of a one-table kernel: a loop compiled for the row width where it is a
+    common one (16, 32, 64, 128), else the general loop."""
+    d = out.shape[1]
+    if d == 64:
+        _bags_64(src, idx, offs, w, out, b0, b1)
+    elif d == 128:
+        _bags_128(src, idx, offs, w, out, b0, b1)
+    elif d == 32:
+        _bags_32(src, idx, offs, w, out, b0, b1)
+    elif d == 16:
+        _bags_16(src, idx, offs, w, out, b0, b1)
+    else:
+        _bags_any(src, idx, offs, w, out, b0, b1)
 
 
 @numba.njit(inline="always")
@@ -398,11 +462,7 @@ def _pool_serial(src, idx, offs, w, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
-    n = idx.shape[0]
-    rb = src.shape[1] * src.itemsize
-    acc = _bag_row(out)
-    for b in range(offs.shape[0] - 1):
-        _bag(src, idx, w, offs[b], offs[b + 1], out, b, n, rb, acc)
+    _bags(src, idx, offs, w, out, 0, offs.shape[0] - 1)
     return -1
 
 
@@ -411,13 +471,9 @@ def _pool_parallel(src, idx, offs, w, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
-    n = idx.shape[0]
-    rb = src.shape[1] * src.itemsize
     n_bags = offs.shape[0] - 1
     for c in numba.prange((n_bags + _CHUNK - 1) // _CHUNK):
-        acc = _bag_row(out)
-        for b in range(c * _CHUNK, min(n_bags, (c + 1) * _CHUNK)):
-            _bag(src, idx, w, offs[b], offs[b + 1], out, b, n, rb, acc)
+        _bags(src, idx, offs, w, out, c * _CHUNK, min(n_bags, (c + 1) * _CHUNK))
     return -1
 
 
