@@ -93,7 +93,7 @@ import numpy as np
 from evssd.host.dedupe import dedupe_into
 from evssd.host.misses import miss_order_into
 from evssd.host.elements import DEVICE_ELEMS
-from evssd.host.pooling import (pool2_into, _add_row, _bag, _bag_row,
+from evssd.host.pooling import (pool2_into, _add_row, _bag_row, _bags,
                                 _check as _check_bags, _prefetch, _settle, _start, describe_error,
                                 kernel_source)
 
@@ -558,10 +558,7 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
         n_u, hits, n_counted = _dedupe_hashed(idx, n, uniq, inv, slots, slot_of, htab, kb, ref,
                                               rmax, counted)
         if out is not None and hits == n_u:
-            rb = src.shape[1] * src.itemsize
-            acc = _bag_row(out)
-            for b in range(offs.shape[0] - 1):
-                _bag(src, slot_of, w, offs[b], offs[b + 1], out, b, n, rb, acc)
+            _bags(src, slot_of, offs, w, out, 0, offs.shape[0] - 1)
         pooled = out is not None and hits == n_u
     _count_passes(uniq, n_u, counted, n_counted, counters, sketch, sample, st)
     st[_HITS] += hits

@@ -340,41 +340,25 @@ def _check(n_src, idx, offs):
     return -1
 
 
-@numba.njit(inline="always")
-def _bag(src, idx, w, lo, hi, out, b, n, rb, acc):
-    """Bag b over ``src[idx[lo:hi]]`` (fp32/fp16/int8/int32 rows; ``w`` None or the weights, as
-    :func:`_add_row`), summed in ``acc`` (:func:`_bag_row`) and stored to ``out[b]`` at its end:
-    no store to ``out`` can alias a source row, so the compiler keeps the sums out of ``out``.
-    The row ``PREFETCH_DISTANCE`` lookups on is prefetched (indices were checked before any bag
-    is pooled). For a loop of its own over a row width known when it is compiled, see
-    :func:`_bag_loop`."""
-    z = _start(out)
-    for j in range(out.shape[1]):
-        acc[0, j] = z
-    for k in range(lo, hi):
-        ahead = k + PREFETCH_DISTANCE
-        if ahead < n:
-            ra = idx[ahead]
-            for off in range(0, rb, 64):
-                _prefetch(src, ra, off)
-        _add_row(acc, 0, src, idx[k], w, k)
-    for j in range(out.shape[1]):
-        out[b, j] = acc[0, j]
-    _settle(out, b, lo == hi)
-
-
-def _bag_loop(dim: int):
-    """Bags ``b0..b1-1`` of a one-table kernel, each as :func:`_bag`, with the row width ``dim``
-    a constant of the compiled loop (0: the width of ``out``, known only when it runs). With a
-    constant width the compiler unrolls the row and keeps the bag's sums in vector registers
-    across its lookups instead of reloading them per lookup (measured, 64 fp32: Meta trace 4,096
-    bags 16.0 -> 11.6 ns per lookup, uniform 128 bags 15.0 -> 11.4). Same additions in the same
-    order: the same bits."""
+def _bag_loop(dim: int, rowwise: bool = False):
+    """Bags ``b0..b1-1`` of a one-table kernel over ``src[idx[...]]``, with the row width ``dim``
+    a constant of the compiled loop (0: the width of ``out``, known only when it runs). fp32/
+    fp16/int8/int32 rows (``w`` None or the weights, as :func:`_add_row`), or with ``rowwise``
+    row-wise INT8 rows (fp16 scale and bias in each row's first 4 bytes; ``w`` the weights when
+    ``weighted``). Each bag sums in a row of its own and is stored to ``out[b]`` at its end: no
+    store to ``out`` can alias a source row. With a constant width the compiler also unrolls the
+    row and keeps the bag's sums in vector registers across its lookups instead of reloading
+    them per lookup (measured, 64 fp32: Meta trace 4,096 bags 16.0 -> 13.2 ns per lookup,
+    uniform 128 bags 15.0 -> 12.3). The row ``PREFETCH_DISTANCE`` lookups on is prefetched
+    (indices were checked before any bag is pooled; the hint is written out here, not in a
+    helper: numba reference-counts arrays passed to one, which doubled the loop's cost).
+    Same additions in the same order: the same bits."""
     @numba.njit(inline="always")
-    def loop(src, idx, offs, w, out, b0, b1):
+    def loop(src, idx, offs, w, weighted, out, b0, b1):
         d = dim if dim else out.shape[1]
         n = idx.shape[0]
-        rb = d * src.itemsize          # the row's bytes (a constant with the width)
+        # the row's bytes: a constant with the width, but for a row-wise row (its header too)
+        rb = src.shape[1] * src.itemsize if rowwise else d * src.itemsize
         acc = np.empty((1, d), out.dtype)
         z = _start(out)
         for b in range(b0, b1):
@@ -389,7 +373,15 @@ def _bag_loop(dim: int):
                     for off in range(0, rb, 64):
                         _prefetch(src, ra, off)
                 r = idx[k]
-                if w is None:
+                if rowwise:
+                    s = _h2f(np.uint32(src[r, 0]) | (np.uint32(src[r, 1]) << np.uint32(8)))
+                    c = _h2f(np.uint32(src[r, 2]) | (np.uint32(src[r, 3]) << np.uint32(8)))
+                    if weighted:
+                        s = s * w[k]
+                        c = c * w[k]
+                    for j in range(d):
+                        acc[0, j] = fma32(s, np.float32(src[r, 4 + j]), acc[0, j] + c)
+                elif w is None:
                     for j in range(d):
                         acc[0, j] += _load(src, r, j)
                 else:
@@ -403,52 +395,26 @@ def _bag_loop(dim: int):
 
 
 _bags_any = _bag_loop(0)
-_bags_16 = _bag_loop(16)
-_bags_32 = _bag_loop(32)
 _bags_64 = _bag_loop(64)
 _bags_128 = _bag_loop(128)
 
 
+_bags_rowwise = _bag_loop(0, rowwise=True)
+
+
 @numba.njit(inline="always")
 def _bags(src, idx, offs, w, out, b0, b1):
-    """Bags ``b0..b1-1`` of a one-table kernel: a loop compiled for the row width where it is a
-    common one (16, 32, 64, 128), else the general loop."""
+    """Bags ``b0..b1-1`` of a one-table kernel: a loop compiled for the row width where it is
+    one of the two most common in recommendation models (64, 128), else the general loop. Each
+    specialised loop is compiled into every kernel signature, so the list is short: with 16 and
+    32 as well the pooling kernels took ~5x as long to compile as with the general loop alone."""
     d = out.shape[1]
     if d == 64:
-        _bags_64(src, idx, offs, w, out, b0, b1)
+        _bags_64(src, idx, offs, w, False, out, b0, b1)
     elif d == 128:
-        _bags_128(src, idx, offs, w, out, b0, b1)
-    elif d == 32:
-        _bags_32(src, idx, offs, w, out, b0, b1)
-    elif d == 16:
-        _bags_16(src, idx, offs, w, out, b0, b1)
+        _bags_128(src, idx, offs, w, False, out, b0, b1)
     else:
-        _bags_any(src, idx, offs, w, out, b0, b1)
-
-
-@numba.njit(inline="always")
-def _bag_rowwise(src, idx, w, weighted, lo, hi, out, b, n, rb, acc):
-    """Bag b of row-wise INT8 rows (scale and bias in each row's first 4 bytes), as :func:`_bag`."""
-    dim = out.shape[1]
-    for j in range(dim):
-        acc[0, j] = np.float32(-0.0)
-    for k in range(lo, hi):
-        ahead = k + PREFETCH_DISTANCE
-        if ahead < n:
-            ra = idx[ahead]
-            for off in range(0, rb, 64):
-                _prefetch(src, ra, off)
-        r = idx[k]
-        s = _h2f(np.uint32(src[r, 0]) | (np.uint32(src[r, 1]) << np.uint32(8)))
-        c = _h2f(np.uint32(src[r, 2]) | (np.uint32(src[r, 3]) << np.uint32(8)))
-        if weighted:
-            s = s * w[k]
-            c = c * w[k]
-        for j in range(dim):
-            acc[0, j] = fma32(s, np.float32(src[r, 4 + j]), acc[0, j] + c)
-    for j in range(dim):
-        out[b, j] = acc[0, j]
-    _settle(out, b, lo == hi)
+        _bags_any(src, idx, offs, w, False, out, b0, b1)
 
 
 #: bags per task of the parallel kernels (each task has its own accumulator row)
@@ -482,11 +448,7 @@ def _rowwise_serial(src, idx, offs, w, weighted, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
-    n = idx.shape[0]
-    rb = src.shape[1] * src.itemsize
-    acc = _bag_row(out)
-    for b in range(offs.shape[0] - 1):
-        _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb, acc)
+    _bags_rowwise(src, idx, offs, w, weighted, out, 0, offs.shape[0] - 1)
     return -1
 
 
@@ -495,13 +457,9 @@ def _rowwise_parallel(src, idx, offs, w, weighted, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
-    n = idx.shape[0]
-    rb = src.shape[1] * src.itemsize
     n_bags = offs.shape[0] - 1
     for c in numba.prange((n_bags + _CHUNK - 1) // _CHUNK):
-        acc = _bag_row(out)
-        for b in range(c * _CHUNK, min(n_bags, (c + 1) * _CHUNK)):
-            _bag_rowwise(src, idx, w, weighted, offs[b], offs[b + 1], out, b, n, rb, acc)
+        _bags_rowwise(src, idx, offs, w, weighted, out, c * _CHUNK, min(n_bags, (c + 1) * _CHUNK))
     return -1
 
 
