@@ -397,8 +397,6 @@ def _bag_loop(dim: int, rowwise: bool = False):
 _bags_any = _bag_loop(0)
 _bags_64 = _bag_loop(64)
 _bags_128 = _bag_loop(128)
-
-
 _bags_rowwise = _bag_loop(0, rowwise=True)
 
 
@@ -469,8 +467,9 @@ def _rowwise_parallel(src, idx, offs, w, weighted, out):
 # is read by the same _load/_loadf), so the result is the definition's bit for bit.
 
 
-# The prefetch is written out in each loop and the source array is never assigned to a variable:
-# numba reference-counts arrays passed to a helper or rebound, ~20-40 ns per lookup.
+# The prefetch and the row-wise term are written out in each loop: numba reference-counts arrays
+# passed to a helper, ~20-40 ns per lookup (an inlined overload taking the row-wise term out of
+# the one-table loop measured 7.0 -> 19.8 ns per lookup).
 
 
 @numba.njit(inline="always")
@@ -503,6 +502,8 @@ def _bag2(csrc, msrc, inv, loc, w, lo, hi, out, b, n, rb, acc):
 
 @numba.njit(inline="always")
 def _bag_rowwise2(csrc, msrc, inv, loc, w, weighted, lo, hi, out, b, n, rb):
+    """Bag b of row-wise INT8 rows from the two sources, summed in ``out[b]`` (the term as
+    :func:`_bag_loop`'s, written out per source: see the note above)."""
     dim = out.shape[1]
     for j in range(dim):
         out[b, j] = np.float32(-0.0)
