@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from evssd.host import pooling as P
+from evssd.host.elements import ELEMS
 from evssd.host.store import EmbeddingStore, RowwiseInt8, StoreInputError, quantize_rowwise_int8
 
 
@@ -247,3 +248,59 @@ def test_fma32_is_one_rounding_where_float64_rounds_twice():
     got = np.array([kern(*t) for t in zip(x, y, z)], np.float32)
     assert np.array_equal(got.view(np.uint32), P.fma32_model(x, y, z).view(np.uint32))
     assert twice == np.float32(1.0)  # the float64 route rounds twice here
+
+
+def _ref_any(el, t, idx, offs, w):
+    """The definition for ``t`` (``el``'s storage) by the slow references above."""
+    if el == "int8_rowwise":
+        return ref_rowwise(t, idx, offs, w)
+    if el in ("int8", "int32") and w is None:   # int32 wrap-around by Python-width sums
+        out = np.zeros((len(offs) - 1, t.shape[1]), np.int64)
+        for b in range(len(offs) - 1):
+            out[b] = t[idx[offs[b]:offs[b + 1]]].astype(np.int64).sum(axis=0)
+        return ((out + 2**31) % 2**32 - 2**31).astype(np.int32)
+    f = t.astype(np.float32)                    # fp16 widens exactly; ints convert for weights
+    return ref_fp32(f.view(np.uint32), idx, offs, w).view(np.float32)
+
+
+@pytest.mark.parametrize("dim", [7, 64, 128, 300])
+@pytest.mark.parametrize("el", ["fp32", "fp16", "int8", "int32", "int8_rowwise"])
+def test_every_bag_loop_width_gives_the_definition(el, dim):
+    """The bag loops compiled for a width (64, 128), the general one (7) and the general one in
+    blocks of columns (300 > pooling._BLOCK): one-table serial and parallel, and the two-source
+    kernel, with and without weights, on rows holding -0.0, NaN payloads, infinities,
+    subnormals, int extremes; empty bags and duplicates."""
+    assert 300 > P._BLOCK
+    rng = np.random.default_rng(dim)
+    rows = 24
+    if el == "int8_rowwise":
+        t = random_rowwise(rng, rows, dim)
+    elif el in ("fp32", "fp16"):
+        with np.errstate(over="ignore"):   # the max finite fp32 becomes inf in fp16
+            t = special_fp32(rng, rows, dim).astype(np.float32 if el == "fp32" else np.float16)
+    else:
+        info = np.iinfo(np.int8 if el == "int8" else np.int32)
+        t = rng.integers(info.min, info.max, (rows, dim), endpoint=True).astype(info.dtype)
+        t[0], t[1] = info.max, info.min
+    n = 160
+    idx = rng.integers(0, rows, n)
+    offs = np.concatenate([[0], np.sort(rng.integers(0, n + 1, 30)), [n]])   # empty bags too
+    w = rng.standard_normal(n).astype(np.float32)
+    w[:4] = [-0.0, np.inf, 1e-30, np.nan]
+    elem = ELEMS[el]
+    # the two-source split: even rows in the "cache", odd rows fetched
+    uniq = np.arange(rows)
+    csrc = np.ascontiguousarray(t[0::2])
+    msrc = np.ascontiguousarray(t[1::2])
+    loc = np.where(uniq % 2 == 0, uniq // 2, -1 - uniq // 2).astype(np.int32)
+    for weights in (None, w):
+        want = _ref_any(el, t, idx, offs, weights)
+        for parallel in (False, True):
+            got = P.pool(t, el, idx, offs, per_sample_weights=weights, parallel=parallel)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
+                                          err_msg=f"one-table parallel={parallel} weighted={weights is not None}")
+        out = np.empty_like(want)
+        assert P.pool_two_sources(P.kernel_source(csrc, elem), P.kernel_source(msrc, elem), elem, idx, loc,
+                                  offs, out, weights) == -1
+        np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32),
+                                      err_msg=f"two sources weighted={weights is not None}")
