@@ -42,6 +42,21 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _huge_page_bytes() -> int | None:
+    """Bytes of this process's anonymous memory in transparent huge pages (Linux; None
+    elsewhere). numpy asks for huge pages for large arrays (``madvise``), torch's CPU allocator
+    does not, so random row reads from our tables and from FBGEMM's copy of them can see
+    different TLB costs: the run records how much of the memory got them."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _batches(trace: str, n_tables: int, rows: int, bags: int, pf: int, n: int, seed: int):
     """n batches: per table (indices int64, offsets int64)."""
     offs = (np.arange(bags + 1, dtype=np.int64) * pf)
@@ -209,6 +224,11 @@ def run_peers(cfg: dict, cells=DEFAULT_CELLS, log=print, hit_cells=HIT_PATH_CELL
     for elem, tables in tables_by_elem.items():
         store = EmbeddingStore.from_arrays(tables, "dram")
         runners = {"ours": _Ours(store), "fbgemm_tbe": _Fbgemm(tables, elem), "nn_embeddingbag": _TorchBags(tables)}
+        huge = _huge_page_bytes()
+        out.setdefault("huge_page_bytes", {})[elem] = huge
+        if huge is not None:
+            log(f"  {elem}: {huge / 2**20:.0f} MiB of the process in transparent huge pages with the tables "
+                f"({sum(a.nbytes for a in tables.values()) / 2**20:.0f} MiB ours, the same again in FBGEMM's copy)")
         for (e, trace, threads, bags) in cells:
             if e != elem:
                 continue
