@@ -417,7 +417,7 @@ def _bag_loop(dim: int, rowwise: bool = False):
     row's first 4 bytes; ``w`` the weights when ``weighted``). Each bag sums in a row on the
     stack (:func:`_stack_row`) and is stored to ``out[b]`` at its end; with a constant width
     the sums stay in vector registers across the bag's lookups (measured, 64 fp32 rows, ns
-    per lookup: 8.5 -> 3.5 from L2, 21.6 -> 13.1 over 100k uniform rows). The row
+    per lookup: 8.5 -> 3.7-4.6 from L2, 21.6 -> 8.7-14.6 over 100k uniform rows). The row
     ``PREFETCH_DISTANCE`` lookups on is hinted into L1 and the one ``L2_PREFETCH_DISTANCE`` on
     into L2 (indices were checked before any bag is pooled; the hint is written out here, not in a helper: numba reference-counts arrays
     passed to one, which doubled the loop's cost). Same additions in the same order: the same
