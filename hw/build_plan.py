@@ -89,8 +89,19 @@ def board_spec(name: str) -> BoardSpec:
         raise SynthError(f"unsupported board {name!r}; supported boards: {known}") from None
 
 
+#: nextpnr options every board build passes itself (``--seed``/``--router`` have their own
+#: arguments): extra options may not repeat them (nextpnr refuses a repeated option)
+FIXED_NEXTPNR_OPTS = ("--report", "--detailed-timing-report", "--timing-allow-fail", "--seed", "--router")
+
+
 def nextpnr_opts(name: str, seed: int, router: str, extra: str) -> str:
-    """The nextpnr command-line options of a board build (they land in the plan's build script)."""
+    """The nextpnr command-line options of a board build (they land in the plan's build script).
+    ``extra`` may not repeat an option of :data:`FIXED_NEXTPNR_OPTS` (:class:`SynthError`
+    naming it, before anything is built)."""
+    repeated = [o for o in extra.split() if o.split("=", 1)[0] in FIXED_NEXTPNR_OPTS]
+    if repeated:
+        raise SynthError(f"nextpnr options {' '.join(repeated)}: every board build passes "
+                         f"{', '.join(FIXED_NEXTPNR_OPTS)} itself (seed and router: --seed, --router)")
     # --detailed-timing-report: every endpoint's routed arrival time in the report, so the
     # report lists every register that misses its clock (hw/synth.py slow_endpoints)
     return (f"--report {name}-report.json --detailed-timing-report --timing-allow-fail "

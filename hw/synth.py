@@ -219,13 +219,18 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
     try:
         build.plan.execute_local(str(bdir), env=toolchain_env())
     except subprocess.CalledProcessError as exc:
-        tail = ""
-        for suffix in (".tim", ".rpt"):
-            p = bdir / f"{name}{suffix}"
-            if p.exists():
-                tail = "\n".join(p.read_text(errors="replace").splitlines()[-25:])
-                break
-        raise SynthError(f"the {board} build failed ({exc}); log tail:\n{tail}") from None
+        # the log of the step that failed: nextpnr's if it started logging, else yosys's only
+        # when yosys did not finish (a nextpnr that stops on its arguments logs nothing: its
+        # message is on the build's stderr, above)
+        tim, rpt = bdir / f"{name}.tim", bdir / f"{name}.rpt"
+        synthesised = (bdir / f"{name}.json").exists()
+        if tim.exists():
+            step, tail = "nextpnr", "\n".join(tim.read_text(errors="replace").splitlines()[-25:])
+        elif not synthesised and rpt.exists():
+            step, tail = "yosys", "\n".join(rpt.read_text(errors="replace").splitlines()[-25:])
+        else:
+            step, tail = "nextpnr" if synthesised else "the build", "(no log written: see the message above)"
+        raise SynthError(f"the {board} build failed in {step} ({exc}); log tail:\n{tail}") from None
     seconds = time.monotonic() - t0
     report = json.loads((bdir / f"{name}-report.json").read_text())
     log_text = (bdir / f"{name}.tim").read_text(errors="replace")

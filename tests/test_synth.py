@@ -39,6 +39,22 @@ def test_bad_router_is_a_clear_error(tmp_path, capsys):
     assert "invalid choice: 'router3'" in capsys.readouterr().err
 
 
+def test_repeated_nextpnr_option_is_a_clear_error(tmp_path):
+    """An extra nextpnr option the board build passes itself stops the build before yosys runs
+    (nextpnr would refuse the repeated option after minutes of synthesis) and names it."""
+    pytest.importorskip("amaranth")
+    from evssd.hw.build_plan import nextpnr_opts
+    from evssd.hw.synth import SynthError, build_bitstream
+    assert "--placer-heap-timingweight 40" in nextpnr_opts("evssd", 3, "router2", "--placer-heap-timingweight 40")
+    for extra in ("--detailed-timing-report", "--seed=5", "--placer-heap-critexp 4 --router router1"):
+        with pytest.raises(SynthError, match="every board build passes"):
+            nextpnr_opts("evssd", 3, "router2", extra)
+    with pytest.raises(SynthError, match="--detailed-timing-report"):
+        build_bitstream("ulx3s-85f", out_dir=tmp_path / "o", build_dir=tmp_path / "b",
+                        nextpnr_extra="--detailed-timing-report")
+    assert not (tmp_path / "b").exists()
+
+
 def _fake_digest(il="a" * 64, tools=None):
     from evssd.hw.build_plan import build_digest
     parts = {"evssd.il": il, "evssd.lpf": "b" * 64, "build_evssd.sh": "c" * 64}
