@@ -409,23 +409,34 @@ def _ol_itemsize(src):
 _BLOCK = 256
 
 
-def _bag_loop(dim: int, rowwise: bool = False):
-    """Bags ``b0..b1-1`` of a one-table kernel over ``src[idx[...]]``, with the row width ``dim``
-    a constant of the compiled loop (0: the width of ``out``, known only when it runs, summed
-    in blocks of :data:`_BLOCK` columns). fp32/fp16/int8/int32 rows (``w`` None or the weights,
-    as :func:`_add_row`), or with ``rowwise`` row-wise INT8 rows (fp16 scale and bias in each
-    row's first 4 bytes; ``w`` the weights when ``weighted``). Each bag sums in a row on the
-    stack (:func:`_stack_row`) and is stored to ``out[b]`` at its end; with a constant width
-    the sums stay in vector registers across the bag's lookups (measured, 64 fp32 rows, ns
-    per lookup: 8.5 -> 3.7-4.6 from L2, 21.6 -> 8.7-14.6 over 100k uniform rows). The row
-    ``PREFETCH_DISTANCE`` lookups on is hinted into L1 and the one ``L2_PREFETCH_DISTANCE`` on
-    into L2 (indices were checked before any bag is pooled; the hint is written out here, not in a helper: numba reference-counts arrays
-    passed to one, which doubled the loop's cost). Same additions in the same order: the same
-    bits."""
+def _bag_loop(dim: int, rowwise: bool = False, two: bool = False):
+    """Bags ``b0..b1-1`` of a pooling kernel, with the row width ``dim`` a constant of the
+    compiled loop (0: the width of ``out``, known only when it runs, summed in blocks of
+    :data:`_BLOCK` columns). fp32/fp16/int8/int32 rows (``w`` None or the weights, as
+    :func:`_add_row`), or with ``rowwise`` row-wise INT8 rows (fp16 scale and bias in each
+    row's first 4 bytes; ``w`` the weights when ``weighted``).
+
+    One table (``two`` False): lookup k reads ``src[idx[k]]`` (``msrc``, ``loc`` unused: pass
+    None). Two sources (the cache's hit path): lookup k's row is ``idx`` entry ``u = idx[k]``
+    of the batch's distinct rows, in the cache's row storage ``src`` at slot ``loc[u]`` (>= 0)
+    or, for a miss, in row ``-1 - loc[u]`` of the fetched rows ``msrc``; the source is chosen
+    per lookup as a value, so the row loop has no branch around it (8-13% faster than a loop
+    per source on cache-resident rows, measured).
+
+    Each bag sums in a row on the stack (:func:`_stack_row`) and is stored to ``out[b]`` at its
+    end; with a constant width the sums stay in vector registers across the bag's lookups
+    (measured, 64 fp32 rows, one table, ns per lookup: 8.5 -> 3.7-4.6 from L2, 21.6 -> 8.7-14.6
+    over 100k uniform rows). The row ``PREFETCH_DISTANCE`` lookups on is hinted into L1, and
+    from one table the one ``L2_PREFETCH_DISTANCE`` on into L2 (the cache's rows are near:
+    the L2 hint slowed the two-source loop). Indices were checked before any bag is pooled.
+    The prefetch and the row's term are written out here, not in helpers: numba
+    reference-counts arrays passed to a helper, which doubled the loop's cost (an inlined
+    overload for the row-wise term: 7.0 -> 19.8 ns per lookup). Same additions in the same
+    order as the definition: the same bits."""
     width = dim if dim else _BLOCK
 
     @numba.njit(inline="always")
-    def loop(src, idx, offs, w, weighted, out, b0, b1):
+    def loop(src, msrc, idx, loc, offs, w, weighted, out, b0, b1):
         d = dim if dim else out.shape[1]
         n = idx.shape[0]
         # the row's bytes: a constant with the width, but for a row-wise row (its header too)
@@ -442,30 +453,45 @@ def _bag_loop(dim: int, rowwise: bool = False):
                 for k in range(lo, hi):
                     ahead = k + PREFETCH_DISTANCE
                     if (dim or c0 == 0) and ahead < n:
-                        ra = idx[ahead]
-                        for off in range(0, rb, 64):
-                            _prefetch(src, ra, off)
-                        far = k + L2_PREFETCH_DISTANCE
-                        if far < n:
-                            ra = idx[far]
+                        if two:
+                            la = loc[idx[ahead]]
+                            if la >= 0:
+                                for off in range(0, rb, 64):
+                                    _prefetch(src, la, off)
+                            else:
+                                for off in range(0, rb, 64):
+                                    _prefetch(msrc, -1 - la, off)
+                        else:
+                            ra = idx[ahead]
                             for off in range(0, rb, 64):
-                                _prefetch_l2(src, ra, off)
-                    r = idx[k]
+                                _prefetch(src, ra, off)
+                            far = k + L2_PREFETCH_DISTANCE
+                            if far < n:
+                                ra = idx[far]
+                                for off in range(0, rb, 64):
+                                    _prefetch_l2(src, ra, off)
+                    if two:
+                        r = loc[idx[k]]
+                        row = src if r >= 0 else msrc
+                        r = r if r >= 0 else -1 - r
+                    else:
+                        r = idx[k]
+                        row = src
                     if rowwise:
-                        s = _h2f(np.uint32(src[r, 0]) | (np.uint32(src[r, 1]) << np.uint32(8)))
-                        c = _h2f(np.uint32(src[r, 2]) | (np.uint32(src[r, 3]) << np.uint32(8)))
+                        s = _h2f(np.uint32(row[r, 0]) | (np.uint32(row[r, 1]) << np.uint32(8)))
+                        c = _h2f(np.uint32(row[r, 2]) | (np.uint32(row[r, 3]) << np.uint32(8)))
                         if weighted:
                             s = s * w[k]
                             c = c * w[k]
                         for j in range(cw):
-                            acc[j] = fma32(s, np.float32(src[r, 4 + c0 + j]), acc[j] + c)
+                            acc[j] = fma32(s, np.float32(row[r, 4 + c0 + j]), acc[j] + c)
                     elif w is None:
                         for j in range(cw):
-                            acc[j] += _load(src, r, c0 + j)
+                            acc[j] += _load(row, r, c0 + j)
                     else:
                         wk = w[k]
                         for j in range(cw):
-                            acc[j] = fma32(wk, _loadf(src, r, c0 + j), acc[j])
+                            acc[j] = fma32(wk, _loadf(row, r, c0 + j), acc[j])
                 if lo == hi:
                     for j in range(cw):
                         out[b, c0 + j] = 0
@@ -479,6 +505,10 @@ _bags_any = _bag_loop(0)
 _bags_64 = _bag_loop(64)
 _bags_128 = _bag_loop(128)
 _bags_rowwise = _bag_loop(0, rowwise=True)
+_bags2_any = _bag_loop(0, two=True)
+_bags2_64 = _bag_loop(64, two=True)
+_bags2_128 = _bag_loop(128, two=True)
+_bags2_rowwise = _bag_loop(0, rowwise=True, two=True)
 
 
 @numba.njit(inline="always")
@@ -489,11 +519,11 @@ def _bags(src, idx, offs, w, out, b0, b1):
     32 as well the pooling kernels took ~5x as long to compile as with the general loop alone."""
     d = out.shape[1]
     if d == 64:
-        _bags_64(src, idx, offs, w, False, out, b0, b1)
+        _bags_64(src, None, idx, None, offs, w, False, out, b0, b1)
     elif d == 128:
-        _bags_128(src, idx, offs, w, False, out, b0, b1)
+        _bags_128(src, None, idx, None, offs, w, False, out, b0, b1)
     else:
-        _bags_any(src, idx, offs, w, False, out, b0, b1)
+        _bags_any(src, None, idx, None, offs, w, False, out, b0, b1)
 
 
 #: bags per task of the parallel kernels (each task has its own accumulator row)
@@ -527,7 +557,7 @@ def _rowwise_serial(src, idx, offs, w, weighted, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
-    _bags_rowwise(src, idx, offs, w, weighted, out, 0, offs.shape[0] - 1)
+    _bags_rowwise(src, None, idx, None, offs, w, weighted, out, 0, offs.shape[0] - 1)
     return -1
 
 
@@ -538,113 +568,11 @@ def _rowwise_parallel(src, idx, offs, w, weighted, out):
         return code
     n_bags = offs.shape[0] - 1
     for c in numba.prange((n_bags + _CHUNK - 1) // _CHUNK):
-        _bags_rowwise(src, idx, offs, w, weighted, out, c * _CHUNK, min(n_bags, (c + 1) * _CHUNK))
+        _bags_rowwise(src, None, idx, None, offs, w, weighted, out, c * _CHUNK, min(n_bags, (c + 1) * _CHUNK))
     return -1
 
 
-# Two-source kernels (the cache hit path): lookup k's row is ``uniq`` entry ``u = inv[k]``, held
-# in the cache's row storage at slot ``loc[u]`` (>= 0) or, for a miss, in row ``-1 - loc[u]`` of
-# the fetched-miss buffer. Same accumulate order and arithmetic as the bag loops above (the row
-# is read by the same _load/_loadf), so the result is the definition's bit for bit.
-
-
-# The prefetch and the row-wise term are written out in each loop: numba reference-counts arrays
-# passed to a helper, ~20-40 ns per lookup (an inlined overload taking the row-wise term out of
-# the one-table loop measured 7.0 -> 19.8 ns per lookup).
-
-
-def _bag2_loop(dim: int):
-    """Bags ``b0..b1-1`` of the two-source kernel (fp32/fp16/int8/int32 rows; ``w`` None or
-    the weights, as :func:`_add_row`), with the row width a constant of the compiled loop as
-    in :func:`_bag_loop` (0: blocks of :data:`_BLOCK` columns), summed in a stack row. The
-    source is chosen per lookup as a value, so the row loop has no branch around it (8-13%
-    faster than a loop per source on cache-resident rows, measured)."""
-    width = dim if dim else _BLOCK
-
-    @numba.njit(inline="always")
-    def loop(csrc, msrc, inv, loc, offs, w, out, b0, b1):
-        d = dim if dim else out.shape[1]
-        n = inv.shape[0]
-        rb = d * _itemsize(csrc)
-        acc = numba.carray(_stack_row(out, width), (width,))
-        z = _start(out)
-        for b in range(b0, b1):
-            lo = offs[b]
-            hi = offs[b + 1]
-            for c0 in range(0, d, width):
-                cw = dim if dim else min(width, d - c0)
-                for j in range(cw):
-                    acc[j] = z
-                for k in range(lo, hi):
-                    ahead = k + PREFETCH_DISTANCE
-                    if (dim or c0 == 0) and ahead < n:
-                        la = loc[inv[ahead]]
-                        if la >= 0:
-                            for off in range(0, rb, 64):
-                                _prefetch(csrc, la, off)
-                        else:
-                            for off in range(0, rb, 64):
-                                _prefetch(msrc, -1 - la, off)
-                    r = loc[inv[k]]
-                    src = csrc if r >= 0 else msrc
-                    r = r if r >= 0 else -1 - r
-                    if w is None:
-                        for j in range(cw):
-                            acc[j] += _load(src, r, c0 + j)
-                    else:
-                        wk = w[k]
-                        for j in range(cw):
-                            acc[j] = fma32(wk, _loadf(src, r, c0 + j), acc[j])
-                if lo == hi:
-                    for j in range(cw):
-                        out[b, c0 + j] = 0
-                else:
-                    for j in range(cw):
-                        out[b, c0 + j] = _canonical(acc[j])
-    return loop
-
-
-_bags2_any = _bag2_loop(0)
-_bags2_64 = _bag2_loop(64)
-_bags2_128 = _bag2_loop(128)
-
-
-@numba.njit(inline="always")
-def _bag_rowwise2(csrc, msrc, inv, loc, w, weighted, lo, hi, out, b, n, rb):
-    """Bag b of row-wise INT8 rows from the two sources, summed in ``out[b]`` (the term as
-    :func:`_bag_loop`'s, written out per source: see the note above)."""
-    dim = out.shape[1]
-    for j in range(dim):
-        out[b, j] = np.float32(-0.0)
-    for k in range(lo, hi):
-        ahead = k + PREFETCH_DISTANCE
-        if ahead < n:
-            la = loc[inv[ahead]]
-            if la >= 0:
-                for off in range(0, rb, 64):
-                    _prefetch(csrc, la, off)
-            else:
-                for off in range(0, rb, 64):
-                    _prefetch(msrc, -1 - la, off)
-        r = loc[inv[k]]
-        if r >= 0:
-            s = _h2f(np.uint32(csrc[r, 0]) | (np.uint32(csrc[r, 1]) << np.uint32(8)))
-            c = _h2f(np.uint32(csrc[r, 2]) | (np.uint32(csrc[r, 3]) << np.uint32(8)))
-            if weighted:
-                s = s * w[k]
-                c = c * w[k]
-            for j in range(dim):
-                out[b, j] = fma32(s, np.float32(csrc[r, 4 + j]), out[b, j] + c)
-        else:
-            r = -1 - r
-            s = _h2f(np.uint32(msrc[r, 0]) | (np.uint32(msrc[r, 1]) << np.uint32(8)))
-            c = _h2f(np.uint32(msrc[r, 2]) | (np.uint32(msrc[r, 3]) << np.uint32(8)))
-            if weighted:
-                s = s * w[k]
-                c = c * w[k]
-            for j in range(dim):
-                out[b, j] = fma32(s, np.float32(msrc[r, 4 + j]), out[b, j] + c)
-    _settle(out, b, lo == hi)
+# Two-source kernels (the cache hit path): the bag loops with ``two`` (see :func:`_bag_loop`).
 
 
 @numba.njit(inline="always")
@@ -677,11 +605,11 @@ def _pool2_kernel(csrc, msrc, inv, loc, offs, w, out):
     d = out.shape[1]
     b1 = offs.shape[0] - 1
     if d == 64:
-        _bags2_64(csrc, msrc, inv, loc, offs, w, out, 0, b1)
+        _bags2_64(csrc, msrc, inv, loc, offs, w, False, out, 0, b1)
     elif d == 128:
-        _bags2_128(csrc, msrc, inv, loc, offs, w, out, 0, b1)
+        _bags2_128(csrc, msrc, inv, loc, offs, w, False, out, 0, b1)
     else:
-        _bags2_any(csrc, msrc, inv, loc, offs, w, out, 0, b1)
+        _bags2_any(csrc, msrc, inv, loc, offs, w, False, out, 0, b1)
     return -1
 
 
@@ -690,10 +618,7 @@ def _pool2_rowwise_kernel(csrc, msrc, inv, loc, offs, w, weighted, out):
     code = _check2(csrc.shape[0], msrc.shape[0], inv, loc, offs)
     if code != -1:
         return code
-    n = inv.shape[0]
-    rb = csrc.shape[1] * csrc.itemsize
-    for b in range(offs.shape[0] - 1):
-        _bag_rowwise2(csrc, msrc, inv, loc, w, weighted, offs[b], offs[b + 1], out, b, n, rb)
+    _bags2_rowwise(csrc, msrc, inv, loc, offs, w, weighted, out, 0, offs.shape[0] - 1)
     return -1
 
 
