@@ -274,51 +274,10 @@ def _ol_start(out):
     return lambda out: np.int32(0)
 
 
-def _bag_row(out):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_bag_row, inline="always")
-def _ol_bag_row(out):
-    """A kernel's own [1, dim] row of ``out``'s dtype for a bag to sum in before it is stored
-    to ``out[b]``: no store to ``out`` can then alias a source row, so the compiler keeps the
-    sums in registers (the additions and their order are the same). ``out`` None: an empty row."""
-    if isinstance(out, types.NoneType):
-        return lambda out: np.empty((1, 0), np.float32)
-    return lambda out: np.empty((1, out.shape[1]), out.dtype)
-
-
-def _settle(out, b, empty):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_settle, inline="always")
-def _ol_settle(out, b, empty):
-    """End of bag b: an empty bag is +0.0; a float NaN becomes the canonical quiet NaN."""
-    if isinstance(out.dtype, types.Float):
-        def settle(out, b, empty):
-            if empty:
-                for j in range(out.shape[1]):
-                    out[b, j] = 0.0
-                return
-            for j in range(out.shape[1]):
-                v = out[b, j]
-                if v != v:
-                    out[b, j] = _bits_to_f32(np.uint32(0x7FC00000))
-        return settle
-
-    def settle_int(out, b, empty):
-        if empty:
-            for j in range(out.shape[1]):
-                out[b, j] = 0
-    return settle_int
-
-
 @intrinsic
 def _canonical(typingctx, v):
     """A bag's sum as stored: a float NaN becomes the canonical quiet NaN, an int sum stays as
-    it is. A select, not a branch, so the store of a row vectorises (:func:`_settle` does the
-    same in place)."""
+    it is. A select, not a branch, so the store of a row vectorises."""
     if isinstance(v, types.Integer):
         return v(v), lambda context, builder, sig, args: args[0]
     if v != types.float32:
@@ -329,29 +288,6 @@ def _canonical(typingctx, v):
         nan = ir.Constant(ir.IntType(32), CANONICAL_NAN).bitcast(ir.FloatType())
         return builder.select(builder.fcmp_unordered("uno", x, x), nan, x)
     return types.float32(v), codegen
-
-
-def _add_row(out, b, src, r, w, k):  # pragma: no cover - replaced by the overload in jitted code
-    raise NotImplementedError
-
-
-@overload(_add_row, inline="always")
-def _ol_add_row(out, b, src, r, w, k):
-    """Lookup k's term of bag b: row ``r`` of ``src`` added to ``out[b]`` by the definition --
-    ``out[b] += row`` (``w`` None) or ``out[b] = fma(w[k], row, out[b])`` (one rounding) --
-    for a loop that resolves its rows itself (the EV-Cache's fused lookup); the bag starts
-    at :func:`_start` and ends with :func:`_settle`. fp32/fp16/int8/int32 rows."""
-    if isinstance(w, types.NoneType):
-        def add(out, b, src, r, w, k):
-            for j in range(out.shape[1]):
-                out[b, j] += _load(src, r, j)
-        return add
-
-    def add_weighted(out, b, src, r, w, k):
-        wk = w[k]
-        for j in range(out.shape[1]):
-            out[b, j] = fma32(wk, _loadf(src, r, j), out[b, j])
-    return add_weighted
 
 
 @numba.njit(inline="always")
@@ -412,9 +348,10 @@ _BLOCK = 256
 def _bag_loop(dim: int, rowwise: bool = False, two: bool = False):
     """Bags ``b0..b1-1`` of a pooling kernel, with the row width ``dim`` a constant of the
     compiled loop (0: the width of ``out``, known only when it runs, summed in blocks of
-    :data:`_BLOCK` columns). fp32/fp16/int8/int32 rows (``w`` None or the weights, as
-    :func:`_add_row`), or with ``rowwise`` row-wise INT8 rows (fp16 scale and bias in each
-    row's first 4 bytes; ``w`` the weights when ``weighted``).
+    :data:`_BLOCK` columns). fp32/fp16/int8/int32 rows, ``acc += row`` (``w`` None) or ``acc =
+    fma(w[k], row, acc)`` (one rounding), from :func:`_start`; or with ``rowwise`` row-wise INT8
+    rows (fp16 scale and bias in each row's first 4 bytes; ``w`` the weights when ``weighted``).
+    A bag's sums are stored by :func:`_canonical`; an empty bag is zeros.
 
     One table (``two`` False): lookup k reads ``src[idx[k]]`` (``msrc``, ``loc`` unused: pass
     None). Two sources (the cache's hit path): lookup k's row is ``idx`` entry ``u = idx[k]``
