@@ -538,7 +538,7 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
                                               rmax, counted)
     pooled = out is not None and hits == n_u
     if pooled:                     # every distinct key hit: the bags from the cache rows
-        _bags(src, slot_of, offs, w, out, 0, offs.shape[0] - 1)
+        _bags(src, None, slot_of, None, offs, w, out, 0, offs.shape[0] - 1)
     _count_passes(uniq, n_u, counted, n_counted, counters, sketch, sample, st)
     st[_HITS] += hits
     st[_MISSES] += n_u - hits

@@ -176,10 +176,6 @@ PREFETCH_DISTANCE = 16
 L2_PREFETCH_DISTANCE = 48
 
 
-# The prefetch is written out in each bag loop instead of a helper taking the arrays: numba
-# reference-counts arrays passed to an inlined function, which cost ~20 ns per lookup.
-
-
 _TWO_112 = np.float32(2.0 ** 112)
 
 
@@ -438,29 +434,32 @@ def _bag_loop(dim: int, rowwise: bool = False, two: bool = False):
     return loop
 
 
-_bags_any = _bag_loop(0)
-_bags_64 = _bag_loop(64)
-_bags_128 = _bag_loop(128)
+def _width_dispatch(two: bool):
+    """Bags ``b0..b1-1`` (arguments as the loop of :func:`_bag_loop`, without ``weighted``)
+    by a loop compiled for the row width where it is one of the two most common in
+    recommendation models (64, 128), else by the general loop; one table or, with ``two``, two
+    sources. Each specialised loop is compiled into every kernel signature, so the list is
+    short: with 16 and 32 as well the pooling kernels took ~5x as long to compile as with the
+    general loop alone."""
+    l64, l128, lany = _bag_loop(64, two=two), _bag_loop(128, two=two), _bag_loop(0, two=two)
+
+    @numba.njit(inline="always")
+    def bags(src, msrc, idx, loc, offs, w, out, b0, b1):
+        d = out.shape[1]
+        if d == 64:
+            l64(src, msrc, idx, loc, offs, w, False, out, b0, b1)
+        elif d == 128:
+            l128(src, msrc, idx, loc, offs, w, False, out, b0, b1)
+        else:
+            lany(src, msrc, idx, loc, offs, w, False, out, b0, b1)
+    return bags
+
+
+#: fp32/fp16/int8/int32 bags from one table (pass None for ``msrc`` and ``loc``) / two sources
+_bags = _width_dispatch(False)
+_bags2 = _width_dispatch(True)
 _bags_rowwise = _bag_loop(0, rowwise=True)
-_bags2_any = _bag_loop(0, two=True)
-_bags2_64 = _bag_loop(64, two=True)
-_bags2_128 = _bag_loop(128, two=True)
 _bags2_rowwise = _bag_loop(0, rowwise=True, two=True)
-
-
-@numba.njit(inline="always")
-def _bags(src, idx, offs, w, out, b0, b1):
-    """Bags ``b0..b1-1`` of a one-table kernel: a loop compiled for the row width where it is
-    one of the two most common in recommendation models (64, 128), else the general loop. Each
-    specialised loop is compiled into every kernel signature, so the list is short: with 16 and
-    32 as well the pooling kernels took ~5x as long to compile as with the general loop alone."""
-    d = out.shape[1]
-    if d == 64:
-        _bags_64(src, None, idx, None, offs, w, False, out, b0, b1)
-    elif d == 128:
-        _bags_128(src, None, idx, None, offs, w, False, out, b0, b1)
-    else:
-        _bags_any(src, None, idx, None, offs, w, False, out, b0, b1)
 
 
 #: bags per task of the parallel kernels (each task has its own accumulator row)
@@ -474,7 +473,7 @@ def _pool_serial(src, idx, offs, w, out):
     code = _check(src.shape[0], idx, offs)
     if code != -1:
         return code
-    _bags(src, idx, offs, w, out, 0, offs.shape[0] - 1)
+    _bags(src, None, idx, None, offs, w, out, 0, offs.shape[0] - 1)
     return -1
 
 
@@ -485,7 +484,7 @@ def _pool_parallel(src, idx, offs, w, out):
         return code
     n_bags = offs.shape[0] - 1
     for c in numba.prange((n_bags + _CHUNK - 1) // _CHUNK):
-        _bags(src, idx, offs, w, out, c * _CHUNK, min(n_bags, (c + 1) * _CHUNK))
+        _bags(src, None, idx, None, offs, w, out, c * _CHUNK, min(n_bags, (c + 1) * _CHUNK))
     return -1
 
 
@@ -539,14 +538,7 @@ def _pool2_kernel(csrc, msrc, inv, loc, offs, w, out):
     code = _check2(csrc.shape[0], msrc.shape[0], inv, loc, offs)
     if code != -1:
         return code
-    d = out.shape[1]
-    b1 = offs.shape[0] - 1
-    if d == 64:
-        _bags2_64(csrc, msrc, inv, loc, offs, w, False, out, 0, b1)
-    elif d == 128:
-        _bags2_128(csrc, msrc, inv, loc, offs, w, False, out, 0, b1)
-    else:
-        _bags2_any(csrc, msrc, inv, loc, offs, w, False, out, 0, b1)
+    _bags2(csrc, msrc, inv, loc, offs, w, out, 0, offs.shape[0] - 1)
     return -1
 
 

@@ -215,21 +215,18 @@ def build_bitstream(board: str = "ulx3s-85f", *, out_dir: str | os.PathLike | No
     git_dirty = bool(_git("status", "--porcelain", "--", "hw"))
     log(f"evssd synth: {board}, {'EV-SSD' if build.device else 'MMIO manager only'}, "
         f"{build.clock_mhz} MHz, {build.baud} baud -> {bdir}")
+    for stale in (f"{name}.json", f"{name}.tim", f"{name}.rpt"):   # a failure reads this build's logs
+        (bdir / stale).unlink(missing_ok=True)
     t0 = time.monotonic()
     try:
         build.plan.execute_local(str(bdir), env=toolchain_env())
     except subprocess.CalledProcessError as exc:
-        # the log of the step that failed: nextpnr's if it started logging, else yosys's only
-        # when yosys did not finish (a nextpnr that stops on its arguments logs nothing: its
-        # message is on the build's stderr, above)
-        tim, rpt = bdir / f"{name}.tim", bdir / f"{name}.rpt"
+        # the log of the step that failed: yosys's until it wrote the netlist, then nextpnr's
+        # (a nextpnr that stops on its arguments logs nothing: its message is on stderr, above)
         synthesised = (bdir / f"{name}.json").exists()
-        if tim.exists():
-            step, tail = "nextpnr", "\n".join(tim.read_text(errors="replace").splitlines()[-25:])
-        elif not synthesised and rpt.exists():
-            step, tail = "yosys", "\n".join(rpt.read_text(errors="replace").splitlines()[-25:])
-        else:
-            step, tail = "nextpnr" if synthesised else "the build", "(no log written: see the message above)"
+        step, log_file = ("nextpnr", bdir / f"{name}.tim") if synthesised else ("yosys", bdir / f"{name}.rpt")
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:]) if log_file.exists() \
+            else "(no log written: see the message above)"
         raise SynthError(f"the {board} build failed in {step} ({exc}); log tail:\n{tail}") from None
     seconds = time.monotonic() - t0
     report = json.loads((bdir / f"{name}-report.json").read_text())

@@ -219,13 +219,13 @@ def run_peers(cfg: dict, cells=DEFAULT_CELLS, log=print, hit_cells=HIT_PATH_CELL
     seed, reps, lookups_per_cell (batches per cell = lookups_per_cell // lookups per batch, at
     least 2)."""
     from evssd.host.store import EmbeddingStore
-    out = {"cells": [], "peak_rss_bytes": None}
+    out = {"cells": [], "peak_rss_bytes": None, "huge_page_bytes": {}}
     tables_by_elem = {elem: _tables(cfg, elem) for elem in sorted({c[0] for c in cells})}
     for elem, tables in tables_by_elem.items():
         store = EmbeddingStore.from_arrays(tables, "dram")
         runners = {"ours": _Ours(store), "fbgemm_tbe": _Fbgemm(tables, elem), "nn_embeddingbag": _TorchBags(tables)}
         huge = _huge_page_bytes()
-        out.setdefault("huge_page_bytes", {})[elem] = huge
+        out["huge_page_bytes"][elem] = huge
         if huge is not None:
             log(f"  {elem}: {huge / 2**20:.0f} MiB of the process in transparent huge pages with the tables "
                 f"({sum(a.nbytes for a in tables.values()) / 2**20:.0f} MiB ours, the same again in FBGEMM's copy)")
