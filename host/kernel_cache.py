@@ -66,8 +66,11 @@ def sync() -> bool:
                     f.unlink(missing_ok=True)
         dirs[0].mkdir(parents=True, exist_ok=True)
         tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(now)
-        os.replace(tmp, stamp)
+        try:
+            tmp.write_text(now)
+            os.replace(tmp, stamp)
+        finally:
+            tmp.unlink(missing_ok=True)   # gone after the replace; left over only if it failed
         return True
     except OSError:
         return False
