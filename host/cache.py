@@ -92,6 +92,7 @@ import numpy as np
 
 from evssd.host.dedupe import dedupe_into
 from evssd.host.misses import miss_order_into
+from evssd.host.rowmem import zeros_rows
 from evssd.host.elements import DEVICE_ELEMS
 from evssd.host.pooling import (pool2_into, _bags, _check as _check_bags, _prefetch, describe_error,
                                 kernel_source)
@@ -814,7 +815,7 @@ class EVCache:
         self.capacity = cap
         m = self.n_rows if self.direct_index else self._hash_slots(cap)
 
-        self._values = np.zeros((cap, self._words), dtype=self._word)
+        self._values = zeros_rows((cap, self._words), self._word)   # rows on cache lines
         self._values_view = self._values.view(self.dtype).reshape(cap, self.dim)
         self._slot_key = np.full(cap, -1, dtype=np.int64)
         self._ref = np.zeros(cap, dtype=np.uint8)      # CLOCK reference counter per slot

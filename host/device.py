@@ -28,6 +28,7 @@ from evssd.hw.regmap import (COMMAND_BYTES, COMPLETION_BYTES, Command, Completio
                              Params, Status)
 from evssd.host.backends import open_transport
 from evssd.host.regfile import MMIOError
+from evssd.host.rowmem import empty_rows
 from evssd.host.transport import Transport
 
 __all__ = ["AsyncDevice", "Device", "DeviceError", "DeviceClosedError", "DeviceMismatchError",
@@ -737,7 +738,7 @@ class AsyncDevice:
             out_bytes = shape[0] * shape[1]
             if out_bytes:
                 if result is None:
-                    result = np.empty(shape, np.uint8)
+                    result = empty_rows(shape, np.uint8)
                 dst = self.transport.map_buffer(result)
                 if dst is None and out is None:
                     result = None
@@ -854,7 +855,7 @@ class AsyncDevice:
                 # One copy out of host memory (whose buffer is freed below and reused by the
                 # next command), straight into the caller's array.
                 if result is None:
-                    result = np.empty(handle.result_shape, dtype=np.uint8)
+                    result = empty_rows(handle.result_shape, np.uint8)
                 if result.size:
                     await self.transport.mem_readinto(cmd.dst_addr, result)
             # else the device wrote it in place; the mapping ends below, before the caller has it

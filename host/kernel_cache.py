@@ -21,7 +21,7 @@ _HOST = Path(__file__).resolve().parent
 
 #: the modules defining ``cache=True`` kernels, relative to ``evssd/host``
 KERNEL_MODULES = ("pooling.py", "dedupe.py", "misses.py", "cache.py", "model.py", "timing.py",
-                  "sparse_flash.py", "store/store.py")
+                  "sparse_flash.py", "store/store.py", "rowmem.py")
 
 _STAMP = "evssd-kernels.stamp"
 

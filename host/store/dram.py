@@ -6,6 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
+from evssd.host.rowmem import on_cache_lines
 from evssd.host.store.backend import Backend, Tables
 from evssd.host.store.tables import TableInfo, table_info
 
@@ -13,7 +14,12 @@ __all__ = ["DramBackend"]
 
 
 class DramBackend(Backend):
-    """All rows in memory. ``bytes_read`` counts the row bytes copied out."""
+    """All rows in memory. ``bytes_read`` counts the row bytes copied out.
+
+    :meth:`create` keeps each given array when it starts on a cache line and is contiguous, and
+    otherwise serves a copy that does (:func:`evssd.host.rowmem.on_cache_lines`: a row split
+    across an extra cache line nearly doubled the pooling's cost), so a store built from arrays
+    may or may not see later writes to them: rewrite a table through a new store."""
     name = "dram"
 
     def __init__(self, arrays: Mapping[str, np.ndarray], infos: Mapping[str, TableInfo] | None = None):
@@ -24,7 +30,7 @@ class DramBackend(Backend):
 
     @classmethod
     def create(cls, tables: Tables) -> "DramBackend":
-        return cls({n: a for n, (a, _, _) in tables.items()},
+        return cls({n: on_cache_lines(a) for n, (a, _, _) in tables.items()},
                    {n: table_info(n, a, el) for n, (a, el, _) in tables.items()})
 
     def table_infos(self):

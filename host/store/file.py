@@ -13,6 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
+from evssd.host.rowmem import empty_rows
 from evssd.host.store.backend import Backend, Tables
 from evssd.host.store.errors import StoreInputError, TableFileError
 from evssd.host.store.tablefile import TableFile, open_table_file, write_table_file
@@ -161,7 +162,7 @@ class FileBackend(Backend):
     def read_rows(self, info, indices):
         tf = self.files[info.name]
         fd = self._fds[info.name]
-        out = np.empty((len(indices), tf.row_bytes), dtype=np.uint8)
+        out = empty_rows((len(indices), tf.row_bytes), np.uint8)
         idx = np.asarray(indices, dtype=np.int64)
         if self._pool is None or len(idx) < 2 * self.io_threads:
             nbytes = self._read_range(tf, fd, idx, out)

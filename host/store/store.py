@@ -45,6 +45,7 @@ import numba
 import numpy as np
 
 from evssd.host import pooling
+from evssd.host.rowmem import empty_rows
 from evssd.host.store.backend import Backend
 from evssd.host.dedupe import dedupe
 from evssd.host.store.dram import DramBackend
@@ -385,7 +386,7 @@ class EmbeddingStore:
             fuse = hasattr(cache, "lookup_pool") and not info.el.extra and not self._bag_parallel(idx.size)
             if fuse:   # an all-hit batch is pooled from the cache rows in the lookup's call
                 dst = out if out is not None else \
-                    np.empty((n_bags, info.dim), np.float32 if w is not None else info.acc_dtype)
+                    empty_rows((n_bags, info.dim), np.float32 if w is not None else info.acc_dtype)
             with self._cache_locks[info.name]:
                 epoch = cache.epoch
                 if fuse:
@@ -397,7 +398,7 @@ class EmbeddingStore:
             return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
                          epoch=epoch, slot_of=slot_of)
         uniq, inv = dedupe(idx)
-        rows = np.empty((uniq.size, info.width), dtype=info.dtype)
+        rows = empty_rows((uniq.size, info.width), info.dtype)
         if cache is not None and uniq.size:
             with self._cache_locks[info.name]:
                 hit = np.asarray(cache.lookup(uniq, rows), dtype=bool)
@@ -454,7 +455,7 @@ class EmbeddingStore:
         n_bags = plan.offsets.size - 1
         out = plan.out
         if out is None:
-            out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
+            out = empty_rows((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
         parallel = self._bag_parallel(idx.size)
         code = pooling.pool_into(pooling.kernel_source(src, info.el), info.el, idx, plan.offsets, out,
                                  plan.weights, parallel)
@@ -507,7 +508,7 @@ class EmbeddingStore:
         n_bags = plan.offsets.size - 1
         out = plan.out
         if out is None:
-            out = np.empty((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
+            out = empty_rows((n_bags, info.dim), np.float32 if plan.weights is not None else info.acc_dtype)
         if not miss.size:
             # every distinct row was a hit: pool straight from the cache's row storage with each
             # lookup's slot (the dram path's kernel, parallel over bags if asked), unless an
