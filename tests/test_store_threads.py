@@ -54,6 +54,44 @@ def test_map_raises_the_first_error_after_every_share_finished():
     tt.close()                                                    # idempotent
 
 
+def test_map_spreads_only_phases_worth_a_hand_off():
+    """The first phase spreads; phases averaging less work than ``min_work_s`` then run on the
+    caller, and spread again once their work grows past it."""
+    import time
+    tt = TableThreads(min_work_s=0.004)
+    me = threading.get_ident()
+    ran = []
+
+    def fn(x):
+        ran.append(threading.get_ident())
+        if x >= 100:
+            time.sleep(0.002)           # 2 ms of "work" per item
+        return x
+
+    try:
+        assert tt.map(fn, [0, 1, 2, 3], 2) == [0, 1, 2, 3]
+        assert len(set(ran)) == 2 and tt.work_s is not None and tt.work_s < 0.004
+        for _ in range(3):              # small phases: on the caller only
+            ran.clear()
+            assert tt.map(fn, [0, 1, 2, 3], 2) == [0, 1, 2, 3]
+            assert set(ran) == {me}
+        spread = False
+        for _ in range(20):             # 8 ms phases: the average passes 4 ms, then they spread
+            ran.clear()
+            assert tt.map(fn, [100, 101, 102, 103], 2) == [100, 101, 102, 103]
+            if len(set(ran)) == 2:
+                spread = True
+                break
+        assert spread and tt.work_s >= 0.004
+        always = TableThreads(min_work_s=0)
+        for _ in range(3):
+            ran.clear()
+            assert always.map(fn, [0, 1], 2) == [0, 1] and len(set(ran)) == 2
+        always.close()
+    finally:
+        tt.close()
+
+
 def _state(store):
     return {n: (c.stats, c._ref.tobytes(), c._slot_key.tobytes(), c._counters.tobytes(),
                 c._sketch.tobytes(), c._st.tolist()) for n, c in store.caches.items()}
@@ -79,6 +117,7 @@ def test_threaded_store_equals_serial_store(tmp_path, backend):
                 EmbeddingStore.from_arrays(tables, backend, parallel=False, cache_fraction=0.2,
                                            **({"path": tmp_path / "s"} if backend == "file" else {})) as ser:
             assert par._table_threads(3) == 2 and ser._table_threads(3) == 1
+            par._threads.min_work_s = 0        # spread every phase, however small (see below)
             ran_on = set()
             plan_fn, finish_fn = par._plan, par._finish
             par._plan = lambda *a: (ran_on.add(("plan", threading.get_ident())), plan_fn(*a))[1]
