@@ -87,3 +87,21 @@ def test_the_cache_rows_and_the_devices_results_are_on_cache_lines():
                                           rng.integers(0, 2000, 50).astype(np.uint32))
         assert is_on_cache_line(raw)
         assert rows.shape == (100, 64)
+
+
+def test_npy_tables_are_served_in_place(tmp_path):
+    """The .npy format starts the data on a 64-byte boundary: a memory-mapped table needs no
+    copy (so a table larger than memory stays on disk), and a path loads onto a cache line."""
+    rng = np.random.default_rng(9)
+    t = rng.standard_normal((3000, 64)).astype(np.float32)
+    np.save(tmp_path / "t.npy", t)
+    m = np.load(tmp_path / "t.npy", mmap_mode="r")
+    assert is_on_cache_line(m)
+    with EmbeddingStore.from_arrays({"m": m, "p": tmp_path / "t.npy"}, "dram") as store:
+        assert np.shares_memory(store.backend.arrays["m"], m)
+        assert is_on_cache_line(store.backend.arrays["p"])
+        idx = rng.integers(0, 3000, 40)
+        offs = np.array([0, 10, 40])
+        want = ref_fp32(t.view(np.uint32), idx, offs)
+        for name in ("m", "p"):
+            assert np.array_equal(store.pooled(name, idx, offs).view(np.uint32), want)
