@@ -105,3 +105,29 @@ def test_npy_tables_are_served_in_place(tmp_path):
         want = ref_fp32(t.view(np.uint32), idx, offs)
         for name in ("m", "p"):
             assert np.array_equal(store.pooled(name, idx, offs).view(np.uint32), want)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_torch_face_tables_reach_the_dram_store_on_cache_lines(pack, monkeypatch):
+    """The TorchRec face copies its tables once (it owns them), onto cache lines, packed or not:
+    the dram store then serves that copy and makes none of its own."""
+    from evssd.host.store import dram
+    from evssd.host.torchface.core import EmbeddingTables
+    from evssd.host.torchface.tables import TableSpec
+    kept = []
+    real = dram.on_cache_lines
+    monkeypatch.setattr(dram, "on_cache_lines", lambda a: (kept.append(real(a) is a), real(a))[1])
+    rng = np.random.default_rng(11)
+    specs = [TableSpec("a", 300, 64, "fp32", features=("fa",)), TableSpec("b", 200, 64, "fp32", features=("fb",))]
+    arrays = {"a": _misaligned((300, 64), np.float32), "b": _misaligned((200, 64), np.float32)}
+    for a in arrays.values():
+        a[:] = rng.standard_normal(a.shape)
+    et = EmbeddingTables(specs, arrays, backend="dram", pack=pack)
+    try:
+        assert kept == [True] * (1 if pack else 2)       # every table served as the face built it
+        arrs = et.store.backend.arrays
+        assert all(is_on_cache_line(a) and not np.shares_memory(a, arrays["a"]) for a in arrs.values())
+        got = np.concatenate([arrs[n] for n in sorted(arrs)])
+        assert np.array_equal(got, np.concatenate([arrays["a"], arrays["b"]]))
+    finally:
+        et.store.close()

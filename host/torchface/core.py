@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from evssd.host.rowmem import empty_rows
 from .tables import TableSpec, TorchFaceError, rows_from_fbgemm
 
 __all__ = ["EmbeddingTables", "FeatureRequest", "BatchPlan", "BACKENDS", "fbgemm_mean"]
@@ -146,7 +147,9 @@ class EmbeddingTables:
         want = np.float32 if spec.kind == "fp32" else np.float16
         if a.dtype.kind != "f":   # other float types are converted, as Tensor.copy_ does in PyTorch
             raise TorchFaceError(f"table {spec.name!r}: weight must be floating point ({spec.kind}), got {a.dtype}")
-        return np.array(a, dtype=want, copy=True, order="C")   # copied: the module owns its tables
+        out = empty_rows(a.shape, want)   # copied (the module owns its tables), on cache lines
+        out[...] = a                     # (so the dram store serves it without a copy of its own)
+        return out
 
     def _build(self, arrays) -> None:
         from evssd.host.store import EmbeddingStore, RowwiseInt8
@@ -160,7 +163,9 @@ class EmbeddingTables:
         stored = {}
         for name, members in self.packs.items():
             parts = [per_table.pop(s.name) for s in members]
-            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            rows = parts[0] if len(parts) == 1 else \
+                np.concatenate(parts, out=empty_rows((sum(len(p) for p in parts),) + parts[0].shape[1:],
+                                                     parts[0].dtype))
             stored[name] = RowwiseInt8(rows, members[0].dim) if members[0].kind == "int8_rowwise" else rows
         store = EmbeddingStore.from_arrays(stored, self.backend_name, **self._options)
         if self.block_mode:
