@@ -19,7 +19,8 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["CACHE_LINE", "empty_rows", "zeros_rows", "on_cache_lines", "is_on_cache_line"]
+__all__ = ["CACHE_LINE", "empty_rows", "zeros_rows", "on_cache_lines", "is_on_cache_line",
+           "available_memory"]
 
 #: bytes of a CPU cache line, the boundary rows start on
 CACHE_LINE = 64
@@ -56,10 +57,25 @@ def zeros_rows(shape, dtype) -> np.ndarray:
     return out
 
 
-def on_cache_lines(arr: np.ndarray) -> np.ndarray:
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux ``MemAvailable``), or None
+    where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def on_cache_lines(arr: np.ndarray, max_copy_bytes: int | None = None) -> np.ndarray:
     """``arr`` itself when it is C-contiguous and starts on a cache-line boundary, else a copy
-    that is (same dtype, shape and values)."""
-    if arr.flags.c_contiguous and is_on_cache_line(arr):
+    that is (same dtype, shape and values). ``max_copy_bytes``: a contiguous array larger than
+    this is returned as it is instead of copied (None: no limit)."""
+    if arr.flags.c_contiguous and (is_on_cache_line(arr) or
+                                   (max_copy_bytes is not None and arr.nbytes > max_copy_bytes)):
         return arr
     out = empty_rows(arr.shape, arr.dtype)
     out[...] = arr

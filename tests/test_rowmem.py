@@ -1,4 +1,6 @@
 """Row memory on cache-line boundaries (host/rowmem.py) and the places that must use it."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -116,7 +118,7 @@ def test_torch_face_tables_reach_the_dram_store_on_cache_lines(pack, monkeypatch
     from evssd.host.torchface.tables import TableSpec
     kept = []
     real = dram.on_cache_lines
-    monkeypatch.setattr(dram, "on_cache_lines", lambda a: (kept.append(real(a) is a), real(a))[1])
+    monkeypatch.setattr(dram, "on_cache_lines", lambda a, *limit: (kept.append(real(a) is a), real(a))[1])
     rng = np.random.default_rng(11)
     specs = [TableSpec("a", 300, 64, "fp32", features=("fa",)), TableSpec("b", 200, 64, "fp32", features=("fb",))]
     arrays = {"a": _misaligned((300, 64), np.float32), "b": _misaligned((200, 64), np.float32)}
@@ -131,3 +133,29 @@ def test_torch_face_tables_reach_the_dram_store_on_cache_lines(pack, monkeypatch
         assert np.array_equal(got, np.concatenate([arrays["a"], arrays["b"]]))
     finally:
         et.store.close()
+
+
+def test_a_table_too_large_to_copy_is_served_in_place_with_a_warning(monkeypatch):
+    """A cache-line copy that would take more than half the available memory is not made: the
+    table is served where it is (same results) and a warning names it."""
+    from evssd.host.store import dram
+    rng = np.random.default_rng(13)
+    t = _misaligned((2000, 64), np.float32)
+    t[:] = rng.standard_normal(t.shape)
+    for limit in (None, 4 * t.nbytes):            # unknown, or room: copied, no warning
+        monkeypatch.setattr(dram, "available_memory", lambda: limit)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with EmbeddingStore.from_arrays({"t": t}, "dram") as store:
+                assert is_on_cache_line(store.backend.arrays["t"])
+    monkeypatch.setattr(dram, "available_memory", lambda: t.nbytes)   # a copy would take it all
+    with pytest.warns(UserWarning, match=r"table 't': served from its own memory.*cache line"):
+        store = EmbeddingStore.from_arrays({"t": t}, "dram")
+    with store:
+        assert store.backend.arrays["t"] is t
+        idx = rng.integers(0, 2000, 50)
+        offs = np.array([0, 20, 50])
+        assert np.array_equal(store.pooled("t", idx, offs).view(np.uint32),
+                              ref_fp32(t.view(np.uint32), idx, offs))
+    assert on_cache_lines(t, max_copy_bytes=t.nbytes - 1) is t
+    assert on_cache_lines(t, max_copy_bytes=t.nbytes) is not t

@@ -227,10 +227,11 @@ class EmbeddingStore:
         ``parallel``: use numba's threads -- with caches, a batch's tables side by side, else
         each table's bags (results are the same bits).
         ``dram`` pools straight from the arrays, each from one that starts on a cache line: a
-        table that does not (numpy's large arrays start 16 bytes past one) is copied once, so to
-        serve a large table in place give it as built by :func:`evssd.host.rowmem.empty_rows` or
-        as a ``.npy`` file or ``np.load(..., mmap_mode="r")`` array (the format aligns the data
-        to 64 bytes).
+        table that does not (numpy's large arrays start 16 bytes past one) is copied once (unless
+        the copy would take more than half the memory available: then it is served where it is,
+        slower, with a warning), so to serve a large table in place give it as built by
+        :func:`evssd.host.rowmem.empty_rows` or as a ``.npy`` file or
+        ``np.load(..., mmap_mode="r")`` array (the format aligns the data to 64 bytes).
 
         ``options`` go to the backend's ``create`` (an unknown one is an error naming it):
 
