@@ -382,11 +382,13 @@ def test_pool_admit_is_pool_two_sources_then_admit(seed, capacity, admission, de
                                                    n_keys, elem, weighted):
     """``pool_admit`` on one cache, the two-source pooling then ``admit`` on its twin: the same
     bits in ``out`` (the definition's), the same locations and the same cache state after every
-    batch (direct and hash indexes; the misses in ``lookup_dedupe``'s ascending order)."""
+    batch (direct and hash indexes; the misses in ``lookup_dedupe``'s ascending order), with and
+    without the insert count that lets it skip probing for the misses again."""
     rng, el, table, a, b = _table_and_twins(seed, n_keys, elem, capacity=capacity, admission=admission,
                                             decay_interval=decay, admit_threshold=threshold)
     dim = a.dim
     for step in range(25):
+        inserts = b.inserts if step % 2 else None
         keys = (rng.zipf(1.3, rng.integers(0, 60)) % n_keys).astype(np.int64)
         offs = np.concatenate([[0], np.sort(rng.integers(0, keys.size + 1, rng.integers(0, 6))),
                                [keys.size]]).astype(np.int64)
@@ -404,12 +406,38 @@ def test_pool_admit_is_pool_two_sources_then_admit(seed, capacity, admission, de
         if ma.size:
             a.admit(ua[ma], fetched)
         got = np.full((offs.size - 1, dim), 7, dtype)
-        assert b.pool_admit(fetched, el, ub, ib, lb, mb, offs, got, w) == -1
+        assert b.pool_admit(fetched, el, ub, ib, lb, mb, offs, got, w, inserts) == -1
         assert got.tobytes() == want.tobytes()
         assert got.tobytes() == P.pool(table, el, keys, offs, per_sample_weights=w).tobytes()
         assert lb.tolist() == la.tolist()
         assert _state(a) == _state(b)
     b.check_invariants()
+
+
+@pytest.mark.parametrize("capacity", [6, 90])   # a hash index, a direct index
+def test_pool_admit_probes_again_after_an_insert_since_its_lookup(capacity):
+    """Two lookups of the same missing rows, then both finish (as the store's pipeline does):
+    the second's insert count is stale, so it probes, and no row is cached twice; the
+    statistics reset does not fake an unchanged count."""
+    el = ELEMS["fp32"]
+    cache = EVCache(100, 4, np.float32, capacity=capacity, admit_threshold=0, name="t")
+    table = np.arange(400, dtype=np.float32).reshape(100, 4)
+    keys = np.array([5, 9, 5, 17, 9], np.int64)
+    offs = np.array([0, 2, 5])
+    finish = []
+    for _ in range(2):
+        token = cache.inserts
+        uniq, inv, slots, _, miss = cache.lookup_dedupe(keys)
+        assert miss.size == 3 and token == cache.inserts
+        finish.append((token, uniq, inv, slots, miss))
+    for token, uniq, inv, slots, miss in finish:
+        out = np.zeros((2, 4), np.float32)
+        assert cache.pool_admit(table[uniq[miss]], el, uniq, inv, slots, miss, offs, out, None, token) == -1
+        assert out.tobytes() == P.pool(table, el, keys, offs).tobytes()
+    assert len(cache) == 3 and cache.inserts == 3 and cache.contains([5, 9, 17]).all()
+    cache.check_invariants()
+    cache.reset_stats()
+    assert cache.inserts == 3 and cache.stats["admissions"] == 0
 
 
 def test_pool_admit_bad_input_changes_nothing():

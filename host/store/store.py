@@ -128,6 +128,7 @@ class _Plan:
     pooled: np.ndarray | None = None    # result pooled by the backend or the cache
     slots: np.ndarray | None = None     # int32 per distinct index: cache slot, -1 for a miss
     epoch: int = -1                     # the cache's epoch before the slots were looked up
+    inserts: int | None = None          # the cache's insert count then (EVCache.inserts)
     slot_of: np.ndarray | None = None   # int32 per lookup: slots[inv]
 
 
@@ -396,6 +397,7 @@ class EmbeddingStore:
                     empty_rows((n_bags, info.dim), np.float32 if w is not None else info.acc_dtype)
             with self._cache_locks[info.name]:
                 epoch = cache.epoch
+                inserts = getattr(cache, "inserts", None)
                 if fuse:
                     pooled, uniq, inv, slots, slot_of, miss = cache.lookup_pool(idx, offs, dst, info.el, w)
                     if pooled:
@@ -403,7 +405,7 @@ class EmbeddingStore:
                 else:   # the misses come in ascending row order (file offsets, device pages)
                     uniq, inv, slots, slot_of, miss = cache.lookup_dedupe(idx)
             return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
-                         epoch=epoch, slot_of=slot_of)
+                         epoch=epoch, inserts=inserts, slot_of=slot_of)
         uniq, inv = dedupe(idx)
         rows = empty_rows((uniq.size, info.width), info.dtype)
         if cache is not None and uniq.size:
@@ -535,7 +537,7 @@ class EmbeddingStore:
             if cache.epoch == plan.epoch and not el.extra and hasattr(cache, "pool_admit"):
                 # no slot moved since the lookup: pool and admit in the cache's one call
                 code = cache.pool_admit(fetched, el, plan.uniq, plan.inv, loc, miss, plan.offsets, out,
-                                        plan.weights)
+                                        plan.weights, plan.inserts)
                 if code != -1:
                     raise StoreError(f"table {info.name!r}: pooling over cache slots failed at lookup {code}")
                 return pooling.apply_mean(out, plan.offsets) if plan.mode == "mean" else out
