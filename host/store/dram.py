@@ -36,7 +36,8 @@ class DramBackend(Backend):
     def create(cls, tables: Tables) -> "DramBackend":
         arrays = {}
         for n, (a, _, _) in tables.items():
-            avail = available_memory()
+            # memory is asked about only for a table that needs the copy
+            avail = None if is_on_cache_line(a) else available_memory()
             arrays[n] = on_cache_lines(a, None if avail is None else avail // 2)
             if not is_on_cache_line(arrays[n]):
                 warnings.warn(f"table {n!r}: served from its own memory, which does not start on a "

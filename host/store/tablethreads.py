@@ -80,8 +80,8 @@ class TableThreads:
             spent.append(time.perf_counter() - t0)
             self._local.active = False
 
-    def _note(self, spent: list) -> None:
-        w = sum(spent)
+    def _note(self, w: float) -> None:
+        """One more phase of ``w`` seconds of work into the average."""
         self.work_s = w if self.work_s is None else self.work_s + _WORK_WEIGHT * (w - self.work_s)
 
     def map(self, fn: Callable, items: Sequence, threads: int) -> list:
@@ -93,15 +93,14 @@ class TableThreads:
             return [fn(x) for x in items]
         small = self.work_s is not None and self.work_s < self.min_work_s
         pool = self._executor() if k > 1 and not small else None
-        spent: list[float] = []
         if pool is None:
             t0 = time.perf_counter()
             try:
                 return [fn(x) for x in items]
             finally:
                 if k > 1:                  # a phase that could have been spread: its work counts
-                    spent.append(time.perf_counter() - t0)
-                    self._note(spent)
+                    self._note(time.perf_counter() - t0)
+        spent: list[float] = []            # each share's own time, from whichever thread ran it
         shares = [range(t, n, k) for t in range(k)]
         futures, done = [], []
         for s in shares[1:]:
@@ -112,7 +111,7 @@ class TableThreads:
         done.extend(self._share(fn, items, shares[0], spent))
         for f in futures:
             done.extend(f.result())        # _share catches everything: result() does not raise
-        self._note(spent)
+        self._note(sum(spent))
         done.sort(key=lambda r: r[0])
         for _, _, exc in done:
             if exc is not None:
