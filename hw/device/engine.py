@@ -179,20 +179,29 @@ class CommandEngine(wiring.Component):
         cmd = Signal(FETCHED_LAYOUT)
         c = cmd.cmd
 
-        # Offset words pass two more register stages. The first holds the word in flip-flops
-        # (the reader's output comes through its skid buffer's read-pointer mux); between it and
-        # the second the word is compared with the command's index count and clamped, so the
-        # front FSM's next state depends on registered flags, not on a 32-bit compare-and-clamp
-        # chain.
-        m.submodules.off_word = offw = RegisterStage(WORD_LAYOUT)
-        wiring.connect(m, off.o_word, offw.i)
-        word = offw.o.payload
+        # Offset words pass two more register stages. The word is compared with the command's
+        # index count on its way into the first, in two 16-bit halves side by side (the
+        # reader's output comes through its skid buffer's read-pointer mux, then half a carry
+        # chain); between the first and the second the halves' flags combine and the word is
+        # clamped, so the front FSM's next state depends on registered flags, not on a 32-bit
+        # compare-and-clamp chain. (The count is the current command's: its offset words are
+        # read only once it is fetched.)
+        offw_layout = data.StructLayout({"word": WORD_LAYOUT, "hi_gt": 1, "hi_eq": 1, "lo_gt": 1})
+        m.submodules.off_word = offw = RegisterStage(offw_layout)
+        rd = off.o_word.payload
+        m.d.comb += [
+            offw.i.valid.eq(off.o_word.valid),
+            offw.i.payload.word.eq(rd),
+            offw.i.payload.hi_gt.eq(rd.data[16:] > c.count[16:]),
+            offw.i.payload.hi_eq.eq(rd.data[16:] == c.count[16:]),
+            offw.i.payload.lo_gt.eq(rd.data[:16] > c.count[:16]),
+            off.o_word.ready.eq(offw.i.ready),
+        ]
+        word = offw.o.payload.word
         offq_layout = data.StructLayout({"data": 32, "err": 1, "gt_count": 1, "clamp": 32})
         m.submodules.off_reg = offq = SkidBuffer(offq_layout)
-        # word > count from two 16-bit halves compared side by side (half the carry chain)
-        hi_gt, hi_eq = word.data[16:] > c.count[16:], word.data[16:] == c.count[16:]
         gt_count = Signal()
-        m.d.comb += gt_count.eq(hi_gt | (hi_eq & (word.data[:16] > c.count[:16])))
+        m.d.comb += gt_count.eq(offw.o.payload.hi_gt | (offw.o.payload.hi_eq & offw.o.payload.lo_gt))
         m.d.comb += [
             offq.i.valid.eq(offw.o.valid),
             offq.i.payload.data.eq(word.data),

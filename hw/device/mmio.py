@@ -183,11 +183,19 @@ class MMIOManager(wiring.Component):
             for addr, reg, ch in regmap.all_addresses(p.n_channels):
                 with m.Case(addr >> 2):
                     m.d.sync += rd_mapped.eq(1)
+        # The word within a group comes from one of eight copies of the address's low bits
+        # (one register feeding every group's 32-bit select spread over the chip missed
+        # 10 ns). Copy k holds the bits XOR k, so that synthesis, which merges equal
+        # flip-flops, keeps the copies apart; group g reads copy g % 8 and undoes the XOR in
+        # its case labels.
+        rd_low = [Signal(3, name=f"rd_low{k}") for k in range(8)]
+        m.d.sync += [rd_low[k].eq(bus.araddr[2:5] ^ k) for k in range(8)]
         for g, members in groups.items():
+            k = g % 8
             m.d.sync += group_word[g].eq(0)
-            with m.Switch(rd_addr[2:5]):
+            with m.Switch(rd_low[k]):
                 for low, reg, ch in members:
-                    with m.Case(low):
+                    with m.Case(low ^ k):
                         m.d.sync += group_word[g].eq(self._read_value(reg, ch))
         with m.If(rd_pending):
             m.d.sync += [r_valid.eq(1),

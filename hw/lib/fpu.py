@@ -5,9 +5,12 @@
 infinity. **NaN payloads are canonicalised**: every NaN result is the quiet NaN ``0x7FC00000``
 (numpy's result for non-NaN operands is the same value up to the sign; with NaN operands numpy
 propagates a payload). The host model (``evssd.host.pooling``) canonicalises the same way, and
-``evssd.host.pooling.fp32_add_bits`` is this adder's algorithm step by step. Fixed latency
+``evssd.host.pooling.fp32_add_bits`` is this adder's arithmetic bit for bit (the model orders the
+operands by magnitude in one step; the pipeline by exponent, then by significand where the
+exponents tie). Fixed latency
 :attr:`Fp32Adder.LATENCY` = 6 cycles, one operation per cycle, no stall (free-running).
-Stages: 1 magnitude order/unpack/classify, 2 alignment shift + sticky, 3 add/subtract,
+Stages: 1 exponent order/unpack/classify, 2 alignment shift + sticky (and the significand
+order when nothing aligns), 3 add/subtract,
 4 leading-zero count (balanced tree) + shift limit, 5 normalising shift, 6 round and pack.
 
 Alone on ECP5-85F (yosys synth_ecp5, nextpnr-ecp5 --85k --out-of-context --freq 100): 573 LUT4 +
@@ -68,12 +71,15 @@ class Fp32Adder(wiring.Component):
     def elaborate(self, platform):
         m = Module()
 
-        # ---- stage 1: order by magnitude, unpack, classify ----
-        # Everything is computed from each unswapped operand in parallel with the magnitude
-        # compare and only selected by it (compare -> swap -> classify did not fit in 10 ns).
+        # ---- stage 1: order by exponent, unpack, classify ----
+        # The operand with the larger raw exponent goes first (an 8-bit compare; ordering by
+        # the whole magnitude, a 31-bit compare in front of the swap's fan-out, missed 10 ns).
+        # With equal effective exponents either order aligns nothing; stage 2 then puts the
+        # larger significand first. Everything else is computed from each unswapped operand in
+        # parallel with the compare and only selected by it.
         a, b = self.i_a, self.i_b
-        swap = b[:31] > a[:31]          # bit patterns without the sign order as magnitudes
         ea, eb = a[23:31], b[23:31]
+        swap = eb > ea
         fa, fb = a[:23], b[:23]
         a_max, b_max = ea == 0xFF, eb == 0xFF
         a_nan = a_max & (fa != 0)
@@ -113,8 +119,12 @@ class Fp32Adder(wiring.Component):
         ]
 
         # ---- stage 2: align the smaller operand; sticky = OR of the bits shifted out ----
+        # Only with no alignment (equal effective exponents) can the second significand be the
+        # larger: then the two swap (a 24-bit compare beside the shifter), and a difference
+        # takes the second operand's sign.
         X = Cat(Const(0, _GRS), s1_mx)
         Y = Cat(Const(0, _GRS), s1_my)
+        flip = (s1_d == 0) & (s1_my > s1_mx)
         # the bits below the shift amount, from a decoded mask: cheaper and shallower than
         # shifting back and comparing
         below = Signal(_W)
@@ -129,9 +139,10 @@ class Fp32Adder(wiring.Component):
         s2_inf = Signal()
         s2_valid = Signal()
         m.d.sync += [
-            s2_X.eq(X),
-            s2_Y.eq((Y >> s1_d) | (Y & below).any()),
-            s2_sign.eq(s1_sign), s2_sub.eq(s1_sub), s2_e.eq(s1_e),
+            s2_X.eq(Mux(flip, Y, X)),
+            s2_Y.eq(Mux(flip, X, (Y >> s1_d) | (Y & below).any())),
+            s2_sign.eq(s1_sign ^ (flip & s1_sub)),
+            s2_sub.eq(s1_sub), s2_e.eq(s1_e),
             s2_nan.eq(s1_nan), s2_inf.eq(s1_inf), s2_valid.eq(s1_valid),
         ]
 

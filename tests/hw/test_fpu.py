@@ -115,6 +115,30 @@ def test_adder_rtl_random():
     assert np.array_equal(ref, numpy_add(a, b))
 
 
+def test_adder_rtl_equal_exponents_second_larger():
+    """Operands with equal effective exponents (subnormal against exponent 1 included) where
+    the second has the larger significand, both signs: the adder orders by exponent only, so
+    these take the stage-2 swap (a difference then has the second operand's sign)."""
+    rng = np.random.default_rng(31)
+    n = 4000
+    e = rng.integers(0, 40, n).astype(np.uint32)
+    e = np.where(rng.random(n) < 0.5, e, rng.integers(0, 255, n).astype(np.uint32))
+    fa = rng.integers(0, 1 << 23, n).astype(np.uint32)
+    fb = rng.integers(0, 1 << 23, n).astype(np.uint32)
+    fa, fb = np.minimum(fa, fb), np.maximum(fa, fb)
+    eb = np.where((e == 0) & (rng.random(n) < 0.5), 1, e).astype(np.uint32)  # 0 vs 1: same scale
+    sa = (rng.random(n) < 0.5).astype(np.uint32) << 31
+    sb = (rng.random(n) < 0.5).astype(np.uint32) << 31
+    a = (sa | (e << 23) | fa).astype(np.uint32)
+    b = (sb | (eb << 23) | fb).astype(np.uint32)
+    got = run_adder(a, b)
+    ref = fp32_add_bits(a, b)
+    bad = np.nonzero(got != ref)[0]
+    assert bad.size == 0, [(hex(a[i]), hex(b[i]), hex(ref[i]), hex(got[i])) for i in bad[:5]]
+    assert np.array_equal(ref, numpy_add(a, b))
+    assert np.array_equal(run_adder(b, a), ref)      # and the other way round: commutative
+
+
 def test_adder_rtl_clamped_normalisation():
     """Cancellation at the bottom of the exponent range, where the normalising shift is clamped
     at e - 1 and the result is subnormal or just normal: exponents 1..30, opposite signs,
