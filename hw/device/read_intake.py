@@ -76,10 +76,13 @@ class ReadIntake(wiring.Component):
         req_start_b = Signal(cw)
         req_end_b = Signal(cw)
         req_nb = Signal(cw)
+        # the beats the row spans, end_b - start_b + 1, with one adder instead of two in a
+        # row: ((offset mod B) + length + B - 1) >> lb (also 0 for a 0-byte row at a beat
+        # boundary, 1 inside a beat, as the difference)
         m.d.comb += [
             req_start_b.eq(req.offset >> lb),
             req_end_b.eq((req.offset + req.length - 1) >> lb),
-            req_nb.eq(req_end_b - req_start_b + 1),
+            req_nb.eq((req.length + (req.offset[:lb] + (B - 1))) >> lb),
             pre.page.eq(req.page[:g.page_bits]), pre.start_b.eq(req_start_b),
             pre.nb_fine.eq(req_nb),
             pre_rq.tag.eq(req.tag),

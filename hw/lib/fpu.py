@@ -75,7 +75,7 @@ class Fp32Adder(wiring.Component):
         # The operand with the larger raw exponent goes first (an 8-bit compare; ordering by
         # the whole magnitude, a 31-bit compare in front of the swap's fan-out, missed 10 ns).
         # With equal effective exponents either order aligns nothing; stage 2 then puts the
-        # larger significand first. Everything else is computed from each unswapped operand in
+        # larger significand first (see s1_flip). Everything else is computed from each unswapped operand in
         # parallel with the compare and only selected by it.
         a, b = self.i_a, self.i_b
         ea, eb = a[23:31], b[23:31]
@@ -104,7 +104,13 @@ class Fp32Adder(wiring.Component):
         s1_nan = Signal()
         s1_inf = Signal()
         s1_valid = Signal()
+        # With equal effective exponents (nothing to align) the second significand may be the
+        # larger: stage 2 then swaps the two, and a difference takes the second one's sign.
+        # Decided here beside the exponent order (24-bit compares of the unswapped operands),
+        # so stage 2's selects come from one register.
+        s1_flip = Signal()
         m.d.sync += [
+            s1_flip.eq((eaf == ebf) & Mux(swap, ma > mb, mb > ma)),
             s1_sign.eq(Mux(swap, b[31], a[31])),
             s1_sub.eq(a[31] ^ b[31]),
             s1_e.eq(Mux(swap, ebf, eaf)),
@@ -118,13 +124,11 @@ class Fp32Adder(wiring.Component):
             s1_valid.eq(self.i_valid),
         ]
 
-        # ---- stage 2: align the smaller operand; sticky = OR of the bits shifted out ----
-        # Only with no alignment (equal effective exponents) can the second significand be the
-        # larger: then the two swap (a 24-bit compare beside the shifter), and a difference
-        # takes the second operand's sign.
+        # ---- stage 2: align the smaller operand; sticky = OR of the bits shifted out; the
+        # two swap when stage 1 found the second significand larger (nothing then aligns) ----
         X = Cat(Const(0, _GRS), s1_mx)
         Y = Cat(Const(0, _GRS), s1_my)
-        flip = (s1_d == 0) & (s1_my > s1_mx)
+        flip = s1_flip
         # the bits below the shift amount, from a decoded mask: cheaper and shallower than
         # shifting back and comparing
         below = Signal(_W)
