@@ -183,11 +183,12 @@ class MMIOManager(wiring.Component):
             for addr, reg, ch in regmap.all_addresses(p.n_channels):
                 with m.Case(addr >> 2):
                     m.d.sync += rd_mapped.eq(1)
-        # The word within a group comes from one of eight copies of the address's low bits
-        # (one register feeding every group's 32-bit select spread over the chip missed
-        # 10 ns). Copy k holds the bits XOR k, so that synthesis, which merges equal
-        # flip-flops, keeps the copies apart; group g reads copy g % 8 and undoes the XOR in
-        # its case labels.
+        # The word within a group is selected by copies of the address's low bits (one
+        # register feeding every group's 32-bit select spread over the chip missed 10 ns).
+        # Copy k holds the bits XOR k and group g reads copy g % 8, undoing the XOR in its
+        # case labels. Synthesis merges flip-flops with equal inputs, and a bit and its
+        # inverse are the only two functions of one bit, so what is built is two flip-flops
+        # per bit (the plain one shared with rd_addr): each drives about half of the groups.
         rd_low = [Signal(3, name=f"rd_low{k}") for k in range(8)]
         m.d.sync += [rd_low[k].eq(bus.araddr[2:5] ^ k) for k in range(8)]
         for g, members in groups.items():
