@@ -47,12 +47,11 @@ TIMING_DRIVEN_PNR = "--placer-heap-timingweight 40 --placer-heap-critexp 4"
 BOARD_PNR = TIMING_DRIVEN_PNR + " --tmg-ripup"
 
 BOARDS = {
-    # The design's target is 100 MHz (met at f1575c1, before the merger's FMA path). The current
-    # gateware routes at 82-85 MHz at a 100 MHz target (docs/synthesis.md, "Ninth round"), so the
-    # released bitstream runs its PLL at 85 MHz (25 * 17 / 5) until the remaining paths are cut.
+    # The design's target, 100 MHz (25 * 4), met at seed 7 with the board's options
+    # (docs/synthesis.md, "Tenth round": seed 5 of the same netlist routes at 98.8 MHz).
     "ulx3s-85f": BoardSpec("ulx3s-85f", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
                            "Radiona ULX3S with a Lattice ECP5 LFE5U-85F (CABGA381, speed 6)",
-                           clock_mhz=85.0, nextpnr_opts=BOARD_PNR, seed=3),
+                           clock_mhz=100.0, nextpnr_opts=BOARD_PNR, seed=7),
     # DDR3 flash channels (LiteDRAM) and a UDP host link (LiteEth), both generated at build time
     # (hw/boards/litex_cores.py, hw/boards/ecpix5_top.py); the clock is LiteDRAM's sys clock. No board was at
     # hand: docs/synthesis.md says what to check first on hardware.

@@ -24,7 +24,7 @@ def test_bench_dlrm_quick(tmp_path):
     assert block["device_ms_mean"] > fine["device_ms_mean"] > 0
     assert data["ratios"]["block_over_evssd_flash_bytes"] == pytest.approx(32.0)
     from evssd.hw.synth import BOARDS        # the released ULX3S clock, one definition
-    assert data["config"]["clock_mhz"] == BOARDS["ulx3s-85f"].clock_mhz == 85.0
+    assert data["config"]["clock_mhz"] == BOARDS["ulx3s-85f"].clock_mhz == 100.0
 
 
 def test_bench_dlrm_bad_arguments(tmp_path, capsys):

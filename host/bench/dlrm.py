@@ -28,7 +28,7 @@ Two kinds of numbers, never mixed:
   it: lookup preparation, cache, pooling, the dense part; the device model's own run time
   excluded; other processes on this shared machine do not count) plus the device time the
   timing model estimates for that batch's commands, converted to seconds at the build clock of
-  the ULX3S-85F bitstream (``--clock-mhz``, default the released ULX3S-85F clock, 85 MHz). Latency = host + device; pipelined
+  the ULX3S-85F bitstream (``--clock-mhz``, default the released ULX3S-85F clock, 100 MHz). Latency = host + device; pipelined
   throughput = one batch per max(host, device) (depth 2 overlaps them). A model estimate; for
   the dram peers simply their CPU time per batch.
 """
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--over-arch", default="128,64,1", help="DLRM over arch layer sizes (default 128,64,1)")
     parser.add_argument("--clock-mhz", type=ct.positive_float, default=None,
                         help="device clock converting modelled cycles to seconds (default: the ULX3S-85F "
-                             "release clock from hw/build_plan.py, 85 MHz)")
+                             "release clock from hw/build_plan.py, 100 MHz)")
     parser.add_argument("--peers", default=",".join(PEERS), type=ct.choice_list(PEERS), help=f"comma list (default {','.join(PEERS)})")
     parser.add_argument("--threads", type=ct.positive_int, default=1,
                         help="host compute threads: torch intra-op and numba (the store's pooling) (default 1)")
