@@ -75,8 +75,8 @@ class Fp32Adder(wiring.Component):
         # The operand with the larger raw exponent goes first (an 8-bit compare; ordering by
         # the whole magnitude, a 31-bit compare in front of the swap's fan-out, missed 10 ns).
         # With equal effective exponents either order aligns nothing; stage 2 then puts the
-        # larger significand first (see s1_flip). Everything else is computed from each unswapped operand in
-        # parallel with the compare and only selected by it.
+        # larger significand first (see s1_flip). Everything else is computed from each
+        # unswapped operand in parallel with the compare and only selected by it.
         a, b = self.i_a, self.i_b
         ea, eb = a[23:31], b[23:31]
         swap = eb > ea
@@ -128,7 +128,6 @@ class Fp32Adder(wiring.Component):
         # two swap when stage 1 found the second significand larger (nothing then aligns) ----
         X = Cat(Const(0, _GRS), s1_mx)
         Y = Cat(Const(0, _GRS), s1_my)
-        flip = s1_flip
         # the bits below the shift amount, from a decoded mask: cheaper and shallower than
         # shifting back and comparing
         below = Signal(_W)
@@ -143,9 +142,9 @@ class Fp32Adder(wiring.Component):
         s2_inf = Signal()
         s2_valid = Signal()
         m.d.sync += [
-            s2_X.eq(Mux(flip, Y, X)),
-            s2_Y.eq(Mux(flip, X, (Y >> s1_d) | (Y & below).any())),
-            s2_sign.eq(s1_sign ^ (flip & s1_sub)),
+            s2_X.eq(Mux(s1_flip, Y, X)),
+            s2_Y.eq(Mux(s1_flip, X, (Y >> s1_d) | (Y & below).any())),
+            s2_sign.eq(s1_sign ^ (s1_flip & s1_sub)),
             s2_sub.eq(s1_sub), s2_e.eq(s1_e),
             s2_nan.eq(s1_nan), s2_inf.eq(s1_inf), s2_valid.eq(s1_valid),
         ]
