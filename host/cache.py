@@ -94,8 +94,8 @@ from evssd.host.dedupe import dedupe_into
 from evssd.host.misses import miss_order_into
 from evssd.host.rowmem import zeros_rows
 from evssd.host.elements import DEVICE_ELEMS
-from evssd.host.pooling import (pool2_into, _bags, _check as _check_bags, _prefetch, describe_error,
-                                kernel_source)
+from evssd.host.pooling import (pool2_into, pool2_trusted, _bags, _check as _check_bags, _prefetch,
+                                describe_error, kernel_source)
 
 __all__ = ["EVCache", "bytes_per_entry", "DTYPE_ALIASES", "ADMISSION_POLICIES", "DEFAULT_ADMISSION"]
 
@@ -457,7 +457,7 @@ def _split(buf, n):
 
 @numba.njit(cache=True, nogil=True)
 def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters, sketch, sample,
-                        st, src, w, out):
+                        st, src, w, out, checked):
     """``lookup_slots(uniq)`` where ``uniq`` are ``idx``'s distinct keys in first-occurrence
     order -- fills uniq/inv/slots (per distinct key)/slot_of (per lookup) in ``buf`` (int64, at
     least 4 * len(idx): see ``_split``), then the frequency passes and the stats, and unless the
@@ -465,7 +465,8 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
     ``out`` (not None), the bags ``offs`` pooled from the
     cache rows ``src`` by the pooling definition (the one-table bag loop of
     :mod:`evssd.host.pooling` over each lookup's slot; ``w``: weights or None) when every
-    distinct key hit. Returns (distinct keys, or -1 - j for a bad key at
+    distinct key hit. ``checked``: the caller validated ``idx`` and ``offs`` against this table
+    (the store does, before any I/O), so the kernel does not again. Returns (distinct keys, or -1 - j for a bad key at
     position j; whether ``out`` holds the bags; -1, or the pooling check's code for bad
     ``offs``; the length of the miss list). On an error nothing changed.
 
@@ -477,7 +478,9 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
     the Meta trace, 33.2 -> 30.4 uniform)."""
     n = idx.shape[0]
     uniq, inv, slots, slot_of, miss = _split(buf, n)
-    if out is not None:            # offsets and keys checked before any state changes
+    if checked:
+        pass
+    elif out is not None:          # offsets and keys checked before any state changes
         code = _check_bags(n_rows, idx, offs)
         if code <= -2:
             return 0, False, code, 0
@@ -618,7 +621,7 @@ def _admit_kernel(keys, rows, threshold, n_rows, htab, kb, values, ref, slot_key
 
 @numba.njit(cache=True, nogil=True)
 def _pool_admit_kernel(csrc, msrc, rows, uniq, inv, loc, miss, offs, w, out, threshold, n_rows,
-                       htab, kb, values, ref, slot_key, counters, sketch, st, inserts):
+                       htab, kb, values, ref, slot_key, counters, sketch, st, inserts, checked):
     """The end of a pooled lookup whose misses were fetched, in one call: miss i (``miss[i]``,
     a position in ``uniq``) becomes location ``-1 - i`` in ``loc``; the bags are pooled from the
     cache rows ``csrc`` and the fetched rows ``msrc`` (:func:`evssd.host.pooling.pool2_into`);
@@ -627,11 +630,16 @@ def _pool_admit_kernel(csrc, msrc, rows, uniq, inv, loc, miss, offs, w, out, thr
     the cache's: the misses are then still absent (measured: the probes of the missed rows,
     whose unsuccessful Robin Hood walks are the longest, were ~40% of the admission). Returns
     (-1, or the pooling's error code: then nothing was admitted; -1, or the position of a bad
-    key in the miss list)."""
+    key in the miss list). ``checked``: ``inv``, ``loc``, ``miss`` and ``offs`` are the
+    lookup's own, so the pooling does not check them again (:func:`evssd.host.pooling.pool2_trusted`)."""
     n_miss = miss.shape[0]
     for i in range(n_miss):
         loc[miss[i]] = -1 - i
-    code = pool2_into(csrc, msrc, inv, loc, offs, w, out)
+    if checked:
+        pool2_trusted(csrc, msrc, inv, loc, offs, w, out)
+        code = -1
+    else:
+        code = pool2_into(csrc, msrc, inv, loc, offs, w, out)
     if code != -1 or n_miss == 0:
         return code, -1
     keys = np.empty(n_miss, dtype=np.int64)
@@ -947,7 +955,8 @@ class EVCache:
         ``indices``: int32 or int64 (used as they are), or any integer array."""
         return self._lookup_pool(self._batch_keys(indices), _ONE_BAG, None, None)[1:]
 
-    def lookup_pool(self, indices, offsets, out: np.ndarray, elem, weights=None) -> tuple:
+    def lookup_pool(self, indices, offsets, out: np.ndarray, elem, weights=None, *,
+                    checked: bool = False) -> tuple:
         """:meth:`lookup_dedupe`, and when every distinct index hit, the bags pooled straight
         from the cache rows into ``out`` in the same call, under the lock (no row can move
         between the lookup and the read). Returns ``(pooled, uniq, inv, slots, slot_of,
@@ -959,7 +968,11 @@ class EVCache:
         :class:`evssd.host.elements.Elem` (fp32, fp16, int8, int32: pooled by
         :mod:`evssd.host.pooling`'s definition; int8_rowwise is not taken); ``out``: a
         C-contiguous ``(B, dim)`` array of ``elem``'s pooled dtype, or float32 with ``weights``
-        (float32, one per index). A bad index or offset raises before anything changes."""
+        (float32, one per index). A bad index or offset raises before anything changes.
+        ``checked=True``: the caller has validated the indices (int32/int64, contiguous) and the
+        offsets against this table's rows by :func:`evssd.host.pooling.check_bags` (the store
+        does, for every request of a batch before its first I/O); the lookup does not repeat
+        that pass over the batch (~2.7 us of a 2,560-lookup table)."""
         arr = self._batch_keys(indices)
         offs = offsets
         if not isinstance(offs, np.ndarray) or offs.ndim != 1 or offs.dtype not in _INDEX_DTYPES \
@@ -979,7 +992,7 @@ class EVCache:
                                     or weights.shape != arr.shape or not weights.flags.c_contiguous):
             raise ValueError(f"EVCache {self.name!r}: weights must be a contiguous float32 array of "
                              f"shape ({arr.shape[0]},)")
-        return self._lookup_pool(arr, offs, weights, out, elem)
+        return self._lookup_pool(arr, offs, weights, out, elem, checked)
 
     def _batch_keys(self, indices) -> np.ndarray:
         """A batch's keys: int32/int64 contiguous arrays as they are, anything else checked and
@@ -989,7 +1002,7 @@ class EVCache:
             return indices
         return self._keys(indices, "lookup")
 
-    def _lookup_pool(self, arr, offs, weights, out, elem=None) -> tuple:
+    def _lookup_pool(self, arr, offs, weights, out, elem=None, checked=False) -> tuple:
         n = arr.shape[0]
         if out is None:
             src = self._values
@@ -1010,7 +1023,8 @@ class EVCache:
                 buf = self._scratch
             n_u, pooled, code, n_miss = _lookup_pool_kernel(
                 arr, offs, buf, self.n_rows, self._htab, self._kb, self._ref, self._ref_max,
-                self._counters, self._counting, self._sketch_sample, self._st, src, weights, out)
+                self._counters, self._counting, self._sketch_sample, self._st, src, weights, out,
+                checked and out is not None)
             if code == -1 and n_u >= 0:
                 self._maybe_decay()
                 if not pooled and buf is self._scratch:
@@ -1102,7 +1116,7 @@ class EVCache:
         return admitted
 
     def pool_admit(self, fetched: np.ndarray, elem, uniq, inv, loc, miss, offsets, out,
-                   weights=None, inserts: int | None = None) -> int:
+                   weights=None, inserts: int | None = None, *, checked: bool = False) -> int:
         """Finish a pooled lookup (:meth:`lookup_pool`/:meth:`lookup_dedupe`) whose misses were
         read, in one call under the lock: ``fetched[i]`` is the row of ``uniq[miss[i]]``;
         ``loc`` (the lookup's ``slots``, int32) gets ``-1 - i`` for miss i; the bags are pooled
@@ -1112,9 +1126,11 @@ class EVCache:
         (:attr:`epoch` unchanged). ``elem``: fp32/fp16/int8/int32 of the table dtype; ``out`` and
         ``weights`` as for ``pool_two_sources``. ``inserts``: :attr:`inserts` read with
         :attr:`epoch` before the lookup (under the same lock), or None: while it is unchanged the
-        misses are known to be absent and are admitted without another probe. Returns -1, or the
-        pooling's error code (:func:`evssd.host.pooling.describe_error`; then nothing was
-        admitted)."""
+        misses are known to be absent and are admitted without another probe. ``checked=True``:
+        ``uniq``, ``inv``, ``loc``, ``miss`` and ``offsets`` are exactly what this cache's
+        lookup returned for a batch the caller validated (the store's case), so the pooling does
+        not check them again. Returns -1, or the pooling's error code
+        (:func:`evssd.host.pooling.describe_error`; then nothing was admitted)."""
         if elem.extra or elem.storage != self.dtype:
             raise ValueError(f"EVCache {self.name!r}: pool_admit pools fp32/fp16/int8/int32 rows of "
                              f"the table dtype {self.dtype}, not {elem.name}")
@@ -1132,7 +1148,8 @@ class EVCache:
                                            uniq, inv, loc, miss, offsets, weights, out,
                                            self.admit_threshold, self.n_rows, self._htab, self._kb,
                                            self._values, self._ref, self._slot_key, self._counters,
-                                           self._sketch, self._st, -1 if inserts is None else int(inserts))
+                                           self._sketch, self._st, -1 if inserts is None else int(inserts),
+                                           bool(checked))
             self._start_counting()
         if bad >= 0:
             self._bad_index(uniq[miss], bad)

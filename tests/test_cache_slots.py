@@ -311,13 +311,14 @@ def _table_and_twins(seed, n_keys: int, elem: str, **cache_args):
        admission=st.sampled_from(["sketch", "filter"]), decay=st.sampled_from([None, 13]),
        threshold=st.integers(0, 3), n_keys=st.sampled_from([24, 30, 200]),
        elem=st.sampled_from(["fp32", "fp16", "int8", "int32"]), weighted=st.booleans(),
-       itype=st.sampled_from([np.int32, np.int64]))
+       itype=st.sampled_from([np.int32, np.int64]), checked=st.booleans())
 def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, decay, threshold,
-                                                   n_keys, elem, weighted, itype):
+                                                   n_keys, elem, weighted, itype, checked):
     """``lookup_pool`` on one cache, ``lookup_dedupe`` then the definition's pooling on its twin:
     the same returns, the same cache state after every batch (index included: the direct
     index's in-batch marks leave no trace), the definition's bits exactly when every row hit. Direct and hash indexes both occur (a cache of >= 80% of its table's
-    rows takes the direct index)."""
+    rows takes the direct index). ``checked``: the store's call, whose batch it validated, so the
+    lookup skips its own check; same results."""
     rng, el, table, a, b = _table_and_twins(seed, n_keys, elem, capacity=capacity, admission=admission,
                                             decay_interval=decay, admit_threshold=threshold)
     dim = a.dim
@@ -332,7 +333,7 @@ def test_lookup_pool_is_lookup_dedupe_then_pooling(seed, capacity, admission, de
         w = rng.standard_normal(keys.size).astype(np.float32) if weighted else None
         out = np.full((offs.size - 1, dim), 7, np.float32 if weighted else el.pooled)
         ref = a.lookup_dedupe(keys)
-        got = b.lookup_pool(keys, offs, out, el, w)
+        got = b.lookup_pool(keys, offs, out, el, w, checked=checked)
         assert got[0] == (ref[4].size == 0) and (got[0] or not all_cached)
         if not got[0]:
             assert [x.tolist() for x in got[1:]] == [x.tolist() for x in ref]
@@ -377,13 +378,15 @@ def test_lookup_pool_bad_input_changes_nothing():
 @given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 40),
        admission=st.sampled_from(["sketch", "filter"]), decay=st.sampled_from([None, 13]),
        threshold=st.integers(0, 3), n_keys=st.sampled_from([24, 30, 200]),
-       elem=st.sampled_from(["fp32", "fp16", "int8", "int32"]), weighted=st.booleans())
+       elem=st.sampled_from(["fp32", "fp16", "int8", "int32"]), weighted=st.booleans(),
+       checked=st.booleans())
 def test_pool_admit_is_pool_two_sources_then_admit(seed, capacity, admission, decay, threshold,
-                                                   n_keys, elem, weighted):
+                                                   n_keys, elem, weighted, checked):
     """``pool_admit`` on one cache, the two-source pooling then ``admit`` on its twin: the same
     bits in ``out`` (the definition's), the same locations and the same cache state after every
     batch (direct and hash indexes; the misses in ``lookup_dedupe``'s ascending order), with and
-    without the insert count that lets it skip probing for the misses again."""
+    without the insert count that lets it skip probing for the misses again, with and without
+    the pooling's own check of the lookup's locations (``checked``)."""
     rng, el, table, a, b = _table_and_twins(seed, n_keys, elem, capacity=capacity, admission=admission,
                                             decay_interval=decay, admit_threshold=threshold)
     dim = a.dim
@@ -406,7 +409,7 @@ def test_pool_admit_is_pool_two_sources_then_admit(seed, capacity, admission, de
         if ma.size:
             a.admit(ua[ma], fetched)
         got = np.full((offs.size - 1, dim), 7, dtype)
-        assert b.pool_admit(fetched, el, ub, ib, lb, mb, offs, got, w, inserts) == -1
+        assert b.pool_admit(fetched, el, ub, ib, lb, mb, offs, got, w, inserts, checked=checked) == -1
         assert got.tobytes() == want.tobytes()
         assert got.tobytes() == P.pool(table, el, keys, offs, per_sample_weights=w).tobytes()
         assert lb.tolist() == la.tolist()

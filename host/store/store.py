@@ -119,7 +119,7 @@ class _Plan:
     mode: str | None
     kind: str
     weights: np.ndarray | None = None   # float32 per lookup, or None
-    out: np.ndarray | None = None       # caller's output buffer (sum only)
+    out: np.ndarray | None = None       # output buffer: the caller's (sum only), or the lookup's
     uniq: np.ndarray | None = None      # distinct indices (first-occurrence order)
     inv: np.ndarray | None = None       # indices == uniq[inv]
     rows: np.ndarray | None = None      # [len(uniq), width] being filled
@@ -399,9 +399,12 @@ class EmbeddingStore:
                 epoch = cache.epoch
                 inserts = getattr(cache, "inserts", None)
                 if fuse:
-                    pooled, uniq, inv, slots, slot_of, miss = cache.lookup_pool(idx, offs, dst, info.el, w)
+                    # validated by _check (check_bags against this table), so not again
+                    pooled, uniq, inv, slots, slot_of, miss = cache.lookup_pool(idx, offs, dst, info.el, w,
+                                                                                checked=True)
                     if pooled:
                         return _Plan(info, idx, offs, mode, _CACHED, w, out, pooled=dst)
+                    out = dst   # the finish pools into the buffer made for the lookup
                 else:   # the misses come in ascending row order (file offsets, device pages)
                     uniq, inv, slots, slot_of, miss = cache.lookup_dedupe(idx)
             return _Plan(info, idx, offs, mode, _SLOTS, w, out, uniq, inv, None, miss, slots=slots,
@@ -537,7 +540,7 @@ class EmbeddingStore:
             if cache.epoch == plan.epoch and not el.extra and hasattr(cache, "pool_admit"):
                 # no slot moved since the lookup: pool and admit in the cache's one call
                 code = cache.pool_admit(fetched, el, plan.uniq, plan.inv, loc, miss, plan.offsets, out,
-                                        plan.weights, plan.inserts)
+                                        plan.weights, plan.inserts, checked=True)
                 if code != -1:
                     raise StoreError(f"table {info.name!r}: pooling over cache slots failed at lookup {code}")
                 return pooling.apply_mean(out, plan.offsets) if plan.mode == "mean" else out
