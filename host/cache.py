@@ -969,10 +969,16 @@ class EVCache:
         :mod:`evssd.host.pooling`'s definition; int8_rowwise is not taken); ``out``: a
         C-contiguous ``(B, dim)`` array of ``elem``'s pooled dtype, or float32 with ``weights``
         (float32, one per index). A bad index or offset raises before anything changes.
-        ``checked=True``: the caller has validated the indices (int32/int64, contiguous) and the
-        offsets against this table's rows by :func:`evssd.host.pooling.check_bags` (the store
-        does, for every request of a batch before its first I/O); the lookup does not repeat
-        that pass over the batch (~2.7 us of a 2,560-lookup table)."""
+        ``checked=True``: the caller has validated every argument as this method requires --
+        contiguous int32/int64 indices and offsets that :func:`evssd.host.pooling.check_bags`
+        accepts against this table's rows, ``out`` and ``weights`` as above (the store does, for
+        every request of a batch before its first I/O) -- so the lookup does not check them
+        again (the pass over the batch: ~2.7 us of a 2,560-lookup table)."""
+        if elem.extra or elem.storage != self.dtype:
+            raise ValueError(f"EVCache {self.name!r}: lookup_pool pools fp32/fp16/int8/int32 rows of "
+                             f"the table dtype {self.dtype}, not {elem.name}")
+        if checked:
+            return self._lookup_pool(indices, offsets, weights, out, elem, True)
         arr = self._batch_keys(indices)
         offs = offsets
         if not isinstance(offs, np.ndarray) or offs.ndim != 1 or offs.dtype not in _INDEX_DTYPES \
@@ -980,9 +986,6 @@ class EVCache:
             raise ValueError(f"EVCache {self.name!r}: offsets must be a contiguous 1-D int32/int64 "
                              f"array of B+1 >= 1 entries, got {getattr(offs, 'dtype', type(offs).__name__)} "
                              f"{getattr(offs, 'shape', '')}")
-        if elem.extra or elem.storage != self.dtype:
-            raise ValueError(f"EVCache {self.name!r}: lookup_pool pools fp32/fp16/int8/int32 rows of "
-                             f"the table dtype {self.dtype}, not {elem.name}")
         dtype = _F32 if weights is not None else elem.pooled
         if not isinstance(out, np.ndarray) or out.shape != (offs.size - 1, self.dim) or out.dtype != dtype \
                 or not out.flags.c_contiguous or not out.flags.writeable:
@@ -992,7 +995,7 @@ class EVCache:
                                     or weights.shape != arr.shape or not weights.flags.c_contiguous):
             raise ValueError(f"EVCache {self.name!r}: weights must be a contiguous float32 array of "
                              f"shape ({arr.shape[0]},)")
-        return self._lookup_pool(arr, offs, weights, out, elem, checked)
+        return self._lookup_pool(arr, offs, weights, out, elem, False)
 
     def _batch_keys(self, indices) -> np.ndarray:
         """A batch's keys: int32/int64 contiguous arrays as they are, anything else checked and
