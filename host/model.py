@@ -39,7 +39,7 @@ from evssd.host.transport import HostMemory, Transport
 
 __all__ = ["DeviceModel", "ModelTransport", "translate", "translate_many", "MODEL_PAGES_PER_CHANNEL"]
 
-ALIGN = 64
+ALIGN = regmap.BUFFER_ALIGN
 
 #: Flash pages per channel of a model opened without ``pages_per_channel``: 2**24 pages of 4 KiB
 #: per channel (64 GiB; 256 GiB with 4 channels), allocated sparsely (:mod:`evssd.host.sparse_flash`),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import bisect
 
+from evssd.hw.regmap import BUFFER_ALIGN
 from evssd.host.regfile import MMIOError
 
 __all__ = ["Transport", "HostMemory", "MMIOError", "TransportError"]
@@ -23,11 +24,11 @@ class TransportError(IOError):
 class HostMemory:
     """First-fit allocator over a device-visible host-memory window ``[base, base + size)``.
 
-    Every allocation is aligned to ``align`` (64 bytes: the device requires 64-byte aligned
-    buffers). Freed blocks merge with their neighbours.
+    Every allocation is aligned to ``align`` (:data:`evssd.hw.regmap.BUFFER_ALIGN`: the device
+    requires aligned buffers). Freed blocks merge with their neighbours.
     """
 
-    def __init__(self, base: int, size: int, align: int = 64):
+    def __init__(self, base: int, size: int, align: int = BUFFER_ALIGN):
         if size <= 0 or base % align:
             raise ValueError(f"host memory window base=0x{base:x} size={size} (align {align})")
         self.base, self.size, self.align = base, size, align

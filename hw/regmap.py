@@ -431,6 +431,11 @@ class Completion:
 
 COMMAND_BYTES = 64
 COMPLETION_BYTES = 16
+#: every host buffer address a command names (src, offsets, weights, dst) is a multiple of this
+#: (else BAD_ADDRESS); the driver's allocations and the model's mapped buffers keep to it
+BUFFER_ALIGN = 64
+#: its low address bits, which must be zero
+BUFFER_ALIGN_BITS = BUFFER_ALIGN.bit_length() - 1
 assert struct.calcsize(Command._FMT) == COMMAND_BYTES
 
 

@@ -71,7 +71,7 @@ from .queues import CPL_REQUEST_LAYOUT, FETCHED_LAYOUT
 from .page_programmer import PageProgrammer
 from .fork import XLAT_TAG_WIDTH, Kind, LookupFork, raw_chunk_bytes, side_layout as fork_side_layout
 from .result_writer import ORDER_LAYOUT, RESULT_CHUNK_BYTES, ResultWriter
-from ..regmap import ELEM_BITS, ROWWISE_HEADER_BYTES, ElemType, Opcode, Params, Status
+from ..regmap import BUFFER_ALIGN_BITS, ELEM_BITS, ROWWISE_HEADER_BYTES, ElemType, Opcode, Params, Status
 
 __all__ = ["CommandEngine", "READ_CHUNK_BYTES"]
 
@@ -317,12 +317,12 @@ class CommandEngine(wiring.Component):
 
         # decode
         op = c.opcode
-        a_src = c.src_addr[:6] != 0
-        a_off = c.offsets_addr[:6] != 0
-        a_dst = c.dst_addr[:6] != 0
+        a_src = c.src_addr[:BUFFER_ALIGN_BITS] != 0
+        a_off = c.offsets_addr[:BUFFER_ALIGN_BITS] != 0
+        a_dst = c.dst_addr[:BUFFER_ALIGN_BITS] != 0
         known_op = Signal()
         misaligned = Signal()
-        a_wgt = c.weights_addr[:6] != 0
+        a_wgt = c.weights_addr[:BUFFER_ALIGN_BITS] != 0
         m.d.comb += known_op.eq((op == Opcode.NOP) | (op == Opcode.GATHER) |
                                 (op == Opcode.GATHER_POOLED) | (op == Opcode.PROGRAM_PAGES) |
                                 (op == Opcode.READ_PAGES) | (op == Opcode.GATHER_POOLED_WEIGHTED))
