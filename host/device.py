@@ -120,10 +120,30 @@ class CommandHandle:
 class _Staged(NamedTuple):
     """A command whose buffers are allocated and filled, not yet submitted."""
     command: Command
-    buffers: list[int]
+    buffers: list
     shape: tuple[int, int]
     result: np.ndarray | None
     mapped: bool
+
+
+class _SharedBuffer:
+    """One host-memory buffer (or mapped array) that several commands of one submission use,
+    each its own part: the batch's index arrays side by side, or its results. It is in each
+    command's ``buffers`` and is freed when the last of them lets go of it (finished, failed
+    before it was submitted, or its late completion reaped), so a batch of k commands costs one
+    allocation and one free instead of k."""
+    __slots__ = ("addr", "users")
+
+    def __init__(self, addr: int, users: int):
+        self.addr, self.users = addr, users
+
+    def __repr__(self) -> str:
+        return f"_SharedBuffer(0x{self.addr:x}, users={self.users})"
+
+
+def _aligned(n: int) -> int:
+    """``n`` rounded up to the 64-byte alignment the device requires of every buffer."""
+    return -(-n // regmap.BUFFER_ALIGN) * regmap.BUFFER_ALIGN
 
 
 class _Resumed:
@@ -590,18 +610,29 @@ class AsyncDevice:
             handle.buffers = []
         handle.abandoned = True
 
-    def _free(self, buffers: list[int]):
+    def _free_one(self, addr) -> None:
+        """Free one buffer of a command: an address, or its share of a :class:`_SharedBuffer`
+        (the buffer itself is freed by the last)."""
+        if type(addr) is _SharedBuffer:
+            addr.users -= 1
+            if addr.users:
+                return
+            addr = addr.addr
+        self.transport.free(addr)
+
+    def _free(self, buffers: list):
         for addr in buffers:
-            self.transport.free(addr)
+            self._free_one(addr)
         buffers.clear()
 
     def _release(self, buffers):
         """Free ``buffers`` after a failed submission, except those an abandoned command holds
-        (the device may still use them; they are freed with its completion)."""
+        (the device may still use them; they are freed with its completion). A shared buffer
+        only loses this command's share: it outlives every abandoned command that uses it."""
         held = {a for h in self._inflight.values() if h.abandoned for a in h.buffers}
         for addr in buffers:
-            if addr not in held:
-                self.transport.free(addr)
+            if type(addr) is _SharedBuffer or addr not in held:
+                self._free_one(addr)
 
     async def _run(self, command: Command, buffers=()) -> Completion:
         """Submit one command and wait for it. ``buffers`` stay the caller's when it completes;
@@ -748,6 +779,67 @@ class AsyncDevice:
             self._release(owned)
             raise
         return _Staged(command, owned, shape, result, dst is not None)
+
+    async def _stage_batch(self, items) -> list[_Staged]:
+        """:meth:`_stage` for the commands of one submission, ``items`` a list of
+        ``(make_command, parts, shape, out)``: every input part of every command in one
+        host-memory buffer, side by side on :data:`~evssd.hw.regmap.BUFFER_ALIGN` boundaries,
+        and every result the driver makes in one array (each command's result a view of it,
+        mapped once, else one host-memory buffer), both shared by the commands
+        (:class:`_SharedBuffer`): two allocations and two frees for the batch instead of two
+        per command. A command with the caller's ``out`` or an empty result gets its
+        destination as in :meth:`_stage`. On failure everything allocated is freed."""
+        chunks, in_offs, total = [], [], 0
+        for _, parts, _, _ in items:
+            offs = []
+            for data in parts:
+                offs.append(total)
+                size = _aligned(max(len(data), 1))
+                chunks.append(data)
+                if size > len(data):
+                    chunks.append(bytes(size - len(data)))
+                total += size
+            in_offs.append(offs)
+        res_offs, res_total = [], 0
+        for _, _, shape, out in items:
+            nbytes = shape[0] * shape[1]
+            res_offs.append(res_total if out is None and nbytes else None)
+            if out is None and nbytes:
+                res_total += _aligned(nbytes)
+        shared_in = shared_out = None
+        results, mapped_all, own = None, False, []
+        try:
+            shared_in = _SharedBuffer(await self._put(b"".join(chunks)), len(items))
+            if res_total:
+                results = empty_rows((res_total,), np.uint8)
+                addr = self.transport.map_buffer(results)
+                mapped_all = addr is not None
+                if not mapped_all:
+                    results = None
+                    addr = self.transport.alloc(res_total)
+                shared_out = _SharedBuffer(addr, sum(o is not None for o in res_offs))
+            staged = []
+            for (make_command, _, shape, out), offs, r_off in zip(items, in_offs, res_offs):
+                inputs = [shared_in.addr + o for o in offs]
+                if r_off is not None:
+                    view = None if results is None else \
+                        results[r_off:r_off + shape[0] * shape[1]].reshape(shape)
+                    command = make_command(*inputs, shared_out.addr + r_off)
+                    staged.append(_Staged(command, [shared_in, shared_out], shape, view, mapped_all))
+                    continue
+                dst = self.transport.map_buffer(out) if out is not None and out.size else None
+                addr = dst if dst is not None else self.transport.alloc(max(shape[0] * shape[1], 1))
+                own.append(addr)
+                staged.append(_Staged(make_command(*inputs, addr), [shared_in, addr], shape, out,
+                                      dst is not None))
+        except BaseException:
+            for addr in own:
+                self.transport.free(addr)
+            for shared in (shared_in, shared_out):
+                if shared is not None:
+                    self.transport.free(shared.addr)
+            raise
+        return staged
 
     async def _submit_staged(self, staged: list[_Staged]) -> list[CommandHandle]:
         """Submit staged commands with one doorbell; on failure free the buffers of those that
@@ -910,14 +1002,8 @@ class AsyncDevice:
         try:
             per_doorbell = self.sq_entries - 1
             for start in range(0, len(checked), per_doorbell):
-                staged = []
-                try:
-                    for make, dst in checked[start:start + per_doorbell]:
-                        staged.append(await self._stage(*make, dst))
-                except BaseException:
-                    for s in staged:
-                        self._release(s.buffers)
-                    raise
+                staged = await self._stage_batch([(*make, dst) for make, dst in
+                                                  checked[start:start + per_doorbell]])
                 handles += await self._submit_staged(staged)
         except BaseException:
             try:

@@ -217,3 +217,29 @@ def test_failure_in_a_later_ring_load_finishes_the_earlier_ones_and_frees_everyt
     for (t, idx), res in zip(reqs[:5] + reqs[6:], got):
         np.testing.assert_array_equal(res.view(np.float32), data[idx])
     assert _state(dev) == start
+
+
+@pytest.mark.parametrize("map_results", [True, False], ids=["mapped", "copied"])
+def test_a_batch_shares_two_buffers_held_until_its_last_late_completion(map_results):
+    """A batch's index arrays go to the device in one host buffer and its driver-made results in
+    one array (or one host buffer): staged, a batch of three holds two allocations (or one
+    allocation and one mapping), not six. When its doorbell is lost, every command times out and
+    is abandoned: both buffers stay while the device may still write them, and go with the late
+    completions the next doorbell brings."""
+    from evssd.host.device import DeviceTimeoutError
+    dev, transport, data = _device(map_results=map_results)
+    dev.aio.timeout = 0.2
+    start = _state(dev)
+    reqs = [(0, [1, 2]), (1, [3]), (2, [4, 5, 6], [0, 1, 3])]
+    transport.doorbell_fault = "lose"
+    with pytest.raises(DeviceTimeoutError, match="not completed after 0.2 s"):
+        dev.run(dev.aio.gather_many(reqs))
+    held = _state(dev)
+    assert len(dev.aio._inflight) == 3 and all(h.abandoned for h in dev.aio._inflight.values())
+    assert (held[1] - start[1], held[4] - start[4]) == ((1, 1) if map_results else (2, 0))
+    _ordinary_requests_work(dev, data)   # the next doorbell carries the lost batch too
+    assert _state(dev) == start
+    got = dev.run(dev.aio.gather_many(reqs))
+    np.testing.assert_array_equal(got[0].view(np.float32), data[[1, 2]])
+    np.testing.assert_array_equal(got[1].view(np.float32), data[[3]])
+    assert _state(dev) == start
