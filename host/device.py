@@ -142,7 +142,8 @@ class _SharedBuffer:
 
 
 def _aligned(n: int) -> int:
-    """``n`` rounded up to the 64-byte alignment the device requires of every buffer."""
+    """``n`` rounded up to the alignment the device requires of every buffer address
+    (:data:`evssd.hw.regmap.BUFFER_ALIGN`)."""
     return -(-n // regmap.BUFFER_ALIGN) * regmap.BUFFER_ALIGN
 
 
