@@ -465,10 +465,11 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
     ``out`` (not None), the bags ``offs`` pooled from the
     cache rows ``src`` by the pooling definition (the one-table bag loop of
     :mod:`evssd.host.pooling` over each lookup's slot; ``w``: weights or None) when every
-    distinct key hit. ``checked``: the caller validated ``idx`` and ``offs`` against this table
-    (the store does, before any I/O), so the kernel does not again. Returns (distinct keys, or -1 - j for a bad key at
-    position j; whether ``out`` holds the bags; -1, or the pooling check's code for bad
-    ``offs``; the length of the miss list). On an error nothing changed.
+    distinct key hit. ``checked``: the caller validated ``idx`` and ``offs`` against this
+    table (the store does, before any I/O), so the kernel does not again. Returns (distinct
+    keys, or -1 - j for a bad key at position j; whether ``out`` holds the bags; -1, or the
+    pooling check's code for bad ``offs``; the length of the miss list). On an error nothing
+    changed.
 
     Over a direct index the dedupe and the probe are one pass (see ``_SEEN``): probe, mark and
     recency, the index entry ``_AHEAD`` lookups ahead prefetched; over a hash index the
@@ -478,15 +479,13 @@ def _lookup_pool_kernel(idx, offs, buf, n_rows, htab, kb, ref, ref_max, counters
     the Meta trace, 33.2 -> 30.4 uniform)."""
     n = idx.shape[0]
     uniq, inv, slots, slot_of, miss = _split(buf, n)
-    if checked:
-        pass
-    elif out is not None:          # offsets and keys checked before any state changes
+    if not checked and out is not None:    # offsets and keys checked before any state changes
         code = _check_bags(n_rows, idx, offs)
         if code <= -2:
             return 0, False, code, 0
         if code >= 0:
             return -1 - code, False, -1, 0
-    else:
+    elif not checked:
         for j in range(n):         # validate the whole batch before touching any state
             k = idx[j]
             if k < 0 or k >= n_rows:
@@ -631,7 +630,8 @@ def _pool_admit_kernel(csrc, msrc, rows, uniq, inv, loc, miss, offs, w, out, thr
     whose unsuccessful Robin Hood walks are the longest, were ~40% of the admission). Returns
     (-1, or the pooling's error code: then nothing was admitted; -1, or the position of a bad
     key in the miss list). ``checked``: ``inv``, ``loc``, ``miss`` and ``offs`` are the
-    lookup's own, so the pooling does not check them again (:func:`evssd.host.pooling.pool2_trusted`)."""
+    lookup's own, so the pooling does not check them again
+    (:func:`evssd.host.pooling.pool2_trusted`)."""
     n_miss = miss.shape[0]
     for i in range(n_miss):
         loc[miss[i]] = -1 - i
@@ -1142,6 +1142,14 @@ class EVCache:
             raise ValueError(f"EVCache {self.name!r}: fetched must be a ({miss.shape[0]}, {self.dim}) "
                              f"{self.dtype} array, got {getattr(fetched, 'dtype', type(fetched).__name__)} "
                              f"{getattr(fetched, 'shape', '')}")
+        if not isinstance(out, np.ndarray) or out.shape != (offsets.shape[0] - 1, self.dim) \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"EVCache {self.name!r}: out must be a writeable C-contiguous array of "
+                             f"shape ({offsets.shape[0] - 1}, {self.dim}), got "
+                             f"{getattr(out, 'shape', type(out).__name__)}")
+        if weights is not None and (not isinstance(weights, np.ndarray) or weights.shape != inv.shape):
+            raise ValueError(f"EVCache {self.name!r}: weights must be one per lookup ({inv.shape[0]}), "
+                             f"got {getattr(weights, 'shape', type(weights).__name__)}")
         fetched = np.ascontiguousarray(fetched)
         src = self._sources.get(elem.name)
         if src is None:

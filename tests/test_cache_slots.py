@@ -456,6 +456,15 @@ def test_pool_admit_bad_input_changes_nothing():
             cache.pool_admit(bad, el, uniq, inv, slots, miss, offs, out)
     with pytest.raises(ValueError, match="int8_rowwise"):
         cache.pool_admit(np.ones((2, 2), np.float32), ELEMS["int8_rowwise"], uniq, inv, slots, miss, offs, out)
+    # an output wider than the cache's rows, one that is not an array, short weights: refused
+    # before the kernel could read or write past an array, even for a checked call
+    for bad_out in (np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32), [[0, 0], [0, 0]]):
+        with pytest.raises(ValueError, match=r"'emb'.*out must be"):
+            cache.pool_admit(np.ones((2, 2), np.float32), el, uniq, inv, slots, miss, offs, bad_out,
+                             checked=True)
+    with pytest.raises(ValueError, match=r"'emb'.*weights must be one per lookup \(4\)"):
+        cache.pool_admit(np.ones((2, 2), np.float32), el, uniq, inv, slots, miss, offs, out,
+                         np.ones(3, np.float32), checked=True)
     # offsets that do not cover the batch: the pooling's error code, nothing admitted
     assert cache.pool_admit(np.ones((2, 2), np.float32), el, uniq, inv, slots, miss, np.array([0, 2, 3]),
                             out) == -4

@@ -407,3 +407,30 @@ def test_concurrent_callers(tmp_path, backend):
     s = store.stats()
     assert s["batches"] == 8 * 15 and s["cache_hit_rate"] > 0
     store.close()
+
+
+@pytest.mark.skipif(not HAVE_CACHE, reason="needs evssd.host.cache")
+def test_a_cache_from_a_factory_for_other_rows_is_checked_by_its_own_lookup(tmp_path):
+    """The store skips the cache's second check of a batch it validated only for a cache made
+    for exactly the table's rows and width: a factory's cache for fewer rows gets every batch
+    checked by its own lookup (a clear error naming the index, nothing cached), never an
+    unchecked read past its index."""
+    from evssd.host.cache import EVCache
+    table = make_table(100, 8, "fp32")
+    made = []
+
+    def small_cache(info, fraction):
+        made.append(EVCache(50, info.width, info.dtype, capacity=10, name=info.name))
+        return made[-1]
+
+    with EmbeddingStore.from_arrays({"t": table}, "file", path=tmp_path / "f", cache=small_cache) as store:
+        assert store._cache_fits == {"t": False}
+        offs = np.array([0, 2, 3])
+        np.testing.assert_array_equal(store.pooled("t", np.array([1, 2, 3]), offs),
+                                      golden_pooled(table, [1, 2, 3], offs, "sum"))
+        before = len(made[0])
+        with pytest.raises(IndexError, match=r"index 70 at position 1 is out of range for a table of 50 rows"):
+            store.pooled("t", np.array([1, 70, 3]), offs)
+        assert len(made[0]) == before
+    with EmbeddingStore.from_arrays({"t": table}, "file", path=tmp_path / "g") as store:
+        assert store._cache_fits == {"t": True}

@@ -186,6 +186,11 @@ class EmbeddingStore:
                 raise StoreInputError(f"cache_fraction must be in (0, 1] or None, got {cache_fraction}")
             for name, info in self.tables.items():
                 self.caches[name] = make_cache(cache, info, cache_fraction)
+        #: tables whose cache was made for exactly the table's rows and width (every cache the
+        #: store makes; a caller's factory may make another): the batches the store validated
+        #: need no second check in such a cache's lookup
+        self._cache_fits = {n: getattr(c, "n_rows", None) == self.tables[n].rows and
+                            getattr(c, "dim", None) == self.tables[n].width for n, c in self.caches.items()}
         self._arrays = {} if self.caches else \
             {n: a for n, a in ((n, backend.table_array(i)) for n, i in self.tables.items()) if a is not None}
         self._lookups = 0
@@ -399,9 +404,10 @@ class EmbeddingStore:
                 epoch = cache.epoch
                 inserts = getattr(cache, "inserts", None)
                 if fuse:
-                    # validated by _check (check_bags against this table), so not again
-                    pooled, uniq, inv, slots, slot_of, miss = cache.lookup_pool(idx, offs, dst, info.el, w,
-                                                                                checked=True)
+                    # validated by _check (check_bags against this table): not again in a cache
+                    # made for the table
+                    pooled, uniq, inv, slots, slot_of, miss = cache.lookup_pool(
+                        idx, offs, dst, info.el, w, checked=self._cache_fits[info.name])
                     if pooled:
                         return _Plan(info, idx, offs, mode, _CACHED, w, out, pooled=dst)
                     out = dst   # the finish pools into the buffer made for the lookup
