@@ -1027,7 +1027,7 @@ class EVCache:
             n_u, pooled, code, n_miss = _lookup_pool_kernel(
                 arr, offs, buf, self.n_rows, self._htab, self._kb, self._ref, self._ref_max,
                 self._counters, self._counting, self._sketch_sample, self._st, src, weights, out,
-                checked and out is not None)
+                checked)
             if code == -1 and n_u >= 0:
                 self._maybe_decay()
                 if not pooled and buf is self._scratch:

@@ -756,30 +756,13 @@ class AsyncDevice:
 
     async def _stage(self, make_command, parts: list[bytes], shape: tuple[int, int],
                      out: np.ndarray | None = None) -> _Staged:
-        """Allocate and fill the input buffers and give the device a destination for the
-        ``shape`` (rows, row bytes) result; on failure free what was allocated. The destination
-        is the result array itself (``out``, else a new one) where the transport can map it
+        """Allocate and fill one command's input buffers and give the device a destination for
+        the ``shape`` (rows, row bytes) result (:meth:`_stage_batch` of one command): the
+        result array itself (``out``, else a new one) where the transport can map it
         (:meth:`Transport.map_buffer`), else a host-memory buffer that :meth:`finish` copies
-        into the result array (``out``, else one it makes then)."""
-        owned = []
-        result = out
-        dst = None
-        try:
-            for data in parts:
-                owned.append(await self._put(data))
-            out_bytes = shape[0] * shape[1]
-            if out_bytes:
-                if result is None:
-                    result = empty_rows(shape, np.uint8)
-                dst = self.transport.map_buffer(result)
-                if dst is None and out is None:
-                    result = None
-            owned.append(self.transport.alloc(max(out_bytes, 1)) if dst is None else dst)
-            command = make_command(*owned)
-        except BaseException:
-            self._release(owned)
-            raise
-        return _Staged(command, owned, shape, result, dst is not None)
+        into the result array (``out``, else one it makes then). On failure nothing stays
+        allocated."""
+        return (await self._stage_batch([(make_command, parts, shape, out)]))[0]
 
     async def _stage_batch(self, items) -> list[_Staged]:
         """:meth:`_stage` for the commands of one submission, ``items`` a list of
@@ -788,8 +771,9 @@ class AsyncDevice:
         and every result the driver makes in one array (each command's result a view of it,
         mapped once, else one host-memory buffer), both shared by the commands
         (:class:`_SharedBuffer`): two allocations and two frees for the batch instead of two
-        per command. A command with the caller's ``out`` or an empty result gets its
-        destination as in :meth:`_stage`. On failure everything allocated is freed."""
+        per command. A command with the caller's ``out`` gets that array mapped (else a
+        host-memory buffer :meth:`finish` copies into it), an empty result a one-byte
+        buffer. On failure everything allocated is freed."""
         chunks, in_offs, total = [], [], 0
         for _, parts, _, _ in items:
             offs = []

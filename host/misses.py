@@ -34,15 +34,18 @@ def miss_order_into(uniq, slots, n_u, out):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _radix_passes(src, dst, n, key_shift, top, count):
-    """Stable LSD radix passes over ``src[:n]`` by the byte ``(v >> shift) & 255`` from
-    ``key_shift`` up, until ``top >> (shift - key_shift)`` is 0; returns the array holding the
-    result (``src`` or ``dst``)."""
+def _radix_passes(src, dst, n, uniq, indirect, key_shift, top):
+    """Stable LSD radix passes over ``src[:n]``, 8 bits a pass from bit ``key_shift`` up of each
+    entry's key -- the entry itself, or with ``indirect`` its row ``uniq[entry]`` -- until
+    ``top >> (shift - key_shift)`` is 0; returns the array holding the result (``src`` or
+    ``dst``)."""
+    count = np.empty(256, np.int64)
     shift = key_shift
     while True:
         count[:] = 0
         for i in range(n):
-            count[(src[i] >> shift) & 255] += 1
+            v = src[i]
+            count[((uniq[v] if indirect else v) >> shift) & 255] += 1
         total = 0
         for b in range(256):
             c = count[b]
@@ -50,7 +53,7 @@ def _radix_passes(src, dst, n, key_shift, top, count):
             total += c
         for i in range(n):         # stable: equal digits keep the previous passes' order
             v = src[i]
-            b = (v >> shift) & 255
+            b = ((uniq[v] if indirect else v) >> shift) & 255
             dst[count[b]] = v
             count[b] += 1
         src, dst = dst, src
@@ -65,11 +68,7 @@ def _order_packed(uniq, slots, n_u, out, top):
     for u in range(n_u):           # every key written, the count advanced only for a miss
         out[n] = (uniq[u] << 32) | u
         n += np.int64(slots[u] < 0)
-    if n >= 2:
-        tmp = np.empty(n, np.int64)
-        res = _radix_passes(out[:n], tmp, n, 32, top, np.empty(256, np.int64))
-    else:
-        res = out[:n]
+    res = _radix_passes(out[:n], np.empty(n, np.int64), n, uniq, False, 32, top) if n >= 2 else out[:n]
     for i in range(n):
         out[i] = res[i] & 0xFFFFFFFF
     return n
@@ -83,34 +82,8 @@ def _order_indirect(uniq, slots, n_u, out, top):
         if slots[u] < 0:
             out[n] = u
             n += 1
-    if n < 2:
-        return n
-    tmp = np.empty(n, np.int64)
-    count = np.empty(256, np.int64)
-    src, dst = out[:n], tmp
-    shift = 0
-    passes = 0
-    while True:
-        count[:] = 0
-        for i in range(n):
-            count[(uniq[src[i]] >> shift) & 255] += 1
-        total = 0
-        for b in range(256):
-            c = count[b]
-            count[b] = total
-            total += c
-        for i in range(n):
-            p = src[i]
-            b = (uniq[p] >> shift) & 255
-            dst[count[b]] = p
-            count[b] += 1
-        src, dst = dst, src
-        shift += 8
-        passes += 1
-        if shift >= 64 or (top >> shift) == 0:
-            break
-    if passes & 1:                 # the result is in tmp
-        out[:n] = tmp
+    if n >= 2:
+        out[:n] = _radix_passes(out[:n], np.empty(n, np.int64), n, uniq, True, 0, top)
     return n
 
 
