@@ -381,7 +381,14 @@ def test_bench_store_smoke(tmp_path):
         assert c["peers"]["nn_embeddingbag"]["max_abs_diff"] < (1e-3 if c["elem"] == "fp32" else 0.05), c
         assert c["ratios"]["fbgemm_tbe"] > 0
     assert k["cache_paths"]["evcache_hit_path"]["hit_rate"] == 1.0
-    assert k["cache_paths"]["evssd_host_stack"]["us_per_batch_host_stack"] > 0
+    hs = k["cache_paths"]["evssd_host_stack"]
+    assert hs["us_per_batch_host_stack"] > 0
+    # the floor's cache calls pool the same bags as the dram path, bit for bit (else its
+    # numbers would time the wrong work)
+    floor = hs["floor"]
+    assert floor["cache_calls_bit_identical_to_dram"] is True
+    assert floor["batches"] == hs["batches"] and floor["rounds"] >= 2
+    assert all(floor[f"us_per_batch_{p}"] > 0 for p in ("cache_calls", "dedupe", "pool_cache_rows", "dram"))
     assert k["peak_rss_bytes"] > 0 and data["versions"]["rocksdict"]
     assert (tmp_path / "store" / "store-peers.png").stat().st_size > 0
 

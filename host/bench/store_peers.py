@@ -8,7 +8,8 @@ fp32 output, run under ``torch.no_grad``). Ours: :meth:`EmbeddingStore.lookup_ma
 behind an EV-Cache that holds the working set) and the ``evssd`` backend's host stack at a 1%
 EV-Cache on the Meta-calibrated trace (wall time minus the modelled device's time: the device
 model's MMIO calls, in which it runs the commands; the driver's and the backend's own work count
-as host stack).
+as host stack), with its floor on the same batches (:func:`_cache_floor`: the EV-Cache's own calls
+alone, and the two passes any cached lookup makes).
 
 Cells: element type (fp32, fp16) x trace (uniform, Meta-calibrated) x threads (1, 2, both sides:
 ``torch.set_num_threads`` and ``numba.set_num_threads``) x bags per batch (the sweep). In a cell
@@ -388,6 +389,7 @@ def _evssd_host_stack(cfg, tables, log) -> dict:
     clock.close()
     st = estore.stats()
     hr = st["cache_hit_rate"]
+    floor = _cache_floor(estore, dstore, tables, reqs[10:], max(2, cfg["reps"] // 2))
     estore.close()
     dstore.close()
     lookups = T * bags * pf
@@ -398,13 +400,96 @@ def _evssd_host_stack(cfg, tables, log) -> dict:
          "us_cpu_per_batch_host_stack": best_host_cpu * 1e6, "us_cpu_per_batch_dram": best_dram_cpu * 1e6,
          "host_stack_vs_dram_cpu": best_host_cpu / best_dram_cpu,
          "rss_growth_bytes": rss1 - rss0, "peak_rss_bytes": _peak_rss(),
-         "hit_rate": hr, "lookups_per_batch": lookups, "batches": n}
+         "hit_rate": hr, "lookups_per_batch": lookups, "batches": n, "floor": floor}
     log(f"  evssd + EV-Cache 1% (Meta): host stack {best_host * 1e6:.0f} us/batch (total with the model "
         f"{best_total * 1e6:.0f} us), dram {best_dram * 1e6:.0f} us -> host stack {r['host_stack_vs_dram']:.2f}x "
         f"dram's time (CPU time {r['host_stack_vs_dram_cpu']:.2f}x; outside the backend's reads "
         f"{r['outside_backend_reads_vs_dram']:.2f}x), hit rate {hr:.3f}, "
         f"RSS growth {r['rss_growth_bytes'] / 2**20:.1f} MiB")
+    log(f"    its floor, same batches: the EV-Cache's own two calls per table alone "
+        f"{floor['us_per_batch_cache_calls']:.0f} us = {floor['cache_calls_vs_dram']:.2f}x dram "
+        f"({floor['us_per_batch_dram']:.0f} us); the two passes any cache makes (dedupe "
+        f"{floor['us_per_batch_dedupe']:.0f} + pooling over cache rows "
+        f"{floor['us_per_batch_pool_cache_rows']:.0f} us) = {floor['two_passes_vs_dram']:.2f}x dram")
     return r
+
+
+def _cache_floor(estore, dstore, tables, reqs, rounds: int) -> dict:
+    """What the 1% host stack cannot go below, on the batches ``reqs`` of
+    :func:`_evssd_host_stack` and against ``dstore``'s dram path in the same rounds (each round
+    one pass of each, alternating; the minimum per batch over ``rounds``):
+
+    - ``cache_calls``: only the EV-Cache's own two calls per table, as the store makes them
+      (:meth:`~evssd.host.cache.EVCache.lookup_pool` and
+      :meth:`~evssd.host.cache.EVCache.pool_admit`, ``checked=True``): dedupe, probe,
+      frequency counting, miss list, pooling from two sources and admission. The missed rows
+      come from the table arrays outside the timer: no store, no validation, no driver, no
+      device.
+    - ``dedupe`` and ``pool_cache_rows``: the two passes every cached lookup makes whatever its
+      bookkeeping: each lookup's row resolved through a hash of the batch
+      (:func:`evssd.host.dedupe.dedupe`), and the bags pooled from the cache's rows by each
+      lookup's slot (:func:`evssd.host.pooling.pool_into`; a missed lookup reads slot 0 here).
+      The pooling must follow the misses, which arrive from the device between the two: the
+      definition sums a bag's rows in order, so partial sums cannot be merged later.
+
+    The calls change the caches as the store's would (this runs after the host stack's
+    measurement)."""
+    from evssd.host import pooling
+    from evssd.host.dedupe import dedupe
+    names = list(tables)
+    caches = [estore.caches[k] for k in names]
+    infos = [estore.tables[k] for k in names]
+    arrays = [np.ascontiguousarray(tables[k]) for k in names]
+    outs = [np.empty((reqs[0][k][1].size - 1, a.shape[1]), np.float32) for k, a in zip(names, arrays)]
+    slot_of = [[None] * len(names) for _ in reqs]
+    n = len(reqs)
+    refs = [dstore.lookup_many(q) for q in reqs]   # the cache's pooled bags must equal these
+    identical = True
+    best = dict.fromkeys(("cache_calls", "dedupe", "pool_cache_rows", "dram"), float("inf"))
+    for r in range(rounds):
+        spent = 0.0
+        for b, q in enumerate(reqs):
+            for t, (cache, info, arr, out) in enumerate(zip(caches, infos, arrays, outs)):
+                idx, offs = q[names[t]][0], q[names[t]][1]
+                t0 = time.perf_counter()
+                inserts = cache.inserts
+                pooled, uniq, inv, slots, so, miss = cache.lookup_pool(idx, offs, out, info.el, None,
+                                                                       checked=True)
+                spent += time.perf_counter() - t0
+                if pooled:
+                    slot_of[b][t] = None
+                else:
+                    slot_of[b][t] = np.maximum(so, 0)
+                    fetched = arr[uniq[miss]]
+                    t0 = time.perf_counter()
+                    cache.pool_admit(fetched, info.el, uniq, inv, slots, miss, offs, out, None, inserts,
+                                     checked=True)
+                    spent += time.perf_counter() - t0
+                if r == 0:
+                    identical &= out.view(np.uint32).tobytes() == refs[b][names[t]].view(np.uint32).tobytes()
+        best["cache_calls"] = min(best["cache_calls"], spent / n)
+        t0 = time.perf_counter()
+        for q in reqs:
+            for k in names:
+                dedupe(q[k][0])
+        best["dedupe"] = min(best["dedupe"], (time.perf_counter() - t0) / n)
+        sources = [pooling.kernel_source(c.values, i.el) for c, i in zip(caches, infos)]
+        t0 = time.perf_counter()
+        for b, q in enumerate(reqs):
+            for t, k in enumerate(names):
+                if slot_of[b][t] is not None:
+                    pooling.pool_into(sources[t], infos[t].el, slot_of[b][t], q[k][1], outs[t])
+        best["pool_cache_rows"] = min(best["pool_cache_rows"], (time.perf_counter() - t0) / n)
+        t0 = time.perf_counter()
+        for q in reqs:
+            dstore.lookup_many(q)
+        best["dram"] = min(best["dram"], (time.perf_counter() - t0) / n)
+    two = best["dedupe"] + best["pool_cache_rows"]
+    return {**{f"us_per_batch_{k}": v * 1e6 for k, v in best.items()},
+            "cache_calls_vs_dram": best["cache_calls"] / best["dram"],
+            "two_passes_vs_dram": two / best["dram"], "rounds": rounds, "batches": n,
+            "cache_calls_bit_identical_to_dram": identical,
+            "pooled_from_cache_only": sum(s is None for row in slot_of for s in row)}
 
 
 def figure(peers: dict):
