@@ -440,7 +440,8 @@ def _cache_floor(estore, dstore, tables, reqs, rounds: int) -> dict:
     caches = [estore.caches[k] for k in names]
     infos = [estore.tables[k] for k in names]
     arrays = [np.ascontiguousarray(tables[k]) for k in names]
-    outs = [np.empty((reqs[0][k][1].size - 1, a.shape[1]), np.float32) for k, a in zip(names, arrays)]
+    outs = [np.empty((reqs[0][k][1].size - 1, i.dim), i.acc_dtype) for k, i in zip(names, infos)]
+    sources = [pooling.kernel_source(c.values, i.el) for c, i in zip(caches, infos)]
     slot_of = [[None] * len(names) for _ in reqs]
     n = len(reqs)
     refs = [dstore.lookup_many(q) for q in reqs]   # the cache's pooled bags must equal these
@@ -466,14 +467,14 @@ def _cache_floor(estore, dstore, tables, reqs, rounds: int) -> dict:
                                      checked=True)
                     spent += time.perf_counter() - t0
                 if r == 0:
-                    identical &= out.view(np.uint32).tobytes() == refs[b][names[t]].view(np.uint32).tobytes()
+                    ref = refs[b][names[t]]
+                    identical &= ref.dtype == out.dtype and ref.tobytes() == out.tobytes()
         best["cache_calls"] = min(best["cache_calls"], spent / n)
         t0 = time.perf_counter()
         for q in reqs:
             for k in names:
                 dedupe(q[k][0])
         best["dedupe"] = min(best["dedupe"], (time.perf_counter() - t0) / n)
-        sources = [pooling.kernel_source(c.values, i.el) for c, i in zip(caches, infos)]
         t0 = time.perf_counter()
         for b, q in enumerate(reqs):
             for t, k in enumerate(names):
